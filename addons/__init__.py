@@ -1,0 +1,1 @@
+"""mitmproxy addons; addons/keyrotor.py is the script mitmdump loads (-s)."""

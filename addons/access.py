@@ -1,0 +1,85 @@
+"""Who is calling: every request must carry a client key that keyrotor issued."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from mitmproxy import ctx, http
+
+from addons.errors import error_response
+from addons.revisions import watch_revision
+from storage import db
+from storage.client_keys import Client, load_enabled
+from storage.secrets import hash_client_key
+
+log = logging.getLogger(__name__)
+
+METADATA = "keyrotor.access"
+
+
+def client_key_from(headers: http.Headers) -> str | None:
+    """The credential as OpenAI clients send it (Bearer) or Azure-style clients do (api-key)."""
+    authorization = headers.get("authorization", "")
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return headers.get("api-key", "").strip() or None
+
+
+def masked(key: str) -> str:
+    return f"{key[:3]}…{key[-4:]}" if len(key) > 10 else "…"
+
+
+class Access:
+    def __init__(self) -> None:
+        self.clients: dict[str, Client] = {}
+        self.db_path: Path | None = None
+        self._watcher: asyncio.Task | None = None
+
+    def configure(self, updated: set[str]) -> None:
+        if "keyrotor_storage" in updated:
+            self.db_path = Path(ctx.options.keyrotor_storage)
+            self._reload()
+
+    def running(self) -> None:
+        self._watcher = asyncio.create_task(watch_revision(self.db_path, "clients", self._reload, self._revision))
+
+    def done(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+
+    def _reload(self) -> None:
+        conn = db.connect(self.db_path)
+        try:
+            self._revision = db.read_revision(conn, "clients")
+            self.clients = load_enabled(conn)
+        finally:
+            conn.close()
+        log.info("client keys loaded: %d enabled", len(self.clients))
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        key = client_key_from(flow.request.headers)
+        if key is None:
+            flow.response = error_response(
+                401,
+                "You didn't provide an API key. Send the key keyrotor issued to you as"
+                " 'Authorization: Bearer <key>' (the api_key of your OpenAI client).",
+                "invalid_request_error",
+                "missing_api_key",
+            )
+            return
+        client = self.clients.get(hash_client_key(key))
+        if client is None:
+            flow.response = error_response(
+                401,
+                f"Incorrect API key provided: {masked(key)}. Use a key issued by this keyrotor"
+                " gateway (run.py clients add NAME); upstream keys are not accepted here.",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+            return
+        flow.metadata[METADATA] = {"client_id": client.id, "client_name": client.name}

@@ -1,0 +1,233 @@
+"""Which upstream key: pick one from the pool, swap it in, learn from upstream's answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions, http
+
+from addons.errors import error_response
+from addons.revisions import watch_revision
+from config import BY_NAME, STRATEGIES
+from storage import db, secrets, writer
+from storage.upstream_keys import PoolKey, load_pool
+from storage.writer import KeyStateChange
+
+log = logging.getLogger(__name__)
+
+METADATA = "keyrotor.keypool"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What an upstream answer says about the key that was used."""
+
+    state: str  # active, cooling, exhausted, invalid
+    reason: str | None = None
+    cooldown_until: float | None = None
+
+
+def retry_after_seconds(headers: http.Headers, now: float) -> float | None:
+    """Retry-After as seconds from now: either delta-seconds or an HTTP date."""
+    value = headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError):
+        return None
+
+
+def error_code(content: bytes | None) -> str | None:
+    """`error.code` (or `error.type`) of an OpenAI-shaped error body, if it is one."""
+    try:
+        error = json.loads(content or b"")["error"]
+        return error.get("code") or error.get("type")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def classify_response(
+    status: int, headers: http.Headers, content: bytes | None, now: float, default_cooldown: float
+) -> Verdict | None:
+    """The key's new state after this answer, or None when the answer says nothing about the key."""
+    if 200 <= status < 300:
+        return Verdict("active")
+    if status in (401, 403):
+        return Verdict("invalid", f"{status} {error_code(content) or 'unauthorized'}")
+    if status == 429:
+        code = error_code(content)
+        if code == "insufficient_quota" or b"exceeded your current quota" in (content or b""):
+            return Verdict("exhausted", "429 insufficient_quota")
+        wait = retry_after_seconds(headers, now)
+        return Verdict("cooling", f"429 {code or 'rate limited'}", now + (default_cooldown if wait is None else wait))
+    return None
+
+
+def is_usable(key: PoolKey, now: float) -> bool:
+    # A cooling key whose time is up is usable again: its next request is the probe.
+    return key.state == "active" or (key.state == "cooling" and (key.cooldown_until or 0) <= now)
+
+
+def soonest_return(keys: list[PoolKey], now: float) -> float | None:
+    """Seconds until the first cooling key may be tried again, if any is cooling."""
+    ends = [k.cooldown_until for k in keys if k.state == "cooling" and k.cooldown_until]
+    return max(0.0, min(ends) - now) if ends else None
+
+
+def replace_credential(headers: http.Headers, value: str) -> None:
+    """Put the pooled key wherever the client put its own (Bearer and/or Azure's api-key)."""
+    if "api-key" in headers:
+        headers["api-key"] = value
+    if "authorization" in headers or "api-key" not in headers:
+        headers["authorization"] = f"Bearer {value}"
+
+
+class KeyPool:
+    def __init__(self, defaults=None) -> None:
+        self._defaults = defaults
+        self.keys: list[PoolKey] = []
+        self._by_id: dict[int, PoolKey] = {}
+        self.db_path: Path | None = None
+        self._cursor = 0
+        self._revision = 0
+        self._watcher: asyncio.Task | None = None
+        self._writer: writer.Writer | None = None
+
+    def _default(self, name: str):
+        return self._defaults[name] if self._defaults else BY_NAME[name].default
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "keypool_strategy", str, self._default("keypool.strategy"),
+            f"How the next upstream key is chosen: {', '.join(STRATEGIES)}.",
+        )  # fmt: skip
+        loader.add_option(
+            "keypool_cooldown_seconds", int, self._default("keypool.cooldown_seconds"),
+            "Seconds a key rests after a 429 without Retry-After.",
+        )  # fmt: skip
+
+    def configure(self, updated: set[str]) -> None:
+        if "keypool_strategy" in updated and ctx.options.keypool_strategy not in STRATEGIES:
+            raise exceptions.OptionsError(
+                f"keypool_strategy must be one of {', '.join(STRATEGIES)}, not {ctx.options.keypool_strategy!r}."
+            )
+        if "keypool_cooldown_seconds" in updated and ctx.options.keypool_cooldown_seconds <= 0:
+            raise exceptions.OptionsError("keypool_cooldown_seconds must be above zero.")
+        if "keyrotor_storage" in updated:
+            self.db_path = Path(ctx.options.keyrotor_storage)
+            self._reload()
+
+    def running(self) -> None:
+        self._writer = writer.acquire(self.db_path)
+        self._watcher = asyncio.create_task(watch_revision(self.db_path, "keys", self._reload, self._revision))
+
+    def done(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+        if self._writer:
+            writer.release(self._writer)
+            self._writer = None
+
+    def _reload(self) -> None:
+        cipher = secrets.key_cipher(self.db_path)
+        conn = db.connect(self.db_path)
+        try:
+            self._revision = db.read_revision(conn, "keys")
+            keys = load_pool(conn, cipher)
+        finally:
+            conn.close()
+        self._by_id = {k.id: k for k in keys}
+        self.keys = keys
+        log.info("upstream keys loaded: %d, %d active", len(keys), sum(k.state == "active" for k in keys))
+
+    def pick(self, now: float) -> PoolKey | None:
+        keys = self.keys
+        if ctx.options.keypool_strategy == "random":
+            usable = [k for k in keys if is_usable(k, now)]
+            return random.choice(usable) if usable else None
+        for step in range(len(keys)):
+            key = keys[(self._cursor + step) % len(keys)]
+            if is_usable(key, now):
+                self._cursor = (self._cursor + step + 1) % len(keys)
+                return key
+        return None
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        now = time.time()
+        key = self.pick(now)
+        if key is None:
+            wait = soonest_return(self.keys, now)
+            retry_after = math.ceil(wait) if wait is not None else ctx.options.keypool_cooldown_seconds
+            flow.response = error_response(
+                503,
+                "No upstream API key is available right now: every key in the pool is cooling down,"
+                " exhausted, invalid or disabled. Retry after the Retry-After seconds.",
+                "server_error",
+                "no_upstream_key_available",
+                {"retry-after": str(max(1, retry_after))},
+            )
+            return
+        replace_credential(flow.request.headers, key.value)
+        key.requests += 1
+        flow.metadata[METADATA] = {"key_id": key.id, "key_last4": key.last4}
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._hide_credential(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        key = self._key_of(flow)
+        if key is None:
+            return
+        self._hide_credential(flow)
+        now = time.time()
+        verdict = classify_response(
+            flow.response.status_code, flow.response.headers, flow.response.raw_content
+            if flow.response.status_code >= 400 else None, now, ctx.options.keypool_cooldown_seconds,
+        )  # fmt: skip
+        if verdict is None or (verdict.state == key.state == "active"):
+            return
+        self._set_state(key, verdict, now)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._hide_credential(flow)
+
+    def _key_of(self, flow: http.HTTPFlow) -> PoolKey | None:
+        meta = flow.metadata.get(METADATA)
+        if not meta:
+            return None
+        return self._by_id.get(meta["key_id"])
+
+    def _set_state(self, key: PoolKey, verdict: Verdict, now: float) -> None:
+        if key.state == "disabled":
+            return  # an admin's decision outranks what upstream says
+        key.state, key.state_reason, key.cooldown_until = verdict.state, verdict.reason, verdict.cooldown_until
+        log.info("upstream key #%d …%s is now %s (%s)", key.id, key.last4, verdict.state, verdict.reason or "ok")
+        self._writer.put(KeyStateChange(key.id, verdict.state, verdict.reason, verdict.cooldown_until, now))
+
+    def _hide_credential(self, flow: http.HTTPFlow) -> None:
+        # The request has left by now; keep the key out of mitmweb, logs and anything else that shows flows.
+        meta = flow.metadata.get(METADATA)
+        if not meta or meta.get("hidden"):
+            return
+        placeholder = f"[upstream key #{meta['key_id']} …{meta['key_last4']}]"
+        headers = flow.request.headers
+        if "authorization" in headers:
+            headers["authorization"] = f"Bearer {placeholder}"
+        if "api-key" in headers:
+            headers["api-key"] = placeholder
+        meta["hidden"] = True

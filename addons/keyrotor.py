@@ -1,0 +1,60 @@
+"""The script mitmproxy loads: `mitmdump -s addons/keyrotor.py --mode reverse:https://api.openai.com`.
+
+Addon order is the order of decisions: who is calling, which key, what happened.
+Option defaults come from config.toml and KEYROTOR_* variables, so plain mitmdump
+behaves like `run.py proxy`; run.py passes its resolved settings with --set.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mitmproxy import ctx  # noqa: E402
+
+from addons.access import Access  # noqa: E402
+from addons.capture import Capture  # noqa: E402
+from addons.keypool import KeyPool  # noqa: E402
+from config import ConfigError, load_settings  # noqa: E402
+from storage import db, secrets  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+class KeyRotor:
+    """Owns the settings every keyrotor addon shares: where the database is."""
+
+    def __init__(self, defaults) -> None:
+        self._defaults = defaults
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "keyrotor_storage", str, str(self._defaults.storage_path),
+            "Path of keyrotor's SQLite database; secrets are kept beside it.",
+        )  # fmt: skip
+
+    def configure(self, updated: set[str]) -> None:
+        if "keyrotor_storage" in updated:
+            path = Path(ctx.options.keyrotor_storage)
+            db.ensure_database(path)
+            admin_key = secrets.ensure_admin_key(path)
+            if admin_key:
+                log.warning("Generated the admin key (shown once, keep it): %s", admin_key)
+
+    def running(self) -> None:
+        # lazy: an unreachable upstream becomes a 502 plus an error hook (eager gives an
+        # empty reply), and requests answered locally never open an upstream connection.
+        ctx.options.update(connection_strategy="lazy")
+
+
+try:
+    _settings = load_settings()
+except ConfigError as e:
+    raise SystemExit(f"keyrotor: {e}") from None
+
+addons = [KeyRotor(_settings), Access(), KeyPool(_settings), Capture(_settings)]

@@ -1,0 +1,179 @@
+"""Settings: config.toml, overridden by KEYROTOR_<SECTION>_<KEY> variables, overridden by flags.
+
+Every setting is declared once in SETTINGS; config.toml documents the same names.
+A bad value raises ConfigError with one sentence naming the setting and where it
+came from, so start-up can print it and exit.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = ROOT / "config.toml"
+
+STRATEGIES = ("round_robin", "random")
+BODY_MODES = ("full", "truncated", "none")
+
+
+class ConfigError(Exception):
+    """A setting is missing, malformed or out of range; the message names it."""
+
+
+def _port(value: Any) -> int:
+    port = _integer(value)
+    if not 1 <= port <= 65535:
+        raise ValueError("must be a port number from 1 to 65535")
+    return port
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("must be a whole number")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError("must be a whole number") from None
+
+
+def _positive_integer(value: Any) -> int:
+    number = _integer(value)
+    if number <= 0:
+        raise ValueError("must be a whole number above zero")
+    return number
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value.strip()
+
+
+def _http_url(value: Any) -> str:
+    url = _text(value).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL, like https://api.openai.com")
+    return url
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        text = _text(value)
+        if text not in choices:
+            raise ValueError("must be one of " + ", ".join(f'"{c}"' for c in choices))
+        return text
+
+    return check
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    default: Any
+    parse: Callable[[Any], Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    @property
+    def env_var(self) -> str:
+        return f"KEYROTOR_{self.section}_{self.key}".upper()
+
+
+SETTINGS = [
+    Setting("proxy", "host", "127.0.0.1", _text),
+    Setting("proxy", "port", 8080, _port),
+    Setting("proxy", "upstream", "https://api.openai.com", _http_url),
+    Setting("proxy", "web_port", 8082, _port),
+    Setting("ui", "host", "127.0.0.1", _text),
+    Setting("ui", "port", 8081, _port),
+    Setting("storage", "path", "data/keyrotor.db", _text),
+    Setting("keypool", "strategy", "round_robin", _one_of(*STRATEGIES)),
+    Setting("keypool", "cooldown_seconds", 60, _positive_integer),
+    Setting("capture", "bodies", "truncated", _one_of(*BODY_MODES)),
+    Setting("capture", "max_body_bytes", 1_048_576, _positive_integer),
+]
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    values: Mapping[str, Any]
+    config_path: Path | None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    @property
+    def storage_path(self) -> Path:
+        return Path(self.values["storage.path"])
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve every setting from file, then environment, then `overrides` (flags)."""
+    environ = os.environ if environ is None else environ
+    explicit = config_path or environ.get("KEYROTOR_CONFIG")
+    path = Path(explicit) if explicit else DEFAULT_CONFIG
+    from_file = _read_toml(path, required=bool(explicit))
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for setting in SETTINGS:
+        raw, source = setting.default, "the default"
+        if setting.key in from_file.get(setting.section, {}):
+            raw, source = from_file[setting.section][setting.key], str(path)
+        if setting.env_var in environ:
+            raw, source = environ[setting.env_var], setting.env_var
+        if overrides and overrides.get(setting.name) is not None:
+            raw, source = overrides[setting.name], "the command line"
+        sources[setting.name] = source
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as e:
+            raise ConfigError(f"{setting.name} {e} (got {raw!r} from {source}).") from None
+
+    _check_unknown(from_file, path)
+    storage = Path(values["storage.path"]).expanduser()
+    if not storage.is_absolute():
+        # Relative paths in the file mean "beside the file"; elsewhere, the working directory.
+        base = path.parent if sources["storage.path"] == str(path) else Path.cwd()
+        storage = base / storage
+    values["storage.path"] = str(storage)
+    return Settings(values=values, config_path=path if path.exists() else None)
+
+
+def _read_toml(path: Path, required: bool) -> dict[str, Any]:
+    if not path.exists() and not required:
+        return {}
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist.") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}.") from None
+
+
+def _check_unknown(from_file: dict[str, Any], path: Path) -> None:
+    # A misspelt setting silently falling back to its default is worse than refusing to start.
+    for section, table in from_file.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section} in {path} must be a [section] table.")
+        for key in table:
+            if f"{section}.{key}" not in BY_NAME:
+                raise ConfigError(f"{section}.{key} in {path} is not a keyrotor setting.")

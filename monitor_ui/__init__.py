@@ -1,0 +1,1 @@
+"""The monitor UI: a FastAPI app on its own port, reading the database the proxy writes."""

@@ -1,0 +1,51 @@
+"""Dependencies shared by the routes: database connection, admin authentication."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from monitor_ui.auth import SESSION_COOKIE, SessionSigner
+from storage import db
+
+
+class LoginRequired(Exception):
+    """An HTML page was asked for without a session: the app redirects to /login."""
+
+
+def get_conn(request: Request) -> Iterator[sqlite3.Connection]:
+    conn = db.connect(request.app.state.db_path, readonly=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def get_signer(request: Request) -> SessionSigner:
+    return request.app.state.signer
+
+
+def _has_admin(request: Request, signer: SessionSigner) -> bool:
+    if signer.valid_session(request.cookies.get(SESSION_COOKIE)):
+        return True
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and signer.check_admin_key(token.strip())
+
+
+def require_admin_page(request: Request, signer: Annotated[SessionSigner, Depends(get_signer)]) -> None:
+    if not _has_admin(request, signer):
+        raise LoginRequired()
+
+
+def require_admin_api(request: Request, signer: Annotated[SessionSigner, Depends(get_signer)]) -> None:
+    if not _has_admin(request, signer):
+        raise HTTPException(401, "Log in, or send the admin key as 'Authorization: Bearer <admin key>'.")
+
+
+Conn = Annotated[sqlite3.Connection, Depends(get_conn)]
+Signer = Annotated[SessionSigner, Depends(get_signer)]
+AdminPage = Depends(require_admin_page)
+AdminApi = Depends(require_admin_api)

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from monitor_ui.auth import SESSION_COOKIE, SESSION_SECONDS
+from monitor_ui.deps import Signer
+
+router = APIRouter()
+
+
+def _safe_next(target: str | None) -> str:
+    # Only local paths: an open redirect after login would be a phishing aid.
+    if target and target.startswith("/") and not target.startswith("//"):
+        return target
+    return "/flows"
+
+
+def _same_origin(request: Request) -> bool:
+    origin = request.headers.get("origin")
+    return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
+
+
+@router.get("/login", response_class=HTMLResponse)
+def read_login(request: Request, next: str | None = None):
+    """The login form."""
+    return request.app.state.templates.TemplateResponse(
+        request, "login.html", {"next": _safe_next(next), "error": None}
+    )
+
+
+@router.post("/login")
+def create_session(request: Request, signer: Signer, admin_key: Annotated[str, Form()] = "", next: str = "/flows"):
+    """Exchange the admin key for a session cookie."""
+    if not _same_origin(request):
+        raise HTTPException(403, "Cross-site login refused.")
+    if not signer.check_admin_key(admin_key.strip()):
+        return request.app.state.templates.TemplateResponse(
+            request, "login.html", {"next": _safe_next(next), "error": "That is not the admin key."}, status_code=401
+        )
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE, signer.new_session(), max_age=SESSION_SECONDS, httponly=True, samesite="strict",
+        secure=request.url.scheme == "https",
+    )  # fmt: skip
+    return response
+
+
+@router.post("/logout")
+def delete_session(request: Request, signer: Signer, csrf: Annotated[str, Form()] = ""):
+    """End the session (CSRF-protected, so another site cannot log you out)."""
+    if not signer.valid_csrf(request.cookies.get(SESSION_COOKIE), csrf):
+        raise HTTPException(403, "Missing or wrong CSRF token.")
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE)
+    return response

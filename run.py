@@ -1,0 +1,305 @@
+"""keyrotor's command line: start the proxy and the UI, manage upstream and client keys.
+
+    run.py [serve] [--web]        proxy (mitmdump, or mitmweb with --web) and UI, stopped together
+    run.py proxy [--web] | ui     one of them
+    run.py keys add|list|enable|disable|delete|reset ...
+    run.py clients add|list|enable|disable NAME
+
+Every command takes --config PATH and --set section.key=value (repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+if sys.version_info < (3, 12):  # noqa: UP036 - run.py may be started by an older python3
+    sys.exit(
+        "keyrotor needs Python 3.12+ (mitmproxy 12). Run it with the virtual environment"
+        " that ./start.sh creates: .venv/bin/python run.py ..."
+    )
+
+from config import BY_NAME, ROOT, ConfigError, Settings, load_settings  # noqa: E402
+from storage import client_keys, db, secrets, upstream_keys  # noqa: E402
+
+SCRIPT = ROOT / "addons" / "keyrotor.py"
+STOP_GRACE_SECONDS = 15
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", help="config file (default: config.toml, or $KEYROTOR_CONFIG)")
+    common.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set proxy.port=9000 (repeatable)",
+    )  # fmt: skip
+    common.add_argument("--upstream", help="same as --set proxy.upstream=URL")
+    common.add_argument("--proxy-port", help="same as --set proxy.port=PORT")
+    common.add_argument("--ui-port", help="same as --set ui.port=PORT")
+    common.add_argument("--storage-path", help="same as --set storage.path=PATH")
+
+    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n")[0], parents=[common])
+    commands = parser.add_subparsers(dest="command")
+    for name, text in (("serve", "proxy and UI together"), ("proxy", "the proxy only")):
+        sub = commands.add_parser(name, parents=[common], help=f"start {text}")
+        sub.add_argument("--web", action="store_true", help="run mitmweb (flow inspector, admin key as password)")
+    commands.add_parser("ui", parents=[common], help="start the monitor UI only")
+
+    keys = commands.add_parser("keys", parents=[common], help="manage upstream keys").add_subparsers(
+        dest="action", required=True
+    )
+    add = keys.add_parser("add", parents=[common], help="add keys, one per line, from files or standard input")
+    add.add_argument("files", nargs="*", type=Path)
+    keys.add_parser("list", parents=[common], help="list keys (masked) with state and usage")
+    for action, text in (
+        ("enable", "put keys back into rotation"),
+        ("disable", "take keys out of rotation"),
+        ("delete", "delete keys"),
+        ("reset", "return keys (default: every invalid, exhausted or cooling one) to active"),
+    ):
+        sub = keys.add_parser(action, parents=[common], help=text)
+        sub.add_argument("ids", nargs="*" if action == "reset" else "+", type=int, metavar="ID")
+
+    clients = commands.add_parser("clients", parents=[common], help="manage client keys").add_subparsers(
+        dest="action", required=True
+    )
+    clients.add_parser("list", parents=[common], help="list client keys with usage")
+    for action, text in (
+        ("add", "issue a key (shown once)"),
+        ("disable", "reject a key"),
+        ("enable", "accept it again"),
+    ):
+        clients.add_parser(action, parents=[common], help=text).add_argument("name")
+
+    args = parser.parse_args(argv)
+    args.command = args.command or "serve"
+    args.web = getattr(args, "web", False)
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {}
+    for item in args.overrides:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must look like section.key=value.")
+        overrides[name.strip()] = value
+    for flag, name in (("upstream", "proxy.upstream"), ("proxy_port", "proxy.port"),
+                       ("ui_port", "ui.port"), ("storage_path", "storage.path")):  # fmt: skip
+        if getattr(args, flag):
+            overrides[name] = getattr(args, flag)
+    unknown = set(overrides) - set(BY_NAME)
+    if unknown:
+        raise ConfigError(f"--set {sorted(unknown)[0]} is not a keyrotor setting.")
+    return load_settings(args.config, overrides)
+
+
+def prepare_storage(settings: Settings) -> None:
+    """Create the database and secrets on first use; show a generated admin key once."""
+    db.ensure_database(settings.storage_path)
+    secrets.key_cipher(settings.storage_path)
+    admin_key = secrets.ensure_admin_key(settings.storage_path)
+    if admin_key:
+        print(
+            "\n  Admin key (log in to the UI with it; it is shown only this once):\n"
+            f"    {admin_key}\n",
+            flush=True,
+        )
+
+
+def proxy_argv(settings: Settings, web: bool) -> list[str]:
+    argv = [
+        "-s", str(SCRIPT),
+        "--mode", f"reverse:{settings['proxy.upstream']}",
+        "--listen-host", settings["proxy.host"],
+        "--listen-port", str(settings["proxy.port"]),
+        "--set", f"keyrotor_storage={settings.storage_path}",
+        "--set", f"keypool_strategy={settings['keypool.strategy']}",
+        "--set", f"keypool_cooldown_seconds={settings['keypool.cooldown_seconds']}",
+        "--set", f"capture_bodies={settings['capture.bodies']}",
+        "--set", f"capture_max_body_bytes={settings['capture.max_body_bytes']}",
+    ]  # fmt: skip
+    if web:
+        argv += [
+            "--set", f"web_host={settings['ui.host']}",
+            "--set", f"web_port={settings['proxy.web_port']}",
+            "--set", f"web_password={secrets.mitmweb_password(settings.storage_path)}",
+            "--set", "web_open_browser=false",
+        ]  # fmt: skip
+    return argv
+
+
+def run_proxy(settings: Settings, web: bool) -> int:
+    from mitmproxy.tools import main
+
+    (main.mitmweb if web else main.mitmdump)(proxy_argv(settings, web))
+    return 0
+
+
+def run_ui(settings: Settings) -> int:
+    import uvicorn
+
+    from monitor_ui.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings["ui.host"], port=settings["ui.port"], log_level="info")
+    return 0
+
+
+def serve(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
+    """Run proxy and UI as two child processes; stop both when either stops or we are told to."""
+    passthrough = [a for a in argv if a not in ("serve", "--web")]
+    run = [sys.executable, str(ROOT / "run.py")]
+    children = [
+        subprocess.Popen([*run, "proxy", *(["--web"] if args.web else []), *passthrough]),
+        subprocess.Popen([*run, "ui", *passthrough]),
+    ]
+    print(
+        f"keyrotor: proxy on http://{settings['proxy.host']}:{settings['proxy.port']}/v1"
+        f" → {settings['proxy.upstream']}, UI on http://{settings['ui.host']}:{settings['ui.port']}/"
+        + (f", mitmweb on http://{settings['ui.host']}:{settings['proxy.web_port']}/" if args.web else ""),
+        flush=True,
+    )
+    stopping = False
+
+    def stop(*_) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    codes = [child.returncode for child in children]
+    # A child we stopped ends with 0 (or -SIGTERM); anything else is a failure worth passing on.
+    return 0 if stopping else next((c for c in codes if c not in (0, -signal.SIGTERM)), 0)
+
+
+def keys_command(args: argparse.Namespace, settings: Settings) -> int:
+    path = settings.storage_path
+    conn = db.connect(path)
+    try:
+        if args.action == "add":
+            lines = _read_lines(args.files)
+            report = upstream_keys.add_keys(conn, secrets.key_cipher(path), lines)
+            print(
+                f"added {len(report.added)}, skipped {report.duplicates} duplicate(s),"
+                f" rejected {len(report.malformed)} malformed"
+                + (f" (line {', '.join(map(str, report.malformed))})" if report.malformed else "")
+            )
+            return 0
+        if args.action == "list":
+            _print_keys(upstream_keys.list_keys(conn))
+            return 0
+        if args.action == "delete":
+            count = upstream_keys.delete_keys(conn, args.ids)
+        elif args.action == "reset":
+            ids = args.ids or upstream_keys.ids_in_state(conn, ("invalid", "exhausted", "cooling"))
+            count = upstream_keys.set_admin_state(conn, ids, "active", "reset by admin")
+        else:
+            state = "active" if args.action == "enable" else "disabled"
+            count = upstream_keys.set_admin_state(conn, args.ids, state, f"{args.action}d by admin")
+        print(f"{args.action}: {count} key(s)")
+        return 0 if count or not getattr(args, "ids", None) else 1
+    finally:
+        conn.close()
+
+
+def clients_command(args: argparse.Namespace, settings: Settings) -> int:
+    conn = db.connect(settings.storage_path)
+    try:
+        if args.action == "add":
+            try:
+                key = client_keys.create_client(conn, args.name)
+            except client_keys.ClientExists as e:
+                print(f"keyrotor: {e}", file=sys.stderr)
+                return 1
+            print(f"client {args.name!r} created; its key (shown only now):\n{key}")
+            return 0
+        if args.action == "list":
+            _print_clients(client_keys.list_clients(conn))
+            return 0
+        count = client_keys.set_enabled(conn, args.name, args.action == "enable")
+        if not count:
+            print(f"keyrotor: no client named {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"client {args.name!r} {args.action}d")
+        return 0
+    finally:
+        conn.close()
+
+
+def _read_lines(files: list[Path]) -> list[str]:
+    if not files:
+        return sys.stdin.read().splitlines()
+    lines = []
+    for file in files:
+        lines += file.read_text().splitlines()
+    return lines
+
+
+def _when(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _print_keys(rows) -> None:
+    print(f"{'id':>5}  {'key':<8}  {'state':<9}  {'requests':>8}  {'last used':<20}  reason")
+    for row in rows:
+        reason = row["state_reason"] or ""
+        if row["state"] == "cooling":
+            reason += f" until {_when(row['cooldown_until'])}"
+        print(
+            f"{row['id']:>5}  …{row['last4']:<7}  {row['state']:<9}  {row['requests']:>8}"
+            f"  {_when(row['last_used_at']):<20}  {reason}"
+        )
+
+
+def _print_clients(rows) -> None:
+    print(f"{'id':>5}  {'name':<20}  {'key':<8}  {'enabled':<7}  {'requests':>8}  last used")
+    for row in rows:
+        print(
+            f"{row['id']:>5}  {row['name']:<20}  …{row['last4']:<7}  {'yes' if row['enabled'] else 'no':<7}"
+            f"  {row['requests']:>8}  {_when(row['last_used_at'])}"
+        )
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        settings = settings_from(args)
+        prepare_storage(settings)
+        if args.command == "serve":
+            return serve(args, settings, argv)
+        if args.command == "proxy":
+            return run_proxy(settings, args.web)
+        if args.command == "ui":
+            return run_ui(settings)
+        if args.command == "keys":
+            return keys_command(args, settings)
+        return clients_command(args, settings)
+    except ConfigError as e:
+        print(f"keyrotor: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"keyrotor: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,60 @@
+"""Client (proxy) keys that keyrotor issues. Only their sha256 is stored."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from storage.db import bump_revision
+from storage.secrets import hash_client_key, new_client_key
+
+
+@dataclass(frozen=True)
+class Client:
+    id: int
+    name: str
+
+
+class ClientExists(Exception):
+    pass
+
+
+def create_client(conn: sqlite3.Connection, name: str) -> str:
+    """Issue a key for `name` and return it; it cannot be shown again."""
+    key = new_client_key()
+    try:
+        with conn:
+            conn.execute(
+                "INSERT INTO client_keys (name, key_hash, last4, enabled, created_at) VALUES (?, ?, ?, 1, ?)",
+                (name, hash_client_key(key), key[-4:], time.time()),
+            )
+            bump_revision(conn, "clients")
+    except sqlite3.IntegrityError:
+        raise ClientExists(f"a client named {name!r} already exists") from None
+    return key
+
+
+def list_clients(conn: sqlite3.Connection, limit: int = 1000) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT id, name, last4, enabled, requests, prompt_tokens, completion_tokens, last_used_at, created_at"
+        " FROM client_keys ORDER BY id LIMIT ?",
+        (limit,),
+    ).fetchall()
+
+
+def set_enabled(conn: sqlite3.Connection, name: str, enabled: bool) -> int:
+    with conn:
+        count = conn.execute("UPDATE client_keys SET enabled = ? WHERE name = ?", (int(enabled), name)).rowcount
+        if count:
+            bump_revision(conn, "clients")
+    return count
+
+
+def load_enabled(conn: sqlite3.Connection) -> dict[str, Client]:
+    """key hash → client, for the proxy's in-memory lookup."""
+    return {
+        row["key_hash"]: Client(id=row["id"], name=row["name"])
+        for row in conn.execute("SELECT id, name, key_hash FROM client_keys WHERE enabled = 1")
+    }
+

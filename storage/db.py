@@ -1,0 +1,50 @@
+"""Connections. Every process opens its own; only the writer thread writes in the proxy."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from storage import schema
+
+BUSY_TIMEOUT_MS = 5000
+
+
+def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
+    """Open a connection with the pragmas every keyrotor connection needs."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(str(path), check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if not readonly:
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL, and much cheaper per commit
+    return conn
+
+
+def ensure_database(path: str | Path) -> None:
+    """Create the database file and its directory if needed, and bring the schema up to date."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        schema.migrate(conn)
+    finally:
+        conn.close()
+
+
+def read_revision(conn: sqlite3.Connection, name: str) -> int:
+    """A counter bumped by every admin change to `name` ("keys", "clients"); the proxy polls it."""
+    row = conn.execute("SELECT value FROM revisions WHERE name = ?", (name,)).fetchone()
+    return row[0] if row else 0
+
+
+def bump_revision(conn: sqlite3.Connection, name: str) -> None:
+    conn.execute(
+        "INSERT INTO revisions (name, value) VALUES (?, 1)"
+        " ON CONFLICT(name) DO UPDATE SET value = value + 1",
+        (name,),
+    )

@@ -1,0 +1,109 @@
+"""Migrations, applied in order and tracked in PRAGMA user_version.
+
+Tables are created here explicitly with sqlite_utils, never by a first insert.
+A migration is only ever appended, never edited once released.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+import sqlite_utils
+
+
+def _v1_initial(db: sqlite_utils.Database) -> None:
+    db["revisions"].create({"name": str, "value": int}, pk="name")
+    db["upstream_keys"].create(
+        {
+            "id": int,
+            "fingerprint": str,  # keyed hash of the value: finds duplicates without decrypting
+            "secret": bytes,  # the value, Fernet-encrypted: the only place it is stored
+            "last4": str,
+            "state": str,
+            "state_reason": str,
+            "cooldown_until": float,
+            "weight": float,
+            "requests": int,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "last_used_at": float,
+            "created_at": float,
+            "state_changed_at": float,
+        },
+        pk="id",
+        not_null={"fingerprint", "secret", "last4", "state", "created_at"},
+        defaults={"state": "active", "weight": 1.0, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0},
+    )
+    db["upstream_keys"].create_index(["fingerprint"], unique=True)
+    db["client_keys"].create(
+        {
+            "id": int,
+            "name": str,
+            "key_hash": str,  # sha256 of the issued key; the key itself is never stored
+            "last4": str,
+            "enabled": int,
+            "requests": int,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "last_used_at": float,
+            "created_at": float,
+        },
+        pk="id",
+        not_null={"name", "key_hash", "last4", "created_at"},
+        defaults={"enabled": 1, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0},
+    )
+    db["client_keys"].create_index(["name"], unique=True)
+    db["client_keys"].create_index(["key_hash"], unique=True)
+    db["flows"].create(
+        {
+            "id": int,
+            "flow_id": str,  # mitmproxy's flow id, to find the same flow in mitmweb
+            "started_at": float,
+            "first_byte_at": float,
+            "ended_at": float,
+            "duration_ms": float,
+            "method": str,
+            "path": str,
+            "status": int,
+            "model": str,
+            "stream": int,
+            "client_key_id": int,
+            "upstream_key_id": int,
+            "attempts": int,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "total_tokens": int,
+            "cost": float,
+            "client_addr": str,
+            "error": str,
+            "request_headers": str,
+            "response_headers": str,
+            "request_body": str,
+            "request_body_size": int,
+            "request_body_truncated": int,
+            "response_body": str,
+            "response_body_size": int,
+            "response_body_truncated": int,
+            "chunk_times": str,  # JSON [[ms since first byte, bytes], ...] of a streamed body
+        },
+        pk="id",
+        not_null={"flow_id", "started_at", "method", "path"},
+    )
+    for columns in (["started_at"], ["status"], ["model"], ["client_key_id"], ["upstream_key_id"]):
+        db["flows"].create_index(columns)
+    db["flows"].enable_fts(
+        ["path", "model", "request_body", "response_body"], fts_version="FTS5", create_triggers=True
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial]
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    db = sqlite_utils.Database(conn)
+    for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+        with conn:
+            migration(db)
+            conn.execute(f"PRAGMA user_version = {number}")

@@ -1,0 +1,150 @@
+"""Upstream (pooled) keys: adding, listing, state changes. Values exist in clear only in memory."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from storage.db import bump_revision
+from storage.secrets import KeyCipher
+
+STATES = ("active", "cooling", "exhausted", "invalid", "disabled")
+MIN_KEY_LENGTH = 20
+MAX_KEY_LENGTH = 512
+
+
+@dataclass
+class AddReport:
+    added: list[int] = field(default_factory=list)
+    duplicates: int = 0
+    malformed: list[int] = field(default_factory=list)  # 1-based line numbers, never the values
+
+
+@dataclass
+class PoolKey:
+    """One key as the proxy holds it in memory."""
+
+    id: int
+    value: str
+    last4: str
+    state: str
+    state_reason: str | None
+    cooldown_until: float | None
+    weight: float
+    requests: int
+
+
+def is_well_formed(value: str) -> bool:
+    # Providers differ in prefixes ("sk-", "sk-proj-", Azure's hex), so check only what no real key has.
+    return (
+        MIN_KEY_LENGTH <= len(value) <= MAX_KEY_LENGTH
+        and value.isascii()
+        and value.isprintable()
+        and not any(c.isspace() for c in value)
+    )
+
+
+def add_keys(conn: sqlite3.Connection, cipher: KeyCipher, lines: Iterable[str]) -> AddReport:
+    """Add one key per line; blank lines and #-comments are skipped."""
+    report = AddReport()
+    now = time.time()
+    with conn:
+        for number, line in enumerate(lines, start=1):
+            value = line.strip()
+            if not value or value.startswith("#"):
+                continue
+            if value.lower().startswith("bearer "):
+                value = value[7:].strip()
+            if not is_well_formed(value):
+                report.malformed.append(number)
+                continue
+            cursor = conn.execute(
+                "INSERT INTO upstream_keys (fingerprint, secret, last4, state, created_at, state_changed_at)"
+                " VALUES (?, ?, ?, 'active', ?, ?) ON CONFLICT(fingerprint) DO NOTHING",
+                (cipher.fingerprint(value), cipher.encrypt(value), value[-4:], now, now),
+            )
+            if cursor.rowcount:
+                report.added.append(cursor.lastrowid)
+            else:
+                report.duplicates += 1
+        if report.added:
+            bump_revision(conn, "keys")
+    return report
+
+
+def list_keys(conn: sqlite3.Connection, limit: int = 1000) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT id, last4, state, state_reason, cooldown_until, weight, requests,"
+        " prompt_tokens, completion_tokens, last_used_at, created_at"
+        " FROM upstream_keys ORDER BY id LIMIT ?",
+        (limit,),
+    ).fetchall()
+
+
+def load_pool(conn: sqlite3.Connection, cipher: KeyCipher) -> list[PoolKey]:
+    """Every key with its decrypted value, for the proxy's in-memory pool."""
+    pool = []
+    for row in conn.execute(
+        "SELECT id, secret, last4, state, state_reason, cooldown_until, weight, requests"
+        " FROM upstream_keys ORDER BY id"
+    ):
+        value = cipher.decrypt(row["secret"])
+        if value is None:
+            continue  # encrypted with another secret: unusable, and listed as such by the CLI
+        pool.append(
+            PoolKey(
+                id=row["id"],
+                value=value,
+                last4=row["last4"],
+                state=row["state"],
+                state_reason=row["state_reason"],
+                cooldown_until=row["cooldown_until"],
+                weight=row["weight"],
+                requests=row["requests"],
+            )
+        )
+    return pool
+
+
+def set_admin_state(conn: sqlite3.Connection, key_ids: Iterable[int], state: str, reason: str) -> int:
+    """An admin's change (enable, disable, reset); the proxy picks it up through the revision."""
+    ids = list(key_ids)
+    with conn:
+        count = 0
+        for key_id in ids:
+            count += conn.execute(
+                "UPDATE upstream_keys SET state = ?, state_reason = ?, cooldown_until = NULL,"
+                " state_changed_at = ? WHERE id = ?",
+                (state, reason, time.time(), key_id),
+            ).rowcount
+        if count:
+            bump_revision(conn, "keys")
+    return count
+
+
+def ids_in_state(conn: sqlite3.Connection, states: Iterable[str]) -> list[int]:
+    states = list(states)
+    marks = ",".join("?" * len(states))
+    return [r[0] for r in conn.execute(f"SELECT id FROM upstream_keys WHERE state IN ({marks})", states)]
+
+
+def delete_keys(conn: sqlite3.Connection, key_ids: Iterable[int]) -> int:
+    with conn:
+        count = sum(conn.execute("DELETE FROM upstream_keys WHERE id = ?", (i,)).rowcount for i in key_ids)
+        if count:
+            bump_revision(conn, "keys")
+    return count
+
+
+def record_state(
+    conn: sqlite3.Connection, key_id: int, state: str, reason: str | None, cooldown_until: float | None, at: float
+) -> None:
+    """A state the proxy learnt from upstream. No revision bump: the proxy already knows it."""
+    conn.execute(
+        "UPDATE upstream_keys SET state = ?, state_reason = ?, cooldown_until = ?, state_changed_at = ?"
+        " WHERE id = ? AND state != 'disabled'",
+        (state, reason, cooldown_until, at, key_id),
+    )
+

@@ -1,0 +1,135 @@
+"""The one writer thread: owns the proxy's write connection, inserts in batches.
+
+Hooks on the event loop only put items on a queue. Turning a captured flow into a
+row (decoding, JSON parsing, truncation) also happens here, off the loop: items
+carry a `to_row()` method that this thread calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from storage import db, flows, upstream_keys
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000
+
+
+class CapturedFlow(Protocol):
+    def to_row(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class KeyStateChange:
+    key_id: int
+    state: str
+    reason: str | None
+    cooldown_until: float | None
+    at: float
+
+
+_STOP = object()
+
+
+class Writer:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="keyrotor-writer", daemon=True)
+        self._users = 0
+        self.rows_written = 0
+
+    def put(self, item: CapturedFlow | KeyStateChange) -> None:
+        self._queue.put(item)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write everything still queued, then end the thread."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        conn = db.connect(self.path)
+        try:
+            stopping = False
+            while not stopping:
+                # Block for the first item, then take whatever piled up meanwhile:
+                # one row per commit when idle, large batches under load.
+                batch = [self._queue.get()]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if _STOP in batch:
+                    stopping = True
+                    batch = [item for item in batch if item is not _STOP]
+                    batch += self._drain()
+                self._write(conn, batch)
+        finally:
+            conn.close()
+
+    def _drain(self) -> list:
+        items = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return items
+            if item is not _STOP:
+                items.append(item)
+
+    def _write(self, conn, batch: list) -> None:
+        rows, states = [], []
+        for item in batch:
+            if isinstance(item, KeyStateChange):
+                states.append(item)
+                continue
+            try:
+                rows.append(item.to_row())
+            except Exception:
+                log.exception("could not turn a captured flow into a row; it is skipped")
+        try:
+            with conn:
+                flows.insert_batch(conn, rows)
+                for change in states:
+                    upstream_keys.record_state(
+                        conn, change.key_id, change.state, change.reason, change.cooldown_until, change.at
+                    )
+            self.rows_written += len(rows)
+        except Exception:
+            log.exception("writing %d flows and %d key states failed", len(rows), len(states))
+
+
+_writers: dict[Path, Writer] = {}
+_lock = threading.Lock()
+
+
+def acquire(path: str | Path) -> Writer:
+    """The shared writer for this database, started on first use (addons share one)."""
+    key = Path(path).resolve()
+    with _lock:
+        writer = _writers.get(key)
+        if writer is None:
+            writer = _writers[key] = Writer(key)
+            writer.start()
+        writer._users += 1
+        return writer
+
+
+def release(writer: Writer) -> None:
+    """Stop the writer when its last user lets go, after flushing what is queued."""
+    with _lock:
+        writer._users -= 1
+        if writer._users > 0:
+            return
+        _writers.pop(writer.path, None)
+    writer.stop()

@@ -1,0 +1,785 @@
+"""A local fake of the OpenAI HTTP API, for integration tests and benchmarks.
+
+It answers like the real service does, down to the error bodies and headers the
+proxy reacts to (401 invalid key, 429 rate limit / quota, 500), so the proxy's
+key rotation can be exercised end to end with the official ``openai`` client,
+without any network access. It listens on 127.0.0.1 only.
+
+Use it in-process::
+
+    with FakeUpstream().start() as up:
+        up.set_key("sk-good-2", "ratelimit", times=1)
+        ...  # point the proxy (or a client) at up.url + "/v1"
+        assert up.keys_seen() == [...]
+
+or as a separate process (benchmarks)::
+
+    python tests/fake_upstream.py --port 0 [--stream-chunks N] [--stream-delay S]
+
+which prints ``READY http://127.0.0.1:<port>`` once it accepts connections and
+runs until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import uvicorn
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+BEHAVIOURS = frozenset(
+    {"ok", "invalid", "ratelimit", "quota", "server_error", "deactivated"}
+)
+# Keys nobody configured are judged by name, so tests and benchmarks can use
+# fresh keys without calling set_key first.
+VALID_PREFIXES = ("sk-good", "sk-bench")
+
+MODELS: list[dict[str, Any]] = [
+    {
+        "id": "gpt-4o-mini",
+        "object": "model",
+        "created": 1721172741,
+        "owned_by": "system",
+    },
+    {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "system"},
+    {
+        "id": "gpt-3.5-turbo",
+        "object": "model",
+        "created": 1677610602,
+        "owned_by": "openai",
+    },
+    {
+        "id": "text-embedding-3-small",
+        "object": "model",
+        "created": 1705948997,
+        "owned_by": "system",
+    },
+]
+MODELS_BY_ID = {m["id"]: m for m in MODELS}
+
+EMBEDDING_DIMENSIONS = 8
+# Tokens charged per chat message on top of its words (role, separators).
+TOKENS_PER_MESSAGE = 7
+SYSTEM_FINGERPRINT = "fp_fakeupstream"
+
+# Success headers the real API sends; a proxy may read them to pace keys.
+OK_RATELIMIT_HEADERS = {
+    "x-ratelimit-limit-requests": "10000",
+    "x-ratelimit-remaining-requests": "9999",
+    "x-ratelimit-reset-requests": "6ms",
+    "x-ratelimit-limit-tokens": "10000000",
+    "x-ratelimit-remaining-tokens": "9999000",
+    "x-ratelimit-reset-tokens": "0s",
+}
+
+NO_KEY_MESSAGE = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization header "
+    "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank "
+    "username) if you're accessing the API from your browser and are prompted for a username and "
+    "password. You can obtain an API key from https://platform.openai.com/account/api-keys."
+)
+INVALID_KEY_MESSAGE = (
+    "Incorrect API key provided: {masked}. "
+    "You can find your API key at https://platform.openai.com/account/api-keys."
+)
+RATELIMIT_MESSAGE = (
+    "Rate limit reached for gpt-4o-mini in organization org-xxx on requests per min (RPM): "
+    "Limit 3, Used 3, Requested 1. Please try again in 20s. "
+    "Visit https://platform.openai.com/account/rate-limits to learn more."
+)
+QUOTA_MESSAGE = (
+    "You exceeded your current quota, please check your plan and billing details. For more "
+    "information on this error, read the docs: "
+    "https://platform.openai.com/docs/guides/error-codes/api-errors."
+)
+SERVER_ERROR_MESSAGE = (
+    "The server had an error while processing your request. Sorry about that!"
+)
+DEACTIVATED_MESSAGE = (
+    "This key is associated with a deactivated account. If you feel this is an error, "
+    "contact us through our help center at help.openai.com."
+)
+BAD_JSON_MESSAGE = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
+    "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not "
+    "valid JSON. If you have trouble figuring out how to fix this, please contact us through our "
+    "help center at help.openai.com.)"
+)
+
+
+@dataclass
+class Received:
+    """One request as the fake saw it (rejected ones included)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    body: bytes
+    key: str | None
+    at: float  # time.monotonic() on arrival
+
+
+class BadRequest(Exception):
+    """A 400 the handlers raise; carries OpenAI's error fields."""
+
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def _request_id() -> str:
+    return "req_" + os.urandom(16).hex()
+
+
+def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
+    all_headers = {"x-request-id": _request_id()}
+    if headers:
+        all_headers.update(headers)
+    body = json.dumps(payload).encode()
+    return Response(
+        body, status_code=status, headers=all_headers, media_type="application/json"
+    )
+
+
+def _error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _error(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    return _json(status, _error_body(message, type_, param, code), headers)
+
+
+def mask_key(key: str) -> str:
+    """Mask a key the way OpenAI's 401 message does: first 6, stars, last 4."""
+    return f"{key[:6]}{'*' * 20}{key[-4:]}"
+
+
+def _rejection(behaviour: str, key: str, retry_after: str) -> Response | None:
+    """The error response for a key behaviour, or None when the key is served."""
+    if behaviour == "ok":
+        return None
+    if behaviour == "invalid":
+        return _error(
+            401,
+            INVALID_KEY_MESSAGE.format(masked=mask_key(key)),
+            code="invalid_api_key",
+        )
+    if behaviour == "ratelimit":
+        headers = {
+            "retry-after": retry_after,
+            "x-ratelimit-limit-requests": "3",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "1s",
+        }
+        return _error(
+            429,
+            RATELIMIT_MESSAGE,
+            "requests",
+            code="rate_limit_exceeded",
+            headers=headers,
+        )
+    if behaviour == "quota":
+        return _error(
+            429, QUOTA_MESSAGE, "insufficient_quota", code="insufficient_quota"
+        )
+    if behaviour == "server_error":
+        return _error(500, SERVER_ERROR_MESSAGE, "server_error")
+    if behaviour == "deactivated":
+        return _error(401, DEACTIVATED_MESSAGE, code="account_deactivated")
+    raise AssertionError(f"unknown behaviour {behaviour!r}")
+
+
+# --------------------------------------------------------------------------- request parsing
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+def credential(headers: dict[str, str]) -> str | None:
+    """The API key of a request: OpenAI's Bearer token, else Azure's api-key."""
+    auth = headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("api-key", "").strip() or None
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise BadRequest(BAD_JSON_MESSAGE) from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"{body[:100]!r} is not of type 'object'")
+    return data
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message content: a string or a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _word_count(text: str) -> int:
+    return len(text.split())
+
+
+# --------------------------------------------------------------------------- chat completions
+
+
+def reply_pieces(messages: list[Any], chunks: int) -> list[str]:
+    """The assistant reply, cut into the pieces a stream sends.
+
+    The non-streamed reply is the concatenation of the same pieces, so both
+    modes always give identical text. At least one piece is produced.
+    """
+    last_user = next(
+        (
+            m
+            for m in reversed(messages)
+            if isinstance(m, dict) and m.get("role") == "user"
+        ),
+        {},
+    )
+    count = max(1, chunks)
+    n = _word_count(_text_of(last_user.get("content")))
+    words = f"Hello from the fake upstream. Your last message had {n} words.".split()
+    # Pad so every streamed chunk carries at least one word.
+    words += [f"word{i}" for i in range(len(words) + 1, count + 1)]
+    size, extra = divmod(len(words), count)
+    pieces: list[str] = []
+    start = 0
+    for i in range(count):
+        end = start + size + (1 if i < extra else 0)
+        pieces.append(" ".join(words[start:end]) + (" " if i < count - 1 else ""))
+        start = end
+    return pieces
+
+
+def chat_usage(messages: list[Any], reply: str) -> dict[str, int]:
+    prompt = sum(
+        _word_count(_text_of(m.get("content"))) + TOKENS_PER_MESSAGE
+        for m in messages
+        if isinstance(m, dict)
+    )
+    completion = _word_count(reply)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _validate_chat(data: dict[str, Any]) -> tuple[str, list[Any]]:
+    model = data.get("model")
+    if not model or not isinstance(model, str):
+        raise BadRequest("you must provide a model parameter", param="model")
+    messages = data.get("messages")
+    if messages is None:
+        raise BadRequest(
+            "Missing required parameter: 'messages'.",
+            param="messages",
+            code="missing_required_parameter",
+        )
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest(f"{messages!r} is too short - 'messages'", param="messages")
+    return model, messages
+
+
+def _chunk(
+    base: dict[str, Any], delta: dict[str, Any], finish: str | None, usage: bool
+) -> bytes:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    payload = {**base, "choices": [choice]}
+    if usage:
+        payload["usage"] = None
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+async def _stream_events(
+    base: dict[str, Any], pieces: list[str], usage: dict[str, int] | None, delay: float
+) -> AsyncIterator[bytes]:
+    with_usage = usage is not None
+    yield _chunk(
+        base, {"role": "assistant", "content": "", "refusal": None}, None, with_usage
+    )
+    for piece in pieces:
+        # Sleeping before each piece models time-to-first-token and the pace
+        # between tokens; each yield is flushed to the socket on its own.
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield _chunk(base, {"content": piece}, None, with_usage)
+    yield _chunk(base, {}, "stop", with_usage)
+    if usage is not None:
+        yield (
+            b"data: "
+            + json.dumps({**base, "choices": [], "usage": usage}).encode()
+            + b"\n\n"
+        )
+    yield b"data: [DONE]\n\n"
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def _embedding_inputs(value: Any) -> list[Any]:
+    """Normalise ``input``: a string, a token list, or a list of either."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, int) for v in value):
+            return [value]
+        if all(isinstance(v, str | list) for v in value):
+            return value
+    raise BadRequest(
+        "'input' must be a string, a list of strings or a list of tokens", param="input"
+    )
+
+
+def _vector(item: Any) -> list[float]:
+    """A deterministic pseudo-embedding, so equal inputs embed equally."""
+    text = item if isinstance(item, str) else json.dumps(item)
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round((b - 127.5) / 127.5, 6) for b in digest[:EMBEDDING_DIMENSIONS]]
+
+
+def _tokens(item: Any) -> int:
+    return _word_count(item) if isinstance(item, str) else len(item)
+
+
+def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        # The openai client asks for base64 (little-endian float32) by default.
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+# --------------------------------------------------------------------------- key rules
+
+
+@dataclass
+class _Rule:
+    behaviour: str
+    remaining: int | None  # None: for ever
+    retry_after: str
+
+
+class _KeyBook:
+    """Per-key behaviours; set from the test thread, read on the server loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rules: dict[str, _Rule] = {}
+
+    def set(
+        self, key: str, behaviour: str, times: int | None, retry_after: str
+    ) -> None:
+        if behaviour not in BEHAVIOURS:
+            raise ValueError(
+                f"unknown behaviour {behaviour!r}; expected one of {sorted(BEHAVIOURS)}"
+            )
+        if times is not None and times <= 0:
+            behaviour, times = "ok", None
+        with self._lock:
+            self._rules[key] = _Rule(behaviour, times, retry_after)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rules.clear()
+
+    def take(self, key: str) -> tuple[str, str]:
+        """The behaviour for this request of ``key`` (uses up one of ``times``)."""
+        with self._lock:
+            rule = self._rules.get(key)
+            if rule is None:
+                return ("ok" if key.startswith(VALID_PREFIXES) else "invalid"), "1"
+            if rule.remaining is not None:
+                rule.remaining -= 1
+                if rule.remaining <= 0:
+                    # Spent: from now on the key is served normally.
+                    self._rules[key] = _Rule("ok", None, rule.retry_after)
+            return rule.behaviour, rule.retry_after
+
+
+# --------------------------------------------------------------------------- server
+
+
+def _loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def _http_name() -> str:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"
+
+
+Handler = Callable[[bytes], Response]
+
+
+class FakeUpstream:
+    """The fake OpenAI server; see the module docstring."""
+
+    def __init__(self, stream_chunks: int = 5, stream_delay: float = 0.0) -> None:
+        # Both may be changed between requests; each request reads them once.
+        self.stream_chunks = stream_chunks
+        self.stream_delay = stream_delay
+        self.url = ""  # set by start()
+        self.port = 0
+        self.received: list[Received] = []
+        # False stops recording (benchmark processes would otherwise grow).
+        self.record = True
+        self._received_lock = threading.Lock()
+        self._keys = _KeyBook()
+        self._routes: dict[tuple[str, str], Handler] = {
+            ("GET", "/v1/models"): self._models,
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/v1/embeddings"): self._embeddings,
+        }
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    # ----------------------------------------------------------------- public API
+
+    def start(self, port: int = 0, timeout: float = 10.0) -> FakeUpstream:
+        """Serve on 127.0.0.1:``port`` (0: a free one) in a background thread.
+
+        Returns once the server accepts connections.
+        """
+        if self._thread is not None:
+            raise RuntimeError("FakeUpstream already started")
+        sock = self._bind(port)
+        self.port = sock.getsockname()[1]
+        self.url = f"http://{HOST}:{self.port}"
+        config = uvicorn.Config(
+            self._asgi,
+            interface="asgi3",  # a bound method defeats uvicorn's auto-detection
+            http=_http_name(),
+            loop=_loop_name(),
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            # Bounded so stop() never hangs on a stream a client left open.
+            timeout_graceful_shutdown=1,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._serve,
+            args=(sock,),
+            name=f"fake-upstream-{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        self._wait_started(timeout)
+        log.debug("fake upstream serving on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        server.should_exit = True
+        thread.join(timeout=5)
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join(timeout=2)
+        self._server = self._thread = None
+
+    def set_key(
+        self, key: str, behaviour: str, times: int | None = None, retry_after: str = "1"
+    ) -> None:
+        """Make ``key`` behave so (for its next ``times`` requests, else for ever)."""
+        self._keys.set(key, behaviour, times, retry_after)
+
+    def keys_seen(self) -> list[str]:
+        """The credential of each request that had one, in arrival order."""
+        with self._received_lock:
+            return [r.key for r in self.received if r.key is not None]
+
+    def reset(self) -> None:
+        """Forget recorded requests and key behaviours (between tests)."""
+        with self._received_lock:
+            self.received.clear()
+        self._keys.clear()
+
+    def __enter__(self) -> Self:
+        if self._thread is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- serving
+
+    @staticmethod
+    def _bind(port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # A fixed --port can be reused right after a previous run exits.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((HOST, port))
+        return sock
+
+    def _serve(self, sock: socket.socket) -> None:
+        assert self._server is not None
+        server = self._server
+        try:
+            # Our own loop in this thread: uvicorn's run() would install
+            # process-wide loop/signal settings that belong to the test runner.
+            with asyncio.Runner(
+                loop_factory=server.config.get_loop_factory()
+            ) as runner:
+                runner.run(server.serve(sockets=[sock]))
+        # SystemExit included: uvicorn exits on startup errors.
+        except BaseException as exc:
+            self._failure = exc
+            log.exception("fake upstream stopped with an error")
+        finally:
+            sock.close()
+
+    def _wait_started(self, timeout: float) -> None:
+        assert self._server is not None and self._thread is not None
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"fake upstream failed to start: {self._failure!r}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"fake upstream did not start within {timeout}s")
+            time.sleep(0.005)
+
+    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # One entry point instead of a Router: auth must run before routing and
+        # every request must be recorded, and a dict lookup is the cheapest route.
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        try:
+            response = await self._respond(request)
+            await response(scope, receive, send)
+        except ClientDisconnect:
+            log.debug("client went away during %s %s", scope["method"], scope["path"])
+
+    async def _respond(self, request: Request) -> Response:
+        at = time.monotonic()
+        scope = request.scope
+        method, path = scope["method"], scope["path"]
+        body = await request.body()
+        headers = _headers(scope)
+        key = credential(headers)
+        self._record(Received(method, path, headers, body, key, at))
+        if key is None:
+            return _error(401, NO_KEY_MESSAGE)
+        behaviour, retry_after = self._keys.take(key)
+        rejection = _rejection(behaviour, key, retry_after)
+        if rejection is not None:
+            log.debug(
+                "%s %s rejected: key %s is %s", method, path, mask_key(key), behaviour
+            )
+            return rejection
+        handler = self._routes.get((method, path))
+        if handler is None:
+            if method == "GET" and path.startswith("/v1/models/"):
+                return self._model(path.removeprefix("/v1/models/"))
+            return _error(404, f"Invalid URL ({method} {path})")
+        try:
+            return handler(body)
+        except BadRequest as exc:
+            return _error(400, exc.message, param=exc.param, code=exc.code)
+
+    def _record(self, received: Received) -> None:
+        if self.record:
+            with self._received_lock:
+                self.received.append(received)
+
+    # ----------------------------------------------------------------- endpoints
+
+    def _models(self, body: bytes) -> Response:
+        return _json(200, {"object": "list", "data": MODELS})
+
+    def _model(self, model_id: str) -> Response:
+        model = MODELS_BY_ID.get(model_id)
+        if model is None:
+            message = f"The model '{model_id}' does not exist"
+            return _error(404, message, param="model", code="model_not_found")
+        return _json(200, model)
+
+    def _chat(self, body: bytes) -> Response:
+        data = _json_object(body)
+        model, messages = _validate_chat(data)
+        pieces = reply_pieces(messages, self.stream_chunks)
+        usage = chat_usage(messages, "".join(pieces))
+        base = {
+            "id": "chatcmpl-" + os.urandom(12).hex(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+        if data.get("stream") is True:
+            return self._chat_stream(base, pieces, usage, data.get("stream_options"))
+        message = {"role": "assistant", "content": "".join(pieces), "refusal": None}
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+        return _json(
+            200, {**base, "choices": [choice], "usage": usage}, OK_RATELIMIT_HEADERS
+        )
+
+    def _chat_stream(
+        self,
+        base: dict[str, Any],
+        pieces: list[str],
+        usage: dict[str, int],
+        options: Any,
+    ) -> Response:
+        include_usage = (
+            isinstance(options, dict) and options.get("include_usage") is True
+        )
+        base = {**base, "object": "chat.completion.chunk"}
+        events = _stream_events(
+            base, pieces, usage if include_usage else None, self.stream_delay
+        )
+        headers = {
+            # Given as a header, not media_type: Starlette would append "; charset=utf-8".
+            "content-type": "text/event-stream",
+            "cache-control": "no-cache",
+            "x-request-id": _request_id(),
+            **OK_RATELIMIT_HEADERS,
+        }
+        return StreamingResponse(events, headers=headers)
+
+    def _embeddings(self, body: bytes) -> Response:
+        data = _json_object(body)
+        model = data.get("model")
+        if not model or not isinstance(model, str):
+            raise BadRequest("you must provide a model parameter", param="model")
+        if "input" not in data:
+            raise BadRequest(
+                "Missing required parameter: 'input'.",
+                param="input",
+                code="missing_required_parameter",
+            )
+        items = _embedding_inputs(data["input"])
+        encoding = data.get("encoding_format") or "float"
+        embeddings = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": _encode_vector(_vector(item), encoding),
+            }
+            for i, item in enumerate(items)
+        ]
+        tokens = sum(_tokens(item) for item in items)
+        payload = {
+            "object": "list",
+            "data": embeddings,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return _json(200, payload, OK_RATELIMIT_HEADERS)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Fake OpenAI API on 127.0.0.1 (tests, benchmarks)."
+    )
+    parser.add_argument(
+        "--port", type=int, default=0, help="port to listen on; 0 picks a free one"
+    )
+    parser.add_argument(
+        "--stream-chunks", type=int, default=5, help="content chunks per streamed reply"
+    )
+    parser.add_argument(
+        "--stream-delay",
+        type=float,
+        default=0.0,
+        help="seconds between streamed chunks",
+    )
+    return parser.parse_args(None if argv is None else list(argv))
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    up = FakeUpstream(stream_chunks=args.stream_chunks, stream_delay=args.stream_delay)
+    up.record = False  # nobody reads them across processes; keeps memory flat
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    up.start(port=args.port)
+    print(f"READY {up.url}", flush=True)
+    try:
+        stopping.wait()
+    finally:
+        up.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

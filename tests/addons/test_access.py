@@ -1,0 +1,82 @@
+"""Access: who may call, checked against client keys held in memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mitmproxy.test import taddons, tflow, tutils
+
+from addons.access import Access, client_key_from
+from addons.keyrotor import KeyRotor
+from config import load_settings
+from storage import client_keys, db
+
+
+@pytest.fixture
+def issued(tmp_path):
+    path = tmp_path / "kr.db"
+    db.ensure_database(path)
+    conn = db.connect(path)
+    alice = client_keys.create_client(conn, "alice")
+    bob = client_keys.create_client(conn, "bob")
+    client_keys.set_enabled(conn, "bob", False)
+    conn.close()
+    return path, alice, bob
+
+
+@pytest.fixture
+def access(issued):
+    path = issued[0]
+    addon = Access()
+    with taddons.context(KeyRotor(load_settings(overrides={"storage.path": str(path)}, environ={})), addon) as tctx:
+        tctx.configure(addon, keyrotor_storage=str(path))
+        yield addon
+
+
+@pytest.mark.parametrize(
+    "headers, expected",
+    [({"authorization": "Bearer kr-abc"}, "kr-abc"), ({"authorization": "bearer  kr-abc "}, "kr-abc"),
+     ({"api-key": "kr-abc"}, "kr-abc"), ({"authorization": "Basic a2V5"}, None), ({"authorization": "Bearer "}, None),
+     ({}, None)],
+)  # fmt: skip
+def test_client_key_from(headers, expected):
+    assert client_key_from(tutils.treq(headers=tuple((k.encode(), v.encode()) for k, v in headers.items())).headers) == (
+        expected
+    )
+
+
+def flow_with(**headers: str) -> tflow.HTTPFlow:
+    flow = tflow.tflow()
+    for name, value in headers.items():
+        flow.request.headers[name.replace("_", "-")] = value
+    return flow
+
+
+def test_issued_key_is_let_through_and_named(access, issued):
+    _, alice, _ = issued
+    for flow in (flow_with(authorization=f"Bearer {alice}"), flow_with(api_key=alice)):
+        access.request(flow)
+        assert flow.response is None
+        assert flow.metadata["keyrotor.access"] == {"client_id": 1, "client_name": "alice"}
+
+
+@pytest.mark.parametrize(
+    "case, code",
+    [("missing", "missing_api_key"), ("unknown", "invalid_api_key"), ("disabled", "invalid_api_key")],
+)
+def test_other_callers_get_an_openai_shaped_401(access, issued, case, code):
+    headers = {"missing": {}, "unknown": {"authorization": "Bearer kr-made-up"},
+               "disabled": {"authorization": f"Bearer {issued[2]}"}}[case]  # fmt: skip
+    flow = flow_with(**headers)
+    access.request(flow)
+    assert flow.response.status_code == 401
+    error = json.loads(flow.response.content)["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error" and error["message"]
+    assert "keyrotor.access" not in flow.metadata
+
+
+def test_a_rejection_does_not_echo_the_key(access):
+    flow = flow_with(authorization="Bearer kr-this-is-a-guess-1234")
+    access.request(flow)
+    assert b"kr-this-is-a-guess-1234" not in flow.response.content

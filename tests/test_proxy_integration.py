@@ -1,0 +1,273 @@
+"""End to end: the official openai client → a real mitmproxy running keyrotor → the fake upstream."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Keyrotor, wait_for
+from tests.fake_upstream import FakeUpstream
+
+GOOD = ["sk-good-aaaaaaaaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-bbbbbbbbbbbbbbbbbbbbbbbbbbbb0002"]
+INVALID = "sk-revoked-cccccccccccccccccccccccc0003"
+MESSAGES = [{"role": "user", "content": "Say hello to the proxy"}]
+
+
+def client_for(kr: Keyrotor, key: str) -> openai.OpenAI:
+    # max_retries=0: the SDK must not hide what the proxy did.
+    return openai.OpenAI(base_url=kr.base_url, api_key=key, max_retries=0, timeout=20)
+
+
+def rows(kr: Keyrotor, where: str = "1", params: tuple = ()) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(kr.db_path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(f"SELECT * FROM flows WHERE {where} ORDER BY id", params).fetchall()
+    finally:
+        conn.close()
+
+
+def wait_rows(kr: Keyrotor, count: int) -> list[sqlite3.Row]:
+    return wait_for(lambda: (r := rows(kr)) and len(r) >= count and r, what=f"{count} captured rows")
+
+
+@pytest.fixture
+def running(keyrotor: Keyrotor) -> tuple[Keyrotor, str]:
+    keyrotor.add_keys(*GOOD)
+    client_key = keyrotor.add_client("alice")
+    keyrotor.start_proxy()
+    return keyrotor, client_key
+
+
+def test_upstream_sees_only_pooled_keys_rotated(running, upstream: FakeUpstream):
+    kr, client_key = running
+    client = client_for(kr, client_key)
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))
+    client.models.list()
+    client.embeddings.create(model="text-embedding-3-small", input=["one", "two"])
+
+    seen = upstream.keys_seen()
+    assert len(seen) == 4
+    assert client_key not in seen
+    assert seen == [GOOD[0], GOOD[1], GOOD[0], GOOD[1]]  # round robin
+
+
+def test_azure_style_api_key_header_is_replaced(running, upstream: FakeUpstream):
+    kr, client_key = running
+    response = httpx.get(f"{kr.base_url}/models", headers={"api-key": client_key})
+    assert response.status_code == 200
+    assert upstream.received[-1].headers["api-key"] in GOOD
+    assert "authorization" not in upstream.received[-1].headers
+
+
+def test_streamed_chunks_reach_the_client_as_they_are_produced(running, upstream: FakeUpstream):
+    kr, client_key = running
+    upstream.stream_chunks, upstream.stream_delay = 4, 0.3
+    arrivals = []
+    text = ""
+    for chunk in client_for(kr, client_key).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.monotonic())
+            text += chunk.choices[0].delta.content
+    assert len(arrivals) == 4
+    # Upstream spaces the chunks 0.3 s apart; a buffering proxy would deliver them together.
+    assert arrivals[-1] - arrivals[0] >= 0.6
+    assert text.startswith("Hello from the fake upstream.")
+
+
+def test_missing_or_unknown_client_key_is_rejected_before_upstream(running, upstream: FakeUpstream):
+    kr, _ = running
+    for key in ("kr-not-a-key-we-issued", GOOD[0]):  # an upstream key is not a client key either
+        with pytest.raises(openai.AuthenticationError) as raised:
+            client_for(kr, key).models.list()
+        assert raised.value.status_code == 401
+        assert raised.value.code == "invalid_api_key"
+    response = httpx.post(f"{kr.base_url}/chat/completions", json={"model": "gpt-4o-mini", "messages": MESSAGES})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "missing_api_key"
+    assert upstream.received == []
+    captured = wait_rows(kr, 3)
+    assert [r["status"] for r in captured] == [401, 401, 401]
+    assert all(r["upstream_key_id"] is None for r in captured)
+
+
+def test_invalid_key_gets_no_more_traffic(keyrotor: Keyrotor, upstream: FakeUpstream):
+    keyrotor.add_keys(INVALID, GOOD[0])
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy()
+    client = client_for(keyrotor, client_key)
+    outcomes = []
+    for _ in range(8):
+        try:
+            client.models.list()
+            outcomes.append("ok")
+        except openai.AuthenticationError:
+            outcomes.append("401")
+    assert outcomes == ["401"] + ["ok"] * 7  # no retry yet: the one bad attempt is visible
+    assert upstream.keys_seen().count(INVALID) == 1
+    listing = wait_for(lambda: "invalid" in (out := keyrotor.cli("keys", "list").stdout) and out)
+    assert "401 invalid_api_key" in listing
+
+
+def test_rate_limited_key_is_skipped_until_retry_after(running, upstream: FakeUpstream):
+    kr, client_key = running
+    upstream.set_key(GOOD[1], "ratelimit", times=1, retry_after="2")
+    client = client_for(kr, client_key)
+    client.models.list()  # GOOD[0]
+    with pytest.raises(openai.RateLimitError):
+        client.models.list()  # GOOD[1] → 429, cooling for 2 s
+    limited_at = upstream.received[-1].at
+
+    def second_key_back() -> bool:
+        client.models.list()
+        return upstream.keys_seen()[-1] == GOOD[1]
+
+    wait_for(second_key_back, timeout=10, interval=0.1, what="the rate-limited key to return")
+    after_429 = [r for r in upstream.received if r.at > limited_at]
+    assert [r.key for r in after_429[:-1]] == [GOOD[0]] * (len(after_429) - 1)
+    assert after_429[-1].at - limited_at >= 1.9  # not before its Retry-After
+
+
+def test_no_usable_key_gives_503_with_retry_after(keyrotor: Keyrotor, upstream: FakeUpstream):
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy()
+    response = httpx.get(f"{keyrotor.base_url}/models", headers={"authorization": f"Bearer {client_key}"})
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.json()["error"]["code"] == "no_upstream_key_available"
+    assert upstream.received == []
+
+
+def test_key_added_while_running_serves_the_next_request(keyrotor: Keyrotor, upstream: FakeUpstream):
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy()
+    client = client_for(keyrotor, client_key)
+    with pytest.raises(openai.InternalServerError):
+        client.models.list()
+    keyrotor.add_keys(GOOD[0])
+
+    def served() -> bool:
+        try:
+            client.models.list()
+            return True
+        except openai.InternalServerError:
+            return False
+
+    wait_for(served, timeout=3, interval=0.05, what="the new key to be used")
+    assert upstream.keys_seen() == [GOOD[0]]
+
+
+def test_disabled_client_is_refused_without_restart(running, upstream: FakeUpstream):
+    kr, client_key = running
+    client = client_for(kr, client_key)
+    client.models.list()
+    kr.cli("clients", "disable", "alice")
+
+    def refused() -> bool:
+        try:
+            client.models.list()
+            return False
+        except openai.AuthenticationError:
+            return True
+
+    wait_for(refused, timeout=3, interval=0.05, what="the disabled client to be refused")
+
+
+def test_rows_hold_what_design_says(running, upstream: FakeUpstream):
+    kr, client_key = running
+    client = client_for(kr, client_key)
+    plain = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        if c.choices
+    )
+    first, second = wait_rows(kr, 2)
+
+    assert (first["method"], first["path"], first["status"], first["model"], first["stream"]) == (
+        "POST", "/v1/chat/completions", 200, "gpt-4o-mini", 0,
+    )  # fmt: skip
+    assert (first["prompt_tokens"], first["completion_tokens"], first["total_tokens"]) == (
+        plain.usage.prompt_tokens, plain.usage.completion_tokens, plain.usage.total_tokens,
+    )  # fmt: skip
+    assert plain.choices[0].message.content in first["response_body"]
+    assert '"Say hello to the proxy"' in first["request_body"]
+
+    assert (second["model"], second["stream"], second["status"]) == ("gpt-4o", 1, 200)
+    assert second["total_tokens"] and second["prompt_tokens"] == first["prompt_tokens"]
+    assert second["response_body"].count("data: ") >= 7 and "[DONE]" in second["response_body"]
+    assert streamed == plain.choices[0].message.content
+
+    for row in (first, second):
+        assert row["started_at"] <= row["first_byte_at"] <= row["ended_at"]
+        assert row["client_key_id"] == 1 and row["upstream_key_id"] in (1, 2) and row["attempts"] == 1
+        assert row["client_addr"] == "127.0.0.1" and row["error"] is None
+        sent = {name.lower(): value for name, value in json.loads(row["request_headers"])}
+        assert sent["authorization"] == "[redacted]"
+        assert "content-type" in row["response_headers"]
+    assert first["upstream_key_id"] != second["upstream_key_id"]
+
+
+def test_full_text_search_finds_bodies(running):
+    kr, client_key = running
+    client_for(kr, client_key).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "xylophone quartz"}]
+    )
+    wait_rows(kr, 1)
+    conn = sqlite3.connect(kr.db_path)
+    hits = conn.execute("SELECT rowid FROM flows_fts WHERE flows_fts MATCH 'xylophone'").fetchall()
+    conn.close()
+    assert len(hits) == 1
+
+
+def test_no_secret_in_database_file_or_logs(running, upstream: FakeUpstream):
+    kr, client_key = running
+    client = client_for(kr, client_key)
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))
+    httpx.get(f"{kr.base_url}/models", headers={"api-key": client_key})
+    wait_rows(kr, 3)
+    kr.cli("keys", "list")
+    kr.stop()  # flush and checkpoint, so the WAL is folded into the file too
+
+    stored = b"".join(p.read_bytes() for p in kr.tmp.iterdir() if p.name.startswith("keyrotor.db") and p.suffix != ".secret")
+    logs = kr.logs().encode()
+    for secret in (*GOOD, client_key):
+        assert secret.encode() not in stored, "a key value is stored in clear"
+        assert secret.encode() not in logs, "a key value was logged"
+    assert len(upstream.keys_seen()) == 3  # the traffic really went through
+
+
+def test_client_disconnect_mid_stream_is_recorded(running, upstream: FakeUpstream):
+    kr, client_key = running
+    upstream.stream_chunks, upstream.stream_delay = 6, 0.3
+    with httpx.stream(
+        "POST", f"{kr.base_url}/chat/completions", headers={"authorization": f"Bearer {client_key}"},
+        json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}, timeout=10,
+    ) as response:  # fmt: skip
+        next(response.iter_raw())  # the first piece, then hang up
+    (row,) = wait_rows(kr, 1)
+    assert row["status"] == 200 and row["stream"] == 1
+    assert row["error"], "a stream the client abandoned must say so"
+    assert row["response_body"].startswith("data: ")
+
+
+def test_unreachable_upstream_gives_502_and_a_row(keyrotor: Keyrotor):
+    keyrotor.add_keys(GOOD[0])
+    client_key = keyrotor.add_client()
+    keyrotor.upstream_url = "http://127.0.0.1:9"  # discard port: nothing listens
+    keyrotor.start_proxy()
+    response = httpx.get(f"{keyrotor.base_url}/models", headers={"authorization": f"Bearer {client_key}"})
+    assert response.status_code == 502
+    (row,) = wait_rows(keyrotor, 1)
+    assert row["error"] and row["upstream_key_id"] == 1

@@ -128,6 +128,7 @@ def load_settings(
     explicit = config_path or environ.get("KEYROTOR_CONFIG")
     path = Path(explicit) if explicit else DEFAULT_CONFIG
     from_file = _read_toml(path, required=bool(explicit))
+    _check_unknown(from_file, path)
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -145,7 +146,6 @@ def load_settings(
         except ValueError as e:
             raise ConfigError(f"{setting.name} {e} (got {raw!r} from {source}).") from None
 
-    _check_unknown(from_file, path)
     storage = Path(values["storage.path"]).expanduser()
     if not storage.is_absolute():
         # Relative paths in the file mean "beside the file"; elsewhere, the working directory.

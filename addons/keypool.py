@@ -87,12 +87,32 @@ def soonest_return(keys: list[PoolKey], now: float) -> float | None:
     return max(0.0, min(ends) - now) if ends else None
 
 
+def placeholder(key_id: int, last4: str) -> str:
+    return f"[upstream key #{key_id} ...{last4}]"  # ASCII: it sits in a header
+
+
 def replace_credential(headers: http.Headers, value: str) -> None:
     """Put the pooled key wherever the client put its own (Bearer and/or Azure's api-key)."""
     if "api-key" in headers:
         headers["api-key"] = value
     if "authorization" in headers or "api-key" not in headers:
         headers["authorization"] = f"Bearer {value}"
+
+
+class CredentialSender:
+    """The last addon in mitmproxy's chain: puts the real key on the request just before it leaves.
+
+    Until then the request carries a placeholder, so mitmweb's view (which snapshots
+    flows in its own request hook, after the scripts') never holds a key value.
+    """
+
+    def __init__(self) -> None:
+        self.outgoing: dict[str, str] = {}  # flow.id → key value; never in flow.metadata
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        value = self.outgoing.pop(flow.id, None)
+        if value is not None and flow.response is None:
+            replace_credential(flow.request.headers, value)
 
 
 class KeyPool:
@@ -105,6 +125,7 @@ class KeyPool:
         self._revision = 0
         self._watcher: asyncio.Task | None = None
         self._writer: writer.Writer | None = None
+        self.sender = CredentialSender()
 
     def _default(self, name: str):
         return self._defaults[name] if self._defaults else BY_NAME[name].default
@@ -131,10 +152,13 @@ class KeyPool:
             self._reload()
 
     def running(self) -> None:
+        ctx.master.addons.add(self.sender)  # appended: runs after every other request hook
         self._writer = writer.acquire(self.db_path)
         self._watcher = asyncio.create_task(watch_revision(self.db_path, "keys", self._reload, self._revision))
 
     def done(self) -> None:
+        if self.sender in ctx.master.addons.chain:
+            ctx.master.addons.remove(self.sender)
         if self._watcher:
             self._watcher.cancel()
         if self._writer:
@@ -182,9 +206,10 @@ class KeyPool:
                 {"retry-after": str(max(1, retry_after))},
             )
             return
-        replace_credential(flow.request.headers, key.value)
         key.requests += 1
         flow.metadata[METADATA] = {"key_id": key.id, "key_last4": key.last4}
+        replace_credential(flow.request.headers, placeholder(key.id, key.last4))
+        self.sender.outgoing[flow.id] = key.value
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._hide_credential(flow)
@@ -220,14 +245,8 @@ class KeyPool:
         self._writer.put(KeyStateChange(key.id, verdict.state, verdict.reason, verdict.cooldown_until, now))
 
     def _hide_credential(self, flow: http.HTTPFlow) -> None:
-        # The request has left by now; keep the key out of mitmweb, logs and anything else that shows flows.
+        # The request has left: put the placeholder back so no view of the flow shows the key.
+        self.sender.outgoing.pop(flow.id, None)
         meta = flow.metadata.get(METADATA)
-        if not meta or meta.get("hidden"):
-            return
-        placeholder = f"[upstream key #{meta['key_id']} …{meta['key_last4']}]"
-        headers = flow.request.headers
-        if "authorization" in headers:
-            headers["authorization"] = f"Bearer {placeholder}"
-        if "api-key" in headers:
-            headers["api-key"] = placeholder
-        meta["hidden"] = True
+        if meta:
+            replace_credential(flow.request.headers, placeholder(meta["key_id"], meta["key_last4"]))

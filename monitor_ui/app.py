@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -30,6 +32,14 @@ SECURITY_HEADERS = {
 }
 
 
+def error_json(status: int, message: str, headers: dict | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": str(status)}},
+        status_code=status,
+        headers=headers,
+    )
+
+
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="keyrotor monitor", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.db_path = settings.storage_path
@@ -47,15 +57,20 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(LoginRequired)
     async def to_login(request: Request, exc: LoginRequired):
-        return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+        wanted = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?{urlencode({'next': wanted})}", status_code=303)
 
     @app.exception_handler(StarletteHTTPException)
     async def openai_shaped(request: Request, exc: StarletteHTTPException):
         # The same error shape as the proxy's, so one client library handles both.
-        return JSONResponse(
-            {"error": {"message": str(exc.detail), "type": "invalid_request_error", "code": str(exc.status_code)}},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+        return error_json(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameters(request: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'][1:]) or error['loc'][0]}: {error['msg']}"
+            for error in exc.errors()
         )
+        return error_json(422, f"Invalid request: {problems}.", param=str(exc.errors()[0]["loc"][-1]))
 
     return app

@@ -32,10 +32,11 @@ class SessionSigner:
         return f"{expires}.{self._sign(f'session:{expires}')}"
 
     def valid_session(self, token: str | None, now: float | None = None) -> bool:
-        if not token or "." not in token:
+        # The cookie is attacker-controlled: anything odd is simply not a session.
+        if not token or len(token) > 200 or not token.isascii() or "." not in token:
             return False
         expires, _, signature = token.partition(".")
-        if not expires.isdigit() or int(expires) < (now or time.time()):
+        if not expires.isdecimal() or int(expires) < (now or time.time()):
             return False
         return hmac.compare_digest(signature, self._sign(f"session:{expires}"))
 
@@ -43,4 +44,6 @@ class SessionSigner:
         return self._sign(f"csrf:{session}")
 
     def valid_csrf(self, session: str | None, token: str | None) -> bool:
-        return bool(session and token) and hmac.compare_digest(token, self.csrf_token(session))
+        if not session or not token or not token.isascii():
+            return False
+        return hmac.compare_digest(token, self.csrf_token(session))

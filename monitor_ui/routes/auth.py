@@ -32,8 +32,11 @@ def read_login(request: Request, next: str | None = None):
 
 
 @router.post("/login")
-def create_session(request: Request, signer: Signer, admin_key: Annotated[str, Form()] = "", next: str = "/flows"):
+def create_session(
+    request: Request, signer: Signer, admin_key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = ""
+):
     """Exchange the admin key for a session cookie."""
+    next = next or request.query_params.get("next", "")
     if not _same_origin(request):
         raise HTTPException(403, "Cross-site login refused.")
     if not signer.check_admin_key(admin_key.strip()):

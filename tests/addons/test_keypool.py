@@ -113,6 +113,13 @@ def keypool(pool_db):
         writer.release(pool._writer)
 
 
+def send(keypool: KeyPool, flow: tflow.HTTPFlow) -> tflow.HTTPFlow:
+    """The request hooks as mitmproxy's chain runs them: the pool first, its sender last."""
+    keypool.request(flow)
+    keypool.sender.request(flow)
+    return flow
+
+
 def authorised_flow(header: str = "authorization", value: str = "Bearer kr-client") -> tflow.HTTPFlow:
     flow = tflow.tflow()
     flow.request.headers[header] = value
@@ -122,15 +129,13 @@ def authorised_flow(header: str = "authorization", value: str = "Bearer kr-clien
 def test_round_robin_swaps_the_credential(keypool):
     seen = []
     for _ in range(4):
-        flow = authorised_flow()
-        keypool.request(flow)
+        flow = send(keypool, authorised_flow())
         seen.append(flow.request.headers["authorization"])
     assert seen == [f"Bearer {k}" for k in (KEYS[0], KEYS[1], KEYS[2], KEYS[0])]
 
 
 def test_azure_style_header_keeps_its_form(keypool):
-    flow = authorised_flow("api-key", "kr-client")
-    keypool.request(flow)
+    flow = send(keypool, authorised_flow("api-key", "kr-client"))
     assert flow.request.headers["api-key"] == KEYS[0]
     assert "authorization" not in flow.request.headers
 
@@ -139,8 +144,7 @@ def test_unusable_keys_are_skipped(keypool):
     keypool.keys[0].state = "invalid"
     keypool.keys[1].state, keypool.keys[1].cooldown_until = "cooling", time.time() + 30
     for _ in range(3):
-        flow = authorised_flow()
-        keypool.request(flow)
+        flow = send(keypool, authorised_flow())
         assert flow.request.headers["authorization"] == f"Bearer {KEYS[2]}"
 
 
@@ -187,12 +191,17 @@ def test_a_success_after_cooldown_brings_the_key_back(keypool):
     assert key.state == "active" and key.cooldown_until is None
 
 
-def test_credential_is_hidden_once_the_request_has_left(keypool):
+def test_the_key_is_on_the_flow_only_while_the_request_leaves(keypool):
     flow = authorised_flow()
     keypool.request(flow)
+    # What other addons (mitmweb's view among them) see during the request hook:
+    assert flow.request.headers["authorization"] == "Bearer [upstream key #1 ...0001]"
+    assert KEYS[0] not in str(flow.get_state())
+    keypool.sender.request(flow)
+    assert flow.request.headers["authorization"] == f"Bearer {KEYS[0]}"
     flow.response = tutils.tresp()
     keypool.responseheaders(flow)
-    assert flow.request.headers["authorization"] == "Bearer [upstream key #1 …0001]"
+    assert flow.request.headers["authorization"] == "Bearer [upstream key #1 ...0001]"
     assert KEYS[0] not in str(flow.get_state())
 
 

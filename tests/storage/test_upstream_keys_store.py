@@ -1,0 +1,65 @@
+"""Upstream keys at rest: encrypted, de-duplicated, reported line by line."""
+
+from __future__ import annotations
+
+import pytest
+
+from storage import db, secrets, upstream_keys
+from storage.secrets import KeyCipher
+
+GOOD = "sk-proj-" + "a" * 40 + "WXYZ"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.delenv("KEYROTOR_SECRET", raising=False)
+    path = tmp_path / "kr.db"
+    db.ensure_database(path)
+    conn = db.connect(path)
+    yield path, conn, secrets.key_cipher(path)
+    conn.close()
+
+
+def test_add_reports_added_duplicates_and_malformed_lines(store):
+    _, conn, cipher = store
+    lines = [GOOD, "", "# a comment", GOOD, "not a key", "sk-short", "Bearer sk-" + "b" * 40, "sk-ü" + "c" * 30]
+    report = upstream_keys.add_keys(conn, cipher, lines)
+    assert (len(report.added), report.duplicates, report.malformed) == (2, 1, [5, 6, 8])
+    again = upstream_keys.add_keys(conn, cipher, [GOOD])
+    assert (again.added, again.duplicates) == ([], 1)
+
+
+def test_values_exist_only_encrypted(store):
+    path, conn, cipher = store
+    upstream_keys.add_keys(conn, cipher, [GOOD])
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert GOOD.encode() not in path.read_bytes()
+    (row,) = upstream_keys.list_keys(conn)
+    assert row["last4"] == "WXYZ" and "secret" not in row.keys()
+    (key,) = upstream_keys.load_pool(conn, cipher)
+    assert key.value == GOOD and key.state == "active"
+
+
+def test_keys_encrypted_with_another_secret_are_not_loaded(store):
+    _, conn, cipher = store
+    upstream_keys.add_keys(conn, cipher, [GOOD])
+    other = KeyCipher(secrets.Fernet.generate_key())
+    assert upstream_keys.load_pool(conn, other) == []
+
+
+def test_admin_changes_bump_the_revision_the_proxy_polls(store):
+    _, conn, cipher = store
+    before = db.read_revision(conn, "keys")
+    report = upstream_keys.add_keys(conn, cipher, [GOOD])
+    upstream_keys.set_admin_state(conn, report.added, "disabled", "test")
+    upstream_keys.delete_keys(conn, report.added)
+    assert db.read_revision(conn, "keys") == before + 3
+
+
+def test_learnt_states_do_not_override_an_admin_disable(store):
+    _, conn, cipher = store
+    (key_id,) = upstream_keys.add_keys(conn, cipher, [GOOD]).added
+    upstream_keys.set_admin_state(conn, [key_id], "disabled", "disabled by admin")
+    with conn:
+        upstream_keys.record_state(conn, key_id, "invalid", "401", None, 1.0)
+    assert upstream_keys.list_keys(conn)[0]["state"] == "disabled"

@@ -1,0 +1,137 @@
+"""run.py as a user runs it: subprocesses, real ports, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ADMIN_KEY, ROOT, START_DEADLINE, Keyrotor, free_port, port_open, wait_for
+from tests.fake_upstream import FakeUpstream
+
+GOOD = "sk-good-cli-aaaaaaaaaaaaaaaaaaaaaaaaaa-0001"
+
+
+def test_serve_runs_both_and_stops_both_on_sigterm(keyrotor: Keyrotor, upstream: FakeUpstream):
+    keyrotor.add_keys(GOOD)
+    client_key = keyrotor.add_client()
+    proxy_port, ui_port = free_port(), free_port()
+    serve = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "serve", "--proxy-port", str(proxy_port), "--ui-port", str(ui_port),
+         "--upstream", upstream.url],
+        env=keyrotor.env, cwd=keyrotor.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: port_open(proxy_port) and port_open(ui_port), START_DEADLINE, what="proxy and UI")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy_port}/v1", api_key=client_key, max_retries=0)
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content
+        assert httpx.get(f"http://127.0.0.1:{ui_port}/health").json() == {"status": "ok"}
+        serve.send_signal(signal.SIGTERM)
+        output, _ = serve.communicate(timeout=30)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    assert serve.returncode == 0, output
+    assert not port_open(proxy_port) and not port_open(ui_port)
+    # The row was flushed on the way out, not left in a queue.
+    conn = sqlite3.connect(keyrotor.db_path)
+    assert conn.execute("SELECT status, model FROM flows").fetchall() == [(200, "gpt-4o-mini")]
+    conn.close()
+
+
+def test_plain_mitmdump_with_the_script_works(keyrotor: Keyrotor, upstream: FakeUpstream):
+    keyrotor.add_keys(GOOD)
+    client_key = keyrotor.add_client()
+    port = free_port()
+    mitmdump = os.path.join(os.path.dirname(sys.executable), "mitmdump")
+    process = subprocess.Popen(
+        [mitmdump, "-s", str(ROOT / "addons" / "keyrotor.py"), "--mode", f"reverse:{upstream.url}",
+         "--listen-host", "127.0.0.1", "--listen-port", str(port)],
+        env=keyrotor.env, cwd=keyrotor.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    keyrotor.processes.append(process)
+    wait_for(lambda: port_open(port), START_DEADLINE, what="mitmdump")
+    response = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"authorization": f"Bearer {client_key}"})
+    assert response.status_code == 200
+    assert upstream.keys_seen() == [GOOD]
+
+
+def test_web_mode_serves_mitmweb_behind_the_admin_key(keyrotor: Keyrotor, upstream: FakeUpstream):
+    keyrotor.add_keys(GOOD)
+    client_key = keyrotor.add_client()
+    web_port = free_port()
+    keyrotor.start_proxy("--web", "--set", f"proxy.web_port={web_port}")
+    wait_for(lambda: port_open(web_port), START_DEADLINE, what="mitmweb")
+    assert httpx.get(f"http://127.0.0.1:{web_port}/flows").status_code == 403
+    assert httpx.get(f"http://127.0.0.1:{web_port}/flows", params={"token": "wrong"}).status_code == 403
+    response = httpx.get(f"{keyrotor.base_url}/models", headers={"authorization": f"Bearer {client_key}"})
+    assert response.status_code == 200
+    flows = httpx.get(f"http://127.0.0.1:{web_port}/flows", params={"token": ADMIN_KEY})
+    assert flows.status_code == 200
+    assert "/v1/models" in flows.text
+    assert GOOD not in flows.text and client_key not in flows.text
+
+
+@pytest.mark.parametrize(
+    "args, env, setting",
+    [
+        (["proxy"], {"KEYROTOR_PROXY_PORT": "70000"}, "proxy.port"),
+        (["serve"], {"KEYROTOR_KEYPOOL_STRATEGY": "fastest"}, "keypool.strategy"),
+        (["ui", "--set", "proxy.upstream=ftp://x"], {}, "proxy.upstream"),
+        (["serve", "--config", "/nonexistent/keyrotor.toml"], {}, "/nonexistent/keyrotor.toml"),
+        (["serve", "--set", "proxy.nonsense=1"], {}, "proxy.nonsense"),
+    ],
+)
+def test_bad_settings_stop_start_up_with_one_sentence(keyrotor: Keyrotor, args, env, setting):
+    keyrotor.env.update(env)
+    result = keyrotor.cli(*args, check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and setting in lines[0], result.stderr
+    assert not keyrotor.db_path.exists()  # nothing was created on the way to the error
+
+
+def test_keys_commands(keyrotor: Keyrotor):
+    result = keyrotor.cli("keys", "add", input=f"{GOOD}\n{GOOD}\nnot a key\n\nsk-good-cli-bbbbbbbbbbbbbbbbbbbbbbbbbbb-0002\n")
+    assert result.stdout.strip() == "added 2, skipped 1 duplicate(s), rejected 1 malformed (line 3)"
+    listing = keyrotor.cli("keys", "list").stdout
+    assert "…0001" in listing and "…0002" in listing and GOOD not in listing
+    keyrotor.cli("keys", "disable", "1")
+    assert "disabled" in keyrotor.cli("keys", "list").stdout.splitlines()[1]
+    keyrotor.cli("keys", "enable", "1")
+    keyrotor.cli("keys", "delete", "2")
+    listing = keyrotor.cli("keys", "list").stdout
+    assert "…0002" not in listing and "active" in listing
+    assert keyrotor.cli("keys", "disable", "99", check=False).returncode == 1
+
+
+def test_clients_commands(keyrotor: Keyrotor):
+    key = keyrotor.add_client("alice")
+    assert key.startswith("kr-") and len(key) > 40
+    assert keyrotor.cli("clients", "add", "alice", check=False).returncode == 1
+    keyrotor.cli("clients", "disable", "alice")
+    listing = keyrotor.cli("clients", "list").stdout
+    assert "alice" in listing and " no " in listing and key not in listing
+    conn = sqlite3.connect(keyrotor.db_path)
+    assert conn.execute("SELECT count(*) FROM client_keys WHERE key_hash = ?", (key,)).fetchone()[0] == 0
+    conn.close()
+
+
+def test_first_use_prints_a_generated_admin_key_once(keyrotor: Keyrotor):
+    del keyrotor.env["KEYROTOR_ADMIN_KEY"]
+    first = keyrotor.cli("keys", "list").stdout
+    assert "Admin key" in first
+    assert "Admin key" not in keyrotor.cli("keys", "list").stdout
+    for suffix in ("secret", "admin"):
+        mode = stat.S_IMODE(os.stat(f"{keyrotor.db_path}.{suffix}").st_mode)
+        assert mode == 0o600, f".{suffix} is {oct(mode)}"
+    admin_key = next(line.strip() for line in first.splitlines() if line.strip().startswith("kra-"))
+    assert admin_key not in (keyrotor.db_path.parent / "keyrotor.db.admin").read_text()

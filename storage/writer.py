@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +21,7 @@ from storage import db, flows, upstream_keys
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
+WRITE_ATTEMPTS = 5
 
 
 class CapturedFlow(Protocol):
@@ -97,16 +100,24 @@ class Writer:
                 rows.append(item.to_row())
             except Exception:
                 log.exception("could not turn a captured flow into a row; it is skipped")
-        try:
-            with conn:
-                flows.insert_batch(conn, rows)
-                for change in states:
-                    upstream_keys.record_state(
-                        conn, change.key_id, change.state, change.reason, change.cooldown_until, change.at
-                    )
-            self.rows_written += len(rows)
-        except Exception:
-            log.exception("writing %d flows and %d key states failed", len(rows), len(states))
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                with conn:
+                    flows.insert_batch(conn, rows)
+                    for change in states:
+                        upstream_keys.record_state(
+                            conn, change.key_id, change.state, change.reason, change.cooldown_until, change.at
+                        )
+                self.rows_written += len(rows)
+                return
+            except sqlite3.OperationalError as e:
+                # "database is locked" outlasting busy_timeout (a long admin transaction): wait, don't drop.
+                log.warning("writing %d flows failed (%s); attempt %d of %d", len(rows), e, attempt + 1, WRITE_ATTEMPTS)
+                time.sleep(0.2 * 2**attempt)
+            except Exception:
+                log.exception("writing a batch failed")
+                break
+        log.error("writing %d flows and %d key states failed; they are lost", len(rows), len(states))
 
 
 _writers: dict[Path, Writer] = {}

@@ -135,3 +135,15 @@ def test_first_use_prints_a_generated_admin_key_once(keyrotor: Keyrotor):
         assert mode == 0o600, f".{suffix} is {oct(mode)}"
     admin_key = next(line.strip() for line in first.splitlines() if line.strip().startswith("kra-"))
     assert admin_key not in (keyrotor.db_path.parent / "keyrotor.db.admin").read_text()
+
+
+def test_secret_from_the_environment_is_used_and_not_written(keyrotor: Keyrotor, upstream: FakeUpstream):
+    from cryptography.fernet import Fernet
+
+    keyrotor.env["KEYROTOR_SECRET"] = Fernet.generate_key().decode()
+    keyrotor.add_keys(GOOD)
+    client_key = keyrotor.add_client()
+    assert not os.path.exists(f"{keyrotor.db_path}.secret")
+    keyrotor.start_proxy()
+    response = httpx.get(f"{keyrotor.base_url}/models", headers={"authorization": f"Bearer {client_key}"})
+    assert response.status_code == 200 and upstream.keys_seen() == [GOOD]

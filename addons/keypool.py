@@ -207,7 +207,8 @@ class KeyPool:
             )
             return
         key.requests += 1
-        flow.metadata[METADATA] = {"key_id": key.id, "key_last4": key.last4}
+        # A cooling key picked now is a probe: only its answer may bring the key back.
+        flow.metadata[METADATA] = {"key_id": key.id, "key_last4": key.last4, "probe": key.state != "active"}
         replace_credential(flow.request.headers, placeholder(key.id, key.last4))
         self.sender.outgoing[flow.id] = key.value
 
@@ -224,8 +225,10 @@ class KeyPool:
             flow.response.status_code, flow.response.headers, flow.response.raw_content
             if flow.response.status_code >= 400 else None, now, ctx.options.keypool_cooldown_seconds,
         )  # fmt: skip
-        if verdict is None or (verdict.state == key.state == "active"):
+        if verdict is None or verdict.state == key.state == "active":
             return
+        if verdict.state == "active" and not flow.metadata[METADATA]["probe"]:
+            return  # sent before another request cooled or invalidated the key: it proves nothing now
         self._set_state(key, verdict, now)
 
     def error(self, flow: http.HTTPFlow) -> None:

@@ -191,6 +191,17 @@ def test_a_success_after_cooldown_brings_the_key_back(keypool):
     assert key.state == "active" and key.cooldown_until is None
 
 
+def test_a_success_sent_before_a_429_does_not_undo_the_cooldown(keypool):
+    early = send(keypool, authorised_flow())
+    for _ in range(len(KEYS)):
+        late = send(keypool, authorised_flow())  # round robin comes back to key 1
+    late.response = tutils.tresp(status_code=429, headers=((b"retry-after", b"30"),), content=OPENAI_RATE_LIMIT)
+    keypool.response(late)
+    early.response = tutils.tresp(status_code=200)
+    keypool.response(early)
+    assert keypool.keys[0].state == "cooling"
+
+
 def test_the_key_is_on_the_flow_only_while_the_request_leaves(keypool):
     flow = authorised_flow()
     keypool.request(flow)

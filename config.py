@@ -118,6 +118,11 @@ class Settings:
         return Path(self.values["storage.path"])
 
 
+def default_of(settings: Settings | None, name: str) -> Any:
+    """An addon option's default: the resolved setting when keyrotor.py passed them, else the built-in one."""
+    return settings[name] if settings else BY_NAME[name].default
+
+
 def load_settings(
     config_path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,

@@ -16,7 +16,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net import encoding
 
-from config import BODY_MODES, BY_NAME
+from config import BODY_MODES, default_of
 from storage import writer
 
 log = logging.getLogger(__name__)
@@ -172,16 +172,13 @@ class Capture:
         self._writer: writer.Writer | None = None
         self.db_path: Path | None = None
 
-    def _default(self, name: str):
-        return self._defaults[name] if self._defaults else BY_NAME[name].default
-
     def load(self, loader) -> None:
         loader.add_option(
-            "capture_bodies", str, self._default("capture.bodies"),
+            "capture_bodies", str, default_of(self._defaults, "capture.bodies"),
             f"Bodies to store: {', '.join(BODY_MODES)}.",
         )  # fmt: skip
         loader.add_option(
-            "capture_max_body_bytes", int, self._default("capture.max_body_bytes"),
+            "capture_max_body_bytes", int, default_of(self._defaults, "capture.max_body_bytes"),
             "With capture_bodies=truncated, bytes kept of each body.",
         )  # fmt: skip
 

@@ -16,7 +16,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.errors import error_response
 from addons.revisions import watch_revision
-from config import BY_NAME, STRATEGIES
+from config import STRATEGIES, default_of
 from storage import db, secrets, writer
 from storage.upstream_keys import PoolKey, load_pool
 from storage.writer import KeyStateChange
@@ -127,16 +127,13 @@ class KeyPool:
         self._writer: writer.Writer | None = None
         self.sender = CredentialSender()
 
-    def _default(self, name: str):
-        return self._defaults[name] if self._defaults else BY_NAME[name].default
-
     def load(self, loader) -> None:
         loader.add_option(
-            "keypool_strategy", str, self._default("keypool.strategy"),
+            "keypool_strategy", str, default_of(self._defaults, "keypool.strategy"),
             f"How the next upstream key is chosen: {', '.join(STRATEGIES)}.",
         )  # fmt: skip
         loader.add_option(
-            "keypool_cooldown_seconds", int, self._default("keypool.cooldown_seconds"),
+            "keypool_cooldown_seconds", int, default_of(self._defaults, "keypool.cooldown_seconds"),
             "Seconds a key rests after a 429 without Retry-After.",
         )  # fmt: skip
 

@@ -23,6 +23,15 @@ def client_for(kr: Keyrotor, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=kr.base_url, api_key=key, max_retries=0, timeout=20)
 
 
+def raises(call) -> openai.APIError | None:
+    """The API error `call` raised, or None when it succeeded."""
+    try:
+        call()
+    except openai.APIError as e:
+        return e
+    return None
+
+
 def rows(kr: Keyrotor, where: str = "1", params: tuple = ()) -> list[sqlite3.Row]:
     conn = sqlite3.connect(kr.db_path)
     conn.row_factory = sqlite3.Row
@@ -154,14 +163,7 @@ def test_key_added_while_running_serves_the_next_request(keyrotor: Keyrotor, ups
         client.models.list()
     keyrotor.add_keys(GOOD[0])
 
-    def served() -> bool:
-        try:
-            client.models.list()
-            return True
-        except openai.InternalServerError:
-            return False
-
-    wait_for(served, timeout=3, interval=0.05, what="the new key to be used")
+    wait_for(lambda: raises(client.models.list) is None, timeout=3, interval=0.05, what="the new key to be used")
     assert upstream.keys_seen() == [GOOD[0]]
 
 
@@ -171,14 +173,8 @@ def test_disabled_client_is_refused_without_restart(running, upstream: FakeUpstr
     client.models.list()
     kr.cli("clients", "disable", "alice")
 
-    def refused() -> bool:
-        try:
-            client.models.list()
-            return False
-        except openai.AuthenticationError:
-            return True
-
-    wait_for(refused, timeout=3, interval=0.05, what="the disabled client to be refused")
+    wait_for(lambda: isinstance(raises(client.models.list), openai.AuthenticationError), timeout=3, interval=0.05,
+             what="the disabled client to be refused")  # fmt: skip
 
 
 def test_rows_hold_what_design_says(running, upstream: FakeUpstream):

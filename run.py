@@ -32,10 +32,12 @@ STOP_GRACE_SECONDS = 15
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's parser must not overwrite, with its default, a flag given
+    # before the subcommand (`run.py --storage-path X keys list`).
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--config", metavar="PATH", help="config file (default: config.toml, or $KEYROTOR_CONFIG)")
     common.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set", dest="overrides", action="append", metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set proxy.port=9000 (repeatable)",
     )  # fmt: skip
     common.add_argument("--upstream", help="same as --set proxy.upstream=URL")
@@ -78,7 +80,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     args = parser.parse_args(argv)
     args.command = args.command or "serve"
-    args.web = getattr(args, "web", False)
+    for name, default in (("web", False), ("config", None), ("overrides", []), ("upstream", None),
+                          ("proxy_port", None), ("ui_port", None), ("storage_path", None)):  # fmt: skip
+        if not hasattr(args, name):
+            setattr(args, name, default)
     return args
 
 

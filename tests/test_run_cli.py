@@ -147,3 +147,12 @@ def test_secret_from_the_environment_is_used_and_not_written(keyrotor: Keyrotor,
     keyrotor.start_proxy()
     response = httpx.get(f"{keyrotor.base_url}/models", headers={"authorization": f"Bearer {client_key}"})
     assert response.status_code == 200 and upstream.keys_seen() == [GOOD]
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["before-subcommand", "after-subcommand"])
+def test_flags_apply_wherever_they_stand(keyrotor: Keyrotor, tmp_path, before: bool):
+    elsewhere = tmp_path / "elsewhere" / "kr.db"
+    flag = ["--storage-path", str(elsewhere)]
+    args = [*flag, "keys", "add"] if before else ["keys", "add", *flag]
+    keyrotor.cli(*args, input=f"{GOOD}\n")
+    assert elsewhere.exists() and not keyrotor.db_path.exists()

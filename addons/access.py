@@ -59,27 +59,36 @@ class Access:
             conn.close()
         log.info("client keys loaded: %d enabled", len(self.clients))
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Checked as soon as the headers arrive, so the client's key can be replaced by a
+        # placeholder before any other addon (mitmweb's view snapshots flows here) sees it.
+        key = client_key_from(flow.request.headers)
+        client = self.clients.get(hash_client_key(key)) if key else None
+        if client is None:
+            flow.metadata[METADATA] = {"rejected": "invalid_api_key" if key else "missing_api_key",
+                                       "masked": masked(key) if key else None}  # fmt: skip
+            return
+        flow.metadata[METADATA] = {"client_id": client.id, "client_name": client.name}
+        for name in ("authorization", "api-key"):
+            if name in flow.request.headers:
+                flow.request.headers[name] = f"[client key #{client.id}]"
+
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response:
             return
-        key = client_key_from(flow.request.headers)
-        if key is None:
-            flow.response = error_response(
-                401,
+        if METADATA not in flow.metadata:
+            self.requestheaders(flow)  # a flow that skipped the requestheaders hook (replayed, injected)
+        verdict = flow.metadata[METADATA]
+        if "client_id" in verdict:
+            return
+        if verdict["rejected"] == "missing_api_key":
+            message = (
                 "You didn't provide an API key. Send the key keyrotor issued to you as"
-                " 'Authorization: Bearer <key>' (the api_key of your OpenAI client).",
-                "invalid_request_error",
-                "missing_api_key",
+                " 'Authorization: Bearer <key>' (the api_key of your OpenAI client)."
             )
-            return
-        client = self.clients.get(hash_client_key(key))
-        if client is None:
-            flow.response = error_response(
-                401,
-                f"Incorrect API key provided: {masked(key)}. Use a key issued by this keyrotor"
-                " gateway (run.py clients add NAME); upstream keys are not accepted here.",
-                "invalid_request_error",
-                "invalid_api_key",
+        else:
+            message = (
+                f"Incorrect API key provided: {verdict['masked']}. Use a key issued by this keyrotor"
+                " gateway (run.py clients add NAME); upstream keys are not accepted here."
             )
-            return
-        flow.metadata[METADATA] = {"client_id": client.id, "client_name": client.name}
+        flow.response = error_response(401, message, "invalid_request_error", verdict["rejected"])

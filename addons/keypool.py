@@ -216,7 +216,6 @@ class KeyPool:
         key = self._key_of(flow)
         if key is None:
             return
-        self._hide_credential(flow)
         now = time.time()
         verdict = classify_response(
             flow.response.status_code, flow.response.headers, flow.response.raw_content

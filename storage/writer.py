@@ -21,6 +21,7 @@ from storage import db, flows, upstream_keys
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
+GATHER_SECONDS = 0.1  # well inside DESIGN's "flush at least every 250 ms"
 WRITE_ATTEMPTS = 5
 
 
@@ -64,9 +65,11 @@ class Writer:
         try:
             stopping = False
             while not stopping:
-                # Block for the first item, then take whatever piled up meanwhile:
-                # one row per commit when idle, large batches under load.
+                # Block for the first item, then let more arrive for a moment: a commit per
+                # row (and a thread switch per row) costs more than the row itself.
                 batch = [self._queue.get()]
+                if batch[0] is not _STOP:
+                    time.sleep(GATHER_SECONDS)
                 while len(batch) < MAX_BATCH:
                     try:
                         batch.append(self._queue.get_nowait())

@@ -73,10 +73,20 @@ def test_other_callers_get_an_openai_shaped_401(access, issued, case, code):
     assert flow.response.status_code == 401
     error = json.loads(flow.response.content)["error"]
     assert error["code"] == code and error["type"] == "invalid_request_error" and error["message"]
-    assert "keyrotor.access" not in flow.metadata
+    assert "client_id" not in flow.metadata["keyrotor.access"]
 
 
 def test_a_rejection_does_not_echo_the_key(access):
     flow = flow_with(authorization="Bearer kr-this-is-a-guess-1234")
     access.request(flow)
     assert b"kr-this-is-a-guess-1234" not in flow.response.content
+
+
+def test_the_client_key_is_replaced_as_soon_as_headers_arrive(access, issued):
+    _, alice, _ = issued
+    flow = flow_with(authorization=f"Bearer {alice}", api_key=alice)
+    access.requestheaders(flow)
+    assert flow.request.headers["authorization"] == "[client key #1]"
+    assert flow.request.headers["api-key"] == "[client key #1]"
+    access.request(flow)
+    assert flow.response is None and flow.metadata["keyrotor.access"]["client_id"] == 1

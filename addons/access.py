@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, http
 
+from addons.credentials import credential_from, replace_credential
 from addons.errors import error_response
 from addons.revisions import watch_revision
 from storage import db
@@ -17,15 +18,6 @@ from storage.secrets import hash_client_key
 log = logging.getLogger(__name__)
 
 METADATA = "keyrotor.access"
-
-
-def client_key_from(headers: http.Headers) -> str | None:
-    """The credential as OpenAI clients send it (Bearer) or Azure-style clients do (api-key)."""
-    authorization = headers.get("authorization", "")
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return headers.get("api-key", "").strip() or None
 
 
 def masked(key: str) -> str:
@@ -62,16 +54,14 @@ class Access:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Checked as soon as the headers arrive, so the client's key can be replaced by a
         # placeholder before any other addon (mitmweb's view snapshots flows here) sees it.
-        key = client_key_from(flow.request.headers)
+        key = credential_from(flow.request.headers)
         client = self.clients.get(hash_client_key(key)) if key else None
         if client is None:
             flow.metadata[METADATA] = {"rejected": "invalid_api_key" if key else "missing_api_key",
                                        "masked": masked(key) if key else None}  # fmt: skip
             return
         flow.metadata[METADATA] = {"client_id": client.id, "client_name": client.name}
-        for name in ("authorization", "api-key"):
-            if name in flow.request.headers:
-                flow.request.headers[name] = f"[client key #{client.id}]"
+        replace_credential(flow.request.headers, f"[client key #{client.id}]")
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response:

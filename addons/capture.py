@@ -125,8 +125,12 @@ class CapturedFlow:
         request_body = decoded(self.request_body, self.request_encoding)
         raw_response = b"".join(self.response_chunks) if self.response_chunks is not None else self.response_body
         response_body = decoded(raw_response, self.response_encoding)
-        request_json = json_object(request_body)
-        usage = sse_usage(response_body) if self.is_sse else (json_object(response_body) or {}).get("usage")
+        # Parse only bodies that can hold what the row needs (a substring test is far cheaper).
+        request_json = json_object(request_body) if b'"model"' in request_body else None
+        if self.is_sse:
+            usage = sse_usage(response_body)
+        else:
+            usage = (json_object(response_body) or {}).get("usage") if b'"usage"' in response_body else None
         usage = usage if isinstance(usage, dict) else {}
         stored_request, request_cut = stored_body(request_body, self.body_mode, self.max_body_bytes)
         stored_response, response_cut = stored_body(response_body, self.body_mode, self.max_body_bytes)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
+from addons.credentials import replace_credential
 from addons.errors import error_response
 from addons.revisions import watch_revision
 from config import STRATEGIES, default_of
@@ -91,14 +92,6 @@ def placeholder(key_id: int, last4: str) -> str:
     return f"[upstream key #{key_id} ...{last4}]"  # ASCII: it sits in a header
 
 
-def replace_credential(headers: http.Headers, value: str) -> None:
-    """Put the pooled key wherever the client put its own (Bearer and/or Azure's api-key)."""
-    if "api-key" in headers:
-        headers["api-key"] = value
-    if "authorization" in headers or "api-key" not in headers:
-        headers["authorization"] = f"Bearer {value}"
-
-
 class CredentialSender:
     """The last addon in mitmproxy's chain: puts the real key on the request just before it leaves.
 
@@ -126,6 +119,7 @@ class KeyPool:
         self._watcher: asyncio.Task | None = None
         self._writer: writer.Writer | None = None
         self.sender = CredentialSender()
+        self._late_send = False
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -149,7 +143,11 @@ class KeyPool:
             self._reload()
 
     def running(self) -> None:
-        ctx.master.addons.add(self.sender)  # appended: runs after every other request hook
+        # Only mitmweb and the mitmproxy console show flows while their request hooks run
+        # (their view, intercepts): there the key goes on last. mitmdump skips the detour.
+        self._late_send = ctx.master.addons.get("view") is not None
+        if self._late_send:
+            ctx.master.addons.add(self.sender)  # appended: runs after every other request hook
         self._writer = writer.acquire(self.db_path)
         self._watcher = asyncio.create_task(watch_revision(self.db_path, "keys", self._reload, self._revision))
 
@@ -206,8 +204,11 @@ class KeyPool:
         key.requests += 1
         # A cooling key picked now is a probe: only its answer may bring the key back.
         flow.metadata[METADATA] = {"key_id": key.id, "key_last4": key.last4, "probe": key.state != "active"}
-        replace_credential(flow.request.headers, placeholder(key.id, key.last4))
-        self.sender.outgoing[flow.id] = key.value
+        if self._late_send:
+            replace_credential(flow.request.headers, placeholder(key.id, key.last4))
+            self.sender.outgoing[flow.id] = key.value
+        else:
+            replace_credential(flow.request.headers, key.value)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._hide_credential(flow)
@@ -245,7 +246,8 @@ class KeyPool:
 
     def _hide_credential(self, flow: http.HTTPFlow) -> None:
         # The request has left: put the placeholder back so no view of the flow shows the key.
-        self.sender.outgoing.pop(flow.id, None)
+        if self._late_send:
+            self.sender.outgoing.pop(flow.id, None)
         meta = flow.metadata.get(METADATA)
         if meta:
             replace_credential(flow.request.headers, placeholder(meta["key_id"], meta["key_last4"]))

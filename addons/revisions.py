@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,14 +18,21 @@ POLL_SECONDS = 0.5
 async def watch_revision(db_path: Path, name: str, on_change: Callable[[], None], seen: int) -> None:
     """Call `on_change` (in a worker thread) whenever revision `name` moves past `seen`."""
     conn = db.connect(db_path)
+    # Read on the loop itself: a one-row read takes microseconds and, with WAL and no busy
+    # wait, can never block; a thread hand-off every poll would cost more than the read.
+    conn.execute("PRAGMA busy_timeout = 0")
     try:
         while True:
             await asyncio.sleep(POLL_SECONDS)
             try:
-                current = await asyncio.to_thread(db.read_revision, conn, name)
-                if current != seen:
-                    await asyncio.to_thread(on_change)
-                    seen = current
+                current = db.read_revision(conn, name)
+            except sqlite3.OperationalError:
+                continue  # busy right now: the next poll will see it
+            if current == seen:
+                continue
+            try:
+                await asyncio.to_thread(on_change)
+                seen = current
             except Exception:
                 log.exception("reloading %s after an admin change failed; retrying", name)
     finally:

@@ -21,7 +21,7 @@ from storage import db, flows, upstream_keys
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
-GATHER_SECONDS = 0.1  # well inside DESIGN's "flush at least every 250 ms"
+GATHER_SECONDS = 0.2  # inside DESIGN's "flush at least every 250 ms"
 WRITE_ATTEMPTS = 5
 
 

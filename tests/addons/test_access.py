@@ -7,7 +7,8 @@ import json
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons.access import Access, client_key_from
+from addons.access import Access
+from addons.credentials import credential_from
 from addons.keyrotor import KeyRotor
 from config import load_settings
 from storage import client_keys, db
@@ -40,8 +41,8 @@ def access(issued):
      ({"api-key": "kr-abc"}, "kr-abc"), ({"authorization": "Basic a2V5"}, None), ({"authorization": "Bearer "}, None),
      ({}, None)],
 )  # fmt: skip
-def test_client_key_from(headers, expected):
-    assert client_key_from(tutils.treq(headers=tuple((k.encode(), v.encode()) for k, v in headers.items())).headers) == (
+def test_credential_from(headers, expected):
+    assert credential_from(tutils.treq(headers=tuple((k.encode(), v.encode()) for k, v in headers.items())).headers) == (
         expected
     )
 
@@ -86,7 +87,7 @@ def test_the_client_key_is_replaced_as_soon_as_headers_arrive(access, issued):
     _, alice, _ = issued
     flow = flow_with(authorization=f"Bearer {alice}", api_key=alice)
     access.requestheaders(flow)
-    assert flow.request.headers["authorization"] == "[client key #1]"
+    assert flow.request.headers["authorization"] == "Bearer [client key #1]"
     assert flow.request.headers["api-key"] == "[client key #1]"
     access.request(flow)
     assert flow.response is None and flow.metadata["keyrotor.access"]["client_id"] == 1

@@ -202,7 +202,8 @@ def test_a_success_sent_before_a_429_does_not_undo_the_cooldown(keypool):
     assert keypool.keys[0].state == "cooling"
 
 
-def test_the_key_is_on_the_flow_only_while_the_request_leaves(keypool):
+def test_under_mitmweb_the_key_is_on_the_flow_only_while_the_request_leaves(keypool):
+    keypool._late_send = True  # what running() decides when mitmweb's view is loaded
     flow = authorised_flow()
     keypool.request(flow)
     # What other addons (mitmweb's view among them) see during the request hook:
@@ -226,3 +227,11 @@ def test_bad_options_are_refused(option, value, message):
     with taddons.context(pool) as tctx:
         with pytest.raises(exceptions.OptionsError, match=message):
             tctx.configure(pool, **{option: value})
+
+
+def test_under_mitmdump_the_key_is_hidden_once_the_request_has_left(keypool):
+    flow = send(keypool, authorised_flow())
+    assert flow.request.headers["authorization"] == f"Bearer {KEYS[0]}"
+    flow.response = tutils.tresp()
+    keypool.responseheaders(flow)
+    assert flow.request.headers["authorization"] == "Bearer [upstream key #1 ...0001]"

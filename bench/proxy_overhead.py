@@ -144,8 +144,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, log_path: Path, what: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
+def wait_for_port(port: int, proc: subprocess.Popen, log_path: Path, what: str, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError(f"{what} exited with {proc.returncode} before listening:\n" + log_tail(log_path))
@@ -153,7 +153,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, log_path: Path, what: str) 
             return
         time.sleep(0.05)
     raise BenchError(
-        f"{what} did not accept connections on port {port} within {START_TIMEOUT:.0f}s:\n" + log_tail(log_path)
+        f"{what} did not accept connections on port {port} within {timeout:.0f}s:\n" + log_tail(log_path)
     )
 
 
@@ -253,8 +253,6 @@ class Environment:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def run_py(self, *argv: str, stdin: str = "") -> str:
-        # The flag goes after the subcommand: in front of it (`run.py --storage-path X
-        # keys add`) argparse lets the subcommand's default (None) overwrite it.
         cmd = [PYTHON, str(RUN_PY), *argv, "--storage-path", str(self.db_path)]
         done = subprocess.run(
             cmd, cwd=ROOT, env=self.env, input=stdin, capture_output=True, text=True,
@@ -277,11 +275,13 @@ class Environment:
         if not self.db_path.exists():
             raise BenchError(f"run.py did not create {self.db_path}")
 
-    def start_proxy(self, kind: str, upstream: str, tag: str) -> Target:
+    def start_proxy(self, kind: str, upstream: str, tag: str, wrapper: tuple[str, ...] = ()) -> Target:
+        """Start a proxy; `wrapper` goes in front of its command (e.g. valgrind) and then
+        needs an executable, so mitmdump's entry script is run by the interpreter."""
         port = free_port()
         if kind.startswith("mitmdump"):
             argv = [
-                MITMDUMP, "--mode", f"reverse:{upstream}",
+                *wrapper, *([PYTHON] if wrapper else []), MITMDUMP, "--mode", f"reverse:{upstream}",
                 "--listen-host", HOST, "--listen-port", str(port),
                 "--set", "connection_strategy=lazy",
             ]  # fmt: skip
@@ -292,13 +292,13 @@ class Environment:
             key = DIRECT_KEY
         else:
             argv = [
-                PYTHON, str(RUN_PY), "proxy",
+                *wrapper, PYTHON, str(RUN_PY), "proxy",
                 "--storage-path", str(self.db_path),
                 "--upstream", upstream, "--proxy-port", str(port),
             ]  # fmt: skip
             key = self.client_key
         proc, log_path = self.procs.start(f"{kind}-{tag}", argv, self.proxy_env)
-        wait_for_port(port, proc, log_path, f"{kind} ({' '.join(argv[:3])} ...)")
+        wait_for_port(port, proc, log_path, f"{kind} ({' '.join(argv[:3])} ...)", START_TIMEOUT * (4 if wrapper else 1))
         return Target(kind, f"http://{HOST}:{port}", key, proc.pid, log_path)
 
 

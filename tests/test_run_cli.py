@@ -19,7 +19,8 @@ from tests.fake_upstream import FakeUpstream
 GOOD = "sk-good-cli-aaaaaaaaaaaaaaaaaaaaaaaaaa-0001"
 
 
-def test_serve_runs_both_and_stops_both_on_sigterm(keyrotor: Keyrotor, upstream: FakeUpstream):
+@pytest.mark.parametrize("stop", ["sigterm-to-run.py", "ctrl-c-to-the-terminal-group"])
+def test_serve_runs_both_and_stops_both(keyrotor: Keyrotor, upstream: FakeUpstream, stop: str):
     keyrotor.add_keys(GOOD)
     client_key = keyrotor.add_client()
     proxy_port, ui_port = free_port(), free_port()
@@ -27,6 +28,7 @@ def test_serve_runs_both_and_stops_both_on_sigterm(keyrotor: Keyrotor, upstream:
         [sys.executable, str(ROOT / "run.py"), "serve", "--proxy-port", str(proxy_port), "--ui-port", str(ui_port),
          "--upstream", upstream.url],
         env=keyrotor.env, cwd=keyrotor.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, like a shell job
     )  # fmt: skip
     try:
         wait_for(lambda: port_open(proxy_port) and port_open(ui_port), START_DEADLINE, what="proxy and UI")
@@ -34,7 +36,10 @@ def test_serve_runs_both_and_stops_both_on_sigterm(keyrotor: Keyrotor, upstream:
         reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
         assert reply.choices[0].message.content
         assert httpx.get(f"http://127.0.0.1:{ui_port}/health").json() == {"status": "ok"}
-        serve.send_signal(signal.SIGTERM)
+        if stop == "sigterm-to-run.py":
+            serve.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(serve.pid, signal.SIGINT)  # what Ctrl-C does: every process of the job gets it
         output, _ = serve.communicate(timeout=30)
     finally:
         if serve.poll() is None:

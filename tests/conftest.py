@@ -9,11 +9,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from mitmproxy.test import taddons
 
+from addons.keyrotor import KeyRotor
+from config import load_settings
+from storage import db
 from tests.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +114,24 @@ class Keyrotor:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextmanager
+def addon_context(addon, db_path: Path):
+    """mitmproxy's test context for one keyrotor addon, its shared option pointing at `db_path`."""
+    settings = load_settings(overrides={"storage.path": str(db_path)}, environ={})
+    with taddons.context(KeyRotor(settings), addon) as tctx:
+        tctx.configure(addon, keyrotor_storage=str(db_path))
+        yield tctx
+
+
+@pytest.fixture
+def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, migrated database whose secrets are generated beside it (no KEYROTOR_SECRET)."""
+    monkeypatch.delenv("KEYROTOR_SECRET", raising=False)
+    path = tmp_path / "kr.db"
+    db.ensure_database(path)
+    return path
 
 
 @pytest.fixture

@@ -5,19 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from addons.access import Access
 from addons.credentials import credential_from
-from addons.keyrotor import KeyRotor
-from config import load_settings
 from storage import client_keys, db
+from tests.conftest import addon_context
 
 
 @pytest.fixture
-def issued(tmp_path):
-    path = tmp_path / "kr.db"
-    db.ensure_database(path)
+def issued(database):
+    path = database
     conn = db.connect(path)
     alice = client_keys.create_client(conn, "alice")
     bob = client_keys.create_client(conn, "bob")
@@ -30,8 +28,7 @@ def issued(tmp_path):
 def access(issued):
     path = issued[0]
     addon = Access()
-    with taddons.context(KeyRotor(load_settings(overrides={"storage.path": str(path)}, environ={})), addon) as tctx:
-        tctx.configure(addon, keyrotor_storage=str(path))
+    with addon_context(addon, path):
         yield addon
 
 

@@ -7,13 +7,10 @@ import json
 import sqlite3
 
 import pytest
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from addons.capture import Capture, CapturedFlow, StreamTee, redact, sse_usage
-from addons.keyrotor import KeyRotor
-from config import load_settings
-from storage import db
-from tests.conftest import wait_for
+from tests.conftest import addon_context, wait_for
 
 SSE = (
     b'data: {"choices":[{"delta":{"content":"Hi"}}],"usage":null}\n\n'
@@ -90,14 +87,11 @@ def test_tee_passes_bytes_through_unchanged():
 
 
 @pytest.fixture
-def capture(tmp_path):
-    path = tmp_path / "kr.db"
-    db.ensure_database(path)
+def capture(database):
     addon = Capture()
-    with taddons.context(KeyRotor(load_settings(overrides={"storage.path": str(path)}, environ={})), addon) as tctx:
-        tctx.configure(addon, keyrotor_storage=str(path))
+    with addon_context(addon, database):
         addon.running()
-        yield addon, path
+        yield addon, database
         addon.done()
 
 

@@ -13,11 +13,9 @@ from mitmproxy.http import Headers
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons.keypool import KeyPool, Verdict, classify_response, is_usable, retry_after_seconds
-from addons.keyrotor import KeyRotor
-from config import load_settings
 from storage import db, secrets, upstream_keys, writer
 from storage.upstream_keys import PoolKey
-from tests.conftest import wait_for
+from tests.conftest import addon_context, wait_for
 
 NOW = 1_800_000_000.0
 
@@ -92,22 +90,17 @@ KEYS = ["sk-good-unit-aaaaaaaaaaaaaaaaaaaaa-0001", "sk-good-unit-bbbbbbbbbbbbbbb
 
 
 @pytest.fixture
-def pool_db(tmp_path, monkeypatch):
-    monkeypatch.delenv("KEYROTOR_SECRET", raising=False)
-    path = tmp_path / "kr.db"
-    db.ensure_database(path)
-    conn = db.connect(path)
-    upstream_keys.add_keys(conn, secrets.key_cipher(path), KEYS)
+def pool_db(database):
+    conn = db.connect(database)
+    upstream_keys.add_keys(conn, secrets.key_cipher(database), KEYS)
     conn.close()
-    return path
+    return database
 
 
 @pytest.fixture
 def keypool(pool_db):
-    settings = load_settings(overrides={"storage.path": str(pool_db)}, environ={})
     pool = KeyPool()
-    with taddons.context(KeyRotor(settings), pool) as tctx:
-        tctx.configure(pool, keyrotor_storage=str(pool_db))
+    with addon_context(pool, pool_db):
         pool._writer = writer.acquire(pool_db)
         yield pool
         writer.release(pool._writer)

@@ -11,12 +11,9 @@ GOOD = "sk-proj-" + "a" * 40 + "WXYZ"
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.delenv("KEYROTOR_SECRET", raising=False)
-    path = tmp_path / "kr.db"
-    db.ensure_database(path)
-    conn = db.connect(path)
-    yield path, conn, secrets.key_cipher(path)
+def store(database):
+    conn = db.connect(database)
+    yield database, conn, secrets.key_cipher(database)
     conn.close()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from storage import db, writer
+from storage import writer
 
 
 class Row:
@@ -28,9 +28,8 @@ def count(path) -> int:
         conn.close()
 
 
-def test_everything_queued_is_written_by_shutdown(tmp_path):
-    path = tmp_path / "kr.db"
-    db.ensure_database(path)
+def test_everything_queued_is_written_by_shutdown(database):
+    path = database
     shared = writer.acquire(path)
     assert writer.acquire(path) is shared  # addons share one writer per database
     for n in range(2500):

@@ -56,7 +56,8 @@ class KeyCipher:
                 " make one with: python -c 'from cryptography.fernet import Fernet;"
                 " print(Fernet.generate_key().decode())'"
             ) from None
-        self._hmac_key = secret
+        # A key of its own for fingerprints, derived so one secret never serves two primitives.
+        self._hmac_key = hashlib.sha256(b"keyrotor-fingerprint\0" + secret).digest()
 
     def encrypt(self, value: str) -> bytes:
         return self._fernet.encrypt(value.encode())

@@ -80,6 +80,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     args = parser.parse_args(argv)
     args.command = args.command or "serve"
+    # Not parser.set_defaults(): `parents=` shares action objects, so that would change the
+    # subcommands' defaults too and bring the overwriting back.
     for name, default in (("web", False), ("config", None), ("overrides", []), ("upstream", None),
                           ("proxy_port", None), ("ui_port", None), ("storage_path", None)):  # fmt: skip
         if not hasattr(args, name):

@@ -152,7 +152,7 @@ class KeyPool:
         self._watcher = asyncio.create_task(watch_revision(self.db_path, "keys", self._reload, self._revision))
 
     def done(self) -> None:
-        if self.sender in ctx.master.addons.chain:
+        if self._late_send:
             ctx.master.addons.remove(self.sender)
         if self._watcher:
             self._watcher.cancel()

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "config.toml"
 
-STRATEGIES = ("round_robin", "random")
+STRATEGIES = ("round_robin", "random", "least_used", "weighted")
 BODY_MODES = ("full", "truncated", "none")
 
 
@@ -46,6 +46,13 @@ def _positive_integer(value: Any) -> int:
     number = _integer(value)
     if number <= 0:
         raise ValueError("must be a whole number above zero")
+    return number
+
+
+def _non_negative_integer(value: Any) -> int:
+    number = _integer(value)
+    if number < 0:
+        raise ValueError("must be a whole number, zero or more")
     return number
 
 
@@ -99,10 +106,20 @@ SETTINGS = [
     Setting("storage", "path", "data/keyrotor.db", _text),
     Setting("keypool", "strategy", "round_robin", _one_of(*STRATEGIES)),
     Setting("keypool", "cooldown_seconds", 60, _positive_integer),
+    Setting("keypool", "max_cooldown_seconds", 3600, _positive_integer),
+    Setting("keypool", "failure_threshold", 3, _positive_integer),
+    Setting("keypool", "failure_cooldown_seconds", 30, _positive_integer),
+    Setting("keypool", "pool_429_window_seconds", 10, _non_negative_integer),
+    Setting("keypool", "max_attempts", 3, _positive_integer),
+    Setting("keypool", "wait_max_seconds", 5, _non_negative_integer),
+    Setting("keypool", "attempt_timeout_seconds", 600, _positive_integer),
+    Setting("keypool", "revalidate_seconds", 900, _non_negative_integer),
     Setting("capture", "bodies", "truncated", _one_of(*BODY_MODES)),
     Setting("capture", "max_body_bytes", 1_048_576, _positive_integer),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
+# Settings the proxy's addons declare as mitmproxy options named <section>_<key>.
+ADDON_SETTINGS = [s for s in SETTINGS if s.section in ("keypool", "capture")]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ if sys.version_info < (3, 12):  # noqa: UP036 - run.py may be started by an olde
         " that ./start.sh creates: .venv/bin/python run.py ..."
     )
 
-from config import BY_NAME, ROOT, ConfigError, Settings, load_settings  # noqa: E402
+from config import ADDON_SETTINGS, BY_NAME, ROOT, ConfigError, Settings, load_settings  # noqa: E402
 from storage import client_keys, db, secrets, upstream_keys  # noqa: E402
 
 SCRIPT = ROOT / "addons" / "keyrotor.py"
@@ -126,11 +126,9 @@ def proxy_argv(settings: Settings, web: bool) -> list[str]:
         "--listen-host", settings["proxy.host"],
         "--listen-port", str(settings["proxy.port"]),
         "--set", f"keyrotor_storage={settings.storage_path}",
-        "--set", f"keypool_strategy={settings['keypool.strategy']}",
-        "--set", f"keypool_cooldown_seconds={settings['keypool.cooldown_seconds']}",
-        "--set", f"capture_bodies={settings['capture.bodies']}",
-        "--set", f"capture_max_body_bytes={settings['capture.max_body_bytes']}",
     ]  # fmt: skip
+    for setting in ADDON_SETTINGS:  # each is the addon option <section>_<key>
+        argv += ["--set", f"{setting.section}_{setting.key}={settings[setting.name]}"]
     if web:
         argv += [
             "--set", f"web_host={settings['ui.host']}",

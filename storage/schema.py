@@ -97,7 +97,28 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial]
+def _v2_attempts_and_cost(db: sqlite_utils.Database) -> None:
+    # One row per upstream attempt of a flow: a retried request has several.
+    db["attempts"].create(
+        {
+            "id": int,
+            "flow_id": str,  # flows.flow_id
+            "attempt": int,  # 1 for the first try
+            "upstream_key_id": int,
+            "status": int,  # None when no answer came (connection error, timeout)
+            "error": str,
+            "started_at": float,
+            "duration_ms": float,
+        },
+        pk="id",
+        not_null={"flow_id", "attempt", "started_at"},
+    )
+    db["attempts"].create_index(["flow_id"])
+    for table in ("upstream_keys", "client_keys"):
+        db[table].add_column("cost", float, not_null_default=0.0)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial, _v2_attempts_and_cost]
 
 
 def migrate(conn: sqlite3.Connection) -> None:

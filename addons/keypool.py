@@ -26,6 +26,19 @@ log = logging.getLogger(__name__)
 
 METADATA = "keyrotor.keypool"
 
+# The whole-number options, documented at length in config.toml.
+OPTION_HELP = {
+    "cooldown_seconds": "Seconds a key first rests after a 429 without Retry-After or x-ratelimit-reset-*.",
+    "max_cooldown_seconds": "Longest backoff a key can get, in seconds.",
+    "failure_threshold": "5xx answers, timeouts or connection errors in a row that cool a key.",
+    "failure_cooldown_seconds": "Seconds a key first rests when the failure threshold trips.",
+    "pool_429_window_seconds": "429s on every usable key within this window cool the pool, not each key (0: off).",
+    "max_attempts": "Attempts per request, each with another key, before the client sees an error.",
+    "wait_max_seconds": "How long a request may wait for a key to come back before a 503.",
+    "attempt_timeout_seconds": "A retry or probe with no answer for this long is a timeout.",
+    "revalidate_seconds": "How often invalid and exhausted keys are probed with GET /v1/models (0: never).",
+}
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -126,10 +139,8 @@ class KeyPool:
             "keypool_strategy", str, default_of(self._defaults, "keypool.strategy"),
             f"How the next upstream key is chosen: {', '.join(STRATEGIES)}.",
         )  # fmt: skip
-        loader.add_option(
-            "keypool_cooldown_seconds", int, default_of(self._defaults, "keypool.cooldown_seconds"),
-            "Seconds a key rests after a 429 without Retry-After.",
-        )  # fmt: skip
+        for name, help_text in OPTION_HELP.items():
+            loader.add_option(f"keypool_{name}", int, default_of(self._defaults, f"keypool.{name}"), help_text)
 
     def configure(self, updated: set[str]) -> None:
         if "keypool_strategy" in updated and ctx.options.keypool_strategy not in STRATEGIES:

@@ -34,6 +34,7 @@ class PoolKey:
     cooldown_until: float | None
     weight: float
     requests: int
+    state_changed_at: float | None = None
 
 
 def is_well_formed(value: str) -> bool:
@@ -87,7 +88,7 @@ def load_pool(conn: sqlite3.Connection, cipher: KeyCipher) -> list[PoolKey]:
     """Every key with its decrypted value, for the proxy's in-memory pool."""
     pool = []
     for row in conn.execute(
-        "SELECT id, secret, last4, state, state_reason, cooldown_until, weight, requests"
+        "SELECT id, secret, last4, state, state_reason, cooldown_until, weight, requests, state_changed_at"
         " FROM upstream_keys ORDER BY id"
     ):
         value = cipher.decrypt(row["secret"])
@@ -103,6 +104,7 @@ def load_pool(conn: sqlite3.Connection, cipher: KeyCipher) -> list[PoolKey]:
                 cooldown_until=row["cooldown_until"],
                 weight=row["weight"],
                 requests=row["requests"],
+                state_changed_at=row["state_changed_at"],
             )
         )
     return pool

@@ -1,0 +1,125 @@
+"""What an upstream answer says about the key that was used: pure functions, no proxy needed.
+
+Kept free of mitmproxy imports: the monitor UI and run.py classify probe answers too.
+`headers` is anything with a case-insensitive `.get` (mitmproxy's or httpx's Headers).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Protocol
+
+# Outcomes that mean "this key, not the request, is the problem": another key may succeed.
+KEY_FAILURES = frozenset({"invalid", "exhausted", "rate_limited", "server_error", "connection_error"})
+QUOTA_CODES = frozenset({"insufficient_quota", "insufficientquota", "quota_exceeded"})
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class HeaderLookup(Protocol):
+    def get(self, name: str, default: str = ...) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One attempt's result, as far as the key is concerned."""
+
+    kind: str  # ok, invalid, exhausted, rate_limited, server_error, connection_error
+    reason: str | None = None
+    wait: float | None = None  # seconds upstream asked us to wait (rate limits only)
+
+    @property
+    def is_key_failure(self) -> bool:
+        return self.kind in KEY_FAILURES
+
+
+OK = Outcome("ok")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """OpenAI's x-ratelimit-reset-* durations: "6m0s", "1.5s", "20ms", "1h2m3s"; a bare number is seconds."""
+    if not text:
+        return None
+    text = text.strip().lower()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+def retry_after_seconds(headers: HeaderLookup, now: float) -> float | None:
+    """retry-after-ms, else Retry-After as delta-seconds or an HTTP date."""
+    millis = (headers.get("retry-after-ms") or "").strip()
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = (headers.get("retry-after") or "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def ratelimit_reset_seconds(headers: HeaderLookup) -> float | None:
+    """When the exhausted limit resets: the one whose x-ratelimit-remaining-* is 0, else the later one."""
+    resets = {
+        kind: parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
+        for kind in ("requests", "tokens")
+    }  # fmt: skip
+    spent = [
+        resets[kind] for kind in resets
+        if resets[kind] is not None and (headers.get(f"x-ratelimit-remaining-{kind}") or "").strip() == "0"
+    ]  # fmt: skip
+    known = spent or [v for v in resets.values() if v is not None]
+    return max(known) if known else None
+
+
+def error_fields(content: bytes | None) -> tuple[str | None, str]:
+    """(`error.code` or `error.type`, `error.message`) of an OpenAI- or Azure-shaped error body."""
+    try:
+        error = json.loads(content or b"")["error"]
+        code = error.get("code") or error.get("type")
+        return (str(code) if code is not None else None), str(error.get("message") or "")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None, ""
+
+
+def classify_response(status: int, headers: HeaderLookup, content: bytes | None, now: float) -> Outcome | None:
+    """The outcome of an answer, or None when it is the request's own fault (400, 404, 422…): no retry."""
+    if 200 <= status < 300:
+        return OK
+    if status in (401, 403):
+        code, _ = error_fields(content)
+        return Outcome("invalid", f"{status} {code or 'unauthorized'}")
+    if status == 429:
+        code, message = error_fields(content)
+        if (code or "").lower() in QUOTA_CODES or "exceeded your current quota" in message.lower():
+            return Outcome("exhausted", "429 insufficient_quota")
+        wait = retry_after_seconds(headers, now)
+        if wait is None:
+            wait = ratelimit_reset_seconds(headers)
+        return Outcome("rate_limited", f"429 {code or 'rate_limit_exceeded'}", wait)
+    if status >= 500:
+        code, _ = error_fields(content)
+        return Outcome("server_error", f"{status} {code or 'server_error'}")
+    return None
+
+
+def connection_failure(message: str) -> Outcome:
+    """No usable answer at all: refused, reset, closed early, timed out."""
+    return Outcome("connection_error", message[:200])

@@ -1,0 +1,46 @@
+"""Lets an `error` hook answer the client after a failed upstream exchange.
+
+mitmproxy 12 always answers a failed exchange (refused, reset, closed before the
+whole response) with its own 502 once the error hooks return. The key pool retries
+such an attempt with another key inside its error hook; when it succeeds it sets
+`flow.response` and clears `flow.error`, and this patch sends that response
+instead of the 502. It is what mitmproxy PR #7999 proposes upstream. Nothing
+changes for a response that was already streaming to the client: bytes that
+reached the client cannot be taken back.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import flow as mitm_flow
+from mitmproxy.proxy.layers import http as http_layer
+
+_original = http_layer.HttpStream.handle_protocol_error
+
+
+def _handle_protocol_error(self: http_layer.HttpStream, event):
+    untouched = (
+        not isinstance(event, http_layer.ResponseProtocolError)
+        or self.client_state in (self.state_errored, self.state_stream_request_body)
+        or self.server_state in (self.state_done, self.state_errored)
+        or (self.flow.response is not None and self.flow.response.stream)
+    )
+    if untouched:
+        return (yield from _original(self, event))
+    before = self.flow.response  # headers of a body that never arrived whole: not sent to the client
+    self.flow.error = mitm_flow.Error(event.message)
+    yield http_layer.HttpErrorHook(self.flow)
+    if self.flow.error is None and self.flow.response is not None and self.flow.response is not before:
+        return (yield from self.send_response())
+    # The rest of mitmproxy's own handling, minus the error hook it already ran.
+    if (yield from self.check_killed(False)):
+        return
+    if self.client_state != self.state_errored:
+        yield http_layer.SendHttp(event, self.context.client)
+    self.server_state = self.state_errored
+    self.flow.live = False
+    yield http_layer.DropStream(self.stream_id)
+
+
+def install() -> None:
+    """Idempotent: the proxy may load the addons more than once (option reloads, tests)."""
+    http_layer.HttpStream.handle_protocol_error = _handle_protocol_error

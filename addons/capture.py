@@ -120,6 +120,7 @@ class CapturedFlow:
     is_sse: bool = False
     chunk_times: list[tuple[float, int]] | None = None
     error: str | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # the key pool's, one per upstream try
 
     def to_row(self) -> dict[str, Any]:
         request_body = decoded(self.request_body, self.request_encoding)
@@ -149,7 +150,9 @@ class CapturedFlow:
             "stream": int(self.is_sse or (request_json or {}).get("stream") is True),
             "client_key_id": self.client_key_id,
             "upstream_key_id": self.upstream_key_id,
-            "attempts": 1 if self.upstream_key_id is not None else 0,
+            "attempts": len(self.attempts) or int(self.upstream_key_id is not None),
+            # Only retried flows get attempt rows: a single attempt is the flow row itself.
+            "attempt_rows": self.attempts if len(self.attempts) > 1 else (),
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"),
             "total_tokens": usage.get("total_tokens"),
@@ -242,6 +245,7 @@ class Capture:
             body_mode=ctx.options.capture_bodies,
             max_body_bytes=ctx.options.capture_max_body_bytes,
             error=flow.error.msg if flow.error else None,
+            attempts=list(keypool.get("attempts") or ()),
         )
         response = flow.response
         if response is None:
@@ -258,6 +262,8 @@ class Capture:
             captured.chunk_times = tee.times
             captured.ended_at = tee.ended_at or response.timestamp_end or time.time()
         else:
+            # A stream that arrived whole: a retried attempt's answer (see addons/keypool.py).
+            captured.is_sse = "text/event-stream" in response.headers.get("content-type", "")
             captured.response_body = response.raw_content
             captured.ended_at = response.timestamp_end or time.time()
         if flow.error:

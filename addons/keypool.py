@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 METADATA = "keyrotor.keypool"
 # Outcomes that the client must not see as upstream worded them: they are about our keys.
+PROOF_POLL_SECONDS = 0.02
 KEY_ONLY_FAILURES = frozenset({"invalid", "exhausted", "rate_limited"})
 
 # The whole-number options, documented at length in config.toml.
@@ -223,10 +224,16 @@ class KeyPool:
             key = self.pool.pick(strategy, now, exclude)
             if key is not None:
                 return key
+            if self.pool.awaiting_proof():
+                if now + PROOF_POLL_SECONDS > deadline:
+                    # No time to wait for a new key's first answer: share it rather than fail.
+                    return self.pool.pick(strategy, now, exclude, busy_ok=True)
+                await asyncio.sleep(PROOF_POLL_SECONDS)
+                continue
             wait = self.pool.soonest_return(now)
             if wait is None or now + wait > deadline:
                 return None
-            await asyncio.sleep(max(wait, 0.05))  # a probe in flight ends the wait early or late
+            await asyncio.sleep(max(wait, PROOF_POLL_SECONDS))  # a probe in flight ends the wait early or late
 
     def _begin_attempt(self, meta: dict, key: PoolKey) -> None:
         now = time.time()

@@ -36,6 +36,7 @@ class KeyRuntime:
     rate_limits: int = 0  # 429s without a hint in a row: the backoff exponent
     last_429_at: float | None = None
     probing: bool = False  # a request after the cooldown is out; others wait for its answer
+    proven: bool = False  # upstream has accepted the key since this process loaded it
     smooth_weight: float = 0.0  # smooth weighted round robin's running value
 
 
@@ -72,17 +73,25 @@ class Pool:
 
     # ------------------------------------------------------------------ choosing
 
-    def is_usable(self, key: PoolKey, now: float) -> bool:
+    def is_usable(self, key: PoolKey, now: float, busy_ok: bool = False) -> bool:
         if key.state == "active":
-            return True
+            # A key upstream has not yet accepted takes one request at a time: if it turns out
+            # revoked, one request (retried elsewhere) finds out, not every concurrent one.
+            rt = self.runtime[key.id]
+            return rt.proven or rt.in_flight == 0 or busy_ok
         # A cooling key whose time is up takes one request, the probe, and waits for its answer.
         return key.state == "cooling" and (key.cooldown_until or 0) <= now and not self.runtime[key.id].probing
 
-    def pick(self, strategy: str, now: float, exclude: frozenset[int] = frozenset()) -> PoolKey | None:
-        """The next key, preferring keys not in `exclude` (those this request already tried)."""
+    def pick(
+        self, strategy: str, now: float, exclude: frozenset[int] = frozenset(), busy_ok: bool = False
+    ) -> PoolKey | None:
+        """The next key, preferring keys not in `exclude` (those this request already tried).
+
+        `busy_ok` also allows unproven keys that already have a request in flight.
+        """
         if self.pool_cooldown_until and now < self.pool_cooldown_until:
             return None
-        usable = [k for k in self.keys if self.is_usable(k, now)]
+        usable = [k for k in self.keys if self.is_usable(k, now, busy_ok)]
         fresh = [k for k in usable if k.id not in exclude]
         candidates = fresh or usable
         if not candidates:
@@ -135,6 +144,10 @@ class Pool:
         if rt and rt.in_flight > 0:
             rt.in_flight -= 1
 
+    def awaiting_proof(self) -> bool:
+        """Some active key is busy with its first request: its answer may free it soon."""
+        return any(k.state == "active" and not self.runtime[k.id].proven for k in self.keys)
+
     def soonest_return(self, now: float) -> float | None:
         """Seconds until some key may be tried again, if waiting can help at all."""
         if self.pool_cooldown_until and now < self.pool_cooldown_until:
@@ -151,6 +164,8 @@ class Pool:
             return []  # deleted meanwhile, or an admin's decision, which outranks upstream
         if probe:
             rt.probing = False
+        if outcome is None or outcome.kind in ("ok", "rate_limited"):
+            rt.proven = True  # upstream accepted the key, whatever it thought of the request
         if outcome is None or outcome.kind == "ok":
             rt.failures = rt.trips = rt.rate_limits = 0
             # Only a probe's answer proves a cooled key is back; a late answer to a request

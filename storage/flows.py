@@ -14,6 +14,10 @@ FLOW_COLUMNS = (
     "response_headers", "request_body", "request_body_size", "request_body_truncated",
     "response_body", "response_body_size", "response_body_truncated", "chunk_times",
 )  # fmt: skip
+_INSERT_ATTEMPT = (
+    "INSERT INTO attempts (flow_id, attempt, upstream_key_id, status, error, started_at, duration_ms)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 _INSERT = f"INSERT INTO flows ({', '.join(FLOW_COLUMNS)}) VALUES ({', '.join('?' * len(FLOW_COLUMNS))})"
 
 # Columns the list views need; bodies and headers stay out of them.
@@ -27,6 +31,7 @@ def insert_batch(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> No
     """Insert rows and add them to the per-key usage counters, in the caller's transaction."""
     rows = list(rows)
     conn.executemany(_INSERT, [tuple(row.get(c) for c in FLOW_COLUMNS) for row in rows])
+    insert_attempts(conn, rows)
     for table, column in (("upstream_keys", "upstream_key_id"), ("client_keys", "client_key_id")):
         for key_id, (count, prompt, completion, last) in _usage_by(rows, column).items():
             conn.execute(
@@ -35,6 +40,32 @@ def insert_batch(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> No
                 " last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?",
                 (count, prompt, completion, last, key_id),
             )
+
+
+def insert_attempts(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
+    """Attempt rows of retried flows; each failed attempt also counts as a request on its key."""
+    attempts = [(row["flow_id"], a) for row in rows for a in row.get("attempt_rows") or ()]
+    if not attempts:
+        return
+    conn.executemany(
+        _INSERT_ATTEMPT,
+        [(flow_id, a["attempt"], a["key_id"], a["status"], a["error"], a["started_at"], a.get("duration_ms"))
+         for flow_id, a in attempts],
+    )  # fmt: skip
+    failed = [a for row in rows for a in (row.get("attempt_rows") or ())[:-1]]  # the last one is the flow's own
+    conn.executemany(
+        "UPDATE upstream_keys SET requests = requests + 1, last_used_at = max(coalesce(last_used_at, 0), ?)"
+        " WHERE id = ?",
+        [(a["started_at"], a["key_id"]) for a in failed],
+    )
+
+
+def attempts_of(conn: sqlite3.Connection, flow_id: str) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT attempt, upstream_key_id, status, error, started_at, duration_ms FROM attempts"
+        " WHERE flow_id = ? ORDER BY attempt LIMIT 100",
+        (flow_id,),
+    ).fetchall()
 
 
 def _usage_by(rows: list[dict[str, Any]], column: str) -> dict[int, list]:

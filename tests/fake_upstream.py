@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 BEHAVIOURS = frozenset(
-    {"ok", "invalid", "ratelimit", "quota", "server_error", "deactivated"}
+    {"ok", "invalid", "ratelimit", "quota", "server_error", "deactivated", "disconnect"}
 )
 # Keys nobody configured are judged by name, so tests and benchmarks can use
 # fresh keys without calling set_key first.
@@ -190,6 +190,14 @@ def mask_key(key: str) -> str:
     return f"{key[:6]}{'*' * 20}{key[-4:]}"
 
 
+async def _cut_short(scope: Scope, receive: Receive, send: Send) -> None:
+    """A connection that dies mid-answer: headers promise a body that never arrives whole."""
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": b'{"id": "chatcmpl-', "more_body": True})
+    # Returning now leaves the promised body unsent: the server closes the connection.
+
+
 def _rejection(behaviour: str, key: str, retry_after: str) -> Response | None:
     """The error response for a key behaviour, or None when the key is served."""
     if behaviour == "ok":
@@ -222,6 +230,8 @@ def _rejection(behaviour: str, key: str, retry_after: str) -> Response | None:
         return _error(500, SERVER_ERROR_MESSAGE, "server_error")
     if behaviour == "deactivated":
         return _error(401, DEACTIVATED_MESSAGE, code="account_deactivated")
+    if behaviour == "disconnect":
+        return _cut_short  # type: ignore[return-value]
     raise AssertionError(f"unknown behaviour {behaviour!r}")
 
 

@@ -1,0 +1,124 @@
+"""The key pool's promise, end to end: while one key can serve, no client request fails because of another key.
+
+The official openai client → a real mitmproxy running keyrotor (run.py proxy) → the fake upstream,
+whose keys behave like OpenAI's revoked, rate-limited and out-of-quota keys.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Keyrotor, wait_for
+from tests.fake_upstream import FakeUpstream
+
+GOOD = ["sk-good-pool-aaaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-pool-bbbbbbbbbbbbbbbbbbbbbbb0002"]
+RATE_LIMITED = "sk-good-pool-ratelimitedxxxxxxxxxxxx0003"
+QUOTA = "sk-good-pool-outofquotaxxxxxxxxxxxxxx0004"
+INVALID = "sk-revoked-pool-xxxxxxxxxxxxxxxxxxxxx0005"
+MESSAGES = [{"role": "user", "content": "Say hello to the pool"}]
+
+
+def client_for(kr: Keyrotor, key: str) -> openai.OpenAI:
+    # max_retries=0: any failure the proxy lets through reaches the test.
+    return openai.OpenAI(base_url=kr.base_url, api_key=key, max_retries=0, timeout=30)
+
+
+def query(kr: Keyrotor, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(kr.db_path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def key_states(kr: Keyrotor) -> dict[str, str]:
+    return {r["last4"]: r["state"] for r in query(kr, "SELECT last4, state FROM upstream_keys")}
+
+
+def chat(client: openai.OpenAI, streamed: bool) -> str:
+    if not streamed:
+        return client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices[0].message.content
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))
+    assert chunks and all(c.choices for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    return "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def test_bad_keys_never_reach_the_client(keyrotor: Keyrotor, upstream: FakeUpstream):
+    keyrotor.add_keys(INVALID, RATE_LIMITED, QUOTA, *GOOD)
+    upstream.set_key(RATE_LIMITED, "ratelimit", times=2, retry_after="1")
+    upstream.set_key(QUOTA, "quota")
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy()
+    client = client_for(keyrotor, client_key)
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda i: chat(client, streamed=i % 2 == 1), range(200)))
+
+    assert len(replies) == 200 and all(replies)  # any client-visible error would have raised
+    assert upstream.keys_seen().count(INVALID) <= 1
+    assert upstream.keys_seen().count(QUOTA) <= 1
+
+    def settled() -> dict[str, str] | None:
+        chat(client, streamed=False)  # the rate-limited key comes back through a probe request
+        states = key_states(keyrotor)
+        return states if states["0003"] == "active" else None
+
+    states = wait_for(settled, timeout=15, interval=0.2, what="the rate-limited key's probe to succeed")
+    assert states == {"0005": "invalid", "0003": "active", "0004": "exhausted", "0001": "active", "0002": "active"}
+    assert [r.key for r in upstream.received if r.key == RATE_LIMITED][:3]  # it was used again after its 429s
+
+    retried = query(keyrotor, "SELECT flow_id, attempts, status FROM flows WHERE attempts > 1")
+    assert retried and all(r["status"] == 200 for r in retried)
+    attempts = query(keyrotor, "SELECT a.flow_id, a.attempt, a.status, k.last4 FROM attempts a"
+                               " JOIN upstream_keys k ON k.id = a.upstream_key_id ORDER BY a.flow_id, a.attempt")  # fmt: skip
+    failed = {(r["last4"], r["status"]) for r in attempts if r["status"] != 200}
+    assert ("0005", 401) in failed and ("0004", 429) in failed and ("0003", 429) in failed
+    assert len({r["flow_id"] for r in attempts}) == len(retried)
+
+
+@pytest.mark.parametrize("wait_max, succeeds", [(3, True), (0, False)])
+def test_a_pool_wide_rate_limit_is_waited_out_or_answered_with_503(
+    keyrotor: Keyrotor, upstream: FakeUpstream, wait_max: int, succeeds: bool
+):
+    keyrotor.add_keys(*GOOD)
+    for key in GOOD:
+        upstream.set_key(key, "ratelimit", times=1, retry_after="1")
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy("--set", f"keypool.wait_max_seconds={wait_max}")
+
+    response = httpx.post(
+        f"{keyrotor.base_url}/chat/completions", headers={"authorization": f"Bearer {client_key}"},
+        json={"model": "gpt-4o-mini", "messages": MESSAGES}, timeout=30,
+    )  # fmt: skip
+
+    limited = [r for r in upstream.received if r.path == "/v1/chat/completions"]
+    if succeeds:
+        assert response.status_code == 200, response.text
+        assert len(limited) == 3 and limited[2].at - limited[1].at >= 0.9  # sent again after the Retry-After
+    else:
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "no_upstream_key_available"
+        assert response.headers["retry-after"] == "1"
+        assert len(limited) == 2
+    # One limit for the whole pool: neither key was marked.
+    assert set(key_states(keyrotor).values()) == {"active"}
+
+
+def test_a_dropped_connection_is_retried_on_another_key(keyrotor: Keyrotor, upstream: FakeUpstream):
+    keyrotor.add_keys(*GOOD)
+    upstream.set_key(GOOD[0], "disconnect", times=1)
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy()
+    client = client_for(keyrotor, client_key)
+
+    assert chat(client, streamed=True)
+    assert upstream.keys_seen()[:2] == GOOD
+    rows = wait_for(lambda: query(keyrotor, "SELECT attempts, status, error FROM flows"), what="the row")
+    assert (rows[0]["attempts"], rows[0]["status"], rows[0]["error"]) == (2, 200, None)

@@ -11,6 +11,7 @@ Every command takes --config PATH and --set section.key=value (repeatable).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ if sys.version_info < (3, 12):  # noqa: UP036 - run.py may be started by an olde
         " that ./start.sh creates: .venv/bin/python run.py ..."
     )
 
+from addons import probe  # noqa: E402
 from config import ADDON_SETTINGS, BY_NAME, ROOT, ConfigError, Settings, load_settings  # noqa: E402
 from storage import client_keys, db, secrets, upstream_keys  # noqa: E402
 
@@ -66,6 +68,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ):
         sub = keys.add_parser(action, parents=[common], help=text)
         sub.add_argument("ids", nargs="*" if action == "reset" else "+", type=int, metavar="ID")
+    validate = keys.add_parser(
+        "validate", parents=[common],
+        help="probe keys with GET /v1/models (no tokens spent): default every invalid or exhausted key",
+    )  # fmt: skip
+    validate.add_argument("ids", nargs="*", type=int, metavar="ID")
+    validate.add_argument("--all", action="store_true", help="every key that is not disabled")
+    weight = keys.add_parser("weight", parents=[common], help="set keys' share under the weighted strategy")
+    weight.add_argument("weight", type=float, metavar="WEIGHT", help="above 0, at most 1000 (default 1)")
+    weight.add_argument("ids", nargs="+", type=int, metavar="ID")
 
     clients = commands.add_parser("clients", parents=[common], help="manage client keys").add_subparsers(
         dest="action", required=True
@@ -210,8 +221,12 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
         if args.action == "list":
             _print_keys(upstream_keys.list_keys(conn))
             return 0
+        if args.action == "validate":
+            return _validate(conn, settings, args)
         if args.action == "delete":
             count = upstream_keys.delete_keys(conn, args.ids)
+        elif args.action == "weight":
+            count = upstream_keys.set_weight(conn, args.ids, args.weight)
         elif args.action == "reset":
             ids = args.ids or upstream_keys.ids_in_state(conn, ("invalid", "exhausted", "cooling"))
             count = upstream_keys.set_admin_state(conn, ids, "active", "reset by admin")
@@ -222,6 +237,22 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
         return 0 if count or not getattr(args, "ids", None) else 1
     finally:
         conn.close()
+
+
+def _validate(conn, settings: Settings, args: argparse.Namespace) -> int:
+    ids = probe.ids_to_validate(conn, args.ids, args.all)
+    if not ids:
+        print("validate: no invalid or exhausted keys (use --all or IDs to probe others)")
+        return 0
+    cipher = secrets.key_cipher(settings.storage_path)
+    results = asyncio.run(probe.validate_keys(conn, cipher, settings["proxy.upstream"], ids))
+    for result in results:
+        detail = f" ({result.outcome.reason})" if result.outcome.reason else ""
+        print(f"#{result.key_id} …{result.last4}: {result.outcome.kind}{detail} → {result.state}")
+    missing = set(ids) - {r.key_id for r in results}
+    if missing:
+        print(f"skipped (no such key, or disabled): {', '.join(map(str, sorted(missing)))}")
+    return 0 if results and not missing else 1
 
 
 def clients_command(args: argparse.Namespace, settings: Settings) -> int:

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from config import Settings
 from monitor_ui.auth import SessionSigner
 from monitor_ui.deps import LoginRequired
-from monitor_ui.routes import auth, flows, health
+from monitor_ui.routes import auth, flows, health, keys
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
@@ -44,9 +44,10 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="keyrotor monitor", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.db_path = settings.storage_path
     app.state.signer = SessionSigner(settings.storage_path)
+    app.state.upstream = settings["proxy.upstream"]  # where key probes go
     app.state.templates = templates
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    for module in (auth, flows, health):
+    for module in (auth, flows, health, keys):
         app.include_router(module.router)
 
     @app.middleware("http")

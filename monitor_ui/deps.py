@@ -24,6 +24,15 @@ def get_conn(request: Request) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
+def get_write_conn(request: Request) -> Iterator[sqlite3.Connection]:
+    """For admin changes; the proxy sees them through the revision counters."""
+    conn = db.connect(request.app.state.db_path)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
 def get_signer(request: Request) -> SessionSigner:
     return request.app.state.signer
 
@@ -45,7 +54,21 @@ def require_admin_api(request: Request, signer: Annotated[SessionSigner, Depends
         raise HTTPException(401, "Log in, or send the admin key as 'Authorization: Bearer <admin key>'.")
 
 
+def require_admin_api_change(request: Request, signer: Annotated[SessionSigner, Depends(get_signer)]) -> None:
+    """A state-changing API call: the admin key as Bearer, or a session plus its CSRF token in x-csrf-token."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and signer.check_admin_key(token.strip()):
+        return
+    session = request.cookies.get(SESSION_COOKIE)
+    if not signer.valid_session(session):
+        raise HTTPException(401, "Log in, or send the admin key as 'Authorization: Bearer <admin key>'.")
+    if not signer.valid_csrf(session, request.headers.get("x-csrf-token")):
+        raise HTTPException(403, "A change made with a session cookie needs the page's CSRF token in x-csrf-token.")
+
+
 Conn = Annotated[sqlite3.Connection, Depends(get_conn)]
 Signer = Annotated[SessionSigner, Depends(get_signer)]
 AdminPage = Depends(require_admin_page)
 AdminApi = Depends(require_admin_api)
+AdminApiChange = Depends(require_admin_api_change)
+WriteConn = Annotated[sqlite3.Connection, Depends(get_write_conn)]

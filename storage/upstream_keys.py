@@ -126,6 +126,20 @@ def set_admin_state(conn: sqlite3.Connection, key_ids: Iterable[int], state: str
     return count
 
 
+def set_weight(conn: sqlite3.Connection, key_ids: Iterable[int], weight: float) -> int:
+    """The weighted strategy's share of each key; the proxy picks it up through the revision."""
+    if not (0 < weight <= 1000):
+        raise ValueError(f"a weight must be above 0 and at most 1000, not {weight}")
+    with conn:
+        count = sum(
+            conn.execute("UPDATE upstream_keys SET weight = ? WHERE id = ?", (weight, key_id)).rowcount
+            for key_id in key_ids
+        )
+        if count:
+            bump_revision(conn, "keys")
+    return count
+
+
 def ids_in_state(conn: sqlite3.Connection, states: Iterable[str]) -> list[int]:
     states = list(states)
     marks = ",".join("?" * len(states))

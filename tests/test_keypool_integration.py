@@ -122,3 +122,66 @@ def test_a_dropped_connection_is_retried_on_another_key(keyrotor: Keyrotor, upst
     assert upstream.keys_seen()[:2] == GOOD
     rows = wait_for(lambda: query(keyrotor, "SELECT attempts, status, error FROM flows"), what="the row")
     assert (rows[0]["attempts"], rows[0]["status"], rows[0]["error"]) == (2, 200, None)
+
+
+def test_admin_changes_reach_the_running_proxy_within_a_second(keyrotor: Keyrotor, upstream: FakeUpstream):
+    keyrotor.add_keys(*GOOD)
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy("--set", "keypool.strategy=weighted")
+    client = client_for(keyrotor, client_key)
+    client.models.list()
+    client.models.list()  # both keys proven
+
+    def shares_after(count: int) -> list[str]:
+        start = len(upstream.received)
+        for _ in range(count):
+            client.models.list()
+        return [r.key for r in upstream.received[start:]]
+
+    keyrotor.cli("keys", "weight", "3", "1")
+    wait_for(lambda: shares_after(8).count(GOOD[0]) == 6, timeout=1.5, interval=0.05, what="the new weight")
+    keyrotor.cli("keys", "disable", "1")
+    wait_for(lambda: set(shares_after(4)) == {GOOD[1]}, timeout=1.5, interval=0.05, what="the disabled key to rest")
+    keyrotor.cli("keys", "delete", "2")
+    wait_for(lambda: isinstance(raises(client.models.list), openai.InternalServerError), timeout=1.5, interval=0.05,
+             what="the deleted key to be gone")  # fmt: skip
+
+
+def raises(call) -> openai.APIError | None:
+    try:
+        call()
+    except openai.APIError as e:
+        return e
+    return None
+
+
+def test_keys_validate_brings_back_a_key_that_works_again(keyrotor: Keyrotor, upstream: FakeUpstream):
+    keyrotor.add_keys(GOOD[0], INVALID)
+    keyrotor.cli("keys", "disable", "1")  # so the invalid key is the one tried
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy()
+    client = client_for(keyrotor, client_key)
+    assert isinstance(raises(client.models.list), openai.InternalServerError)  # 503: no key could serve
+    wait_for(lambda: key_states(keyrotor)["0005"] == "invalid", what="the key to be marked invalid")
+
+    result = keyrotor.cli("keys", "validate", "--upstream", keyrotor.upstream_url)
+    assert "#2 …0005: invalid (401 invalid_api_key) → invalid" in result.stdout
+    upstream.set_key(INVALID, "ok")  # fixed upstream (billing sorted, key re-enabled)
+    result = keyrotor.cli("keys", "validate", "--upstream", keyrotor.upstream_url)
+    assert "#2 …0005: ok → active" in result.stdout
+    wait_for(lambda: raises(client.models.list) is None, timeout=1.5, interval=0.05, what="the revived key to serve")
+    assert INVALID not in result.stdout + result.stderr
+
+
+def test_scheduled_revalidation_returns_keys_by_itself(keyrotor: Keyrotor, upstream: FakeUpstream):
+    keyrotor.add_keys(GOOD[0], INVALID)
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy("--set", "keypool.revalidate_seconds=1")
+    client = client_for(keyrotor, client_key)
+    client.models.list()
+    client.models.list()  # one of them met the invalid key and was retried
+    wait_for(lambda: key_states(keyrotor)["0005"] == "invalid", what="the key to be marked invalid")
+    upstream.set_key(INVALID, "ok")
+    wait_for(lambda: key_states(keyrotor)["0005"] == "active", timeout=5, what="the scheduled probe to revive it")
+    probes = [r for r in upstream.received if r.key == INVALID and r.path == "/v1/models"]
+    assert probes

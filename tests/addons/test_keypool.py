@@ -9,7 +9,6 @@ import time
 
 import pytest
 from mitmproxy import exceptions
-from mitmproxy.http import Headers
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons.keypool import KeyPool

@@ -53,6 +53,7 @@ BEHAVIOURS = frozenset(
 # Keys nobody configured are judged by name, so tests and benchmarks can use
 # fresh keys without calling set_key first.
 VALID_PREFIXES = ("sk-good", "sk-bench")
+FLAKY_PREFIX = "sk-flaky"  # always answered with a 500: the failover benchmark's bad key
 
 MODELS: list[dict[str, Any]] = [
     {
@@ -447,6 +448,8 @@ class _KeyBook:
         with self._lock:
             rule = self._rules.get(key)
             if rule is None:
+                if key.startswith(FLAKY_PREFIX):
+                    return "server_error", "1"
                 return ("ok" if key.startswith(VALID_PREFIXES) else "invalid"), "1"
             if rule.remaining is not None:
                 rule.remaining -= 1

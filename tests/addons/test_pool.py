@@ -174,3 +174,18 @@ def test_a_reload_keeps_newer_learnt_states_and_the_runtime_counters():
     admin = [PoolKey(1, "sk-1", "0001", "active", "reset by admin", None, 1.0, 0, state_changed_at=NOW + 9)]
     pool.replace_keys(admin)
     assert pool.by_id[1].state == "active" and list(pool.by_id) == [1]
+
+
+def test_a_key_not_yet_accepted_takes_one_request_at_a_time():
+    pool = make_pool(2)
+    first = pool.pick("round_robin", NOW)
+    pool.started(first, NOW)
+    second = pool.pick("round_robin", NOW)
+    pool.started(second, NOW)
+    assert pool.pick("round_robin", NOW) is None  # both busy with their first request
+    assert pool.awaiting_proof()
+    assert pool.pick("round_robin", NOW, busy_ok=True) is not None  # when waiting is not allowed
+    pool.finished(first)
+    pool.learn(first, OK, NOW, probe=False)
+    pool.started(pool.pick("round_robin", NOW), NOW)
+    assert pool.pick("round_robin", NOW).id == first.id  # accepted: now it takes many at once

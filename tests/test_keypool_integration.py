@@ -83,15 +83,19 @@ def test_bad_keys_never_reach_the_client(keyrotor: Keyrotor, upstream: FakeUpstr
     assert len({r["flow_id"] for r in attempts}) == len(retried)
 
 
-@pytest.mark.parametrize("wait_max, succeeds", [(3, True), (0, False)])
-def test_a_pool_wide_rate_limit_is_waited_out_or_answered_with_503(
-    keyrotor: Keyrotor, upstream: FakeUpstream, wait_max: int, succeeds: bool
+@pytest.mark.parametrize(
+    "wait_max, pool_window, succeeds", [(3, 10, True), (0, 10, False), (3, 0, True), (0, 0, False)]
+)
+def test_rate_limits_on_every_key_are_waited_out_or_answered_with_503(
+    keyrotor: Keyrotor, upstream: FakeUpstream, wait_max: int, pool_window: int, succeeds: bool
 ):
     keyrotor.add_keys(*GOOD)
     for key in GOOD:
         upstream.set_key(key, "ratelimit", times=1, retry_after="1")
     client_key = keyrotor.add_client()
-    keyrotor.start_proxy("--set", f"keypool.wait_max_seconds={wait_max}")
+    keyrotor.start_proxy(
+        "--set", f"keypool.wait_max_seconds={wait_max}", "--set", f"keypool.pool_429_window_seconds={pool_window}"
+    )  # fmt: skip
 
     response = httpx.post(
         f"{keyrotor.base_url}/chat/completions", headers={"authorization": f"Bearer {client_key}"},
@@ -107,8 +111,11 @@ def test_a_pool_wide_rate_limit_is_waited_out_or_answered_with_503(
         assert response.json()["error"]["code"] == "no_upstream_key_available"
         assert response.headers["retry-after"] == "1"
         assert len(limited) == 2
-    # One limit for the whole pool: neither key was marked.
-    assert set(key_states(keyrotor).values()) == {"active"}
+    if pool_window:  # one limit for the whole pool: neither key was marked
+        expected = ["active", "active"]
+    else:  # each key rests on its own; the one that served after the wait is back
+        expected = ["active", "cooling"] if succeeds else ["cooling", "cooling"]
+    wait_for(lambda: sorted(key_states(keyrotor).values()) == expected, what=f"key states {expected}")
 
 
 def test_a_dropped_connection_is_retried_on_another_key(keyrotor: Keyrotor, upstream: FakeUpstream):

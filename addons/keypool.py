@@ -10,7 +10,6 @@ client whole. The client sees an error only when no key could serve it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -333,8 +332,10 @@ class KeyPool:
             return
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
+            try:
                 await self.revalidate([k for k in self.pool.keys if k.state in ("invalid", "exhausted")])
+            except Exception:
+                log.exception("re-validating keys failed; trying again in %d s", interval)
 
     async def revalidate(self, keys: list[PoolKey]) -> None:
         """Probe each key with GET /v1/models (no tokens spent); a pass makes it active again."""

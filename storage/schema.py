@@ -118,7 +118,31 @@ def _v2_attempts_and_cost(db: sqlite_utils.Database) -> None:
         db[table].add_column("cost", float, not_null_default=0.0)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial, _v2_attempts_and_cost]
+def _v3_rollups(db: sqlite_utils.Database) -> None:
+    # Imported here: a migration must keep working even if rollups.py later changes shape.
+    from storage import rollups
+
+    for grain in rollups.GRAINS:
+        columns: dict = {"bucket": int, "model": str, "upstream_key_id": int, "client_key_id": int}
+        columns |= {c: (float if c == "cost" else int) for c in rollups.VALUES}
+        db[rollups.table_of(grain)].create(
+            columns, pk=rollups.DIMENSIONS, defaults={c: 0 for c in rollups.VALUES}
+        )
+    # Existing flows are folded in once, in slices, so the dashboard starts complete.
+    columns = "started_at, first_byte_at, duration_ms, status, error, model, stream, upstream_key_id," \
+              " client_key_id, prompt_tokens, completion_tokens, cost"  # fmt: skip
+    last = 0
+    while True:
+        rows = [dict(zip(["id", *columns.replace(" ", "").split(",")], r, strict=True)) for r in db.conn.execute(
+            f"SELECT id, {columns} FROM flows WHERE id > ? ORDER BY id LIMIT 50000", (last,)
+        )]  # fmt: skip
+        if not rows:
+            break
+        rollups.add_rows(db.conn, rows)
+        last = rows[-1]["id"]
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial, _v2_attempts_and_cost, _v3_rollups]
 
 
 def migrate(conn: sqlite3.Connection) -> None:

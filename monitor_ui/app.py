@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from config import Settings
 from monitor_ui.auth import SessionSigner
 from monitor_ui.deps import LoginRequired
-from monitor_ui.routes import auth, flows, health, keys
+from monitor_ui.routes import auth, dashboard, flows, health, keys
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.upstream = settings["proxy.upstream"]  # where key probes go
     app.state.templates = templates
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    for module in (auth, flows, health, keys):
+    for module in (auth, dashboard, flows, health, keys):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sqlite3
 from datetime import UTC, datetime
 from typing import Any
@@ -63,3 +64,53 @@ def flow_detail(row: sqlite3.Row) -> dict[str, Any]:
         round((row["first_byte_at"] - row["started_at"]) * 1000, 1) if row["first_byte_at"] else None
     )
     return detail
+
+
+def sse_events(body: str | None, chunk_times: list | None) -> list[dict[str, Any]]:
+    """Each server-sent event with the time its last byte arrived, in ms after the first byte.
+
+    `chunk_times` holds [ms, bytes] per read as captured; an event arrived with the read
+    that carried its end.
+    """
+    if not body:
+        return []
+    reads = []
+    position = 0
+    for offset_ms, size in chunk_times or []:
+        position += size
+        reads.append((position, offset_ms))
+    events = []
+    encoded = body.encode("utf-8")
+    start = 0
+    read_index = 0
+    while start < len(encoded):
+        end = encoded.find(b"\n\n", start)
+        end = len(encoded) if end == -1 else end + 2
+        while read_index < len(reads) - 1 and reads[read_index][0] < end:
+            read_index += 1
+        text = encoded[start:end].decode("utf-8", errors="replace").strip()
+        if text:
+            events.append({"offset_ms": reads[read_index][1] if reads else None, "data": text})
+        start = end
+    return events
+
+
+# Never part of a copied command: connection details curl sets itself, and secrets.
+CURL_SKIPPED = frozenset({"host", "content-length", "connection", "accept-encoding", "transfer-encoding"})
+
+
+def curl_command(detail: dict[str, Any], origin: str) -> str:
+    """The request as a curl command line, with the client key left as $KEYROTOR_API_KEY."""
+    parts = ["curl", "-X", detail["method"], shlex.quote(origin.rstrip("/") + detail["path"])]
+    for name, value in detail["request_headers"]:
+        lowered = name.lower()
+        if lowered in CURL_SKIPPED:
+            continue
+        if lowered in ("authorization", "api-key", "x-api-key"):
+            value = "Bearer $KEYROTOR_API_KEY" if lowered == "authorization" else "$KEYROTOR_API_KEY"
+            parts += ["-H", f'"{name}: {value}"']  # double quotes: the shell fills in the variable
+            continue
+        parts += ["-H", shlex.quote(f"{name}: {value}")]
+    if detail.get("request_body"):
+        parts += ["--data-raw", shlex.quote(detail["request_body"])]
+    return " ".join(parts)

@@ -37,8 +37,8 @@ def create_client(conn: sqlite3.Connection, name: str) -> str:
 
 def list_clients(conn: sqlite3.Connection, limit: int = 1000) -> list[sqlite3.Row]:
     return conn.execute(
-        "SELECT id, name, last4, enabled, requests, prompt_tokens, completion_tokens, last_used_at, created_at"
-        " FROM client_keys ORDER BY id LIMIT ?",
+        "SELECT id, name, last4, enabled, requests, prompt_tokens, completion_tokens, cost, last_used_at,"
+        " created_at FROM client_keys ORDER BY id LIMIT ?",
         (limit,),
     ).fetchall()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from typing import Any
 
 FLOW_COLUMNS = (
@@ -33,12 +34,12 @@ def insert_batch(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> No
     conn.executemany(_INSERT, [tuple(row.get(c) for c in FLOW_COLUMNS) for row in rows])
     insert_attempts(conn, rows)
     for table, column in (("upstream_keys", "upstream_key_id"), ("client_keys", "client_key_id")):
-        for key_id, (count, prompt, completion, last) in _usage_by(rows, column).items():
+        for key_id, (count, prompt, completion, last, cost) in _usage_by(rows, column).items():
             conn.execute(
                 f"UPDATE {table} SET requests = requests + ?, prompt_tokens = prompt_tokens + ?,"
-                " completion_tokens = completion_tokens + ?,"
+                " completion_tokens = completion_tokens + ?, cost = cost + ?,"
                 " last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?",
-                (count, prompt, completion, last, key_id),
+                (count, prompt, completion, cost, last, key_id),
             )
 
 
@@ -69,7 +70,7 @@ def attempts_of(conn: sqlite3.Connection, flow_id: str) -> list[sqlite3.Row]:
 
 
 def _usage_by(rows: list[dict[str, Any]], column: str) -> dict[int, list]:
-    usage: dict[int, list] = defaultdict(lambda: [0, 0, 0, 0.0])
+    usage: dict[int, list] = defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
     for row in rows:
         key_id = row.get(column)
         if key_id is None:
@@ -79,6 +80,7 @@ def _usage_by(rows: list[dict[str, Any]], column: str) -> dict[int, list]:
         entry[1] += row.get("prompt_tokens") or 0
         entry[2] += row.get("completion_tokens") or 0
         entry[3] = max(entry[3], row["started_at"])
+        entry[4] += row.get("cost") or 0.0
     return usage
 
 
@@ -90,6 +92,94 @@ def recent_flows(conn: sqlite3.Connection, limit: int = 50, before_id: int | Non
     return conn.execute(
         f"SELECT {SUMMARY_COLUMNS} FROM flows WHERE id < ? ORDER BY id DESC LIMIT ?", (before_id, limit)
     ).fetchall()
+
+
+STATUS_CLASSES = {"2xx": (200, 300), "3xx": (300, 400), "4xx": (400, 500), "5xx": (500, 600)}
+
+
+@dataclass(frozen=True)
+class FlowFilter:
+    """What the flows page and its JSON twin filter on; every field is optional."""
+
+    q: str | None = None  # full-text search over path, model and both bodies
+    status: str | None = None  # 2xx, 3xx, 4xx, 5xx, or "error" (no response at all)
+    model: str | None = None
+    path: str | None = None  # a prefix
+    client_key_id: int | None = None
+    upstream_key_id: int | None = None
+    stream: bool | None = None
+    since: float | None = None
+    until: float | None = None
+    after_id: int | None = None  # only flows newer than this (the page's live updates)
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+
+def fts_query(text: str) -> str | None:
+    """User text as an FTS5 query: every word must appear, taken literally (no operators, no syntax errors)."""
+    terms = [t for t in text.split() if t]
+    if not terms:
+        return None
+    return " ".join('"' + t.replace('"', '""') + '"' for t in terms[:20])
+
+
+def _conditions(f: FlowFilter, table: str) -> tuple[list[str], list[Any]]:
+    where, params = [], []
+    if f.status == "error":
+        where.append(f"{table}.status IS NULL")
+    elif f.status in STATUS_CLASSES:
+        low, high = STATUS_CLASSES[f.status]
+        where.append(f"{table}.status >= ? AND {table}.status < ?")
+        params += [low, high]
+    for column in ("model", "client_key_id", "upstream_key_id"):
+        value = getattr(f, column)
+        if value is not None:
+            where.append(f"{table}.{column} = ?")
+            params.append(value)
+    if f.path:
+        # A range rather than LIKE: exact prefix, no wildcard surprises from "%" or "_" in the input.
+        where.append(f"{table}.path >= ? AND {table}.path < ?")
+        params += [f.path, f.path + "\U0010ffff"]
+    if f.stream is not None:
+        where.append(f"{table}.stream = ?")
+        params.append(int(f.stream))
+    if f.since is not None:
+        where.append(f"{table}.started_at >= ?")
+        params.append(f.since)
+    if f.until is not None:
+        where.append(f"{table}.started_at < ?")
+        params.append(f.until)
+    if f.after_id is not None:
+        where.append(f"{table}.id > ?")
+        params.append(f.after_id)
+    return where, params
+
+
+def search_flows(
+    conn: sqlite3.Connection, f: FlowFilter, limit: int = 50, before_id: int | None = None,
+    columns: str = SUMMARY_COLUMNS,
+) -> list[sqlite3.Row]:
+    """Newest first, filtered; `before_id` continues a page (keyset pagination, never OFFSET)."""
+    limit = max(1, min(limit, 1000))
+    query = fts_query(f.q) if f.q else None
+    where, params = _conditions(f, "flows")
+    if before_id is not None:
+        where.append("flows.id < ?")
+        params.append(before_id)
+    selected = ", ".join(f"flows.{c.strip()}" for c in columns.split(","))
+    if query is None:
+        sql = f"SELECT {selected} FROM flows"
+        order = "flows.id"
+    else:
+        # Driven by the index, newest match first: FTS5 walks rowids in order and stops at LIMIT.
+        sql = f"SELECT {selected} FROM flows_fts JOIN flows ON flows.id = flows_fts.rowid"
+        where.insert(0, "flows_fts MATCH ?")
+        params.insert(0, query)
+        order = "flows_fts.rowid"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return conn.execute(f"{sql} ORDER BY {order} DESC LIMIT ?", (*params, limit)).fetchall()
 
 
 def get_flow(conn: sqlite3.Connection, flow_row_id: int) -> sqlite3.Row | None:

@@ -78,7 +78,7 @@ def add_keys(conn: sqlite3.Connection, cipher: KeyCipher, lines: Iterable[str]) 
 def list_keys(conn: sqlite3.Connection, limit: int = 1000) -> list[sqlite3.Row]:
     return conn.execute(
         "SELECT id, last4, state, state_reason, cooldown_until, weight, requests,"
-        " prompt_tokens, completion_tokens, last_used_at, created_at"
+        " prompt_tokens, completion_tokens, cost, last_used_at, created_at"
         " FROM upstream_keys ORDER BY id LIMIT ?",
         (limit,),
     ).fetchall()
@@ -138,6 +138,12 @@ def set_weight(conn: sqlite3.Connection, key_ids: Iterable[int], weight: float) 
         if count:
             bump_revision(conn, "keys")
     return count
+
+
+def count_by_state(conn: sqlite3.Connection) -> dict[str, int]:
+    counts = dict.fromkeys(STATES, 0)
+    counts.update({state: n for state, n in conn.execute("SELECT state, count(*) FROM upstream_keys GROUP BY state")})
+    return counts
 
 
 def ids_in_state(conn: sqlite3.Connection, states: Iterable[str]) -> list[int]:

@@ -15,7 +15,7 @@ def _safe_next(target: str | None) -> str:
     # Only local paths: an open redirect after login would be a phishing aid.
     if target and target.startswith("/") and not target.startswith("//"):
         return target
-    return "/flows"
+    return "/dashboard"
 
 
 def _same_origin(request: Request) -> bool:

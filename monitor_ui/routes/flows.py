@@ -1,68 +1,112 @@
+"""Flows: the searchable list (with live updates and exports) and one flow's detail."""
+
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 
-from monitor_ui import views
+from monitor_ui import export, views
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
-from storage import flows
+from monitor_ui.filters import Flows
+from storage import db, flows
 
 router = APIRouter()
 
 Limit = Annotated[int, Query(ge=1, le=500)]
 Before = Annotated[int | None, Query(ge=1, description="continue below this flow id (keyset pagination)")]
+EXPORT_PAGE = 500
 
 
-def _page(conn, limit: int, before: int | None) -> dict:
-    rows = flows.recent_flows(conn, limit, before)
+def _page(conn, query: Flows, limit: int, before: int | None) -> dict:
+    rows = flows.search_flows(conn, query.filter, limit, before)
     return {
         "flows": [views.flow_summary(r) for r in rows],
-        "next_before": rows[-1]["id"] if len(rows) == limit else None,
+        "next_before": rows[-1]["id"] if len(rows) == limit and query.filter.after_id is None else None,
     }
 
 
-def _detail(conn, flow_row_id: int) -> dict:
+def _detail(request: Request, conn, flow_row_id: int) -> dict:
     row = flows.get_flow(conn, flow_row_id)
     if row is None:
         raise HTTPException(404, f"No flow with id {flow_row_id}.")
-    return views.flow_detail(row)
+    detail = views.flow_detail(row)
+    detail["attempt_list"] = [dict(a) for a in flows.attempts_of(conn, row["flow_id"])]
+    detail["events"] = views.sse_events(row["response_body"], detail["chunk_times"]) if row["stream"] else []
+    detail["curl"] = views.curl_command(detail, request.app.state.upstream)
+    return detail
 
 
 @router.get("/", include_in_schema=False)
 def read_root() -> RedirectResponse:
-    return RedirectResponse("/flows", status_code=303)
+    return RedirectResponse("/dashboard", status_code=303)
 
 
 @router.get("/flows", response_class=HTMLResponse, dependencies=[AdminPage])
-def list_flows(request: Request, conn: Conn, signer: Signer, limit: Limit = 50, before: Before = None):
-    """Recent flows, newest first."""
-    page = _page(conn, limit, before)
+def list_flows(request: Request, conn: Conn, signer: Signer, query: Flows, limit: Limit = 50, before: Before = None):
+    """Flows, newest first: full-text search, filters, keyset pages; new ones appear while the page is open."""
+    page = _page(conn, query, limit, before)
     csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
     return request.app.state.templates.TemplateResponse(
-        request, "flows.html", {**page, "limit": limit, "csrf": csrf}
-    )
+        request, "flows.html",
+        {**page, "limit": limit, "csrf": csrf, "query": query, "live": before is None, "section": "flows"},
+    )  # fmt: skip
 
 
 @router.get("/api/flows", dependencies=[AdminApi])
-def list_flows_json(conn: Conn, limit: Limit = 50, before: Before = None) -> dict:
-    """Recent flows, newest first, as JSON."""
-    return _page(conn, limit, before)
+def list_flows_json(conn: Conn, query: Flows, limit: Limit = 50, before: Before = None) -> dict:
+    """Flows as JSON, with the same filters and pagination as the page."""
+    return _page(conn, query, limit, before)
+
+
+def _export_rows(request: Request, query: Flows):
+    # Its own connection: the response streams after the request's dependencies have closed theirs.
+    conn = db.connect(request.app.state.db_path, readonly=True)
+    try:
+        before = None
+        sent = 0
+        while sent < export.EXPORT_MAX_ROWS:
+            rows = flows.search_flows(conn, query.filter, EXPORT_PAGE, before, columns="*")
+            yield from rows[: export.EXPORT_MAX_ROWS - sent]
+            sent += len(rows)
+            if len(rows) < EXPORT_PAGE:
+                return
+            before = rows[-1]["id"]
+    finally:
+        conn.close()
+
+
+@router.get("/api/flows/export.jsonl", dependencies=[AdminApi])
+def export_flows_jsonl(request: Request, query: Flows) -> StreamingResponse:
+    """The filtered list (newest first, at most 10,000 flows) as JSON Lines, one full flow per line."""
+    lines = (export.jsonl_line(row) for row in _export_rows(request, query))
+    disposition = 'attachment; filename="keyrotor-flows.jsonl"'
+    return StreamingResponse(lines, media_type="application/x-ndjson", headers={"content-disposition": disposition})
+
+
+@router.get("/api/flows/export.har", dependencies=[AdminApi])
+def export_flows_har(request: Request, query: Flows) -> StreamingResponse:
+    """The filtered list (at most 10,000 flows) as a HAR 1.2 file."""
+    document = export.har_document(_export_rows(request, query), request.app.state.upstream, request.app.version)
+    return StreamingResponse(document, media_type="application/json",
+                             headers={"content-disposition": 'attachment; filename="keyrotor-flows.har"'})  # fmt: skip
 
 
 @router.get("/flows/{flow_row_id}", response_class=HTMLResponse, dependencies=[AdminPage])
 def read_flow(request: Request, flow_row_id: int, conn: Conn, signer: Signer):
-    """One flow: timings, headers, bodies."""
-    detail = _detail(conn, flow_row_id)
+    """One flow: timings, attempts, headers, bodies, streamed events, usage and a curl command."""
+    detail = _detail(request, conn, flow_row_id)
     detail["request_body_pretty"] = views.pretty_body(detail["request_body"])
     detail["response_body_pretty"] = views.pretty_body(detail["response_body"]) if not detail["stream"] else None
     csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
-    return request.app.state.templates.TemplateResponse(request, "flow.html", {"flow": detail, "csrf": csrf})
+    return request.app.state.templates.TemplateResponse(
+        request, "flow.html", {"flow": detail, "csrf": csrf, "section": "flows"}
+    )
 
 
 @router.get("/api/flows/{flow_row_id}", dependencies=[AdminApi])
-def read_flow_json(flow_row_id: int, conn: Conn) -> dict:
+def read_flow_json(request: Request, flow_row_id: int, conn: Conn) -> dict:
     """One flow as JSON."""
-    return _detail(conn, flow_row_id)
+    return _detail(request, conn, flow_row_id)

@@ -257,10 +257,10 @@ def test_login_page_is_reachable_without_a_session(client):
     assert 'name="csrf"' not in response.text  # no logout button for a logged-out visitor
 
 
-def test_root_leads_to_the_flow_list(client):
+def test_root_leads_to_the_dashboard(client):
     response = client.get("/")
     assert response.status_code == 303
-    assert response.headers["location"] == "/flows"
+    assert response.headers["location"] == "/dashboard"
 
 
 def test_login_redirect_keeps_the_query_of_the_page_asked_for(client):
@@ -343,10 +343,10 @@ def post_login(client: TestClient, next_url: str, where: str):
     ],
 )
 @pytest.mark.parametrize("where", ["query", "form"])
-def test_off_site_next_redirects_to_flows(client, next_url, where):
+def test_off_site_next_redirects_to_the_dashboard(client, next_url, where):
     response = post_login(client, next_url, where)
     assert response.status_code == 303
-    assert response.headers["location"] == "/flows"
+    assert response.headers["location"] == "/dashboard"
 
 
 @pytest.mark.parametrize("next_url", ["/\\evil.example", "/\t/evil.example", "/\n/evil.example"])
@@ -363,7 +363,7 @@ def test_next_that_browsers_could_read_as_off_site_stays_on_site(client, next_ur
 @pytest.mark.parametrize("next_url", ["//evil.example", "https://evil.example/x"])
 def test_login_form_never_carries_an_off_site_next(client, next_url):
     page = client.get("/login", params={"next": next_url}).text
-    assert '<input type="hidden" name="next" value="/flows">' in page
+    assert '<input type="hidden" name="next" value="/dashboard">' in page
     assert "evil.example" not in page
 
 
@@ -548,8 +548,13 @@ def test_flow_page_shows_the_reassembled_streamed_text(browser):
     streamed = re.search(r'<pre class="body streamed-text">(.*?)</pre>', response.text, flags=re.S)
     assert streamed, "no reassembled assistant text"
     assert html.unescape(streamed.group(1)) == STREAM_TEXT
-    assert sse(*STREAM_PIECES) in pre_blocks(response.text)  # raw events below it
+    blocks = pre_blocks(response.text)
+    events = [e for e in sse(*STREAM_PIECES).split("\n\n") if e]
+    assert all(e in blocks for e in events)  # each raw event below it, in its own row
     assert "6 reads" in response.text
+    # Each event with the arrival time of the read that completed it (reads of 60 bytes, 10 ms apart).
+    offsets = re.findall(r'<td class="num">\+([\d.]+) ms</td><td><pre>', response.text)
+    assert len(offsets) == len(events) and offsets == sorted(offsets, key=float) and offsets[0] == "10.0"
 
 
 def test_flow_page_of_an_unknown_flow_is_404(browser):
@@ -571,7 +576,7 @@ def evil_browser(make_client) -> TestClient:
 def test_captured_markup_is_escaped(evil_browser, url):
     response = evil_browser.get(url)
     assert response.status_code == 200
-    page = response.text
+    page = response.text.replace('<script src="/static/app.js" defer></script>', "")  # our own, from /static
     assert "<script" not in page.lower()
     assert "<img" not in page.lower()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page

@@ -1,0 +1,89 @@
+"""Dashboard: traffic, latency, tokens and cost over four windows, charts, breakdowns, the pool. Reads rollups only."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from monitor_ui.auth import SESSION_COOKIE
+from monitor_ui.charts import bar_chart
+from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
+from storage import rollups, upstream_keys
+
+router = APIRouter()
+
+# (name, grain, seconds back): the newest buckets of the finer grain for short windows.
+WINDOWS = (("last minute", "minute", 60), ("last hour", "minute", 3600), ("last 24 hours", "hour", 86400),
+           ("all time", "hour", None))  # fmt: skip
+BREAKDOWNS = (("model", "By model"), ("upstream_key_id", "By upstream key"), ("client_key_id", "By client key"))
+
+
+def _figures(totals: rollups.Totals) -> dict:
+    def ms(value: float | None) -> float | None:
+        return None if value is None or math.isinf(value) else value
+
+    return {
+        "requests": totals.requests, "errors": totals.errors, "success_rate": totals.success_rate,
+        "latency_p50_ms": ms(totals.latency_ms(50)), "latency_p95_ms": ms(totals.latency_ms(95)),
+        "first_byte_p50_ms": ms(totals.first_byte_ms(50)), "streamed": totals.streamed,
+        "prompt_tokens": totals.prompt_tokens, "completion_tokens": totals.completion_tokens,
+        "cost": round(totals.cost, 6),
+    }  # fmt: skip
+
+
+def _since(seconds: int | None, grain: str, now: float) -> int | None:
+    if seconds is None:
+        return None
+    # Whole buckets: "last hour" covers the 60 to 61 minutes up to now.
+    step = rollups.GRAINS[grain]
+    return int((now - seconds) // step) * step
+
+
+def dashboard_data(conn, now: float) -> dict:
+    windows = [
+        {"name": name, **_figures(rollups.totals(conn, grain, _since(seconds, grain, now)))}
+        for name, grain, seconds in WINDOWS
+    ]
+    day = _since(86400, "hour", now)
+    breakdowns = {
+        dimension: [{"id": value, **_figures(t)} for value, t in rollups.breakdown(conn, "hour", day, dimension, 10)]
+        for dimension, _ in BREAKDOWNS
+    }
+    minute_start = int(now // 60) * 60 - 59 * 60
+    hour_start = int(now // 3600) * 3600 - 23 * 3600
+    return {
+        "generated_at": now,
+        "windows": windows,
+        "per_minute": rollups.series(conn, "minute", minute_start),
+        "per_hour": rollups.series(conn, "hour", hour_start),
+        "breakdowns": breakdowns,
+        "keys_by_state": upstream_keys.count_by_state(conn),
+        "_chart_starts": (minute_start, hour_start),
+    }
+
+
+@router.get("/dashboard", response_class=HTMLResponse, dependencies=[AdminPage])
+def read_dashboard(request: Request, conn: Conn, signer: Signer):
+    """Traffic at a glance; refreshes itself every few seconds."""
+    data = dashboard_data(conn, time.time())
+    minute_start, hour_start = data.pop("_chart_starts")
+    charts = {
+        "minute": bar_chart(data["per_minute"], minute_start, 60, 60, "%H:%M"),
+        "hour": bar_chart(data["per_hour"], hour_start, 3600, 24, "%d %H:00"),
+    }
+    csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
+    return request.app.state.templates.TemplateResponse(
+        request, "dashboard.html",
+        {"data": data, "charts": charts, "breakdown_names": BREAKDOWNS, "csrf": csrf, "section": "dashboard"},
+    )  # fmt: skip
+
+
+@router.get("/api/dashboard", dependencies=[AdminApi])
+def read_dashboard_json(conn: Conn) -> dict:
+    """The dashboard's figures as JSON (series as [bucket start, requests, errors])."""
+    data = dashboard_data(conn, time.time())
+    data.pop("_chart_starts")
+    return data

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from config import Settings
 from monitor_ui.auth import SessionSigner
 from monitor_ui.deps import LoginRequired
-from monitor_ui.routes import auth, dashboard, flows, health, keys
+from monitor_ui.routes import auth, clients, dashboard, flows, health, keys, metrics
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
@@ -45,9 +45,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.db_path = settings.storage_path
     app.state.signer = SessionSigner(settings.storage_path)
     app.state.upstream = settings["proxy.upstream"]  # where key probes go
+    app.state.metrics_token = settings["ui.metrics_token"]
     app.state.templates = templates
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    for module in (auth, dashboard, flows, health, keys):
+    for module in (auth, clients, dashboard, flows, health, keys, metrics):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -66,9 +66,26 @@ def require_admin_api_change(request: Request, signer: Annotated[SessionSigner, 
         raise HTTPException(403, "A change made with a session cookie needs the page's CSRF token in x-csrf-token.")
 
 
+async def check_form(request: Request, signer: SessionSigner) -> None:
+    """Refuse a form post without a session (redirect to login) or without the page's CSRF token (403)."""
+    session = request.cookies.get(SESSION_COOKIE)
+    if not signer.valid_session(session):
+        raise LoginRequired()
+    form = await request.form()
+    if not signer.valid_csrf(session, str(form.get("csrf", ""))):
+        raise HTTPException(403, "Missing or wrong CSRF token: reload the page and try again.")
+
+
 Conn = Annotated[sqlite3.Connection, Depends(get_conn)]
 Signer = Annotated[SessionSigner, Depends(get_signer)]
 AdminPage = Depends(require_admin_page)
 AdminApi = Depends(require_admin_api)
 AdminApiChange = Depends(require_admin_api_change)
+
+
+async def require_form(request: Request, signer: Annotated[SessionSigner, Depends(get_signer)]) -> None:
+    await check_form(request, signer)
+
+
+AdminForm = Depends(require_form)
 WriteConn = Annotated[sqlite3.Connection, Depends(get_write_conn)]

@@ -51,6 +51,23 @@ def set_enabled(conn: sqlite3.Connection, name: str, enabled: bool) -> int:
     return count
 
 
+def set_enabled_by_id(conn: sqlite3.Connection, client_id: int, enabled: bool) -> int:
+    with conn:
+        count = conn.execute("UPDATE client_keys SET enabled = ? WHERE id = ?", (int(enabled), client_id)).rowcount
+        if count:
+            bump_revision(conn, "clients")
+    return count
+
+
+def delete_client(conn: sqlite3.Connection, client_id: int) -> int:
+    """The key stops working within a second; its flows keep the id."""
+    with conn:
+        count = conn.execute("DELETE FROM client_keys WHERE id = ?", (client_id,)).rowcount
+        if count:
+            bump_revision(conn, "clients")
+    return count
+
+
 def load_enabled(conn: sqlite3.Connection) -> dict[str, Client]:
     """key hash → client, for the proxy's in-memory lookup."""
     return {

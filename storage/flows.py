@@ -188,3 +188,35 @@ def get_flow(conn: sqlite3.Connection, flow_row_id: int) -> sqlite3.Row | None:
 
 def count_flows(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT count(*) FROM flows").fetchone()[0]
+
+
+PURGE_CHUNK = 2000  # rows per transaction: the writer's next batch never waits long
+
+
+def purge_chunk(conn: sqlite3.Connection, older_than: float | None, keep_rows: int | None) -> int:
+    """Delete up to PURGE_CHUNK of the oldest flows that are past retention; returns how many went."""
+    boundaries = []
+    if older_than is not None:
+        row = conn.execute(
+            "SELECT max(id) FROM (SELECT id FROM flows WHERE started_at < ? ORDER BY started_at LIMIT ?)",
+            (older_than, PURGE_CHUNK),
+        ).fetchone()
+        if row[0] is not None:
+            boundaries.append(row[0])
+    if keep_rows is not None:
+        row = conn.execute("SELECT id FROM flows ORDER BY id DESC LIMIT 1 OFFSET ?", (keep_rows,)).fetchone()
+        if row is not None:
+            boundaries.append(row[0])
+    if not boundaries:
+        return 0
+    with conn:
+        ids = [r[0] for r in conn.execute(
+            "SELECT id FROM flows WHERE id <= ? ORDER BY id LIMIT ?", (max(boundaries), PURGE_CHUNK)
+        )]  # fmt: skip
+        if not ids:
+            return 0
+        conn.execute("DELETE FROM flows WHERE id >= ? AND id <= ?", (ids[0], ids[-1]))
+        conn.execute(
+            "DELETE FROM attempts WHERE started_at < coalesce((SELECT min(started_at) FROM flows), ?)", (float("inf"),)
+        )
+    return len(ids)

@@ -20,7 +20,7 @@ HISTOGRAM_SIZE = len(BUCKETS_MS) + 1
 GRAINS = {"minute": 60, "hour": 3600}
 KEEP_MINUTES_SECONDS = 2 * 86400  # minute rows older than this are dropped; hours stay
 
-COUNTERS = ("requests", "errors", "streamed", "prompt_tokens", "completion_tokens", "cost")
+COUNTERS = ("requests", "errors", "streamed", "prompt_tokens", "completion_tokens", "cost", "duration_ms")
 LATENCY = tuple(f"lat{i}" for i in range(HISTOGRAM_SIZE))
 FIRST_BYTE = tuple(f"ttfb{i}" for i in range(HISTOGRAM_SIZE))  # streamed responses only
 DIMENSIONS = ("bucket", "model", "upstream_key_id", "client_key_id")
@@ -56,6 +56,7 @@ def aggregate(rows: Iterable[dict[str, Any]], seconds: int) -> dict[tuple, list[
         entry[3] += row.get("prompt_tokens") or 0
         entry[4] += row.get("completion_tokens") or 0
         entry[5] += row.get("cost") or 0
+        entry[6] += row.get("duration_ms") or 0
         if row.get("duration_ms") is not None:
             entry[len(COUNTERS) + bucket_index(row["duration_ms"])] += 1
         if row.get("stream") and row.get("first_byte_at") and row.get("started_at"):
@@ -99,6 +100,7 @@ class Totals:
     prompt_tokens: int
     completion_tokens: int
     cost: float
+    duration_ms: float
     latency: list[int]
     first_byte: list[int]
 
@@ -135,6 +137,7 @@ def _totals(values: tuple) -> Totals:
     return Totals(
         requests=int(counters[0]), errors=int(counters[1]), streamed=int(counters[2]),
         prompt_tokens=int(counters[3]), completion_tokens=int(counters[4]), cost=float(counters[5]),
+        duration_ms=float(counters[6]),
         latency=list(values[len(COUNTERS): len(COUNTERS) + HISTOGRAM_SIZE]),
         first_byte=list(values[len(COUNTERS) + HISTOGRAM_SIZE:]),
     )  # fmt: skip
@@ -158,6 +161,15 @@ def breakdown(conn: sqlite3.Connection, grain: str, since: float | None, dimensi
         (*params, limit),
     ).fetchall()
     return [(row[0], _totals(tuple(row[1:]))) for row in rows]
+
+
+def by_labels(conn: sqlite3.Connection) -> list[tuple[str, int, int, Totals]]:
+    """All-time totals per (model, upstream key, client key), for /metrics."""
+    rows = conn.execute(
+        f"SELECT model, upstream_key_id, client_key_id, {_SUMS} FROM {table_of('hour')}"
+        " GROUP BY model, upstream_key_id, client_key_id LIMIT 100000"
+    ).fetchall()
+    return [(row[0], row[1], row[2], _totals(tuple(row[3:]))) for row in rows]
 
 
 def series(conn: sqlite3.Connection, grain: str, since: float) -> list[tuple[int, int, int]]:

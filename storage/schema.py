@@ -124,7 +124,7 @@ def _v3_rollups(db: sqlite_utils.Database) -> None:
 
     for grain in rollups.GRAINS:
         columns: dict = {"bucket": int, "model": str, "upstream_key_id": int, "client_key_id": int}
-        columns |= {c: (float if c == "cost" else int) for c in rollups.VALUES}
+        columns |= {c: (float if c in ("cost", "duration_ms") else int) for c in rollups.VALUES}
         db[rollups.table_of(grain)].create(
             columns, pk=rollups.DIMENSIONS, defaults={c: 0 for c in rollups.VALUES}
         )

@@ -75,12 +75,13 @@ def add_keys(conn: sqlite3.Connection, cipher: KeyCipher, lines: Iterable[str]) 
     return report
 
 
-def list_keys(conn: sqlite3.Connection, limit: int = 1000) -> list[sqlite3.Row]:
+def list_keys(conn: sqlite3.Connection, limit: int = 1000, after_id: int = 0) -> list[sqlite3.Row]:
+    """Oldest first; `after_id` continues a page (keyset pagination)."""
     return conn.execute(
         "SELECT id, last4, state, state_reason, cooldown_until, weight, requests,"
         " prompt_tokens, completion_tokens, cost, last_used_at, created_at"
-        " FROM upstream_keys ORDER BY id LIMIT ?",
-        (limit,),
+        " FROM upstream_keys WHERE id > ? ORDER BY id LIMIT ?",
+        (after_id, limit),
     ).fetchall()
 
 

@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 1000
 GATHER_SECONDS = 0.2  # inside DESIGN's "flush at least every 250 ms"
 WRITE_ATTEMPTS = 5
+PURGE_SECONDS = 60.0  # how often retention is applied
+
+
+@dataclass(frozen=True)
+class Retention:
+    keep_days: float = 0  # 0: no age limit
+    max_rows: int = 0  # 0: no row limit
 
 
 class CapturedFlow(Protocol):
@@ -48,6 +55,9 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="keyrotor-writer", daemon=True)
         self._users = 0
         self.rows_written = 0
+        self.rows_purged = 0
+        self.retention = Retention()
+        self._next_purge = time.monotonic()  # the first round runs at start-up
 
     def put(self, item: CapturedFlow | KeyStateChange) -> None:
         self._queue.put(item)
@@ -67,7 +77,11 @@ class Writer:
             while not stopping:
                 # Block for the first item, then let more arrive for a moment: a commit per
                 # row (and a thread switch per row) costs more than the row itself.
-                batch = [self._queue.get()]
+                try:
+                    batch = [self._queue.get(timeout=max(0.01, self._next_purge - time.monotonic()))]
+                except queue.Empty:
+                    self._purge(conn)
+                    continue
                 if batch[0] is not _STOP:
                     time.sleep(GATHER_SECONDS)
                 while len(batch) < MAX_BATCH:
@@ -80,8 +94,31 @@ class Writer:
                     batch = [item for item in batch if item is not _STOP]
                     batch += self._drain()
                 self._write(conn, batch)
+                if time.monotonic() >= self._next_purge:
+                    self._purge(conn)
         finally:
             conn.close()
+
+    def _purge(self, conn) -> None:
+        """Apply retention a chunk at a time, yielding to capture whenever rows are waiting."""
+        self._next_purge = time.monotonic() + PURGE_SECONDS
+        keep = self.retention
+        try:
+            rollups.drop_old_minutes(conn, time.time())
+            conn.commit()
+            if not keep.keep_days and not keep.max_rows:
+                return
+            older_than = time.time() - keep.keep_days * 86400 if keep.keep_days else None
+            while True:
+                deleted = flows.purge_chunk(conn, older_than, keep.max_rows or None)
+                self.rows_purged += deleted
+                if deleted < flows.PURGE_CHUNK:
+                    return
+                if not self._queue.empty():
+                    self._next_purge = time.monotonic()  # capture first; carry on after its batch
+                    return
+        except sqlite3.Error:
+            log.exception("applying retention failed; trying again in %d s", PURGE_SECONDS)
 
     def _drain(self) -> list:
         items = []

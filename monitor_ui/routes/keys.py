@@ -1,15 +1,26 @@
-"""Upstream keys through the JSON API: list, weight, re-validation. Values never leave the database."""
+"""Upstream keys: the admin page and its JSON API. Values never leave the database; pages show the last four."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
 from addons import probe
-from monitor_ui.deps import AdminApi, AdminApiChange, Conn, WriteConn
+from monitor_ui import views
+from monitor_ui.auth import SESSION_COOKIE
+from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, Signer, WriteConn
 from storage import secrets, upstream_keys
 
 router = APIRouter()
+
+PAGE_SIZE = 100
+MAX_BULK_LINES = 10_000
+# What a finished action says on the page after its redirect; the query carries only the code and counts.
+DONE = {"enabled": "enabled", "disabled": "disabled", "deleted": "deleted", "reset": "returned to active",
+        "weighted": "re-weighted"}  # fmt: skip
 
 
 class WeightChange(BaseModel):
@@ -21,19 +32,90 @@ class ValidationRequest(BaseModel):
     all: bool = Field(False, description="with no ids: every key that is not disabled")
 
 
+class KeysToAdd(BaseModel):
+    keys: list[str] = Field(max_length=MAX_BULK_LINES, description="one key per item; a Bearer prefix is removed")
+
+
 def key_summary(row) -> dict:
     return {
         "id": row["id"], "key": f"…{row['last4']}", "state": row["state"], "state_reason": row["state_reason"],
         "cooldown_until": row["cooldown_until"], "weight": row["weight"], "requests": row["requests"],
-        "prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"],
+        "prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"], "cost": row["cost"],
         "last_used_at": row["last_used_at"], "created_at": row["created_at"],
     }  # fmt: skip
 
 
+def _page(conn, after: int) -> dict:
+    rows = upstream_keys.list_keys(conn, PAGE_SIZE, after)
+    return {
+        "keys": [key_summary(r) for r in rows],
+        "next_after": rows[-1]["id"] if len(rows) == PAGE_SIZE else None,
+        "by_state": upstream_keys.count_by_state(conn),
+    }
+
+
+def _report(report: upstream_keys.AddReport) -> dict:
+    return {"added": report.added, "duplicates": report.duplicates, "malformed_lines": report.malformed}
+
+
+def _render(request: Request, conn, signer, after: int = 0, **extra):
+    csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
+    context = {**_page(conn, after), "csrf": csrf, "section": "keys", "iso": views.iso, **extra}
+    return request.app.state.templates.TemplateResponse(request, "keys.html", context)
+
+
+After = Annotated[int, Query(ge=0, description="continue after this key id (keyset pagination)")]
+
+
+@router.get("/keys", response_class=HTMLResponse, dependencies=[AdminPage])
+def list_keys(request: Request, conn: Conn, signer: Signer, after: After = 0, done: str | None = None,
+              count: Annotated[int, Query(ge=0)] = 0):  # fmt: skip
+    """Upstream keys: add in bulk, state, usage, and the actions on them."""
+    message = f"{count} key(s) {DONE[done]}." if done in DONE else None
+    return _render(request, conn, signer, after, message=message)
+
+
 @router.get("/api/keys", dependencies=[AdminApi])
-def list_keys_json(conn: Conn) -> dict:
-    """Every upstream key, masked, with state and usage."""
-    return {"keys": [key_summary(r) for r in upstream_keys.list_keys(conn)]}
+def list_keys_json(conn: Conn, after: After = 0) -> dict:
+    """Upstream keys, masked, with state and usage; 100 per page."""
+    return _page(conn, after)
+
+
+@router.post("/keys/add", response_class=HTMLResponse, dependencies=[AdminForm])
+def create_keys(
+    request: Request, conn: WriteConn, signer: Signer, keys: Annotated[str, Form(max_length=5_000_000)] = ""
+):
+    """Bulk add from the textarea, one key per line; the page reports added, duplicate and malformed lines."""
+    lines = keys.splitlines()[:MAX_BULK_LINES]
+    report = upstream_keys.add_keys(conn, secrets.key_cipher(request.app.state.db_path), lines)
+    return _render(request, conn, signer, report=_report(report))
+
+
+@router.post("/api/keys", dependencies=[AdminApiChange])
+def create_keys_json(request: Request, wanted: KeysToAdd, conn: WriteConn) -> dict:
+    """Add keys; says which were added (ids), how many were duplicates, which items were malformed (1-based)."""
+    return _report(upstream_keys.add_keys(conn, secrets.key_cipher(request.app.state.db_path), wanted.keys))
+
+
+def _change(conn, action: str, ids: list[int]) -> int:
+    if action == "delete":
+        return upstream_keys.delete_keys(conn, ids)
+    state = "active" if action == "enable" else "disabled"
+    return upstream_keys.set_admin_state(conn, ids, state, f"{action}d by admin")
+
+
+@router.post("/keys/{key_id}/{action}", dependencies=[AdminForm])
+async def change_key(request: Request, key_id: int, action: str, conn: WriteConn) -> RedirectResponse:
+    """Enable, disable, delete or validate one key from the page."""
+    if action == "validate":
+        results = await probe.validate_keys(
+            conn, secrets.key_cipher(request.app.state.db_path), request.app.state.upstream, [key_id]
+        )
+        return RedirectResponse(f"/keys?done=validated&count={len(results)}#key-{key_id}", status_code=303)
+    if action not in ("enable", "disable", "delete"):
+        raise HTTPException(404, f"No key action {action!r}.")
+    count = _change(conn, action, [key_id])
+    return RedirectResponse(f"/keys?done={action}d&count={count}", status_code=303)
 
 
 @router.post("/api/keys/{key_id}/weight", dependencies=[AdminApiChange])
@@ -42,6 +124,44 @@ def update_key_weight(key_id: int, change: WeightChange, conn: WriteConn) -> dic
     if not upstream_keys.set_weight(conn, [key_id], change.weight):
         raise HTTPException(404, f"No upstream key with id {key_id}.")
     return {"id": key_id, "weight": change.weight}
+
+
+@router.post("/api/keys/{key_id}/{action}", dependencies=[AdminApiChange])
+def change_key_json(key_id: int, action: str, conn: WriteConn) -> dict:
+    """enable, disable or delete one key; the proxy applies it within a second."""
+    if action not in ("enable", "disable", "delete"):
+        raise HTTPException(404, f"No key action {action!r}; use enable, disable, delete, weight or validate.")
+    if not _change(conn, action, [key_id]):
+        raise HTTPException(404, f"No upstream key with id {key_id}.")
+    return {"id": key_id, "done": action}
+
+
+@router.post("/keys/reset-invalid", dependencies=[AdminForm])
+def reset_invalid_keys(conn: WriteConn) -> RedirectResponse:
+    """Every invalid key back to active (they are tried, and marked again if still refused)."""
+    ids = upstream_keys.ids_in_state(conn, ["invalid"])
+    count = upstream_keys.set_admin_state(conn, ids, "active", "reset by admin")
+    return RedirectResponse(f"/keys?done=reset&count={count}", status_code=303)
+
+
+@router.post("/api/keys/reset", dependencies=[AdminApiChange])
+def reset_keys_json(conn: WriteConn, states: Annotated[list[str], Query()] = ["invalid"]) -> dict:  # noqa: B006
+    """Keys in these states (default: invalid) back to active."""
+    unknown = set(states) - {"invalid", "exhausted", "cooling"}
+    if unknown:
+        raise HTTPException(422, f"Only invalid, exhausted and cooling keys can be reset, not {sorted(unknown)}.")
+    ids = upstream_keys.ids_in_state(conn, states)
+    return {"reset": upstream_keys.set_admin_state(conn, ids, "active", "reset by admin")}
+
+
+@router.post("/keys/validate", response_class=HTMLResponse, dependencies=[AdminForm])
+async def validate_keys_page(request: Request, conn: WriteConn, signer: Signer):
+    """Probe every invalid and exhausted key; the page lists each result."""
+    results = await probe.validate_keys(
+        conn, secrets.key_cipher(request.app.state.db_path), request.app.state.upstream,
+        probe.ids_to_validate(conn, None, False),
+    )  # fmt: skip
+    return _render(request, conn, signer, validations=[r.as_dict() for r in results])
 
 
 @router.post("/api/keys/validate", dependencies=[AdminApiChange])

@@ -1,0 +1,73 @@
+"""Prometheus text format at /metrics, built from the rollups (no scan of the flows table)."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import PlainTextResponse
+
+from monitor_ui.auth import SESSION_COOKIE
+from monitor_ui.deps import Conn, Signer
+from storage import rollups, upstream_keys
+
+router = APIRouter()
+
+
+def _label(value: object) -> str:
+    # Model names come from request bodies: escape as the exposition format requires.
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**labels: object) -> str:
+    return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
+
+
+def render_metrics(conn) -> str:
+    lines = []
+
+    def family(name: str, kind: str, text: str) -> None:
+        lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
+
+    groups = rollups.by_labels(conn)
+    per_series = [(dict(model=m or "", upstream_key=k or "", client=c or ""), t) for m, k, c, t in groups]
+    family("keyrotor_requests_total", "counter", "Requests through the proxy.")
+    lines += [f"keyrotor_requests_total{_labels(**labels)} {t.requests}" for labels, t in per_series]
+    family("keyrotor_errors_total", "counter", "Requests that ended in a status >= 400 or no response.")
+    lines += [f"keyrotor_errors_total{_labels(**labels)} {t.errors}" for labels, t in per_series]
+    family("keyrotor_tokens_total", "counter", "Tokens reported by upstream, by kind.")
+    for labels, t in per_series:
+        lines.append(f"keyrotor_tokens_total{_labels(**labels, kind='prompt')} {t.prompt_tokens}")
+        lines.append(f"keyrotor_tokens_total{_labels(**labels, kind='completion')} {t.completion_tokens}")
+    family("keyrotor_cost_usd_total", "counter", "Estimated cost from prices.toml.")
+    lines += [f"keyrotor_cost_usd_total{_labels(**labels)} {t.cost:.6f}" for labels, t in per_series]
+
+    total = rollups.totals(conn, "hour", None)
+    family("keyrotor_request_duration_seconds", "histogram", "Time from request start to response end.")
+    cumulative = 0
+    for bound, count in zip((*rollups.BUCKETS_MS, None), total.latency, strict=True):
+        cumulative += count
+        le = "+Inf" if bound is None else f"{bound / 1000:g}"
+        lines.append(f'keyrotor_request_duration_seconds_bucket{{le="{le}"}} {cumulative}')
+    lines.append(f"keyrotor_request_duration_seconds_sum {total.duration_ms / 1000:.3f}")
+    lines.append(f"keyrotor_request_duration_seconds_count {cumulative}")
+
+    family("keyrotor_upstream_keys", "gauge", "Upstream keys per state.")
+    lines += [f"keyrotor_upstream_keys{_labels(state=s)} {n}" for s, n in upstream_keys.count_by_state(conn).items()]
+    return "\n".join(lines) + "\n"
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def read_metrics(request: Request, conn: Conn, signer: Signer) -> PlainTextResponse:
+    """Counters, latency histogram and key states for Prometheus: the admin key, a session, or the metrics token."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    metrics_token = request.app.state.metrics_token
+    allowed = (
+        (metrics_token and token and hmac.compare_digest(token, metrics_token))
+        or signer.check_admin_key(token)
+        or signer.valid_session(request.cookies.get(SESSION_COOKIE))
+    )
+    if not allowed:
+        raise HTTPException(401, "Send the metrics token (ui.metrics_token) or the admin key as a Bearer token.")
+    return PlainTextResponse(render_metrics(conn), media_type="text/plain; version=0.0.4")

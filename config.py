@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from storage.prices import PriceFileError, load_prices
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "config.toml"
 
@@ -103,6 +105,7 @@ SETTINGS = [
     Setting("proxy", "web_port", 8082, _port),
     Setting("ui", "host", "127.0.0.1", _text),
     Setting("ui", "port", 8081, _port),
+    Setting("ui", "metrics_token", "", lambda v: "" if v in ("", None) else _text(v)),
     Setting("storage", "path", "data/keyrotor.db", _text),
     Setting("keypool", "strategy", "round_robin", _one_of(*STRATEGIES)),
     Setting("keypool", "cooldown_seconds", 60, _positive_integer),
@@ -116,6 +119,7 @@ SETTINGS = [
     Setting("keypool", "revalidate_seconds", 900, _non_negative_integer),
     Setting("capture", "bodies", "truncated", _one_of(*BODY_MODES)),
     Setting("capture", "max_body_bytes", 1_048_576, _positive_integer),
+    Setting("capture", "prices", "prices.toml", _text),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 # Settings the proxy's addons declare as mitmproxy options named <section>_<key>.
@@ -168,12 +172,19 @@ def load_settings(
         except ValueError as e:
             raise ConfigError(f"{setting.name} {e} (got {raw!r} from {source}).") from None
 
-    storage = Path(values["storage.path"]).expanduser()
-    if not storage.is_absolute():
-        # Relative paths in the file mean "beside the file"; elsewhere, the working directory.
-        base = path.parent if sources["storage.path"] == str(path) else Path.cwd()
-        storage = base / storage
-    values["storage.path"] = str(storage)
+    # Relative paths in the file mean "beside the file"; elsewhere, the working directory. The
+    # default price table is the one shipped with keyrotor, wherever keyrotor is started from.
+    for name, default_base in (("storage.path", Path.cwd()), ("capture.prices", ROOT)):
+        value = Path(values[name]).expanduser()
+        if not value.is_absolute():
+            bases = {str(path): path.parent, "the default": default_base}
+            value = bases.get(sources[name], Path.cwd()) / value
+        values[name] = str(value)
+    try:
+        # Read here too, so that a broken prices file stops start-up rather than only the capture addon.
+        load_prices(values["capture.prices"])
+    except PriceFileError as e:
+        raise ConfigError(f"capture.prices (from {sources['capture.prices']}): {e}") from None
     return Settings(values=values, config_path=path if path.exists() else None)
 
 

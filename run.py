@@ -294,24 +294,36 @@ def _when(timestamp: float | None) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _dollars(cost: float | None) -> str:
+    return f"${cost or 0:.4f}"
+
+
 def _print_keys(rows) -> None:
-    print(f"{'id':>5}  {'key':<8}  {'state':<9}  {'requests':>8}  {'last used':<20}  reason")
+    print(
+        f"{'id':>5}  {'key':<8}  {'state':<9}  {'weight':>6}  {'requests':>8}  {'tokens in/out':>17}  {'cost':>10}"
+        f"  {'last used':<20}  reason"
+    )
     for row in rows:
         reason = row["state_reason"] or ""
         if row["state"] == "cooling":
             reason += f" until {_when(row['cooldown_until'])}"
+        tokens = f"{row['prompt_tokens']}/{row['completion_tokens']}"
         print(
-            f"{row['id']:>5}  …{row['last4']:<7}  {row['state']:<9}  {row['requests']:>8}"
-            f"  {_when(row['last_used_at']):<20}  {reason}"
+            f"{row['id']:>5}  …{row['last4']:<7}  {row['state']:<9}  {row['weight']:>6g}  {row['requests']:>8}"
+            f"  {tokens:>17}  {_dollars(row['cost']):>10}  {_when(row['last_used_at']):<20}  {reason}"
         )
 
 
 def _print_clients(rows) -> None:
-    print(f"{'id':>5}  {'name':<20}  {'key':<8}  {'enabled':<7}  {'requests':>8}  last used")
+    print(
+        f"{'id':>5}  {'name':<20}  {'key':<8}  {'enabled':<7}  {'requests':>8}  {'tokens in/out':>17}  {'cost':>10}"
+        "  last used"
+    )
     for row in rows:
+        tokens = f"{row['prompt_tokens']}/{row['completion_tokens']}"
         print(
             f"{row['id']:>5}  {row['name']:<20}  …{row['last4']:<7}  {'yes' if row['enabled'] else 'no':<7}"
-            f"  {row['requests']:>8}  {_when(row['last_used_at'])}"
+            f"  {row['requests']:>8}  {tokens:>17}  {_dollars(row['cost']):>10}  {_when(row['last_used_at'])}"
         )
 
 

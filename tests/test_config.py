@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from config import ConfigError, load_settings
+from config import ROOT, ConfigError, load_settings
 
 
 @pytest.fixture
@@ -33,6 +33,32 @@ def test_relative_storage_path_is_beside_the_config_file(config_file, tmp_path, 
     monkeypatch.chdir(tmp_path)
     from_env = load_settings(config_file, environ={"KEYROTOR_STORAGE_PATH": "elsewhere.db"})
     assert from_env.storage_path == tmp_path / "elsewhere.db"
+
+
+def test_the_prices_file_resolves_like_the_database(config_file, tmp_path, monkeypatch):
+    assert load_settings(config_file, environ={})["capture.prices"] == str(ROOT / "prices.toml")  # the shipped one
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "prices.toml").write_text('["m"]\ninput = 1\noutput = 2\n')
+    config_file.write_text(config_file.read_text() + '[capture]\nprices = "state/prices.toml"\n')
+    assert load_settings(config_file, environ={})["capture.prices"] == str(tmp_path / "state" / "prices.toml")
+    monkeypatch.chdir(tmp_path / "state")
+    from_env = load_settings(config_file, environ={"KEYROTOR_CAPTURE_PRICES": "prices.toml"})
+    assert from_env["capture.prices"] == str(tmp_path / "state" / "prices.toml")
+
+
+@pytest.mark.parametrize(
+    "content, names",
+    [(None, ["does not exist"]), ('["gpt-4o"]\ninput = 2.5\n', ['model "gpt-4o"', 'lacks "output"'])],
+)
+def test_an_unusable_prices_file_stops_start_up(tmp_path, content, names):
+    prices = tmp_path / "prices.toml"
+    if content is not None:
+        prices.write_text(content)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"KEYROTOR_CAPTURE_PRICES": str(prices)})
+    message = str(raised.value)
+    assert all(n in message for n in ["capture.prices", "KEYROTOR_CAPTURE_PRICES", str(prices), *names]), message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from mitmproxy.net import encoding
 
 from config import BODY_MODES, default_of
 from storage import writer
+from storage.prices import PriceFileError, PriceTable, load_prices
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +32,26 @@ RECORDED = "keyrotor.capture.recorded"
 
 @dataclass
 class StreamTee:
-    """Passes each read of a streamed body straight on, keeping a copy and its arrival time."""
+    """Passes each read of a streamed body straight on, keeping a copy and its arrival time.
+
+    When another addon already set a stream callable (`inner`), the copy is of what upstream
+    sent and the client gets what `inner` makes of it: bytes or an iterable of bytes.
+    """
 
     first_byte: float
+    inner: Callable[[bytes], bytes | Iterable[bytes]] | None = None
     chunks: list[bytes] = field(default_factory=list)
     times: list[tuple[float, int]] = field(default_factory=list)
     ended_at: float | None = None
 
-    def __call__(self, data: bytes) -> bytes:
+    def __call__(self, data: bytes) -> bytes | Iterable[bytes]:
         now = time.time()
         if data:
             self.chunks.append(data)
             self.times.append((now, len(data)))
         else:
             self.ended_at = now
-        return data
+        return data if self.inner is None else self.inner(data)
 
 
 def redact(fields: tuple[tuple[bytes, bytes], ...]) -> list[list[str]]:
@@ -121,6 +128,7 @@ class CapturedFlow:
     chunk_times: list[tuple[float, int]] | None = None
     error: str | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)  # the key pool's, one per upstream try
+    prices: PriceTable = field(default_factory=PriceTable)  # shared by every flow, loaded once in configure
 
     def to_row(self) -> dict[str, Any]:
         request_body = decoded(self.request_body, self.request_encoding)
@@ -156,6 +164,7 @@ class CapturedFlow:
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"),
             "total_tokens": usage.get("total_tokens"),
+            "cost": self.prices.cost(model, usage.get("prompt_tokens"), usage.get("completion_tokens")),
             "client_addr": self.client_addr,
             "error": self.error,
             "request_headers": json.dumps(redact(self.request_fields)),
@@ -177,6 +186,7 @@ class Capture:
         self._defaults = defaults
         self._tees: dict[str, StreamTee] = {}  # by flow.id: flow.metadata gets deep-copied by mitmweb
         self._writer: writer.Writer | None = None
+        self._prices = PriceTable()
         self.db_path: Path | None = None
 
     def load(self, loader) -> None:
@@ -188,6 +198,10 @@ class Capture:
             "capture_max_body_bytes", int, default_of(self._defaults, "capture.max_body_bytes"),
             "With capture_bodies=truncated, bytes kept of each body.",
         )  # fmt: skip
+        loader.add_option(
+            "capture_prices", str, default_of(self._defaults, "capture.prices"),
+            "TOML file of model prices (USD per million input and output tokens) for cost estimates.",
+        )  # fmt: skip
 
     def configure(self, updated: set[str]) -> None:
         if "capture_bodies" in updated and ctx.options.capture_bodies not in BODY_MODES:
@@ -196,6 +210,11 @@ class Capture:
             )
         if "capture_max_body_bytes" in updated and ctx.options.capture_max_body_bytes <= 0:
             raise exceptions.OptionsError("capture_max_body_bytes must be above zero.")
+        if "capture_prices" in updated:
+            try:
+                self._prices = load_prices(Path(ctx.options.capture_prices).expanduser())
+            except PriceFileError as e:
+                raise exceptions.OptionsError(f"capture_prices: {e}") from None
         if "keyrotor_storage" in updated:
             self.db_path = Path(ctx.options.keyrotor_storage)
 
@@ -208,9 +227,10 @@ class Capture:
             self._writer = None
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response.stream or "text/event-stream" not in flow.response.headers.get("content-type", ""):
+        if "text/event-stream" not in flow.response.headers.get("content-type", ""):
             return
-        tee = StreamTee(first_byte=flow.response.timestamp_start or time.time())
+        inner = flow.response.stream if callable(flow.response.stream) else None
+        tee = StreamTee(first_byte=flow.response.timestamp_start or time.time(), inner=inner)
         self._tees[flow.id] = tee
         flow.response.stream = tee
 
@@ -246,6 +266,7 @@ class Capture:
             max_body_bytes=ctx.options.capture_max_body_bytes,
             error=flow.error.msg if flow.error else None,
             attempts=list(keypool.get("attempts") or ()),
+            prices=self._prices,
         )
         response = flow.response
         if response is None:
@@ -264,7 +285,10 @@ class Capture:
         else:
             # A stream that arrived whole: a retried attempt's answer (see addons/keypool.py).
             captured.is_sse = "text/event-stream" in response.headers.get("content-type", "")
-            captured.response_body = response.raw_content
+            # The usage addon may have taken its usage chunk out of what the client got.
+            captured.response_body = (flow.metadata.get("keyrotor.usage") or {}).get(
+                "upstream_body", response.raw_content
+            )
             captured.ended_at = response.timestamp_end or time.time()
         if flow.error:
             captured.ended_at = flow.error.timestamp

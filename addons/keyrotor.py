@@ -1,6 +1,7 @@
 """The script mitmproxy loads: `mitmdump -s addons/keyrotor.py --mode reverse:https://api.openai.com`.
 
-Addon order is the order of decisions: who is calling, which key, what happened.
+Addon order is the order of decisions: who is calling, which key, what else to ask
+upstream for (token usage), what happened.
 Option defaults come from config.toml and KEYROTOR_* variables, so plain mitmdump
 behaves like `run.py proxy`; run.py passes its resolved settings with --set.
 """
@@ -20,6 +21,7 @@ from mitmproxy import ctx  # noqa: E402
 from addons.access import Access  # noqa: E402
 from addons.capture import Capture  # noqa: E402
 from addons.keypool import KeyPool  # noqa: E402
+from addons.usage import Usage  # noqa: E402
 from config import ConfigError, load_settings  # noqa: E402
 from storage import db, secrets  # noqa: E402
 
@@ -57,4 +59,4 @@ try:
 except ConfigError as e:
     raise SystemExit(f"keyrotor: {e}") from None
 
-addons = [KeyRotor(_settings), Access(), KeyPool(_settings), Capture(_settings)]
+addons = [KeyRotor(_settings), Access(), KeyPool(_settings), Usage(), Capture(_settings)]

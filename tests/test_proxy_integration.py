@@ -267,3 +267,46 @@ def test_unreachable_upstream_gives_502_and_a_row(keyrotor: Keyrotor):
     assert response.status_code == 502
     (row,) = wait_rows(keyrotor, 1)
     assert row["error"] and row["upstream_key_id"] == 1
+
+
+def test_streams_have_token_counts_though_the_client_did_not_ask(running, upstream: FakeUpstream):
+    kr, client_key = running
+    client = client_for(kr, client_key)
+    plain = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))
+
+    assert chunks and all(chunk.choices for chunk in chunks), "a client that did not ask got a usage-only chunk"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
+    assert json.loads(upstream.received[-1].body)["stream_options"] == {"include_usage": True}
+    _, streamed = wait_rows(kr, 2)
+    assert (streamed["stream"], streamed["prompt_tokens"], streamed["completion_tokens"], streamed["total_tokens"]) == (
+        1, plain.usage.prompt_tokens, plain.usage.completion_tokens, plain.usage.total_tokens,
+    )  # fmt: skip
+    assert '"choices": [], "usage": {' in streamed["response_body"]  # the row keeps what upstream sent
+
+
+def test_a_client_that_asked_for_usage_still_gets_its_usage_chunk(running, upstream: FakeUpstream):
+    kr, client_key = running
+    chunks = list(
+        client_for(kr, client_key).chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    usage_only = [c for c in chunks if not c.choices]
+    assert len(usage_only) == 1 and chunks[-1] is usage_only[0]
+    assert usage_only[0].usage.total_tokens > 0
+    assert json.loads(upstream.received[-1].body)["stream_options"] == {"include_usage": True}
+    (row,) = wait_rows(kr, 1)
+    assert row["total_tokens"] == usage_only[0].usage.total_tokens
+
+
+def test_a_retried_stream_has_no_usage_chunk_either(running, upstream: FakeUpstream):
+    kr, client_key = running
+    upstream.set_key(GOOD[0], "ratelimit", times=1, retry_after="1")
+    client = client_for(kr, client_key)
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))
+
+    assert upstream.keys_seen() == GOOD  # the 429 was retried on the other key, the answer delivered whole
+    assert chunks and all(chunk.choices for chunk in chunks)
+    (row,) = wait_rows(kr, 1)
+    assert row["attempts"] == 2 and row["total_tokens"] and row["prompt_tokens"] and row["completion_tokens"]

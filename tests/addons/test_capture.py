@@ -7,9 +7,12 @@ import json
 import sqlite3
 
 import pytest
+from mitmproxy import exceptions
 from mitmproxy.test import tflow, tutils
 
 from addons.capture import Capture, CapturedFlow, StreamTee, redact, sse_usage
+from config import ROOT
+from storage.prices import Price, PriceTable
 from tests.conftest import addon_context, wait_for
 
 SSE = (
@@ -70,6 +73,24 @@ def test_binary_and_odd_bodies_do_not_break_the_row():
     assert row["model"] is None and row["total_tokens"] is None and "binary" in row["request_body"]
 
 
+@pytest.mark.parametrize(
+    "model, cost",
+    [("gpt-4o-mini", (3 * 0.15 + 4 * 0.60) / 1e6), ("gpt-4o-mini-2024-07-18", (3 * 0.15 + 4 * 0.60) / 1e6),
+     ("llama-3-70b", None)],
+)  # fmt: skip
+def test_cost_of_a_row_from_its_model_and_usage(model, cost):
+    prices = PriceTable({"gpt-4o-mini": Price(0.15, 0.60)})
+    row = captured(request_body=json.dumps({"model": model}).encode(), prices=prices).to_row()
+    assert row["cost"] == (pytest.approx(cost) if cost else None)
+    assert row["total_tokens"] == 7  # an unknown model still counts its tokens
+
+
+def test_rows_without_usage_or_prices_have_no_cost():
+    assert captured(response_body=b'{"error": {"code": "rate_limit_exceeded"}}',
+                    prices=PriceTable({"gpt-4o-mini": Price(0.15, 0.60)})).to_row()["cost"] is None  # fmt: skip
+    assert captured().to_row()["cost"] is None
+
+
 def test_sse_usage_ignores_chunks_without_usage():
     assert sse_usage(b'data: {"usage": null}\n\ndata: [DONE]\n\n') is None
 
@@ -89,7 +110,8 @@ def test_tee_passes_bytes_through_unchanged():
 @pytest.fixture
 def capture(database):
     addon = Capture()
-    with addon_context(addon, database):
+    with addon_context(addon, database) as tctx:
+        tctx.configure(addon, capture_prices=str(ROOT / "prices.toml"))  # mitmdump configures every option at start
         addon.running()
         yield addon, database
         addon.done()
@@ -123,3 +145,52 @@ def test_a_flow_reporting_response_and_error_is_one_row(capture):
     rows = wait_for(stored, what="two rows")
     assert rows[0][:2] == (flow.id, 200)
     assert rows[1][0] == failed.id and rows[1][1] is None and rows[1][2] == "error"
+
+
+def chat_flow(model: str, usage: dict) -> tflow.HTTPFlow:
+    return tflow.tflow(
+        req=tutils.treq(method=b"POST", path=b"/v1/chat/completions", content=json.dumps({"model": model}).encode()),
+        resp=tutils.tresp(headers=((b"content-type", b"application/json"),), content=json.dumps({"usage": usage}).encode()),
+    )  # fmt: skip
+
+
+def test_captured_chat_flows_are_priced_from_the_prices_file(capture):
+    addon, path = capture
+    usage = {"prompt_tokens": 1200, "completion_tokens": 300, "total_tokens": 1500}
+    addon.response(chat_flow("gpt-4o-2024-08-06", usage))
+    addon.response(chat_flow("some-local-model", usage))
+
+    def stored():
+        conn = sqlite3.connect(path)
+        rows = conn.execute("SELECT model, total_tokens, cost FROM flows ORDER BY id").fetchall()
+        conn.close()
+        return len(rows) == 2 and rows
+
+    priced, unknown = wait_for(stored, what="two rows")
+    assert priced[:2] == ("gpt-4o-2024-08-06", 1500) and priced[2] == pytest.approx(0.006)  # $2.50 and $10 per 1M
+    assert unknown == ("some-local-model", 1500, None)
+
+
+def test_a_prices_file_of_ones_own_is_used(tmp_path, database):
+    prices = tmp_path / "mine.toml"
+    prices.write_text('["house-model"]\ninput = 1\noutput = 2\n')
+    addon = Capture()
+    with addon_context(addon, database) as tctx:
+        tctx.configure(addon, capture_prices=str(prices))
+        assert addon.snapshot(chat_flow("house-model", {})).prices.cost("house-model", 10**6, 10**6) == 3.0
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [(None, ["does not exist"]), ('["gpt-4o"]\ninput = 2.5\n', ['model "gpt-4o"', 'lacks "output"'])],
+)
+def test_a_missing_or_malformed_prices_file_is_refused(tmp_path, database, content, words):
+    prices = tmp_path / "prices.toml"
+    if content is not None:
+        prices.write_text(content)
+    addon = Capture()
+    with addon_context(addon, database) as tctx:
+        with pytest.raises(exceptions.OptionsError) as raised:
+            tctx.configure(addon, capture_prices=str(prices))
+    message = str(raised.value)
+    assert "capture_prices" in message and str(prices) in message and all(w in message for w in words), message

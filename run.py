@@ -137,6 +137,9 @@ def proxy_argv(settings: Settings, web: bool) -> list[str]:
         "--listen-host", settings["proxy.host"],
         "--listen-port", str(settings["proxy.port"]),
         "--set", f"keyrotor_storage={settings.storage_path}",
+        # Also set by the addon when it starts running, but the listener opens before that:
+        # on the command line it holds for the very first connection too.
+        "--set", "connection_strategy=lazy",
     ]  # fmt: skip
     for setting in ADDON_SETTINGS:  # each is the addon option <section>_<key>
         argv += ["--set", f"{setting.section}_{setting.key}={settings[setting.name]}"]

@@ -27,7 +27,9 @@ SECURITY_HEADERS = {
         " connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on our own form
+    # posts, which the login's cross-site check must refuse. Other sites still get no referrer.
+    "referrer-policy": "same-origin",
     "x-frame-options": "DENY",
 }
 
@@ -46,6 +48,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.signer = SessionSigner(settings.storage_path)
     app.state.upstream = settings["proxy.upstream"]  # where key probes go
     app.state.metrics_token = settings["ui.metrics_token"]
+    # Where clients send requests: what "copy as curl" points at.
+    app.state.proxy_url = f"http://{settings['proxy.host']}:{settings['proxy.port']}"
     app.state.templates = templates
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     for module in (auth, clients, dashboard, flows, health, keys, metrics):

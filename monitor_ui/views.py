@@ -100,7 +100,7 @@ CURL_SKIPPED = frozenset({"host", "content-length", "connection", "accept-encodi
 
 
 def curl_command(detail: dict[str, Any], origin: str) -> str:
-    """The request as a curl command line, with the client key left as $KEYROTOR_API_KEY."""
+    """The request as a curl command line against the proxy, with the client key left as $KEYROTOR_API_KEY."""
     parts = ["curl", "-X", detail["method"], shlex.quote(origin.rstrip("/") + detail["path"])]
     for name, value in detail["request_headers"]:
         lowered = name.lower()

@@ -35,7 +35,7 @@ def _detail(request: Request, conn, flow_row_id: int) -> dict:
     detail = views.flow_detail(row)
     detail["attempt_list"] = [dict(a) for a in flows.attempts_of(conn, row["flow_id"])]
     detail["events"] = views.sse_events(row["response_body"], detail["chunk_times"]) if row["stream"] else []
-    detail["curl"] = views.curl_command(detail, request.app.state.upstream)
+    detail["curl"] = views.curl_command(detail, request.app.state.proxy_url)
     return detail
 
 

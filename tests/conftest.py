@@ -100,6 +100,21 @@ class Keyrotor:
         wait_for(lambda: port_open(self.proxy_port) or process.poll() is not None, START_DEADLINE, what="proxy")
         assert process.poll() is None, self.log_path.read_text()
 
+    @property
+    def ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.ui_port}"
+
+    def start_ui(self, *extra: str) -> None:
+        self.ui_port = free_port()
+        log = (self.tmp / "ui.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "run.py"), "ui", "--ui-port", str(self.ui_port), *extra],
+            env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.processes.append(process)
+        wait_for(lambda: port_open(self.ui_port) or process.poll() is not None, START_DEADLINE, what="UI")
+        assert process.poll() is None, (self.tmp / "ui.log").read_text()
+
     def stop(self) -> None:
         for process in self.processes:
             if process.poll() is None:

@@ -120,6 +120,8 @@ SETTINGS = [
     Setting("capture", "bodies", "truncated", _one_of(*BODY_MODES)),
     Setting("capture", "max_body_bytes", 1_048_576, _positive_integer),
     Setting("capture", "prices", "prices.toml", _text),
+    Setting("capture", "keep_days", 30, _non_negative_integer),
+    Setting("capture", "max_rows", 0, _non_negative_integer),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 # Settings the proxy's addons declare as mitmproxy options named <section>_<key>.

@@ -199,6 +199,14 @@ class Capture:
             "With capture_bodies=truncated, bytes kept of each body.",
         )  # fmt: skip
         loader.add_option(
+            "capture_keep_days", int, default_of(self._defaults, "capture.keep_days"),
+            "Flows older than this many days are deleted (0: never).",
+        )  # fmt: skip
+        loader.add_option(
+            "capture_max_rows", int, default_of(self._defaults, "capture.max_rows"),
+            "Beyond this many flows the oldest are deleted (0: no limit).",
+        )  # fmt: skip
+        loader.add_option(
             "capture_prices", str, default_of(self._defaults, "capture.prices"),
             "TOML file of model prices (USD per million input and output tokens) for cost estimates.",
         )  # fmt: skip
@@ -215,11 +223,20 @@ class Capture:
                 self._prices = load_prices(Path(ctx.options.capture_prices).expanduser())
             except PriceFileError as e:
                 raise exceptions.OptionsError(f"capture_prices: {e}") from None
+        for name in ("capture_keep_days", "capture_max_rows"):
+            if name in updated and getattr(ctx.options, name) < 0:
+                raise exceptions.OptionsError(f"{name} must be zero or more.")
         if "keyrotor_storage" in updated:
             self.db_path = Path(ctx.options.keyrotor_storage)
+        if self._writer:
+            self._writer.retention = self._retention()
+
+    def _retention(self) -> writer.Retention:
+        return writer.Retention(keep_days=ctx.options.capture_keep_days, max_rows=ctx.options.capture_max_rows)
 
     def running(self) -> None:
         self._writer = writer.acquire(self.db_path)
+        self._writer.retention = self._retention()
 
     def done(self) -> None:
         if self._writer:

@@ -12,6 +12,7 @@ from mitmproxy.test import tflow, tutils
 
 from addons.capture import Capture, CapturedFlow, StreamTee, redact, sse_usage
 from config import ROOT
+from storage import writer
 from storage.prices import Price, PriceTable
 from tests.conftest import addon_context, wait_for
 
@@ -111,7 +112,8 @@ def test_tee_passes_bytes_through_unchanged():
 def capture(database):
     addon = Capture()
     with addon_context(addon, database) as tctx:
-        tctx.configure(addon, capture_prices=str(ROOT / "prices.toml"))  # mitmdump configures every option at start
+        # mitmdump configures every option at start; the flows here are dated long ago, so no age limit
+        tctx.configure(addon, capture_prices=str(ROOT / "prices.toml"), capture_keep_days=0)
         addon.running()
         yield addon, database
         addon.done()
@@ -194,3 +196,16 @@ def test_a_missing_or_malformed_prices_file_is_refused(tmp_path, database, conte
             tctx.configure(addon, capture_prices=str(prices))
     message = str(raised.value)
     assert "capture_prices" in message and str(prices) in message and all(w in message for w in words), message
+
+
+def test_retention_options_reach_the_writer(database):
+    addon = Capture()
+    with addon_context(addon, database) as tctx:
+        addon.running()
+        try:
+            tctx.configure(addon, capture_keep_days=7, capture_max_rows=5000)
+            assert addon._writer.retention == writer.Retention(keep_days=7, max_rows=5000)
+            with pytest.raises(exceptions.OptionsError, match="capture_max_rows must be zero or more"):
+                tctx.configure(addon, capture_max_rows=-1)
+        finally:
+            addon.done()

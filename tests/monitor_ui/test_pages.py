@@ -1,0 +1,275 @@
+"""The monitor's pages and JSON twins on a seeded database: dashboard, filters and search, exports,
+flow detail extras, key and client administration, /metrics — and who may use them."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from config import load_settings
+from monitor_ui.app import create_app
+from storage import client_keys, db, flows, rollups, secrets, upstream_keys
+
+ADMIN = "kra-pages-test-admin-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+NOW = time.time()
+KEYS = ["sk-good-pages-aaaaaaaaaaaaaaaaaaaaa0001", "sk-good-pages-bbbbbbbbbbbbbbbbbbbbb0002"]
+
+
+def row(n: int, **overrides) -> dict:
+    body = {"model": overrides.get("model", "gpt-4o-mini"), "messages": [{"role": "user", "content": f"question {n}"}]}
+    base = {
+        "flow_id": f"flow-{n}", "started_at": NOW - 100 + n, "first_byte_at": NOW - 100 + n + 0.05,
+        "ended_at": NOW - 100 + n + 0.2, "duration_ms": 200.0, "method": "POST", "path": "/v1/chat/completions",
+        "status": 200, "model": "gpt-4o-mini", "stream": 0, "client_key_id": 1, "upstream_key_id": 1, "attempts": 1,
+        "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost": 0.0001, "client_addr": "127.0.0.1",
+        "request_headers": json.dumps([["content-type", "application/json"], ["authorization", "[redacted]"]]),
+        "response_headers": json.dumps([["content-type", "application/json"]]),
+        "request_body": json.dumps(body), "request_body_size": 80, "request_body_truncated": 0,
+        "response_body": json.dumps({"choices": [{"message": {"content": f"answer {n}"}}]}),
+        "response_body_size": 60, "response_body_truncated": 0,
+    }  # fmt: skip
+    return base | overrides
+
+
+ROWS = [
+    row(1),
+    row(2, model="gpt-4o", status=429, upstream_key_id=2, cost=None),
+    row(3, stream=1, response_body='data: {"choices":[{"delta":{"content":"zebra"}}]}\n\ndata: [DONE]\n\n',
+        chunk_times=json.dumps([[0, 51], [12.5, 14]]), attempts=2,
+        attempt_rows=[{"attempt": 1, "key_id": 2, "status": 429, "error": None, "started_at": NOW - 97,
+                       "duration_ms": 3.0},
+                      {"attempt": 2, "key_id": 1, "status": 200, "error": None, "started_at": NOW - 96.9,
+                       "duration_ms": 90.0}]),
+    row(4, path="/v1/embeddings", model="text-embedding-3-small", status=500, client_key_id=2),
+    row(5, status=None, error="server closed connection", request_body='{"model":"gpt-4o-mini","q":"aardvark"}'),
+]  # fmt: skip
+
+
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream) -> Iterator[TestClient]:
+    monkeypatch.setenv("KEYROTOR_ADMIN_KEY", ADMIN)
+    monkeypatch.delenv("KEYROTOR_SECRET", raising=False)
+    settings = load_settings(
+        overrides={"storage.path": str(tmp_path / "kr.db"), "proxy.upstream": upstream.url,
+                   "ui.metrics_token": "prom-token-123"}, environ={},
+    )  # fmt: skip
+    path = settings.storage_path
+    db.ensure_database(path)
+    conn = db.connect(path)
+    upstream_keys.add_keys(conn, secrets.key_cipher(path), KEYS)
+    client_keys.create_client(conn, "alice")
+    client_keys.create_client(conn, "bob")
+    with conn:
+        flows.insert_batch(conn, ROWS)
+        rollups.add_rows(conn, ROWS)
+    conn.close()
+    with TestClient(create_app(settings), follow_redirects=False) as test_client:
+        yield test_client
+
+
+def logged_in(client: TestClient) -> str:
+    """Log in; returns the CSRF token of the session's pages."""
+    assert client.post("/login", data={"admin_key": ADMIN}).status_code == 303
+    return re.search(r'name="csrf" value="([^"]+)"', client.get("/flows").text).group(1)
+
+
+def ids(response) -> list[int]:
+    return [f["id"] for f in response.json()["flows"]]
+
+
+PAGES = ["/dashboard", "/flows", "/flows/1", "/keys", "/clients"]
+APIS = ["/api/dashboard", "/api/flows", "/api/flows/1", "/api/keys", "/api/clients", "/api/flows/export.jsonl",
+        "/api/flows/export.har", "/metrics"]  # fmt: skip
+FORMS = ["/keys/add", "/keys/1/disable", "/keys/1/delete", "/keys/1/validate", "/keys/validate",
+         "/keys/reset-invalid", "/clients", "/clients/1/disable", "/clients/1/delete"]  # fmt: skip
+API_CHANGES = [("/api/keys", {"keys": ["sk-good-new-xxxxxxxxxxxxxxxxxxxxxxxx"]}), ("/api/keys/1/disable", None),
+               ("/api/keys/1/weight", {"weight": 2}), ("/api/keys/validate", {}), ("/api/keys/reset", None),
+               ("/api/clients", {"name": "carol"}), ("/api/clients/1/delete", None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("url", PAGES)
+def test_pages_send_strangers_to_login(client, url):
+    response = client.get(url)
+    assert response.status_code == 303 and response.headers["location"].startswith("/login?next=")
+
+
+@pytest.mark.parametrize("url", APIS)
+def test_apis_refuse_strangers(client, url):
+    response = client.get(url, headers={"Authorization": "Bearer kra-wrong"})
+    assert response.status_code == 401
+    assert "error" in response.json()
+
+
+@pytest.mark.parametrize("url", FORMS)
+def test_form_posts_without_the_csrf_token_change_nothing(client, url):
+    logged_in(client)
+    before = client.get("/api/keys", headers=AUTH).json(), client.get("/api/clients", headers=AUTH).json()
+    response = client.post(url, data={"keys": "sk-good-sneaky-xxxxxxxxxxxxxxxxxxxx", "name": "mallory"})
+    assert response.status_code == 403
+    assert (client.get("/api/keys", headers=AUTH).json(), client.get("/api/clients", headers=AUTH).json()) == before
+
+
+@pytest.mark.parametrize("url, body", API_CHANGES)
+def test_api_changes_with_a_session_need_the_csrf_header(client, url, body):
+    logged_in(client)
+    assert client.post(url, json=body).status_code == 403
+
+
+@pytest.mark.parametrize("url", PAGES + APIS)
+def test_every_page_and_twin_works_for_the_admin(client, url):
+    logged_in(client)
+    response = client.get(url)
+    assert response.status_code == 200, response.text[:300]
+    assert response.headers["content-security-policy"].startswith("default-src 'none'")
+
+
+@pytest.mark.parametrize(
+    "query, expected",
+    [("", [5, 4, 3, 2, 1]), ("status=2xx", [3, 1]), ("status=4xx", [2]), ("status=5xx", [4]), ("status=error", [5]),
+     ("model=gpt-4o", [2]), ("path=/v1/emb", [4]), ("client=2", [4]), ("key=2", [2]), ("stream=yes", [3]),
+     ("stream=no", [5, 4, 2, 1]), ("q=aardvark", [5]), ("q=zebra", [3]), ("q=question+2", [2]),
+     ("q=question&status=2xx", [3, 1]), ("q=nothing-like-this", []), ("q=%22unbalanced+AND+(", []),
+     ("after=3", [5, 4])],
+)  # fmt: skip
+def test_filters_and_search_return_the_right_flows(client, query, expected):
+    assert ids(client.get(f"/api/flows?{query}", headers=AUTH)) == expected
+
+
+def test_time_range_filter_takes_iso_times_as_utc(client):
+    since = datetime.fromtimestamp(NOW - 100 + 2.5, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")  # no zone: UTC
+    assert ids(client.get(f"/api/flows?since={since}", headers=AUTH)) == [5, 4, 3]
+    assert ids(client.get(f"/api/flows?until={NOW - 100 + 2.5}", headers=AUTH)) == [2, 1]
+    response = client.get("/api/flows?since=yesterday", headers=AUTH)
+    assert response.status_code == 422 and "since" in response.json()["error"]["message"]
+
+
+def test_keyset_pages_follow_each_other(client):
+    first = client.get("/api/flows?limit=2", headers=AUTH).json()
+    assert [f["id"] for f in first["flows"]] == [5, 4] and first["next_before"] == 4
+    second = client.get(f"/api/flows?limit=2&before={first['next_before']}&status=", headers=AUTH).json()
+    assert [f["id"] for f in second["flows"]] == [3, 2]
+
+
+def test_the_page_shows_the_search_and_links_the_filtered_exports(client):
+    logged_in(client)
+    page = client.get("/flows?q=zebra&status=2xx").text
+    assert 'value="zebra"' in page and "/api/flows/export.jsonl?q=zebra&amp;status=2xx" in page
+    assert page.count('href="/flows/') == 1
+
+
+def test_jsonl_export_has_every_filtered_flow_whole(client):
+    response = client.get("/api/flows/export.jsonl?status=5xx", headers=AUTH)
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert [(f["id"], f["status"], f["path"]) for f in lines] == [(4, 500, "/v1/embeddings")]
+    assert "attachment" in response.headers["content-disposition"]
+
+
+def test_har_export_is_har_1_2(client, upstream):
+    har = client.get("/api/flows/export.har", headers=AUTH).json()
+    assert har["log"]["version"] == "1.2" and len(har["log"]["entries"]) == 5
+    entry = har["log"]["entries"][-1]  # flow 1, oldest last
+    assert entry["request"]["url"] == upstream.url + "/v1/chat/completions"
+    assert entry["request"]["postData"]["text"] == ROWS[0]["request_body"]
+    assert entry["response"]["status"] == 200 and entry["response"]["content"]["mimeType"] == "application/json"
+    assert {"name": "authorization", "value": "[redacted]"} in entry["request"]["headers"]
+    for e in har["log"]["entries"]:
+        assert set(e) >= {"startedDateTime", "time", "request", "response", "cache", "timings"}
+        assert e["timings"]["wait"] >= 0 and e["timings"]["receive"] >= 0
+
+
+def test_flow_detail_has_attempts_events_and_curl(client):
+    detail = client.get("/api/flows/3", headers=AUTH).json()
+    assert [(a["attempt"], a["upstream_key_id"], a["status"]) for a in detail["attempt_list"]] == [(1, 2, 429),
+                                                                                                   (2, 1, 200)]
+    assert [e["offset_ms"] for e in detail["events"]] == [0, 12.5]
+    assert detail["curl"].startswith("curl -X POST http://127.0.0.1:8080/v1/chat/completions ")
+    assert '"authorization: Bearer $KEYROTOR_API_KEY"' in detail["curl"] and "[redacted]" not in detail["curl"]
+
+
+def test_dashboard_counts_from_rollups(client):
+    data = client.get("/api/dashboard", headers=AUTH).json()
+    all_time = data["windows"][-1]
+    assert (all_time["name"], all_time["requests"], all_time["errors"]) == ("all time", 5, 3)
+    assert all_time["success_rate"] == pytest.approx(0.4)
+    assert all_time["prompt_tokens"] == 50 and all_time["cost"] == pytest.approx(0.0004)
+    assert data["windows"][1]["requests"] == 5  # last hour
+    assert {b["id"]: b["requests"] for b in data["breakdowns"]["model"]}["gpt-4o-mini"] == 3
+    assert data["keys_by_state"]["active"] == 2
+    assert sum(r for _, r, _ in data["per_minute"]) == 5
+
+
+def test_dashboard_page_draws_its_charts(client):
+    logged_in(client)
+    page = client.get("/dashboard").text
+    assert page.count('<svg class="chart"') == 2 and 'class="req"' in page and 'data-refresh="/dashboard"' in page
+
+
+def test_keys_page_adds_in_bulk_and_reports(client):
+    csrf = logged_in(client)
+    text = "\n".join([KEYS[0], "sk-good-pages-ccccccccccccccccccccc0003", "not a key", "# comment"])
+    page = client.post("/keys/add", data={"csrf": csrf, "keys": text}).text
+    assert "Added 1, skipped 1 duplicate(s), rejected 1 malformed (line 3)." in page
+    assert "…0003" in page and "sk-good-pages-ccc" not in page
+
+
+def test_key_actions_from_the_page(client):
+    csrf = logged_in(client)
+    assert client.post("/keys/2/disable", data={"csrf": csrf}).headers["location"] == "/keys?done=disabled&count=1"
+    assert client.get("/api/keys", headers=AUTH).json()["keys"][1]["state"] == "disabled"
+    client.post("/keys/2/delete", data={"csrf": csrf})
+    assert [k["id"] for k in client.get("/api/keys", headers=AUTH).json()["keys"]] == [1]
+    assert "1 key(s) deleted." in client.get("/keys?done=deleted&count=1").text
+    assert client.post("/keys/1/explode", data={"csrf": csrf}).status_code == 404
+
+
+def test_key_api_add_enable_reset(client):
+    added = client.post("/api/keys", json={"keys": [KEYS[1], "sk-good-pages-ddddddddddddddddddddd0004", "short"]},
+                        headers=AUTH).json()  # fmt: skip
+    assert added == {"added": [3], "duplicates": 1, "malformed_lines": [3]}
+    assert client.post("/api/keys/3/disable", headers=AUTH).json() == {"id": 3, "done": "disable"}
+    assert client.post("/api/keys/99/disable", headers=AUTH).status_code == 404
+    assert client.post("/api/keys/reset?states=disabled", headers=AUTH).status_code == 422
+    assert client.post("/api/keys/reset", headers=AUTH).json() == {"reset": 0}
+
+
+def test_clients_page_shows_a_new_key_once(client):
+    csrf = logged_in(client)
+    page = client.post("/clients", data={"csrf": csrf, "name": "carol"}).text
+    key = re.search(r'<pre id="new-client-key">(kr-[^<]+)</pre>', page).group(1)
+    assert key not in client.get("/clients").text  # never again
+    assert "carol" in client.get("/clients").text
+    page = client.post("/clients", data={"csrf": csrf, "name": "carol"})
+    assert page.status_code == 409 and "already exists" in page.text
+    assert client.post("/clients", data={"csrf": csrf, "name": "<b>x</b>"}).status_code == 422
+
+
+def test_client_api_create_disable_delete(client):
+    created = client.post("/api/clients", json={"name": "dave"}, headers=AUTH)
+    assert created.status_code == 201 and created.json()["key"].startswith("kr-")
+    assert client.post("/api/clients", json={"name": "no/slashes"}, headers=AUTH).status_code == 422
+    assert client.post("/api/clients/1/disable", headers=AUTH).json() == {"id": 1, "done": "disable"}
+    listed = {c["name"]: c for c in client.get("/api/clients", headers=AUTH).json()["clients"]}
+    assert listed["alice"]["enabled"] is False and created.json()["key"] not in json.dumps(listed)
+    assert client.post("/api/clients/1/delete", headers=AUTH).status_code == 200
+    assert client.post("/api/clients/1/delete", headers=AUTH).status_code == 404
+
+
+def test_metrics_speak_prometheus_with_the_metrics_token(client):
+    response = client.get("/metrics", headers={"Authorization": "Bearer prom-token-123"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'keyrotor_requests_total{model="gpt-4o-mini",upstream_key="1",client="1"} 3' in text
+    assert 'keyrotor_request_duration_seconds_bucket{le="+Inf"} 5' in text
+    assert 'keyrotor_request_duration_seconds_bucket{le="0.2"} 5' in text
+    assert 'keyrotor_upstream_keys{state="active"} 2' in text
+    assert 'keyrotor_tokens_total{model="gpt-4o",upstream_key="2",client="1",kind="prompt"} 10' in text
+    # The metrics token opens /metrics and nothing else.
+    assert client.get("/api/flows", headers={"Authorization": "Bearer prom-token-123"}).status_code == 401

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 
 import httpx
@@ -164,13 +165,27 @@ class KeyPool:
 
     # ------------------------------------------------------------------ hooks
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    # The hooks are plain functions that return a coroutine only when they must wait (for a
+    # key, or for a retry): mitmproxy awaits what a hook returns, and the common case then
+    # costs no coroutine at all.
+
+    def request(self, flow: http.HTTPFlow) -> Coroutine | None:
         if flow.response:
-            return
+            return None
+        key = self.pool.pick(ctx.options.keypool_strategy, time.time())
+        if key is None:
+            return self._request_after_waiting(flow)
+        self._send_with(flow, key)
+        return None
+
+    async def _request_after_waiting(self, flow: http.HTTPFlow) -> None:
         key = await self._acquire(frozenset(), time.time() + ctx.options.keypool_wait_max_seconds)
         if key is None:
             flow.response = self._no_key_response(0)
-            return
+        else:
+            self._send_with(flow, key)
+
+    def _send_with(self, flow: http.HTTPFlow, key: PoolKey) -> None:
         meta = flow.metadata[METADATA] = {"attempts": []}
         self._begin_attempt(meta, key)
         if self._late_send:
@@ -182,33 +197,33 @@ class KeyPool:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._hide_credential(flow)
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Coroutine | None:
         meta = flow.metadata.get(METADATA)
         if not meta or meta.get("settled"):
-            return
+            return None
         response = flow.response
         outcome = classify_response(
             response.status_code, response.headers, response.raw_content if response.status_code >= 400 else None,
             time.time(),
         )  # fmt: skip
         self._end_attempt(meta, outcome, response.status_code, None)
-        if outcome is None or not outcome.is_key_failure:
-            meta["settled"] = True
-            return
-        if response.stream:
-            meta["settled"] = True  # it is already on its way to the client
-            return
-        await self._retry(flow, meta, outcome)
+        if outcome is None or not outcome.is_key_failure or response.stream:
+            meta["settled"] = True  # a good answer, the request's own fault, or already on its way
+            return None
+        return self._retry(flow, meta, outcome)
 
-    async def error(self, flow: http.HTTPFlow) -> None:
+    def error(self, flow: http.HTTPFlow) -> Coroutine | None:
         self._hide_credential(flow)
         meta = flow.metadata.get(METADATA)
         if not meta or meta.get("settled") or not flow.error or is_client_side(flow.error.msg):
-            return
+            return None
         self._end_attempt(meta, connection_failure(flow.error.msg), None, flow.error.msg)
         if flow.response is not None and flow.response.stream:
             meta["settled"] = True  # part of the answer reached the client: too late to retry
-            return
+            return None
+        return self._recover(flow, meta)
+
+    async def _recover(self, flow: http.HTTPFlow, meta: dict) -> None:
         await self._retry(flow, meta, None)
         if flow.response is not None:
             flow.error = None  # recovered: addons.recovery sends this response instead of a 502

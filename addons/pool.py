@@ -91,6 +91,8 @@ class Pool:
         """
         if self.pool_cooldown_until and now < self.pool_cooldown_until:
             return None
+        if strategy == "round_robin" and not exclude:
+            return self._next_in_turn(now, busy_ok)  # the common case, without building lists
         usable = [k for k in self.keys if self.is_usable(k, now, busy_ok)]
         fresh = [k for k in usable if k.id not in exclude]
         candidates = fresh or usable
@@ -106,6 +108,15 @@ class Pool:
             key = min(candidates, key=self._order)
         self._cursor = self._position[key.id] + 1
         return key
+
+    def _next_in_turn(self, now: float, busy_ok: bool) -> PoolKey | None:
+        keys = self.keys
+        for step in range(len(keys)):
+            position = (self._cursor + step) % len(keys)
+            if self.is_usable(keys[position], now, busy_ok):
+                self._cursor = position + 1
+                return keys[position]
+        return None
 
     def _order(self, key: PoolKey) -> int:
         # Position after the last pick, so ties and round robin move on through the list.

@@ -47,9 +47,15 @@ def keypool(pool_db):
         writer.release(pool._writer)
 
 
+def run_hook(result) -> None:
+    """What mitmproxy does with a hook's return value: await it when it is awaitable."""
+    if result is not None:
+        asyncio.run(result)
+
+
 def send(keypool: KeyPool, flow: tflow.HTTPFlow) -> tflow.HTTPFlow:
     """The request hooks as mitmproxy's chain runs them: the pool first, its sender last."""
-    asyncio.run(keypool.request(flow))
+    run_hook(keypool.request(flow))
     keypool.sender.request(flow)
     return flow
 
@@ -86,7 +92,7 @@ def test_no_usable_key_answers_503_with_soonest_retry_after(keypool):
     for key, wait in zip(keypool.keys, (None, 42, 17), strict=True):
         key.state, key.cooldown_until = ("invalid", None) if wait is None else ("cooling", time.time() + wait)
     flow = authorised_flow()
-    asyncio.run(keypool.request(flow))
+    run_hook(keypool.request(flow))
     assert flow.response.status_code == 503
     assert flow.response.headers["retry-after"] in ("17", "18")
     assert json.loads(flow.response.content)["error"]["code"] == "no_upstream_key_available"
@@ -95,15 +101,15 @@ def test_no_usable_key_answers_503_with_soonest_retry_after(keypool):
 def test_answered_flows_are_left_alone(keypool):
     flow = authorised_flow()
     flow.response = tutils.tresp(status_code=401)
-    asyncio.run(keypool.request(flow))
+    run_hook(keypool.request(flow))
     assert flow.request.headers["authorization"] == "Bearer kr-client"
 
 
 def test_a_401_marks_the_key_invalid_in_memory_and_on_disk(keypool, pool_db):
     flow = authorised_flow()
-    asyncio.run(keypool.request(flow))
+    run_hook(keypool.request(flow))
     flow.response = tutils.tresp(status_code=401, content=body("invalid_api_key"))
-    asyncio.run(keypool.response(flow))
+    run_hook(keypool.response(flow))
     assert keypool.keys[0].state == "invalid"
 
     def stored_state():
@@ -119,9 +125,9 @@ def test_a_success_after_cooldown_brings_the_key_back(keypool):
     key = keypool.keys[0]
     key.state, key.cooldown_until = "cooling", time.time() - 1
     flow = authorised_flow()
-    asyncio.run(keypool.request(flow))
+    run_hook(keypool.request(flow))
     flow.response = tutils.tresp(status_code=200)
-    asyncio.run(keypool.response(flow))
+    run_hook(keypool.response(flow))
     assert key.state == "active" and key.cooldown_until is None
 
 
@@ -130,16 +136,16 @@ def test_a_success_sent_before_a_429_does_not_undo_the_cooldown(keypool):
     for _ in range(len(KEYS)):
         late = send(keypool, authorised_flow())  # round robin comes back to key 1
     late.response = tutils.tresp(status_code=429, headers=((b"retry-after", b"30"),), content=OPENAI_RATE_LIMIT)
-    asyncio.run(keypool.response(late))
+    run_hook(keypool.response(late))
     early.response = tutils.tresp(status_code=200)
-    asyncio.run(keypool.response(early))
+    run_hook(keypool.response(early))
     assert keypool.keys[0].state == "cooling"
 
 
 def test_under_mitmweb_the_key_is_on_the_flow_only_while_the_request_leaves(keypool):
     keypool._late_send = True  # what running() decides when mitmweb's view is loaded
     flow = authorised_flow()
-    asyncio.run(keypool.request(flow))
+    run_hook(keypool.request(flow))
     # What other addons (mitmweb's view among them) see during the request hook:
     assert flow.request.headers["authorization"] == "Bearer [upstream key #1 ...0001]"
     assert KEYS[0] not in str(flow.get_state())

@@ -30,6 +30,19 @@ def parse_time(value: str | None, name: str) -> float | None:
     return moment.timestamp()
 
 
+def parse_id(value: str | None, name: str) -> int | None:
+    """A key id from the filter form, whose empty field means "any" (so it cannot be an int parameter)."""
+    if not value or not value.strip():
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise HTTPException(422, f"{name} must be a key id (a whole number from 1).")
+    return number
+
+
 @dataclass(frozen=True)
 class FlowQuery:
     """The filter plus the raw values, so the page can show them again and build links."""
@@ -46,8 +59,8 @@ def flow_query(
     status: Annotated[str | None, Query(description="2xx, 3xx, 4xx, 5xx or error")] = None,
     model: Annotated[str | None, Query(max_length=200)] = None,
     path: Annotated[str | None, Query(max_length=500, description="path prefix, e.g. /v1/chat")] = None,
-    client: Annotated[int | None, Query(ge=1, description="client key id")] = None,
-    key: Annotated[int | None, Query(ge=1, description="upstream key id")] = None,
+    client: Annotated[str | None, Query(max_length=20, description="client key id")] = None,
+    key: Annotated[str | None, Query(max_length=20, description="upstream key id")] = None,
     stream: Annotated[str | None, Query(description="yes or no")] = None,
     since: Annotated[str | None, Query(max_length=40)] = None,
     until: Annotated[str | None, Query(max_length=40)] = None,
@@ -57,12 +70,13 @@ def flow_query(
         raise HTTPException(422, "status must be one of 2xx, 3xx, 4xx, 5xx, error.")
     if stream and stream not in ("yes", "no"):
         raise HTTPException(422, "stream must be yes or no.")
+    client_id, key_id = parse_id(client, "client"), parse_id(key, "key")
     raw = {"q": q or "", "status": status or "", "model": model or "", "path": path or "",
-           "client": str(client or ""), "key": str(key or ""), "stream": stream or "",
+           "client": str(client_id or ""), "key": str(key_id or ""), "stream": stream or "",
            "since": since or "", "until": until or ""}  # fmt: skip
     flow_filter = FlowFilter(
         q=q.strip() or None if q else None, status=status or None, model=model or None, path=path or None,
-        client_key_id=client, upstream_key_id=key, stream=None if not stream else stream == "yes",
+        client_key_id=client_id, upstream_key_id=key_id, stream=None if not stream else stream == "yes",
         since=parse_time(since, "since"), until=parse_time(until, "until"), after_id=after,
     )  # fmt: skip
     return FlowQuery(flow_filter, raw)

@@ -72,6 +72,8 @@ class BrowserEvents:
     dialogs: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
     page_errors: list[str] = field(default_factory=list)
+    # What the user answers to a confirm(): dismissed unless a test says yes.
+    accept_dialogs: bool = False
 
     def csp_violations(self) -> list[str]:
         return [text for text in self.console_errors if "Content Security Policy" in text]
@@ -79,7 +81,10 @@ class BrowserEvents:
     def watch(self, page: Page) -> None:
         def on_dialog(dialog) -> None:
             self.dialogs.append(f"{dialog.type}: {dialog.message}")
-            dialog.dismiss()
+            if self.accept_dialogs:
+                dialog.accept()
+            else:
+                dialog.dismiss()
 
         def on_console(message: ConsoleMessage) -> None:
             if message.type == "error":
@@ -105,8 +110,8 @@ def ui(keyrotor: Keyrotor) -> Keyrotor:
 def log_in(context: BrowserContext, ui_url: str) -> None:
     """Give the browser a session cookie from the real login endpoint.
 
-    The form itself is exercised by test_logging_in_through_the_form_lands_on_the_flow_list; the other
-    tests only need to be logged in.
+    The form itself is exercised by test_an_admin_finds_a_streamed_flow_by_search_and_its_markup_never_runs;
+    the other tests only need to be logged in.
     """
     response = httpx.post(f"{ui_url}/login", data={"admin_key": ADMIN_KEY, "next": "/flows"}, timeout=10)
     assert response.status_code == 303, response.text

@@ -1,7 +1,8 @@
-"""The monitor UI in a real browser: logging in, a captured stream shown as text, a phone-sized screen.
+"""The monitor UI in a real browser, as an admin uses it, in front of a real proxy.
 
-The flows are made by the official openai client through a real proxy, so the pages show what a user
-would see. The screenshots in docs/screenshots/ (used by the README) are taken here, on every run.
+Flows are made by the official openai client through `run.py proxy` against the fake upstream, so the
+pages show what a user would see. The screenshots in docs/screenshots/ (used by the README) are taken
+here, on every run.
 """
 
 from __future__ import annotations
@@ -27,38 +28,67 @@ expect = pytest.importorskip("playwright.sync_api", reason="./test.sh installs p
 pytestmark = pytest.mark.browser
 
 SCREENSHOTS = ROOT / "docs" / "screenshots"
-KEYS = ["sk-good-browser-aaaaaaaaaaaaaaaaaaaa0001", "sk-good-browser-bbbbbbbbbbbbbbbbbbbb0002"]
+PHONE = (390, 844)
+KEYS = [
+    "sk-good-browser-aaaaaaaaaaaaaaaaaaaa0001",
+    "sk-good-browser-bbbbbbbbbbbbbbbbbbbb0002",
+    "sk-good-browser-cccccccccccccccccccc0003",
+]
+SEARCH_WORD = "quokkalantern"  # in no other flow, path or model: only the flows that carry it match
 SCRIPT_PAYLOAD = "<script>window.__xss=1</script>"
 IMG_PAYLOAD = '<img src=x onerror="window.__xss=2">'
-EVIL_MESSAGE = f"Summarise this page: {SCRIPT_PAYLOAD} {IMG_PAYLOAD}"
+EVIL_MESSAGE = f"Summarise this {SEARCH_WORD} page: {SCRIPT_PAYLOAD} {IMG_PAYLOAD}"
+STREAM_CHUNKS = 5  # what the `upstream` fixture sends per streamed reply
+LIVE_POLL_DEADLINE_MS = 10_000  # app.js polls the flow list every 3 s
+DASHBOARD_REFRESH_DEADLINE_MS = 15_000  # the dashboard refreshes itself every 5 s
+
+
+def admin_api(ui: Keyrotor, path: str) -> dict:
+    response = httpx.get(f"{ui.ui_url}{path}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def openai_client(ui: Keyrotor, client_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=ui.base_url, api_key=client_key, max_retries=0, timeout=20)
+
+
+def ask(client: openai.OpenAI, content: str) -> None:
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": content}])
+
+
+def ask_streamed(client: openai.OpenAI, content: str) -> str:
+    """The reply's text as the client reassembled it from the stream."""
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": content}], stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text
+    return text
 
 
 @dataclass
 class Captured:
+    client: openai.OpenAI
     streamed_id: int
     streamed_text: str
 
 
 @pytest.fixture
 def captured(ui: Keyrotor) -> Captured:
-    """Two requests through a real proxy: a plain one, then a stream whose prompt carries markup."""
-    ui.add_keys(*KEYS)
+    """Keys and a client set up from the CLI, then a plain request and a stream carrying markup, captured."""
+    ui.add_keys(*KEYS[:2])
     client_key = ui.add_client("alice")
     ui.start_proxy()
-    client = openai.OpenAI(base_url=ui.base_url, api_key=client_key, max_retries=0, timeout=20)
-    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hi"}])
-    stream = client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": EVIL_MESSAGE}], stream=True
-    )
-    streamed_text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-    assert streamed_text
+    client = openai_client(ui, client_key)
+    ask(client, "Say hi")
+    streamed_text = ask_streamed(client, EVIL_MESSAGE)
 
     def streamed_flow() -> dict | None:
-        response = httpx.get(f"{ui.ui_url}/api/flows", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-        return next((f for f in response.json()["flows"] if f["stream"]), None)
+        return next((f for f in admin_api(ui, "/api/flows")["flows"] if f["stream"]), None)
 
     flow = wait_for(streamed_flow, what="the streamed flow to be captured")
-    return Captured(streamed_id=flow["id"], streamed_text=streamed_text)
+    return Captured(client=client, streamed_id=flow["id"], streamed_text=streamed_text)
 
 
 def screenshot(page: Page, name: str, full_page: bool = False) -> None:
@@ -81,51 +111,199 @@ def assert_nothing_ran(page: Page, events: BrowserEvents) -> None:
     assert events.page_errors == []
 
 
-def test_logging_in_through_the_form_lands_on_the_flow_list(
+def sideways_overflow(page: Page) -> str | None:
+    """How far the page scrolls sideways, if it does."""
+    scroll_width, inner_width = page.evaluate("() => [document.scrollingElement.scrollWidth, innerWidth]")
+    return f"{page.url}: {scroll_width}px wide in {inner_width}px" if scroll_width > inner_width else None
+
+
+def assert_streamed_flow_shown(page: Page, streamed_text: str, events: BrowserEvents) -> None:
+    """The detail page of the stream whose prompt is EVIL_MESSAGE: its text, its events, its markup as text."""
+    expect(page.locator("pre.streamed-text")).to_have_text(streamed_text)
+    raw_events = page.locator("table.events tbody tr")
+    expect(raw_events.last.locator("pre")).to_have_text("data: [DONE]")
+    offsets = raw_events.locator("td.num").all_inner_texts()
+    assert len(offsets) > STREAM_CHUNKS and all(re.fullmatch(r"\+\d+\.\d ms", o) for o in offsets), offsets
+    arrivals = [float(o[1:-3]) for o in offsets]
+    assert arrivals == sorted(arrivals), offsets
+    request = page.locator("section", has=page.get_by_role("heading", name="Request", exact=True))
+    request_body = json.loads(request.locator("pre.body").text_content())
+    assert request_body["messages"][0]["content"] == EVIL_MESSAGE  # the markup, as the client wrote it
+    assert json.dumps(EVIL_MESSAGE, ensure_ascii=False) in page.locator("main").inner_text()  # shown as text
+    assert_nothing_ran(page, events)
+
+
+def test_an_admin_finds_a_streamed_flow_by_search_and_its_markup_never_runs(
     new_page: Callable[..., Page], ui: Keyrotor, browser_events: BrowserEvents
 ):
     page = new_page(logged_in=False)
     page.goto("/flows")
     expect(page).to_have_url(re.compile(r"/login\?next=%2Fflows$"))
     screenshot(page, "login.png")
-
     page.get_by_label("Admin key").fill("kra-not-the-admin-key-000000000000")
     page.get_by_role("button", name="Log in").click()
     expect(page.get_by_role("alert")).to_have_text("That is not the admin key.")
-
     page.get_by_label("Admin key").fill(ADMIN_KEY)
     page.get_by_role("button", name="Log in").click()
     expect(page).to_have_url(f"{ui.ui_url}/flows")
     expect(page.get_by_role("heading", name="Flows", level=1)).to_be_visible()
+
+    page.get_by_role("link", name="Upstream keys").click()
+    page.get_by_label("One key per line").fill("\n".join([KEYS[0], KEYS[1], "not a key", KEYS[0]]))
+    page.get_by_role("button", name="Add keys", exact=True).click()
+    expect(page.get_by_role("status")).to_have_text("Added 2, skipped 1 duplicate(s), rejected 1 malformed (line 3).")
+    key_rows = page.locator("table.keys tbody tr")
+    expect(key_rows.locator("code")).to_have_text(["…0001", "…0002"])
+    expect(key_rows.locator(".badge")).to_have_text(["active", "active"])
+    assert not [key for key in KEYS if key in page.content()], "a key's value reached the page"
+    screenshot(page, "keys.png")
+
+    page.get_by_role("link", name="Clients").click()
+    page.get_by_label("Client name").fill("alice")
+    page.get_by_role("button", name="Create client key").click()
+    client_key = page.locator("#new-client-key").inner_text().strip()
+    expect(page.locator("table.clients tbody tr")).to_contain_text(["alice"])
+    expect(page.locator("table.clients tbody code")).to_have_text([f"…{client_key[-4:]}"])
+    screenshot(page, "clients.png")
+
+    ui.start_proxy()
+    client = openai_client(ui, client_key)
+    ask(client, "Say hi")
+    ask(client, f"Spell {SEARCH_WORD} backwards")
+    streamed_text = ask_streamed(client, EVIL_MESSAGE)
+
+    def streamed_flow_found_by_search() -> dict | None:
+        found = admin_api(ui, f"/api/flows?q={SEARCH_WORD}")["flows"]
+        return next((f for f in found if f["stream"]), None) if len(found) == 2 else None
+
+    streamed_id = wait_for(streamed_flow_found_by_search, what="both flows with the search word captured")["id"]
+
+    page.get_by_role("link", name="Flows", exact=True).click()
+    search = page.get_by_label("Full-text search")
+    search.fill(SEARCH_WORD)
+    with page.expect_navigation() as searched:
+        search.press("Enter")
+    assert searched.value.ok, f"the filter form was refused: {searched.value.status} {searched.value.text()}"
+    expect(page).to_have_url(re.compile(rf"/flows\?q={SEARCH_WORD}&"))
+    expect(search).to_have_value(SEARCH_WORD)
+    expect(page.locator("table.flows tbody tr")).to_have_count(2)  # not "Say hi"
+
+    page.locator(f'a[href="/flows/{streamed_id}"]').click()
+    expect(page).to_have_url(re.compile(rf"/flows/{streamed_id}$"))
+    assert_streamed_flow_shown(page, streamed_text, browser_events)
+
+
+def test_a_streamed_flow_found_by_a_search_link_shows_its_text_and_events_and_runs_no_markup(
+    captured: Captured, page: Page, browser_events: BrowserEvents
+):
+    # The search box itself is driven by the journey above; a shared ?q= link must lead to the same flow.
+    page.goto(f"/flows?q={SEARCH_WORD}")
+    expect(page.get_by_label("Full-text search")).to_have_value(SEARCH_WORD)
+    rows = page.locator("table.flows tbody tr")
+    expect(rows).to_have_count(1)  # not "Say hi"
+    assert_nothing_ran(page, browser_events)
+    screenshot(page, "flows.png")
+
+    rows.get_by_role("link").click()
+    expect(page).to_have_url(re.compile(rf"/flows/{captured.streamed_id}$"))
+    assert_streamed_flow_shown(page, captured.streamed_text, browser_events)
+    screenshot(page, "flow.png", full_page=True)
+
+
+def test_new_flows_appear_on_the_open_flow_list_without_a_reload(ui: Keyrotor, new_page: Callable[..., Page]):
+    ui.add_keys(*KEYS[:2])
+    client_key = ui.add_client("alice")
+    ui.start_proxy()
+    client = openai_client(ui, client_key)
+    page = new_page()
+    expect(page.locator("#flows-empty")).to_be_visible()
+    page.evaluate("() => { window.__sameDocument = true }")
+    rows = page.locator("table.flows tbody tr")
+
+    ask(client, "The first request")
+    expect(rows).to_have_count(1, timeout=LIVE_POLL_DEADLINE_MS)
+    expect(page.locator("#flows-empty")).to_have_count(0)
+    ask(client, "The second request")
+    expect(rows).to_have_count(2, timeout=LIVE_POLL_DEADLINE_MS)
+
+    newest = max(f["id"] for f in admin_api(ui, "/api/flows")["flows"])
+    expect(rows.first.get_by_role("link")).to_have_attribute("href", f"/flows/{newest}")
+    expect(rows.first).to_have_class(re.compile(r"\bfresh\b"))
+    expect(page.locator("#live-status")).to_have_text("live")
+    assert page.evaluate("() => window.__sameDocument") is True, "the page was reloaded"
+
+
+def test_dashboard_counts_requests_draws_charts_and_refreshes_itself(
+    captured: Captured, ui: Keyrotor, new_page: Callable[..., Page], browser_events: BrowserEvents
+):
+    wait_for(
+        lambda: admin_api(ui, "/api/dashboard")["windows"][-1]["requests"] == 2, what="both requests in the rollups"
+    )
+    page = new_page()
+    page.goto("/dashboard")
+
+    def requests_in(window: str):
+        card = page.locator("section.card", has=page.get_by_role("heading", name=window, exact=True))
+        return card.locator('dt:text-is("Requests") + dd')
+
+    expect(requests_in("last hour")).to_have_text("2")
+    expect(requests_in("all time")).to_have_text("2")
+    charts = page.locator("svg.chart")
+    expect(charts).to_have_count(2)
+    for chart in charts.all():
+        expect(chart.locator("rect.req").first).to_be_visible()  # a bar is drawn only for a bucket with requests
+    screenshot(page, "dashboard.png")
+
+    ask(captured.client, "One more")
+    expect(requests_in("all time")).to_have_text("3", timeout=DASHBOARD_REFRESH_DEADLINE_MS)
+    expect(requests_in("last hour")).to_have_text("3")
     assert browser_events.csp_violations() == []
     assert browser_events.page_errors == []
 
 
-def test_streamed_flow_is_shown_as_text_and_its_markup_never_runs(
-    captured: Captured, page: Page, browser_events: BrowserEvents
+def test_keys_are_disabled_enabled_and_deleted_only_after_a_yes(
+    ui: Keyrotor, new_page: Callable[..., Page], browser_events: BrowserEvents
 ):
-    page.goto("/flows")
-    link = page.locator(f'a[href="/flows/{captured.streamed_id}"]')
-    expect(link).to_be_visible()
-    assert_nothing_ran(page, browser_events)
-    screenshot(page, "flows.png")
+    ui.add_keys(*KEYS)
+    page = new_page()
+    page.goto("/keys")
+    rows = page.locator("table.keys tbody tr")
+    first, third = rows.filter(has_text="…0001"), rows.filter(has_text="…0003")
+    expect(rows).to_have_count(3)
 
-    link.click()
-    expect(page).to_have_url(re.compile(rf"/flows/{captured.streamed_id}$"))
-    expect(page.locator("pre.streamed-text")).to_have_text(captured.streamed_text)
-    request = page.locator("section", has=page.get_by_role("heading", name="Request", exact=True))
-    request_body = json.loads(request.locator("pre.body").text_content())
-    assert request_body["messages"][0]["content"] == EVIL_MESSAGE  # the markup, as the client wrote it
-    assert SCRIPT_PAYLOAD in page.locator("main").inner_text()
-    assert_nothing_ran(page, browser_events)
-    screenshot(page, "flow.png", full_page=True)
+    first.get_by_role("button", name="Disable").click()
+    expect(page.get_by_role("status")).to_have_text("1 key(s) disabled.")
+    expect(first.locator(".badge")).to_have_text("disabled")
+    first.get_by_role("button", name="Enable").click()
+    expect(page.get_by_role("status")).to_have_text("1 key(s) enabled.")
+    expect(first.locator(".badge")).to_have_text("active")
+
+    with page.expect_event("dialog"):
+        third.get_by_role("button", name="Delete").click()  # and the user answers Cancel
+    page.goto("/keys")
+    expect(rows).to_have_count(3)
+    expect(third).to_be_visible()
+
+    browser_events.accept_dialogs = True
+    with page.expect_event("dialog"):
+        third.get_by_role("button", name="Delete").click()
+    expect(page.get_by_role("status")).to_have_text("1 key(s) deleted.")
+    expect(third).to_have_count(0)
+    expect(rows).to_have_count(2)
+    assert browser_events.dialogs == ["confirm: Delete key #3 (…0003)? This cannot be undone."] * 2
+    assert [k["key"] for k in admin_api(ui, "/api/keys")["keys"]] == ["…0001", "…0002"]
 
 
-def test_flow_pages_fit_a_phone_screen(captured: Captured, new_page: Callable[..., Page]):
-    page = new_page(390, 844)
-    link = page.locator(f'a[href="/flows/{captured.streamed_id}"]')
-    expect(link).to_be_visible()
-    for url in ["/flows", f"/flows/{captured.streamed_id}"]:
+def test_every_page_fits_a_phone_screen(captured: Captured, new_page: Callable[..., Page]):
+    page = new_page(*PHONE)
+    expect(page.locator(f'a[href="/flows/{captured.streamed_id}"]')).to_be_visible()
+    screenshot(page, "phone-flows.png")
+    overflowing = []
+    for url in ["/flows", "/dashboard", "/keys", "/clients", f"/flows/{captured.streamed_id}"]:
         page.goto(url)
-        scroll_width, inner_width = page.evaluate("() => [document.scrollingElement.scrollWidth, innerWidth]")
-        assert scroll_width <= inner_width, f"{url} scrolls sideways on a phone ({scroll_width}px in {inner_width}px)"
+        expect(page.locator("h1")).to_be_visible()
+        overflowing.append(sideways_overflow(page))
+    logged_out = new_page(*PHONE, logged_in=False)
+    logged_out.goto("/login")
+    overflowing.append(sideways_overflow(logged_out))
+    assert [o for o in overflowing if o] == [], "pages that scroll sideways on a phone"

@@ -151,6 +151,22 @@ def test_time_range_filter_takes_iso_times_as_utc(client):
     assert response.status_code == 422 and "since" in response.json()["error"]["message"]
 
 
+def test_the_filter_form_submitted_empty_shows_every_flow(client):
+    # The browser sends every field of the form, the unused ones empty.
+    logged_in(client)
+    form = "q=&status=&model=&path=&client=&key=&stream=&since=&until="
+    assert client.get(f"/flows?{form}").status_code == 200
+    assert ids(client.get(f"/api/flows?{form}", headers=AUTH)) == [5, 4, 3, 2, 1]
+    assert ids(client.get("/api/flows?client=+2+", headers=AUTH)) == [4]
+
+
+@pytest.mark.parametrize("query", ["client=abc", "key=0", "key=-3", "client=1.5"])
+def test_a_key_filter_that_is_not_an_id_is_refused_clearly(client, query):
+    response = client.get(f"/api/flows?{query}", headers=AUTH)
+    name = query.split("=")[0]
+    assert response.status_code == 422 and f"{name} must be a key id" in response.json()["error"]["message"]
+
+
 def test_keyset_pages_follow_each_other(client):
     first = client.get("/api/flows?limit=2", headers=AUTH).json()
     assert [f["id"] for f in first["flows"]] == [5, 4] and first["next_before"] == 4

@@ -150,36 +150,78 @@ def _conditions(f: FlowFilter, table: str) -> tuple[list[str], list[Any]]:
     if f.until is not None:
         where.append(f"{table}.started_at < ?")
         params.append(f.until)
-    if f.after_id is not None:
-        where.append(f"{table}.id > ?")
-        params.append(f.after_id)
     return where, params
 
 
+# A time range this many rows wide or narrower is turned into the range of ids it covers.
+NARROW_RANGE_ROWS = 200_000
+
+
+def _id_range(conn: sqlite3.Connection, f: FlowFilter, before_id: int | None) -> tuple[int, int] | None:
+    """Bounds (inclusive) on the ids a query can return; None when nothing can match.
+
+    Each filter is one index walk newest first, by id: the live updates' `after`, the next
+    page's `before`, and a time range, whose rows lie in an id range because ids follow the
+    order in which flows ended. A row id bound is what lets an index on model or key, or the
+    full-text index, start and stop at the right place instead of walking every newer row.
+    """
+    low, high = 1, 2**63 - 1
+    if f.after_id is not None:
+        low = f.after_id + 1
+    if before_id is not None:
+        high = before_id - 1
+    if f.since is not None or f.until is not None:
+        since = f.since if f.since is not None else float("-inf")
+        until = f.until if f.until is not None else float("inf")
+        if _estimated_rows(conn, since, until) <= NARROW_RANGE_ROWS:
+            first, last = conn.execute(
+                "SELECT min(id), max(id) FROM flows WHERE started_at >= ? AND started_at < ?", (since, until)
+            ).fetchone()  # an index-only walk of the range
+            if first is None:
+                return None
+            low, high = max(low, first), min(high, last)
+    return (low, high) if low <= high else None
+
+
+def _estimated_rows(conn: sqlite3.Connection, since: float, until: float) -> int:
+    """Roughly how many flows started in [since, until): the ids at its two ends, two index seeks."""
+    first = conn.execute("SELECT id FROM flows WHERE started_at >= ? ORDER BY started_at LIMIT 1", (since,)).fetchone()
+    last = conn.execute(
+        "SELECT id FROM flows WHERE started_at < ? ORDER BY started_at DESC LIMIT 1", (until,)
+    ).fetchone()
+    if first is None or last is None:
+        return 0
+    return abs(last[0] - first[0])
+
+
 def search_flows(
-    conn: sqlite3.Connection, f: FlowFilter, limit: int = 50, before_id: int | None = None,
+    conn: sqlite3.Connection,
+    f: FlowFilter,
+    limit: int = 50,
+    before_id: int | None = None,
     columns: str = SUMMARY_COLUMNS,
 ) -> list[sqlite3.Row]:
     """Newest first, filtered; `before_id` continues a page (keyset pagination, never OFFSET)."""
     limit = max(1, min(limit, 1000))
+    ids = _id_range(conn, f, before_id)
+    if ids is None:
+        return []
     query = fts_query(f.q) if f.q else None
     where, params = _conditions(f, "flows")
-    if before_id is not None:
-        where.append("flows.id < ?")
-        params.append(before_id)
     selected = ", ".join(f"flows.{c.strip()}" for c in columns.split(","))
     if query is None:
         sql = f"SELECT {selected} FROM flows"
-        order = "flows.id"
+        driver = "flows.id"
     else:
         # Driven by the index, newest match first: FTS5 walks rowids in order and stops at LIMIT.
         sql = f"SELECT {selected} FROM flows_fts JOIN flows ON flows.id = flows_fts.rowid"
         where.insert(0, "flows_fts MATCH ?")
         params.insert(0, query)
-        order = "flows_fts.rowid"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    return conn.execute(f"{sql} ORDER BY {order} DESC LIMIT ?", (*params, limit)).fetchall()
+        driver = "flows_fts.rowid"  # bounds on flows.id would not reach the full-text walk
+    where.append(f"{driver} BETWEEN ? AND ?")
+    params += ids
+    sql += " WHERE " + " AND ".join(where)
+    return conn.execute(f"{sql} ORDER BY {driver} DESC LIMIT ?", (*params, limit)).fetchall()
 
 
 def get_flow(conn: sqlite3.Connection, flow_row_id: int) -> sqlite3.Row | None:

@@ -1,8 +1,12 @@
-"""Per-minute and per-hour rollups of the flows, kept by the capture writer as it inserts them.
+"""Per-minute and per-hour rollups, kept by the capture writer as it inserts the flows.
 
-The dashboard reads only these tables, never the flows table, so it costs the same at
-a million flows as at ten. Latencies are kept as histograms over fixed buckets, so
-percentiles of any window are sums of columns.
+The dashboard and /metrics read only these tables, never the flows table. Each grain
+keeps a row per bucket and *dimension value*: the hour grain has one row for all flows
+("all"), one per model, one per upstream key and one per client key, so a day's
+breakdown by key reads 24 rows a key however many models and clients mixed in, and all
+time reads one row an hour. The minute grain keeps "all" only (the charts and the short
+windows). Latencies are histograms over fixed buckets, so percentiles of any window are
+sums of columns.
 """
 
 from __future__ import annotations
@@ -23,8 +27,14 @@ KEEP_MINUTES_SECONDS = 2 * 86400  # minute rows older than this are dropped; hou
 COUNTERS = ("requests", "errors", "streamed", "prompt_tokens", "completion_tokens", "cost", "duration_ms")
 LATENCY = tuple(f"lat{i}" for i in range(HISTOGRAM_SIZE))
 FIRST_BYTE = tuple(f"ttfb{i}" for i in range(HISTOGRAM_SIZE))  # streamed responses only
-DIMENSIONS = ("bucket", "model", "upstream_key_id", "client_key_id")
 VALUES = COUNTERS + LATENCY + FIRST_BYTE
+
+ALL = "all"
+BREAKDOWNS = ("model", "upstream_key_id", "client_key_id")  # flow columns a window can be broken down by
+DIMENSIONS_OF = {"minute": (ALL,), "hour": (ALL, *BREAKDOWNS)}
+# Dimension first: every read is one dimension over a range of buckets, all time reads
+# only the "all" rows. value: "" for "all" and for flows without one (no model, no key).
+KEY = ("dimension", "bucket", "value")
 
 
 def table_of(grain: str) -> str:
@@ -42,35 +52,48 @@ def is_error(row: dict[str, Any]) -> bool:
     return row.get("status") is None or row["status"] >= 400 or bool(row.get("error"))
 
 
-def aggregate(rows: Iterable[dict[str, Any]], seconds: int) -> dict[tuple, list[float]]:
-    """Sum a batch of flow rows by (bucket, model, upstream key, client key)."""
+def add_row_values(entry: list, row: dict[str, Any]) -> None:
+    """Add one flow row to a VALUES-long list of sums."""
+    entry[0] += 1
+    entry[1] += is_error(row)
+    entry[2] += bool(row.get("stream"))
+    entry[3] += row.get("prompt_tokens") or 0
+    entry[4] += row.get("completion_tokens") or 0
+    entry[5] += row.get("cost") or 0
+    entry[6] += row.get("duration_ms") or 0
+    if row.get("duration_ms") is not None:
+        entry[len(COUNTERS) + bucket_index(row["duration_ms"])] += 1
+    if row.get("stream") and row.get("first_byte_at") and row.get("started_at"):
+        ttfb = (row["first_byte_at"] - row["started_at"]) * 1000
+        entry[len(COUNTERS) + HISTOGRAM_SIZE + bucket_index(ttfb)] += 1
+
+
+def aggregate(rows: Iterable[dict[str, Any]], grain: str) -> dict[tuple, list[float]]:
+    """Sum a batch of flow rows by (dimension, bucket, value) for every dimension of `grain`."""
+    seconds, dimensions = GRAINS[grain], DIMENSIONS_OF[grain]
     sums: dict[tuple, list[float]] = defaultdict(lambda: [0] * len(VALUES))
     for row in rows:
         bucket = int(row["started_at"] // seconds) * seconds
-        # "" and 0 stand for "none": NULLs would defeat the UPSERT's conflict target.
-        key = (bucket, row.get("model") or "", row.get("upstream_key_id") or 0, row.get("client_key_id") or 0)
-        entry = sums[key]
-        entry[0] += 1
-        entry[1] += is_error(row)
-        entry[2] += bool(row.get("stream"))
-        entry[3] += row.get("prompt_tokens") or 0
-        entry[4] += row.get("completion_tokens") or 0
-        entry[5] += row.get("cost") or 0
-        entry[6] += row.get("duration_ms") or 0
-        if row.get("duration_ms") is not None:
-            entry[len(COUNTERS) + bucket_index(row["duration_ms"])] += 1
-        if row.get("stream") and row.get("first_byte_at") and row.get("started_at"):
-            ttfb = (row["first_byte_at"] - row["started_at"]) * 1000
-            entry[len(COUNTERS) + HISTOGRAM_SIZE + bucket_index(ttfb)] += 1
+        for dimension in dimensions:
+            value = "" if dimension == ALL else str(row.get(dimension) or "")
+            add_row_values(sums[(dimension, bucket, value)], row)
     return sums
 
 
+def create_tables(db) -> None:
+    """The rollup tables in this module's layout (for the migration that introduces it)."""
+    columns: dict = {"bucket": int, "dimension": str, "value": str}
+    columns |= {c: (float if c in ("cost", "duration_ms") else int) for c in VALUES}
+    for grain in GRAINS:
+        db[table_of(grain)].create(columns, pk=KEY, defaults={c: 0 for c in VALUES})
+
+
 def _upsert_sql(table: str) -> str:
-    columns = DIMENSIONS + VALUES
+    columns = KEY + VALUES
     updates = ", ".join(f"{c} = {c} + excluded.{c}" for c in VALUES)
     return (
         f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        f" ON CONFLICT ({', '.join(DIMENSIONS)}) DO UPDATE SET {updates}"
+        f" ON CONFLICT ({', '.join(KEY)}) DO UPDATE SET {updates}"
     )
 
 
@@ -81,12 +104,12 @@ def add_rows(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
     """Fold a batch of new flow rows into both grains, in the caller's transaction."""
     if not rows:
         return
-    for grain, seconds in GRAINS.items():
-        conn.executemany(_UPSERTS[grain], [(*key, *values) for key, values in aggregate(rows, seconds).items()])
+    for grain in GRAINS:
+        conn.executemany(_UPSERTS[grain], [(*key, *values) for key, values in aggregate(rows, grain).items()])
 
 
 def drop_old_minutes(conn: sqlite3.Connection, now: float) -> None:
-    conn.execute(f"DELETE FROM {table_of('minute')} WHERE bucket < ?", (now - KEEP_MINUTES_SECONDS,))
+    conn.execute(f"DELETE FROM {table_of('minute')} WHERE bucket < ?", (now - KEEP_MINUTES_SECONDS,))  # a small table
 
 
 # --------------------------------------------------------------------------- reading
@@ -143,33 +166,40 @@ def _totals(values: tuple) -> Totals:
     )  # fmt: skip
 
 
+def _window(dimension: str, since: float | None) -> tuple[str, tuple]:
+    if since is None:
+        return "WHERE dimension = ?", (dimension,)
+    return "WHERE dimension = ? AND bucket >= ?", (dimension, since)
+
+
 def totals(conn: sqlite3.Connection, grain: str, since: float | None) -> Totals:
     """Everything since `since` (a bucket boundary or None for all time)."""
-    where, params = ("WHERE bucket >= ?", (since,)) if since is not None else ("", ())
+    where, params = _window(ALL, since)
     row = conn.execute(f"SELECT {_SUMS} FROM {table_of(grain)} {where}", params).fetchone()
     return _totals(tuple(row))
 
 
-def breakdown(conn: sqlite3.Connection, grain: str, since: float | None, dimension: str, limit: int = 20) -> list:
-    """Totals per model, upstream key or client key, busiest first."""
-    if dimension not in ("model", "upstream_key_id", "client_key_id"):
+def breakdown(
+    conn: sqlite3.Connection, since: float | None, dimension: str, limit: int | None = 20
+) -> list[tuple[str | int | None, Totals]]:
+    """Hourly totals since `since` per model, upstream key or client key, busiest first.
+
+    Keys come back as ids, and flows without a model or key as None.
+    """
+    if dimension not in BREAKDOWNS:
         raise ValueError(dimension)
-    where, params = ("WHERE bucket >= ?", (since,)) if since is not None else ("", ())
+    where, params = _window(dimension, since)
     rows = conn.execute(
-        f"SELECT {dimension}, {_SUMS} FROM {table_of(grain)} {where} GROUP BY {dimension}"
-        f" ORDER BY sum(requests) DESC LIMIT ?",
-        (*params, limit),
+        f"SELECT value, {_SUMS} FROM {table_of('hour')} {where} GROUP BY value ORDER BY sum(requests) DESC LIMIT ?",
+        (*params, -1 if limit is None else limit),
     ).fetchall()
-    return [(row[0], _totals(tuple(row[1:]))) for row in rows]
+    return [(_dimension_value(dimension, row[0]), _totals(tuple(row[1:]))) for row in rows]
 
 
-def by_labels(conn: sqlite3.Connection) -> list[tuple[str, int, int, Totals]]:
-    """All-time totals per (model, upstream key, client key), for /metrics."""
-    rows = conn.execute(
-        f"SELECT model, upstream_key_id, client_key_id, {_SUMS} FROM {table_of('hour')}"
-        " GROUP BY model, upstream_key_id, client_key_id LIMIT 100000"
-    ).fetchall()
-    return [(row[0], row[1], row[2], _totals(tuple(row[3:]))) for row in rows]
+def _dimension_value(dimension: str, value: str) -> str | int | None:
+    if not value:
+        return None
+    return value if dimension == "model" else int(value)
 
 
 def series(conn: sqlite3.Connection, grain: str, since: float) -> list[tuple[int, int, int]]:
@@ -177,8 +207,8 @@ def series(conn: sqlite3.Connection, grain: str, since: float) -> list[tuple[int
     return [
         tuple(r)
         for r in conn.execute(
-            f"SELECT bucket, sum(requests), sum(errors) FROM {table_of(grain)} WHERE bucket >= ?"
+            f"SELECT bucket, sum(requests), sum(errors) FROM {table_of(grain)} WHERE dimension = ? AND bucket >= ?"
             " GROUP BY bucket ORDER BY bucket LIMIT 10000",
-            (since,),
+            (ALL, since),
         )
     ]

@@ -118,31 +118,75 @@ def _v2_attempts_and_cost(db: sqlite_utils.Database) -> None:
         db[table].add_column("cost", float, not_null_default=0.0)
 
 
+_V3_DIMENSIONS = ("bucket", "model", "upstream_key_id", "client_key_id")
+
+
 def _v3_rollups(db: sqlite_utils.Database) -> None:
-    # Imported here: a migration must keep working even if rollups.py later changes shape.
+    # Rollups by (bucket, model, upstream key, client key); v4 replaced this layout, so it is
+    # spelled out here rather than taken from rollups.py.
     from storage import rollups
 
     for grain in rollups.GRAINS:
         columns: dict = {"bucket": int, "model": str, "upstream_key_id": int, "client_key_id": int}
         columns |= {c: (float if c in ("cost", "duration_ms") else int) for c in rollups.VALUES}
-        db[rollups.table_of(grain)].create(
-            columns, pk=rollups.DIMENSIONS, defaults={c: 0 for c in rollups.VALUES}
-        )
+        db[rollups.table_of(grain)].create(columns, pk=_V3_DIMENSIONS, defaults={c: 0 for c in rollups.VALUES})
     # Existing flows are folded in once, in slices, so the dashboard starts complete.
     columns = "started_at, first_byte_at, duration_ms, status, error, model, stream, upstream_key_id," \
               " client_key_id, prompt_tokens, completion_tokens, cost"  # fmt: skip
+    names = ["id", *columns.replace(" ", "").split(",")]
+    placeholders = ", ".join("?" * (len(_V3_DIMENSIONS) + len(rollups.VALUES)))
     last = 0
     while True:
-        rows = [dict(zip(["id", *columns.replace(" ", "").split(",")], r, strict=True)) for r in db.conn.execute(
+        rows = [dict(zip(names, r, strict=True)) for r in db.conn.execute(
             f"SELECT id, {columns} FROM flows WHERE id > ? ORDER BY id LIMIT 50000", (last,)
         )]  # fmt: skip
         if not rows:
             break
-        rollups.add_rows(db.conn, rows)
+        for grain, seconds in rollups.GRAINS.items():
+            sums: dict[tuple, list] = {}
+            for row in rows:
+                key = (int(row["started_at"] // seconds) * seconds, row["model"] or "", row["upstream_key_id"] or 0,
+                       row["client_key_id"] or 0)  # fmt: skip
+                rollups.add_row_values(sums.setdefault(key, [0] * len(rollups.VALUES)), row)
+            db.conn.executemany(
+                f"INSERT INTO {rollups.table_of(grain)} VALUES ({placeholders})"
+                f" ON CONFLICT ({', '.join(_V3_DIMENSIONS)}) DO UPDATE SET "
+                + ", ".join(f"{c} = {c} + excluded.{c}" for c in rollups.VALUES),
+                [(*key, *values) for key, values in sums.items()],
+            )
         last = rows[-1]["id"]
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial, _v2_attempts_and_cost, _v3_rollups]
+def _v4_rollups_by_dimension(db: sqlite_utils.Database) -> None:
+    # One row per (dimension, bucket, value) instead of per (bucket, model, key, client): the
+    # combinations made nearly a row per flow, and a day's dashboard summed tens of thousands.
+    # Converted from the v3 tables, which keep history that retention purged from flows.
+    from storage import rollups
+
+    for grain in rollups.GRAINS:
+        db.conn.execute(f"ALTER TABLE {rollups.table_of(grain)} RENAME TO {rollups.table_of(grain)}_v3")
+    rollups.create_tables(db)
+    sums = ", ".join(f"sum({c})" for c in rollups.VALUES)
+    for grain, dimensions in rollups.DIMENSIONS_OF.items():
+        table = rollups.table_of(grain)
+        for dimension in dimensions:
+            if dimension == rollups.ALL:
+                value = "''"
+            elif dimension == "model":
+                value = "model"
+            else:
+                value = f"CASE WHEN {dimension} = 0 THEN '' ELSE CAST({dimension} AS TEXT) END"
+            db.conn.execute(
+                f"INSERT INTO {table} (dimension, bucket, value, {', '.join(rollups.VALUES)})"
+                f" SELECT ?, bucket, {value}, {sums} FROM {table}_v3 GROUP BY bucket, {value}",
+                (dimension,),
+            )
+        db.conn.execute(f"DROP TABLE {table}_v3")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1_initial, _v2_attempts_and_cost, _v3_rollups, _v4_rollups_by_dimension
+]
 
 
 def migrate(conn: sqlite3.Connection) -> None:

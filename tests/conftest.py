@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import openai
 import pytest
 from mitmproxy.test import taddons
 
@@ -42,6 +43,15 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)
+
+
+def raises(call: Callable[[], object]) -> openai.APIError | None:
+    """The API error `call` raised, or None when it succeeded."""
+    try:
+        call()
+    except openai.APIError as e:
+        return e
+    return None
 
 
 def port_open(port: int) -> bool:

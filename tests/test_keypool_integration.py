@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Keyrotor, wait_for
+from tests.conftest import Keyrotor, raises, wait_for
 from tests.fake_upstream import FakeUpstream
 
 GOOD = ["sk-good-pool-aaaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-pool-bbbbbbbbbbbbbbbbbbbbbbb0002"]
@@ -152,14 +152,6 @@ def test_admin_changes_reach_the_running_proxy_within_a_second(keyrotor: Keyroto
     keyrotor.cli("keys", "delete", "2")
     wait_for(lambda: isinstance(raises(client.models.list), openai.InternalServerError), timeout=1.5, interval=0.05,
              what="the deleted key to be gone")  # fmt: skip
-
-
-def raises(call) -> openai.APIError | None:
-    try:
-        call()
-    except openai.APIError as e:
-        return e
-    return None
 
 
 def test_keys_validate_brings_back_a_key_that_works_again(keyrotor: Keyrotor, upstream: FakeUpstream):

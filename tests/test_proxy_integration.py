@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Keyrotor, wait_for
+from tests.conftest import Keyrotor, raises, wait_for
 from tests.fake_upstream import FakeUpstream
 
 GOOD = ["sk-good-aaaaaaaaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-bbbbbbbbbbbbbbbbbbbbbbbbbbbb0002"]
@@ -21,15 +21,6 @@ MESSAGES = [{"role": "user", "content": "Say hello to the proxy"}]
 def client_for(kr: Keyrotor, key: str) -> openai.OpenAI:
     # max_retries=0: the SDK must not hide what the proxy did.
     return openai.OpenAI(base_url=kr.base_url, api_key=key, max_retries=0, timeout=20)
-
-
-def raises(call) -> openai.APIError | None:
-    """The API error `call` raised, or None when it succeeded."""
-    try:
-        call()
-    except openai.APIError as e:
-        return e
-    return None
 
 
 def rows(kr: Keyrotor, where: str = "1", params: tuple = ()) -> list[sqlite3.Row]:
@@ -236,7 +227,9 @@ def test_no_secret_in_database_file_or_logs(running, upstream: FakeUpstream):
     kr.cli("keys", "list")
     kr.stop()  # flush and checkpoint, so the WAL is folded into the file too
 
-    stored = b"".join(p.read_bytes() for p in kr.tmp.iterdir() if p.name.startswith("keyrotor.db") and p.suffix != ".secret")
+    stored = b"".join(
+        p.read_bytes() for p in kr.tmp.iterdir() if p.name.startswith("keyrotor.db") and p.suffix != ".secret"
+    )
     logs = kr.logs().encode()
     for secret in (*GOOD, client_key):
         assert secret.encode() not in stored, "a key value is stored in clear"

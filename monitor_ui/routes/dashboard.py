@@ -49,7 +49,7 @@ def dashboard_data(conn, now: float) -> dict:
     ]
     day = _since(86400, "hour", now)
     breakdowns = {
-        dimension: [{"id": value, **_figures(t)} for value, t in rollups.breakdown(conn, "hour", day, dimension, 10)]
+        dimension: [{"id": value, **_figures(t)} for value, t in rollups.breakdown(conn, day, dimension, 10)]
         for dimension, _ in BREAKDOWNS
     }
     minute_start = int(now // 60) * 60 - 59 * 60

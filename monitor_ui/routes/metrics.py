@@ -19,6 +19,13 @@ def _label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+DIMENSION_FAMILIES = (
+    ("model", "model", "keyrotor"),
+    ("upstream_key_id", "upstream_key", "keyrotor_upstream_key"),
+    ("client_key_id", "client", "keyrotor_client"),
+)
+
+
 def _labels(**labels: object) -> str:
     return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
 
@@ -29,18 +36,20 @@ def render_metrics(conn) -> str:
     def family(name: str, kind: str, text: str) -> None:
         lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
 
-    groups = rollups.by_labels(conn)
-    per_series = [(dict(model=m or "", upstream_key=k or "", client=c or ""), t) for m, k, c, t in groups]
-    family("keyrotor_requests_total", "counter", "Requests through the proxy.")
-    lines += [f"keyrotor_requests_total{_labels(**labels)} {t.requests}" for labels, t in per_series]
-    family("keyrotor_errors_total", "counter", "Requests that ended in a status >= 400 or no response.")
-    lines += [f"keyrotor_errors_total{_labels(**labels)} {t.errors}" for labels, t in per_series]
-    family("keyrotor_tokens_total", "counter", "Tokens reported by upstream, by kind.")
-    for labels, t in per_series:
-        lines.append(f"keyrotor_tokens_total{_labels(**labels, kind='prompt')} {t.prompt_tokens}")
-        lines.append(f"keyrotor_tokens_total{_labels(**labels, kind='completion')} {t.completion_tokens}")
-    family("keyrotor_cost_usd_total", "counter", "Estimated cost from prices.toml.")
-    lines += [f"keyrotor_cost_usd_total{_labels(**labels)} {t.cost:.6f}" for labels, t in per_series]
+    # One family per dimension (model, upstream key, client), each labelled by that
+    # dimension alone: summing a family gives the total, and the label sets stay small.
+    for dimension, label, prefix in DIMENSION_FAMILIES:
+        per_value = [({label: value or ""}, t) for value, t in rollups.breakdown(conn, None, dimension, None)]
+        family(f"{prefix}_requests_total", "counter", f"Requests through the proxy, by {label}.")
+        lines += [f"{prefix}_requests_total{_labels(**labels)} {t.requests}" for labels, t in per_value]
+        family(f"{prefix}_errors_total", "counter", f"Requests that ended in a status >= 400 or no response, by {label}.")
+        lines += [f"{prefix}_errors_total{_labels(**labels)} {t.errors}" for labels, t in per_value]
+        family(f"{prefix}_tokens_total", "counter", f"Tokens reported by upstream, by {label} and kind.")
+        for labels, t in per_value:
+            lines.append(f"{prefix}_tokens_total{_labels(**labels, kind='prompt')} {t.prompt_tokens}")
+            lines.append(f"{prefix}_tokens_total{_labels(**labels, kind='completion')} {t.completion_tokens}")
+        family(f"{prefix}_cost_usd_total", "counter", f"Estimated cost from prices.toml, by {label}.")
+        lines += [f"{prefix}_cost_usd_total{_labels(**labels)} {t.cost:.6f}" for labels, t in per_value]
 
     total = rollups.totals(conn, "hour", None)
     family("keyrotor_request_duration_seconds", "histogram", "Time from request start to response end.")

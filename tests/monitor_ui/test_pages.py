@@ -282,10 +282,13 @@ def test_metrics_speak_prometheus_with_the_metrics_token(client):
     response = client.get("/metrics", headers={"Authorization": "Bearer prom-token-123"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
-    assert 'keyrotor_requests_total{model="gpt-4o-mini",upstream_key="1",client="1"} 3' in text
+    assert 'keyrotor_requests_total{model="gpt-4o-mini"} 3' in text
+    assert 'keyrotor_upstream_key_requests_total{upstream_key="1"} 4' in text
+    assert 'keyrotor_client_errors_total{client="1"} 2' in text
     assert 'keyrotor_request_duration_seconds_bucket{le="+Inf"} 5' in text
     assert 'keyrotor_request_duration_seconds_bucket{le="0.2"} 5' in text
     assert 'keyrotor_upstream_keys{state="active"} 2' in text
-    assert 'keyrotor_tokens_total{model="gpt-4o",upstream_key="2",client="1",kind="prompt"} 10' in text
+    assert 'keyrotor_tokens_total{model="gpt-4o",kind="prompt"} 10' in text
+    assert 'keyrotor_upstream_key_tokens_total{upstream_key="2",kind="prompt"} 10' in text
     # The metrics token opens /metrics and nothing else.
     assert client.get("/api/flows", headers={"Authorization": "Bearer prom-token-123"}).status_code == 401

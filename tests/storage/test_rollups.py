@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from storage import db, flows, rollups
+from storage import db, flows, rollups, schema
 
 T0 = 1_800_000_000.0  # a whole hour
+ALL_MIGRATIONS = list(schema.MIGRATIONS)
 
 
 def row(n: int, **overrides) -> dict:
@@ -45,12 +46,13 @@ def test_totals_add_up_across_batches_and_grains(conn):
 
 def test_breakdowns_and_series(conn):
     write(conn, [row(1), row(2, model="gpt-4o"), row(3, model="gpt-4o", upstream_key_id=7), row(65)])
-    by_model = {m: t.requests for m, t in rollups.breakdown(conn, "hour", None, "model")}
+    by_model = {m: t.requests for m, t in rollups.breakdown(conn, None, "model")}
     assert by_model == {"gpt-4o": 2, "gpt-4o-mini": 2}
-    assert [k for k, _ in rollups.breakdown(conn, "hour", None, "upstream_key_id")] == [1, 7]
+    assert [(k, t.requests) for k, t in rollups.breakdown(conn, None, "upstream_key_id")] == [(1, 3), (7, 1)]
+    assert [(k, t.requests) for k, t in rollups.breakdown(conn, T0 + 3600, "client_key_id")] == []
     assert rollups.series(conn, "minute", T0) == [(int(T0), 3, 0), (int(T0) + 60, 1, 0)]
     with pytest.raises(ValueError):
-        rollups.breakdown(conn, "hour", None, "path; DROP TABLE flows")
+        rollups.breakdown(conn, None, "path; DROP TABLE flows")
 
 
 @pytest.mark.parametrize("ms, index", [(0, 0), (5, 0), (5.1, 1), (120_000, 23), (10**9, 24)])
@@ -63,3 +65,27 @@ def test_old_minutes_are_dropped_hours_stay(conn):
     rollups.drop_old_minutes(conn, T0 + rollups.KEEP_MINUTES_SECONDS + 120)
     assert rollups.totals(conn, "minute", None).requests == 0
     assert rollups.totals(conn, "hour", None).requests == 1
+
+
+def test_a_v3_database_keeps_its_figures_in_the_v4_layout(tmp_path, monkeypatch):
+    # v2 flows, folded into v3's (bucket, model, key, client) rollups, then converted by v4.
+    rows = [row(1), row(2, model="gpt-4o", status=500), row(3, model=None, upstream_key_id=None, client_key_id=None),
+            row(3700, stream=1, first_byte_at=T0 + 3700.02, duration_ms=700.0)]  # fmt: skip
+    old = db.connect(tmp_path / "old.db")
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:2])
+    schema.migrate(old)
+    with old:
+        flows.insert_batch(old, rows)
+    monkeypatch.setattr(schema, "MIGRATIONS", ALL_MIGRATIONS)
+    schema.migrate(old)
+    assert old.execute("PRAGMA user_version").fetchone()[0] == len(ALL_MIGRATIONS)
+    new = db.connect(tmp_path / "new.db")
+    schema.migrate(new)
+    write(new, rows)
+    for conn in (old, new):
+        assert rollups.totals(conn, "hour", None) == rollups.totals(new, "hour", None)
+        assert rollups.totals(conn, "minute", T0).requests == 4
+        for dimension in rollups.BREAKDOWNS:
+            assert rollups.breakdown(conn, None, dimension) == rollups.breakdown(new, None, dimension)
+        assert rollups.series(conn, "hour", T0) == [(int(T0), 3, 1), (int(T0) + 3600, 1, 0)]
+    assert dict((k, t.requests) for k, t in rollups.breakdown(old, None, "upstream_key_id")) == {1: 3, None: 1}

@@ -92,9 +92,7 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
     )
     for columns in (["started_at"], ["status"], ["model"], ["client_key_id"], ["upstream_key_id"]):
         db["flows"].create_index(columns)
-    db["flows"].enable_fts(
-        ["path", "model", "request_body", "response_body"], fts_version="FTS5", create_triggers=True
-    )
+    db["flows"].enable_fts(["path", "model", "request_body", "response_body"], fts_version="FTS5", create_triggers=True)
 
 
 def _v2_attempts_and_cost(db: sqlite_utils.Database) -> None:
@@ -185,7 +183,10 @@ def _v4_rollups_by_dimension(db: sqlite_utils.Database) -> None:
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
-    _v1_initial, _v2_attempts_and_cost, _v3_rollups, _v4_rollups_by_dimension
+    _v1_initial,
+    _v2_attempts_and_cost,
+    _v3_rollups,
+    _v4_rollups_by_dimension,
 ]
 
 

@@ -42,7 +42,7 @@ def render_metrics(conn) -> str:
         per_value = [({label: value or ""}, t) for value, t in rollups.breakdown(conn, None, dimension, None)]
         family(f"{prefix}_requests_total", "counter", f"Requests through the proxy, by {label}.")
         lines += [f"{prefix}_requests_total{_labels(**labels)} {t.requests}" for labels, t in per_value]
-        family(f"{prefix}_errors_total", "counter", f"Requests that ended in a status >= 400 or no response, by {label}.")
+        family(f"{prefix}_errors_total", "counter", f"Requests answered >= 400 or not at all, by {label}.")
         lines += [f"{prefix}_errors_total{_labels(**labels)} {t.errors}" for labels, t in per_value]
         family(f"{prefix}_tokens_total", "counter", f"Tokens reported by upstream, by {label} and kind.")
         for labels, t in per_value:

@@ -30,6 +30,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sqlite3
 import string
 import subprocess
 import sys
@@ -152,9 +153,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, log_path: Path, what: str, 
         with suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
             return
         time.sleep(0.05)
-    raise BenchError(
-        f"{what} did not accept connections on port {port} within {timeout:.0f}s:\n" + log_tail(log_path)
-    )
+    raise BenchError(f"{what} did not accept connections on port {port} within {timeout:.0f}s:\n" + log_tail(log_path))
 
 
 def start_upstream(procs: Processes, name: str, env: dict[str, str], extra: list[str]) -> tuple[subprocess.Popen, str]:
@@ -675,12 +674,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.requests_c1 is None:
         args.requests_c1 = max(1, args.requests // 4)
-    for name in ("requests", "requests_c1", "rounds", "stream_requests", "max_seconds", "stream_chunks"):
+    check_ranges(parser, args, ("requests", "requests_c1", "rounds", "stream_requests", "max_seconds", "stream_chunks"),
+                 ("warmup", "stream_delay"))  # fmt: skip
+    return args
+
+
+def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace, positive: tuple, not_negative: tuple):
+    """Refuse option values that make no sense, naming the option as it is spelled."""
+    for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be above zero")
-    if args.warmup < 0 or args.stream_delay < 0:
-        parser.error("--warmup and --stream-delay must not be negative")
-    return args
+    for name in not_negative:
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+
+
+def run_facts(started: float, args: argparse.Namespace, leave_out: tuple = ()) -> dict[str, Any]:
+    """When, how and on what a benchmark ran: the head of every --json document."""
+    import mitmproxy.version
+
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "duration_seconds": round(time.time() - started, 1),
+        "command": [Path(sys.executable).name, *sys.argv],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version,
+            "mitmproxy": mitmproxy.version.VERSION,
+            "httpx": httpx.__version__,
+            "platform": platform.platform(),
+        },
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in leave_out},
+    }
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every started process is stopped on the way out."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -694,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.time()
     # SIGTERM unwinds like Ctrl-C, through the finally below that stops every child.
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     env = Environment(args)
     try:
         print(f"benchmarking; logs in {env.tmp} while it runs", file=sys.stderr, flush=True)
@@ -711,20 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = ratios(phases, summary)
     print(report(args, summary, verdicts))
     if args.json:
-        import mitmproxy.version
-
         document = {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "duration_seconds": round(time.time() - started, 1),
-            "command": [Path(sys.executable).name, *sys.argv],
-            "machine": {
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-                "mitmproxy": mitmproxy.version.VERSION,
-                "httpx": httpx.__version__,
-                "platform": platform.platform(),
-            },
-            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            **run_facts(started, args),
             "summary": [p.figures() for p in summary],
             "rounds": [p.figures() for p in phases],
             "ratios": verdicts,

@@ -475,13 +475,13 @@ async def measure(
 
 
 def set_percentiles(phase: Phase) -> None:
-    phase.p50_ms = _ms(percentile(phase.latencies, 50))
-    phase.p99_ms = _ms(percentile(phase.latencies, 99))
-    phase.first_byte_p50_ms = _ms(percentile(phase.first_bytes, 50))
-    phase.first_byte_p99_ms = _ms(percentile(phase.first_bytes, 99))
+    phase.p50_ms = ms(percentile(phase.latencies, 50))
+    phase.p99_ms = ms(percentile(phase.latencies, 99))
+    phase.first_byte_p50_ms = ms(percentile(phase.first_bytes, 50))
+    phase.first_byte_p99_ms = ms(percentile(phase.first_bytes, 99))
 
 
-def _ms(seconds: float | None) -> float | None:
+def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
 
@@ -597,7 +597,7 @@ def ratios(phases: list[Phase], summary: list[Phase]) -> dict[str, dict[str, Any
     return out
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
+def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -616,10 +616,10 @@ def report(args: argparse.Namespace, summary: list[Phase], verdicts: dict) -> st
     for p in summary:
         if p.kind == "chat":
             lines.append(
-                f"{p.target:<{w}} {p.concurrency:>4} {p.rps:>7.1f} {_fmt(p.p50_ms):>7}"
-                f" {_fmt(p.p99_ms):>8} {_fmt(p.proxy_cpu_ms_per_req, 3):>10}"
-                f" {_fmt(p.proxy_main_thread_cpu_ms_per_req, 3):>7}"
-                f" {_fmt(p.upstream_cpu_ms_per_req, 3):>8}  {_errors(p)}"
+                f"{p.target:<{w}} {p.concurrency:>4} {p.rps:>7.1f} {fmt(p.p50_ms):>7}"
+                f" {fmt(p.p99_ms):>8} {fmt(p.proxy_cpu_ms_per_req, 3):>10}"
+                f" {fmt(p.proxy_main_thread_cpu_ms_per_req, 3):>7}"
+                f" {fmt(p.upstream_cpu_ms_per_req, 3):>8}  {_errors(p)}"
             )
     lines += [
         "",
@@ -631,9 +631,9 @@ def report(args: argparse.Namespace, summary: list[Phase], verdicts: dict) -> st
     for p in summary:
         if p.kind == "stream":
             lines.append(
-                f"{p.target:<{w}} {_fmt(p.first_byte_p50_ms):>12} {_fmt(p.first_byte_p99_ms):>7}"
-                f" {_fmt(p.p50_ms):>9} {_fmt(p.p99_ms):>7} {_fmt(p.proxy_cpu_ms_per_req, 3):>10}"
-                f" {_fmt(p.proxy_main_thread_cpu_ms_per_req, 3):>7}  {_errors(p)}"
+                f"{p.target:<{w}} {fmt(p.first_byte_p50_ms):>12} {fmt(p.first_byte_p99_ms):>7}"
+                f" {fmt(p.p50_ms):>9} {fmt(p.p99_ms):>7} {fmt(p.proxy_cpu_ms_per_req, 3):>10}"
+                f" {fmt(p.proxy_main_thread_cpu_ms_per_req, 3):>7}  {_errors(p)}"
             )
     lines += ["", f"keyrotor CPU/req ÷ bare mitmdump CPU/req (target ≤ {TARGET_RATIO}×):"]
     for name, v in verdicts.items():

@@ -61,8 +61,10 @@ from proxy_overhead import (  # noqa: E402
     Target,
     check_ranges,
     cpu_seconds,
+    fmt,
     free_port,
     log_tail,
+    ms,
     percentile,
     run_facts,
     settle,
@@ -714,7 +716,7 @@ def measure_cases(base_url: str, cases: list[Case], args: argparse.Namespace) ->
             finish_result(result)
             result.rows = round(sum(rows) / len(rows), 1) if rows else None
             results.append(result)
-            print(f"  {case.name:<58} p50 {fmt(result.p50_ms):>8} p95 {fmt(result.p95_ms):>8} ms"
+            print(f"  {case.name:<58} p50 {fmt(result.p50_ms, 1):>8} p95 {fmt(result.p95_ms, 1):>8} ms"
                   f"  {result.verdict}", file=sys.stderr, flush=True)  # fmt: skip
     finally:
         api.close()
@@ -730,14 +732,6 @@ def finish_result(result: CaseResult) -> None:
         result.verdict = "PASS" if result.p95_ms < result.target_ms else "MISS"
     if result.errors:
         result.verdict = "ERROR"
-
-
-def ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 2)
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def start_ui(env: Environment, db_path: Path) -> str:
@@ -961,7 +955,7 @@ def run_capture(env: Environment, db_path: Path, ui_url: str, args: argparse.Nam
         result = asyncio.run(capture_round(env, target, db_path, args, facts, ui_url if with_ui else None))
         rounds.append(result)
         print(f"  capture {'with' if with_ui else 'without'} UI load: {result.rps} req/s, {result.sent} sent,"
-              f" {result.new_rows} new rows, lag {fmt(result.lag_ms)} ms  {result.verdict}",
+              f" {result.new_rows} new rows, lag {fmt(result.lag_ms, 1)} ms  {result.verdict}",
               file=sys.stderr, flush=True)  # fmt: skip
     return rounds
 
@@ -994,7 +988,7 @@ def report(args: argparse.Namespace, generation: dict | None, facts: Facts, size
     for r in results:
         target = f"<{r.target_ms:.0f}" if r.target_ms else "-"
         lines.append(
-            f"{r.name:<58} {fmt(r.p50_ms):>7} {fmt(r.p95_ms):>7} {fmt(r.max_ms):>7} {fmt(r.first_ms):>7}"
+            f"{r.name:<58} {fmt(r.p50_ms, 1):>7} {fmt(r.p95_ms, 1):>7} {fmt(r.max_ms, 1):>7} {fmt(r.first_ms, 1):>7}"
             f" {fmt(r.rows, 0):>5} {target:>7}  {r.verdict}" + (f" ({r.requests} requests)" if r.requests <
                                                                args.requests else "")
         )  # fmt: skip
@@ -1011,9 +1005,9 @@ def report(args: argparse.Namespace, generation: dict | None, facts: Facts, size
         ]  # fmt: skip
         for c in capture:
             lines.append(
-                f"{'with UI load' if c.ui_load else 'without UI load':<16} {c.rps:>6.1f} {fmt(c.p50_ms):>7}"
-                f" {fmt(c.p99_ms):>7} {fmt(c.proxy_cpu_ms_per_req, 2):>10} {c.sent:>6} {c.new_rows:>8}"
-                f" {'yes' if c.exact else 'NO':>5} {fmt(c.lag_ms):>7} {c.max_backlog_rows:>8}  {c.verdict}"
+                f"{'with UI load' if c.ui_load else 'without UI load':<16} {c.rps:>6.1f} {fmt(c.p50_ms, 1):>7}"
+                f" {fmt(c.p99_ms, 1):>7} {fmt(c.proxy_cpu_ms_per_req, 2):>10} {c.sent:>6} {c.new_rows:>8}"
+                f" {'yes' if c.exact else 'NO':>5} {fmt(c.lag_ms, 1):>7} {c.max_backlog_rows:>8}  {c.verdict}"
                 + (f"  errors {c.errors}: {c.error_sample}" if c.errors else "")
             )
         for c in capture:
@@ -1025,8 +1019,8 @@ def report(args: argparse.Namespace, generation: dict | None, facts: Facts, size
                 ]
                 for kind, k in c.ui["kinds"].items():
                     target = f"<{k['target_ms']:.0f}" if k["target_ms"] else "-"
-                    lines.append(f"{kind:<10} {k['requests']:>8} {fmt(k['p50_ms']):>7} {fmt(k['p95_ms']):>7}"
-                                 f" {fmt(k['max_ms']):>7} {target:>7}  {k['vs_target'] or '-'}")  # fmt: skip
+                    lines.append(f"{kind:<10} {k['requests']:>8} {fmt(k['p50_ms'], 1):>7} {fmt(k['p95_ms'], 1):>7}"
+                                 f" {fmt(k['max_ms'], 1):>7} {target:>7}  {k['vs_target'] or '-'}")  # fmt: skip
     missed = [r.name for r in results if r.verdict in ("MISS", "ERROR")]
     lines += ["", f"Targets: {sum(r.verdict == 'PASS' for r in results)} PASS, {len(missed)} MISS"
               + (f" ({'; '.join(missed)})" if missed else "")

@@ -25,9 +25,11 @@ if sys.version_info < (3, 12):  # noqa: UP036 - run.py may be started by an olde
         " that ./start.sh creates: .venv/bin/python run.py ..."
     )
 
-from addons import probe  # noqa: E402
 from config import ADDON_SETTINGS, BY_NAME, ROOT, ConfigError, Settings, load_settings  # noqa: E402
+from core.models import RESETTABLE, KeyState  # noqa: E402
 from storage import client_keys, db, secrets, upstream_keys  # noqa: E402
+from storage.upstream_keys import SqliteKeyStore  # noqa: E402
+from usecases import keys as key_admin  # noqa: E402
 
 SCRIPT = ROOT / "addons" / "keyrotor.py"
 STOP_GRACE_SECONDS = 15
@@ -39,9 +41,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--config", metavar="PATH", help="config file (default: config.toml, or $KEYROTOR_CONFIG)")
     common.add_argument(
-        "--set", dest="overrides", action="append", metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set proxy.port=9000 (repeatable)",
-    )  # fmt: skip
+    )
     common.add_argument("--upstream", help="same as --set proxy.upstream=URL")
     common.add_argument("--proxy-port", help="same as --set proxy.port=PORT")
     common.add_argument("--ui-port", help="same as --set ui.port=PORT")
@@ -69,9 +74,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         sub = keys.add_parser(action, parents=[common], help=text)
         sub.add_argument("ids", nargs="*" if action == "reset" else "+", type=int, metavar="ID")
     validate = keys.add_parser(
-        "validate", parents=[common],
+        "validate",
+        parents=[common],
         help="probe keys with GET /v1/models (no tokens spent): default every invalid or exhausted key",
-    )  # fmt: skip
+    )
     validate.add_argument("ids", nargs="*", type=int, metavar="ID")
     validate.add_argument("--all", action="store_true", help="every key that is not disabled")
     weight = keys.add_parser("weight", parents=[common], help="set keys' share under the weighted strategy")
@@ -93,8 +99,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.command = args.command or "serve"
     # Not parser.set_defaults(): `parents=` shares action objects, so that would change the
     # subcommands' defaults too and bring the overwriting back.
-    for name, default in (("web", False), ("config", None), ("overrides", []), ("upstream", None),
-                          ("proxy_port", None), ("ui_port", None), ("storage_path", None)):  # fmt: skip
+    for name, default in (
+        ("web", False),
+        ("config", None),
+        ("overrides", []),
+        ("upstream", None),
+        ("proxy_port", None),
+        ("ui_port", None),
+        ("storage_path", None),
+    ):
         if not hasattr(args, name):
             setattr(args, name, default)
     return args
@@ -107,8 +120,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         if not sep:
             raise ConfigError(f"--set {item!r} must look like section.key=value.")
         overrides[name.strip()] = value
-    for flag, name in (("upstream", "proxy.upstream"), ("proxy_port", "proxy.port"),
-                       ("ui_port", "ui.port"), ("storage_path", "storage.path")):  # fmt: skip
+    for flag, name in (
+        ("upstream", "proxy.upstream"),
+        ("proxy_port", "proxy.port"),
+        ("ui_port", "ui.port"),
+        ("storage_path", "storage.path"),
+    ):
         if getattr(args, flag):
             overrides[name] = getattr(args, flag)
     unknown = set(overrides) - set(BY_NAME)
@@ -124,32 +141,41 @@ def prepare_storage(settings: Settings) -> None:
     admin_key = secrets.ensure_admin_key(settings.storage_path)
     if admin_key:
         print(
-            "\n  Admin key (log in to the UI with it; it is shown only this once):\n"
-            f"    {admin_key}\n",
+            f"\n  Admin key (log in to the UI with it; it is shown only this once):\n    {admin_key}\n",
             flush=True,
         )
 
 
 def proxy_argv(settings: Settings, web: bool) -> list[str]:
     argv = [
-        "-s", str(SCRIPT),
-        "--mode", f"reverse:{settings['proxy.upstream']}",
-        "--listen-host", settings["proxy.host"],
-        "--listen-port", str(settings["proxy.port"]),
-        "--set", f"keyrotor_storage={settings.storage_path}",
+        "-s",
+        str(SCRIPT),
+        "--mode",
+        f"reverse:{settings['proxy.upstream']}",
+        "--listen-host",
+        settings["proxy.host"],
+        "--listen-port",
+        str(settings["proxy.port"]),
+        "--set",
+        f"keyrotor_storage={settings.storage_path}",
         # Also set by the addon when it starts running, but the listener opens before that:
         # on the command line it holds for the very first connection too.
-        "--set", "connection_strategy=lazy",
-    ]  # fmt: skip
+        "--set",
+        "connection_strategy=lazy",
+    ]
     for setting in ADDON_SETTINGS:  # each is the addon option <section>_<key>
         argv += ["--set", f"{setting.section}_{setting.key}={settings[setting.name]}"]
     if web:
         argv += [
-            "--set", f"web_host={settings['ui.host']}",
-            "--set", f"web_port={settings['proxy.web_port']}",
-            "--set", f"web_password={secrets.mitmweb_password(settings.storage_path)}",
-            "--set", "web_open_browser=false",
-        ]  # fmt: skip
+            "--set",
+            f"web_host={settings['ui.host']}",
+            "--set",
+            f"web_port={settings['proxy.web_port']}",
+            "--set",
+            f"web_password={secrets.mitmweb_password(settings.storage_path)}",
+            "--set",
+            "web_open_browser=false",
+        ]
     return argv
 
 
@@ -214,7 +240,7 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.action == "add":
             lines = _read_lines(args.files)
-            report = upstream_keys.add_keys(conn, secrets.key_cipher(path), lines)
+            report = key_admin.add_keys(SqliteKeyStore(conn, secrets.key_cipher(path)), lines)
             print(
                 f"added {len(report.added)}, skipped {report.duplicates} duplicate(s),"
                 f" rejected {len(report.malformed)} malformed"
@@ -231,10 +257,10 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
         elif args.action == "weight":
             count = upstream_keys.set_weight(conn, args.ids, args.weight)
         elif args.action == "reset":
-            ids = args.ids or upstream_keys.ids_in_state(conn, ("invalid", "exhausted", "cooling"))
-            count = upstream_keys.set_admin_state(conn, ids, "active", "reset by admin")
+            ids = args.ids or upstream_keys.ids_in_state(conn, RESETTABLE)
+            count = upstream_keys.set_admin_state(conn, ids, KeyState.ACTIVE, "reset by admin")
         else:
-            state = "active" if args.action == "enable" else "disabled"
+            state = KeyState.ACTIVE if args.action == "enable" else KeyState.DISABLED
             count = upstream_keys.set_admin_state(conn, args.ids, state, f"{args.action}d by admin")
         print(f"{args.action}: {count} key(s)")
         return 0 if count or not getattr(args, "ids", None) else 1
@@ -243,12 +269,12 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _validate(conn, settings: Settings, args: argparse.Namespace) -> int:
-    ids = probe.ids_to_validate(conn, args.ids, args.all)
+    store = SqliteKeyStore(conn, secrets.key_cipher(settings.storage_path))
+    ids = key_admin.ids_to_validate(store, args.ids, args.all)
     if not ids:
         print("validate: no invalid or exhausted keys (use --all or IDs to probe others)")
         return 0
-    cipher = secrets.key_cipher(settings.storage_path)
-    results = asyncio.run(probe.validate_keys(conn, cipher, settings["proxy.upstream"], ids))
+    results = asyncio.run(key_admin.validate_keys(store, settings["proxy.upstream"], ids))
     for result in results:
         detail = f" ({result.outcome.reason})" if result.outcome.reason else ""
         print(f"#{result.key_id} …{result.last4}: {result.outcome.kind}{detail} → {result.state}")

@@ -8,26 +8,38 @@ from pathlib import Path
 
 from mitmproxy import ctx, http
 
-from addons.credentials import credential_from, replace_credential
-from addons.errors import error_response
-from addons.revisions import watch_revision
+from core.credentials import credential_from, masked, with_credential
+from core.errors import OpenAIError
+from core.metadata import ACCESS, AccessVerdict
+from core.models import Client
+from core.revisions import watch_revision
 from storage import db
-from storage.client_keys import Client, load_enabled
+from storage.client_keys import load_enabled
 from storage.secrets import hash_client_key
 
 log = logging.getLogger(__name__)
 
-METADATA = "keyrotor.access"
 
-
-def masked(key: str) -> str:
-    return f"{key[:3]}…{key[-4:]}" if len(key) > 10 else "…"
+def refusal(verdict: AccessVerdict) -> OpenAIError:
+    if verdict.rejected == "missing_api_key":
+        message = (
+            "You didn't provide an API key. Send the key keyrotor issued to you as"
+            " 'Authorization: Bearer <key>' (the api_key of your OpenAI client)."
+        )
+    else:
+        message = (
+            f"Incorrect API key provided: {verdict.masked}. Use a key issued by this keyrotor"
+            " gateway (run.py clients add NAME); upstream keys are not accepted here."
+        )
+    return OpenAIError(401, message, "invalid_request_error", verdict.rejected)
 
 
 class Access:
     def __init__(self) -> None:
         self.clients: dict[str, Client] = {}
         self.db_path: Path | None = None
+        self._revision = 0
+        self._revisions: db.RevisionReader | None = None
         self._watcher: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
@@ -36,11 +48,14 @@ class Access:
             self._reload()
 
     def running(self) -> None:
-        self._watcher = asyncio.create_task(watch_revision(self.db_path, "clients", self._reload, self._revision))
+        self._revisions = db.RevisionReader(self.db_path)
+        self._watcher = asyncio.create_task(watch_revision(self._revisions, "clients", self._reload, self._revision))
 
     def done(self) -> None:
         if self._watcher:
             self._watcher.cancel()
+        if self._revisions:
+            self._revisions.close()
 
     def _reload(self) -> None:
         conn = db.connect(self.db_path)
@@ -54,31 +69,23 @@ class Access:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Checked as soon as the headers arrive, so the client's key can be replaced by a
         # placeholder before any other addon (mitmweb's view snapshots flows here) sees it.
-        key = credential_from(flow.request.headers)
+        headers = flow.request.headers
+        key = credential_from(headers.fields)
         client = self.clients.get(hash_client_key(key)) if key else None
         if client is None:
-            flow.metadata[METADATA] = {"rejected": "invalid_api_key" if key else "missing_api_key",
-                                       "masked": masked(key) if key else None}  # fmt: skip
+            rejected = "invalid_api_key" if key else "missing_api_key"
+            flow.metadata[ACCESS] = AccessVerdict(rejected=rejected, masked=masked(key) if key else None)
             return
-        flow.metadata[METADATA] = {"client_id": client.id, "client_name": client.name}
-        replace_credential(flow.request.headers, f"[client key #{client.id}]")
+        flow.metadata[ACCESS] = AccessVerdict(client_id=client.id, client_name=client.name)
+        headers.fields = with_credential(headers.fields, f"[client key #{client.id}]")
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response:
             return
-        if METADATA not in flow.metadata:
+        if ACCESS not in flow.metadata:
             self.requestheaders(flow)  # a flow that skipped the requestheaders hook (replayed, injected)
-        verdict = flow.metadata[METADATA]
-        if "client_id" in verdict:
+        verdict = AccessVerdict.of(flow.metadata)
+        if verdict.admitted:
             return
-        if verdict["rejected"] == "missing_api_key":
-            message = (
-                "You didn't provide an API key. Send the key keyrotor issued to you as"
-                " 'Authorization: Bearer <key>' (the api_key of your OpenAI client)."
-            )
-        else:
-            message = (
-                f"Incorrect API key provided: {verdict['masked']}. Use a key issued by this keyrotor"
-                " gateway (run.py clients add NAME); upstream keys are not accepted here."
-            )
-        flow.response = error_response(401, message, "invalid_request_error", verdict["rejected"])
+        error = refusal(verdict)
+        flow.response = http.Response.make(error.status, error.body(), error.all_headers())

@@ -1,7 +1,8 @@
 """The script mitmproxy loads: `mitmdump -s addons/keyrotor.py --mode reverse:https://api.openai.com`.
 
 Addon order is the order of decisions: who is calling, which key, what else to ask
-upstream for (token usage), what happened.
+upstream for (token usage), what happened. This is the only module that imports the
+other addons: it wires them together.
 Option defaults come from config.toml and KEYROTOR_* variables, so plain mitmdump
 behaves like `run.py proxy`; run.py passes its resolved settings with --set.
 """
@@ -20,7 +21,9 @@ from mitmproxy import ctx  # noqa: E402
 
 from addons.access import Access  # noqa: E402
 from addons.capture import Capture  # noqa: E402
+from addons.credential_sender import CredentialSender  # noqa: E402
 from addons.keypool import KeyPool  # noqa: E402
+from addons.recovery import Recovery  # noqa: E402
 from addons.usage import Usage  # noqa: E402
 from config import ConfigError, load_settings  # noqa: E402
 from storage import db, secrets  # noqa: E402
@@ -36,9 +39,11 @@ class KeyRotor:
 
     def load(self, loader) -> None:
         loader.add_option(
-            "keyrotor_storage", str, str(self._defaults.storage_path),
+            "keyrotor_storage",
+            str,
+            str(self._defaults.storage_path),
             "Path of keyrotor's SQLite database; secrets are kept beside it.",
-        )  # fmt: skip
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "keyrotor_storage" in updated:
@@ -59,4 +64,11 @@ try:
 except ConfigError as e:
     raise SystemExit(f"keyrotor: {e}") from None
 
-addons = [KeyRotor(_settings), Access(), KeyPool(_settings), Usage(), Capture(_settings)]
+addons = [
+    KeyRotor(_settings),
+    Recovery(),
+    Access(),
+    KeyPool(_settings, sender=CredentialSender()),
+    Usage(),
+    Capture(_settings),
+]

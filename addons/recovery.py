@@ -44,3 +44,10 @@ def _handle_protocol_error(self: http_layer.HttpStream, event):
 def install() -> None:
     """Idempotent: the proxy may load the addons more than once (option reloads, tests)."""
     http_layer.HttpStream.handle_protocol_error = _handle_protocol_error
+
+
+class Recovery:
+    """Installs the patch when the addons load."""
+
+    def load(self, loader) -> None:
+        install()

@@ -67,8 +67,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[dict[str, float]]]
                     figures = measure(target.url, target.key, target.pid, args.requests, args.warmup, stream)
                     phase = f"{pool} {'stream' if stream else 'chat'}"
                     results.setdefault(phase, {}).setdefault("rounds", []).append(figures)
-                    print(f"  round {round_ + 1}  {phase:<16} p50 {figures['p50']:.2f} ms  p95 {figures['p95']:.2f} ms"
-                          f"  CPU {figures['cpu_ms']:.2f} ms/req", flush=True)  # fmt: skip
+                    print(
+                        f"  round {round_ + 1}  {phase:<16} p50 {figures['p50']:.2f} ms  p95 {figures['p95']:.2f} ms"
+                        f"  CPU {figures['cpu_ms']:.2f} ms/req",
+                        flush=True,
+                    )
                 for proc, _ in list(env.procs.running):
                     if proc.pid == target.pid:
                         env.procs.stop(proc)
@@ -78,14 +81,18 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[dict[str, float]]]
 
 
 def report(results: dict) -> str:
-    med = {phase: {k: statistics.median(r[k] for r in v["rounds"]) for k in ("p50", "p95", "cpu_ms")}
-           for phase, v in results.items()}  # fmt: skip
+    med = {
+        phase: {k: statistics.median(r[k] for r in v["rounds"]) for k in ("p50", "p95", "cpu_ms")}
+        for phase, v in results.items()
+    }
     lines = ["", "| phase | p50 ms | p95 ms | proxy CPU ms/request |", "|---|---|---|---|"]
     lines += [f"| {p} | {m['p50']:.2f} | {m['p95']:.2f} | {m['cpu_ms']:.2f} |" for p, m in med.items()]
     for kind in ("chat", "stream"):
         d, f = med[f"direct {kind}"], med[f"failover {kind}"]
-        lines.append(f"\nfailover cost, {kind}: +{f['p50'] - d['p50']:.2f} ms at p50, "
-                     f"+{f['cpu_ms'] - d['cpu_ms']:.2f} ms CPU per request")  # fmt: skip
+        lines.append(
+            f"\nfailover cost, {kind}: +{f['p50'] - d['p50']:.2f} ms at p50, "
+            f"+{f['cpu_ms'] - d['cpu_ms']:.2f} ms CPU per request"
+        )
     return "\n".join(lines)
 
 

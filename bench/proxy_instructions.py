@@ -70,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         env.setup_keyrotor()
         _, upstream = start_upstream(env.procs, "upstream", env.env, [])
         started = time.monotonic()
-        counts = {kind: count_instructions(env, kind, upstream, args.requests, args.warmup)
-                  for kind in ("mitmdump", "keyrotor")}  # fmt: skip
+        counts = {
+            kind: count_instructions(env, kind, upstream, args.requests, args.warmup)
+            for kind in ("mitmdump", "keyrotor")
+        }
         for kind, count in counts.items():
             print(f"{kind:<9} {count:7.3f} M instructions/request")
-        print(f"ratio     {counts['keyrotor'] / counts['mitmdump']:7.3f}x  (target <= 1.15x; "
-              f"{args.requests} sequential requests each, {time.monotonic() - started:.0f} s)")  # fmt: skip
+        print(
+            f"ratio     {counts['keyrotor'] / counts['mitmdump']:7.3f}x  (target <= 1.15x; "
+            f"{args.requests} sequential requests each, {time.monotonic() - started:.0f} s)"
+        )
         return 0
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)

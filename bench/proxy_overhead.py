@@ -254,9 +254,14 @@ class Environment:
     def run_py(self, *argv: str, stdin: str = "") -> str:
         cmd = [PYTHON, str(RUN_PY), *argv, "--storage-path", str(self.db_path)]
         done = subprocess.run(
-            cmd, cwd=ROOT, env=self.env, input=stdin, capture_output=True, text=True,
+            cmd,
+            cwd=ROOT,
+            env=self.env,
+            input=stdin,
+            capture_output=True,
+            text=True,
             timeout=START_TIMEOUT,
-        )  # fmt: skip
+        )
         if done.returncode != 0:
             raise BenchError(
                 f"run.py {' '.join(argv)} failed ({done.returncode}):\n" + (done.stderr or done.stdout).strip()
@@ -280,10 +285,18 @@ class Environment:
         port = free_port()
         if kind.startswith("mitmdump"):
             argv = [
-                *wrapper, *([PYTHON] if wrapper else []), MITMDUMP, "--mode", f"reverse:{upstream}",
-                "--listen-host", HOST, "--listen-port", str(port),
-                "--set", "connection_strategy=lazy",
-            ]  # fmt: skip
+                *wrapper,
+                *([PYTHON] if wrapper else []),
+                MITMDUMP,
+                "--mode",
+                f"reverse:{upstream}",
+                "--listen-host",
+                HOST,
+                "--listen-port",
+                str(port),
+                "--set",
+                "connection_strategy=lazy",
+            ]
             if kind == "mitmdump-stream":
                 argv += ["--set", "stream_large_bodies=1"]
             if not self.args.verbose_proxies:
@@ -291,10 +304,17 @@ class Environment:
             key = DIRECT_KEY
         else:
             argv = [
-                *wrapper, PYTHON, str(RUN_PY), "proxy",
-                "--storage-path", str(self.db_path),
-                "--upstream", upstream, "--proxy-port", str(port),
-            ]  # fmt: skip
+                *wrapper,
+                PYTHON,
+                str(RUN_PY),
+                "proxy",
+                "--storage-path",
+                str(self.db_path),
+                "--upstream",
+                upstream,
+                "--proxy-port",
+                str(port),
+            ]
             key = self.client_key
         proc, log_path = self.procs.start(f"{kind}-{tag}", argv, self.proxy_env)
         wait_for_port(port, proc, log_path, f"{kind} ({' '.join(argv[:3])} ...)", START_TIMEOUT * (4 if wrapper else 1))
@@ -506,9 +526,12 @@ def summarize(phases: list[Phase]) -> list[Phase]:
             row.first_bytes += p.first_bytes
         row.errors = dict(errors)
         for name in (
-            "rps", "proxy_cpu_ms_per_req", "proxy_main_thread_cpu_ms_per_req",
-            "upstream_cpu_ms_per_req", "client_cpu_ms_per_req",
-        ):  # fmt: skip
+            "rps",
+            "proxy_cpu_ms_per_req",
+            "proxy_main_thread_cpu_ms_per_req",
+            "upstream_cpu_ms_per_req",
+            "client_cpu_ms_per_req",
+        ):
             value = median([getattr(p, name) for p in group])
             setattr(row, name, None if value is None else round(value, 3))
         set_percentiles(row)
@@ -667,15 +690,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--stream-delay", type=float, default=0.005, help="seconds between streamed chunks (default 0.005)")
     add("--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="targets to measure (default: all)")
     add(
-        "--verbose-proxies", action="store_true",
+        "--verbose-proxies",
+        action="store_true",
         help="keep mitmdump's default output (a line per flow) instead of -q; it goes to a log file either way",
-    )  # fmt: skip
+    )
     add("--json", type=Path, metavar="PATH", help="write every figure to this file")
     args = parser.parse_args(argv)
     if args.requests_c1 is None:
         args.requests_c1 = max(1, args.requests // 4)
-    check_ranges(parser, args, ("requests", "requests_c1", "rounds", "stream_requests", "max_seconds", "stream_chunks"),
-                 ("warmup", "stream_delay"))  # fmt: skip
+    check_ranges(
+        parser,
+        args,
+        ("requests", "requests_c1", "rounds", "stream_requests", "max_seconds", "stream_chunks"),
+        ("warmup", "stream_delay"),
+    )
     return args
 
 

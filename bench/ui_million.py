@@ -72,10 +72,12 @@ from proxy_overhead import (  # noqa: E402
     stop_on_sigterm,
     wait_for_port,
 )
+from storage.prices import load_prices  # noqa: E402
 
 from storage import client_keys, db, flows, rollups, upstream_keys  # noqa: E402
-from storage.prices import load_prices  # noqa: E402
 from storage.secrets import key_cipher  # noqa: E402
+from storage.upstream_keys import SqliteKeyStore  # noqa: E402
+from usecases.keys import add_keys  # noqa: E402
 
 # The issue's targets, p95 in ms, per kind of page.
 TARGETS_MS = {"list": 150.0, "search": 300.0, "dashboard": 200.0, "detail": 50.0}
@@ -85,8 +87,18 @@ CAPTURE_LAG_LIMIT_S = 1.0  # "keeps up": every row written, the last within this
 
 SPAN_SECONDS = 30 * 86400  # the flows' start times spread over the last 30 days
 UPSTREAM_KEY_COUNT = 20
-CLIENT_NAMES = ("web-app", "mobile-app", "batch-jobs", "support-bot", "search-indexer", "analytics",
-                "staging", "ci-tests", "data-science", "partner-acme")  # fmt: skip
+CLIENT_NAMES = (
+    "web-app",
+    "mobile-app",
+    "batch-jobs",
+    "support-bot",
+    "search-indexer",
+    "analytics",
+    "staging",
+    "ci-tests",
+    "data-science",
+    "partner-acme",
+)
 CLIENT_WEIGHTS = (30, 18, 14, 10, 8, 6, 5, 4, 3, 2)
 # (model, kind, share): chat completions, embeddings, and GET /v1/models (no model).
 MODELS = (
@@ -101,9 +113,15 @@ MODELS = (
     ("gpt-4-turbo", "chat", 0.2),
     (None, "models", 0.5),
 )
-SNAPSHOTS = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-08-06", "o3-mini": "o3-mini-2025-01-31",
-             "gpt-4.1-mini": "gpt-4.1-mini-2025-04-14", "gpt-4.1": "gpt-4.1-2025-04-14",
-             "gpt-3.5-turbo": "gpt-3.5-turbo-0125", "gpt-4-turbo": "gpt-4-turbo-2024-04-09"}  # fmt: skip
+SNAPSHOTS = {
+    "gpt-4o-mini": "gpt-4o-mini-2024-07-18",
+    "gpt-4o": "gpt-4o-2024-08-06",
+    "o3-mini": "o3-mini-2025-01-31",
+    "gpt-4.1-mini": "gpt-4.1-mini-2025-04-14",
+    "gpt-4.1": "gpt-4.1-2025-04-14",
+    "gpt-3.5-turbo": "gpt-3.5-turbo-0125",
+    "gpt-4-turbo": "gpt-4-turbo-2024-04-09",
+}
 STREAM_SHARE_OF_CHAT = 0.36  # chat is ~86 % of flows: ~31 % of all flows are streamed
 # Final status of a flow; None: no response at all (connection error), with an error message.
 STATUSES = ((200, 93.0), (429, 2.5), (401, 1.0), (500, 1.5), (503, 0.5), (400, 0.5), (None, 1.0))
@@ -115,20 +133,35 @@ CONNECTION_ERRORS = (
     "Connection killed.",
 )
 ERROR_BODIES = {
-    429: {"message": "Rate limit reached for {model} in organization org-xxx on requests per min (RPM): Limit 500,"
-                     " Used 500, Requested 1. Please try again in 120ms.",
-          "type": "requests", "code": "rate_limit_exceeded"},
-    401: {"message": "Incorrect API key provided: sk-proj-********************************Ab3x. You can find your"
-                     " API key at https://platform.openai.com/account/api-keys.",
-          "type": "invalid_request_error", "code": "invalid_api_key"},
-    500: {"message": "The server had an error while processing your request. Sorry about that!",
-          "type": "server_error", "code": None},
-    503: {"message": "No upstream key is available right now; try again after the Retry-After delay.",
-          "type": "server_error", "code": "no_upstream_key"},
-    400: {"message": "Invalid 'messages[1].content': string too long. Expected a string with maximum length"
-                     " 1048576, but got a string with length 1200000 instead.",
-          "type": "invalid_request_error", "code": "string_above_max_length"},
-}  # fmt: skip
+    429: {
+        "message": "Rate limit reached for {model} in organization org-xxx on requests per min (RPM): Limit 500,"
+        " Used 500, Requested 1. Please try again in 120ms.",
+        "type": "requests",
+        "code": "rate_limit_exceeded",
+    },
+    401: {
+        "message": "Incorrect API key provided: sk-proj-********************************Ab3x. You can find your"
+        " API key at https://platform.openai.com/account/api-keys.",
+        "type": "invalid_request_error",
+        "code": "invalid_api_key",
+    },
+    500: {
+        "message": "The server had an error while processing your request. Sorry about that!",
+        "type": "server_error",
+        "code": None,
+    },
+    503: {
+        "message": "No upstream key is available right now; try again after the Retry-After delay.",
+        "type": "server_error",
+        "code": "no_upstream_key",
+    },
+    400: {
+        "message": "Invalid 'messages[1].content': string too long. Expected a string with maximum length"
+        " 1048576, but got a string with length 1200000 instead.",
+        "type": "invalid_request_error",
+        "code": "string_above_max_length",
+    },
+}
 USER_AGENTS = ("OpenAI/Python 1.54.3", "OpenAI/Python 1.82.0", "OpenAI/JS 4.73.0", "curl/8.5.0", "langchain/0.3.7")
 
 # Words in rough order of frequency; drawn with Zipf weights, so a few are in nearly every body.
@@ -226,7 +259,7 @@ class FlowFactory:
                     {"id": snap, "object": "model", "created": 1721172741, "owned_by": "system"}
                     for snap in [*SNAPSHOTS.values(), "text-embedding-3-small"]
                 ],
-            }  # fmt: skip
+            }
         )
 
     # ----------------------------------------------------------------- text
@@ -296,12 +329,20 @@ class FlowFactory:
                 )
                 response_type = "text/event-stream; charset=utf-8" if stream else response_type
             elif kind == "embedding":
-                response_body = json.dumps({
-                    "object": "list", "model": model, "usage": {"prompt_tokens": prompt_tokens,
-                                                               "total_tokens": prompt_tokens},
-                    "data": [{"object": "embedding", "index": 0,
-                              "embedding": base64.b64encode(rng.randbytes(rng.randint(750, 2900))).decode()}],
-                })  # fmt: skip
+                response_body = json.dumps(
+                    {
+                        "object": "list",
+                        "model": model,
+                        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+                        "data": [
+                            {
+                                "object": "embedding",
+                                "index": 0,
+                                "embedding": base64.b64encode(rng.randbytes(rng.randint(750, 2900))).decode(),
+                            }
+                        ],
+                    }
+                )
             else:
                 response_body = self.models_body
         elif status is not None:
@@ -318,9 +359,16 @@ class FlowFactory:
             for number, other in enumerate(others, start=1):
                 failed = rng.choice((429, 500, None))
                 spent = rng.uniform(0.05, 0.9)
-                attempt_rows.append({"attempt": number, "key_id": other, "status": failed, "started_at": at,
-                                     "error": CONNECTION_ERRORS[0] if failed is None else None,
-                                     "duration_ms": round(spent * 1000, 3)})  # fmt: skip
+                attempt_rows.append(
+                    {
+                        "attempt": number,
+                        "key_id": other,
+                        "status": failed,
+                        "started_at": at,
+                        "error": CONNECTION_ERRORS[0] if failed is None else None,
+                        "duration_ms": round(spent * 1000, 3),
+                    }
+                )
                 at += spent
             attempt_rows.append(
                 {
@@ -335,19 +383,29 @@ class FlowFactory:
 
         total_tokens = None if prompt_tokens is None else prompt_tokens + (completion_tokens or 0)
         request_headers = [
-            ["host", "api.openai.com"], ["authorization", "[redacted]"], ["content-type", "application/json"],
-            ["user-agent", rng.choice(USER_AGENTS)], ["accept", "application/json"],
-            ["content-length", str(len(request_body or ""))], ["x-stainless-retry-count", "0"],
-        ]  # fmt: skip
+            ["host", "api.openai.com"],
+            ["authorization", "[redacted]"],
+            ["content-type", "application/json"],
+            ["user-agent", rng.choice(USER_AGENTS)],
+            ["accept", "application/json"],
+            ["content-length", str(len(request_body or ""))],
+            ["x-stainless-retry-count", "0"],
+        ]
         if method == "GET":
             request_headers = [h for h in request_headers if h[0] not in ("content-type", "content-length")]
-        response_headers = [] if status is None else [
-            ["date", datetime.fromtimestamp(started_at + duration, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")],
-            ["content-type", response_type], ["openai-processing-ms", str(int(duration * 900))],
-            ["openai-version", "2020-10-01"], ["x-request-id", f"req_{rng.getrandbits(128):032x}"],
-            ["x-ratelimit-remaining-requests", str(rng.randint(0, 9999))],
-            ["x-ratelimit-reset-requests", f"{rng.randint(1, 900)}ms"],
-        ]  # fmt: skip
+        response_headers = (
+            []
+            if status is None
+            else [
+                ["date", datetime.fromtimestamp(started_at + duration, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")],
+                ["content-type", response_type],
+                ["openai-processing-ms", str(int(duration * 900))],
+                ["openai-version", "2020-10-01"],
+                ["x-request-id", f"req_{rng.getrandbits(128):032x}"],
+                ["x-ratelimit-remaining-requests", str(rng.randint(0, 9999))],
+                ["x-ratelimit-reset-requests", f"{rng.randint(1, 900)}ms"],
+            ]
+        )
         return {
             "flow_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
             "started_at": started_at,
@@ -403,30 +461,54 @@ class FlowFactory:
         if not stream:
             content = self.text(rng.randint(700, 3500))
             completion_tokens = len(content) // 4
-            return json.dumps({
-                "id": completion_id, "object": "chat.completion", "created": created, "model": snapshot,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
-                             "logprobs": None, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens},
-                "system_fingerprint": "fp_0ba0d124f1",
-            }), None, completion_tokens  # fmt: skip
+            return (
+                json.dumps(
+                    {
+                        "id": completion_id,
+                        "object": "chat.completion",
+                        "created": created,
+                        "model": snapshot,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": content, "refusal": None},
+                                "logprobs": None,
+                                "finish_reason": "stop",
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": prompt_tokens,
+                            "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens,
+                        },
+                        "system_fingerprint": "fp_0ba0d124f1",
+                    }
+                ),
+                None,
+                completion_tokens,
+            )
         # A streamed body is mostly event framing: about a third of its 1-4 KB is text.
         words = self.text(rng.randint(50, 250)).split(" ")
-        head = (f'data: {{"id":"{completion_id}","object":"chat.completion.chunk","created":{created},'
-                f'"model":"{snapshot}","system_fingerprint":"fp_0ba0d124f1","choices":')  # fmt: skip
+        head = (
+            f'data: {{"id":"{completion_id}","object":"chat.completion.chunk","created":{created},'
+            f'"model":"{snapshot}","system_fingerprint":"fp_0ba0d124f1","choices":'
+        )
         events = [head + '[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n']
         position = 0
         while position < len(words):
             step = rng.randint(3, 9)
             piece = " " + " ".join(words[position : position + step])
-            events.append(head + '[{"index":0,"delta":{"content":' + json.dumps(piece)
-                          + '},"finish_reason":null}]}\n\n')  # fmt: skip
+            events.append(
+                head + '[{"index":0,"delta":{"content":' + json.dumps(piece) + '},"finish_reason":null}]}\n\n'
+            )
             position += step
         events.append(head + '[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
         completion_tokens = sum(len(w) + 1 for w in words) // 4
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         events.append(head + "[]," + f'"usage":{json.dumps(usage)}}}\n\n')
         events.append("data: [DONE]\n\n")
         # Reads as the tee saw them: one to three events each, spread from first byte to end.
@@ -455,7 +537,7 @@ def generate(path: Path, count: int, seed: int, batch: int) -> dict[str, Any]:
         rng = random.Random(seed)
         alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
         keys = ["sk-bench-" + "".join(rng.choices(alphabet, k=30)) for _ in range(UPSTREAM_KEY_COUNT)]
-        key_ids = upstream_keys.add_keys(conn, key_cipher(path), keys).added
+        key_ids = add_keys(SqliteKeyStore(conn, key_cipher(path)), keys).added
         for name in CLIENT_NAMES:
             client_keys.create_client(conn, name)
         by_name = {row["name"]: row["id"] for row in client_keys.list_clients(conn)}
@@ -478,8 +560,12 @@ def generate(path: Path, count: int, seed: int, batch: int) -> dict[str, Any]:
             done = first + len(rows)
             if t2 - last_report >= 15 or done == count:
                 last_report = t2
-                print(f"  generated {done:,} of {count:,} flows, {done / (t2 - began):,.0f} rows/s"
-                      f" ({db_bytes(path) / 1e9:.2f} GB)", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"  generated {done:,} of {count:,} flows, {done / (t2 - began):,.0f} rows/s"
+                    f" ({db_bytes(path) / 1e9:.2f} GB)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         # What the writer's purge round does once a minute: minute rollups older than two days go.
         with conn:
             rollups.drop_old_minutes(conn, time.time())
@@ -514,8 +600,17 @@ def table_sizes(path: Path) -> dict[str, int]:
 def size_groups(sizes: dict[str, int]) -> dict[str, int]:
     groups: dict[str, int] = {}
     for name, size in sizes.items():
-        group = ("flows FTS index" if name.startswith("flows_fts") else "flows indexes" if name.startswith("idx_flows")
-                 else "flows" if name == "flows" else "rollups" if "rollups" in name else "other")  # fmt: skip
+        group = (
+            "flows FTS index"
+            if name.startswith("flows_fts")
+            else "flows indexes"
+            if name.startswith("idx_flows")
+            else "flows"
+            if name == "flows"
+            else "rollups"
+            if "rollups" in name
+            else "other"
+        )
         groups[group] = groups.get(group, 0) + size
     return groups
 
@@ -539,12 +634,15 @@ def read_facts(path: Path) -> Facts:
     try:
         low, high, newest = conn.execute("SELECT min(id), max(id), max(started_at) FROM flows").fetchone()
         return Facts(
-            flows=flows.count_flows(conn), min_id=low or 0, max_id=high or 0, newest=newest or time.time(),
+            flows=flows.count_flows(conn),
+            min_id=low or 0,
+            max_id=high or 0,
+            newest=newest or time.time(),
             key_ids=[row["id"] for row in upstream_keys.list_keys(conn)],
             client_ids=[row["id"] for row in client_keys.list_clients(conn) if row["name"] in CLIENT_NAMES],
             rollup_hour_rows=conn.execute(f"SELECT count(*) FROM {rollups.table_of('hour')}").fetchone()[0],
             rollup_minute_rows=conn.execute(f"SELECT count(*) FROM {rollups.table_of('minute')}").fetchone()[0],
-        )  # fmt: skip
+        )
     finally:
         conn.close()
 
@@ -621,11 +719,19 @@ def build_cases(facts: Facts) -> list[Case]:
         Case("/api/flows?client=N", "list", lambda i: f"/api/flows?client={clients[i % len(clients)]}"),
         Case("/api/flows?stream=yes&model=gpt-4o", "list", lambda i: "/api/flows?stream=yes&model=gpt-4o"),
         Case("/api/flows?path=/v1/embeddings", "list", lambda i: "/api/flows?path=/v1/embeddings"),
-        Case("/api/flows?status=4xx&model=gpt-4o&since&until (1 day)", "list",
-             lambda i: "/api/flows?" + q(i, status="4xx", model="gpt-4o", since=day_ago_10, until=day_ago_9)),
-        Case("/flows?status=5xx&key=N&since&until (1 day)", "list",
-             lambda i: "/flows?" + q(i, status="5xx", key=lambda j: keys[j % len(keys)], since=day_ago_10,
-                                     until=day_ago_9), page=True),  # fmt: skip
+        Case(
+            "/api/flows?status=4xx&model=gpt-4o&since&until (1 day)",
+            "list",
+            lambda i: "/api/flows?" + q(i, status="4xx", model="gpt-4o", since=day_ago_10, until=day_ago_9),
+        ),
+        Case(
+            "/flows?status=5xx&key=N&since&until (1 day)",
+            "list",
+            lambda i: (
+                "/flows?" + q(i, status="5xx", key=lambda j: keys[j % len(keys)], since=day_ago_10, until=day_ago_9)
+            ),
+            page=True,
+        ),
         Case("/api/flows?status=5xx deep page", "list", lambda i: f"/api/flows?status=5xx&before={deep(i)}"),
         Case("/api/flows?after= (live update)", "list", lambda i: f"/api/flows?after={facts.max_id - 5}&limit=100"),
         Case("/api/flows?q=common word", "search", lambda i: "/api/flows?" + q(i, q=pick(common))),
@@ -634,31 +740,53 @@ def build_cases(facts: Facts) -> list[Case]:
         Case("/api/flows?q=rare word (~30 flows)", "search", lambda i: "/api/flows?" + q(i, q=pick(RARE))),
         Case("/flows?q=rare word", "search", lambda i: "/flows?" + q(i, q=pick(RARE)), page=True),
         Case("/api/flows?q=word in no flow", "search", lambda i: "/api/flows?" + q(i, q=ABSENT)),
-        Case("/api/flows?q=two common words", "search",
-             lambda i: "/api/flows?" + q(i, q=f"{common[i % 5]} {common[(i + 2) % 5]}")),
-        Case("/api/flows?q=common uncommon common", "search",
-             lambda i: "/api/flows?" + q(i, q=f"{common[i % 5]} {uncommon[i % len(uncommon)]} report")),
-        Case("/api/flows?q=two uncommon words", "search",
-             lambda i: "/api/flows?" + q(i, q=f"{uncommon[i % len(uncommon)]} {uncommon[(i + 3) % len(uncommon)]}")),
+        Case(
+            "/api/flows?q=two common words",
+            "search",
+            lambda i: "/api/flows?" + q(i, q=f"{common[i % 5]} {common[(i + 2) % 5]}"),
+        ),
+        Case(
+            "/api/flows?q=common uncommon common",
+            "search",
+            lambda i: "/api/flows?" + q(i, q=f"{common[i % 5]} {uncommon[i % len(uncommon)]} report"),
+        ),
+        Case(
+            "/api/flows?q=two uncommon words",
+            "search",
+            lambda i: "/api/flows?" + q(i, q=f"{uncommon[i % len(uncommon)]} {uncommon[(i + 3) % len(uncommon)]}"),
+        ),
         Case("/api/flows?q=common&status=5xx", "search", lambda i: "/api/flows?" + q(i, q=pick(common), status="5xx")),
-        Case("/flows?q=common&model=o3-mini", "search",
-             lambda i: "/flows?" + q(i, q=pick(common), model="o3-mini"), page=True),
-        Case("/api/flows?q=uncommon&status=5xx", "search",
-             lambda i: "/api/flows?" + q(i, q=pick(uncommon), status="5xx")),
-        Case("/api/flows?q=common&model=gpt-4-turbo", "search",
-             lambda i: "/api/flows?" + q(i, q=pick(common), model="gpt-4-turbo")),
-        Case("/api/flows?q=common deep page", "search",
-             lambda i: "/api/flows?" + q(i, q=pick(common), before=deep)),
-        Case("/api/flows?q=common&since&until (1 day)", "search",
-             lambda i: "/api/flows?" + q(i, q=pick(common), since=day_ago_10, until=day_ago_9)),
-        Case("/api/flows?q=common&after= (live update)", "search",
-             lambda i: "/api/flows?" + q(i, q=pick(common), after=facts.max_id - 5, limit=100)),
+        Case(
+            "/flows?q=common&model=o3-mini",
+            "search",
+            lambda i: "/flows?" + q(i, q=pick(common), model="o3-mini"),
+            page=True,
+        ),
+        Case(
+            "/api/flows?q=uncommon&status=5xx", "search", lambda i: "/api/flows?" + q(i, q=pick(uncommon), status="5xx")
+        ),
+        Case(
+            "/api/flows?q=common&model=gpt-4-turbo",
+            "search",
+            lambda i: "/api/flows?" + q(i, q=pick(common), model="gpt-4-turbo"),
+        ),
+        Case("/api/flows?q=common deep page", "search", lambda i: "/api/flows?" + q(i, q=pick(common), before=deep)),
+        Case(
+            "/api/flows?q=common&since&until (1 day)",
+            "search",
+            lambda i: "/api/flows?" + q(i, q=pick(common), since=day_ago_10, until=day_ago_9),
+        ),
+        Case(
+            "/api/flows?q=common&after= (live update)",
+            "search",
+            lambda i: "/api/flows?" + q(i, q=pick(common), after=facts.max_id - 5, limit=100),
+        ),
         Case("/dashboard", "dashboard", lambda i: "/dashboard", page=True),
         Case("/api/dashboard", "dashboard", lambda i: "/api/dashboard"),
         Case("/flows/{id}", "detail", lambda i: f"/flows/{ids[i % len(ids)]}", page=True),
         Case("/api/flows/{id}", "detail", lambda i: f"/api/flows/{ids[(i + 2500) % len(ids)]}"),
         Case("/metrics", "metrics", lambda i: "/metrics"),
-    ]  # fmt: skip
+    ]
     return cases
 
 
@@ -716,8 +844,11 @@ def measure_cases(base_url: str, cases: list[Case], args: argparse.Namespace) ->
             finish_result(result)
             result.rows = round(sum(rows) / len(rows), 1) if rows else None
             results.append(result)
-            print(f"  {case.name:<58} p50 {fmt(result.p50_ms, 1):>8} p95 {fmt(result.p95_ms, 1):>8} ms"
-                  f"  {result.verdict}", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"  {case.name:<58} p50 {fmt(result.p50_ms, 1):>8} p95 {fmt(result.p95_ms, 1):>8} ms  {result.verdict}",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         api.close()
         pages.close()
@@ -793,9 +924,16 @@ def ui_loop(config_json: str) -> int:
     finally:
         api.close()
         pages.close()
-        Path(config["out"]).write_text(json.dumps({
-            "seconds": time.perf_counter() - started, "latencies": latencies, "errors": errors[:20],
-            "error_count": len(errors)}))  # fmt: skip
+        Path(config["out"]).write_text(
+            json.dumps(
+                {
+                    "seconds": time.perf_counter() - started,
+                    "latencies": latencies,
+                    "errors": errors[:20],
+                    "error_count": len(errors),
+                }
+            )
+        )
     return 0
 
 
@@ -859,8 +997,10 @@ async def capture_round(
             before_warm = await asyncio.to_thread(newest_id, reader)
             await warm.run(args.capture_warmup, args.concurrency, 60)
             if warm.errors:
-                raise BenchError(f"warm-up through the proxy failed: {dict(warm.errors)}, e.g. {warm.sample_error}\n"
-                                 + log_tail(target.log_path))  # fmt: skip
+                raise BenchError(
+                    f"warm-up through the proxy failed: {dict(warm.errors)}, e.g. {warm.sample_error}\n"
+                    + log_tail(target.log_path)
+                )
             if await wait_for_rows(reader, before_warm, warm.done, 60) is None:
                 raise BenchError("the warm-up's rows did not all appear within 60 s")
             await settle(target.pid)
@@ -869,8 +1009,14 @@ async def capture_round(
             result.rows_before = await asyncio.to_thread(flows.count_flows, reader)
             if ui_url is not None:
                 out = env.tmp / f"ui-loop-{time.monotonic_ns()}.json"
-                config = {"url": ui_url, "out": str(out), "common": common_words(), "uncommon": UNCOMMON[::8],
-                          "min_id": facts.min_id, "max_id": facts.max_id}  # fmt: skip
+                config = {
+                    "url": ui_url,
+                    "out": str(out),
+                    "common": common_words(),
+                    "uncommon": UNCOMMON[::8],
+                    "min_id": facts.min_id,
+                    "max_id": facts.max_id,
+                }
                 loop_proc, loop_log = env.procs.start(
                     "ui-loop", [PYTHON, str(Path(__file__).resolve()), "--ui-loop", json.dumps(config)], env.env
                 )
@@ -923,16 +1069,23 @@ async def capture_round(
 
 
 def ui_loop_figures(document: dict[str, Any]) -> dict[str, Any]:
-    figures: dict[str, Any] = {"seconds": round(document["seconds"], 1), "errors": document["error_count"],
-                               "error_sample": document["errors"][:1], "kinds": {}}  # fmt: skip
+    figures: dict[str, Any] = {
+        "seconds": round(document["seconds"], 1),
+        "errors": document["error_count"],
+        "error_sample": document["errors"][:1],
+        "kinds": {},
+    }
     for kind, values in document["latencies"].items():
         p95 = ms(percentile(values, 95))
         target = TARGETS_MS.get(kind)
         figures["kinds"][kind] = {
-            "requests": len(values), "p50_ms": ms(percentile(values, 50)), "p95_ms": p95,
-            "max_ms": ms(max(values)), "target_ms": target,
+            "requests": len(values),
+            "p50_ms": ms(percentile(values, 50)),
+            "p95_ms": p95,
+            "max_ms": ms(max(values)),
+            "target_ms": target,
             "vs_target": None if target is None or p95 is None else ("PASS" if p95 < target else "MISS"),
-        }  # fmt: skip
+        }
     return figures
 
 
@@ -954,17 +1107,27 @@ def run_capture(env: Environment, db_path: Path, ui_url: str, args: argparse.Nam
     for with_ui in (False, True):
         result = asyncio.run(capture_round(env, target, db_path, args, facts, ui_url if with_ui else None))
         rounds.append(result)
-        print(f"  capture {'with' if with_ui else 'without'} UI load: {result.rps} req/s, {result.sent} sent,"
-              f" {result.new_rows} new rows, lag {fmt(result.lag_ms, 1)} ms  {result.verdict}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"  capture {'with' if with_ui else 'without'} UI load: {result.rps} req/s, {result.sent} sent,"
+            f" {result.new_rows} new rows, lag {fmt(result.lag_ms, 1)} ms  {result.verdict}",
+            file=sys.stderr,
+            flush=True,
+        )
     return rounds
 
 
 # --------------------------------------------------------------------------- report
 
 
-def report(args: argparse.Namespace, generation: dict | None, facts: Facts, sizes: dict[str, int], db_size: int,
-           results: list[CaseResult], capture: list[CaptureRound]) -> str:  # fmt: skip
+def report(
+    args: argparse.Namespace,
+    generation: dict | None,
+    facts: Facts,
+    sizes: dict[str, int],
+    db_size: int,
+    results: list[CaseResult],
+    capture: list[CaptureRound],
+) -> str:
     lines = []
     if generation:
         lines.append(
@@ -984,14 +1147,14 @@ def report(args: argparse.Namespace, generation: dict | None, facts: Facts, size
         f"UI latency, ms ({args.requests} sequential requests per case after {args.warmup} warm-up;"
         " 'first' is the first warm-up request):",
         f"{'case':<58} {'p50':>7} {'p95':>7} {'max':>7} {'first':>7} {'rows':>5} {'target':>7}  verdict",
-    ]  # fmt: skip
+    ]
     for r in results:
         target = f"<{r.target_ms:.0f}" if r.target_ms else "-"
         lines.append(
             f"{r.name:<58} {fmt(r.p50_ms, 1):>7} {fmt(r.p95_ms, 1):>7} {fmt(r.max_ms, 1):>7} {fmt(r.first_ms, 1):>7}"
-            f" {fmt(r.rows, 0):>5} {target:>7}  {r.verdict}" + (f" ({r.requests} requests)" if r.requests <
-                                                               args.requests else "")
-        )  # fmt: skip
+            f" {fmt(r.rows, 0):>5} {target:>7}  {r.verdict}"
+            + (f" ({r.requests} requests)" if r.requests < args.requests else "")
+        )
     for r in results:
         if r.error_sample:
             lines.append(f"  error in {r.name}: {r.error_sample}")
@@ -1002,7 +1165,7 @@ def report(args: argparse.Namespace, generation: dict | None, facts: Facts, size
             " non-streamed chat, same database):",
             f"{'':<16} {'req/s':>6} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms/req':>10} {'sent':>6} {'new rows':>8}"
             f" {'exact':>5} {'lag ms':>7} {'backlog':>8}  verdict",
-        ]  # fmt: skip
+        ]
         for c in capture:
             lines.append(
                 f"{'with UI load' if c.ui_load else 'without UI load':<16} {c.rps:>6.1f} {fmt(c.p50_ms, 1):>7}"
@@ -1019,13 +1182,19 @@ def report(args: argparse.Namespace, generation: dict | None, facts: Facts, size
                 ]
                 for kind, k in c.ui["kinds"].items():
                     target = f"<{k['target_ms']:.0f}" if k["target_ms"] else "-"
-                    lines.append(f"{kind:<10} {k['requests']:>8} {fmt(k['p50_ms'], 1):>7} {fmt(k['p95_ms'], 1):>7}"
-                                 f" {fmt(k['max_ms'], 1):>7} {target:>7}  {k['vs_target'] or '-'}")  # fmt: skip
+                    lines.append(
+                        f"{kind:<10} {k['requests']:>8} {fmt(k['p50_ms'], 1):>7} {fmt(k['p95_ms'], 1):>7}"
+                        f" {fmt(k['max_ms'], 1):>7} {target:>7}  {k['vs_target'] or '-'}"
+                    )
     missed = [r.name for r in results if r.verdict in ("MISS", "ERROR")]
-    lines += ["", f"Targets: {sum(r.verdict == 'PASS' for r in results)} PASS, {len(missed)} MISS"
-              + (f" ({'; '.join(missed)})" if missed else "")
-              + ("" if not capture else f"; capture keeps up: {'yes' if all(c.verdict == 'PASS' for c in capture)
-                                                                  else 'NO'}")]  # fmt: skip
+    lines += [
+        "",
+        f"Targets: {sum(r.verdict == 'PASS' for r in results)} PASS, {len(missed)} MISS"
+        + (f" ({'; '.join(missed)})" if missed else "")
+        + (
+            "" if not capture else f"; capture keeps up: {'yes' if all(c.verdict == 'PASS' for c in capture) else 'NO'}"
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -1055,8 +1224,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--json", type=Path, metavar="PATH", help="write every figure to this file")
     add("--ui-loop", help=argparse.SUPPRESS)  # internal: the UI query loop of the capture phase
     args = parser.parse_args(argv)
-    check_ranges(parser, args, ("rows", "requests", "batch", "capture_seconds", "concurrency", "max_case_seconds"),
-                 ("warmup", "capture_warmup"))  # fmt: skip
+    check_ranges(
+        parser,
+        args,
+        ("rows", "requests", "batch", "capture_seconds", "concurrency", "max_case_seconds"),
+        ("warmup", "capture_warmup"),
+    )
     return args
 
 

@@ -42,11 +42,16 @@ def bar_chart(series: list[tuple[int, int, int]], start: int, step: int, count: 
             continue
         scale = HEIGHT / peak
         when = datetime.fromtimestamp(bucket, UTC).strftime(label_format)
-        bars.append(Bar(
-            x=round(index * slot, 2), width=round(max(slot - 1, 1), 2),
-            requests_y=round(HEIGHT - requests * scale, 2), requests_height=round(requests * scale, 2),
-            errors_y=round(HEIGHT - errors * scale, 2), errors_height=round(errors * scale, 2),
-            title=f"{when} UTC: {requests} requests, {errors} errors",
-        ))  # fmt: skip
+        bars.append(
+            Bar(
+                x=round(index * slot, 2),
+                width=round(max(slot - 1, 1), 2),
+                requests_y=round(HEIGHT - requests * scale, 2),
+                requests_height=round(requests * scale, 2),
+                errors_y=round(HEIGHT - errors * scale, 2),
+                errors_height=round(errors * scale, 2),
+                title=f"{when} UTC: {requests} requests, {errors} errors",
+            )
+        )
     label = lambda t: datetime.fromtimestamp(t, UTC).strftime(label_format)  # noqa: E731
     return Chart(bars, peak, label(start), label(start + (count - 1) * step))

@@ -37,25 +37,42 @@ def har_entry(row: sqlite3.Row, origin: str) -> dict[str, Any]:
         "startedDateTime": views.iso(row["started_at"]),
         "time": duration,
         "request": {
-            "method": row["method"], "url": origin + row["path"], "httpVersion": "HTTP/1.1", "cookies": [],
-            "headers": request_headers, "queryString": [], "headersSize": -1,
+            "method": row["method"],
+            "url": origin + row["path"],
+            "httpVersion": "HTTP/1.1",
+            "cookies": [],
+            "headers": request_headers,
+            "queryString": [],
+            "headersSize": -1,
             "bodySize": row["request_body_size"] if row["request_body_size"] is not None else -1,
         },
         "response": {
             "status": status,
             "statusText": HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "",
-            "httpVersion": "HTTP/1.1", "cookies": [], "headers": response_headers,
-            "content": {"size": row["response_body_size"] or 0, "mimeType": _mime(response_headers),
-                        "text": row["response_body"] or ""},
-            "redirectURL": "", "headersSize": -1,
+            "httpVersion": "HTTP/1.1",
+            "cookies": [],
+            "headers": response_headers,
+            "content": {
+                "size": row["response_body_size"] or 0,
+                "mimeType": _mime(response_headers),
+                "text": row["response_body"] or "",
+            },
+            "redirectURL": "",
+            "headersSize": -1,
             "bodySize": row["response_body_size"] if row["response_body_size"] is not None else -1,
         },
         "cache": {},
         "timings": {"send": 0, "wait": round(wait, 3), "receive": round(max(0.0, duration - wait), 3)},
-        "_keyrotor": {"flow_id": row["flow_id"], "id": row["id"], "model": row["model"], "attempts": row["attempts"],
-                      "upstream_key_id": row["upstream_key_id"], "client_key_id": row["client_key_id"],
-                      "error": row["error"]},
-    }  # fmt: skip
+        "_keyrotor": {
+            "flow_id": row["flow_id"],
+            "id": row["id"],
+            "model": row["model"],
+            "attempts": row["attempts"],
+            "upstream_key_id": row["upstream_key_id"],
+            "client_key_id": row["client_key_id"],
+            "error": row["error"],
+        },
+    }
     if row["request_body"] is not None:
         entry["request"]["postData"] = {"mimeType": _mime(request_headers), "text": row["request_body"]}
     return entry

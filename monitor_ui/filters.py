@@ -71,14 +71,29 @@ def flow_query(
     if stream and stream not in ("yes", "no"):
         raise HTTPException(422, "stream must be yes or no.")
     client_id, key_id = parse_id(client, "client"), parse_id(key, "key")
-    raw = {"q": q or "", "status": status or "", "model": model or "", "path": path or "",
-           "client": str(client_id or ""), "key": str(key_id or ""), "stream": stream or "",
-           "since": since or "", "until": until or ""}  # fmt: skip
+    raw = {
+        "q": q or "",
+        "status": status or "",
+        "model": model or "",
+        "path": path or "",
+        "client": str(client_id or ""),
+        "key": str(key_id or ""),
+        "stream": stream or "",
+        "since": since or "",
+        "until": until or "",
+    }
     flow_filter = FlowFilter(
-        q=q.strip() or None if q else None, status=status or None, model=model or None, path=path or None,
-        client_key_id=client_id, upstream_key_id=key_id, stream=None if not stream else stream == "yes",
-        since=parse_time(since, "since"), until=parse_time(until, "until"), after_id=after,
-    )  # fmt: skip
+        q=q.strip() or None if q else None,
+        status=status or None,
+        model=model or None,
+        path=path or None,
+        client_key_id=client_id,
+        upstream_key_id=key_id,
+        stream=None if not stream else stream == "yes",
+        since=parse_time(since, "since"),
+        until=parse_time(until, "until"),
+        after_id=after,
+    )
     return FlowQuery(flow_filter, raw)
 
 

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from dataclasses import dataclass
 
+from core.models import Client
 from storage.db import bump_revision
 from storage.secrets import hash_client_key, new_client_key
-
-
-@dataclass(frozen=True)
-class Client:
-    id: int
-    name: str
 
 
 class ClientExists(Exception):
@@ -74,4 +68,3 @@ def load_enabled(conn: sqlite3.Connection) -> dict[str, Client]:
         row["key_hash"]: Client(id=row["id"], name=row["name"])
         for row in conn.execute("SELECT id, name, key_hash FROM client_keys WHERE enabled = 1")
     }
-

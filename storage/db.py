@@ -44,7 +44,25 @@ def read_revision(conn: sqlite3.Connection, name: str) -> int:
 
 def bump_revision(conn: sqlite3.Connection, name: str) -> None:
     conn.execute(
-        "INSERT INTO revisions (name, value) VALUES (?, 1)"
-        " ON CONFLICT(name) DO UPDATE SET value = value + 1",
+        "INSERT INTO revisions (name, value) VALUES (?, 1) ON CONFLICT(name) DO UPDATE SET value = value + 1",
         (name,),
     )
+
+
+class RevisionReader:
+    """core.ports.Revisions on a connection of its own, for the proxy's poll on the event loop."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._conn = connect(path)
+        # Read on the loop itself: a one-row read takes microseconds and, with WAL and no busy
+        # wait, can never block; a thread hand-off every poll would cost more than the read.
+        self._conn.execute("PRAGMA busy_timeout = 0")
+
+    def read(self, name: str) -> int | None:
+        try:
+            return read_revision(self._conn, name)
+        except sqlite3.OperationalError:
+            return None  # busy right now
+
+    def close(self) -> None:
+        self._conn.close()

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import operator
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
-FLOW_COLUMNS = (
-    "flow_id", "started_at", "first_byte_at", "ended_at", "duration_ms", "method", "path", "status",
-    "model", "stream", "client_key_id", "upstream_key_id", "attempts", "prompt_tokens",
-    "completion_tokens", "total_tokens", "cost", "client_addr", "error", "request_headers",
-    "response_headers", "request_body", "request_body_size", "request_body_truncated",
-    "response_body", "response_body_size", "response_body_truncated", "chunk_times",
-)  # fmt: skip
+from core.records import FlowRecord
+
+# The one mapping of a FlowRecord to the flows table: every other module reads or writes
+# FlowRecords. JSON columns hold lists; the 0/1 columns hold booleans.
+JSON_COLUMNS = frozenset({"request_headers", "response_headers", "chunk_times"})
+BOOLEAN_COLUMNS = frozenset({"stream", "request_body_truncated", "response_body_truncated"})
+FLOW_COLUMNS = tuple(f.name for f in fields(FlowRecord) if f.name != "attempt_log")
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (flow_id, attempt, upstream_key_id, status, error, started_at, duration_ms)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -28,13 +30,29 @@ SUMMARY_COLUMNS = (
 )
 
 
-def insert_batch(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> None:
-    """Insert rows and add them to the per-key usage counters, in the caller's transaction."""
-    rows = list(rows)
-    conn.executemany(_INSERT, [tuple(row.get(c) for c in FLOW_COLUMNS) for row in rows])
-    insert_attempts(conn, rows)
+_ALL_FIELDS = operator.attrgetter(*FLOW_COLUMNS)  # one C call per record, in the writer thread
+_JSON_AT = [i for i, name in enumerate(FLOW_COLUMNS) if name in JSON_COLUMNS]
+_BOOLEAN_AT = [i for i, name in enumerate(FLOW_COLUMNS) if name in BOOLEAN_COLUMNS]
+
+
+def column_values(record: FlowRecord) -> list:
+    """The record as a flows row, in FLOW_COLUMNS order."""
+    values = list(_ALL_FIELDS(record))
+    for i in _JSON_AT:
+        if values[i] is not None:
+            values[i] = json.dumps(values[i])
+    for i in _BOOLEAN_AT:
+        values[i] = int(bool(values[i]))
+    return values
+
+
+def insert_batch(conn: sqlite3.Connection, records: Iterable[FlowRecord]) -> None:
+    """Insert flows and add them to the per-key usage counters, in the caller's transaction."""
+    records = list(records)
+    conn.executemany(_INSERT, [column_values(r) for r in records])
+    insert_attempts(conn, records)
     for table, column in (("upstream_keys", "upstream_key_id"), ("client_keys", "client_key_id")):
-        for key_id, (count, prompt, completion, last, cost) in _usage_by(rows, column).items():
+        for key_id, (count, prompt, completion, last, cost) in _usage_by(records, column).items():
             conn.execute(
                 f"UPDATE {table} SET requests = requests + ?, prompt_tokens = prompt_tokens + ?,"
                 " completion_tokens = completion_tokens + ?, cost = cost + ?,"
@@ -43,21 +61,20 @@ def insert_batch(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> No
             )
 
 
-def insert_attempts(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
+def insert_attempts(conn: sqlite3.Connection, records: list[FlowRecord]) -> None:
     """Attempt rows of retried flows; each failed attempt also counts as a request on its key."""
-    attempts = [(row["flow_id"], a) for row in rows for a in row.get("attempt_rows") or ()]
+    attempts = [(r.flow_id, a) for r in records for a in r.attempt_log]
     if not attempts:
         return
     conn.executemany(
         _INSERT_ATTEMPT,
-        [(flow_id, a["attempt"], a["key_id"], a["status"], a["error"], a["started_at"], a.get("duration_ms"))
-         for flow_id, a in attempts],
-    )  # fmt: skip
-    failed = [a for row in rows for a in (row.get("attempt_rows") or ())[:-1]]  # the last one is the flow's own
+        [(flow_id, a.attempt, a.key_id, a.status, a.error, a.started_at, a.duration_ms) for flow_id, a in attempts],
+    )
+    failed = [a for r in records for a in r.attempt_log[:-1]]  # the last one is the flow's own
     conn.executemany(
         "UPDATE upstream_keys SET requests = requests + 1, last_used_at = max(coalesce(last_used_at, 0), ?)"
         " WHERE id = ?",
-        [(a["started_at"], a["key_id"]) for a in failed],
+        [(a.started_at, a.key_id) for a in failed],
     )
 
 
@@ -69,18 +86,18 @@ def attempts_of(conn: sqlite3.Connection, flow_id: str) -> list[sqlite3.Row]:
     ).fetchall()
 
 
-def _usage_by(rows: list[dict[str, Any]], column: str) -> dict[int, list]:
+def _usage_by(records: list[FlowRecord], column: str) -> dict[int, list]:
     usage: dict[int, list] = defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
-    for row in rows:
-        key_id = row.get(column)
+    for record in records:
+        key_id = getattr(record, column)
         if key_id is None:
             continue
         entry = usage[key_id]
         entry[0] += 1
-        entry[1] += row.get("prompt_tokens") or 0
-        entry[2] += row.get("completion_tokens") or 0
-        entry[3] = max(entry[3], row["started_at"])
-        entry[4] += row.get("cost") or 0.0
+        entry[1] += record.prompt_tokens or 0
+        entry[2] += record.completion_tokens or 0
+        entry[3] = max(entry[3], record.started_at)
+        entry[4] += record.cost or 0.0
     return usage
 
 
@@ -252,9 +269,12 @@ def purge_chunk(conn: sqlite3.Connection, older_than: float | None, keep_rows: i
     if not boundaries:
         return 0
     with conn:
-        ids = [r[0] for r in conn.execute(
-            "SELECT id FROM flows WHERE id <= ? ORDER BY id LIMIT ?", (max(boundaries), PURGE_CHUNK)
-        )]  # fmt: skip
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM flows WHERE id <= ? ORDER BY id LIMIT ?", (max(boundaries), PURGE_CHUNK)
+            )
+        ]
         if not ids:
             return 0
         conn.execute("DELETE FROM flows WHERE id >= ? AND id <= ?", (ids[0], ids[-1]))

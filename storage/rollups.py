@@ -15,11 +15,36 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+
+from core.records import FlowRecord
 
 # Upper bounds, in ms, of the latency buckets; the last bucket takes everything above.
-BUCKETS_MS = (5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10_000,
-              15_000, 20_000, 30_000, 60_000, 120_000)  # fmt: skip
+BUCKETS_MS = (
+    5,
+    10,
+    20,
+    35,
+    50,
+    75,
+    100,
+    150,
+    200,
+    300,
+    500,
+    750,
+    1000,
+    1500,
+    2000,
+    3000,
+    5000,
+    7500,
+    10_000,
+    15_000,
+    20_000,
+    30_000,
+    60_000,
+    120_000,
+)
 HISTOGRAM_SIZE = len(BUCKETS_MS) + 1
 GRAINS = {"minute": 60, "hour": 3600}
 KEEP_MINUTES_SECONDS = 2 * 86400  # minute rows older than this are dropped; hours stay
@@ -48,35 +73,31 @@ def bucket_index(ms: float) -> int:
     return len(BUCKETS_MS)
 
 
-def is_error(row: dict[str, Any]) -> bool:
-    return row.get("status") is None or row["status"] >= 400 or bool(row.get("error"))
-
-
-def add_row_values(entry: list, row: dict[str, Any]) -> None:
-    """Add one flow row to a VALUES-long list of sums."""
+def add_record_values(entry: list, record: FlowRecord) -> None:
+    """Add one flow to a VALUES-long list of sums."""
     entry[0] += 1
-    entry[1] += is_error(row)
-    entry[2] += bool(row.get("stream"))
-    entry[3] += row.get("prompt_tokens") or 0
-    entry[4] += row.get("completion_tokens") or 0
-    entry[5] += row.get("cost") or 0
-    entry[6] += row.get("duration_ms") or 0
-    if row.get("duration_ms") is not None:
-        entry[len(COUNTERS) + bucket_index(row["duration_ms"])] += 1
-    if row.get("stream") and row.get("first_byte_at") and row.get("started_at"):
-        ttfb = (row["first_byte_at"] - row["started_at"]) * 1000
+    entry[1] += record.is_error
+    entry[2] += bool(record.stream)
+    entry[3] += record.prompt_tokens or 0
+    entry[4] += record.completion_tokens or 0
+    entry[5] += record.cost or 0
+    entry[6] += record.duration_ms or 0
+    if record.duration_ms is not None:
+        entry[len(COUNTERS) + bucket_index(record.duration_ms)] += 1
+    if record.stream and record.first_byte_at and record.started_at:
+        ttfb = (record.first_byte_at - record.started_at) * 1000
         entry[len(COUNTERS) + HISTOGRAM_SIZE + bucket_index(ttfb)] += 1
 
 
-def aggregate(rows: Iterable[dict[str, Any]], grain: str) -> dict[tuple, list[float]]:
-    """Sum a batch of flow rows by (dimension, bucket, value) for every dimension of `grain`."""
+def aggregate(records: Iterable[FlowRecord], grain: str) -> dict[tuple, list[float]]:
+    """Sum a batch of flows by (dimension, bucket, value) for every dimension of `grain`."""
     seconds, dimensions = GRAINS[grain], DIMENSIONS_OF[grain]
     sums: dict[tuple, list[float]] = defaultdict(lambda: [0] * len(VALUES))
-    for row in rows:
-        bucket = int(row["started_at"] // seconds) * seconds
+    for record in records:
+        bucket = int(record.started_at // seconds) * seconds
         for dimension in dimensions:
-            value = "" if dimension == ALL else str(row.get(dimension) or "")
-            add_row_values(sums[(dimension, bucket, value)], row)
+            value = "" if dimension == ALL else str(getattr(record, dimension) or "")
+            add_record_values(sums[(dimension, bucket, value)], record)
     return sums
 
 
@@ -100,12 +121,12 @@ def _upsert_sql(table: str) -> str:
 _UPSERTS = {grain: _upsert_sql(table_of(grain)) for grain in GRAINS}
 
 
-def add_rows(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
-    """Fold a batch of new flow rows into both grains, in the caller's transaction."""
-    if not rows:
+def add_records(conn: sqlite3.Connection, records: list[FlowRecord]) -> None:
+    """Fold a batch of new flows into both grains, in the caller's transaction."""
+    if not records:
         return
     for grain in GRAINS:
-        conn.executemany(_UPSERTS[grain], [(*key, *values) for key, values in aggregate(rows, grain).items()])
+        conn.executemany(_UPSERTS[grain], [(*key, *values) for key, values in aggregate(records, grain).items()])
 
 
 def drop_old_minutes(conn: sqlite3.Connection, now: float) -> None:
@@ -158,12 +179,16 @@ _SUMS = ", ".join(f"coalesce(sum({c}), 0)" for c in VALUES)
 def _totals(values: tuple) -> Totals:
     counters = values[: len(COUNTERS)]
     return Totals(
-        requests=int(counters[0]), errors=int(counters[1]), streamed=int(counters[2]),
-        prompt_tokens=int(counters[3]), completion_tokens=int(counters[4]), cost=float(counters[5]),
+        requests=int(counters[0]),
+        errors=int(counters[1]),
+        streamed=int(counters[2]),
+        prompt_tokens=int(counters[3]),
+        completion_tokens=int(counters[4]),
+        cost=float(counters[5]),
         duration_ms=float(counters[6]),
-        latency=list(values[len(COUNTERS): len(COUNTERS) + HISTOGRAM_SIZE]),
-        first_byte=list(values[len(COUNTERS) + HISTOGRAM_SIZE:]),
-    )  # fmt: skip
+        latency=list(values[len(COUNTERS) : len(COUNTERS) + HISTOGRAM_SIZE]),
+        first_byte=list(values[len(COUNTERS) + HISTOGRAM_SIZE :]),
+    )
 
 
 def _window(dimension: str, since: float | None) -> tuple[str, tuple]:

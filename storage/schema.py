@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import sqlite_utils
 
+from core.records import FlowRecord
+
 
 def _v1_initial(db: sqlite_utils.Database) -> None:
     db["revisions"].create({"name": str, "value": int}, pk="name")
@@ -129,23 +131,30 @@ def _v3_rollups(db: sqlite_utils.Database) -> None:
         columns |= {c: (float if c in ("cost", "duration_ms") else int) for c in rollups.VALUES}
         db[rollups.table_of(grain)].create(columns, pk=_V3_DIMENSIONS, defaults={c: 0 for c in rollups.VALUES})
     # Existing flows are folded in once, in slices, so the dashboard starts complete.
-    columns = "started_at, first_byte_at, duration_ms, status, error, model, stream, upstream_key_id," \
-              " client_key_id, prompt_tokens, completion_tokens, cost"  # fmt: skip
+    columns = (
+        "started_at, first_byte_at, duration_ms, status, error, model, stream, upstream_key_id,"
+        " client_key_id, prompt_tokens, completion_tokens, cost"
+    )
     names = ["id", *columns.replace(" ", "").split(",")]
     placeholders = ", ".join("?" * (len(_V3_DIMENSIONS) + len(rollups.VALUES)))
     last = 0
     while True:
-        rows = [dict(zip(names, r, strict=True)) for r in db.conn.execute(
-            f"SELECT id, {columns} FROM flows WHERE id > ? ORDER BY id LIMIT 50000", (last,)
-        )]  # fmt: skip
+        rows = [
+            dict(zip(names, r, strict=True))
+            for r in db.conn.execute(f"SELECT id, {columns} FROM flows WHERE id > ? ORDER BY id LIMIT 50000", (last,))
+        ]
         if not rows:
             break
         for grain, seconds in rollups.GRAINS.items():
             sums: dict[tuple, list] = {}
             for row in rows:
-                key = (int(row["started_at"] // seconds) * seconds, row["model"] or "", row["upstream_key_id"] or 0,
-                       row["client_key_id"] or 0)  # fmt: skip
-                rollups.add_row_values(sums.setdefault(key, [0] * len(rollups.VALUES)), row)
+                key = (
+                    int(row["started_at"] // seconds) * seconds,
+                    row["model"] or "",
+                    row["upstream_key_id"] or 0,
+                    row["client_key_id"] or 0,
+                )
+                rollups.add_record_values(sums.setdefault(key, [0] * len(rollups.VALUES)), _v3_record(row))
             db.conn.executemany(
                 f"INSERT INTO {rollups.table_of(grain)} VALUES ({placeholders})"
                 f" ON CONFLICT ({', '.join(_V3_DIMENSIONS)}) DO UPDATE SET "
@@ -153,6 +162,11 @@ def _v3_rollups(db: sqlite_utils.Database) -> None:
                 [(*key, *values) for key, values in sums.items()],
             )
         last = rows[-1]["id"]
+
+
+def _v3_record(row: dict) -> FlowRecord:
+    # What the v3 backfill read of a stored flow, as the record the rollups fold in.
+    return FlowRecord(flow_id="", method="", path="", **{k: v for k, v in row.items() if k != "id"})
 
 
 def _v4_rollups_by_dimension(db: sqlite_utils.Database) -> None:

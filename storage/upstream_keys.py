@@ -5,74 +5,53 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
+from core.models import KeyState, PoolKey
 from storage.db import bump_revision
 from storage.secrets import KeyCipher
 
-STATES = ("active", "cooling", "exhausted", "invalid", "disabled")
-MIN_KEY_LENGTH = 20
-MAX_KEY_LENGTH = 512
+STATES = tuple(KeyState)
 
 
-@dataclass
-class AddReport:
-    added: list[int] = field(default_factory=list)
-    duplicates: int = 0
-    malformed: list[int] = field(default_factory=list)  # 1-based line numbers, never the values
+class SqliteKeyStore:
+    """core.ports.KeyStore over one connection and the installation's cipher."""
+
+    def __init__(self, conn: sqlite3.Connection, cipher: KeyCipher) -> None:
+        self.conn = conn
+        self.cipher = cipher
+
+    def load_pool(self) -> list[PoolKey]:
+        return load_pool(self.conn, self.cipher)
+
+    def insert(self, values: list[str]) -> tuple[list[int], int]:
+        return insert_keys(self.conn, self.cipher, values)
+
+    def ids_in_state(self, states: Iterable[KeyState]) -> list[int]:
+        return ids_in_state(self.conn, states)
+
+    def set_admin_state(self, key_ids: Iterable[int], state: KeyState, reason: str) -> int:
+        return set_admin_state(self.conn, key_ids, state, reason)
 
 
-@dataclass
-class PoolKey:
-    """One key as the proxy holds it in memory."""
-
-    id: int
-    value: str
-    last4: str
-    state: str
-    state_reason: str | None
-    cooldown_until: float | None
-    weight: float
-    requests: int
-    state_changed_at: float | None = None
-
-
-def is_well_formed(value: str) -> bool:
-    # Providers differ in prefixes ("sk-", "sk-proj-", Azure's hex), so check only what no real key has.
-    return (
-        MIN_KEY_LENGTH <= len(value) <= MAX_KEY_LENGTH
-        and value.isascii()
-        and value.isprintable()
-        and not any(c.isspace() for c in value)
-    )
-
-
-def add_keys(conn: sqlite3.Connection, cipher: KeyCipher, lines: Iterable[str]) -> AddReport:
-    """Add one key per line; blank lines and #-comments are skipped."""
-    report = AddReport()
+def insert_keys(conn: sqlite3.Connection, cipher: KeyCipher, values: Iterable[str]) -> tuple[list[int], int]:
+    """Add well-formed key values (core.keys checks them); returns (ids added, duplicates skipped)."""
+    added: list[int] = []
+    duplicates = 0
     now = time.time()
     with conn:
-        for number, line in enumerate(lines, start=1):
-            value = line.strip()
-            if not value or value.startswith("#"):
-                continue
-            if value.lower().startswith("bearer "):
-                value = value[7:].strip()
-            if not is_well_formed(value):
-                report.malformed.append(number)
-                continue
+        for value in values:
             cursor = conn.execute(
                 "INSERT INTO upstream_keys (fingerprint, secret, last4, state, created_at, state_changed_at)"
                 " VALUES (?, ?, ?, 'active', ?, ?) ON CONFLICT(fingerprint) DO NOTHING",
                 (cipher.fingerprint(value), cipher.encrypt(value), value[-4:], now, now),
             )
             if cursor.rowcount:
-                report.added.append(cursor.lastrowid)
+                added.append(cursor.lastrowid)
             else:
-                report.duplicates += 1
-        if report.added:
+                duplicates += 1
+        if added:
             bump_revision(conn, "keys")
-    return report
+    return added, duplicates
 
 
 def list_keys(conn: sqlite3.Connection, limit: int = 1000, after_id: int = 0) -> list[sqlite3.Row]:
@@ -100,7 +79,7 @@ def load_pool(conn: sqlite3.Connection, cipher: KeyCipher) -> list[PoolKey]:
                 id=row["id"],
                 value=value,
                 last4=row["last4"],
-                state=row["state"],
+                state=KeyState(row["state"]),
                 state_reason=row["state_reason"],
                 cooldown_until=row["cooldown_until"],
                 weight=row["weight"],
@@ -170,4 +149,3 @@ def record_state(
         " WHERE id = ? AND state != 'disabled'",
         (state, reason, cooldown_until, at, key_id),
     )
-

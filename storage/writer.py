@@ -1,8 +1,9 @@
 """The one writer thread: owns the proxy's write connection, inserts in batches.
 
 Hooks on the event loop only put items on a queue. Turning a captured flow into a
-row (decoding, JSON parsing, truncation) also happens here, off the loop: items
-carry a `to_row()` method that this thread calls.
+record (decoding, JSON parsing, truncation) also happens here, off the loop: items
+carry a `to_record()` method that this thread calls. It implements two of core's
+ports: RecordSink (captured flows) and PoolStateSink (key states learnt upstream).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from core.models import KeyStateChange
+from core.records import FlowRecord
 from storage import db, flows, rollups, upstream_keys
 
 log = logging.getLogger(__name__)
@@ -32,17 +35,10 @@ class Retention:
     max_rows: int = 0  # 0: no row limit
 
 
-class CapturedFlow(Protocol):
-    def to_row(self) -> dict[str, Any]: ...
+class Recordable(Protocol):
+    """A captured flow (core.records.CapturedFlow), or anything else that makes a record."""
 
-
-@dataclass(frozen=True)
-class KeyStateChange:
-    key_id: int
-    state: str
-    reason: str | None
-    cooldown_until: float | None
-    at: float
+    def to_record(self) -> FlowRecord: ...
 
 
 _STOP = object()
@@ -59,8 +55,14 @@ class Writer:
         self.retention = Retention()
         self._next_purge = time.monotonic()  # the first round runs at start-up
 
-    def put(self, item: CapturedFlow | KeyStateChange) -> None:
+    def put(self, item: Recordable | KeyStateChange) -> None:
         self._queue.put(item)
+
+    def record(self, flow: Recordable) -> None:
+        self._queue.put(flow)
+
+    def save_state(self, change: KeyStateChange) -> None:
+        self._queue.put(change)
 
     def start(self) -> None:
         self._thread.start()
@@ -131,20 +133,21 @@ class Writer:
                 items.append(item)
 
     def _write(self, conn, batch: list) -> None:
-        rows, states = [], []
+        rows: list[FlowRecord] = []
+        states: list[KeyStateChange] = []
         for item in batch:
             if isinstance(item, KeyStateChange):
                 states.append(item)
                 continue
             try:
-                rows.append(item.to_row())
+                rows.append(item.to_record())
             except Exception:
-                log.exception("could not turn a captured flow into a row; it is skipped")
+                log.exception("could not turn a captured flow into a record; it is skipped")
         for attempt in range(WRITE_ATTEMPTS):
             try:
                 with conn:
                     flows.insert_batch(conn, rows)
-                    rollups.add_rows(conn, rows)
+                    rollups.add_records(conn, rows)
                     for change in states:
                         upstream_keys.record_state(
                             conn, change.key_id, change.state, change.reason, change.cooldown_until, change.at

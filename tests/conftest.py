@@ -86,8 +86,13 @@ class Keyrotor:
     def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(
             [sys.executable, str(ROOT / "run.py"), *args],
-            input=input, capture_output=True, text=True, env=self.env, cwd=self.tmp, timeout=60,
-        )  # fmt: skip
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.tmp,
+            timeout=60,
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"run.py {' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result
@@ -102,10 +107,21 @@ class Keyrotor:
         self.proxy_port = free_port()
         log = self.log_path.open("ab")
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / "run.py"), "proxy", "--proxy-port", str(self.proxy_port),
-             "--upstream", self.upstream_url, *extra],
-            env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(ROOT / "run.py"),
+                "proxy",
+                "--proxy-port",
+                str(self.proxy_port),
+                "--upstream",
+                self.upstream_url,
+                *extra,
+            ],
+            env=self.env,
+            cwd=self.tmp,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.processes.append(process)
         wait_for(lambda: port_open(self.proxy_port) or process.poll() is not None, START_DEADLINE, what="proxy")
         assert process.poll() is None, self.log_path.read_text()
@@ -119,8 +135,11 @@ class Keyrotor:
         log = (self.tmp / "ui.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "run.py"), "ui", "--ui-port", str(self.ui_port), *extra],
-            env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            env=self.env,
+            cwd=self.tmp,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.processes.append(process)
         wait_for(lambda: port_open(self.ui_port) or process.poll() is not None, START_DEADLINE, what="UI")
         assert process.poll() is None, (self.tmp / "ui.log").read_text()

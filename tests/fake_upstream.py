@@ -47,9 +47,7 @@ from starlette.types import Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-BEHAVIOURS = frozenset(
-    {"ok", "invalid", "ratelimit", "quota", "server_error", "deactivated", "disconnect"}
-)
+BEHAVIOURS = frozenset({"ok", "invalid", "ratelimit", "quota", "server_error", "deactivated", "disconnect"})
 # Keys nobody configured are judged by name, so tests and benchmarks can use
 # fresh keys without calling set_key first.
 VALID_PREFIXES = ("sk-good", "sk-bench")
@@ -100,8 +98,7 @@ NO_KEY_MESSAGE = (
     "password. You can obtain an API key from https://platform.openai.com/account/api-keys."
 )
 INVALID_KEY_MESSAGE = (
-    "Incorrect API key provided: {masked}. "
-    "You can find your API key at https://platform.openai.com/account/api-keys."
+    "Incorrect API key provided: {masked}. You can find your API key at https://platform.openai.com/account/api-keys."
 )
 RATELIMIT_MESSAGE = (
     "Rate limit reached for gpt-4o-mini in organization org-xxx on requests per min (RPM): "
@@ -113,9 +110,7 @@ QUOTA_MESSAGE = (
     "information on this error, read the docs: "
     "https://platform.openai.com/docs/guides/error-codes/api-errors."
 )
-SERVER_ERROR_MESSAGE = (
-    "The server had an error while processing your request. Sorry about that!"
-)
+SERVER_ERROR_MESSAGE = "The server had an error while processing your request. Sorry about that!"
 DEACTIVATED_MESSAGE = (
     "This key is associated with a deactivated account. If you feel this is an error, "
     "contact us through our help center at help.openai.com."
@@ -143,9 +138,7 @@ class Received:
 class BadRequest(Exception):
     """A 400 the handlers raise; carries OpenAI's error fields."""
 
-    def __init__(
-        self, message: str, param: str | None = None, code: str | None = None
-    ) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -164,14 +157,10 @@ def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> R
     if headers:
         all_headers.update(headers)
     body = json.dumps(payload).encode()
-    return Response(
-        body, status_code=status, headers=all_headers, media_type="application/json"
-    )
+    return Response(body, status_code=status, headers=all_headers, media_type="application/json")
 
 
-def _error_body(
-    message: str, type_: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
+def _error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -193,8 +182,13 @@ def mask_key(key: str) -> str:
 
 async def _cut_short(scope: Scope, receive: Receive, send: Send) -> None:
     """A connection that dies mid-answer: headers promise a body that never arrives whole."""
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+        }
+    )
     await send({"type": "http.response.body", "body": b'{"id": "chatcmpl-', "more_body": True})
     # Returning now leaves the promised body unsent: the server closes the connection.
 
@@ -224,9 +218,7 @@ def _rejection(behaviour: str, key: str, retry_after: str) -> Response | None:
             headers=headers,
         )
     if behaviour == "quota":
-        return _error(
-            429, QUOTA_MESSAGE, "insufficient_quota", code="insufficient_quota"
-        )
+        return _error(429, QUOTA_MESSAGE, "insufficient_quota", code="insufficient_quota")
     if behaviour == "server_error":
         return _error(500, SERVER_ERROR_MESSAGE, "server_error")
     if behaviour == "deactivated":
@@ -290,11 +282,7 @@ def reply_pieces(messages: list[Any], chunks: int) -> list[str]:
     modes always give identical text. At least one piece is produced.
     """
     last_user = next(
-        (
-            m
-            for m in reversed(messages)
-            if isinstance(m, dict) and m.get("role") == "user"
-        ),
+        (m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
         {},
     )
     count = max(1, chunks)
@@ -313,11 +301,7 @@ def reply_pieces(messages: list[Any], chunks: int) -> list[str]:
 
 
 def chat_usage(messages: list[Any], reply: str) -> dict[str, int]:
-    prompt = sum(
-        _word_count(_text_of(m.get("content"))) + TOKENS_PER_MESSAGE
-        for m in messages
-        if isinstance(m, dict)
-    )
+    prompt = sum(_word_count(_text_of(m.get("content"))) + TOKENS_PER_MESSAGE for m in messages if isinstance(m, dict))
     completion = _word_count(reply)
     return {
         "prompt_tokens": prompt,
@@ -342,9 +326,7 @@ def _validate_chat(data: dict[str, Any]) -> tuple[str, list[Any]]:
     return model, messages
 
 
-def _chunk(
-    base: dict[str, Any], delta: dict[str, Any], finish: str | None, usage: bool
-) -> bytes:
+def _chunk(base: dict[str, Any], delta: dict[str, Any], finish: str | None, usage: bool) -> bytes:
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
     payload = {**base, "choices": [choice]}
     if usage:
@@ -356,9 +338,7 @@ async def _stream_events(
     base: dict[str, Any], pieces: list[str], usage: dict[str, int] | None, delay: float
 ) -> AsyncIterator[bytes]:
     with_usage = usage is not None
-    yield _chunk(
-        base, {"role": "assistant", "content": "", "refusal": None}, None, with_usage
-    )
+    yield _chunk(base, {"role": "assistant", "content": "", "refusal": None}, None, with_usage)
     for piece in pieces:
         # Sleeping before each piece models time-to-first-token and the pace
         # between tokens; each yield is flushed to the socket on its own.
@@ -367,11 +347,7 @@ async def _stream_events(
         yield _chunk(base, {"content": piece}, None, with_usage)
     yield _chunk(base, {}, "stop", with_usage)
     if usage is not None:
-        yield (
-            b"data: "
-            + json.dumps({**base, "choices": [], "usage": usage}).encode()
-            + b"\n\n"
-        )
+        yield (b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n")
     yield b"data: [DONE]\n\n"
 
 
@@ -387,9 +363,7 @@ def _embedding_inputs(value: Any) -> list[Any]:
             return [value]
         if all(isinstance(v, str | list) for v in value):
             return value
-    raise BadRequest(
-        "'input' must be a string, a list of strings or a list of tokens", param="input"
-    )
+    raise BadRequest("'input' must be a string, a list of strings or a list of tokens", param="input")
 
 
 def _vector(item: Any) -> list[float]:
@@ -427,13 +401,9 @@ class _KeyBook:
         self._lock = threading.Lock()
         self._rules: dict[str, _Rule] = {}
 
-    def set(
-        self, key: str, behaviour: str, times: int | None, retry_after: str
-    ) -> None:
+    def set(self, key: str, behaviour: str, times: int | None, retry_after: str) -> None:
         if behaviour not in BEHAVIOURS:
-            raise ValueError(
-                f"unknown behaviour {behaviour!r}; expected one of {sorted(BEHAVIOURS)}"
-            )
+            raise ValueError(f"unknown behaviour {behaviour!r}; expected one of {sorted(BEHAVIOURS)}")
         if times is not None and times <= 0:
             behaviour, times = "ok", None
         with self._lock:
@@ -550,9 +520,7 @@ class FakeUpstream:
             thread.join(timeout=2)
         self._server = self._thread = None
 
-    def set_key(
-        self, key: str, behaviour: str, times: int | None = None, retry_after: str = "1"
-    ) -> None:
+    def set_key(self, key: str, behaviour: str, times: int | None = None, retry_after: str = "1") -> None:
         """Make ``key`` behave so (for its next ``times`` requests, else for ever)."""
         self._keys.set(key, behaviour, times, retry_after)
 
@@ -596,9 +564,7 @@ class FakeUpstream:
         try:
             # Our own loop in this thread: uvicorn's run() would install
             # process-wide loop/signal settings that belong to the test runner.
-            with asyncio.Runner(
-                loop_factory=server.config.get_loop_factory()
-            ) as runner:
+            with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
                 runner.run(server.serve(sockets=[sock]))
         # SystemExit included: uvicorn exits on startup errors.
         except BaseException as exc:
@@ -643,9 +609,7 @@ class FakeUpstream:
         behaviour, retry_after = self._keys.take(key)
         rejection = _rejection(behaviour, key, retry_after)
         if rejection is not None:
-            log.debug(
-                "%s %s rejected: key %s is %s", method, path, mask_key(key), behaviour
-            )
+            log.debug("%s %s rejected: key %s is %s", method, path, mask_key(key), behaviour)
             return rejection
         handler = self._routes.get((method, path))
         if handler is None:
@@ -695,9 +659,7 @@ class FakeUpstream:
             "logprobs": None,
             "finish_reason": "stop",
         }
-        return _json(
-            200, {**base, "choices": [choice], "usage": usage}, OK_RATELIMIT_HEADERS
-        )
+        return _json(200, {**base, "choices": [choice], "usage": usage}, OK_RATELIMIT_HEADERS)
 
     def _chat_stream(
         self,
@@ -706,13 +668,9 @@ class FakeUpstream:
         usage: dict[str, int],
         options: Any,
     ) -> Response:
-        include_usage = (
-            isinstance(options, dict) and options.get("include_usage") is True
-        )
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
         base = {**base, "object": "chat.completion.chunk"}
-        events = _stream_events(
-            base, pieces, usage if include_usage else None, self.stream_delay
-        )
+        events = _stream_events(base, pieces, usage if include_usage else None, self.stream_delay)
         headers = {
             # Given as a header, not media_type: Starlette would append "; charset=utf-8".
             "content-type": "text/event-stream",
@@ -757,15 +715,9 @@ class FakeUpstream:
 
 
 def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Fake OpenAI API on 127.0.0.1 (tests, benchmarks)."
-    )
-    parser.add_argument(
-        "--port", type=int, default=0, help="port to listen on; 0 picks a free one"
-    )
-    parser.add_argument(
-        "--stream-chunks", type=int, default=5, help="content chunks per streamed reply"
-    )
+    parser = argparse.ArgumentParser(description="Fake OpenAI API on 127.0.0.1 (tests, benchmarks).")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one")
+    parser.add_argument("--stream-chunks", type=int, default=5, help="content chunks per streamed reply")
     parser.add_argument(
         "--stream-delay",
         type=float,
@@ -777,9 +729,7 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
 
 def main(argv: Iterable[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     up = FakeUpstream(stream_chunks=args.stream_chunks, stream_delay=args.stream_delay)
     up.record = False  # nobody reads them across processes; keeps memory flat
     stopping = threading.Event()

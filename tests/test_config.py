@@ -83,9 +83,12 @@ def test_bad_values_name_the_setting(environ, names):
 
 @pytest.mark.parametrize(
     "content, names",
-    [("[proxy\nport=1", ["not valid TOML"]), ("[proxy]\nprot = 1\n", ["proxy.prot", "not a keyrotor setting"]),
-     ("proxy = 3\n", ["proxy", "table"])],
-)  # fmt: skip
+    [
+        ("[proxy\nport=1", ["not valid TOML"]),
+        ("[proxy]\nprot = 1\n", ["proxy.prot", "not a keyrotor setting"]),
+        ("proxy = 3\n", ["proxy", "table"]),
+    ],
+)
 def test_bad_files_are_refused(tmp_path, content, names):
     path = tmp_path / "bad.toml"
     path.write_text(content)

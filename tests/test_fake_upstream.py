@@ -45,9 +45,7 @@ def client(up: FakeUpstream, key: str = "sk-good-1") -> OpenAI:
 def test_streamed_and_plain_replies_match(up: FakeUpstream) -> None:
     c = client(up)
     plain = c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-    stream = c.chat.completions.create(
-        model="gpt-4o-mini", messages=MESSAGES, stream=True
-    )
+    stream = c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
     chunks = list(stream)
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
 
@@ -75,10 +73,7 @@ def test_include_usage_sends_final_usage_chunk(up: FakeUpstream) -> None:
     assert all(ch.usage is None for ch in chunks[:-1])
     assert chunks[-1].choices == []
     assert chunks[-1].usage is not None
-    assert (
-        chunks[-1].usage.total_tokens
-        == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
-    )
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
 
 
 def test_ratelimit_once_then_served(up: FakeUpstream) -> None:
@@ -104,9 +99,7 @@ def test_invalid_key(up: FakeUpstream) -> None:
 def test_quota(up: FakeUpstream) -> None:
     up.set_key("sk-good-3", "quota")
     with pytest.raises(openai.RateLimitError) as caught:
-        client(up, "sk-good-3").chat.completions.create(
-            model="gpt-4o-mini", messages=MESSAGES
-        )
+        client(up, "sk-good-3").chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert caught.value.code == "insufficient_quota"
     assert "retry-after" not in caught.value.response.headers
 
@@ -124,12 +117,8 @@ def test_other_behaviours(up: FakeUpstream) -> None:
 
 def test_streamed_chunks_are_spaced_out(up: FakeUpstream) -> None:
     up.stream_chunks, up.stream_delay = 3, 0.2
-    stream = client(up).chat.completions.create(
-        model="gpt-4o-mini", messages=MESSAGES, stream=True
-    )
-    arrivals = [
-        time.monotonic() for ch in stream if ch.choices and ch.choices[0].delta.content
-    ]
+    stream = client(up).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    arrivals = [time.monotonic() for ch in stream if ch.choices and ch.choices[0].delta.content]
     assert len(arrivals) == 3
     assert arrivals[-1] - arrivals[0] >= 0.3
 
@@ -139,9 +128,7 @@ def test_raw_http_edges(up: FakeUpstream) -> None:
     with httpx.Client(base_url=up.url) as http:
         no_key = http.get("/v1/models")
         missing = http.post("/v1/whatever", headers=auth)
-        bad = http.post(
-            "/v1/chat/completions", headers=auth, json={"messages": MESSAGES}
-        )
+        bad = http.post("/v1/chat/completions", headers=auth, json={"messages": MESSAGES})
         emb = http.post(
             "/v1/embeddings",
             headers={"api-key": "sk-bench-2"},
@@ -153,9 +140,7 @@ def test_raw_http_edges(up: FakeUpstream) -> None:
             json={"model": "m", "messages": MESSAGES, "stream": True},
         )
     assert no_key.status_code == 401
-    assert no_key.json()["error"]["message"].startswith(
-        "You didn't provide an API key."
-    )
+    assert no_key.json()["error"]["message"].startswith("You didn't provide an API key.")
     assert missing.status_code == 404
     assert missing.json()["error"]["message"] == "Invalid URL (POST /v1/whatever)"
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
@@ -177,9 +162,7 @@ def test_raw_http_edges(up: FakeUpstream) -> None:
 
 
 def test_embeddings_via_client(up: FakeUpstream) -> None:
-    result = client(up).embeddings.create(
-        model="text-embedding-3-small", input="hello there"
-    )
+    result = client(up).embeddings.create(model="text-embedding-3-small", input="hello there")
     assert len(result.data[0].embedding) == 8
     assert result.usage.prompt_tokens == 2
 
@@ -196,9 +179,7 @@ def test_main_prints_ready_and_stops_on_sigterm() -> None:
         line = proc.stdout.readline().strip()
         assert line.startswith("READY http://127.0.0.1:")
         url = line.removeprefix("READY ")
-        models = httpx.get(
-            url + "/v1/models", headers={"authorization": "Bearer sk-good-x"}
-        )
+        models = httpx.get(url + "/v1/models", headers={"authorization": "Bearer sk-good-x"})
         assert models.json()["data"][0]["id"] == "gpt-4o-mini"
         proc.terminate()
         assert proc.wait(timeout=5) == 0

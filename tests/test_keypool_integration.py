@@ -76,8 +76,11 @@ def test_bad_keys_never_reach_the_client(keyrotor: Keyrotor, upstream: FakeUpstr
 
     retried = query(keyrotor, "SELECT flow_id, attempts, status FROM flows WHERE attempts > 1")
     assert retried and all(r["status"] == 200 for r in retried)
-    attempts = query(keyrotor, "SELECT a.flow_id, a.attempt, a.status, k.last4 FROM attempts a"
-                               " JOIN upstream_keys k ON k.id = a.upstream_key_id ORDER BY a.flow_id, a.attempt")  # fmt: skip
+    attempts = query(
+        keyrotor,
+        "SELECT a.flow_id, a.attempt, a.status, k.last4 FROM attempts a"
+        " JOIN upstream_keys k ON k.id = a.upstream_key_id ORDER BY a.flow_id, a.attempt",
+    )
     failed = {(r["last4"], r["status"]) for r in attempts if r["status"] != 200}
     assert ("0005", 401) in failed and ("0004", 429) in failed and ("0003", 429) in failed
     assert len({r["flow_id"] for r in attempts}) == len(retried)
@@ -95,12 +98,14 @@ def test_rate_limits_on_every_key_are_waited_out_or_answered_with_503(
     client_key = keyrotor.add_client()
     keyrotor.start_proxy(
         "--set", f"keypool.wait_max_seconds={wait_max}", "--set", f"keypool.pool_429_window_seconds={pool_window}"
-    )  # fmt: skip
+    )
 
     response = httpx.post(
-        f"{keyrotor.base_url}/chat/completions", headers={"authorization": f"Bearer {client_key}"},
-        json={"model": "gpt-4o-mini", "messages": MESSAGES}, timeout=30,
-    )  # fmt: skip
+        f"{keyrotor.base_url}/chat/completions",
+        headers={"authorization": f"Bearer {client_key}"},
+        json={"model": "gpt-4o-mini", "messages": MESSAGES},
+        timeout=30,
+    )
 
     limited = [r for r in upstream.received if r.path == "/v1/chat/completions"]
     if succeeds:
@@ -150,8 +155,12 @@ def test_admin_changes_reach_the_running_proxy_within_a_second(keyrotor: Keyroto
     keyrotor.cli("keys", "disable", "1")
     wait_for(lambda: set(shares_after(4)) == {GOOD[1]}, timeout=1.5, interval=0.05, what="the disabled key to rest")
     keyrotor.cli("keys", "delete", "2")
-    wait_for(lambda: isinstance(raises(client.models.list), openai.InternalServerError), timeout=1.5, interval=0.05,
-             what="the deleted key to be gone")  # fmt: skip
+    wait_for(
+        lambda: isinstance(raises(client.models.list), openai.InternalServerError),
+        timeout=1.5,
+        interval=0.05,
+        what="the deleted key to be gone",
+    )
 
 
 def test_keys_validate_brings_back_a_key_that_works_again(keyrotor: Keyrotor, upstream: FakeUpstream):

@@ -164,8 +164,12 @@ def test_disabled_client_is_refused_without_restart(running, upstream: FakeUpstr
     client.models.list()
     kr.cli("clients", "disable", "alice")
 
-    wait_for(lambda: isinstance(raises(client.models.list), openai.AuthenticationError), timeout=3, interval=0.05,
-             what="the disabled client to be refused")  # fmt: skip
+    wait_for(
+        lambda: isinstance(raises(client.models.list), openai.AuthenticationError),
+        timeout=3,
+        interval=0.05,
+        what="the disabled client to be refused",
+    )
 
 
 def test_rows_hold_what_design_says(running, upstream: FakeUpstream):
@@ -182,11 +186,17 @@ def test_rows_hold_what_design_says(running, upstream: FakeUpstream):
     first, second = wait_rows(kr, 2)
 
     assert (first["method"], first["path"], first["status"], first["model"], first["stream"]) == (
-        "POST", "/v1/chat/completions", 200, "gpt-4o-mini", 0,
-    )  # fmt: skip
+        "POST",
+        "/v1/chat/completions",
+        200,
+        "gpt-4o-mini",
+        0,
+    )
     assert (first["prompt_tokens"], first["completion_tokens"], first["total_tokens"]) == (
-        plain.usage.prompt_tokens, plain.usage.completion_tokens, plain.usage.total_tokens,
-    )  # fmt: skip
+        plain.usage.prompt_tokens,
+        plain.usage.completion_tokens,
+        plain.usage.total_tokens,
+    )
     assert plain.choices[0].message.content in first["response_body"]
     assert '"Say hello to the proxy"' in first["request_body"]
 
@@ -241,9 +251,12 @@ def test_client_disconnect_mid_stream_is_recorded(running, upstream: FakeUpstrea
     kr, client_key = running
     upstream.stream_chunks, upstream.stream_delay = 6, 0.3
     with httpx.stream(
-        "POST", f"{kr.base_url}/chat/completions", headers={"authorization": f"Bearer {client_key}"},
-        json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}, timeout=10,
-    ) as response:  # fmt: skip
+        "POST",
+        f"{kr.base_url}/chat/completions",
+        headers={"authorization": f"Bearer {client_key}"},
+        json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+        timeout=10,
+    ) as response:
         next(response.iter_raw())  # the first piece, then hang up
     (row,) = wait_rows(kr, 1)
     assert row["status"] == 200 and row["stream"] == 1
@@ -273,8 +286,11 @@ def test_streams_have_token_counts_though_the_client_did_not_ask(running, upstre
     assert json.loads(upstream.received[-1].body)["stream_options"] == {"include_usage": True}
     _, streamed = wait_rows(kr, 2)
     assert (streamed["stream"], streamed["prompt_tokens"], streamed["completion_tokens"], streamed["total_tokens"]) == (
-        1, plain.usage.prompt_tokens, plain.usage.completion_tokens, plain.usage.total_tokens,
-    )  # fmt: skip
+        1,
+        plain.usage.prompt_tokens,
+        plain.usage.completion_tokens,
+        plain.usage.total_tokens,
+    )
     assert '"choices": [], "usage": {' in streamed["response_body"]  # the row keeps what upstream sent
 
 

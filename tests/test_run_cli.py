@@ -25,11 +25,24 @@ def test_serve_runs_both_and_stops_both(keyrotor: Keyrotor, upstream: FakeUpstre
     client_key = keyrotor.add_client()
     proxy_port, ui_port = free_port(), free_port()
     serve = subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), "serve", "--proxy-port", str(proxy_port), "--ui-port", str(ui_port),
-         "--upstream", upstream.url],
-        env=keyrotor.env, cwd=keyrotor.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "serve",
+            "--proxy-port",
+            str(proxy_port),
+            "--ui-port",
+            str(ui_port),
+            "--upstream",
+            upstream.url,
+        ],
+        env=keyrotor.env,
+        cwd=keyrotor.tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,  # its own process group, like a shell job
-    )  # fmt: skip
+    )
     try:
         wait_for(lambda: port_open(proxy_port) and port_open(ui_port), START_DEADLINE, what="proxy and UI")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy_port}/v1", api_key=client_key, max_retries=0)
@@ -58,10 +71,22 @@ def test_plain_mitmdump_with_the_script_works(keyrotor: Keyrotor, upstream: Fake
     port = free_port()
     mitmdump = os.path.join(os.path.dirname(sys.executable), "mitmdump")
     process = subprocess.Popen(
-        [mitmdump, "-s", str(ROOT / "addons" / "keyrotor.py"), "--mode", f"reverse:{upstream.url}",
-         "--listen-host", "127.0.0.1", "--listen-port", str(port)],
-        env=keyrotor.env, cwd=keyrotor.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            mitmdump,
+            "-s",
+            str(ROOT / "addons" / "keyrotor.py"),
+            "--mode",
+            f"reverse:{upstream.url}",
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(port),
+        ],
+        env=keyrotor.env,
+        cwd=keyrotor.tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     keyrotor.processes.append(process)
     wait_for(lambda: port_open(port), START_DEADLINE, what="mitmdump")
     response = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"authorization": f"Bearer {client_key}"})
@@ -105,7 +130,9 @@ def test_bad_settings_stop_start_up_with_one_sentence(keyrotor: Keyrotor, args, 
 
 
 def test_keys_commands(keyrotor: Keyrotor):
-    result = keyrotor.cli("keys", "add", input=f"{GOOD}\n{GOOD}\nnot a key\n\nsk-good-cli-bbbbbbbbbbbbbbbbbbbbbbbbbbb-0002\n")
+    result = keyrotor.cli(
+        "keys", "add", input=f"{GOOD}\n{GOOD}\nnot a key\n\nsk-good-cli-bbbbbbbbbbbbbbbbbbbbbbbbbbb-0002\n"
+    )
     assert result.stdout.strip() == "added 2, skipped 1 duplicate(s), rejected 1 malformed (line 3)"
     listing = keyrotor.cli("keys", "list").stdout
     assert "…0001" in listing and "…0002" in listing and GOOD not in listing

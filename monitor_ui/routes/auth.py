@@ -45,9 +45,13 @@ def create_session(
         )
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(
-        SESSION_COOKIE, signer.new_session(), max_age=SESSION_SECONDS, httponly=True, samesite="strict",
+        SESSION_COOKIE,
+        signer.new_session(),
+        max_age=SESSION_SECONDS,
+        httponly=True,
+        samesite="strict",
         secure=request.url.scheme == "https",
-    )  # fmt: skip
+    )
     return response
 
 

@@ -25,11 +25,17 @@ class NewClient(BaseModel):
 
 def client_summary(row) -> dict:
     return {
-        "id": row["id"], "name": row["name"], "key": f"…{row['last4']}", "enabled": bool(row["enabled"]),
-        "requests": row["requests"], "prompt_tokens": row["prompt_tokens"],
-        "completion_tokens": row["completion_tokens"], "cost": row["cost"], "last_used_at": row["last_used_at"],
+        "id": row["id"],
+        "name": row["name"],
+        "key": f"…{row['last4']}",
+        "enabled": bool(row["enabled"]),
+        "requests": row["requests"],
+        "prompt_tokens": row["prompt_tokens"],
+        "completion_tokens": row["completion_tokens"],
+        "cost": row["cost"],
+        "last_used_at": row["last_used_at"],
         "created_at": row["created_at"],
-    }  # fmt: skip
+    }
 
 
 def _render(request: Request, conn, signer, status_code: int = 200, **extra):

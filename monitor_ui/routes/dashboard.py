@@ -16,8 +16,12 @@ from storage import rollups, upstream_keys
 router = APIRouter()
 
 # (name, grain, seconds back): the newest buckets of the finer grain for short windows.
-WINDOWS = (("last minute", "minute", 60), ("last hour", "minute", 3600), ("last 24 hours", "hour", 86400),
-           ("all time", "hour", None))  # fmt: skip
+WINDOWS = (
+    ("last minute", "minute", 60),
+    ("last hour", "minute", 3600),
+    ("last 24 hours", "hour", 86400),
+    ("all time", "hour", None),
+)
 BREAKDOWNS = (("model", "By model"), ("upstream_key_id", "By upstream key"), ("client_key_id", "By client key"))
 
 
@@ -26,12 +30,17 @@ def _figures(totals: rollups.Totals) -> dict:
         return None if value is None or math.isinf(value) else value
 
     return {
-        "requests": totals.requests, "errors": totals.errors, "success_rate": totals.success_rate,
-        "latency_p50_ms": ms(totals.latency_ms(50)), "latency_p95_ms": ms(totals.latency_ms(95)),
-        "first_byte_p50_ms": ms(totals.first_byte_ms(50)), "streamed": totals.streamed,
-        "prompt_tokens": totals.prompt_tokens, "completion_tokens": totals.completion_tokens,
+        "requests": totals.requests,
+        "errors": totals.errors,
+        "success_rate": totals.success_rate,
+        "latency_p50_ms": ms(totals.latency_ms(50)),
+        "latency_p95_ms": ms(totals.latency_ms(95)),
+        "first_byte_p50_ms": ms(totals.first_byte_ms(50)),
+        "streamed": totals.streamed,
+        "prompt_tokens": totals.prompt_tokens,
+        "completion_tokens": totals.completion_tokens,
         "cost": round(totals.cost, 6),
-    }  # fmt: skip
+    }
 
 
 def _since(seconds: int | None, grain: str, now: float) -> int | None:
@@ -76,9 +85,10 @@ def read_dashboard(request: Request, conn: Conn, signer: Signer):
     }
     csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
     return request.app.state.templates.TemplateResponse(
-        request, "dashboard.html",
+        request,
+        "dashboard.html",
         {"data": data, "charts": charts, "breakdown_names": BREAKDOWNS, "csrf": csrf, "section": "dashboard"},
-    )  # fmt: skip
+    )
 
 
 @router.get("/api/dashboard", dependencies=[AdminApi])

@@ -50,9 +50,10 @@ def list_flows(request: Request, conn: Conn, signer: Signer, query: Flows, limit
     page = _page(conn, query, limit, before)
     csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
     return request.app.state.templates.TemplateResponse(
-        request, "flows.html",
+        request,
+        "flows.html",
         {**page, "limit": limit, "csrf": csrf, "query": query, "live": before is None, "section": "flows"},
-    )  # fmt: skip
+    )
 
 
 @router.get("/api/flows", dependencies=[AdminApi])
@@ -90,8 +91,11 @@ def export_flows_jsonl(request: Request, query: Flows) -> StreamingResponse:
 def export_flows_har(request: Request, query: Flows) -> StreamingResponse:
     """The filtered list (at most 10,000 flows) as a HAR 1.2 file."""
     document = export.har_document(_export_rows(request, query), request.app.state.upstream, request.app.version)
-    return StreamingResponse(document, media_type="application/json",
-                             headers={"content-disposition": 'attachment; filename="keyrotor-flows.har"'})  # fmt: skip
+    return StreamingResponse(
+        document,
+        media_type="application/json",
+        headers={"content-disposition": 'attachment; filename="keyrotor-flows.har"'},
+    )
 
 
 @router.get("/flows/{flow_row_id}", response_class=HTMLResponse, dependencies=[AdminPage])

@@ -8,19 +8,26 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
-from addons import probe
+from core.models import KeyState
 from monitor_ui import views
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, Signer, WriteConn
 from storage import secrets, upstream_keys
+from storage.upstream_keys import SqliteKeyStore
+from usecases import keys as key_admin
 
 router = APIRouter()
 
 PAGE_SIZE = 100
 MAX_BULK_LINES = 10_000
 # What a finished action says on the page after its redirect; the query carries only the code and counts.
-DONE = {"enabled": "enabled", "disabled": "disabled", "deleted": "deleted", "reset": "returned to active",
-        "weighted": "re-weighted"}  # fmt: skip
+DONE = {
+    "enabled": "enabled",
+    "disabled": "disabled",
+    "deleted": "deleted",
+    "reset": "returned to active",
+    "weighted": "re-weighted",
+}
 
 
 class WeightChange(BaseModel):
@@ -38,11 +45,19 @@ class KeysToAdd(BaseModel):
 
 def key_summary(row) -> dict:
     return {
-        "id": row["id"], "key": f"…{row['last4']}", "state": row["state"], "state_reason": row["state_reason"],
-        "cooldown_until": row["cooldown_until"], "weight": row["weight"], "requests": row["requests"],
-        "prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"], "cost": row["cost"],
-        "last_used_at": row["last_used_at"], "created_at": row["created_at"],
-    }  # fmt: skip
+        "id": row["id"],
+        "key": f"…{row['last4']}",
+        "state": row["state"],
+        "state_reason": row["state_reason"],
+        "cooldown_until": row["cooldown_until"],
+        "weight": row["weight"],
+        "requests": row["requests"],
+        "prompt_tokens": row["prompt_tokens"],
+        "completion_tokens": row["completion_tokens"],
+        "cost": row["cost"],
+        "last_used_at": row["last_used_at"],
+        "created_at": row["created_at"],
+    }
 
 
 def _page(conn, after: int) -> dict:
@@ -54,7 +69,11 @@ def _page(conn, after: int) -> dict:
     }
 
 
-def _report(report: upstream_keys.AddReport) -> dict:
+def _store(request: Request, conn) -> SqliteKeyStore:
+    return SqliteKeyStore(conn, secrets.key_cipher(request.app.state.db_path))
+
+
+def _report(report) -> dict:
     return {"added": report.added, "duplicates": report.duplicates, "malformed_lines": report.malformed}
 
 
@@ -68,8 +87,14 @@ After = Annotated[int, Query(ge=0, description="continue after this key id (keys
 
 
 @router.get("/keys", response_class=HTMLResponse, dependencies=[AdminPage])
-def list_keys(request: Request, conn: Conn, signer: Signer, after: After = 0, done: str | None = None,
-              count: Annotated[int, Query(ge=0)] = 0):  # fmt: skip
+def list_keys(
+    request: Request,
+    conn: Conn,
+    signer: Signer,
+    after: After = 0,
+    done: str | None = None,
+    count: Annotated[int, Query(ge=0)] = 0,
+):
     """Upstream keys: add in bulk, state, usage, and the actions on them."""
     message = f"{count} key(s) {DONE[done]}." if done in DONE else None
     return _render(request, conn, signer, after, message=message)
@@ -87,20 +112,20 @@ def create_keys(
 ):
     """Bulk add from the textarea, one key per line; the page reports added, duplicate and malformed lines."""
     lines = keys.splitlines()[:MAX_BULK_LINES]
-    report = upstream_keys.add_keys(conn, secrets.key_cipher(request.app.state.db_path), lines)
+    report = key_admin.add_keys(_store(request, conn), lines)
     return _render(request, conn, signer, report=_report(report))
 
 
 @router.post("/api/keys", dependencies=[AdminApiChange])
 def create_keys_json(request: Request, wanted: KeysToAdd, conn: WriteConn) -> dict:
     """Add keys; says which were added (ids), how many were duplicates, which items were malformed (1-based)."""
-    return _report(upstream_keys.add_keys(conn, secrets.key_cipher(request.app.state.db_path), wanted.keys))
+    return _report(key_admin.add_keys(_store(request, conn), wanted.keys))
 
 
 def _change(conn, action: str, ids: list[int]) -> int:
     if action == "delete":
         return upstream_keys.delete_keys(conn, ids)
-    state = "active" if action == "enable" else "disabled"
+    state = KeyState.ACTIVE if action == "enable" else KeyState.DISABLED
     return upstream_keys.set_admin_state(conn, ids, state, f"{action}d by admin")
 
 
@@ -108,9 +133,7 @@ def _change(conn, action: str, ids: list[int]) -> int:
 async def change_key(request: Request, key_id: int, action: str, conn: WriteConn) -> RedirectResponse:
     """Enable, disable, delete or validate one key from the page."""
     if action == "validate":
-        results = await probe.validate_keys(
-            conn, secrets.key_cipher(request.app.state.db_path), request.app.state.upstream, [key_id]
-        )
+        results = await key_admin.validate_keys(_store(request, conn), request.app.state.upstream, [key_id])
         return RedirectResponse(f"/keys?done=validated&count={len(results)}#key-{key_id}", status_code=303)
     if action not in ("enable", "disable", "delete"):
         raise HTTPException(404, f"No key action {action!r}.")
@@ -139,8 +162,8 @@ def change_key_json(key_id: int, action: str, conn: WriteConn) -> dict:
 @router.post("/keys/reset-invalid", dependencies=[AdminForm])
 def reset_invalid_keys(conn: WriteConn) -> RedirectResponse:
     """Every invalid key back to active (they are tried, and marked again if still refused)."""
-    ids = upstream_keys.ids_in_state(conn, ["invalid"])
-    count = upstream_keys.set_admin_state(conn, ids, "active", "reset by admin")
+    ids = upstream_keys.ids_in_state(conn, [KeyState.INVALID])
+    count = upstream_keys.set_admin_state(conn, ids, KeyState.ACTIVE, "reset by admin")
     return RedirectResponse(f"/keys?done=reset&count={count}", status_code=303)
 
 
@@ -151,24 +174,23 @@ def reset_keys_json(conn: WriteConn, states: Annotated[list[str], Query()] = ["i
     if unknown:
         raise HTTPException(422, f"Only invalid, exhausted and cooling keys can be reset, not {sorted(unknown)}.")
     ids = upstream_keys.ids_in_state(conn, states)
-    return {"reset": upstream_keys.set_admin_state(conn, ids, "active", "reset by admin")}
+    return {"reset": upstream_keys.set_admin_state(conn, ids, KeyState.ACTIVE, "reset by admin")}
 
 
 @router.post("/keys/validate", response_class=HTMLResponse, dependencies=[AdminForm])
 async def validate_keys_page(request: Request, conn: WriteConn, signer: Signer):
     """Probe every invalid and exhausted key; the page lists each result."""
-    results = await probe.validate_keys(
-        conn, secrets.key_cipher(request.app.state.db_path), request.app.state.upstream,
-        probe.ids_to_validate(conn, None, False),
-    )  # fmt: skip
+    store = _store(request, conn)
+    results = await key_admin.validate_keys(
+        store, request.app.state.upstream, key_admin.ids_to_validate(store, None, False)
+    )
     return _render(request, conn, signer, validations=[r.as_dict() for r in results])
 
 
 @router.post("/api/keys/validate", dependencies=[AdminApiChange])
 async def validate_keys(request: Request, wanted: ValidationRequest, conn: WriteConn) -> dict:
     """Probe keys with GET /v1/models (no tokens spent); by default every invalid or exhausted one."""
-    ids = probe.ids_to_validate(conn, wanted.ids, wanted.all)
-    cipher = secrets.key_cipher(request.app.state.db_path)
-    results = await probe.validate_keys(conn, cipher, request.app.state.upstream, ids)
-    return {"results": [r.as_dict() for r in results],
-            "skipped": sorted(set(ids) - {r.key_id for r in results})}  # fmt: skip
+    store = _store(request, conn)
+    ids = key_admin.ids_to_validate(store, wanted.ids, wanted.all)
+    results = await key_admin.validate_keys(store, request.app.state.upstream, ids)
+    return {"results": [r.as_dict() for r in results], "skipped": sorted(set(ids) - {r.key_id for r in results})}

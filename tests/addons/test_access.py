@@ -8,7 +8,8 @@ import pytest
 from mitmproxy.test import tflow, tutils
 
 from addons.access import Access
-from addons.credentials import credential_from
+from core.credentials import credential_from
+from core.metadata import AccessVerdict
 from storage import client_keys, db
 from tests.conftest import addon_context
 
@@ -34,14 +35,19 @@ def access(issued):
 
 @pytest.mark.parametrize(
     "headers, expected",
-    [({"authorization": "Bearer kr-abc"}, "kr-abc"), ({"authorization": "bearer  kr-abc "}, "kr-abc"),
-     ({"api-key": "kr-abc"}, "kr-abc"), ({"authorization": "Basic a2V5"}, None), ({"authorization": "Bearer "}, None),
-     ({}, None)],
-)  # fmt: skip
+    [
+        ({"authorization": "Bearer kr-abc"}, "kr-abc"),
+        ({"authorization": "bearer  kr-abc "}, "kr-abc"),
+        ({"api-key": "kr-abc"}, "kr-abc"),
+        ({"authorization": "Basic a2V5"}, None),
+        ({"authorization": "Bearer "}, None),
+        ({}, None),
+    ],
+)
 def test_credential_from(headers, expected):
-    assert credential_from(tutils.treq(headers=tuple((k.encode(), v.encode()) for k, v in headers.items())).headers) == (
-        expected
-    )
+    assert credential_from(
+        tutils.treq(headers=tuple((k.encode(), v.encode()) for k, v in headers.items())).headers.fields
+    ) == (expected)
 
 
 def flow_with(**headers: str) -> tflow.HTTPFlow:
@@ -56,7 +62,7 @@ def test_issued_key_is_let_through_and_named(access, issued):
     for flow in (flow_with(authorization=f"Bearer {alice}"), flow_with(api_key=alice)):
         access.request(flow)
         assert flow.response is None
-        assert flow.metadata["keyrotor.access"] == {"client_id": 1, "client_name": "alice"}
+        assert flow.metadata["keyrotor.access"] == AccessVerdict(client_id=1, client_name="alice")
 
 
 @pytest.mark.parametrize(
@@ -64,14 +70,17 @@ def test_issued_key_is_let_through_and_named(access, issued):
     [("missing", "missing_api_key"), ("unknown", "invalid_api_key"), ("disabled", "invalid_api_key")],
 )
 def test_other_callers_get_an_openai_shaped_401(access, issued, case, code):
-    headers = {"missing": {}, "unknown": {"authorization": "Bearer kr-made-up"},
-               "disabled": {"authorization": f"Bearer {issued[2]}"}}[case]  # fmt: skip
+    headers = {
+        "missing": {},
+        "unknown": {"authorization": "Bearer kr-made-up"},
+        "disabled": {"authorization": f"Bearer {issued[2]}"},
+    }[case]
     flow = flow_with(**headers)
     access.request(flow)
     assert flow.response.status_code == 401
     error = json.loads(flow.response.content)["error"]
     assert error["code"] == code and error["type"] == "invalid_request_error" and error["message"]
-    assert "client_id" not in flow.metadata["keyrotor.access"]
+    assert not flow.metadata["keyrotor.access"].admitted
 
 
 def test_a_rejection_does_not_echo_the_key(access):
@@ -87,4 +96,4 @@ def test_the_client_key_is_replaced_as_soon_as_headers_arrive(access, issued):
     assert flow.request.headers["authorization"] == "Bearer [client key #1]"
     assert flow.request.headers["api-key"] == "[client key #1]"
     access.request(flow)
-    assert flow.response is None and flow.metadata["keyrotor.access"]["client_id"] == 1
+    assert flow.response is None and flow.metadata["keyrotor.access"].client_id == 1

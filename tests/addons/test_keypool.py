@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import sqlite3
 import time
 
 import pytest
 from mitmproxy import exceptions
+from mitmproxy.io import FlowReader, FlowWriter
 from mitmproxy.test import taddons, tflow, tutils
 
+from addons.credential_sender import CredentialSender
 from addons.keypool import KeyPool
-from storage import db, secrets, upstream_keys, writer
+from core.metadata import KeyUse
+from storage import db, secrets, writer
+from storage.upstream_keys import SqliteKeyStore
 from tests.conftest import addon_context, wait_for
+from usecases.keys import add_keys
 
 NOW = 1_800_000_000.0
 
@@ -25,24 +31,27 @@ def body(code: str | None, message: str = "", type_: str = "invalid_request_erro
 OPENAI_RATE_LIMIT = body("rate_limit_exceeded", "Rate limit reached for gpt-4o-mini", "requests")
 
 
-KEYS = ["sk-good-unit-aaaaaaaaaaaaaaaaaaaaa-0001", "sk-good-unit-bbbbbbbbbbbbbbbbbbbbb-0002",
-        "sk-good-unit-ccccccccccccccccccccc-0003"]  # fmt: skip
+KEYS = [
+    "sk-good-unit-aaaaaaaaaaaaaaaaaaaaa-0001",
+    "sk-good-unit-bbbbbbbbbbbbbbbbbbbbb-0002",
+    "sk-good-unit-ccccccccccccccccccccc-0003",
+]
 
 
 @pytest.fixture
 def pool_db(database):
     conn = db.connect(database)
-    upstream_keys.add_keys(conn, secrets.key_cipher(database), KEYS)
+    add_keys(SqliteKeyStore(conn, secrets.key_cipher(database)), KEYS)
     conn.close()
     return database
 
 
 @pytest.fixture
 def keypool(pool_db):
-    pool = KeyPool()
+    pool = KeyPool(sender=CredentialSender())
     with addon_context(pool, pool_db) as tctx:
         tctx.configure(pool, keypool_max_attempts=1)  # retries go over the network: integration tests
-        pool._writer = writer.acquire(pool_db)
+        pool._writer = pool.rotation.states = writer.acquire(pool_db)
         yield pool
         writer.release(pool._writer)
 
@@ -159,9 +168,11 @@ def test_under_mitmweb_the_key_is_on_the_flow_only_while_the_request_leaves(keyp
 
 @pytest.mark.parametrize(
     "option, value, message",
-    [("keypool_strategy", "fastest", "keypool_strategy must be one of"),
-     ("keypool_cooldown_seconds", 0, "keypool_cooldown_seconds must be above zero")],
-)  # fmt: skip
+    [
+        ("keypool_strategy", "fastest", "keypool_strategy must be one of"),
+        ("keypool_cooldown_seconds", 0, "keypool_cooldown_seconds must be above zero"),
+    ],
+)
 def test_bad_options_are_refused(option, value, message):
     pool = KeyPool()
     with taddons.context(pool) as tctx:
@@ -175,3 +186,17 @@ def test_under_mitmdump_the_key_is_hidden_once_the_request_has_left(keypool):
     flow.response = tutils.tresp()
     keypool.responseheaders(flow)
     assert flow.request.headers["authorization"] == "Bearer [upstream key #1 ...0001]"
+
+
+def test_a_flow_the_pool_handled_can_be_saved_to_a_flow_file_and_read_back(keypool):
+    # mitmdump -w and mitmweb's Save write flows with their metadata; flow files hold plain values only.
+    flow = send(keypool, authorised_flow())
+    flow.response = tutils.tresp()
+    keypool.responseheaders(flow)
+    run_hook(keypool.response(flow))
+    buffer = io.BytesIO()
+    FlowWriter(buffer).add(flow)
+    assert KEYS[0].encode() not in buffer.getvalue()
+    (loaded,) = FlowReader(io.BytesIO(buffer.getvalue())).stream()
+    use = KeyUse.of(loaded.metadata)
+    assert use.key_id == 1 and use.settled and [a.status for a in use.attempts] == [200]

@@ -8,8 +8,12 @@ import json
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons.capture import Capture, StreamTee
-from addons.usage import MAX_HELD_BYTES, METADATA, Usage, UsageChunkFilter
+from addons.capture import Capture
+from addons.usage import Usage
+from core.metadata import USAGE as METADATA
+from core.metadata import UsageInjection
+from core.records import StreamTee
+from core.usage import MAX_HELD_BYTES, UsageChunkFilter
 
 CHUNK = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"Hi"}}],"usage":null}\n\n'
 LAST = b'data: {"id":"c1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}\n\n'
@@ -58,17 +62,19 @@ def sent(flow: tflow.HTTPFlow):
         ({"model": "m", "messages": [], "stream": True}, {"include_usage": True}),
         ({"model": "m", "stream": True, "stream_options": None}, {"include_usage": True}),
         ({"model": "m", "stream": True, "stream_options": {"include_usage": False}}, {"include_usage": True}),
-        ({"model": "m", "stream": True, "stream_options": {"include_obfuscation": False}},
-         {"include_obfuscation": False, "include_usage": True}),
+        (
+            {"model": "m", "stream": True, "stream_options": {"include_obfuscation": False}},
+            {"include_obfuscation": False, "include_usage": True},
+        ),
     ],
-)  # fmt: skip
+)
 def test_streamed_chat_without_usage_asks_for_it(usage, request_body, stream_options):
     flow = chat_flow(json.dumps(request_body).encode(), headers=((b"accept-encoding", b"gzip, br"),))
     usage.request(flow)
     assert sent(flow) == {**request_body, "stream_options": stream_options}
     assert flow.request.headers["content-length"] == str(len(flow.request.raw_content))
     assert flow.request.headers["accept-encoding"] == "identity"  # the stream is filtered as it passes
-    assert flow.metadata[METADATA] == {"injected": True}
+    assert flow.metadata[METADATA] == UsageInjection()
 
 
 @pytest.mark.parametrize(
@@ -86,7 +92,7 @@ def test_streamed_chat_without_usage_asks_for_it(usage, request_body, stream_opt
         ("POST", "/v1/responses", b'{"model": "m", "input": "x", "stream": true}'),
         ("GET", CHAT, b'{"model": "m", "stream": true}'),
     ],
-)  # fmt: skip
+)
 def test_other_requests_are_left_alone(usage, method, path, body):
     flow = chat_flow(body, path=path, method=method)
     usage.request(flow)
@@ -113,8 +119,11 @@ def test_client_formatting_is_kept_when_only_the_option_is_added(usage):
 
 
 def test_rewritten_body_keeps_non_ascii_text_readable(usage):
-    flow = chat_flow(json.dumps({"messages": [{"content": "café"}], "stream": True, "stream_options": {}},
-                                ensure_ascii=False).encode())  # fmt: skip
+    flow = chat_flow(
+        json.dumps(
+            {"messages": [{"content": "café"}], "stream": True, "stream_options": {}}, ensure_ascii=False
+        ).encode()
+    )
     usage.request(flow)
     assert "café".encode() in flow.request.content and sent(flow)["stream_options"] == {"include_usage": True}
 
@@ -164,7 +173,7 @@ STREAMS = {
     "usage beside choices": (CHUNK.replace(b'"usage":null', b'"usage":{"total_tokens":3}') + DONE,) * 2,
     "azure filter results": (b'data: {"choices":[],"prompt_filter_results":[]}\n\n' + CHUNK + DONE,) * 2,
     "named events": (b"event: chunk\n" + CHUNK + b"event: usage\n" + USAGE + DONE, b"event: chunk\n" + CHUNK + DONE),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("stream, expected", STREAMS.values(), ids=STREAMS.keys())
@@ -230,10 +239,14 @@ def test_an_asked_for_stream_is_filtered_and_capture_tees_what_upstream_sent(usa
 
 @pytest.mark.parametrize(
     "response, asked",
-    [(sse_response(), False), (sse_response(status=429), True), (tutils.tresp(), True),
-     (sse_response(encoding=b"gzip"), True)],
+    [
+        (sse_response(), False),
+        (sse_response(status=429), True),
+        (tutils.tresp(), True),
+        (sse_response(encoding=b"gzip"), True),
+    ],
     ids=["nothing injected", "error status", "not a stream", "compressed anyway"],
-)  # fmt: skip
+)
 def test_other_responses_are_not_filtered(usage, response, asked):
     flow = injected_flow(usage, response) if asked else chat_flow(b'{"stream": true}')
     flow.response = response
@@ -249,7 +262,7 @@ def test_a_stream_that_arrived_whole_loses_its_usage_event_too(usage, encoding):
     usage.response(flow)
     assert flow.response.content == CLIENT_SEES
     assert flow.response.headers["content-length"] == str(len(flow.response.raw_content))
-    assert flow.metadata[METADATA]["upstream_body"] == raw  # capture records what upstream sent
+    assert flow.metadata[METADATA].upstream_body == raw  # capture records what upstream sent
 
 
 def test_a_flow_recovered_in_the_error_hook_is_filtered(usage):
@@ -266,4 +279,4 @@ def test_a_streamed_response_is_not_filtered_again(usage):
     flow = injected_flow(usage, sse_response(STREAM))
     flow.response.stream = UsageChunkFilter()
     usage.response(flow)
-    assert flow.response.content == STREAM and "upstream_body" not in flow.metadata[METADATA]
+    assert flow.response.content == STREAM and flow.metadata[METADATA].upstream_body is None

@@ -12,7 +12,9 @@ from fastapi.testclient import TestClient
 from config import load_settings
 from monitor_ui.app import create_app
 from storage import db, secrets, upstream_keys
+from storage.upstream_keys import SqliteKeyStore
 from tests.fake_upstream import FakeUpstream
+from usecases.keys import add_keys
 
 ADMIN = "kra-keys-api-admin-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -32,7 +34,7 @@ def app_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: FakeUps
     path = settings.storage_path
     db.ensure_database(path)
     conn = db.connect(path)
-    upstream_keys.add_keys(conn, secrets.key_cipher(path), [GOOD, REVIVED, REVOKED, QUOTA])
+    add_keys(SqliteKeyStore(conn, secrets.key_cipher(path)), [GOOD, REVIVED, REVOKED, QUOTA])
     # As the proxy would have left them: REVIVED was revoked once and has since been restored upstream.
     for key_id, state in ((2, "invalid"), (3, "invalid"), (4, "exhausted")):
         upstream_keys.record_state(conn, key_id, state, "seen before", None, 0)
@@ -66,8 +68,10 @@ def test_weight_is_stored_and_announced_to_the_proxy(app_setup):
     assert db.read_revision(conn, "keys") == before + 1
 
 
-@pytest.mark.parametrize("body, status", [({"weight": 0}, 422), ({"weight": -1}, 422), ({"weight": "x"}, 422),
-                                          ({}, 422), ({"weight": 1001}, 422)])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, status",
+    [({"weight": 0}, 422), ({"weight": -1}, 422), ({"weight": "x"}, 422), ({}, 422), ({"weight": 1001}, 422)],
+)
 def test_bad_weights_are_refused_openai_style_and_change_nothing(app_setup, body, status):
     client, conn, _ = app_setup
     response = client.post("/api/keys/1/weight", json=body, headers=AUTH)

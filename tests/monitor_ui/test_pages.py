@@ -14,8 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from config import load_settings
+from core.records import AttemptLog, FlowRecord
 from monitor_ui.app import create_app
-from storage import client_keys, db, flows, rollups, secrets, upstream_keys
+from storage import client_keys, db, flows, rollups, secrets
+from storage.upstream_keys import SqliteKeyStore
+from usecases.keys import add_keys
 
 ADMIN = "kra-pages-test-admin-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -26,31 +29,53 @@ KEYS = ["sk-good-pages-aaaaaaaaaaaaaaaaaaaaa0001", "sk-good-pages-bbbbbbbbbbbbbb
 def row(n: int, **overrides) -> dict:
     body = {"model": overrides.get("model", "gpt-4o-mini"), "messages": [{"role": "user", "content": f"question {n}"}]}
     base = {
-        "flow_id": f"flow-{n}", "started_at": NOW - 100 + n, "first_byte_at": NOW - 100 + n + 0.05,
-        "ended_at": NOW - 100 + n + 0.2, "duration_ms": 200.0, "method": "POST", "path": "/v1/chat/completions",
-        "status": 200, "model": "gpt-4o-mini", "stream": 0, "client_key_id": 1, "upstream_key_id": 1, "attempts": 1,
-        "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost": 0.0001, "client_addr": "127.0.0.1",
-        "request_headers": json.dumps([["content-type", "application/json"], ["authorization", "[redacted]"]]),
-        "response_headers": json.dumps([["content-type", "application/json"]]),
-        "request_body": json.dumps(body), "request_body_size": 80, "request_body_truncated": 0,
+        "flow_id": f"flow-{n}",
+        "started_at": NOW - 100 + n,
+        "first_byte_at": NOW - 100 + n + 0.05,
+        "ended_at": NOW - 100 + n + 0.2,
+        "duration_ms": 200.0,
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "status": 200,
+        "model": "gpt-4o-mini",
+        "stream": 0,
+        "client_key_id": 1,
+        "upstream_key_id": 1,
+        "attempts": 1,
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "total_tokens": 15,
+        "cost": 0.0001,
+        "client_addr": "127.0.0.1",
+        "request_headers": [["content-type", "application/json"], ["authorization", "[redacted]"]],
+        "response_headers": [["content-type", "application/json"]],
+        "request_body": json.dumps(body),
+        "request_body_size": 80,
+        "request_body_truncated": 0,
         "response_body": json.dumps({"choices": [{"message": {"content": f"answer {n}"}}]}),
-        "response_body_size": 60, "response_body_truncated": 0,
-    }  # fmt: skip
+        "response_body_size": 60,
+        "response_body_truncated": 0,
+    }
     return base | overrides
 
 
 ROWS = [
     row(1),
     row(2, model="gpt-4o", status=429, upstream_key_id=2, cost=None),
-    row(3, stream=1, response_body='data: {"choices":[{"delta":{"content":"zebra"}}]}\n\ndata: [DONE]\n\n',
-        chunk_times=json.dumps([[0, 51], [12.5, 14]]), attempts=2,
-        attempt_rows=[{"attempt": 1, "key_id": 2, "status": 429, "error": None, "started_at": NOW - 97,
-                       "duration_ms": 3.0},
-                      {"attempt": 2, "key_id": 1, "status": 200, "error": None, "started_at": NOW - 96.9,
-                       "duration_ms": 90.0}]),
+    row(
+        3,
+        stream=1,
+        response_body='data: {"choices":[{"delta":{"content":"zebra"}}]}\n\ndata: [DONE]\n\n',
+        chunk_times=[[0, 51], [12.5, 14]],
+        attempts=2,
+        attempt_log=[
+            AttemptLog(attempt=1, key_id=2, status=429, error=None, started_at=NOW - 97, duration_ms=3.0),
+            AttemptLog(attempt=2, key_id=1, status=200, error=None, started_at=NOW - 96.9, duration_ms=90.0),
+        ],
+    ),
     row(4, path="/v1/embeddings", model="text-embedding-3-small", status=500, client_key_id=2),
     row(5, status=None, error="server closed connection", request_body='{"model":"gpt-4o-mini","q":"aardvark"}'),
-]  # fmt: skip
+]
 
 
 @pytest.fixture
@@ -58,18 +83,23 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream) -> Iterato
     monkeypatch.setenv("KEYROTOR_ADMIN_KEY", ADMIN)
     monkeypatch.delenv("KEYROTOR_SECRET", raising=False)
     settings = load_settings(
-        overrides={"storage.path": str(tmp_path / "kr.db"), "proxy.upstream": upstream.url,
-                   "ui.metrics_token": "prom-token-123"}, environ={},
-    )  # fmt: skip
+        overrides={
+            "storage.path": str(tmp_path / "kr.db"),
+            "proxy.upstream": upstream.url,
+            "ui.metrics_token": "prom-token-123",
+        },
+        environ={},
+    )
     path = settings.storage_path
     db.ensure_database(path)
     conn = db.connect(path)
-    upstream_keys.add_keys(conn, secrets.key_cipher(path), KEYS)
+    add_keys(SqliteKeyStore(conn, secrets.key_cipher(path)), KEYS)
     client_keys.create_client(conn, "alice")
     client_keys.create_client(conn, "bob")
     with conn:
-        flows.insert_batch(conn, ROWS)
-        rollups.add_rows(conn, ROWS)
+        records = [FlowRecord(**r) for r in ROWS]
+        flows.insert_batch(conn, records)
+        rollups.add_records(conn, records)
     conn.close()
     with TestClient(create_app(settings), follow_redirects=False) as test_client:
         yield test_client
@@ -86,13 +116,36 @@ def ids(response) -> list[int]:
 
 
 PAGES = ["/dashboard", "/flows", "/flows/1", "/keys", "/clients"]
-APIS = ["/api/dashboard", "/api/flows", "/api/flows/1", "/api/keys", "/api/clients", "/api/flows/export.jsonl",
-        "/api/flows/export.har", "/metrics"]  # fmt: skip
-FORMS = ["/keys/add", "/keys/1/disable", "/keys/1/delete", "/keys/1/validate", "/keys/validate",
-         "/keys/reset-invalid", "/clients", "/clients/1/disable", "/clients/1/delete"]  # fmt: skip
-API_CHANGES = [("/api/keys", {"keys": ["sk-good-new-xxxxxxxxxxxxxxxxxxxxxxxx"]}), ("/api/keys/1/disable", None),
-               ("/api/keys/1/weight", {"weight": 2}), ("/api/keys/validate", {}), ("/api/keys/reset", None),
-               ("/api/clients", {"name": "carol"}), ("/api/clients/1/delete", None)]  # fmt: skip
+APIS = [
+    "/api/dashboard",
+    "/api/flows",
+    "/api/flows/1",
+    "/api/keys",
+    "/api/clients",
+    "/api/flows/export.jsonl",
+    "/api/flows/export.har",
+    "/metrics",
+]
+FORMS = [
+    "/keys/add",
+    "/keys/1/disable",
+    "/keys/1/delete",
+    "/keys/1/validate",
+    "/keys/validate",
+    "/keys/reset-invalid",
+    "/clients",
+    "/clients/1/disable",
+    "/clients/1/delete",
+]
+API_CHANGES = [
+    ("/api/keys", {"keys": ["sk-good-new-xxxxxxxxxxxxxxxxxxxxxxxx"]}),
+    ("/api/keys/1/disable", None),
+    ("/api/keys/1/weight", {"weight": 2}),
+    ("/api/keys/validate", {}),
+    ("/api/keys/reset", None),
+    ("/api/clients", {"name": "carol"}),
+    ("/api/clients/1/delete", None),
+]
 
 
 @pytest.mark.parametrize("url", PAGES)
@@ -133,12 +186,27 @@ def test_every_page_and_twin_works_for_the_admin(client, url):
 
 @pytest.mark.parametrize(
     "query, expected",
-    [("", [5, 4, 3, 2, 1]), ("status=2xx", [3, 1]), ("status=4xx", [2]), ("status=5xx", [4]), ("status=error", [5]),
-     ("model=gpt-4o", [2]), ("path=/v1/emb", [4]), ("client=2", [4]), ("key=2", [2]), ("stream=yes", [3]),
-     ("stream=no", [5, 4, 2, 1]), ("q=aardvark", [5]), ("q=zebra", [3]), ("q=question+2", [2]),
-     ("q=question&status=2xx", [3, 1]), ("q=nothing-like-this", []), ("q=%22unbalanced+AND+(", []),
-     ("after=3", [5, 4])],
-)  # fmt: skip
+    [
+        ("", [5, 4, 3, 2, 1]),
+        ("status=2xx", [3, 1]),
+        ("status=4xx", [2]),
+        ("status=5xx", [4]),
+        ("status=error", [5]),
+        ("model=gpt-4o", [2]),
+        ("path=/v1/emb", [4]),
+        ("client=2", [4]),
+        ("key=2", [2]),
+        ("stream=yes", [3]),
+        ("stream=no", [5, 4, 2, 1]),
+        ("q=aardvark", [5]),
+        ("q=zebra", [3]),
+        ("q=question+2", [2]),
+        ("q=question&status=2xx", [3, 1]),
+        ("q=nothing-like-this", []),
+        ("q=%22unbalanced+AND+(", []),
+        ("after=3", [5, 4]),
+    ],
+)
 def test_filters_and_search_return_the_right_flows(client, query, expected):
     assert ids(client.get(f"/api/flows?{query}", headers=AUTH)) == expected
 
@@ -203,8 +271,10 @@ def test_har_export_is_har_1_2(client, upstream):
 
 def test_flow_detail_has_attempts_events_and_curl(client):
     detail = client.get("/api/flows/3", headers=AUTH).json()
-    assert [(a["attempt"], a["upstream_key_id"], a["status"]) for a in detail["attempt_list"]] == [(1, 2, 429),
-                                                                                                   (2, 1, 200)]
+    assert [(a["attempt"], a["upstream_key_id"], a["status"]) for a in detail["attempt_list"]] == [
+        (1, 2, 429),
+        (2, 1, 200),
+    ]
     assert [e["offset_ms"] for e in detail["events"]] == [0, 12.5]
     assert detail["curl"].startswith("curl -X POST http://127.0.0.1:8080/v1/chat/completions ")
     assert '"authorization: Bearer $KEYROTOR_API_KEY"' in detail["curl"] and "[redacted]" not in detail["curl"]
@@ -247,8 +317,9 @@ def test_key_actions_from_the_page(client):
 
 
 def test_key_api_add_enable_reset(client):
-    added = client.post("/api/keys", json={"keys": [KEYS[1], "sk-good-pages-ddddddddddddddddddddd0004", "short"]},
-                        headers=AUTH).json()  # fmt: skip
+    added = client.post(
+        "/api/keys", json={"keys": [KEYS[1], "sk-good-pages-ddddddddddddddddddddd0004", "short"]}, headers=AUTH
+    ).json()
     assert added == {"added": [3], "duplicates": 1, "malformed_lines": [3]}
     assert client.post("/api/keys/3/disable", headers=AUTH).json() == {"id": 3, "done": "disable"}
     assert client.post("/api/keys/99/disable", headers=AUTH).status_code == 404

@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from config import load_settings
+from core.records import FlowRecord
 from monitor_ui.app import create_app
 from monitor_ui.auth import SESSION_COOKIE, SESSION_SECONDS
 from storage import db, flows
@@ -73,8 +74,8 @@ def flow_row(n: int, **overrides: Any) -> dict[str, Any]:
         "cost": None,
         "client_addr": "127.0.0.1",
         "error": None,
-        "request_headers": json.dumps([["content-type", "application/json"], ["x-request-n", str(n)]]),
-        "response_headers": json.dumps([["content-type", "application/json"]]),
+        "request_headers": [["content-type", "application/json"], ["x-request-n", str(n)]],
+        "response_headers": [["content-type", "application/json"]],
         "request_body": json.dumps(CHAT_REQUEST, separators=(",", ":")),
         "request_body_size": 80,
         "request_body_truncated": 0,
@@ -90,11 +91,15 @@ def flow_row(n: int, **overrides: Any) -> dict[str, Any]:
 def streamed_row(n: int) -> dict[str, Any]:
     body = sse(*STREAM_PIECES)
     return flow_row(
-        n, stream=1, first_byte_at=T0 + n + 0.125, response_body=body, response_body_size=len(body),
-        response_headers=json.dumps([["content-type", "text/event-stream"]]),
+        n,
+        stream=1,
+        first_byte_at=T0 + n + 0.125,
+        response_body=body,
+        response_body_size=len(body),
+        response_headers=[["content-type", "text/event-stream"]],
         request_body=json.dumps({**CHAT_REQUEST, "stream": True}),
-        chunk_times=json.dumps([[0, 60], [10, 60], [20, 60], [30, 60], [40, 60], [50, 14]]),
-    )  # fmt: skip
+        chunk_times=[[0, 60], [10, 60], [20, 60], [30, 60], [40, 60], [50, 14]],
+    )
 
 
 # Ids are assigned in insertion order: 1 is a plain JSON completion, 2 is streamed, 3..7 are plain.
@@ -109,8 +114,8 @@ EVIL_ROWS = [
         model=EVIL_TEXT,
         error=EVIL_TEXT,
         client_addr=XSS_IMG,
-        request_headers=json.dumps([["x-evil", EVIL_TEXT], [XSS_SCRIPT, "name too"]]),
-        response_headers=json.dumps([["x-evil", EVIL_TEXT]]),
+        request_headers=[["x-evil", EVIL_TEXT], [XSS_SCRIPT, "name too"]],
+        response_headers=[["x-evil", EVIL_TEXT]],
         request_body=json.dumps({"model": EVIL_TEXT, "messages": [{"role": "user", "content": EVIL_TEXT}]}),
         response_body=json.dumps({"choices": [{"message": {"content": EVIL_TEXT}}]}),
     ),
@@ -138,7 +143,7 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
         conn = db.connect(settings.storage_path)
         try:
             with conn:
-                flows.insert_batch(conn, rows)
+                flows.insert_batch(conn, [FlowRecord(**r) for r in rows])
         finally:
             conn.close()
         client = TestClient(
@@ -717,8 +722,6 @@ async def raw_cookie_gets(app, cookie: bytes, urls: list[str]) -> list[httpx.Res
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url=BASE, follow_redirects=False) as client:
         return [await client.get(url, headers={"cookie": cookie}) for url in urls]
-
-
 
 
 @pytest.mark.parametrize(

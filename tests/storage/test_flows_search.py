@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+from core.records import FlowRecord
 from storage import db, flows
 from storage.flows import FlowFilter
 
@@ -28,14 +29,23 @@ def make_rows(seed: int) -> list[dict]:
         started = T0 + n * 10 + rng.uniform(0, 60)  # overlapping flows: ids only roughly follow start times
         words = " ".join(rng.sample(WORDS, rng.randint(0, 2)))
         status = rng.choice(STATUSES)
-        rows.append({
-            "flow_id": f"f{n}", "started_at": started, "ended_at": started + rng.uniform(0.01, 90),
-            "method": "POST", "path": rng.choice(("/v1/chat/completions", "/v1/embeddings")),
-            "status": status, "error": "Connection killed." if status is None else None,
-            "model": rng.choice(MODELS), "stream": rng.random() < 0.3,
-            "client_key_id": rng.choice((1, 2, None)), "upstream_key_id": rng.choice((1, 2, 3, None)),
-            "request_body": f'{{"messages": "{words}"}}', "response_body": "{}",
-        })  # fmt: skip
+        rows.append(
+            {
+                "flow_id": f"f{n}",
+                "started_at": started,
+                "ended_at": started + rng.uniform(0.01, 90),
+                "method": "POST",
+                "path": rng.choice(("/v1/chat/completions", "/v1/embeddings")),
+                "status": status,
+                "error": "Connection killed." if status is None else None,
+                "model": rng.choice(MODELS),
+                "stream": rng.random() < 0.3,
+                "client_key_id": rng.choice((1, 2, None)),
+                "upstream_key_id": rng.choice((1, 2, 3, None)),
+                "request_body": f'{{"messages": "{words}"}}',
+                "response_body": "{}",
+            }
+        )
     rows.sort(key=lambda r: r["ended_at"])  # the writer stores flows as they end
     return rows
 
@@ -47,7 +57,7 @@ def seeded(tmp_path_factory):
     conn = db.connect(path)
     rows = make_rows(7)
     with conn:
-        flows.insert_batch(conn, rows)
+        flows.insert_batch(conn, [FlowRecord(**r) for r in rows])
     for row_id, row in enumerate(rows, start=1):
         row["id"] = row_id
     yield conn, rows

@@ -4,22 +4,35 @@ from __future__ import annotations
 
 import pytest
 
+from core.records import FlowRecord
 from storage import client_keys, db, flows, secrets, upstream_keys
+from storage.upstream_keys import SqliteKeyStore
+from usecases.keys import add_keys
 
 T0 = 1_800_000_000.0
 
 
-def row(n: int, **overrides) -> dict:
-    base = {"flow_id": f"f{n}", "started_at": T0 + n, "method": "POST", "path": "/v1/chat/completions",
-            "status": 200, "model": "gpt-4o-mini", "upstream_key_id": 1, "client_key_id": 1,
-            "prompt_tokens": 100, "completion_tokens": 20, "cost": 0.0012}  # fmt: skip
-    return base | overrides
+def row(n: int, **overrides) -> FlowRecord:
+    base = {
+        "flow_id": f"f{n}",
+        "started_at": T0 + n,
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "status": 200,
+        "model": "gpt-4o-mini",
+        "upstream_key_id": 1,
+        "client_key_id": 1,
+        "prompt_tokens": 100,
+        "completion_tokens": 20,
+        "cost": 0.0012,
+    }
+    return FlowRecord(**(base | overrides))
 
 
 @pytest.fixture
 def conn(database):
     connection = db.connect(database)
-    upstream_keys.add_keys(connection, secrets.key_cipher(database), ["sk-" + "a" * 40, "sk-" + "b" * 40])
+    add_keys(SqliteKeyStore(connection, secrets.key_cipher(database)), ["sk-" + "a" * 40, "sk-" + "b" * 40])
     client_keys.create_client(connection, "alice")
     yield connection
     connection.close()
@@ -30,8 +43,13 @@ def test_cost_adds_up_on_both_key_tables_across_batches(conn):
         flows.insert_batch(conn, [row(1), row(2, cost=0.5, upstream_key_id=2)])
     with conn:
         # Unknown models and failed requests have no cost; they still count as requests.
-        flows.insert_batch(conn, [row(3, model="mystery", cost=None), row(4, status=429, cost=None,
-                                  prompt_tokens=None, completion_tokens=None)])  # fmt: skip
+        flows.insert_batch(
+            conn,
+            [
+                row(3, model="mystery", cost=None),
+                row(4, status=429, cost=None, prompt_tokens=None, completion_tokens=None),
+            ],
+        )
     keys = {r["id"]: r for r in upstream_keys.list_keys(conn)}
     assert (keys[1]["requests"], keys[1]["prompt_tokens"], keys[1]["completion_tokens"]) == (3, 200, 40)
     assert keys[1]["cost"] == pytest.approx(0.0012)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from core.records import FlowRecord
 from storage import db, flows, writer
 from tests.conftest import wait_for
 
@@ -12,9 +13,16 @@ class Row:
     def __init__(self, n: int, started_at: float) -> None:
         self.n, self.started_at = n, started_at
 
-    def to_row(self) -> dict:
-        return {"flow_id": f"f{self.n}", "started_at": self.started_at, "method": "GET", "path": f"/v1/models/{self.n}",
-                "status": 200}  # fmt: skip
+    def to_record(self) -> FlowRecord:
+        return FlowRecord(
+            **{
+                "flow_id": f"f{self.n}",
+                "started_at": self.started_at,
+                "method": "GET",
+                "path": f"/v1/models/{self.n}",
+                "status": 200,
+            }
+        )
 
 
 def count(path) -> int:

@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import pytest
 
+from core.records import FlowRecord
 from storage import db, flows, rollups, schema
 
 T0 = 1_800_000_000.0  # a whole hour
 ALL_MIGRATIONS = list(schema.MIGRATIONS)
 
 
-def row(n: int, **overrides) -> dict:
-    base = {"flow_id": f"f{n}", "started_at": T0 + n, "method": "POST", "path": "/v1/chat/completions",
-            "status": 200, "model": "gpt-4o-mini", "stream": 0, "duration_ms": 40.0, "upstream_key_id": 1,
-            "client_key_id": 2, "prompt_tokens": 10, "completion_tokens": 5, "cost": 0.001}  # fmt: skip
-    return base | overrides
+def row(n: int, **overrides) -> FlowRecord:
+    base = {
+        "flow_id": f"f{n}",
+        "started_at": T0 + n,
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "status": 200,
+        "model": "gpt-4o-mini",
+        "stream": 0,
+        "duration_ms": 40.0,
+        "upstream_key_id": 1,
+        "client_key_id": 2,
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cost": 0.001,
+    }
+    return FlowRecord(**(base | overrides))
 
 
 @pytest.fixture
@@ -27,7 +40,7 @@ def conn(database):
 def write(conn, rows):
     with conn:
         flows.insert_batch(conn, rows)
-        rollups.add_rows(conn, rows)
+        rollups.add_records(conn, rows)
 
 
 def test_totals_add_up_across_batches_and_grains(conn):
@@ -69,8 +82,12 @@ def test_old_minutes_are_dropped_hours_stay(conn):
 
 def test_a_v3_database_keeps_its_figures_in_the_v4_layout(tmp_path, monkeypatch):
     # v2 flows, folded into v3's (bucket, model, key, client) rollups, then converted by v4.
-    rows = [row(1), row(2, model="gpt-4o", status=500), row(3, model=None, upstream_key_id=None, client_key_id=None),
-            row(3700, stream=1, first_byte_at=T0 + 3700.02, duration_ms=700.0)]  # fmt: skip
+    rows = [
+        row(1),
+        row(2, model="gpt-4o", status=500),
+        row(3, model=None, upstream_key_id=None, client_key_id=None),
+        row(3700, stream=1, first_byte_at=T0 + 3700.02, duration_ms=700.0),
+    ]
     old = db.connect(tmp_path / "old.db")
     monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:2])
     schema.migrate(old)

@@ -6,6 +6,8 @@ import pytest
 
 from storage import db, secrets, upstream_keys
 from storage.secrets import KeyCipher
+from storage.upstream_keys import SqliteKeyStore
+from usecases.keys import add_keys
 
 GOOD = "sk-proj-" + "a" * 40 + "WXYZ"
 
@@ -20,15 +22,15 @@ def store(database):
 def test_add_reports_added_duplicates_and_malformed_lines(store):
     _, conn, cipher = store
     lines = [GOOD, "", "# a comment", GOOD, "not a key", "sk-short", "Bearer sk-" + "b" * 40, "sk-ü" + "c" * 30]
-    report = upstream_keys.add_keys(conn, cipher, lines)
+    report = add_keys(SqliteKeyStore(conn, cipher), lines)
     assert (len(report.added), report.duplicates, report.malformed) == (2, 1, [5, 6, 8])
-    again = upstream_keys.add_keys(conn, cipher, [GOOD])
+    again = add_keys(SqliteKeyStore(conn, cipher), [GOOD])
     assert (again.added, again.duplicates) == ([], 1)
 
 
 def test_values_exist_only_encrypted(store):
     path, conn, cipher = store
-    upstream_keys.add_keys(conn, cipher, [GOOD])
+    add_keys(SqliteKeyStore(conn, cipher), [GOOD])
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert GOOD.encode() not in path.read_bytes()
     (row,) = upstream_keys.list_keys(conn)
@@ -39,7 +41,7 @@ def test_values_exist_only_encrypted(store):
 
 def test_keys_encrypted_with_another_secret_are_not_loaded(store):
     _, conn, cipher = store
-    upstream_keys.add_keys(conn, cipher, [GOOD])
+    add_keys(SqliteKeyStore(conn, cipher), [GOOD])
     other = KeyCipher(secrets.Fernet.generate_key())
     assert upstream_keys.load_pool(conn, other) == []
 
@@ -47,7 +49,7 @@ def test_keys_encrypted_with_another_secret_are_not_loaded(store):
 def test_admin_changes_bump_the_revision_the_proxy_polls(store):
     _, conn, cipher = store
     before = db.read_revision(conn, "keys")
-    report = upstream_keys.add_keys(conn, cipher, [GOOD])
+    report = add_keys(SqliteKeyStore(conn, cipher), [GOOD])
     upstream_keys.set_admin_state(conn, report.added, "disabled", "test")
     upstream_keys.delete_keys(conn, report.added)
     assert db.read_revision(conn, "keys") == before + 3
@@ -55,7 +57,7 @@ def test_admin_changes_bump_the_revision_the_proxy_polls(store):
 
 def test_learnt_states_do_not_override_an_admin_disable(store):
     _, conn, cipher = store
-    (key_id,) = upstream_keys.add_keys(conn, cipher, [GOOD]).added
+    (key_id,) = add_keys(SqliteKeyStore(conn, cipher), [GOOD]).added
     upstream_keys.set_admin_state(conn, [key_id], "disabled", "disabled by admin")
     with conn:
         upstream_keys.record_state(conn, key_id, "invalid", "401", None, 1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from core.records import FlowRecord
 from storage import writer
 
 
@@ -11,12 +12,14 @@ class Row:
     def __init__(self, n: int) -> None:
         self.n = n
 
-    def to_row(self) -> dict:
-        return {"flow_id": f"f{self.n}", "started_at": float(self.n), "method": "GET", "path": f"/v1/{self.n}"}
+    def to_record(self) -> FlowRecord:
+        return FlowRecord(
+            **{"flow_id": f"f{self.n}", "started_at": float(self.n), "method": "GET", "path": f"/v1/{self.n}"}
+        )
 
 
 class Broken:
-    def to_row(self) -> dict:
+    def to_record(self) -> FlowRecord:
         raise ValueError("unparseable")
 
 

@@ -1,7 +1,11 @@
 """The key pool's memory: which key is usable, which one goes next, and what each outcome does to it.
 
-No proxy and no database here: KeyPool (the addon) feeds outcomes in and persists the
+No proxy and no database here: the key pool addon feeds outcomes in and persists the
 state changes that come out. Everything runs on the event loop, so no locks.
+
+Breaker and rate-limit memory is kept per scope (`Health`): today every outcome is
+learnt in the key-wide scope (None); a model name as scope keeps one model's faults
+from resting the key for every other model.
 """
 
 from __future__ import annotations
@@ -9,8 +13,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from addons.classify import Outcome
-from storage.upstream_keys import PoolKey
+from core.classify import Outcome, OutcomeKind
+from core.models import KeyState, PoolKey
+
+KEY_WIDE = None  # the scope of outcomes that are about the key as a whole
 
 RECENT_HALF_LIFE = 60.0  # seconds: least_used's "recent" fades with this half-life
 
@@ -25,25 +31,38 @@ class Policy:
 
 
 @dataclass
+class Health:
+    """A key's breaker and rate-limit memory in one scope (the whole key, or one model)."""
+
+    failures: int = 0  # 5xx / connection errors in a row
+    trips: int = 0  # circuit-breaker trips in a row: the backoff exponent
+    rate_limits: int = 0  # 429s without a hint in a row: the backoff exponent
+    last_429_at: float | None = None
+
+
+@dataclass
 class KeyRuntime:
     """What only the running proxy knows about a key; survives reloads of the key list."""
 
     in_flight: int = 0
     recent: float = 0.0  # picks, decayed with RECENT_HALF_LIFE
     recent_at: float = 0.0
-    failures: int = 0  # 5xx / connection errors in a row
-    trips: int = 0  # circuit-breaker trips in a row: the backoff exponent
-    rate_limits: int = 0  # 429s without a hint in a row: the backoff exponent
-    last_429_at: float | None = None
     probing: bool = False  # a request after the cooldown is out; others wait for its answer
     proven: bool = False  # upstream has accepted the key since this process loaded it
     smooth_weight: float = 0.0  # smooth weighted round robin's running value
+    scopes: dict[str | None, Health] = field(default_factory=dict)
+
+    def health(self, scope: str | None = KEY_WIDE) -> Health:
+        health = self.scopes.get(scope)
+        if health is None:
+            health = self.scopes[scope] = Health()
+        return health
 
 
 @dataclass(frozen=True)
 class StateChange:
     key: PoolKey
-    state: str
+    state: KeyState
     reason: str | None
     cooldown_until: float | None
 
@@ -74,13 +93,13 @@ class Pool:
     # ------------------------------------------------------------------ choosing
 
     def is_usable(self, key: PoolKey, now: float, busy_ok: bool = False) -> bool:
-        if key.state == "active":
+        if key.state == KeyState.ACTIVE:
             # A key upstream has not yet accepted takes one request at a time: if it turns out
             # revoked, one request (retried elsewhere) finds out, not every concurrent one.
             rt = self.runtime[key.id]
             return rt.proven or rt.in_flight == 0 or busy_ok
         # A cooling key whose time is up takes one request, the probe, and waits for its answer.
-        return key.state == "cooling" and (key.cooldown_until or 0) <= now and not self.runtime[key.id].probing
+        return key.state == KeyState.COOLING and (key.cooldown_until or 0) <= now and not self.runtime[key.id].probing
 
     def pick(
         self, strategy: str, now: float, exclude: frozenset[int] = frozenset(), busy_ok: bool = False
@@ -145,7 +164,7 @@ class Pool:
         rt.recent = self._recent(key, now) + 1
         rt.recent_at = now
         key.requests += 1
-        probe = key.state == "cooling"
+        probe = key.state == KeyState.COOLING
         if probe:
             rt.probing = True
         return probe
@@ -157,78 +176,86 @@ class Pool:
 
     def awaiting_proof(self) -> bool:
         """Some active key is busy with its first request: its answer may free it soon."""
-        return any(k.state == "active" and not self.runtime[k.id].proven for k in self.keys)
+        return any(k.state == KeyState.ACTIVE and not self.runtime[k.id].proven for k in self.keys)
 
     def soonest_return(self, now: float) -> float | None:
         """Seconds until some key may be tried again, if waiting can help at all."""
         if self.pool_cooldown_until and now < self.pool_cooldown_until:
             return self.pool_cooldown_until - now
-        ends = [k.cooldown_until or now for k in self.keys if k.state == "cooling"]
+        ends = [k.cooldown_until or now for k in self.keys if k.state == KeyState.COOLING]
         return max(0.0, min(ends) - now) if ends else None
 
     # ------------------------------------------------------------------ learning
 
-    def learn(self, key: PoolKey, outcome: Outcome | None, now: float, probe: bool) -> list[StateChange]:
+    def learn(
+        self, key: PoolKey, outcome: Outcome | None, now: float, probe: bool, scope: str | None = KEY_WIDE
+    ) -> list[StateChange]:
         """Apply one attempt's outcome (None: the request's own fault) and return what to persist."""
         rt = self.runtime.get(key.id)
-        if rt is None or key.state == "disabled":
+        if rt is None or key.state == KeyState.DISABLED:
             return []  # deleted meanwhile, or an admin's decision, which outranks upstream
         if probe:
             rt.probing = False
-        if outcome is None or outcome.kind in ("ok", "rate_limited"):
+        health = rt.health(scope)
+        if outcome is None or outcome.kind in (OutcomeKind.OK, OutcomeKind.RATE_LIMITED):
             rt.proven = True  # upstream accepted the key, whatever it thought of the request
-        if outcome is None or outcome.kind == "ok":
-            rt.failures = rt.trips = rt.rate_limits = 0
+        if outcome is None or outcome.kind == OutcomeKind.OK:
+            health.failures = health.trips = health.rate_limits = 0
             # Only a probe's answer proves a cooled key is back; a late answer to a request
             # sent before the 429 proves nothing.
-            if key.state != "active" and probe:
-                return [self._set(key, "active", None, None, now)]
+            if key.state != KeyState.ACTIVE and probe:
+                return [self._set(key, KeyState.ACTIVE, None, None, now)]
             return []
-        if outcome.kind in ("invalid", "exhausted"):
-            return [self._set(key, outcome.kind, outcome.reason, None, now)]
-        if outcome.kind == "rate_limited":
-            return self._rate_limited(key, rt, outcome, now)
-        return self._failed(key, rt, outcome, now, probe)
+        if outcome.kind in (OutcomeKind.INVALID, OutcomeKind.EXHAUSTED):
+            return [self._set(key, KeyState(outcome.kind), outcome.reason, None, now)]
+        if outcome.kind == OutcomeKind.RATE_LIMITED:
+            return self._rate_limited(key, health, outcome, now, scope)
+        return self._failed(key, health, outcome, now, probe)
 
-    def _rate_limited(self, key: PoolKey, rt: KeyRuntime, outcome: Outcome, now: float) -> list[StateChange]:
+    def _rate_limited(
+        self, key: PoolKey, health: Health, outcome: Outcome, now: float, scope: str | None
+    ) -> list[StateChange]:
         wait = outcome.wait
         if wait is None:
-            rt.rate_limits += 1
-            wait = self._backoff(self.policy.cooldown_seconds, rt.rate_limits)
-        rt.last_429_at = now
-        changes = [self._set(key, "cooling", outcome.reason, now + wait, now)]
-        if self._whole_pool_limited(now):
+            health.rate_limits += 1
+            wait = self._backoff(self.policy.cooldown_seconds, health.rate_limits)
+        health.last_429_at = now
+        changes = [self._set(key, KeyState.COOLING, outcome.reason, now + wait, now)]
+        if self._whole_pool_limited(now, scope):
             # Every usable key hit a limit at once: upstream limits our address or account,
             # not a key. Rest the pool once instead of marking each key.
             self.pool_cooldown_until = now + wait
             changes = [
-                self._set(k, "active", f"pool-wide {outcome.reason}", None, now)
-                for k in self.keys if k.state == "cooling" and self.runtime[k.id].last_429_at
-            ]  # fmt: skip
+                self._set(k, KeyState.ACTIVE, f"pool-wide {outcome.reason}", None, now)
+                for k in self.keys
+                if k.state == KeyState.COOLING and self.runtime[k.id].health(scope).last_429_at
+            ]
             for k in self.keys:
-                self.runtime[k.id].last_429_at = None
+                self.runtime[k.id].health(scope).last_429_at = None
         return changes
 
-    def _whole_pool_limited(self, now: float) -> bool:
+    def _whole_pool_limited(self, now: float, scope: str | None) -> bool:
         window = self.policy.pool_429_window_seconds
-        eligible = [k for k in self.keys if k.state in ("active", "cooling")]
+        eligible = [k for k in self.keys if k.state in (KeyState.ACTIVE, KeyState.COOLING)]
         if window <= 0 or len(eligible) < 2:
             return False  # with one key, "the pool" and "the key" are the same thing
-        return all((at := self.runtime[k.id].last_429_at) is not None and now - at <= window for k in eligible)
+        return all(
+            (at := self.runtime[k.id].health(scope).last_429_at) is not None and now - at <= window for k in eligible
+        )
 
-    def _failed(self, key: PoolKey, rt: KeyRuntime, outcome: Outcome, now: float, probe: bool) -> list[StateChange]:
-        rt.failures += 1
-        if rt.failures < self.policy.failure_threshold and not probe:
+    def _failed(self, key: PoolKey, health: Health, outcome: Outcome, now: float, probe: bool) -> list[StateChange]:
+        health.failures += 1
+        if health.failures < self.policy.failure_threshold and not probe:
             return []
         # Circuit breaker: open it, longer each time it trips again without a success between.
-        rt.failures = 0
-        rt.trips += 1
-        until = now + self._backoff(self.policy.failure_cooldown_seconds, rt.trips)
-        return [self._set(key, "cooling", f"circuit open: {outcome.reason}", until, now)]
+        health.failures = 0
+        health.trips += 1
+        until = now + self._backoff(self.policy.failure_cooldown_seconds, health.trips)
+        return [self._set(key, KeyState.COOLING, f"circuit open: {outcome.reason}", until, now)]
 
     def _backoff(self, base: float, exponent: int) -> float:
         return min(self.policy.max_cooldown_seconds, base * 2 ** max(0, exponent - 1))
 
-    def _set(self, key: PoolKey, state: str, reason: str | None, until: float | None, now: float) -> StateChange:
+    def _set(self, key: PoolKey, state: KeyState, reason: str | None, until: float | None, now: float) -> StateChange:
         key.state, key.state_reason, key.cooldown_until, key.state_changed_at = state, reason, until, now
         return StateChange(key, state, reason, until)

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from addons.classify import OK, Outcome
-from addons.pool import Policy, Pool
-from storage.upstream_keys import PoolKey
+from core.classify import OK, Outcome
+from core.models import PoolKey
+from core.pool import Policy, Pool
 
 NOW = 1_800_000_000.0
 RATE_LIMITED = Outcome("rate_limited", "429 rate_limit_exceeded", 30)
@@ -18,8 +18,9 @@ SERVER_ERROR = Outcome("server_error", "500 server_error")
 def make_pool(count: int = 3, policy: Policy | None = None, weights: list[float] | None = None) -> Pool:
     pool = Pool(policy or Policy())
     weights = weights or [1.0] * count
-    pool.replace_keys([PoolKey(i, f"sk-{i}", f"000{i}", "active", None, None, weights[i - 1], 0)
-                       for i in range(1, count + 1)])  # fmt: skip
+    pool.replace_keys(
+        [PoolKey(i, f"sk-{i}", f"000{i}", "active", None, None, weights[i - 1], 0) for i in range(1, count + 1)]
+    )
     return pool
 
 
@@ -71,9 +72,14 @@ def test_a_retry_prefers_keys_it_has_not_tried():
 
 @pytest.mark.parametrize(
     "outcome, state",
-    [(Outcome("invalid", "401 invalid_api_key"), "invalid"), (Outcome("exhausted", "429 insufficient_quota"), "exhausted"),
-     (RATE_LIMITED, "cooling"), (OK, "active"), (None, "active")],
-)  # fmt: skip
+    [
+        (Outcome("invalid", "401 invalid_api_key"), "invalid"),
+        (Outcome("exhausted", "429 insufficient_quota"), "exhausted"),
+        (RATE_LIMITED, "cooling"),
+        (OK, "active"),
+        (None, "active"),
+    ],
+)
 def test_outcomes_move_the_key(outcome, state):
     pool = make_pool()
     key = pool.keys[0]
@@ -166,8 +172,7 @@ def test_a_reload_keeps_newer_learnt_states_and_the_runtime_counters():
     key = pool.keys[0]
     pool.started(key, NOW)
     pool.learn(key, Outcome("invalid", "401"), NOW + 5, probe=False)
-    stale = [PoolKey(i, f"sk-{i}", f"000{i}", "active", None, None, 1.0, 0, state_changed_at=NOW)
-             for i in (1, 2, 3)]  # fmt: skip
+    stale = [PoolKey(i, f"sk-{i}", f"000{i}", "active", None, None, 1.0, 0, state_changed_at=NOW) for i in (1, 2, 3)]
     pool.replace_keys(stale)
     assert pool.by_id[1].state == "invalid"
     assert pool.runtime[1].in_flight == 1

@@ -1,8 +1,8 @@
-"""Sends a request again, outside mitmproxy's connection, for a retry or a key probe.
+"""keyrotor's own requests upstream, outside mitmproxy's connection: retries and key probes.
 
 mitmproxy has no way to send a flow a second time and stream the new answer to the
 original client, so a retry's answer is read whole and then handed to mitmproxy as
-the flow's response.
+the flow's response. A probe is GET /v1/models, which costs no tokens.
 """
 
 from __future__ import annotations
@@ -12,12 +12,24 @@ from dataclasses import dataclass
 
 import httpx
 
+from core.classify import OK, Outcome, classify_response, connection_failure
+
 # Per connection, never forwarded; httpx sets Host and Content-Length itself.
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-     "host", "content-length"}
-)  # fmt: skip
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
 RESPONSE_DROPPED = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
+PROBE_TIMEOUT_SECONDS = 30.0
 
 
 @dataclass
@@ -69,3 +81,18 @@ async def send(
         first_byte_at=first_byte,
         ended_at=time.time(),
     )
+
+
+def error_text(error: httpx.HTTPError) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+async def probe(client: httpx.AsyncClient, upstream: str, value: str) -> Outcome:
+    """The outcome of one GET /v1/models with `value` against `upstream` (scheme://host[:port])."""
+    try:
+        response = await client.get(f"{upstream.rstrip('/')}/v1/models", headers={"authorization": f"Bearer {value}"})
+    except httpx.HTTPError as e:
+        return connection_failure(f"{type(e).__name__}: {e}")
+    # Anything but a key failure (a 404 from a server without /v1/models, say) means the key got in.
+    outcome = classify_response(response.status_code, response.headers, response.content, time.time())
+    return outcome if outcome is not None and outcome.is_key_failure else OK

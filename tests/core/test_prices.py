@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from config import ROOT
-from storage.prices import Price, PriceFileError, PriceTable, load_prices
+from core.prices import Price, PriceFileError, PriceTable, load_prices
 
 TABLE = PriceTable(
     {
@@ -70,9 +70,27 @@ def test_an_empty_table_prices_nothing():
 
 def test_the_shipped_file_prices_the_common_models():
     table = load_prices(ROOT / "prices.toml")
-    for model in ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o1", "o1-mini", "o3",
-                  "o3-mini", "o4-mini", "gpt-4-turbo", "gpt-4", "gpt-3.5-turbo", "gpt-5", "gpt-5-mini", "gpt-5-nano",
-                  "text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002"):  # fmt: skip
+    for model in (
+        "gpt-4o",
+        "gpt-4o-mini",
+        "gpt-4.1",
+        "gpt-4.1-mini",
+        "gpt-4.1-nano",
+        "o1",
+        "o1-mini",
+        "o3",
+        "o3-mini",
+        "o4-mini",
+        "gpt-4-turbo",
+        "gpt-4",
+        "gpt-3.5-turbo",
+        "gpt-5",
+        "gpt-5-mini",
+        "gpt-5-nano",
+        "text-embedding-3-small",
+        "text-embedding-3-large",
+        "text-embedding-ada-002",
+    ):
         assert model in table.prices, model
     assert table.cost("gpt-4o-mini-2024-07-18", 1_000_000, 0) == pytest.approx(0.15)
     assert table.cost("gpt-4.1-2025-04-14", 0, 1_000_000) == pytest.approx(8.00)
@@ -94,11 +112,11 @@ def test_a_file_is_read_into_a_table(tmp_path: Path):
         ('["x"]\ninput = -1\noutput = 2\n', ['model "x"', "zero or more"]),
         ('["x"]\ninput = true\noutput = 2\n', ['model "x"', "input"]),
         ('["x"]\ninput = nan\noutput = 2\n', ['model "x"', "input"]),
-        ('x = 3\n', ['model "x"', "table"]),
+        ("x = 3\n", ['model "x"', "table"]),
         ("[gpt-4.1]\ninput = 1\noutput = 2\n", ['model "gpt-4"', '"1"', "quotes"]),
         ('["x"\ninput = 1\n', ["not valid TOML"]),
     ],
-)  # fmt: skip
+)
 def test_malformed_files_are_refused_with_the_file_and_the_problem(tmp_path: Path, content, words):
     path = tmp_path / "prices.toml"
     path.write_text(content)

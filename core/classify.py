@@ -1,7 +1,7 @@
 """What an upstream answer says about the key that was used: pure functions, no proxy needed.
 
-Kept free of mitmproxy imports: the monitor UI and run.py classify probe answers too.
-`headers` is anything with a case-insensitive `.get` (mitmproxy's or httpx's Headers).
+`headers` is anything with a case-insensitive `.get` (mitmproxy's or httpx's Headers), so
+the proxy's answers, retries and probes are all classified the same way.
 """
 
 from __future__ import annotations
@@ -10,10 +10,31 @@ import json
 import re
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from enum import StrEnum
 from typing import Protocol
 
+
+class OutcomeKind(StrEnum):
+    OK = "ok"
+    INVALID = "invalid"  # 401 / 403
+    EXHAUSTED = "exhausted"  # 429 insufficient_quota
+    RATE_LIMITED = "rate_limited"  # any other 429
+    SERVER_ERROR = "server_error"  # 5xx
+    CONNECTION_ERROR = "connection_error"  # no usable answer at all
+
+
 # Outcomes that mean "this key, not the request, is the problem": another key may succeed.
-KEY_FAILURES = frozenset({"invalid", "exhausted", "rate_limited", "server_error", "connection_error"})
+KEY_FAILURES = frozenset(
+    {
+        OutcomeKind.INVALID,
+        OutcomeKind.EXHAUSTED,
+        OutcomeKind.RATE_LIMITED,
+        OutcomeKind.SERVER_ERROR,
+        OutcomeKind.CONNECTION_ERROR,
+    }
+)
+# Failures that are about our key alone: the client must not see upstream's words for them.
+KEY_ONLY_FAILURES = frozenset({OutcomeKind.INVALID, OutcomeKind.EXHAUSTED, OutcomeKind.RATE_LIMITED})
 QUOTA_CODES = frozenset({"insufficient_quota", "insufficientquota", "quota_exceeded"})
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -27,7 +48,7 @@ class HeaderLookup(Protocol):
 class Outcome:
     """One attempt's result, as far as the key is concerned."""
 
-    kind: str  # ok, invalid, exhausted, rate_limited, server_error, connection_error
+    kind: OutcomeKind
     reason: str | None = None
     wait: float | None = None  # seconds upstream asked us to wait (rate limits only)
 
@@ -36,7 +57,7 @@ class Outcome:
         return self.kind in KEY_FAILURES
 
 
-OK = Outcome("ok")
+OK = Outcome(OutcomeKind.OK)
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -77,14 +98,12 @@ def retry_after_seconds(headers: HeaderLookup, now: float) -> float | None:
 
 def ratelimit_reset_seconds(headers: HeaderLookup) -> float | None:
     """When the exhausted limit resets: the one whose x-ratelimit-remaining-* is 0, else the later one."""
-    resets = {
-        kind: parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-        for kind in ("requests", "tokens")
-    }  # fmt: skip
+    resets = {kind: parse_duration(headers.get(f"x-ratelimit-reset-{kind}")) for kind in ("requests", "tokens")}
     spent = [
-        resets[kind] for kind in resets
+        resets[kind]
+        for kind in resets
         if resets[kind] is not None and (headers.get(f"x-ratelimit-remaining-{kind}") or "").strip() == "0"
-    ]  # fmt: skip
+    ]
     known = spent or [v for v in resets.values() if v is not None]
     return max(known) if known else None
 
@@ -105,21 +124,21 @@ def classify_response(status: int, headers: HeaderLookup, content: bytes | None,
         return OK
     if status in (401, 403):
         code, _ = error_fields(content)
-        return Outcome("invalid", f"{status} {code or 'unauthorized'}")
+        return Outcome(OutcomeKind.INVALID, f"{status} {code or 'unauthorized'}")
     if status == 429:
         code, message = error_fields(content)
         if (code or "").lower() in QUOTA_CODES or "exceeded your current quota" in message.lower():
-            return Outcome("exhausted", "429 insufficient_quota")
+            return Outcome(OutcomeKind.EXHAUSTED, "429 insufficient_quota")
         wait = retry_after_seconds(headers, now)
         if wait is None:
             wait = ratelimit_reset_seconds(headers)
-        return Outcome("rate_limited", f"429 {code or 'rate_limit_exceeded'}", wait)
+        return Outcome(OutcomeKind.RATE_LIMITED, f"429 {code or 'rate_limit_exceeded'}", wait)
     if status >= 500:
         code, _ = error_fields(content)
-        return Outcome("server_error", f"{status} {code or 'server_error'}")
+        return Outcome(OutcomeKind.SERVER_ERROR, f"{status} {code or 'server_error'}")
     return None
 
 
 def connection_failure(message: str) -> Outcome:
     """No usable answer at all: refused, reset, closed early, timed out."""
-    return Outcome("connection_error", message[:200])
+    return Outcome(OutcomeKind.CONNECTION_ERROR, message[:200])

@@ -1,0 +1,109 @@
+"""What the addons tell each other about a flow, under `flow.metadata["keyrotor.<name>"]`.
+
+Addons never import each other; these types are their whole contract. Nothing here may
+hold a key value: mitmweb copies metadata and a saved flow keeps it.
+
+mitmproxy's flow files (`mitmdump -w`, mitmweb's Save) hold only plain values, and a
+flow's state is a deep copy of its metadata: so a copy of one of these is a plain dict,
+and `of()` reads either form back (a replayed or loaded flow carries the dict).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Self
+
+from core.classify import OutcomeKind
+from core.records import AttemptLog
+
+ACCESS = "keyrotor.access"
+KEYPOOL = "keyrotor.keypool"
+USAGE = "keyrotor.usage"
+RECORDED = "keyrotor.capture.recorded"
+
+
+def plain(value: Any) -> Any:
+    """`value` with dataclasses as dicts and enums as their values: what a flow file can hold."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+class Metadata:
+    """Typed flow metadata that copies itself as plain values."""
+
+    KEY = ""
+
+    def __deepcopy__(self, memo: dict) -> dict:
+        return plain(self)
+
+    @classmethod
+    def from_plain(cls, values: dict) -> Self:
+        return cls(**values)
+
+    @classmethod
+    def of(cls, metadata: dict) -> Self | None:
+        """This addon's entry in a flow's metadata, turned back into its type if it was copied."""
+        value = metadata.get(cls.KEY)
+        if isinstance(value, dict):
+            value = metadata[cls.KEY] = cls.from_plain(value)
+        return value
+
+
+@dataclass
+class AccessVerdict(Metadata):
+    """Who is calling: a client, or why the request was refused (then `rejected` is its error code)."""
+
+    client_id: int | None = None
+    client_name: str | None = None
+    rejected: str | None = None  # missing_api_key, invalid_api_key
+    masked: str | None = None  # the refused credential, shortened beyond use
+
+    KEY = ACCESS
+
+    @property
+    def admitted(self) -> bool:
+        return self.client_id is not None
+
+
+@dataclass
+class KeyUse(Metadata):
+    """Which upstream keys a request used, one attempt each, and where the last one stands."""
+
+    attempts: list[AttemptLog] = field(default_factory=list)
+    key_id: int | None = None  # the key of the latest attempt
+    key_last4: str = ""
+    probe: bool = False  # the latest attempt is the probe of a cooled key
+    outcome: OutcomeKind | None = None  # the latest attempt's, None: the request's own fault
+    settled: bool = False  # no more attempts: the answer is final or already reaching the client
+
+    KEY = KEYPOOL
+
+    @classmethod
+    def from_plain(cls, values: dict) -> Self:
+        outcome = values.get("outcome")
+        return cls(
+            **{
+                **values,
+                "attempts": [AttemptLog(**a) for a in values.get("attempts") or ()],
+                "outcome": OutcomeKind(outcome) if outcome else None,
+            }
+        )
+
+    def tried_keys(self) -> frozenset[int]:
+        return frozenset(a.key_id for a in self.attempts)
+
+
+@dataclass
+class UsageInjection(Metadata):
+    """The usage addon asked upstream for a stream's token usage that the client did not ask for."""
+
+    upstream_body: bytes | None = None  # a whole answer as upstream sent it, before its usage chunk went
+
+    KEY = USAGE

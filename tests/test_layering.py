@@ -1,0 +1,58 @@
+"""The layout's rules, read from the code's own imports (DESIGN.md, "Layout")."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from config import ROOT
+
+# core/ is the domain: it must be readable and testable without a proxy, a database or a web app.
+CORE_FORBIDDEN = ("mitmproxy", "sqlite3", "sqlite_utils", "fastapi", "starlette", "storage", "addons", "monitor_ui")
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def sources(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", sources("core"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_core_imports_no_proxy_sql_or_web(path):
+    bad = {m for m in imported_modules(path) if m.split(".")[0] in CORE_FORBIDDEN}
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*sources("core", "storage", "usecases", "monitor_ui", "addons"), ROOT / "run.py", ROOT / "config.py"],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_only_the_script_entry_imports_addons(path):
+    if path == ROOT / "addons" / "keyrotor.py":
+        return
+    bad = {m for m in imported_modules(path) if m == "addons" or m.startswith("addons.")}
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}: addons talk through flow.metadata"
+
+
+@pytest.mark.parametrize("path", sources("storage", "usecases"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_storage_and_use_cases_import_no_ui(path):
+    bad = {m for m in imported_modules(path) if m.split(".")[0] in ("monitor_ui", "fastapi", "mitmproxy")}
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", sources("usecases"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_use_cases_work_over_ports_not_storage(path):
+    bad = {m for m in imported_modules(path) if m.split(".")[0] == "storage"}
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}: take a core.ports Protocol instead"

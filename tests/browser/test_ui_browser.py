@@ -1,13 +1,14 @@
 """The monitor UI in a real browser, as an admin uses it, in front of a real proxy.
 
 Flows are made by the official openai client through `run.py proxy` against the fake upstream, so the
-pages show what a user would see. The screenshots in docs/screenshots/ (used by the README) are taken
-here, on every run.
+pages show what a user would see. Every run takes the README's screenshots into the git-ignored
+tests/browser/screenshots/; with KEYROTOR_UPDATE_SCREENSHOTS=1 they replace the tracked ones in docs/screenshots/.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 expect = pytest.importorskip("playwright.sync_api", reason="./test.sh installs playwright").expect
 pytestmark = pytest.mark.browser
 
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# A plain run must leave the work tree clean: the tracked copies change only when asked.
+UPDATE_SCREENSHOTS = os.environ.get("KEYROTOR_UPDATE_SCREENSHOTS", "") == "1"
+SCREENSHOTS = ROOT / ("docs" if UPDATE_SCREENSHOTS else "tests/browser") / "screenshots"
 PHONE = (390, 844)
 KEYS = [
     "sk-good-browser-aaaaaaaaaaaaaaaaaaaa0001",

@@ -2,7 +2,7 @@
 
     run.py [serve] [--web]        proxy (mitmdump, or mitmweb with --web) and UI, stopped together
     run.py proxy [--web] | ui     one of them
-    run.py keys add|list|enable|disable|delete|reset ...
+    run.py keys add|list|rename|enable|disable|delete|reset|validate|weight ...
     run.py clients add|list|enable|disable NAME
 
 Every command takes --config PATH and --set section.key=value (repeatable).
@@ -57,8 +57,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     keys = commands.add_parser("keys", parents=[common], help="manage upstream keys").add_subparsers(
         dest="action", required=True
     )
-    add = keys.add_parser("add", parents=[common], help="add keys, one per line, from files or standard input")
+    add = keys.add_parser(
+        "add", parents=[common], help="add keys, one per line (or NAME<TAB>KEY), from files or standard input"
+    )
     add.add_argument("files", nargs="*", type=Path)
+    add.add_argument("--name", help="name for the added keys whose line gives none")
+    rename = keys.add_parser("rename", parents=[common], help='name a key ("" clears the name)')
+    rename.add_argument("id", type=int, metavar="ID")
+    rename.add_argument("name", metavar="NAME")
     keys.add_parser("list", parents=[common], help="list keys (masked) with state and usage")
     for action, text in (
         ("enable", "put keys back into rotation"),
@@ -124,8 +130,7 @@ def prepare_storage(settings: Settings) -> None:
     admin_key = secrets.ensure_admin_key(settings.storage_path)
     if admin_key:
         print(
-            "\n  Admin key (log in to the UI with it; it is shown only this once):\n"
-            f"    {admin_key}\n",
+            f"\n  Admin key (log in to the UI with it; it is shown only this once):\n    {admin_key}\n",
             flush=True,
         )
 
@@ -214,7 +219,7 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.action == "add":
             lines = _read_lines(args.files)
-            report = upstream_keys.add_keys(conn, secrets.key_cipher(path), lines)
+            report = upstream_keys.add_keys(conn, secrets.key_cipher(path), lines, getattr(args, "name", None))
             print(
                 f"added {len(report.added)}, skipped {report.duplicates} duplicate(s),"
                 f" rejected {len(report.malformed)} malformed"
@@ -226,6 +231,12 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         if args.action == "validate":
             return _validate(conn, settings, args)
+        if args.action == "rename":
+            if not upstream_keys.rename_key(conn, args.id, args.name):
+                print(f"keyrotor: no upstream key with id {args.id}", file=sys.stderr)
+                return 1
+            print(f"key #{args.id} " + (f"is now named {args.name.strip()!r}" if args.name.strip() else "has no name"))
+            return 0
         if args.action == "delete":
             count = upstream_keys.delete_keys(conn, args.ids)
         elif args.action == "weight":
@@ -301,19 +312,27 @@ def _dollars(cost: float | None) -> str:
     return f"${cost or 0:.4f}"
 
 
+def _cooldown(row, now: float) -> str:
+    if row["state"] != "cooling" or not row["cooldown_until"]:
+        return ""
+    if row["cooldown_until"] <= now:
+        return " cooldown over: the next request tries it"
+    return f" until {_when(row['cooldown_until'])}"
+
+
 def _print_keys(rows) -> None:
     print(
-        f"{'id':>5}  {'key':<8}  {'state':<9}  {'weight':>6}  {'requests':>8}  {'tokens in/out':>17}  {'cost':>10}"
-        f"  {'last used':<20}  reason"
+        f"{'id':>5}  {'name':<20}  {'key':<8}  {'state':<9}  {'weight':>6}  {'requests':>8}  {'tokens in/out':>17}"
+        f"  {'cost':>10}  {'last used':<20}  reason"
     )
+    now = time.time()
     for row in rows:
-        reason = row["state_reason"] or ""
-        if row["state"] == "cooling":
-            reason += f" until {_when(row['cooldown_until'])}"
+        reason = (row["state_reason"] or "") + _cooldown(row, now)
         tokens = f"{row['prompt_tokens']}/{row['completion_tokens']}"
         print(
-            f"{row['id']:>5}  …{row['last4']:<7}  {row['state']:<9}  {row['weight']:>6g}  {row['requests']:>8}"
-            f"  {tokens:>17}  {_dollars(row['cost']):>10}  {_when(row['last_used_at']):<20}  {reason}"
+            f"{row['id']:>5}  {row['name'] or '-':<20}  …{row['last4']:<7}  {row['state']:<9}  {row['weight']:>6g}"
+            f"  {row['requests']:>8}  {tokens:>17}  {_dollars(row['cost']):>10}  {_when(row['last_used_at']):<20}"
+            f"  {reason}"
         )
 
 

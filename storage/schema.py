@@ -182,11 +182,17 @@ def _v4_rollups_by_dimension(db: sqlite_utils.Database) -> None:
         db.conn.execute(f"DROP TABLE {table}_v3")
 
 
+def _v5_upstream_key_names(db: sqlite_utils.Database) -> None:
+    # An optional label an admin gives a key ("Key 1", "team-a"); not unique, the last four tell keys apart.
+    db["upstream_keys"].add_column("name", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
     _v3_rollups,
     _v4_rollups_by_dimension,
+    _v5_upstream_key_names,
 ]
 
 

@@ -13,6 +13,7 @@ from storage.secrets import KeyCipher
 STATES = ("active", "cooling", "exhausted", "invalid", "disabled")
 MIN_KEY_LENGTH = 20
 MAX_KEY_LENGTH = 512
+MAX_NAME_LENGTH = 64
 
 
 @dataclass
@@ -47,24 +48,47 @@ def is_well_formed(value: str) -> bool:
     )
 
 
-def add_keys(conn: sqlite3.Connection, cipher: KeyCipher, lines: Iterable[str]) -> AddReport:
-    """Add one key per line; blank lines and #-comments are skipped."""
+def clean_name(name: str | None) -> str | None:
+    """A key's name as stored: trimmed, None when empty; ValueError when it cannot be one."""
+    name = (name or "").strip()
+    if not name:
+        return None
+    if len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise ValueError(f"a key name is at most {MAX_NAME_LENGTH} printable characters (no tabs or line breaks)")
+    return name
+
+
+def add_keys(conn: sqlite3.Connection, cipher: KeyCipher, lines: Iterable[str], name: str | None = None) -> AddReport:
+    """Add one key per line, or NAME<TAB>KEY; blank lines and #-comments are skipped.
+
+    `name` goes to the keys whose line names none; a key that is already stored keeps its name.
+    """
     report = AddReport()
     now = time.time()
+    default_name = clean_name(name)
     with conn:
         for number, line in enumerate(lines, start=1):
             value = line.strip()
             if not value or value.startswith("#"):
                 continue
+            key_name = default_name
+            if "\t" in value:
+                label, _, value = value.partition("\t")
+                value = value.strip()
+                try:
+                    key_name = clean_name(label) or default_name
+                except ValueError:
+                    report.malformed.append(number)
+                    continue
             if value.lower().startswith("bearer "):
                 value = value[7:].strip()
             if not is_well_formed(value):
                 report.malformed.append(number)
                 continue
             cursor = conn.execute(
-                "INSERT INTO upstream_keys (fingerprint, secret, last4, state, created_at, state_changed_at)"
-                " VALUES (?, ?, ?, 'active', ?, ?) ON CONFLICT(fingerprint) DO NOTHING",
-                (cipher.fingerprint(value), cipher.encrypt(value), value[-4:], now, now),
+                "INSERT INTO upstream_keys (fingerprint, secret, last4, name, state, created_at, state_changed_at)"
+                " VALUES (?, ?, ?, ?, 'active', ?, ?) ON CONFLICT(fingerprint) DO NOTHING",
+                (cipher.fingerprint(value), cipher.encrypt(value), value[-4:], key_name, now, now),
             )
             if cursor.rowcount:
                 report.added.append(cursor.lastrowid)
@@ -78,11 +102,35 @@ def add_keys(conn: sqlite3.Connection, cipher: KeyCipher, lines: Iterable[str]) 
 def list_keys(conn: sqlite3.Connection, limit: int = 1000, after_id: int = 0) -> list[sqlite3.Row]:
     """Oldest first; `after_id` continues a page (keyset pagination)."""
     return conn.execute(
-        "SELECT id, last4, state, state_reason, cooldown_until, weight, requests,"
-        " prompt_tokens, completion_tokens, cost, last_used_at, created_at"
-        " FROM upstream_keys WHERE id > ? ORDER BY id LIMIT ?",
-        (after_id, limit),
+        f"SELECT {_LISTED} FROM upstream_keys WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
     ).fetchall()
+
+
+_LISTED = (
+    "id, name, last4, state, state_reason, cooldown_until, weight, requests,"
+    " prompt_tokens, completion_tokens, cost, last_used_at, created_at"
+)
+
+
+def get_key(conn: sqlite3.Connection, key_id: int) -> sqlite3.Row | None:
+    """One key as list_keys shows it (never its value)."""
+    return conn.execute(f"SELECT {_LISTED} FROM upstream_keys WHERE id = ?", (key_id,)).fetchone()
+
+
+def rename_key(conn: sqlite3.Connection, key_id: int, name: str | None) -> int:
+    """Set or clear (None, "") a key's name. No revision bump: the proxy does not use names."""
+    with conn:
+        return conn.execute("UPDATE upstream_keys SET name = ? WHERE id = ?", (clean_name(name), key_id)).rowcount
+
+
+def labels_of(conn: sqlite3.Connection, key_ids: Iterable[int]) -> dict[int, tuple[str | None, str]]:
+    """id → (name, last four) for the keys a page shows; deleted keys are missing."""
+    ids = sorted({i for i in key_ids if i is not None})[:1000]
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    rows = conn.execute(f"SELECT id, name, last4 FROM upstream_keys WHERE id IN ({marks})", ids)
+    return {row["id"]: (row["name"], row["last4"]) for row in rows}
 
 
 def load_pool(conn: sqlite3.Connection, cipher: KeyCipher) -> list[PoolKey]:
@@ -170,4 +218,3 @@ def record_state(
         " WHERE id = ? AND state != 'disabled'",
         (state, reason, cooldown_until, at, key_id),
     )
-

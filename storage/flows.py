@@ -102,7 +102,7 @@ class FlowFilter:
     """What the flows page and its JSON twin filter on; every field is optional."""
 
     q: str | None = None  # full-text search over path, model and both bodies
-    status: str | None = None  # 2xx, 3xx, 4xx, 5xx, or "error" (no response at all)
+    status: str | None = None  # 2xx, 3xx, 4xx, 5xx, one code such as "429", or "error" (no response at all)
     model: str | None = None
     path: str | None = None  # a prefix
     client_key_id: int | None = None
@@ -132,6 +132,9 @@ def _conditions(f: FlowFilter, table: str) -> tuple[list[str], list[Any]]:
         low, high = STATUS_CLASSES[f.status]
         where.append(f"{table}.status >= ? AND {table}.status < ?")
         params += [low, high]
+    elif f.status and f.status.isdecimal():  # one code, e.g. 429
+        where.append(f"{table}.status = ?")
+        params.append(int(f.status))
     for column in ("model", "client_key_id", "upstream_key_id"):
         value = getattr(f, column)
         if value is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -12,6 +14,7 @@ from addons import probe
 from monitor_ui import views
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, Signer, WriteConn
+from monitor_ui.names import key_label
 from storage import secrets, upstream_keys
 
 router = APIRouter()
@@ -20,11 +23,19 @@ PAGE_SIZE = 100
 MAX_BULK_LINES = 10_000
 # What a finished action says on the page after its redirect; the query carries only the code and counts.
 DONE = {"enabled": "enabled", "disabled": "disabled", "deleted": "deleted", "reset": "returned to active",
-        "weighted": "re-weighted"}  # fmt: skip
+        "weighted": "re-weighted", "edited": "saved"}  # fmt: skip
+MALFORMED_SHOWN = 20  # line numbers a bulk add's redirect carries; the count says how many there were
 
 
 class WeightChange(BaseModel):
     weight: float = Field(gt=0, le=1000, description="share under the weighted strategy (default 1)")
+
+
+class KeyChange(BaseModel):
+    """What PUT /api/keys/{id} may change; fields left out stay as they are."""
+
+    name: str | None = Field(None, max_length=upstream_keys.MAX_NAME_LENGTH, description='a label; "" clears it')
+    weight: float | None = Field(None, gt=0, le=1000, description="share under the weighted strategy")
 
 
 class ValidationRequest(BaseModel):
@@ -36,10 +47,15 @@ class KeysToAdd(BaseModel):
     keys: list[str] = Field(max_length=MAX_BULK_LINES, description="one key per item; a Bearer prefix is removed")
 
 
-def key_summary(row) -> dict:
+def key_summary(row, now: float | None = None) -> dict:
+    cooling = row["state"] == "cooling" and row["cooldown_until"] is not None
     return {
-        "id": row["id"], "key": f"…{row['last4']}", "state": row["state"], "state_reason": row["state_reason"],
-        "cooldown_until": row["cooldown_until"], "weight": row["weight"], "requests": row["requests"],
+        "id": row["id"], "name": row["name"], "key": f"…{row['last4']}",
+        "label": key_label(row["id"], row["name"], row["last4"]), "state": row["state"],
+        "state_reason": row["state_reason"], "cooldown_until": row["cooldown_until"],
+        # A cooldown that has ended: the key is tried again by the next request (which decides).
+        "cooldown_over": cooling and row["cooldown_until"] <= (now or time.time()),
+        "weight": row["weight"], "requests": row["requests"],
         "prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"], "cost": row["cost"],
         "last_used_at": row["last_used_at"], "created_at": row["created_at"],
     }  # fmt: skip
@@ -47,8 +63,9 @@ def key_summary(row) -> dict:
 
 def _page(conn, after: int) -> dict:
     rows = upstream_keys.list_keys(conn, PAGE_SIZE, after)
+    now = time.time()
     return {
-        "keys": [key_summary(r) for r in rows],
+        "keys": [key_summary(r, now) for r in rows],
         "next_after": rows[-1]["id"] if len(rows) == PAGE_SIZE else None,
         "by_state": upstream_keys.count_by_state(conn),
     }
@@ -67,10 +84,20 @@ def _render(request: Request, conn, signer, after: int = 0, **extra):
 After = Annotated[int, Query(ge=0, description="continue after this key id (keyset pagination)")]
 
 
+def _line_numbers(text: str) -> list[int]:
+    return [int(n) for n in text.split(",") if n.isdecimal()][:MALFORMED_SHOWN]
+
+
 @router.get("/keys", response_class=HTMLResponse, dependencies=[AdminPage])
 def list_keys(request: Request, conn: Conn, signer: Signer, after: After = 0, done: str | None = None,
-              count: Annotated[int, Query(ge=0)] = 0):  # fmt: skip
+              count: Annotated[int, Query(ge=0)] = 0, duplicates: Annotated[int, Query(ge=0)] = 0,
+              malformed: Annotated[str, Query(max_length=200)] = "",
+              malformed_count: Annotated[int, Query(ge=0)] = 0):  # fmt: skip
     """Upstream keys: add in bulk, state, usage, and the actions on them."""
+    if done == "added":  # where a bulk add lands: reloading this page adds nothing
+        report = {"added": count, "duplicates": duplicates, "malformed_lines": _line_numbers(malformed),
+                  "malformed": malformed_count}  # fmt: skip
+        return _render(request, conn, signer, after, report=report)
     message = f"{count} key(s) {DONE[done]}." if done in DONE else None
     return _render(request, conn, signer, after, message=message)
 
@@ -81,14 +108,21 @@ def list_keys_json(conn: Conn, after: After = 0) -> dict:
     return _page(conn, after)
 
 
-@router.post("/keys/add", response_class=HTMLResponse, dependencies=[AdminForm])
+@router.post("/keys/add", dependencies=[AdminForm])
 def create_keys(
-    request: Request, conn: WriteConn, signer: Signer, keys: Annotated[str, Form(max_length=5_000_000)] = ""
-):
-    """Bulk add from the textarea, one key per line; the page reports added, duplicate and malformed lines."""
+    request: Request, conn: WriteConn, keys: Annotated[str, Form(max_length=5_000_000)] = "",
+    name: Annotated[str, Form(max_length=upstream_keys.MAX_NAME_LENGTH)] = "",
+) -> RedirectResponse:  # fmt: skip
+    """Bulk add from the textarea (KEY or NAME<TAB>KEY lines), then redirect to the page with the counts."""
     lines = keys.splitlines()[:MAX_BULK_LINES]
-    report = upstream_keys.add_keys(conn, secrets.key_cipher(request.app.state.db_path), lines)
-    return _render(request, conn, signer, report=_report(report))
+    try:
+        report = upstream_keys.add_keys(conn, secrets.key_cipher(request.app.state.db_path), lines, name)
+    except ValueError as e:
+        raise HTTPException(422, f"{str(e)[0].upper()}{str(e)[1:]}.") from None
+    query = urlencode({"done": "added", "count": len(report.added), "duplicates": report.duplicates,
+                       "malformed": ",".join(map(str, report.malformed[:MALFORMED_SHOWN])),
+                       "malformed_count": len(report.malformed)})  # fmt: skip
+    return RedirectResponse(f"/keys?{query}", status_code=303)
 
 
 @router.post("/api/keys", dependencies=[AdminApiChange])
@@ -102,6 +136,60 @@ def _change(conn, action: str, ids: list[int]) -> int:
         return upstream_keys.delete_keys(conn, ids)
     state = "active" if action == "enable" else "disabled"
     return upstream_keys.set_admin_state(conn, ids, state, f"{action}d by admin")
+
+
+def _key(conn, key_id: int) -> dict:
+    row = upstream_keys.get_key(conn, key_id)
+    if row is None:
+        raise HTTPException(404, f"No upstream key with id {key_id}.")
+    return key_summary(row)
+
+
+def _edit(conn, key_id: int, name: str | None, weight: float | None) -> None:
+    if upstream_keys.get_key(conn, key_id) is None:
+        raise HTTPException(404, f"No upstream key with id {key_id}.")
+    try:
+        if name is not None:
+            upstream_keys.rename_key(conn, key_id, name)
+    except ValueError as e:
+        raise HTTPException(422, f"{str(e)[0].upper()}{str(e)[1:]}.") from None
+    if weight is not None:
+        upstream_keys.set_weight(conn, [key_id], weight)
+
+
+@router.get("/keys/{key_id}", response_class=HTMLResponse, dependencies=[AdminPage])
+def read_key(request: Request, key_id: int, conn: Conn, signer: Signer, done: str | None = None):
+    """One upstream key: its name and weight to edit, state, usage, and its flows."""
+    csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
+    context = {"key": _key(conn, key_id), "csrf": csrf, "section": "keys", "iso": views.iso,
+               "message": "Saved." if done == "edited" else None}  # fmt: skip
+    return request.app.state.templates.TemplateResponse(request, "key.html", context)
+
+
+@router.get("/api/keys/{key_id}", dependencies=[AdminApi])
+def read_key_json(key_id: int, conn: Conn) -> dict:
+    """One upstream key, masked, with state and usage."""
+    return _key(conn, key_id)
+
+
+@router.put("/api/keys/{key_id}", dependencies=[AdminApiChange])
+def update_key(key_id: int, change: KeyChange, conn: WriteConn) -> dict:
+    """Change a key's name and/or weight; returns the key as GET /api/keys/{id} shows it."""
+    _edit(conn, key_id, change.name, change.weight)
+    return _key(conn, key_id)
+
+
+@router.post("/keys/{key_id}/edit", dependencies=[AdminForm])
+def edit_key(
+    key_id: int, conn: WriteConn,
+    name: Annotated[str | None, Form(max_length=upstream_keys.MAX_NAME_LENGTH)] = None,
+    weight: Annotated[float | None, Form(gt=0, le=1000)] = None,
+    back: Annotated[str, Form()] = "list",
+) -> RedirectResponse:  # fmt: skip
+    """Rename (and re-weight) a key from the keys page or its own page; back to where the form was."""
+    _edit(conn, key_id, name, weight)
+    target = f"/keys/{key_id}?done=edited" if back == "key" else f"/keys?done=edited&count=1#key-{key_id}"
+    return RedirectResponse(target, status_code=303)
 
 
 @router.post("/keys/{key_id}/{action}", dependencies=[AdminForm])

@@ -187,12 +187,21 @@ def _v5_upstream_key_names(db: sqlite_utils.Database) -> None:
     db["upstream_keys"].add_column("name", str)
 
 
+def _v6_attempt_outcomes(db: sqlite_utils.Database) -> None:
+    # Attempts by outcome, retries and refusals join the hour rollups (storage/outcomes.py); the
+    # flows already stored are counted once here, so /metrics starts from what the database holds.
+    from storage import outcomes
+
+    outcomes.backfill(db.conn)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
     _v3_rollups,
     _v4_rollups_by_dimension,
     _v5_upstream_key_names,
+    _v6_attempt_outcomes,
 ]
 
 

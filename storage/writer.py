@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from storage import db, flows, rollups, upstream_keys
+from storage import db, flows, outcomes, rollups, upstream_keys
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class Writer:
                 with conn:
                     flows.insert_batch(conn, rows)
                     rollups.add_rows(conn, rows)
+                    outcomes.add_rows(conn, rows)
                     for change in states:
                         upstream_keys.record_state(
                             conn, change.key_id, change.state, change.reason, change.cooldown_until, change.at

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from config import load_settings
 from monitor_ui.app import create_app
-from storage import client_keys, db, flows, rollups, secrets, upstream_keys
+from storage import client_keys, db, flows, outcomes, rollups, secrets, upstream_keys
 
 ADMIN = "kra-pages-test-admin-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -53,6 +53,14 @@ ROWS = [
 ]  # fmt: skip
 
 
+def write(conn, rows: list[dict]) -> None:
+    """What the capture writer does with a batch."""
+    with conn:
+        flows.insert_batch(conn, rows)
+        rollups.add_rows(conn, rows)
+        outcomes.add_rows(conn, rows)
+
+
 @pytest.fixture
 def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream) -> Iterator[TestClient]:
     monkeypatch.setenv("KEYROTOR_ADMIN_KEY", ADMIN)
@@ -67,9 +75,7 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream) -> Iterato
     upstream_keys.add_keys(conn, secrets.key_cipher(path), KEYS)
     client_keys.create_client(conn, "alice")
     client_keys.create_client(conn, "bob")
-    with conn:
-        flows.insert_batch(conn, ROWS)
-        rollups.add_rows(conn, ROWS)
+    write(conn, ROWS)
     conn.close()
     with TestClient(create_app(settings), follow_redirects=False) as test_client:
         yield test_client
@@ -381,3 +387,42 @@ def test_metrics_speak_prometheus_with_the_metrics_token(client):
     assert 'keyrotor_upstream_key_tokens_total{upstream_key="2",kind="prompt"} 10' in text
     # The metrics token opens /metrics and nothing else.
     assert client.get("/api/flows", headers={"Authorization": "Bearer prom-token-123"}).status_code == 401
+
+
+def test_metrics_have_no_empty_labels_and_count_attempts_retries_refusals_and_names(client, tmp_path):
+    conn = db.connect(tmp_path / "kr.db")
+    refusal = json.dumps([["content-type", "application/json"], ["x-keyrotor-error", "missing_api_key"]])
+    write(conn, [row(6, status=401, model=None, upstream_key_id=None, client_key_id=None, attempts=0,
+                     response_headers=refusal)])  # fmt: skip
+    conn.close()
+    client.put("/api/keys/1", json={"name": 'Key "1"'}, headers=AUTH)
+    text = client.get("/metrics", headers=AUTH).text
+    assert re.findall(r'="",|=""}', text) == []  # no empty label value anywhere
+    assert 'keyrotor_requests_total{model="(none)"} 1' in text
+    assert 'keyrotor_upstream_key_requests_total{upstream_key="(none)"} 1' in text
+    assert 'keyrotor_refusals_total{reason="missing_api_key"} 1' in text
+    # Flow 3 was retried (429 on key 2, then 200 on key 1); the others had one attempt each but flow 6.
+    assert 'keyrotor_attempts_total{outcome="rate_limited"} 2' in text  # flow 3's first, and flow 2
+    assert 'keyrotor_attempts_total{outcome="success"} 2' in text
+    assert 'keyrotor_attempts_total{outcome="no_response"} 1' in text
+    assert "keyrotor_retries_total 1" in text
+    assert 'keyrotor_upstream_key_info{upstream_key="1",name="Key \\"1\\" (…0001)"} 1' in text
+    assert 'keyrotor_upstream_key_info{upstream_key="2",name="#2 (…0002)"} 1' in text
+    assert 'keyrotor_client_info{client="2",name="bob"} 1' in text
+    for value in KEYS:
+        assert value not in text
+
+
+def test_every_page_has_a_favicon_and_it_is_served_without_login(client):
+    for url in ("/static/favicon.svg", "/favicon.ico"):
+        icon = client.get(url)
+        assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+        assert icon.text.startswith("<svg") and "<script" not in icon.text
+    logged_in(client)
+    assert '<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">' in client.get("/dashboard").text
+
+
+def test_the_login_page_says_where_the_admin_key_was_printed_and_how_to_replace_it(client):
+    page = client.get("/login").text
+    assert "printed once, in the terminal where it first started" in page
+    assert "data/keyrotor.db.admin" in page and "KEYROTOR_ADMIN_KEY" in page

@@ -39,6 +39,7 @@ class Slot:
     x: float
     width: float
     tip: str
+    bucket: int = 0  # its start: the page's script finds the same bucket again after a refresh
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,9 @@ def bar_chart(
         bucket = start + index * step
         totals = by_bucket.get(bucket)
         x = round(index * width, 3)
-        slots.append(Slot(x, round(width, 3), f"{_when(bucket, step)}: {tip(totals) if totals else 'no requests'}"))
+        slots.append(
+            Slot(x, round(width, 3), f"{_when(bucket, step)}: {tip(totals) if totals else 'no requests'}", bucket)
+        )
         if totals is None:
             continue
         base = 0.0
@@ -222,15 +225,12 @@ def latency_chart(chart_id: str, caption: str, buckets, start: int, step: int, c
         centre = round(x + width / 2, 3)
         per = values.get(bucket)
         if per is None:
-            slots.append(Slot(x, round(width, 3), f"{_when(bucket, step)}: no requests"))
+            slots.append(Slot(x, round(width, 3), f"{_when(bucket, step)}: no requests", bucket))
             previous = dict.fromkeys(previous)
             continue
         shown = ", ".join(f"{name} {ms_label(v) if v is not None else 'over 120 s'}" for name, v in per.items())
-        slots.append(
-            Slot(
-                x, round(width, 3), f"{_when(bucket, step)}: {shown} ({plural(by_bucket[bucket].requests, 'request')})"
-            )
-        )
+        requests = plural(by_bucket[bucket].requests, "request")
+        slots.append(Slot(x, round(width, 3), f"{_when(bucket, step)}: {shown} ({requests})", bucket))
         for name, _, _ in lines:
             value = per[name]
             if value is None:

@@ -188,8 +188,8 @@ function chartTips() {
   afterRefresh = () => {
     if (!active || active.isConnected) return;
     const figure = active.closest("figure.chart");
-    const index = [...active.parentNode.querySelectorAll(".hit")].indexOf(active);
-    const fresh = figure && document.querySelectorAll("#" + figure.id + " svg.plot .hit")[index];
+    const fresh = figure && document.querySelector(
+      "#" + figure.id + ' svg.plot .hit[data-bucket="' + active.dataset.bucket + '"]');
     if (fresh) show(fresh); else hide();
   };
   const hitOf = (event) => event.target instanceof Element ? event.target.closest("svg.plot .hit") : null;

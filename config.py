@@ -72,6 +72,14 @@ def _http_url(value: Any) -> str:
     return url
 
 
+def parse_http_url(value: Any) -> str:
+    """An upstream's base URL as given on the command line or in the UI; ValueError says what is wrong."""
+    try:
+        return _http_url(value)
+    except ValueError as e:
+        raise ValueError(f"{value!r} {e}") from None
+
+
 def _one_of(*choices: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         text = _text(value)

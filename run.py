@@ -2,7 +2,7 @@
 
     run.py [serve] [--web]        proxy (mitmdump, or mitmweb with --web) and UI, stopped together
     run.py proxy [--web] | ui     one of them
-    run.py keys add|list|enable|disable|delete|reset ...
+    run.py keys add|list|rename|enable|disable|delete|reset|validate|weight ...
     run.py clients add|list|enable|disable NAME
 
 Every command takes --config PATH and --set section.key=value (repeatable).
@@ -25,11 +25,13 @@ if sys.version_info < (3, 12):  # noqa: UP036 - run.py may be started by an olde
         " that ./start.sh creates: .venv/bin/python run.py ..."
     )
 
-from config import ADDON_SETTINGS, BY_NAME, ROOT, ConfigError, Settings, load_settings  # noqa: E402
+from config import ADDON_SETTINGS, BY_NAME, ROOT, ConfigError, Settings, load_settings, parse_http_url  # noqa: E402
 from core.models import RESETTABLE, KeyState  # noqa: E402
-from storage import client_keys, db, secrets, upstream_keys  # noqa: E402
+from core.routing import Dialect  # noqa: E402
+from storage import client_keys, db, routes, secrets, upstream_keys  # noqa: E402
 from storage.upstream_keys import SqliteKeyStore  # noqa: E402
 from usecases import keys as key_admin  # noqa: E402
+from usecases import models as model_admin  # noqa: E402
 
 SCRIPT = ROOT / "addons" / "keyrotor.py"
 STOP_GRACE_SECONDS = 15
@@ -62,8 +64,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     keys = commands.add_parser("keys", parents=[common], help="manage upstream keys").add_subparsers(
         dest="action", required=True
     )
-    add = keys.add_parser("add", parents=[common], help="add keys, one per line, from files or standard input")
+    add = keys.add_parser(
+        "add", parents=[common], help="add keys, one per line (or NAME<TAB>KEY), from files or standard input"
+    )
     add.add_argument("files", nargs="*", type=Path)
+    add.add_argument("--name", help="name for the added keys whose line gives none")
+    add.add_argument(
+        "--group", metavar="UPSTREAM/GROUP", help="the group whose pool they join (default default/default)"
+    )
+    rename = keys.add_parser("rename", parents=[common], help='name a key ("" clears the name)')
+    rename.add_argument("id", type=int, metavar="ID")
+    rename.add_argument("name", metavar="NAME")
     keys.add_parser("list", parents=[common], help="list keys (masked) with state and usage")
     for action, text in (
         ("enable", "put keys back into rotation"),
@@ -83,6 +94,59 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     weight = keys.add_parser("weight", parents=[common], help="set keys' share under the weighted strategy")
     weight.add_argument("weight", type=float, metavar="WEIGHT", help="above 0, at most 1000 (default 1)")
     weight.add_argument("ids", nargs="+", type=int, metavar="ID")
+
+    upstreams = commands.add_parser("upstreams", parents=[common], help="manage upstreams").add_subparsers(
+        dest="action", required=True
+    )
+    add_upstream = upstreams.add_parser("add", parents=[common], help="add an upstream (OpenAI, Azure, a relay)")
+    add_upstream.add_argument("name")
+    add_upstream.add_argument("url", help="base URL, e.g. https://api.openai.com or https://RESOURCE.openai.azure.com")
+    add_upstream.add_argument("--dialect", choices=[d.value for d in Dialect], default=Dialect.OPENAI.value)
+    add_upstream.add_argument("--api-version", help="Azure's api-version (default 2024-10-21)")
+    upstreams.add_parser("list", parents=[common], help="list upstreams")
+    for action, text in (
+        ("enable", "route to it again"),
+        ("disable", "route nothing to it"),
+        ("delete", "delete it with its groups and their keys"),
+    ):
+        upstreams.add_parser(action, parents=[common], help=text).add_argument("name")
+
+    groups = commands.add_parser("groups", parents=[common], help="manage upstream groups").add_subparsers(
+        dest="action", required=True
+    )
+    add_group = groups.add_parser("add", parents=[common], help="add a group with a key pool of its own")
+    add_group.add_argument("label", metavar="UPSTREAM/GROUP")
+    add_group.add_argument("--priority", type=int, default=0, help="higher is tried first (default 0)")
+    add_group.add_argument("--weight", type=float, default=1.0, help="share within its priority (default 1)")
+    groups.add_parser("list", parents=[common], help="list groups")
+    for action, text in (
+        ("enable", "route to it again"),
+        ("disable", "route nothing to it"),
+        ("delete", "delete it with its keys and models"),
+    ):
+        groups.add_parser(action, parents=[common], help=text).add_argument("label", metavar="UPSTREAM/GROUP")
+
+    models = commands.add_parser("models", parents=[common], help="which groups serve which models").add_subparsers(
+        dest="action", required=True
+    )
+    refresh = models.add_parser("refresh", parents=[common], help="ask upstream for each group's models")
+    refresh.add_argument("label", nargs="?", metavar="UPSTREAM/GROUP", help="one group (default: every group)")
+    add_model = models.add_parser("add", parents=[common], help="serve MODEL from a group")
+    add_model.add_argument("label", metavar="UPSTREAM/GROUP")
+    add_model.add_argument("model", metavar="MODEL")
+    add_model.add_argument(
+        "--as",
+        dest="upstream_model",
+        metavar="UPSTREAM_NAME",
+        help="the name upstream uses (an Azure deployment, a relay's model)",
+    )
+    delete_model = models.add_parser("delete", parents=[common], help="stop serving MODEL from a group")
+    delete_model.add_argument("label", metavar="UPSTREAM/GROUP")
+    delete_model.add_argument("model", metavar="MODEL")
+    models.add_parser("list", parents=[common], help="model, upstream/group, upstream name")
+    fallback = models.add_parser("fallback", parents=[common], help="models tried after every group of MODEL")
+    fallback.add_argument("model", metavar="MODEL")
+    fallback.add_argument("fallbacks", nargs="*", metavar="FALLBACK", help="in order; none clears them")
 
     clients = commands.add_parser("clients", parents=[common], help="manage client keys").add_subparsers(
         dest="action", required=True
@@ -240,7 +304,9 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.action == "add":
             lines = _read_lines(args.files)
-            report = key_admin.add_keys(SqliteKeyStore(conn, secrets.key_cipher(path)), lines)
+            store = SqliteKeyStore(conn, secrets.key_cipher(path))
+            group_id = routes.group_id_of(conn, args.group) if getattr(args, "group", None) else None
+            report = key_admin.add_keys(store, lines, getattr(args, "name", None), group_id)
             print(
                 f"added {len(report.added)}, skipped {report.duplicates} duplicate(s),"
                 f" rejected {len(report.malformed)} malformed"
@@ -252,6 +318,12 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         if args.action == "validate":
             return _validate(conn, settings, args)
+        if args.action == "rename":
+            if not upstream_keys.rename_key(conn, args.id, args.name):
+                print(f"keyrotor: no upstream key with id {args.id}", file=sys.stderr)
+                return 1
+            print(f"key #{args.id} " + (f"is now named {args.name.strip()!r}" if args.name.strip() else "has no name"))
+            return 0
         if args.action == "delete":
             count = upstream_keys.delete_keys(conn, args.ids)
         elif args.action == "weight":
@@ -274,7 +346,8 @@ def _validate(conn, settings: Settings, args: argparse.Namespace) -> int:
     if not ids:
         print("validate: no invalid or exhausted keys (use --all or IDs to probe others)")
         return 0
-    results = asyncio.run(key_admin.validate_keys(store, settings["proxy.upstream"], ids))
+    groups = routes.groups_by_id(conn)
+    results = asyncio.run(key_admin.validate_keys(store, groups, settings["proxy.upstream"], ids))
     for result in results:
         detail = f" ({result.outcome.reason})" if result.outcome.reason else ""
         print(f"#{result.key_id} …{result.last4}: {result.outcome.kind}{detail} → {result.state}")
@@ -282,6 +355,118 @@ def _validate(conn, settings: Settings, args: argparse.Namespace) -> int:
     if missing:
         print(f"skipped (no such key, or disabled): {', '.join(map(str, sorted(missing)))}")
     return 0 if results and not missing else 1
+
+
+def upstreams_command(args: argparse.Namespace, settings: Settings) -> int:
+    conn = db.connect(settings.storage_path)
+    try:
+        if args.action == "add":
+            url = parse_http_url(args.url)
+            routes.add_upstream(conn, args.name, url, Dialect(args.dialect), args.api_version)
+            print(
+                f"upstream {args.name!r} added ({args.dialect}, {url}); add a group: run.py groups add {args.name}/NAME"
+            )
+        elif args.action == "list":
+            print(f"{'name':<20}  {'dialect':<7}  {'enabled':<7}  {'groups':>6}  {'keys':>5}  url")
+            for row in routes.list_upstreams(conn):
+                url = row["base_url"] or f"{settings['proxy.upstream']} (proxy.upstream)"
+                version = f"  api-version={row['api_version']}" if row["api_version"] else ""
+                print(
+                    f"{row['name']:<20}  {row['dialect']:<7}  {'yes' if row['enabled'] else 'no':<7}"
+                    f"  {row['groups']:>6}  {row['keys']:>5}  {url}{version}"
+                )
+        elif args.action == "delete":
+            keys = routes.delete_upstream(conn, args.name)
+            print(f"upstream {args.name!r} deleted with its groups and {keys} key(s)")
+        else:
+            routes.set_upstream_enabled(conn, args.name, args.action == "enable")
+            print(f"upstream {args.name!r} {args.action}d")
+        return 0
+    except (routes.NotFound, routes.Conflict) as e:
+        print(f"keyrotor: {e}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+
+
+def groups_command(args: argparse.Namespace, settings: Settings) -> int:
+    conn = db.connect(settings.storage_path)
+    try:
+        if args.action == "add":
+            routes.add_group(conn, args.label, args.priority, args.weight)
+            print(f"group {args.label!r} added; give it keys: run.py keys add --group {args.label} FILE")
+        elif args.action == "list":
+            print(f"{'group':<32}  {'priority':>8}  {'weight':>6}  {'enabled':<7}  {'keys':>5}  models")
+            for row in routes.list_groups(conn):
+                enabled = "yes" if row["enabled"] and row["upstream_enabled"] else "no"
+                models = row["models"] or "every model"
+                print(
+                    f"{row['label']:<32}  {row['priority']:>8}  {row['weight']:>6g}  {enabled:<7}  {row['keys']:>5}"
+                    f"  {models}"
+                )
+        elif args.action == "delete":
+            keys = routes.delete_group(conn, routes.group_id_of(conn, args.label))
+            print(f"group {args.label!r} deleted with {keys} key(s)")
+        else:
+            routes.set_group_enabled(conn, routes.group_id_of(conn, args.label), args.action == "enable")
+            print(f"group {args.label!r} {args.action}d")
+        return 0
+    except (routes.NotFound, routes.Conflict) as e:
+        print(f"keyrotor: {e}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+
+
+def models_command(args: argparse.Namespace, settings: Settings) -> int:
+    conn = db.connect(settings.storage_path)
+    try:
+        if args.action == "refresh":
+            return _refresh_models(conn, settings, args.label)
+        if args.action == "add":
+            routes.add_model(conn, routes.group_id_of(conn, args.label), args.model, args.upstream_model)
+            alias = f" as {args.upstream_model!r} upstream" if args.upstream_model else ""
+            print(f"{args.label} serves {args.model!r}{alias}")
+        elif args.action == "delete":
+            routes.delete_model(conn, routes.group_id_of(conn, args.label), args.model)
+            print(f"{args.label} no longer serves {args.model!r}")
+        elif args.action == "list":
+            print(f"{'model':<32}  {'upstream/group':<32}  upstream name")
+            for row in routes.list_models(conn):
+                print(f"{row['model']:<32}  {row['label']:<32}  {row['upstream_model'] or row['model']}")
+            for group in routes.list_groups(conn):
+                if not group["models"]:
+                    print(f"{'(every model)':<32}  {group['label']:<32}  as asked")
+            for model, fallbacks in routes.fallbacks(conn).items():
+                print(f"fallback: {model} → {' → '.join(fallbacks)}")
+        else:
+            routes.set_fallbacks(conn, args.model, args.fallbacks)
+            print(
+                f"{args.model}: " + (f"falls back to {', '.join(args.fallbacks)}" if args.fallbacks else "no fallbacks")
+            )
+        return 0
+    except (routes.NotFound, routes.Conflict) as e:
+        print(f"keyrotor: {e}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+
+
+def _refresh_models(conn, settings: Settings, label: str | None) -> int:
+    groups = list(routes.groups_by_id(conn).values())
+    if label is not None:
+        wanted = routes.group_id_of(conn, label)
+        groups = [g for g in groups if g.id == wanted]
+    store = SqliteKeyStore(conn, secrets.key_cipher(settings.storage_path))
+    results = asyncio.run(
+        model_admin.refresh_models(store, routes.SqliteRouteStore(conn), groups, settings["proxy.upstream"])
+    )
+    for result in results:
+        if result.error:
+            print(f"{result.group}: not refreshed: {result.error}")
+        else:
+            print(f"{result.group}: {result.listed} model(s) listed, {result.added} added, {result.removed} removed")
+    return 0 if results and all(r.error is None for r in results) else 1
 
 
 def clients_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -327,19 +512,27 @@ def _dollars(cost: float | None) -> str:
     return f"${cost or 0:.4f}"
 
 
+def _cooldown(row, now: float) -> str:
+    if row["state"] != "cooling" or not row["cooldown_until"]:
+        return ""
+    if row["cooldown_until"] <= now:
+        return " cooldown over: the next request tries it"
+    return f" until {_when(row['cooldown_until'])}"
+
+
 def _print_keys(rows) -> None:
     print(
-        f"{'id':>5}  {'key':<8}  {'state':<9}  {'weight':>6}  {'requests':>8}  {'tokens in/out':>17}  {'cost':>10}"
-        f"  {'last used':<20}  reason"
+        f"{'id':>5}  {'name':<20}  {'key':<8}  {'group':<24}  {'state':<9}  {'weight':>6}  {'requests':>8}"
+        f"  {'tokens in/out':>17}  {'cost':>10}  {'last used':<20}  reason"
     )
+    now = time.time()
     for row in rows:
-        reason = row["state_reason"] or ""
-        if row["state"] == "cooling":
-            reason += f" until {_when(row['cooldown_until'])}"
+        reason = (row["state_reason"] or "") + _cooldown(row, now)
         tokens = f"{row['prompt_tokens']}/{row['completion_tokens']}"
         print(
-            f"{row['id']:>5}  …{row['last4']:<7}  {row['state']:<9}  {row['weight']:>6g}  {row['requests']:>8}"
-            f"  {tokens:>17}  {_dollars(row['cost']):>10}  {_when(row['last_used_at']):<20}  {reason}"
+            f"{row['id']:>5}  {row['name'] or '-':<20}  …{row['last4']:<7}  {row['group_label'] or '-':<24}"
+            f"  {row['state']:<9}  {row['weight']:>6g}  {row['requests']:>8}  {tokens:>17}"
+            f"  {_dollars(row['cost']):>10}  {_when(row['last_used_at']):<20}  {reason}"
         )
 
 
@@ -367,12 +560,20 @@ def main(argv: list[str]) -> int:
             return run_proxy(settings, args.web)
         if args.command == "ui":
             return run_ui(settings)
-        if args.command == "keys":
-            return keys_command(args, settings)
-        return clients_command(args, settings)
+        commands = {
+            "keys": keys_command,
+            "upstreams": upstreams_command,
+            "groups": groups_command,
+            "models": models_command,
+            "clients": clients_command,
+        }
+        return commands[args.command](args, settings)
     except ConfigError as e:
         print(f"keyrotor: {e}", file=sys.stderr)
         return 2
+    except routes.NotFound as e:
+        print(f"keyrotor: {e}", file=sys.stderr)
+        return 1
     except (OSError, ValueError) as e:
         print(f"keyrotor: {e}", file=sys.stderr)
         return 2

@@ -133,6 +133,10 @@ class Capture:
             max_body_bytes=ctx.options.capture_max_body_bytes,
             error=flow.error.msg if flow.error else None,
             attempts=list(keys.attempts),
+            upstream_id=keys.upstream_id,
+            group_id=keys.group_id,
+            fallback_model=keys.fallback_model,
+            requested_model=keys.requested_model,
             prices=self._prices,
         )
         response = flow.response

@@ -1,15 +1,18 @@
-"""Which upstream key: pick one, swap it in, learn from upstream's answer, retry on another key.
+"""Where to and with which key: route by model to a group, pick a key from its pool, swap it in,
+learn from upstream's answer, retry on another key, group or fallback model.
 
 The first attempt of every request goes through mitmproxy itself, so a good answer
 streams to the client unbuffered. When that attempt fails because of its key (401,
-403, 429, 5xx, connection error) and nothing has reached the client yet, core's
-rotation sends the request again with another key and the answer is handed to the
-client whole. The client sees an error only when no key could serve it.
+403, 429, 5xx, connection error) or its group has no such model, and nothing has
+reached the client yet, core's failover sends the request again elsewhere and the
+answer is handed to the client whole. The client sees an error only when nothing
+could serve it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Coroutine
@@ -20,18 +23,26 @@ from mitmproxy import ctx, exceptions, http
 
 from config import STRATEGIES, default_of
 from core import upstream
-from core.classify import Outcome, classify_response, connection_failure
-from core.credentials import placeholder, with_credential
+from core.classify import Outcome, classify_response, connection_failure, is_model_missing
+from core.credentials import AUTHORIZATION, placeholder
+from core.dialects import API_KEY, upstream_url, with_key
 from core.errors import OpenAIError
+from core.failover import ClientRequest, Failover, Plan
 from core.metadata import KEYPOOL, KeyUse
-from core.models import PoolKey
+from core.models import FetchedModels, PoolKey
 from core.pool import Policy
 from core.revisions import watch_revision
-from core.rotation import Outgoing, Rotation, RotationSettings
+from core.rotation import Rotation, RotationSettings
+from core.routing import Candidate, Dialect, RouteTable, renamed_model, requested_model
+from core.usage import EventFilter, chained
 from storage import db, secrets, writer
+from storage.routes import ROUTES, load_routes
 from storage.upstream_keys import load_pool
 
 log = logging.getLogger(__name__)
+
+MODELS_PATH = "/v1/models"
+CREDENTIAL_HEADERS = (AUTHORIZATION, API_KEY)
 
 # The whole-number options, documented at length in config.toml.
 OPTION_HELP = {
@@ -77,12 +88,51 @@ def response_of(answer: upstream.Answer) -> http.Response:
     )
 
 
+def model_not_found(model: str | None) -> OpenAIError:
+    if model is None:
+        message = "No upstream group is enabled to serve this request: add or enable one (run.py groups list)."
+        return OpenAIError(503, message, "server_error", "no_upstream_group", {"x-should-retry": "false"})
+    return OpenAIError(
+        404,
+        f"The model `{model}` does not exist or is not served by this keyrotor gateway"
+        " (GET /v1/models lists the models it serves).",
+        "invalid_request_error",
+        "model_not_found",
+        {"x-should-retry": "false"},
+    )
+
+
+def models_list(models: list[str], created: int) -> bytes:
+    """OpenAI's list format for GET /v1/models."""
+    data = [{"id": m, "object": "model", "created": created, "owned_by": "keyrotor"} for m in models]
+    return json.dumps({"object": "list", "data": data}).encode()
+
+
+def with_listed_models(body: bytes, models: list[str], created: int) -> bytes | None:
+    """An upstream's own model list with `models` added where missing; None when it is not a list."""
+    try:
+        document = json.loads(body)
+        data = document["data"]
+        present = {item.get("id") for item in data if isinstance(item, dict)}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    data += [
+        {"id": m, "object": "model", "created": created, "owned_by": "keyrotor"} for m in models if m not in present
+    ]
+    return json.dumps(document).encode()
+
+
 class KeyPool:
     def __init__(self, defaults=None, sender=None) -> None:
         self._defaults = defaults
-        self.rotation = Rotation()
+        self.settings = RotationSettings()
+        self.rotations: dict[int, Rotation] = {}  # group id → its pool and what requests live through in it
+        self.table = RouteTable([])
+        self.failover = Failover(self.rotations.get, lambda: self.settings)
+        self._plans: dict[str, Plan] = {}  # by flow.id: the routes hold groups, too big for flow.metadata
+        self._merge_models: set[str] = set()  # flow ids of GET /v1/models answered upstream, to add ours
         self.db_path: Path | None = None
-        self._revision = 0
+        self._revisions_seen = {"keys": 0, ROUTES: 0}
         self._tasks: list[asyncio.Task] = []
         self._revisions: db.RevisionReader | None = None
         self._writer: writer.Writer | None = None
@@ -91,12 +141,14 @@ class KeyPool:
         self._late_send = False
 
     @property
-    def pool(self):
-        return self.rotation.pool
+    def keys(self) -> list[PoolKey]:
+        return [k for rotation in self.rotations.values() for k in rotation.pool.keys]
 
     @property
-    def keys(self) -> list[PoolKey]:
-        return self.rotation.pool.keys
+    def pool(self):
+        """The default group's pool (the only one until upstreams and groups are added)."""
+        group = self.table.default_group
+        return self.rotations[group.id].pool if group else None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -120,23 +172,23 @@ class KeyPool:
                 raise exceptions.OptionsError(
                     f"keypool_{name} must be {'above zero' if name in POSITIVE else 'zero or more'}, not {value}."
                 )
-        self.rotation.configure(
-            RotationSettings(
-                strategy=options.keypool_strategy,
-                max_attempts=options.keypool_max_attempts,
-                wait_max_seconds=options.keypool_wait_max_seconds,
-                policy=Policy(
-                    cooldown_seconds=options.keypool_cooldown_seconds,
-                    max_cooldown_seconds=options.keypool_max_cooldown_seconds,
-                    failure_threshold=options.keypool_failure_threshold,
-                    failure_cooldown_seconds=options.keypool_failure_cooldown_seconds,
-                    pool_429_window_seconds=options.keypool_pool_429_window_seconds,
-                ),
-            )
+        self.settings = RotationSettings(
+            strategy=options.keypool_strategy,
+            max_attempts=options.keypool_max_attempts,
+            wait_max_seconds=options.keypool_wait_max_seconds,
+            policy=Policy(
+                cooldown_seconds=options.keypool_cooldown_seconds,
+                max_cooldown_seconds=options.keypool_max_cooldown_seconds,
+                failure_threshold=options.keypool_failure_threshold,
+                failure_cooldown_seconds=options.keypool_failure_cooldown_seconds,
+                pool_429_window_seconds=options.keypool_pool_429_window_seconds,
+            ),
         )
+        for rotation in self.rotations.values():
+            rotation.configure(self.settings)
         if "keyrotor_storage" in updated:
             self.db_path = Path(ctx.options.keyrotor_storage)
-            self.pool.replace_keys(self._read_keys())
+            self._apply(self._read())
 
     def running(self) -> None:
         # Only mitmweb and the mitmproxy console show flows while their request hooks run
@@ -145,15 +197,15 @@ class KeyPool:
         if self._late_send:
             ctx.master.addons.add(self.sender)  # appended: runs after every other request hook
         self._writer = writer.acquire(self.db_path)
-        self.rotation.states = self._writer
+        for rotation in self.rotations.values():
+            rotation.states = self._writer
         self._client = upstream.new_client(ctx.options.keypool_attempt_timeout_seconds)
         self._revisions = db.RevisionReader(self.db_path)
         self._tasks = [
-            asyncio.create_task(
-                watch_revision(self._revisions, "keys", self._read_keys, self._revision, self.pool.replace_keys)
-            ),
-            asyncio.create_task(self._revalidate_periodically()),
+            asyncio.create_task(watch_revision(self._revisions, name, self._read, seen, self._apply))
+            for name, seen in self._revisions_seen.items()
         ]
+        self._tasks.append(asyncio.create_task(self._revalidate_periodically()))
 
     def done(self) -> None:
         if self._late_send:
@@ -163,21 +215,50 @@ class KeyPool:
         if self._revisions:
             self._revisions.close()
         self._client = None  # its pooled connections close with the process
-        self.rotation.states = None
+        for rotation in self.rotations.values():
+            rotation.states = None
         if self._writer:
             writer.release(self._writer)
             self._writer = None
 
-    def _read_keys(self) -> list[PoolKey]:
+    # ------------------------------------------------------------------ routes and keys
+
+    def _read(self) -> tuple[list, dict, list[PoolKey]]:
+        """Routes and keys as the database has them (in a worker thread when reloading)."""
         cipher = secrets.key_cipher(self.db_path)
         conn = db.connect(self.db_path)
         try:
-            self._revision = db.read_revision(conn, "keys")
+            for name in self._revisions_seen:
+                self._revisions_seen[name] = db.read_revision(conn, name)
+            groups, fallbacks = load_routes(conn)
             keys = load_pool(conn, cipher)
         finally:
             conn.close()
-        log.info("upstream keys loaded: %d, %d active", len(keys), sum(k.state == "active" for k in keys))
-        return keys
+        log.info(
+            "routes loaded: %d groups; upstream keys: %d, %d active",
+            len(groups),
+            len(keys),
+            sum(k.state == "active" for k in keys),
+        )
+        return groups, fallbacks, keys
+
+    def _apply(self, loaded: tuple[list, dict, list[PoolKey]]) -> None:
+        """Swap in a new route table and key lists, keeping each pool's runtime state (on the loop)."""
+        groups, fallbacks, keys = loaded
+        by_group: dict[int, list[PoolKey]] = {g.id: [] for g in groups}
+        for key in keys:
+            if key.group_id in by_group:
+                by_group[key.group_id].append(key)
+        for group_id, group_keys in by_group.items():
+            rotation = self.rotations.get(group_id)
+            if rotation is None:
+                rotation = self.rotations[group_id] = Rotation()
+                rotation.configure(self.settings)
+                rotation.states = self._writer
+            rotation.pool.replace_keys(group_keys)
+        for group_id in set(self.rotations) - set(by_group):
+            del self.rotations[group_id]
+        self.table = RouteTable(groups, fallbacks)
 
     # ------------------------------------------------------------------ hooks
 
@@ -188,71 +269,199 @@ class KeyPool:
     def request(self, flow: http.HTTPFlow) -> Coroutine | None:
         if flow.response:
             return None
-        key = self.rotation.pick_now()
-        if key is None:
-            return self._request_after_waiting(flow)
-        self._send_with(flow, key)
-        return None
+        request = flow.request
+        table = self.table
+        if table.trivial:
+            # One group for everything, nothing renamed: today's single pool, at today's cost.
+            key = self.rotations[table.only.group.id].pick_now()
+            if key is None:
+                return self._request_after_choosing(flow, self._plan(flow, [table.only], None))
+            self._send_with(flow, None, table.only, 0, key)
+            return None
+        model = None
+        if request.method == "GET" and request.path.partition("?")[0] == MODELS_PATH:
+            if self._answer_models(flow):
+                return None
+        elif request.method == "POST":
+            try:
+                model = requested_model(request.headers.get("content-type", ""), request.content or b"")
+            except ValueError:
+                model = None  # a content-encoding we cannot read: routed as a request without a model
+        candidates = table.candidates(model)
+        if not candidates:
+            flow.response = as_response(model_not_found(model))
+            return None
+        return self._request_after_choosing(flow, self._plan(flow, candidates, model))
 
-    async def _request_after_waiting(self, flow: http.HTTPFlow) -> None:
-        key = await self.rotation.acquire(frozenset(), self.rotation.wait_deadline())
-        if key is None:
-            flow.response = as_response(self.rotation.no_key_error(0))
+    @staticmethod
+    def _plan(flow: http.HTTPFlow, candidates: list[Candidate], model: str | None) -> Plan:
+        request = flow.request
+        credential = tuple((n, v) for n, v in request.headers.fields if n.lower() in CREDENTIAL_HEADERS)
+        return Plan(candidates, ClientRequest(request.method, request.path, credential, None, model))
+
+    def _request_after_choosing(self, flow: http.HTTPFlow, plan: Plan) -> Coroutine | None:
+        if len(plan.candidates) == 1:
+            rotation = self.rotations.get(plan.candidates[0].group.id)
+            key = rotation.pick_now() if rotation else None
+            if key is not None:
+                self._send_with(flow, plan, plan.candidates[0], 0, key)
+                return None
+        return self._choose_and_send(flow, plan)
+
+    async def _choose_and_send(self, flow: http.HTTPFlow, plan: Plan) -> None:
+        chosen = await self.failover.first_key(plan, time.time() + self.settings.wait_max_seconds)
+        if chosen is None:
+            rotation = self.rotations.get(plan.candidates[-1].group.id)
+            flow.response = as_response((rotation or Rotation()).no_key_error(0))
         else:
-            self._send_with(flow, key)
+            index, key = chosen
+            self._send_with(flow, plan, plan.candidates[index], index, key)
 
-    def _send_with(self, flow: http.HTTPFlow, key: PoolKey) -> None:
-        use = flow.metadata[KEYPOOL] = KeyUse()
-        self.rotation.begin(use, key)
-        headers = flow.request.headers
+    def _send_with(
+        self, flow: http.HTTPFlow, plan: Plan | None, candidate: Candidate, index: int, key: PoolKey
+    ) -> None:
+        use = flow.metadata[KEYPOOL] = KeyUse(candidate=index)
+        fallback = candidate.model if candidate.fallback_from else None
+        self.rotations[candidate.group.id].begin(use, key, candidate, fallback)
+        use.fallback_model = fallback
+        request = flow.request
+        target = candidate.group.upstream
+        if plan is not None and not self.table.trivial:
+            self._plans[flow.id] = plan
+            if target.base_url is not None or target.dialect != Dialect.OPENAI:
+                request.url = upstream_url(candidate, request.path, reverse_target())
+            asked = plan.request.model
+            plan.body_model = use.requested_model = asked
+            if asked and candidate.upstream_model != asked and target.dialect == Dialect.OPENAI:
+                request.content = renamed_model(request.content, asked, candidate.upstream_model, count=1)
+                plan.body_model = candidate.upstream_model
+        value = placeholder(key.id, key.last4) if self._late_send else key.value
+        request.headers.fields = with_key(target.dialect, request.headers.fields, value)
         if self._late_send:
-            headers.fields = with_credential(headers.fields, placeholder(key.id, key.last4))
             self.sender.outgoing[flow.id] = key.value
-        else:
-            headers.fields = with_credential(headers.fields, key.value)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._hide_credential(flow)
+        candidate = self._answering(flow)
+        response = flow.response
+        if (
+            candidate is None
+            or not candidate.renames
+            or "text/event-stream" not in response.headers.get("content-type", "")
+        ):
+            return
+        upstream_name, client_name = candidate.upstream_model, candidate.model
+        inner = response.stream if callable(response.stream) else None
+        response.stream = chained(inner, EventFilter(lambda events: renamed_model(events, upstream_name, client_name)))
 
     def response(self, flow: http.HTTPFlow) -> Coroutine | None:
         use = KeyUse.of(flow.metadata)
         if use is None or use.settled:
-            return None
+            return self._finish(flow)
         response = flow.response
         status = response.status_code
-        outcome = classify_response(
-            status, response.headers, response.raw_content if status >= 400 else None, time.time()
-        )
-        self.rotation.end(use, outcome, status, None)
-        if outcome is None or not outcome.is_key_failure or response.stream:
+        content = response.raw_content if status >= 400 else None
+        plan = self._plans.get(flow.id)
+        missing = is_model_missing(status, content) and plan is not None and use.candidate + 1 < len(plan.candidates)
+        outcome = None if missing else classify_response(status, response.headers, content, time.time())
+        rotation = self.rotations.get(use.group_id)
+        if rotation is not None:
+            rotation.end(use, outcome, status, None)
+        if not missing and (outcome is None or not outcome.is_key_failure or response.stream):
             use.settled = True  # a good answer, the request's own fault, or already on its way
-            return None
-        return self._retry(flow, use, outcome)
+            return self._finish(flow)
+        return self._retry(flow, use, outcome, missing)
 
     def error(self, flow: http.HTTPFlow) -> Coroutine | None:
         self._hide_credential(flow)
         use = KeyUse.of(flow.metadata)
         if use is None or use.settled or not flow.error or is_client_side(flow.error.msg):
+            self._forget(flow)
             return None
-        self.rotation.end(use, connection_failure(flow.error.msg), None, flow.error.msg)
+        rotation = self.rotations.get(use.group_id)
+        if rotation is not None:
+            rotation.end(use, connection_failure(flow.error.msg), None, flow.error.msg)
         if flow.response is not None and flow.response.stream:
             use.settled = True  # part of the answer reached the client: too late to retry
+            self._forget(flow)
             return None
         return self._recover(flow, use)
 
     async def _recover(self, flow: http.HTTPFlow, use: KeyUse) -> None:
-        await self._retry(flow, use, None)
+        await self._retry(flow, use, None, False)
         if flow.response is not None:
             flow.error = None  # recovered: addons/recovery.py sends this response instead of a 502
 
-    async def _retry(self, flow: http.HTTPFlow, use: KeyUse, outcome: Outcome | None) -> None:
+    async def _retry(self, flow: http.HTTPFlow, use: KeyUse, outcome: Outcome | None, missing: bool) -> None:
         request = flow.request
-        outgoing = Outgoing(request.method, request.url, request.headers.fields, request.raw_content)
-        result = await self.rotation.retry(self._client, use, outgoing, outcome)
+        plan = self._plans.get(flow.id)
+        if plan is None:  # a single route, nothing renamed: the request as it is now
+            plan = self._plan(flow, [self.table.candidates(None)[0]], None)
+        # The body as it is now (the usage addon may have asked for usage), the headers as now
+        # with the client's own credential layout (an Azure attempt moved it into api-key).
+        kept = tuple((n, v) for n, v in request.headers.fields if n.lower() not in CREDENTIAL_HEADERS)
+        plan.request = ClientRequest(
+            request.method,
+            plan.request.path,
+            kept + (plan.request.fields or ((AUTHORIZATION, b"Bearer -"),)),
+            request.raw_content,
+            plan.request.model,
+        )
+        result = await self.failover.retry(self._client, use, plan, outcome, reverse_target(), missing)
         if result.answer is not None:
             flow.response = response_of(result.answer)
+            if result.candidate is not None and result.candidate.renames and not result.refuse:
+                self._rename_whole(flow.response, result.candidate)
         if result.refuse:
-            flow.response = as_response(self.rotation.no_key_error(len(use.attempts)))
+            rotation = self.rotations.get(use.group_id) or Rotation()
+            flow.response = as_response(rotation.no_key_error(len(use.attempts)))
+        self._plans[flow.id] = plan  # _finish reads which route answered
+        self._finish(flow)
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        """What a settled answer still needs: the client's model names, our models in a list."""
+        response = flow.response
+        if flow.id in self._merge_models:
+            self._merge_models.discard(flow.id)
+            if response is not None and response.status_code == 200:
+                merged = with_listed_models(response.content or b"", self.table.listed_models(), int(time.time()))
+                if merged is not None:
+                    response.content = merged
+        candidate = self._answering(flow)
+        if candidate is not None and candidate.renames and response is not None and not response.stream:
+            if "text/event-stream" not in response.headers.get("content-type", ""):
+                self._rename_whole(response, candidate)
+        self._forget(flow)
+
+    @staticmethod
+    def _rename_whole(response: http.Response, candidate: Candidate) -> None:
+        try:
+            body = response.content
+        except ValueError:
+            return
+        if body:
+            response.content = renamed_model(body, candidate.upstream_model, candidate.model)
+
+    def _answering(self, flow: http.HTTPFlow) -> Candidate | None:
+        plan = self._plans.get(flow.id)
+        use = KeyUse.of(flow.metadata)
+        if plan is None or use is None or use.candidate >= len(plan.candidates):
+            return None
+        return plan.candidates[use.candidate]
+
+    def _forget(self, flow: http.HTTPFlow) -> None:
+        self._plans.pop(flow.id, None)
+        self._merge_models.discard(flow.id)
+
+    def _answer_models(self, flow: http.HTTPFlow) -> bool:
+        """GET /v1/models: the models the groups serve. True when answered here; a group that
+        serves every model is asked for its list instead, and ours are added to it."""
+        if any(g.serves_every_model for g in self.table.groups):
+            self._merge_models.add(flow.id)
+            return False
+        body = models_list(self.table.listed_models(), int(time.time()))
+        flow.response = http.Response.make(200, body, {"content-type": "application/json"})
+        return True
 
     def _hide_credential(self, flow: http.HTTPFlow) -> None:
         # The request has left: put the placeholder back so no view of the flow shows the key.
@@ -260,8 +469,10 @@ class KeyPool:
             self.sender.outgoing.pop(flow.id, None)
         use = KeyUse.of(flow.metadata)
         if use is not None and use.key_id is not None:
+            group = self.table.by_id.get(use.group_id)
+            dialect = group.upstream.dialect if group else Dialect.OPENAI
             headers = flow.request.headers
-            headers.fields = with_credential(headers.fields, placeholder(use.key_id, use.key_last4))
+            headers.fields = with_key(dialect, headers.fields, placeholder(use.key_id, use.key_last4))
 
     # ------------------------------------------------------------------ re-validation
 
@@ -272,14 +483,35 @@ class KeyPool:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.rotation.revalidate(self._client, upstream_url())
+                for group in list(self.table.groups):
+                    rotation = self.rotations.get(group.id)
+                    if rotation is not None:
+                        await rotation.revalidate(self._client, group.upstream, reverse_target())
+                        await self._refresh_models(group, rotation)
             except Exception:
                 log.exception("re-validating keys failed; trying again in %d s", interval)
 
+    async def _refresh_models(self, group, rotation: Rotation) -> None:
+        """A group whose list came from upstream keeps it fresh (lists typed by hand are left alone)."""
+        if not group.models_fetched or self._writer is None:
+            return
+        key = next((k for k in rotation.pool.keys if k.state == "active"), None)
+        if key is None:
+            return
+        try:
+            models = await upstream.list_models(self._client, group.upstream, reverse_target(), key.value)
+        except upstream.ModelListError as e:
+            log.warning("refreshing the models of %s failed: %s", group.label, e)
+            return
+        self._writer.save_models(FetchedModels(group.id, tuple(models)))
 
-def upstream_url() -> str:
-    """The reverse-proxy target (scheme://host[:port]) mitmproxy forwards to."""
+
+def reverse_target() -> str:
+    """The reverse-proxy target (scheme://host[:port]) mitmproxy forwards to: the default upstream's URL.
+
+    Empty outside reverse mode, where only upstreams with a URL of their own can be reached.
+    """
     for mode in ctx.options.mode:
         if mode.startswith("reverse:"):
             return mode.removeprefix("reverse:").rstrip("/")
-    raise exceptions.OptionsError("keyrotor runs in reverse mode: --mode reverse:https://api.openai.com")
+    return ""

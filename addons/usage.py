@@ -11,7 +11,7 @@ import logging
 from mitmproxy import http
 
 from core.metadata import USAGE, UsageInjection
-from core.usage import CHAT_COMPLETIONS, UsageChunkFilter, with_usage_requested, without_usage_events
+from core.usage import CHAT_COMPLETIONS, UsageChunkFilter, chained, with_usage_requested, without_usage_events
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class Usage:
                 flow.request.path,
             )
             return
-        response.stream = UsageChunkFilter()
+        inner = response.stream if callable(response.stream) else None  # the key pool may rename models
+        response.stream = chained(inner, UsageChunkFilter())
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._filter_whole(flow)

@@ -142,3 +142,17 @@ def classify_response(status: int, headers: HeaderLookup, content: bytes | None,
 def connection_failure(message: str) -> Outcome:
     """No usable answer at all: refused, reset, closed early, timed out."""
     return Outcome(OutcomeKind.CONNECTION_ERROR, message[:200])
+
+
+MODEL_MISSING_CODES = frozenset({"model_not_found", "deploymentnotfound"})
+
+
+def is_model_missing(status: int, content: bytes | None) -> bool:
+    """Upstream says it has no such model (OpenAI's model_not_found, Azure's DeploymentNotFound).
+
+    Not the key's fault and not the request's: another group may serve the model.
+    """
+    if status != 404:
+        return False
+    code, message = error_fields(content)
+    return (code or "").lower() in MODEL_MISSING_CODES or "does not exist" in message.lower()

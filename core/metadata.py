@@ -79,6 +79,11 @@ class KeyUse(Metadata):
     attempts: list[AttemptLog] = field(default_factory=list)
     key_id: int | None = None  # the key of the latest attempt
     key_last4: str = ""
+    upstream_id: int | None = None  # where the latest attempt went
+    group_id: int | None = None
+    candidate: int = 0  # which of the request's routes (core.routing.Candidate) the latest attempt took
+    fallback_model: str | None = None  # the fallback model that answered, if the requested one did not
+    requested_model: str | None = None  # as the client asked, before any alias or fallback renamed it
     probe: bool = False  # the latest attempt is the probe of a cooled key
     outcome: OutcomeKind | None = None  # the latest attempt's, None: the request's own fault
     settled: bool = False  # no more attempts: the answer is final or already reaching the client

@@ -35,6 +35,7 @@ class PoolKey:
     weight: float
     requests: int
     state_changed_at: float | None = None
+    group_id: int | None = None  # the upstream group whose pool it is in
 
 
 @dataclass(frozen=True)
@@ -63,3 +64,11 @@ class KeyStateChange:
     reason: str | None
     cooldown_until: float | None
     at: float
+
+
+@dataclass(frozen=True)
+class FetchedModels:
+    """What a group's upstream listed as its models, to store in place of the last list it gave."""
+
+    group_id: int
+    models: tuple[str, ...]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+from core.keys import NewKey
 from core.models import KeyState, KeyStateChange, PoolKey
 from core.records import CapturedFlow
 
@@ -17,14 +18,22 @@ class KeyStore(Protocol):
 
     def load_pool(self) -> list[PoolKey]: ...
 
-    def insert(self, values: list[str]) -> tuple[list[int], int]:
-        """Add new values; returns (ids added, how many were already there)."""
+    def insert(self, keys: list[NewKey], group_id: int | None = None) -> tuple[list[int], int]:
+        """Add new keys to a group (None: the default one); returns (ids added, how many were already there)."""
         ...
 
     def ids_in_state(self, states: Iterable[KeyState]) -> list[int]: ...
 
     def set_admin_state(self, key_ids: Iterable[int], state: KeyState, reason: str) -> int:
         """An admin's change (enable, disable, reset, re-validated); running proxies reload it."""
+        ...
+
+
+class RouteStore(Protocol):
+    """Upstreams, groups and their models."""
+
+    def store_fetched_models(self, group_id: int, models: list[str]) -> tuple[int, int]:
+        """Replace what the last refresh found with `models`; returns (added, removed)."""
         ...
 
 

@@ -30,6 +30,9 @@ class AttemptLog:
     status: int | None = None  # None: no answer (connection error, timeout)
     error: str | None = None
     duration_ms: float | None = None
+    upstream_id: int | None = None
+    group_id: int | None = None
+    model: str | None = None  # the model this attempt asked for, when a fallback of the flow's
 
 
 @dataclass
@@ -48,6 +51,9 @@ class FlowRecord:
     stream: bool = False
     client_key_id: int | None = None
     upstream_key_id: int | None = None
+    upstream_id: int | None = None
+    group_id: int | None = None
+    fallback_model: str | None = None  # the model that answered instead of the one asked for
     attempts: int = 0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -131,6 +137,10 @@ class CapturedFlow:
     chunk_times: list[tuple[float, int]] | None = None
     error: str | None = None
     attempts: list[AttemptLog] = field(default_factory=list)  # the key pool's, one per upstream try
+    upstream_id: int | None = None
+    group_id: int | None = None
+    fallback_model: str | None = None
+    requested_model: str | None = None  # when routing renamed the body's model, what the client asked for
     prices: PriceTable = field(default_factory=PriceTable)  # shared by every flow, loaded once in configure
 
     def to_record(self) -> FlowRecord:
@@ -146,7 +156,7 @@ class CapturedFlow:
         usage = usage if isinstance(usage, dict) else {}
         stored_request, request_cut = stored_body(request_body, self.body_mode, self.max_body_bytes)
         stored_response, response_cut = stored_body(response_body, self.body_mode, self.max_body_bytes)
-        model = request_json.get("model")
+        model = self.requested_model or request_json.get("model")
         model = model if isinstance(model, str) else None
         ended = self.ended_at or time.time()
         first = self.first_byte_at
@@ -163,11 +173,16 @@ class CapturedFlow:
             stream=self.is_sse or request_json.get("stream") is True,
             client_key_id=self.client_key_id,
             upstream_key_id=self.upstream_key_id,
+            upstream_id=self.upstream_id,
+            group_id=self.group_id,
+            fallback_model=self.fallback_model,
             attempts=len(self.attempts) or int(self.upstream_key_id is not None),
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             total_tokens=usage.get("total_tokens"),
-            cost=self.prices.cost(model, usage.get("prompt_tokens"), usage.get("completion_tokens")),
+            cost=self.prices.cost(
+                self.fallback_model or model, usage.get("prompt_tokens"), usage.get("completion_tokens")
+            ),
             client_addr=self.client_addr,
             error=self.error,
             request_headers=redact(self.request_fields),

@@ -1,10 +1,10 @@
 """Rotating keys over time: waiting for one, counting attempts, retrying, re-validating.
 
-The pool (core/pool.py) knows which key is usable now; this module adds what a
-request lives through: it waits up to `wait_max_seconds` for a key, records each
-attempt, sends the request again with other keys when its key failed, and turns what
-the pool learnt into state changes for storage. The key pool addon only converts
-between mitmproxy's flows and these calls.
+One Rotation per upstream group. The pool (core/pool.py) knows which key is usable
+now; this adds what a request lives through in that group: it waits up to
+`wait_max_seconds` for a key, records each attempt, and turns what the pool learnt
+into state changes for storage. core/failover.py moves a request across keys,
+groups and fallback models.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 import httpx
 
 from core import upstream
-from core.classify import KEY_ONLY_FAILURES, Outcome, classify_response, connection_failure
-from core.credentials import with_credential
+from core.classify import Outcome
 from core.errors import OpenAIError
 from core.metadata import KeyUse
 from core.models import REFUSED, KeyStateChange, PoolKey
 from core.pool import Policy, Pool, StateChange
 from core.ports import PoolStateSink
 from core.records import AttemptLog
+from core.routing import Candidate, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +38,6 @@ class RotationSettings:
     max_attempts: int = 3
     wait_max_seconds: float = 5
     policy: Policy = field(default_factory=Policy)
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A request as keyrotor sends it again: the client's, with another key put in."""
-
-    method: str
-    url: str
-    fields: tuple[tuple[bytes, bytes], ...]
-    body: bytes | None
-
-
-@dataclass
-class RetryResult:
-    answer: upstream.Answer | None  # the last whole answer, None when no attempt got one
-    refuse: bool  # every attempt failed because of our keys: answer with no_key_error instead
 
 
 class Rotation:
@@ -95,11 +79,16 @@ class Rotation:
 
     # ------------------------------------------------------------------ attempts
 
-    def begin(self, use: KeyUse, key: PoolKey) -> None:
+    def begin(self, use: KeyUse, key: PoolKey, route: Candidate | None = None, model: str | None = None) -> None:
+        """Count an attempt with `key`; `route` says where it goes, `model` is set for a fallback."""
         now = time.time()
         use.probe = self.pool.started(key, now)
         use.key_id, use.key_last4 = key.id, key.last4
-        use.attempts.append(AttemptLog(attempt=len(use.attempts) + 1, key_id=key.id, started_at=now))
+        attempt = AttemptLog(attempt=len(use.attempts) + 1, key_id=key.id, started_at=now, model=model)
+        if route is not None:
+            use.group_id = attempt.group_id = route.group.id
+            use.upstream_id = attempt.upstream_id = route.group.upstream.id
+        use.attempts.append(attempt)
 
     def end(self, use: KeyUse, outcome: Outcome | None, status: int | None, error: str | None) -> None:
         now = time.time()
@@ -112,38 +101,6 @@ class Rotation:
             return  # deleted by an admin while the request ran
         self.pool.finished(key)
         self.persist(self.pool.learn(key, outcome, now, use.probe), now)
-
-    async def retry(
-        self, client: httpx.AsyncClient, use: KeyUse, request: Outgoing, answered: Outcome | None
-    ) -> RetryResult:
-        """Send the request again with other keys until one answers well or attempts run out.
-
-        `answered` is what the answer the client would get now said (None: no answer yet).
-        """
-        answer = None
-        deadline = self.wait_deadline()
-        while len(use.attempts) < self.settings.max_attempts:
-            key = await self.acquire(use.tried_keys(), deadline)
-            if key is None:
-                break
-            self.begin(use, key)
-            try:
-                answer = await upstream.send(
-                    client, request.method, request.url, list(with_credential(request.fields, key.value)), request.body
-                )
-            except httpx.HTTPError as e:
-                message = upstream.error_text(e)
-                self.end(use, connection_failure(message), None, message)
-                continue
-            answered = classify_response(
-                answer.status, answer.headers, answer.content if answer.status >= 400 else None, time.time()
-            )
-            self.end(use, answered, answer.status, None)
-            if answered is None or not answered.is_key_failure:
-                break
-        use.settled = True
-        # Upstream's words about our key (its 401 even shows part of it) are not for the client.
-        return RetryResult(answer, answered is not None and answered.kind in KEY_ONLY_FAILURES)
 
     def no_key_error(self, attempts: int) -> OpenAIError:
         wait = self.pool.soonest_return(time.time())
@@ -167,12 +124,14 @@ class Rotation:
             if self.states is not None:
                 self.states.save_state(KeyStateChange(key.id, change.state, change.reason, change.cooldown_until, now))
 
-    async def revalidate(self, client: httpx.AsyncClient, base_url: str, keys: list[PoolKey] | None = None) -> None:
+    async def revalidate(
+        self, client: httpx.AsyncClient, target: Upstream, default_base_url: str, keys: list[PoolKey] | None = None
+    ) -> None:
         """Probe keys (default: the invalid and exhausted) with GET /v1/models; a pass makes one active."""
         if keys is None:
             keys = [k for k in self.pool.keys if k.state in REFUSED]
         for key in keys:
-            outcome = await upstream.probe(client, base_url, key.value)
+            outcome = await upstream.probe(client, target, default_base_url, key.value)
             now = time.time()
             if outcome.is_key_failure:
                 continue

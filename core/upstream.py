@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import httpx
 
 from core.classify import OK, Outcome, classify_response, connection_failure
+from core.dialects import models_url, with_key
+from core.routing import Upstream
 
 # Per connection, never forwarded; httpx sets Host and Content-Length itself.
 HOP_BY_HOP = frozenset(
@@ -87,12 +89,38 @@ def error_text(error: httpx.HTTPError) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-async def probe(client: httpx.AsyncClient, upstream: str, value: str) -> Outcome:
-    """The outcome of one GET /v1/models with `value` against `upstream` (scheme://host[:port])."""
+def _models_request(upstream: Upstream, default_base_url: str, value: str) -> tuple[str, list[tuple[bytes, bytes]]]:
+    url = models_url(upstream.dialect, upstream.base_url or default_base_url, upstream.api_version)
+    return url, list(with_key(upstream.dialect, (), value))
+
+
+async def probe(client: httpx.AsyncClient, upstream: Upstream, default_base_url: str, value: str) -> Outcome:
+    """The outcome of one GET /v1/models (Azure: /openai/models) with key `value` at `upstream`."""
+    url, headers = _models_request(upstream, default_base_url, value)
     try:
-        response = await client.get(f"{upstream.rstrip('/')}/v1/models", headers={"authorization": f"Bearer {value}"})
+        response = await client.get(url, headers=headers)
     except httpx.HTTPError as e:
         return connection_failure(f"{type(e).__name__}: {e}")
     # Anything but a key failure (a 404 from a server without /v1/models, say) means the key got in.
     outcome = classify_response(response.status_code, response.headers, response.content, time.time())
     return outcome if outcome is not None and outcome.is_key_failure else OK
+
+
+class ModelListError(Exception):
+    """Upstream did not list its models; the message says what it answered."""
+
+
+async def list_models(client: httpx.AsyncClient, upstream: Upstream, default_base_url: str, value: str) -> list[str]:
+    """The model ids upstream's model list gives for key `value`."""
+    url, headers = _models_request(upstream, default_base_url, value)
+    try:
+        response = await client.get(url, headers=headers)
+    except httpx.HTTPError as e:
+        raise ModelListError(error_text(e)) from None
+    if response.status_code != 200:
+        raise ModelListError(f"{response.status_code} from {url.split('?')[0]}")
+    try:
+        data = response.json()["data"]
+        return sorted({item["id"] for item in data if isinstance(item, dict) and isinstance(item.get("id"), str)})
+    except (ValueError, KeyError, TypeError):
+        raise ModelListError(f"{url.split('?')[0]} answered something that is not a model list") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 CHAT_COMPLETIONS = "/chat/completions"
@@ -89,26 +89,58 @@ def without_usage_events(events: bytes) -> bytes:
     return b"".join(e for e in split_events(events) if not (may_hold_usage(e) and is_usage_only(e)))
 
 
-class UsageChunkFilter:
-    """A `flow.response.stream` callable: passes an event stream on without its usage-only event.
+class EventFilter:
+    """A `flow.response.stream` callable: passes an event stream on, each complete event through `transform`.
 
     It gets TCP reads, not events. The complete events of each read go on at once; only an
     unfinished last event waits for the rest of its bytes. It returns a list because an empty
     bytes chunk would end a chunked response early.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, transform: Callable[[bytes], bytes]) -> None:
+        self._transform = transform
         self._held = b""
 
     def __call__(self, data: bytes) -> list[bytes]:
         if not data:  # the end: whatever is left, even an event without its blank line
             rest, self._held = self._held, b""
-            rest = without_usage_events(rest)
+            rest = self._transform(rest) if rest else rest
             return [rest] if rest else []
         buffer = self._held + data if self._held else data
         end = events_end(buffer)
         if len(buffer) - end > MAX_HELD_BYTES:
             end = len(buffer)
         self._held = buffer[end:]
-        complete = without_usage_events(buffer[:end])
+        complete = self._transform(buffer[:end]) if end else b""
         return [complete] if complete else []
+
+
+class UsageChunkFilter(EventFilter):
+    """Passes an event stream on without its usage-only event."""
+
+    def __init__(self) -> None:
+        super().__init__(without_usage_events)
+
+
+StreamCallable = Callable[[bytes], "bytes | Iterable[bytes]"]
+
+
+def chained(first: StreamCallable | None, then: StreamCallable) -> StreamCallable:
+    """A stream callable that hands what `first` makes of each read to `then` (first may be None)."""
+    if first is None:
+        return then
+
+    def both(data: bytes) -> list[bytes]:
+        out = first(data)
+        pieces = [out] if isinstance(out, bytes) else list(out)
+        result = []
+        for piece in pieces:
+            if piece:
+                made = then(piece)
+                result += [made] if isinstance(made, bytes) else list(made)
+        if not data:  # the end reaches `then` too, after whatever `first` still had
+            made = then(b"")
+            result += [made] if isinstance(made, bytes) else list(made)
+        return [r for r in result if r]
+
+    return both

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
@@ -56,7 +57,7 @@ class FlowQuery:
 
 def flow_query(
     q: Annotated[str | None, Query(max_length=500, description="words that must all appear (full-text)")] = None,
-    status: Annotated[str | None, Query(description="2xx, 3xx, 4xx, 5xx or error")] = None,
+    status: Annotated[str | None, Query(description="2xx, 3xx, 4xx, 5xx, error, or one code such as 429")] = None,
     model: Annotated[str | None, Query(max_length=200)] = None,
     path: Annotated[str | None, Query(max_length=500, description="path prefix, e.g. /v1/chat")] = None,
     client: Annotated[str | None, Query(max_length=20, description="client key id")] = None,
@@ -66,8 +67,8 @@ def flow_query(
     until: Annotated[str | None, Query(max_length=40)] = None,
     after: Annotated[int | None, Query(ge=0, description="only flows with a larger id (live updates)")] = None,
 ) -> FlowQuery:
-    if status and status not in (*STATUS_CLASSES, "error"):
-        raise HTTPException(422, "status must be one of 2xx, 3xx, 4xx, 5xx, error.")
+    if status and status not in (*STATUS_CLASSES, "error") and not re.fullmatch(r"[1-5][0-9][0-9]", status):
+        raise HTTPException(422, "status must be one of 2xx, 3xx, 4xx, 5xx, error, or a code such as 429.")
     if stream and stream not in ("yes", "no"):
         raise HTTPException(422, "stream must be yes or no.")
     client_id, key_id = parse_id(client, "client"), parse_id(key, "key")

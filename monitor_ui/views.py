@@ -45,10 +45,15 @@ def streamed_text(body: str | None) -> str | None:
     return "".join(parts) if parts else None
 
 
+def first_byte_ms(started_at: float, first_byte_at: float | None) -> float | None:
+    return round((first_byte_at - started_at) * 1000, 1) if first_byte_at else None
+
+
 def flow_summary(row: sqlite3.Row) -> dict[str, Any]:
     summary = dict(row)
     summary["started_at"] = iso(row["started_at"])
     summary["stream"] = bool(row["stream"])
+    summary["first_byte_ms"] = first_byte_ms(row["started_at"], summary.pop("first_byte_at", None))
     return summary
 
 
@@ -60,9 +65,7 @@ def flow_detail(row: sqlite3.Row) -> dict[str, Any]:
         detail[name] = json.loads(row[name]) if row[name] else []
     detail["stream"] = bool(row["stream"])
     detail["streamed_text"] = streamed_text(row["response_body"]) if row["stream"] else None
-    detail["time_to_first_byte_ms"] = (
-        round((row["first_byte_at"] - row["started_at"]) * 1000, 1) if row["first_byte_at"] else None
-    )
+    detail["time_to_first_byte_ms"] = first_byte_ms(row["started_at"], row["first_byte_at"])
     return detail
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterable
 
 from core.models import Client
 from storage.db import bump_revision
@@ -68,3 +69,12 @@ def load_enabled(conn: sqlite3.Connection) -> dict[str, Client]:
         row["key_hash"]: Client(id=row["id"], name=row["name"])
         for row in conn.execute("SELECT id, name, key_hash FROM client_keys WHERE enabled = 1")
     }
+
+
+def names_of(conn: sqlite3.Connection, client_ids: Iterable[int]) -> dict[int, str]:
+    """id → name for the clients a page shows; deleted clients are missing."""
+    ids = sorted({i for i in client_ids if i is not None})[:1000]
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    return dict(conn.execute(f"SELECT id, name FROM client_keys WHERE id IN ({marks})", ids).fetchall())

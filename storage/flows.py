@@ -18,15 +18,15 @@ JSON_COLUMNS = frozenset({"request_headers", "response_headers", "chunk_times"})
 BOOLEAN_COLUMNS = frozenset({"stream", "request_body_truncated", "response_body_truncated"})
 FLOW_COLUMNS = tuple(f.name for f in fields(FlowRecord) if f.name != "attempt_log")
 _INSERT_ATTEMPT = (
-    "INSERT INTO attempts (flow_id, attempt, upstream_key_id, status, error, started_at, duration_ms)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO attempts (flow_id, attempt, upstream_key_id, status, error, started_at, duration_ms,"
+    " upstream_id, group_id, model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT = f"INSERT INTO flows ({', '.join(FLOW_COLUMNS)}) VALUES ({', '.join('?' * len(FLOW_COLUMNS))})"
 
 # Columns the list views need; bodies and headers stay out of them.
 SUMMARY_COLUMNS = (
     "id, flow_id, started_at, duration_ms, method, path, status, model, stream,"
-    " client_key_id, upstream_key_id, attempts, total_tokens, error"
+    " client_key_id, upstream_key_id, attempts, total_tokens, error, upstream_id, group_id, fallback_model"
 )
 
 
@@ -68,7 +68,21 @@ def insert_attempts(conn: sqlite3.Connection, records: list[FlowRecord]) -> None
         return
     conn.executemany(
         _INSERT_ATTEMPT,
-        [(flow_id, a.attempt, a.key_id, a.status, a.error, a.started_at, a.duration_ms) for flow_id, a in attempts],
+        [
+            (
+                flow_id,
+                a.attempt,
+                a.key_id,
+                a.status,
+                a.error,
+                a.started_at,
+                a.duration_ms,
+                a.upstream_id,
+                a.group_id,
+                a.model,
+            )
+            for flow_id, a in attempts
+        ],
     )
     failed = [a for r in records for a in r.attempt_log[:-1]]  # the last one is the flow's own
     conn.executemany(
@@ -80,7 +94,8 @@ def insert_attempts(conn: sqlite3.Connection, records: list[FlowRecord]) -> None
 
 def attempts_of(conn: sqlite3.Connection, flow_id: str) -> list[sqlite3.Row]:
     return conn.execute(
-        "SELECT attempt, upstream_key_id, status, error, started_at, duration_ms FROM attempts"
+        "SELECT attempt, upstream_key_id, status, error, started_at, duration_ms, upstream_id, group_id, model"
+        " FROM attempts"
         " WHERE flow_id = ? ORDER BY attempt LIMIT 100",
         (flow_id,),
     ).fetchall()
@@ -119,11 +134,13 @@ class FlowFilter:
     """What the flows page and its JSON twin filter on; every field is optional."""
 
     q: str | None = None  # full-text search over path, model and both bodies
-    status: str | None = None  # 2xx, 3xx, 4xx, 5xx, or "error" (no response at all)
+    status: str | None = None  # 2xx, 3xx, 4xx, 5xx, one code such as "429", or "error" (no response at all)
     model: str | None = None
     path: str | None = None  # a prefix
     client_key_id: int | None = None
     upstream_key_id: int | None = None
+    upstream_id: int | None = None
+    group_id: int | None = None
     stream: bool | None = None
     since: float | None = None
     until: float | None = None
@@ -149,7 +166,10 @@ def _conditions(f: FlowFilter, table: str) -> tuple[list[str], list[Any]]:
         low, high = STATUS_CLASSES[f.status]
         where.append(f"{table}.status >= ? AND {table}.status < ?")
         params += [low, high]
-    for column in ("model", "client_key_id", "upstream_key_id"):
+    elif f.status and f.status.isdecimal():  # one code, e.g. 429
+        where.append(f"{table}.status = ?")
+        params.append(int(f.status))
+    for column in ("model", "client_key_id", "upstream_key_id", "upstream_id", "group_id"):
         value = getattr(f, column)
         if value is not None:
             where.append(f"{table}.{column} = ?")

@@ -237,3 +237,13 @@ def series(conn: sqlite3.Connection, grain: str, since: float) -> list[tuple[int
             (ALL, since),
         )
     ]
+
+
+def series_totals(conn: sqlite3.Connection, grain: str, since: float) -> list[tuple[int, Totals]]:
+    """Every figure per bucket since `since`, oldest first; empty buckets omitted (latency and token charts)."""
+    rows = conn.execute(
+        f"SELECT bucket, {_SUMS} FROM {table_of(grain)} WHERE dimension = ? AND bucket >= ?"
+        " GROUP BY bucket ORDER BY bucket LIMIT 10000",
+        (ALL, since),
+    )
+    return [(row[0], _totals(tuple(row[1:]))) for row in rows]

@@ -7,6 +7,7 @@ A migration is only ever appended, never edited once released.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 
 import sqlite_utils
@@ -196,11 +197,104 @@ def _v4_rollups_by_dimension(db: sqlite_utils.Database) -> None:
         db.conn.execute(f"DROP TABLE {table}_v3")
 
 
+def _v5_upstream_key_names(db: sqlite_utils.Database) -> None:
+    # An optional label an admin gives a key ("Key 1", "team-a"); not unique, the last four tell keys apart.
+    db["upstream_keys"].add_column("name", str)
+
+
+def _v6_attempt_outcomes(db: sqlite_utils.Database) -> None:
+    # Attempts by outcome, retries and refusals join the hour rollups (storage/outcomes.py); the
+    # flows already stored are counted once here, so /metrics starts from what the database holds.
+    from storage import outcomes
+
+    outcomes.backfill(db.conn)
+
+
+def _v7_upstreams_groups_models(db: sqlite_utils.Database) -> None:
+    # Many upstreams (OpenAI, Azure resources, relay stations), each with groups that have their
+    # own keys and models. What existed becomes upstream "default" (base_url NULL: whatever
+    # proxy.upstream / --mode reverse:URL says) with group "default" holding every key.
+    now = time.time()
+    db["upstreams"].create(
+        {
+            "id": int,
+            "name": str,
+            "base_url": str,  # NULL: the proxy's own upstream setting
+            "dialect": str,  # openai, azure
+            "api_version": str,  # Azure's api-version query parameter
+            "enabled": int,
+            "created_at": float,
+        },
+        pk="id",
+        not_null={"name", "dialect", "enabled", "created_at"},
+        defaults={"dialect": "openai", "enabled": 1},
+    )
+    db["upstreams"].create_index(["name"], unique=True)
+    db["groups"].create(
+        {
+            "id": int,
+            "upstream_id": int,
+            "name": str,
+            "priority": int,  # higher first
+            "weight": float,  # share among groups of the same priority
+            "enabled": int,
+            "models_refreshed_at": float,
+            "created_at": float,
+        },
+        pk="id",
+        not_null={"upstream_id", "name", "priority", "weight", "enabled", "created_at"},
+        defaults={"priority": 0, "weight": 1.0, "enabled": 1},
+        foreign_keys=[("upstream_id", "upstreams", "id")],
+    )
+    db["groups"].create_index(["upstream_id", "name"], unique=True)
+    db["group_models"].create(
+        {
+            "id": int,
+            "group_id": int,
+            "model": str,  # the name clients use
+            "upstream_model": str,  # the name upstream uses (an Azure deployment, a relay's snapshot); NULL: same
+            "source": str,  # manual, fetched
+            "created_at": float,
+        },
+        pk="id",
+        not_null={"group_id", "model", "source", "created_at"},
+        foreign_keys=[("group_id", "groups", "id")],
+    )
+    db["group_models"].create_index(["group_id", "model"], unique=True)
+    db["group_models"].create_index(["model"])
+    db["model_fallbacks"].create(
+        {"model": str, "position": int, "fallback": str}, pk=("model", "position"), not_null={"fallback"}
+    )
+    db.conn.execute(
+        "INSERT INTO upstreams (name, base_url, dialect, enabled, created_at) VALUES ('default', NULL, 'openai', 1, ?)",
+        (now,),
+    )
+    db.conn.execute(
+        "INSERT INTO groups (upstream_id, name, priority, weight, enabled, created_at)"
+        " SELECT id, 'default', 0, 1.0, 1, ? FROM upstreams WHERE name = 'default'",
+        (now,),
+    )
+    default_group = db.conn.execute("SELECT id FROM groups WHERE name = 'default'").fetchone()[0]
+    db["upstream_keys"].add_column("group_id", int)
+    db.conn.execute("UPDATE upstream_keys SET group_id = ?", (default_group,))
+    db["upstream_keys"].create_index(["group_id"])
+    for table in ("flows", "attempts"):
+        db[table].add_column("upstream_id", int)
+        db[table].add_column("group_id", int)
+    db["flows"].add_column("fallback_model", str)  # the model that answered instead of the one asked for
+    db["attempts"].add_column("model", str)  # the model this attempt asked upstream for, when not the flow's
+    for columns in (["upstream_id"], ["group_id"]):
+        db["flows"].create_index(columns)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
     _v3_rollups,
     _v4_rollups_by_dimension,
+    _v5_upstream_key_names,
+    _v6_attempt_outcomes,
+    _v7_upstreams_groups_models,
 ]
 
 

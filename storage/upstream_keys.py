@@ -6,6 +6,7 @@ import sqlite3
 import time
 from collections.abc import Iterable
 
+from core.keys import NewKey, clean_name
 from core.models import KeyState, PoolKey
 from storage.db import bump_revision
 from storage.secrets import KeyCipher
@@ -23,8 +24,8 @@ class SqliteKeyStore:
     def load_pool(self) -> list[PoolKey]:
         return load_pool(self.conn, self.cipher)
 
-    def insert(self, values: list[str]) -> tuple[list[int], int]:
-        return insert_keys(self.conn, self.cipher, values)
+    def insert(self, keys: list[NewKey], group_id: int | None = None) -> tuple[list[int], int]:
+        return insert_keys(self.conn, self.cipher, keys, group_id)
 
     def ids_in_state(self, states: Iterable[KeyState]) -> list[int]:
         return ids_in_state(self.conn, states)
@@ -33,17 +34,34 @@ class SqliteKeyStore:
         return set_admin_state(self.conn, key_ids, state, reason)
 
 
-def insert_keys(conn: sqlite3.Connection, cipher: KeyCipher, values: Iterable[str]) -> tuple[list[int], int]:
-    """Add well-formed key values (core.keys checks them); returns (ids added, duplicates skipped)."""
+def insert_keys(
+    conn: sqlite3.Connection, cipher: KeyCipher, keys: Iterable[NewKey], group_id: int | None = None
+) -> tuple[list[int], int]:
+    """Add well-formed keys (core.keys checks them) to a group (default: default/default).
+
+    Returns (ids added, duplicates skipped). A key that is already stored keeps its name and group.
+    """
+    from storage.routes import default_group_id
+
+    group_id = default_group_id(conn) if group_id is None else group_id
     added: list[int] = []
     duplicates = 0
     now = time.time()
     with conn:
-        for value in values:
+        for key in keys:
             cursor = conn.execute(
-                "INSERT INTO upstream_keys (fingerprint, secret, last4, state, created_at, state_changed_at)"
-                " VALUES (?, ?, ?, 'active', ?, ?) ON CONFLICT(fingerprint) DO NOTHING",
-                (cipher.fingerprint(value), cipher.encrypt(value), value[-4:], now, now),
+                "INSERT INTO upstream_keys"
+                " (fingerprint, secret, last4, name, state, created_at, state_changed_at, group_id)"
+                " VALUES (?, ?, ?, ?, 'active', ?, ?, ?) ON CONFLICT(fingerprint) DO NOTHING",
+                (
+                    cipher.fingerprint(key.value),
+                    cipher.encrypt(key.value),
+                    key.value[-4:],
+                    key.name,
+                    now,
+                    now,
+                    group_id,
+                ),
             )
             if cursor.rowcount:
                 added.append(cursor.lastrowid)
@@ -57,19 +75,45 @@ def insert_keys(conn: sqlite3.Connection, cipher: KeyCipher, values: Iterable[st
 def list_keys(conn: sqlite3.Connection, limit: int = 1000, after_id: int = 0) -> list[sqlite3.Row]:
     """Oldest first; `after_id` continues a page (keyset pagination)."""
     return conn.execute(
-        "SELECT id, last4, state, state_reason, cooldown_until, weight, requests,"
-        " prompt_tokens, completion_tokens, cost, last_used_at, created_at"
-        " FROM upstream_keys WHERE id > ? ORDER BY id LIMIT ?",
-        (after_id, limit),
+        f"SELECT {_LISTED} FROM upstream_keys WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
     ).fetchall()
+
+
+_LISTED = (
+    "id, name, last4, state, state_reason, cooldown_until, weight, requests,"
+    " prompt_tokens, completion_tokens, cost, last_used_at, created_at, group_id,"
+    " (SELECT u.name || '/' || g.name FROM groups g JOIN upstreams u ON g.upstream_id = u.id"
+    " WHERE g.id = upstream_keys.group_id) AS group_label"
+)
+
+
+def get_key(conn: sqlite3.Connection, key_id: int) -> sqlite3.Row | None:
+    """One key as list_keys shows it (never its value)."""
+    return conn.execute(f"SELECT {_LISTED} FROM upstream_keys WHERE id = ?", (key_id,)).fetchone()
+
+
+def rename_key(conn: sqlite3.Connection, key_id: int, name: str | None) -> int:
+    """Set or clear (None, "") a key's name. No revision bump: the proxy does not use names."""
+    with conn:
+        return conn.execute("UPDATE upstream_keys SET name = ? WHERE id = ?", (clean_name(name), key_id)).rowcount
+
+
+def labels_of(conn: sqlite3.Connection, key_ids: Iterable[int]) -> dict[int, tuple[str | None, str]]:
+    """id → (name, last four) for the keys a page shows; deleted keys are missing."""
+    ids = sorted({i for i in key_ids if i is not None})[:1000]
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    rows = conn.execute(f"SELECT id, name, last4 FROM upstream_keys WHERE id IN ({marks})", ids)
+    return {row["id"]: (row["name"], row["last4"]) for row in rows}
 
 
 def load_pool(conn: sqlite3.Connection, cipher: KeyCipher) -> list[PoolKey]:
     """Every key with its decrypted value, for the proxy's in-memory pool."""
     pool = []
     for row in conn.execute(
-        "SELECT id, secret, last4, state, state_reason, cooldown_until, weight, requests, state_changed_at"
-        " FROM upstream_keys ORDER BY id"
+        "SELECT id, secret, last4, state, state_reason, cooldown_until, weight, requests, state_changed_at,"
+        " group_id FROM upstream_keys ORDER BY id"
     ):
         value = cipher.decrypt(row["secret"])
         if value is None:
@@ -85,6 +129,7 @@ def load_pool(conn: sqlite3.Connection, cipher: KeyCipher) -> list[PoolKey]:
                 weight=row["weight"],
                 requests=row["requests"],
                 state_changed_at=row["state_changed_at"],
+                group_id=row["group_id"],
             )
         )
     return pool

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from core.models import KeyStateChange
+from core.models import FetchedModels, KeyStateChange
 from core.records import FlowRecord
-from storage import db, flows, rollups, upstream_keys
+from storage import db, flows, outcomes, rollups, routes, upstream_keys
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ class Writer:
 
     def save_state(self, change: KeyStateChange) -> None:
         self._queue.put(change)
+
+    def save_models(self, fetched: FetchedModels) -> None:
+        self._queue.put(fetched)
 
     def start(self) -> None:
         self._thread.start()
@@ -135,9 +138,13 @@ class Writer:
     def _write(self, conn, batch: list) -> None:
         rows: list[FlowRecord] = []
         states: list[KeyStateChange] = []
+        fetched: list[FetchedModels] = []
         for item in batch:
             if isinstance(item, KeyStateChange):
                 states.append(item)
+                continue
+            if isinstance(item, FetchedModels):
+                fetched.append(item)
                 continue
             try:
                 rows.append(item.to_record())
@@ -148,10 +155,13 @@ class Writer:
                 with conn:
                     flows.insert_batch(conn, rows)
                     rollups.add_records(conn, rows)
+                    outcomes.add_records(conn, rows)
                     for change in states:
                         upstream_keys.record_state(
                             conn, change.key_id, change.state, change.reason, change.cooldown_until, change.at
                         )
+                for models in fetched:  # rare, and idempotent: its own transaction, bumping the routes revision
+                    routes.store_fetched_models(conn, models.group_id, models.models)
                 self.rows_written += len(rows)
                 return
             except sqlite3.OperationalError as e:

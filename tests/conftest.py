@@ -196,3 +196,29 @@ def keyrotor(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Keyrotor]:
     installation = Keyrotor(tmp=tmp_path, upstream_url=upstream.url, env=env)
     yield installation
     installation.stop()
+
+
+def insert_into_old_schema(conn, records) -> None:
+    """Flows (and attempts) into a database migrated only part way: the columns it has, as that version did."""
+    from storage import flows
+
+    def insert(table: str, names: tuple[str, ...], rows: list) -> None:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        kept = [i for i, name in enumerate(names) if name in present]
+        columns = ", ".join(names[i] for i in kept)
+        conn.executemany(
+            f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(kept))})",
+            [[values[i] for i in kept] for values in rows],
+        )
+
+    insert("flows", flows.FLOW_COLUMNS, [flows.column_values(r) for r in records])
+    attempt_columns = ("flow_id", "attempt", "upstream_key_id", "status", "error", "started_at", "duration_ms")
+    insert(
+        "attempts",
+        attempt_columns,
+        [
+            (r.flow_id, a.attempt, a.key_id, a.status, a.error, a.started_at, a.duration_ms)
+            for r in records
+            for a in r.attempt_log
+        ],
+    )

@@ -454,10 +454,12 @@ Handler = Callable[[bytes], Response]
 class FakeUpstream:
     """The fake OpenAI server; see the module docstring."""
 
-    def __init__(self, stream_chunks: int = 5, stream_delay: float = 0.0) -> None:
+    def __init__(self, stream_chunks: int = 5, stream_delay: float = 0.0, models: Iterable[str] | None = None) -> None:
         # Both may be changed between requests; each request reads them once.
         self.stream_chunks = stream_chunks
         self.stream_delay = stream_delay
+        # The models this server has, like a relay station's group: others get model_not_found.
+        self.models = set(models) if models is not None else None
         self.url = ""  # set by start()
         self.port = 0
         self.received: list[Received] = []
@@ -629,7 +631,17 @@ class FakeUpstream:
     # ----------------------------------------------------------------- endpoints
 
     def _models(self, body: bytes) -> Response:
-        return _json(200, {"object": "list", "data": MODELS})
+        if self.models is None:
+            return _json(200, {"object": "list", "data": MODELS})
+        data = [{"id": m, "object": "model", "created": 1715367049, "owned_by": "system"} for m in sorted(self.models)]
+        return _json(200, {"object": "list", "data": data})
+
+    def _unknown_model(self, data: dict[str, Any]) -> Response | None:
+        model = data.get("model")
+        if self.models is None or not isinstance(model, str) or model in self.models:
+            return None
+        message = f"The model `{model}` does not exist or you do not have access to it."
+        return _error(404, message, code="model_not_found")
 
     def _model(self, model_id: str) -> Response:
         model = MODELS_BY_ID.get(model_id)
@@ -640,6 +652,9 @@ class FakeUpstream:
 
     def _chat(self, body: bytes) -> Response:
         data = _json_object(body)
+        missing = self._unknown_model(data)
+        if missing is not None:
+            return missing
         model, messages = _validate_chat(data)
         pieces = reply_pieces(messages, self.stream_chunks)
         usage = chat_usage(messages, "".join(pieces))
@@ -682,6 +697,9 @@ class FakeUpstream:
 
     def _embeddings(self, body: bytes) -> Response:
         data = _json_object(body)
+        missing = self._unknown_model(data)
+        if missing is not None:
+            return missing
         model = data.get("model")
         if not model or not isinstance(model, str):
             raise BadRequest("you must provide a model parameter", param="model")
@@ -709,6 +727,72 @@ class FakeUpstream:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
         return _json(200, payload, OK_RATELIMIT_HEADERS)
+
+
+AZURE_INVALID_KEY = (
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an"
+    " active subscription and use a correct regional API endpoint for your resource."
+)
+AZURE_NO_DEPLOYMENT = (
+    "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes,"
+    " please wait a moment and try again."
+)
+
+
+def _azure_error(status: int, code: str, message: str) -> Response:
+    return _json(status, {"error": {"code": code, "message": message}})
+
+
+class FakeAzure(FakeUpstream):
+    """An Azure OpenAI resource: /openai/deployments/<deployment>/<operation>?api-version=..., the key
+    in `api-key` only (an Authorization header is an Entra token it cannot read), and Azure's own
+    error bodies. `deployments` maps each deployment to the model it runs."""
+
+    def __init__(self, deployments: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.deployments = deployments
+
+    async def _respond(self, request: Request) -> Response:
+        at = time.monotonic()
+        scope = request.scope
+        method, path = scope["method"], scope["path"]
+        query = scope.get("query_string", b"").decode("latin-1")
+        body = await request.body()
+        headers = _headers(scope)
+        key = headers.get("api-key") or None
+        self._record(Received(method, path, headers, body, key, at))
+        if "authorization" in headers or key is None:
+            return _azure_error(401, "401", AZURE_INVALID_KEY)
+        if not any(p.startswith("api-version=") and len(p) > 12 for p in query.split("&")):
+            return _azure_error(404, "404", "Resource not found")
+        behaviour, retry_after = self._keys.take(key)
+        if behaviour == "invalid":
+            return _azure_error(401, "401", AZURE_INVALID_KEY)
+        rejection = _rejection(behaviour, key, retry_after)
+        if rejection is not None:
+            return rejection
+        if method == "GET" and path == "/openai/models":
+            data = [{"id": m, "object": "model"} for m in sorted(set(self.deployments.values()))]
+            return _json(200, {"object": "list", "data": data})
+        parts = path.split("/")  # "", "openai", "deployments", <deployment>, <operation...>
+        if len(parts) < 5 or parts[:3] != ["", "openai", "deployments"]:
+            return _azure_error(404, "404", "Resource not found")
+        deployment, operation = parts[3], "/".join(parts[4:])
+        model = self.deployments.get(deployment)
+        if model is None:
+            return _azure_error(404, "DeploymentNotFound", AZURE_NO_DEPLOYMENT)
+        data = _json_object(body) if body else {}
+        data["model"] = model  # Azure answers with the model the deployment runs, whatever the body said
+        handler = {"chat/completions": self._chat, "embeddings": self._embeddings}.get(operation)
+        if handler is None or method != "POST":
+            return _azure_error(404, "404", "Resource not found")
+        models, self.models = self.models, None
+        try:
+            return handler(json.dumps(data).encode())
+        except BadRequest as exc:
+            return _error(400, exc.message, param=exc.param, code=exc.code)
+        finally:
+            self.models = models
 
 
 # --------------------------------------------------------------------------- command line

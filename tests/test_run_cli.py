@@ -145,6 +145,21 @@ def test_keys_commands(keyrotor: Keyrotor):
     assert keyrotor.cli("keys", "disable", "99", check=False).returncode == 1
 
 
+def test_keys_are_named_on_adding_and_renamed(keyrotor: Keyrotor):
+    third = "sk-good-cli-cccccccccccccccccccccccccccc-0003"
+    added = keyrotor.cli("keys", "add", input=f"Key 1\t{GOOD}\n{third}\n").stdout
+    assert added.strip() == "added 2, skipped 0 duplicate(s), rejected 0 malformed"
+    keyrotor.cli("keys", "add", "--name", "spare", input="sk-good-cli-dddddddddddddddddddddddddddd-0004\n")
+    assert keyrotor.cli("keys", "rename", "2", "Key 2").stdout.strip() == "key #2 is now named 'Key 2'"
+    rows = {line.split()[0]: line for line in keyrotor.cli("keys", "list").stdout.splitlines()[1:]}
+    assert "Key 1" in rows["1"] and "…0001" in rows["1"]
+    assert "Key 2" in rows["2"] and "spare" in rows["3"]
+    assert keyrotor.cli("keys", "rename", "2", "").stdout.strip() == "key #2 has no name"
+    assert keyrotor.cli("keys", "rename", "99", "x", check=False).returncode == 1
+    too_long = keyrotor.cli("keys", "rename", "1", "x" * 65, check=False)
+    assert too_long.returncode == 2 and "at most 64" in too_long.stderr
+
+
 def test_clients_commands(keyrotor: Keyrotor):
     key = keyrotor.add_client("alice")
     assert key.startswith("kr-") and len(key) > 40
@@ -188,3 +203,15 @@ def test_flags_apply_wherever_they_stand(keyrotor: Keyrotor, tmp_path, before: b
     args = [*flag, "keys", "add"] if before else ["keys", "add", *flag]
     keyrotor.cli(*args, input=f"{GOOD}\n")
     assert elsewhere.exists() and not keyrotor.db_path.exists()
+
+
+def test_keys_list_says_when_a_cooldown_is_over_instead_of_a_past_time(keyrotor: Keyrotor):
+    keyrotor.add_keys(GOOD, "sk-good-cli-bbbbbbbbbbbbbbbbbbbbbbbbbbb-0002")
+    conn = sqlite3.connect(keyrotor.db_path)
+    with conn:
+        conn.execute("UPDATE upstream_keys SET state = 'cooling', state_reason = '429', cooldown_until = 1000")
+        conn.execute("UPDATE upstream_keys SET cooldown_until = 4102444800 WHERE id = 2")  # 2100-01-01
+    conn.close()
+    rows = keyrotor.cli("keys", "list").stdout.splitlines()[1:]
+    assert rows[0].endswith("429 cooldown over: the next request tries it"), rows[0]
+    assert rows[1].endswith("429 until 2100-01-01 00:00:00Z"), rows[1]

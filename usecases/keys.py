@@ -12,6 +12,7 @@ from core.classify import Outcome, OutcomeKind
 from core.keys import parse_key_lines
 from core.models import REFUSED, AddReport, KeyState
 from core.ports import KeyStore
+from core.routing import Group
 from core.upstream import PROBE_TIMEOUT_SECONDS, probe
 
 # What a probe's outcome makes of a key; other outcomes (5xx, no answer) leave it as it was.
@@ -23,10 +24,13 @@ STATE_AFTER_PROBE = {
 }
 
 
-def add_keys(store: KeyStore, lines: Iterable[str]) -> AddReport:
-    """Add one key per line; blank lines and #-comments are skipped, malformed lines reported by number."""
-    parsed = parse_key_lines(lines)
-    added, duplicates = store.insert(parsed.values)
+def add_keys(store: KeyStore, lines: Iterable[str], name: str | None = None, group_id: int | None = None) -> AddReport:
+    """Add one key per line or NAME<TAB>KEY (`name` for the rest) to a group (None: default/default).
+
+    Malformed lines are reported by number; ValueError when `name` cannot be a key's name.
+    """
+    parsed = parse_key_lines(lines, name)
+    added, duplicates = store.insert(parsed.keys, group_id)
     return AddReport(added=added, duplicates=duplicates, malformed=parsed.malformed)
 
 
@@ -55,12 +59,19 @@ def ids_to_validate(store: KeyStore, ids: list[int] | None, every: bool) -> list
     return store.ids_in_state(states)
 
 
-async def validate_keys(store: KeyStore, upstream: str, ids: list[int]) -> list[Validation]:
-    """Probe these keys at once and store what each answer says (disabled keys are left alone)."""
+async def validate_keys(
+    store: KeyStore, groups: dict[int, Group], default_base_url: str, ids: list[int]
+) -> list[Validation]:
+    """Probe these keys at once, each at its group's upstream, and store what each answer says.
+
+    Disabled keys, and keys whose group is gone, are left alone.
+    """
     wanted = set(ids)
-    keys = [k for k in store.load_pool() if k.id in wanted and k.state != KeyState.DISABLED]
+    keys = [k for k in store.load_pool() if k.id in wanted and k.state != KeyState.DISABLED and k.group_id in groups]
     async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_SECONDS) as client:
-        outcomes = await asyncio.gather(*(probe(client, upstream, k.value) for k in keys))
+        outcomes = await asyncio.gather(
+            *(probe(client, groups[k.group_id].upstream, default_base_url, k.value) for k in keys)
+        )
     results = []
     for key, outcome in zip(keys, outcomes, strict=True):
         state = STATE_AFTER_PROBE.get(outcome.kind, key.state)

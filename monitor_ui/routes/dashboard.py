@@ -8,9 +8,10 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
+from monitor_ui import charts
 from monitor_ui.auth import SESSION_COOKIE
-from monitor_ui.charts import bar_chart
 from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
+from monitor_ui.names import names_for
 from storage import rollups, upstream_keys
 
 router = APIRouter()
@@ -26,9 +27,7 @@ BREAKDOWNS = (("model", "By model"), ("upstream_key_id", "By upstream key"), ("c
 
 
 def _figures(totals: rollups.Totals) -> dict:
-    def ms(value: float | None) -> float | None:
-        return None if value is None or math.isinf(value) else value
-
+    ms = _ms
     return {
         "requests": totals.requests,
         "errors": totals.errors,
@@ -51,6 +50,10 @@ def _since(seconds: int | None, grain: str, now: float) -> int | None:
     return int((now - seconds) // step) * step
 
 
+def _ms(value: float | None) -> float | None:
+    return None if value is None or math.isinf(value) else value
+
+
 def dashboard_data(conn, now: float) -> dict:
     windows = [
         {"name": name, **_figures(rollups.totals(conn, grain, _since(seconds, grain, now)))}
@@ -61,16 +64,27 @@ def dashboard_data(conn, now: float) -> dict:
         dimension: [{"id": value, **_figures(t)} for value, t in rollups.breakdown(conn, day, dimension, 10)]
         for dimension, _ in BREAKDOWNS
     }
+    names = names_for(
+        conn, [r["id"] for r in breakdowns["upstream_key_id"]], [r["id"] for r in breakdowns["client_key_id"]]
+    )
+    for row in breakdowns["upstream_key_id"]:
+        row["label"] = names.key(row["id"])
+    for row in breakdowns["client_key_id"]:
+        row["label"] = names.client(row["id"])
     minute_start = int(now // 60) * 60 - 59 * 60
     hour_start = int(now // 3600) * 3600 - 23 * 3600
+    minutes = rollups.series_totals(conn, "minute", minute_start)
+    hours = rollups.series_totals(conn, "hour", hour_start)
     return {
         "generated_at": now,
         "windows": windows,
-        "per_minute": rollups.series(conn, "minute", minute_start),
-        "per_hour": rollups.series(conn, "hour", hour_start),
+        "per_minute": [(b, t.requests, t.errors) for b, t in minutes],
+        "per_hour": [(b, t.requests, t.errors) for b, t in hours],
+        "latency_per_minute": [(b, _ms(t.latency_ms(50)), _ms(t.latency_ms(95))) for b, t in minutes],
+        "tokens_per_minute": [(b, t.prompt_tokens, t.completion_tokens) for b, t in minutes],
         "breakdowns": breakdowns,
         "keys_by_state": upstream_keys.count_by_state(conn),
-        "_chart_starts": (minute_start, hour_start),
+        "_charts": (minute_start, minutes, hour_start, hours),
     }
 
 
@@ -78,22 +92,25 @@ def dashboard_data(conn, now: float) -> dict:
 def read_dashboard(request: Request, conn: Conn, signer: Signer):
     """Traffic at a glance; refreshes itself every few seconds."""
     data = dashboard_data(conn, time.time())
-    minute_start, hour_start = data.pop("_chart_starts")
-    charts = {
-        "minute": bar_chart(data["per_minute"], minute_start, 60, 60, "%H:%M"),
-        "hour": bar_chart(data["per_hour"], hour_start, 3600, 24, "%d %H:00"),
-    }
+    minute_start, minutes, hour_start, hours = data.pop("_charts")
+    chart_list = [
+        charts.requests_chart("minute", "Requests per minute, last hour", minutes, minute_start, 60, 60),
+        charts.requests_chart("hour", "Requests per hour, last 24 hours", hours, hour_start, 3600, 24),
+        charts.latency_chart("latency", "Latency per minute (p50, p95), last hour", minutes, minute_start, 60, 60),
+        charts.tokens_chart("tokens", "Tokens per minute, last hour", minutes, minute_start, 60, 60),
+    ]
     csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
     return request.app.state.templates.TemplateResponse(
         request,
         "dashboard.html",
-        {"data": data, "charts": charts, "breakdown_names": BREAKDOWNS, "csrf": csrf, "section": "dashboard"},
+        {"data": data, "charts": chart_list, "breakdown_names": BREAKDOWNS, "csrf": csrf, "section": "dashboard"},
     )
 
 
 @router.get("/api/dashboard", dependencies=[AdminApi])
 def read_dashboard_json(conn: Conn) -> dict:
-    """The dashboard's figures as JSON (series as [bucket start, requests, errors])."""
+    """The dashboard's figures as JSON (series as [bucket start, requests, errors], latency [start, p50, p95] ms,
+    tokens [start, prompt, completion])."""
     data = dashboard_data(conn, time.time())
-    data.pop("_chart_starts")
+    data.pop("_charts")
     return data

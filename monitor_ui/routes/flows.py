@@ -11,6 +11,7 @@ from monitor_ui import export, views
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
 from monitor_ui.filters import Flows
+from monitor_ui.names import names_for
 from storage import db, flows
 
 router = APIRouter()
@@ -18,12 +19,18 @@ router = APIRouter()
 Limit = Annotated[int, Query(ge=1, le=500)]
 Before = Annotated[int | None, Query(ge=1, description="continue below this flow id (keyset pagination)")]
 EXPORT_PAGE = 500
+# What a list row shows: the summary, plus cost and first byte.
+LIST_COLUMNS = flows.SUMMARY_COLUMNS + ", first_byte_at, cost"
 
 
 def _page(conn, query: Flows, limit: int, before: int | None) -> dict:
-    rows = flows.search_flows(conn, query.filter, limit, before)
+    rows = flows.search_flows(conn, query.filter, limit, before, columns=LIST_COLUMNS)
+    summaries = [views.flow_summary(r) for r in rows]
+    names = names_for(conn, [f["upstream_key_id"] for f in summaries], [f["client_key_id"] for f in summaries])
+    for f in summaries:
+        f["upstream_key"], f["client"] = names.key(f["upstream_key_id"]), names.client(f["client_key_id"])
     return {
-        "flows": [views.flow_summary(r) for r in rows],
+        "flows": summaries,
         "next_before": rows[-1]["id"] if len(rows) == limit and query.filter.after_id is None else None,
     }
 
@@ -33,7 +40,12 @@ def _detail(request: Request, conn, flow_row_id: int) -> dict:
     if row is None:
         raise HTTPException(404, f"No flow with id {flow_row_id}.")
     detail = views.flow_detail(row)
-    detail["attempt_list"] = [dict(a) for a in flows.attempts_of(conn, row["flow_id"])]
+    attempts = [dict(a) for a in flows.attempts_of(conn, row["flow_id"])]
+    names = names_for(conn, [row["upstream_key_id"], *(a["upstream_key_id"] for a in attempts)], [row["client_key_id"]])
+    for a in attempts:
+        a["upstream_key"] = names.key(a["upstream_key_id"])
+    detail["attempt_list"] = attempts
+    detail["upstream_key"], detail["client"] = names.key(row["upstream_key_id"]), names.client(row["client_key_id"])
     detail["events"] = views.sse_events(row["response_body"], detail["chunk_times"]) if row["stream"] else []
     detail["curl"] = views.curl_command(detail, request.app.state.proxy_url)
     return detail

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
+from core.keys import MAX_NAME_LENGTH
 from core.models import KeyState
 from monitor_ui import views
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, Signer, WriteConn
-from storage import secrets, upstream_keys
+from monitor_ui.names import key_label
+from storage import routes, secrets, upstream_keys
 from storage.upstream_keys import SqliteKeyStore
 from usecases import keys as key_admin
 
@@ -27,11 +31,20 @@ DONE = {
     "deleted": "deleted",
     "reset": "returned to active",
     "weighted": "re-weighted",
+    "edited": "saved",
 }
+MALFORMED_SHOWN = 20  # line numbers a bulk add's redirect carries; the count says how many there were
 
 
 class WeightChange(BaseModel):
     weight: float = Field(gt=0, le=1000, description="share under the weighted strategy (default 1)")
+
+
+class KeyChange(BaseModel):
+    """What PUT /api/keys/{id} may change; fields left out stay as they are."""
+
+    name: str | None = Field(None, max_length=MAX_NAME_LENGTH, description='a label; "" clears it')
+    weight: float | None = Field(None, gt=0, le=1000, description="share under the weighted strategy")
 
 
 class ValidationRequest(BaseModel):
@@ -43,13 +56,18 @@ class KeysToAdd(BaseModel):
     keys: list[str] = Field(max_length=MAX_BULK_LINES, description="one key per item; a Bearer prefix is removed")
 
 
-def key_summary(row) -> dict:
+def key_summary(row, now: float | None = None) -> dict:
+    cooling = row["state"] == "cooling" and row["cooldown_until"] is not None
     return {
         "id": row["id"],
+        "name": row["name"],
         "key": f"…{row['last4']}",
+        "label": key_label(row["id"], row["name"], row["last4"]),
         "state": row["state"],
         "state_reason": row["state_reason"],
         "cooldown_until": row["cooldown_until"],
+        # A cooldown that has ended: the key is tried again by the next request (which decides).
+        "cooldown_over": cooling and row["cooldown_until"] <= (now or time.time()),
         "weight": row["weight"],
         "requests": row["requests"],
         "prompt_tokens": row["prompt_tokens"],
@@ -62,8 +80,9 @@ def key_summary(row) -> dict:
 
 def _page(conn, after: int) -> dict:
     rows = upstream_keys.list_keys(conn, PAGE_SIZE, after)
+    now = time.time()
     return {
-        "keys": [key_summary(r) for r in rows],
+        "keys": [key_summary(r, now) for r in rows],
         "next_after": rows[-1]["id"] if len(rows) == PAGE_SIZE else None,
         "by_state": upstream_keys.count_by_state(conn),
     }
@@ -86,6 +105,10 @@ def _render(request: Request, conn, signer, after: int = 0, **extra):
 After = Annotated[int, Query(ge=0, description="continue after this key id (keyset pagination)")]
 
 
+def _line_numbers(text: str) -> list[int]:
+    return [int(n) for n in text.split(",") if n.isdecimal()][:MALFORMED_SHOWN]
+
+
 @router.get("/keys", response_class=HTMLResponse, dependencies=[AdminPage])
 def list_keys(
     request: Request,
@@ -94,8 +117,19 @@ def list_keys(
     after: After = 0,
     done: str | None = None,
     count: Annotated[int, Query(ge=0)] = 0,
+    duplicates: Annotated[int, Query(ge=0)] = 0,
+    malformed: Annotated[str, Query(max_length=200)] = "",
+    malformed_count: Annotated[int, Query(ge=0)] = 0,
 ):
     """Upstream keys: add in bulk, state, usage, and the actions on them."""
+    if done == "added":  # where a bulk add lands: reloading this page adds nothing
+        report = {
+            "added": count,
+            "duplicates": duplicates,
+            "malformed_lines": _line_numbers(malformed),
+            "malformed": malformed_count,
+        }
+        return _render(request, conn, signer, after, report=report)
     message = f"{count} key(s) {DONE[done]}." if done in DONE else None
     return _render(request, conn, signer, after, message=message)
 
@@ -106,14 +140,29 @@ def list_keys_json(conn: Conn, after: After = 0) -> dict:
     return _page(conn, after)
 
 
-@router.post("/keys/add", response_class=HTMLResponse, dependencies=[AdminForm])
+@router.post("/keys/add", dependencies=[AdminForm])
 def create_keys(
-    request: Request, conn: WriteConn, signer: Signer, keys: Annotated[str, Form(max_length=5_000_000)] = ""
-):
-    """Bulk add from the textarea, one key per line; the page reports added, duplicate and malformed lines."""
+    request: Request,
+    conn: WriteConn,
+    keys: Annotated[str, Form(max_length=5_000_000)] = "",
+    name: Annotated[str, Form(max_length=MAX_NAME_LENGTH)] = "",
+) -> RedirectResponse:
+    """Bulk add from the textarea (KEY or NAME<TAB>KEY lines), then redirect to the page with the counts."""
     lines = keys.splitlines()[:MAX_BULK_LINES]
-    report = key_admin.add_keys(_store(request, conn), lines)
-    return _render(request, conn, signer, report=_report(report))
+    try:
+        report = key_admin.add_keys(_store(request, conn), lines, name)
+    except ValueError as e:
+        raise HTTPException(422, f"{str(e)[0].upper()}{str(e)[1:]}.") from None
+    query = urlencode(
+        {
+            "done": "added",
+            "count": len(report.added),
+            "duplicates": report.duplicates,
+            "malformed": ",".join(map(str, report.malformed[:MALFORMED_SHOWN])),
+            "malformed_count": len(report.malformed),
+        }
+    )
+    return RedirectResponse(f"/keys?{query}", status_code=303)
 
 
 @router.post("/api/keys", dependencies=[AdminApiChange])
@@ -129,11 +178,73 @@ def _change(conn, action: str, ids: list[int]) -> int:
     return upstream_keys.set_admin_state(conn, ids, state, f"{action}d by admin")
 
 
+def _key(conn, key_id: int) -> dict:
+    row = upstream_keys.get_key(conn, key_id)
+    if row is None:
+        raise HTTPException(404, f"No upstream key with id {key_id}.")
+    return key_summary(row)
+
+
+def _edit(conn, key_id: int, name: str | None, weight: float | None) -> None:
+    if upstream_keys.get_key(conn, key_id) is None:
+        raise HTTPException(404, f"No upstream key with id {key_id}.")
+    try:
+        if name is not None:
+            upstream_keys.rename_key(conn, key_id, name)
+    except ValueError as e:
+        raise HTTPException(422, f"{str(e)[0].upper()}{str(e)[1:]}.") from None
+    if weight is not None:
+        upstream_keys.set_weight(conn, [key_id], weight)
+
+
+@router.get("/keys/{key_id}", response_class=HTMLResponse, dependencies=[AdminPage])
+def read_key(request: Request, key_id: int, conn: Conn, signer: Signer, done: str | None = None):
+    """One upstream key: its name and weight to edit, state, usage, and its flows."""
+    csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
+    context = {
+        "key": _key(conn, key_id),
+        "csrf": csrf,
+        "section": "keys",
+        "iso": views.iso,
+        "message": "Saved." if done == "edited" else None,
+    }
+    return request.app.state.templates.TemplateResponse(request, "key.html", context)
+
+
+@router.get("/api/keys/{key_id}", dependencies=[AdminApi])
+def read_key_json(key_id: int, conn: Conn) -> dict:
+    """One upstream key, masked, with state and usage."""
+    return _key(conn, key_id)
+
+
+@router.put("/api/keys/{key_id}", dependencies=[AdminApiChange])
+def update_key(key_id: int, change: KeyChange, conn: WriteConn) -> dict:
+    """Change a key's name and/or weight; returns the key as GET /api/keys/{id} shows it."""
+    _edit(conn, key_id, change.name, change.weight)
+    return _key(conn, key_id)
+
+
+@router.post("/keys/{key_id}/edit", dependencies=[AdminForm])
+def edit_key(
+    key_id: int,
+    conn: WriteConn,
+    name: Annotated[str | None, Form(max_length=MAX_NAME_LENGTH)] = None,
+    weight: Annotated[float | None, Form(gt=0, le=1000)] = None,
+    back: Annotated[str, Form()] = "list",
+) -> RedirectResponse:
+    """Rename (and re-weight) a key from the keys page or its own page; back to where the form was."""
+    _edit(conn, key_id, name, weight)
+    target = f"/keys/{key_id}?done=edited" if back == "key" else f"/keys?done=edited&count=1#key-{key_id}"
+    return RedirectResponse(target, status_code=303)
+
+
 @router.post("/keys/{key_id}/{action}", dependencies=[AdminForm])
 async def change_key(request: Request, key_id: int, action: str, conn: WriteConn) -> RedirectResponse:
     """Enable, disable, delete or validate one key from the page."""
     if action == "validate":
-        results = await key_admin.validate_keys(_store(request, conn), request.app.state.upstream, [key_id])
+        results = await key_admin.validate_keys(
+            _store(request, conn), routes.groups_by_id(conn), request.app.state.upstream, [key_id]
+        )
         return RedirectResponse(f"/keys?done=validated&count={len(results)}#key-{key_id}", status_code=303)
     if action not in ("enable", "disable", "delete"):
         raise HTTPException(404, f"No key action {action!r}.")
@@ -181,9 +292,8 @@ def reset_keys_json(conn: WriteConn, states: Annotated[list[str], Query()] = ["i
 async def validate_keys_page(request: Request, conn: WriteConn, signer: Signer):
     """Probe every invalid and exhausted key; the page lists each result."""
     store = _store(request, conn)
-    results = await key_admin.validate_keys(
-        store, request.app.state.upstream, key_admin.ids_to_validate(store, None, False)
-    )
+    ids = key_admin.ids_to_validate(store, None, False)
+    results = await key_admin.validate_keys(store, routes.groups_by_id(conn), request.app.state.upstream, ids)
     return _render(request, conn, signer, validations=[r.as_dict() for r in results])
 
 
@@ -192,5 +302,5 @@ async def validate_keys(request: Request, wanted: ValidationRequest, conn: Write
     """Probe keys with GET /v1/models (no tokens spent); by default every invalid or exhausted one."""
     store = _store(request, conn)
     ids = key_admin.ids_to_validate(store, wanted.ids, wanted.all)
-    results = await key_admin.validate_keys(store, request.app.state.upstream, ids)
+    results = await key_admin.validate_keys(store, routes.groups_by_id(conn), request.app.state.upstream, ids)
     return {"results": [r.as_dict() for r in results], "skipped": sorted(set(ids) - {r.key_id for r in results})}

@@ -9,7 +9,8 @@ from fastapi.responses import PlainTextResponse
 
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import Conn, Signer
-from storage import rollups, upstream_keys
+from monitor_ui.names import key_label
+from storage import client_keys, outcomes, rollups, upstream_keys
 
 router = APIRouter()
 
@@ -26,6 +27,11 @@ DIMENSION_FAMILIES = (
 )
 
 
+# A flow without a model or a key (refused before one was picked) is counted under this value:
+# an empty label value would read as no label at all.
+NONE = "(none)"
+
+
 def _labels(**labels: object) -> str:
     return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
 
@@ -39,7 +45,10 @@ def render_metrics(conn) -> str:
     # One family per dimension (model, upstream key, client), each labelled by that
     # dimension alone: summing a family gives the total, and the label sets stay small.
     for dimension, label, prefix in DIMENSION_FAMILIES:
-        per_value = [({label: value or ""}, t) for value, t in rollups.breakdown(conn, None, dimension, None)]
+        per_value = [
+            ({label: NONE if value is None else value}, t)
+            for value, t in rollups.breakdown(conn, None, dimension, None)
+        ]
         family(f"{prefix}_requests_total", "counter", f"Requests through the proxy, by {label}.")
         lines += [f"{prefix}_requests_total{_labels(**labels)} {t.requests}" for labels, t in per_value]
         family(f"{prefix}_errors_total", "counter", f"Requests answered >= 400 or not at all, by {label}.")
@@ -63,6 +72,30 @@ def render_metrics(conn) -> str:
 
     family("keyrotor_upstream_keys", "gauge", "Upstream keys per state.")
     lines += [f"keyrotor_upstream_keys{_labels(state=s)} {n}" for s, n in upstream_keys.count_by_state(conn).items()]
+
+    counted = outcomes.totals(conn)
+    family(
+        "keyrotor_attempts_total", "counter", "Attempts sent upstream, by outcome (a retried request makes several)."
+    )
+    lines += [f"keyrotor_attempts_total{_labels(outcome=o)} {n}" for o, n in sorted(counted[outcomes.ATTEMPT].items())]
+    family("keyrotor_retries_total", "counter", "Attempts after a request's first, each on another key.")
+    lines.append(f"keyrotor_retries_total {sum(counted[outcomes.RETRY].values())}")
+    family("keyrotor_refusals_total", "counter", "Requests keyrotor answered itself, by reason (x-keyrotor-error).")
+    lines += [f"keyrotor_refusals_total{_labels(reason=r)} {n}" for r, n in sorted(counted[outcomes.REFUSAL].items())]
+
+    # Names join the id-labelled families in a query: keyrotor_upstream_key_requests_total * on(upstream_key)
+    # group_left(name) keyrotor_upstream_key_info. Kept apart so renaming a key does not start new series.
+    family("keyrotor_upstream_key_info", "gauge", "Each upstream key's name as the UI shows it: name (…last four).")
+    after = 0
+    while rows := upstream_keys.list_keys(conn, 1000, after):
+        for row in rows:
+            name = key_label(row["id"], row["name"], row["last4"])
+            lines.append(f"keyrotor_upstream_key_info{_labels(upstream_key=row['id'], name=name)} 1")
+        after = rows[-1]["id"]
+    family("keyrotor_client_info", "gauge", "Each client's name.")
+    lines += [
+        f"keyrotor_client_info{_labels(client=r['id'], name=r['name'])} 1" for r in client_keys.list_clients(conn)
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -2,35 +2,81 @@
 // textContent, never innerHTML: captured traffic is attacker-controlled text.
 "use strict";
 
-function cell(row, text, className) {
+function cell(row, text, className, label) {
   const td = row.insertCell();
   if (className) td.className = className;
-  td.textContent = text;
+  if (label) td.dataset.label = label;
+  if (text) td.textContent = text;
   return td;
 }
 
-function statusBadge(td, status) {
+function statusBadge(status) {
   const span = document.createElement("span");
   span.className = "status " + (status === null ? "s-err" : "s" + Math.floor(status / 100) + "xx");
   span.textContent = status === null ? "error" : String(status);
-  td.appendChild(span);
+  return span;
 }
 
+// The same link as the server's query.link(): this list's filters plus one more.
+function filterLink(name, value, content, title) {
+  const params = new URLSearchParams(location.search);
+  for (const unused of ["before", "limit", "after"]) params.delete(unused);
+  for (const [key, v] of [...params]) if (!v) params.delete(key);
+  params.set(name, String(value));
+  const link = document.createElement("a");
+  link.className = "filter";
+  link.href = "/flows?" + params.toString();
+  link.title = title;
+  if (typeof content === "string") link.textContent = content; else link.appendChild(content);
+  return link;
+}
+
+function ms(value) {
+  return value === null || value === undefined ? "" : Math.round(value) + " ms";
+}
+
+// Mirrors templates/_flow_row.html.
 function flowRow(tbody, f) {
   const row = tbody.insertRow(0);
   const link = document.createElement("a");
   link.href = "/flows/" + encodeURIComponent(f.id);
-  link.textContent = f.started_at;
-  row.insertCell().appendChild(link);
-  statusBadge(row.insertCell(), f.status);
-  cell(row, f.method);
-  cell(row, f.path, "path");
-  cell(row, f.model || "");
-  cell(row, f.stream ? "yes" : "");
-  cell(row, f.duration_ms === null ? "" : Math.round(f.duration_ms) + " ms", "num");
-  cell(row, f.total_tokens === null ? "" : String(f.total_tokens), "num");
-  cell(row, f.client_key_id === null ? "" : "#" + f.client_key_id);
-  cell(row, (f.upstream_key_id === null ? "" : "#" + f.upstream_key_id) + (f.attempts > 1 ? " (" + f.attempts + " tries)" : ""));
+  link.title = f.started_at;
+  const year = document.createElement("span");
+  year.className = "year";
+  year.textContent = f.started_at.slice(0, 5);
+  link.append(year, f.started_at.slice(5, 10) + " " + f.started_at.slice(11, 19));
+  cell(row, "", "c-time").appendChild(link);
+  cell(row, "", "c-status").appendChild(filterLink("status", f.status === null ? "error" : f.status, statusBadge(f.status), "Only this status"));
+  const request = cell(row, "", "c-path");
+  const method = document.createElement("span");
+  method.className = "method";
+  method.textContent = f.method;
+  const path = document.createElement("span");
+  path.className = "path";
+  path.textContent = f.path;
+  request.append(method, " ", path);
+  const model = cell(row, "", "c-model");
+  if (f.model) model.appendChild(filterLink("model", f.model, f.model, "Only this model"));
+  if (f.stream) {
+    const flag = document.createElement("span");
+    flag.className = "meta";
+    flag.textContent = "stream";
+    model.append(" ", flag);
+  }
+  cell(row, ms(f.duration_ms), "num c-duration", "took");
+  cell(row, ms(f.first_byte_ms), "num c-first-byte", "first byte");
+  cell(row, f.total_tokens === null ? "" : String(f.total_tokens), "num c-tokens", "tokens");
+  cell(row, f.cost === null ? "" : "$" + f.cost.toFixed(4), "num c-cost", "cost");
+  const client = cell(row, "", "c-client", "client");
+  if (f.client_key_id !== null) client.appendChild(filterLink("client", f.client_key_id, f.client, "Only this client"));
+  const key = cell(row, "", "c-key", "key");
+  if (f.upstream_key_id !== null) key.appendChild(filterLink("key", f.upstream_key_id, f.upstream_key, "Only this key"));
+  if (f.attempts > 1) {
+    const tries = document.createElement("span");
+    tries.className = "meta";
+    tries.textContent = "(" + f.attempts + " tries)";
+    key.append(" ", tries);
+  }
   row.classList.add("fresh");
 }
 
@@ -98,7 +144,10 @@ function liveDashboard() {
         // (not innerHTML on the live page) keeps scripts inert, and CSP forbids inline ones anyway.
         const doc = new DOMParser().parseFromString(await response.text(), "text/html");
         const fresh = doc.querySelector("[data-refresh]");
-        if (fresh) root.replaceChildren(...fresh.childNodes);
+        if (fresh) {
+          root.replaceChildren(...fresh.childNodes);
+          afterRefresh();
+        }
       }
     } catch (e) { /* the next round tries again */ }
     setTimeout(refresh, 5000);
@@ -106,7 +155,53 @@ function liveDashboard() {
   setTimeout(refresh, 5000);
 }
 
+// Chart values on hover (mouse) or tap (touch): one tip for the page, so the dashboard's
+// refresh, which replaces the charts, never leaves a stale one behind in them.
+let afterRefresh = () => {};
+
+function chartTips() {
+  const tip = document.createElement("div");
+  tip.className = "chart-tip";
+  tip.id = "chart-tip";
+  tip.setAttribute("role", "status");
+  tip.hidden = true;
+  document.body.appendChild(tip);
+  let active = null;
+  function show(hit) {
+    if (active) active.classList.remove("active");
+    active = hit;
+    hit.classList.add("active");
+    tip.textContent = hit.dataset.tip;
+    tip.hidden = false;
+    const box = hit.getBoundingClientRect();
+    const plot = hit.ownerSVGElement.getBoundingClientRect();
+    const left = Math.min(Math.max(box.left + box.width / 2 - tip.offsetWidth / 2, 4), innerWidth - tip.offsetWidth - 4);
+    tip.style.left = (left + scrollX) + "px";
+    tip.style.top = (plot.top + scrollY - tip.offsetHeight - 4) + "px";
+  }
+  function hide() {
+    if (active) active.classList.remove("active");
+    active = null;
+    tip.hidden = true;
+  }
+  // After the dashboard refreshed, point at the same bucket of the same chart, with its new figures.
+  afterRefresh = () => {
+    if (!active || active.isConnected) return;
+    const figure = active.closest("figure.chart");
+    const fresh = figure && document.querySelector(
+      "#" + figure.id + ' svg.plot .hit[data-bucket="' + active.dataset.bucket + '"]');
+    if (fresh) show(fresh); else hide();
+  };
+  const hitOf = (event) => event.target instanceof Element ? event.target.closest("svg.plot .hit") : null;
+  document.addEventListener("pointerover", (event) => { const hit = hitOf(event); if (hit) show(hit); });
+  document.addEventListener("click", (event) => { const hit = hitOf(event); if (hit) show(hit); else hide(); });
+  document.addEventListener("pointerout", (event) => {
+    if (event.pointerType === "mouse" && hitOf(event) && !(event.relatedTarget instanceof Element && event.relatedTarget.closest("svg.plot .hit"))) hide();
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  chartTips();
   liveFlows();
   copyButtons();
   confirmations();

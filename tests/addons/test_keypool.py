@@ -51,7 +51,9 @@ def keypool(pool_db):
     pool = KeyPool(sender=CredentialSender())
     with addon_context(pool, pool_db) as tctx:
         tctx.configure(pool, keypool_max_attempts=1)  # retries go over the network: integration tests
-        pool._writer = pool.rotation.states = writer.acquire(pool_db)
+        pool._writer = writer.acquire(pool_db)
+        for rotation in pool.rotations.values():
+            rotation.states = pool._writer
         yield pool
         writer.release(pool._writer)
 

@@ -124,8 +124,10 @@ def new_page(chromium: Browser, ui: Keyrotor, browser_events: BrowserEvents) -> 
     """Open a page on the UI in a fresh browser context: logged in unless asked otherwise."""
     contexts: list[BrowserContext] = []
 
-    def make(width: int = DESKTOP[0], height: int = DESKTOP[1], logged_in: bool = True) -> Page:
-        context = chromium.new_context(viewport={"width": width, "height": height}, base_url=ui.ui_url)
+    def make(width: int = DESKTOP[0], height: int = DESKTOP[1], logged_in: bool = True, touch: bool = False) -> Page:
+        context = chromium.new_context(
+            viewport={"width": width, "height": height}, base_url=ui.ui_url, has_touch=touch, is_mobile=touch
+        )
         context.set_default_timeout(15_000)
         contexts.append(context)
         if logged_in:

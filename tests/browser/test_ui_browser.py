@@ -1,13 +1,14 @@
 """The monitor UI in a real browser, as an admin uses it, in front of a real proxy.
 
 Flows are made by the official openai client through `run.py proxy` against the fake upstream, so the
-pages show what a user would see. The screenshots in docs/screenshots/ (used by the README) are taken
-here, on every run.
+pages show what a user would see. Every run takes the README's screenshots into the git-ignored
+tests/browser/screenshots/; with KEYROTOR_UPDATE_SCREENSHOTS=1 they replace the tracked ones in docs/screenshots/.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 expect = pytest.importorskip("playwright.sync_api", reason="./test.sh installs playwright").expect
 pytestmark = pytest.mark.browser
 
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# A plain run must leave the work tree clean: the tracked copies change only when asked.
+UPDATE_SCREENSHOTS = os.environ.get("KEYROTOR_UPDATE_SCREENSHOTS", "") == "1"
+SCREENSHOTS = ROOT / ("docs" if UPDATE_SCREENSHOTS else "tests/browser") / "screenshots"
 PHONE = (390, 844)
 KEYS = [
     "sk-good-browser-aaaaaaaaaaaaaaaaaaaa0001",
@@ -152,6 +155,10 @@ def test_an_admin_finds_a_streamed_flow_by_search_and_its_markup_never_runs(
     page.get_by_label("One key per line").fill("\n".join([KEYS[0], KEYS[1], "not a key", KEYS[0]]))
     page.get_by_role("button", name="Add keys", exact=True).click()
     expect(page.get_by_role("status")).to_have_text("Added 2, skipped 1 duplicate(s), rejected 1 malformed (line 3).")
+    page.reload()  # after a redirect: a GET, so nothing is posted again
+    expect(page.get_by_role("status")).to_have_text("Added 2, skipped 1 duplicate(s), rejected 1 malformed (line 3).")
+    assert len(admin_api(ui, "/api/keys")["keys"]) == 2
+    assert browser_events.dialogs == []  # no "confirm form resubmission"
     key_rows = page.locator("table.keys tbody tr")
     expect(key_rows.locator("code")).to_have_text(["…0001", "…0002"])
     expect(key_rows.locator(".badge")).to_have_text(["active", "active"])
@@ -204,7 +211,7 @@ def test_a_streamed_flow_found_by_a_search_link_shows_its_text_and_events_and_ru
     assert_nothing_ran(page, browser_events)
     screenshot(page, "flows.png")
 
-    rows.get_by_role("link").click()
+    rows.locator("td.c-time a").click()
     expect(page).to_have_url(re.compile(rf"/flows/{captured.streamed_id}$"))
     assert_streamed_flow_shown(page, captured.streamed_text, browser_events)
     screenshot(page, "flow.png", full_page=True)
@@ -227,7 +234,9 @@ def test_new_flows_appear_on_the_open_flow_list_without_a_reload(ui: Keyrotor, n
     expect(rows).to_have_count(2, timeout=LIVE_POLL_DEADLINE_MS)
 
     newest = max(f["id"] for f in admin_api(ui, "/api/flows")["flows"])
-    expect(rows.first.get_by_role("link")).to_have_attribute("href", f"/flows/{newest}")
+    expect(rows.first.locator("td.c-time a")).to_have_attribute("href", f"/flows/{newest}")
+    expect(rows.first.locator("td.c-client a")).to_have_text("alice")  # names, as the server renders them
+    expect(rows.first.locator("td.c-key a")).to_have_text(re.compile(r"^#\d \(…000\d\)$"))
     expect(rows.first).to_have_class(re.compile(r"\bfresh\b"))
     expect(page.locator("#live-status")).to_have_text("live")
     assert page.evaluate("() => window.__sameDocument") is True, "the page was reloaded"
@@ -248,14 +257,32 @@ def test_dashboard_counts_requests_draws_charts_and_refreshes_itself(
 
     expect(requests_in("last hour")).to_have_text("2")
     expect(requests_in("all time")).to_have_text("2")
-    charts = page.locator("svg.chart")
-    expect(charts).to_have_count(2)
+    charts = page.locator("figure.chart")
+    expect(charts).to_have_count(4)
     for chart in charts.all():
-        expect(chart.locator("rect.req").first).to_be_visible()  # a bar is drawn only for a bucket with requests
+        expect(chart.locator("text.axis-title")).to_have_text(
+            [re.compile(r"^(requests|latency|tokens)$"), "time (UTC)"]
+        )
+        expect(chart.locator("svg.y-axis text.tick").first).to_have_text(re.compile(r"^0( ms)?$"))
+    minute = page.locator("#chart-minute")
+    expect(minute.locator("rect.bar.ok").first).to_be_visible()  # a bar only for a minute with requests
+    busy = minute.locator("rect.hit:not([data-tip$='no requests'])").last  # the newest minute with requests
+    bucket = busy.get_attribute("data-bucket")
+    busy.hover()
+    tip = page.locator("#chart-tip")
+    expect(tip).to_be_visible()
+    expect(tip).to_have_text(re.compile(r"^\d\d:\d\d UTC: [12] requests?, 0 errors$"))
+    page.locator("#chart-latency rect.hit[data-tip*='p50']").last.hover()
+    expect(tip).to_have_text(re.compile(r"UTC: p50 [\d.]+ m?s, p95 [\d.]+ m?s \(\d+ requests?\)$"))
     screenshot(page, "dashboard.png")
 
+    busy.hover()
     ask(captured.client, "One more")
     expect(requests_in("all time")).to_have_text("3", timeout=DASHBOARD_REFRESH_DEADLINE_MS)
+    # The refresh replaced the chart hovered; the tip follows the same minute, with its figures from the refresh.
+    refreshed = minute.locator(f"rect.hit[data-bucket='{bucket}']")
+    expect(refreshed).to_have_class(re.compile(r"\bactive\b"))
+    expect(tip).to_have_text(refreshed.get_attribute("data-tip"))
     expect(requests_in("last hour")).to_have_text("3")
     assert browser_events.csp_violations() == []
     assert browser_events.page_errors == []
@@ -307,3 +334,60 @@ def test_every_page_fits_a_phone_screen(captured: Captured, new_page: Callable[.
     logged_out.goto("/login")
     overflowing.append(sideways_overflow(logged_out))
     assert [o for o in overflowing if o] == [], "pages that scroll sideways on a phone"
+
+
+def test_a_key_renamed_on_the_keys_page_is_named_on_the_dashboard_and_in_the_flow_detail(
+    captured: Captured, ui: Keyrotor, new_page: Callable[..., Page], browser_events: BrowserEvents
+):
+    key_id = admin_api(ui, f"/api/flows/{captured.streamed_id}")["upstream_key_id"]
+    last4 = KEYS[key_id - 1][-4:]
+    page = new_page()
+    page.goto("/keys")
+    row = page.locator(f"#key-{key_id}")
+    row.get_by_label(f"Name of key #{key_id}").fill("Key <b>1</b>")
+    row.get_by_role("button", name="Save").click()
+    expect(page.get_by_role("status")).to_have_text("1 key(s) saved.")
+    expect(page.get_by_label(f"Name of key #{key_id}")).to_have_value("Key <b>1</b>")
+
+    label = f"Key <b>1</b> (…{last4})"
+    page.goto("/dashboard")
+    by_key = page.locator("section.card", has=page.get_by_role("heading", name="By upstream key"))
+    expect(by_key.get_by_role("link", name=label, exact=True)).to_have_attribute("href", f"/keys/{key_id}")
+    page.goto(f"/flows/{captured.streamed_id}")
+    expect(page.locator('dt:text-is("Upstream key") + dd a')).to_have_text(label)
+    page.goto("/flows")
+    page.get_by_role("link", name=label).first.click()  # filters the list by that key
+    expect(page).to_have_url(re.compile(rf"/flows\?key={key_id}$"))
+    expect(page.locator("table.flows tbody tr")).to_have_count(1)
+    assert page.locator("b").count() == 0  # the name is text, not markup
+    assert_nothing_ran(page, browser_events)
+
+
+def test_on_a_phone_flows_are_cards_and_charts_answer_a_tap_in_legible_text(
+    captured: Captured, new_page: Callable[..., Page], browser_events: BrowserEvents
+):
+    page = new_page(*PHONE, touch=True)
+    card = page.locator("table.flows tbody tr").first
+    expect(card).to_be_visible()
+    assert card.evaluate("e => getComputedStyle(e).display") == "flex"
+    assert page.locator("table.flows thead").evaluate("e => e.getBoundingClientRect().height") <= 1
+    for cell in ("td.c-status", "td.c-model", "td.c-time", "td.c-tokens", "td.c-cost", "td.c-client", "td.c-key"):
+        expect(card.locator(cell)).to_be_visible()
+    status = card.locator(".status")
+    assert status.evaluate("e => e.getClientRects().length") == 1, "a status code broke across lines"
+    assert sideways_overflow(page) is None
+
+    page.goto("/dashboard")
+    hit = page.locator("#chart-hour rect.hit:not([data-tip$='no requests'])").last
+    hit.tap()
+    expect(page.locator("#chart-tip")).to_have_text(re.compile(r"UTC: [12] requests?, 0 errors$"))
+    ticks = page.locator("figure.chart text.tick")
+    sizes = ticks.evaluate_all("ts => ts.map(t => [parseFloat(getComputedStyle(t).fontSize), t.getScreenCTM().a])")
+    assert sizes and all(size >= 11 and scale == 1 for size, scale in sizes), sizes  # not shrunk with the chart
+    cost = page.locator("table.breakdown th", has_text="Cost")
+    expect(cost).to_have_count(3)
+    for header in cost.all():  # every breakdown keeps its cost column in view
+        assert header.evaluate("e => e.getBoundingClientRect().right") <= PHONE[0]
+    assert sideways_overflow(page) is None
+    screenshot(page, "phone-dashboard.png")
+    assert browser_events.csp_violations() == [] and browser_events.page_errors == []

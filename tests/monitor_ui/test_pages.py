@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from config import load_settings
 from core.records import AttemptLog, FlowRecord
 from monitor_ui.app import create_app
-from storage import client_keys, db, flows, rollups, secrets
+from storage import client_keys, db, flows, outcomes, rollups, secrets
 from storage.upstream_keys import SqliteKeyStore
 from usecases.keys import add_keys
 
@@ -78,6 +78,15 @@ ROWS = [
 ]
 
 
+def write(conn, rows: list[dict]) -> None:
+    """What the capture writer does with a batch."""
+    records = [FlowRecord(**r) for r in rows]
+    with conn:
+        flows.insert_batch(conn, records)
+        rollups.add_records(conn, records)
+        outcomes.add_records(conn, records)
+
+
 @pytest.fixture
 def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream) -> Iterator[TestClient]:
     monkeypatch.setenv("KEYROTOR_ADMIN_KEY", ADMIN)
@@ -96,10 +105,7 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream) -> Iterato
     add_keys(SqliteKeyStore(conn, secrets.key_cipher(path)), KEYS)
     client_keys.create_client(conn, "alice")
     client_keys.create_client(conn, "bob")
-    with conn:
-        records = [FlowRecord(**r) for r in ROWS]
-        flows.insert_batch(conn, records)
-        rollups.add_records(conn, records)
+    write(conn, ROWS)
     conn.close()
     with TestClient(create_app(settings), follow_redirects=False) as test_client:
         yield test_client
@@ -115,12 +121,13 @@ def ids(response) -> list[int]:
     return [f["id"] for f in response.json()["flows"]]
 
 
-PAGES = ["/dashboard", "/flows", "/flows/1", "/keys", "/clients"]
+PAGES = ["/dashboard", "/flows", "/flows/1", "/keys", "/keys/1", "/clients"]
 APIS = [
     "/api/dashboard",
     "/api/flows",
     "/api/flows/1",
     "/api/keys",
+    "/api/keys/1",
     "/api/clients",
     "/api/flows/export.jsonl",
     "/api/flows/export.har",
@@ -131,6 +138,7 @@ FORMS = [
     "/keys/1/disable",
     "/keys/1/delete",
     "/keys/1/validate",
+    "/keys/1/edit",
     "/keys/validate",
     "/keys/reset-invalid",
     "/clients",
@@ -295,15 +303,116 @@ def test_dashboard_counts_from_rollups(client):
 def test_dashboard_page_draws_its_charts(client):
     logged_in(client)
     page = client.get("/dashboard").text
-    assert page.count('<svg class="chart"') == 2 and 'class="req"' in page and 'data-refresh="/dashboard"' in page
+    assert page.count('<figure class="chart"') == 4 and 'data-refresh="/dashboard"' in page
+    for caption in (
+        "Requests per minute, last hour",
+        "Requests per hour, last 24 hours",
+        "Latency per minute (p50, p95), last hour",
+        "Tokens per minute, last hour",
+    ):
+        assert caption in page
+    # Axes say what they measure; bars exist for the minute with requests; errors are hatched, not only red.
+    assert page.count('class="axis-title"') == 8 and ">time (UTC)<" in page and ">requests<" in page
+    assert 'class="bar ok"' in page and 'class="bar err"' in page and 'fill="url(#hatch-minute)"' in page
+    tips = re.findall(r'data-tip="([^"]+)"', page)
+    assert len(tips) == 60 + 24 + 60 + 60
+    assert any(re.fullmatch(r"\d\d:\d\d UTC: 5 requests, 3 errors", t) for t in tips), tips[:3]
 
 
-def test_keys_page_adds_in_bulk_and_reports(client):
+def test_dashboard_names_keys_and_clients_and_links_them(client):
+    with_names = client.put("/api/keys/1", json={"name": "Key <one>"}, headers=AUTH)
+    assert with_names.status_code == 200 and with_names.json()["label"] == "Key <one> (…0001)"
+    data = client.get("/api/dashboard", headers=AUTH).json()
+    assert {r["id"]: r["label"] for r in data["breakdowns"]["upstream_key_id"]} == {
+        1: "Key <one> (…0001)",
+        2: "#2 (…0002)",
+    }
+    assert {r["id"]: r["label"] for r in data["breakdowns"]["client_key_id"]}[2] == "bob"
+    logged_in(client)
+    page = client.get("/dashboard").text
+    assert '<a href="/keys/1">Key &lt;one&gt; (…0001)</a>' in page and '<a href="/clients#client-2">bob</a>' in page
+    assert '<a href="/flows?key=1"' in page
+
+
+def test_keys_page_adds_in_bulk_then_redirects_so_a_reload_adds_nothing(client):
     csrf = logged_in(client)
-    text = "\n".join([KEYS[0], "sk-good-pages-ccccccccccccccccccccc0003", "not a key", "# comment"])
-    page = client.post("/keys/add", data={"csrf": csrf, "keys": text}).text
+    text = "\n".join([KEYS[0], "Spare\tsk-good-pages-ccccccccccccccccccccc0003", "not a key", "# comment"])
+    response = client.post("/keys/add", data={"csrf": csrf, "keys": text})
+    assert response.status_code == 303
+    page = client.get(response.headers["location"]).text
     assert "Added 1, skipped 1 duplicate(s), rejected 1 malformed (line 3)." in page
-    assert "…0003" in page and "sk-good-pages-ccc" not in page
+    assert "…0003" in page and "sk-good-pages-ccc" not in page and 'value="Spare"' in page
+    client.get(response.headers["location"])  # what a reload sends: a GET, which adds nothing
+    assert len(client.get("/api/keys", headers=AUTH).json()["keys"]) == 3
+    many = "\n".join(f"bad {n}" for n in range(30))
+    location = client.post("/keys/add", data={"csrf": csrf, "keys": many, "name": "x"}).headers["location"]
+    assert "rejected 30 malformed (line 1, 2, 3," in client.get(location).text
+    assert "20 and 10 more)." in client.get(location).text
+
+
+def test_keys_are_renamed_from_the_page_and_the_api(client):
+    csrf = logged_in(client)
+    response = client.post("/keys/2/edit", data={"csrf": csrf, "name": "  Key 2 "})
+    assert response.headers["location"] == "/keys?done=edited&count=1#key-2"
+    assert client.get("/api/keys/2", headers=AUTH).json()["name"] == "Key 2"
+    assert (
+        client.post("/keys/2/edit", data={"csrf": csrf, "name": "Backup", "weight": "3", "back": "key"}).headers[
+            "location"
+        ]
+        == "/keys/2?done=edited"
+    )
+    key_page = client.get("/keys/2?done=edited").text
+    assert "<h1>Backup (…0002)</h1>" in key_page and "Saved." in key_page and 'value="3.0"' in key_page
+    assert client.post("/keys/2/edit", data={"name": "Sneaky"}).status_code == 403
+    changed = client.put("/api/keys/2", json={"weight": 2.5}, headers=AUTH).json()
+    assert (changed["name"], changed["weight"]) == ("Backup", 2.5)  # a field left out stays
+    assert client.put("/api/keys/2", json={"name": ""}, headers=AUTH).json()["label"] == "#2 (…0002)"
+    assert client.put("/api/keys/2", json={"name": "x" * 65}, headers=AUTH).status_code == 422
+    assert client.put("/api/keys/2", json={"weight": 0}, headers=AUTH).status_code == 422
+    assert client.put("/api/keys/2", json={"name": "bad\tname"}, headers=AUTH).status_code == 422
+    assert client.put("/api/keys/99", json={"name": "x"}, headers=AUTH).status_code == 404
+    assert client.put("/api/keys/2", json={"name": "x"}).status_code == 403  # a session without its CSRF header
+    assert client.get("/keys/99").status_code == 404
+
+
+def test_a_cooldown_that_has_passed_is_not_shown_as_until_a_past_time(client, tmp_path):
+    conn = db.connect(tmp_path / "kr.db")
+    with conn:
+        conn.execute("UPDATE upstream_keys SET state = 'cooling', cooldown_until = ?", (NOW - 60,))
+        conn.execute("UPDATE upstream_keys SET cooldown_until = ? WHERE id = 2", (NOW + 3600,))
+    conn.close()
+    keys = client.get("/api/keys", headers=AUTH).json()["keys"]
+    assert [k["cooldown_over"] for k in keys] == [True, False]
+    logged_in(client)
+    page = client.get("/keys").text
+    first, second = page.split('id="key-2"')
+    assert "cooldown over: the next request tries it" in first and "until " not in first.split('id="key-1"')[1]
+    assert "until " in second and "cooldown over" not in second
+
+
+def test_flows_carry_names_cost_and_first_byte_and_filter_by_what_is_clicked(client):
+    client.put("/api/keys/1", json={"name": "Key 1"}, headers=AUTH)
+    listed = {f["id"]: f for f in client.get("/api/flows", headers=AUTH).json()["flows"]}
+    assert (listed[1]["upstream_key"], listed[1]["client"], listed[4]["client"]) == ("Key 1 (…0001)", "alice", "bob")
+    assert listed[1]["cost"] == pytest.approx(0.0001) and listed[1]["first_byte_ms"] == pytest.approx(50, abs=0.1)
+    logged_in(client)
+    page = client.get("/flows?stream=no").text
+    for link in (
+        'href="/flows?stream=no&amp;status=429"',
+        'href="/flows?stream=no&amp;model=gpt-4o"',
+        'href="/flows?stream=no&amp;key=1"',
+        'href="/flows?stream=no&amp;client=2"',
+        'href="/flows?stream=no&amp;status=error"',
+    ):
+        assert link in page, link
+    assert ">Key 1 (…0001)</a>" in page and ">$0.0001<" in page and ">50 ms<" in page
+    assert ids(client.get("/api/flows?status=429", headers=AUTH)) == [2]
+    assert ids(client.get("/api/flows?status=500", headers=AUTH)) == [4]
+    assert '<option value="429" selected>429 only</option>' in client.get("/flows?status=429").text
+    assert client.get("/api/flows?status=42", headers=AUTH).status_code == 422
+    detail = client.get("/flows/3").text
+    assert '<a href="/keys/2">#2 (…0002)</a>' in detail and '<a href="/keys/1">Key 1 (…0001)</a>' in detail
+    assert '<a href="/clients#client-1">alice</a>' in detail
 
 
 def test_key_actions_from_the_page(client):
@@ -363,3 +472,54 @@ def test_metrics_speak_prometheus_with_the_metrics_token(client):
     assert 'keyrotor_upstream_key_tokens_total{upstream_key="2",kind="prompt"} 10' in text
     # The metrics token opens /metrics and nothing else.
     assert client.get("/api/flows", headers={"Authorization": "Bearer prom-token-123"}).status_code == 401
+
+
+def test_metrics_have_no_empty_labels_and_count_attempts_retries_refusals_and_names(client, tmp_path):
+    conn = db.connect(tmp_path / "kr.db")
+    refusal = [["content-type", "application/json"], ["x-keyrotor-error", "missing_api_key"]]
+    write(
+        conn,
+        [
+            row(
+                6,
+                status=401,
+                model=None,
+                upstream_key_id=None,
+                client_key_id=None,
+                attempts=0,
+                response_headers=refusal,
+            )
+        ],
+    )
+    conn.close()
+    client.put("/api/keys/1", json={"name": 'Key "1"'}, headers=AUTH)
+    text = client.get("/metrics", headers=AUTH).text
+    assert re.findall(r'="",|=""}', text) == []  # no empty label value anywhere
+    assert 'keyrotor_requests_total{model="(none)"} 1' in text
+    assert 'keyrotor_upstream_key_requests_total{upstream_key="(none)"} 1' in text
+    assert 'keyrotor_refusals_total{reason="missing_api_key"} 1' in text
+    # Flow 3 was retried (429 on key 2, then 200 on key 1); the others had one attempt each but flow 6.
+    assert 'keyrotor_attempts_total{outcome="rate_limited"} 2' in text  # flow 3's first, and flow 2
+    assert 'keyrotor_attempts_total{outcome="success"} 2' in text
+    assert 'keyrotor_attempts_total{outcome="no_response"} 1' in text
+    assert "keyrotor_retries_total 1" in text
+    assert 'keyrotor_upstream_key_info{upstream_key="1",name="Key \\"1\\" (…0001)"} 1' in text
+    assert 'keyrotor_upstream_key_info{upstream_key="2",name="#2 (…0002)"} 1' in text
+    assert 'keyrotor_client_info{client="2",name="bob"} 1' in text
+    for value in KEYS:
+        assert value not in text
+
+
+def test_every_page_has_a_favicon_and_it_is_served_without_login(client):
+    for url in ("/static/favicon.svg", "/favicon.ico"):
+        icon = client.get(url)
+        assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+        assert icon.text.startswith("<svg") and "<script" not in icon.text
+    logged_in(client)
+    assert '<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">' in client.get("/dashboard").text
+
+
+def test_the_login_page_says_where_the_admin_key_was_printed_and_how_to_replace_it(client):
+    page = client.get("/login").text
+    assert "printed once, in the terminal where it first started" in page
+    assert "data/keyrotor.db.admin" in page and "KEYROTOR_ADMIN_KEY" in page

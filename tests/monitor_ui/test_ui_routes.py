@@ -514,7 +514,7 @@ def test_flow_list_page_links_every_flow_newest_first(browser):
     response = browser.get("/flows")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    links = [int(i) for i in re.findall(r'<a href="/flows/(\d+)">', response.text)]
+    links = [int(i) for i in re.findall(r'<a href="/flows/(\d+)"', response.text)]
     assert links == [7, 6, 5, 4, 3, 2, 1]
     for n in range(1, 8):
         assert f"/v1/chat/completions?n={n}" in response.text
@@ -523,11 +523,11 @@ def test_flow_list_page_links_every_flow_newest_first(browser):
 
 def test_flow_list_page_offers_the_next_page(browser):
     page = browser.get("/flows", params={"limit": 3}).text
-    assert [int(i) for i in re.findall(r'<a href="/flows/(\d+)">', page)] == [7, 6, 5]
+    assert [int(i) for i in re.findall(r'<a href="/flows/(\d+)"', page)] == [7, 6, 5]
     older = re.search(r'<a href="(/flows\?before=[^"]+)">Older', page)
     assert older, "no link to older flows"
     next_page = browser.get(html.unescape(older.group(1))).text
-    assert [int(i) for i in re.findall(r'<a href="/flows/(\d+)">', next_page)] == [4, 3, 2]
+    assert [int(i) for i in re.findall(r'<a href="/flows/(\d+)"', next_page)] == [4, 3, 2]
 
 
 def test_flow_list_page_of_an_empty_database(make_client):

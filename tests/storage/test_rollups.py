@@ -6,6 +6,7 @@ import pytest
 
 from core.records import FlowRecord
 from storage import db, flows, rollups, schema
+from tests.conftest import insert_into_old_schema
 
 T0 = 1_800_000_000.0  # a whole hour
 ALL_MIGRATIONS = list(schema.MIGRATIONS)
@@ -92,7 +93,7 @@ def test_a_v3_database_keeps_its_figures_in_the_v4_layout(tmp_path, monkeypatch)
     monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:2])
     schema.migrate(old)
     with old:
-        flows.insert_batch(old, rows)
+        insert_into_old_schema(old, rows)
     monkeypatch.setattr(schema, "MIGRATIONS", ALL_MIGRATIONS)
     schema.migrate(old)
     assert old.execute("PRAGMA user_version").fetchone()[0] == len(ALL_MIGRATIONS)

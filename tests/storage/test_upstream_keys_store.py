@@ -62,3 +62,26 @@ def test_learnt_states_do_not_override_an_admin_disable(store):
     with conn:
         upstream_keys.record_state(conn, key_id, "invalid", "401", None, 1.0)
     assert upstream_keys.list_keys(conn)[0]["state"] == "disabled"
+
+
+def test_keys_take_names_from_tab_lines_or_a_default_and_are_renamed(store):
+    _, conn, cipher = store
+    other = "sk-" + "d" * 40
+    lines = [f"Key 1\t{GOOD}", f"  \t{other}", "bad\tname\tsk-" + "e" * 40, "sk-" + "f" * 40]
+    report = add_keys(SqliteKeyStore(conn, cipher), lines, name="team-a")
+    assert report.malformed == [3]  # a tab inside the name: the line is not NAME<TAB>KEY
+    assert [(r["name"], r["last4"]) for r in upstream_keys.list_keys(conn)] == [
+        ("Key 1", "WXYZ"),
+        ("team-a", "dddd"),
+        ("team-a", "ffff"),
+    ]
+    assert add_keys(SqliteKeyStore(conn, cipher), [f"Other\t{GOOD}"]).duplicates == 1  # keeps its name
+    assert upstream_keys.get_key(conn, 1)["name"] == "Key 1"
+    assert upstream_keys.rename_key(conn, 1, "  Prod key  ") == 1
+    assert upstream_keys.labels_of(conn, [1, 2, 99]) == {1: ("Prod key", "WXYZ"), 2: ("team-a", "dddd")}
+    assert upstream_keys.rename_key(conn, 2, "") == 1 and upstream_keys.get_key(conn, 2)["name"] is None
+    assert upstream_keys.rename_key(conn, 99, "x") == 0
+    with pytest.raises(ValueError, match="at most 64"):
+        upstream_keys.rename_key(conn, 1, "x" * 65)
+    # A name is a label for people: the value never shows through it and it never holds one.
+    assert GOOD not in repr(upstream_keys.labels_of(conn, [1]))

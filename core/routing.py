@@ -1,0 +1,182 @@
+"""Which upstream group serves a request: by its model, highest priority first, weighted within one.
+
+A group whose model list is empty serves every model, so a user who never lists models
+sees no change. After the groups of a model come its fallback models' groups, in the
+order an admin gave them. Requests without a model go to the default group.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+DEFAULT = "default"
+
+
+class Dialect(StrEnum):
+    OPENAI = "openai"  # OpenAI itself and the relay stations that copy its API
+    AZURE = "azure"  # Azure OpenAI: deployments in the path, api-version, the api-key header
+
+
+@dataclass(frozen=True)
+class Upstream:
+    id: int
+    name: str
+    base_url: str | None  # None: the proxy's own upstream (proxy.upstream, --mode reverse:URL)
+    dialect: Dialect = Dialect.OPENAI
+    api_version: str | None = None
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Group:
+    id: int
+    upstream: Upstream
+    name: str
+    priority: int = 0
+    weight: float = 1.0
+    enabled: bool = True
+    models: dict[str, str | None] = field(default_factory=dict)  # client's name → upstream's (None: same)
+    models_fetched: bool = False  # the list came from upstream once, so the schedule keeps it fresh
+
+    @property
+    def label(self) -> str:
+        return f"{self.upstream.name}/{self.name}"
+
+    @property
+    def serves_every_model(self) -> bool:
+        return not self.models
+
+    def serves(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+    def upstream_model(self, model: str) -> str:
+        return self.models.get(model) or model
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to serve a request: this group, asked for `upstream_model`, answering as `model`."""
+
+    group: Group
+    model: str | None  # the model the client gets back (the requested one, or a fallback)
+    upstream_model: str | None
+    fallback_from: str | None = None  # the requested model, when `model` is one of its fallbacks
+
+    @property
+    def renames(self) -> bool:
+        return self.model is not None and self.upstream_model != self.model
+
+
+class RouteTable:
+    """Routes built once per admin change; `candidates` is what each request asks."""
+
+    def __init__(self, groups: list[Group], fallbacks: dict[str, list[str]] | None = None) -> None:
+        self.groups = [g for g in groups if g.enabled and g.upstream.enabled]
+        self.by_id = {g.id: g for g in groups}
+        self.fallbacks = fallbacks or {}
+        self._by_model: dict[str, list[Group]] = {}
+        for group in self.groups:
+            for model in group.models:
+                self._by_model.setdefault(model, []).append(group)
+        self._every_model = [g for g in self.groups if g.serves_every_model]
+        defaults = [g for g in self.groups if g.label == f"{DEFAULT}/{DEFAULT}"]
+        self.default_group = (defaults or sorted(self.groups, key=lambda g: (-g.priority, g.id)) or [None])[0]
+        # The common case: one group for everything, nothing renamed. Then the request's model
+        # need not even be read.
+        self.trivial = len(self.groups) == 1 and self.groups[0].serves_every_model and not self.fallbacks
+        self.only = Candidate(self.groups[0], None, None) if self.trivial else None
+
+    def groups_for(self, model: str) -> list[Group]:
+        return self._by_model.get(model, []) + self._every_model
+
+    def candidates(self, model: str | None, rng: random.Random | None = None) -> list[Candidate]:
+        """Where to try a request for `model`, in order; empty when nothing serves it."""
+        if model is None:
+            group = self.default_group
+            return [Candidate(group, None, None)] if group is not None else []
+        found = [Candidate(g, model, g.upstream_model(model)) for g in ordered(self.groups_for(model), rng)]
+        for fallback in self.fallbacks.get(model, ()):
+            groups = ordered(self.groups_for(fallback), rng)
+            found += [Candidate(g, fallback, g.upstream_model(fallback), fallback_from=model) for g in groups]
+        return found
+
+    def listed_models(self) -> list[str]:
+        """Every model some group lists by name, each once, in a stable order."""
+        return sorted(self._by_model)
+
+
+def ordered(groups: list[Group], rng: random.Random | None = None) -> list[Group]:
+    """Highest priority first; within a priority, a weighted random order (each group once)."""
+    if len(groups) < 2:
+        return groups
+    rng = rng or random
+    by_priority: dict[int, list[Group]] = {}
+    for group in groups:
+        by_priority.setdefault(group.priority, []).append(group)
+    result = []
+    for priority in sorted(by_priority, reverse=True):
+        tier = list(by_priority[priority])
+        while len(tier) > 1:
+            weights = [max(g.weight, 0.0) or 1e-9 for g in tier]
+            pick = rng.choices(range(len(tier)), weights=weights)[0]
+            result.append(tier.pop(pick))
+        result += tier
+    return result
+
+
+# --------------------------------------------------------------------------- reading the model
+
+_MULTIPART_BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.I)
+_MODEL_PART = re.compile(rb'content-disposition:[^\r\n]*\bname="model"', re.I)
+
+
+def requested_model(content_type: str, body: bytes) -> str | None:
+    """The `model` of a JSON body, or of the multipart form field audio uploads carry."""
+    if not body:
+        return None
+    if "multipart/form-data" in content_type:
+        return _multipart_model(content_type.encode("latin-1", "replace"), body)
+    if b'"model"' not in body:
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None  # upstream answers the client with its own 400
+    model = value.get("model") if isinstance(value, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
+def _multipart_model(content_type: bytes, body: bytes) -> str | None:
+    boundary = _MULTIPART_BOUNDARY.search(content_type)
+    if boundary is None:
+        return None
+    for part in body.split(b"--" + boundary.group(1)):
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if sep and _MODEL_PART.search(head):
+            model = value.removesuffix(b"\r\n").decode("utf-8", "replace").strip()
+            return model or None
+    return None
+
+
+# --------------------------------------------------------------------------- renaming
+
+
+def _model_value(model: str) -> re.Pattern[bytes]:
+    encoded = json.dumps(model).encode()
+    return re.compile(rb'("model"\s*:\s*)' + re.escape(encoded))
+
+
+def renamed_model(body: bytes, old: str, new: str, count: int = 0) -> bytes:
+    """`body` with every `"model": "<old>"` pair saying `new` (count=1: only the first).
+
+    Inside a JSON string a quote is escaped, so the raw pair appears only where it is a key
+    and its value: the bytes around it stay exactly as they came.
+    """
+    if old == new or old.encode() not in body:
+        return body
+    replacement = json.dumps(new).encode().replace(b"\\", b"\\\\")
+    return _model_value(old).sub(rb"\1" + replacement, body, count=count)

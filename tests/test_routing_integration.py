@@ -1,0 +1,171 @@
+"""Many upstreams end to end: the openai client → a real mitmproxy running keyrotor → an OpenAI-style
+relay serving some models and an Azure resource that accepts only its own paths and header."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.conftest import Keyrotor, raises, wait_for
+from tests.fake_upstream import FakeAzure, FakeUpstream
+
+RELAY_KEYS = ["sk-good-relay-aaaaaaaaaaaaaaaaaaaaaa01", "sk-good-relay-bbbbbbbbbbbbbbbbbbbbbb02"]
+AZURE_KEY = "0123456789abcdef0123456789abcdef"
+DEFAULT_KEY = "sk-good-default-cccccccccccccccccccc03"
+MESSAGES = [{"role": "user", "content": "Route me"}]
+
+
+@pytest.fixture
+def relay() -> Iterator[FakeUpstream]:
+    with FakeUpstream(models={"gpt-4o-mini", "gpt-4o-2024-11-20", "gpt-3.5-turbo"}).start() as up:
+        yield up
+
+
+@pytest.fixture
+def azure() -> Iterator[FakeAzure]:
+    deployments = {"prod-gpt4o": "gpt-4o-2024-08-06", "prod-embed": "text-embedding-3-small"}
+    with FakeAzure(deployments).start() as up:
+        up.set_key(AZURE_KEY, "ok")  # Azure's keys are 32 hex digits: not one of the fake's good names
+        yield up
+
+
+@pytest.fixture
+def routed(keyrotor: Keyrotor, relay: FakeUpstream, azure: FakeAzure) -> tuple[Keyrotor, openai.OpenAI]:
+    kr = keyrotor
+    kr.cli("upstreams", "add", "relay", relay.url + "/v1")
+    kr.cli("upstreams", "add", "azure", azure.url, "--dialect", "azure", "--api-version", "2024-10-21")
+    kr.cli("groups", "add", "relay/cheap", "--priority", "10")
+    kr.cli("groups", "add", "azure/prod", "--priority", "5")
+    kr.cli("models", "add", "relay/cheap", "gpt-4o-mini")
+    kr.cli("models", "add", "relay/cheap", "gpt-4o", "--as", "gpt-4o-2024-11-20")
+    kr.cli("models", "add", "azure/prod", "gpt-4o", "--as", "prod-gpt4o")
+    kr.cli("models", "add", "azure/prod", "text-embedding-3-small", "--as", "prod-embed")
+    kr.cli("keys", "add", "--group", "relay/cheap", input="\n".join(RELAY_KEYS) + "\n")
+    kr.cli("keys", "add", "--group", "azure/prod", input=AZURE_KEY + "\n")
+    kr.add_keys(DEFAULT_KEY)
+    kr.cli("groups", "disable", "default/default")  # so that a model nobody lists is served by nobody
+    client_key = kr.add_client("alice")
+    kr.start_proxy()
+    return kr, openai.OpenAI(base_url=kr.base_url, api_key=client_key, max_retries=0, timeout=20)
+
+
+def flow_rows(kr: Keyrotor) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(kr.db_path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(
+            "SELECT f.*, u.name AS upstream, g.name AS grp FROM flows f LEFT JOIN upstreams u ON u.id = f.upstream_id"
+            " LEFT JOIN groups g ON g.id = f.group_id ORDER BY f.id"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def test_each_model_goes_to_the_group_that_serves_it(routed, relay, azure, upstream):
+    kr, client = routed
+    assert client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices[0].message.content
+    embedding = client.embeddings.create(model="text-embedding-3-small", input=["one"])
+    assert len(embedding.data) == 1
+    assert [(r.path, r.key) for r in relay.received] == [("/v1/chat/completions", RELAY_KEYS[0])]
+    (call,) = azure.received
+    assert call.path == "/openai/deployments/prod-embed/embeddings"
+    assert call.headers["api-key"] == AZURE_KEY and "authorization" not in call.headers
+    assert upstream.received == []  # the disabled default group got nothing
+    rows = wait_for(lambda: len(r := flow_rows(kr)) == 2 and r, what="two rows")
+    assert [(r["upstream"], r["grp"], r["status"]) for r in rows] == [("relay", "cheap", 200), ("azure", "prod", 200)]
+
+
+def test_an_alias_reaches_upstream_renamed_and_the_client_sees_its_own_name(routed, relay):
+    _, client = routed
+    answer = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert answer.model == "gpt-4o"
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    assert chunks and {c.model for c in chunks} == {"gpt-4o"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    sent = [json.loads(r.body)["model"] for r in relay.received]
+    assert sent == ["gpt-4o-2024-11-20", "gpt-4o-2024-11-20"]
+
+
+def test_a_group_whose_keys_are_all_invalid_falls_back_to_the_next_group(routed, relay, azure):
+    kr, client = routed
+    for key in RELAY_KEYS:
+        relay.set_key(key, "invalid")
+    for _ in range(6):
+        answer = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        assert answer.choices[0].message.content  # zero client errors
+    assert len(azure.received) == 6
+    assert {r.path for r in azure.received} == {"/openai/deployments/prod-gpt4o/chat/completions"}
+    assert all("authorization" not in r.headers for r in azure.received)
+    assert sorted(r.key for r in relay.received) == sorted(RELAY_KEYS)  # each invalid key tried once
+    rows = wait_for(lambda: len(r := flow_rows(kr)) == 6 and r, what="six rows")
+    assert {(r["upstream"], r["status"]) for r in rows} == {("azure", 200)}
+    conn = sqlite3.connect(kr.db_path)
+    attempts = conn.execute("SELECT group_id, status FROM attempts ORDER BY id").fetchall()
+    conn.close()
+    assert [s for _, s in attempts[:3]] == [401, 401, 200] and len({g for g, _ in attempts[:3]}) == 2
+
+
+def test_a_model_nobody_serves_gets_404_without_upstream_traffic(routed, relay, azure, upstream):
+    _, client = routed
+    error = raises(lambda: client.chat.completions.create(model="claude-3", messages=MESSAGES))
+    assert isinstance(error, openai.NotFoundError)
+    assert error.code == "model_not_found" and "claude-3" in error.message
+    assert relay.received == azure.received == upstream.received == []
+
+
+def test_models_lists_what_the_groups_serve_each_once(routed, relay, azure):
+    _, client = routed
+    assert sorted(m.id for m in client.models.list()) == ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]
+    assert relay.received == azure.received == []
+
+
+def test_fallback_models_serve_a_model_no_group_has_and_the_row_says_so(routed, relay):
+    kr, client = routed
+    kr.cli("models", "fallback", "o1", "gpt-4o-mini")
+    wait_for(lambda: not raises(lambda: client.chat.completions.create(model="o1", messages=MESSAGES)), what="reload")
+    answer = client.chat.completions.create(model="o1", messages=MESSAGES)
+    assert answer.model == "gpt-4o-mini"  # the model that answered
+    assert json.loads(relay.received[-1].body)["model"] == "gpt-4o-mini"
+    rows = wait_for(lambda: (r := flow_rows(kr)) and r[-1]["fallback_model"] and r, what="the fallback row")
+    assert (rows[-1]["model"], rows[-1]["fallback_model"]) == ("o1", "gpt-4o-mini")
+
+
+def test_a_model_added_while_the_proxy_runs_is_routed_within_a_second(routed, relay):
+    kr, client = routed
+    assert isinstance(raises(lambda: client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)),
+                      openai.NotFoundError)  # fmt: skip
+    kr.cli("models", "add", "relay/cheap", "gpt-3.5-turbo")
+    wait_for(
+        lambda: not raises(lambda: client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)),
+        timeout=3,
+        what="the new model to be served",
+    )
+
+
+def test_models_refresh_asks_each_group_and_the_schedule_keeps_the_list_fresh(keyrotor, relay):
+    kr = keyrotor
+    kr.cli("upstreams", "add", "relay", relay.url + "/v1")
+    kr.cli("groups", "add", "relay/cheap", "--priority", "10")
+    kr.cli("models", "add", "relay/cheap", "mine", "--as", "gpt-4o-mini")  # by hand: stays
+    kr.cli("keys", "add", "--group", "relay/cheap", input=RELAY_KEYS[0] + "\n")
+    kr.cli("groups", "disable", "default/default")
+    out = kr.cli("models", "refresh", "relay/cheap").stdout
+    assert "relay/cheap: 3 model(s) listed, 3 added, 0 removed" in out
+    listed = kr.cli("models", "list").stdout
+    for model in ("gpt-3.5-turbo", "gpt-4o-2024-11-20", "gpt-4o-mini", "mine"):
+        assert f"{model} " in listed
+    assert relay.received[-1].path == "/v1/models" and relay.received[-1].key == RELAY_KEYS[0]
+
+    relay.models.add("o3-mini")  # upstream starts selling a model
+    kr.start_proxy("--set", "keypool.revalidate_seconds=1")
+    client = openai.OpenAI(base_url=kr.base_url, api_key=kr.add_client("bob"), max_retries=0, timeout=20)
+    wait_for(
+        lambda: not raises(lambda: client.chat.completions.create(model="o3-mini", messages=MESSAGES)),
+        timeout=10,
+        what="the scheduled refresh to find o3-mini",
+    )
+    assert client.chat.completions.create(model="mine", messages=MESSAGES).model == "mine"

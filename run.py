@@ -357,99 +357,98 @@ def _validate(conn, settings: Settings, args: argparse.Namespace) -> int:
     return 0 if results and not missing else 1
 
 
-def upstreams_command(args: argparse.Namespace, settings: Settings) -> int:
+def _on_routes(settings: Settings, act) -> int:
+    """Run one upstreams/groups/models command; a missing or taken name is a sentence and exit 1."""
     conn = db.connect(settings.storage_path)
     try:
-        if args.action == "add":
-            url = parse_http_url(args.url)
-            routes.add_upstream(conn, args.name, url, Dialect(args.dialect), args.api_version)
-            print(
-                f"upstream {args.name!r} added ({args.dialect}, {url}); add a group: run.py groups add {args.name}/NAME"
-            )
-        elif args.action == "list":
-            print(f"{'name':<20}  {'dialect':<7}  {'enabled':<7}  {'groups':>6}  {'keys':>5}  url")
-            for row in routes.list_upstreams(conn):
-                url = row["base_url"] or f"{settings['proxy.upstream']} (proxy.upstream)"
-                version = f"  api-version={row['api_version']}" if row["api_version"] else ""
-                print(
-                    f"{row['name']:<20}  {row['dialect']:<7}  {'yes' if row['enabled'] else 'no':<7}"
-                    f"  {row['groups']:>6}  {row['keys']:>5}  {url}{version}"
-                )
-        elif args.action == "delete":
-            keys = routes.delete_upstream(conn, args.name)
-            print(f"upstream {args.name!r} deleted with its groups and {keys} key(s)")
-        else:
-            routes.set_upstream_enabled(conn, args.name, args.action == "enable")
-            print(f"upstream {args.name!r} {args.action}d")
-        return 0
+        return act(conn)
     except (routes.NotFound, routes.Conflict) as e:
         print(f"keyrotor: {e}", file=sys.stderr)
         return 1
     finally:
         conn.close()
+
+
+def upstreams_command(args: argparse.Namespace, settings: Settings) -> int:
+    return _on_routes(settings, lambda conn: _upstreams(conn, args, settings))
+
+
+def _upstreams(conn, args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "add":
+        url = parse_http_url(args.url)
+        routes.add_upstream(conn, args.name, url, Dialect(args.dialect), args.api_version)
+        print(f"upstream {args.name!r} added ({args.dialect}, {url}); add a group: run.py groups add {args.name}/NAME")
+    elif args.action == "list":
+        print(f"{'name':<20}  {'dialect':<7}  {'enabled':<7}  {'groups':>6}  {'keys':>5}  url")
+        for row in routes.list_upstreams(conn):
+            url = row["base_url"] or f"{settings['proxy.upstream']} (proxy.upstream)"
+            version = f"  api-version={row['api_version']}" if row["api_version"] else ""
+            print(
+                f"{row['name']:<20}  {row['dialect']:<7}  {'yes' if row['enabled'] else 'no':<7}"
+                f"  {row['groups']:>6}  {row['keys']:>5}  {url}{version}"
+            )
+    elif args.action == "delete":
+        keys = routes.delete_upstream(conn, args.name)
+        print(f"upstream {args.name!r} deleted with its groups and {keys} key(s)")
+    else:
+        routes.set_upstream_enabled(conn, args.name, args.action == "enable")
+        print(f"upstream {args.name!r} {args.action}d")
+    return 0
 
 
 def groups_command(args: argparse.Namespace, settings: Settings) -> int:
-    conn = db.connect(settings.storage_path)
-    try:
-        if args.action == "add":
-            routes.add_group(conn, args.label, args.priority, args.weight)
-            print(f"group {args.label!r} added; give it keys: run.py keys add --group {args.label} FILE")
-        elif args.action == "list":
-            print(f"{'group':<32}  {'priority':>8}  {'weight':>6}  {'enabled':<7}  {'keys':>5}  models")
-            for row in routes.list_groups(conn):
-                enabled = "yes" if row["enabled"] and row["upstream_enabled"] else "no"
-                models = row["models"] or "every model"
-                print(
-                    f"{row['label']:<32}  {row['priority']:>8}  {row['weight']:>6g}  {enabled:<7}  {row['keys']:>5}"
-                    f"  {models}"
-                )
-        elif args.action == "delete":
-            keys = routes.delete_group(conn, routes.group_id_of(conn, args.label))
-            print(f"group {args.label!r} deleted with {keys} key(s)")
-        else:
-            routes.set_group_enabled(conn, routes.group_id_of(conn, args.label), args.action == "enable")
-            print(f"group {args.label!r} {args.action}d")
-        return 0
-    except (routes.NotFound, routes.Conflict) as e:
-        print(f"keyrotor: {e}", file=sys.stderr)
-        return 1
-    finally:
-        conn.close()
+    return _on_routes(settings, lambda conn: _groups(conn, args, settings))
+
+
+def _groups(conn, args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "add":
+        routes.add_group(conn, args.label, args.priority, args.weight)
+        print(f"group {args.label!r} added; give it keys: run.py keys add --group {args.label} FILE")
+    elif args.action == "list":
+        print(f"{'group':<32}  {'priority':>8}  {'weight':>6}  {'enabled':<7}  {'keys':>5}  models")
+        for row in routes.list_groups(conn):
+            enabled = "yes" if row["enabled"] and row["upstream_enabled"] else "no"
+            models = row["models"] or "every model"
+            print(
+                f"{row['label']:<32}  {row['priority']:>8}  {row['weight']:>6g}  {enabled:<7}  {row['keys']:>5}"
+                f"  {models}"
+            )
+    elif args.action == "delete":
+        keys = routes.delete_group(conn, routes.group_id_of(conn, args.label))
+        print(f"group {args.label!r} deleted with {keys} key(s)")
+    else:
+        routes.set_group_enabled(conn, routes.group_id_of(conn, args.label), args.action == "enable")
+        print(f"group {args.label!r} {args.action}d")
+    return 0
 
 
 def models_command(args: argparse.Namespace, settings: Settings) -> int:
-    conn = db.connect(settings.storage_path)
-    try:
-        if args.action == "refresh":
-            return _refresh_models(conn, settings, args.label)
-        if args.action == "add":
-            routes.add_model(conn, routes.group_id_of(conn, args.label), args.model, args.upstream_model)
-            alias = f" as {args.upstream_model!r} upstream" if args.upstream_model else ""
-            print(f"{args.label} serves {args.model!r}{alias}")
-        elif args.action == "delete":
-            routes.delete_model(conn, routes.group_id_of(conn, args.label), args.model)
-            print(f"{args.label} no longer serves {args.model!r}")
-        elif args.action == "list":
-            print(f"{'model':<32}  {'upstream/group':<32}  upstream name")
-            for row in routes.list_models(conn):
-                print(f"{row['model']:<32}  {row['label']:<32}  {row['upstream_model'] or row['model']}")
-            for group in routes.list_groups(conn):
-                if not group["models"]:
-                    print(f"{'(every model)':<32}  {group['label']:<32}  as asked")
-            for model, fallbacks in routes.fallbacks(conn).items():
-                print(f"fallback: {model} → {' → '.join(fallbacks)}")
-        else:
-            routes.set_fallbacks(conn, args.model, args.fallbacks)
-            print(
-                f"{args.model}: " + (f"falls back to {', '.join(args.fallbacks)}" if args.fallbacks else "no fallbacks")
-            )
-        return 0
-    except (routes.NotFound, routes.Conflict) as e:
-        print(f"keyrotor: {e}", file=sys.stderr)
-        return 1
-    finally:
-        conn.close()
+    return _on_routes(settings, lambda conn: _models(conn, args, settings))
+
+
+def _models(conn, args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "refresh":
+        return _refresh_models(conn, settings, args.label)
+    if args.action == "add":
+        routes.add_model(conn, routes.group_id_of(conn, args.label), args.model, args.upstream_model)
+        alias = f" as {args.upstream_model!r} upstream" if args.upstream_model else ""
+        print(f"{args.label} serves {args.model!r}{alias}")
+    elif args.action == "delete":
+        routes.delete_model(conn, routes.group_id_of(conn, args.label), args.model)
+        print(f"{args.label} no longer serves {args.model!r}")
+    elif args.action == "list":
+        print(f"{'model':<32}  {'upstream/group':<32}  upstream name")
+        for row in routes.list_models(conn):
+            print(f"{row['model']:<32}  {row['label']:<32}  {row['upstream_model'] or row['model']}")
+        for group in routes.list_groups(conn):
+            if not group["models"]:
+                print(f"{'(every model)':<32}  {group['label']:<32}  as asked")
+        for model, fallbacks in routes.fallbacks(conn).items():
+            print(f"fallback: {model} → {' → '.join(fallbacks)}")
+    else:
+        routes.set_fallbacks(conn, args.model, args.fallbacks)
+        print(f"{args.model}: " + (f"falls back to {', '.join(args.fallbacks)}" if args.fallbacks else "no fallbacks"))
+    return 0
 
 
 def _refresh_models(conn, settings: Settings, label: str | None) -> int:

@@ -1,6 +1,10 @@
 """Instructions per request: bare mitmdump vs keyrotor's full chain, counted by valgrind.
 
-    .venv/bin/python bench/proxy_instructions.py [--requests 200]
+    .venv/bin/python bench/proxy_instructions.py [--requests 200] [--routes 5 4 50]
+
+With --routes U G M it also counts keyrotor with U upstreams of G groups of M models each
+(the default group disabled, the requested model listed by the last group only), in the
+same run: what routing by model costs against the one default group.
 
 CPU seconds on a shared 2-core VM move by ±10-20 % from run to run (see README.md);
 instruction counts do not. Each proxy runs under `valgrind --tool=callgrind` with
@@ -27,16 +31,19 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy_overhead import BenchError, Environment, settle, start_upstream  # noqa: E402
+from proxy_overhead import ROOT, BenchError, Environment, settle, start_upstream  # noqa: E402
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark request"}]}
 
 
-def count_instructions(env: Environment, kind: str, upstream: str, requests: int, warmup: int) -> float:
-    """Millions of instructions per request that the proxy `kind` executed."""
-    out = env.tmp / f"{kind}.callgrind"
+def count_instructions(
+    env: Environment, kind: str, upstream: str, requests: int, warmup: int, label: str | None = None
+) -> float:
+    """Millions of instructions per request that the proxy `kind` executed (`label` names its files)."""
+    label = label or kind
+    out = env.tmp / f"{label}.callgrind"
     wrapper = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
-    target = env.start_proxy(kind, upstream, "instructions", wrapper)
+    target = env.start_proxy(kind, upstream, label, wrapper)
     headers = {"authorization": f"Bearer {target.key}"}
     with httpx.Client(base_url=target.url, headers=headers, timeout=120) as client:
         for _ in range(warmup):
@@ -47,9 +54,9 @@ def count_instructions(env: Environment, kind: str, upstream: str, requests: int
             client.post("/v1/chat/completions", json=BODY).raise_for_status()
         asyncio.run(settle(target.pid))  # the writer's rows are part of the cost
         subprocess.run(["callgrind_control", "-d", str(target.pid)], check=True, capture_output=True)
-    dumps = sorted(env.tmp.glob(f"{kind}.callgrind.*"))
+    dumps = sorted(env.tmp.glob(f"{label}.callgrind.*"))
     if not dumps:
-        raise BenchError(f"callgrind wrote no dump for {kind}")
+        raise BenchError(f"callgrind wrote no dump for {label}")
     totals = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.M)
     if not totals:
         raise BenchError(f"no totals in {dumps[-1]}")
@@ -59,10 +66,39 @@ def count_instructions(env: Environment, kind: str, upstream: str, requests: int
     return int(totals.group(1)) / requests / 1e6
 
 
+def add_routes(db_path: Path, upstream: str, upstreams: int, groups: int, models: int, model: str) -> None:
+    """Upstreams × groups × models, all at `upstream`, each group with two keys; `model` in the last group only."""
+    sys.path.insert(0, str(ROOT))
+    from core.keys import NewKey
+    from core.routing import Dialect
+    from storage import db, routes, secrets, upstream_keys
+
+    conn = db.connect(db_path)
+    cipher = secrets.key_cipher(db_path)
+    try:
+        routes.set_group_enabled(conn, routes.group_id_of(conn, "default/default"), False)
+        for u in range(upstreams):
+            routes.add_upstream(conn, f"up{u}", upstream, Dialect.OPENAI, None)
+            for g in range(groups):
+                group_id = routes.add_group(conn, f"up{u}/g{g}", priority=g)
+                names = [f"model-{u}-{g}-{i}" for i in range(models)]
+                if u == upstreams - 1 and g == groups - 1:
+                    names[-1] = model
+                for name in names:
+                    routes.add_model(conn, group_id, name, None)
+                keys = [NewKey(f"sk-bench-route-{u}-{g}-{n}-{'x' * 20}") for n in range(2)]
+                upstream_keys.insert_keys(conn, cipher, keys, group_id)
+    finally:
+        conn.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="measured requests per proxy (default 200)")
     parser.add_argument("--warmup", type=int, default=30, help="unmeasured requests first (default 30)")
+    parser.add_argument(
+        "--routes", type=int, nargs=3, metavar=("UPSTREAMS", "GROUPS", "MODELS"), help="also count with these routes"
+    )
     args = parser.parse_args(argv)
     args.verbose_proxies = False
     env = Environment(args)
@@ -74,12 +110,22 @@ def main(argv: list[str] | None = None) -> int:
             kind: count_instructions(env, kind, upstream, args.requests, args.warmup)
             for kind in ("mitmdump", "keyrotor")
         }
+        if args.routes:
+            add_routes(env.db_path, upstream, *args.routes, model=BODY["model"])
+            label = "keyrotor-routes"
+            counts[label] = count_instructions(env, "keyrotor", upstream, args.requests, args.warmup, label)
         for kind, count in counts.items():
-            print(f"{kind:<9} {count:7.3f} M instructions/request")
+            print(f"{kind:<15} {count:7.3f} M instructions/request")
         print(
-            f"ratio     {counts['keyrotor'] / counts['mitmdump']:7.3f}x  (target <= 1.15x; "
+            f"ratio           {counts['keyrotor'] / counts['mitmdump']:7.3f}x  (target <= 1.15x; "
             f"{args.requests} sequential requests each, {time.monotonic() - started:.0f} s)"
         )
+        if args.routes:
+            u, g, m = args.routes
+            print(
+                f"routes ratio    {counts['keyrotor-routes'] / counts['mitmdump']:7.3f}x  ({u} upstreams x {g} groups"
+                f" x {m} models; {counts['keyrotor-routes'] / counts['keyrotor']:.3f}x the one default group)"
+            )
         return 0
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ from core import upstream
 from core.classify import Outcome
 from core.errors import OpenAIError
 from core.metadata import KeyUse
-from core.models import REFUSED, KeyStateChange, PoolKey
+from core.models import REFUSED, KeyState, KeyStateChange, PoolKey
 from core.pool import Policy, Pool, StateChange
 from core.ports import PoolStateSink
 from core.records import AttemptLog
@@ -103,13 +103,38 @@ class Rotation:
         self.persist(self.pool.learn(key, outcome, now, use.probe), now)
 
     def no_key_error(self, attempts: int) -> OpenAIError:
-        wait = self.pool.soonest_return(time.time())
-        retry_after = math.ceil(wait) if wait is not None else self.settings.policy.cooldown_seconds
+        """keyrotor's own 503 when no key could serve: with a Retry-After only when waiting helps.
+
+        An SDK waits as long as Retry-After says before it tries again, and gives up at once
+        on `x-should-retry: false`: so a pool with no key at all, or with keys that only an
+        admin can bring back (invalid, exhausted, disabled), says not to retry.
+        """
+        keys = self.pool.keys
+        if not keys:
+            return OpenAIError(
+                503,
+                "No upstream API key is configured for this request's upstream group: add one with"
+                " `run.py keys add` (or on the UI's keys page).",
+                "server_error",
+                "no_upstream_key_configured",
+                {"x-should-retry": "false"},
+            )
         tried = f" after {attempts} attempt{'s' if attempts != 1 else ''} with different keys" if attempts else ""
+        wait = self.pool.soonest_return(time.time())
+        if wait is None and not any(k.state == KeyState.ACTIVE for k in keys):
+            return OpenAIError(
+                503,
+                f"No upstream API key is available{tried}: every key in the pool is invalid, exhausted or disabled,"
+                " and only re-validation or an admin can bring one back.",
+                "server_error",
+                "no_upstream_key_available",
+                {"x-should-retry": "false"},
+            )
+        retry_after = math.ceil(wait) if wait is not None else 1  # busy keys free up within the second
         return OpenAIError(
             503,
             f"No upstream API key is available right now{tried}: every key in the pool is cooling down,"
-            " exhausted, invalid or disabled. Retry after the Retry-After seconds.",
+            " busy, exhausted, invalid or disabled. Retry after the Retry-After seconds.",
             "server_error",
             "no_upstream_key_available",
             {"retry-after": str(max(1, retry_after))},

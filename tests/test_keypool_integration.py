@@ -110,7 +110,10 @@ def test_rate_limits_on_every_key_are_waited_out_or_answered_with_503(
     limited = [r for r in upstream.received if r.path == "/v1/chat/completions"]
     if succeeds:
         assert response.status_code == 200, response.text
-        assert len(limited) == 3 and limited[2].at - limited[1].at >= 0.9  # sent again after the Retry-After
+        assert len(limited) == 3
+        # Sent again after the Retry-After: of the pool (from the second 429), else of the key it went to.
+        limited_at = limited[1].at if pool_window else next(r.at for r in limited[:2] if r.key == limited[2].key)
+        assert limited[2].at - limited_at >= 0.9
     else:
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "no_upstream_key_available"
@@ -193,3 +196,31 @@ def test_scheduled_revalidation_returns_keys_by_itself(keyrotor: Keyrotor, upstr
     wait_for(lambda: key_states(keyrotor)["0005"] == "active", timeout=5, what="the scheduled probe to revive it")
     probes = [r for r in upstream.received if r.key == INVALID and r.path == "/v1/models"]
     assert probes
+
+
+@pytest.mark.parametrize("keys, code", [((), "no_upstream_key_configured"), ((INVALID,), "no_upstream_key_available")])
+def test_a_pool_that_waiting_cannot_help_tells_the_sdk_not_to_retry(
+    keyrotor: Keyrotor, upstream: FakeUpstream, keys: tuple[str, ...], code: str
+):
+    if keys:
+        keyrotor.add_keys(*keys)
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy()
+    if keys:  # the key is found invalid by a first request
+        httpx.post(f"{keyrotor.base_url}/models", headers={"authorization": f"Bearer {client_key}"}, timeout=30)
+    # The SDK's default retries: with Retry-After: 60 it used to wait two minutes before raising.
+    client = openai.OpenAI(base_url=keyrotor.base_url, api_key=client_key, timeout=30)
+    error = raises(lambda: client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES))
+    assert isinstance(error, openai.InternalServerError) and error.code == code
+    assert error.response.headers["x-should-retry"] == "false" and "retry-after" not in error.response.headers
+    assert len([r for r in upstream.received if r.path == "/v1/chat/completions"]) == 0
+
+    def chat_rows() -> int:
+        conn = sqlite3.connect(keyrotor.db_path)
+        try:
+            return conn.execute("SELECT count(*) FROM flows WHERE path = '/v1/chat/completions'").fetchone()[0]
+        finally:
+            conn.close()
+
+    wait_for(lambda: chat_rows() >= 1, what="the refused request's row")
+    assert chat_rows() == 1  # the SDK asked once: it did not retry

@@ -12,11 +12,13 @@ could serve it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 from collections.abc import Coroutine
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 from mitmproxy import ctx, exceptions, http
@@ -33,7 +35,7 @@ from core.models import FetchedModels, PoolKey
 from core.pool import Policy
 from core.revisions import watch_revision
 from core.rotation import Rotation, RotationSettings
-from core.routing import Candidate, Dialect, RouteTable, renamed_model, requested_model
+from core.routing import Candidate, Dialect, RouteTable, is_multipart, renamed_model, requested_model
 from core.usage import EventFilter, chained
 from storage import db, secrets, writer
 from storage.routes import ROUTES, load_routes
@@ -86,6 +88,31 @@ def response_of(answer: upstream.Answer) -> http.Response:
         answer.first_byte_at,
         answer.ended_at,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _origin(origin: str) -> tuple[bytes, str, int, str]:
+    parts = urlsplit(origin)
+    scheme = parts.scheme.encode()
+    return scheme, parts.hostname or "", parts.port or (443 if scheme == b"https" else 80), parts.netloc
+
+
+def aim(request: http.Request, url: str) -> None:
+    """Send `request` to `url` instead of the reverse-proxy target.
+
+    mitmproxy's url and host setters run the host through IDNA and rewrite the Host header
+    twice (~60 µs a request); the request's data is set directly, once, from the URL's
+    origin, parsed once per upstream.
+    """
+    cut = url.find("/", url.find("//") + 2)
+    origin, path = (url, "/") if cut < 0 else (url[:cut], url[cut:])
+    scheme, host, port, netloc = _origin(origin)
+    data = request.data
+    data.scheme, data.host, data.port, data.path = scheme, host, port, path.encode()
+    if "Host" in data.headers:
+        data.headers["Host"] = netloc
+    if data.authority:
+        data.authority = netloc.encode()
 
 
 def model_not_found(model: str | None) -> OpenAIError:
@@ -201,11 +228,12 @@ class KeyPool:
             rotation.states = self._writer
         self._client = upstream.new_client(ctx.options.keypool_attempt_timeout_seconds)
         self._revisions = db.RevisionReader(self.db_path)
+        names = tuple(self._revisions_seen)
+        seen = tuple(self._revisions_seen[n] for n in names)
         self._tasks = [
-            asyncio.create_task(watch_revision(self._revisions, name, self._read, seen, self._apply))
-            for name, seen in self._revisions_seen.items()
+            asyncio.create_task(watch_revision(self._revisions, names, self._read, seen, self._apply)),
+            asyncio.create_task(self._revalidate_periodically()),
         ]
-        self._tasks.append(asyncio.create_task(self._revalidate_periodically()))
 
     def done(self) -> None:
         if self._late_send:
@@ -283,15 +311,23 @@ class KeyPool:
             if self._answer_models(flow):
                 return None
         elif request.method == "POST":
-            try:
-                model = requested_model(request.headers.get("content-type", ""), request.content or b"")
-            except ValueError:
-                model = None  # a content-encoding we cannot read: routed as a request without a model
+            model = self._model_of(request)
         candidates = table.candidates(model)
         if not candidates:
             flow.response = as_response(model_not_found(model))
             return None
         return self._request_after_choosing(flow, self._plan(flow, candidates, model))
+
+    @staticmethod
+    def _model_of(request: http.Request) -> str | None:
+        body = request.raw_content or b""
+        if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t", b"-", b""):
+            try:
+                body = request.content or b""  # content-encoded
+            except ValueError:
+                return None  # an encoding we cannot read: routed as a request without a model
+        content_type = request.headers.get("content-type", "") if is_multipart(body) else ""
+        return requested_model(content_type, body)
 
     @staticmethod
     def _plan(flow: http.HTTPFlow, candidates: list[Candidate], model: str | None) -> Plan:
@@ -329,7 +365,7 @@ class KeyPool:
         if plan is not None and not self.table.trivial:
             self._plans[flow.id] = plan
             if target.base_url is not None or target.dialect != Dialect.OPENAI:
-                request.url = upstream_url(candidate, request.path, reverse_target())
+                aim(request, upstream_url(candidate, request.path, reverse_target()))
             asked = plan.request.model
             plan.body_model = use.requested_model = asked
             if asked and candidate.upstream_model != asked and target.dialect == Dialect.OPENAI:

@@ -52,8 +52,8 @@ class PoolStateSink(Protocol):
 class Revisions(Protocol):
     """Counters bumped by every admin change to a kind of thing ("keys", "clients")."""
 
-    def read(self, name: str) -> int | None:
-        """The current revision; None when it cannot be read right now (try again later)."""
+    def read_all(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
+        """The current revisions of `names`, in one read; None when they cannot be read right now."""
         ...
 
 

@@ -16,16 +16,21 @@ POLL_SECONDS = 0.5
 
 async def watch_revision(
     revisions: Revisions,
-    name: str,
+    names: str | tuple[str, ...],
     on_change: Callable[[], Any],
-    seen: int,
+    seen: int | tuple[int, ...],
     apply: Callable[[Any], None] | None = None,
 ) -> None:
-    """Call `on_change` (in a worker thread) whenever revision `name` moves past `seen`,
-    then `apply` its result on the loop, where the hooks that read it run."""
+    """Call `on_change` (in a worker thread) whenever one of the revisions `names` moves past
+    `seen`, then `apply` its result on the loop, where the hooks that read it run.
+
+    Several names are read in one query: the poll runs on the event loop every half second.
+    """
+    names = (names,) if isinstance(names, str) else names
+    seen = (seen,) if isinstance(seen, int) else seen
     while True:
         await asyncio.sleep(POLL_SECONDS)
-        current = revisions.read(name)
+        current = revisions.read_all(names)
         if current is None or current == seen:
             continue  # unreadable right now (busy): the next poll will see it
         try:
@@ -34,4 +39,4 @@ async def watch_revision(
                 apply(result)
             seen = current
         except Exception:
-            log.exception("reloading %s after an admin change failed; retrying", name)
+            log.exception("reloading %s after an admin change failed; retrying", ", ".join(names))

@@ -132,16 +132,31 @@ def ordered(groups: list[Group], rng: random.Random | None = None) -> list[Group
 
 _MULTIPART_BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.I)
 _MODEL_PART = re.compile(rb'content-disposition:[^\r\n]*\bname="model"', re.I)
+# "model": "<plain name>" at the first "model" key: inside JSON strings quotes are escaped, so the
+# raw key is a real one, and OpenAI's request bodies nest no other "model" string before theirs.
+_MODEL_PAIR = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+
+
+def is_multipart(body: bytes) -> bool:
+    return body[:2] == b"--"  # a form body opens with its boundary; JSON with { or blanks
 
 
 def requested_model(content_type: str, body: bytes) -> str | None:
-    """The `model` of a JSON body, or of the multipart form field audio uploads carry."""
+    """The `model` of a JSON body, or of the multipart form field audio uploads carry.
+
+    Read with a look at the first "model" key, not a parse of the whole body (which may be
+    megabytes of images); a value with escapes falls back to the JSON parser.
+    """
     if not body:
         return None
     if "multipart/form-data" in content_type:
         return _multipart_model(content_type.encode("latin-1", "replace"), body)
-    if b'"model"' not in body:
+    at = body.find(b'"model"')
+    if at < 0:
         return None
+    pair = _MODEL_PAIR.match(body, at)
+    if pair is not None:
+        return pair.group(1).decode("utf-8", "replace")
     try:
         value = json.loads(body)
     except ValueError:

@@ -58,11 +58,16 @@ class RevisionReader:
         # wait, can never block; a thread hand-off every poll would cost more than the read.
         self._conn.execute("PRAGMA busy_timeout = 0")
 
-    def read(self, name: str) -> int | None:
+    def read_all(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
         try:
-            return read_revision(self._conn, name)
+            found = dict(
+                self._conn.execute(
+                    f"SELECT name, value FROM revisions WHERE name IN ({','.join('?' * len(names))})", names
+                ).fetchall()
+            )
         except sqlite3.OperationalError:
             return None  # busy right now
+        return tuple(found.get(name, 0) for name in names)
 
     def close(self) -> None:
         self._conn.close()

@@ -411,10 +411,18 @@ class KeyPool:
     def error(self, flow: http.HTTPFlow) -> Coroutine | None:
         self._hide_credential(flow)
         use = KeyUse.of(flow.metadata)
-        if use is None or use.settled or not flow.error or is_client_side(flow.error.msg):
+        if use is None or use.settled or not flow.error:
             self._forget(flow)
             return None
         rotation = self.rotations.get(use.group_id)
+        if is_client_side(flow.error.msg):
+            # The client hung up before its answer was settled: the key it held is free again,
+            # and learns nothing (the key did no wrong, nor was it proven).
+            if rotation is not None:
+                rotation.release(use, flow.error.msg)
+            use.settled = True
+            self._forget(flow)
+            return None
         if rotation is not None:
             rotation.end(use, connection_failure(flow.error.msg), None, flow.error.msg)
         if flow.response is not None and flow.response.stream:

@@ -169,10 +169,12 @@ class Pool:
             rt.probing = True
         return probe
 
-    def finished(self, key: PoolKey) -> None:
+    def finished(self, key: PoolKey, probe_abandoned: bool = False) -> None:
         rt = self.runtime.get(key.id)
         if rt and rt.in_flight > 0:
             rt.in_flight -= 1
+        if rt and probe_abandoned:
+            rt.probing = False  # its answer will never come: the next request probes instead
 
     def awaiting_proof(self) -> bool:
         """Some active key is busy with its first request: its answer may free it soon."""

@@ -55,6 +55,15 @@ class Rotation:
     def pick_now(self) -> PoolKey | None:
         return self.pool.pick(self.settings.strategy, time.time())
 
+    def release(self, use: KeyUse, error: str) -> None:
+        """End the latest attempt without learning from it: the client went away first."""
+        attempt = use.attempts[-1]
+        attempt.error = error
+        attempt.duration_ms = round((time.time() - attempt.started_at) * 1000, 3)
+        key = self.pool.by_id.get(use.key_id)
+        if key is not None:
+            self.pool.finished(key, probe_abandoned=use.probe)
+
     async def acquire(self, exclude: frozenset[int], deadline: float) -> PoolKey | None:
         """A usable key, waiting until `deadline` for a cooling one to come back."""
         strategy = self.settings.strategy

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from mitmproxy import exceptions
+from mitmproxy import flow as mitmproxy_flow
 from mitmproxy.io import FlowReader, FlowWriter
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -202,3 +203,19 @@ def test_a_flow_the_pool_handled_can_be_saved_to_a_flow_file_and_read_back(keypo
     (loaded,) = FlowReader(io.BytesIO(buffer.getvalue())).stream()
     use = KeyUse.of(loaded.metadata)
     assert use.key_id == 1 and use.settled and [a.status for a in use.attempts] == [200]
+
+
+@pytest.mark.parametrize("cooled", [False, True])
+def test_a_client_that_hangs_up_releases_the_key_it_held(keypool, cooled):
+    key = keypool.keys[0]
+    if cooled:  # its cooldown is over: the request is the probe, and others wait for its answer
+        key.state, key.cooldown_until = "cooling", time.time() - 1
+    flow = send(keypool, authorised_flow())
+    runtime = keypool.pool.runtime[key.id]
+    assert runtime.in_flight == 1 and runtime.probing == cooled
+    flow.error = mitmproxy_flow.Error("Client disconnected.")
+    run_hook(keypool.error(flow))
+    assert runtime.in_flight == 0 and not runtime.probing
+    assert not runtime.proven and key.state == ("cooling" if cooled else "active")  # nothing learnt
+    # Unproven keys (and a probe) take one request at a time: the released key may take the next.
+    assert keypool.pool.is_usable(key, time.time())

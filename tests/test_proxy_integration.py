@@ -136,13 +136,13 @@ def test_rate_limited_key_is_skipped_until_retry_after(running, upstream: FakeUp
     assert after_429[-1].at - limited_at >= 1.9  # not before its Retry-After
 
 
-def test_no_usable_key_gives_503_with_retry_after(keyrotor: Keyrotor, upstream: FakeUpstream):
+def test_no_key_configured_gives_503_that_says_not_to_retry(keyrotor: Keyrotor, upstream: FakeUpstream):
     client_key = keyrotor.add_client()
     keyrotor.start_proxy()
     response = httpx.get(f"{keyrotor.base_url}/models", headers={"authorization": f"Bearer {client_key}"})
     assert response.status_code == 503
-    assert int(response.headers["retry-after"]) >= 1
-    assert response.json()["error"]["code"] == "no_upstream_key_available"
+    assert response.headers["x-should-retry"] == "false" and "retry-after" not in response.headers
+    assert response.json()["error"]["code"] == "no_upstream_key_configured"
     assert upstream.received == []
 
 

@@ -20,11 +20,16 @@ from storage import writer
 
 log = logging.getLogger(__name__)
 
+STOPPED = "keyrotor stopped before the request finished (proxy.stop_grace_seconds ran out)"
+UNFINISHED_PRUNE_AT = 10_000
+
 
 class Capture:
     def __init__(self, defaults=None) -> None:
         self._defaults = defaults
         self._tees: dict[str, StreamTee] = {}  # by flow.id: flow.metadata gets deep-copied by mitmweb
+        # Flows seen and not yet recorded: recorded at done() if the proxy stops before they end.
+        self._unfinished: dict[str, http.HTTPFlow] = {}
         self._writer: writer.Writer | None = None
         self._prices = PriceTable()
         self.db_path: Path | None = None
@@ -89,9 +94,18 @@ class Capture:
         self._writer.retention = self._retention()
 
     def done(self) -> None:
+        # Requests the proxy is stopping under (proxy.stop_grace_seconds ran out): a row
+        # each, with what had arrived, rather than nothing.
+        for flow in list(self._unfinished.values()):
+            self._record(flow, error=STOPPED)
         if self._writer:
             writer.release(self._writer)  # flushes every queued row
             self._writer = None
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if len(self._unfinished) >= UNFINISHED_PRUNE_AT:  # flows that ended with neither hook (none should)
+            self._unfinished = {k: f for k, f in self._unfinished.items() if f.live}
+        self._unfinished[flow.id] = flow
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if "text/event-stream" not in flow.response.headers.get("content-type", ""):
@@ -107,14 +121,15 @@ class Capture:
     def error(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
 
-    def _record(self, flow: http.HTTPFlow) -> None:
+    def _record(self, flow: http.HTTPFlow, error: str | None = None) -> None:
+        self._unfinished.pop(flow.id, None)
         # A flow can report both response and error (client gone after the last byte): one row.
         if flow.metadata.get(RECORDED) or self._writer is None:
             return
         flow.metadata[RECORDED] = True
-        self._writer.record(self.snapshot(flow))
+        self._writer.record(self.snapshot(flow, error))
 
-    def snapshot(self, flow: http.HTTPFlow) -> CapturedFlow:
+    def snapshot(self, flow: http.HTTPFlow, error: str | None = None) -> CapturedFlow:
         request = flow.request
         access = AccessVerdict.of(flow.metadata) or AccessVerdict()
         keys = KeyUse.of(flow.metadata) or KeyUse()
@@ -131,7 +146,7 @@ class Capture:
             upstream_key_id=keys.key_id,
             body_mode=ctx.options.capture_bodies,
             max_body_bytes=ctx.options.capture_max_body_bytes,
-            error=flow.error.msg if flow.error else None,
+            error=error or (flow.error.msg if flow.error else None),
             attempts=list(keys.attempts),
             prices=self._prices,
         )

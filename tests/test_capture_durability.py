@@ -16,10 +16,12 @@ import sys
 import time
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, Keyrotor
+from tests.conftest import ROOT, Keyrotor, port_open
+from tests.fake_upstream import FakeUpstream
 
 GOOD = ["sk-good-durable-aaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-durable-bbbbbbbbbbbbbbbbbbbbbb0002"]
 KILL_BUDGET = 0.25  # seconds: kill -9 may lose the flows completed this long before it, no older ones
@@ -44,47 +46,6 @@ HISTORY = [
 
 def ask(number: int, history: list[dict] | None = None) -> list[dict]:
     return [*(history or []), {"role": "user", "content": f"durable-{number}- remember me"}]
-
-
-class Load:
-    """Chat completions `concurrency` at a time until stopped (or the proxy is gone)."""
-
-    def __init__(self, kr: Keyrotor, client_key: str, concurrency: int, stream: bool = False) -> None:
-        self.client = openai.AsyncOpenAI(base_url=kr.base_url, api_key=client_key, max_retries=0, timeout=30)
-        self.concurrency, self.stream = concurrency, stream
-        self.sent: dict[int, float] = {}  # request number: when it was sent
-        self.done: dict[int, float] = {}  # when its answer was read whole
-        self.failed: dict[int, str] = {}
-        self.stopping = False
-
-    async def one(self, number: int) -> None:
-        self.sent[number] = time.monotonic()
-        try:
-            if self.stream:
-                stream = await self.client.chat.completions.create(
-                    model="gpt-4o-mini", messages=ask(number), stream=True
-                )
-                chunks = [chunk async for chunk in stream]
-                assert chunks and chunks[-1].choices[0].finish_reason == "stop"
-            else:
-                await self.client.chat.completions.create(model="gpt-4o-mini", messages=ask(number))
-        except (openai.APIError, AssertionError) as e:
-            self.failed[number] = type(e).__name__
-            return
-        self.done[number] = time.monotonic()
-
-    async def run(self) -> None:
-        numbers = iter(range(10**9))
-
-        async def worker() -> None:
-            while not self.stopping:
-                number = next(numbers)
-                await self.one(number)
-                if number in self.failed:
-                    return  # the proxy is going or gone
-
-        async with self.client:
-            await asyncio.gather(*(worker() for _ in range(self.concurrency)))
 
 
 @pytest.fixture
@@ -195,3 +156,106 @@ def test_kill_9_at_saturation_loses_at_most_the_last_quarter_second(keyrotor: Ke
     lost = [n for n in old_enough if n not in stored]
     assert not lost, f"{len(lost)} of {len(old_enough)} flows completed over 250 ms before kill -9 have no row"
     assert max(latencies) <= KILL_BUDGET, f"a row took {max(latencies) * 1000:.0f} ms to be committed"
+
+
+class Streams:
+    """Streamed chat completions through the official client, all started at once."""
+
+    def __init__(self, kr: Keyrotor, client_key: str) -> None:
+        self.client = openai.AsyncOpenAI(base_url=kr.base_url, api_key=client_key, max_retries=0, timeout=30)
+        self.first_chunk: set[int] = set()
+        self.text: dict[int, str] = {}  # whole streams, by request number
+        self.failed: dict[int, Exception] = {}
+
+    async def one(self, number: int) -> None:
+        text = ""
+        try:
+            stream = await self.client.chat.completions.create(model="gpt-4o-mini", messages=ask(number), stream=True)
+            async for chunk in stream:
+                self.first_chunk.add(number)
+                if chunk.choices and chunk.choices[0].finish_reason == "stop":
+                    self.text[number] = text
+                elif chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+        except openai.APIError as e:
+            self.failed[number] = e
+
+    async def until(self, condition, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+            await asyncio.sleep(0.02)
+
+
+def flow_rows(kr: Keyrotor) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(kr.db_path, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(
+            "SELECT status, stream, error, request_body, response_body FROM flows ORDER BY id"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_lets_requests_in_flight_finish_and_records_every_one(
+    keyrotor: Keyrotor, upstream: FakeUpstream, signum: int
+):
+    keyrotor.add_keys(*GOOD)
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy()
+    proxy = keyrotor.processes[-1]
+    upstream.stream_chunks, upstream.stream_delay = 6, 0.25  # each stream takes about 1.5 s
+    streams = Streams(keyrotor, client_key)
+    keep_alive = httpx.Client(base_url=keyrotor.base_url, headers={"authorization": f"Bearer {client_key}"})
+    assert keep_alive.get("/models").status_code == 200  # leaves an idle keep-alive connection open
+
+    async def scenario() -> tuple[bool, httpx.Response]:
+        running = [asyncio.ensure_future(streams.one(n)) for n in range(16)]
+        await streams.until(lambda: len(streams.first_chunk) == 16, 15, "every stream to start")
+        proxy.send_signal(signum)
+        await streams.until(lambda: not port_open(keyrotor.proxy_port), 5, "the listener to close")
+        closed_while_streaming = len(streams.text) < 16
+        # A request on a connection opened before the signal: refused, and told why.
+        late = await asyncio.to_thread(keep_alive.get, "/models")
+        await asyncio.gather(*running)
+        return closed_while_streaming, late
+
+    closed_while_streaming, late = asyncio.run(scenario())
+    assert closed_while_streaming, "the listener stayed open until the streams ended"
+    assert streams.failed == {}
+    assert sorted(streams.text) == list(range(16)) and all(t.startswith("Hello from") for t in streams.text.values())
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+    assert proxy.wait(20) == 0
+    rows = flow_rows(keyrotor)
+    streamed = [r for r in rows if r["stream"]]
+    assert len(streamed) == 16 and {r["status"] for r in streamed} == {200}
+    assert all(r["error"] is None and "[DONE]" in r["response_body"] for r in streamed)
+    assert sorted(r["status"] for r in rows if not r["stream"]) == [200, 503]
+
+
+def test_requests_still_running_when_the_grace_ends_are_cut_and_recorded(keyrotor: Keyrotor, upstream: FakeUpstream):
+    keyrotor.add_keys(*GOOD)
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy("--set", "proxy.stop_grace_seconds=1")
+    proxy = keyrotor.processes[-1]
+    upstream.stream_chunks, upstream.stream_delay = 40, 0.25  # ten seconds: longer than the grace
+    streams = Streams(keyrotor, client_key)
+
+    async def scenario() -> float:
+        running = asyncio.ensure_future(streams.one(0))
+        await streams.until(lambda: streams.first_chunk, 15, "the stream to start")
+        signalled = time.monotonic()
+        proxy.send_signal(signal.SIGTERM)
+        await running
+        return signalled
+
+    signalled = asyncio.run(scenario())
+    assert proxy.wait(20) == 0
+    assert time.monotonic() - signalled < 8, "the proxy waited for the stream instead of its grace"
+    assert 0 in streams.failed and 0 not in streams.text
+    (row,) = flow_rows(keyrotor)
+    assert row["status"] == 200 and row["stream"] == 1
+    assert "stop_grace_seconds" in row["error"]
+    assert row["response_body"].startswith("data: ")  # what reached the client before the cut

@@ -123,6 +123,7 @@ SETTINGS = [
     Setting("capture", "prices", "prices.toml", _text),
     Setting("capture", "keep_days", 30, _non_negative_integer),
     Setting("capture", "max_rows", 0, _non_negative_integer),
+    Setting("capture", "backlog_mb", 256, _positive_integer),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 # Settings the proxy's addons declare as mitmproxy options named <section>_<key>.

@@ -60,6 +60,13 @@ class Capture:
             "Beyond this many flows the oldest are deleted (0: no limit).",
         )
         loader.add_option(
+            "capture_backlog_mb",
+            int,
+            default_of(self._defaults, "capture.backlog_mb"),
+            "Flows kept in memory while the database refuses writes, in MB; beyond it the oldest are dropped"
+            " (and counted in /metrics).",
+        )
+        loader.add_option(
             "capture_prices",
             str,
             default_of(self._defaults, "capture.prices"),
@@ -71,8 +78,9 @@ class Capture:
             raise exceptions.OptionsError(
                 f"capture_bodies must be one of {', '.join(BODY_MODES)}, not {ctx.options.capture_bodies!r}."
             )
-        if "capture_max_body_bytes" in updated and ctx.options.capture_max_body_bytes <= 0:
-            raise exceptions.OptionsError("capture_max_body_bytes must be above zero.")
+        for name in ("capture_max_body_bytes", "capture_backlog_mb"):
+            if name in updated and getattr(ctx.options, name) <= 0:
+                raise exceptions.OptionsError(f"{name} must be above zero.")
         if "capture_prices" in updated:
             try:
                 self._prices = load_prices(Path(ctx.options.capture_prices).expanduser())
@@ -84,14 +92,18 @@ class Capture:
         if "keyrotor_storage" in updated:
             self.db_path = Path(ctx.options.keyrotor_storage)
         if self._writer:
-            self._writer.retention = self._retention()
+            self._configure_writer()
 
     def _retention(self) -> writer.Retention:
         return writer.Retention(keep_days=ctx.options.capture_keep_days, max_rows=ctx.options.capture_max_rows)
 
     def running(self) -> None:
         self._writer = writer.acquire(self.db_path)
+        self._configure_writer()
+
+    def _configure_writer(self) -> None:
         self._writer.retention = self._retention()
+        self._writer.backlog_bytes = ctx.options.capture_backlog_mb * 2**20
 
     def done(self) -> None:
         # Requests the proxy is stopping under (proxy.stop_grace_seconds ran out): a row

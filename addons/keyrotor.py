@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mitmproxy import ctx  # noqa: E402
+from mitmproxy import ctx, exceptions  # noqa: E402
 
 from addons.access import Access  # noqa: E402
 from addons.capture import Capture  # noqa: E402
@@ -50,7 +50,10 @@ class KeyRotor:
     def configure(self, updated: set[str]) -> None:
         if "keyrotor_storage" in updated:
             path = Path(ctx.options.keyrotor_storage)
-            db.ensure_database(path)
+            try:
+                db.ensure_database(path)
+            except OSError as e:
+                raise exceptions.OptionsError(str(e)) from None
             admin_key = secrets.ensure_admin_key(path)
             if admin_key:
                 log.warning("Generated the admin key (shown once, keep it): %s", admin_key)

@@ -15,12 +15,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, Keyrotor, port_open
+from tests.conftest import ADMIN_KEY, ROOT, Keyrotor, port_open, wait_for
 from tests.fake_upstream import FakeUpstream
 
 GOOD = ["sk-good-durable-aaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-durable-bbbbbbbbbbbbbbbbbbbbbb0002"]
@@ -29,7 +30,11 @@ MARKER = re.compile(r"durable-(\d+)-")
 
 
 def stored_markers(kr: Keyrotor) -> set[int]:
-    conn = sqlite3.connect(kr.db_path, timeout=30)
+    return stored_markers_at(kr.db_path)
+
+
+def stored_markers_at(path: Path) -> set[int]:
+    conn = sqlite3.connect(path, timeout=30)
     try:
         bodies = [row[0] or "" for row in conn.execute("SELECT request_body FROM flows")]
     finally:
@@ -259,3 +264,143 @@ def test_requests_still_running_when_the_grace_ends_are_cut_and_recorded(keyroto
     assert row["status"] == 200 and row["stream"] == 1
     assert "stop_grace_seconds" in row["error"]
     assert row["response_body"].startswith("data: ")  # what reached the client before the cut
+
+
+# ------------------------------------------------------------------ a database that refuses writes
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MB tmpfs of its own, so that a test can fill it up (or make it read-only)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def metrics(kr: Keyrotor) -> dict[str, float]:
+    text = httpx.get(f"{kr.ui_url}/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("keyrotor_capture_"):
+            name, value = line.split()
+            values[name] = float(value)
+    return values
+
+
+def dashboard(kr: Keyrotor) -> str:
+    return httpx.get(f"{kr.ui_url}/dashboard", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
+
+
+def count_rows(path: Path) -> int:
+    conn = sqlite3.connect(path, timeout=30)
+    try:
+        return conn.execute("SELECT count(*) FROM flows").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_locked_database_keeps_the_rows_shows_it_and_writes_them_later(keyrotor: Keyrotor, upstream: FakeUpstream):
+    keyrotor.add_keys(*GOOD)
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy()
+    keyrotor.start_ui()
+    client = openai.OpenAI(base_url=keyrotor.base_url, api_key=client_key, max_retries=0, timeout=20)
+    # Another program's write transaction, held far longer than any busy timeout.
+    holder = sqlite3.connect(keyrotor.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for number in range(5):
+            assert client.chat.completions.create(model="gpt-4o-mini", messages=ask(number)).choices
+        wait_for(
+            lambda: metrics(keyrotor).get("keyrotor_capture_waiting") == 5,
+            what="/metrics to count 5 flows waiting",
+        )
+        assert metrics(keyrotor)["keyrotor_capture_failing"] == 1
+        page = dashboard(keyrotor)
+        assert "Capture cannot write to the database" in page and "database is locked" in page
+    finally:
+        holder.rollback()
+        holder.close()
+    wait_for(lambda: count_rows(keyrotor.db_path) == 5, what="the 5 waiting flows to be stored")
+    wait_for(lambda: metrics(keyrotor).get("keyrotor_capture_failing") == 0, what="capture to report it writes again")
+    assert metrics(keyrotor) == {
+        "keyrotor_capture_dropped_total": 0,
+        "keyrotor_capture_waiting": 0,
+        "keyrotor_capture_failing": 0,
+    }
+    assert "Capture cannot write" not in dashboard(keyrotor)
+
+
+def test_full_disk_keeps_rows_up_to_the_backlog_and_counts_what_it_dropped(
+    small_disk: Path, keyrotor: Keyrotor, upstream: FakeUpstream
+):
+    db_path = small_disk / "keyrotor.db"
+    keyrotor.env["KEYROTOR_STORAGE_PATH"] = str(db_path)
+    keyrotor.add_keys(*GOOD)
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy("--set", "capture.backlog_mb=1")
+    keyrotor.start_ui()
+    client = openai.OpenAI(base_url=keyrotor.base_url, api_key=client_key, max_retries=0, timeout=20)
+    client.models.list()
+    wait_for(lambda: count_rows(db_path) == 1, what="the first row")
+    ballast = small_disk / "ballast"
+    with ballast.open("wb") as f:  # fill the disk to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    # Six prompts of 300 KB: more than the 1 MB the writer may hold, so the oldest go.
+    big = "lorem ipsum " * 25_000
+    for number in range(6):
+        messages = [{"role": "user", "content": f"durable-{number}- {big}"}]
+        assert client.chat.completions.create(model="gpt-4o-mini", messages=messages).choices
+    wait_for(lambda: metrics(keyrotor).get("keyrotor_capture_failing") == 1, what="/metrics to report failing writes")
+    wait_for(lambda: metrics(keyrotor).get("keyrotor_capture_dropped_total", 0) >= 1, what="dropped flows counted")
+    page = dashboard(keyrotor)
+    assert "database or disk is full" in page and "could not be stored and were dropped" in page
+    ballast.unlink()  # space again: what was kept gets written
+    wait_for(lambda: metrics(keyrotor).get("keyrotor_capture_failing") == 0, what="capture to write again")
+    dropped = int(metrics(keyrotor)["keyrotor_capture_dropped_total"])
+    stored = stored_markers_at(db_path)
+    assert len(stored) + dropped == 6, (stored, dropped)
+    assert stored == set(range(dropped, 6)), "the newest flows are kept, the oldest dropped"
+    assert f"{dropped} flows could not be stored and were dropped" in dashboard(keyrotor)
+
+
+def test_database_and_the_files_beside_it_are_private(keyrotor: Keyrotor, upstream: FakeUpstream):
+    keyrotor.add_keys(*GOOD)
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy()
+    openai.OpenAI(base_url=keyrotor.base_url, api_key=client_key, max_retries=0).models.list()
+    wait_for(lambda: count_rows(keyrotor.db_path) == 1, what="the row")
+    files = sorted(p for p in keyrotor.tmp.iterdir() if p.name.startswith("keyrotor.db"))
+    assert {p.name for p in files} >= {"keyrotor.db", "keyrotor.db-wal", "keyrotor.db-shm", "keyrotor.db.capture"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o600" for p in files}
+
+
+def test_a_read_only_database_stops_start_up_with_one_sentence(small_disk: Path, keyrotor: Keyrotor):
+    db_path = small_disk / "keyrotor.db"
+    keyrotor.env["KEYROTOR_STORAGE_PATH"] = str(db_path)
+    keyrotor.add_keys(GOOD[0])
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    for command in (["proxy"], ["serve"], ["ui"], ["keys", "list"]):
+        done = keyrotor.cli(*command, "--proxy-port", "1", "--ui-port", "1", check=False)
+        assert done.returncode == 2, (command, done.stdout, done.stderr)
+        assert done.stderr == f"keyrotor: the database {db_path} cannot be written: it is on a read-only file system.\n"
+
+
+def test_a_file_that_is_not_a_database_stops_start_up_with_one_sentence(keyrotor: Keyrotor):
+    keyrotor.db_path.write_text("not a database, just text\n" * 100)
+    done = keyrotor.cli("proxy", check=False)
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"keyrotor: the database {keyrotor.db_path} cannot be written: the file is not a SQLite database.\n"
+    )

@@ -8,10 +8,11 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
+from monitor_ui import views
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.charts import bar_chart
 from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
-from storage import rollups, upstream_keys
+from storage import capture_status, rollups, upstream_keys
 
 router = APIRouter()
 
@@ -51,7 +52,21 @@ def _since(seconds: int | None, grain: str, now: float) -> int | None:
     return int((now - seconds) // step) * step
 
 
-def dashboard_data(conn, now: float) -> dict:
+def capture_health(status: capture_status.CaptureStatus, now: float) -> dict:
+    """What the dashboard says about capture: flows waiting for a database that refuses them, flows lost."""
+    failing = status.failing_now(now)
+    return {
+        "failing": failing,
+        "failing_since": status.failing_since if failing else None,
+        "error": status.error if failing else None,
+        "waiting": status.waiting if failing else 0,
+        "dropped": status.dropped,
+        "last_drop_at": status.last_drop_at,
+        "last_drop_reason": status.last_drop_reason,
+    }
+
+
+def dashboard_data(conn, now: float, status: capture_status.CaptureStatus | None = None) -> dict:
     windows = [
         {"name": name, **_figures(rollups.totals(conn, grain, _since(seconds, grain, now)))}
         for name, grain, seconds in WINDOWS
@@ -70,6 +85,7 @@ def dashboard_data(conn, now: float) -> dict:
         "per_hour": rollups.series(conn, "hour", hour_start),
         "breakdowns": breakdowns,
         "keys_by_state": upstream_keys.count_by_state(conn),
+        "capture": capture_health(status or capture_status.CaptureStatus(), now),
         "_chart_starts": (minute_start, hour_start),
     }
 
@@ -77,7 +93,7 @@ def dashboard_data(conn, now: float) -> dict:
 @router.get("/dashboard", response_class=HTMLResponse, dependencies=[AdminPage])
 def read_dashboard(request: Request, conn: Conn, signer: Signer):
     """Traffic at a glance; refreshes itself every few seconds."""
-    data = dashboard_data(conn, time.time())
+    data = dashboard_data(conn, time.time(), capture_status.read(request.app.state.db_path))
     minute_start, hour_start = data.pop("_chart_starts")
     charts = {
         "minute": bar_chart(data["per_minute"], minute_start, 60, 60, "%H:%M"),
@@ -87,13 +103,20 @@ def read_dashboard(request: Request, conn: Conn, signer: Signer):
     return request.app.state.templates.TemplateResponse(
         request,
         "dashboard.html",
-        {"data": data, "charts": charts, "breakdown_names": BREAKDOWNS, "csrf": csrf, "section": "dashboard"},
+        {
+            "data": data,
+            "charts": charts,
+            "breakdown_names": BREAKDOWNS,
+            "csrf": csrf,
+            "section": "dashboard",
+            "iso": views.iso,
+        },
     )
 
 
 @router.get("/api/dashboard", dependencies=[AdminApi])
-def read_dashboard_json(conn: Conn) -> dict:
+def read_dashboard_json(request: Request, conn: Conn) -> dict:
     """The dashboard's figures as JSON (series as [bucket start, requests, errors])."""
-    data = dashboard_data(conn, time.time())
+    data = dashboard_data(conn, time.time(), capture_status.read(request.app.state.db_path))
     data.pop("_chart_starts")
     return data

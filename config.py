@@ -176,9 +176,11 @@ def load_settings(
         except ValueError as e:
             raise ConfigError(f"{setting.name} {e} (got {raw!r} from {source}).") from None
 
-    # Relative paths in the file mean "beside the file"; elsewhere, the working directory. The
+    # Relative paths in the file mean "beside the file", and so does the default database: the
+    # proxy and `run.py keys ...` started from different directories must find the same one.
+    # In a variable or a flag they mean the working directory, as a shell user expects. The
     # default price table is the one shipped with keyrotor, wherever keyrotor is started from.
-    for name, default_base in (("storage.path", Path.cwd()), ("capture.prices", ROOT)):
+    for name, default_base in (("storage.path", path.parent), ("capture.prices", ROOT)):
         value = Path(values[name]).expanduser()
         if not value.is_absolute():
             bases = {str(path): path.parent, "the default": default_base}

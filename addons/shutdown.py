@@ -2,11 +2,15 @@
 
 mitmproxy's own handlers stop the event loop at once, so every request in flight was cut
 and the capture of the ones about to finish was lost. This addon replaces them once the
-proxy runs: the first signal closes the listener (no new connections), answers requests
-that still arrive on open keep-alive connections with an OpenAI-shaped 503 that closes
-the connection, waits up to `proxy_stop_grace_seconds` for the requests in flight to end,
-then shuts mitmproxy down, whose `done` hooks flush the capture writer. A second Ctrl-C
-stops at once. The option mirrors the setting proxy.stop_grace_seconds.
+proxy runs: the first signal closes the listener (no new connections), waits up to
+`proxy_stop_grace_seconds` for the requests in flight to end, then shuts mitmproxy down,
+whose `done` hooks flush the capture writer. A second Ctrl-C stops at once. The option
+mirrors the setting proxy.stop_grace_seconds.
+
+A request that arrives on a connection opened before the signal is served too, with
+`connection: close`: at saturation the proxy has not yet read requests that clients sent
+before the signal, and it cannot tell them from later ones. Each connection carries at
+most one more request that way, and a client's next one finds the listener closed.
 
 It must come last among keyrotor's addons: a flow counts as finished when its `response`
 or `error` hook has run in every addon before this one (the key pool may still be
@@ -23,22 +27,11 @@ import signal
 from mitmproxy import ctx, exceptions, http
 
 from config import default_of
-from core.errors import OpenAIError
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
 PRUNE_AT = 10_000  # flows that ended without either hook (none should) are forgotten past this many
-
-
-def shutting_down() -> OpenAIError:
-    return OpenAIError(
-        503,
-        "keyrotor is shutting down and takes no new requests; send it again in a moment.",
-        "server_error",
-        "shutting_down",
-        {"retry-after": "1", "connection": "close"},
-    )
 
 
 class Shutdown:
@@ -94,16 +87,19 @@ class Shutdown:
         ctx.master.shutdown()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if not self._draining:
-            if len(self._in_flight) >= PRUNE_AT:
-                self._in_flight = {k: f for k, f in self._in_flight.items() if f.live}
-            self._in_flight[flow.id] = flow
-            return
-        # A request on a connection that was open before the listener closed.
-        error = shutting_down()
-        flow.response = http.Response.make(error.status, error.body(), error.all_headers())
+        if len(self._in_flight) >= PRUNE_AT:
+            self._in_flight = {k: f for k, f in self._in_flight.items() if f.live}
+        self._in_flight[flow.id] = flow
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if self._draining:
+            flow.response.headers["connection"] = "close"  # before a stream's headers go out
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if self._draining:
+            # Whole responses (and answers made by an addon) go out after this hook; after a
+            # stream, mitmproxy reads it when the end has been sent, and closes then.
+            flow.response.headers["connection"] = "close"
         self._in_flight.pop(flow.id, None)
 
     def error(self, flow: http.HTTPFlow) -> None:

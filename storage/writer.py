@@ -199,7 +199,7 @@ class Writer:
             # Locked, disk full, I/O error: the database may take the same rows later.
             self._failed(str(e))
             return
-        except sqlite3.DatabaseError:
+        except Exception:
             # Not the database's state but these rows (a constraint, a value SQLite refuses):
             # write them one by one, so that one bad row does not hold up the others.
             log.exception("writing a batch of %d flows failed; writing them one at a time", len(batch))
@@ -231,7 +231,7 @@ class Writer:
         for index, record in enumerate(batch):
             try:
                 self._write(conn, [record], states if index == 0 else [])
-            except sqlite3.DatabaseError:
+            except Exception:
                 log.exception("a flow could not be stored; it is skipped")
                 refused += 1
         if refused:

@@ -111,6 +111,7 @@ SETTINGS = [
     Setting("proxy", "port", 8080, _port),
     Setting("proxy", "upstream", "https://api.openai.com", _http_url),
     Setting("proxy", "web_port", 8082, _port),
+    Setting("proxy", "stop_grace_seconds", 10, _non_negative_integer),
     Setting("ui", "host", "127.0.0.1", _text),
     Setting("ui", "port", 8081, _port),
     Setting("ui", "metrics_token", "", lambda v: "" if v in ("", None) else _text(v)),
@@ -130,10 +131,11 @@ SETTINGS = [
     Setting("capture", "prices", "prices.toml", _text),
     Setting("capture", "keep_days", 30, _non_negative_integer),
     Setting("capture", "max_rows", 0, _non_negative_integer),
+    Setting("capture", "backlog_mb", 256, _positive_integer),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 # Settings the proxy's addons declare as mitmproxy options named <section>_<key>.
-ADDON_SETTINGS = [s for s in SETTINGS if s.section in ("keypool", "capture")]
+ADDON_SETTINGS = [s for s in SETTINGS if s.section in ("keypool", "capture") or s.name == "proxy.stop_grace_seconds"]
 
 
 @dataclass(frozen=True)
@@ -182,9 +184,11 @@ def load_settings(
         except ValueError as e:
             raise ConfigError(f"{setting.name} {e} (got {raw!r} from {source}).") from None
 
-    # Relative paths in the file mean "beside the file"; elsewhere, the working directory. The
+    # Relative paths in the file mean "beside the file", and so does the default database: the
+    # proxy and `run.py keys ...` started from different directories must find the same one.
+    # In a variable or a flag they mean the working directory, as a shell user expects. The
     # default price table is the one shipped with keyrotor, wherever keyrotor is started from.
-    for name, default_base in (("storage.path", Path.cwd()), ("capture.prices", ROOT)):
+    for name, default_base in (("storage.path", path.parent), ("capture.prices", ROOT)):
         value = Path(values[name]).expanduser()
         if not value.is_absolute():
             bases = {str(path): path.parent, "the default": default_base}

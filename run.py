@@ -34,7 +34,9 @@ from usecases import keys as key_admin  # noqa: E402
 from usecases import models as model_admin  # noqa: E402
 
 SCRIPT = ROOT / "addons" / "keyrotor.py"
-STOP_GRACE_SECONDS = 15
+# How long `serve` waits for its children beyond the proxy's own grace for requests in
+# flight: the writer's flush (up to writer.STOP_RETRY_SECONDS when the database refuses writes).
+STOP_MARGIN_SECONDS = 15
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -286,7 +288,7 @@ def serve(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    deadline = time.monotonic() + settings["proxy.stop_grace_seconds"] + STOP_MARGIN_SECONDS
     for child in children:
         try:
             child.wait(max(0.1, deadline - time.monotonic()))

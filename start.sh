@@ -4,5 +4,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/bootstrap.sh"
 ensure_venv "$KEYROTOR_ROOT/requirements.txt"
-cd "$KEYROTOR_ROOT"
-exec "$VENV/bin/python" run.py "${@:-serve}"
+# No cd: relative paths in arguments and KEYROTOR_* variables mean the directory you are
+# in, exactly as with `.venv/bin/python run.py ...`, so both act on the same database.
+exec "$VENV/bin/python" "$KEYROTOR_ROOT/run.py" "${@:-serve}"

@@ -20,11 +20,16 @@ from storage import writer
 
 log = logging.getLogger(__name__)
 
+STOPPED = "keyrotor stopped before the request finished (proxy.stop_grace_seconds ran out)"
+UNFINISHED_PRUNE_AT = 10_000
+
 
 class Capture:
     def __init__(self, defaults=None) -> None:
         self._defaults = defaults
         self._tees: dict[str, StreamTee] = {}  # by flow.id: flow.metadata gets deep-copied by mitmweb
+        # Flows seen and not yet recorded: recorded at done() if the proxy stops before they end.
+        self._unfinished: dict[str, http.HTTPFlow] = {}
         self._writer: writer.Writer | None = None
         self._prices = PriceTable()
         self.db_path: Path | None = None
@@ -55,6 +60,13 @@ class Capture:
             "Beyond this many flows the oldest are deleted (0: no limit).",
         )
         loader.add_option(
+            "capture_backlog_mb",
+            int,
+            default_of(self._defaults, "capture.backlog_mb"),
+            "Flows kept in memory while the database refuses writes, in MB; beyond it the oldest are dropped"
+            " (and counted in /metrics).",
+        )
+        loader.add_option(
             "capture_prices",
             str,
             default_of(self._defaults, "capture.prices"),
@@ -66,8 +78,9 @@ class Capture:
             raise exceptions.OptionsError(
                 f"capture_bodies must be one of {', '.join(BODY_MODES)}, not {ctx.options.capture_bodies!r}."
             )
-        if "capture_max_body_bytes" in updated and ctx.options.capture_max_body_bytes <= 0:
-            raise exceptions.OptionsError("capture_max_body_bytes must be above zero.")
+        for name in ("capture_max_body_bytes", "capture_backlog_mb"):
+            if name in updated and getattr(ctx.options, name) <= 0:
+                raise exceptions.OptionsError(f"{name} must be above zero.")
         if "capture_prices" in updated:
             try:
                 self._prices = load_prices(Path(ctx.options.capture_prices).expanduser())
@@ -79,19 +92,32 @@ class Capture:
         if "keyrotor_storage" in updated:
             self.db_path = Path(ctx.options.keyrotor_storage)
         if self._writer:
-            self._writer.retention = self._retention()
+            self._configure_writer()
 
     def _retention(self) -> writer.Retention:
         return writer.Retention(keep_days=ctx.options.capture_keep_days, max_rows=ctx.options.capture_max_rows)
 
     def running(self) -> None:
         self._writer = writer.acquire(self.db_path)
+        self._configure_writer()
+
+    def _configure_writer(self) -> None:
         self._writer.retention = self._retention()
+        self._writer.backlog_bytes = ctx.options.capture_backlog_mb * 2**20
 
     def done(self) -> None:
+        # Requests the proxy is stopping under (proxy.stop_grace_seconds ran out): a row
+        # each, with what had arrived, rather than nothing.
+        for flow in list(self._unfinished.values()):
+            self._record(flow, error=STOPPED)
         if self._writer:
             writer.release(self._writer)  # flushes every queued row
             self._writer = None
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if len(self._unfinished) >= UNFINISHED_PRUNE_AT:  # flows that ended with neither hook (none should)
+            self._unfinished = {k: f for k, f in self._unfinished.items() if f.live}
+        self._unfinished[flow.id] = flow
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if "text/event-stream" not in flow.response.headers.get("content-type", ""):
@@ -107,14 +133,15 @@ class Capture:
     def error(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
 
-    def _record(self, flow: http.HTTPFlow) -> None:
+    def _record(self, flow: http.HTTPFlow, error: str | None = None) -> None:
+        self._unfinished.pop(flow.id, None)
         # A flow can report both response and error (client gone after the last byte): one row.
         if flow.metadata.get(RECORDED) or self._writer is None:
             return
         flow.metadata[RECORDED] = True
-        self._writer.record(self.snapshot(flow))
+        self._writer.record(self.snapshot(flow, error))
 
-    def snapshot(self, flow: http.HTTPFlow) -> CapturedFlow:
+    def snapshot(self, flow: http.HTTPFlow, error: str | None = None) -> CapturedFlow:
         request = flow.request
         access = AccessVerdict.of(flow.metadata) or AccessVerdict()
         keys = KeyUse.of(flow.metadata) or KeyUse()
@@ -131,7 +158,7 @@ class Capture:
             upstream_key_id=keys.key_id,
             body_mode=ctx.options.capture_bodies,
             max_body_bytes=ctx.options.capture_max_body_bytes,
-            error=flow.error.msg if flow.error else None,
+            error=error or (flow.error.msg if flow.error else None),
             attempts=list(keys.attempts),
             upstream_id=keys.upstream_id,
             group_id=keys.group_id,

@@ -1,7 +1,8 @@
 """The script mitmproxy loads: `mitmdump -s addons/keyrotor.py --mode reverse:https://api.openai.com`.
 
 Addon order is the order of decisions: who is calling, which key, what else to ask
-upstream for (token usage), what happened. This is the only module that imports the
+upstream for (token usage), what happened; then, when stopping, whether anything is
+still in flight. This is the only module that imports the
 other addons: it wires them together.
 Option defaults come from config.toml and KEYROTOR_* variables, so plain mitmdump
 behaves like `run.py proxy`; run.py passes its resolved settings with --set.
@@ -17,13 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mitmproxy import ctx  # noqa: E402
+from mitmproxy import ctx, exceptions  # noqa: E402
 
 from addons.access import Access  # noqa: E402
 from addons.capture import Capture  # noqa: E402
 from addons.credential_sender import CredentialSender  # noqa: E402
 from addons.keypool import KeyPool  # noqa: E402
 from addons.recovery import Recovery  # noqa: E402
+from addons.shutdown import Shutdown  # noqa: E402
 from addons.usage import Usage  # noqa: E402
 from config import ConfigError, load_settings  # noqa: E402
 from storage import db, secrets  # noqa: E402
@@ -48,7 +50,10 @@ class KeyRotor:
     def configure(self, updated: set[str]) -> None:
         if "keyrotor_storage" in updated:
             path = Path(ctx.options.keyrotor_storage)
-            db.ensure_database(path)
+            try:
+                db.ensure_database(path)
+            except OSError as e:
+                raise exceptions.OptionsError(str(e)) from None
             admin_key = secrets.ensure_admin_key(path)
             if admin_key:
                 log.warning("Generated the admin key (shown once, keep it): %s", admin_key)
@@ -71,4 +76,5 @@ addons = [
     KeyPool(_settings, sender=CredentialSender()),
     Usage(),
     Capture(_settings),
+    Shutdown(_settings),  # last: a flow has finished once every addon before it is done with it
 ]

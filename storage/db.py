@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+from functools import lru_cache
 from pathlib import Path
 
 from storage import schema
 
 BUSY_TIMEOUT_MS = 5000
+# Rows per INSERT statement. The writer thread gives up the GIL around every statement it
+# runs and, while the proxy's event loop is busy, waits up to the interpreter's switch
+# interval (5 ms) to get it back: a statement per row made a saturated writer fall behind.
+ROWS_PER_STATEMENT = 100
 
 
 def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
@@ -24,16 +30,57 @@ def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+class DatabaseUnusable(OSError):
+    """The database cannot be opened for writing; the message is one sentence for the user."""
+
+
 def ensure_database(path: str | Path) -> None:
-    """Create the database file and its directory if needed, and bring the schema up to date."""
+    """Create the database file (mode 0600) and its directory if needed, and bring the schema up to date.
+
+    Raises DatabaseUnusable when it cannot be written: read-only, on a read-only or full
+    file system, in a directory keyrotor may not write to, or not a database at all.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = connect(path)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        schema.migrate(conn)
-    finally:
-        conn.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatabaseUnusable(f"cannot create the directory {path.parent} for the database: {e.strerror}.") from None
+    try:
+        # Created here, before SQLite does it with the process's umask: captured bodies are
+        # as private as the secrets beside them. SQLite gives -wal and -shm the same mode.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise DatabaseUnusable(f"cannot create the database {path}: {e.strerror}.") from None
+    try:
+        conn = connect(path)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            schema.migrate(conn)
+            conn.execute("BEGIN IMMEDIATE")  # takes the write lock: what the writer will need
+            conn.rollback()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        raise DatabaseUnusable(unusable_reason(path, e)) from None
+
+
+def unusable_reason(path: Path, error: sqlite3.DatabaseError) -> str:
+    text = str(error)
+    if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+        why = "it is on a read-only file system"
+    elif not os.access(path, os.W_OK):
+        why = "the file is read-only for this user"
+    elif not os.access(path.parent, os.W_OK):
+        why = f"this user may not create files in {path.parent} (SQLite keeps -wal and -shm files beside it)"
+    elif "not a database" in text:
+        why = "the file is not a SQLite database"
+    elif "locked" in text or "busy" in text:
+        why = "another process holds a write lock on it"
+    else:
+        why = f"SQLite says: {text}"
+    return f"the database {path} cannot be written: {why}."
 
 
 def read_revision(conn: sqlite3.Connection, name: str) -> int:
@@ -71,3 +118,21 @@ class RevisionReader:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def insert_many(conn: sqlite3.Connection, head: str, rows: list, tail: str = "") -> None:
+    """`head` VALUES (...), (...) `tail`, up to ROWS_PER_STATEMENT rows a statement, in order."""
+    if not rows:
+        return
+    columns = len(rows[0])
+    step = max(1, min(ROWS_PER_STATEMENT, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // columns))
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        conn.execute(f"{head} VALUES {placeholders(len(chunk), columns)} {tail}", [v for row in chunk for v in row])
+
+
+@lru_cache(maxsize=256)
+def placeholders(rows: int, columns: int) -> str:
+    """ "(?, ?), (?, ?)" for rows=2, columns=2."""
+    one = "(" + ", ".join("?" * columns) + ")"
+    return ", ".join([one] * rows)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from core.records import FlowRecord
+from storage.db import insert_many, placeholders
 
 # The one mapping of a FlowRecord to the flows table: every other module reads or writes
 # FlowRecords. JSON columns hold lists; the 0/1 columns hold booleans.
@@ -19,9 +20,9 @@ BOOLEAN_COLUMNS = frozenset({"stream", "request_body_truncated", "response_body_
 FLOW_COLUMNS = tuple(f.name for f in fields(FlowRecord) if f.name != "attempt_log")
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (flow_id, attempt, upstream_key_id, status, error, started_at, duration_ms,"
-    " upstream_id, group_id, model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " upstream_id, group_id, model)"
 )
-_INSERT = f"INSERT INTO flows ({', '.join(FLOW_COLUMNS)}) VALUES ({', '.join('?' * len(FLOW_COLUMNS))})"
+_INSERT_HEAD = f"INSERT INTO flows ({', '.join(FLOW_COLUMNS)})"
 
 # Columns the list views need; bodies and headers stay out of them.
 SUMMARY_COLUMNS = (
@@ -47,18 +48,25 @@ def column_values(record: FlowRecord) -> list:
 
 
 def insert_batch(conn: sqlite3.Connection, records: Iterable[FlowRecord]) -> None:
-    """Insert flows and add them to the per-key usage counters, in the caller's transaction."""
+    """Insert flows and add them to the per-key usage counters, in the caller's transaction.
+
+    A few statements per batch, not a few per row: see storage.db.insert_many.
+    """
     records = list(records)
-    conn.executemany(_INSERT, [column_values(r) for r in records])
+    insert_many(conn, _INSERT_HEAD, [column_values(r) for r in records])
     insert_attempts(conn, records)
     for table, column in (("upstream_keys", "upstream_key_id"), ("client_keys", "client_key_id")):
-        for key_id, (count, prompt, completion, last, cost) in _usage_by(records, column).items():
-            conn.execute(
-                f"UPDATE {table} SET requests = requests + ?, prompt_tokens = prompt_tokens + ?,"
-                " completion_tokens = completion_tokens + ?, cost = cost + ?,"
-                " last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?",
-                (count, prompt, completion, cost, last, key_id),
-            )
+        usage = [(key_id, *sums) for key_id, sums in _usage_by(records, column).items()]
+        if not usage:
+            continue
+        # One UPDATE for every key of the batch (UPDATE ... FROM needs SQLite 3.33).
+        conn.execute(
+            f"UPDATE {table} SET requests = requests + u.column2, prompt_tokens = prompt_tokens + u.column3,"
+            " completion_tokens = completion_tokens + u.column4,"
+            " last_used_at = max(coalesce(last_used_at, 0), u.column5), cost = cost + u.column6"
+            f" FROM (VALUES {placeholders(len(usage), 6)}) AS u WHERE {table}.id = u.column1",
+            [v for row in usage for v in row],
+        )
 
 
 def insert_attempts(conn: sqlite3.Connection, records: list[FlowRecord]) -> None:
@@ -66,7 +74,8 @@ def insert_attempts(conn: sqlite3.Connection, records: list[FlowRecord]) -> None
     attempts = [(r.flow_id, a) for r in records for a in r.attempt_log]
     if not attempts:
         return
-    conn.executemany(
+    insert_many(
+        conn,
         _INSERT_ATTEMPT,
         [
             (

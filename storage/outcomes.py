@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 from core.records import AttemptLog, FlowRecord
 from storage import rollups
+from storage.db import insert_many
 
 ATTEMPT, RETRY, REFUSAL = "attempt", "retry", "refusal"
 DIMENSIONS = (ATTEMPT, RETRY, REFUSAL)
@@ -68,13 +69,15 @@ _UPSERT = (
     f"INSERT INTO {rollups.table_of('hour')} (dimension, bucket, value, requests) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (dimension, bucket, value) DO UPDATE SET requests = requests + excluded.requests"
 )
+_UPSERT_HEAD = f"INSERT INTO {rollups.table_of('hour')} (dimension, bucket, value, requests)"
+_UPSERT_TAIL = "ON CONFLICT (dimension, bucket, value) DO UPDATE SET requests = requests + excluded.requests"
 
 
 def add_records(conn: sqlite3.Connection, records: list[FlowRecord]) -> None:
     """Fold a batch of new flows in, in the caller's transaction."""
     found = counts(records)
-    if found:
-        conn.executemany(_UPSERT, [(*key, n) for key, n in found.items()])
+    if found:  # one statement per batch: the writer gives up the GIL around each (storage.db.insert_many)
+        insert_many(conn, _UPSERT_HEAD, [(*key, n) for key, n in found.items()], _UPSERT_TAIL)
 
 
 def totals(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from core.records import FlowRecord
+from storage.db import insert_many
 
 # Upper bounds, in ms, of the latency buckets; the last bucket takes everything above.
 BUCKETS_MS = (
@@ -109,16 +110,8 @@ def create_tables(db) -> None:
         db[table_of(grain)].create(columns, pk=KEY, defaults={c: 0 for c in VALUES})
 
 
-def _upsert_sql(table: str) -> str:
-    columns = KEY + VALUES
-    updates = ", ".join(f"{c} = {c} + excluded.{c}" for c in VALUES)
-    return (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        f" ON CONFLICT ({', '.join(KEY)}) DO UPDATE SET {updates}"
-    )
-
-
-_UPSERTS = {grain: _upsert_sql(table_of(grain)) for grain in GRAINS}
+_UPSERT_HEAD = {grain: f"INSERT INTO {table_of(grain)} ({', '.join(KEY + VALUES)})" for grain in GRAINS}
+_UPSERT_TAIL = f"ON CONFLICT ({', '.join(KEY)}) DO UPDATE SET " + ", ".join(f"{c} = {c} + excluded.{c}" for c in VALUES)
 
 
 def add_records(conn: sqlite3.Connection, records: list[FlowRecord]) -> None:
@@ -126,7 +119,8 @@ def add_records(conn: sqlite3.Connection, records: list[FlowRecord]) -> None:
     if not records:
         return
     for grain in GRAINS:
-        conn.executemany(_UPSERTS[grain], [(*key, *values) for key, values in aggregate(records, grain).items()])
+        rows = [(*key, *values) for key, values in aggregate(records, grain).items()]
+        insert_many(conn, _UPSERT_HEAD[grain], rows, _UPSERT_TAIL)
 
 
 def drop_old_minutes(conn: sqlite3.Connection, now: float) -> None:

@@ -236,22 +236,27 @@ def store_fetched_models(conn: sqlite3.Connection, group_id: int, models: Iterab
 
     Returns (added, removed).
     """
+    with conn:
+        return fetched_models_in_transaction(conn, group_id, models)
+
+
+def fetched_models_in_transaction(conn: sqlite3.Connection, group_id: int, models: Iterable[str]) -> tuple[int, int]:
+    """store_fetched_models inside the caller's transaction (the capture writer's batch)."""
     wanted = set(models)
     now = time.time()
-    with conn:
-        rows = conn.execute("SELECT model, source FROM group_models WHERE group_id = ?", (group_id,)).fetchall()
-        present = {r["model"]: r["source"] for r in rows}
-        stale = [m for m, source in present.items() if source == "fetched" and m not in wanted]
-        new = [m for m in sorted(wanted) if m not in present]
-        conn.executemany("DELETE FROM group_models WHERE group_id = ? AND model = ?", [(group_id, m) for m in stale])
-        conn.executemany(
-            "INSERT INTO group_models (group_id, model, upstream_model, source, created_at)"
-            " VALUES (?, ?, NULL, 'fetched', ?)",
-            [(group_id, m, now) for m in new],
-        )
-        conn.execute("UPDATE groups SET models_refreshed_at = ? WHERE id = ?", (now, group_id))
-        if stale or new:
-            _changed(conn)
+    rows = conn.execute("SELECT model, source FROM group_models WHERE group_id = ?", (group_id,)).fetchall()
+    present = {r["model"]: r["source"] for r in rows}
+    stale = [m for m, source in present.items() if source == "fetched" and m not in wanted]
+    new = [m for m in sorted(wanted) if m not in present]
+    conn.executemany("DELETE FROM group_models WHERE group_id = ? AND model = ?", [(group_id, m) for m in stale])
+    conn.executemany(
+        "INSERT INTO group_models (group_id, model, upstream_model, source, created_at)"
+        " VALUES (?, ?, NULL, 'fetched', ?)",
+        [(group_id, m, now) for m in new],
+    )
+    conn.execute("UPDATE groups SET models_refreshed_at = ? WHERE id = ?", (now, group_id))
+    if stale or new:
+        _changed(conn)
     return len(new), len(stale)
 
 

@@ -4,6 +4,22 @@ Hooks on the event loop only put items on a queue. Turning a captured flow into 
 record (decoding, JSON parsing, truncation) also happens here, off the loop: items
 carry a `to_record()` method that this thread calls. It implements two of core's
 ports: RecordSink (captured flows) and PoolStateSink (key states learnt upstream).
+
+Durability, in the order it matters:
+- kill -9 loses only what is not committed yet. Commits are GATHER_SECONDS apart at
+  least, and a busy writer starts the next one as soon as that allows: at saturation
+  batches grow by themselves, and a row waits at most that spacing plus two batches'
+  write time. Each batch is a handful of statements, not a few per row (see
+  storage.db.insert_many), so a batch's write time stays short while the event loop
+  holds the GIL.
+- When the database refuses writes (locked by another connection for longer than the
+  busy timeout, disk full, I/O error), the rows stay in memory, up to
+  `backlog_bytes`, and the write is tried again with backoff. Beyond that the oldest
+  rows are dropped, and every dropped row is counted in the status file beside the
+  database (storage/capture_status.py), which the UI shows in /metrics and on the
+  dashboard.
+- stop() writes what is queued; if the database still refuses, it keeps trying for
+  STOP_RETRY_SECONDS and then counts what it drops.
 """
 
 from __future__ import annotations
@@ -13,20 +29,27 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
 from core.models import FetchedModels, KeyStateChange
 from core.records import FlowRecord
-from storage import db, flows, outcomes, rollups, routes, upstream_keys
+from storage import capture_status, db, flows, outcomes, rollups, routes, upstream_keys
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 1000
-GATHER_SECONDS = 0.2  # inside DESIGN's "flush at least every 250 ms"
-WRITE_ATTEMPTS = 5
+MAX_BATCH = 2000  # rows per transaction
+GATHER_SECONDS = 0.05  # an idle writer waits this long after a first row: one commit for several
+BUSY_TIMEOUT_MS = 1000  # then a locked database counts as a failed write: rows are kept, and retried
+RETRY_SECONDS = (0.1, 0.25, 0.5, 1.0)  # waits between attempts while writes fail, the last repeating
+STOP_RETRY_SECONDS = 5.0  # at shutdown, how long a failing database is retried before rows are dropped
+DEFAULT_BACKLOG_BYTES = 256 * 2**20
+ROW_OVERHEAD_BYTES = 2048  # a record's headers, timings and objects, besides its bodies
 PURGE_SECONDS = 60.0  # how often retention is applied
+COMPLAIN_SECONDS = 30.0  # while writes keep failing, a log line at most this often
 
 
 @dataclass(frozen=True)
@@ -44,16 +67,34 @@ class Recordable(Protocol):
 _STOP = object()
 
 
+def record_bytes(record: FlowRecord) -> int:
+    """Roughly what a record holds in memory: its bodies plus a fixed allowance."""
+    return len(record.request_body or "") + len(record.response_body or "") + ROW_OVERHEAD_BYTES
+
+
 class Writer:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, backlog_bytes: int = DEFAULT_BACKLOG_BYTES) -> None:
         self.path = Path(path)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="keyrotor-writer", daemon=True)
         self._users = 0
         self.rows_written = 0
         self.rows_purged = 0
+        self.rows_dropped = 0  # by this writer (the status file has the total since the database was created)
         self.retention = Retention()
+        self.backlog_bytes = backlog_bytes
         self._next_purge = time.monotonic()  # the first round runs at start-up
+        # Records taken off the queue and not yet committed, oldest first, and their size.
+        self._pending: deque[tuple[FlowRecord, int]] = deque()
+        self._pending_bytes = 0
+        self._states: list[KeyStateChange | FetchedModels] = []
+        self._failures = 0  # failed writes in a row
+        self._retry_at = 0.0
+        self._last_write = 0.0
+        self._complained_at = 0.0
+        self._stopping = False
+        self._stop_deadline = 0.0
+        self._status: capture_status.StatusFile | None = None
 
     def put(self, item: Recordable | KeyStateChange) -> None:
         self._queue.put(item)
@@ -70,41 +111,175 @@ class Writer:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_RETRY_SECONDS + 5.0) -> None:
         """Write everything still queued, then end the thread."""
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
+    # ------------------------------------------------------------------ the thread
+
     def _run(self) -> None:
+        self._status = capture_status.StatusFile(self.path)
         conn = db.connect(self.path)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         try:
-            stopping = False
-            while not stopping:
-                # Block for the first item, then let more arrive for a moment: a commit per
-                # row (and a thread switch per row) costs more than the row itself.
-                try:
-                    batch = [self._queue.get(timeout=max(0.01, self._next_purge - time.monotonic()))]
-                except queue.Empty:
-                    self._purge(conn)
-                    continue
-                if batch[0] is not _STOP:
-                    time.sleep(GATHER_SECONDS)
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
+            while True:
+                self._absorb(self._next_items())
+                if (self._pending or self._states) and time.monotonic() >= self._retry_at:
+                    self._flush(conn)
+                if self._stopping and self._queue.empty():
+                    if not self._pending and not self._states:
                         break
-                if _STOP in batch:
-                    stopping = True
-                    batch = [item for item in batch if item is not _STOP]
-                    batch += self._drain()
-                self._write(conn, batch)
-                if time.monotonic() >= self._next_purge:
+                    if time.monotonic() >= self._stop_deadline:
+                        given_up = len(self._pending)
+                        self._pending.clear()
+                        self._drop(given_up, "the proxy stopped while it could not write them")
+                        break
+                if not self._failures and not self._pending and time.monotonic() >= self._next_purge:
                     self._purge(conn)
         finally:
             conn.close()
+            self._status.close()
 
-    def _purge(self, conn) -> None:
+    def _next_items(self) -> list:
+        """What has queued, waiting for a first item only when there is nothing to write."""
+        items = []
+        now = time.monotonic()
+        writable = (self._pending or self._states) and self._retry_at <= now
+        if not writable and not (self._stopping and self._queue.empty()):
+            if self._pending or self._states:
+                wait = self._retry_at - now  # failing: wake up for the next attempt
+            else:
+                wait = self._next_purge - now
+            try:
+                items.append(self._queue.get(timeout=max(0.01, wait)))
+            except queue.Empty:
+                return items
+        # Commits at least GATHER_SECONDS apart: a lone row waits a little for company, and at
+        # saturation every commit carries what arrived during the last one.
+        wait = self._last_write + GATHER_SECONDS - time.monotonic()
+        if wait > 0 and not self._stopping and _STOP not in items:
+            time.sleep(wait)
+        while len(items) < MAX_BATCH:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _absorb(self, items: list) -> None:
+        for item in items:
+            if item is _STOP:
+                self._stopping = True
+                self._stop_deadline = time.monotonic() + STOP_RETRY_SECONDS
+            elif isinstance(item, KeyStateChange | FetchedModels):
+                self._states.append(item)  # small, written with the next batch
+            else:
+                try:
+                    record = item.to_record()
+                except Exception:
+                    log.exception("could not turn a captured flow into a record; it is skipped")
+                    self._drop(1, "it could not be turned into a row")
+                    continue
+                size = record_bytes(record)
+                self._pending.append((record, size))
+                self._pending_bytes += size
+        over = 0
+        while self._pending_bytes > self.backlog_bytes and len(self._pending) > 1:
+            _, size = self._pending.popleft()
+            self._pending_bytes -= size
+            over += 1
+        if over:
+            self._drop(over, f"more than {self.backlog_bytes // 2**20} MB of flows were waiting to be written")
+
+    def _flush(self, conn: sqlite3.Connection) -> None:
+        self._last_write = time.monotonic()
+        batch = [record for record, _ in islice(self._pending, MAX_BATCH)]
+        states = self._states
+        try:
+            self._write(conn, batch, states)
+        except sqlite3.OperationalError as e:
+            # Locked, disk full, I/O error: the database may take the same rows later.
+            self._failed(str(e))
+            return
+        except Exception:
+            # Not the database's state but these rows (a constraint, a value SQLite refuses):
+            # write them one by one, so that one bad row does not hold up the others.
+            log.exception("writing a batch of %d flows failed; writing them one at a time", len(batch))
+            batch = self._write_singly(conn, batch, states)
+        for _ in batch:
+            _, size = self._pending.popleft()
+            self._pending_bytes -= size
+        self._states = []
+        self.rows_written += len(batch)
+        if self._failures:
+            log.warning("capture writes again; %d flows that were waiting are stored", len(batch))
+            self._failures = 0
+            self._status.update(waiting=len(self._pending), failing_since=None, error=None)
+        self._retry_at = 0.0
+
+    def _write(
+        self, conn: sqlite3.Connection, batch: list[FlowRecord], states: list[KeyStateChange | FetchedModels]
+    ) -> None:
+        with conn:
+            flows.insert_batch(conn, batch)
+            rollups.add_records(conn, batch)
+            outcomes.add_records(conn, batch)
+            for change in states:
+                if isinstance(change, FetchedModels):
+                    routes.fetched_models_in_transaction(conn, change.group_id, change.models)
+                    continue
+                upstream_keys.record_state(
+                    conn, change.key_id, change.state, change.reason, change.cooldown_until, change.at
+                )
+
+    def _write_singly(
+        self, conn: sqlite3.Connection, batch: list[FlowRecord], states: list[KeyStateChange | FetchedModels]
+    ) -> list[FlowRecord]:
+        refused = 0
+        for index, record in enumerate(batch):
+            try:
+                self._write(conn, [record], states if index == 0 else [])
+            except Exception:
+                log.exception("a flow could not be stored; it is skipped")
+                refused += 1
+        if refused:
+            self._drop(refused, "SQLite refused them")
+        return batch
+
+    def _failed(self, error: str) -> None:
+        now = time.monotonic()
+        self._failures += 1
+        self._retry_at = now + RETRY_SECONDS[min(self._failures, len(RETRY_SECONDS)) - 1]
+        if self._failures == 1 or now - self._complained_at >= COMPLAIN_SECONDS:
+            self._complained_at = now
+            log.warning(
+                "capture cannot write to %s (%s); %d flows are kept in memory and the write is retried",
+                self.path,
+                error,
+                len(self._pending),
+            )
+        current = self._status.current
+        self._status.update(
+            waiting=len(self._pending),
+            failing_since=current.failing_since or time.time(),
+            error=error,
+        )
+
+    def _drop(self, count: int, reason: str) -> None:
+        if not count:
+            return
+        self.rows_dropped += count
+        log.error("%d captured flows are lost: %s", count, reason)
+        current = self._status.current
+        self._status.update(
+            dropped=current.dropped + count,
+            last_drop_at=time.time(),
+            last_drop_reason=reason,
+            waiting=len(self._pending),
+        )
+
+    def _purge(self, conn: sqlite3.Connection) -> None:
         """Apply retention a chunk at a time, yielding to capture whenever rows are waiting."""
         self._next_purge = time.monotonic() + PURGE_SECONDS
         keep = self.retention
@@ -124,54 +299,6 @@ class Writer:
                     return
         except sqlite3.Error:
             log.exception("applying retention failed; trying again in %d s", PURGE_SECONDS)
-
-    def _drain(self) -> list:
-        items = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return items
-            if item is not _STOP:
-                items.append(item)
-
-    def _write(self, conn, batch: list) -> None:
-        rows: list[FlowRecord] = []
-        states: list[KeyStateChange] = []
-        fetched: list[FetchedModels] = []
-        for item in batch:
-            if isinstance(item, KeyStateChange):
-                states.append(item)
-                continue
-            if isinstance(item, FetchedModels):
-                fetched.append(item)
-                continue
-            try:
-                rows.append(item.to_record())
-            except Exception:
-                log.exception("could not turn a captured flow into a record; it is skipped")
-        for attempt in range(WRITE_ATTEMPTS):
-            try:
-                with conn:
-                    flows.insert_batch(conn, rows)
-                    rollups.add_records(conn, rows)
-                    outcomes.add_records(conn, rows)
-                    for change in states:
-                        upstream_keys.record_state(
-                            conn, change.key_id, change.state, change.reason, change.cooldown_until, change.at
-                        )
-                for models in fetched:  # rare, and idempotent: its own transaction, bumping the routes revision
-                    routes.store_fetched_models(conn, models.group_id, models.models)
-                self.rows_written += len(rows)
-                return
-            except sqlite3.OperationalError as e:
-                # "database is locked" outlasting busy_timeout (a long admin transaction): wait, don't drop.
-                log.warning("writing %d flows failed (%s); attempt %d of %d", len(rows), e, attempt + 1, WRITE_ATTEMPTS)
-                time.sleep(0.2 * 2**attempt)
-            except Exception:
-                log.exception("writing a batch failed")
-                break
-        log.error("writing %d flows and %d key states failed; they are lost", len(rows), len(states))
 
 
 _writers: dict[Path, Writer] = {}

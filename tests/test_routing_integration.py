@@ -136,8 +136,9 @@ def test_fallback_models_serve_a_model_no_group_has_and_the_row_says_so(routed, 
 
 def test_a_model_added_while_the_proxy_runs_is_routed_within_a_second(routed, relay):
     kr, client = routed
-    assert isinstance(raises(lambda: client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)),
-                      openai.NotFoundError)  # fmt: skip
+    assert isinstance(
+        raises(lambda: client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)), openai.NotFoundError
+    )
     kr.cli("models", "add", "relay/cheap", "gpt-3.5-turbo")
     wait_for(
         lambda: not raises(lambda: client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)),

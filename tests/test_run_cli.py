@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ADMIN_KEY, ROOT, START_DEADLINE, Keyrotor, free_port, port_open, wait_for
+from tests.conftest import ADMIN_KEY, ROOT, START_DEADLINE, Keyrotor, free_port, port_open, raises, wait_for
 from tests.fake_upstream import FakeUpstream
 
 GOOD = "sk-good-cli-aaaaaaaaaaaaaaaaaaaaaaaaaa-0001"
@@ -215,3 +215,47 @@ def test_keys_list_says_when_a_cooldown_is_over_instead_of_a_past_time(keyrotor:
     rows = keyrotor.cli("keys", "list").stdout.splitlines()[1:]
     assert rows[0].endswith("429 cooldown over: the next request tries it"), rows[0]
     assert rows[1].endswith("429 until 2100-01-01 00:00:00Z"), rows[1]
+
+
+def test_commands_from_another_directory_act_on_the_running_proxys_database(
+    keyrotor: Keyrotor, upstream: FakeUpstream, tmp_path
+):
+    # The same config file and environment, no storage.path anywhere: the default database.
+    config = tmp_path / "conf" / "keyrotor.toml"
+    config.parent.mkdir()
+    config.write_text('[capture]\nbodies = "none"\n')
+    env = {k: v for k, v in keyrotor.env.items() if k != "KEYROTOR_STORAGE_PATH"}
+    env["KEYROTOR_CONFIG"] = str(config)
+    server_dir, shell_dir = tmp_path / "service", tmp_path / "home"
+    server_dir.mkdir()
+    shell_dir.mkdir()
+    port = free_port()
+    proxy = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "proxy", "--proxy-port", str(port), "--upstream", upstream.url],
+        env=env,
+        cwd=server_dir,  # where a service manager starts it
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    keyrotor.processes.append(proxy)
+    wait_for(lambda: port_open(port), START_DEADLINE, what="proxy")
+
+    def cli(*args: str, stdin: str | None = None) -> str:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "run.py"), *args],
+            env=env,
+            cwd=shell_dir,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    cli("keys", "add", stdin=GOOD + "\n")
+    client_key = cli("clients", "add", "from-home").strip().splitlines()[-1]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=client_key, max_retries=0)
+    wait_for(lambda: not isinstance(raises(client.models.list), openai.AuthenticationError), what="the new client")
+    assert upstream.keys_seen()[-1] == GOOD
+    assert (config.parent / "data" / "keyrotor.db").exists()

@@ -21,8 +21,13 @@ class Refresh:
     error: str | None = None
 
     def as_dict(self) -> dict:
-        return {"group": self.group, "added": self.added, "removed": self.removed, "listed": self.listed,
-                "error": self.error}  # fmt: skip
+        return {
+            "group": self.group,
+            "added": self.added,
+            "removed": self.removed,
+            "listed": self.listed,
+            "error": self.error,
+        }
 
 
 async def refresh_models(

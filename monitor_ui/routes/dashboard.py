@@ -8,11 +8,11 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from monitor_ui import charts
+from monitor_ui import charts, views
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
 from monitor_ui.names import names_for
-from storage import rollups, upstream_keys
+from storage import capture_status, rollups, upstream_keys
 
 router = APIRouter()
 
@@ -54,7 +54,21 @@ def _ms(value: float | None) -> float | None:
     return None if value is None or math.isinf(value) else value
 
 
-def dashboard_data(conn, now: float) -> dict:
+def capture_health(status: capture_status.CaptureStatus, now: float) -> dict:
+    """What the dashboard says about capture: flows waiting for a database that refuses them, flows lost."""
+    failing = status.failing_now(now)
+    return {
+        "failing": failing,
+        "failing_since": status.failing_since if failing else None,
+        "error": status.error if failing else None,
+        "waiting": status.waiting if failing else 0,
+        "dropped": status.dropped,
+        "last_drop_at": status.last_drop_at,
+        "last_drop_reason": status.last_drop_reason,
+    }
+
+
+def dashboard_data(conn, now: float, status: capture_status.CaptureStatus | None = None) -> dict:
     windows = [
         {"name": name, **_figures(rollups.totals(conn, grain, _since(seconds, grain, now)))}
         for name, grain, seconds in WINDOWS
@@ -84,6 +98,7 @@ def dashboard_data(conn, now: float) -> dict:
         "tokens_per_minute": [(b, t.prompt_tokens, t.completion_tokens) for b, t in minutes],
         "breakdowns": breakdowns,
         "keys_by_state": upstream_keys.count_by_state(conn),
+        "capture": capture_health(status or capture_status.CaptureStatus(), now),
         "_charts": (minute_start, minutes, hour_start, hours),
     }
 
@@ -91,7 +106,7 @@ def dashboard_data(conn, now: float) -> dict:
 @router.get("/dashboard", response_class=HTMLResponse, dependencies=[AdminPage])
 def read_dashboard(request: Request, conn: Conn, signer: Signer):
     """Traffic at a glance; refreshes itself every few seconds."""
-    data = dashboard_data(conn, time.time())
+    data = dashboard_data(conn, time.time(), capture_status.read(request.app.state.db_path))
     minute_start, minutes, hour_start, hours = data.pop("_charts")
     chart_list = [
         charts.requests_chart("minute", "Requests per minute, last hour", minutes, minute_start, 60, 60),
@@ -103,14 +118,21 @@ def read_dashboard(request: Request, conn: Conn, signer: Signer):
     return request.app.state.templates.TemplateResponse(
         request,
         "dashboard.html",
-        {"data": data, "charts": chart_list, "breakdown_names": BREAKDOWNS, "csrf": csrf, "section": "dashboard"},
+        {
+            "data": data,
+            "charts": chart_list,
+            "breakdown_names": BREAKDOWNS,
+            "csrf": csrf,
+            "section": "dashboard",
+            "iso": views.iso,
+        },
     )
 
 
 @router.get("/api/dashboard", dependencies=[AdminApi])
-def read_dashboard_json(conn: Conn) -> dict:
+def read_dashboard_json(request: Request, conn: Conn) -> dict:
     """The dashboard's figures as JSON (series as [bucket start, requests, errors], latency [start, p50, p95] ms,
     tokens [start, prompt, completion])."""
-    data = dashboard_data(conn, time.time())
+    data = dashboard_data(conn, time.time(), capture_status.read(request.app.state.db_path))
     data.pop("_charts")
     return data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse
@@ -10,7 +11,7 @@ from fastapi.responses import PlainTextResponse
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import Conn, Signer
 from monitor_ui.names import key_label
-from storage import client_keys, outcomes, rollups, upstream_keys
+from storage import capture_status, client_keys, outcomes, rollups, upstream_keys
 
 router = APIRouter()
 
@@ -36,7 +37,7 @@ def _labels(**labels: object) -> str:
     return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
 
 
-def render_metrics(conn) -> str:
+def render_metrics(conn, status: capture_status.CaptureStatus | None = None, now: float = 0.0) -> str:
     lines = []
 
     def family(name: str, kind: str, text: str) -> None:
@@ -96,6 +97,16 @@ def render_metrics(conn) -> str:
     lines += [
         f"keyrotor_client_info{_labels(client=r['id'], name=r['name'])} 1" for r in client_keys.list_clients(conn)
     ]
+
+    # From the capture writer's status file: the counts above miss exactly these flows.
+    status = status or capture_status.CaptureStatus()
+    failing = status.failing_now(now)
+    family("keyrotor_capture_dropped_total", "counter", "Flows the proxy could not store and gave up on.")
+    lines.append(f"keyrotor_capture_dropped_total {status.dropped}")
+    family("keyrotor_capture_waiting", "gauge", "Flows held in memory because the database refuses writes.")
+    lines.append(f"keyrotor_capture_waiting {status.waiting if failing else 0}")
+    family("keyrotor_capture_failing", "gauge", "1 while the proxy cannot write to the database.")
+    lines.append(f"keyrotor_capture_failing {int(failing)}")
     return "\n".join(lines) + "\n"
 
 
@@ -112,4 +123,5 @@ def read_metrics(request: Request, conn: Conn, signer: Signer) -> PlainTextRespo
     )
     if not allowed:
         raise HTTPException(401, "Send the metrics token (ui.metrics_token) or the admin key as a Bearer token.")
-    return PlainTextResponse(render_metrics(conn), media_type="text/plain; version=0.0.4")
+    status = capture_status.read(request.app.state.db_path)
+    return PlainTextResponse(render_metrics(conn, status, time.time()), media_type="text/plain; version=0.0.4")

@@ -26,8 +26,10 @@ def test_a_database_from_before_upstreams_keeps_every_key_state_and_flow(tmp_pat
                 " requests, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
                 (cipher.fingerprint(value), cipher.encrypt(value), value[-4:], state, f"was {state}", until, n * 10),
             )
-        records = [FlowRecord(flow_id=f"f{i}", started_at=1e9 + i, method="POST", path="/v1/x", status=200,
-                              upstream_key_id=1) for i in range(5)]  # fmt: skip
+        records = [
+            FlowRecord(flow_id=f"f{i}", started_at=1e9 + i, method="POST", path="/v1/x", status=200, upstream_key_id=1)
+            for i in range(5)
+        ]
         insert_into_old_schema(conn, records)
     before = [
         tuple(r) for r in conn.execute("SELECT id, state, state_reason, cooldown_until, requests FROM upstream_keys")

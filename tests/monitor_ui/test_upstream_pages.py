@@ -162,7 +162,7 @@ def everything(client: TestClient) -> tuple:
     """What every change here could touch, as the JSON API shows it."""
     return tuple(
         client.get(url, headers=AUTH).json()
-        for url in ("/api/upstreams", "/api/groups", "/api/keys", f"/api/groups/{CHEAP}")
+        for url in ("/api/upstreams", "/api/groups", "/api/models", "/api/keys", f"/api/groups/{CHEAP}")
     )
 
 
@@ -178,8 +178,8 @@ def routes_revision(path: Path) -> int:
 # Who may use them
 
 
-PAGES = ["/upstreams", f"/groups/{CHEAP}", f"/keys?group={CHEAP}"]
-APIS = ["/api/upstreams", "/api/upstreams/relay", "/api/groups", f"/api/groups/{CHEAP}"]
+PAGES = ["/upstreams", f"/groups/{CHEAP}", "/models", f"/keys?group={CHEAP}"]
+APIS = ["/api/upstreams", "/api/upstreams/relay", "/api/groups", f"/api/groups/{CHEAP}", "/api/models"]
 API_CHANGES = [
     ("POST", "/api/upstreams", {"name": "openai", "base_url": "https://api.openai.com"}),
     ("PUT", "/api/upstreams/relay", {"base_url": "https://elsewhere.example"}),
@@ -192,6 +192,7 @@ API_CHANGES = [
     ("POST", f"/api/groups/{CHEAP}/models", {"model": "gpt-9"}),
     ("DELETE", f"/api/groups/{CHEAP}/models/gpt-4o-mini", None),
     ("POST", f"/api/groups/{CHEAP}/models/refresh", None),
+    ("PUT", "/api/models/o1/fallbacks", {"fallbacks": []}),
     ("POST", "/api/keys", {"keys": [NEW_KEY], "group": "relay/cheap"}),
 ]
 FORMS = [
@@ -208,6 +209,7 @@ FORMS = [
     (f"/groups/{CHEAP}/models/refresh", {}),
     (f"/groups/{CHEAP}/keys/validate", {}),
     (f"/groups/{CHEAP}/keys/reset-invalid", {}),
+    ("/models/fallbacks", {"model": "o1", "fallbacks": ""}),
     ("/keys/add", {"keys": NEW_KEY, "group_id": str(CHEAP), "back": "group"}),
     ("/keys/2/disable", {"back": "group"}),
 ]
@@ -261,6 +263,8 @@ def test_the_navigation_links_the_new_pages(client):
     logged_in(client)
     page = client.get("/upstreams").text
     assert '<a href="/upstreams" aria-current="page">Upstreams</a>' in page
+    assert '<a href="/models">Models</a>' in page
+    assert '<a href="/models" aria-current="page">Models</a>' in client.get("/models").text
     assert client.get("/groups").headers["location"] == "/upstreams"
 
 
@@ -624,6 +628,71 @@ def test_keys_are_added_to_a_group_by_label_or_id(setup):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Models and fallbacks
+
+
+def test_models_api_says_which_groups_serve_each_model_and_its_fallbacks(client):
+    overview = client.get("/api/models", headers=AUTH).json()
+    assert overview["every_model_groups"] == [
+        {"id": PREMIUM, "label": "relay/premium", "priority": 5, "serving": True},
+        {"id": DEFAULT_GROUP, "label": "default/default", "priority": 0, "serving": True},
+    ]
+    by_model = {m["model"]: m for m in overview["models"]}
+    assert list(by_model) == ["gpt-4o", "gpt-4o-mini", "o1"]
+    assert by_model["gpt-4o"]["groups"] == [
+        {
+            "id": PROD,
+            "label": "azure/prod",
+            "upstream_model": "prod-gpt4o",
+            "source": "manual",
+            "priority": 0,
+            "serving": True,
+        }
+    ]
+    assert by_model["o1"] == {"model": "o1", "groups": [], "fallbacks": ["gpt-4o-mini"]}
+
+    changed = client.put("/api/models/gpt-4o/fallbacks", json={"fallbacks": ["gpt-4o-mini", "o1"]}, headers=AUTH)
+    assert changed.json() == {"model": "gpt-4o", "fallbacks": ["gpt-4o-mini", "o1"]}
+    assert client.put("/api/models/o1/fallbacks", json={"fallbacks": []}, headers=AUTH).json()["fallbacks"] == []
+    assert "o1" not in {m["model"] for m in client.get("/api/models", headers=AUTH).json()["models"]}
+    slashed = client.put("/api/models/openai/o3/fallbacks", json={"fallbacks": ["openai/o4-mini"]}, headers=AUTH)
+    assert slashed.json() == {"model": "openai/o3", "fallbacks": ["openai/o4-mini"]}
+
+
+@pytest.mark.parametrize(
+    "url, body",
+    [
+        ("/api/models/o1/fallbacks", {"fallbacks": ["o1"]}),  # its own fallback
+        ("/api/models/o1/fallbacks", {"fallbacks": ["has space"]}),
+        ("/api/models/o1/fallbacks", {"fallbacks": [f"m{n}" for n in range(21)]}),
+        ("/api/models/o1/fallbacks", {"fallbacks": "gpt-4o"}),
+        ("/api/models/o1/fallbacks", {}),
+        (f"/api/models/{'x' * 201}/fallbacks", {"fallbacks": []}),
+    ],
+)
+def test_fallbacks_refuse_bad_input_clearly_and_change_nothing(setup, url, body):
+    client, path = setup
+    before, revision = everything(client), routes_revision(path)
+    assert is_openai_error(client.put(url, json=body, headers=AUTH), 422)
+    assert everything(client) == before and routes_revision(path) == revision
+
+
+def test_models_page_lists_models_groups_catch_alls_and_edits_fallbacks(client):
+    csrf = logged_in(client)
+    page = client.get("/models").text
+    assert '<a href="/groups/4">azure/prod</a> as <code>prod-gpt4o</code>' in page
+    assert '<a href="/groups/2">relay/cheap</a>' in page
+    assert '<li><a href="/groups/3">relay/premium</a> <span class="meta">priority 5</span></li>' in page
+    assert 'value="gpt-4o-mini" maxlength="4000" placeholder="none" aria-label="Fallbacks of o1"' in page
+    saved = client.post("/models/fallbacks", data={"csrf": csrf, "model": "gpt-4o", "fallbacks": "gpt-4o-mini, o1"})
+    assert saved.headers["location"] == "/models?done=fallbacks"
+    assert "Fallbacks saved." in client.get("/models?done=fallbacks").text
+    assert client.get("/api/models", headers=AUTH).json()["models"][0]["fallbacks"] == ["gpt-4o-mini", "o1"]
+    refused = client.post("/models/fallbacks", data={"csrf": csrf, "model": "o1", "fallbacks": "o1"})
+    assert refused.status_code == 422 and "cannot be its own fallback" in refused.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Names are text, never markup
 
 
@@ -645,7 +714,7 @@ def evil(setup) -> TestClient:
     return client
 
 
-@pytest.mark.parametrize("url", ["/upstreams", "/groups/5", "/keys", "/keys?group=5"])
+@pytest.mark.parametrize("url", ["/upstreams", "/groups/5", "/models", "/keys", "/keys?group=5"])
 def test_names_with_markup_are_escaped(evil, url):
     response = evil.get(url)
     assert response.status_code == 200

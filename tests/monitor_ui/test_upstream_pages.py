@@ -174,6 +174,10 @@ def routes_revision(path: Path) -> int:
         conn.close()
 
 
+def ids(response) -> list[int]:
+    return [f["id"] for f in response.json()["flows"]]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Who may use them
 
@@ -693,6 +697,72 @@ def test_models_page_lists_models_groups_catch_alls_and_edits_fallbacks(client):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Flows by upstream and group
+
+
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        ("upstream=relay", [4, 3, 2]),
+        (f"upstream={RELAY}", [4, 3, 2]),
+        ("upstream=azure", [5]),
+        ("group=relay/cheap", [4, 3, 2]),
+        (f"group={PROD}", [5]),
+        ("group=default/default", [1]),
+        ("group=relay/premium", []),
+        ("upstream=relay&status=2xx&model=o1", [4]),
+        ("upstream=&group=", [6, 5, 4, 3, 2, 1]),  # the form submitted with "any"
+    ],
+)
+def test_flows_filter_by_upstream_and_group(client, query, expected):
+    assert ids(client.get(f"/api/flows?{query}", headers=AUTH)) == expected
+
+
+@pytest.mark.parametrize("query", ["upstream=nope", "group=relay/nope", "group=nonsense", "upstream=0"])
+def test_an_unknown_upstream_or_group_filter_is_refused_clearly(client, query):
+    assert is_openai_error(client.get(f"/api/flows?{query}", headers=AUTH), 422)
+
+
+def test_flows_show_the_upstream_group_and_fallback_of_each_flow_and_attempt(client):
+    listed = {f["id"]: f for f in client.get("/api/flows", headers=AUTH).json()["flows"]}
+    assert (listed[2]["upstream"], listed[2]["group"]) == ("relay", "relay/cheap")
+    assert (listed[6]["upstream"], listed[6]["group"]) == (None, None)
+    assert (listed[4]["model"], listed[4]["fallback_model"]) == ("o1", "gpt-4o-mini")
+    detail = client.get("/api/flows/4", headers=AUTH).json()
+    assert [(a["attempt"], a["group"], a["model"]) for a in detail["attempt_list"]] == [
+        (1, "default/default", None),
+        (2, "relay/cheap", "gpt-4o-mini"),
+    ]
+
+    logged_in(client)
+    page = client.get("/flows?stream=no").text
+    assert 'href="/flows?stream=no&amp;group=2" title="Only this group">relay/cheap</a>' in page
+    assert 'title="asked o1, answered by gpt-4o-mini">answered by gpt-4o-mini</span>' in page
+    assert '<option value="relay/cheap">relay/cheap</option>' in page and '<option value="azure">azure</option>' in page
+    filtered = client.get("/flows?group=2").text
+    assert '<option value="relay/cheap" selected>relay/cheap</option>' in filtered
+    assert 'href="/api/flows/export.jsonl?group=relay%2Fcheap"' in filtered  # the exports keep the filter
+
+    detail_page = client.get("/flows/4").text
+    assert "asked o1, answered by gpt-4o-mini (a fallback)" in detail_page
+    assert '<a href="/groups/2">relay/cheap</a>' in detail_page
+    attempts = detail_page.split("<h2>Attempts</h2>")[1].split("</table>")[0]
+    assert '<a href="/groups/1">default/default</a>' in attempts and "<td>gpt-4o-mini</td>" in attempts
+    retried = client.get("/flows/3").text.split("<h2>Attempts</h2>")[1].split("</table>")[0]
+    assert '<a href="/groups/4">azure/prod</a>' in retried
+
+
+def test_flows_of_a_deleted_group_are_named_by_id_and_still_found(client):
+    client.delete("/api/upstreams/azure", headers=AUTH)
+    assert client.get("/api/flows/5", headers=AUTH).json()["group"] == f"#{PROD} (deleted)"
+    assert ids(client.get(f"/api/flows?group={PROD}", headers=AUTH)) == [5]
+    assert ids(client.get(f"/api/flows?upstream={AZURE}", headers=AUTH)) == [5]
+    logged_in(client)
+    page = client.get(f"/flows?group={PROD}").text
+    assert f'<option value="{PROD}" selected>#{PROD} (deleted)</option>' in page
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Names are text, never markup
 
 
@@ -714,7 +784,7 @@ def evil(setup) -> TestClient:
     return client
 
 
-@pytest.mark.parametrize("url", ["/upstreams", "/groups/5", "/models", "/keys", "/keys?group=5"])
+@pytest.mark.parametrize("url", ["/upstreams", "/groups/5", "/models", "/keys", "/keys?group=5", "/flows", "/flows/7"])
 def test_names_with_markup_are_escaped(evil, url):
     response = evil.get(url)
     assert response.status_code == 200
@@ -726,3 +796,4 @@ def test_names_with_markup_are_escaped(evil, url):
 def test_names_with_markup_come_back_verbatim_in_json(evil):
     labels = [g["label"] for g in evil.get("/api/groups", headers=AUTH).json()["groups"]]
     assert f"{EVIL_NAME}/{EVIL_NAME}" in labels
+    assert evil.get("/api/flows/7", headers=AUTH).json()["group"] == f"{EVIL_NAME}/{EVIL_NAME}"

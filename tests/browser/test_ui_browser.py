@@ -385,7 +385,7 @@ def test_on_a_phone_flows_are_cards_and_charts_answer_a_tap_in_legible_text(
     sizes = ticks.evaluate_all("ts => ts.map(t => [parseFloat(getComputedStyle(t).fontSize), t.getScreenCTM().a])")
     assert sizes and all(size >= 11 and scale == 1 for size, scale in sizes), sizes  # not shrunk with the chart
     cost = page.locator("table.breakdown th", has_text="Cost")
-    expect(cost).to_have_count(3)
+    expect(cost).to_have_count(5)  # by model, upstream, group, upstream key and client
     for header in cost.all():  # every breakdown keeps its cost column in view
         assert header.evaluate("e => e.getBoundingClientRect().right") <= PHONE[0]
     assert sideways_overflow(page) is None

@@ -763,6 +763,41 @@ def test_flows_of_a_deleted_group_are_named_by_id_and_still_found(client):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Dashboard and /metrics
+
+
+def test_dashboard_breaks_down_by_upstream_and_group(client):
+    data = client.get("/api/dashboard", headers=AUTH).json()
+    by_upstream = {r["label"]: r["requests"] for r in data["breakdowns"]["upstream_id"]}
+    assert by_upstream == {"relay": 3, "default": 1, "azure": 1, None: 1}
+    by_group = {r["label"]: (r["requests"], r["errors"]) for r in data["breakdowns"]["group_id"]}
+    assert by_group == {"relay/cheap": (3, 0), "default/default": (1, 0), "azure/prod": (1, 1), None: (1, 1)}
+    logged_in(client)
+    page = client.get("/dashboard").text
+    assert "<h3>By upstream</h3>" in page and "<h3>By group</h3>" in page
+    assert f'<a href="/upstreams#upstream-{RELAY}">relay</a>' in page
+    assert f'<a href="/groups/{CHEAP}">relay/cheap</a>' in page
+    assert f'<a href="/flows?group={CHEAP}" title="These flows">3</a>' in page
+    assert f'<a href="/flows?upstream={RELAY}" title="These flows">3</a>' in page
+
+
+def test_metrics_count_by_upstream_and_group_names(client):
+    text = client.get("/metrics", headers=AUTH).text
+    assert 'keyrotor_upstream_requests_total{upstream="relay"} 3' in text
+    assert 'keyrotor_upstream_requests_total{upstream="(none)"} 1' in text
+    assert 'keyrotor_group_requests_total{group="relay/cheap"} 3' in text
+    assert 'keyrotor_group_errors_total{group="azure/prod"} 1' in text
+    assert 'keyrotor_group_tokens_total{group="relay/cheap",kind="prompt"} 30' in text
+    assert 'keyrotor_upstream_cost_usd_total{upstream="relay"} 0.000300' in text
+    assert "# TYPE keyrotor_group_requests_total counter" in text
+    assert re.findall(r'="",|=""}', text) == []  # no empty label value anywhere
+    client.delete("/api/upstreams/azure", headers=AUTH)
+    text = client.get("/metrics", headers=AUTH).text
+    assert f'keyrotor_upstream_requests_total{{upstream="#{AZURE} (deleted)"}} 1' in text
+    assert f'keyrotor_group_requests_total{{group="#{PROD} (deleted)"}} 1' in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Names are text, never markup
 
 
@@ -784,7 +819,9 @@ def evil(setup) -> TestClient:
     return client
 
 
-@pytest.mark.parametrize("url", ["/upstreams", "/groups/5", "/models", "/keys", "/keys?group=5", "/flows", "/flows/7"])
+@pytest.mark.parametrize(
+    "url", ["/upstreams", "/groups/5", "/models", "/keys", "/keys?group=5", "/flows", "/flows/7", "/dashboard"]
+)
 def test_names_with_markup_are_escaped(evil, url):
     response = evil.get(url)
     assert response.status_code == 200
@@ -797,3 +834,5 @@ def test_names_with_markup_come_back_verbatim_in_json(evil):
     labels = [g["label"] for g in evil.get("/api/groups", headers=AUTH).json()["groups"]]
     assert f"{EVIL_NAME}/{EVIL_NAME}" in labels
     assert evil.get("/api/flows/7", headers=AUTH).json()["group"] == f"{EVIL_NAME}/{EVIL_NAME}"
+    text = evil.get("/metrics", headers=AUTH).text
+    assert f'keyrotor_upstream_requests_total{{upstream="{EVIL_NAME}"}} 1' in text

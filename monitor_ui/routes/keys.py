@@ -109,7 +109,7 @@ def group_of(conn, label: str | None, group_id: int | None) -> int | None:
         if group_id is not None:
             routes.get_group(conn, group_id)
     if by_label is not None and group_id is not None and by_label != group_id:
-        raise HTTPException(422, f"group {label!r} and group_id {group_id} name different groups: give one.")
+        raise HTTPException(422, f"The group {label!r} and group_id {group_id} are different groups: give one.")
     chosen = by_label if by_label is not None else group_id
     if chosen is None:
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
@@ -118,7 +118,12 @@ def render_upstreams(request: Request, conn, signer, status_code: int = 200, **e
 
 @router.get("/upstreams", response_class=HTMLResponse, dependencies=[AdminPage])
 def list_upstreams(
-    request: Request, conn: Conn, signer: Signer, done: str | None = None, groups: int = 0, keys: int = 0
+    request: Request,
+    conn: Conn,
+    signer: Signer,
+    done: str | None = None,
+    groups: Annotated[int, Query(ge=0)] = 0,
+    keys: Annotated[int, Query(ge=0)] = 0,
 ):
     """Upstreams with their groups: add, edit, enable, disable, delete; add a group."""
     message = DONE.get(done or "")

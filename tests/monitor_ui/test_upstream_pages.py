@@ -604,6 +604,7 @@ def test_keys_carry_their_group_and_filter_by_it(client):
     assert "<h1>Upstream keys of relay/cheap</h1>" in filtered
     assert "…0002" in filtered and "…0001" not in filtered and "…0004" not in filtered
     assert f'<option value="{CHEAP}" selected>relay/cheap</option>' in filtered
+    assert "No keys in relay/premium yet." in client.get(f"/keys?group={PREMIUM}").text
 
 
 def test_keys_are_added_to_a_group_by_label_or_id(setup):

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from config import Settings
 from monitor_ui.auth import SessionSigner
 from monitor_ui.deps import LoginRequired
-from monitor_ui.routes import assets, auth, clients, dashboard, flows, health, keys, metrics
+from monitor_ui.routes import assets, auth, clients, dashboard, flows, groups, health, keys, metrics, models, upstreams
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
@@ -52,7 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.proxy_url = f"http://{settings['proxy.host']}:{settings['proxy.port']}"
     app.state.templates = templates
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    for module in (assets, auth, clients, dashboard, flows, health, keys, metrics):
+    for module in (assets, auth, clients, dashboard, flows, groups, health, keys, metrics, models, upstreams):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
@@ -10,6 +11,9 @@ from urllib.parse import urlencode
 
 from fastapi import Depends, HTTPException, Query
 
+from monitor_ui.deps import Conn
+from monitor_ui.names import route_names
+from storage import routes
 from storage.flows import STATUS_CLASSES, FlowFilter
 
 
@@ -44,6 +48,32 @@ def parse_id(value: str | None, name: str) -> int | None:
     return number
 
 
+def upstream_id_of(conn: sqlite3.Connection, value: str | None) -> int | None:
+    """An upstream filter: its name, or its id (the flows of a deleted upstream keep only that)."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    for upstream_id, name in routes.upstream_names(conn).items():
+        if name == value:
+            return upstream_id
+    if value.isdecimal() and int(value) >= 1:
+        return int(value)
+    raise HTTPException(422, f"upstream must be an upstream's name or id, and there is no upstream {value!r}.")
+
+
+def group_id_of(conn: sqlite3.Connection, value: str | None) -> int | None:
+    """A group filter: its UPSTREAM/GROUP label, or its id."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if value.isdecimal() and int(value) >= 1:
+        return int(value)
+    try:
+        return routes.group_id_of(conn, value)
+    except (routes.NotFound, ValueError):
+        raise HTTPException(422, f"group must be a group's UPSTREAM/GROUP label or id, not {value!r}.") from None
+
+
 @dataclass(frozen=True)
 class FlowQuery:
     """The filter plus the raw values, so the page can show them again and build links."""
@@ -56,12 +86,15 @@ class FlowQuery:
 
 
 def flow_query(
+    conn: Conn,
     q: Annotated[str | None, Query(max_length=500, description="words that must all appear (full-text)")] = None,
     status: Annotated[str | None, Query(description="2xx, 3xx, 4xx, 5xx, error, or one code such as 429")] = None,
     model: Annotated[str | None, Query(max_length=200)] = None,
     path: Annotated[str | None, Query(max_length=500, description="path prefix, e.g. /v1/chat")] = None,
     client: Annotated[str | None, Query(max_length=20, description="client key id")] = None,
     key: Annotated[str | None, Query(max_length=20, description="upstream key id")] = None,
+    upstream: Annotated[str | None, Query(max_length=200, description="upstream name (or id)")] = None,
+    group: Annotated[str | None, Query(max_length=200, description="group as UPSTREAM/GROUP (or id)")] = None,
     stream: Annotated[str | None, Query(description="yes or no")] = None,
     since: Annotated[str | None, Query(max_length=40)] = None,
     until: Annotated[str | None, Query(max_length=40)] = None,
@@ -72,6 +105,8 @@ def flow_query(
     if stream and stream not in ("yes", "no"):
         raise HTTPException(422, "stream must be yes or no.")
     client_id, key_id = parse_id(client, "client"), parse_id(key, "key")
+    upstream_id, group_id = upstream_id_of(conn, upstream), group_id_of(conn, group)
+    route = route_names(conn)
     raw = {
         "q": q or "",
         "status": status or "",
@@ -79,6 +114,9 @@ def flow_query(
         "path": path or "",
         "client": str(client_id or ""),
         "key": str(key_id or ""),
+        # Shown again, and carried in links, by name; a deleted one by its id.
+        "upstream": route.upstreams.get(upstream_id, str(upstream_id)) if upstream_id else "",
+        "group": route.groups.get(group_id, str(group_id)) if group_id else "",
         "stream": stream or "",
         "since": since or "",
         "until": until or "",
@@ -90,6 +128,8 @@ def flow_query(
         path=path or None,
         client_key_id=client_id,
         upstream_key_id=key_id,
+        upstream_id=upstream_id,
+        group_id=group_id,
         stream=None if not stream else stream == "yes",
         since=parse_time(since, "since"),
         until=parse_time(until, "until"),

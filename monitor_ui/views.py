@@ -117,3 +117,25 @@ def curl_command(detail: dict[str, Any], origin: str) -> str:
     if detail.get("request_body"):
         parts += ["--data-raw", shlex.quote(detail["request_body"])]
     return " ".join(parts)
+
+
+def group_summary(row: sqlite3.Row) -> dict[str, Any]:
+    """A group as the pages and the JSON API show it (storage.routes.list_groups / get_group rows)."""
+    return {
+        "id": row["id"],
+        "label": row["label"],
+        "upstream": row["upstream"],
+        "name": row["name"],
+        "priority": row["priority"],
+        "weight": row["weight"],
+        "enabled": bool(row["enabled"]),
+        "upstream_enabled": bool(row["upstream_enabled"]),
+        # What the proxy does with it: a group of a disabled upstream serves nothing either.
+        "serving": bool(row["enabled"] and row["upstream_enabled"]),
+        "dialect": row["dialect"],
+        "keys": row["keys"],
+        "models": row["models"],
+        "every_model": not row["models"],
+        "models_refreshed_at": row["models_refreshed_at"],
+        "created_at": row["created_at"],
+    }

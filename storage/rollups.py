@@ -2,7 +2,7 @@
 
 The dashboard and /metrics read only these tables, never the flows table. Each grain
 keeps a row per bucket and *dimension value*: the hour grain has one row for all flows
-("all"), one per model, one per upstream key and one per client key, so a day's
+("all"), one per model, upstream key, client key, upstream and group, so a day's
 breakdown by key reads 24 rows a key however many models and clients mixed in, and all
 time reads one row an hour. The minute grain keeps "all" only (the charts and the short
 windows). Latencies are histograms over fixed buckets, so percentiles of any window are
@@ -56,7 +56,9 @@ FIRST_BYTE = tuple(f"ttfb{i}" for i in range(HISTOGRAM_SIZE))  # streamed respon
 VALUES = COUNTERS + LATENCY + FIRST_BYTE
 
 ALL = "all"
-BREAKDOWNS = ("model", "upstream_key_id", "client_key_id")  # flow columns a window can be broken down by
+# Flow columns a window can be broken down by. The upstream and group ones came with many
+# upstreams (schema v7): flows stored before have no rows for them.
+BREAKDOWNS = ("model", "upstream_key_id", "client_key_id", "upstream_id", "group_id")
 DIMENSIONS_OF = {"minute": (ALL,), "hour": (ALL, *BREAKDOWNS)}
 # Dimension first: every read is one dimension over a range of buckets, all time reads
 # only the "all" rows. value: "" for "all" and for flows without one (no model, no key).
@@ -201,9 +203,9 @@ def totals(conn: sqlite3.Connection, grain: str, since: float | None) -> Totals:
 def breakdown(
     conn: sqlite3.Connection, since: float | None, dimension: str, limit: int | None = 20
 ) -> list[tuple[str | int | None, Totals]]:
-    """Hourly totals since `since` per model, upstream key or client key, busiest first.
+    """Hourly totals since `since` per model, upstream key, client key, upstream or group, busiest first.
 
-    Keys come back as ids, and flows without a model or key as None.
+    Keys, upstreams and groups come back as ids, and flows without one as None.
     """
     if dimension not in BREAKDOWNS:
         raise ValueError(dimension)

@@ -180,7 +180,9 @@ def _v4_rollups_by_dimension(db: sqlite_utils.Database) -> None:
         db.conn.execute(f"ALTER TABLE {rollups.table_of(grain)} RENAME TO {rollups.table_of(grain)}_v3")
     rollups.create_tables(db)
     sums = ", ".join(f"sum({c})" for c in rollups.VALUES)
-    for grain, dimensions in rollups.DIMENSIONS_OF.items():
+    # The dimensions the v3 tables had columns for; later ones (upstream, group) start empty.
+    v3_dimensions = {"minute": (rollups.ALL,), "hour": (rollups.ALL, "model", "upstream_key_id", "client_key_id")}
+    for grain, dimensions in v3_dimensions.items():
         table = rollups.table_of(grain)
         for dimension in dimensions:
             if dimension == rollups.ALL:

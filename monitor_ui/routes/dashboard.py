@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse
 from monitor_ui import charts, views
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
-from monitor_ui.names import names_for
+from monitor_ui.names import names_for, route_names
 from storage import capture_status, rollups, upstream_keys
 
 router = APIRouter()
@@ -23,7 +23,13 @@ WINDOWS = (
     ("last 24 hours", "hour", 86400),
     ("all time", "hour", None),
 )
-BREAKDOWNS = (("model", "By model"), ("upstream_key_id", "By upstream key"), ("client_key_id", "By client key"))
+BREAKDOWNS = (
+    ("model", "By model"),
+    ("upstream_id", "By upstream"),
+    ("group_id", "By group"),
+    ("upstream_key_id", "By upstream key"),
+    ("client_key_id", "By client key"),
+)
 
 
 def _figures(totals: rollups.Totals) -> dict:
@@ -85,6 +91,11 @@ def dashboard_data(conn, now: float, status: capture_status.CaptureStatus | None
         row["label"] = names.key(row["id"])
     for row in breakdowns["client_key_id"]:
         row["label"] = names.client(row["id"])
+    route = route_names(conn)
+    for row in breakdowns["upstream_id"]:
+        row["label"], row["deleted"] = route.upstream(row["id"]), row["id"] not in route.upstreams
+    for row in breakdowns["group_id"]:
+        row["label"], row["deleted"] = route.group(row["id"]), row["id"] not in route.groups
     minute_start = int(now // 60) * 60 - 59 * 60
     hour_start = int(now // 3600) * 3600 - 23 * 3600
     minutes = rollups.series_totals(conn, "minute", minute_start)

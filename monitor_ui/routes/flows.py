@@ -11,7 +11,7 @@ from monitor_ui import export, views
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
 from monitor_ui.filters import Flows
-from monitor_ui.names import names_for
+from monitor_ui.names import names_for, route_names
 from storage import db, flows
 
 router = APIRouter()
@@ -27,8 +27,10 @@ def _page(conn, query: Flows, limit: int, before: int | None) -> dict:
     rows = flows.search_flows(conn, query.filter, limit, before, columns=LIST_COLUMNS)
     summaries = [views.flow_summary(r) for r in rows]
     names = names_for(conn, [f["upstream_key_id"] for f in summaries], [f["client_key_id"] for f in summaries])
+    route = route_names(conn)
     for f in summaries:
         f["upstream_key"], f["client"] = names.key(f["upstream_key_id"]), names.client(f["client_key_id"])
+        f["upstream"], f["group"] = route.upstream(f["upstream_id"]), route.group(f["group_id"])
     return {
         "flows": summaries,
         "next_before": rows[-1]["id"] if len(rows) == limit and query.filter.after_id is None else None,
@@ -42,10 +44,15 @@ def _detail(request: Request, conn, flow_row_id: int) -> dict:
     detail = views.flow_detail(row)
     attempts = [dict(a) for a in flows.attempts_of(conn, row["flow_id"])]
     names = names_for(conn, [row["upstream_key_id"], *(a["upstream_key_id"] for a in attempts)], [row["client_key_id"]])
+    route = route_names(conn)
     for a in attempts:
         a["upstream_key"] = names.key(a["upstream_key_id"])
+        a["upstream"], a["group"] = route.upstream(a["upstream_id"]), route.group(a["group_id"])
+        a["group_exists"] = a["group_id"] in route.groups
     detail["attempt_list"] = attempts
     detail["upstream_key"], detail["client"] = names.key(row["upstream_key_id"]), names.client(row["client_key_id"])
+    detail["upstream"], detail["group"] = route.upstream(row["upstream_id"]), route.group(row["group_id"])
+    detail["group_exists"] = row["group_id"] in route.groups
     detail["events"] = views.sse_events(row["response_body"], detail["chunk_times"]) if row["stream"] else []
     detail["curl"] = views.curl_command(detail, request.app.state.proxy_url)
     return detail
@@ -61,10 +68,12 @@ def list_flows(request: Request, conn: Conn, signer: Signer, query: Flows, limit
     """Flows, newest first: full-text search, filters, keyset pages; new ones appear while the page is open."""
     page = _page(conn, query, limit, before)
     csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
+    route = route_names(conn)
+    choices = {"upstream_names": sorted(route.upstreams.values()), "group_labels": sorted(route.groups.values())}
     return request.app.state.templates.TemplateResponse(
         request,
         "flows.html",
-        {**page, "limit": limit, "csrf": csrf, "query": query, "live": before is None, "section": "flows"},
+        {**page, **choices, "limit": limit, "csrf": csrf, "query": query, "live": before is None, "section": "flows"},
     )
 
 

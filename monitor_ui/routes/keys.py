@@ -15,6 +15,7 @@ from core.models import KeyState
 from monitor_ui import views
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, Signer, WriteConn
+from monitor_ui.errors import refused_as_http, sentence
 from monitor_ui.names import key_label
 from storage import routes, secrets, upstream_keys
 from storage.upstream_keys import SqliteKeyStore
@@ -32,6 +33,7 @@ DONE = {
     "reset": "returned to active",
     "weighted": "re-weighted",
     "edited": "saved",
+    "validated": "validated",
 }
 MALFORMED_SHOWN = 20  # line numbers a bulk add's redirect carries; the count says how many there were
 
@@ -54,6 +56,8 @@ class ValidationRequest(BaseModel):
 
 class KeysToAdd(BaseModel):
     keys: list[str] = Field(max_length=MAX_BULK_LINES, description="one key per item; a Bearer prefix is removed")
+    group: str | None = Field(None, max_length=200, description="UPSTREAM/GROUP whose pool they join")
+    group_id: int | None = Field(None, ge=1, description="the same, by id (default: default/default)")
 
 
 def key_summary(row, now: float | None = None) -> dict:
@@ -69,6 +73,8 @@ def key_summary(row, now: float | None = None) -> dict:
         # A cooldown that has ended: the key is tried again by the next request (which decides).
         "cooldown_over": cooling and row["cooldown_until"] <= (now or time.time()),
         "weight": row["weight"],
+        "group_id": row["group_id"],
+        "group": row["group_label"],
         "requests": row["requests"],
         "prompt_tokens": row["prompt_tokens"],
         "completion_tokens": row["completion_tokens"],
@@ -78,14 +84,39 @@ def key_summary(row, now: float | None = None) -> dict:
     }
 
 
-def _page(conn, after: int) -> dict:
-    rows = upstream_keys.list_keys(conn, PAGE_SIZE, after)
+def key_page(conn, after: int, group_id: int | None = None) -> dict:
+    """A page of keys, every group's or one group's, with the counts per state of the same keys."""
+    if group_id is None:
+        rows = upstream_keys.list_keys(conn, PAGE_SIZE, after)
+        by_state = upstream_keys.count_by_state(conn)
+    else:
+        rows = routes.group_keys(conn, group_id, PAGE_SIZE, after)
+        by_state = dict.fromkeys(upstream_keys.STATES, 0)
+        for state in routes.group_key_states(conn, group_id).values():
+            by_state[state] = by_state.get(state, 0) + 1
     now = time.time()
     return {
         "keys": [key_summary(r, now) for r in rows],
         "next_after": rows[-1]["id"] if len(rows) == PAGE_SIZE else None,
-        "by_state": upstream_keys.count_by_state(conn),
+        "by_state": by_state,
     }
+
+
+def group_of(conn, label: str | None, group_id: int | None) -> int | None:
+    """The group keys join: by label or id (both must agree), None for default/default; 404 when there is none."""
+    with refused_as_http():
+        by_label = routes.group_id_of(conn, label) if label else None
+        if group_id is not None:
+            routes.get_group(conn, group_id)
+    if by_label is not None and group_id is not None and by_label != group_id:
+        raise HTTPException(422, f"The group {label!r} and group_id {group_id} are different groups: give one.")
+    chosen = by_label if by_label is not None else group_id
+    if chosen is None:
+        try:
+            routes.default_group_id(conn)
+        except routes.NotFound:
+            raise HTTPException(422, "There is no group default/default: name the group the keys join.") from None
+    return chosen
 
 
 def _store(request: Request, conn) -> SqliteKeyStore:
@@ -96,13 +127,51 @@ def _report(report) -> dict:
     return {"added": report.added, "duplicates": report.duplicates, "malformed_lines": report.malformed}
 
 
-def _render(request: Request, conn, signer, after: int = 0, **extra):
+def _render(request: Request, conn, signer, after: int = 0, group_id: int | None = None, **extra):
     csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
-    context = {**_page(conn, after), "csrf": csrf, "section": "keys", "iso": views.iso, **extra}
+    groups = [views.group_summary(g) for g in routes.list_groups(conn)]
+    context = {
+        **key_page(conn, after, group_id),
+        "csrf": csrf,
+        "section": "keys",
+        "iso": views.iso,
+        "groups": groups,
+        "group_filter": next((g for g in groups if g["id"] == group_id), None),
+        **extra,
+    }
     return request.app.state.templates.TemplateResponse(request, "keys.html", context)
 
 
+def notice(done: str | None, count: int, duplicates: int, malformed: str, malformed_count: int) -> dict:
+    """What the page says after a key action's redirect: a bulk add's report, or one line."""
+    if done == "added":  # where a bulk add lands: reloading this page adds nothing
+        report = {
+            "added": count,
+            "duplicates": duplicates,
+            "malformed_lines": _line_numbers(malformed),
+            "malformed": malformed_count,
+        }
+        return {"report": report}
+    return {"message": f"{count} key(s) {DONE[done]}." if done in DONE else None}
+
+
+def back_to(back: str, group_id: int | None, query: dict, anchor: str = "") -> RedirectResponse:
+    """After a key action: the group page it was made on, or the keys page."""
+    page = f"/groups/{group_id}" if back == "group" and group_id is not None else "/keys"
+    return RedirectResponse(f"{page}?{urlencode(query)}{anchor}", status_code=303)
+
+
 After = Annotated[int, Query(ge=0, description="continue after this key id (keyset pagination)")]
+
+GroupFilter = Annotated[str | None, Query(max_length=200, description="only this group's keys: id or UPSTREAM/GROUP")]
+
+
+def _group_filter(conn, value: str | None) -> int | None:
+    value = (value or "").strip()
+    if not value:
+        return None
+    with refused_as_http():
+        return routes.get_group(conn, int(value))["id"] if value.isdecimal() else routes.group_id_of(conn, value)
 
 
 def _line_numbers(text: str) -> list[int]:
@@ -120,24 +189,18 @@ def list_keys(
     duplicates: Annotated[int, Query(ge=0)] = 0,
     malformed: Annotated[str, Query(max_length=200)] = "",
     malformed_count: Annotated[int, Query(ge=0)] = 0,
+    group: GroupFilter = None,
 ):
-    """Upstream keys: add in bulk, state, usage, and the actions on them."""
-    if done == "added":  # where a bulk add lands: reloading this page adds nothing
-        report = {
-            "added": count,
-            "duplicates": duplicates,
-            "malformed_lines": _line_numbers(malformed),
-            "malformed": malformed_count,
-        }
-        return _render(request, conn, signer, after, report=report)
-    message = f"{count} key(s) {DONE[done]}." if done in DONE else None
-    return _render(request, conn, signer, after, message=message)
+    """Upstream keys: add in bulk, state, usage, and the actions on them; every group's or one group's."""
+    group_id = _group_filter(conn, group)
+    extra = notice(done, count, duplicates, malformed, malformed_count)
+    return _render(request, conn, signer, after, group_id, **extra)
 
 
 @router.get("/api/keys", dependencies=[AdminApi])
-def list_keys_json(conn: Conn, after: After = 0) -> dict:
-    """Upstream keys, masked, with state and usage; 100 per page."""
-    return _page(conn, after)
+def list_keys_json(conn: Conn, after: After = 0, group: GroupFilter = None) -> dict:
+    """Upstream keys, masked, with state, group and usage; 100 per page; `group` keeps one group's."""
+    return key_page(conn, after, _group_filter(conn, group))
 
 
 @router.post("/keys/add", dependencies=[AdminForm])
@@ -146,29 +209,32 @@ def create_keys(
     conn: WriteConn,
     keys: Annotated[str, Form(max_length=5_000_000)] = "",
     name: Annotated[str, Form(max_length=MAX_NAME_LENGTH)] = "",
+    group_id: Annotated[int | None, Form(ge=1)] = None,
+    back: Annotated[str, Form()] = "list",
 ) -> RedirectResponse:
-    """Bulk add from the textarea (KEY or NAME<TAB>KEY lines), then redirect to the page with the counts."""
+    """Bulk add from the textarea (KEY or NAME<TAB>KEY lines) to a group, then redirect to the page with the counts."""
     lines = keys.splitlines()[:MAX_BULK_LINES]
+    group_id = group_of(conn, None, group_id)
     try:
-        report = key_admin.add_keys(_store(request, conn), lines, name)
+        report = key_admin.add_keys(_store(request, conn), lines, name, group_id)
     except ValueError as e:
-        raise HTTPException(422, f"{str(e)[0].upper()}{str(e)[1:]}.") from None
-    query = urlencode(
-        {
-            "done": "added",
-            "count": len(report.added),
-            "duplicates": report.duplicates,
-            "malformed": ",".join(map(str, report.malformed[:MALFORMED_SHOWN])),
-            "malformed_count": len(report.malformed),
-        }
-    )
-    return RedirectResponse(f"/keys?{query}", status_code=303)
+        raise HTTPException(422, sentence(e)) from None
+    query = {
+        "done": "added",
+        "count": len(report.added),
+        "duplicates": report.duplicates,
+        "malformed": ",".join(map(str, report.malformed[:MALFORMED_SHOWN])),
+        "malformed_count": len(report.malformed),
+    }
+    return back_to(back, group_id, query)
 
 
 @router.post("/api/keys", dependencies=[AdminApiChange])
 def create_keys_json(request: Request, wanted: KeysToAdd, conn: WriteConn) -> dict:
-    """Add keys; says which were added (ids), how many were duplicates, which items were malformed (1-based)."""
-    return _report(key_admin.add_keys(_store(request, conn), wanted.keys))
+    """Add keys to a group (`group` or `group_id`; default default/default); says which were added (ids),
+    how many were duplicates, which items were malformed (1-based)."""
+    group_id = group_of(conn, wanted.group, wanted.group_id)
+    return _report(key_admin.add_keys(_store(request, conn), wanted.keys, group_id=group_id))
 
 
 def _change(conn, action: str, ids: list[int]) -> int:
@@ -232,24 +298,29 @@ def edit_key(
     weight: Annotated[float | None, Form(gt=0, le=1000)] = None,
     back: Annotated[str, Form()] = "list",
 ) -> RedirectResponse:
-    """Rename (and re-weight) a key from the keys page or its own page; back to where the form was."""
+    """Rename (and re-weight) a key from the keys page, its group's page or its own; back to where the form was."""
     _edit(conn, key_id, name, weight)
-    target = f"/keys/{key_id}?done=edited" if back == "key" else f"/keys?done=edited&count=1#key-{key_id}"
-    return RedirectResponse(target, status_code=303)
+    if back == "key":
+        return RedirectResponse(f"/keys/{key_id}?done=edited", status_code=303)
+    return back_to(back, _key(conn, key_id)["group_id"], {"done": "edited", "count": 1}, f"#key-{key_id}")
 
 
 @router.post("/keys/{key_id}/{action}", dependencies=[AdminForm])
-async def change_key(request: Request, key_id: int, action: str, conn: WriteConn) -> RedirectResponse:
-    """Enable, disable, delete or validate one key from the page."""
+async def change_key(
+    request: Request, key_id: int, action: str, conn: WriteConn, back: Annotated[str, Form()] = "list"
+) -> RedirectResponse:
+    """Enable, disable, delete or validate one key from the keys page or its group's page."""
+    row = upstream_keys.get_key(conn, key_id)
+    group_id = row["group_id"] if row is not None else None
     if action == "validate":
         results = await key_admin.validate_keys(
             _store(request, conn), routes.groups_by_id(conn), request.app.state.upstream, [key_id]
         )
-        return RedirectResponse(f"/keys?done=validated&count={len(results)}#key-{key_id}", status_code=303)
+        return back_to(back, group_id, {"done": "validated", "count": len(results)}, f"#key-{key_id}")
     if action not in ("enable", "disable", "delete"):
         raise HTTPException(404, f"No key action {action!r}.")
     count = _change(conn, action, [key_id])
-    return RedirectResponse(f"/keys?done={action}d&count={count}", status_code=303)
+    return back_to(back, group_id, {"done": f"{action}d", "count": count})
 
 
 @router.post("/api/keys/{key_id}/weight", dependencies=[AdminApiChange])

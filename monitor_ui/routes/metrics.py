@@ -10,7 +10,7 @@ from fastapi.responses import PlainTextResponse
 
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import Conn, Signer
-from monitor_ui.names import key_label
+from monitor_ui.names import key_label, route_names
 from storage import capture_status, client_keys, outcomes, rollups, upstream_keys
 
 router = APIRouter()
@@ -25,6 +25,8 @@ DIMENSION_FAMILIES = (
     ("model", "model", "keyrotor"),
     ("upstream_key_id", "upstream_key", "keyrotor_upstream_key"),
     ("client_key_id", "client", "keyrotor_client"),
+    ("upstream_id", "upstream", "keyrotor_upstream"),  # labelled by name: there are few, and names are unique
+    ("group_id", "group", "keyrotor_group"),  # labelled UPSTREAM/GROUP
 )
 
 
@@ -43,11 +45,14 @@ def render_metrics(conn, status: capture_status.CaptureStatus | None = None, now
     def family(name: str, kind: str, text: str) -> None:
         lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
 
-    # One family per dimension (model, upstream key, client), each labelled by that
-    # dimension alone: summing a family gives the total, and the label sets stay small.
+    # One family per dimension (model, upstream key, client, upstream, group), each labelled by
+    # that dimension alone: summing a family gives the total, and the label sets stay small.
+    route = route_names(conn)
+    named = {"upstream_id": route.upstream, "group_id": route.group}
     for dimension, label, prefix in DIMENSION_FAMILIES:
+        name_of = named.get(dimension, lambda value: value)
         per_value = [
-            ({label: NONE if value is None else value}, t)
+            ({label: NONE if value is None else name_of(value)}, t)
             for value, t in rollups.breakdown(conn, None, dimension, None)
         ]
         family(f"{prefix}_requests_total", "counter", f"Requests through the proxy, by {label}.")

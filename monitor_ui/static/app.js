@@ -57,6 +57,13 @@ function flowRow(tbody, f) {
   request.append(method, " ", path);
   const model = cell(row, "", "c-model");
   if (f.model) model.appendChild(filterLink("model", f.model, f.model, "Only this model"));
+  if (f.fallback_model) {
+    const fallback = document.createElement("span");
+    fallback.className = "meta fallback";
+    fallback.title = "asked " + f.model + ", answered by " + f.fallback_model;
+    fallback.textContent = "answered by " + f.fallback_model;
+    model.append(" ", fallback);
+  }
   if (f.stream) {
     const flag = document.createElement("span");
     flag.className = "meta";
@@ -69,6 +76,8 @@ function flowRow(tbody, f) {
   cell(row, f.cost === null ? "" : "$" + f.cost.toFixed(4), "num c-cost", "cost");
   const client = cell(row, "", "c-client", "client");
   if (f.client_key_id !== null) client.appendChild(filterLink("client", f.client_key_id, f.client, "Only this client"));
+  const group = cell(row, "", "c-group", "group");
+  if (f.group_id !== null) group.appendChild(filterLink("group", f.group_id, f.group, "Only this group"));
   const key = cell(row, "", "c-key", "key");
   if (f.upstream_key_id !== null) key.appendChild(filterLink("key", f.upstream_key_id, f.upstream_key, "Only this key"));
   if (f.attempts > 1) {

@@ -326,7 +326,16 @@ def test_every_page_fits_a_phone_screen(captured: Captured, new_page: Callable[.
     expect(page.locator(f'a[href="/flows/{captured.streamed_id}"]')).to_be_visible()
     screenshot(page, "phone-flows.png")
     overflowing = []
-    for url in ["/flows", "/dashboard", "/keys", "/clients", f"/flows/{captured.streamed_id}"]:
+    for url in [
+        "/flows",
+        "/dashboard",
+        "/keys",
+        "/upstreams",
+        "/groups/1",
+        "/models",
+        "/clients",
+        f"/flows/{captured.streamed_id}",
+    ]:
         page.goto(url)
         expect(page.locator("h1")).to_be_visible()
         overflowing.append(sideways_overflow(page))
@@ -385,9 +394,64 @@ def test_on_a_phone_flows_are_cards_and_charts_answer_a_tap_in_legible_text(
     sizes = ticks.evaluate_all("ts => ts.map(t => [parseFloat(getComputedStyle(t).fontSize), t.getScreenCTM().a])")
     assert sizes and all(size >= 11 and scale == 1 for size, scale in sizes), sizes  # not shrunk with the chart
     cost = page.locator("table.breakdown th", has_text="Cost")
-    expect(cost).to_have_count(3)
+    expect(cost).to_have_count(5)  # by model, upstream, group, upstream key and client
     for header in cost.all():  # every breakdown keeps its cost column in view
         assert header.evaluate("e => e.getBoundingClientRect().right") <= PHONE[0]
     assert sideways_overflow(page) is None
     screenshot(page, "phone-dashboard.png")
+    assert browser_events.csp_violations() == [] and browser_events.page_errors == []
+
+
+def test_an_upstream_and_a_group_added_on_the_pages_get_keys_and_models_on_the_group_page(
+    ui: Keyrotor, new_page: Callable[..., Page], browser_events: BrowserEvents
+):
+    page = new_page()
+    page.get_by_role("link", name="Upstreams").click()
+    adding = page.locator("details", has=page.locator("summary", has_text="Add an upstream"))
+    adding.locator("summary").click()
+    adding.get_by_label("Name").fill("relay")
+    adding.get_by_label("Base URL").fill(ui.upstream_url)  # the fake upstream stands in for a relay station
+    adding.get_by_role("button", name="Add upstream").click()
+    expect(page.get_by_role("status")).to_have_text("Upstream added: give it a group below.")
+    relay = page.locator("section.upstream", has=page.get_by_role("heading", name=re.compile(r"^relay\b")))
+    expect(relay.locator(".url code")).to_have_text(ui.upstream_url)
+
+    relay.get_by_label("Name of a new group of relay").fill("cheap")
+    relay.get_by_label("Priority").fill("10")
+    relay.get_by_role("button", name="Add group").click()
+    expect(page).to_have_url(re.compile(r"/groups/\d+\?done=group-added$"))
+    expect(page.locator("h1")).to_contain_text("relay/cheap")
+    expect(page.locator('dt:text-is("Priority") + dd')).to_contain_text("10")
+    expect(page.locator("#models .empty")).to_have_text("No models listed: this group serves every model.")
+
+    page.get_by_label("One key per line", exact=False).fill(KEYS[1])
+    page.get_by_role("button", name="Add keys").click()
+    expect(page.get_by_role("status")).to_have_text("Added 1, skipped 0 duplicate(s), rejected 0 malformed.")
+    expect(page.locator("table.keys tbody tr")).to_have_count(1)
+    expect(page.locator("table.keys tbody tr td.c-key")).to_have_text("…0002")
+
+    page.get_by_role("button", name="Refresh from upstream").click()  # GET /v1/models with that key
+    expect(page.get_by_role("status")).to_contain_text("Upstream listed")
+    expect(page.locator("table.models tbody tr").first).to_contain_text("gpt-")
+    group_id = int(re.search(r"/groups/(\d+)", page.url).group(1))
+    assert [k["key"] for k in admin_api(ui, f"/api/groups/{group_id}")["key_list"]] == ["…0002"]
+
+    page.goto("/upstreams")
+    expect(relay.get_by_role("link", name="relay/cheap")).to_have_attribute("href", f"/groups/{group_id}")
+    with page.expect_event("dialog"):
+        relay.get_by_role("button", name="Delete").click()  # and the user answers Cancel
+    assert browser_events.dialogs == [
+        "confirm: Delete upstream relay with its 1 group(s) and 1 key(s)? This cannot be undone."
+    ]
+    assert "relay" in [u["name"] for u in admin_api(ui, "/api/upstreams")["upstreams"]]
+
+    phone = new_page(*PHONE)
+    for url in ("/upstreams", f"/groups/{group_id}", "/models"):
+        phone.goto(url)
+        expect(phone.locator("h1")).to_be_visible()
+        assert sideways_overflow(phone) is None
+    screenshot(phone, "phone-models.png", full_page=True)
+    phone.goto(f"/groups/{group_id}")
+    screenshot(phone, "phone-group.png", full_page=True)
+    screenshot(page, "upstreams.png", full_page=True)
     assert browser_events.csp_violations() == [] and browser_events.page_errors == []

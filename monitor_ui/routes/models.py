@@ -1,0 +1,108 @@
+"""Models: which groups serve each model (and as what name upstream), the groups that serve every model,
+and each model's fallbacks, with their edit form; the page and its JSON twin."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import BaseModel, Field
+
+from monitor_ui import views
+from monitor_ui.auth import SESSION_COOKIE
+from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, Signer, WriteConn
+from monitor_ui.errors import refused_as_http
+from monitor_ui.fields import MAX_FALLBACKS, Model, check_model, from_form
+from storage import routes
+
+router = APIRouter()
+
+
+class Fallbacks(BaseModel):
+    fallbacks: list[Model] = Field(max_length=MAX_FALLBACKS, description="tried in this order; [] clears them")
+
+
+class FallbacksOf(Fallbacks):
+    model: Model
+
+
+def models_overview(conn) -> dict:
+    """Every model a group lists or that has fallbacks, the groups serving it, and the catch-all groups."""
+    groups = {row["id"]: views.group_summary(row) for row in routes.list_groups(conn)}
+    fallbacks = routes.fallbacks(conn)
+    served: dict[str, list[dict]] = {}
+    for row in routes.list_models(conn):
+        group = groups[row["group_id"]]
+        served.setdefault(row["model"], []).append(
+            {
+                "id": group["id"],
+                "label": group["label"],
+                "upstream_model": row["upstream_model"] or row["model"],
+                "source": row["source"],
+                "priority": group["priority"],
+                "serving": group["serving"],
+            }
+        )
+    every_model = [
+        {"id": g["id"], "label": g["label"], "priority": g["priority"], "serving": g["serving"]}
+        for g in groups.values()
+        if g["every_model"]
+    ]
+    models = [
+        {"model": model, "groups": served.get(model, []), "fallbacks": fallbacks.get(model, [])}
+        for model in sorted(set(served) | set(fallbacks))
+    ]
+    return {"models": models, "every_model_groups": every_model}
+
+
+def _set_fallbacks(conn, model: str, fallbacks: list[str]) -> dict:
+    with refused_as_http():
+        routes.set_fallbacks(conn, model, fallbacks)
+    return {"model": model, "fallbacks": routes.fallbacks(conn).get(model, [])}
+
+
+def _render(request: Request, conn, signer, status_code: int = 200, **extra):
+    csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
+    context = {**models_overview(conn), "csrf": csrf, "section": "models", **extra}
+    return request.app.state.templates.TemplateResponse(request, "models.html", context, status_code=status_code)
+
+
+@router.get("/models", response_class=HTMLResponse, dependencies=[AdminPage])
+def list_models(request: Request, conn: Conn, signer: Signer, done: str | None = None):
+    """Every model, the groups that serve it with their upstream names, the catch-all groups, and fallbacks."""
+    return _render(request, conn, signer, message="Fallbacks saved." if done == "fallbacks" else None)
+
+
+@router.get("/api/models", dependencies=[AdminApi])
+def list_models_json(conn: Conn) -> dict:
+    """Every model with the groups that serve it (and as what upstream) and its fallbacks; the catch-all groups."""
+    return models_overview(conn)
+
+
+@router.put("/api/models/{model:path}/fallbacks", dependencies=[AdminApiChange])
+def update_fallbacks_json(model: str, wanted: Fallbacks, conn: WriteConn) -> dict:
+    """The models tried, in order, after every group of `model` has failed; [] clears them."""
+    try:
+        model = check_model(model)
+    except ValueError as e:
+        raise HTTPException(422, f"Model: {e}.") from None
+    return _set_fallbacks(conn, model, wanted.fallbacks)
+
+
+@router.post("/models/fallbacks", response_class=HTMLResponse, dependencies=[AdminForm])
+def edit_fallbacks(
+    request: Request,
+    conn: WriteConn,
+    signer: Signer,
+    model: Annotated[str, Form(max_length=1000)] = "",
+    fallbacks: Annotated[str, Form(max_length=10_000)] = "",
+):
+    """Save a model's fallbacks from the page: names separated by commas or spaces, tried in that order."""
+    try:
+        wanted = from_form(FallbacksOf, model=model, fallbacks=[f for f in re.split(r"[\s,]+", fallbacks) if f])
+        _set_fallbacks(conn, wanted.model, wanted.fallbacks)
+    except HTTPException as e:
+        return _render(request, conn, signer, e.status_code, error=e.detail)
+    return RedirectResponse("/models?done=fallbacks", status_code=303)

@@ -1,23 +1,132 @@
-"""The last addon in mitmproxy's chain: puts the real key on the request just before it leaves."""
+"""The pooled key exists only in the bytes that leave for upstream; its echo never gets back in.
+
+mitmweb serialises a flow after every hook (mitmproxy follows each one with its `update`
+hook, which mitmweb's view broadcasts on `/updates`) and serves the live flow object to
+whoever asks, so a key that sits in `flow.request` between two hooks is shown. The flow
+therefore keeps the key pool's placeholder from start to end: this patch of mitmproxy's
+HttpStream hands the upstream connection a copy of the request headers with the key in,
+and replaces the key with the placeholder in whatever upstream sends back (headers, body,
+streamed or not) before the flow, and so any hook, view or record, holds it.
+"""
 
 from __future__ import annotations
 
-from mitmproxy import http
+from collections.abc import Generator
 
-from core.credentials import with_credential
+from mitmproxy import http
+from mitmproxy.proxy.layers import http as http_layer
+
+from core.bodies import decoded
+from core.credentials import EchoFilter, credential_from, with_credential
+
+_handle_event = http_layer.HttpStream._handle_event
+_active: CredentialSender | None = None
 
 
 class CredentialSender:
-    """Until this hook the request carries a placeholder, so mitmweb's view (which snapshots
-    flows in its own request hook, after the scripts') never holds a key value.
-
-    The key pool fills `outgoing` and appends this addon to the master when a view exists.
-    """
+    """The key pool fills `outgoing` (flow.id → key value; never in flow.metadata) and adds this
+    addon to the master; loading it installs the patch."""
 
     def __init__(self) -> None:
-        self.outgoing: dict[str, str] = {}  # flow.id → key value; never in flow.metadata
+        self.outgoing: dict[str, str] = {}
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        value = self.outgoing.pop(flow.id, None)
-        if value is not None and flow.response is None:
-            flow.request.headers.fields = with_credential(flow.request.headers.fields, value)
+    def load(self, loader) -> None:
+        global _active
+        _active = self
+        install()
+
+    def done(self) -> None:
+        global _active
+        if _active is self:
+            _active = None
+
+
+def install() -> None:
+    """Idempotent: the proxy may load the addons more than once (option reloads, tests)."""
+    http_layer.HttpStream._handle_event = _handle_event_with_key
+
+
+def _handle_event_with_key(self: http_layer.HttpStream, event) -> Generator:
+    echo: EchoFilter | None = getattr(self, "_keyrotor_echo", None)
+    if echo is not None:
+        if isinstance(event, http_layer.ResponseEndOfMessage):
+            if held := echo.flush():  # the tail kept back in case the key went on in the next read
+                yield from _handle_event(self, http_layer.ResponseData(self.stream_id, held))
+            _finish_buffered(self, echo)
+        else:
+            event = _without_echo(self, echo, event)
+    commands = _handle_event(self, event)
+    reply = None
+    while True:
+        try:
+            command = commands.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        if (
+            _active is not None
+            and isinstance(command, http_layer.SendHttp)
+            and isinstance(command.event, http_layer.RequestHeaders)
+            and command.connection is self.context.server
+        ):
+            command = _with_key(self, command)
+        reply = yield command
+
+
+def _with_key(self: http_layer.HttpStream, command: http_layer.SendHttp) -> http_layer.SendHttp:
+    value = _active.outgoing.pop(self.flow.id, None)
+    if value is None:
+        return command
+    request = command.event.request
+    stand_in = credential_from(request.headers.fields) or ""
+    self._keyrotor_echo = EchoFilter(value.encode(), stand_in.encode())
+    # Only what the connection reads from a request (head, method, framing headers); the body
+    # is sent from the flow's own request, by separate events.
+    wire = http.Request(
+        request.host,
+        request.port,
+        request.data.method,
+        request.data.scheme,
+        request.data.authority,
+        request.data.path,
+        request.data.http_version,
+        http.Headers(with_credential(request.headers.fields, value)),
+        None,
+        request.trailers,
+        request.timestamp_start,
+        request.timestamp_end,
+    )
+    return http_layer.SendHttp(
+        http_layer.RequestHeaders(command.event.stream_id, wire, command.event.end_stream), command.connection
+    )
+
+
+def _without_echo(self: http_layer.HttpStream, echo: EchoFilter, event):
+    """The server's event with the key replaced by the placeholder."""
+    if isinstance(event, http_layer.ResponseHeaders):
+        event.response.headers.fields = echo.fields(event.response.headers.fields)
+    elif isinstance(event, http_layer.ResponseData):
+        streamed = self.flow.response is not None and self.flow.response.stream
+        if streamed and "content-length" in self.flow.response.headers:
+            # Already framed for the client: a replacement of another length would break it.
+            echo.replacement = (echo.replacement + b"*" * len(echo.secret))[: len(echo.secret)]
+        return http_layer.ResponseData(event.stream_id, echo.feed(event.data))
+    return event
+
+
+def _finish_buffered(self: http_layer.HttpStream, echo: EchoFilter) -> None:
+    """A whole body about to become the flow's: look inside an encoded error body too, fix the length."""
+    response = self.flow.response
+    if response is None or response.stream:
+        return
+    body = self.response_body_buf
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if response.status_code >= 400 and encoding not in ("", "identity"):
+        # Errors are where upstreams quote keys, and they are small: worth decoding to look.
+        plain = decoded(bytes(body), encoding)
+        if echo.secret in plain:
+            body.clear()
+            body += plain.replace(echo.secret, echo.replacement)
+            del response.headers["content-encoding"]
+            echo.replaced = True
+    if echo.replaced and "content-length" in response.headers:
+        response.headers["content-length"] = str(len(body))

@@ -139,9 +139,9 @@ class KeyPool:
             self.pool.replace_keys(self._read_keys())
 
     def running(self) -> None:
-        # Only mitmweb and the mitmproxy console show flows while their request hooks run
-        # (their view, intercepts): there the key goes on last. mitmdump skips the detour.
-        self._late_send = self.sender is not None and ctx.master.addons.get("view") is not None
+        # The key goes on only as the request's bytes leave, and its echo comes out as the answer
+        # arrives (addons/credential_sender.py): no hook, view, flow file or record holds it.
+        self._late_send = self.sender is not None
         if self._late_send:
             ctx.master.addons.add(self.sender)  # appended: runs after every other request hook
         self._writer = writer.acquire(self.db_path)

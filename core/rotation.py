@@ -19,7 +19,7 @@ import httpx
 
 from core import upstream
 from core.classify import KEY_ONLY_FAILURES, Outcome, classify_response, connection_failure
-from core.credentials import with_credential
+from core.credentials import placeholder, with_credential
 from core.errors import OpenAIError
 from core.metadata import KeyUse
 from core.models import REFUSED, KeyStateChange, PoolKey
@@ -135,6 +135,7 @@ class Rotation:
                 message = upstream.error_text(e)
                 self.end(use, connection_failure(message), None, message)
                 continue
+            answer = answer.without_echo(key.value, placeholder(key.id, key.last4))
             answered = classify_response(
                 answer.status, answer.headers, answer.content if answer.status >= 400 else None, time.time()
             )

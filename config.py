@@ -103,6 +103,8 @@ SETTINGS = [
     Setting("proxy", "port", 8080, _port),
     Setting("proxy", "upstream", "https://api.openai.com", _http_url),
     Setting("proxy", "web_port", 8082, _port),
+    Setting("proxy", "max_body_bytes", 104_857_600, _positive_integer),
+    Setting("proxy", "header_timeout_seconds", 30, _positive_integer),
     Setting("ui", "host", "127.0.0.1", _text),
     Setting("ui", "port", 8081, _port),
     Setting("ui", "metrics_token", "", lambda v: "" if v in ("", None) else _text(v)),
@@ -125,7 +127,11 @@ SETTINGS = [
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 # Settings the proxy's addons declare as mitmproxy options named <section>_<key>.
-ADDON_SETTINGS = [s for s in SETTINGS if s.section in ("keypool", "capture")]
+ADDON_SETTINGS = [
+    s
+    for s in SETTINGS
+    if s.section in ("keypool", "capture") or s.name in ("proxy.max_body_bytes", "proxy.header_timeout_seconds")
+]
 
 
 @dataclass(frozen=True)

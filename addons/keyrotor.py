@@ -1,8 +1,8 @@
 """The script mitmproxy loads: `mitmdump -s addons/keyrotor.py --mode reverse:https://api.openai.com`.
 
-Addon order is the order of decisions: who is calling, which key, what else to ask
-upstream for (token usage), what happened. This is the only module that imports the
-other addons: it wires them together.
+Addon order is the order of decisions: who is calling, whether what they send is within
+bounds, which key, what else to ask upstream for (token usage), what happened. This is
+the only module that imports the other addons: it wires them together.
 Option defaults come from config.toml and KEYROTOR_* variables, so plain mitmdump
 behaves like `run.py proxy`; run.py passes its resolved settings with --set.
 """
@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
 from mitmproxy import ctx  # noqa: E402
 
 from addons.access import Access  # noqa: E402
+from addons.bounds import Bounds  # noqa: E402
 from addons.capture import Capture  # noqa: E402
 from addons.credential_sender import CredentialSender  # noqa: E402
 from addons.keypool import KeyPool  # noqa: E402
@@ -68,6 +69,7 @@ addons = [
     KeyRotor(_settings),
     Recovery(),
     Access(),
+    Bounds(_settings),
     KeyPool(_settings, sender=CredentialSender()),
     Usage(),
     Capture(_settings),

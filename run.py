@@ -4,6 +4,7 @@
     run.py proxy [--web] | ui     one of them
     run.py keys add|list|enable|disable|delete|reset ...
     run.py clients add|list|enable|disable NAME
+    run.py admin rotate           a new admin key (shown once); every UI session ends
 
 Every command takes --config PATH and --set section.key=value (repeatable).
 """
@@ -27,7 +28,7 @@ if sys.version_info < (3, 12):  # noqa: UP036 - run.py may be started by an olde
 
 from config import ADDON_SETTINGS, BY_NAME, ROOT, ConfigError, Settings, load_settings  # noqa: E402
 from core.models import RESETTABLE, KeyState  # noqa: E402
-from storage import client_keys, db, secrets, upstream_keys  # noqa: E402
+from storage import client_keys, db, secrets, sessions, upstream_keys  # noqa: E402
 from storage.upstream_keys import SqliteKeyStore  # noqa: E402
 from usecases import keys as key_admin  # noqa: E402
 
@@ -94,6 +95,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("enable", "accept it again"),
     ):
         clients.add_parser(action, parents=[common], help=text).add_argument("name")
+
+    admin = commands.add_parser("admin", parents=[common], help="the admin key").add_subparsers(
+        dest="action", required=True
+    )
+    admin.add_parser("rotate", parents=[common], help="replace the admin key (printed once) and end every session")
 
     args = parser.parse_args(argv)
     args.command = args.command or "serve"
@@ -308,6 +314,21 @@ def clients_command(args: argparse.Namespace, settings: Settings) -> int:
         conn.close()
 
 
+def admin_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`admin rotate`: the old key stops working at once, in the UI and (within seconds) in mitmweb."""
+    try:
+        key = secrets.rotate_admin_key(settings.storage_path)
+    except ValueError as e:
+        print(f"keyrotor: {e}", file=sys.stderr)
+        return 1
+    ended = sessions.end_all(settings.storage_path)
+    print(
+        f"admin key replaced; {ended} UI session(s) ended. The new admin key (shown only now):\n{key}",
+        flush=True,
+    )
+    return 0
+
+
 def _read_lines(files: list[Path]) -> list[str]:
     if not files:
         return sys.stdin.read().splitlines()
@@ -369,6 +390,8 @@ def main(argv: list[str]) -> int:
             return run_ui(settings)
         if args.command == "keys":
             return keys_command(args, settings)
+        if args.command == "admin":
+            return admin_command(args, settings)
         return clients_command(args, settings)
     except ConfigError as e:
         print(f"keyrotor: {e}", file=sys.stderr)

@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mitmproxy import ctx  # noqa: E402
+from mitmproxy import ctx, exceptions  # noqa: E402
 
 from addons.access import Access  # noqa: E402
+from addons.admin_key_watch import AdminKeyWatch  # noqa: E402
 from addons.bounds import Bounds  # noqa: E402
 from addons.capture import Capture  # noqa: E402
 from addons.credential_sender import CredentialSender  # noqa: E402
@@ -50,7 +51,10 @@ class KeyRotor:
         if "keyrotor_storage" in updated:
             path = Path(ctx.options.keyrotor_storage)
             db.ensure_database(path)
-            admin_key = secrets.ensure_admin_key(path)
+            try:
+                admin_key = secrets.ensure_admin_key(path)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from None
             if admin_key:
                 log.warning("Generated the admin key (shown once, keep it): %s", admin_key)
 
@@ -73,4 +77,5 @@ addons = [
     KeyPool(_settings, sender=CredentialSender()),
     Usage(),
     Capture(_settings),
+    AdminKeyWatch(),
 ]

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.proxy_overhead import (  # noqa: E402
+    ADMIN_KEY,
     HOST,
     PYTHON,
     BenchError,
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="kr-flood-"))
     procs = Processes(tmp)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYROTOR_")}
-    env.update(KEYROTOR_ADMIN_KEY="bench-admin-key-0123456789abcdef", KEYROTOR_STORAGE_PATH=str(tmp / "kr.db"))
+    env.update(KEYROTOR_ADMIN_KEY=ADMIN_KEY, KEYROTOR_STORAGE_PATH=str(tmp / "kr.db"))
     env["HOME"] = str(tmp)  # mitmproxy's CA and config go here, not into the user's home
     try:
         _, upstream_url = start_upstream(procs, "upstream", env, [])

@@ -143,7 +143,7 @@ class KeyPool:
         # arrives (addons/credential_sender.py): no hook, view, flow file or record holds it.
         self._late_send = self.sender is not None
         if self._late_send:
-            ctx.master.addons.add(self.sender)  # appended: runs after every other request hook
+            ctx.master.addons.add(self.sender)  # loading it installs the patch that sends the key
         self._writer = writer.acquire(self.db_path)
         self.rotation.states = self._writer
         self._client = upstream.new_client(ctx.options.keypool_attempt_timeout_seconds)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, http
 
-from core.credentials import credential_from, masked, query_credential, refused_placeholder, scrubbed, with_credential
+from core.credentials import credential_from, masked, query_credential, refused_placeholder, scrubbed
 from core.errors import OpenAIError
 from core.metadata import ACCESS, AccessVerdict
 from core.models import Client
@@ -88,7 +88,7 @@ class Access:
             return
         flow.metadata[ACCESS] = AccessVerdict(client_id=client.id, client_name=client.name)
         stand_in = f"[client key #{client.id}]"
-        headers.fields = with_credential(scrubbed(headers.fields, stand_in), stand_in)
+        headers.fields = scrubbed(headers.fields, stand_in, ensure=True)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response:

@@ -114,8 +114,11 @@ def install() -> None:
 class Bounds:
     def __init__(self, defaults=None) -> None:
         self._defaults = defaults
-        self._deadlines: dict[str, asyncio.TimerHandle] = {}  # by client connection id
-        self._in_flight: dict[str, set[str]] = {}  # client connection id → ids of its unfinished flows
+        # By client connection id: since when it waits for a request's headers (time.monotonic()),
+        # and the ids of its flows whose headers came but which are not finished.
+        self._waiting: dict[str, float] = {}
+        self._in_flight: dict[str, set[str]] = {}
+        self._sweeper: asyncio.Task | None = None
 
     def load(self, loader) -> None:
         install()
@@ -138,10 +141,12 @@ class Bounds:
             if name in updated and getattr(ctx.options, name) <= 0:
                 raise exceptions.OptionsError(f"{name} must be above zero, not {getattr(ctx.options, name)}.")
 
+    def running(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep())
+
     def done(self) -> None:
-        for handle in self._deadlines.values():
-            handle.cancel()
-        self._deadlines.clear()
+        if self._sweeper:
+            self._sweeper.cancel()
 
     # ------------------------------------------------------------------ body size
 
@@ -160,10 +165,10 @@ class Bounds:
     # ------------------------------------------------------------------ header deadline
 
     def client_connected(self, client: connection.Client) -> None:
-        self._arm(client.id)
+        self._waiting[client.id] = time.monotonic()
 
     def client_disconnected(self, client: connection.Client) -> None:
-        self._disarm(client.id)
+        self._waiting.pop(client.id, None)
         self._in_flight.pop(client.id, None)
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -174,7 +179,7 @@ class Bounds:
 
     def _headers_arrived(self, flow: http.HTTPFlow) -> None:
         client_id = flow.client_conn.id
-        self._disarm(client_id)
+        self._waiting.pop(client_id, None)
         self._in_flight.setdefault(client_id, set()).add(flow.id)
 
     def _finished(self, flow: http.HTTPFlow) -> None:
@@ -186,20 +191,20 @@ class Bounds:
         # A request answered before its body was read closes its connection once the body is
         # in (connection: close): no next request to wait for.
         if not in_flight and flow.request.timestamp_end is not None:
-            self._arm(client_id)
+            self._waiting[client_id] = time.monotonic()
 
-    def _arm(self, client_id: str) -> None:
-        self._disarm(client_id)
-        timeout = ctx.options.proxy_header_timeout_seconds
-        self._deadlines[client_id] = asyncio.get_running_loop().call_later(timeout, self._expire, client_id)
+    async def _sweep(self) -> None:
+        # One timer for all connections, not one per request: a dict entry is all a request costs.
+        while True:
+            timeout = ctx.options.proxy_header_timeout_seconds
+            await asyncio.sleep(min(1.0, timeout / 2))
+            now = time.monotonic()
+            for client_id, since in list(self._waiting.items()):
+                if now - since >= timeout:
+                    del self._waiting[client_id]
+                    self._close(client_id, timeout)
 
-    def _disarm(self, client_id: str) -> None:
-        handle = self._deadlines.pop(client_id, None)
-        if handle is not None:
-            handle.cancel()
-
-    def _expire(self, client_id: str) -> None:
-        self._deadlines.pop(client_id, None)
+    def _close(self, client_id: str, timeout: int) -> None:
         proxyserver = ctx.master.addons.get("proxyserver")
         handler = proxyserver.connections.get(client_id) if proxyserver else None
         if handler is None:
@@ -209,6 +214,6 @@ class Bounds:
             log.info(
                 "%s: closed, no complete request headers within %d s",
                 human.format_address(handler.client.peername),
-                ctx.options.proxy_header_timeout_seconds,
+                timeout,
             )
             io.handler.cancel("no complete request headers in time")

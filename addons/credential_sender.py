@@ -3,17 +3,18 @@
 mitmweb serialises a flow after every hook (mitmproxy follows each one with its `update`
 hook, which mitmweb's view broadcasts on `/updates`) and serves the live flow object to
 whoever asks, so a key that sits in `flow.request` between two hooks is shown. The flow
-therefore keeps the key pool's placeholder from start to end: this patch of mitmproxy's
-HttpStream hands the upstream connection a copy of the request headers with the key in,
-and replaces the key with the placeholder in whatever upstream sends back (headers, body,
-streamed or not) before the flow, and so any hook, view or record, holds it.
+therefore keeps the key pool's placeholder from start to end. This patch of mitmproxy's
+HttpStream puts the key into the request's headers only for the instant the upstream
+connection turns them into bytes (a synchronous pass: no hook, no other task and no
+mitmweb request can run in it), and replaces the key with the placeholder in whatever
+upstream sends back (headers, body, streamed or not) before the flow, and so any hook,
+view or record, holds it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
 
-from mitmproxy import http
 from mitmproxy.proxy.layers import http as http_layer
 
 from core.bodies import decoded
@@ -24,16 +25,18 @@ _active: CredentialSender | None = None
 
 
 class CredentialSender:
-    """The key pool fills `outgoing` (flow.id → key value; never in flow.metadata) and adds this
-    addon to the master; loading it installs the patch."""
+    """The key pool fills `outgoing` (flow.id → key value; never in flow.metadata); loading this
+    addon installs the patch. It has no hooks: nothing in mitmproxy's chain runs for it per flow."""
 
     def __init__(self) -> None:
         self.outgoing: dict[str, str] = {}
+        self.installed = False
 
     def load(self, loader) -> None:
         global _active
         _active = self
         install()
+        self.installed = True
 
     def done(self) -> None:
         global _active
@@ -47,7 +50,7 @@ def install() -> None:
 
 
 def _handle_event_with_key(self: http_layer.HttpStream, event) -> Generator:
-    echo: EchoFilter | None = getattr(self, "_keyrotor_echo", None)
+    echo: EchoFilter | None = self.__dict__.get("_keyrotor_echo")
     if echo is not None:
         if isinstance(event, http_layer.ResponseEndOfMessage):
             if held := echo.flush():  # the tail kept back in case the key went on in the next read
@@ -55,6 +58,9 @@ def _handle_event_with_key(self: http_layer.HttpStream, event) -> Generator:
             _finish_buffered(self, echo)
         else:
             event = _without_echo(self, echo, event)
+    # The request goes upstream while one of these two is handled (with its body, or without).
+    if _active is None or not isinstance(event, http_layer.RequestEndOfMessage | http_layer.RequestHeaders):
+        return (yield from _handle_event(self, event))
     commands = _handle_event(self, event)
     reply = None
     while True:
@@ -62,42 +68,25 @@ def _handle_event_with_key(self: http_layer.HttpStream, event) -> Generator:
             command = commands.send(reply)
         except StopIteration as stop:
             return stop.value
+        value = None
         if (
-            _active is not None
-            and isinstance(command, http_layer.SendHttp)
+            isinstance(command, http_layer.SendHttp)
             and isinstance(command.event, http_layer.RequestHeaders)
             and command.connection is self.context.server
         ):
-            command = _with_key(self, command)
-        reply = yield command
-
-
-def _with_key(self: http_layer.HttpStream, command: http_layer.SendHttp) -> http_layer.SendHttp:
-    value = _active.outgoing.pop(self.flow.id, None)
-    if value is None:
-        return command
-    request = command.event.request
-    stand_in = credential_from(request.headers.fields) or ""
-    self._keyrotor_echo = EchoFilter(value.encode(), stand_in.encode())
-    # Only what the connection reads from a request (head, method, framing headers); the body
-    # is sent from the flow's own request, by separate events.
-    wire = http.Request(
-        request.host,
-        request.port,
-        request.data.method,
-        request.data.scheme,
-        request.data.authority,
-        request.data.path,
-        request.data.http_version,
-        http.Headers(with_credential(request.headers.fields, value)),
-        None,
-        request.trailers,
-        request.timestamp_start,
-        request.timestamp_end,
-    )
-    return http_layer.SendHttp(
-        http_layer.RequestHeaders(command.event.stream_id, wire, command.event.end_stream), command.connection
-    )
+            value = _active.outgoing.pop(self.flow.id, None)
+        if value is None:
+            reply = yield command
+            continue
+        headers = command.event.request.headers
+        shown = headers.fields
+        self._keyrotor_echo = EchoFilter(value.encode(), (credential_from(shown) or "").encode())
+        headers.fields = with_credential(shown, value)
+        try:
+            # The connection below has turned the head into bytes by the time this resumes.
+            reply = yield command
+        finally:
+            headers.fields = shown
 
 
 def _without_echo(self: http_layer.HttpStream, echo: EchoFilter, event):

@@ -141,9 +141,8 @@ class KeyPool:
     def running(self) -> None:
         # The key goes on only as the request's bytes leave, and its echo comes out as the answer
         # arrives (addons/credential_sender.py): no hook, view, flow file or record holds it.
-        self._late_send = self.sender is not None
-        if self._late_send:
-            ctx.master.addons.add(self.sender)  # loading it installs the patch that sends the key
+        # (The sender is loaded beside this addon by addons/keyrotor.py; without it, the key goes on here.)
+        self._late_send = getattr(self.sender, "installed", False)
         self._writer = writer.acquire(self.db_path)
         self.rotation.states = self._writer
         self._client = upstream.new_client(ctx.options.keypool_attempt_timeout_seconds)
@@ -156,8 +155,6 @@ class KeyPool:
         ]
 
     def done(self) -> None:
-        if self._late_send:
-            ctx.master.addons.remove(self.sender)
         for task in self._tasks:
             task.cancel()
         if self._revisions:

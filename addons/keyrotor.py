@@ -69,12 +69,14 @@ try:
 except ConfigError as e:
     raise SystemExit(f"keyrotor: {e}") from None
 
+_sender = CredentialSender()  # the key pool's: it puts the pool's keys on the wire
 addons = [
     KeyRotor(_settings),
     Recovery(),
     Access(),
     Bounds(_settings),
-    KeyPool(_settings, sender=CredentialSender()),
+    KeyPool(_settings, sender=_sender),
+    _sender,
     Usage(),
     Capture(_settings),
     AdminKeyWatch(),

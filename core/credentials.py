@@ -87,18 +87,26 @@ def query_credential(path: str) -> tuple[str | None, str]:
     return found, target + ("?" + "&".join(kept) if kept else "")
 
 
-def scrubbed(fields: Fields, placeholder_text: str) -> Fields:
-    """The headers with every credential replaced (Bearer and api-key) or dropped (the others)."""
+def scrubbed(fields: Fields, placeholder_text: str, ensure: bool = False) -> Fields:
+    """The headers with every credential replaced (Bearer and api-key) or dropped (the others).
+
+    With `ensure`, a request that carried its key elsewhere (the query string) gets a Bearer one.
+    """
     encoded = placeholder_text.encode()
+    replaced = False
     result = []
     for name, value in fields:
         lowered = name.lower()
         if lowered == AUTHORIZATION:
             result.append((name, b"Bearer " + encoded))
+            replaced = True
         elif lowered == API_KEY:
             result.append((name, encoded))
+            replaced = True
         elif lowered not in DROPPED_HEADERS:
             result.append((name, value))
+    if ensure and not replaced:
+        result.append((AUTHORIZATION, b"Bearer " + encoded))
     return tuple(result)
 
 
@@ -119,8 +127,7 @@ class EchoFilter:
         self.replacement = replacement
         self.replaced = False
         self._carry = b""
-        # Longest first: the longest tail that could still grow into the secret is held back.
-        self._prefixes = [secret[:n] for n in range(len(secret) - 1, 0, -1)]
+        self._prefixes: list[bytes] | None = None  # made when first needed: most answers never need them
 
     def feed(self, data: bytes) -> bytes:
         data = self._carry + data if self._carry else data
@@ -129,6 +136,9 @@ class EchoFilter:
             self.replaced = True
         self._carry = b""
         if data and data[-1:] in self.secret:  # cheap test before the prefix scan
+            if self._prefixes is None:
+                # Longest first: the longest tail that could still grow into the secret is held back.
+                self._prefixes = [self.secret[:n] for n in range(len(self.secret) - 1, 0, -1)]
             for prefix in self._prefixes:
                 if data.endswith(prefix):
                     self._carry = prefix

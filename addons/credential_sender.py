@@ -80,8 +80,12 @@ def _handle_event_with_key(self: http_layer.HttpStream, event) -> Generator:
             continue
         headers = command.event.request.headers
         shown = headers.fields
-        self._keyrotor_echo = EchoFilter(value.encode(), (credential_from(shown) or "").encode())
-        headers.fields = with_credential(shown, value)
+        stand_in = (credential_from(shown) or "").encode()
+        self._keyrotor_echo = EchoFilter(value.encode(), stand_in)
+        if stand_in:  # the key takes the placeholder's place, in whichever header and form the pool put it
+            headers.fields = tuple((name, v.replace(stand_in, value.encode())) for name, v in shown)
+        else:
+            headers.fields = with_credential(shown, value)
         try:
             # The connection below has turned the head into bytes by the time this resumes.
             reply = yield command

@@ -112,6 +112,8 @@ SETTINGS = [
     Setting("proxy", "upstream", "https://api.openai.com", _http_url),
     Setting("proxy", "web_port", 8082, _port),
     Setting("proxy", "stop_grace_seconds", 10, _non_negative_integer),
+    Setting("proxy", "max_body_bytes", 104_857_600, _positive_integer),
+    Setting("proxy", "header_timeout_seconds", 30, _positive_integer),
     Setting("ui", "host", "127.0.0.1", _text),
     Setting("ui", "port", 8081, _port),
     Setting("ui", "metrics_token", "", lambda v: "" if v in ("", None) else _text(v)),
@@ -135,7 +137,12 @@ SETTINGS = [
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 # Settings the proxy's addons declare as mitmproxy options named <section>_<key>.
-ADDON_SETTINGS = [s for s in SETTINGS if s.section in ("keypool", "capture") or s.name == "proxy.stop_grace_seconds"]
+ADDON_SETTINGS = [
+    s
+    for s in SETTINGS
+    if s.section in ("keypool", "capture")
+    or s.name in ("proxy.stop_grace_seconds", "proxy.max_body_bytes", "proxy.header_timeout_seconds")
+]
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
     run.py proxy [--web] | ui     one of them
     run.py keys add|list|rename|enable|disable|delete|reset|validate|weight ...
     run.py clients add|list|enable|disable NAME
+    run.py admin rotate           a new admin key (shown once); every UI session ends
 
 Every command takes --config PATH and --set section.key=value (repeatable).
 """
@@ -28,7 +29,7 @@ if sys.version_info < (3, 12):  # noqa: UP036 - run.py may be started by an olde
 from config import ADDON_SETTINGS, BY_NAME, ROOT, ConfigError, Settings, load_settings, parse_http_url  # noqa: E402
 from core.models import RESETTABLE, KeyState  # noqa: E402
 from core.routing import Dialect  # noqa: E402
-from storage import client_keys, db, routes, secrets, upstream_keys  # noqa: E402
+from storage import client_keys, db, routes, secrets, sessions, upstream_keys  # noqa: E402
 from storage.upstream_keys import SqliteKeyStore  # noqa: E402
 from usecases import keys as key_admin  # noqa: E402
 from usecases import models as model_admin  # noqa: E402
@@ -160,6 +161,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("enable", "accept it again"),
     ):
         clients.add_parser(action, parents=[common], help=text).add_argument("name")
+
+    admin = commands.add_parser("admin", parents=[common], help="the admin key").add_subparsers(
+        dest="action", required=True
+    )
+    admin.add_parser("rotate", parents=[common], help="replace the admin key (printed once) and end every session")
 
     args = parser.parse_args(argv)
     args.command = args.command or "serve"
@@ -494,6 +500,21 @@ def clients_command(args: argparse.Namespace, settings: Settings) -> int:
         conn.close()
 
 
+def admin_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`admin rotate`: the old key stops working at once, in the UI and (within seconds) in mitmweb."""
+    try:
+        key = secrets.rotate_admin_key(settings.storage_path)
+    except ValueError as e:
+        print(f"keyrotor: {e}", file=sys.stderr)
+        return 1
+    ended = sessions.end_all(settings.storage_path)
+    print(
+        f"admin key replaced; {ended} UI session(s) ended. The new admin key (shown only now):\n{key}",
+        flush=True,
+    )
+    return 0
+
+
 def _read_lines(files: list[Path]) -> list[str]:
     if not files:
         return sys.stdin.read().splitlines()
@@ -567,6 +588,7 @@ def main(argv: list[str]) -> int:
             "groups": groups_command,
             "models": models_command,
             "clients": clients_command,
+            "admin": admin_command,
         }
         return commands[args.command](args, settings)
     except ConfigError as e:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, http
 
-from core.credentials import credential_from, masked, with_credential
+from core.credentials import credential_from, masked, query_credential, refused_placeholder, scrubbed
 from core.errors import OpenAIError
 from core.metadata import ACCESS, AccessVerdict
 from core.models import Client
@@ -67,25 +67,35 @@ class Access:
         log.info("client keys loaded: %d enabled", len(self.clients))
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        # Checked as soon as the headers arrive, so the client's key can be replaced by a
-        # placeholder before any other addon (mitmweb's view snapshots flows here) sees it.
-        headers = flow.request.headers
-        key = credential_from(headers.fields)
+        # Checked as soon as the headers arrive, so every credential is replaced by a placeholder
+        # before any other addon (mitmweb's view snapshots flows here) sees it, and a refusal is
+        # answered before the body is read (addons/bounds.py sends it without reading on).
+        request = flow.request
+        query_key = None
+        if "?" in request.path:
+            query_key, path = query_credential(request.path)
+            if path != request.path:
+                request.path = path  # a key in the URL goes no further: not upstream, not into a record
+        headers = request.headers
+        key = credential_from(headers.fields) or query_key
         client = self.clients.get(hash_client_key(key)) if key else None
         if client is None:
             rejected = "invalid_api_key" if key else "missing_api_key"
-            flow.metadata[ACCESS] = AccessVerdict(rejected=rejected, masked=masked(key) if key else None)
+            verdict = AccessVerdict(rejected=rejected, masked=masked(key) if key else None)
+            flow.metadata[ACCESS] = verdict
+            headers.fields = scrubbed(headers.fields, refused_placeholder(key))
+            flow.response = as_response(refusal(verdict))
             return
         flow.metadata[ACCESS] = AccessVerdict(client_id=client.id, client_name=client.name)
-        headers.fields = with_credential(headers.fields, f"[client key #{client.id}]")
+        stand_in = f"[client key #{client.id}]"
+        headers.fields = scrubbed(headers.fields, stand_in, ensure=True)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response:
             return
         if ACCESS not in flow.metadata:
             self.requestheaders(flow)  # a flow that skipped the requestheaders hook (replayed, injected)
-        verdict = AccessVerdict.of(flow.metadata)
-        if verdict.admitted:
-            return
-        error = refusal(verdict)
-        flow.response = http.Response.make(error.status, error.body(), error.all_headers())
+
+
+def as_response(error: OpenAIError) -> http.Response:
+    return http.Response.make(error.status, error.body(), error.all_headers())

@@ -1,23 +1,125 @@
-"""The last addon in mitmproxy's chain: puts the real key on the request just before it leaves."""
+"""The pooled key exists only in the bytes that leave for upstream; its echo never gets back in.
+
+mitmweb serialises a flow after every hook (mitmproxy follows each one with its `update`
+hook, which mitmweb's view broadcasts on `/updates`) and serves the live flow object to
+whoever asks, so a key that sits in `flow.request` between two hooks is shown. The flow
+therefore keeps the key pool's placeholder from start to end. This patch of mitmproxy's
+HttpStream puts the key into the request's headers only for the instant the upstream
+connection turns them into bytes (a synchronous pass: no hook, no other task and no
+mitmweb request can run in it), and replaces the key with the placeholder in whatever
+upstream sends back (headers, body, streamed or not) before the flow, and so any hook,
+view or record, holds it.
+"""
 
 from __future__ import annotations
 
-from mitmproxy import http
+from collections.abc import Generator
 
-from core.credentials import with_credential
+from mitmproxy.proxy.layers import http as http_layer
+
+from core.bodies import decoded
+from core.credentials import EchoFilter, credential_from, with_credential
+
+_handle_event = http_layer.HttpStream._handle_event
+_active: CredentialSender | None = None
 
 
 class CredentialSender:
-    """Until this hook the request carries a placeholder, so mitmweb's view (which snapshots
-    flows in its own request hook, after the scripts') never holds a key value.
-
-    The key pool fills `outgoing` and appends this addon to the master when a view exists.
-    """
+    """The key pool fills `outgoing` (flow.id → key value; never in flow.metadata); loading this
+    addon installs the patch. It has no hooks: nothing in mitmproxy's chain runs for it per flow."""
 
     def __init__(self) -> None:
-        self.outgoing: dict[str, str] = {}  # flow.id → key value; never in flow.metadata
+        self.outgoing: dict[str, str] = {}
+        self.installed = False
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        value = self.outgoing.pop(flow.id, None)
-        if value is not None and flow.response is None:
-            flow.request.headers.fields = with_credential(flow.request.headers.fields, value)
+    def load(self, loader) -> None:
+        global _active
+        _active = self
+        install()
+        self.installed = True
+
+    def done(self) -> None:
+        global _active
+        if _active is self:
+            _active = None
+
+
+def install() -> None:
+    """Idempotent: the proxy may load the addons more than once (option reloads, tests)."""
+    http_layer.HttpStream._handle_event = _handle_event_with_key
+
+
+def _handle_event_with_key(self: http_layer.HttpStream, event) -> Generator:
+    echo: EchoFilter | None = self.__dict__.get("_keyrotor_echo")
+    if echo is not None:
+        if isinstance(event, http_layer.ResponseEndOfMessage):
+            if held := echo.flush():  # the tail kept back in case the key went on in the next read
+                yield from _handle_event(self, http_layer.ResponseData(self.stream_id, held))
+            _finish_buffered(self, echo)
+        else:
+            event = _without_echo(self, echo, event)
+    # The request goes upstream while one of these two is handled (with its body, or without).
+    if _active is None or not isinstance(event, http_layer.RequestEndOfMessage | http_layer.RequestHeaders):
+        return (yield from _handle_event(self, event))
+    commands = _handle_event(self, event)
+    reply = None
+    while True:
+        try:
+            command = commands.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        value = None
+        if (
+            isinstance(command, http_layer.SendHttp)
+            and isinstance(command.event, http_layer.RequestHeaders)
+            and command.connection is self.context.server
+        ):
+            value = _active.outgoing.pop(self.flow.id, None)
+        if value is None:
+            reply = yield command
+            continue
+        headers = command.event.request.headers
+        shown = headers.fields
+        stand_in = (credential_from(shown) or "").encode()
+        self._keyrotor_echo = EchoFilter(value.encode(), stand_in)
+        if stand_in:  # the key takes the placeholder's place, in whichever header and form the pool put it
+            headers.fields = tuple((name, v.replace(stand_in, value.encode())) for name, v in shown)
+        else:
+            headers.fields = with_credential(shown, value)
+        try:
+            # The connection below has turned the head into bytes by the time this resumes.
+            reply = yield command
+        finally:
+            headers.fields = shown
+
+
+def _without_echo(self: http_layer.HttpStream, echo: EchoFilter, event):
+    """The server's event with the key replaced by the placeholder."""
+    if isinstance(event, http_layer.ResponseHeaders):
+        event.response.headers.fields = echo.fields(event.response.headers.fields)
+    elif isinstance(event, http_layer.ResponseData):
+        streamed = self.flow.response is not None and self.flow.response.stream
+        if streamed and "content-length" in self.flow.response.headers:
+            # Already framed for the client: a replacement of another length would break it.
+            echo.replacement = (echo.replacement + b"*" * len(echo.secret))[: len(echo.secret)]
+        return http_layer.ResponseData(event.stream_id, echo.feed(event.data))
+    return event
+
+
+def _finish_buffered(self: http_layer.HttpStream, echo: EchoFilter) -> None:
+    """A whole body about to become the flow's: look inside an encoded error body too, fix the length."""
+    response = self.flow.response
+    if response is None or response.stream:
+        return
+    body = self.response_body_buf
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if response.status_code >= 400 and encoding not in ("", "identity"):
+        # Errors are where upstreams quote keys, and they are small: worth decoding to look.
+        plain = decoded(bytes(body), encoding)
+        if echo.secret in plain:
+            body.clear()
+            body += plain.replace(echo.secret, echo.replacement)
+            del response.headers["content-encoding"]
+            echo.replaced = True
+    if echo.replaced and "content-length" in response.headers:
+        response.headers["content-length"] = str(len(body))

@@ -218,11 +218,10 @@ class KeyPool:
             self._apply(self._read())
 
     def running(self) -> None:
-        # Only mitmweb and the mitmproxy console show flows while their request hooks run
-        # (their view, intercepts): there the key goes on last. mitmdump skips the detour.
-        self._late_send = self.sender is not None and ctx.master.addons.get("view") is not None
-        if self._late_send:
-            ctx.master.addons.add(self.sender)  # appended: runs after every other request hook
+        # The key goes on only as the request's bytes leave, and its echo comes out as the answer
+        # arrives (addons/credential_sender.py): no hook, view, flow file or record holds it.
+        # (The sender is loaded beside this addon by addons/keyrotor.py; without it, the key goes on here.)
+        self._late_send = getattr(self.sender, "installed", False)
         self._writer = writer.acquire(self.db_path)
         for rotation in self.rotations.values():
             rotation.states = self._writer
@@ -236,8 +235,6 @@ class KeyPool:
         ]
 
     def done(self) -> None:
-        if self._late_send:
-            ctx.master.addons.remove(self.sender)
         for task in self._tasks:
             task.cancel()
         if self._revisions:

@@ -1,9 +1,9 @@
 """The script mitmproxy loads: `mitmdump -s addons/keyrotor.py --mode reverse:https://api.openai.com`.
 
-Addon order is the order of decisions: who is calling, which key, what else to ask
-upstream for (token usage), what happened; then, when stopping, whether anything is
-still in flight. This is the only module that imports the
-other addons: it wires them together.
+Addon order is the order of decisions: who is calling, whether what they send is within
+bounds, which key, what else to ask upstream for (token usage), what happened; then,
+when stopping, whether anything is still in flight. This is the only module that
+imports the other addons: it wires them together.
 Option defaults come from config.toml and KEYROTOR_* variables, so plain mitmdump
 behaves like `run.py proxy`; run.py passes its resolved settings with --set.
 """
@@ -21,6 +21,8 @@ if str(ROOT) not in sys.path:
 from mitmproxy import ctx, exceptions  # noqa: E402
 
 from addons.access import Access  # noqa: E402
+from addons.admin_key_watch import AdminKeyWatch  # noqa: E402
+from addons.bounds import Bounds  # noqa: E402
 from addons.capture import Capture  # noqa: E402
 from addons.credential_sender import CredentialSender  # noqa: E402
 from addons.keypool import KeyPool  # noqa: E402
@@ -54,7 +56,10 @@ class KeyRotor:
                 db.ensure_database(path)
             except OSError as e:
                 raise exceptions.OptionsError(str(e)) from None
-            admin_key = secrets.ensure_admin_key(path)
+            try:
+                admin_key = secrets.ensure_admin_key(path)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from None
             if admin_key:
                 log.warning("Generated the admin key (shown once, keep it): %s", admin_key)
 
@@ -69,12 +74,16 @@ try:
 except ConfigError as e:
     raise SystemExit(f"keyrotor: {e}") from None
 
+_sender = CredentialSender()  # the key pool's: it puts the pool's keys on the wire
 addons = [
     KeyRotor(_settings),
     Recovery(),
     Access(),
-    KeyPool(_settings, sender=CredentialSender()),
+    Bounds(_settings),
+    KeyPool(_settings, sender=_sender),
+    _sender,
     Usage(),
     Capture(_settings),
+    AdminKeyWatch(),
     Shutdown(_settings),  # last: a flow has finished once every addon before it is done with it
 ]

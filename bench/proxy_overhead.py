@@ -66,7 +66,7 @@ PHASES = {
 # Which bare proxy each keyrotor phase is compared with.
 BASELINE = {"chat": "mitmdump", "stream": "mitmdump-stream"}
 TARGET_RATIO = 1.15
-ADMIN_KEY = "bench-admin-key"
+ADMIN_KEY = "bench-admin-key-0123456789abcdef"  # run.py refuses one under 24 characters
 DIRECT_KEY = "sk-bench-direct000000000000000000000"
 UPSTREAM_KEYS = 4
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark request"}]}

@@ -6,6 +6,8 @@ alike, in one pass: mitmproxy's Headers lower-cases every name on every lookup.
 
 from __future__ import annotations
 
+from urllib.parse import unquote_plus
+
 AUTHORIZATION = b"authorization"
 API_KEY = b"api-key"  # Azure OpenAI's form
 
@@ -47,10 +49,109 @@ def with_credential(fields: Fields, value: str) -> Fields:
 
 
 def masked(key: str) -> str:
-    """A refused credential shortened beyond use, for the error message that names it."""
-    return f"{key[:3]}…{key[-4:]}" if len(key) > 10 else "…"
+    """A refused credential shortened beyond use, for the error message that names it: its last four."""
+    return f"…{key[-4:]}" if len(key) > 10 else "…"
 
 
 def placeholder(key_id: int, last4: str) -> str:
     """What stands in a request's headers instead of an upstream key, wherever it can be seen."""
     return f"[upstream key #{key_id} ...{last4}]"  # ASCII: it sits in a header
+
+
+# ---------------------------------------------------------------- what a flow may show
+
+# Query parameters some clients put a key in (Azure's and Google's SDKs, hand-made URLs).
+QUERY_CREDENTIALS = frozenset({"api-key", "api_key", "key"})
+# Headers that can carry a credential keyrotor does not read: never shown, never forwarded.
+DROPPED_HEADERS = frozenset({b"x-api-key", b"proxy-authorization", b"cookie"})
+
+
+def query_credential(path: str) -> tuple[str | None, str]:
+    """A key sent as `?api-key=` or `?key=`, and the path without any such parameter.
+
+    The other parameters keep their order and spelling; the first non-empty key wins.
+    """
+    target, sep, query = path.partition("?")
+    if not sep:
+        return None, path
+    found = None
+    kept = []
+    for item in query.split("&"):
+        name, _, value = item.partition("=")
+        if unquote_plus(name).strip().lower() in QUERY_CREDENTIALS:
+            found = found or unquote_plus(value).strip() or None
+        else:
+            kept.append(item)
+    if len(kept) == query.count("&") + 1:
+        return None, path
+    return found, target + ("?" + "&".join(kept) if kept else "")
+
+
+def scrubbed(fields: Fields, placeholder_text: str, ensure: bool = False) -> Fields:
+    """The headers with every credential replaced (Bearer and api-key) or dropped (the others).
+
+    With `ensure`, a request that carried its key elsewhere (the query string) gets a Bearer one.
+    """
+    encoded = placeholder_text.encode()
+    replaced = False
+    result = []
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered == AUTHORIZATION:
+            result.append((name, b"Bearer " + encoded))
+            replaced = True
+        elif lowered == API_KEY:
+            result.append((name, encoded))
+            replaced = True
+        elif lowered not in DROPPED_HEADERS:
+            result.append((name, value))
+    if ensure and not replaced:
+        result.append((AUTHORIZATION, b"Bearer " + encoded))
+    return tuple(result)
+
+
+def refused_placeholder(key: str | None) -> str:
+    """What stands in a refused request's headers instead of the credential it carried."""
+    return f"[refused key ...{key[-4:]}]" if key and len(key) > 10 else "[refused key]"
+
+
+class EchoFilter:
+    """Replaces a secret in data that arrives in pieces, the secret perhaps split between two.
+
+    The tail of a piece that could be the start of the secret is held back until the next
+    piece (or `flush`) shows whether it is; everything else passes on at once.
+    """
+
+    def __init__(self, secret: bytes, replacement: bytes) -> None:
+        self.secret = secret
+        self.replacement = replacement
+        self.replaced = False
+        self._carry = b""
+        self._prefixes: list[bytes] | None = None  # made when first needed: most answers never need them
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._carry + data if self._carry else data
+        if self.secret in data:
+            data = data.replace(self.secret, self.replacement)
+            self.replaced = True
+        self._carry = b""
+        if data and data[-1:] in self.secret:  # cheap test before the prefix scan
+            if self._prefixes is None:
+                # Longest first: the longest tail that could still grow into the secret is held back.
+                self._prefixes = [self.secret[:n] for n in range(len(self.secret) - 1, 0, -1)]
+            for prefix in self._prefixes:
+                if data.endswith(prefix):
+                    self._carry = prefix
+                    return data[: -len(prefix)]
+        return data
+
+    def flush(self) -> bytes:
+        carry, self._carry = self._carry, b""
+        return carry
+
+    def fields(self, fields: Fields) -> Fields:
+        """Header fields with the secret replaced in every value."""
+        if not any(self.secret in value for _, value in fields):
+            return fields
+        self.replaced = True
+        return tuple((name, value.replace(self.secret, self.replacement)) for name, value in fields)

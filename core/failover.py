@@ -24,6 +24,7 @@ from core.classify import (
     connection_failure,
     is_model_missing,
 )
+from core.credentials import placeholder
 from core.dialects import upstream_url, with_key
 from core.metadata import KeyUse
 from core.models import PoolKey
@@ -158,6 +159,7 @@ class Failover:
                 rotation.end(use, connection_failure(message), None, message)
                 trouble += 1
                 continue
+            got = got.without_echo(key.value, placeholder(key.id, key.last4))  # upstream may quote our key
             content = got.content if got.status >= 400 else None
             missing = is_model_missing(got.status, content)
             answered = None if missing else classify_response(got.status, got.headers, content, time.time())

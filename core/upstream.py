@@ -7,12 +7,15 @@ the flow's response. A probe is GET /v1/models, which costs no tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import httpx
 
+from core.bodies import decoded
 from core.classify import OK, Outcome, classify_response, connection_failure
+from core.credentials import EchoFilter
 from core.dialects import models_url, with_key
 from core.routing import Upstream
 
@@ -48,6 +51,23 @@ class Answer:
         """Headers to hand on with the whole body: framing is redone for the client."""
         fields = [(n, v) for n, v in self.headers.raw if n.lower().decode("latin-1") not in RESPONSE_DROPPED]
         return fields + [(b"content-length", str(len(self.content)).encode())]
+
+    def without_echo(self, value: str, stand_in: str) -> Answer:
+        """The answer with `value` (the key it was sent with) replaced by `stand_in` wherever
+        upstream quoted it; an encoded error body is looked into too, and handed on decoded."""
+        echo = EchoFilter(value.encode(), stand_in.encode())
+        fields = echo.fields(tuple(self.headers.raw))
+        content = echo.feed(self.content) + echo.flush()
+        encoding = self.headers.get("content-encoding", "").strip().lower()
+        if self.status >= 400 and encoding not in ("", "identity"):
+            plain = decoded(content, encoding)
+            if echo.secret in plain:
+                content = plain.replace(echo.secret, echo.replacement)
+                fields = tuple((n, v) for n, v in fields if n.lower() != b"content-encoding")
+                echo.replaced = True
+        if not echo.replaced:
+            return self
+        return dataclasses.replace(self, headers=httpx.Headers(list(fields)), content=content)
 
 
 def new_client(timeout_seconds: float) -> httpx.AsyncClient:

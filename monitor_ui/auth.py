@@ -1,13 +1,18 @@
-"""Admin sessions: an HMAC-signed cookie, and CSRF tokens bound to it. No server-side state."""
+"""Admin sessions: a signed cookie naming a session the server holds, and CSRF tokens bound to it.
+
+The signature refuses forged and tampered cookies without a lookup; the server-side record
+(storage/sessions.py) is what logging out and `run.py admin rotate` remove.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets as random
 import time
 from pathlib import Path
 
-from storage import secrets
+from storage import secrets, sessions
 
 SESSION_COOKIE = "keyrotor_session"
 SESSION_SECONDS = 7 * 24 * 3600
@@ -28,17 +33,28 @@ class SessionSigner:
         return bool(candidate) and secrets.is_admin_key(self._db_path, candidate)
 
     def new_session(self, now: float | None = None) -> str:
-        expires = int((now or time.time()) + SESSION_SECONDS)
-        return f"{expires}.{self._sign(f'session:{expires}')}"
+        now = now or time.time()
+        expires = int(now + SESSION_SECONDS)
+        nonce = random.token_urlsafe(16)  # two logins in the same second are two sessions
+        token = f"{expires}.{nonce}.{self._sign(f'session:{expires}:{nonce}')}"
+        sessions.add(self._db_path, token, expires, now)
+        return token
 
     def valid_session(self, token: str | None, now: float | None = None) -> bool:
         # The cookie is attacker-controlled: anything odd is simply not a session.
-        if not token or len(token) > 200 or not token.isascii() or "." not in token:
+        if not token or len(token) > 200 or not token.isascii() or token.count(".") != 2:
             return False
-        expires, _, signature = token.partition(".")
-        if not expires.isdecimal() or int(expires) < (now or time.time()):
+        expires, nonce, signature = token.split(".")
+        now = now or time.time()
+        if not expires.isdecimal() or int(expires) < now:
             return False
-        return hmac.compare_digest(signature, self._sign(f"session:{expires}"))
+        if not hmac.compare_digest(signature, self._sign(f"session:{expires}:{nonce}")):
+            return False
+        return sessions.is_live(self._db_path, token, now)
+
+    def end_session(self, token: str | None) -> None:
+        if token and self.valid_session(token):
+            sessions.end(self._db_path, token)
 
     def csrf_token(self, session: str) -> str:
         return self._sign(f"csrf:{session}")

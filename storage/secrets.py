@@ -17,6 +17,8 @@ import argon2
 from cryptography.fernet import Fernet, InvalidToken
 
 CLIENT_KEY_PREFIX = "kr-"
+# The admin key is the UI's and mitmweb's only credential: generated ones have 47 characters.
+MIN_ADMIN_KEY_LENGTH = 24
 
 
 def _sidecar(db_path: str | Path, suffix: str) -> Path:
@@ -87,17 +89,47 @@ def new_client_key() -> str:
 
 
 def ensure_admin_key(db_path: str | Path) -> str | None:
-    """Create the admin key on first use. Returns it when newly generated (show it once), else None."""
-    if os.environ.get("KEYROTOR_ADMIN_KEY"):
+    """Create the admin key on first use. Returns it when newly generated (show it once), else None.
+
+    Raises ValueError when KEYROTOR_ADMIN_KEY is too short to be the only lock on the UI and mitmweb.
+    """
+    from_env = os.environ.get("KEYROTOR_ADMIN_KEY")
+    if from_env:
+        if len(from_env.strip()) < MIN_ADMIN_KEY_LENGTH:
+            raise ValueError(
+                f"KEYROTOR_ADMIN_KEY must be at least {MIN_ADMIN_KEY_LENGTH} characters long; make one with:"
+                " python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
         return None
     path = _sidecar(db_path, "admin")
     if path.exists():
         return None
-    key = "kra-" + secrets.token_urlsafe(32)
+    key = new_admin_key()
     try:
         _write_private(path, json.dumps(_admin_hashes(key)))
     except FileExistsError:
         return None
+    return key
+
+
+def new_admin_key() -> str:
+    return "kra-" + secrets.token_urlsafe(32)
+
+
+def rotate_admin_key(db_path: str | Path) -> str:
+    """Replace the stored admin key with a new one and return it (show it once).
+
+    The file is replaced whole (written beside it, then renamed), so a process reading it
+    sees the old key or the new one, never a mix.
+    """
+    if os.environ.get("KEYROTOR_ADMIN_KEY"):
+        raise ValueError("the admin key comes from KEYROTOR_ADMIN_KEY: set a new value there and restart keyrotor.")
+    key = new_admin_key()
+    path = _sidecar(db_path, "admin")
+    staged = path.with_name(path.name + ".new")
+    staged.unlink(missing_ok=True)
+    _write_private(staged, json.dumps(_admin_hashes(key)))
+    os.replace(staged, path)
     return key
 
 
@@ -115,6 +147,17 @@ def _admin_record(db_path: str | Path) -> dict[str, str]:
     if from_env:
         return _admin_hashes(from_env)
     return json.loads(_sidecar(db_path, "admin").read_text())
+
+
+def admin_key_version(db_path: str | Path) -> tuple[int, int, int] | None:
+    """Changes whenever the stored admin key is replaced; None when it comes from KEYROTOR_ADMIN_KEY."""
+    if os.environ.get("KEYROTOR_ADMIN_KEY"):
+        return None
+    try:
+        stat = _sidecar(db_path, "admin").stat()
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 def admin_key_hash(db_path: str | Path) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gzip
 import hashlib
 import json
 import logging
@@ -47,7 +48,9 @@ from starlette.types import Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-BEHAVIOURS = frozenset({"ok", "invalid", "ratelimit", "quota", "server_error", "deactivated", "disconnect"})
+BEHAVIOURS = frozenset(
+    {"ok", "invalid", "ratelimit", "quota", "server_error", "deactivated", "disconnect", "echo", "echo_gzip"}
+)
 # Keys nobody configured are judged by name, so tests and benchmarks can use
 # fresh keys without calling set_key first.
 VALID_PREFIXES = ("sk-good", "sk-bench")
@@ -133,6 +136,7 @@ class Received:
     body: bytes
     key: str | None
     at: float  # time.monotonic() on arrival
+    query: str = ""  # the raw query string, without "?"
 
 
 class BadRequest(Exception):
@@ -225,6 +229,13 @@ def _rejection(behaviour: str, key: str, retry_after: str) -> Response | None:
         return _error(401, DEACTIVATED_MESSAGE, code="account_deactivated")
     if behaviour == "disconnect":
         return _cut_short  # type: ignore[return-value]
+    if behaviour == "echo":  # a relay that quotes the key it was sent, in a header and the body
+        return _json(200, {"object": "list", "data": MODELS, "received_key": key}, {"x-received-key": key})
+    if behaviour == "echo_gzip":  # the same in a compressed error body
+        body = gzip.compress(
+            json.dumps(_error_body(f"Key {key} is not allowed here", "invalid_request_error")).encode()
+        )
+        return Response(body, 400, {"content-encoding": "gzip", "x-request-id": _request_id()}, "application/json")
     raise AssertionError(f"unknown behaviour {behaviour!r}")
 
 
@@ -460,6 +471,7 @@ class FakeUpstream:
         self.stream_delay = stream_delay
         # The models this server has, like a relay station's group: others get model_not_found.
         self.models = set(models) if models is not None else None
+        self.answer_delay = 0.0  # seconds every request waits before it is answered
         self.url = ""  # set by start()
         self.port = 0
         self.received: list[Received] = []
@@ -605,7 +617,9 @@ class FakeUpstream:
         body = await request.body()
         headers = _headers(scope)
         key = credential(headers)
-        self._record(Received(method, path, headers, body, key, at))
+        self._record(Received(method, path, headers, body, key, at, scope["query_string"].decode("latin-1")))
+        if self.answer_delay:
+            await asyncio.sleep(self.answer_delay)
         if key is None:
             return _error(401, NO_KEY_MESSAGE)
         behaviour, retry_after = self._keys.take(key)

@@ -108,6 +108,7 @@ def test_web_mode_serves_mitmweb_behind_the_admin_key(keyrotor: Keyrotor, upstre
     assert flows.status_code == 200
     assert "/v1/models" in flows.text
     assert GOOD not in flows.text and client_key not in flows.text
+    assert ADMIN_KEY not in keyrotor.logs()  # mitmweb's request lines carried it as ?token=
 
 
 @pytest.mark.parametrize(
@@ -259,3 +260,50 @@ def test_commands_from_another_directory_act_on_the_running_proxys_database(
     wait_for(lambda: not isinstance(raises(client.models.list), openai.AuthenticationError), what="the new client")
     assert upstream.keys_seen()[-1] == GOOD
     assert (config.parent / "data" / "keyrotor.db").exists()
+
+
+def test_a_short_admin_key_from_the_environment_is_refused(keyrotor: Keyrotor):
+    keyrotor.env["KEYROTOR_ADMIN_KEY"] = "letmein-123"
+    for command in (["keys", "list"], ["ui"], ["proxy"]):
+        result = keyrotor.cli(*command, check=False)
+        assert result.returncode == 2, command
+        assert "KEYROTOR_ADMIN_KEY must be at least 24 characters" in result.stderr
+        assert "letmein-123" not in result.stderr + result.stdout
+
+
+def test_admin_rotate_replaces_the_key_and_ends_every_session(keyrotor: Keyrotor, upstream: FakeUpstream):
+    del keyrotor.env["KEYROTOR_ADMIN_KEY"]
+    first = keyrotor.cli("keys", "add", input=f"{GOOD}\n").stdout
+    old_key = next(line.strip() for line in first.splitlines() if line.strip().startswith("kra-"))
+    web_port = free_port()
+    keyrotor.start_ui()
+    keyrotor.start_proxy("--web", "--set", f"proxy.web_port={web_port}")
+    wait_for(lambda: port_open(web_port), START_DEADLINE, what="mitmweb")
+    mitmweb = f"http://127.0.0.1:{web_port}"
+    ui = httpx.Client(base_url=keyrotor.ui_url, follow_redirects=False)
+    assert ui.post("/login", data={"admin_key": old_key}).status_code == 303
+    assert ui.get("/api/flows").status_code == 200
+    web = httpx.Client(base_url=mitmweb)
+    assert web.get("/flows", params={"token": old_key}).status_code == 200
+    assert web.get("/flows").status_code == 200  # logged in by its cookie now
+
+    rotated = keyrotor.cli("admin", "rotate").stdout
+    new_key = rotated.strip().splitlines()[-1]
+    assert new_key.startswith("kra-") and new_key != old_key and rotated.count(new_key) == 1
+    assert "1 UI session(s) ended" in rotated
+
+    assert ui.get("/api/flows").status_code == 401  # the session cookie
+    assert httpx.get(f"{keyrotor.ui_url}/api/flows", headers={"authorization": f"Bearer {old_key}"}).status_code == 401
+    assert httpx.get(f"{keyrotor.ui_url}/api/flows", headers={"authorization": f"Bearer {new_key}"}).status_code == 200
+    wait_for(lambda: web.get("/flows").status_code == 403, what="mitmweb to forget its login")
+    assert httpx.get(f"{mitmweb}/flows", params={"token": old_key}).status_code == 403
+    assert httpx.get(f"{mitmweb}/flows", params={"token": new_key}).status_code == 200
+    assert new_key not in keyrotor.logs() and old_key not in keyrotor.logs()
+    ui.close()
+    web.close()
+
+
+def test_admin_rotate_refuses_a_key_from_the_environment(keyrotor: Keyrotor):
+    result = keyrotor.cli("admin", "rotate", check=False)
+    assert result.returncode == 1
+    assert "KEYROTOR_ADMIN_KEY" in result.stderr

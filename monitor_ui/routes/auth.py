@@ -60,6 +60,7 @@ def delete_session(request: Request, signer: Signer, csrf: Annotated[str, Form()
     """End the session (CSRF-protected, so another site cannot log you out)."""
     if not signer.valid_csrf(request.cookies.get(SESSION_COOKIE), csrf):
         raise HTTPException(403, "Missing or wrong CSRF token.")
+    signer.end_session(request.cookies.get(SESSION_COOKIE))  # a copy of the cookie stops working too
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE)
     return response

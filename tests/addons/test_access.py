@@ -97,3 +97,24 @@ def test_the_client_key_is_replaced_as_soon_as_headers_arrive(access, issued):
     assert flow.request.headers["api-key"] == "[client key #1]"
     access.request(flow)
     assert flow.response is None and flow.metadata["keyrotor.access"].client_id == 1
+
+
+def test_a_refused_credential_is_replaced_and_answered_at_the_headers(access):
+    flow = flow_with(authorization="Bearer sk-pool-key-pasted-by-mistake-9876", x_api_key="kr-other", cookie="k=v")
+    flow.request.path = "/v1/models?key=kr-guess-in-the-url-5555&limit=1"
+    access.requestheaders(flow)
+    assert flow.response.status_code == 401  # before the body is read
+    assert flow.request.headers["authorization"] == "Bearer [refused key ...9876]"
+    assert "x-api-key" not in flow.request.headers and "cookie" not in flow.request.headers
+    assert flow.request.path == "/v1/models?limit=1"
+    assert "pasted-by-mistake" not in str(flow.get_state()) and "guess-in-the-url" not in str(flow.get_state())
+
+
+def test_an_issued_key_in_the_query_string_is_let_through_as_a_placeholder(access, issued):
+    _, alice, _ = issued
+    flow = flow_with()
+    flow.request.path = f"/v1/models?api-key={alice}"
+    access.requestheaders(flow)
+    assert flow.response is None and flow.metadata["keyrotor.access"].client_id == 1
+    assert flow.request.path == "/v1/models"
+    assert flow.request.headers["authorization"] == "Bearer [client key #1]"

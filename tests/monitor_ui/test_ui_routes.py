@@ -674,6 +674,18 @@ def test_logout_with_the_csrf_token_ends_the_session(browser):
     assert browser.get("/api/flows").status_code == 401
 
 
+def test_logout_ends_the_session_on_the_server_too(browser):
+    """A copy of the cookie (another tab, a stolen one) stops working when its session logs out."""
+    session = browser.cookies.get(SESSION_COOKIE)
+    copy = TestClient(browser.app, follow_redirects=False)
+    copy.cookies.set(SESSION_COOKIE, session)
+    assert copy.get("/api/flows").status_code == 200
+    assert browser.post("/logout", data={"csrf": csrf_of(browser.get("/flows").text)}).status_code == 303
+    assert copy.get("/api/flows").status_code == 401
+    assert copy.get("/flows").status_code == 303
+    copy.close()
+
+
 def test_csrf_token_of_another_session_is_refused(make_client):
     alice = make_client(SEEDED)
     log_in(alice)

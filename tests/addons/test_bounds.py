@@ -1,0 +1,46 @@
+"""Bounds: the checks made at the headers, with mitmproxy's test helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons, tflow
+
+from addons.bounds import Bounds, declared_size
+
+
+@pytest.mark.parametrize("value, size", [("12", 12), (" 7 ", 7), ("-1", None), ("a lot", None), (None, None)])
+def test_declared_size(value, size):
+    flow = tflow.tflow()
+    if value is None:
+        del flow.request.headers["content-length"]
+    else:
+        flow.request.headers["content-length"] = value
+    assert declared_size(flow.request) == size
+
+
+def test_a_body_announced_too_large_is_answered_at_the_headers():
+    bounds = Bounds()
+    with taddons.context(bounds) as tctx:
+        tctx.configure(bounds, proxy_max_body_bytes=100)
+        flow = tflow.tflow()
+        flow.request.headers["content-length"] = "101"
+        flow.request.headers["expect"] = "100-continue"
+        bounds.requestheaders(flow)
+        assert flow.response.status_code == 413
+        assert json.loads(flow.response.content)["error"]["code"] == "request_too_large"
+        assert "expect" not in flow.request.headers  # no "100 Continue": the body is not wanted
+        within = tflow.tflow()
+        within.request.headers["content-length"] = "100"
+        bounds.requestheaders(within)
+        assert within.response is None
+
+
+@pytest.mark.parametrize("option", ["proxy_max_body_bytes", "proxy_header_timeout_seconds"])
+def test_limits_must_be_above_zero(option):
+    bounds = Bounds()
+    with taddons.context(bounds) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=f"{option} must be above zero"):
+            tctx.configure(bounds, **{option: 0})

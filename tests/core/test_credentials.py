@@ -1,0 +1,79 @@
+"""Credentials: where a key can hide in a request, and taking an echoed key out of what arrives."""
+
+from __future__ import annotations
+
+import gzip
+
+import httpx
+import pytest
+
+from core.credentials import EchoFilter, query_credential, refused_placeholder, scrubbed
+from core.upstream import Answer
+
+KEY = b"sk-pool-key-0123456789abcdefghij"
+STAND_IN = b"[upstream key #1 ...ghij]"
+
+
+@pytest.mark.parametrize(
+    "path, key, rest",
+    [
+        ("/v1/models", None, "/v1/models"),
+        ("/v1/models?limit=2", None, "/v1/models?limit=2"),
+        ("/v1/models?api-key=kr-abc", "kr-abc", "/v1/models"),
+        ("/v1/models?limit=2&key=kr-abc&order=asc", "kr-abc", "/v1/models?limit=2&order=asc"),
+        ("/v1/models?API_KEY=kr%2Dabc", "kr-abc", "/v1/models"),
+        ("/v1/models?key=&api-key=kr-abc", "kr-abc", "/v1/models"),  # an empty one is no key, still removed
+        ("/v1/models?monkey=1", None, "/v1/models?monkey=1"),
+    ],
+)
+def test_a_key_in_the_query_string_is_found_and_taken_out(path, key, rest):
+    assert query_credential(path) == (key, rest)
+
+
+def test_scrubbed_headers_keep_no_credential():
+    fields = (
+        (b"Authorization", b"Basic dXNlcjpwYXNz"),
+        (b"api-key", b"kr-secret"),
+        (b"x-api-key", b"kr-secret"),
+        (b"Cookie", b"session=kr-secret"),
+        (b"proxy-authorization", b"Basic kr-secret"),
+        (b"content-type", b"application/json"),
+    )
+    result = scrubbed(fields, "[refused key]")
+    assert result == (
+        (b"Authorization", b"Bearer [refused key]"),
+        (b"api-key", b"[refused key]"),
+        (b"content-type", b"application/json"),
+    )
+    assert refused_placeholder("sk-live-abcdefgh1234") == "[refused key ...1234]"
+    assert refused_placeholder("short") == "[refused key]"
+
+
+@pytest.mark.parametrize("cut", [1, 5, len(KEY) - 1, len(KEY), len(KEY) + 3])
+def test_an_echo_split_between_reads_is_still_replaced(cut):
+    body = b'{"error": "bad key ' + KEY + b'", "again": "' + KEY + b'"}'
+    start = body.index(KEY) + cut - 1  # somewhere inside (or just after) the first key
+    echo = EchoFilter(KEY, STAND_IN)
+    out = echo.feed(body[:start]) + echo.feed(body[start:]) + echo.flush()
+    assert out == body.replace(KEY, STAND_IN)
+    assert echo.replaced
+
+
+def test_data_without_the_key_passes_unchanged_and_whole_at_the_end():
+    echo = EchoFilter(KEY, STAND_IN)
+    pieces = [b"data: sk-", b"pool is not it\n\n", b"sk-pool-key"]
+    out = b"".join(echo.feed(p) for p in pieces) + echo.flush()
+    assert out == b"".join(pieces)
+    assert not echo.replaced
+
+
+def test_a_retried_answer_loses_the_key_even_in_a_compressed_error():
+    body = gzip.compress(b'{"error": {"message": "key ' + KEY + b' refused"}}')
+    headers = httpx.Headers({"content-encoding": "gzip", "x-seen": KEY.decode()})
+    answer = Answer(400, b"Bad Request", headers, body, 0.0, 0.0, 0.0)
+    clean = answer.without_echo(KEY.decode(), STAND_IN.decode())
+    assert clean.headers["x-seen"] == STAND_IN.decode()
+    assert "content-encoding" not in clean.headers
+    assert KEY not in clean.content and STAND_IN in clean.content
+    untouched = Answer(200, b"OK", httpx.Headers({}), b"{}", 0.0, 0.0, 0.0)
+    assert untouched.without_echo(KEY.decode(), STAND_IN.decode()) is untouched

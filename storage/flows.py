@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from core.records import FlowRecord
-from storage.db import insert_many, placeholders
+from storage.sql import insert_many, placeholders
 
 # The one mapping of a FlowRecord to the flows table: every other module reads or writes
 # FlowRecords. JSON columns hold lists; the 0/1 columns hold booleans.
@@ -50,7 +50,7 @@ def column_values(record: FlowRecord) -> list:
 def insert_batch(conn: sqlite3.Connection, records: Iterable[FlowRecord]) -> None:
     """Insert flows and add them to the per-key usage counters, in the caller's transaction.
 
-    A few statements per batch, not a few per row: see storage.db.insert_many.
+    A few statements per batch, not a few per row: see storage.sql.insert_many.
     """
     records = list(records)
     insert_many(conn, _INSERT_HEAD, [column_values(r) for r in records])

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from core.records import AttemptLog, FlowRecord
 from storage import rollups
-from storage.db import insert_many
+from storage.sql import insert_many
 
 ATTEMPT, RETRY, REFUSAL = "attempt", "retry", "refusal"
 DIMENSIONS = (ATTEMPT, RETRY, REFUSAL)
@@ -76,7 +76,7 @@ _UPSERT_TAIL = "ON CONFLICT (dimension, bucket, value) DO UPDATE SET requests = 
 def add_records(conn: sqlite3.Connection, records: list[FlowRecord]) -> None:
     """Fold a batch of new flows in, in the caller's transaction."""
     found = counts(records)
-    if found:  # one statement per batch: the writer gives up the GIL around each (storage.db.insert_many)
+    if found:  # one statement per batch: the writer gives up the GIL around each (storage.sql.insert_many)
         insert_many(conn, _UPSERT_HEAD, [(*key, n) for key, n in found.items()], _UPSERT_TAIL)
 
 

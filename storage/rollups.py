@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from core.records import FlowRecord
-from storage.db import insert_many
+from storage.sql import insert_many
 
 # Upper bounds, in ms, of the latency buckets; the last bucket takes everything above.
 BUCKETS_MS = (

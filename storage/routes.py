@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterable
 
 from core.routing import DEFAULT, Dialect, Group, Upstream
-from storage import upstream_keys
 from storage.db import bump_revision
 
 ROUTES = "routes"
@@ -353,21 +352,3 @@ def upstream_names(conn: sqlite3.Connection) -> dict[int, str]:
 
 def groups_by_id(conn: sqlite3.Connection) -> dict[int, Group]:
     return {g.id: g for g in load_routes(conn)[0]}
-
-
-# --------------------------------------------------------------------------- for the UI's group pages
-
-
-def group_keys(conn: sqlite3.Connection, group_id: int, limit: int = 1000, after_id: int = 0) -> list[sqlite3.Row]:
-    """A group's keys, oldest first, as upstream_keys.list_keys shows them (never their values)."""
-    columns = upstream_keys._LISTED  # the one list of what a listed key shows
-    return conn.execute(
-        f"SELECT {columns} FROM upstream_keys WHERE group_id = ? AND id > ? ORDER BY id LIMIT ?",
-        (group_id, after_id, limit),
-    ).fetchall()
-
-
-def group_key_states(conn: sqlite3.Connection, group_id: int) -> dict[int, str]:
-    """id → state of every key of a group (the group page's counts and its pool actions)."""
-    rows = conn.execute("SELECT id, state FROM upstream_keys WHERE group_id = ? LIMIT 100000", (group_id,))
-    return {row[0]: row[1] for row in rows}

@@ -194,3 +194,20 @@ def record_state(
         " WHERE id = ? AND state != 'disabled'",
         (state, reason, cooldown_until, at, key_id),
     )
+
+
+# --------------------------------------------------------------------------- for the UI's group pages
+
+
+def group_keys(conn: sqlite3.Connection, group_id: int, limit: int = 1000, after_id: int = 0) -> list[sqlite3.Row]:
+    """A group's keys, oldest first, as upstream_keys.list_keys shows them (never their values)."""
+    return conn.execute(
+        f"SELECT {_LISTED} FROM upstream_keys WHERE group_id = ? AND id > ? ORDER BY id LIMIT ?",
+        (group_id, after_id, limit),
+    ).fetchall()
+
+
+def group_key_states(conn: sqlite3.Connection, group_id: int) -> dict[int, str]:
+    """id → state of every key of a group (the group page's counts and its pool actions)."""
+    rows = conn.execute("SELECT id, state FROM upstream_keys WHERE group_id = ? LIMIT 100000", (group_id,))
+    return {row[0]: row[1] for row in rows}

@@ -10,7 +10,7 @@ Durability, in the order it matters:
   least, and a busy writer starts the next one as soon as that allows: at saturation
   batches grow by themselves, and a row waits at most that spacing plus two batches'
   write time. Each batch is a handful of statements, not a few per row (see
-  storage.db.insert_many), so a batch's write time stays short while the event loop
+  storage.sql.insert_many), so a batch's write time stays short while the event loop
   holds the GIL.
 - When the database refuses writes (locked by another connection for longer than the
   busy timeout, disk full, I/O error), the rows stay in memory, up to

@@ -125,7 +125,7 @@ def _stop_serving(conn, group_id: int, model: str) -> None:
 async def _refresh(request: Request, conn, group_id: int) -> dict:
     """GET /v1/models at the group's upstream with one of its keys; 409 without a usable key, 502 on no list."""
     label = _group_row(conn, group_id)["label"]
-    if not any(state in USABLE for state in routes.group_key_states(conn, group_id).values()):
+    if not any(state in USABLE for state in upstream_keys.group_key_states(conn, group_id).values()):
         raise HTTPException(409, f"{label} has no usable key (active or cooling) to ask upstream with.")
     store = SqliteKeyStore(conn, secrets.key_cipher(request.app.state.db_path))
     group = routes.groups_by_id(conn)[group_id]
@@ -324,7 +324,7 @@ async def validate_group_keys(request: Request, group_id: int, conn: WriteConn, 
     """Probe this group's invalid and exhausted keys; the page lists each result."""
     _group_row(conn, group_id)
     store = SqliteKeyStore(conn, secrets.key_cipher(request.app.state.db_path))
-    mine = routes.group_key_states(conn, group_id)
+    mine = upstream_keys.group_key_states(conn, group_id)
     ids = [i for i in key_admin.ids_to_validate(store, None, False) if i in mine]
     results = await key_admin.validate_keys(store, routes.groups_by_id(conn), request.app.state.upstream, ids)
     return _render(request, conn, signer, group_id, validations=[r.as_dict() for r in results])
@@ -334,7 +334,7 @@ async def validate_group_keys(request: Request, group_id: int, conn: WriteConn, 
 def reset_invalid_group_keys(group_id: int, conn: WriteConn) -> RedirectResponse:
     """This group's invalid keys back to active."""
     _group_row(conn, group_id)
-    ids = [i for i, state in routes.group_key_states(conn, group_id).items() if state == KeyState.INVALID]
+    ids = [i for i, state in upstream_keys.group_key_states(conn, group_id).items() if state == KeyState.INVALID]
     count = upstream_keys.set_admin_state(conn, ids, KeyState.ACTIVE, "reset by admin")
     return RedirectResponse(f"/groups/{group_id}?done=reset&count={count}", status_code=303)
 

@@ -90,9 +90,9 @@ def key_page(conn, after: int, group_id: int | None = None) -> dict:
         rows = upstream_keys.list_keys(conn, PAGE_SIZE, after)
         by_state = upstream_keys.count_by_state(conn)
     else:
-        rows = routes.group_keys(conn, group_id, PAGE_SIZE, after)
+        rows = upstream_keys.group_keys(conn, group_id, PAGE_SIZE, after)
         by_state = dict.fromkeys(upstream_keys.STATES, 0)
-        for state in routes.group_key_states(conn, group_id).values():
+        for state in upstream_keys.group_key_states(conn, group_id).values():
             by_state[state] = by_state.get(state, 0) + 1
     now = time.time()
     return {

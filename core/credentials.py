@@ -30,6 +30,11 @@ def credential_from(fields: Fields) -> str | None:
 
 def with_credential(fields: Fields, value: str) -> Fields:
     """`value` wherever the client put its credential (Bearer and/or api-key); Bearer if nowhere."""
+    return _with_value(fields, value, frozenset(), True)
+
+
+def _with_value(fields: Fields, value: str, dropped: frozenset[bytes], bearer_if_none: bool) -> Fields:
+    """`value` in every Bearer and api-key header, the `dropped` headers left out."""
     encoded = value.encode()
     replaced = False
     result = []
@@ -41,9 +46,9 @@ def with_credential(fields: Fields, value: str) -> Fields:
         elif lowered == API_KEY:
             result.append((name, encoded))
             replaced = True
-        else:
+        elif lowered not in dropped:
             result.append((name, old))
-    if not replaced:
+    if bearer_if_none and not replaced:
         result.append((AUTHORIZATION, b"Bearer " + encoded))
     return tuple(result)
 
@@ -92,22 +97,7 @@ def scrubbed(fields: Fields, placeholder_text: str, ensure: bool = False) -> Fie
 
     With `ensure`, a request that carried its key elsewhere (the query string) gets a Bearer one.
     """
-    encoded = placeholder_text.encode()
-    replaced = False
-    result = []
-    for name, value in fields:
-        lowered = name.lower()
-        if lowered == AUTHORIZATION:
-            result.append((name, b"Bearer " + encoded))
-            replaced = True
-        elif lowered == API_KEY:
-            result.append((name, encoded))
-            replaced = True
-        elif lowered not in DROPPED_HEADERS:
-            result.append((name, value))
-    if ensure and not replaced:
-        result.append((AUTHORIZATION, b"Bearer " + encoded))
-    return tuple(result)
+    return _with_value(fields, placeholder_text, DROPPED_HEADERS, ensure)
 
 
 def refused_placeholder(key: str | None) -> str:

@@ -303,9 +303,10 @@ class KeyPool:
             rotation = self.rotations[table.only.group.id]
             model = self._model_of(request) if rotation.pool.scoped_until > time.time() else None
             key = rotation.pick_now(model)
-            if key is None:
+            if key is None:  # waiting for a key: the slow path, which knows the model
+                model = model or self._model_of(request)
                 return self._request_after_choosing(flow, self._plan(flow, [table.only], model))
-            self._send_with(flow, None, table.only, 0, key, scope_known=model is not None)
+            self._send_with(flow, None, table.only, 0, key, model, scope_known=model is not None)
             return None
         model = None
         if request.method == "GET" and request.path.partition("?")[0] == MODELS_PATH:
@@ -361,12 +362,15 @@ class KeyPool:
         candidate: Candidate,
         index: int,
         key: PoolKey,
+        scope: str | None = None,
         scope_known: bool = True,
     ) -> None:
+        """The first attempt, on `candidate` with `key`; `scope` is its model (read from the plan when there is one)."""
         access = AccessVerdict.of(flow.metadata)
         use = flow.metadata[KEYPOOL] = KeyUse(candidate=index, client_id=access.client_id if access else None)
         fallback = candidate.model if candidate.fallback_from else None
-        scope = scope_of(candidate, plan) if plan is not None else None
+        if plan is not None:
+            scope = scope_of(candidate, plan)
         self.rotations[candidate.group.id].begin(use, key, candidate, fallback, scope, scope_known)
         use.fallback_model = fallback
         request = flow.request

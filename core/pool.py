@@ -70,6 +70,7 @@ class Rest:
     reason: str = ""
     trips: int = 0  # rests in a row without a success between: the backoff exponent
     failures: int = 0  # requests in a row that failed on more than one key, or with no key to compare
+    clients: set[int] = field(default_factory=set)  # whose requests those were: each client counts once
     probes: bool = False  # upstream trouble lets one request at a time through; a pool-wide 429 does not
     probing: bool = False
 
@@ -395,19 +396,30 @@ class Pool:
         until = now + self._backoff(self.policy.failure_cooldown_seconds, health.trips)
         return self._rest_key(key, health, scope, until, f"circuit open: {outcome.reason}", now)
 
-    def upstream_trouble(self, scope: str | None, now: float, reason: str | None, probe: Probe = Probe.NONE) -> None:
+    def upstream_trouble(
+        self,
+        scope: str | None,
+        now: float,
+        reason: str | None,
+        probe: Probe = Probe.NONE,
+        client: int | None = None,
+    ) -> None:
         """A request failed in a way that is no key's own: on two keys, or with no other key to
-        compare. Such failures in a row from distinct requests rest the pool for the scope, with
-        one request at a time let through as a probe."""
+        compare. Such failures in a row, from requests of distinct clients (one client's requests
+        that fail everywhere may be its own doing), rest the pool for the scope with one request
+        at a time let through as a probe."""
         rest = self.rests.setdefault(scope, Rest())
         if probe == Probe.POOL:
             rest.probing = False
-        if rest.active(now):
+        if rest.active(now) or (client is not None and client in rest.clients):
             return
+        if client is not None:
+            rest.clients.add(client)
         rest.failures += 1
         if rest.failures < self.policy.failure_threshold:
             return
         rest.failures = 0
+        rest.clients.clear()
         rest.trips += 1
         wait = min(self.policy.failure_cooldown_seconds, self._backoff(POOL_BACKOFF_SECONDS, rest.trips))
         rest.until, rest.reason, rest.probes, rest.probing = now + wait, f"upstream trouble: {reason}", True, False

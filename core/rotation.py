@@ -157,7 +157,7 @@ class Rotation:
         self.pool.finished(key)
         if outcome is not None and outcome.kind in UPSTREAM_TROUBLE:
             if probe == Probe.POOL:
-                self.pool.upstream_trouble(scope, now, outcome.reason, probe)
+                self.pool.upstream_trouble(scope, now, outcome.reason, probe, use.client_id)
                 return
             if probe == Probe.NONE:
                 earlier = self._suspect(use)
@@ -165,7 +165,7 @@ class Rotation:
                     use.suspect = attempt.attempt
                 elif earlier.key_id != key.id:
                     use.suspect = None  # it followed the request to another key
-                    self.pool.upstream_trouble(scope, now, outcome.reason)
+                    self.pool.upstream_trouble(scope, now, outcome.reason, client=use.client_id)
                 return
         elif use.suspect is not None and (outcome is None or outcome.kind == OutcomeKind.OK):
             self._blame_suspect(use, now)
@@ -178,7 +178,7 @@ class Rotation:
             return
         use.suspect = None
         reason = f"{earlier.status} server_error" if earlier.status is not None else earlier.error
-        self.pool.upstream_trouble(use.scope, time.time(), reason)
+        self.pool.upstream_trouble(use.scope, time.time(), reason, client=use.client_id)
 
     def _suspect(self, use: KeyUse) -> AttemptLog | None:
         if use.suspect is None or use.suspect > len(use.attempts):

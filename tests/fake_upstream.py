@@ -46,15 +46,27 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 try:
-    from tests.fake_faults import Faults, StreamBroken, faulty_stream
+    from tests.fake_faults import HANG_SECONDS, Faults, StreamBroken, faulty_stream
 except ImportError:  # run as a script (benchmarks): tests/ itself is on the path
-    from fake_faults import Faults, StreamBroken, faulty_stream  # type: ignore[no-redef]
+    from fake_faults import HANG_SECONDS, Faults, StreamBroken, faulty_stream  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 BEHAVIOURS = frozenset(
-    {"ok", "invalid", "ratelimit", "quota", "server_error", "deactivated", "disconnect", "echo", "echo_gzip"}
+    {
+        "ok",
+        "invalid",
+        "ratelimit",
+        "quota",
+        "server_error",
+        "deactivated",
+        "disconnect",
+        "echo",
+        "echo_gzip",
+        "hang",
+        "hang_after_headers",
+    }
 )
 # Keys nobody configured are judged by name, so tests and benchmarks can use
 # fresh keys without calling set_key first.
@@ -202,6 +214,17 @@ async def _cut_short(scope: Scope, receive: Receive, send: Send) -> None:
     # Returning now leaves the promised body unsent: the server closes the connection.
 
 
+async def _hang(scope: Scope, receive: Receive, send: Send) -> None:
+    """A key whose requests are never answered (an upstream that accepts and then says nothing)."""
+    await asyncio.sleep(HANG_SECONDS)
+
+
+async def _hang_after_headers(scope: Scope, receive: Receive, send: Send) -> None:
+    """A stream that starts (200, text/event-stream) and never sends its first byte."""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await asyncio.sleep(HANG_SECONDS)
+
+
 def _rejection(behaviour: str, key: str, retry_after: str) -> Response | None:
     """The error response for a key behaviour, or None when the key is served."""
     if behaviour == "ok":
@@ -234,6 +257,10 @@ def _rejection(behaviour: str, key: str, retry_after: str) -> Response | None:
         return _error(401, DEACTIVATED_MESSAGE, code="account_deactivated")
     if behaviour == "disconnect":
         return _cut_short  # type: ignore[return-value]
+    if behaviour == "hang":
+        return _hang  # type: ignore[return-value]
+    if behaviour == "hang_after_headers":
+        return _hang_after_headers  # type: ignore[return-value]
     if behaviour == "echo":  # a relay that quotes the key it was sent, in a header and the body
         return _json(200, {"object": "list", "data": MODELS, "received_key": key}, {"x-received-key": key})
     if behaviour == "echo_gzip":  # the same in a compressed error body

@@ -86,6 +86,16 @@ def test_upstream_trouble_rests_the_pool_with_one_probe_at_a_time_and_a_success_
     assert pool.pick("round_robin", NOW + 0.5, scope="gpt-4o") is not None
 
 
+def test_failures_everywhere_from_one_client_do_not_rest_the_pool():
+    pool = make_pool(3, Policy(failure_threshold=3))
+    for n in range(10):
+        pool.upstream_trouble("gpt-4o", NOW + n, "500 server_error", client=7)
+    assert pool.resting("gpt-4o", NOW + 10) is None  # its own requests may be what fails
+    for client in (8, 9):
+        pool.upstream_trouble("gpt-4o", NOW + 10, "500 server_error", client=client)
+    assert pool.resting("gpt-4o", NOW + 10) is not None  # three clients failing in a row: upstream's
+
+
 def test_a_failure_another_key_answers_is_the_first_keys_fault():
     rotation = make_rotation(2, failure_threshold=1)
     use = KeyUse()

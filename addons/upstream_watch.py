@@ -45,10 +45,9 @@ STREAM_ERROR_CODE = "upstream_stream_interrupted"
 
 @dataclass
 class _Clock:
-    stream: http_layer.HttpStream
+    flow: object  # the mitmproxy flow whose exchange this times
     since: float  # the request left, headers came, or the last byte came
     limit: float
-    fired: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,11 @@ class UpstreamWatch:
     def running(self) -> None:
         self._task = asyncio.create_task(self._sweep())
 
+    def request(self, flow) -> None:
+        # Every addon's request hook has run (the key pool has its key): the request leaves now.
+        if flow.response is None:
+            _watched[flow.id] = _Clock(flow, time.time(), _limits["attempt"])
+
     def done(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -97,15 +101,15 @@ class UpstreamWatch:
             await asyncio.sleep(SWEEP_SECONDS)
             now = time.time()
             for flow_id, clock in list(_watched.items()):
-                if clock.fired or now - clock.since < clock.limit:
+                if now - clock.since < clock.limit:
                     continue
-                clock.fired = True
-                flow = clock.stream.flow
+                del _watched[flow_id]  # handed to the exchange's layer, which may have ended meanwhile
                 message = f"upstream timed out: nothing for {clock.limit:g} s"
                 try:
-                    ctx.master.addons.get("proxyserver").inject_event(events.MessageInjected(flow, _Timeout(message)))
-                except ValueError:  # the client's connection is gone already
-                    _watched.pop(flow_id, None)
+                    proxyserver = ctx.master.addons.get("proxyserver")
+                    proxyserver.inject_event(events.MessageInjected(clock.flow, _Timeout(message)))
+                except ValueError:
+                    pass  # the client's connection is gone already
 
 
 # ---------------------------------------------------------------------- the patches
@@ -129,16 +133,19 @@ def install() -> None:
 
 def _layer_event(self: http_layer.HttpLayer, event: events.Event) -> Generator:
     # Our timeout goes straight to the flow's stream: mitmproxy's own routing of injected
-    # messages knows HTTP/1 connections only.
-    if isinstance(event, events.MessageInjected) and isinstance(event.message, _Timeout):
-        for stream in list(self.streams.values()):
-            if stream.__dict__.get("flow") is event.flow:
-                yield from self.event_to_child(stream, event)
-        return
-    yield from _inner_layer_event(self, event)
+    # messages knows HTTP/1 connections only. (A plain function: the common case adds no generator.)
+    if type(event) is events.MessageInjected and isinstance(event.message, _Timeout):
+        return _route_timeout(self, event)
+    return _inner_layer_event(self, event)
 
 
 _layer_event._keyrotor_watch = True
+
+
+def _route_timeout(self: http_layer.HttpLayer, event: events.MessageInjected) -> Generator:
+    for stream in list(self.streams.values()):
+        if stream.__dict__.get("flow") is event.flow:
+            yield from self.event_to_child(stream, event)
 
 
 def _start_response_stream_held(self: http_layer.HttpStream) -> Generator:
@@ -157,43 +164,46 @@ def _release_headers(self: http_layer.HttpStream) -> Generator:
 
 
 def _watched_stream_event(self: http_layer.HttpStream, event: events.Event) -> Generator:
+    """A plain function: an event that needs nothing from here goes on without another generator."""
+    kind = type(event)
     state = self.__dict__
-    if isinstance(event, events.MessageInjected) and isinstance(event.message, _Timeout):
-        return (yield from _time_out(self, event.message.message))
-    if state.get("_keyrotor_gone"):
-        # Given up on (timed out): whatever its old connection still says is too late.
-        if isinstance(event, http_layer.ResponseData | http_layer.ResponseEndOfMessage):
-            return
-        if isinstance(event, http_layer.ResponseProtocolError | http_layer.ResponseTrailers):
-            return
-    flow = state.get("flow")
-    clock = _watched.get(flow.id) if flow is not None else None
-    if isinstance(event, http_layer.ResponseData | http_layer.ResponseHeaders):
+    if kind is http_layer.ResponseData or kind is http_layer.ResponseHeaders:
+        if state.get("_keyrotor_gone"):
+            return _ignored()
+        clock = _watched.get(self.flow.id)
         if clock is not None:
             clock.since = time.time()
-            streamed_byte = isinstance(event, http_layer.ResponseData) and self.flow.response.stream
+            streamed_byte = kind is http_layer.ResponseData and self.flow.response.stream
             clock.limit = _limits["idle"] if streamed_byte else _limits["attempt"]
-        if state.get("_keyrotor_held") and isinstance(event, http_layer.ResponseData):
-            yield from _release_headers(self)
-    elif isinstance(event, http_layer.ResponseEndOfMessage | http_layer.ResponseTrailers):
+        if kind is http_layer.ResponseData and state.get("_keyrotor_held"):
+            return _released_then(self, event)
+    elif kind is http_layer.ResponseEndOfMessage or kind is http_layer.ResponseTrailers:
+        if state.get("_keyrotor_gone"):
+            return _ignored()
+        _watched.pop(self.flow.id, None)  # the whole answer is in
         if state.get("_keyrotor_held"):
-            yield from _release_headers(self)
-    elif isinstance(event, http_layer.ResponseProtocolError) and _bytes_reached_client(self):
-        _watched.pop(flow.id, None)
-        return (yield from _end_stream(self, f"upstream broke off the stream: {event.message}"))
-    yield from _inner_stream_event(self, event)
-    if flow is None:
-        flow = state.get("flow")
-        if flow is None:
-            return
-    server_state = self.server_state
-    if clock is None and server_state == self.state_wait_for_response_headers:
-        _watched[flow.id] = _Clock(self, time.time(), _limits["attempt"])
-    elif clock is not None and server_state in (self.state_done, self.state_errored):
-        _watched.pop(flow.id, None)
+            return _released_then(self, event)
+    elif kind is http_layer.ResponseProtocolError:
+        if state.get("_keyrotor_gone"):
+            return _ignored()  # what the connection we closed still says is too late
+        _watched.pop(self.flow.id, None)
+        if _bytes_reached_client(self):
+            return _end_stream(self, f"upstream broke off the stream: {event.message}")
+    elif kind is events.MessageInjected and isinstance(event.message, _Timeout):
+        return _time_out(self, event.message.message)
+    return _inner_stream_event(self, event)
 
 
 _watched_stream_event._keyrotor_watch = True
+
+
+def _ignored() -> Generator:
+    yield from ()
+
+
+def _released_then(self: http_layer.HttpStream, event: events.Event) -> Generator:
+    yield from _release_headers(self)
+    yield from _inner_stream_event(self, event)
 
 
 def _bytes_reached_client(self: http_layer.HttpStream) -> bool:
@@ -203,6 +213,8 @@ def _bytes_reached_client(self: http_layer.HttpStream) -> bool:
 def _time_out(self: http_layer.HttpStream, message: str) -> Generator:
     flow = self.flow
     _watched.pop(flow.id, None)
+    if self.__dict__.get("_keyrotor_gone"):
+        return
     waiting = (self.state_wait_for_response_headers, self.state_consume_response_body)
     streaming = self.server_state == self.state_stream_response_body
     if self.server_state not in waiting and not streaming:

@@ -35,7 +35,7 @@ from core.models import FetchedModels, PoolKey
 from core.pool import Policy
 from core.revisions import watch_revision
 from core.rotation import Rotation, RotationSettings
-from core.routing import Candidate, Dialect, RouteTable, is_multipart, renamed_model, requested_model
+from core.routing import Candidate, Dialect, RouteTable, is_multipart, query_model, renamed_model, requested_model
 from core.usage import EventFilter, chained
 from storage import db, secrets, writer
 from storage.routes import ROUTES, load_routes
@@ -309,6 +309,8 @@ class KeyPool:
                 return None
         elif request.method == "POST":
             model = self._model_of(request)
+        else:
+            model = self._websocket_model(flow)
         candidates = table.candidates(model)
         if not candidates:
             flow.response = as_response(model_not_found(model))
@@ -325,6 +327,13 @@ class KeyPool:
                 return None  # an encoding we cannot read: routed as a request without a model
         content_type = request.headers.get("content-type", "") if is_multipart(body) else ""
         return requested_model(content_type, body)
+
+    @staticmethod
+    def _websocket_model(flow: http.HTTPFlow) -> str | None:
+        """A WebSocket session (Realtime) names its model in the URL: `/v1/realtime?model=…`."""
+        if flow.request.headers.get("upgrade", "").lower() != "websocket":
+            return None
+        return query_model(flow.request.path)
 
     @staticmethod
     def _plan(flow: http.HTTPFlow, candidates: list[Candidate], model: str | None) -> Plan:

@@ -530,6 +530,8 @@ SPEECH_FORMATS = {
 }
 AUDIO_BYTES_PER_SECOND = 16_000  # how long the fake takes an uploaded audio file to be
 IMAGE_TOKENS = 272  # output tokens of one GPT Image picture, low quality
+INSECURE_KEY_PROTOCOL = "openai-insecure-api-key."  # how browsers send a Realtime key
+REALTIME_AUDIO_BYTES_PER_TOKEN = 50  # 24 kHz 16-bit PCM, about 20 ms an audio token
 
 
 def speech_bytes(text: str) -> bytes:
@@ -633,10 +635,13 @@ class FakeUpstream:
         self.url = ""  # set by start()
         self.port = 0
         self.received: list[Received] = []
+        # Realtime: each message a session sent, (session number, parsed JSON or the raw bytes), in order.
+        self.realtime_messages: list[tuple[int, Any]] = []
         # False stops recording (benchmark processes would otherwise grow).
         self.record = True
         self._received_lock = threading.Lock()
         self._keys = _KeyBook()
+        self._sessions = 0  # Realtime sessions accepted
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "/v1/models"): self._models,
             ("POST", "/v1/chat/completions"): self._chat,
@@ -715,6 +720,7 @@ class FakeUpstream:
         """Forget recorded requests and key behaviours (between tests)."""
         with self._received_lock:
             self.received.clear()
+            self.realtime_messages.clear()
         self._keys.clear()
 
     def __enter__(self) -> Self:
@@ -769,6 +775,9 @@ class FakeUpstream:
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One entry point instead of a Router: auth must run before routing and
         # every request must be recorded, and a dict lookup is the cheapest route.
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             return
         request = Request(scope, receive)
@@ -815,6 +824,96 @@ class FakeUpstream:
         if self.record:
             with self._received_lock:
                 self.received.append(received)
+
+    # ----------------------------------------------------------------- realtime
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`/v1/realtime?model=…`, as OpenAI's Realtime API speaks it (a small part of it)."""
+        headers = _headers(scope)
+        protocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+        protocol_key = next(
+            (p[len(INSECURE_KEY_PROTOCOL) :] for p in protocols if p.startswith(INSECURE_KEY_PROTOCOL)), None
+        )
+        bearer = credential(headers)
+        key = bearer or protocol_key
+        query = scope["query_string"].decode("latin-1")
+        self._record(Received("GET", scope["path"], headers, b"", key, time.monotonic(), query))
+        await receive()  # websocket.connect
+        model = next((p[6:] for p in query.split("&") if p.startswith("model=")), "")
+        behaviour = self._keys.take(key)[0] if key else "invalid"
+        # Two different keys (a header and a subprotocol) would be a client mixing credentials up.
+        mixed = bearer is not None and protocol_key is not None and bearer != protocol_key
+        if scope["path"] != "/v1/realtime" or not model or behaviour != "ok" or mixed:
+            await send({"type": "websocket.close", "code": 1008})  # refused before the upgrade: HTTP 403
+            return
+        with self._received_lock:
+            session = self._sessions = self._sessions + 1
+        await send({"type": "websocket.accept", "subprotocol": "realtime" if "realtime" in protocols else None})
+        await self._send_event(send, "session.created", session={"id": f"sess_{session}", "model": model})
+        items: list[dict[str, Any]] = []
+        audio_bytes = 0
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("bytes") is not None:
+                self._remember(session, message["bytes"])
+                continue
+            try:
+                event = json.loads(message.get("text") or "")
+            except ValueError:
+                await self._send_event(send, "error", error={"type": "invalid_request_error", "message": "Bad JSON"})
+                continue
+            self._remember(session, event)
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "session.update":
+                await self._send_event(send, "session.updated", session={"id": f"sess_{session}", "model": model})
+            elif kind == "input_audio_buffer.append":
+                audio_bytes += len(event.get("audio") or "") * 3 // 4
+            elif kind == "conversation.item.create":
+                item = {"id": "item_" + os.urandom(8).hex(), **(event.get("item") or {})}
+                items.append(item)
+                await self._send_event(send, "conversation.item.created", item=item)
+            elif kind == "response.create":
+                await self._respond_realtime(send, items, audio_bytes)
+                audio_bytes = 0
+            else:
+                error = {"type": "invalid_request_error", "message": f"Unknown event type {kind!r}"}
+                await self._send_event(send, "error", error=error)
+
+    def _remember(self, session: int, message: Any) -> None:
+        if self.record:
+            with self._received_lock:
+                self.realtime_messages.append((session, message))
+
+    async def _respond_realtime(self, send: Send, items: list[dict[str, Any]], audio_bytes: int) -> None:
+        messages = [{"role": i.get("role", "user"), "content": _text_of(i.get("content"))} for i in items]
+        pieces = reply_pieces(messages or [{"role": "user", "content": ""}], self.stream_chunks)
+        response_id, item_id = "resp_" + os.urandom(8).hex(), "item_" + os.urandom(8).hex()
+        await self._send_event(send, "response.created", response={"id": response_id, "status": "in_progress"})
+        for piece in pieces:
+            if self.stream_delay > 0:
+                await asyncio.sleep(self.stream_delay)
+            where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
+            await self._send_event(send, "response.output_text.delta", **where, delta=piece)
+        text = "".join(pieces)
+        text_in = chat_usage(messages, text)["prompt_tokens"] if messages else 0
+        audio_in = audio_bytes // REALTIME_AUDIO_BYTES_PER_TOKEN
+        output = _word_count(text)
+        usage = {
+            "total_tokens": text_in + audio_in + output,
+            "input_tokens": text_in + audio_in,
+            "output_tokens": output,
+            "input_token_details": {"cached_tokens": 0, "text_tokens": text_in, "audio_tokens": audio_in},
+            "output_token_details": {"text_tokens": output, "audio_tokens": 0},
+        }
+        done = {"id": response_id, "status": "completed", "output": [], "usage": usage}
+        await self._send_event(send, "response.done", response=done)
+
+    @staticmethod
+    async def _send_event(send: Send, kind: str, **fields: Any) -> None:
+        event = {"type": kind, "event_id": "event_" + os.urandom(8).hex(), **fields}
+        await send({"type": "websocket.send", "text": json.dumps(event)})
 
     # ----------------------------------------------------------------- endpoints
 

@@ -113,6 +113,11 @@ class FormPart:
     filename: str | None = None  # a file part (an upload), else a plain field
     content_type: str | None = None
 
+    @property
+    def is_file(self) -> bool:
+        """An upload (audio, an image, a JSONL file), kept as bytes; a plain field is text."""
+        return self.filename is not None or not is_text(self.content_type or "", self.value)
+
 
 def form_parts(content_type: str, body: bytes) -> list[FormPart]:
     """The parts of a multipart/form-data body; [] when it is not one."""
@@ -141,7 +146,7 @@ def form_summary(parts: list[FormPart]) -> dict[str, Any]:
     """A form as JSON to store and show: its fields' values, its files by name, type and size only."""
     summary: dict[str, Any] = {}
     for part in parts:
-        if part.filename is not None or not is_text(part.content_type or "", part.value):
+        if part.is_file:
             value: Any = {"filename": part.filename, "content_type": part.content_type, "size": len(part.value)}
         else:
             value = part.value.decode("utf-8", "replace")

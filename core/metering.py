@@ -44,6 +44,9 @@ class Usage:
         return Usage(**summed)
 
 
+NO_USAGE = Usage()
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
@@ -105,7 +108,7 @@ def request_usage(path: str, request: dict[str, Any], response: dict[str, Any] |
     route = path.partition("?")[0]
     if route.endswith(SPEECH):
         text = request.get("input")
-        return Usage(characters=len(text)) if isinstance(text, str) else Usage()
+        return Usage(characters=len(text)) if isinstance(text, str) else NO_USAGE
     if route.endswith(IMAGES):
         data = (response or {}).get("data")
         count = len(data) if isinstance(data, list) else None
@@ -115,4 +118,4 @@ def request_usage(path: str, request: dict[str, Any], response: dict[str, Any] |
             image_size=size.lower() if isinstance(size, str) and size != "auto" else DEFAULT_IMAGE_SIZE,
             image_quality=quality.lower() if isinstance(quality, str) else "standard",
         )
-    return Usage()
+    return NO_USAGE

@@ -24,7 +24,7 @@ from core.bodies import (
     sse_usage,
     stored_body,
 )
-from core.metering import IMAGES, request_usage, summed, usage_of
+from core.metering import IMAGES, NO_USAGE, request_usage, summed, usage_of
 from core.prices import PriceTable
 from core.routing import query_model, requested_model
 
@@ -205,7 +205,9 @@ class CapturedFlow:
             usage = summed(usage_of(event_usage(e)) for e in _server_events(self.websocket_messages))
         else:
             usage = usage_of((response.json or {}).get("usage"))
-        usage = usage + request_usage(self.path, request.fields, response.json)
+        from_request = request_usage(self.path, request.fields, response.json)
+        if from_request is not NO_USAGE:
+            usage = usage + from_request
         if response.json is not None and self.path.partition("?")[0].endswith(IMAGES):
             response.keep_image_apart(request.fields, self.body_mode, self.max_body_bytes)
         ended = self.ended_at or time.time()
@@ -300,7 +302,7 @@ class _Body:
             summary = form_summary(parts)
             text = None if mode == "none" else json.dumps(summary, ensure_ascii=False)
             kept = cls(text, False, summary, model=requested_model(content_type, body))
-            upload = next((p for p in parts if isinstance(summary.get(p.name), dict | list)), None)
+            upload = next((p for p in parts if p.is_file), None)
             if upload is not None:  # the file itself, as bytes: never as text
                 kept.binary, kept.truncated = kept_bytes(upload.value, mode, limit)
                 kept.binary_type = upload.content_type or "application/octet-stream"

@@ -25,13 +25,15 @@ def pretty_body(text: str | None) -> str | None:
         return text
 
 
-# The Responses API's text, and Realtime's text and the transcript of what it said (GA and beta names).
+# The Responses API's text, Realtime's text and the transcript of what it said (GA and beta names), and
+# a streamed transcription's text.
 TEXT_DELTAS = frozenset(
     {
         "response.output_text.delta",
         "response.text.delta",
         "response.output_audio_transcript.delta",
         "response.audio_transcript.delta",
+        "transcript.text.delta",  # a streamed transcription
     }
 )
 

@@ -261,3 +261,20 @@ def test_a_websocket_sessions_messages_and_usage():
         [1000.0, "server", "text", len(json.dumps(done))],
     ]
     assert row.websocket_messages[0][4] == '{"type": "response.create"}' and row.websocket_messages[2][4] is None
+
+
+def test_repeated_form_fields_are_a_list_and_the_file_is_the_upload():
+    body = multipart(
+        ("timestamp_granularities[]", b"word", None),
+        ("timestamp_granularities[]", b"segment", None),
+        ("file", UPLOAD, "speech.wav"),
+        ("model", b"whisper-1", None),
+    )
+    row = captured(
+        path="/v1/audio/transcriptions",
+        request_fields=((b"content-type", b"multipart/form-data; boundary=" + BOUNDARY),),
+        request_body=body,
+        body_mode="full",
+    ).to_record()
+    assert json.loads(row.request_body)["timestamp_granularities[]"] == ["word", "segment"]
+    assert (row.model, row.request_body_bytes) == ("whisper-1", UPLOAD)

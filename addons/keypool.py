@@ -115,6 +115,10 @@ def aim(request: http.Request, url: str) -> None:
         data.authority = netloc.encode()
 
 
+def is_websocket_upgrade(request: http.Request) -> bool:
+    return request.headers.get("upgrade", "").lower() == "websocket"
+
+
 def model_not_found(model: str | None) -> OpenAIError:
     if model is None:
         message = "No upstream group is enabled to serve this request: add or enable one (run.py groups list)."
@@ -331,9 +335,7 @@ class KeyPool:
     @staticmethod
     def _websocket_model(flow: http.HTTPFlow) -> str | None:
         """A WebSocket session (Realtime) names its model in the URL: `/v1/realtime?model=…`."""
-        if flow.request.headers.get("upgrade", "").lower() != "websocket":
-            return None
-        return query_model(flow.request.path)
+        return query_model(flow.request.path) if is_websocket_upgrade(flow.request) else None
 
     @staticmethod
     def _plan(flow: http.HTTPFlow, candidates: list[Candidate], model: str | None) -> Plan:
@@ -412,7 +414,18 @@ class KeyPool:
         if not missing and (outcome is None or not outcome.is_key_failure or response.stream):
             use.settled = True  # a good answer, the request's own fault, or already on its way
             return self._finish(flow)
+        if is_websocket_upgrade(flow.request):
+            return self._refuse_upgrade(flow, use)
         return self._retry(flow, use, outcome, missing)
+
+    def _refuse_upgrade(self, flow: http.HTTPFlow, use: KeyUse) -> None:
+        """A WebSocket upgrade (Realtime) upstream refused for its key cannot be sent again from here
+        (the retry client speaks no WebSocket): the key has learned, and the client gets the 503
+        whose Retry-After says when connecting again finds another key."""
+        use.settled = True
+        rotation = self.rotations.get(use.group_id) or Rotation()
+        flow.response = as_response(rotation.no_key_error(len(use.attempts)))
+        self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> Coroutine | None:
         self._hide_credential(flow)
@@ -431,8 +444,8 @@ class KeyPool:
             return None
         if rotation is not None:
             rotation.end(use, connection_failure(flow.error.msg), None, flow.error.msg)
-        if flow.response is not None and flow.response.stream:
-            use.settled = True  # part of the answer reached the client: too late to retry
+        if (flow.response is not None and flow.response.stream) or is_websocket_upgrade(flow.request):
+            use.settled = True  # part of the answer reached the client, or a WebSocket: no retry
             self._forget(flow)
             return None
         return self._recover(flow, use)

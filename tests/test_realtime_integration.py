@@ -203,3 +203,24 @@ def test_mitmweb_never_shows_the_subprotocol_key(keyrotor: Keyrotor, upstream: F
             assert secret not in everything
     finally:
         updates.close()
+
+
+def test_a_pooled_key_refused_at_the_upgrade_is_learned_and_the_next_session_uses_another(
+    keyrotor: Keyrotor, upstream: FakeUpstream
+):
+    revoked = "sk-revoked-cccccccccccccccccccccccc0003"
+    keyrotor.add_keys(revoked, GOOD[0])
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy()
+    headers = {"Authorization": f"Bearer {client_key}"}
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        asyncio.run(converse(ws_url(keyrotor), additional_headers=headers))
+    # Not a confusing 404 from a retry that cannot speak WebSocket: keyrotor's 503, saying when to connect again.
+    answer = refused.value.response
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    assert json.loads(answer.body)["error"]["code"] == "no_upstream_key_available"
+    _, heard = asyncio.run(converse(ws_url(keyrotor), additional_headers=headers))
+    assert heard[-1]["type"] == "response.done"
+    assert [r.key for r in upstream.received] == [revoked, GOOD[0]]
+    listing = wait_for(lambda: "invalid" in (out := keyrotor.cli("keys", "list").stdout) and out)
+    assert "403" in listing

@@ -212,18 +212,41 @@ CURL_SKIPPED = frozenset({"host", "content-length", "connection", "accept-encodi
 def curl_command(detail: dict[str, Any], origin: str) -> str:
     """The request as a curl command line against the proxy, with the client key left as $KEYROTOR_API_KEY."""
     parts = ["curl", "-X", detail["method"], shlex.quote(origin.rstrip("/") + detail["path"])]
+    form = _stored_form(detail)
     for name, value in detail["request_headers"]:
         lowered = name.lower()
-        if lowered in CURL_SKIPPED:
+        if lowered in CURL_SKIPPED or (form is not None and lowered == "content-type"):  # curl sets the boundary
             continue
         if lowered in ("authorization", "api-key", "x-api-key"):
             value = "Bearer $KEYROTOR_API_KEY" if lowered == "authorization" else "$KEYROTOR_API_KEY"
             parts += ["-H", f'"{name}: {value}"']  # double quotes: the shell fills in the variable
             continue
         parts += ["-H", shlex.quote(f"{name}: {value}")]
-    if detail.get("request_body"):
+    download = f"flow-{detail['id']}-request.{file_extension(detail.get('request_body_type'))}"
+    if form is not None:  # an upload: its fields again, its file from the flow's download
+        for name, value in form.items():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, dict):
+                    parts += ["-F", shlex.quote(f"{name}=@{download}")]
+                elif isinstance(item, str):  # taken literally: a captured "@/etc/passwd" reads no file
+                    parts += ["--form-string", shlex.quote(f"{name}={item}")]
+    elif detail.get("request_body_type"):
+        parts += ["--data-binary", shlex.quote(f"@{download}")]
+    elif detail.get("request_body"):
         parts += ["--data-raw", shlex.quote(detail["request_body"])]
     return " ".join(parts)
+
+
+def _stored_form(detail: dict[str, Any]) -> dict[str, Any] | None:
+    """A multipart request's fields as capture stored them (JSON), or None for any other request."""
+    content_type = next((v for n, v in detail["request_headers"] if n.lower() == "content-type"), "")
+    if "multipart/form-data" not in content_type.lower() or not detail.get("request_body"):
+        return None
+    try:
+        form = json.loads(detail["request_body"])
+    except ValueError:
+        return None
+    return form if isinstance(form, dict) else None
 
 
 def group_summary(row: sqlite3.Row) -> dict[str, Any]:

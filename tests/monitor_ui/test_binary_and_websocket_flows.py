@@ -106,3 +106,18 @@ def test_exports_carry_bytes_only_as_base64(browser):
     speech = next(e for e in entries if e["request"]["url"].endswith("/v1/audio/speech"))
     assert speech["response"]["content"]["encoding"] == "base64"
     assert base64.b64decode(speech["response"]["content"]["text"]) == AUDIO
+
+
+def test_the_curl_of_an_upload_sends_its_fields_literally_and_its_file_from_the_download(make_client):  # noqa: F811
+    form = {"model": "whisper-1", "prompt": "@/etc/passwd", "file": {"filename": "a.wav", "size": 3}}
+    row = flow_row(
+        1,
+        path="/v1/audio/transcriptions",
+        request_headers=[["content-type", "multipart/form-data; boundary=xyz"]],
+        request_body=json.dumps(form),
+        request_body_type="audio/wav",
+        request_body_bytes=b"RIF",
+    )
+    curl = make_client([row]).get("/api/flows/1", headers=AUTH).json()["curl"]
+    assert "--form-string model=whisper-1 --form-string prompt=@/etc/passwd -F file=@flow-1-request.wav" in curl
+    assert "content-type" not in curl and "--data-raw" not in curl

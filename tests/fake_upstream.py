@@ -47,6 +47,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+try:
+    from tests.fake_faults import Faults, StreamBroken, faulty_stream
+except ImportError:  # run as a script (benchmarks): tests/ itself is on the path
+    from fake_faults import Faults, StreamBroken, faulty_stream  # type: ignore[no-redef]
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
@@ -642,6 +647,7 @@ class FakeUpstream:
         self._received_lock = threading.Lock()
         self._keys = _KeyBook()
         self._sessions = 0  # Realtime sessions accepted
+        self.faults = Faults()  # a request's, a model's, a key's rate or everything's: tests/fake_faults.py
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "/v1/models"): self._models,
             ("POST", "/v1/chat/completions"): self._chat,
@@ -722,6 +728,7 @@ class FakeUpstream:
             self.received.clear()
             self.realtime_messages.clear()
         self._keys.clear()
+        self.faults.clear()
 
     def __enter__(self) -> Self:
         if self._thread is None:
@@ -784,6 +791,8 @@ class FakeUpstream:
         try:
             response = await self._respond(request)
             await response(scope, receive, send)
+        except StreamBroken:
+            pass  # returning mid-body: the server drops the connection, like an upstream that breaks off
         except ClientDisconnect:
             log.debug("client went away during %s %s", scope["method"], scope["path"])
 
@@ -804,6 +813,9 @@ class FakeUpstream:
         if rejection is not None:
             log.debug("%s %s rejected: key %s is %s", method, path, mask_key(key), behaviour)
             return rejection
+        fault = await self.faults.answer(key, body)
+        if fault is not None:
+            return fault
         form_handler = self._form_routes.get((method, path))
         if form_handler is not None:
             try:
@@ -953,7 +965,7 @@ class FakeUpstream:
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if data.get("stream") is True:
-            return self._chat_stream(base, pieces, usage, data.get("stream_options"))
+            return self._chat_stream(base, pieces, usage, data.get("stream_options"), Faults.of_request(body))
         message = {"role": "assistant", "content": "".join(pieces), "refusal": None}
         choice = {
             "index": 0,
@@ -969,10 +981,11 @@ class FakeUpstream:
         pieces: list[str],
         usage: dict[str, int],
         options: Any,
+        fault: str | None = None,
     ) -> Response:
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         base = {**base, "object": "chat.completion.chunk"}
-        events = _stream_events(base, pieces, usage if include_usage else None, self.stream_delay)
+        events = faulty_stream(_stream_events(base, pieces, usage if include_usage else None, self.stream_delay), fault)
         headers = {
             # Given as a header, not media_type: Starlette would append "; charset=utf-8".
             "content-type": "text/event-stream",

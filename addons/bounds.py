@@ -190,7 +190,8 @@ class Bounds:
         in_flight.discard(flow.id)
         # A request answered before its body was read closes its connection once the body is
         # in (connection: close): no next request to wait for.
-        if not in_flight and flow.request.timestamp_end is not None:
+        # An accepted WebSocket session sends no more requests on its connection: no deadline then.
+        if not in_flight and flow.request.timestamp_end is not None and flow.websocket is None:
             self._waiting[client_id] = time.monotonic()
 
     async def _sweep(self) -> None:

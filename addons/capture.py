@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.websocket import WebSocketData
 
 from config import BODY_MODES, default_of
 from core.classify import is_client_side
 from core.metadata import FIRST_BYTE_AT, RECORDED, AccessVerdict, KeyUse, UsageInjection
 from core.prices import PriceFileError, PriceTable, load_prices
-from core.records import CapturedFlow, StreamTee
+from core.records import CapturedFlow, StreamTee, WebSocketMessage
 from storage import writer
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 STOPPED = "keyrotor stopped before the request finished (proxy.stop_grace_seconds ran out)"
 FAILED_EXCHANGE = 502  # mitmproxy's answer to an exchange that failed before any byte reached the client
 UNFINISHED_PRUNE_AT = 10_000
+# A session that ended so is no error: closed normally, going away, or with no code given.
+NORMAL_CLOSE_CODES = frozenset({None, 1000, 1001, 1005})
 
 
 class Capture:
@@ -130,6 +133,11 @@ class Capture:
         flow.response.stream = tee
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is not None:
+            return  # an accepted WebSocket session: recorded when it ends, with its messages
+        self._record(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -194,6 +202,18 @@ class Capture:
             upstream_body = injection.upstream_body if injection else None
             captured.response_body = response.raw_content if upstream_body is None else upstream_body
             captured.ended_at = response.timestamp_end or time.time()
+        if flow.websocket is not None:
+            self._add_websocket(captured, flow.websocket)
         if flow.error:
             captured.ended_at = flow.error.timestamp
         return captured
+
+    @staticmethod
+    def _add_websocket(captured: CapturedFlow, session: WebSocketData) -> None:
+        captured.websocket_messages = [
+            WebSocketMessage(m.timestamp, m.from_client, m.is_text, m.content) for m in session.messages
+        ]
+        captured.ended_at = session.timestamp_end or time.time()
+        if session.close_code not in NORMAL_CLOSE_CODES and captured.error is None:
+            reason = f": {session.close_reason}" if session.close_reason else ""
+            captured.error = f"WebSocket closed with code {session.close_code}{reason}"[:500]

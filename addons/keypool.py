@@ -35,7 +35,7 @@ from core.models import FetchedModels, PoolKey
 from core.pool import Policy
 from core.revisions import watch_revision
 from core.rotation import Rotation, RotationSettings
-from core.routing import Candidate, Dialect, RouteTable, is_multipart, renamed_model, requested_model
+from core.routing import Candidate, Dialect, RouteTable, is_multipart, query_model, renamed_model, requested_model
 from core.usage import EventFilter, chained
 from storage import db, secrets, writer
 from storage.routes import ROUTES, load_routes
@@ -114,6 +114,10 @@ def aim(request: http.Request, url: str) -> None:
         data.headers["Host"] = netloc
     if data.authority:
         data.authority = netloc.encode()
+
+
+def is_websocket_upgrade(request: http.Request) -> bool:
+    return request.headers.get("upgrade", "").lower() == "websocket"
 
 
 def model_not_found(model: str | None) -> OpenAIError:
@@ -314,6 +318,8 @@ class KeyPool:
                 return None
         elif request.method == "POST":
             model = self._model_of(request)
+        else:
+            model = self._websocket_model(flow)
         candidates = table.candidates(model)
         if not candidates:
             self._refuse(flow, model_not_found(model))
@@ -330,6 +336,11 @@ class KeyPool:
                 return None  # an encoding we cannot read: routed as a request without a model
         content_type = request.headers.get("content-type", "") if is_multipart(body) else ""
         return requested_model(content_type, body)
+
+    @staticmethod
+    def _websocket_model(flow: http.HTTPFlow) -> str | None:
+        """A WebSocket session (Realtime) names its model in the URL: `/v1/realtime?model=…`."""
+        return query_model(flow.request.path) if is_websocket_upgrade(flow.request) else None
 
     @staticmethod
     def _plan(flow: http.HTTPFlow, candidates: list[Candidate], model: str | None) -> Plan:
@@ -421,7 +432,19 @@ class KeyPool:
             if rotation is not None:
                 rotation.settle(use)
             return self._finish(flow)
+        if is_websocket_upgrade(flow.request):
+            return self._refuse_upgrade(flow, use)
         return self._retry(flow, use, outcome, missing)
+
+    def _refuse_upgrade(self, flow: http.HTTPFlow, use: KeyUse) -> None:
+        """A WebSocket upgrade (Realtime) upstream refused for its key cannot be sent again from here
+        (the retry client speaks no WebSocket): the key has learned, and the client gets the 503
+        whose Retry-After says when connecting again finds another key."""
+        use.settled = True
+        rotation = self.rotations.get(use.group_id) or Rotation()
+        rotation.settle(use)
+        self._refuse(flow, rotation.no_key_error(len(use.attempts)))
+        self._finish(flow)
 
     def _end(self, flow, rotation: Rotation, use: KeyUse, outcome: Outcome | None, status, error) -> None:
         if rotation.needs_scope(use, outcome):
@@ -445,8 +468,8 @@ class KeyPool:
             return None
         if rotation is not None:
             self._end(flow, rotation, use, connection_failure(flow.error.msg), None, flow.error.msg)
-        if reached_client(flow):
-            use.settled = True  # part of the answer reached the client: too late to retry
+        if reached_client(flow) or is_websocket_upgrade(flow.request):
+            use.settled = True  # part of the answer reached the client, or a WebSocket: too late to retry
             if rotation is not None:
                 rotation.settle(use)
             self._forget(flow)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import brotli
@@ -57,14 +59,111 @@ def json_object(body: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def event_usage(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The usage an event carries: its own (chat, completions), or its response's (the Responses
+    API's `response.completed`, Realtime's `response.done`)."""
+    usage = event.get("usage")
+    if not isinstance(usage, dict):
+        response = event.get("response")
+        usage = response.get("usage") if isinstance(response, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
 def sse_usage(body: bytes) -> dict[str, Any] | None:
-    """The usage object of a streamed completion: in the last data event that carries one."""
+    """The usage object of a streamed answer: in the last data event that carries one."""
     for line in reversed(body.split(b"\n")):
         if line.startswith(b"data:") and b'"usage"' in line:
             event = json_object(line[5:].strip())
-            if event and isinstance(event.get("usage"), dict):
-                return event["usage"]
+            usage = event_usage(event) if event else None
+            if usage is not None:
+                return usage
     return None
+
+
+# Content types whose bodies are text; anything else (audio, images, octet-stream) is kept as bytes.
+TEXT_TYPES = ("text/", "json", "event-stream", "xml", "x-www-form-urlencoded", "javascript")
+SNIFFED_BYTES = 8192
+
+
+def is_text(content_type: str, body: bytes) -> bool:
+    """Whether a body is text to store, read and search, or bytes to keep apart (by its type)."""
+    if not body:
+        return True
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type:
+        return any(t in media_type for t in TEXT_TYPES)
+    head = body[:SNIFFED_BYTES]  # no type given: text if its start reads as UTF-8
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start > len(head) - 4 and len(body) > len(head)  # a character cut at the sniffed end
+    return True
+
+
+_BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.I)
+_PARAMETER = re.compile(rb'\b(name|filename)="([^"]*)"', re.I)
+
+
+@dataclass(frozen=True)
+class FormPart:
+    name: str
+    value: bytes
+    filename: str | None = None  # a file part (an upload), else a plain field
+    content_type: str | None = None
+
+    @property
+    def is_file(self) -> bool:
+        """An upload (audio, an image, a JSONL file), kept as bytes; a plain field is text."""
+        return self.filename is not None or not is_text(self.content_type or "", self.value)
+
+
+def form_parts(content_type: str, body: bytes) -> list[FormPart]:
+    """The parts of a multipart/form-data body; [] when it is not one."""
+    boundary = _BOUNDARY.search(content_type.encode("latin-1", "replace"))
+    if boundary is None or "multipart/form-data" not in content_type.lower():
+        return []
+    parts = []
+    for chunk in body.split(b"--" + boundary.group(1))[1:]:
+        if chunk.startswith(b"--"):  # the closing delimiter
+            break
+        head, sep, value = chunk.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        params = {k.decode().lower(): v.decode("utf-8", "replace") for k, v in _PARAMETER.findall(head)}
+        part_type = None
+        for line in head.split(b"\r\n"):
+            name, _, header_value = line.partition(b":")
+            if name.strip().lower() == b"content-type":
+                part_type = header_value.strip().decode("latin-1")
+        if "name" in params:
+            parts.append(FormPart(params["name"], value.removesuffix(b"\r\n"), params.get("filename"), part_type))
+    return parts
+
+
+def form_summary(parts: list[FormPart]) -> dict[str, Any]:
+    """A form as JSON to store and show: its fields' values, its files by name, type and size only."""
+    summary: dict[str, Any] = {}
+    for part in parts:
+        if part.is_file:
+            value: Any = {"filename": part.filename, "content_type": part.content_type, "size": len(part.value)}
+        else:
+            value = part.value.decode("utf-8", "replace")
+        if part.name in summary:  # repeated fields (image[] in edits): a list
+            previous = summary[part.name]
+            summary[part.name] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            summary[part.name] = value
+    return summary
+
+
+def kept_bytes(body: bytes, mode: str, limit: int) -> tuple[bytes | None, bool]:
+    """What a row keeps of a binary body under capture's body mode: (bytes or None, truncated)."""
+    if mode == "none" or not body:
+        return None, False
+    truncated = mode == "truncated" and len(body) > limit
+    return (body[:limit] if truncated else body), truncated
 
 
 def stored_body(body: bytes, mode: str, limit: int) -> tuple[str | None, bool]:

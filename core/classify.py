@@ -122,7 +122,7 @@ def error_fields(content: bytes | None) -> tuple[str | None, str]:
 
 def classify_response(status: int, headers: HeaderLookup, content: bytes | None, now: float) -> Outcome | None:
     """The outcome of an answer, or None when it is the request's own fault (400, 404, 422…): no retry."""
-    if 200 <= status < 300:
+    if 200 <= status < 300 or status == 101:  # 101: a WebSocket session (Realtime) accepted
         return OK
     if status in (401, 403):
         code, _ = error_fields(content)

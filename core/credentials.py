@@ -10,13 +10,18 @@ from urllib.parse import unquote_plus
 
 AUTHORIZATION = b"authorization"
 API_KEY = b"api-key"  # Azure OpenAI's form
+# Browsers cannot set headers on a WebSocket: OpenAI's Realtime API takes the key as a subprotocol.
+SUBPROTOCOL = b"sec-websocket-protocol"
+INSECURE_KEY_PROTOCOL = b"openai-insecure-api-key."
 
 Fields = tuple[tuple[bytes, bytes], ...]
 
 
 def credential_from(fields: Fields) -> str | None:
-    """`Authorization: Bearer <key>`, else `api-key: <key>`; None when neither carries one."""
+    """`Authorization: Bearer <key>`, else `api-key: <key>`, else the `openai-insecure-api-key.<key>`
+    WebSocket subprotocol; None when none carries one."""
     api_key = None
+    protocol_key = None
     for name, value in fields:
         lowered = name.lower()
         if lowered == AUTHORIZATION:
@@ -25,7 +30,29 @@ def credential_from(fields: Fields) -> str | None:
                 return token.strip().decode("latin-1")
         elif lowered == API_KEY and value.strip():
             api_key = value.strip().decode("latin-1")
-    return api_key
+        elif lowered == SUBPROTOCOL and protocol_key is None:
+            protocol_key = subprotocol_credential(value)
+    return api_key or protocol_key
+
+
+def subprotocol_credential(value: bytes) -> str | None:
+    """The key in a `Sec-WebSocket-Protocol` list, as `openai-insecure-api-key.<key>`."""
+    for item in value.split(b","):
+        item = item.strip()
+        if item[: len(INSECURE_KEY_PROTOCOL)].lower() == INSECURE_KEY_PROTOCOL and len(item) > len(
+            INSECURE_KEY_PROTOCOL
+        ):
+            return item[len(INSECURE_KEY_PROTOCOL) :].decode("latin-1")
+    return None
+
+
+def _with_subprotocol_key(value: bytes, key: bytes) -> bytes:
+    """A `Sec-WebSocket-Protocol` list whose key protocol carries `key` instead (the others as they were)."""
+    items = [item.strip() for item in value.split(b",")]
+    return b", ".join(
+        INSECURE_KEY_PROTOCOL + key if item[: len(INSECURE_KEY_PROTOCOL)].lower() == INSECURE_KEY_PROTOCOL else item
+        for item in items
+    )
 
 
 def with_credential(fields: Fields, value: str) -> Fields:
@@ -34,7 +61,10 @@ def with_credential(fields: Fields, value: str) -> Fields:
 
 
 def _with_value(fields: Fields, value: str, dropped: frozenset[bytes], bearer_if_none: bool) -> Fields:
-    """`value` in every Bearer and api-key header, the `dropped` headers left out."""
+    """`value` in every Bearer and api-key header and key subprotocol, the `dropped` headers left out.
+
+    A key subprotocol alone does not count as the credential's place: a Bearer header is added
+    beside it, so an upstream that reads either finds the key."""
     encoded = value.encode()
     replaced = False
     result = []
@@ -46,6 +76,8 @@ def _with_value(fields: Fields, value: str, dropped: frozenset[bytes], bearer_if
         elif lowered == API_KEY:
             result.append((name, encoded))
             replaced = True
+        elif lowered == SUBPROTOCOL and INSECURE_KEY_PROTOCOL in old.lower():
+            result.append((name, _with_subprotocol_key(old, encoded)))
         elif lowered not in dropped:
             result.append((name, old))
     if bearer_if_none and not replaced:

@@ -7,12 +7,26 @@ truncation happen in `to_record()`, which the writer thread calls, never the eve
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from core.bodies import decoded, json_object, sse_usage, stored_body
+from core.bodies import (
+    decoded,
+    event_usage,
+    form_parts,
+    form_summary,
+    is_text,
+    json_object,
+    kept_bytes,
+    sse_usage,
+    stored_body,
+)
+from core.metering import IMAGES, NO_USAGE, request_usage, summed, usage_of
 from core.prices import PriceTable
+from core.routing import query_model, requested_model
 
 REDACTED_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie"})
 REDACTED = "[redacted]"
@@ -58,6 +72,8 @@ class FlowRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    cached_tokens: int | None = None  # of the prompt tokens, read from cache
+    reasoning_tokens: int | None = None  # of the completion tokens
     cost: float | None = None
     client_addr: str | None = None
     error: str | None = None
@@ -70,6 +86,14 @@ class FlowRecord:
     response_body_size: int = 0
     response_body_truncated: bool = False
     chunk_times: list[list[float]] | None = None  # [[ms since first byte, bytes], ...] of a stream
+    # A body that is not text (audio, images, an upload's file) is kept as bytes with its type;
+    # its text column then holds nothing (a response) or the form's fields (a multipart upload).
+    request_body_type: str | None = None
+    request_body_bytes: bytes | None = None
+    response_body_type: str | None = None
+    response_body_bytes: bytes | None = None
+    # A WebSocket session's messages: [[ms since start, "client"|"server", "text"|"binary", bytes, text], ...]
+    websocket_messages: list[list] | None = None
     # Only retried flows keep their attempts: a single attempt is the flow itself.
     attempt_log: list[AttemptLog] = field(default_factory=list)
 
@@ -100,6 +124,28 @@ class StreamTee:
         else:
             self.ended_at = now
         return data if self.inner is None else self.inner(data)
+
+
+@dataclass(frozen=True)
+class WebSocketMessage:
+    """One message of a WebSocket session, as mitmproxy assembled it (cheap references only)."""
+
+    at: float
+    from_client: bool
+    is_text: bool
+    content: bytes
+
+
+def header(fields: HeaderFields, name: bytes) -> str:
+    for raw_name, value in fields:
+        if raw_name.lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
+# A JSON answer's base64 payloads (generated images) are not kept as text: one is kept as bytes.
+B64_FIELD = "b64_json"
+IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 def redact(fields: HeaderFields) -> list[list[str]]:
@@ -141,23 +187,29 @@ class CapturedFlow:
     group_id: int | None = None
     fallback_model: str | None = None
     requested_model: str | None = None  # when routing renamed the body's model, what the client asked for
+    websocket_messages: list[WebSocketMessage] | None = None  # a WebSocket session's, in order
     prices: PriceTable = field(default_factory=PriceTable)  # shared by every flow, loaded once in configure
 
     def to_record(self) -> FlowRecord:
         request_body = decoded(self.request_body, self.request_encoding)
         raw_response = b"".join(self.response_chunks) if self.response_chunks is not None else self.response_body
         response_body = decoded(raw_response, self.response_encoding)
-        # Parse only bodies that can hold what the record needs (a substring test is far cheaper).
-        request_json = (json_object(request_body) if b'"model"' in request_body else None) or {}
+        request_type = header(self.request_fields, b"content-type")
+        response_type = header(self.response_fields, b"content-type")
+        request = _Body.of(request_body, request_type, self.body_mode, self.max_body_bytes)
+        response = _Body.of(response_body, response_type, self.body_mode, self.max_body_bytes)
+        model = self.requested_model or request.model or query_model(self.path)
         if self.is_sse:
-            usage = sse_usage(response_body)
+            usage = usage_of(sse_usage(response_body))
+        elif self.websocket_messages is not None:
+            usage = summed(usage_of(event_usage(e)) for e in _server_events(self.websocket_messages))
         else:
-            usage = (json_object(response_body) or {}).get("usage") if b'"usage"' in response_body else None
-        usage = usage if isinstance(usage, dict) else {}
-        stored_request, request_cut = stored_body(request_body, self.body_mode, self.max_body_bytes)
-        stored_response, response_cut = stored_body(response_body, self.body_mode, self.max_body_bytes)
-        model = self.requested_model or request_json.get("model")
-        model = model if isinstance(model, str) else None
+            usage = usage_of((response.json or {}).get("usage"))
+        from_request = request_usage(self.path, request.fields, response.json)
+        if from_request is not NO_USAGE:
+            usage = usage + from_request
+        if response.json is not None and self.path.partition("?")[0].endswith(IMAGES):
+            response.keep_image_apart(request.fields, self.body_mode, self.max_body_bytes)
         ended = self.ended_at or time.time()
         first = self.first_byte_at
         return FlowRecord(
@@ -170,31 +222,120 @@ class CapturedFlow:
             duration_ms=round((ended - self.started_at) * 1000, 3),
             status=self.status,
             model=model,
-            stream=self.is_sse or request_json.get("stream") is True,
+            stream=self.is_sse or request.fields.get("stream") is True,
             client_key_id=self.client_key_id,
             upstream_key_id=self.upstream_key_id,
             upstream_id=self.upstream_id,
             group_id=self.group_id,
             fallback_model=self.fallback_model,
             attempts=len(self.attempts) or int(self.upstream_key_id is not None),
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            total_tokens=usage.get("total_tokens"),
-            cost=self.prices.cost(
-                self.fallback_model or model, usage.get("prompt_tokens"), usage.get("completion_tokens")
-            ),
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cost=self.prices.cost_of(self.fallback_model or model, usage),
             client_addr=self.client_addr,
             error=self.error,
             request_headers=redact(self.request_fields),
             response_headers=redact(self.response_fields),
-            request_body=stored_request,
+            request_body=request.text,
             request_body_size=len(request_body),
-            request_body_truncated=request_cut,
-            response_body=stored_response,
+            request_body_truncated=request.truncated,
+            response_body=response.text,
             response_body_size=len(response_body),
-            response_body_truncated=response_cut,
+            response_body_truncated=response.truncated,
             chunk_times=[[round((t - (first or t)) * 1000, 1), n] for t, n in self.chunk_times]
             if self.chunk_times
             else None,
+            request_body_type=request.binary_type,
+            request_body_bytes=request.binary,
+            response_body_type=response.binary_type,
+            response_body_bytes=response.binary,
+            websocket_messages=self._messages() if self.websocket_messages is not None else None,
             attempt_log=self.attempts if len(self.attempts) > 1 else [],
         )
+
+    def _messages(self) -> list[list]:
+        rows = []
+        for m in self.websocket_messages or ():
+            text = None
+            if m.is_text:
+                text, _ = stored_body(m.content, self.body_mode, self.max_body_bytes)
+            rows.append(
+                [
+                    round((m.at - self.started_at) * 1000, 1),
+                    "client" if m.from_client else "server",
+                    "text" if m.is_text else "binary",
+                    len(m.content),
+                    text,
+                ]
+            )
+        return rows
+
+
+def _server_events(messages: list[WebSocketMessage]) -> Iterable[dict]:
+    """Realtime's `response.done` events: each carries one response's usage."""
+    for m in messages:
+        if not m.from_client and m.is_text and b'"response.done"' in m.content:
+            event = json_object(m.content)
+            if event and event.get("type") == "response.done":
+                yield event
+
+
+@dataclass
+class _Body:
+    """One body as a row keeps it, with what the record reads of it."""
+
+    text: str | None
+    truncated: bool
+    fields: dict  # a JSON body's object, or a form's fields: where the model, size or input are
+    json: dict | None = None  # a JSON body worth parsing (it has usage, or is an image answer)
+    model: str | None = None
+    binary: bytes | None = None
+    binary_type: str | None = None
+
+    @classmethod
+    def of(cls, body: bytes, content_type: str, mode: str, limit: int) -> _Body:
+        if "multipart/form-data" in content_type.lower():
+            parts = form_parts(content_type, body)
+            summary = form_summary(parts)
+            text = None if mode == "none" else json.dumps(summary, ensure_ascii=False)
+            kept = cls(text, False, summary, model=requested_model(content_type, body))
+            upload = next((p for p in parts if p.is_file), None)
+            if upload is not None:  # the file itself, as bytes: never as text
+                kept.binary, kept.truncated = kept_bytes(upload.value, mode, limit)
+                kept.binary_type = upload.content_type or "application/octet-stream"
+            return kept
+        if not is_text(content_type, body):
+            binary, truncated = kept_bytes(body, mode, limit)
+            media_type = content_type.partition(";")[0].strip() or "application/octet-stream"
+            return cls(None, truncated, {}, binary=binary, binary_type=media_type)
+        text, truncated = stored_body(body, mode, limit)
+        # Parse only bodies that can hold what the record needs (a substring test is far cheaper).
+        parsed = json_object(body) if (b'"model"' in body or b'"usage"' in body or b'"data"' in body) else None
+        fields = parsed or {}
+        model = fields.get("model")
+        return cls(text, truncated, fields, parsed, model if isinstance(model, str) else None)
+
+    def keep_image_apart(self, request: dict, mode: str, limit: int) -> None:
+        """An image answer's base64 images leave the text; the first is kept as bytes to download."""
+        data = (self.json or {}).get("data")
+        if not isinstance(data, list) or not any(isinstance(d, dict) and B64_FIELD in d for d in data):
+            return
+        image_format = request.get("output_format")
+        first = None
+        for item in data:
+            if isinstance(item, dict) and isinstance(item.get(B64_FIELD), str):
+                encoded = item[B64_FIELD]
+                if first is None:
+                    first = encoded
+                item[B64_FIELD] = f"[{len(encoded) * 3 // 4} bytes of base64 image, not kept as text]"
+        self.text, self.truncated = stored_body(json.dumps(self.json, ensure_ascii=False).encode(), mode, limit)
+        try:
+            image = base64.b64decode(first or "", validate=True)
+        except ValueError:
+            return
+        self.binary, cut = kept_bytes(image, mode, limit)
+        self.truncated = self.truncated or cut
+        self.binary_type = IMAGE_TYPES.get(image_format if isinstance(image_format, str) else "png", "image/png")

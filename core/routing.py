@@ -12,6 +12,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from urllib.parse import unquote_plus
 
 DEFAULT = "default"
 
@@ -163,6 +164,18 @@ def requested_model(content_type: str, body: bytes) -> str | None:
         return None  # upstream answers the client with its own 400
     model = value.get("model") if isinstance(value, dict) else None
     return model if isinstance(model, str) and model else None
+
+
+def query_model(path: str) -> str | None:
+    """The `?model=` of a URL: how a Realtime (WebSocket) session names its model."""
+    _, sep, query = path.partition("?")
+    if not sep:
+        return None
+    for item in query.split("&"):
+        name, _, value = item.partition("=")
+        if name == "model" and value:
+            return unquote_plus(value)[:256]
+    return None
 
 
 def _multipart_model(content_type: bytes, body: bytes) -> str | None:

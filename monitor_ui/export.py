@@ -5,6 +5,7 @@ Pure functions from stored rows to text; the routes stream them page by page.
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -75,6 +76,10 @@ def har_entry(row: sqlite3.Row, origin: str) -> dict[str, Any]:
     }
     if row["request_body"] is not None:
         entry["request"]["postData"] = {"mimeType": _mime(request_headers), "text": row["request_body"]}
+    if row["response_body_bytes"] is not None:  # audio, an image: HAR carries bytes as base64
+        content = entry["response"]["content"]
+        content["text"] = base64.b64encode(row["response_body_bytes"]).decode()
+        content["encoding"] = "base64"
     return entry
 
 

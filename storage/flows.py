@@ -15,7 +15,7 @@ from storage.sql import insert_many, placeholders
 
 # The one mapping of a FlowRecord to the flows table: every other module reads or writes
 # FlowRecords. JSON columns hold lists; the 0/1 columns hold booleans.
-JSON_COLUMNS = frozenset({"request_headers", "response_headers", "chunk_times"})
+JSON_COLUMNS = frozenset({"request_headers", "response_headers", "chunk_times", "websocket_messages"})
 BOOLEAN_COLUMNS = frozenset({"stream", "request_body_truncated", "response_body_truncated"})
 FLOW_COLUMNS = tuple(f.name for f in fields(FlowRecord) if f.name != "attempt_log")
 _INSERT_ATTEMPT = (

@@ -289,6 +289,23 @@ def _v7_upstreams_groups_models(db: sqlite_utils.Database) -> None:
         db["flows"].create_index(columns)
 
 
+def _v8_every_endpoint(db: sqlite_utils.Database) -> None:
+    # Every endpoint captured right: cached and reasoning tokens beside the totals; bodies that
+    # are not text (audio, images, an upload's file) as bytes with their type, never as text;
+    # a WebSocket session's messages (JSON [[ms since start, direction, kind, bytes, text], ...]).
+    columns = {
+        "cached_tokens": int,
+        "reasoning_tokens": int,
+        "request_body_type": str,
+        "request_body_bytes": bytes,
+        "response_body_type": str,
+        "response_body_bytes": bytes,
+        "websocket_messages": str,
+    }
+    for name, kind in columns.items():
+        db["flows"].add_column(name, kind)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
@@ -297,6 +314,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v5_upstream_key_names,
     _v6_attempt_outcomes,
     _v7_upstreams_groups_models,
+    _v8_every_endpoint,
 ]
 
 

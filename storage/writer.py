@@ -69,7 +69,8 @@ _STOP = object()
 
 def record_bytes(record: FlowRecord) -> int:
     """Roughly what a record holds in memory: its bodies plus a fixed allowance."""
-    return len(record.request_body or "") + len(record.response_body or "") + ROW_OVERHEAD_BYTES
+    bodies = len(record.request_body or "") + len(record.response_body or "")
+    return bodies + len(record.request_body_bytes or b"") + len(record.response_body_bytes or b"") + ROW_OVERHEAD_BYTES
 
 
 class Writer:

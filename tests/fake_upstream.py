@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import email.parser
+import email.policy
 import gzip
 import hashlib
 import json
@@ -427,6 +429,164 @@ def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
     return vector
 
 
+# --------------------------------------------------------------------------- responses API
+
+
+def response_input_messages(value: Any) -> list[dict[str, Any]]:
+    """The Responses API's `input` (a string, or a list of messages and items) as chat messages."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        return [
+            {"role": m.get("role", "user"), "content": _text_of(m.get("content"))}
+            for m in value
+            if isinstance(m, dict) and "content" in m
+        ]
+    raise BadRequest("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
+
+
+def is_reasoning_model(model: str) -> bool:
+    return model.startswith(("o1", "o3", "o4", "gpt-5"))
+
+
+REASONING_TOKENS = 4  # what the fake's reasoning models "think" before each answer
+
+
+def response_usage(messages: list[dict[str, Any]], instructions: Any, reply: str, model: str) -> dict[str, Any]:
+    # The instructions are a fixed prefix, as prompt caching serves it: their tokens are "cached".
+    cached = _word_count(instructions) if isinstance(instructions, str) else 0
+    prompt = chat_usage(messages, reply)["prompt_tokens"] + cached
+    reasoning = REASONING_TOKENS if is_reasoning_model(model) else 0
+    output = _word_count(reply) + reasoning
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": prompt + output,
+    }
+
+
+def _response_object(response_id: str, model: str, data: dict[str, Any], status: str) -> dict[str, Any]:
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": data.get("instructions"),
+        "max_output_tokens": data.get("max_output_tokens"),
+        "model": model,
+        "output": [],
+        "parallel_tool_calls": True,
+        "previous_response_id": data.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None},
+        "store": data.get("store", True),
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": None,
+        "user": None,
+        "metadata": {},
+    }
+
+
+def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "added" else []
+    return {
+        "id": item_id,
+        "type": "message",
+        "status": "completed" if status == "completed" else "in_progress",
+        "role": "assistant",
+        "content": content,
+    }
+
+
+def _sse_event(kind: str, payload: dict[str, Any]) -> bytes:
+    # The Responses API names each event twice: in an `event:` line and in the JSON's `type`.
+    return b"event: " + kind.encode() + b"\ndata: " + json.dumps({"type": kind, **payload}).encode() + b"\n\n"
+
+
+async def _response_events(
+    base: dict[str, Any], item_id: str, pieces: list[str], usage: dict[str, Any], delay: float
+) -> AsyncIterator[bytes]:
+    text = "".join(pieces)
+    sequence = iter(range(1_000_000))
+    yield _sse_event("response.created", {"sequence_number": next(sequence), "response": base})
+    yield _sse_event("response.in_progress", {"sequence_number": next(sequence), "response": base})
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    yield _sse_event(
+        "response.output_item.added",
+        {"sequence_number": next(sequence), "output_index": 0, "item": _message_item(item_id, "", "added")},
+    )
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    yield _sse_event("response.content_part.added", {"sequence_number": next(sequence), **where, "part": part})
+    for piece in pieces:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield _sse_event(
+            "response.output_text.delta", {"sequence_number": next(sequence), **where, "delta": piece, "logprobs": []}
+        )
+    yield _sse_event(
+        "response.output_text.done", {"sequence_number": next(sequence), **where, "text": text, "logprobs": []}
+    )
+    yield _sse_event(
+        "response.content_part.done", {"sequence_number": next(sequence), **where, "part": {**part, "text": text}}
+    )
+    done_item = _message_item(item_id, text, "completed")
+    yield _sse_event(
+        "response.output_item.done", {"sequence_number": next(sequence), "output_index": 0, "item": done_item}
+    )
+    final = {**base, "status": "completed", "output": [done_item], "usage": usage}
+    yield _sse_event("response.completed", {"sequence_number": next(sequence), "response": final})
+
+
+# --------------------------------------------------------------------------- images, audio, moderations
+
+# A real 1x1 PNG: what a generated image's bytes look like to whoever stores them.
+PNG_1X1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+SPEECH_FORMATS = {
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "aac": "audio/aac",
+    "flac": "audio/flac",
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
+}
+AUDIO_BYTES_PER_SECOND = 16_000  # how long the fake takes an uploaded audio file to be
+IMAGE_TOKENS = 272  # output tokens of one GPT Image picture, low quality
+INSECURE_KEY_PROTOCOL = "openai-insecure-api-key."  # how browsers send a Realtime key
+REALTIME_AUDIO_BYTES_PER_TOKEN = 50  # 24 kHz 16-bit PCM, about 20 ms an audio token
+
+
+def speech_bytes(text: str) -> bytes:
+    """Fake MP3 bytes, deterministic, and not UTF-8: an ID3 header, then frames of noise."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return b"ID3\x04\x00\x00\x00\x00\x00\x00" + (b"\xff\xfb\x90\x64" + digest) * max(4, len(text))
+
+
+def form_fields(content_type: str, body: bytes) -> dict[str, tuple[bytes, str | None, str | None]]:
+    """A multipart/form-data body's parts: name → (value, filename, content type)."""
+    if "multipart/form-data" not in content_type:
+        raise BadRequest("Expected a multipart/form-data body.")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"content-type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            fields[name] = (part.get_payload(decode=True) or b"", part.get_filename(), part.get_content_type())
+    return fields
+
+
 # --------------------------------------------------------------------------- key rules
 
 
@@ -507,15 +667,28 @@ class FakeUpstream:
         self.url = ""  # set by start()
         self.port = 0
         self.received: list[Received] = []
+        # Realtime: each message a session sent, (session number, parsed JSON or the raw bytes), in order.
+        self.realtime_messages: list[tuple[int, Any]] = []
         # False stops recording (benchmark processes would otherwise grow).
         self.record = True
         self._received_lock = threading.Lock()
         self._keys = _KeyBook()
+        self._sessions = 0  # Realtime sessions accepted
         self.faults = Faults()  # a request's, a model's, a key's rate or everything's: tests/fake_faults.py
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "/v1/models"): self._models,
             ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/v1/embeddings"): self._embeddings,
+            ("POST", "/v1/responses"): self._responses,
+            ("POST", "/v1/completions"): self._completions,
+            ("POST", "/v1/moderations"): self._moderations,
+            ("POST", "/v1/images/generations"): self._images,
+            ("POST", "/v1/audio/speech"): self._speech,
+        }
+        # Multipart uploads: their handlers also get the content type, which holds the boundary.
+        self._form_routes: dict[tuple[str, str], Callable[[bytes, str], Response]] = {
+            ("POST", "/v1/audio/transcriptions"): self._transcription,
+            ("POST", "/v1/audio/translations"): self._transcription,
         }
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -580,6 +753,7 @@ class FakeUpstream:
         """Forget recorded requests and key behaviours (between tests)."""
         with self._received_lock:
             self.received.clear()
+            self.realtime_messages.clear()
         self._keys.clear()
         self.faults.clear()
 
@@ -635,6 +809,9 @@ class FakeUpstream:
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One entry point instead of a Router: auth must run before routing and
         # every request must be recorded, and a dict lookup is the cheapest route.
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             return
         request = Request(scope, receive)
@@ -666,6 +843,12 @@ class FakeUpstream:
         fault = await self.faults.answer(key, body)
         if fault is not None:
             return fault
+        form_handler = self._form_routes.get((method, path))
+        if form_handler is not None:
+            try:
+                return form_handler(body, headers.get("content-type", ""))
+            except BadRequest as exc:
+                return _error(400, exc.message, param=exc.param, code=exc.code)
         handler = self._routes.get((method, path))
         if handler is None:
             if method == "GET" and path.startswith("/v1/models/"):
@@ -680,6 +863,96 @@ class FakeUpstream:
         if self.record:
             with self._received_lock:
                 self.received.append(received)
+
+    # ----------------------------------------------------------------- realtime
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`/v1/realtime?model=…`, as OpenAI's Realtime API speaks it (a small part of it)."""
+        headers = _headers(scope)
+        protocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+        protocol_key = next(
+            (p[len(INSECURE_KEY_PROTOCOL) :] for p in protocols if p.startswith(INSECURE_KEY_PROTOCOL)), None
+        )
+        bearer = credential(headers)
+        key = bearer or protocol_key
+        query = scope["query_string"].decode("latin-1")
+        self._record(Received("GET", scope["path"], headers, b"", key, time.monotonic(), query))
+        await receive()  # websocket.connect
+        model = next((p[6:] for p in query.split("&") if p.startswith("model=")), "")
+        behaviour = self._keys.take(key)[0] if key else "invalid"
+        # Two different keys (a header and a subprotocol) would be a client mixing credentials up.
+        mixed = bearer is not None and protocol_key is not None and bearer != protocol_key
+        if scope["path"] != "/v1/realtime" or not model or behaviour != "ok" or mixed:
+            await send({"type": "websocket.close", "code": 1008})  # refused before the upgrade: HTTP 403
+            return
+        with self._received_lock:
+            session = self._sessions = self._sessions + 1
+        await send({"type": "websocket.accept", "subprotocol": "realtime" if "realtime" in protocols else None})
+        await self._send_event(send, "session.created", session={"id": f"sess_{session}", "model": model})
+        items: list[dict[str, Any]] = []
+        audio_bytes = 0
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("bytes") is not None:
+                self._remember(session, message["bytes"])
+                continue
+            try:
+                event = json.loads(message.get("text") or "")
+            except ValueError:
+                await self._send_event(send, "error", error={"type": "invalid_request_error", "message": "Bad JSON"})
+                continue
+            self._remember(session, event)
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "session.update":
+                await self._send_event(send, "session.updated", session={"id": f"sess_{session}", "model": model})
+            elif kind == "input_audio_buffer.append":
+                audio_bytes += len(event.get("audio") or "") * 3 // 4
+            elif kind == "conversation.item.create":
+                item = {"id": "item_" + os.urandom(8).hex(), **(event.get("item") or {})}
+                items.append(item)
+                await self._send_event(send, "conversation.item.created", item=item)
+            elif kind == "response.create":
+                await self._respond_realtime(send, items, audio_bytes)
+                audio_bytes = 0
+            else:
+                error = {"type": "invalid_request_error", "message": f"Unknown event type {kind!r}"}
+                await self._send_event(send, "error", error=error)
+
+    def _remember(self, session: int, message: Any) -> None:
+        if self.record:
+            with self._received_lock:
+                self.realtime_messages.append((session, message))
+
+    async def _respond_realtime(self, send: Send, items: list[dict[str, Any]], audio_bytes: int) -> None:
+        messages = [{"role": i.get("role", "user"), "content": _text_of(i.get("content"))} for i in items]
+        pieces = reply_pieces(messages or [{"role": "user", "content": ""}], self.stream_chunks)
+        response_id, item_id = "resp_" + os.urandom(8).hex(), "item_" + os.urandom(8).hex()
+        await self._send_event(send, "response.created", response={"id": response_id, "status": "in_progress"})
+        for piece in pieces:
+            if self.stream_delay > 0:
+                await asyncio.sleep(self.stream_delay)
+            where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
+            await self._send_event(send, "response.output_text.delta", **where, delta=piece)
+        text = "".join(pieces)
+        text_in = chat_usage(messages, text)["prompt_tokens"] if messages else 0
+        audio_in = audio_bytes // REALTIME_AUDIO_BYTES_PER_TOKEN
+        output = _word_count(text)
+        usage = {
+            "total_tokens": text_in + audio_in + output,
+            "input_tokens": text_in + audio_in,
+            "output_tokens": output,
+            "input_token_details": {"cached_tokens": 0, "text_tokens": text_in, "audio_tokens": audio_in},
+            "output_token_details": {"text_tokens": output, "audio_tokens": 0},
+        }
+        done = {"id": response_id, "status": "completed", "output": [], "usage": usage}
+        await self._send_event(send, "response.done", response=done)
+
+    @staticmethod
+    async def _send_event(send: Send, kind: str, **fields: Any) -> None:
+        event = {"type": kind, "event_id": "event_" + os.urandom(8).hex(), **fields}
+        await send({"type": "websocket.send", "text": json.dumps(event)})
 
     # ----------------------------------------------------------------- endpoints
 
@@ -781,6 +1054,147 @@ class FakeUpstream:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
         return _json(200, payload, OK_RATELIMIT_HEADERS)
+
+    def _responses(self, body: bytes) -> Response:
+        data = _json_object(body)
+        missing = self._unknown_model(data)
+        if missing is not None:
+            return missing
+        model = data.get("model")
+        if not model or not isinstance(model, str):
+            raise BadRequest("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+        messages = response_input_messages(data.get("input"))
+        pieces = reply_pieces(messages, self.stream_chunks)
+        usage = response_usage(messages, data.get("instructions"), "".join(pieces), model)
+        response_id, item_id = "resp_" + os.urandom(24).hex(), "msg_" + os.urandom(24).hex()
+        base = _response_object(response_id, model, data, "in_progress")
+        if data.get("stream") is True:
+            events = _response_events(base, item_id, pieces, usage, self.stream_delay)
+            headers = {"content-type": "text/event-stream; charset=utf-8", "x-request-id": _request_id()}
+            return StreamingResponse(events, headers={**headers, **OK_RATELIMIT_HEADERS})
+        item = _message_item(item_id, "".join(pieces), "completed")
+        payload = {**base, "status": "completed", "output": [item], "usage": usage}
+        return _json(200, payload, OK_RATELIMIT_HEADERS)
+
+    def _completions(self, body: bytes) -> Response:
+        data = _json_object(body)
+        model = data.get("model")
+        if not model or not isinstance(model, str):
+            raise BadRequest("you must provide a model parameter", param="model")
+        prompt = data.get("prompt")
+        prompt_text = prompt if isinstance(prompt, str) else " ".join(p for p in prompt or [] if isinstance(p, str))
+        messages = [{"role": "user", "content": prompt_text}]
+        pieces = reply_pieces(messages, self.stream_chunks)
+        text = "".join(pieces)
+        prompt_tokens = _word_count(prompt_text)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": _word_count(text),
+            "total_tokens": prompt_tokens + _word_count(text),
+        }
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}
+        payload = {
+            "id": "cmpl-" + os.urandom(12).hex(),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
+        return _json(200, payload, OK_RATELIMIT_HEADERS)
+
+    def _moderations(self, body: bytes) -> Response:
+        data = _json_object(body)
+        inputs = data.get("input")
+        if inputs is None:
+            raise BadRequest("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        categories = ("harassment", "hate", "self-harm", "sexual", "violence")
+        result = {
+            "flagged": False,
+            "categories": dict.fromkeys(categories, False),
+            "category_scores": dict.fromkeys(categories, 0.0001),
+            "category_applied_input_types": {c: ["text"] for c in categories},
+        }
+        payload = {
+            "id": "modr-" + os.urandom(12).hex(),
+            "model": data.get("model") or "omni-moderation-latest",
+            "results": [result for _ in items],
+        }
+        return _json(200, payload, OK_RATELIMIT_HEADERS)
+
+    def _images(self, body: bytes) -> Response:
+        data = _json_object(body)
+        prompt = data.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise BadRequest("Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
+        model = data.get("model") or "dall-e-2"
+        count = data.get("n") or 1
+        if not isinstance(count, int) or not 1 <= count <= 10:
+            raise BadRequest(f"{count!r} is not valid for 'n'", param="n")
+        payload: dict[str, Any] = {"created": int(time.time())}
+        if model.startswith("gpt-image"):
+            # GPT Image always answers in base64 and says what it used.
+            payload["data"] = [{"b64_json": base64.b64encode(PNG_1X1).decode()} for _ in range(count)]
+            words = _word_count(prompt)
+            output = IMAGE_TOKENS * count
+            payload["usage"] = {
+                "input_tokens": words,
+                "input_tokens_details": {"text_tokens": words, "image_tokens": 0},
+                "output_tokens": output,
+                "total_tokens": words + output,
+            }
+        elif data.get("response_format") == "b64_json":
+            payload["data"] = [{"b64_json": base64.b64encode(PNG_1X1).decode(), "revised_prompt": prompt}] * count
+        else:
+            url = "https://oaidalleapiprodscus.blob.core.windows.net/private/img-fake.png"
+            payload["data"] = [{"url": url, "revised_prompt": prompt} for _ in range(count)]
+        return _json(200, payload, OK_RATELIMIT_HEADERS)
+
+    def _speech(self, body: bytes) -> Response:
+        data = _json_object(body)
+        for name in ("model", "input", "voice"):
+            if not isinstance(data.get(name), str) or not data[name]:
+                raise BadRequest(
+                    f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter"
+                )
+        media_type = SPEECH_FORMATS.get(data.get("response_format") or "mp3")
+        if media_type is None:
+            raise BadRequest(f"Invalid response_format {data.get('response_format')!r}", param="response_format")
+        audio = speech_bytes(data["input"])
+
+        async def chunks() -> AsyncIterator[bytes]:
+            # OpenAI sends speech as it is made: chunked, without a content-length.
+            for start in range(0, len(audio), 1024):
+                yield audio[start : start + 1024]
+
+        return StreamingResponse(chunks(), headers={"content-type": media_type, "x-request-id": _request_id()})
+
+    def _transcription(self, body: bytes, content_type: str) -> Response:
+        fields = form_fields(content_type, body)
+        if "file" not in fields or fields["file"][1] is None:
+            raise BadRequest("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
+        model = fields.get("model", (b"",))[0].decode()
+        if not model:
+            raise BadRequest("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+        audio = fields["file"][0]
+        text = f"The fake upstream heard {len(audio)} bytes of {fields['file'][1]}."
+        response_format = fields.get("response_format", (b"json",))[0].decode()
+        if response_format == "text":
+            return Response(text + "\n", headers={"x-request-id": _request_id()}, media_type="text/plain")
+        seconds = max(1, len(audio) // AUDIO_BYTES_PER_SECOND)
+        if model == "whisper-1":
+            usage: dict[str, Any] = {"type": "duration", "seconds": seconds}
+        else:
+            audio_tokens, output = seconds * 10, _word_count(text)
+            usage = {
+                "type": "tokens",
+                "input_tokens": audio_tokens,
+                "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens},
+                "output_tokens": output,
+                "total_tokens": audio_tokens + output,
+            }
+        return _json(200, {"text": text, "usage": usage}, OK_RATELIMIT_HEADERS)
 
 
 AZURE_INVALID_KEY = (

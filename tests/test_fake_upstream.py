@@ -187,3 +187,38 @@ def test_main_prints_ready_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_responses_stream_and_plain_answers_match(up: FakeUpstream) -> None:
+    c = client(up)
+    plain = c.responses.create(model="gpt-4o-mini", input="Say hello to me please")
+    events = list(c.responses.create(model="gpt-4o-mini", input="Say hello to me please", stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == plain.output_text
+    assert events[-1].type == "response.completed" and events[-1].response.usage == plain.usage
+    raw = httpx.post(
+        up.url + "/v1/responses",
+        json={"model": "gpt-4o-mini", "input": "hi", "stream": True},
+        headers={"authorization": "Bearer sk-good-1"},
+    )
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.startswith("event: response.created\ndata: {")  # each event named twice, as OpenAI does
+
+
+def test_speech_is_chunked_audio_and_uploads_need_a_file(up: FakeUpstream) -> None:
+    with httpx.stream(
+        "POST",
+        up.url + "/v1/audio/speech",
+        json={"model": "tts-1", "voice": "alloy", "input": "hi"},
+        headers={"authorization": "Bearer sk-good-1"},
+    ) as speech:
+        assert speech.headers["content-type"] == "audio/mpeg" and "content-length" not in speech.headers
+        assert speech.read().startswith(b"ID3")
+    no_file = httpx.post(
+        up.url + "/v1/audio/transcriptions",
+        files={"model": (None, "whisper-1")},  # a form, but without its file
+        headers={"authorization": "Bearer sk-good-1"},
+    )
+    assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
+    text = client(up).audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF"), response_format="text")
+    assert "4 bytes of a.wav" in text

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from monitor_ui import export, views
 from monitor_ui.auth import SESSION_COOKIE
@@ -135,3 +135,19 @@ def read_flow(request: Request, flow_row_id: int, conn: Conn, signer: Signer):
 def read_flow_json(request: Request, flow_row_id: int, conn: Conn) -> dict:
     """One flow as JSON."""
     return _detail(request, conn, flow_row_id)
+
+
+@router.get("/flows/{flow_row_id}/download/{side}", dependencies=[AdminApi])
+def download_flow_body(flow_row_id: int, side: Literal["request", "response"], conn: Conn) -> Response:
+    """A body kept as bytes (audio, an image, an upload's file), as a file to save, never to render."""
+    row = flows.get_flow(conn, flow_row_id)
+    content = row[f"{side}_body_bytes"] if row is not None else None
+    if content is None:
+        raise HTTPException(404, f"Flow {flow_row_id} kept no {side} body as bytes.")
+    # Whatever type the capture says, the UI serves bytes to save: a captured "text/html" never runs here.
+    filename = f"flow-{flow_row_id}-{side}.{views.file_extension(row[f'{side}_body_type'])}"
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={"content-disposition": f'attachment; filename="{filename}"', "x-content-type-options": "nosniff"},
+    )

@@ -120,3 +120,32 @@ def test_retention_options_reach_the_writer(database):
                 tctx.configure(addon, capture_max_rows=-1)
         finally:
             addon.done()
+
+
+def test_a_websocket_session_is_one_row_when_it_ends_with_its_messages(capture):
+    addon, path = capture
+    session = tflow.twebsocketflow()  # a 101 answer and four messages, two each way
+    addon.requestheaders(session)
+    addon.response(session)  # the upgrade: the session has only begun
+    plain = tflow.tflow(resp=True)
+    addon.response(plain)
+
+    def stored():
+        conn = sqlite3.connect(path)
+        rows = conn.execute("SELECT flow_id, status, websocket_messages, error FROM flows ORDER BY id").fetchall()
+        conn.close()
+        return rows
+
+    wait_for(lambda: len(stored()) == 1, what="the plain flow's row")
+    assert stored()[0][0] == plain.id  # nothing yet for the session
+    session.websocket.close_code = 1006  # the connection dropped without a close frame
+    addon.websocket_end(session)
+    rows = wait_for(lambda: len(r := stored()) == 2 and r, what="the session's row")
+    flow_id, status, messages, error = rows[1]
+    assert (flow_id, status) == (session.id, 101)
+    directions = [(m[1], m[2]) for m in json.loads(messages)]
+    expected = [
+        ("client" if m.from_client else "server", "text" if m.is_text else "binary") for m in session.websocket.messages
+    ]
+    assert directions == expected and len(directions) >= 2
+    assert error == "WebSocket closed with code 1006"

@@ -7,7 +7,14 @@ import gzip
 import httpx
 import pytest
 
-from core.credentials import EchoFilter, query_credential, refused_placeholder, scrubbed
+from core.credentials import (
+    EchoFilter,
+    credential_from,
+    query_credential,
+    refused_placeholder,
+    scrubbed,
+    with_credential,
+)
 from core.upstream import Answer
 
 KEY = b"sk-pool-key-0123456789abcdefghij"
@@ -77,3 +84,35 @@ def test_a_retried_answer_loses_the_key_even_in_a_compressed_error():
     assert KEY not in clean.content and STAND_IN in clean.content
     untouched = Answer(200, b"OK", httpx.Headers({}), b"{}", 0.0, 0.0, 0.0)
     assert untouched.without_echo(KEY.decode(), STAND_IN.decode()) is untouched
+
+
+PROTOCOL = b"sec-websocket-protocol"
+
+
+@pytest.mark.parametrize(
+    "fields, key",
+    [
+        (((PROTOCOL, b"realtime, openai-insecure-api-key.kr-abc, openai-beta.realtime-v1"),), "kr-abc"),
+        (((b"Sec-WebSocket-Protocol", b"OpenAI-Insecure-API-Key.kr-abc"),), "kr-abc"),
+        (((PROTOCOL, b"realtime, openai-insecure-api-key."),), None),  # an empty one is no key
+        (((PROTOCOL, b"realtime"),), None),
+        (((PROTOCOL, b"openai-insecure-api-key.kr-sub"), (b"authorization", b"Bearer kr-bearer")), "kr-bearer"),
+    ],
+)
+def test_a_key_sent_as_a_websocket_subprotocol_is_found(fields, key):
+    assert credential_from(fields) == key
+
+
+def test_a_subprotocol_key_is_replaced_and_a_bearer_put_beside_it():
+    fields = ((PROTOCOL, b"realtime, openai-insecure-api-key.kr-abc, openai-beta.realtime-v1"),)
+    shown = scrubbed(fields, "[client key #1]", ensure=True)
+    assert shown == (
+        (PROTOCOL, b"realtime, openai-insecure-api-key.[client key #1], openai-beta.realtime-v1"),
+        (b"authorization", b"Bearer [client key #1]"),
+    )
+    sent = with_credential(shown, KEY.decode())
+    assert sent == (
+        (PROTOCOL, b"realtime, openai-insecure-api-key." + KEY + b", openai-beta.realtime-v1"),
+        (b"authorization", b"Bearer " + KEY),
+    )
+    assert credential_from(sent) == KEY.decode()

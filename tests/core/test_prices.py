@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from config import ROOT
+from core.metering import Usage
 from core.prices import Price, PriceFileError, PriceTable, load_prices
 
 TABLE = PriceTable(
@@ -132,3 +133,72 @@ def test_a_missing_or_unreadable_file(tmp_path: Path):
         load_prices(tmp_path / "nope.toml")
     with pytest.raises(PriceFileError, match="cannot be read"):
         load_prices(tmp_path)  # a directory
+
+
+PRICED = PriceTable(
+    {
+        "gpt-5": Price(1.25, 10.00, cached_input=0.125),
+        "gpt-realtime": Price(4.00, 16.00, cached_input=0.40, audio_input=32.00, audio_output=64.00),
+        "gpt-image-1": Price(5.00, 40.00, image_input=10.00),
+        "dall-e-3": Price(per_image={"standard 1024x1024": 0.04, "hd 1024x1024": 0.08, "1792x1024": 0.12}),
+        "whisper-1": Price(per_minute=0.006),
+        "tts-1": Price(per_million_characters=15.00),
+    }
+)
+
+
+@pytest.mark.parametrize(
+    "model, usage, cost",
+    [
+        ("gpt-5", Usage(1000, 100), (1000 * 1.25 + 100 * 10) / 1e6),
+        ("gpt-5", Usage(1000, 100, cached_tokens=400), (600 * 1.25 + 400 * 0.125 + 100 * 10) / 1e6),
+        ("gpt-5", Usage(1000, 100, reasoning_tokens=60), (1000 * 1.25 + 100 * 10) / 1e6),  # reasoning is output
+        (
+            "gpt-realtime",  # 50 text + 150 audio in, 64 of the audio cached; 20 text + 80 audio out
+            Usage(200, 100, cached_tokens=64, audio_input_tokens=150, cached_audio_tokens=64, audio_output_tokens=80),
+            (50 * 4 + 64 * 0.40 + 86 * 32 + 20 * 16 + 80 * 64) / 1e6,
+        ),
+        ("gpt-image-1", Usage(30, 272, image_input_tokens=20), (10 * 5 + 20 * 10 + 272 * 40) / 1e6),
+        ("dall-e-3", Usage(images=2, image_size="1024x1024", image_quality="hd"), 0.16),
+        ("dall-e-3", Usage(images=1, image_size="1024x1024", image_quality="standard"), 0.04),
+        ("dall-e-3", Usage(images=1, image_size="1792x1024", image_quality="standard"), 0.12),  # by size alone
+        ("dall-e-3", Usage(images=1, image_size="256x256", image_quality="standard"), None),  # no such size
+        ("whisper-1", Usage(audio_seconds=90), 0.009),
+        ("tts-1", Usage(characters=2000), 0.03),
+        ("tts-1", Usage(10, 10), None),  # priced by the character, not the token
+        ("whisper-1", Usage(), None),
+    ],
+)
+def test_cost_by_tokens_images_minutes_or_characters(model, usage, cost):
+    result = PRICED.cost_of(model, usage)
+    assert result == (pytest.approx(cost) if cost is not None else None)
+
+
+def test_the_shipped_file_prices_images_audio_and_realtime():
+    table = load_prices(ROOT / "prices.toml")
+    assert table.cost_of("dall-e-3", Usage(images=1, image_size="1024x1792", image_quality="hd")) == 0.12
+    assert table.cost_of("whisper-1", Usage(audio_seconds=60)) == pytest.approx(0.006)
+    assert table.cost_of("tts-1", Usage(characters=1_000_000)) == pytest.approx(15.0)
+    assert table.cost_of("gpt-4o-mini", Usage(1_000_000, 0, cached_tokens=1_000_000)) == pytest.approx(0.075)
+    for model in ("gpt-image-1", "gpt-4o-transcribe", "gpt-realtime", "gpt-4o-realtime-preview-2024-12-17"):
+        assert table.price_of(model) is not None, model
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ('["x"]\nper_minute = "cheap"\n', ['model "x"', "per_minute", "'cheap'"]),
+        ('["x"]\nper_image = 0.04\n', ['model "x"', "per_image", "table of sizes"]),
+        ('["x"]\nper_image = { "1024x1024" = -1 }\n', ['model "x"', '"1024x1024"', "zero or more"]),
+        ('["x"]\nper_minute = 0.006\ncached_input = 1\n', ['model "x"', '"cached_input" without input and output']),
+        ('["x"]\ninput = 1\noutput = 2\naudio_input = -3\n', ['model "x"', "audio_input", "zero or more"]),
+        ('["x"]\ncached_input = 1\n', ['model "x"', 'lacks "input"']),
+    ],
+)
+def test_malformed_unit_prices_are_refused(tmp_path: Path, content, words):
+    path = tmp_path / "prices.toml"
+    path.write_text(content)
+    with pytest.raises(PriceFileError) as raised:
+        load_prices(path)
+    message = str(raised.value)
+    assert all(word in message for word in words), message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 
@@ -9,7 +10,7 @@ import pytest
 
 from core.bodies import sse_usage
 from core.prices import Price, PriceTable
-from core.records import CapturedFlow, StreamTee, redact
+from core.records import CapturedFlow, StreamTee, WebSocketMessage, redact
 
 SSE = (
     b'data: {"choices":[{"delta":{"content":"Hi"}}],"usage":null}\n\n'
@@ -127,3 +128,153 @@ def test_tee_passes_bytes_through_unchanged():
     tee = StreamTee(first_byte=0.0)
     assert [tee(b"data: 1\n\n"), tee(b"data: 2\n\n"), tee(b"")] == [b"data: 1\n\n", b"data: 2\n\n", b""]
     assert tee.chunks == [b"data: 1\n\n", b"data: 2\n\n"] and tee.ended_at is not None
+
+
+RESPONSES_SSE = (
+    b'event: response.created\ndata: {"type":"response.created","response":{"id":"resp_1","usage":null}}\n\n'
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi"}\n\n'
+    b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"resp_1","usage":'
+    b'{"input_tokens":13,"input_tokens_details":{"cached_tokens":3},"output_tokens":15,'
+    b'"output_tokens_details":{"reasoning_tokens":4},"total_tokens":28}}}\n\n'
+)
+
+
+def test_a_responses_stream_has_its_tokens_cost_and_details():
+    prices = PriceTable({"gpt-5": Price(1.25, 10.0, cached_input=0.125)})
+    row = captured(
+        path="/v1/responses",
+        request_body=b'{"model": "gpt-5", "input": "hi", "stream": true}',
+        is_sse=True,
+        response_body=None,
+        response_chunks=[RESPONSES_SSE],
+        prices=prices,
+    ).to_record()
+    assert (row.prompt_tokens, row.completion_tokens, row.total_tokens) == (13, 15, 28)
+    assert (row.cached_tokens, row.reasoning_tokens) == (3, 4)
+    assert row.cost == pytest.approx((10 * 1.25 + 3 * 0.125 + 15 * 10.0) / 1e6)
+
+
+def test_a_binary_answer_is_kept_as_bytes_with_its_type_not_as_text():
+    audio = b"ID3\x04\x00\xff\xfb\x90\x64" * 50
+    row = captured(
+        path="/v1/audio/speech",
+        request_body=b'{"model": "tts-1", "input": "Hello there", "voice": "alloy"}',
+        response_fields=((b"content-type", b"audio/mpeg"),),
+        response_body=audio,
+        body_mode="full",
+        prices=PriceTable({"tts-1": Price(per_million_characters=15.0)}),
+    ).to_record()
+    assert row.response_body is None and row.response_body_size == len(audio)
+    assert (row.response_body_type, row.response_body_bytes) == ("audio/mpeg", audio)
+    assert row.cost == pytest.approx(11 * 15.0 / 1e6)
+    assert row.request_body_type is None  # the JSON request stays text
+
+
+BOUNDARY = b"----kr-boundary"
+UPLOAD = b"RIFF\x00\x00WAVEfmt \xff\xfe" * 100
+
+
+def multipart(*parts: tuple[str, bytes, str | None]) -> bytes:
+    body = b""
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += b"--" + BOUNDARY + b"\r\ncontent-disposition: " + disposition.encode() + b"\r\n"
+        body += (b"content-type: audio/wav\r\n" if filename else b"") + b"\r\n" + value + b"\r\n"
+    return body + b"--" + BOUNDARY + b"--\r\n"
+
+
+def test_an_audio_upload_keeps_its_fields_as_text_and_its_file_as_bytes():
+    body = multipart(("model", b"whisper-1", None), ("file", UPLOAD, "speech.wav"), ("language", b"en", None))
+    row = captured(
+        path="/v1/audio/transcriptions",
+        request_fields=((b"content-type", b"multipart/form-data; boundary=" + BOUNDARY),),
+        request_body=body,
+        body_mode="full",
+        response_body=b'{"text": "hello", "usage": {"type": "duration", "seconds": 90}}',
+        prices=PriceTable({"whisper-1": Price(per_minute=0.006)}),
+    ).to_record()
+    assert row.model == "whisper-1" and row.cost == pytest.approx(0.009)
+    form = json.loads(row.request_body)
+    assert form == {
+        "model": "whisper-1",
+        "file": {"filename": "speech.wav", "content_type": "audio/wav", "size": len(UPLOAD)},
+        "language": "en",
+    }
+    assert "RIFF" not in row.request_body and "\ufffd" not in row.request_body
+    assert (row.request_body_type, row.request_body_bytes) == ("audio/wav", UPLOAD)
+    assert row.request_body_size == len(body)
+
+
+def test_body_modes_apply_to_bytes_too():
+    fields = dict(response_fields=((b"content-type", b"audio/mpeg"),), response_body=b"\xff" * 50)
+    assert captured(body_mode="none", **fields).to_record().response_body_bytes is None
+    row = captured(body_mode="truncated", **fields).to_record()
+    assert (row.response_body_bytes, row.response_body_truncated) == (b"\xff" * 10, True)
+
+
+def test_a_generated_images_base64_leaves_the_text_and_is_kept_as_bytes():
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
+    answer = {"created": 1, "data": [{"b64_json": base64.b64encode(png).decode()}] * 2, "usage": {"input_tokens": 3}}
+    row = captured(
+        path="/v1/images/generations",
+        request_body=b'{"model": "dall-e-3", "prompt": "a cat", "n": 2, "size": "1024x1792", "quality": "hd"}',
+        response_body=json.dumps(answer).encode(),
+        body_mode="full",
+        max_body_bytes=10_000,
+        prices=PriceTable({"dall-e-3": Price(per_image={"hd 1024x1792": 0.12})}),
+    ).to_record()
+    assert base64.b64encode(png).decode() not in row.response_body
+    assert json.loads(row.response_body)["data"][0]["b64_json"].startswith("[48 bytes of base64 image")
+    assert (row.response_body_type, row.response_body_bytes) == ("image/png", png)
+    assert row.cost == pytest.approx(0.24)
+
+
+def test_a_websocket_sessions_messages_and_usage():
+    done = {
+        "type": "response.done",
+        "response": {"usage": {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}},
+    }
+    messages = [
+        WebSocketMessage(100.25, True, True, b'{"type": "response.create"}'),
+        WebSocketMessage(100.5, False, True, json.dumps(done).encode()),
+        WebSocketMessage(100.75, True, False, b"\x00\x01audio"),
+        WebSocketMessage(101.0, False, True, json.dumps(done).encode()),
+    ]
+    row = captured(
+        method="GET",
+        path="/v1/realtime?model=gpt-realtime",
+        request_body=b"",
+        status=101,
+        response_body=b"",
+        websocket_messages=messages,
+        body_mode="full",
+        max_body_bytes=10_000,
+        prices=PriceTable({"gpt-realtime": Price(4.0, 16.0)}),
+    ).to_record()
+    assert row.model == "gpt-realtime"
+    assert (row.prompt_tokens, row.completion_tokens, row.total_tokens) == (20, 10, 30)
+    assert row.cost == pytest.approx((20 * 4 + 10 * 16) / 1e6)
+    assert [m[:4] for m in row.websocket_messages] == [
+        [250.0, "client", "text", 27],
+        [500.0, "server", "text", len(json.dumps(done))],
+        [750.0, "client", "binary", 7],
+        [1000.0, "server", "text", len(json.dumps(done))],
+    ]
+    assert row.websocket_messages[0][4] == '{"type": "response.create"}' and row.websocket_messages[2][4] is None
+
+
+def test_repeated_form_fields_are_a_list_and_the_file_is_the_upload():
+    body = multipart(
+        ("timestamp_granularities[]", b"word", None),
+        ("timestamp_granularities[]", b"segment", None),
+        ("file", UPLOAD, "speech.wav"),
+        ("model", b"whisper-1", None),
+    )
+    row = captured(
+        path="/v1/audio/transcriptions",
+        request_fields=((b"content-type", b"multipart/form-data; boundary=" + BOUNDARY),),
+        request_body=body,
+        body_mode="full",
+    ).to_record()
+    assert json.loads(row.request_body)["timestamp_granularities[]"] == ["word", "segment"]
+    assert (row.model, row.request_body_bytes) == ("whisper-1", UPLOAD)

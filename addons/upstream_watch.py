@@ -91,6 +91,9 @@ class UpstreamWatch:
         if flow.response is None:
             _watched[flow.id] = _Clock(flow, time.time(), _limits["attempt"])
 
+    def websocket_start(self, flow) -> None:
+        _watched.pop(flow.id, None)  # a session, not an exchange: it lasts as long as its ends want
+
     def done(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -144,7 +147,8 @@ _layer_event._keyrotor_watch = True
 
 def _route_timeout(self: http_layer.HttpLayer, event: events.MessageInjected) -> Generator:
     for stream in list(self.streams.values()):
-        if stream.__dict__.get("flow") is event.flow:
+        # A stream that became a WebSocket passes events to its session: no exchange to time out.
+        if stream.__dict__.get("flow") is event.flow and "_handle_event" not in stream.__dict__:
             yield from self.event_to_child(stream, event)
 
 

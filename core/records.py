@@ -61,6 +61,8 @@ class FlowRecord:
     cost: float | None = None
     client_addr: str | None = None
     error: str | None = None
+    client_id: int | None = None  # the client that owns client_key_id
+    refusal: str | None = None  # the error code keyrotor refused the request with (model_not_allowed, …)
     request_headers: list[list[str]] = field(default_factory=list)  # [name, value], secrets redacted
     response_headers: list[list[str]] = field(default_factory=list)
     request_body: str | None = None
@@ -141,6 +143,8 @@ class CapturedFlow:
     group_id: int | None = None
     fallback_model: str | None = None
     requested_model: str | None = None  # when routing renamed the body's model, what the client asked for
+    client_id: int | None = None
+    refusal: str | None = None
     prices: PriceTable = field(default_factory=PriceTable)  # shared by every flow, loaded once in configure
 
     def to_record(self) -> FlowRecord:
@@ -185,6 +189,8 @@ class CapturedFlow:
             ),
             client_addr=self.client_addr,
             error=self.error,
+            client_id=self.client_id,
+            refusal=self.refusal,
             request_headers=redact(self.request_fields),
             response_headers=redact(self.response_fields),
             request_body=stored_request,

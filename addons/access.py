@@ -22,8 +22,8 @@ from core.limits import Governor, Refusal, Ticket
 from core.metadata import ACCESS, AccessVerdict
 from core.models import Client
 from core.revisions import watch_revision
-from core.routing import is_multipart, requested_model
-from storage import db
+from core.routing import RouteTable, is_multipart, requested_model
+from storage import db, routes
 from storage.client_keys import load_enabled
 from storage.counters import SqliteCounters
 from storage.secrets import hash_client_key
@@ -50,6 +50,7 @@ class Access:
         self._defaults = defaults
         self.clients: dict[str, tuple[Client, int]] = {}  # key hash → (client, key id)
         self.by_id: dict[int, Client] = {}
+        self.routes: RouteTable | None = None  # for clients limited to some groups: which serve a model
         self.db_path: Path | None = None
         # Shared with the Spend addon (addons/keyrotor.py wires them); its counters are made here.
         self.governor = governor or Governor(counters=None)
@@ -82,7 +83,9 @@ class Access:
     def running(self) -> None:
         self._counters.start()
         self._revisions = db.RevisionReader(self.db_path)
-        self._watcher = asyncio.create_task(watch_revision(self._revisions, "clients", self._reload, self._revision))
+        self._watcher = asyncio.create_task(
+            watch_revision(self._revisions, ("clients", routes.ROUTES), self._reload, self._revision)
+        )
 
     def done(self) -> None:
         if self._watcher:
@@ -95,11 +98,13 @@ class Access:
     def _reload(self) -> None:
         conn = db.connect(self.db_path)
         try:
-            self._revision = db.read_revision(conn, "clients")
+            self._revision = (db.read_revision(conn, "clients"), db.read_revision(conn, routes.ROUTES))
             clients = load_enabled(conn)
+            table = RouteTable(*routes.load_routes(conn))
         finally:
             conn.close()
         self.clients = clients
+        self.routes = table
         self.by_id = {client.id: client for client, _ in clients.values()}
         log.info("client keys loaded: %d enabled, of %d clients", len(clients), len(self.by_id))
 
@@ -153,11 +158,15 @@ class Access:
                 body = request.content or b""  # content-encoded: the allowlist must see the real model
             except ValueError:
                 pass  # an encoding we cannot read: upstream cannot either, and answers 400
-        model = None
-        if client.policy.models and body:
+        policy = client.policy
+        model = serving = None
+        if (policy.models or policy.groups) and body:
             content_type = request.headers.get("content-type", "") if is_multipart(body) else ""
             model = requested_model(content_type, body)
-        outcome = self.governor.admit(flow.id, client.id, client.policy, model, body, _address(flow), time.time())
+        if policy.groups and model is not None and self.routes is not None:
+            serving = tuple(g.label for g in self.routes.groups_for(model))
+            verdict.groups = list(policy.groups)
+        outcome = self.governor.admit(flow.id, client.id, policy, model, body, _address(flow), time.time(), serving)
         if isinstance(outcome, Refusal):
             refuse(flow, verdict, outcome)
         elif isinstance(outcome, Ticket):

@@ -278,13 +278,26 @@ class Governor:
         body: bytes,
         address: str | None,
         now: float,
+        serving: tuple[str, ...] | None = None,
     ) -> Refusal | Ticket | None:
-        """Refuse the request, or take its share of every counter and return its ticket (None: nothing to count)."""
+        """Refuse the request, or take its share of every counter and return its ticket (None: nothing to count).
+
+        `serving`: the UPSTREAM/GROUP labels of the groups that serve `model`, when the policy limits groups.
+        """
         if not model_allowed(policy.models, model):
             return refused(
                 403,
                 "model_not_allowed",
                 f"This client key may not use the model {model!r} (allowed: {', '.join(policy.models)}).",
+                "invalid_request_error",
+                {"x-should-retry": "false"},
+            )
+        if policy.groups and model is not None and serving is not None and not set(serving) & set(policy.groups):
+            return refused(
+                403,
+                "model_not_allowed",
+                f"None of the upstream groups this client key may use ({', '.join(policy.groups)}) serves the model"
+                f" {model!r}.",
                 "invalid_request_error",
                 {"x-should-retry": "false"},
             )

@@ -67,6 +67,7 @@ class AccessVerdict(Metadata):
     key_id: int | None = None  # which of the client's keys it used
     reason: str | None = None  # a refusal's "code: message", for the flow's row
     counted: bool = False  # the client has limits: the request holds a share of its counters (core.limits)
+    groups: list[str] | None = None  # the UPSTREAM/GROUP labels the client may be served by (None: any)
 
     KEY = ACCESS
 

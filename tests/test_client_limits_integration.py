@@ -259,3 +259,19 @@ def test_cli_rejects_bad_limits_with_a_sentence(kr: Keyrotor):
     result = kr.cli("clients", "set", "nobody", "--rpm", "5", check=False)
     assert result.returncode == 1 and "no client named 'nobody'" in result.stderr
     assert "x" not in [line.split()[1] for line in kr.cli("clients", "list").stdout.splitlines()[1:]]
+
+
+def test_a_client_limited_to_groups_is_refused_models_only_other_groups_serve(kr: Keyrotor, upstream: FakeUpstream):
+    kr.cli("models", "add", "default/default", "gpt-4o-mini")
+    kr.cli("upstreams", "add", "second", upstream.url)
+    kr.cli("groups", "add", "second/main")
+    kr.cli("keys", "add", "--group", "second/main", input=GOOD[1] + "\n")
+    kr.cli("models", "add", "second/main", "gpt-4o")
+    key = new_client(kr, "narrow", "--groups", "default/default")
+    kr.start_proxy()
+    assert chat(kr, key, "gpt-4o-mini").choices
+    with pytest.raises(openai.PermissionDeniedError) as raised:
+        chat(kr, key, "gpt-4o")
+    assert raised.value.code == "model_not_allowed"
+    assert "default/default" in raised.value.message and "'gpt-4o'" in raised.value.message
+    assert len(upstream.received) == 1

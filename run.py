@@ -585,6 +585,7 @@ def admin_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"keyrotor: {e}", file=sys.stderr)
         return 1
     ended = sessions.end_all(settings.storage_path)
+    audit.log_now(settings.storage_path, "admin.rotate", None, {"sessions_ended": ended})
     print(
         f"admin key replaced; {ended} UI session(s) ended. The new admin key (shown only now):\n{key}",
         flush=True,

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 RATELIMIT_PREFIX = "x-ratelimit-"
 KEYROTOR_ERROR = "x-keyrotor-error"
+NOTHING_USED = {"total_tokens": 0}
 
 
 class Spend:
@@ -50,14 +51,14 @@ class Spend:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
+        # Only a successful stream, whose headers leave right after this hook; a whole answer is
+        # done in `response`, after the key pool has read upstream's headers (a 429's reset times).
+        if not 200 <= response.status_code < 300 or "text/event-stream" not in response.headers.get("content-type", ""):
+            return
         if KEYROTOR_ERROR in response.headers:
             return
         ticket = self.governor.tickets.get(flow.id)
-        if (
-            ticket is not None
-            and ticket.policy.counts_tokens
-            and "text/event-stream" in response.headers.get("content-type", "")
-        ):
+        if ticket is not None and ticket.policy.counts_tokens:
             tail = self._tails[flow.id] = UsageTail()
             response.stream = chained(response.stream if callable(response.stream) else None, tail)
         self._own_headers(flow, ticket)
@@ -65,21 +66,20 @@ class Spend:
     def response(self, flow: http.HTTPFlow) -> None:
         ticket = self.governor.tickets.get(flow.id)
         tail = self._tails.pop(flow.id, None)
-        if ticket is None:
-            if not flow.response.stream:
-                self._own_headers(flow, None)  # a retried attempt's answer replaced the one seen at the headers
-            return
-        usage = None
-        if ticket.policy.counts_tokens and 200 <= flow.response.status_code < 300:
-            if tail is not None:
-                usage = tail.usage()
-            elif not flow.response.stream:
-                try:
-                    usage = json_usage(flow.response.content or b"")
-                except ValueError:
-                    usage = None
-        self._settle(flow, ticket, usage)
-        if not flow.response.stream:
+        response = flow.response
+        ok = 200 <= response.status_code < 300
+        if ticket is not None:
+            usage = None if ok else NOTHING_USED  # upstream refused it: no tokens, and its estimate goes
+            if ticket.policy.counts_tokens and ok:
+                if tail is not None:
+                    usage = tail.usage()
+                elif not response.stream:
+                    try:
+                        usage = json_usage(response.content or b"")
+                    except ValueError:
+                        usage = None
+            self._settle(flow, ticket, usage)
+        if ok and not response.stream:
             self._own_headers(flow, ticket)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -102,11 +102,11 @@ class Spend:
         if response is None or KEYROTOR_ERROR in response.headers:
             return
         fields = response.headers.fields
-        if any(name[:12].lower() == b"x-ratelimit-" for name, _ in fields):
-            response.headers.fields = tuple(f for f in fields if f[0][:12].lower() != b"x-ratelimit-")
-        if ticket is not None:
-            for name, value in self.governor.rate_headers(ticket.client_id, ticket.policy, time.time()).items():
-                response.headers[name] = value
+        own = self.governor.rate_headers(ticket.client_id, ticket.policy, time.time()) if ticket is not None else {}
+        if own or any(name[:12].lower() == b"x-ratelimit-" for name, _ in fields):
+            # One assignment: setting each header would scan and re-encode the fields six times.
+            kept = tuple(f for f in fields if f[0][:12].lower() != b"x-ratelimit-")
+            response.headers.fields = kept + tuple((k.encode(), v.encode()) for k, v in own.items())
 
 
 def _model(flow: http.HTTPFlow) -> str | None:

@@ -171,12 +171,24 @@ _NUMBER_AFTER = re.compile(rb"\s*:\s*(\d{1,9})")
 # ---------------------------------------------------------------------------- calendar
 
 
+_calendar: list = [0.0, 0.0, "", ""]  # [day start, next day, day key, month key]: strftime per day, not per call
+
+
+def _keys(now: float) -> tuple[str, str]:
+    cached = _calendar
+    if not cached[0] <= now < cached[1]:
+        moment = datetime.fromtimestamp(now, UTC)
+        start = moment.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+        cached[:] = [start, start + 86400, moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")]
+    return cached[2], cached[3]
+
+
 def day_key(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+    return _keys(now)[0]
 
 
 def month_key(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
+    return _keys(now)[1]
 
 
 def next_day(now: float) -> float:
@@ -192,7 +204,8 @@ def next_month(now: float) -> float:
 
 def spend_name(client_id: int, unit: str, period: str, now: float) -> str:
     """The counter of a client's spend in `unit` (tokens, usd) this `period` (day, month)."""
-    return f"spend:{client_id}:{unit}:{period}:{day_key(now) if period == 'day' else month_key(now)}"
+    day, month = _keys(now)
+    return f"spend:{client_id}:{unit}:{period}:{day if period == 'day' else month}"
 
 
 # ---------------------------------------------------------------------------- decisions
@@ -246,6 +259,15 @@ class Governor:
     counters: Counters
     ip_rpm: int = 0
     tickets: dict[str, Ticket] = field(default_factory=dict)  # by flow id
+    _names: dict[int, tuple[str, dict[str, str]]] = field(default_factory=dict)  # client → (day, spend names)
+
+    def spend_names(self, client_id: int, now: float) -> dict[str, str]:
+        """spend_names(), made once per client and day rather than on every request."""
+        day = day_key(now)
+        cached = self._names.get(client_id)
+        if cached is None or cached[0] != day:
+            cached = self._names[client_id] = (day, spend_names(client_id, now))
+        return cached[1]
 
     # The checks that need no body, as soon as the headers arrive.
     @staticmethod
@@ -345,6 +367,7 @@ class Governor:
         return ticket
 
     def _over_budget(self, client_id: int, policy: ClientPolicy, now: float) -> Refusal | None:
+        names = None
         for unit, period, limit in (
             ("tokens", "day", policy.daily_tokens),
             ("tokens", "month", policy.monthly_tokens),
@@ -353,7 +376,8 @@ class Governor:
         ):
             if limit is None:
                 continue
-            spent = self.counters.period_total(spend_name(client_id, unit, period, now))
+            names = names or self.spend_names(client_id, now)
+            spent = self.counters.period_total(names[f"{period}_{unit}"])
             if spent >= limit:
                 renews = next_day(now) if period == "day" else next_month(now)
                 amount = f"{limit:g} tokens" if unit == "tokens" else f"${limit:g}"
@@ -411,11 +435,13 @@ class Governor:
         if tokens is not None and ticket.tokens_entry is not None:
             counters.moving_adjust(f"tpm:{ticket.client_id}", ticket.tokens_entry, tokens)
         # Spend counts in the period the request started in, as a bill would.
+        names = None
         for unit, amount in (("tokens", tokens), ("usd", cost)):
             if not amount:
                 continue
+            names = names or self.spend_names(ticket.client_id, ticket.admitted_at)
             for period in ("day", "month"):
-                counters.period_add(spend_name(ticket.client_id, unit, period, ticket.admitted_at), amount)
+                counters.period_add(names[f"{period}_{unit}"], amount)
         return ticket
 
 

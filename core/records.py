@@ -190,7 +190,7 @@ class CapturedFlow:
             client_addr=self.client_addr,
             error=self.error,
             client_id=self.client_id,
-            refusal=self.refusal,
+            refusal=self.refusal or _keyrotor_error(self.response_fields),
             request_headers=redact(self.request_fields),
             response_headers=redact(self.response_fields),
             request_body=stored_request,
@@ -204,3 +204,11 @@ class CapturedFlow:
             else None,
             attempt_log=self.attempts if len(self.attempts) > 1 else [],
         )
+
+
+def _keyrotor_error(fields: HeaderFields) -> str | None:
+    """The code of an answer keyrotor made itself (413, 404 model, 503 no key): core/errors.py sets the header."""
+    for name, value in fields:
+        if name.lower() == b"x-keyrotor-error":
+            return value.decode("latin-1") or None
+    return None

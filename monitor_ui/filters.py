@@ -96,6 +96,9 @@ def flow_query(
     upstream: Annotated[str | None, Query(max_length=200, description="upstream name (or id)")] = None,
     group: Annotated[str | None, Query(max_length=200, description="group as UPSTREAM/GROUP (or id)")] = None,
     stream: Annotated[str | None, Query(description="yes or no")] = None,
+    refusal: Annotated[
+        str | None, Query(max_length=60, description="a refusal's code (model_not_allowed, …), or any")
+    ] = None,
     since: Annotated[str | None, Query(max_length=40)] = None,
     until: Annotated[str | None, Query(max_length=40)] = None,
     after: Annotated[int | None, Query(ge=0, description="only flows with a larger id (live updates)")] = None,
@@ -118,6 +121,7 @@ def flow_query(
         "upstream": route.upstreams.get(upstream_id, str(upstream_id)) if upstream_id else "",
         "group": route.groups.get(group_id, str(group_id)) if group_id else "",
         "stream": stream or "",
+        "refusal": (refusal or "").strip(),
         "since": since or "",
         "until": until or "",
     }
@@ -131,6 +135,7 @@ def flow_query(
         upstream_id=upstream_id,
         group_id=group_id,
         stream=None if not stream else stream == "yes",
+        refusal=(refusal or "").strip() or None,
         since=parse_time(since, "since"),
         until=parse_time(until, "until"),
         after_id=after,

@@ -1,13 +1,17 @@
 """core.ports.Counters for one machine: in memory for the proxy's hooks, persisted to SQLite off the loop.
 
 The hooks read and add in memory (microseconds, nothing blocks); a thread of its own writes
-what changed to the `limit_counters` table every FLUSH_SECONDS and at shutdown, so a restarted
-proxy starts from the counts and spend it had. A kill -9 loses at most the last flush interval.
+what changed every FLUSH_SECONDS and at shutdown, so a restarted proxy starts from the counts
+and spend it had. A kill -9 loses at most the last flush interval.
+
+What is written is proportional to what changed, not to what the windows hold: calendar
+totals by name (`limit_counters`), and each moving window's amount per second
+(`limit_windows`). A restored window's entries are those seconds, each leaving the window at
+the end of its second: never earlier than the requests it stands for.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
@@ -20,9 +24,10 @@ from storage import db
 
 log = logging.getLogger(__name__)
 
-FLUSH_SECONDS = 0.2
-MOVING_KEEP_SECONDS = 3600.0  # entries older than any moving window keyrotor uses are dropped
+FLUSH_SECONDS = 0.5  # like the revision poll: spend shown by the CLI and UI is at most this old
+MOVING_KEEP_SECONDS = 3600  # entries older than any moving window keyrotor uses are not restored
 PERIOD_KEEP_SECONDS = 40 * 86400  # a month's total is still shown for a while after it ends
+PURGE_SECONDS = 600
 
 
 class _Window:
@@ -41,24 +46,22 @@ class _Window:
 
 
 class MemoryCounters:
-    """Counters held in this process; thread-safe, so a persister can copy them while hooks add."""
+    """Counters held in this process; thread-safe, so a persister can take changes while hooks add."""
 
     def __init__(self) -> None:
         self._windows: dict[str, _Window] = {}
         self._periods: dict[str, float] = {}
         self._gauges: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._dirty: set[str] = set()
+        self._dirty_periods: set[str] = set()
+        self._window_changes: dict[tuple[str, int], float] = {}  # (name, second) → amount added
 
     def moving_total(self, name: str, window_seconds: float, now: float) -> tuple[float, float | None]:
         window = self._windows.get(name)
         if window is None:
             return 0.0, None
         with self._lock:
-            before = len(window.entries)
             window.prune(now - window_seconds)
-            if len(window.entries) != before:
-                self._dirty.add(name)
             return window.total, (window.entries[0][0] if window.entries else None)
 
     def moving_add(self, name: str, amount: float, now: float) -> object:
@@ -69,7 +72,8 @@ class MemoryCounters:
                 window = self._windows[name] = _Window()
             window.entries.append(entry)
             window.total += amount
-            self._dirty.add(name)
+            key = (name, int(now))
+            self._window_changes[key] = self._window_changes.get(key, 0.0) + amount
         return entry
 
     def moving_adjust(self, name: str, entry: object, amount: float) -> None:
@@ -77,10 +81,12 @@ class MemoryCounters:
             window = self._windows.get(name)
             if window is None or not isinstance(entry, list):
                 return
+            delta = amount - entry[1]
             if window.entries and entry[0] >= window.entries[0][0]:  # still in the window
-                window.total += amount - entry[1]
+                window.total += delta
             entry[1] = amount
-            self._dirty.add(name)
+            key = (name, int(entry[0]))
+            self._window_changes[key] = self._window_changes.get(key, 0.0) + delta
 
     def period_total(self, name: str) -> float:
         return self._periods.get(name, 0.0)
@@ -88,7 +94,7 @@ class MemoryCounters:
     def period_add(self, name: str, amount: float) -> None:
         with self._lock:
             self._periods[name] = self._periods.get(name, 0.0) + amount
-            self._dirty.add(name)
+            self._dirty_periods.add(name)
 
     def gauge(self, name: str) -> int:
         return self._gauges.get(name, 0)
@@ -99,31 +105,35 @@ class MemoryCounters:
 
     # ------------------------------------------------------------------ persistence
 
-    def take_dirty(self) -> list[tuple[str, str, float, str | None]]:
-        """What changed since the last call, as rows (name, kind, value, entries JSON)."""
+    def take_changes(self) -> tuple[list[tuple[str, float]], list[tuple[str, int, float]]]:
+        """What changed since the last call: (period totals, window amounts added per second)."""
         with self._lock:
-            names, self._dirty = self._dirty, set()
-            rows = []
-            for name in names:
-                if name in self._windows:
-                    window = self._windows[name]
-                    rows.append((name, "moving", window.total, json.dumps(list(window.entries))))
-                elif name in self._periods:
-                    rows.append((name, "period", self._periods[name], None))
-            return rows
+            periods = [(name, self._periods[name]) for name in self._dirty_periods]
+            windows = [(name, second, amount) for (name, second), amount in self._window_changes.items()]
+            self._dirty_periods = set()
+            self._window_changes = {}
+        return periods, windows
 
-    def restore(self, rows: list[sqlite3.Row], now: float) -> None:
+    def give_back(self, periods: list[tuple[str, float]], windows: list[tuple[str, int, float]]) -> None:
+        """Changes a failed write did not save: written with the next ones."""
         with self._lock:
-            for row in rows:
-                if row["kind"] == "moving":
-                    window = _Window()
-                    for at, amount in json.loads(row["entries"] or "[]"):
-                        if at > now - MOVING_KEEP_SECONDS:
-                            window.entries.append([at, amount])
-                            window.total += amount
-                    self._windows[row["name"]] = window
-                else:
-                    self._periods[row["name"]] = row["value"]
+            self._dirty_periods.update(name for name, _ in periods)
+            for name, second, amount in windows:
+                self._window_changes[(name, second)] = self._window_changes.get((name, second), 0.0) + amount
+
+    def restore(self, conn: sqlite3.Connection, now: float) -> None:
+        with self._lock:
+            for name, value in conn.execute("SELECT name, value FROM limit_counters"):
+                self._periods[name] = value
+            for name, second, amount in conn.execute(
+                "SELECT name, second, amount FROM limit_windows WHERE second > ? ORDER BY name, second",
+                (int(now) - MOVING_KEEP_SECONDS,),
+            ):
+                window = self._windows.get(name)
+                if window is None:
+                    window = self._windows[name] = _Window()
+                window.entries.append([second + 1.0, amount])  # leaves the window at its second's end
+                window.total += amount
 
 
 class SqliteCounters(MemoryCounters):
@@ -134,8 +144,7 @@ class SqliteCounters(MemoryCounters):
         self.path = Path(path)
         conn = db.connect(self.path)
         try:
-            now = time.time()
-            self.restore(conn.execute("SELECT name, kind, value, entries FROM limit_counters").fetchall(), now)
+            self.restore(conn, time.time())
         finally:
             conn.close()
         self._stop = threading.Event()
@@ -161,7 +170,7 @@ class SqliteCounters(MemoryCounters):
                 try:
                     self.flush(conn)
                     if time.monotonic() >= next_purge:
-                        next_purge = time.monotonic() + 600
+                        next_purge = time.monotonic() + PURGE_SECONDS
                         purge(conn, time.time())
                 except sqlite3.Error:
                     log.exception("saving client limit counters failed; retrying")
@@ -171,31 +180,31 @@ class SqliteCounters(MemoryCounters):
             conn.close()
 
     def flush(self, conn: sqlite3.Connection) -> None:
-        rows = self.take_dirty()
-        if not rows:
+        periods, windows = self.take_changes()
+        if not periods and not windows:
             return
         now = time.time()
         try:
             with conn:
                 conn.executemany(
-                    "INSERT INTO limit_counters (name, kind, value, entries, updated_at) VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value, entries = excluded.entries,"
-                    " updated_at = excluded.updated_at",
-                    [(*row, now) for row in rows],
+                    "INSERT INTO limit_counters (name, value, updated_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                    [(name, value, now) for name, value in periods],
+                )
+                conn.executemany(
+                    "INSERT INTO limit_windows (name, second, amount) VALUES (?, ?, ?)"
+                    " ON CONFLICT (name, second) DO UPDATE SET amount = amount + excluded.amount",
+                    windows,
                 )
         except sqlite3.Error:
-            with self._lock:
-                self._dirty.update(row[0] for row in rows)  # written next time
+            self.give_back(periods, windows)
             raise
 
 
 def purge(conn: sqlite3.Connection, now: float) -> None:
     with conn:
-        conn.execute(
-            "DELETE FROM limit_counters"
-            " WHERE (kind = 'moving' AND updated_at < ?) OR (kind = 'period' AND updated_at < ?)",
-            (now - MOVING_KEEP_SECONDS, now - PERIOD_KEEP_SECONDS),
-        )
+        conn.execute("DELETE FROM limit_windows WHERE second < ?", (int(now) - MOVING_KEEP_SECONDS,))
+        conn.execute("DELETE FROM limit_counters WHERE updated_at < ?", (now - PERIOD_KEEP_SECONDS,))
 
 
 def spend_of(conn: sqlite3.Connection, names: list[str]) -> dict[str, float]:

@@ -27,7 +27,8 @@ _INSERT_HEAD = f"INSERT INTO flows ({', '.join(FLOW_COLUMNS)})"
 # Columns the list views need; bodies and headers stay out of them.
 SUMMARY_COLUMNS = (
     "id, flow_id, started_at, duration_ms, method, path, status, model, stream,"
-    " client_key_id, upstream_key_id, attempts, total_tokens, error, upstream_id, group_id, fallback_model"
+    " client_key_id, upstream_key_id, attempts, total_tokens, error, upstream_id, group_id, fallback_model,"
+    " client_id, refusal"
 )
 
 
@@ -151,6 +152,7 @@ class FlowFilter:
     upstream_id: int | None = None
     group_id: int | None = None
     stream: bool | None = None
+    refusal: str | None = None  # the code keyrotor refused with ("any": every refused flow)
     since: float | None = None
     until: float | None = None
     after_id: int | None = None  # only flows newer than this (the page's live updates)
@@ -190,6 +192,11 @@ def _conditions(f: FlowFilter, table: str) -> tuple[list[str], list[Any]]:
     if f.stream is not None:
         where.append(f"{table}.stream = ?")
         params.append(int(f.stream))
+    if f.refusal == "any":
+        where.append(f"{table}.refusal IS NOT NULL")
+    elif f.refusal:
+        where.append(f"{table}.refusal = ?")
+        params.append(f.refusal)
     if f.since is not None:
         where.append(f"{table}.started_at >= ?")
         params.append(f.since)

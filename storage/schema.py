@@ -321,12 +321,15 @@ def _v8_clients_limits_audit(db: sqlite_utils.Database) -> None:
     db.conn.execute("UPDATE flows SET client_id = client_key_id WHERE client_key_id IS NOT NULL")
     db["flows"].create_index(["client_id"])
     db["flows"].create_index(["refusal"])
-    # Moving windows and calendar spend of client limits, saved so a restarted proxy keeps them.
+    # Calendar spend and moving windows of client limits, saved so a restarted proxy keeps them:
+    # a total per counter name, and what each window took per second (written as it changes).
     db["limit_counters"].create(
-        {"name": str, "kind": str, "value": float, "entries": str, "updated_at": float},
-        pk="name",
-        not_null={"kind", "value", "updated_at"},
+        {"name": str, "value": float, "updated_at": float}, pk="name", not_null={"value", "updated_at"}
     )
+    db["limit_windows"].create(
+        {"name": str, "second": int, "amount": float}, pk=("name", "second"), not_null={"amount"}
+    )
+    db["limit_windows"].create_index(["second"])
     db["audit_log"].create(
         {
             "id": int,

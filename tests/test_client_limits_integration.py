@@ -275,3 +275,31 @@ def test_a_client_limited_to_groups_is_refused_models_only_other_groups_serve(kr
     assert raised.value.code == "model_not_allowed"
     assert "default/default" in raised.value.message and "'gpt-4o'" in raised.value.message
     assert len(upstream.received) == 1
+
+
+def test_refusals_by_reason_on_the_dashboard_and_metrics_and_the_flows_filter(kr: Keyrotor, upstream: FakeUpstream):
+    from tests.conftest import ADMIN_KEY
+
+    key = new_client(kr, "capped", "--models", "gpt-4o-mini", "--rpm", "3")
+    kr.start_proxy()
+    kr.start_ui()
+    chat(kr, key)
+    for _ in range(2):
+        with pytest.raises(openai.PermissionDeniedError):
+            chat(kr, key, "gpt-4o")
+    chat(kr, key)  # refused models took nothing from the RPM: this is the second of three
+    chat(kr, key)
+    with pytest.raises(openai.RateLimitError):
+        chat(kr, key)
+    wait_rows(kr, 6)
+    api = httpx.Client(base_url=kr.ui_url, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    refusals = wait_for(lambda: (r := api.get("/api/dashboard").json()["refusals"]) and len(r) == 2 and r)
+    assert refusals == {"model_not_allowed": 2, "rate_limit_exceeded": 1}
+    metrics = api.get("/metrics").text
+    assert 'keyrotor_refusals_total{reason="model_not_allowed"} 2' in metrics
+    assert 'keyrotor_refusals_total{reason="rate_limit_exceeded"} 1' in metrics
+    flows = api.get("/api/flows", params={"refusal": "any"}).json()["flows"]
+    assert sorted(f["refusal"] for f in flows) == ["model_not_allowed", "model_not_allowed", "rate_limit_exceeded"]
+    assert len(api.get("/api/flows", params={"refusal": "model_not_allowed"}).json()["flows"]) == 2
+    page = api.get("/dashboard").text
+    assert 'href="/flows?refusal=model_not_allowed"' in page

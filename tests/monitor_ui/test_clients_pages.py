@@ -66,7 +66,7 @@ def test_detail_page_shows_keys_limits_and_spend_against_budget(client):
     client_keys.create_client(conn, "team")
     client_keys.set_limits(conn, "team", {"daily_tokens": "1000"})
     conn.execute(
-        "INSERT INTO limit_counters (name, kind, value, updated_at) VALUES (?, 'period', 250, ?)",
+        "INSERT INTO limit_counters (name, value, updated_at) VALUES (?, 250, ?)",
         (spend_name(1, "tokens", "day", time.time()), time.time()),
     )
     conn.commit()

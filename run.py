@@ -644,8 +644,8 @@ def _print_clients(conn, rows) -> None:
     )
     for row in rows:
         s = spend[row["id"]]
-        today = f"{s['day_tokens']:g}/{_dollars(s['day_usd'])}"
-        month = f"{s['month_tokens']:g}/{_dollars(s['month_usd'])}"
+        today = f"{int(s['day_tokens'])}/{_dollars(s['day_usd'])}"
+        month = f"{int(s['month_tokens'])}/{_dollars(s['month_usd'])}"
         limits = _limits_text(client_keys.policy_of(row["limits"])) or "-"
         print(
             f"{row['id']:>5}  {row['name']:<20}  {row['keys']:>4}  {'yes' if row['enabled'] else 'no':<7}"

@@ -51,6 +51,7 @@ class Access:
         self.clients: dict[str, tuple[Client, int]] = {}  # key hash → (client, key id)
         self.by_id: dict[int, Client] = {}
         self.routes: RouteTable | None = None  # for clients limited to some groups: which serve a model
+        self._serving: dict[str, tuple[str, ...]] = {}  # model → labels of the groups that serve it
         self.db_path: Path | None = None
         # Shared with the Spend addon (addons/keyrotor.py wires them); its counters are made here.
         self.governor = governor or Governor(counters=None)
@@ -105,6 +106,7 @@ class Access:
             conn.close()
         self.clients = clients
         self.routes = table
+        self._serving = {}
         self.by_id = {client.id: client for client, _ in clients.values()}
         log.info("client keys loaded: %d enabled, of %d clients", len(clients), len(self.by_id))
 
@@ -164,7 +166,9 @@ class Access:
             content_type = request.headers.get("content-type", "") if is_multipart(body) else ""
             model = requested_model(content_type, body)
         if policy.groups and model is not None and self.routes is not None:
-            serving = tuple(g.label for g in self.routes.groups_for(model))
+            serving = self._serving.get(model)
+            if serving is None:  # made once per model and route change, not per request
+                serving = self._serving[model] = tuple(g.label for g in self.routes.groups_for(model))
             verdict.groups = list(policy.groups)
         outcome = self.governor.admit(flow.id, client.id, policy, model, body, _address(flow), time.time(), serving)
         if isinstance(outcome, Refusal):

@@ -314,7 +314,7 @@ class Governor:
                 "invalid_request_error",
                 {"x-should-retry": "false"},
             )
-        if policy.groups and model is not None and serving is not None and not set(serving) & set(policy.groups):
+        if policy.groups and model is not None and serving is not None and not any(g in policy.groups for g in serving):
             return refused(
                 403,
                 "model_not_allowed",

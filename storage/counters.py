@@ -24,7 +24,7 @@ from storage import db
 
 log = logging.getLogger(__name__)
 
-FLUSH_SECONDS = 0.5  # like the revision poll: spend shown by the CLI and UI is at most this old
+FLUSH_SECONDS = 1.0  # spend shown by the CLI and UI is at most this old; a kill -9 loses at most this
 MOVING_KEEP_SECONDS = 3600  # entries older than any moving window keyrotor uses are not restored
 PERIOD_KEEP_SECONDS = 40 * 86400  # a month's total is still shown for a while after it ends
 PURGE_SECONDS = 600

@@ -148,6 +148,7 @@ class FlowFilter:
     model: str | None = None
     path: str | None = None  # a prefix
     client_key_id: int | None = None
+    client_id: int | None = None  # the client, whichever of its keys
     upstream_key_id: int | None = None
     upstream_id: int | None = None
     group_id: int | None = None
@@ -180,7 +181,7 @@ def _conditions(f: FlowFilter, table: str) -> tuple[list[str], list[Any]]:
     elif f.status and f.status.isdecimal():  # one code, e.g. 429
         where.append(f"{table}.status = ?")
         params.append(int(f.status))
-    for column in ("model", "client_key_id", "upstream_key_id", "upstream_id", "group_id"):
+    for column in ("model", "client_key_id", "client_id", "upstream_key_id", "upstream_id", "group_id"):
         value = getattr(f, column)
         if value is not None:
             where.append(f"{table}.{column} = ?")

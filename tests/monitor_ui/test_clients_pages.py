@@ -100,3 +100,32 @@ def test_failed_logins_are_slowed_then_refused_with_retry_after(client):
     actions = [r[0] for r in conn.execute("SELECT action FROM audit_log ORDER BY id")]
     conn.close()
     assert actions == ["login.failed"] * 6 + ["login.refused"]
+
+
+def test_flows_filter_by_client_covers_all_its_keys(client):
+    from core.records import FlowRecord
+    from storage import flows
+
+    conn = db.connect(client.db_path)
+    client_keys.create_client(conn, "team")
+    second_key, _ = client_keys.add_key(conn, "team")
+    records = [
+        FlowRecord(
+            flow_id=f"f{i}",
+            started_at=time.time(),
+            method="POST",
+            path="/v1/chat/completions",
+            client_key_id=key_id,
+            client_id=1,
+            refusal=refusal,
+        )
+        for i, (key_id, refusal) in enumerate([(1, None), (second_key, "rate_limit_exceeded"), (None, None)])
+    ]
+    with conn:
+        flows.insert_batch(conn, records)
+    conn.close()
+    listed = client.get("/api/flows", params={"client_id": 1}, headers=AUTH).json()["flows"]
+    assert sorted(f["client_key_id"] or 0 for f in listed) == [0, 1, second_key]
+    refused = client.get("/api/flows", params={"refusal": "rate_limit_exceeded"}, headers=AUTH).json()["flows"]
+    assert [f["client_key_id"] for f in refused] == [second_key]
+    assert client.get("/api/flows", params={"client_id": "x"}, headers=AUTH).status_code == 422

@@ -64,7 +64,8 @@ def test_existing_client_keys_become_clients_of_their_own(tmp_path):
     import sqlite_utils
 
     old = sqlite_utils.Database(conn)
-    for number, migration in enumerate(schema.MIGRATIONS[:-1], start=1):
+    before_clients = schema.MIGRATIONS.index(schema._v8_clients_limits_audit)  # wherever a merge puts it
+    for number, migration in enumerate(schema.MIGRATIONS[:before_clients], start=1):
         with conn:
             migration(old)
             conn.execute(f"PRAGMA user_version = {number}")

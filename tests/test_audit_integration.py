@@ -54,3 +54,4 @@ def test_audit_log_records_cli_and_ui_changes_with_their_actors(keyrotor: Keyrot
     ]
     page = browser.get("/audit", params={"actor": "ui-session"}).text
     assert "clients.set" in page and "keys.add" not in page
+    assert 'href="/audit" aria-current="page"' in page  # in the nav, as every admin page

@@ -9,7 +9,8 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 
 from monitor_ui import views
-from monitor_ui.deps import AdminApi, AdminPage, Conn
+from monitor_ui.auth import SESSION_COOKIE
+from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
 from monitor_ui.filters import parse_time
 from storage import audit
 
@@ -44,6 +45,7 @@ def _public(entry: dict) -> dict:
 def list_audit(
     request: Request,
     conn: Conn,
+    signer: Signer,
     actor: str | None = None,
     action: str | None = None,
     target: str | None = None,
@@ -65,6 +67,7 @@ def list_audit(
         "raw": raw,
         "actors": audit.ACTORS,
         "section": "audit",
+        "csrf": signer.csrf_token(request.cookies.get(SESSION_COOKIE, "")),  # the nav and logout need it
         "iso": views.iso,
         "json_link": "/api/audit?" + urlencode({k: v for k, v in raw.items() if v}),
     }

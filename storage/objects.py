@@ -51,6 +51,10 @@ def counts_by_key(conn: sqlite3.Connection) -> dict[int, int]:
     return {row[0]: row[1] for row in rows}
 
 
+def count_of_key(conn: sqlite3.Connection, key_id: int) -> int:
+    return conn.execute("SELECT count(*) FROM object_owners WHERE upstream_key_id = ?", (key_id,)).fetchone()[0]
+
+
 def objects_of_flow(conn: sqlite3.Connection, flow_id: str) -> list[dict]:
     """The objects a flow created or used, with their kind and owner where known."""
     rows = conn.execute(

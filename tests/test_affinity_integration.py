@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Keyrotor, raises, wait_for
+from tests.conftest import ADMIN_KEY, Keyrotor, raises, wait_for
 from tests.fake_upstream import FakeUpstream
 
 KEYS = [f"sk-good-affinity-{n}-aaaaaaaaaaaaaaaaaaaa000{n}" for n in (1, 2, 3)]
@@ -172,3 +172,39 @@ def test_ownership_survives_a_restart(running, upstream: FakeUpstream):
     for _ in range(4):
         assert client.files.content(uploaded.id).read() == b"kept"
     assert keys_for(upstream, uploaded.id) == {owner}
+
+
+def test_the_ui_shows_what_keys_own_and_flows_made(running, upstream: FakeUpstream):
+    kr, client_key = running
+    client = client_for(kr, client_key)
+    uploaded = client.files.create(file=("requests.jsonl", BATCH_INPUT), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    owner = key_id_of(upstream.objects.owner_of(uploaded.id))
+    wait_for(lambda: stored_owner(kr, batch.id) == owner, what="the batch's owner stored")
+    kr.start_ui()
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    listed = {k["id"]: k["objects"] for k in httpx.get(kr.ui_url + "/api/keys", headers=auth).json()["keys"]}
+    assert listed == {**dict.fromkeys((1, 2, 3), 0), owner: 3}  # the file, the batch and its output file
+    conn = sqlite3.connect(kr.db_path)
+    try:
+        row_id = conn.execute("SELECT id FROM flows WHERE method = 'POST' AND path = '/v1/batches'").fetchone()[0]
+    finally:
+        conn.close()
+    detail = httpx.get(f"{kr.ui_url}/api/flows/{row_id}", headers=auth).json()
+    roles = {(o["id"], o["role"], o["owner_key_id"]) for o in detail["objects"]}
+    assert (batch.id, "created", owner) in roles and (uploaded.id, "used", owner) in roles
+    page = httpx.get(f"{kr.ui_url}/flows/{row_id}", headers=auth).text
+    assert batch.id in page
+
+    deleted = httpx.post(f"{kr.ui_url}/api/keys/{owner}/delete", headers=auth).json()
+    assert deleted["owned_objects"] == 3 and "object_owner_unavailable" in deleted["warning"]
+    error = wait_for(
+        lambda: (
+            isinstance(e := raises(lambda: client.batches.retrieve(batch.id)), openai.APIStatusError)
+            and e.status_code == 409
+            and e
+        ),
+        what="the deleted owner to be refused",
+    )
+    assert "deleted" in error.body["message"]

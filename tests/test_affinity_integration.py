@@ -208,3 +208,27 @@ def test_the_ui_shows_what_keys_own_and_flows_made(running, upstream: FakeUpstre
         what="the deleted owner to be refused",
     )
     assert "deleted" in error.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "status", "code", "why"),
+    [
+        ("ratelimit", 429, "rate_limit_exceeded", "resting"),
+        ("invalid", 409, "object_owner_unavailable", "invalid"),
+        ("quota", 409, "object_owner_unavailable", "exhausted"),
+    ],
+)
+def test_an_owner_that_fails_is_not_replaced_by_another_key(running, upstream, behaviour, status, code, why):
+    kr, client_key = running
+    client = client_for(kr, client_key)
+    uploaded = client.files.create(file=("notes.txt", b"some notes"), purpose="assistants")
+    owner = upstream.objects.owner_of(uploaded.id)
+    upstream.set_key(owner, behaviour, retry_after="30")
+
+    error = raises(lambda: client.files.retrieve(uploaded.id))
+    assert isinstance(error, openai.APIStatusError) and error.status_code == status
+    assert error.body["code"] == code
+    assert uploaded.id in error.body["message"] and why in error.body["message"]
+    if status == 429:
+        assert 20 <= int(error.response.headers["retry-after"]) <= 30
+    assert keys_for(upstream, uploaded.id) == {owner}  # no other key was asked for it

@@ -121,3 +121,18 @@ def test_the_pool_gives_the_owner_or_nobody():
     assert pool.pick("round_robin", 0, frozenset({2}), only=2).id == 2  # a retry stays with the owner
     assert pool.pick("round_robin", 0, only=3) is None  # never another key instead
     assert pool.pick("round_robin", 0, only=9) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "may"),
+    [
+        (b'{"previous_response_id": "resp_1"}', True),
+        (b'{"tools": [{"vector_store_ids": ["vs_1"]}]}', True),
+        (b'{"training_file" : "file-1"}', True),
+        (b'{"messages": [{"role": "tool", "tool_call_id": "call_1"}], "max_tokens": 5}', False),
+        (b'{"image_url": {"url": "data:image/png;base64,' + b"A" * 100_000 + b'"}}', False),
+        (b'{"content": "' + b"a_b " * 1000 + b'", "thread_id": "thread_1"}', True),  # many underscores
+    ],
+)
+def test_which_bodies_are_worth_parsing(body, may):
+    assert affinity.may_name_objects(body) is may

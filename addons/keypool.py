@@ -24,20 +24,20 @@ import httpx
 from mitmproxy import ctx, exceptions, http
 
 from config import STRATEGIES, default_of
-from core import metadata, upstream
+from core import affinity, metadata, upstream
 from core.classify import Outcome, classify_response, connection_failure, is_client_side, is_model_missing
 from core.credentials import AUTHORIZATION, placeholder
 from core.dialects import API_KEY, upstream_url, with_key
 from core.errors import OpenAIError
 from core.failover import ClientRequest, Failover, Plan, scope_of
 from core.metadata import FIRST_BYTE_AT, KEYPOOL, AccessVerdict, KeyUse
-from core.models import FetchedModels, PoolKey
+from core.models import REFUSED, FetchedModels, KeyState, PoolKey
 from core.pool import Policy
 from core.revisions import watch_revision
 from core.rotation import Rotation, RotationSettings
 from core.routing import Candidate, Dialect, RouteTable, is_multipart, query_model, renamed_model, requested_model
-from core.usage import EventFilter, chained
-from storage import db, secrets, writer
+from core.usage import EventFilter, chained, events_end, split_events
+from storage import db, objects, secrets, writer
 from storage.routes import ROUTES, load_routes
 from storage.upstream_keys import load_pool
 
@@ -171,6 +171,12 @@ class KeyPool:
         self._client: httpx.AsyncClient | None = None
         self.sender = sender  # addons/credential_sender.py's, handed over by the -s entry
         self._late_send = False
+        # Key affinity: object id → the key that owns it (storage's object_owners, read a few new
+        # rows at a time), and per flow what it names and what its stream showed.
+        self.owners: dict[str, int] = {}
+        self._owners_read = (0, 0)  # (the objects revision, the last rowid) read so far
+        self._referenced: dict[str, tuple[str, ...]] = {}
+        self._streamed: dict[str, ObjectWatch] = {}
 
     @property
     def keys(self) -> list[PoolKey]:
@@ -221,6 +227,8 @@ class KeyPool:
         if "keyrotor_storage" in updated:
             self.db_path = Path(ctx.options.keyrotor_storage)
             self._apply(self._read())
+            self.owners, self._owners_read = {}, (0, 0)
+            self._apply_owners(self._read_owners())
 
     def running(self) -> None:
         # The key goes on only as the request's bytes leave, and its echo comes out as the answer
@@ -237,6 +245,11 @@ class KeyPool:
         self._tasks = [
             asyncio.create_task(watch_revision(self._revisions, names, self._read, seen, self._apply)),
             asyncio.create_task(self._revalidate_periodically()),
+            asyncio.create_task(
+                watch_revision(
+                    self._revisions, objects.OBJECTS, self._read_owners, self._owners_read[0], self._apply_owners
+                )
+            ),
         ]
 
     def done(self) -> None:
@@ -290,6 +303,22 @@ class KeyPool:
             del self.rotations[group_id]
         self.table = RouteTable(groups, fallbacks)
 
+    def _read_owners(self) -> tuple[int, dict[str, int], int]:
+        """Owners stored since the last read (by any process sharing the database)."""
+        conn = db.connect(self.db_path)
+        try:
+            revision = db.read_revision(conn, objects.OBJECTS)
+            owners, last = objects.owners_since(conn, self._owners_read[1])
+        finally:
+            conn.close()
+        return revision, owners, last
+
+    def _apply_owners(self, loaded: tuple[int, dict[str, int], int]) -> None:
+        revision, owners, last = loaded
+        for object_id, key_id in owners.items():
+            self.owners.setdefault(object_id, key_id)  # what this process learnt first agrees with storage
+        self._owners_read = (revision, max(last, self._owners_read[1]))
+
     # ------------------------------------------------------------------ hooks
 
     # The hooks are plain functions that return a coroutine only when they must wait (for a
@@ -300,6 +329,12 @@ class KeyPool:
         if flow.response:
             return None
         request = flow.request
+        referenced = affinity.referenced_ids(request.path, request.raw_content)
+        if referenced:
+            self._referenced[flow.id] = referenced
+            owned = affinity.resolve(referenced, self.owners)
+            if owned.owners:
+                return self._request_for_owner(flow, owned)
         table = self.table
         if table.trivial:
             # One group for everything, nothing renamed: today's single pool, at today's cost. The
@@ -325,6 +360,100 @@ class KeyPool:
             self._refuse(flow, model_not_found(model))
             return None
         return self._request_after_choosing(flow, self._plan(flow, candidates, model))
+
+    # ------------------------------------------------------------------ key affinity
+
+    def _key_of(self, key_id: int) -> tuple[Rotation | None, PoolKey | None]:
+        for rotation in self.rotations.values():
+            key = rotation.pool.by_id.get(key_id)
+            if key is not None:
+                return rotation, key
+        return None, None
+
+    def _request_for_owner(self, flow: http.HTTPFlow, owned: affinity.Affinity) -> Coroutine | None:
+        """A request naming owned objects goes to their key, whatever the strategy, or is refused."""
+        if owned.conflict:
+            self._refuse(flow, affinity.owners_conflict(owned))
+            return None
+        key_id = owned.owner
+        rotation, key = self._key_of(key_id)
+        group = self.table.by_id.get(key.group_id) if key is not None else None
+        if key is None or rotation is None or group is None:
+            self._refuse(flow, affinity.owner_unavailable(owned.owned, key_id, "has been deleted"))
+            return None
+        if key.state in REFUSED or key.state == KeyState.DISABLED:
+            why = f"is {key.state}" + (f" ({key.state_reason})" if key.state_reason else "")
+            self._refuse(flow, affinity.owner_unavailable(owned.owned, key_id, why))
+            return None
+        if group not in self.table.groups:
+            self._refuse(flow, affinity.owner_unavailable(owned.owned, key_id, f"is in {group.label}, disabled"))
+            return None
+        request = flow.request
+        model = self._model_of(request) if request.method == "POST" else None
+        candidate = Candidate(group, model, group.upstream_model(model) if model else None)
+        plan = self._plan(flow, [candidate], model)
+        plan.only_key = key_id
+        chosen = rotation.pick_now(scope_of(candidate, plan), key_id)
+        if chosen is not None:
+            self._send_with(flow, plan, candidate, 0, chosen)
+            return None
+        return self._owner_after_wait(flow, plan, owned)
+
+    async def _owner_after_wait(self, flow: http.HTTPFlow, plan: Plan, owned: affinity.Affinity) -> None:
+        chosen = await self.failover.first_key(plan, time.time() + self.settings.wait_max_seconds)
+        if chosen is None:
+            self._refuse(flow, self._owner_error(plan, owned.owned))
+        else:
+            self._send_with(flow, plan, plan.candidates[0], 0, chosen[1])
+
+    def _owner_error(self, plan: Plan, owned: tuple[str, ...]) -> OpenAIError:
+        """Why the owner of `owned` cannot take the request: gone for good (409), or resting."""
+        key_id = plan.only_key
+        rotation, key = self._key_of(key_id)
+        if key is None or rotation is None:
+            return affinity.owner_unavailable(owned, key_id, "has been deleted")
+        if key.state in REFUSED or key.state == KeyState.DISABLED:
+            why = f"is {key.state}" + (f" ({key.state_reason})" if key.state_reason else "")
+            return affinity.owner_unavailable(owned, key_id, why)
+        now = time.time()
+        scope = scope_of(plan.candidates[0], plan)
+        others = frozenset(rotation.pool.by_id) - {key_id}
+        wait = rotation.pool.soonest_return(now, scope, others)
+        rest = rotation.pool.resting(scope, now)
+        health = rotation.pool.runtime.get(key_id)
+        scoped = health.scopes.get(scope) if health is not None and scope is not None else None
+        reason = (rest.reason if rest else None) or (scoped.reason if scoped else None) or key.state_reason
+        return affinity.owner_resting(owned, key_id, wait, reason)
+
+    def _learn(self, flow: http.HTTPFlow) -> None:
+        """Which key owns what a successful answer made or answered for (no database round trip:
+        the map here changes now, storage through the writer)."""
+        referenced = self._referenced.pop(flow.id, ())
+        watch = self._streamed.pop(flow.id, None)
+        request, response = flow.request, flow.response
+        if response is None or not 200 <= response.status_code < 300:
+            return
+        if not referenced and not affinity.is_object_path(request.path):
+            return
+        use = KeyUse.of(flow.metadata)
+        if use is None or use.key_id is None or use.refusal is not None:
+            return
+        if watch is not None and response.stream:
+            shown = watch.objects
+        elif "json" in response.headers.get("content-type", ""):
+            try:
+                shown = affinity.created_objects(response.content)
+            except ValueError:
+                shown = []
+        else:
+            shown = []
+        learnt = affinity.learnt(flow.id, use.key_id, request.method, referenced, shown)
+        if learnt is None:
+            return
+        for owned in learnt.owned:
+            self.owners.setdefault(owned.id, learnt.key_id)
+        if self._writer is not None:
+            self._writer.save_ownership(learnt)
 
     @staticmethod
     def _model_of(request: http.Request) -> str | None:
@@ -386,7 +515,7 @@ class KeyPool:
         use.fallback_model = fallback
         request = flow.request
         target = candidate.group.upstream
-        if plan is not None and not self.table.trivial:
+        if plan is not None and (not self.table.trivial or plan.only_key is not None):
             self._plans[flow.id] = plan
             if target.base_url is not None or target.dialect != Dialect.OPENAI:
                 aim(request, upstream_url(candidate, request.path, reverse_target()))
@@ -404,6 +533,14 @@ class KeyPool:
         self._hide_credential(flow)
         candidate = self._answering(flow)
         response = flow.response
+        if (
+            affinity.is_object_path(flow.request.path)
+            and response.status_code < 300
+            and "text/event-stream" in response.headers.get("content-type", "")
+        ):
+            # A stream shows the object it made in its final event (Responses: response.completed).
+            watch = self._streamed[flow.id] = ObjectWatch()
+            response.stream = chained(response.stream if callable(response.stream) else None, watch)
         if (
             candidate is None
             or not candidate.renames
@@ -508,7 +645,11 @@ class KeyPool:
             flow.metadata[FIRST_BYTE_AT] = result.answer.ended_at  # it goes to the client whole, now
             if result.candidate is not None and result.candidate.renames and not result.refuse:
                 self._rename_whole(flow.response, result.candidate)
-        if result.refuse:
+        if result.refuse and plan.only_key is not None:
+            self._refuse(
+                flow, self._owner_error(plan, affinity.resolve(self._referenced.get(flow.id, ()), self.owners).owned)
+            )
+        elif result.refuse:
             rotation = self.rotations.get(use.group_id) or Rotation()
             self._refuse(flow, rotation.no_key_error(len(use.attempts), use.scope))
         self._plans[flow.id] = plan  # _finish reads which route answered
@@ -524,7 +665,9 @@ class KeyPool:
         use.refusal = f"{error.code}: {error.message}"
 
     def _finish(self, flow: http.HTTPFlow) -> None:
-        """What a settled answer still needs: the client's model names, our models in a list."""
+        """What a settled answer still needs: the client's model names, our models in a list, and
+        what it teaches about who owns which object."""
+        self._learn(flow)
         response = flow.response
         if flow.id in self._merge_models:
             self._merge_models.discard(flow.id)
@@ -557,6 +700,8 @@ class KeyPool:
     def _forget(self, flow: http.HTTPFlow) -> None:
         self._plans.pop(flow.id, None)
         self._merge_models.discard(flow.id)
+        self._referenced.pop(flow.id, None)
+        self._streamed.pop(flow.id, None)
 
     def _answer_models(self, flow: http.HTTPFlow) -> bool:
         """GET /v1/models: the models the groups serve. True when answered here; a group that
@@ -609,6 +754,27 @@ class KeyPool:
             log.warning("refreshing the models of %s failed: %s", group.label, e)
             return
         self._writer.save_models(FetchedModels(group.id, tuple(models)))
+
+
+class ObjectWatch:
+    """A stream callable that passes every byte on at once and keeps the objects its final
+    events show (only those events are parsed)."""
+
+    MAX_HELD_BYTES = 8 * 2**20  # a final event holds the whole response: room for a big one
+
+    def __init__(self) -> None:
+        self.objects: list[affinity.OwnedObject] = []
+        self._held = b""
+
+    def __call__(self, data: bytes) -> bytes:
+        buffer = self._held + data if self._held else data
+        end = events_end(buffer) if data else len(buffer)
+        if end:
+            for event in split_events(buffer[:end]):
+                if affinity.is_final_event(event):
+                    self.objects += affinity.streamed_objects(event)
+        self._held = buffer[end:] if len(buffer) - end <= self.MAX_HELD_BYTES else b""
+        return data
 
 
 def reverse_target() -> str:

@@ -60,6 +60,7 @@ class Plan:
     candidates: list[Candidate]
     request: ClientRequest
     body_model: str | None = None  # the model named in the body as the first attempt sent it
+    only_key: int | None = None  # the key that owns an object the request names: no other may serve it
 
     def candidate(self, use: KeyUse) -> Candidate:
         return self.candidates[use.candidate]
@@ -107,7 +108,7 @@ class Failover:
         the first with one that comes back before `deadline`."""
         for index, candidate in enumerate(plan.candidates):
             rotation = self._rotation_of(candidate.group.id)
-            key = rotation.pick_now(scope_of(candidate, plan)) if rotation else None
+            key = rotation.pick_now(scope_of(candidate, plan), plan.only_key) if rotation else None
             if key is not None:
                 return index, key
         for index, candidate in enumerate(plan.candidates):
@@ -115,7 +116,9 @@ class Failover:
             if rotation is None:
                 continue
             last = index == len(plan.candidates) - 1
-            key = await rotation.acquire(frozenset(), deadline if last else time.time(), scope_of(candidate, plan))
+            key = await rotation.acquire(
+                frozenset(), deadline if last else time.time(), scope_of(candidate, plan), only=plan.only_key
+            )
             if key is not None:
                 return index, key
         return None
@@ -173,7 +176,7 @@ class Failover:
                 continue
             scope = scope_of(candidate, plan)
             exclude = frozenset(a.key_id for a in here if a.status != 429)  # rate limits end; failures stay
-            key = await rotation.acquire(exclude, deadline if last else time.time(), scope, alive)
+            key = await rotation.acquire(exclude, deadline if last else time.time(), scope, alive, plan.only_key)
             if alive is not None and not alive():
                 break  # the client went away while it waited: no attempt for nobody
             if key is None:

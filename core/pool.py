@@ -161,13 +161,17 @@ class Pool:
         exclude: frozenset[int] = frozenset(),
         busy_ok: bool = False,
         scope: str | None = KEY_WIDE,
+        only: int | None = None,
     ) -> PoolKey | None:
         """The next key, never one in `exclude` (those that failed this request) while another
         key could still serve; `busy_ok` also allows unproven keys that already have a request
-        in flight."""
+        in flight. `only`: that key or none (the owner of an object the request names)."""
         rest = self.resting(scope, now)
         if rest is not None and (not rest.probes or rest.probing):
             return None
+        if only is not None:
+            key = self.by_id.get(only)
+            return key if key is not None and self.is_usable(key, now, busy_ok, scope) else None
         if strategy == "round_robin" and not exclude:
             return self._next_in_turn(now, busy_ok, scope)  # the common case, without building lists
         usable = [k for k in self.keys if self.is_usable(k, now, busy_ok, scope)]

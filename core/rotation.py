@@ -54,8 +54,8 @@ class Rotation:
 
     # ------------------------------------------------------------------ keys
 
-    def pick_now(self, scope: str | None = KEY_WIDE) -> PoolKey | None:
-        return self.pool.pick(self.settings.strategy, time.time(), scope=scope)
+    def pick_now(self, scope: str | None = KEY_WIDE, only: int | None = None) -> PoolKey | None:
+        return self.pool.pick(self.settings.strategy, time.time(), scope=scope, only=only)
 
     def release(self, use: KeyUse, error: str) -> None:
         """End the latest attempt without learning from it: the client went away first."""
@@ -72,13 +72,17 @@ class Rotation:
         deadline: float,
         scope: str | None = KEY_WIDE,
         alive: Callable[[], bool] | None = None,
+        only: int | None = None,
     ) -> PoolKey | None:
-        """A usable key not in `exclude`, waiting until `deadline` for one to come back."""
+        """A usable key not in `exclude`, waiting until `deadline` for one to come back;
+        `only`: that key (tried again even after it failed), waiting for it alone."""
         strategy = self.settings.strategy
         pool = self.pool
+        if only is not None:
+            exclude = frozenset(pool.by_id) - {only}  # what the waits below look at
         while True:
             now = time.time()
-            key = pool.pick(strategy, now, exclude, scope=scope)
+            key = pool.pick(strategy, now, exclude, scope=scope, only=only)
             if key is not None:
                 return key
             if alive is not None and not alive():
@@ -86,7 +90,7 @@ class Rotation:
             if pool.awaiting_proof(exclude):
                 if now + PROOF_POLL_SECONDS > deadline:
                     # No time to wait for a new key's first answer: share it rather than fail.
-                    return pool.pick(strategy, now, exclude, busy_ok=True, scope=scope)
+                    return pool.pick(strategy, now, exclude, busy_ok=True, scope=scope, only=only)
                 await asyncio.sleep(PROOF_POLL_SECONDS)
                 continue
             rest = pool.resting(scope, now)

@@ -364,6 +364,23 @@ def _v9_clients_limits_audit(db: sqlite_utils.Database) -> None:
         db["audit_log"].create_index(columns)
 
 
+def _v10_object_owners(db: sqlite_utils.Database) -> None:
+    # Key affinity: which upstream key made each object (files, batches, stored responses...),
+    # and which objects each flow created or used. Rows outlive their key: a request for an
+    # object of a deleted key is told so.
+    db["object_owners"].create(
+        {"object_id": str, "kind": str, "upstream_key_id": int, "flow_id": str, "created_at": float},
+        pk="object_id",
+        not_null={"kind", "upstream_key_id", "created_at"},
+    )
+    db["object_owners"].create_index(["upstream_key_id"])
+    db["flow_objects"].create(
+        {"flow_id": str, "object_id": str, "role": str},  # role: created, used
+        pk=("flow_id", "object_id"),
+        not_null={"role"},
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
@@ -374,6 +391,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v7_upstreams_groups_models,
     _v8_every_endpoint,
     _v9_clients_limits_audit,
+    _v10_object_owners,
 ]
 
 

@@ -35,9 +35,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
+from core.affinity import Ownership
 from core.models import FetchedModels, KeyStateChange
 from core.records import FlowRecord
-from storage import audit, capture_status, db, flows, outcomes, rollups, routes, upstream_keys
+from storage import audit, capture_status, db, flows, objects, outcomes, rollups, routes, upstream_keys
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class Writer:
         # Records taken off the queue and not yet committed, oldest first, and their size.
         self._pending: deque[tuple[FlowRecord, int]] = deque()
         self._pending_bytes = 0
-        self._states: list[KeyStateChange | FetchedModels] = []
+        self._states: list[KeyStateChange | FetchedModels | Ownership] = []
         self._failures = 0  # failed writes in a row
         self._retry_at = 0.0
         self._last_write = 0.0
@@ -108,6 +109,10 @@ class Writer:
 
     def save_models(self, fetched: FetchedModels) -> None:
         self._queue.put(fetched)
+
+    def save_ownership(self, learnt: Ownership) -> None:
+        """Which key made (or answered for) which objects: key affinity (core/affinity.py)."""
+        self._queue.put(learnt)
 
     def start(self) -> None:
         self._thread.start()
@@ -173,7 +178,7 @@ class Writer:
             if item is _STOP:
                 self._stopping = True
                 self._stop_deadline = time.monotonic() + STOP_RETRY_SECONDS
-            elif isinstance(item, KeyStateChange | FetchedModels):
+            elif isinstance(item, KeyStateChange | FetchedModels | Ownership):
                 self._states.append(item)  # small, written with the next batch
             else:
                 try:
@@ -220,13 +225,21 @@ class Writer:
         self._retry_at = 0.0
 
     def _write(
-        self, conn: sqlite3.Connection, batch: list[FlowRecord], states: list[KeyStateChange | FetchedModels]
+        self,
+        conn: sqlite3.Connection,
+        batch: list[FlowRecord],
+        states: list[KeyStateChange | FetchedModels | Ownership],
     ) -> None:
         with conn:
             flows.insert_batch(conn, batch)
             rollups.add_records(conn, batch)
             outcomes.add_records(conn, batch)
+            learnt = [s for s in states if isinstance(s, Ownership)]
+            if learnt:
+                objects.record_in_transaction(conn, learnt)
             for change in states:
+                if isinstance(change, Ownership):
+                    continue
                 if isinstance(change, FetchedModels):
                     routes.fetched_models_in_transaction(conn, change.group_id, change.models)
                     continue
@@ -235,7 +248,10 @@ class Writer:
                 )
 
     def _write_singly(
-        self, conn: sqlite3.Connection, batch: list[FlowRecord], states: list[KeyStateChange | FetchedModels]
+        self,
+        conn: sqlite3.Connection,
+        batch: list[FlowRecord],
+        states: list[KeyStateChange | FetchedModels | Ownership],
     ) -> list[FlowRecord]:
         refused = 0
         for index, record in enumerate(batch):

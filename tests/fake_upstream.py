@@ -587,6 +587,183 @@ def form_fields(content_type: str, body: bytes) -> dict[str, tuple[bytes, str | 
     return fields
 
 
+# --------------------------------------------------------------------------- objects scoped per key
+
+
+def _not_found(message: str, param: str | None = None) -> Response:
+    return _error(404, message, "invalid_request_error", param=param)
+
+
+class ScopedObjects:
+    """Files, batches, stored responses and vector stores as OpenAI keeps them: each belongs to
+    the project of the key that made it, and any other key gets a 404 for it.
+
+    `answer` handles these endpoints before the stateless ones; a Responses request only has its
+    `previous_response_id` checked and its id reserved here, then the normal handler answers.
+    """
+
+    def __init__(self, responses: Callable[[bytes, str | None], Response]) -> None:
+        self._lock = threading.Lock()
+        self._owner: dict[str, str] = {}  # object id → the key that made it
+        self._objects: dict[str, dict[str, Any]] = {}
+        self._contents: dict[str, bytes] = {}  # file id → its bytes
+        self._responses = responses
+
+    def owner_of(self, object_id: str) -> str | None:
+        with self._lock:
+            return self._owner.get(object_id)
+
+    def _keep(self, key: str, value: dict[str, Any], content: bytes | None = None) -> dict[str, Any]:
+        with self._lock:
+            self._owner[value["id"]] = key
+            self._objects[value["id"]] = value
+            if content is not None:
+                self._contents[value["id"]] = content
+        return value
+
+    def _mine(self, key: str, object_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._objects.get(object_id) if self._owner.get(object_id) == key else None
+
+    def answer(self, method: str, path: str, key: str, body: bytes, content_type: str) -> Response | None:
+        parts = path.strip("/").split("/")  # v1, collection, id, ...
+        if len(parts) < 2 or parts[0] != "v1":
+            return None
+        collection, rest = parts[1], parts[2:]
+        if collection == "files":
+            return self._files(method, rest, key, body, content_type)
+        if collection == "batches":
+            return self._batches(method, rest, key, body)
+        if collection == "responses":
+            return self._response(method, rest, key, body)
+        if collection == "vector_stores":
+            return self._vector_stores(method, rest, key, body)
+        return None
+
+    def _files(self, method: str, rest: list[str], key: str, body: bytes, content_type: str) -> Response | None:
+        if method == "POST" and not rest:
+            fields = form_fields(content_type, body)
+            content, filename, _ = fields.get("file", (b"", None, None))
+            purpose = fields.get("purpose", (b"", None, None))[0].decode()
+            if not filename or not purpose:
+                raise BadRequest("Missing required parameter: 'file' and 'purpose'.", code="missing_required_parameter")
+            return _json(200, self._new_file(key, content, filename, purpose))
+        if not rest:
+            return None
+        file = self._mine(key, rest[0])
+        if file is None:
+            return _not_found(f"No such File object: {rest[0]}", "id")
+        if method == "GET" and rest[1:] == ["content"]:
+            with self._lock:
+                content = self._contents[rest[0]]
+            return Response(content, 200, {"content-type": "application/octet-stream"})
+        if method == "GET" and len(rest) == 1:
+            return _json(200, file)
+        if method == "DELETE" and len(rest) == 1:
+            with self._lock:
+                self._owner.pop(rest[0], None)
+            return _json(200, {"id": rest[0], "object": "file", "deleted": True})
+        return None
+
+    def _new_file(self, key: str, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        file = {
+            "id": "file-" + os.urandom(12).hex(),
+            "object": "file",
+            "bytes": len(content),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+        }
+        return self._keep(key, file, content)
+
+    def _batches(self, method: str, rest: list[str], key: str, body: bytes) -> Response | None:
+        if method == "POST" and not rest:
+            data = _json_object(body)
+            input_id = data.get("input_file_id")
+            if not isinstance(input_id, str) or self._mine(key, input_id) is None:
+                return _error(
+                    400,
+                    f"Invalid 'input_file_id': '{input_id}'. File with ID '{input_id}' does not exist.",
+                    param="input_file_id",
+                )
+            with self._lock:
+                lines = [line for line in self._contents[input_id].splitlines() if line.strip()]
+            results = b"".join(
+                json.dumps({"custom_id": json.loads(line).get("custom_id"), "response": {"status_code": 200}}).encode()
+                + b"\n"
+                for line in lines
+            )
+            output = self._new_file(key, results, "batch_output.jsonl", "batch_output")
+            now = int(time.time())
+            batch = {
+                "id": "batch_" + os.urandom(12).hex(),
+                "object": "batch",
+                "endpoint": data.get("endpoint"),
+                "input_file_id": input_id,
+                "completion_window": data.get("completion_window"),
+                "status": "completed",
+                "output_file_id": output["id"],
+                "error_file_id": None,
+                "created_at": now,
+                "completed_at": now,
+                "request_counts": {"total": len(lines), "completed": len(lines), "failed": 0},
+                "metadata": data.get("metadata"),
+            }
+            return _json(200, self._keep(key, batch))
+        if method == "GET" and len(rest) == 1:
+            batch = self._mine(key, rest[0])
+            return _json(200, batch) if batch else _not_found(f"No batch found with id '{rest[0]}'.", "batch_id")
+        return None
+
+    def _response(self, method: str, rest: list[str], key: str, body: bytes) -> Response | None:
+        if method == "POST" and not rest:
+            data = _json_object(body)
+            previous = data.get("previous_response_id")
+            if previous is not None and self._mine(key, previous) is None:
+                return _not_found(f"Previous response with id '{previous}' not found.", "previous_response_id")
+            response_id = "resp_" + os.urandom(24).hex()
+            if data.get("store", True) is not False:
+                self._keep(key, {"id": response_id, "object": "response", "model": data.get("model")})
+            return self._responses(body, response_id)
+        if method == "GET" and len(rest) == 1:
+            stored = self._mine(key, rest[0])
+            if stored is None:
+                return _not_found(f"Response with id '{rest[0]}' not found.")
+            return _json(200, _response_object(rest[0], stored.get("model") or "", {}, "completed"))
+        return None
+
+    def _vector_stores(self, method: str, rest: list[str], key: str, body: bytes) -> Response | None:
+        if method == "POST" and not rest:
+            data = _json_object(body)
+            file_ids = data.get("file_ids") or []
+            missing = next((f for f in file_ids if self._mine(key, f) is None), None)
+            if missing is not None:
+                return _not_found(f"No such File object: {missing}", "file_ids")
+            store = {
+                "id": "vs_" + os.urandom(12).hex(),
+                "object": "vector_store",
+                "name": data.get("name"),
+                "created_at": int(time.time()),
+                "status": "completed",
+                "file_counts": {"completed": len(file_ids), "total": len(file_ids)},
+            }
+            return _json(200, self._keep(key, store))
+        if not rest:
+            return None
+        store = self._mine(key, rest[0])
+        if store is None:
+            return _not_found(f"No vector store found with id '{rest[0]}'.")
+        if method == "GET" and len(rest) == 1:
+            return _json(200, store)
+        if method == "POST" and rest[1:] == ["files"]:
+            file_id = _json_object(body).get("file_id")
+            if not isinstance(file_id, str) or self._mine(key, file_id) is None:
+                return _not_found(f"No such File object: {file_id}", "file_id")
+            return _json(200, {"id": file_id, "object": "vector_store.file", "vector_store_id": rest[0]})
+        return None
+
+
 # --------------------------------------------------------------------------- key rules
 
 
@@ -675,6 +852,7 @@ class FakeUpstream:
         self._keys = _KeyBook()
         self._sessions = 0  # Realtime sessions accepted
         self.faults = Faults()  # a request's, a model's, a key's rate or everything's: tests/fake_faults.py
+        self.objects = ScopedObjects(self._responses)  # files, batches, stored responses, vector stores
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "/v1/models"): self._models,
             ("POST", "/v1/chat/completions"): self._chat,
@@ -843,6 +1021,12 @@ class FakeUpstream:
         fault = await self.faults.answer(key, body)
         if fault is not None:
             return fault
+        try:
+            scoped = self.objects.answer(method, path, key, body, headers.get("content-type", ""))
+        except BadRequest as exc:
+            return _error(400, exc.message, param=exc.param, code=exc.code)
+        if scoped is not None:
+            return scoped
         form_handler = self._form_routes.get((method, path))
         if form_handler is not None:
             try:
@@ -1055,7 +1239,7 @@ class FakeUpstream:
         }
         return _json(200, payload, OK_RATELIMIT_HEADERS)
 
-    def _responses(self, body: bytes) -> Response:
+    def _responses(self, body: bytes, response_id: str | None = None) -> Response:
         data = _json_object(body)
         missing = self._unknown_model(data)
         if missing is not None:
@@ -1066,7 +1250,8 @@ class FakeUpstream:
         messages = response_input_messages(data.get("input"))
         pieces = reply_pieces(messages, self.stream_chunks)
         usage = response_usage(messages, data.get("instructions"), "".join(pieces), model)
-        response_id, item_id = "resp_" + os.urandom(24).hex(), "msg_" + os.urandom(24).hex()
+        response_id = response_id or "resp_" + os.urandom(24).hex()
+        item_id = "msg_" + os.urandom(24).hex()
         base = _response_object(response_id, model, data, "in_progress")
         if data.get("stream") is True:
             events = _response_events(base, item_id, pieces, usage, self.stream_delay)

@@ -12,7 +12,7 @@ from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
 from monitor_ui.filters import Flows
 from monitor_ui.names import names_for, route_names
-from storage import db, flows
+from storage import db, flows, objects
 
 router = APIRouter()
 
@@ -55,6 +55,7 @@ def _detail(request: Request, conn, flow_row_id: int) -> dict:
     detail["group_exists"] = row["group_id"] in route.groups
     detail["events"] = views.sse_events(row["response_body"], detail["chunk_times"]) if row["stream"] else []
     detail["curl"] = views.curl_command(detail, request.app.state.proxy_url)
+    detail["objects"] = objects.objects_of_flow(conn, row["flow_id"])  # key affinity: created or used
     return detail
 
 

@@ -17,7 +17,7 @@ from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, Signer, WriteConn
 from monitor_ui.errors import refused_as_http, sentence
 from monitor_ui.names import key_label
-from storage import routes, secrets, upstream_keys
+from storage import objects, routes, secrets, upstream_keys
 from storage.upstream_keys import SqliteKeyStore
 from usecases import keys as key_admin
 
@@ -60,7 +60,7 @@ class KeysToAdd(BaseModel):
     group_id: int | None = Field(None, ge=1, description="the same, by id (default: default/default)")
 
 
-def key_summary(row, now: float | None = None) -> dict:
+def key_summary(row, now: float | None = None, owned: int = 0) -> dict:
     cooling = row["state"] == "cooling" and row["cooldown_until"] is not None
     return {
         "id": row["id"],
@@ -81,6 +81,8 @@ def key_summary(row, now: float | None = None) -> dict:
         "cost": row["cost"],
         "last_used_at": row["last_used_at"],
         "created_at": row["created_at"],
+        # Objects it made (files, batches, stored responses...): only it can reach them (key affinity).
+        "objects": owned,
     }
 
 
@@ -95,8 +97,9 @@ def key_page(conn, after: int, group_id: int | None = None) -> dict:
         for state in upstream_keys.group_key_states(conn, group_id).values():
             by_state[state] = by_state.get(state, 0) + 1
     now = time.time()
+    owned = objects.counts_by_key(conn)
     return {
-        "keys": [key_summary(r, now) for r in rows],
+        "keys": [key_summary(r, now, owned.get(r["id"], 0)) for r in rows],
         "next_after": rows[-1]["id"] if len(rows) == PAGE_SIZE else None,
         "by_state": by_state,
     }
@@ -248,7 +251,7 @@ def _key(conn, key_id: int) -> dict:
     row = upstream_keys.get_key(conn, key_id)
     if row is None:
         raise HTTPException(404, f"No upstream key with id {key_id}.")
-    return key_summary(row)
+    return key_summary(row, owned=objects.count_of_key(conn, key_id))
 
 
 def _edit(conn, key_id: int, name: str | None, weight: float | None) -> None:
@@ -336,9 +339,20 @@ def change_key_json(key_id: int, action: str, conn: WriteConn) -> dict:
     """enable, disable or delete one key; the proxy applies it within a second."""
     if action not in ("enable", "disable", "delete"):
         raise HTTPException(404, f"No key action {action!r}; use enable, disable, delete, weight or validate.")
+    owned = objects.count_of_key(conn, key_id) if action in ("disable", "delete") else 0
     if not _change(conn, action, [key_id]):
         raise HTTPException(404, f"No upstream key with id {key_id}.")
+    if owned:
+        # Requests for those objects now get 409 object_owner_unavailable: say so.
+        return {"id": key_id, "done": action, "owned_objects": owned, "warning": ownership_warning(owned)}
     return {"id": key_id, "done": action}
+
+
+def ownership_warning(owned: int) -> str:
+    return (
+        f"This key owns {owned} object(s) (files, batches, stored responses, vector stores...) that no other"
+        " key can reach: requests for them get 409 object_owner_unavailable while it is disabled or deleted."
+    )
 
 
 @router.post("/keys/reset-invalid", dependencies=[AdminForm])

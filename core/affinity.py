@@ -1,0 +1,356 @@
+"""Key affinity: which upstream key owns an object, and which objects a request refers to.
+
+OpenAI scopes files, batches, stored responses, vector stores, uploads, fine-tuning jobs,
+assistants, threads, runs and messages to the project of the key that made them: another
+key's project answers 404. So a request naming such an object must go to the key that
+made it. Ownership is learnt from successful answers (their `id` and `object`) and kept
+in storage; ids are never rewritten. Pure functions only: the key pool addon reads
+requests and answers, storage keeps the map.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import OpenAIError
+
+# `object` values of the answers that create (or show) an owned object → the kind stored.
+KINDS = {
+    "file": "file",
+    "batch": "batch",
+    "response": "response",
+    "vector_store": "vector_store",
+    "upload": "upload",
+    "fine_tuning.job": "fine_tuning_job",
+    "assistant": "assistant",
+    "thread": "thread",
+    "thread.run": "run",
+    "thread.message": "message",
+}
+# Fields of an owned object that name other objects of the same project.
+NESTED_IDS = {
+    "input_file_id": "file",
+    "output_file_id": "file",
+    "error_file_id": "file",
+    "training_file": "file",
+    "validation_file": "file",
+    "thread_id": "thread",
+    "assistant_id": "assistant",
+    "run_id": "run",
+}
+# Request body fields that refer to objects (found at any depth: Responses tools and
+# content parts, assistants' tool_resources nest them).
+REFERENCE_FIELDS = frozenset(
+    {
+        "input_file_id",
+        "file_id",
+        "file_ids",
+        "previous_response_id",
+        "vector_store_ids",
+        "training_file",
+        "validation_file",
+        "assistant_id",
+        "thread_id",
+    }
+)
+# A body is parsed only when it may hold one of those fields. Each has an underscore, and
+# bodies have few (base64 images none): the underscores are visited with memchr-fast finds,
+# their tails compared first, then the names; `in` over a whole body costs ~2 ns a byte.
+HINT_TAILS = (b'id"', b'ids"', b'file"')
+NAMES_AT_UNDERSCORE = tuple((name.encode() + b'"', name.rfind("_")) for name in sorted(REFERENCE_FIELDS))
+MAX_UNDERSCORES = 256  # beyond: a body full of them (code in a prompt), scanned whole instead
+# Path collections whose next segment is an object id; nested ones ("runs", "messages",
+# "files" under a vector store) are read by the same rule.
+COLLECTIONS = frozenset(
+    {"files", "batches", "responses", "vector_stores", "uploads", "jobs", "assistants", "threads", "runs", "messages"}
+)
+API_PREFIXES = (
+    "/v1/files",
+    "/v1/batches",
+    "/v1/responses",
+    "/v1/vector_stores",
+    "/v1/uploads",
+    "/v1/fine_tuning/jobs",
+    "/v1/assistants",
+    "/v1/threads",
+)
+# Stream events whose payload is (or holds, under "response") an object to learn.
+FINAL_EVENTS = frozenset(
+    {
+        "response.completed",
+        "response.incomplete",
+        "response.failed",
+        "thread.created",
+        "thread.run.created",
+        "thread.message.created",
+    }
+)
+
+
+@dataclass(frozen=True)
+class OwnedObject:
+    id: str
+    kind: str
+
+
+# How OpenAI's ids open, for objects keyrotor learns of only by a key answering for them.
+ID_PREFIXES = (
+    ("file-", "file"),
+    ("file_", "file"),
+    ("batch_", "batch"),
+    ("resp_", "response"),
+    ("vs_", "vector_store"),
+    ("upload_", "upload"),
+    ("ftjob-", "fine_tuning_job"),
+    ("asst_", "assistant"),
+    ("thread_", "thread"),
+    ("run_", "run"),
+    ("msg_", "message"),
+)
+
+
+def guess_kind(object_id: str) -> str:
+    return next((kind for prefix, kind in ID_PREFIXES if object_id.startswith(prefix)), "object")
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """What one answer taught: `key_id` owns what it `created` and what it `answered` for.
+
+    `used` are the ids the request named (the flow used them); `answered` those among them, and
+    the objects a read showed, whose owner keyrotor learns from this answer.
+    """
+
+    flow_id: str
+    key_id: int
+    created: tuple[OwnedObject, ...] = ()
+    used: tuple[str, ...] = ()
+    answered: tuple[OwnedObject, ...] = ()
+
+    @property
+    def owned(self) -> tuple[OwnedObject, ...]:
+        return self.created + self.answered
+
+
+def learnt(
+    flow_id: str, key_id: int, method: str, referenced: tuple[str, ...], shown: list[OwnedObject]
+) -> Ownership | None:
+    """What a successful answer of `key_id` teaches: a POST created what it shows (but what the
+    request named), anything else only showed it; the named objects are this key's too."""
+    named = set(referenced)
+    new = tuple(o for o in shown if o.id not in named)
+    answered = tuple(OwnedObject(i, guess_kind(i)) for i in referenced)
+    if method == "POST":
+        created, answered = new, answered
+    else:
+        created, answered = (), answered + new
+    if not created and not answered:
+        return None
+    return Ownership(flow_id, key_id, created, referenced, answered)
+
+
+@dataclass
+class Affinity:
+    """Where a request must go because of the objects it names."""
+
+    referenced: tuple[str, ...]
+    owner: int | None = None  # the key that owns the owned ones
+    owned: tuple[str, ...] = ()  # the referenced ids keyrotor knows an owner of
+    owners: dict[int, list[str]] = field(default_factory=dict)  # key id → its referenced objects
+
+    @property
+    def conflict(self) -> bool:
+        return len(self.owners) > 1
+
+
+def is_object_path(path: str) -> bool:
+    return path.startswith(API_PREFIXES)
+
+
+def path_ids(path: str) -> list[str]:
+    """Object ids in an API path: `/v1/threads/thread_1/runs/run_2` → [thread_1, run_2]."""
+    if not is_object_path(path):
+        return []
+    parts = path.partition("?")[0].split("/")
+    ids = []
+    for index in range(2, len(parts) - 1):
+        if parts[index] in COLLECTIONS and parts[index + 1] and parts[index + 1] not in COLLECTIONS:
+            ids.append(parts[index + 1])
+    return ids
+
+
+def _walk_references(value: Any, found: list[str]) -> None:
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if name in REFERENCE_FIELDS:
+                if isinstance(item, str) and item:
+                    found.append(item)
+                elif isinstance(item, list):
+                    found += [i for i in item if isinstance(i, str) and i]
+                elif isinstance(item, dict | list):
+                    _walk_references(item, found)
+            elif isinstance(item, dict | list):
+                _walk_references(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict | list):
+                _walk_references(item, found)
+
+
+def may_name_objects(body: bytes) -> bool:
+    """Whether `body` may hold a field that refers to an object (cheap: no parsing)."""
+    find, startswith = body.find, body.startswith
+    at = find(b"_")
+    visited = 0
+    while at >= 0:
+        if startswith(HINT_TAILS, at + 1) and any(startswith(n, at - off) for n, off in NAMES_AT_UNDERSCORE):
+            return True
+        visited += 1
+        if visited > MAX_UNDERSCORES:
+            return any(b"_" + tail in body for tail in HINT_TAILS)
+        at = find(b"_", at + 1)
+    return False
+
+
+def body_ids(body: bytes | None) -> list[str]:
+    """Object ids a JSON request body refers to; a body that names none is not parsed."""
+    if not body or not may_name_objects(body):
+        return []
+    if body[:2] == b"--":
+        return []  # a form upload: names no object
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return []  # upstream answers with its own 400
+    found: list[str] = []
+    _walk_references(value, found)
+    return found
+
+
+def referenced_ids(path: str, body: bytes | None) -> tuple[str, ...]:
+    """Every object id a request names, in its path or its body, each once, in order."""
+    return tuple(dict.fromkeys(path_ids(path) + body_ids(body)))
+
+
+def resolve(referenced: tuple[str, ...], owners: Mapping[str, int]) -> Affinity:
+    """Which key owns what `referenced` names (an id nobody is known to own is left out)."""
+    affinity = Affinity(referenced)
+    for object_id in referenced:
+        key_id = owners.get(object_id)
+        if key_id is not None:
+            affinity.owners.setdefault(key_id, []).append(object_id)
+    affinity.owned = tuple(i for ids in affinity.owners.values() for i in ids)
+    if len(affinity.owners) == 1:
+        affinity.owner = next(iter(affinity.owners))
+    return affinity
+
+
+def _objects_in(value: Any) -> Iterator[OwnedObject]:
+    """An answer's owned object, what it names of its project, and a list's items."""
+    if not isinstance(value, dict):
+        return
+    kind = KINDS.get(value.get("object"))  # type: ignore[arg-type]
+    object_id = value.get("id")
+    if kind is not None and isinstance(object_id, str) and object_id:
+        yield OwnedObject(object_id, kind)
+        for name, nested_kind in NESTED_IDS.items():
+            nested = value.get(name)
+            if isinstance(nested, str) and nested:
+                yield OwnedObject(nested, nested_kind)
+        inner = value.get("file")  # an upload that completed holds its file
+        if isinstance(inner, dict):
+            yield from _objects_in(inner)
+    if value.get("object") == "list" and isinstance(value.get("data"), list):
+        for item in value["data"][:1000]:
+            yield from _objects_in(item)
+
+
+def created_objects(body: bytes | None) -> list[OwnedObject]:
+    """The owned objects a JSON answer shows (each once)."""
+    if not body or body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
+        return []
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    return list(dict.fromkeys(_objects_in(value)))
+
+
+def event_type(event: bytes) -> str | None:
+    """An SSE event's `event:` name (cheap: no JSON parsing)."""
+    for line in event.split(b"\n", 3)[:3]:
+        if line.startswith(b"event:"):
+            return line[6:].strip().decode("utf-8", "replace")
+    return None
+
+
+def streamed_objects(event: bytes) -> list[OwnedObject]:
+    """The owned objects a final stream event holds (`response.completed`'s response, a created thread...)."""
+    data = b"\n".join(line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:"))
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    if isinstance(value, dict) and isinstance(value.get("response"), dict):
+        value = value["response"]
+    return list(dict.fromkeys(_objects_in(value)))
+
+
+def is_final_event(event: bytes) -> bool:
+    kind = event_type(event)
+    if kind is not None:
+        return kind in FINAL_EVENTS
+    # No `event:` line: the type is in the JSON, near the start.
+    head = event[:120]
+    return any(b'"' + name.encode() + b'"' in head for name in FINAL_EVENTS)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _named(ids: list[str] | tuple[str, ...]) -> str:
+    shown = ", ".join(f"`{i}`" for i in ids[:5])
+    return shown + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
+
+def owner_unavailable(ids: tuple[str, ...], key_id: int, why: str) -> OpenAIError:
+    """409: the key that owns the objects cannot serve, and no other key can see them."""
+    return OpenAIError(
+        409,
+        f"The object {_named(ids)} belongs to upstream key #{key_id}, which {why}. Objects stay with the key"
+        " that made them (another key's project answers 404): re-enable or reset that key, or make the"
+        " object again.",
+        "invalid_request_error",
+        "object_owner_unavailable",
+        {"x-should-retry": "false"},
+    )
+
+
+def owners_conflict(affinity: Affinity) -> OpenAIError:
+    """409: the request names objects of different keys, and no key can see them all."""
+    parts = "; ".join(f"{_named(ids)} with key #{key_id}" for key_id, ids in sorted(affinity.owners.items()))
+    return OpenAIError(
+        409,
+        f"This request refers to objects made with different upstream keys ({parts}); each key's project"
+        " sees only its own objects, so no single key can serve it.",
+        "invalid_request_error",
+        "object_owner_conflict",
+        {"x-should-retry": "false"},
+    )
+
+
+def owner_resting(ids: tuple[str, ...], key_id: int, wait: float | None, reason: str | None) -> OpenAIError:
+    """429 (rate limited) or 503 (cooling): the owner only rests; Retry-After says when it is back."""
+    retry_after = str(max(1, math.ceil(wait))) if wait is not None else "1"
+    why = f" ({reason})" if reason else ""
+    message = (
+        f"The object {_named(ids)} belongs to upstream key #{key_id}, which is resting{why}; only it can serve"
+        " this request. Retry after the Retry-After seconds."
+    )
+    if reason and "429" in reason:
+        return OpenAIError(429, message, "requests", "rate_limit_exceeded", {"retry-after": retry_after})
+    return OpenAIError(503, message, "server_error", "object_owner_cooling", {"retry-after": retry_after})

@@ -356,6 +356,11 @@ class KeyPool:
         else:
             model = self._websocket_model(flow)
         candidates = table.candidates(model)
+        access = AccessVerdict.of(flow.metadata)
+        if access is not None and access.groups is not None:
+            # A client limited to some groups (addons/access.py refused it if none serves the model).
+            allowed = set(access.groups)
+            candidates = [c for c in candidates if c.group.label in allowed]
         if not candidates:
             self._refuse(flow, model_not_found(model))
             return None

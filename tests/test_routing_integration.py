@@ -181,3 +181,15 @@ def test_a_model_rate_limited_in_one_group_goes_to_the_next_group_then_to_its_fa
         lambda: client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).model == "gpt-4o-2024-08-06",
         what="the fallback answering",
     )
+
+
+def test_a_client_limited_to_one_group_is_served_by_that_group_only(routed, relay, azure):
+    kr, _ = routed
+    key = kr.cli("clients", "add", "bob", "--groups", "azure/prod").stdout.strip().splitlines()[-1]
+    bob = openai.OpenAI(base_url=kr.base_url, api_key=key, max_retries=0, timeout=20)
+    wait_for(lambda: not raises(lambda: bob.chat.completions.create(model="gpt-4o", messages=MESSAGES)), what="bob")
+    for _ in range(5):  # the relay's group serves gpt-4o first for everyone else
+        bob.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert relay.received == [] and len(azure.received) == 6
+    error = raises(lambda: bob.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES))
+    assert isinstance(error, openai.PermissionDeniedError) and error.code == "model_not_allowed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -196,6 +197,21 @@ def keyrotor(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Keyrotor]:
     installation = Keyrotor(tmp=tmp_path, upstream_url=upstream.url, env=env)
     yield installation
     installation.stop()
+
+
+def stored_flows(path, after_id: int = 0, conn=None) -> list[dict]:
+    """Flows as storage's readers get them (headers and bodies unpacked), oldest first."""
+    from storage import flows
+
+    own = conn is None
+    conn = conn or db.connect(path, readonly=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = conn.execute("SELECT * FROM flows WHERE id > ? ORDER BY id", (after_id,)).fetchall()
+        return [flows.unpack_row(conn, row) for row in rows]
+    finally:
+        if own:
+            conn.close()
 
 
 def insert_into_old_schema(conn, records) -> None:

@@ -586,7 +586,12 @@ def storage_command(args: argparse.Namespace, settings: Settings) -> int:
             started = time.monotonic()
             left = conversion.progress(conn).remaining
             print(f"converting {left:,} flows stored before compression, {conversion.CHUNK} per transaction")
-            done = conversion.convert_all(conn, lambda n, rest: print(f"  {n:,} converted, {rest:,} to go", flush=True))
+
+            def report(converted: int, remaining: int) -> None:
+                left = f"{remaining:,} to go" if remaining else "removing the old full-text index"
+                print(f"  {converted:,} converted, {left}", flush=True)
+
+            done = conversion.convert_all(conn, report)
             print(f"done: {done:,} flows converted in {time.monotonic() - started:.1f} s; the old index is dropped")
             return 0
         found = stats.collect(conn, settings.storage_path)

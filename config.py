@@ -139,6 +139,7 @@ SETTINGS = [
     Setting("keypool", "max_attempts", 3, _positive_integer),
     Setting("keypool", "wait_max_seconds", 5, _non_negative_integer),
     Setting("keypool", "attempt_timeout_seconds", 600, _positive_integer),
+    Setting("keypool", "stream_idle_seconds", 120, _positive_integer),
     Setting("keypool", "revalidate_seconds", 900, _non_negative_integer),
     Setting("capture", "bodies", "truncated", _one_of(*BODY_MODES)),
     Setting("capture", "max_body_bytes", 1_048_576, _positive_integer),

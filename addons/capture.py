@@ -13,7 +13,8 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 
 from config import BODY_MODES, BY_NAME, default_of
-from core.metadata import RECORDED, AccessVerdict, KeyUse, UsageInjection
+from core.classify import is_client_side
+from core.metadata import FIRST_BYTE_AT, RECORDED, AccessVerdict, KeyUse, UsageInjection
 from core.prices import PriceFileError, PriceTable, load_prices
 from core.records import CapturedFlow, StreamTee
 from storage import writer
@@ -21,6 +22,7 @@ from storage import writer
 log = logging.getLogger(__name__)
 
 STOPPED = "keyrotor stopped before the request finished (proxy.stop_grace_seconds ran out)"
+FAILED_EXCHANGE = 502  # mitmproxy's answer to an exchange that failed before any byte reached the client
 UNFINISHED_PRUNE_AT = 10_000
 
 
@@ -180,7 +182,7 @@ class Capture:
             upstream_key_id=keys.key_id,
             body_mode=ctx.options.capture_bodies,
             max_body_bytes=ctx.options.capture_max_body_bytes,
-            error=error or (flow.error.msg if flow.error else None),
+            error=error or (flow.error.msg if flow.error else None) or keys.refusal,
             attempts=list(keys.attempts),
             upstream_id=keys.upstream_id,
             group_id=keys.group_id,
@@ -189,12 +191,16 @@ class Capture:
             prices=self._prices,
         )
         response = flow.response
+        tee = self._tees.pop(flow.id, None)
         if response is None:
             captured.ended_at = flow.error.timestamp if flow.error else time.time()
+            if flow.error and not is_client_side(flow.error.msg):
+                captured.status = FAILED_EXCHANGE  # what mitmproxy answered the client with
             return captured
-        tee = self._tees.pop(flow.id, None)
+        if tee is not None and response.stream is not tee:
+            tee = None  # teed an attempt whose answer was replaced by a retry's
         captured.status = response.status_code
-        captured.first_byte_at = response.timestamp_start
+        captured.first_byte_at = flow.metadata.get(FIRST_BYTE_AT) or response.timestamp_start
         captured.response_fields = response.headers.fields
         captured.response_encoding = response.headers.get("content-encoding")
         if tee is not None:

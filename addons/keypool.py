@@ -24,13 +24,13 @@ import httpx
 from mitmproxy import ctx, exceptions, http
 
 from config import STRATEGIES, default_of
-from core import upstream
-from core.classify import Outcome, classify_response, connection_failure, is_model_missing
+from core import metadata, upstream
+from core.classify import Outcome, classify_response, connection_failure, is_client_side, is_model_missing
 from core.credentials import AUTHORIZATION, placeholder
 from core.dialects import API_KEY, upstream_url, with_key
 from core.errors import OpenAIError
-from core.failover import ClientRequest, Failover, Plan
-from core.metadata import KEYPOOL, KeyUse
+from core.failover import ClientRequest, Failover, Plan, scope_of
+from core.metadata import FIRST_BYTE_AT, KEYPOOL, AccessVerdict, KeyUse
 from core.models import FetchedModels, PoolKey
 from core.pool import Policy
 from core.revisions import watch_revision
@@ -55,7 +55,8 @@ OPTION_HELP = {
     "pool_429_window_seconds": "429s on every usable key within this window cool the pool, not each key (0: off).",
     "max_attempts": "Attempts per request, each with another key, before the client sees an error.",
     "wait_max_seconds": "How long a request may wait for a key to come back before a 503.",
-    "attempt_timeout_seconds": "A retry or probe with no answer for this long is a timeout.",
+    "attempt_timeout_seconds": "An attempt with no response headers, or no first byte, for this long is a timeout.",
+    "stream_idle_seconds": "A streamed answer silent for this long after its first byte is a timeout.",
     "revalidate_seconds": "How often invalid and exhausted keys are probed with GET /v1/models (0: never).",
 }
 POSITIVE = (
@@ -65,12 +66,12 @@ POSITIVE = (
     "failure_cooldown_seconds",
     "max_attempts",
     "attempt_timeout_seconds",
+    "stream_idle_seconds",
 )
 
 
-def is_client_side(error_message: str) -> bool:
-    # mitmproxy words the client's hang-ups "Client disconnected." / "client closed …".
-    return "client" in error_message.lower()
+def reached_client(flow: http.HTTPFlow) -> bool:
+    return metadata.reached_client(flow.metadata, flow.response is not None and bool(flow.response.stream))
 
 
 def as_response(error: OpenAIError) -> http.Response:
@@ -297,11 +298,15 @@ class KeyPool:
         request = flow.request
         table = self.table
         if table.trivial:
-            # One group for everything, nothing renamed: today's single pool, at today's cost.
-            key = self.rotations[table.only.group.id].pick_now()
-            if key is None:
-                return self._request_after_choosing(flow, self._plan(flow, [table.only], None))
-            self._send_with(flow, None, table.only, 0, key)
+            # One group for everything, nothing renamed: today's single pool, at today's cost. The
+            # model is read only while some model rests (until then the pick does not depend on it).
+            rotation = self.rotations[table.only.group.id]
+            model = self._model_of(request) if rotation.pool.scoped_until > time.time() else None
+            key = rotation.pick_now(model)
+            if key is None:  # waiting for a key: the slow path, which knows the model
+                model = model or self._model_of(request)
+                return self._request_after_choosing(flow, self._plan(flow, [table.only], model))
+            self._send_with(flow, None, table.only, 0, key, model, scope_known=model is not None)
             return None
         model = None
         if request.method == "GET" and request.path.partition("?")[0] == MODELS_PATH:
@@ -311,7 +316,7 @@ class KeyPool:
             model = self._model_of(request)
         candidates = table.candidates(model)
         if not candidates:
-            flow.response = as_response(model_not_found(model))
+            self._refuse(flow, model_not_found(model))
             return None
         return self._request_after_choosing(flow, self._plan(flow, candidates, model))
 
@@ -335,7 +340,7 @@ class KeyPool:
     def _request_after_choosing(self, flow: http.HTTPFlow, plan: Plan) -> Coroutine | None:
         if len(plan.candidates) == 1:
             rotation = self.rotations.get(plan.candidates[0].group.id)
-            key = rotation.pick_now() if rotation else None
+            key = rotation.pick_now(scope_of(plan.candidates[0], plan)) if rotation else None
             if key is not None:
                 self._send_with(flow, plan, plan.candidates[0], 0, key)
                 return None
@@ -344,18 +349,29 @@ class KeyPool:
     async def _choose_and_send(self, flow: http.HTTPFlow, plan: Plan) -> None:
         chosen = await self.failover.first_key(plan, time.time() + self.settings.wait_max_seconds)
         if chosen is None:
-            rotation = self.rotations.get(plan.candidates[-1].group.id)
-            flow.response = as_response((rotation or Rotation()).no_key_error(0))
+            rotation = self.rotations.get(plan.candidates[-1].group.id) or Rotation()
+            self._refuse(flow, rotation.no_key_error(0, scope_of(plan.candidates[-1], plan)))
         else:
             index, key = chosen
             self._send_with(flow, plan, plan.candidates[index], index, key)
 
     def _send_with(
-        self, flow: http.HTTPFlow, plan: Plan | None, candidate: Candidate, index: int, key: PoolKey
+        self,
+        flow: http.HTTPFlow,
+        plan: Plan | None,
+        candidate: Candidate,
+        index: int,
+        key: PoolKey,
+        scope: str | None = None,
+        scope_known: bool = True,
     ) -> None:
-        use = flow.metadata[KEYPOOL] = KeyUse(candidate=index)
+        """The first attempt, on `candidate` with `key`; `scope` is its model (read from the plan when there is one)."""
+        access = AccessVerdict.of(flow.metadata)
+        use = flow.metadata[KEYPOOL] = KeyUse(candidate=index, client_id=access.client_id if access else None)
         fallback = candidate.model if candidate.fallback_from else None
-        self.rotations[candidate.group.id].begin(use, key, candidate, fallback)
+        if plan is not None:
+            scope = scope_of(candidate, plan)
+        self.rotations[candidate.group.id].begin(use, key, candidate, fallback, scope, scope_known)
         use.fallback_model = fallback
         request = flow.request
         target = candidate.group.upstream
@@ -399,11 +415,18 @@ class KeyPool:
         outcome = None if missing else classify_response(status, response.headers, content, time.time())
         rotation = self.rotations.get(use.group_id)
         if rotation is not None:
-            rotation.end(use, outcome, status, None)
-        if not missing and (outcome is None or not outcome.is_key_failure or response.stream):
+            self._end(flow, rotation, use, outcome, status, None)
+        if not missing and (outcome is None or not outcome.is_key_failure or reached_client(flow)):
             use.settled = True  # a good answer, the request's own fault, or already on its way
+            if rotation is not None:
+                rotation.settle(use)
             return self._finish(flow)
         return self._retry(flow, use, outcome, missing)
+
+    def _end(self, flow, rotation: Rotation, use: KeyUse, outcome: Outcome | None, status, error) -> None:
+        if rotation.needs_scope(use, outcome):
+            use.scope, use.scope_known = self._model_of(flow.request), True
+        rotation.end(use, outcome, status, error)
 
     def error(self, flow: http.HTTPFlow) -> Coroutine | None:
         self._hide_credential(flow)
@@ -421,23 +444,29 @@ class KeyPool:
             self._forget(flow)
             return None
         if rotation is not None:
-            rotation.end(use, connection_failure(flow.error.msg), None, flow.error.msg)
-        if flow.response is not None and flow.response.stream:
+            self._end(flow, rotation, use, connection_failure(flow.error.msg), None, flow.error.msg)
+        if reached_client(flow):
             use.settled = True  # part of the answer reached the client: too late to retry
+            if rotation is not None:
+                rotation.settle(use)
             self._forget(flow)
             return None
         return self._recover(flow, use)
 
     async def _recover(self, flow: http.HTTPFlow, use: KeyUse) -> None:
+        unanswered = flow.response  # headers of an answer that never arrived whole, or None
         await self._retry(flow, use, None, False)
-        if flow.response is not None:
+        if flow.response is not None and flow.response is not unanswered:
             flow.error = None  # recovered: addons/recovery.py sends this response instead of a 502
+        elif flow.response is not None:
+            flow.response = None  # the client gets mitmproxy's 502, and the record says so
 
     async def _retry(self, flow: http.HTTPFlow, use: KeyUse, outcome: Outcome | None, missing: bool) -> None:
         request = flow.request
         plan = self._plans.get(flow.id)
         if plan is None:  # a single route, nothing renamed: the request as it is now
-            plan = self._plan(flow, [self.table.candidates(None)[0]], None)
+            model = use.scope if use.scope_known else self._model_of(request)
+            plan = self._plan(flow, [self.table.candidates(None)[0]], model)
         # The body as it is now (the usage addon may have asked for usage), the headers as now
         # with the client's own credential layout (an Azure attempt moved it into api-key).
         kept = tuple((n, v) for n, v in request.headers.fields if n.lower() not in CREDENTIAL_HEADERS)
@@ -448,16 +477,28 @@ class KeyPool:
             request.raw_content,
             plan.request.model,
         )
-        result = await self.failover.retry(self._client, use, plan, outcome, reverse_target(), missing)
+        result = await self.failover.retry(
+            self._client, use, plan, outcome, reverse_target(), missing, lambda: flow.client_conn.connected
+        )
         if result.answer is not None:
             flow.response = response_of(result.answer)
+            flow.metadata[FIRST_BYTE_AT] = result.answer.ended_at  # it goes to the client whole, now
             if result.candidate is not None and result.candidate.renames and not result.refuse:
                 self._rename_whole(flow.response, result.candidate)
         if result.refuse:
             rotation = self.rotations.get(use.group_id) or Rotation()
-            flow.response = as_response(rotation.no_key_error(len(use.attempts)))
+            self._refuse(flow, rotation.no_key_error(len(use.attempts), use.scope))
         self._plans[flow.id] = plan  # _finish reads which route answered
         self._finish(flow)
+
+    @staticmethod
+    def _refuse(flow: http.HTTPFlow, error: OpenAIError) -> None:
+        """keyrotor's own answer instead of upstream's; the row's error says why."""
+        flow.response = as_response(error)
+        use = KeyUse.of(flow.metadata)
+        if use is None:
+            use = flow.metadata[KEYPOOL] = KeyUse()
+        use.refusal = f"{error.code}: {error.message}"
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         """What a settled answer still needs: the client's model names, our models in a list."""

@@ -28,6 +28,7 @@ from addons.credential_sender import CredentialSender  # noqa: E402
 from addons.keypool import KeyPool  # noqa: E402
 from addons.recovery import Recovery  # noqa: E402
 from addons.shutdown import Shutdown  # noqa: E402
+from addons.upstream_watch import UpstreamWatch  # noqa: E402
 from addons.usage import Usage  # noqa: E402
 from config import ConfigError, load_settings  # noqa: E402
 from storage import db, secrets  # noqa: E402
@@ -82,6 +83,7 @@ addons = [
     Bounds(_settings),
     KeyPool(_settings, sender=_sender),
     _sender,
+    UpstreamWatch(),  # after the sender: its patch wraps the sender's
     Usage(),
     Capture(_settings),
     AdminKeyWatch(),

@@ -14,6 +14,8 @@ from __future__ import annotations
 from mitmproxy import flow as mitm_flow
 from mitmproxy.proxy.layers import http as http_layer
 
+from core.metadata import reached_client
+
 _original = http_layer.HttpStream.handle_protocol_error
 
 
@@ -22,7 +24,7 @@ def _handle_protocol_error(self: http_layer.HttpStream, event):
         not isinstance(event, http_layer.ResponseProtocolError)
         or self.client_state in (self.state_errored, self.state_stream_request_body)
         or self.server_state in (self.state_done, self.state_errored)
-        or (self.flow.response is not None and self.flow.response.stream)
+        or reached_client(self.flow.metadata, self.flow.response is not None and bool(self.flow.response.stream))
     )
     if untouched:
         return (yield from _original(self, event))

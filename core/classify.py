@@ -35,6 +35,8 @@ KEY_FAILURES = frozenset(
 )
 # Failures that are about our key alone: the client must not see upstream's words for them.
 KEY_ONLY_FAILURES = frozenset({OutcomeKind.INVALID, OutcomeKind.EXHAUSTED, OutcomeKind.RATE_LIMITED})
+# Failures that may be the key's, the request's or upstream's: only comparing keys tells.
+UPSTREAM_TROUBLE = frozenset({OutcomeKind.SERVER_ERROR, OutcomeKind.CONNECTION_ERROR})
 QUOTA_CODES = frozenset({"insufficient_quota", "insufficientquota", "quota_exceeded"})
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -129,6 +131,8 @@ def classify_response(status: int, headers: HeaderLookup, content: bytes | None,
         code, message = error_fields(content)
         if (code or "").lower() in QUOTA_CODES or "exceeded your current quota" in message.lower():
             return Outcome(OutcomeKind.EXHAUSTED, "429 insufficient_quota")
+        if is_request_too_large(message):
+            return None  # the request asks more than the limit allows on any key: the client's to fix
         wait = retry_after_seconds(headers, now)
         if wait is None:
             wait = ratelimit_reset_seconds(headers)
@@ -137,6 +141,26 @@ def classify_response(status: int, headers: HeaderLookup, content: bytes | None,
         code, _ = error_fields(content)
         return Outcome(OutcomeKind.SERVER_ERROR, f"{status} {code or 'server_error'}")
     return None
+
+
+_LIMIT_REQUESTED = re.compile(r"limit (\d+), requested (\d+)")
+
+
+def is_request_too_large(message: str) -> bool:
+    """OpenAI's 429 for a request bigger than the whole per-minute limit ("Request too large …
+    Limit 30000, Requested 45000. The input or output tokens must be reduced …"): waiting or
+    another key cannot help, unlike "Rate limit reached … Limit 30000, Used 25000, Requested 8000"."""
+    lower = message.lower()
+    if "request too large" in lower or "must be reduced" in lower:
+        return True
+    match = _LIMIT_REQUESTED.search(lower)
+    return match is not None and int(match.group(2)) > int(match.group(1))
+
+
+def is_client_side(error_message: str) -> bool:
+    """mitmproxy's error for a flow whose client went away (not upstream's fault, not the key's)."""
+    # mitmproxy words the client's hang-ups "Client disconnected." / "client closed …".
+    return "client" in error_message.lower()
 
 
 def connection_failure(message: str) -> Outcome:

@@ -19,7 +19,6 @@ from core import upstream
 from core.classify import (
     KEY_ONLY_FAILURES,
     Outcome,
-    OutcomeKind,
     classify_response,
     connection_failure,
     is_model_missing,
@@ -31,9 +30,8 @@ from core.models import PoolKey
 from core.rotation import Rotation, RotationSettings
 from core.routing import Candidate, Dialect, renamed_model
 
-# 5xx or connection errors in a row from one group's upstream before the request tries the next group.
+# Keys of one group on which a request met 5xx or connection errors before it tries the next group.
 GROUP_FAILURES = 2
-UPSTREAM_TROUBLE = frozenset({OutcomeKind.SERVER_ERROR, OutcomeKind.CONNECTION_ERROR})
 
 
 @dataclass(frozen=True)
@@ -90,6 +88,15 @@ class RetryResult:
     candidate: Candidate | None = None  # the route of `answer`
 
 
+# Rate-limited attempts beyond max_attempts a request may make while it waits within wait_max_seconds.
+MAX_RATE_LIMITED_ATTEMPTS = 10
+
+
+def scope_of(candidate: Candidate, plan: Plan) -> str | None:
+    """The model whose limits an attempt on `candidate` counts against (None: the key as a whole)."""
+    return candidate.upstream_model or plan.request.model
+
+
 class Failover:
     def __init__(self, rotations: Callable[[int], Rotation | None], settings: Callable[[], RotationSettings]) -> None:
         self._rotation_of = rotations
@@ -100,7 +107,7 @@ class Failover:
         the first with one that comes back before `deadline`."""
         for index, candidate in enumerate(plan.candidates):
             rotation = self._rotation_of(candidate.group.id)
-            key = rotation.pick_now() if rotation else None
+            key = rotation.pick_now(scope_of(candidate, plan)) if rotation else None
             if key is not None:
                 return index, key
         for index, candidate in enumerate(plan.candidates):
@@ -108,10 +115,15 @@ class Failover:
             if rotation is None:
                 continue
             last = index == len(plan.candidates) - 1
-            key = await rotation.acquire(frozenset(), deadline if last else time.time())
+            key = await rotation.acquire(frozenset(), deadline if last else time.time(), scope_of(candidate, plan))
             if key is not None:
                 return index, key
         return None
+
+    def _leave(self, use: KeyUse, candidate: Candidate) -> None:
+        rotation = self._rotation_of(candidate.group.id)
+        if rotation is not None:
+            rotation.settle(use)
 
     async def retry(
         self,
@@ -121,43 +133,62 @@ class Failover:
         answered: Outcome | None,
         default_base_url: str,
         model_missing: bool = False,
+        alive: Callable[[], bool] | None = None,
     ) -> RetryResult:
         """Send the request again until an answer the client can use, or nothing is left to try.
 
         `answered` is what the answer the client would get now said (None: no answer yet);
-        `model_missing` that its upstream has no such model.
+        `model_missing` that its upstream has no such model; `alive` whether the client still waits.
+        Within a group no key that failed the request is tried again while another could serve;
+        rate-limited attempts do not use up `max_attempts` while waiting (up to `wait_max_seconds`)
+        can still help. A 5xx or lost answer that repeats on a second key follows the request:
+        the next group may serve it, else the client gets it as it is.
         """
         settings = self._settings()
         answer: upstream.Answer | None = None
         answered_by: Candidate | None = None
         deadline = time.time() + settings.wait_max_seconds
         index = use.candidate
-        trouble = 1 if answered is not None and answered.kind in UPSTREAM_TROUBLE else 0
-        if answered is None and use.attempts and use.attempts[-1].status is None:
-            trouble = 1  # the first attempt got no answer at all
         if model_missing:
-            index, trouble = index + 1, 0
-        while index < len(plan.candidates):
+            self._leave(use, plan.candidates[index])
+            index += 1
+        while index < len(plan.candidates) and (alive is None or alive()):
             candidate = plan.candidates[index]
             rotation = self._rotation_of(candidate.group.id)
             last = index == len(plan.candidates) - 1
             here = [a for a in use.attempts if a.group_id == candidate.group.id or a.group_id is None]
-            if rotation is None or len(here) >= settings.max_attempts or (trouble >= GROUP_FAILURES and not last):
-                index, trouble = index + 1, 0
+            limited = [a for a in here if a.status == 429]
+            troubled = {a.key_id for a in here if a.status is None or a.status >= 500}
+            spent = len(here) - len(limited) >= settings.max_attempts
+            if (
+                rotation is None
+                or spent
+                or len(limited) > settings.max_attempts + MAX_RATE_LIMITED_ATTEMPTS
+                or len(troubled) >= GROUP_FAILURES
+            ):
+                if last and len(troubled) >= GROUP_FAILURES:
+                    break  # it followed the request from key to key: the client gets the last answer
+                self._leave(use, candidate)
+                index += 1
                 continue
-            key = await rotation.acquire(frozenset(a.key_id for a in here), deadline if last else time.time())
+            scope = scope_of(candidate, plan)
+            exclude = frozenset(a.key_id for a in here if a.status != 429)  # rate limits end; failures stay
+            key = await rotation.acquire(exclude, deadline if last else time.time(), scope, alive)
+            if alive is not None and not alive():
+                break  # the client went away while it waited: no attempt for nobody
             if key is None:
-                index, trouble = index + 1, 0
+                self._leave(use, candidate)
+                index += 1
                 continue
             use.candidate = index
-            rotation.begin(use, key, candidate, candidate.model if candidate.fallback_from else None)
+            rotation.begin(use, key, candidate, candidate.model if candidate.fallback_from else None, scope)
             outgoing = addressed(plan, candidate, key, default_base_url)
             try:
                 got = await upstream.send(client, outgoing.method, outgoing.url, list(outgoing.fields), outgoing.body)
             except httpx.HTTPError as e:
                 message = upstream.error_text(e)
                 rotation.end(use, connection_failure(message), None, message)
-                trouble += 1
+                answered = None
                 continue
             got = got.without_echo(key.value, placeholder(key.id, key.last4))  # upstream may quote our key
             content = got.content if got.status >= 400 else None
@@ -166,11 +197,13 @@ class Failover:
             rotation.end(use, answered, got.status, None)
             answer, answered_by = got, candidate
             if missing and not last:
-                index, trouble = index + 1, 0
+                self._leave(use, candidate)
+                index += 1
                 continue
             if answered is None or not answered.is_key_failure:
                 break
-            trouble = trouble + 1 if answered.kind in UPSTREAM_TROUBLE else 0
+        if index < len(plan.candidates):
+            self._leave(use, plan.candidates[index])
         use.settled = True
         use.fallback_model = answered_by.model if answered_by and answered_by.fallback_from else None
         refuse = answered is not None and answered.kind in KEY_ONLY_FAILURES

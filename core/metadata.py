@@ -20,6 +20,17 @@ from core.records import AttemptLog
 
 ACCESS = "keyrotor.access"
 KEYPOOL = "keyrotor.keypool"
+# When the client got the first byte of its answer: a stream's first chunk (addons/upstream_watch.py
+# holds a stream's headers until then, and sets 0.0 meanwhile), or a retried answer sent whole.
+FIRST_BYTE_AT = "keyrotor.first_byte_at"
+
+
+def reached_client(metadata: dict, streaming: bool) -> bool:
+    """Part of the answer is on its way to the client: too late to retry it or to answer otherwise."""
+    first_byte = metadata.get(FIRST_BYTE_AT)
+    return streaming if first_byte is None else bool(first_byte)  # None: headers were not held
+
+
 USAGE = "keyrotor.usage"
 RECORDED = "keyrotor.capture.recorded"
 
@@ -84,7 +95,12 @@ class KeyUse(Metadata):
     candidate: int = 0  # which of the request's routes (core.routing.Candidate) the latest attempt took
     fallback_model: str | None = None  # the fallback model that answered, if the requested one did not
     requested_model: str | None = None  # as the client asked, before any alias or fallback renamed it
-    probe: bool = False  # the latest attempt is the probe of a cooled key
+    probe: str = ""  # core.pool.Probe: the latest attempt is the probe of a resting key or pool
+    scope: str | None = None  # the model the latest attempt's key answers for (core.pool's scope)
+    scope_known: bool = False  # False: not read from the body yet (the one-group fast path reads it on demand)
+    client_id: int | None = None  # whose request: one client may rest only a share of a pool
+    suspect: int | None = None  # an attempt whose 5xx or lost answer no other key has yet confirmed or cleared
+    refusal: str | None = None  # keyrotor's own refusal, as the row's error: "code: message"
     outcome: OutcomeKind | None = None  # the latest attempt's, None: the request's own fault
     settled: bool = False  # no more attempts: the answer is final or already reaching the client
 

@@ -13,16 +13,17 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
 
 from core import upstream
-from core.classify import Outcome
+from core.classify import UPSTREAM_TROUBLE, Outcome, OutcomeKind, connection_failure
 from core.errors import OpenAIError
 from core.metadata import KeyUse
 from core.models import REFUSED, KeyState, KeyStateChange, PoolKey
-from core.pool import Policy, Pool, StateChange
+from core.pool import KEY_WIDE, Policy, Pool, Probe, StateChange
 from core.ports import PoolStateSink
 from core.records import AttemptLog
 from core.routing import Candidate, Upstream
@@ -30,6 +31,7 @@ from core.routing import Candidate, Upstream
 log = logging.getLogger(__name__)
 
 PROOF_POLL_SECONDS = 0.02
+PROBE_POLL_SECONDS = 0.05  # while the pool rests with a probe out, waiting requests look this often
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,8 @@ class Rotation:
 
     # ------------------------------------------------------------------ keys
 
-    def pick_now(self) -> PoolKey | None:
-        return self.pool.pick(self.settings.strategy, time.time())
+    def pick_now(self, scope: str | None = KEY_WIDE) -> PoolKey | None:
+        return self.pool.pick(self.settings.strategy, time.time(), scope=scope)
 
     def release(self, use: KeyUse, error: str) -> None:
         """End the latest attempt without learning from it: the client went away first."""
@@ -62,23 +64,39 @@ class Rotation:
         attempt.duration_ms = round((time.time() - attempt.started_at) * 1000, 3)
         key = self.pool.by_id.get(use.key_id)
         if key is not None:
-            self.pool.finished(key, probe_abandoned=use.probe)
+            self.pool.finished(key, Probe(use.probe), use.scope, abandoned=True)
 
-    async def acquire(self, exclude: frozenset[int], deadline: float) -> PoolKey | None:
-        """A usable key, waiting until `deadline` for a cooling one to come back."""
+    async def acquire(
+        self,
+        exclude: frozenset[int],
+        deadline: float,
+        scope: str | None = KEY_WIDE,
+        alive: Callable[[], bool] | None = None,
+    ) -> PoolKey | None:
+        """A usable key not in `exclude`, waiting until `deadline` for one to come back."""
         strategy = self.settings.strategy
+        pool = self.pool
         while True:
             now = time.time()
-            key = self.pool.pick(strategy, now, exclude)
+            key = pool.pick(strategy, now, exclude, scope=scope)
             if key is not None:
                 return key
-            if self.pool.awaiting_proof():
+            if alive is not None and not alive():
+                return None  # nobody is waiting for the answer any more
+            if pool.awaiting_proof(exclude):
                 if now + PROOF_POLL_SECONDS > deadline:
                     # No time to wait for a new key's first answer: share it rather than fail.
-                    return self.pool.pick(strategy, now, exclude, busy_ok=True)
+                    return pool.pick(strategy, now, exclude, busy_ok=True, scope=scope)
                 await asyncio.sleep(PROOF_POLL_SECONDS)
                 continue
-            wait = self.pool.soonest_return(now)
+            rest = pool.resting(scope, now)
+            if rest is not None and rest.probes:
+                # A probe's answer may end the pool's rest at any moment: look again soon.
+                if now >= deadline:
+                    return None
+                await asyncio.sleep(min(PROBE_POLL_SECONDS, deadline - now))
+                continue
+            wait = pool.soonest_return(now, scope, exclude)
             if wait is None or now + wait > deadline:
                 return None
             await asyncio.sleep(max(wait, PROOF_POLL_SECONDS))  # a probe in flight ends the wait early or late
@@ -88,10 +106,20 @@ class Rotation:
 
     # ------------------------------------------------------------------ attempts
 
-    def begin(self, use: KeyUse, key: PoolKey, route: Candidate | None = None, model: str | None = None) -> None:
-        """Count an attempt with `key`; `route` says where it goes, `model` is set for a fallback."""
+    def begin(
+        self,
+        use: KeyUse,
+        key: PoolKey,
+        route: Candidate | None = None,
+        model: str | None = None,
+        scope: str | None = KEY_WIDE,
+        scope_known: bool = True,
+    ) -> None:
+        """Count an attempt with `key`; `route` says where it goes, `model` is set for a fallback,
+        `scope` is the model whose limits the attempt counts against."""
         now = time.time()
-        use.probe = self.pool.started(key, now)
+        use.probe = self.pool.started(key, now, scope)
+        use.scope, use.scope_known = scope, scope_known
         use.key_id, use.key_last4 = key.id, key.last4
         attempt = AttemptLog(attempt=len(use.attempts) + 1, key_id=key.id, started_at=now, model=model)
         if route is not None:
@@ -99,7 +127,24 @@ class Rotation:
             use.upstream_id = attempt.upstream_id = route.group.upstream.id
         use.attempts.append(attempt)
 
+    def needs_scope(self, use: KeyUse, outcome: Outcome | None) -> bool:
+        """Whether learning from this attempt needs to know its model (read from the body on demand)."""
+        if use.scope_known:
+            return False
+        if outcome is not None and outcome.kind != OutcomeKind.OK:
+            return True
+        rt = self.pool.runtime.get(use.key_id)
+        return bool(self.pool.rests or (rt is not None and rt.scopes))
+
     def end(self, use: KeyUse, outcome: Outcome | None, status: int | None, error: str | None) -> None:
+        """Close the latest attempt and learn from it.
+
+        A 5xx or a lost answer may be the key's fault or the request's (or upstream's): it is
+        held as the request's suspect until another key of the group answers the same request
+        (then it was the key's) or fails it the same way (then it follows the request, and no
+        key is marked). What is still unresolved when the request leaves the group is
+        upstream's (`settle`). Each request counts at most once against a key.
+        """
         now = time.time()
         attempt = use.attempts[-1]
         attempt.status, attempt.error = status, error
@@ -108,10 +153,53 @@ class Rotation:
         key = self.pool.by_id.get(use.key_id)
         if key is None:
             return  # deleted by an admin while the request ran
+        probe, scope = Probe(use.probe), use.scope
         self.pool.finished(key)
-        self.persist(self.pool.learn(key, outcome, now, use.probe), now)
+        if outcome is not None and outcome.kind in UPSTREAM_TROUBLE:
+            if probe == Probe.POOL:
+                self.pool.upstream_trouble(scope, now, outcome.reason, probe, use.client_id)
+                return
+            if probe == Probe.NONE:
+                earlier = self._suspect(use)
+                if earlier is None:
+                    use.suspect = attempt.attempt
+                elif earlier.key_id != key.id:
+                    use.suspect = None  # it followed the request to another key
+                    self.pool.upstream_trouble(scope, now, outcome.reason, client=use.client_id)
+                return
+        elif use.suspect is not None and (outcome is None or outcome.kind == OutcomeKind.OK):
+            self._blame_suspect(use, now)
+        self.persist(self.pool.learn(key, outcome, now, probe, scope, use.client_id), now)
 
-    def no_key_error(self, attempts: int) -> OpenAIError:
+    def settle(self, use: KeyUse) -> None:
+        """The request leaves this group: a failure no other key could confirm is upstream's."""
+        earlier = self._suspect(use)
+        if earlier is None:
+            return
+        use.suspect = None
+        reason = f"{earlier.status} server_error" if earlier.status is not None else earlier.error
+        self.pool.upstream_trouble(use.scope, time.time(), reason, client=use.client_id)
+
+    def _suspect(self, use: KeyUse) -> AttemptLog | None:
+        if use.suspect is None or use.suspect > len(use.attempts):
+            return None
+        attempt = use.attempts[use.suspect - 1]
+        return attempt if attempt.key_id in self.pool.by_id else None
+
+    def _blame_suspect(self, use: KeyUse, now: float) -> None:
+        """Another key answered the request that `use.suspect` failed: that key was at fault."""
+        earlier = self._suspect(use)
+        use.suspect = None
+        if earlier is None:
+            return
+        key = self.pool.by_id[earlier.key_id]
+        if earlier.status is None:
+            outcome = connection_failure(earlier.error or "no answer")
+        else:
+            outcome = Outcome(OutcomeKind.SERVER_ERROR, f"{earlier.status} server_error")
+        self.persist(self.pool.learn(key, outcome, now, Probe.NONE, use.scope, use.client_id), now)
+
+    def no_key_error(self, attempts: int, scope: str | None = KEY_WIDE) -> OpenAIError:
         """keyrotor's own 503 when no key could serve: with a Retry-After only when waiting helps.
 
         An SDK waits as long as Retry-After says before it tries again, and gives up at once
@@ -129,7 +217,8 @@ class Rotation:
                 {"x-should-retry": "false"},
             )
         tried = f" after {attempts} attempt{'s' if attempts != 1 else ''} with different keys" if attempts else ""
-        wait = self.pool.soonest_return(time.time())
+        now = time.time()
+        wait = self.pool.soonest_return(now, scope)
         if wait is None and not any(k.state == KeyState.ACTIVE for k in keys):
             return OpenAIError(
                 503,
@@ -140,10 +229,12 @@ class Rotation:
                 {"x-should-retry": "false"},
             )
         retry_after = math.ceil(wait) if wait is not None else 1  # busy keys free up within the second
+        rest = self.pool.resting(scope, now)
+        why = f" The pool is resting{f' for {scope}' if scope else ''} ({rest.reason})." if rest else ""
         return OpenAIError(
             503,
             f"No upstream API key is available right now{tried}: every key in the pool is cooling down,"
-            " busy, exhausted, invalid or disabled. Retry after the Retry-After seconds.",
+            f" busy, exhausted, invalid or disabled.{why} Retry after the Retry-After seconds.",
             "server_error",
             "no_upstream_key_available",
             {"retry-after": str(max(1, retry_after))},
@@ -169,4 +260,4 @@ class Rotation:
             now = time.time()
             if outcome.is_key_failure:
                 continue
-            self.persist(self.pool.learn(key, outcome, now, probe=True), now)
+            self.persist(self.pool.learn(key, outcome, now, Probe.KEY), now)

@@ -45,11 +45,28 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+try:
+    from tests.fake_faults import HANG_SECONDS, Faults, StreamBroken, faulty_stream
+except ImportError:  # run as a script (benchmarks): tests/ itself is on the path
+    from fake_faults import HANG_SECONDS, Faults, StreamBroken, faulty_stream  # type: ignore[no-redef]
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 BEHAVIOURS = frozenset(
-    {"ok", "invalid", "ratelimit", "quota", "server_error", "deactivated", "disconnect", "echo", "echo_gzip"}
+    {
+        "ok",
+        "invalid",
+        "ratelimit",
+        "quota",
+        "server_error",
+        "deactivated",
+        "disconnect",
+        "echo",
+        "echo_gzip",
+        "hang",
+        "hang_after_headers",
+    }
 )
 # Keys nobody configured are judged by name, so tests and benchmarks can use
 # fresh keys without calling set_key first.
@@ -197,6 +214,17 @@ async def _cut_short(scope: Scope, receive: Receive, send: Send) -> None:
     # Returning now leaves the promised body unsent: the server closes the connection.
 
 
+async def _hang(scope: Scope, receive: Receive, send: Send) -> None:
+    """A key whose requests are never answered (an upstream that accepts and then says nothing)."""
+    await asyncio.sleep(HANG_SECONDS)
+
+
+async def _hang_after_headers(scope: Scope, receive: Receive, send: Send) -> None:
+    """A stream that starts (200, text/event-stream) and never sends its first byte."""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await asyncio.sleep(HANG_SECONDS)
+
+
 def _rejection(behaviour: str, key: str, retry_after: str) -> Response | None:
     """The error response for a key behaviour, or None when the key is served."""
     if behaviour == "ok":
@@ -229,6 +257,10 @@ def _rejection(behaviour: str, key: str, retry_after: str) -> Response | None:
         return _error(401, DEACTIVATED_MESSAGE, code="account_deactivated")
     if behaviour == "disconnect":
         return _cut_short  # type: ignore[return-value]
+    if behaviour == "hang":
+        return _hang  # type: ignore[return-value]
+    if behaviour == "hang_after_headers":
+        return _hang_after_headers  # type: ignore[return-value]
     if behaviour == "echo":  # a relay that quotes the key it was sent, in a header and the body
         return _json(200, {"object": "list", "data": MODELS, "received_key": key}, {"x-received-key": key})
     if behaviour == "echo_gzip":  # the same in a compressed error body
@@ -479,6 +511,7 @@ class FakeUpstream:
         self.record = True
         self._received_lock = threading.Lock()
         self._keys = _KeyBook()
+        self.faults = Faults()  # a request's, a model's, a key's rate or everything's: tests/fake_faults.py
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "/v1/models"): self._models,
             ("POST", "/v1/chat/completions"): self._chat,
@@ -548,6 +581,7 @@ class FakeUpstream:
         with self._received_lock:
             self.received.clear()
         self._keys.clear()
+        self.faults.clear()
 
     def __enter__(self) -> Self:
         if self._thread is None:
@@ -607,6 +641,8 @@ class FakeUpstream:
         try:
             response = await self._respond(request)
             await response(scope, receive, send)
+        except StreamBroken:
+            pass  # returning mid-body: the server drops the connection, like an upstream that breaks off
         except ClientDisconnect:
             log.debug("client went away during %s %s", scope["method"], scope["path"])
 
@@ -627,6 +663,9 @@ class FakeUpstream:
         if rejection is not None:
             log.debug("%s %s rejected: key %s is %s", method, path, mask_key(key), behaviour)
             return rejection
+        fault = await self.faults.answer(key, body)
+        if fault is not None:
+            return fault
         handler = self._routes.get((method, path))
         if handler is None:
             if method == "GET" and path.startswith("/v1/models/"):
@@ -680,7 +719,7 @@ class FakeUpstream:
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if data.get("stream") is True:
-            return self._chat_stream(base, pieces, usage, data.get("stream_options"))
+            return self._chat_stream(base, pieces, usage, data.get("stream_options"), Faults.of_request(body))
         message = {"role": "assistant", "content": "".join(pieces), "refusal": None}
         choice = {
             "index": 0,
@@ -696,10 +735,11 @@ class FakeUpstream:
         pieces: list[str],
         usage: dict[str, int],
         options: Any,
+        fault: str | None = None,
     ) -> Response:
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         base = {**base, "object": "chat.completion.chunk"}
-        events = _stream_events(base, pieces, usage if include_usage else None, self.stream_delay)
+        events = faulty_stream(_stream_events(base, pieces, usage if include_usage else None, self.stream_delay), fault)
         headers = {
             # Given as a header, not media_type: Starlette would append "; charset=utf-8".
             "content-type": "text/event-stream",

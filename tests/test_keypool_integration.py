@@ -119,11 +119,13 @@ def test_rate_limits_on_every_key_are_waited_out_or_answered_with_503(
         assert response.json()["error"]["code"] == "no_upstream_key_available"
         assert response.headers["retry-after"] == "1"
         assert len(limited) == 2
-    if pool_window:  # one limit for the whole pool: neither key was marked
-        expected = ["active", "active"]
-    else:  # each key rests on its own; the one that served after the wait is back
-        expected = ["active", "cooling"] if succeeds else ["cooling", "cooling"]
+    # Either one limit for the whole pool (neither key was marked) or each key rested for this
+    # model only: both stay active for every other model.
+    expected = ["active", "active"]
     wait_for(lambda: sorted(key_states(keyrotor).values()) == expected, what=f"key states {expected}")
+    if not pool_window and not succeeds:
+        reasons = [r["state_reason"] for r in query(keyrotor, "SELECT state_reason FROM upstream_keys")]
+        assert reasons == ["429 rate_limit_exceeded (gpt-4o-mini)"] * 2
 
 
 def test_a_dropped_connection_is_retried_on_another_key(keyrotor: Keyrotor, upstream: FakeUpstream):

@@ -170,3 +170,19 @@ def test_models_refresh_asks_each_group_and_the_schedule_keeps_the_list_fresh(ke
         what="the scheduled refresh to find o3-mini",
     )
     assert client.chat.completions.create(model="mine", messages=MESSAGES).model == "mine"
+
+
+def test_a_model_rate_limited_in_one_group_goes_to_the_next_group_then_to_its_fallback(routed, relay, azure):
+    kr, client = routed
+    relay.faults.model_faults["gpt-4o-2024-11-20"] = "ratelimit_nohint"  # the relay's gpt-4o, on every key
+    for _ in range(6):
+        assert client.chat.completions.create(model="gpt-4o", messages=MESSAGES).choices[0].message.content
+    assert len(azure.received) == 6  # the next group served it, before the client saw an error
+    assert client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).model == "gpt-4o-mini"
+    # A model no other group serves: its fallback answers instead.
+    relay.faults.model_faults["gpt-4o-mini"] = "ratelimit_nohint"
+    kr.cli("models", "fallback", "gpt-4o-mini", "gpt-4o")
+    wait_for(
+        lambda: client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).model == "gpt-4o-2024-08-06",
+        what="the fallback answering",
+    )

@@ -16,6 +16,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons.credential_sender import CredentialSender
 from addons.keypool import KeyPool
+from core import upstream
 from core.metadata import KeyUse
 from storage import db, secrets, writer
 from storage.upstream_keys import SqliteKeyStore
@@ -51,7 +52,10 @@ def pool_db(database):
 def keypool(pool_db):
     pool = KeyPool(sender=CredentialSender())
     with addon_context(pool, pool_db) as tctx:
-        tctx.configure(pool, keypool_max_attempts=1)  # retries go over the network: integration tests
+        # Retries go over the network (integration tests do that): here, outside reverse mode, a
+        # retry has no upstream to reach and fails at once, like an unreachable one.
+        tctx.configure(pool, keypool_max_attempts=1, keypool_wait_max_seconds=0)
+        pool._client = upstream.new_client(5)
         pool._writer = writer.acquire(pool_db)
         for rotation in pool.rotations.values():
             rotation.states = pool._writer

@@ -29,6 +29,12 @@ OPENAI_TOKENS_LIMIT = body(
     " Used 29000, Requested 2000. Please try again in 6m0s.",
     "tokens",
 )
+OPENAI_TOO_LARGE = body(
+    "rate_limit_exceeded",
+    "Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, Requested 45000."
+    " The input or output tokens must be reduced in order to run successfully.",
+    "tokens",
+)
 OPENAI_QUOTA = body(
     "insufficient_quota",
     "You exceeded your current quota, please check your plan and billing details.",
@@ -114,6 +120,9 @@ OPENAI_LIMIT_HEADERS = {
         (429, {}, OPENAI_RATE_LIMIT, Outcome("rate_limited", "429 rate_limit_exceeded", None)),
         (429, {"retry-after": "6"}, AZURE_429, Outcome("rate_limited", "429 429", 6)),
         (429, {}, OPENAI_QUOTA, Outcome("exhausted", "429 insufficient_quota")),
+        # Bigger than the whole limit: the request's fault, not the key's; no key can serve it.
+        (429, {"retry-after": "20"}, OPENAI_TOO_LARGE, None),
+        (429, {}, body("rate_limit_exceeded", "Limit 1000, Requested 5000.", "tokens"), None),
         (
             429,
             {},

@@ -8,7 +8,7 @@ import pytest
 
 from core.classify import OK, Outcome
 from core.models import PoolKey
-from core.pool import Policy, Pool
+from core.pool import Policy, Pool, Probe
 
 NOW = 1_800_000_000.0
 RATE_LIMITED = Outcome("rate_limited", "429 rate_limit_exceeded", 30)
@@ -121,7 +121,7 @@ def test_after_the_cooldown_one_probe_goes_out_and_its_answer_decides():
     pool.learn(key, SERVER_ERROR, NOW, probe=False)
     later = NOW + 31
     assert pool.pick("round_robin", NOW + 29) is None
-    assert pool.started(pool.pick("round_robin", later), later) is True  # the probe
+    assert pool.started(pool.pick("round_robin", later), later) == Probe.KEY  # the probe
     assert pool.pick("round_robin", later) is None  # others wait for the probe's answer
     pool.learn(key, SERVER_ERROR, later, probe=True)
     assert key.state == "cooling" and key.cooldown_until == later + 60  # failed probe: open again, longer
@@ -156,7 +156,7 @@ def test_429s_further_apart_than_the_window_mark_each_key():
     pool.learn(pool.keys[0], Outcome("rate_limited", "429", 100), NOW, probe=False)
     pool.learn(pool.keys[1], RATE_LIMITED, NOW + 11, probe=False)
     assert [k.state for k in pool.keys] == ["cooling", "cooling"]
-    assert pool.pool_cooldown_until is None
+    assert pool.resting(None, NOW + 11) is None
 
 
 def test_disabled_keys_ignore_what_upstream_says():

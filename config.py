@@ -58,6 +58,18 @@ def _non_negative_integer(value: Any) -> int:
     return number
 
 
+def _non_negative_number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("must be a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("must be a number") from None
+    if not number >= 0 or number == float("inf"):  # also refuses NaN
+        raise ValueError("must be a number, zero or more")
+    return number
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a non-empty string")
@@ -134,6 +146,7 @@ SETTINGS = [
     Setting("capture", "prices", "prices.toml", _text),
     Setting("capture", "keep_days", 30, _non_negative_integer),
     Setting("capture", "max_rows", 0, _non_negative_integer),
+    Setting("capture", "max_gb", 0.0, _non_negative_number),
     Setting("capture", "backlog_mb", 256, _positive_integer),
     Setting("access", "ip_rpm", 0, _non_negative_integer),
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.websocket import WebSocketData
 
-from config import BODY_MODES, default_of
+from config import BODY_MODES, BY_NAME, default_of
 from core.classify import is_client_side
 from core.metadata import FIRST_BYTE_AT, RECORDED, AccessVerdict, KeyUse, UsageInjection
 from core.prices import PriceFileError, PriceTable, load_prices
@@ -29,6 +29,14 @@ UNFINISHED_PRUNE_AT = 10_000
 NORMAL_CLOSE_CODES = frozenset({None, 1000, 1001, 1005})
 
 
+def max_bytes_of(value: str) -> int:
+    """capture_max_gb as bytes, validated as the capture.max_gb setting is."""
+    try:
+        return int(BY_NAME["capture.max_gb"].parse(value) * 10**9)
+    except ValueError as e:
+        raise exceptions.OptionsError(f"capture_max_gb {e}, not {value!r}.") from None
+
+
 class Capture:
     def __init__(self, defaults=None) -> None:
         self._defaults = defaults
@@ -38,6 +46,7 @@ class Capture:
         self._writer: writer.Writer | None = None
         self._prices = PriceTable()
         self.db_path: Path | None = None
+        self._max_bytes = 0  # capture_max_gb, in bytes
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -63,6 +72,13 @@ class Capture:
             int,
             default_of(self._defaults, "capture.max_rows"),
             "Beyond this many flows the oldest are deleted (0: no limit).",
+        )
+        loader.add_option(
+            "capture_max_gb",
+            str,  # mitmproxy's --set parses no floats; read in configure
+            f"{default_of(self._defaults, 'capture.max_gb'):g}",
+            "Beyond this many GB (10^9 bytes, decimals allowed) of database the oldest flows are deleted"
+            " (0: no limit).",
         )
         loader.add_option(
             "capture_backlog_mb",
@@ -94,13 +110,19 @@ class Capture:
         for name in ("capture_keep_days", "capture_max_rows"):
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be zero or more.")
+        if "capture_max_gb" in updated:
+            self._max_bytes = max_bytes_of(ctx.options.capture_max_gb)
         if "keyrotor_storage" in updated:
             self.db_path = Path(ctx.options.keyrotor_storage)
         if self._writer:
             self._configure_writer()
 
     def _retention(self) -> writer.Retention:
-        return writer.Retention(keep_days=ctx.options.capture_keep_days, max_rows=ctx.options.capture_max_rows)
+        return writer.Retention(
+            keep_days=ctx.options.capture_keep_days,
+            max_rows=ctx.options.capture_max_rows,
+            max_bytes=self._max_bytes,
+        )
 
     def running(self) -> None:
         self._writer = writer.acquire(self.db_path)

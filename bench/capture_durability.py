@@ -49,6 +49,7 @@ import httpx
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
 from proxy_overhead import (  # noqa: E402
     ADMIN_KEY,
     HOST,
@@ -65,6 +66,8 @@ from proxy_overhead import (  # noqa: E402
     stop_on_sigterm,
     wait_for_port,
 )
+
+from storage import flows  # noqa: E402
 
 BUDGET_MS = 250.0  # the target: kill -9 loses at most the last 250 ms of completed flows
 MARKER = re.compile(rb"bench-req-(\d+)-")
@@ -157,9 +160,11 @@ class Installation:
 
     def stored_markers(self) -> set[int]:
         conn = sqlite3.connect(self.db_path, timeout=30)
+        conn.row_factory = sqlite3.Row
         try:
             found = set()
-            for (body,) in conn.execute("SELECT request_body FROM flows"):
+            for row in conn.execute("SELECT * FROM flows"):
+                body = flows.unpack_row(conn, row)["request_body"]  # packed since schema v8; older rows as they are
                 match = MARKER.search(body.encode() if isinstance(body, str) else body or b"")
                 if match:
                     found.add(int(match.group(1)))

@@ -4,7 +4,7 @@
 
 1. Generation: a fresh database (storage.db.ensure_database) in a temp directory, or --db PATH
    (reused as it is when it already holds flows, so a second run skips this step). N realistic
-   flows go in through storage.flows.insert_batch and storage.rollups.add_rows, 5,000 per
+   flows go in through storage.flows.insert_batch and storage.rollups.add_records, 5,000 per
    transaction: the capture writer's own calls, so the FTS5 triggers, the per-key counters and
    the rollups do their real work. Seeded: the same --seed gives the same database.
 2. UI latency: the real UI (`run.py ui`) on that database; every case is R requests one after
@@ -72,9 +72,10 @@ from proxy_overhead import (  # noqa: E402
     stop_on_sigterm,
     wait_for_port,
 )
-from storage.prices import load_prices  # noqa: E402
 
-from storage import client_keys, db, flows, rollups, upstream_keys  # noqa: E402
+from core.prices import load_prices  # noqa: E402
+from core.records import AttemptLog, FlowRecord  # noqa: E402
+from storage import client_keys, db, flows, outcomes, rollups, upstream_keys  # noqa: E402
 from storage.secrets import key_cipher  # noqa: E402
 from storage.upstream_keys import SqliteKeyStore  # noqa: E402
 from usecases.keys import add_keys  # noqa: E402
@@ -226,6 +227,12 @@ SYSTEM_PROMPTS = (
     "You summarise documents for busy executives: bullet points, no more than ten.",
     "You are a data analyst. Explain the numbers and what they imply.",
 )
+# Applications repeat a long system prompt, and often tool definitions, in every request: each
+# client key is one application, which sends its own in APP_PROMPT_SHARE of its chat requests
+# (the rest carry a short prompt above). Made from the seeded text, so the same --seed gives them.
+APP_PROMPT_SHARE = 0.7
+APP_PROMPT_CHARS = (600, 1800)
+TOOL_NAMES = ("search_orders", "get_customer", "create_ticket", "lookup_price", "send_email", "run_query")
 assert not (set(VOCABULARY) & set(UNCOMMON)) and not (set(VOCABULARY + UNCOMMON) & set(RARE))
 assert ABSENT not in VOCABULARY + UNCOMMON + RARE
 
@@ -248,6 +255,9 @@ class FlowFactory:
                 words[rng.randrange(1, len(words))] += ","
             self.sentences.append(words[0].capitalize() + " " + " ".join(words[1:]) + rng.choice(".....?!"))
         self.average_sentence = sum(len(s) + 1 for s in self.sentences) / len(self.sentences)
+        # One long system prompt per application (client key); every other one also sends tools.
+        self.app_prompts = {cid: self.text(rng.randint(*APP_PROMPT_CHARS)) for cid in client_ids}
+        self.app_tools = {cid: self._tools() for cid in client_ids[::2]}
         self.models = [m for m in MODELS]
         self.model_weights = list(accumulate(m[2] for m in MODELS))
         self.status_weights = list(accumulate(s[1] for s in STATUSES))
@@ -277,9 +287,30 @@ class FlowFactory:
         position = text.find(" ", self.rng.randrange(len(text))) if text else -1
         return f"{text} {word}" if position < 0 else f"{text[:position]} {word}{text[position:]}"
 
+    def _tools(self) -> list[dict[str, Any]]:
+        """Function definitions as an application sends them: 2-4 tools, each with a few parameters."""
+        rng = self.rng
+        tools = []
+        for name in rng.sample(TOOL_NAMES, rng.randint(2, 4)):
+            parameters = {
+                word: {"type": rng.choice(("string", "integer", "boolean")), "description": self.text(60)}
+                for word in dict.fromkeys(self.text(40).lower().replace(",", "").rstrip(".?!").split()[:4])
+            }
+            tools.append(
+                {
+                    "type": "function",
+                    "function": {
+                        "name": name,
+                        "description": self.text(rng.randint(80, 200)),
+                        "parameters": {"type": "object", "properties": parameters, "required": list(parameters)[:1]},
+                    },
+                }
+            )
+        return tools
+
     # ----------------------------------------------------------------- one flow
 
-    def row(self, started_at: float) -> dict[str, Any]:
+    def row(self, started_at: float) -> FlowRecord:
         rng = self.rng
         model, kind, _ = rng.choices(self.models, cum_weights=self.model_weights)[0]
         status = rng.choices(STATUSES, cum_weights=self.status_weights)[0][0]
@@ -295,16 +326,20 @@ class FlowFactory:
         request_text, request_body, path, method = "", None, "/v1/models", "GET"
         if kind == "chat":
             path, method = "/v1/chat/completions", "POST"
-            request_text = self.text(rng.randint(900, 3800))
+            system, tools = rng.choice(SYSTEM_PROMPTS), None
+            if rng.random() < APP_PROMPT_SHARE:
+                system, tools = self.app_prompts[client_id], self.app_tools.get(client_id)
+            # The body stays 1-4 KB: what the application adds comes off the user's part.
+            shared = len(system) + (len(json.dumps(tools)) if tools else 0)
+            request_text = self.text(rng.randint(max(300, 900 - shared), max(400, 3800 - shared)))
             for word in extra_words:
                 request_text = self.sprinkle(request_text, word)
             body: dict[str, Any] = {
                 "model": model,
-                "messages": [
-                    {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
-                    {"role": "user", "content": request_text},
-                ],
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": request_text}],
             }
+            if tools:
+                body["tools"] = tools
             if rng.random() < 0.5:
                 body["temperature"] = round(rng.random(), 1)
             if stream:
@@ -350,7 +385,7 @@ class FlowFactory:
             error["message"] = error["message"].format(model=model or "gpt-4o-mini")
             response_body = json.dumps({"error": error})
 
-        attempt_rows: list[dict[str, Any]] = []
+        attempt_rows: list[AttemptLog] = []
         attempts = 1
         if (status == 200 and rng.random() < RETRIED_SHARE) or (status in (429, 500) and rng.random() < 0.5):
             attempts = rng.choice((2, 2, 3)) if status == 200 else 3
@@ -360,25 +395,24 @@ class FlowFactory:
                 failed = rng.choice((429, 500, None))
                 spent = rng.uniform(0.05, 0.9)
                 attempt_rows.append(
-                    {
-                        "attempt": number,
-                        "key_id": other,
-                        "status": failed,
-                        "started_at": at,
-                        "error": CONNECTION_ERRORS[0] if failed is None else None,
-                        "duration_ms": round(spent * 1000, 3),
-                    }
+                    AttemptLog(
+                        attempt=number,
+                        key_id=other,
+                        status=failed,
+                        started_at=at,
+                        error=CONNECTION_ERRORS[0] if failed is None else None,
+                        duration_ms=round(spent * 1000, 3),
+                    )
                 )
                 at += spent
             attempt_rows.append(
-                {
-                    "attempt": attempts,
-                    "key_id": key_id,
-                    "status": status,
-                    "error": None,
-                    "started_at": at,
-                    "duration_ms": round((started_at + duration - at) * 1000, 3),
-                }
+                AttemptLog(
+                    attempt=attempts,
+                    key_id=key_id,
+                    status=status,
+                    started_at=at,
+                    duration_ms=round((started_at + duration - at) * 1000, 3),
+                )
             )
 
         total_tokens = None if prompt_tokens is None else prompt_tokens + (completion_tokens or 0)
@@ -406,37 +440,35 @@ class FlowFactory:
                 ["x-ratelimit-reset-requests", f"{rng.randint(1, 900)}ms"],
             ]
         )
-        return {
-            "flow_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-            "started_at": started_at,
-            "first_byte_at": None if first_byte is None else started_at + first_byte,
-            "ended_at": started_at + duration,
-            "duration_ms": round(duration * 1000, 3),
-            "method": method,
-            "path": path,
-            "status": status,
-            "model": model,
-            "stream": int(stream),
-            "client_key_id": client_id,
-            "upstream_key_id": key_id,
-            "attempts": attempts,
-            "attempt_rows": attempt_rows,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": total_tokens,
-            "cost": self.prices.cost(model, prompt_tokens, completion_tokens),
-            "client_addr": f"10.0.{client_id}.{rng.randint(2, 40)}",
-            "error": rng.choice(CONNECTION_ERRORS) if status is None else None,
-            "request_headers": json.dumps(request_headers),
-            "response_headers": json.dumps(response_headers),
-            "request_body": request_body,
-            "request_body_size": len(request_body.encode()) if request_body else 0,
-            "request_body_truncated": 0,
-            "response_body": response_body,
-            "response_body_size": len(response_body.encode()) if response_body else 0,
-            "response_body_truncated": 0,
-            "chunk_times": json.dumps(chunk_times) if chunk_times else None,
-        }
+        return FlowRecord(
+            flow_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            started_at=started_at,
+            first_byte_at=None if first_byte is None else started_at + first_byte,
+            ended_at=started_at + duration,
+            duration_ms=round(duration * 1000, 3),
+            method=method,
+            path=path,
+            status=status,
+            model=model,
+            stream=stream,
+            client_key_id=client_id,
+            upstream_key_id=key_id,
+            attempts=attempts,
+            attempt_log=attempt_rows,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=total_tokens,
+            cost=self.prices.cost(model, prompt_tokens, completion_tokens),
+            client_addr=f"10.0.{client_id}.{rng.randint(2, 40)}",
+            error=rng.choice(CONNECTION_ERRORS) if status is None else None,
+            request_headers=request_headers,
+            response_headers=response_headers,
+            request_body=request_body,
+            request_body_size=len(request_body.encode()) if request_body else 0,
+            response_body=response_body,
+            response_body_size=len(response_body.encode()) if response_body else 0,
+            chunk_times=chunk_times,
+        )
 
     def _duration(self, kind: str, model: str | None, stream: bool, status: int | None) -> float:
         rng = self.rng
@@ -543,6 +575,9 @@ def generate(path: Path, count: int, seed: int, batch: int) -> dict[str, Any]:
         by_name = {row["name"]: row["id"] for row in client_keys.list_clients(conn)}
         client_ids = [by_name[name] for name in CLIENT_NAMES]
         factory = FlowFactory(rng, key_ids, client_ids)
+        # One packer for the whole run, as the capture writer keeps one (compression dictionary,
+        # parts already stored); a checkout from before packing has none.
+        packer = flows.FlowPacker() if hasattr(flows, "FlowPacker") else None
 
         now = time.time()
         start, step = now - SPAN_SECONDS, SPAN_SECONDS / count
@@ -553,8 +588,9 @@ def generate(path: Path, count: int, seed: int, batch: int) -> dict[str, Any]:
             rows = [factory.row(start + (first + i + rng.random()) * step) for i in range(min(batch, count - first))]
             t1 = time.perf_counter()
             with conn:
-                flows.insert_batch(conn, rows)
-                rollups.add_rows(conn, rows)
+                flows.insert_batch(conn, rows, packer) if packer else flows.insert_batch(conn, rows)
+                rollups.add_records(conn, rows)
+                outcomes.add_records(conn, rows)
             t2 = time.perf_counter()
             making, inserting = making + t1 - t0, inserting + t2 - t1
             done = first + len(rows)
@@ -603,6 +639,8 @@ def size_groups(sizes: dict[str, int]) -> dict[str, int]:
         group = (
             "flows FTS index"
             if name.startswith("flows_fts")
+            else "blobs (parts stored once)"
+            if name == "blobs" or name.startswith("idx_blobs")
             else "flows indexes"
             if name.startswith("idx_flows")
             else "flows"
@@ -1133,7 +1171,7 @@ def report(
         lines.append(
             f"Generated {generation['rows']:,} flows in {generation['seconds']:.0f} s:"
             f" {generation['rows_per_second']:,.0f} rows/s overall, {generation['insert_rows_per_second']:,.0f}"
-            f" rows/s in insert_batch + add_rows alone ({generation['batch']:,} per transaction)."
+            f" rows/s in insert_batch + add_records alone ({generation['batch']:,} per transaction)."
         )
     else:
         lines.append("Reused the database as it was (no generation).")
@@ -1142,6 +1180,11 @@ def report(
         f"Database: {facts.flows:,} flows, {db_size / 1e9:.2f} GB" + (f" ({parts})" if parts else "") + ";"
         f" rollups: {facts.rollup_hour_rows:,} hour rows, {facts.rollup_minute_rows:,} minute rows."
     )
+    if facts.flows:
+        per_part = ", ".join(
+            f"{name} {size / facts.flows:,.0f}" for name, size in sorted(sizes.items(), key=lambda x: -x[1])
+        )
+        lines.append(f"Bytes per flow: {db_size / facts.flows:,.0f} in the file ({per_part}).")
     lines += [
         "",
         f"UI latency, ms ({args.requests} sequential requests per case after {args.warmup} warm-up;"

@@ -1,28 +1,44 @@
-"""Captured flows: batch inserts from the proxy's writer, reads for the UI."""
+"""Captured flows: batch inserts from the proxy's writer, reads for the UI.
+
+Since schema v8 a flow's headers and bodies are kept packed and compressed in `content`,
+with repeated parts in the blobs table (storage/packing.py, storage/blobs.py); every read
+function here returns them unpacked, as the columns they were before. Rows stored before
+v8 keep the old text columns until storage/conversion.py converts them, and read the same.
+"""
 
 from __future__ import annotations
 
 import json
 import operator
 import sqlite3
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
 from core.records import FlowRecord
+from storage import blobs, packing
 from storage.sql import insert_many, placeholders
 
 # The one mapping of a FlowRecord to the flows table: every other module reads or writes
-# FlowRecords. JSON columns hold lists; the 0/1 columns hold booleans.
+# FlowRecords. JSON columns hold lists; the 0/1 columns hold booleans. FLOW_COLUMNS and
+# column_values are the record as plain columns, the layout before v8 (and of its tests).
 JSON_COLUMNS = frozenset({"request_headers", "response_headers", "chunk_times", "websocket_messages"})
 BOOLEAN_COLUMNS = frozenset({"stream", "request_body_truncated", "response_body_truncated"})
 FLOW_COLUMNS = tuple(f.name for f in fields(FlowRecord) if f.name != "attempt_log")
+PACKED_COLUMNS = packing.FIELDS  # kept inside `content` since v8
+_SCALAR_COLUMNS = tuple(c for c in FLOW_COLUMNS if c not in PACKED_COLUMNS)
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (flow_id, attempt, upstream_key_id, status, error, started_at, duration_ms,"
     " upstream_id, group_id, model)"
 )
-_INSERT_HEAD = f"INSERT INTO flows ({', '.join(FLOW_COLUMNS)})"
+_INSERT_HEAD = f"INSERT INTO flows ({', '.join(_SCALAR_COLUMNS)}, content, parts)"
+FTS_COLUMNS = ("path", "model", "request_body", "response_body")  # what full-text search covers
+_INSERT_FTS = f"INSERT INTO flows_fts (rowid, {', '.join(FTS_COLUMNS)})"
+_DELETE_FTS = f"INSERT INTO flows_fts (flows_fts, rowid, {', '.join(FTS_COLUMNS)})"
+LEGACY_FTS = "flows_fts_legacy"  # the index of rows not converted yet (storage/conversion.py)
 
 # Columns the list views need; bodies and headers stay out of them.
 SUMMARY_COLUMNS = (
@@ -33,12 +49,17 @@ SUMMARY_COLUMNS = (
 
 
 _ALL_FIELDS = operator.attrgetter(*FLOW_COLUMNS)  # one C call per record, in the writer thread
+_SCALAR_FIELDS = operator.attrgetter(*_SCALAR_COLUMNS)
+_PACKED_FIELDS = operator.attrgetter(*PACKED_COLUMNS)
 _JSON_AT = [i for i, name in enumerate(FLOW_COLUMNS) if name in JSON_COLUMNS]
 _BOOLEAN_AT = [i for i, name in enumerate(FLOW_COLUMNS) if name in BOOLEAN_COLUMNS]
+_SCALAR_BOOLEAN_AT = [i for i, name in enumerate(_SCALAR_COLUMNS) if name in BOOLEAN_COLUMNS]
+_SCALAR_JSON_AT = [i for i, name in enumerate(_SCALAR_COLUMNS) if name in JSON_COLUMNS]
+_PACKED_JSON_AT = [i for i, name in enumerate(PACKED_COLUMNS) if name in JSON_COLUMNS]
 
 
 def column_values(record: FlowRecord) -> list:
-    """The record as a flows row, in FLOW_COLUMNS order."""
+    """The record as a plain flows row (the layout before v8), in FLOW_COLUMNS order."""
     values = list(_ALL_FIELDS(record))
     for i in _JSON_AT:
         if values[i] is not None:
@@ -48,13 +69,107 @@ def column_values(record: FlowRecord) -> list:
     return values
 
 
-def insert_batch(conn: sqlite3.Connection, records: Iterable[FlowRecord]) -> None:
+def packed_texts(record: FlowRecord) -> list[str | None]:
+    """The record's PACKED_COLUMNS as the text the columns held before v8."""
+    values = list(_PACKED_FIELDS(record))
+    for i in _PACKED_JSON_AT:
+        if values[i] is not None:
+            values[i] = json.dumps(values[i])
+    return values
+
+
+def repeats_its_response(method: str, status: int | None) -> bool:
+    """Answers that many flows share word for word: model lists and the like, and errors."""
+    return method == "GET" or (status is not None and status >= 400)
+
+
+class FlowPacker:
+    """Packs flows for one database: its compression dictionary and the parts already stored.
+
+    The capture writer keeps one for its connection; the first DICTIONARY_SAMPLES flows a
+    database gets are compressed without a dictionary and train the first one.
+    """
+
+    def __init__(self) -> None:
+        self.dictionary_id: int | None = None
+        self.blobs = blobs.BlobWriter()
+        self._samples: list[bytes] = []
+        self._training: packing.Training | None = None
+        self._trained: packing.zstd.ZstdDict | None = None  # trained by this packer
+        self._gave_up = False
+
+    def pack(
+        self, conn: sqlite3.Connection, rows: list[tuple[str, int | None, list[str | None]]]
+    ) -> list[tuple[bytes, bytes | None]]:
+        """(method, status, texts) per flow → (content, parts) per flow, in the caller's transaction."""
+        if self.dictionary_id is None:
+            self.dictionary_id = packing.newest_dictionary(conn)
+        if self._trained is not None:
+            # Stored again with every batch (a no-op once there): the batch that first stored it
+            # may have been rolled back, and no frame may name a dictionary the database lacks.
+            packing.store_dictionary(conn, self._trained, time.time())
+        split = [packing.split_parts(texts, repeats_its_response(method, status)) for method, status, texts in rows]
+        serialised = [packing.serialise(left) for left, _ in split]
+        if not self.dictionary_id and not self._gave_up:
+            self._train(conn, serialised)
+        ids = self.blobs.add(conn, (p for _, parts in split for p in parts), self.dictionary_id)
+        return [
+            (
+                packing.CODEC.compress(data, self.dictionary_id),
+                packing.encode_refs([(p.field, p.offset, ids[p.digest]) for p in parts]),
+            )
+            for data, (_, parts) in zip(serialised, split, strict=True)
+        ]
+
+    def _train(self, conn: sqlite3.Connection, serialised: list[bytes]) -> None:
+        """Collect samples, train on them in a thread of its own (seconds of CPU, without the GIL),
+        and start using the dictionary with the first batch after it is ready."""
+        if self._training is None:
+            self._samples += serialised[: packing.DICTIONARY_SAMPLES - len(self._samples)]
+            if len(self._samples) >= packing.DICTIONARY_SAMPLES:
+                self._training = packing.Training(self._samples)
+                self._samples = []
+            return
+        if self._training.is_alive():
+            return
+        trained, self._training = self._training.result, None
+        if trained is None:
+            self._gave_up = True  # too few or too alike to train on: no dictionary, and no retrying
+            return
+        self._trained = trained
+        self.dictionary_id = packing.store_dictionary(conn, trained, time.time())
+
+
+def insert_batch(conn: sqlite3.Connection, records: Iterable[FlowRecord], packer: FlowPacker | None = None) -> None:
     """Insert flows and add them to the per-key usage counters, in the caller's transaction.
 
     A few statements per batch, not a few per row: see storage.sql.insert_many.
     """
     records = list(records)
-    insert_many(conn, _INSERT_HEAD, [column_values(r) for r in records])
+    if not records:
+        return
+    packer = packer or FlowPacker()
+    texts = [packed_texts(r) for r in records]
+    packed = packer.pack(conn, [(r.method, r.status, t) for r, t in zip(records, texts, strict=True)])
+    rows = []
+    for record, (content, parts) in zip(records, packed, strict=True):
+        values = list(_SCALAR_FIELDS(record))
+        for i in _SCALAR_BOOLEAN_AT:
+            values[i] = int(bool(values[i]))
+        for i in _SCALAR_JSON_AT:  # a WebSocket session's messages: kept apart from the packed texts
+            if values[i] is not None:
+                values[i] = json.dumps(values[i])
+        rows.append([*values, content, parts])
+    first_id = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM flows").fetchone()[0]
+    insert_many(conn, _INSERT_HEAD, rows)  # one writer: the batch takes the ids after the largest
+    insert_many(
+        conn,
+        _INSERT_FTS,
+        [
+            (first_id + n, r.path, r.model, t[packing.REQUEST_BODY], t[packing.RESPONSE_BODY])
+            for n, (r, t) in enumerate(zip(records, texts, strict=True))
+        ],
+    )
     insert_attempts(conn, records)
     for table, column in (("upstream_keys", "upstream_key_id"), ("client_keys", "client_key_id")):
         usage = [(key_id, *sums) for key_id, sums in _usage_by(records, column).items()]
@@ -68,6 +183,33 @@ def insert_batch(conn: sqlite3.Connection, records: Iterable[FlowRecord]) -> Non
             f" FROM (VALUES {placeholders(len(usage), 6)}) AS u WHERE {table}.id = u.column1",
             [v for row in usage for v in row],
         )
+
+
+# --------------------------------------------------------------------------- reading packed rows
+
+
+def unpack_row(conn: sqlite3.Connection, row: sqlite3.Row, known_parts: dict[int, str] | None = None) -> dict:
+    """A row with `content` and `parts` as the plain columns it stands for (rows before v8 as they are)."""
+    unpacked = dict(row)
+    content = unpacked.pop("content", None)
+    refs = packing.decode_refs(unpacked.pop("parts", None))
+    if content is None:
+        return unpacked
+    values = packing.deserialise(packing.CODEC.decompress(conn, content))
+    if refs:
+        values = packing.join_parts(values, refs, blobs.texts_of(conn, (r[2] for r in refs), known_parts))
+    for name, value in zip(PACKED_COLUMNS, values, strict=True):
+        unpacked[name] = value
+    return unpacked
+
+
+def _selected(columns: str) -> tuple[list[str], bool]:
+    """The requested columns as SQL, and whether any of them is packed (then content and parts too)."""
+    names = [c.strip() for c in columns.split(",")]
+    packed = "*" in names or any(n in PACKED_COLUMNS for n in names)
+    if packed and "*" not in names:
+        names += ["content", "parts"]
+    return names, packed
 
 
 def insert_attempts(conn: sqlite3.Connection, records: list[FlowRecord]) -> None:
@@ -167,7 +309,61 @@ def fts_query(text: str) -> str | None:
     terms = [t for t in text.split() if t]
     if not terms:
         return None
-    return " ".join('"' + t.replace('"', '""') + '"' for t in terms[:20])
+    return " ".join(_quoted(t) for t in terms[:20])
+
+
+def _quoted(term: str) -> str:
+    return '"' + term.replace('"', '""') + '"'
+
+
+class _Tokenizer(threading.local):
+    """FTS5's own tokenizer, on a private in-memory database: the index's rules, not a copy of them.
+
+    The index keeps no positions (detail=none: a third of the size), so a word that FTS5
+    reads as several tokens ("gpt-4o", "/v1/chat") cannot be asked for as a phrase there. It
+    is asked for as its tokens, and the candidates are checked against the phrase here, in
+    a full-detail index of just those rows: exactly the matches a full index would give.
+    """
+
+    def __init__(self) -> None:
+        self.conn = sqlite3.connect(":memory:")
+        self.conn.execute("CREATE VIRTUAL TABLE words USING fts5(w)")
+        self.conn.execute("CREATE VIRTUAL TABLE words_seen USING fts5vocab(words, 'instance')")
+        self.conn.execute(f"CREATE VIRTUAL TABLE checked USING fts5({', '.join(FTS_COLUMNS)})")
+
+    def tokens(self, term: str) -> list[str]:
+        with self.conn:
+            self.conn.execute("INSERT INTO words (rowid, w) VALUES (1, ?)", (term,))
+            found = [r[0] for r in self.conn.execute("SELECT term FROM words_seen ORDER BY offset")]
+            self.conn.execute("DELETE FROM words")
+        return found
+
+    def matching(self, rows: list[tuple], query: str) -> set[int]:
+        """Ids of `rows` (id, path, model, request body, response body) that a full index would match."""
+        with self.conn:
+            self.conn.executemany(f"INSERT INTO checked (rowid, {', '.join(FTS_COLUMNS)}) VALUES (?, ?, ?, ?, ?)", rows)
+            found = {r[0] for r in self.conn.execute("SELECT rowid FROM checked WHERE checked MATCH ?", (query,))}
+            self.conn.execute("DELETE FROM checked")
+        return found
+
+
+_tokenizer = _Tokenizer()
+
+
+def _index_query(text: str) -> tuple[str, str | None] | None:
+    """The query for the index without positions, and the full query when candidates need checking."""
+    terms = [t for t in text.split() if t][:20]
+    if not terms:
+        return None
+    parts, phrases = [], False
+    for term in terms:
+        tokens = _tokenizer.tokens(term)
+        if len(tokens) > 1:
+            phrases = True
+            parts += [_quoted(t) for t in tokens]
+        else:
+            parts.append(_quoted(term))  # FTS5 reads one token (or none) the same in either index
+    return " ".join(parts), (fts_query(text) if phrases else None)
 
 
 def _conditions(f: FlowFilter, table: str) -> tuple[list[str], list[Any]]:
@@ -254,43 +450,156 @@ def search_flows(
     limit: int = 50,
     before_id: int | None = None,
     columns: str = SUMMARY_COLUMNS,
-) -> list[sqlite3.Row]:
-    """Newest first, filtered; `before_id` continues a page (keyset pagination, never OFFSET)."""
+) -> list:
+    """Newest first, filtered; `before_id` continues a page (keyset pagination, never OFFSET).
+
+    Rows come back as sqlite3.Row, or as dicts with headers and bodies unpacked when
+    `columns` asks for any of them ("*" included).
+    """
     limit = max(1, min(limit, 1000))
     ids = _id_range(conn, f, before_id)
     if ids is None:
         return []
-    query = fts_query(f.q) if f.q else None
-    where, params = _conditions(f, "flows")
-    selected = ", ".join(f"flows.{c.strip()}" for c in columns.split(","))
-    if query is None:
-        sql = f"SELECT {selected} FROM flows"
-        driver = "flows.id"
+    names, packed = _selected(columns)
+    selected = ", ".join(f"flows.{n}" for n in names)
+    if not f.q or fts_query(f.q) is None:
+        where, params = _conditions(f, "flows")
+        where.append("flows.id BETWEEN ? AND ?")
+        sql = f"SELECT {selected} FROM flows WHERE {' AND '.join(where)} ORDER BY flows.id DESC LIMIT ?"
+        rows = conn.execute(sql, (*params, *ids, limit)).fetchall()
     else:
-        # Driven by the index, newest match first: FTS5 walks rowids in order and stops at LIMIT.
-        sql = f"SELECT {selected} FROM flows_fts JOIN flows ON flows.id = flows_fts.rowid"
-        where.insert(0, "flows_fts MATCH ?")
-        params.insert(0, query)
-        driver = "flows_fts.rowid"  # bounds on flows.id would not reach the full-text walk
-    where.append(f"{driver} BETWEEN ? AND ?")
-    params += ids
-    sql += " WHERE " + " AND ".join(where)
-    return conn.execute(f"{sql} ORDER BY {driver} DESC LIMIT ?", (*params, limit)).fetchall()
+        rows = _text_search(conn, f, ids, limit, selected)
+    if not packed:
+        return rows
+    known: dict[int, str] = {}
+    return [unpack_row(conn, row, known) for row in rows]
 
 
-def get_flow(conn: sqlite3.Connection, flow_row_id: int) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM flows WHERE id = ?", (flow_row_id,)).fetchone()
+def _legacy_range(conn: sqlite3.Connection) -> tuple[int, int] | None:
+    """Ids (low, high] of rows still in the layout before v8, indexed in LEGACY_FTS; None when none are."""
+    try:
+        row = conn.execute("SELECT low, high FROM flows_legacy").fetchone()
+    except sqlite3.OperationalError:  # a database before v8 (the UI reading while the proxy migrates)
+        return None
+    return (row[0], row[1]) if row and row[0] < row[1] else None
+
+
+def _text_search(conn: sqlite3.Connection, f: FlowFilter, ids: tuple[int, int], limit: int, selected: str) -> list:
+    """Full-text search, newest match first: each index walks its rowids in order and stops at LIMIT."""
+    query = fts_query(f.q)
+    low, high = ids
+    rows = []
+    legacy = _legacy_range(conn)
+    if legacy and legacy[0] + 1 <= high and low <= legacy[1]:
+        # Rows not converted yet: their old index (positions and all) answers the query as it is.
+        span = (max(low, legacy[0] + 1), min(high, legacy[1]))
+        rows += _walk(conn, f, LEGACY_FTS, query, None, span, limit, selected)
+    index_query, check = _index_query(f.q)
+    rows += _walk(conn, f, "flows_fts", index_query, check, ids, limit, selected, skip=legacy)
+    if legacy:
+        rows.sort(key=lambda r: r["id"], reverse=True)
+    return rows[:limit]
+
+
+CHECK_PAGE = 200  # candidates read per round when a phrase must be checked
+
+
+def _walk(
+    conn: sqlite3.Connection,
+    f: FlowFilter,
+    index: str,
+    query: str,
+    check: str | None,
+    ids: tuple[int, int],
+    limit: int,
+    selected: str,
+    skip: tuple[int, int] | None = None,
+) -> list:
+    where, params = _conditions(f, "flows")
+    where.insert(0, f"{index} MATCH ?")
+    params.insert(0, query)
+    if skip:  # the rows the old index answers for
+        where.append(f"{index}.rowid NOT BETWEEN ? AND ?")
+        params += [skip[0] + 1, skip[1]]
+    where.append(f"{index}.rowid BETWEEN ? AND ?")  # bounds on flows.id would not reach the full-text walk
+    sql = (
+        f"SELECT flows.id AS id_, {selected} FROM {index} JOIN flows ON flows.id = {index}.rowid"
+        f" WHERE {' AND '.join(where)} ORDER BY {index}.rowid DESC LIMIT ?"
+    )
+    low, high = ids
+    if check is None:
+        return [_without_id(r) for r in conn.execute(sql, (*params, low, high, limit))]
+    found: list = []
+    while len(found) < limit and low <= high:
+        page = conn.execute(sql, (*params, low, high, CHECK_PAGE)).fetchall()
+        if not page:
+            break
+        matching = _tokenizer.matching(_texts_of(conn, [r["id_"] for r in page]), check)
+        found += [_without_id(r) for r in page if r["id_"] in matching]
+        if len(page) < CHECK_PAGE:
+            break
+        high = page[-1]["id_"] - 1
+    return found[:limit]
+
+
+def _without_id(row: sqlite3.Row) -> dict:
+    """A result row keyed by column name, like sqlite3.Row, without the helper column of the walk."""
+    return {k: row[k] for k in row.keys() if k != "id_"}
+
+
+def _texts_of(conn: sqlite3.Connection, row_ids: list[int]) -> list[tuple]:
+    """(id, path, model, request body, response body) of each flow, unpacked."""
+    known: dict[int, str] = {}
+    rows = conn.execute(
+        f"SELECT id, path, model, request_body, response_body, content, parts FROM flows"
+        f" WHERE id IN ({', '.join('?' * len(row_ids))})",
+        row_ids,
+    )
+    texts = []
+    for row in rows:
+        plain = unpack_row(conn, row, known)
+        texts.append((plain["id"], plain["path"], plain["model"], plain["request_body"], plain["response_body"]))
+    return texts
+
+
+def get_flow(conn: sqlite3.Connection, flow_row_id: int) -> dict | None:
+    row = conn.execute("SELECT * FROM flows WHERE id = ?", (flow_row_id,)).fetchone()
+    return None if row is None else unpack_row(conn, row)
 
 
 def count_flows(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT count(*) FROM flows").fetchone()[0]
 
 
-PURGE_CHUNK = 2000  # rows per transaction: the writer's next batch never waits long
+PURGE_CHUNK = 1000  # rows per transaction: the writer's next batch never waits long
 
 
-def purge_chunk(conn: sqlite3.Connection, older_than: float | None, keep_rows: int | None) -> int:
-    """Delete up to PURGE_CHUNK of the oldest flows that are past retention; returns how many went."""
+def used_bytes(conn: sqlite3.Connection) -> int:
+    """The database's pages in use: its size less the free pages new rows will reuse first."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return pages * conn.execute("PRAGMA page_size").fetchone()[0]
+
+
+def size_surplus(conn: sqlite3.Connection, max_bytes: int) -> int:
+    """How many of the oldest flows to purge for the database to use at most `max_bytes`, at its average row.
+
+    Computed once per purge round: deleting frees pages for new rows only as the pages empty,
+    so the size read between chunks would lag behind and purge too much.
+    """
+    used = used_bytes(conn)
+    if used <= max_bytes:
+        return 0
+    count = count_flows(conn)
+    return min(count, int((used - max_bytes) / (used / count)) + 1) if count else 0
+
+
+def purge_chunk(conn: sqlite3.Connection, older_than: float | None, keep_rows: int | None, oldest: int = 0) -> int:
+    """Delete up to PURGE_CHUNK of the oldest flows that are past retention; returns how many went.
+
+    Retention by age, by row count and by size (`oldest`: that many of the oldest flows, from
+    size_surplus; the oldest go first whatever the reason); the index entries and
+    the repeated parts only these flows used go with them.
+    """
     boundaries = []
     if older_than is not None:
         row = conn.execute(
@@ -303,19 +612,52 @@ def purge_chunk(conn: sqlite3.Connection, older_than: float | None, keep_rows: i
         row = conn.execute("SELECT id FROM flows ORDER BY id DESC LIMIT 1 OFFSET ?", (keep_rows,)).fetchone()
         if row is not None:
             boundaries.append(row[0])
+    if oldest > 0:
+        row = conn.execute(
+            "SELECT id FROM flows ORDER BY id LIMIT 1 OFFSET ?", (min(oldest, PURGE_CHUNK) - 1,)
+        ).fetchone()
+        if row is not None:
+            boundaries.append(row[0])
     if not boundaries:
         return 0
     with conn:
-        ids = [
-            r[0]
-            for r in conn.execute(
-                "SELECT id FROM flows WHERE id <= ? ORDER BY id LIMIT ?", (max(boundaries), PURGE_CHUNK)
-            )
-        ]
-        if not ids:
+        rows = conn.execute(
+            "SELECT id, path, model, request_body, response_body, content, parts FROM flows"
+            " WHERE id <= ? ORDER BY id LIMIT ?",
+            (max(boundaries), PURGE_CHUNK),
+        ).fetchall()
+        if not rows:
             return 0
-        conn.execute("DELETE FROM flows WHERE id >= ? AND id <= ?", (ids[0], ids[-1]))
+        forget_texts(conn, rows)
+        conn.execute("DELETE FROM flows WHERE id >= ? AND id <= ?", (rows[0]["id"], rows[-1]["id"]))
         conn.execute(
             "DELETE FROM attempts WHERE started_at < coalesce((SELECT min(started_at) FROM flows), ?)", (float("inf"),)
         )
-    return len(ids)
+    return len(rows)
+
+
+def forget_texts(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> None:
+    """Remove flows' index entries and their uses of repeated parts, before the rows are deleted.
+
+    The index keeps no copy of the text, so removing a flow from it takes the text it was
+    given: the packed row unpacked. Rows still in the layout before v8 are in the old index.
+    """
+    packed = [r for r in rows if r["content"] is not None]
+    legacy = [r for r in rows if r["content"] is None]
+    known: dict[int, str] = {}
+    insert_many(
+        conn,
+        _DELETE_FTS,
+        [
+            ("delete", r["id"], r["path"], r["model"], plain["request_body"], plain["response_body"])
+            for r in packed
+            for plain in (unpack_row(conn, r, known),)
+        ],
+    )
+    blobs.release(conn, [ref[2] for r in packed for ref in packing.decode_refs(r["parts"])])
+    if legacy and _legacy_range(conn):
+        insert_many(
+            conn,
+            f"INSERT INTO {LEGACY_FTS} ({LEGACY_FTS}, rowid, {', '.join(FTS_COLUMNS)})",
+            [("delete", r["id"], r["path"], r["model"], r["request_body"], r["response_body"]) for r in legacy],
+        )

@@ -381,6 +381,38 @@ def _v10_object_owners(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v11_packed_flows(db: sqlite_utils.Database) -> None:
+    # Headers and bodies packed into one zstd frame per flow (`content`), repeated parts kept
+    # once in blobs (`parts` says where they go back), and a full-text index that keeps neither
+    # a copy of the text nor positions (contentless, detail=none; storage/flows.py checks
+    # phrases). Existing rows stay as they are, readable, and are converted in chunks by
+    # storage/conversion.py: ids in (low, high] of flows_legacy are not converted yet and are
+    # searched in the old index, renamed flows_fts_legacy. Nothing here reads the flows.
+    db["compression_dictionaries"].create(
+        {"id": int, "data": bytes, "samples": int, "created_at": float}, pk="id", not_null={"data", "created_at"}
+    )
+    db["blobs"].create(
+        {"id": int, "digest": bytes, "data": bytes, "size": int, "refs": int},
+        pk="id",
+        not_null={"digest", "data", "size", "refs"},
+    )
+    db["blobs"].create_index(["digest"], unique=True)
+    db["flows"].add_column("content", bytes)
+    db["flows"].add_column("parts", bytes)
+    for trigger in ("flows_ai", "flows_ad", "flows_au"):
+        db.conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    low, high = db.conn.execute("SELECT coalesce(min(id), 1) - 1, coalesce(max(id), 0) FROM flows").fetchone()
+    if high > low:
+        db.conn.execute("ALTER TABLE flows_fts RENAME TO flows_fts_legacy")
+    else:
+        db.conn.execute("DROP TABLE flows_fts")
+    db["flows_legacy"].create({"low": int, "high": int}, not_null={"low", "high"})
+    db.conn.execute("INSERT INTO flows_legacy (low, high) VALUES (?, ?)", (low, high))
+    db.conn.execute(
+        "CREATE VIRTUAL TABLE flows_fts USING fts5(path, model, request_body, response_body, content='', detail=none)"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
@@ -392,6 +424,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v8_every_endpoint,
     _v9_clients_limits_audit,
     _v10_object_owners,
+    _v11_packed_flows,
 ]
 
 

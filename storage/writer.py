@@ -38,7 +38,7 @@ from typing import Protocol
 from core.affinity import Ownership
 from core.models import FetchedModels, KeyStateChange
 from core.records import FlowRecord
-from storage import audit, capture_status, db, flows, objects, outcomes, rollups, routes, upstream_keys
+from storage import audit, capture_status, conversion, db, flows, objects, outcomes, rollups, routes, upstream_keys
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ COMPLAIN_SECONDS = 30.0  # while writes keep failing, a log line at most this of
 class Retention:
     keep_days: float = 0  # 0: no age limit
     max_rows: int = 0  # 0: no row limit
+    max_bytes: int = 0  # 0: no size limit; else the oldest flows go while the database uses more
 
 
 class Recordable(Protocol):
@@ -97,6 +98,9 @@ class Writer:
         self._stopping = False
         self._stop_deadline = 0.0
         self._status: capture_status.StatusFile | None = None
+        self._packer = flows.FlowPacker()  # compresses in this thread, never on the event loop
+        self._converting = True  # rows from before schema v8 may be left: checked at start-up
+        self._convert_at = 0.0  # after a lock conflict, the next chunk waits until then
 
     def put(self, item: Recordable | KeyStateChange) -> None:
         self._queue.put(item)
@@ -129,6 +133,7 @@ class Writer:
         conn = db.connect(self.path)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         try:
+            self._converting = conversion.pending(conn)
             while True:
                 self._absorb(self._next_items())
                 if (self._pending or self._states) and time.monotonic() >= self._retry_at:
@@ -143,6 +148,12 @@ class Writer:
                         break
                 if not self._failures and not self._pending and time.monotonic() >= self._next_purge:
                     self._purge(conn)
+                elif (
+                    self._converting
+                    and not (self._failures or self._pending or self._stopping)
+                    and time.monotonic() >= self._convert_at
+                ):
+                    self._convert(conn)
         finally:
             conn.close()
             self._status.close()
@@ -155,10 +166,12 @@ class Writer:
         if not writable and not (self._stopping and self._queue.empty()):
             if self._pending or self._states:
                 wait = self._retry_at - now  # failing: wake up for the next attempt
+            elif self._converting:
+                wait = min(self._convert_at - now, self._next_purge - now)  # old rows: a chunk when idle
             else:
                 wait = self._next_purge - now
             try:
-                items.append(self._queue.get(timeout=max(0.01, wait)))
+                items.append(self._queue.get(timeout=max(0.01, wait)) if wait > 0 else self._queue.get_nowait())
             except queue.Empty:
                 return items
         # Commits at least GATHER_SECONDS apart: a lone row waits a little for company, and at
@@ -231,7 +244,7 @@ class Writer:
         states: list[KeyStateChange | FetchedModels | Ownership],
     ) -> None:
         with conn:
-            flows.insert_batch(conn, batch)
+            flows.insert_batch(conn, batch, self._packer)
             rollups.add_records(conn, batch)
             outcomes.add_records(conn, batch)
             learnt = [s for s in states if isinstance(s, Ownership)]
@@ -303,13 +316,15 @@ class Writer:
         try:
             rollups.drop_old_minutes(conn, time.time())
             conn.commit()
-            if not keep.keep_days and not keep.max_rows:
+            if not keep.keep_days and not keep.max_rows and not keep.max_bytes:
                 return
             older_than = time.time() - keep.keep_days * 86400 if keep.keep_days else None
             if older_than is not None:
                 audit.purge(conn, older_than)  # the audit log is kept as long as flows (capture.keep_days)
+            oldest = flows.size_surplus(conn, keep.max_bytes) if keep.max_bytes else 0
             while True:
-                deleted = flows.purge_chunk(conn, older_than, keep.max_rows or None)
+                deleted = flows.purge_chunk(conn, older_than, keep.max_rows or None, oldest)
+                oldest = max(0, oldest - deleted)
                 self.rows_purged += deleted
                 if deleted < flows.PURGE_CHUNK:
                     return
@@ -318,6 +333,21 @@ class Writer:
                     return
         except sqlite3.Error:
             log.exception("applying retention failed; trying again in %d s", PURGE_SECONDS)
+
+    def _convert(self, conn: sqlite3.Connection) -> None:
+        """One chunk of the rows stored before schema v8, between capture's batches (storage/conversion.py)."""
+        try:
+            self._converting = conversion.convert_chunk(conn, self._packer) > 0
+        except sqlite3.OperationalError as e:
+            # Locked (run.py storage migrate converting beside us, a reader's checkpoint): later.
+            log.debug("converting old flows waits: %s", e)
+            self._convert_at = time.monotonic() + RETRY_SECONDS[-1]
+        except Exception:
+            log.exception("converting flows stored before schema v8 failed; `run.py storage migrate` retries it")
+            self._converting = False
+        else:
+            if not self._converting:
+                log.info("every flow stored before schema v8 is converted")
 
 
 _writers: dict[Path, Writer] = {}

@@ -208,6 +208,21 @@ def keyrotor(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Keyrotor]:
     installation.stop()
 
 
+def stored_flows(path, after_id: int = 0, conn=None) -> list[dict]:
+    """Flows as storage's readers get them (headers and bodies unpacked), oldest first."""
+    from storage import flows
+
+    own = conn is None
+    conn = conn or db.connect(path, readonly=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = conn.execute("SELECT * FROM flows WHERE id > ? ORDER BY id", (after_id,)).fetchall()
+        return [flows.unpack_row(conn, row) for row in rows]
+    finally:
+        if own:
+            conn.close()
+
+
 def insert_into_old_schema(conn, records) -> None:
     """Flows (and attempts) into a database migrated only part way: the columns it has, as that version did."""
     from storage import flows

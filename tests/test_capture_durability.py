@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ADMIN_KEY, ROOT, Keyrotor, port_open, wait_for
+from tests.conftest import ADMIN_KEY, ROOT, Keyrotor, port_open, stored_flows, wait_for
 from tests.fake_upstream import FakeUpstream
 
 GOOD = ["sk-good-durable-aaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-durable-bbbbbbbbbbbbbbbbbbbbbb0002"]
@@ -36,7 +36,7 @@ def stored_markers(kr: Keyrotor) -> set[int]:
 def stored_markers_at(path: Path) -> set[int]:
     conn = sqlite3.connect(path, timeout=30)
     try:
-        bodies = [row[0] or "" for row in conn.execute("SELECT request_body FROM flows")]
+        bodies = [row["request_body"] or "" for row in stored_flows(path, conn=conn)]
     finally:
         conn.close()
     return {int(m.group(1)) for body in bodies if (m := MARKER.search(body))}
@@ -119,8 +119,7 @@ class RowWatch:
 
     def poll(self) -> None:
         try:
-            rows = self.conn.execute("SELECT id, request_body FROM flows WHERE id > ? ORDER BY id", (self.last_id,))
-            rows = rows.fetchall()
+            rows = [(r["id"], r["request_body"]) for r in stored_flows(None, self.last_id, conn=self.conn)]
         except sqlite3.OperationalError:
             return  # busy this instant
         now = time.monotonic()
@@ -194,11 +193,8 @@ class Streams:
 
 def flow_rows(kr: Keyrotor) -> list[sqlite3.Row]:
     conn = sqlite3.connect(kr.db_path, timeout=30)
-    conn.row_factory = sqlite3.Row
     try:
-        return conn.execute(
-            "SELECT status, stream, error, request_body, response_body FROM flows ORDER BY id"
-        ).fetchall()
+        return stored_flows(None, conn=conn)
     finally:
         conn.close()
 

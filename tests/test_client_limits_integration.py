@@ -41,12 +41,7 @@ def stream(kr: Keyrotor, key: str, model: str = "gpt-4o-mini") -> str:
 
 
 def flow_rows(kr: Keyrotor) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(kr.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM flows ORDER BY id").fetchall()
-    finally:
-        conn.close()
+    return kr.query("SELECT * FROM flows ORDER BY id")
 
 
 def wait_rows(kr: Keyrotor, count: int) -> list[sqlite3.Row]:

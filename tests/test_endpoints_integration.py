@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from core.prices import load_prices
-from tests.conftest import ADMIN_KEY, ROOT, Keyrotor, wait_for
+from tests.conftest import ADMIN_KEY, ROOT, Keyrotor, stored_flows, wait_for
 from tests.fake_upstream import AUDIO_BYTES_PER_SECOND, REASONING_TOKENS, FakeUpstream, speech_bytes
 
 GOOD = ["sk-good-aaaaaaaaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-bbbbbbbbbbbbbbbbbbbbbbbbbbbb0002"]
@@ -24,8 +24,9 @@ PRICES = load_prices(ROOT / "prices.toml")
 WAV = b"RIFF\x24\x00\x01\x00WAVEfmt " + bytes(range(256)) * 250
 
 
-def rows(kr: Keyrotor) -> list[sqlite3.Row]:
-    return kr.query("SELECT * FROM flows ORDER BY id")
+def rows(kr: Keyrotor) -> list[dict]:
+    """Every flow as storage's readers get it (headers and bodies unpacked), oldest first."""
+    return stored_flows(kr.db_path)
 
 
 def wait_rows(kr: Keyrotor, count: int) -> list[sqlite3.Row]:

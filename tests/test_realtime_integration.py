@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import sqlite3
 from collections.abc import Iterator
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 import websockets
 
 from core.prices import load_prices
-from tests.conftest import ADMIN_KEY, ROOT, START_DEADLINE, Keyrotor, free_port, port_open, wait_for
+from tests.conftest import ADMIN_KEY, ROOT, START_DEADLINE, Keyrotor, free_port, port_open, stored_flows, wait_for
 from tests.fake_upstream import INSECURE_KEY_PROTOCOL, FakeUpstream
 from tests.test_secrets_integration import Updates
 
@@ -28,8 +27,9 @@ HELLO = {
 AUDIO = {"type": "input_audio_buffer.append", "audio": base64.b64encode(bytes(5000)).decode()}
 
 
-def rows(kr: Keyrotor) -> list[sqlite3.Row]:
-    return kr.query("SELECT * FROM flows ORDER BY id")
+def rows(kr: Keyrotor) -> list[dict]:
+    """Every flow as storage's readers get it (headers and bodies unpacked), oldest first."""
+    return stored_flows(kr.db_path)
 
 
 async def converse(url: str, **connect) -> tuple[str | None, list[dict]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,9 @@ import openai
 import pytest
 from websockets.sync.client import connect
 
-from tests.conftest import ADMIN_KEY, START_DEADLINE, Keyrotor, free_port, port_open, wait_for
+from storage import db, flows
+from storage.flows import FlowFilter
+from tests.conftest import ADMIN_KEY, START_DEADLINE, Keyrotor, free_port, port_open, stored_flows, wait_for
 from tests.fake_upstream import FakeUpstream
 
 GOOD = ["sk-good-secret-aaaaaaaaaaaaaaaaaaaaaa-0001", "sk-good-secret-bbbbbbbbbbbbbbbbbbbbbb-0002"]
@@ -30,8 +31,9 @@ def stored_bytes(kr: Keyrotor) -> bytes:
     return b"".join(p.read_bytes() for p in kr.tmp.glob("keyrotor.db*") if p.is_file())
 
 
-def flow_rows(kr: Keyrotor) -> list[sqlite3.Row]:
-    return kr.query("SELECT * FROM flows ORDER BY id")
+def flow_rows(kr: Keyrotor) -> list[dict]:
+    """Flows with their headers and bodies unpacked: what a compressed file would not show in stored_bytes."""
+    return stored_flows(kr.db_path)
 
 
 class Updates:
@@ -139,13 +141,12 @@ def test_a_client_key_in_the_query_string_works_and_is_never_stored(keyrotor: Ke
 
     rows = wait_for(lambda: len(r := flow_rows(keyrotor)) == 3 and r, what="3 captured rows")
     assert [row["path"] for row in rows] == ["/v1/models?limit=2", "/v1/models?limit=2", "/v1/models"]
-    conn = sqlite3.connect(keyrotor.db_path)
-    assert conn.execute("SELECT count(*) FROM flows_fts WHERE flows_fts MATCH ?", (f'"{client_key}"',)).fetchone() == (
-        0,
-    )
+    conn = db.connect(keyrotor.db_path, readonly=True)
+    assert flows.search_flows(conn, FlowFilter(q=client_key)) == []  # not in the full-text index either
     conn.close()
     for secret in (client_key, UNKNOWN):
         assert secret.encode() not in stored_bytes(keyrotor)
+        assert secret not in repr(rows)  # nor in the headers and bodies, uncompressed
         assert secret not in keyrotor.logs()
 
 
@@ -169,3 +170,4 @@ def test_a_pool_key_upstream_echoes_is_stored_as_its_placeholder(keyrotor: Keyro
     assert ["x-received-key", "[upstream key #1 ...0001]"] in json.loads(rows[0]["response_headers"])
     assert "[upstream key #1 ...0001]" in rows[1]["response_body"]
     assert GOOD[0].encode() not in stored_bytes(keyrotor)
+    assert GOOD[0] not in repr(rows)

@@ -135,13 +135,14 @@ SETTINGS = [
     Setting("capture", "keep_days", 30, _non_negative_integer),
     Setting("capture", "max_rows", 0, _non_negative_integer),
     Setting("capture", "backlog_mb", 256, _positive_integer),
+    Setting("access", "ip_rpm", 0, _non_negative_integer),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 # Settings the proxy's addons declare as mitmproxy options named <section>_<key>.
 ADDON_SETTINGS = [
     s
     for s in SETTINGS
-    if s.section in ("keypool", "capture")
+    if s.section in ("keypool", "capture", "access")
     or s.name in ("proxy.stop_grace_seconds", "proxy.max_body_bytes", "proxy.header_timeout_seconds")
 ]
 

@@ -3,7 +3,7 @@
     run.py [serve] [--web]        proxy (mitmdump, or mitmweb with --web) and UI, stopped together
     run.py proxy [--web] | ui     one of them
     run.py keys add|list|rename|enable|disable|delete|reset|validate|weight ...
-    run.py clients add|list|enable|disable NAME
+    run.py clients add|set NAME [limits] | keys NAME add|list|revoke KEY_ID | list | enable|disable NAME
     run.py admin rotate           a new admin key (shown once); every UI session ends
 
 Every command takes --config PATH and --set section.key=value (repeatable).
@@ -27,14 +27,31 @@ if sys.version_info < (3, 12):  # noqa: UP036 - run.py may be started by an olde
     )
 
 from config import ADDON_SETTINGS, BY_NAME, ROOT, ConfigError, Settings, load_settings, parse_http_url  # noqa: E402
+from core.limits import NO_LIMITS, LimitError, limits_shown, policy_with  # noqa: E402
 from core.models import RESETTABLE, KeyState  # noqa: E402
 from core.routing import Dialect  # noqa: E402
-from storage import client_keys, db, routes, secrets, sessions, upstream_keys  # noqa: E402
+from storage import audit, client_keys, db, routes, secrets, sessions, upstream_keys  # noqa: E402
+from storage.counters import clients_spend  # noqa: E402
 from storage.upstream_keys import SqliteKeyStore  # noqa: E402
 from usecases import keys as key_admin  # noqa: E402
 from usecases import models as model_admin  # noqa: E402
 
 SCRIPT = ROOT / "addons" / "keyrotor.py"
+# `clients add|set` flags: (flag, metavar, help); each maps to core.limits.ClientPolicy's field.
+LIMIT_FLAGS = (
+    ("--models", "LIST", "models it may use, comma-separated; * is a wildcard (gpt-4o*)"),
+    ("--groups", "LIST", "UPSTREAM/GROUP labels it may be served by, comma-separated"),
+    ("--rpm", "N", "requests per minute"),
+    ("--tpm", "N", "tokens per minute"),
+    ("--max-parallel", "N", "requests in flight at once"),
+    ("--daily-tokens", "N", "token budget per UTC day"),
+    ("--monthly-tokens", "N", "token budget per UTC month"),
+    ("--daily-usd", "X", "cost budget per UTC day, in USD (prices.toml)"),
+    ("--monthly-usd", "X", "cost budget per UTC month, in USD"),
+    ("--expires", "ISO-DATE", "the keys stop working then (UTC unless it says otherwise)"),
+    ("--ips", "LIST", "addresses and CIDR ranges it may call from, comma-separated (v4 and v6)"),
+)
+FLAG_FIELDS = {"expires": "expires_at"}  # flag dest → policy field, where they differ
 # How long `serve` waits for its children beyond the proxy's own grace for requests in
 # flight: the writer's flush (up to writer.STOP_RETRY_SECONDS when the database refuses writes).
 STOP_MARGIN_SECONDS = 15
@@ -151,16 +168,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     fallback.add_argument("model", metavar="MODEL")
     fallback.add_argument("fallbacks", nargs="*", metavar="FALLBACK", help="in order; none clears them")
 
-    clients = commands.add_parser("clients", parents=[common], help="manage client keys").add_subparsers(
-        dest="action", required=True
-    )
-    clients.add_parser("list", parents=[common], help="list client keys with usage")
+    clients = commands.add_parser("clients", parents=[common], help="manage clients, their keys and limits")
+    client_actions = clients.add_subparsers(dest="action", required=True)
+    client_actions.add_parser("list", parents=[common], help="each client's limits, spend this day/month, last use")
     for action, text in (
-        ("add", "issue a key (shown once)"),
-        ("disable", "reject a key"),
-        ("enable", "accept it again"),
+        ("add", "create a client and issue its first key (shown once)"),
+        ("set", "change a client's limits ('none' clears one)"),
     ):
-        clients.add_parser(action, parents=[common], help=text).add_argument("name")
+        sub = client_actions.add_parser(action, parents=[common], help=text)
+        sub.add_argument("name")
+        for flag, metavar, help_text in LIMIT_FLAGS:
+            sub.add_argument(flag, metavar=metavar, help=help_text)
+    client_keys_parser = client_actions.add_parser("keys", parents=[common], help="a client's keys")
+    client_keys_parser.add_argument("name")
+    client_keys_parser.add_argument("key_action", choices=["add", "list", "revoke"])
+    client_keys_parser.add_argument("key_id", nargs="?", type=int, metavar="KEY_ID")
+    for action, text in (("disable", "refuse every key of the client"), ("enable", "accept them again")):
+        client_actions.add_parser(action, parents=[common], help=text).add_argument("name")
 
     admin = commands.add_parser("admin", parents=[common], help="the admin key").add_subparsers(
         dest="action", required=True
@@ -476,28 +500,81 @@ def _refresh_models(conn, settings: Settings, label: str | None) -> int:
     return 0 if results and all(r.error is None for r in results) else 1
 
 
+def _limit_changes(args: argparse.Namespace) -> dict[str, str]:
+    changes = {}
+    for flag, _, _ in LIMIT_FLAGS:
+        dest = flag[2:].replace("-", "_")
+        value = getattr(args, dest, None)
+        if value is not None:
+            changes[FLAG_FIELDS.get(dest, dest)] = value
+    return changes
+
+
 def clients_command(args: argparse.Namespace, settings: Settings) -> int:
     conn = db.connect(settings.storage_path)
     try:
-        if args.action == "add":
-            try:
-                key = client_keys.create_client(conn, args.name)
-            except client_keys.ClientExists as e:
-                print(f"keyrotor: {e}", file=sys.stderr)
-                return 1
-            print(f"client {args.name!r} created; its key (shown only now):\n{key}")
-            return 0
-        if args.action == "list":
-            _print_clients(client_keys.list_clients(conn))
-            return 0
-        count = client_keys.set_enabled(conn, args.name, args.action == "enable")
-        if not count:
-            print(f"keyrotor: no client named {args.name!r}", file=sys.stderr)
-            return 1
-        print(f"client {args.name!r} {args.action}d")
-        return 0
+        return _clients(conn, args)
+    except (client_keys.ClientNotFound, client_keys.ClientExists, LimitError) as e:
+        print(f"keyrotor: {e}", file=sys.stderr)
+        return 1
     finally:
         conn.close()
+
+
+def _clients(conn, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        policy = policy_with(NO_LIMITS, _limit_changes(args))
+        key = client_keys.create_client(conn, args.name, policy)
+        print(f"client {args.name!r} created{_limits_text(policy, ' with ')}; its key (shown only now):\n{key}")
+        return 0
+    if args.action == "set":
+        changes = _limit_changes(args)
+        if not changes:
+            print("keyrotor: give at least one limit to set, e.g. --rpm 60 (or --rpm none)", file=sys.stderr)
+            return 2
+        policy = client_keys.set_limits(conn, args.name, changes)
+        print(f"client {args.name!r}: {_limits_text(policy) or 'no limits'}")
+        return 0
+    if args.action == "list":
+        _print_clients(conn, client_keys.list_clients(conn))
+        return 0
+    if args.action == "keys":
+        return _client_keys(conn, args)
+    count = client_keys.set_enabled(conn, args.name, args.action == "enable")
+    if not count:
+        print(f"keyrotor: no client named {args.name!r}", file=sys.stderr)
+        return 1
+    print(f"client {args.name!r} {args.action}d")
+    return 0
+
+
+def _client_keys(conn, args: argparse.Namespace) -> int:
+    if args.key_action == "add":
+        key_id, key = client_keys.add_key(conn, args.name)
+        print(f"key #{key_id} added to {args.name!r} (shown only now):\n{key}")
+        return 0
+    if args.key_action == "list":
+        print(f"{'id':>5}  {'key':<8}  {'state':<8}  {'requests':>8}  {'cost':>10}  {'created':<20}  last used")
+        for row in client_keys.list_keys(conn, args.name):
+            state = "revoked" if row["revoked_at"] else "active" if row["enabled"] else "disabled"
+            print(
+                f"{row['id']:>5}  …{row['last4']:<7}  {state:<8}  {row['requests']:>8}  {_dollars(row['cost']):>10}"
+                f"  {_when(row['created_at']):<20}  {_when(row['last_used_at'])}"
+            )
+        return 0
+    if args.key_id is None:
+        print("keyrotor: which key? run.py clients keys NAME revoke KEY_ID", file=sys.stderr)
+        return 2
+    if not client_keys.revoke_key(conn, args.name, args.key_id):
+        print(f"keyrotor: {args.name!r} has no key #{args.key_id} that is not revoked already", file=sys.stderr)
+        return 1
+    print(f"key #{args.key_id} of {args.name!r} revoked")
+    return 0
+
+
+def _limits_text(policy, prefix: str = "") -> str:
+    text = ", ".join(f"{name}={value}" for name, value in limits_shown(policy).items())
+    return f"{prefix}{text}" if text else ""
 
 
 def admin_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -508,6 +585,7 @@ def admin_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"keyrotor: {e}", file=sys.stderr)
         return 1
     ended = sessions.end_all(settings.storage_path)
+    audit.log_now(settings.storage_path, "admin.rotate", None, {"sessions_ended": ended})
     print(
         f"admin key replaced; {ended} UI session(s) ended. The new admin key (shown only now):\n{key}",
         flush=True,
@@ -558,21 +636,27 @@ def _print_keys(rows) -> None:
         )
 
 
-def _print_clients(rows) -> None:
+def _print_clients(conn, rows) -> None:
+    spend = clients_spend(conn, [row["id"] for row in rows], time.time())
     print(
-        f"{'id':>5}  {'name':<20}  {'key':<8}  {'enabled':<7}  {'requests':>8}  {'tokens in/out':>17}  {'cost':>10}"
-        "  last used"
+        f"{'id':>5}  {'name':<20}  {'keys':>4}  {'enabled':<7}  {'requests':>8}  {'today tokens/$':>20}"
+        f"  {'month tokens/$':>20}  {'last used':<20}  limits"
     )
     for row in rows:
-        tokens = f"{row['prompt_tokens']}/{row['completion_tokens']}"
+        s = spend[row["id"]]
+        today = f"{int(s['day_tokens'])}/{_dollars(s['day_usd'])}"
+        month = f"{int(s['month_tokens'])}/{_dollars(s['month_usd'])}"
+        limits = _limits_text(client_keys.policy_of(row["limits"])) or "-"
         print(
-            f"{row['id']:>5}  {row['name']:<20}  …{row['last4']:<7}  {'yes' if row['enabled'] else 'no':<7}"
-            f"  {row['requests']:>8}  {tokens:>17}  {_dollars(row['cost']):>10}  {_when(row['last_used_at'])}"
+            f"{row['id']:>5}  {row['name']:<20}  {row['keys']:>4}  {'yes' if row['enabled'] else 'no':<7}"
+            f"  {row['requests']:>8}  {today:>20}  {month:>20}  {_when(row['last_used_at']):<20}  {limits}"
         )
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.command not in ("serve", "proxy", "ui"):
+        audit.set_actor(audit.Actor(audit.CLI))  # every change this command makes is the CLI's, in the audit log
     try:
         settings = settings_from(args)
         prepare_storage(settings)

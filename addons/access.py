@@ -1,20 +1,31 @@
-"""Who is calling: every request must carry a client key that keyrotor issued."""
+"""Who is calling: every request must carry a client key that keyrotor issued, within its client's limits.
+
+Thin over core.limits: at the headers it authenticates and checks expiry and address, at
+the body it asks the Governor for a verdict (model allowlist, budgets, rate limits) and
+answers a refusal itself; nothing refused reaches upstream. The Spend addon settles what
+an admitted request used when it ends.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 
+from config import default_of
 from core.credentials import credential_from, masked, query_credential, refused_placeholder, scrubbed
 from core.errors import OpenAIError
+from core.limits import Governor, Refusal, Ticket
 from core.metadata import ACCESS, AccessVerdict
 from core.models import Client
 from core.revisions import watch_revision
-from storage import db
+from core.routing import RouteTable, is_multipart, requested_model
+from storage import db, routes
 from storage.client_keys import load_enabled
+from storage.counters import SqliteCounters
 from storage.secrets import hash_client_key
 
 log = logging.getLogger(__name__)
@@ -35,36 +46,69 @@ def refusal(verdict: AccessVerdict) -> OpenAIError:
 
 
 class Access:
-    def __init__(self) -> None:
-        self.clients: dict[str, Client] = {}
+    def __init__(self, defaults=None, governor: Governor | None = None) -> None:
+        self._defaults = defaults
+        self.clients: dict[str, tuple[Client, int]] = {}  # key hash → (client, key id)
+        self.by_id: dict[int, Client] = {}
+        self.routes: RouteTable | None = None  # for clients limited to some groups: which serve a model
+        self._serving: dict[str, tuple[str, ...]] = {}  # model → labels of the groups that serve it
         self.db_path: Path | None = None
+        # Shared with the Spend addon (addons/keyrotor.py wires them); its counters are made here.
+        self.governor = governor or Governor(counters=None)
+        self._counters: SqliteCounters | None = None
         self._revision = 0
         self._revisions: db.RevisionReader | None = None
         self._watcher: asyncio.Task | None = None
 
+    def load(self, loader) -> None:
+        loader.add_option(
+            "access_ip_rpm",
+            int,
+            default_of(self._defaults, "access.ip_rpm"),
+            "Requests per minute from one client address, across all clients (0: no limit).",
+        )
+
     def configure(self, updated: set[str]) -> None:
+        if "access_ip_rpm" in updated:
+            if ctx.options.access_ip_rpm < 0:
+                raise exceptions.OptionsError("access_ip_rpm must be zero or more.")
+            self.governor.ip_rpm = ctx.options.access_ip_rpm
         if "keyrotor_storage" in updated:
             self.db_path = Path(ctx.options.keyrotor_storage)
             self._reload()
+            if self._counters:
+                self._counters.stop()
+            self._counters = SqliteCounters(self.db_path)  # counts and spend as the last run left them
+            self.governor.counters = self._counters
 
     def running(self) -> None:
+        self._counters.start()
         self._revisions = db.RevisionReader(self.db_path)
-        self._watcher = asyncio.create_task(watch_revision(self._revisions, "clients", self._reload, self._revision))
+        self._watcher = asyncio.create_task(
+            watch_revision(self._revisions, ("clients", routes.ROUTES), self._reload, self._revision)
+        )
 
     def done(self) -> None:
         if self._watcher:
             self._watcher.cancel()
         if self._revisions:
             self._revisions.close()
+        if self._counters:
+            self._counters.stop()  # writes what changed since the last flush
 
     def _reload(self) -> None:
         conn = db.connect(self.db_path)
         try:
-            self._revision = db.read_revision(conn, "clients")
-            self.clients = load_enabled(conn)
+            self._revision = (db.read_revision(conn, "clients"), db.read_revision(conn, routes.ROUTES))
+            clients = load_enabled(conn)
+            table = RouteTable(*routes.load_routes(conn))
         finally:
             conn.close()
-        log.info("client keys loaded: %d enabled", len(self.clients))
+        self.clients = clients
+        self.routes = table
+        self._serving = {}
+        self.by_id = {client.id: client for client, _ in clients.values()}
+        log.info("client keys loaded: %d enabled, of %d clients", len(clients), len(self.by_id))
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Checked as soon as the headers arrive, so every credential is replaced by a placeholder
@@ -78,23 +122,71 @@ class Access:
                 request.path = path  # a key in the URL goes no further: not upstream, not into a record
         headers = request.headers
         key = credential_from(headers.fields) or query_key
-        client = self.clients.get(hash_client_key(key)) if key else None
-        if client is None:
+        found = self.clients.get(hash_client_key(key)) if key else None
+        if found is None:
             rejected = "invalid_api_key" if key else "missing_api_key"
             verdict = AccessVerdict(rejected=rejected, masked=masked(key) if key else None)
+            error = refusal(verdict)
+            verdict.reason = f"{rejected}: {error.message}"
             flow.metadata[ACCESS] = verdict
             headers.fields = scrubbed(headers.fields, refused_placeholder(key))
-            flow.response = as_response(refusal(verdict))
+            flow.response = as_response(error)
             return
-        flow.metadata[ACCESS] = AccessVerdict(client_id=client.id, client_name=client.name)
-        stand_in = f"[client key #{client.id}]"
+        client, key_id = found
+        verdict = flow.metadata[ACCESS] = AccessVerdict(client_id=client.id, client_name=client.name, key_id=key_id)
+        stand_in = f"[client key #{key_id}]"
         headers.fields = scrubbed(headers.fields, stand_in, ensure=True)
+        policy = client.policy
+        if policy.expires_at is not None or client.networks:
+            refused = Governor.check_key(policy, client.networks, _address(flow), time.time())
+            if refused is not None:
+                refuse(flow, verdict, refused)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response:
             return
         if ACCESS not in flow.metadata:
             self.requestheaders(flow)  # a flow that skipped the requestheaders hook (replayed, injected)
+            if flow.response:
+                return
+        verdict = AccessVerdict.of(flow.metadata)
+        client = self.by_id.get(verdict.client_id)
+        if client is None or (not client.policy.is_limited and not self.governor.ip_rpm):
+            return
+        request = flow.request
+        body = request.raw_content or b""
+        if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t", b"-", b""):
+            try:
+                body = request.content or b""  # content-encoded: the allowlist must see the real model
+            except ValueError:
+                pass  # an encoding we cannot read: upstream cannot either, and answers 400
+        policy = client.policy
+        model = serving = None
+        if (policy.models or policy.groups) and body:
+            content_type = request.headers.get("content-type", "") if is_multipart(body) else ""
+            model = requested_model(content_type, body)
+        if policy.groups and model is not None and self.routes is not None:
+            serving = self._serving.get(model)
+            if serving is None:  # made once per model and route change, not per request
+                serving = self._serving[model] = tuple(g.label for g in self.routes.groups_for(model))
+            verdict.groups = list(policy.groups)
+        outcome = self.governor.admit(flow.id, client.id, policy, model, body, _address(flow), time.time(), serving)
+        if isinstance(outcome, Refusal):
+            refuse(flow, verdict, outcome)
+        elif isinstance(outcome, Ticket):
+            verdict.counted = True
+
+
+def _address(flow: http.HTTPFlow) -> str | None:
+    peer = flow.client_conn.peername
+    return peer[0] if peer else None
+
+
+def refuse(flow: http.HTTPFlow, verdict: AccessVerdict, refused: Refusal) -> None:
+    """Answer the request with the refusal; the flow's row records its code and why."""
+    verdict.rejected = refused.code
+    verdict.reason = refused.reason
+    flow.response = as_response(refused.error)
 
 
 def as_response(error: OpenAIError) -> http.Response:

@@ -28,9 +28,11 @@ from addons.credential_sender import CredentialSender  # noqa: E402
 from addons.keypool import KeyPool  # noqa: E402
 from addons.recovery import Recovery  # noqa: E402
 from addons.shutdown import Shutdown  # noqa: E402
+from addons.spend import Spend  # noqa: E402
 from addons.upstream_watch import UpstreamWatch  # noqa: E402
 from addons.usage import Usage  # noqa: E402
 from config import ConfigError, load_settings  # noqa: E402
+from core.limits import Governor  # noqa: E402
 from storage import db, secrets  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -76,14 +78,16 @@ except ConfigError as e:
     raise SystemExit(f"keyrotor: {e}") from None
 
 _sender = CredentialSender()  # the key pool's: it puts the pool's keys on the wire
+_governor = Governor(counters=None)  # client limits: Access admits requests, Spend settles them
 addons = [
     KeyRotor(_settings),
     Recovery(),
-    Access(),
+    Access(_settings, governor=_governor),
     Bounds(_settings),
     KeyPool(_settings, sender=_sender),
     _sender,
     UpstreamWatch(),  # after the sender: its patch wraps the sender's
+    Spend(_governor),  # before Usage: its stream callable sees the usage chunk Usage then takes out
     Usage(),
     Capture(_settings),
     AdminKeyWatch(),

@@ -1,10 +1,13 @@
 """Instructions per request: bare mitmdump vs keyrotor's full chain, counted by valgrind.
 
-    .venv/bin/python bench/proxy_instructions.py [--requests 200] [--routes 5 4 50]
+    .venv/bin/python bench/proxy_instructions.py [--requests 200] [--routes 5 4 50] [--limits]
 
 With --routes U G M it also counts keyrotor with U upstreams of G groups of M models each
 (the default group disabled, the requested model listed by the last group only), in the
-same run: what routing by model costs against the one default group.
+same run: what routing by model costs against the one default group. With --limits it
+also counts keyrotor with the bench client given every client limit (models, groups, RPM,
+TPM, parallel, daily and monthly token and cost budgets, expiry, IPs; none of them reached),
+plus [access] ip_rpm: what client governance costs against the same client with none.
 
 CPU seconds on a shared 2-core VM move by ±10-20 % from run to run (see README.md);
 instruction counts do not. Each proxy runs under `valgrind --tool=callgrind` with
@@ -92,6 +95,33 @@ def add_routes(db_path: Path, upstream: str, upstreams: int, groups: int, models
         conn.close()
 
 
+# Every limit set, none reached by the bench's requests: the checks and counting run on each one.
+EVERY_LIMIT = {
+    "models": "gpt-4o*,gpt-5*",
+    "groups": "default/default",
+    "rpm": "100000000",
+    "tpm": "1000000000",
+    "max_parallel": "1000",
+    "daily_tokens": "1000000000000",
+    "monthly_tokens": "1000000000000",
+    "daily_usd": "1000000000",
+    "monthly_usd": "1000000000",
+    "expires_at": "2999-01-01",
+    "ips": "127.0.0.0/8,::1",
+}
+
+
+def set_every_limit(db_path: Path, name: str) -> None:
+    sys.path.insert(0, str(ROOT))
+    from storage import client_keys, db
+
+    conn = db.connect(db_path)
+    try:
+        client_keys.set_limits(conn, name, EVERY_LIMIT)
+    finally:
+        conn.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="measured requests per proxy (default 200)")
@@ -99,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--routes", type=int, nargs=3, metavar=("UPSTREAMS", "GROUPS", "MODELS"), help="also count with these routes"
     )
+    parser.add_argument("--limits", action="store_true", help="also count with every client limit set")
     args = parser.parse_args(argv)
     args.verbose_proxies = False
     env = Environment(args)
@@ -114,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             add_routes(env.db_path, upstream, *args.routes, model=BODY["model"])
             label = "keyrotor-routes"
             counts[label] = count_instructions(env, "keyrotor", upstream, args.requests, args.warmup, label)
+        if args.limits:
+            set_every_limit(env.db_path, "bench")
+            env.proxy_env["KEYROTOR_ACCESS_IP_RPM"] = "100000000"
+            counts["keyrotor-limits"] = count_instructions(
+                env, "keyrotor", upstream, args.requests, args.warmup, "keyrotor-limits"
+            )
         for kind, count in counts.items():
             print(f"{kind:<15} {count:7.3f} M instructions/request")
         print(
@@ -125,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"routes ratio    {counts['keyrotor-routes'] / counts['mitmdump']:7.3f}x  ({u} upstreams x {g} groups"
                 f" x {m} models; {counts['keyrotor-routes'] / counts['keyrotor']:.3f}x the one default group)"
+            )
+        if args.limits:
+            chain, limited = counts["keyrotor"], counts["keyrotor-limits"]
+            print(
+                f"limits          {limited / chain:7.3f}x the same client with none"
+                f" (+{limited - chain:.3f} M, {100 * (limited - chain) / chain:.1f} % of the chain; target < 5 %)"
             )
         return 0
     except BenchError as e:

@@ -73,14 +73,18 @@ class AccessVerdict(Metadata):
 
     client_id: int | None = None
     client_name: str | None = None
-    rejected: str | None = None  # missing_api_key, invalid_api_key
+    rejected: str | None = None  # missing_api_key, invalid_api_key, key_expired, model_not_allowed, …
     masked: str | None = None  # the refused credential, shortened beyond use
+    key_id: int | None = None  # which of the client's keys it used
+    reason: str | None = None  # a refusal's "code: message", for the flow's row
+    counted: bool = False  # the client has limits: the request holds a share of its counters (core.limits)
+    groups: list[str] | None = None  # the UPSTREAM/GROUP labels the client may be served by (None: any)
 
     KEY = ACCESS
 
     @property
     def admitted(self) -> bool:
-        return self.client_id is not None
+        return self.client_id is not None and self.rejected is None
 
 
 @dataclass

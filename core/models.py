@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from core.limits import NO_LIMITS, ClientPolicy, networks_of
+
 
 class KeyState(StrEnum):
     """Where an upstream key stands in its pool (see DESIGN.md's table of states)."""
@@ -40,10 +42,16 @@ class PoolKey:
 
 @dataclass(frozen=True)
 class Client:
-    """Whoever holds a client key that keyrotor issued."""
+    """Whoever holds a client key that keyrotor issued: a person, team or service, and its limits."""
 
     id: int
     name: str
+    policy: ClientPolicy = NO_LIMITS
+    networks: tuple = field(default=(), compare=False)  # policy.ips parsed, once per reload
+
+    def __post_init__(self) -> None:
+        if self.policy.ips and not self.networks:
+            object.__setattr__(self, "networks", networks_of(self.policy.ips))
 
 
 @dataclass

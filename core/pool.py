@@ -243,7 +243,9 @@ class Pool:
             return Probe.KEY
         return Probe.NONE
 
-    def finished(self, key: PoolKey, probe: Probe = Probe.NONE, scope: str | None = KEY_WIDE, abandoned=False) -> None:
+    def finished(
+        self, key: PoolKey, probe: Probe = Probe.NONE, scope: str | None = KEY_WIDE, abandoned: bool = False
+    ) -> None:
         rt = self.runtime.get(key.id)
         if rt and rt.in_flight > 0:
             rt.in_flight -= 1

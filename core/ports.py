@@ -58,11 +58,34 @@ class Revisions(Protocol):
 
 
 class Counters(Protocol):
-    """Atomic counters over time windows, for exact client limits (in memory, SQLite or Redis).
+    """The numbers behind client limits: moving windows, calendar totals and gauges, by name.
 
-    No backend implements it yet: the client-governance work (issue 13) adds them.
+    Calls are synchronous and never block (no I/O on the caller's thread): core.limits.Governor
+    reads and adds in one call, which is what makes the limits exact. storage/counters.py keeps
+    them in memory and persists them to SQLite off the caller's thread (one machine); a Redis
+    backend would do the Governor's read-and-add in one script.
     """
 
-    def add(self, name: str, amount: int, window_seconds: float) -> int:
-        """Add `amount` to `name` in the current window and return the new total, atomically."""
+    def moving_total(self, name: str, window_seconds: float, now: float) -> tuple[float, float | None]:
+        """What `name` holds in the window ending `now`, and when its oldest entry came (None: empty)."""
         ...
+
+    def moving_add(self, name: str, amount: float, now: float) -> object:
+        """Add an entry to `name`'s window; returns a handle for moving_adjust."""
+        ...
+
+    def moving_adjust(self, name: str, entry: object, amount: float) -> None:
+        """Replace an entry's amount (an estimate settled to what was reported)."""
+        ...
+
+    def period_total(self, name: str) -> float:
+        """A calendar total (the name says which period: spend:5:usd:day:2026-12-01)."""
+        ...
+
+    def period_add(self, name: str, amount: float) -> None: ...
+
+    def gauge(self, name: str) -> int:
+        """What is in progress now (requests in flight); not kept across restarts."""
+        ...
+
+    def gauge_add(self, name: str, delta: int) -> None: ...

@@ -77,6 +77,8 @@ class FlowRecord:
     cost: float | None = None
     client_addr: str | None = None
     error: str | None = None
+    client_id: int | None = None  # the client that owns client_key_id
+    refusal: str | None = None  # the error code keyrotor refused the request with (model_not_allowed, …)
     request_headers: list[list[str]] = field(default_factory=list)  # [name, value], secrets redacted
     response_headers: list[list[str]] = field(default_factory=list)
     request_body: str | None = None
@@ -188,6 +190,8 @@ class CapturedFlow:
     fallback_model: str | None = None
     requested_model: str | None = None  # when routing renamed the body's model, what the client asked for
     websocket_messages: list[WebSocketMessage] | None = None  # a WebSocket session's, in order
+    client_id: int | None = None
+    refusal: str | None = None
     prices: PriceTable = field(default_factory=PriceTable)  # shared by every flow, loaded once in configure
 
     def to_record(self) -> FlowRecord:
@@ -237,6 +241,8 @@ class CapturedFlow:
             cost=self.prices.cost_of(self.fallback_model or model, usage),
             client_addr=self.client_addr,
             error=self.error,
+            client_id=self.client_id,
+            refusal=self.refusal or _keyrotor_error(self.response_fields),
             request_headers=redact(self.request_fields),
             response_headers=redact(self.response_fields),
             request_body=request.text,
@@ -339,3 +345,11 @@ class _Body:
         self.binary, cut = kept_bytes(image, mode, limit)
         self.truncated = self.truncated or cut
         self.binary_type = IMAGE_TYPES.get(image_format if isinstance(image_format, str) else "png", "image/png")
+
+
+def _keyrotor_error(fields: HeaderFields) -> str | None:
+    """The code of an answer keyrotor made itself (413, 404 model, 503 no key): core/errors.py sets the header."""
+    for name, value in fields:
+        if name.lower() == b"x-keyrotor-error":
+            return value.decode("latin-1") or None
+    return None

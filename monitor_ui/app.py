@@ -13,9 +13,24 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import Settings
+from core.login_throttle import LoginThrottle
 from monitor_ui.auth import SessionSigner
 from monitor_ui.deps import LoginRequired
-from monitor_ui.routes import assets, auth, clients, dashboard, flows, groups, health, keys, metrics, models, upstreams
+from monitor_ui.routes import (
+    assets,
+    audit,
+    auth,
+    clients,
+    dashboard,
+    flows,
+    groups,
+    health,
+    keys,
+    metrics,
+    models,
+    upstreams,
+)
+from storage import audit as audit_log
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
@@ -51,12 +66,31 @@ def create_app(settings: Settings) -> FastAPI:
     # Where clients send requests: what "copy as curl" points at.
     app.state.proxy_url = f"http://{settings['proxy.host']}:{settings['proxy.port']}"
     app.state.templates = templates
+    app.state.login_throttle = LoginThrottle()
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    for module in (assets, auth, clients, dashboard, flows, groups, health, keys, metrics, models, upstreams):
+    for module in (
+        assets,
+        audit,
+        auth,
+        clients,
+        dashboard,
+        flows,
+        groups,
+        health,
+        keys,
+        metrics,
+        models,
+        upstreams,
+    ):
         app.include_router(module.router)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
+        # Whoever changes something in this request, the audit log names (storage/audit.py); only
+        # authenticated requests reach a change, so the actor is named by how the request came.
+        address = request.client.host if request.client else None
+        bearer = request.headers.get("authorization", "").lower().startswith("bearer ")
+        audit_log.set_actor(audit_log.Actor(audit_log.ADMIN_API if bearer else audit_log.UI_SESSION, address))
         response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
         return response

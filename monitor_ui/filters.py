@@ -93,9 +93,13 @@ def flow_query(
     path: Annotated[str | None, Query(max_length=500, description="path prefix, e.g. /v1/chat")] = None,
     client: Annotated[str | None, Query(max_length=20, description="client key id")] = None,
     key: Annotated[str | None, Query(max_length=20, description="upstream key id")] = None,
+    client_id: Annotated[str | None, Query(max_length=20, description="client id: the flows of all its keys")] = None,
     upstream: Annotated[str | None, Query(max_length=200, description="upstream name (or id)")] = None,
     group: Annotated[str | None, Query(max_length=200, description="group as UPSTREAM/GROUP (or id)")] = None,
     stream: Annotated[str | None, Query(description="yes or no")] = None,
+    refusal: Annotated[
+        str | None, Query(max_length=60, description="a refusal's code (model_not_allowed, …), or any")
+    ] = None,
     since: Annotated[str | None, Query(max_length=40)] = None,
     until: Annotated[str | None, Query(max_length=40)] = None,
     after: Annotated[int | None, Query(ge=0, description="only flows with a larger id (live updates)")] = None,
@@ -104,7 +108,8 @@ def flow_query(
         raise HTTPException(422, "status must be one of 2xx, 3xx, 4xx, 5xx, error, or a code such as 429.")
     if stream and stream not in ("yes", "no"):
         raise HTTPException(422, "stream must be yes or no.")
-    client_id, key_id = parse_id(client, "client"), parse_id(key, "key")
+    client_key_id, key_id = parse_id(client, "client"), parse_id(key, "key")
+    owner_id = parse_id(client_id, "client_id")
     upstream_id, group_id = upstream_id_of(conn, upstream), group_id_of(conn, group)
     route = route_names(conn)
     raw = {
@@ -112,12 +117,14 @@ def flow_query(
         "status": status or "",
         "model": model or "",
         "path": path or "",
-        "client": str(client_id or ""),
+        "client": str(client_key_id or ""),
+        "client_id": str(owner_id or ""),
         "key": str(key_id or ""),
         # Shown again, and carried in links, by name; a deleted one by its id.
         "upstream": route.upstreams.get(upstream_id, str(upstream_id)) if upstream_id else "",
         "group": route.groups.get(group_id, str(group_id)) if group_id else "",
         "stream": stream or "",
+        "refusal": (refusal or "").strip(),
         "since": since or "",
         "until": until or "",
     }
@@ -126,11 +133,13 @@ def flow_query(
         status=status or None,
         model=model or None,
         path=path or None,
-        client_key_id=client_id,
+        client_key_id=client_key_id,
+        client_id=owner_id,
         upstream_key_id=key_id,
         upstream_id=upstream_id,
         group_id=group_id,
         stream=None if not stream else stream == "yes",
+        refusal=(refusal or "").strip() or None,
         since=parse_time(since, "since"),
         until=parse_time(until, "until"),
         after_id=after,

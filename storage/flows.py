@@ -27,7 +27,8 @@ _INSERT_HEAD = f"INSERT INTO flows ({', '.join(FLOW_COLUMNS)})"
 # Columns the list views need; bodies and headers stay out of them.
 SUMMARY_COLUMNS = (
     "id, flow_id, started_at, duration_ms, method, path, status, model, stream,"
-    " client_key_id, upstream_key_id, attempts, total_tokens, error, upstream_id, group_id, fallback_model"
+    " client_key_id, upstream_key_id, attempts, total_tokens, error, upstream_id, group_id, fallback_model,"
+    " client_id, refusal"
 )
 
 
@@ -147,10 +148,12 @@ class FlowFilter:
     model: str | None = None
     path: str | None = None  # a prefix
     client_key_id: int | None = None
+    client_id: int | None = None  # the client, whichever of its keys
     upstream_key_id: int | None = None
     upstream_id: int | None = None
     group_id: int | None = None
     stream: bool | None = None
+    refusal: str | None = None  # the code keyrotor refused with ("any": every refused flow)
     since: float | None = None
     until: float | None = None
     after_id: int | None = None  # only flows newer than this (the page's live updates)
@@ -178,7 +181,7 @@ def _conditions(f: FlowFilter, table: str) -> tuple[list[str], list[Any]]:
     elif f.status and f.status.isdecimal():  # one code, e.g. 429
         where.append(f"{table}.status = ?")
         params.append(int(f.status))
-    for column in ("model", "client_key_id", "upstream_key_id", "upstream_id", "group_id"):
+    for column in ("model", "client_key_id", "client_id", "upstream_key_id", "upstream_id", "group_id"):
         value = getattr(f, column)
         if value is not None:
             where.append(f"{table}.{column} = ?")
@@ -190,6 +193,11 @@ def _conditions(f: FlowFilter, table: str) -> tuple[list[str], list[Any]]:
     if f.stream is not None:
         where.append(f"{table}.stream = ?")
         params.append(int(f.stream))
+    if f.refusal == "any":
+        where.append(f"{table}.refusal IS NOT NULL")
+    elif f.refusal:
+        where.append(f"{table}.refusal = ?")
+        params.append(f.refusal)
     if f.since is not None:
         where.append(f"{table}.started_at >= ?")
         params.append(f.since)

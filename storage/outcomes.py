@@ -92,6 +92,16 @@ def totals(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     return result
 
 
+def refusals_since(conn: sqlite3.Connection, since: int | None) -> dict[str, int]:
+    """Requests keyrotor answered itself, by reason, since an hour bucket; most frequent first."""
+    rows = conn.execute(
+        f"SELECT value, sum(requests) AS n FROM {rollups.table_of('hour')} WHERE dimension = ? AND bucket >= ?"
+        " GROUP BY value ORDER BY n DESC, value LIMIT 100",
+        (REFUSAL, since or 0),
+    )
+    return {value: n for value, n in rows}
+
+
 def backfill(conn: sqlite3.Connection) -> None:
     """Count the flows stored before these counters existed, in slices (for the migration)."""
     last = 0

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable
 
 from core.routing import DEFAULT, Dialect, Group, Upstream
+from storage import audit
 from storage.db import bump_revision
 
 ROUTES = "routes"
@@ -42,6 +43,9 @@ def add_upstream(
                 " VALUES (?, ?, ?, ?, 1, ?)",
                 (name, base_url, dialect, api_version, time.time()),
             )
+            audit.record(
+                conn, "upstreams.add", name, {"base_url": base_url, "dialect": str(dialect), "api_version": api_version}
+            )
             _changed(conn)
     except sqlite3.IntegrityError:
         raise Conflict(f"an upstream named {name!r} already exists") from None
@@ -57,6 +61,7 @@ def update_upstream(conn: sqlite3.Connection, name: str, **changes) -> None:
         sets = ", ".join(f"{k} = ?" for k in allowed)
         if not conn.execute(f"UPDATE upstreams SET {sets} WHERE name = ?", (*allowed.values(), name)).rowcount:
             raise NotFound(f"no upstream named {name!r}")
+        audit.record(conn, "upstreams.update", name, {k: str(v) if v is not None else None for k, v in allowed.items()})
         _changed(conn)
 
 
@@ -80,6 +85,7 @@ def set_upstream_enabled(conn: sqlite3.Connection, name: str, enabled: bool) -> 
     with conn:
         if not conn.execute("UPDATE upstreams SET enabled = ? WHERE name = ?", (int(enabled), name)).rowcount:
             raise NotFound(f"no upstream named {name!r}")
+        audit.record(conn, "upstreams.enable" if enabled else "upstreams.disable", name)
         _changed(conn)
 
 
@@ -90,6 +96,7 @@ def delete_upstream(conn: sqlite3.Connection, name: str) -> int:
         groups = [r[0] for r in conn.execute("SELECT id FROM groups WHERE upstream_id = ?", (upstream_id,))]
         keys = sum(_delete_group(conn, g) for g in groups)
         conn.execute("DELETE FROM upstreams WHERE id = ?", (upstream_id,))
+        audit.record(conn, "upstreams.delete", name, {"id": upstream_id, "groups": groups, "keys_deleted": keys})
         _changed(conn)
         bump_revision(conn, "keys")
     return keys
@@ -137,6 +144,7 @@ def add_group(conn: sqlite3.Connection, label: str, priority: int = 0, weight: f
                 " VALUES (?, ?, ?, ?, 1, ?)",
                 (upstream_id, group, priority, weight, time.time()),
             )
+            audit.record(conn, "groups.add", label, {"id": cursor.lastrowid, "priority": priority, "weight": weight})
             _changed(conn)
     except sqlite3.IntegrityError:
         raise Conflict(f"a group {label!r} already exists") from None
@@ -153,6 +161,7 @@ def update_group(conn: sqlite3.Connection, group_id: int, **changes) -> None:
         sets = ", ".join(f"{k} = ?" for k in allowed)
         if not conn.execute(f"UPDATE groups SET {sets} WHERE id = ?", (*allowed.values(), group_id)).rowcount:
             raise NotFound(f"no group with id {group_id}")
+        audit.record(conn, "groups.update", group_id, allowed)
         _changed(conn)
 
 
@@ -186,6 +195,7 @@ def set_group_enabled(conn: sqlite3.Connection, group_id: int, enabled: bool) ->
     with conn:
         if not conn.execute("UPDATE groups SET enabled = ? WHERE id = ?", (int(enabled), group_id)).rowcount:
             raise NotFound(f"no group with id {group_id}")
+        audit.record(conn, "groups.enable" if enabled else "groups.disable", group_id)
         _changed(conn)
 
 
@@ -198,9 +208,10 @@ def _delete_group(conn: sqlite3.Connection, group_id: int) -> int:
 
 def delete_group(conn: sqlite3.Connection, group_id: int) -> int:
     """Delete a group with its keys and models; returns how many keys went."""
-    get_group(conn, group_id)
+    label = get_group(conn, group_id)["label"]
     with conn:
         keys = _delete_group(conn, group_id)
+        audit.record(conn, "groups.delete", group_id, {"label": label, "keys_deleted": keys})
         _changed(conn)
         bump_revision(conn, "keys")
     return keys
@@ -221,6 +232,7 @@ def add_model(
             " source = excluded.source",
             (group_id, model, upstream_model or None, source, time.time()),
         )
+        audit.record(conn, "models.add", group_id, {"model": model, "upstream_model": upstream_model or None})
         _changed(conn)
 
 
@@ -228,6 +240,7 @@ def delete_model(conn: sqlite3.Connection, group_id: int, model: str) -> None:
     with conn:
         if not conn.execute("DELETE FROM group_models WHERE group_id = ? AND model = ?", (group_id, model)).rowcount:
             raise NotFound(f"group {group_id} has no model {model!r}")
+        audit.record(conn, "models.delete", group_id, {"model": model})
         _changed(conn)
 
 
@@ -256,6 +269,7 @@ def fetched_models_in_transaction(conn: sqlite3.Connection, group_id: int, model
     )
     conn.execute("UPDATE groups SET models_refreshed_at = ? WHERE id = ?", (now, group_id))
     if stale or new:
+        audit.record(conn, "models.refresh", group_id, {"added": new, "removed": stale})
         _changed(conn)
     return len(new), len(stale)
 
@@ -280,6 +294,7 @@ def set_fallbacks(conn: sqlite3.Connection, model: str, fallbacks: list[str]) ->
             "INSERT INTO model_fallbacks (model, position, fallback) VALUES (?, ?, ?)",
             [(model, i, f) for i, f in enumerate(dict.fromkeys(fallbacks), start=1)],
         )
+        audit.record(conn, "models.fallback", model, {"fallbacks": list(dict.fromkeys(fallbacks))})
         _changed(conn)
 
 

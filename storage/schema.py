@@ -306,7 +306,65 @@ def _v8_every_endpoint(db: sqlite_utils.Database) -> None:
         db["flows"].add_column(name, kind)
 
 
-def _v9_object_owners(db: sqlite_utils.Database) -> None:
+def _v9_clients_limits_audit(db: sqlite_utils.Database) -> None:
+    # Clients own keys: a client (person, team, service) holds several client keys, and limits
+    # and usage are the client's. Each existing key becomes a client of its own, with the same
+    # id and name, so the flows recorded under a key's id belong to its client.
+    db["clients"].create(
+        {
+            "id": int,
+            "name": str,
+            "enabled": int,
+            "limits": str,  # JSON of core.limits.ClientPolicy's fields that are set
+            "created_at": float,
+            "changed_at": float,
+        },
+        pk="id",
+        not_null={"name", "enabled", "created_at"},
+        defaults={"enabled": 1, "limits": "{}"},
+    )
+    db["clients"].create_index(["name"], unique=True)
+    db.conn.execute(
+        "INSERT INTO clients (id, name, enabled, limits, created_at) SELECT id, name, enabled, '{}', created_at"
+        " FROM client_keys"
+    )
+    db["client_keys"].add_column("client_id", int)
+    db["client_keys"].add_column("revoked_at", float)
+    db.conn.execute("UPDATE client_keys SET client_id = id")
+    db.conn.execute("DROP INDEX IF EXISTS idx_client_keys_name")  # a key's name is its client's: no longer unique
+    db["client_keys"].create_index(["client_id"])
+    db["flows"].add_column("client_id", int)  # the client whose key made the request
+    db["flows"].add_column("refusal", str)  # the error code keyrotor refused the request with, if it did
+    db.conn.execute("UPDATE flows SET client_id = client_key_id WHERE client_key_id IS NOT NULL")
+    db["flows"].create_index(["client_id"])
+    db["flows"].create_index(["refusal"])
+    # Calendar spend and moving windows of client limits, saved so a restarted proxy keeps them:
+    # a total per counter name, and what each window took per second (written as it changes).
+    db["limit_counters"].create(
+        {"name": str, "value": float, "updated_at": float}, pk="name", not_null={"value", "updated_at"}
+    )
+    db["limit_windows"].create(
+        {"name": str, "second": int, "amount": float}, pk=("name", "second"), not_null={"amount"}
+    )
+    db["limit_windows"].create_index(["second"])
+    db["audit_log"].create(
+        {
+            "id": int,
+            "at": float,
+            "actor": str,  # cli, ui-session, admin-api
+            "address": str,  # where the act came from (None for the CLI)
+            "action": str,  # e.g. keys.disable, clients.set, login.failed
+            "target": str,  # ids or names of what it acted on
+            "changes": str,  # JSON of the fields changed, never a secret
+        },
+        pk="id",
+        not_null={"at", "actor", "action"},
+    )
+    for columns in (["at"], ["action"], ["actor"]):
+        db["audit_log"].create_index(columns)
+
+
+def _v10_object_owners(db: sqlite_utils.Database) -> None:
     # Key affinity: which upstream key made each object (files, batches, stored responses...),
     # and which objects each flow created or used. Rows outlive their key: a request for an
     # object of a deleted key is told so.
@@ -332,7 +390,8 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v6_attempt_outcomes,
     _v7_upstreams_groups_models,
     _v8_every_endpoint,
-    _v9_object_owners,
+    _v9_clients_limits_audit,
+    _v10_object_owners,
 ]
 
 

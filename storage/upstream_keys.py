@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from core.keys import NewKey, clean_name
 from core.models import KeyState, PoolKey
+from storage import audit
 from storage.db import bump_revision
 from storage.secrets import KeyCipher
 
@@ -68,8 +69,15 @@ def insert_keys(
             else:
                 duplicates += 1
         if added:
+            audit.record(
+                conn, "keys.add", _ids(added), {"group_id": group_id, "added": len(added), "duplicates": duplicates}
+            )
             bump_revision(conn, "keys")
     return added, duplicates
+
+
+def _ids(ids: Iterable[int]) -> str:
+    return ",".join(map(str, ids))
 
 
 def list_keys(conn: sqlite3.Connection, limit: int = 1000, after_id: int = 0) -> list[sqlite3.Row]:
@@ -95,7 +103,10 @@ def get_key(conn: sqlite3.Connection, key_id: int) -> sqlite3.Row | None:
 def rename_key(conn: sqlite3.Connection, key_id: int, name: str | None) -> int:
     """Set or clear (None, "") a key's name. No revision bump: the proxy does not use names."""
     with conn:
-        return conn.execute("UPDATE upstream_keys SET name = ? WHERE id = ?", (clean_name(name), key_id)).rowcount
+        count = conn.execute("UPDATE upstream_keys SET name = ? WHERE id = ?", (clean_name(name), key_id)).rowcount
+        if count:
+            audit.record(conn, "keys.rename", key_id, {"name": clean_name(name)})
+        return count
 
 
 def labels_of(conn: sqlite3.Connection, key_ids: Iterable[int]) -> dict[int, tuple[str | None, str]]:
@@ -135,6 +146,15 @@ def load_pool(conn: sqlite3.Connection, cipher: KeyCipher) -> list[PoolKey]:
     return pool
 
 
+# The reasons the CLI and UI give, as audit actions; others (re-validation) are logged as keys.state.
+_STATE_ACTIONS = {
+    "enabled by admin": "enable",
+    "disabled by admin": "disable",
+    "reset by admin": "reset",
+    "re-validated": "validate",
+}
+
+
 def set_admin_state(conn: sqlite3.Connection, key_ids: Iterable[int], state: str, reason: str) -> int:
     """An admin's change (enable, disable, reset); the proxy picks it up through the revision."""
     ids = list(key_ids)
@@ -147,6 +167,9 @@ def set_admin_state(conn: sqlite3.Connection, key_ids: Iterable[int], state: str
                 (state, reason, time.time(), key_id),
             ).rowcount
         if count:
+            audit.record(
+                conn, f"keys.{_STATE_ACTIONS.get(reason, 'state')}", _ids(ids), {"state": str(state), "reason": reason}
+            )
             bump_revision(conn, "keys")
     return count
 
@@ -161,6 +184,7 @@ def set_weight(conn: sqlite3.Connection, key_ids: Iterable[int], weight: float) 
             for key_id in key_ids
         )
         if count:
+            audit.record(conn, "keys.weight", _ids(key_ids), {"weight": weight})
             bump_revision(conn, "keys")
     return count
 
@@ -178,9 +202,11 @@ def ids_in_state(conn: sqlite3.Connection, states: Iterable[str]) -> list[int]:
 
 
 def delete_keys(conn: sqlite3.Connection, key_ids: Iterable[int]) -> int:
+    key_ids = list(key_ids)
     with conn:
         count = sum(conn.execute("DELETE FROM upstream_keys WHERE id = ?", (i,)).rowcount for i in key_ids)
         if count:
+            audit.record(conn, "keys.delete", _ids(key_ids), {"deleted": count})
             bump_revision(conn, "keys")
     return count
 

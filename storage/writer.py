@@ -38,7 +38,7 @@ from typing import Protocol
 from core.affinity import Ownership
 from core.models import FetchedModels, KeyStateChange
 from core.records import FlowRecord
-from storage import capture_status, db, flows, objects, outcomes, rollups, routes, upstream_keys
+from storage import audit, capture_status, db, flows, objects, outcomes, rollups, routes, upstream_keys
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +306,8 @@ class Writer:
             if not keep.keep_days and not keep.max_rows:
                 return
             older_than = time.time() - keep.keep_days * 86400 if keep.keep_days else None
+            if older_than is not None:
+                audit.purge(conn, older_than)  # the audit log is kept as long as flows (capture.keep_days)
             while True:
                 deleted = flows.purge_chunk(conn, older_than, keep.max_rows or None)
                 self.rows_purged += deleted

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -96,6 +97,15 @@ class Keyrotor:
         if check and result.returncode != 0:
             raise AssertionError(f"run.py {' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result
+
+    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        """Rows of `sql` from this installation's database, on a connection of the test's own."""
+        conn = sqlite3.connect(self.db_path)
+        conn.row_factory = sqlite3.Row
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
 
     def add_keys(self, *keys: str) -> None:
         self.cli("keys", "add", input="\n".join(keys) + "\n")

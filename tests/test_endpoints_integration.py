@@ -25,12 +25,7 @@ WAV = b"RIFF\x24\x00\x01\x00WAVEfmt " + bytes(range(256)) * 250
 
 
 def rows(kr: Keyrotor) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(kr.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM flows ORDER BY id").fetchall()
-    finally:
-        conn.close()
+    return kr.query("SELECT * FROM flows ORDER BY id")
 
 
 def wait_rows(kr: Keyrotor, count: int) -> list[sqlite3.Row]:

@@ -48,12 +48,7 @@ def outcome(call) -> str:
 
 
 def rows(kr: Keyrotor, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(kr.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+    return kr.query(sql, params)
 
 
 def recorded(kr: Keyrotor, count: int, sql: str) -> list[sqlite3.Row]:

@@ -29,12 +29,7 @@ def client_for(kr: Keyrotor, key: str) -> openai.OpenAI:
 
 
 def query(kr: Keyrotor, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(kr.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+    return kr.query(sql, params)
 
 
 def key_states(kr: Keyrotor) -> dict[str, str]:

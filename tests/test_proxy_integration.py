@@ -24,12 +24,7 @@ def client_for(kr: Keyrotor, key: str) -> openai.OpenAI:
 
 
 def rows(kr: Keyrotor, where: str = "1", params: tuple = ()) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(kr.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(f"SELECT * FROM flows WHERE {where} ORDER BY id", params).fetchall()
-    finally:
-        conn.close()
+    return kr.query(f"SELECT * FROM flows WHERE {where} ORDER BY id", params)
 
 
 def wait_rows(kr: Keyrotor, count: int) -> list[sqlite3.Row]:

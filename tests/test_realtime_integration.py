@@ -29,12 +29,7 @@ AUDIO = {"type": "input_audio_buffer.append", "audio": base64.b64encode(bytes(50
 
 
 def rows(kr: Keyrotor) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(kr.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM flows ORDER BY id").fetchall()
-    finally:
-        conn.close()
+    return kr.query("SELECT * FROM flows ORDER BY id")
 
 
 async def converse(url: str, **connect) -> tuple[str | None, list[dict]]:

@@ -54,15 +54,10 @@ def routed(keyrotor: Keyrotor, relay: FakeUpstream, azure: FakeAzure) -> tuple[K
 
 
 def flow_rows(kr: Keyrotor) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(kr.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(
-            "SELECT f.*, u.name AS upstream, g.name AS grp FROM flows f LEFT JOIN upstreams u ON u.id = f.upstream_id"
-            " LEFT JOIN groups g ON g.id = f.group_id ORDER BY f.id"
-        ).fetchall()
-    finally:
-        conn.close()
+    return kr.query(
+        "SELECT f.*, u.name AS upstream, g.name AS grp FROM flows f LEFT JOIN upstreams u ON u.id = f.upstream_id"
+        " LEFT JOIN groups g ON g.id = f.group_id ORDER BY f.id"
+    )
 
 
 def test_each_model_goes_to_the_group_that_serves_it(routed, relay, azure, upstream):

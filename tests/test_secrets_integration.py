@@ -31,12 +31,7 @@ def stored_bytes(kr: Keyrotor) -> bytes:
 
 
 def flow_rows(kr: Keyrotor) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(kr.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM flows ORDER BY id").fetchall()
-    finally:
-        conn.close()
+    return kr.query("SELECT * FROM flows ORDER BY id")
 
 
 class Updates:

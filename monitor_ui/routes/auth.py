@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Request
@@ -7,6 +8,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from monitor_ui.auth import SESSION_COOKIE, SESSION_SECONDS
 from monitor_ui.deps import Signer
+from storage import audit
 
 router = APIRouter()
 
@@ -39,10 +41,26 @@ def create_session(
     next = next or request.query_params.get("next", "")
     if not _same_origin(request):
         raise HTTPException(403, "Cross-site login refused.")
+    throttle = request.app.state.login_throttle
+    address = request.client.host if request.client else "unknown"
+    actor = audit.Actor(audit.UI_SESSION, address)
+    wait = throttle.retry_after(address, time.time())
+    if wait is not None:
+        audit.log_now(request.app.state.db_path, "login.refused", None, {"retry_after": wait}, actor)
+        raise HTTPException(
+            429,
+            f"Too many failed logins from this address; try again in {wait} seconds.",
+            headers={"Retry-After": str(wait)},
+        )
     if not signer.check_admin_key(admin_key.strip()):
+        delay = throttle.failed(address, time.time())
+        audit.log_now(request.app.state.db_path, "login.failed", None, None, actor)
+        time.sleep(delay)  # a guesser waits; this runs in a worker thread, the app goes on serving
         return request.app.state.templates.TemplateResponse(
             request, "login.html", {"next": _safe_next(next), "error": "That is not the admin key."}, status_code=401
         )
+    throttle.succeeded(address)
+    audit.log_now(request.app.state.db_path, "login.succeeded", None, None, actor)
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(
         SESSION_COOKIE,

@@ -12,7 +12,7 @@ from monitor_ui import charts, views
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
 from monitor_ui.names import names_for, route_names
-from storage import capture_status, rollups, upstream_keys
+from storage import capture_status, outcomes, rollups, upstream_keys
 
 router = APIRouter()
 
@@ -109,6 +109,7 @@ def dashboard_data(conn, now: float, status: capture_status.CaptureStatus | None
         "tokens_per_minute": [(b, t.prompt_tokens, t.completion_tokens) for b, t in minutes],
         "breakdowns": breakdowns,
         "keys_by_state": upstream_keys.count_by_state(conn),
+        "refusals": outcomes.refusals_since(conn, day),  # last 24 hours, by reason (the error code)
         "capture": capture_health(status or capture_status.CaptureStatus(), now),
         "_charts": (minute_start, minutes, hour_start, hours),
     }

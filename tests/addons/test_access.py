@@ -62,7 +62,7 @@ def test_issued_key_is_let_through_and_named(access, issued):
     for flow in (flow_with(authorization=f"Bearer {alice}"), flow_with(api_key=alice)):
         access.request(flow)
         assert flow.response is None
-        assert flow.metadata["keyrotor.access"] == AccessVerdict(client_id=1, client_name="alice")
+        assert flow.metadata["keyrotor.access"] == AccessVerdict(client_id=1, client_name="alice", key_id=1)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,480 @@
+"""Client limits and the decision on each request: allowed, or refused and why.
+
+Everything here is pure: a `Governor` decides over the `Counters` port (core/ports.py),
+which holds the numbers. Exactness comes from how it is called: `admit()` reads every
+counter a request touches and, only when all of them allow it, adds to them, in one
+synchronous call. The proxy's hooks all run on one event loop, so nothing can run
+between the check and the add: a limit of N lets exactly N through however many
+requests arrive at once (a shared backend, Redis, would do the same in one script).
+
+Windows: requests and tokens per minute are moving windows of 60 s (each admitted request
+is an entry that leaves the window 60 s after it came), budgets are UTC calendar days and
+months, parallel requests a gauge. Tokens per minute reserve the request's estimate
+(prompt length and max_tokens) while it runs and are settled to what upstream reported.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from core.errors import OpenAIError
+
+if TYPE_CHECKING:
+    from core.ports import Counters
+
+MINUTE = 60.0
+TOKEN_BYTES = 4  # a prompt's tokens, estimated from its length: about four bytes a token
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """A client's limits; None (or an empty tuple) means no limit of that kind."""
+
+    models: tuple[str, ...] = ()  # exact names and * wildcards
+    groups: tuple[str, ...] = ()  # UPSTREAM/GROUP labels it may be served by
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+    daily_tokens: int | None = None
+    monthly_tokens: int | None = None
+    daily_usd: float | None = None
+    monthly_usd: float | None = None
+    expires_at: float | None = None
+    ips: tuple[str, ...] = ()  # addresses and CIDR ranges, v4 and v6
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether responses must be read for their usage: a token limit or a budget is set."""
+        return any(
+            v is not None for v in (self.tpm, self.daily_tokens, self.monthly_tokens, self.daily_usd, self.monthly_usd)
+        )
+
+    @property
+    def is_limited(self) -> bool:
+        return self != NO_LIMITS
+
+
+NO_LIMITS = ClientPolicy()
+LIMIT_FIELDS = tuple(f.name for f in fields(ClientPolicy))
+LIST_FIELDS = ("models", "groups", "ips")
+INTEGER_FIELDS = ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens")
+USD_FIELDS = ("daily_usd", "monthly_usd")
+
+
+class LimitError(ValueError):
+    """A limit given by an admin does not parse; the message says which and why."""
+
+
+def parse_limit(name: str, text: str | None) -> Any:
+    """One limit as the CLI, UI and API give it (text); 'none' or empty clears it."""
+    if text is None or str(text).strip().lower() in ("", "none"):
+        return () if name in LIST_FIELDS else None
+    text = str(text).strip()
+    if name in LIST_FIELDS:
+        items = tuple(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
+        if name == "ips":
+            for item in items:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise LimitError(f"ips: {item!r} is not an IP address or CIDR range (10.0.0.0/8, ::1).") from None
+        if name == "groups":
+            for item in items:
+                if item.count("/") != 1:
+                    raise LimitError(f"groups: {item!r} must be an UPSTREAM/GROUP label.")
+        return items
+    if name in INTEGER_FIELDS:
+        if not text.isdecimal() or int(text) < 1:
+            raise LimitError(f"{name.replace('_', '-')} must be a whole number from 1, or none (got {text!r}).")
+        return int(text)
+    if name in USD_FIELDS:
+        try:
+            value = float(text.removeprefix("$"))
+        except ValueError:
+            value = -1.0
+        if not 0 < value < math.inf:
+            raise LimitError(f"{name.replace('_', '-')} must be US dollars above 0, or none (got {text!r}).")
+        return value
+    if name == "expires_at":
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise LimitError(
+                f"expires must be an ISO date or time, like 2026-12-31 or 2026-12-31T18:00Z (got {text!r})."
+            ) from None
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    raise LimitError(f"no limit named {name!r}")
+
+
+def policy_with(policy: ClientPolicy, changes: dict[str, str | None]) -> ClientPolicy:
+    """`policy` with the limits in `changes` (text, as given) parsed and replaced."""
+    return replace(policy, **{name: parse_limit(name, value) for name, value in changes.items()})
+
+
+def model_allowed(patterns: tuple[str, ...], model: str | None) -> bool:
+    if not patterns:
+        return True
+    if model is None:
+        return True  # a request without a model (GET /v1/models, files): nothing to allow or refuse
+    return any(_pattern(p).fullmatch(model) for p in patterns)
+
+
+_patterns: dict[str, re.Pattern] = {}
+
+
+def _pattern(text: str) -> re.Pattern:
+    found = _patterns.get(text)
+    if found is None:
+        found = _patterns[text] = re.compile(".*".join(re.escape(part) for part in text.split("*")))
+    return found
+
+
+def ip_allowed(networks: tuple, address: str | None) -> bool:
+    if not networks:
+        return True
+    if address is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:  # a dual-stack listener shows v4 clients as ::ffff:a.b.c.d
+        ip = ip.ipv4_mapped
+    return any(ip.version == n.version and ip in n for n in networks)
+
+
+def networks_of(ips: tuple[str, ...]) -> tuple:
+    return tuple(ipaddress.ip_network(i, strict=False) for i in ips)
+
+
+def estimate_tokens(body: bytes) -> int:
+    """What a request may cost in tokens before it runs: its length, plus the output it asks for at most."""
+    estimate = len(body) // TOKEN_BYTES
+    for name in (b'"max_tokens"', b'"max_completion_tokens"', b'"max_output_tokens"'):
+        at = body.find(name)
+        if at >= 0:
+            found = _NUMBER_AFTER.match(body, at + len(name))
+            if found:
+                estimate += int(found.group(1))
+                break
+    return estimate
+
+
+_NUMBER_AFTER = re.compile(rb"\s*:\s*(\d{1,9})")
+
+
+# ---------------------------------------------------------------------------- calendar
+
+
+_calendar: list = [0.0, 0.0, "", ""]  # [day start, next day, day key, month key]: strftime per day, not per call
+
+
+def _keys(now: float) -> tuple[str, str]:
+    cached = _calendar
+    if not cached[0] <= now < cached[1]:
+        moment = datetime.fromtimestamp(now, UTC)
+        start = moment.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+        cached[:] = [start, start + 86400, moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")]
+    return cached[2], cached[3]
+
+
+def day_key(now: float) -> str:
+    return _keys(now)[0]
+
+
+def month_key(now: float) -> str:
+    return _keys(now)[1]
+
+
+def next_day(now: float) -> float:
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (day + timedelta(days=1)).timestamp()
+
+
+def next_month(now: float) -> float:
+    moment = datetime.fromtimestamp(now, UTC)
+    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+    return datetime(year, month, 1, tzinfo=UTC).timestamp()
+
+
+def spend_name(client_id: int, unit: str, period: str, now: float) -> str:
+    """The counter of a client's spend in `unit` (tokens, usd) this `period` (day, month)."""
+    day, month = _keys(now)
+    return f"spend:{client_id}:{unit}:{period}:{day if period == 'day' else month}"
+
+
+# ---------------------------------------------------------------------------- decisions
+
+
+@dataclass
+class Ticket:
+    """An admitted request's share of its client's counters, settled when it ends."""
+
+    client_id: int
+    policy: ClientPolicy
+    model: str | None
+    admitted_at: float
+    tokens_entry: Any = None  # the TPM window's entry holding the estimate
+    parallel: bool = False
+    settled: bool = False
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: str  # model_not_allowed, rate_limit_exceeded, insufficient_quota, key_expired, ip_not_allowed
+    error: OpenAIError
+
+    @property
+    def reason(self) -> str:
+        return f"{self.code}: {self.error.message}"
+
+
+def refused(status: int, code: str, message: str, kind: str, headers: dict[str, str] | None = None) -> Refusal:
+    return Refusal(code, OpenAIError(status, message, kind, code, headers or {}))
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's x-ratelimit-reset-* form: 20ms, 1.5s, 6m0s."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{math.ceil(seconds * 1000) / 1000:g}s"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Governor:
+    """Decides over `counters`; one per proxy, shared by the hooks that admit and settle requests."""
+
+    counters: Counters
+    ip_rpm: int = 0
+    tickets: dict[str, Ticket] = field(default_factory=dict)  # by flow id
+    _names: dict[int, tuple[str, dict[str, str]]] = field(default_factory=dict)  # client → (day, spend names)
+
+    def spend_names(self, client_id: int, now: float) -> dict[str, str]:
+        """spend_names(), made once per client and day rather than on every request."""
+        day = day_key(now)
+        cached = self._names.get(client_id)
+        if cached is None or cached[0] != day:
+            cached = self._names[client_id] = (day, spend_names(client_id, now))
+        return cached[1]
+
+    # The checks that need no body, as soon as the headers arrive.
+    @staticmethod
+    def check_key(policy: ClientPolicy, networks: tuple, address: str | None, now: float) -> Refusal | None:
+        if policy.expires_at is not None and now >= policy.expires_at:
+            return refused(
+                401,
+                "key_expired",
+                f"This client key expired at {_iso(policy.expires_at)}; ask the gateway's admin for a new expiry"
+                " (run.py clients set NAME --expires DATE).",
+                "invalid_request_error",
+                {"x-should-retry": "false"},
+            )
+        if not ip_allowed(networks, address):
+            return refused(
+                403,
+                "ip_not_allowed",
+                f"Requests from {address} are not allowed for this client key.",
+                "invalid_request_error",
+                {"x-should-retry": "false"},
+            )
+        return None
+
+    def admit(
+        self,
+        flow_id: str,
+        client_id: int,
+        policy: ClientPolicy,
+        model: str | None,
+        body: bytes,
+        address: str | None,
+        now: float,
+        serving: tuple[str, ...] | None = None,
+    ) -> Refusal | Ticket | None:
+        """Refuse the request, or take its share of every counter and return its ticket (None: nothing to count).
+
+        `serving`: the UPSTREAM/GROUP labels of the groups that serve `model`, when the policy limits groups.
+        """
+        if not model_allowed(policy.models, model):
+            return refused(
+                403,
+                "model_not_allowed",
+                f"This client key may not use the model {model!r} (allowed: {', '.join(policy.models)}).",
+                "invalid_request_error",
+                {"x-should-retry": "false"},
+            )
+        if policy.groups and model is not None and serving is not None and not any(g in policy.groups for g in serving):
+            return refused(
+                403,
+                "model_not_allowed",
+                f"None of the upstream groups this client key may use ({', '.join(policy.groups)}) serves the model"
+                f" {model!r}.",
+                "invalid_request_error",
+                {"x-should-retry": "false"},
+            )
+        counters = self.counters
+        spent = self._over_budget(client_id, policy, now)
+        if spent is not None:
+            return spent
+        checks: list[tuple[str, float, int]] = []  # (window, amount to add, limit)
+        if policy.rpm is not None:
+            checks.append((f"rpm:{client_id}", 1, policy.rpm))
+        estimate = 0
+        if policy.tpm is not None:
+            estimate = min(
+                estimate_tokens(body), policy.tpm
+            )  # a request larger than the limit waits for an empty window
+            checks.append((f"tpm:{client_id}", estimate, policy.tpm))
+        if self.ip_rpm and address:
+            checks.append((f"ip:{address}", 1, self.ip_rpm))
+        for name, amount, limit in checks:
+            total, oldest = counters.moving_total(name, MINUTE, now)
+            if total + amount > limit:
+                wait = max(0.001, (oldest + MINUTE - now) if oldest is not None else MINUTE)
+                return self._rate_limited(client_id, policy, name, limit, wait, now)
+        parallel_name = f"parallel:{client_id}"
+        if policy.max_parallel is not None and counters.gauge(parallel_name) >= policy.max_parallel:
+            return refused(
+                429,
+                "rate_limit_exceeded",
+                f"Rate limit reached: at most {policy.max_parallel} requests of this client at once;"
+                " retry when one ends.",
+                "requests",
+                {"retry-after": "1"},
+            )
+        if not checks and policy.max_parallel is None and not policy.counts_tokens:
+            return None
+        ticket = Ticket(client_id, policy, model, now)
+        for name, amount, _ in checks:
+            entry = counters.moving_add(name, amount, now)
+            if name.startswith("tpm:"):
+                ticket.tokens_entry = entry
+        if policy.max_parallel is not None:
+            counters.gauge_add(parallel_name, 1)
+            ticket.parallel = True
+        self.tickets[flow_id] = ticket
+        return ticket
+
+    def _over_budget(self, client_id: int, policy: ClientPolicy, now: float) -> Refusal | None:
+        names = None
+        for unit, period, limit in (
+            ("tokens", "day", policy.daily_tokens),
+            ("tokens", "month", policy.monthly_tokens),
+            ("usd", "day", policy.daily_usd),
+            ("usd", "month", policy.monthly_usd),
+        ):
+            if limit is None:
+                continue
+            names = names or self.spend_names(client_id, now)
+            spent = self.counters.period_total(names[f"{period}_{unit}"])
+            if spent >= limit:
+                renews = next_day(now) if period == "day" else next_month(now)
+                amount = f"{limit:g} tokens" if unit == "tokens" else f"${limit:g}"
+                spent_text = f"{spent:g} tokens" if unit == "tokens" else f"${spent:.4f}"
+                return refused(
+                    429,
+                    "insufficient_quota",
+                    f"This client's {'daily' if period == 'day' else 'monthly'}"
+                    f" {'token' if unit == 'tokens' else 'cost'}"
+                    f" budget of {amount} is spent ({spent_text}); it renews at {_iso(renews)}.",
+                    "insufficient_quota",
+                    {"x-should-retry": "false"},
+                )
+        return None
+
+    def _rate_limited(
+        self, client_id: int, policy: ClientPolicy, name: str, limit: int, wait: float, now: float
+    ) -> Refusal:
+        what = {"rpm": "requests", "tpm": "tokens", "ip": "requests"}[name.split(":", 1)[0]]
+        if name.startswith("ip:"):
+            message = f"Rate limit reached for requests from this address: {limit} per minute across all clients."
+            headers = {}
+        else:
+            message = f"Rate limit reached for {what} per minute: limit {limit}."
+            headers = self.rate_headers(client_id, policy, now)
+        message += f" Please try again in {duration(wait)}."
+        headers["retry-after"] = str(max(1, math.ceil(wait)))
+        return refused(429, "rate_limit_exceeded", message, what, headers)
+
+    def rate_headers(self, client_id: int, policy: ClientPolicy, now: float) -> dict[str, str]:
+        """The client's own x-ratelimit-* (OpenAI's names), for its limits that are set."""
+        headers = {}
+        for kind, limit in (("requests", policy.rpm), ("tokens", policy.tpm)):
+            if limit is None:
+                continue
+            total, oldest = self.counters.moving_total(
+                f"{'rpm' if kind == 'requests' else 'tpm'}:{client_id}", MINUTE, now
+            )
+            reset = (oldest + MINUTE - now) if oldest is not None else 0.0
+            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(limit - total)))
+            headers[f"x-ratelimit-reset-{kind}"] = duration(reset)
+        return headers
+
+    def settle(self, flow_id: str, usage: dict | None, cost: float | None, now: float) -> Ticket | None:
+        """The request ended: its reported tokens replace the estimate, its spend counts, its slot frees."""
+        ticket = self.tickets.pop(flow_id, None)
+        if ticket is None or ticket.settled:
+            return ticket
+        ticket.settled = True
+        counters = self.counters
+        if ticket.parallel:
+            counters.gauge_add(f"parallel:{ticket.client_id}", -1)
+        tokens = _tokens_of(usage)
+        if tokens is not None and ticket.tokens_entry is not None:
+            counters.moving_adjust(f"tpm:{ticket.client_id}", ticket.tokens_entry, tokens)
+        # Spend counts in the period the request started in, as a bill would.
+        names = None
+        for unit, amount in (("tokens", tokens), ("usd", cost)):
+            if not amount:
+                continue
+            names = names or self.spend_names(ticket.client_id, ticket.admitted_at)
+            for period in ("day", "month"):
+                counters.period_add(names[f"{period}_{unit}"], amount)
+        return ticket
+
+
+def _tokens_of(usage: dict | None) -> int | None:
+    if not isinstance(usage, dict):
+        return None
+    total = usage.get("total_tokens")
+    if isinstance(total, int) and not isinstance(total, bool):
+        return total
+    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")]
+    numbers = [p for p in parts if isinstance(p, int) and not isinstance(p, bool)]
+    return sum(numbers) if numbers else None
+
+
+def limits_shown(policy: ClientPolicy) -> dict[str, Any]:
+    """The limits that are set, as a person reads them (lists joined, expiry in ISO form)."""
+    shown: dict[str, Any] = {}
+    for name in LIMIT_FIELDS:
+        value = getattr(policy, name)
+        if value in (None, ()):
+            continue
+        if name in LIST_FIELDS:
+            value = ",".join(value)
+        elif name == "expires_at":
+            name, value = "expires", _iso(value)
+        shown[name] = value
+    return shown
+
+
+def spend_names(client_id: int, now: float) -> dict[str, str]:
+    """The counters of a client's spend this day and month: day_tokens, day_usd, month_tokens, month_usd."""
+    return {
+        f"{period}_{unit}": spend_name(client_id, unit, period, now)
+        for period in ("day", "month")
+        for unit in ("tokens", "usd")
+    }

@@ -212,9 +212,8 @@ def test_one_models_rate_limits_leave_other_models_alone_and_recovery_is_prompt(
 
 
 def test_a_provider_that_was_down_is_used_again_as_soon_as_it_answers(keyrotor: Keyrotor, upstream: FakeUpstream):
-    clients = [started(keyrotor, upstream, KEYS[:3])] + [
-        client_for(keyrotor, keyrotor.add_client(f"app{n}")) for n in range(3)
-    ]
+    others = [keyrotor.add_client(f"app{n}") for n in range(3)]  # known to the proxy from its start
+    clients = [started(keyrotor, upstream, KEYS[:3])] + [client_for(keyrotor, key) for key in others]
     upstream.faults.down = True
     down = run_all([lambda c=c: ask(c) for c in clients * 5])
     assert all(seen in ("InternalServerError 503",) for seen in down), down

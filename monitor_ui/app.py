@@ -33,6 +33,7 @@ from monitor_ui.routes import (
 from storage import audit as audit_log
 
 HERE = Path(__file__).parent
+ROUTES = (assets, audit, auth, clients, dashboard, flows, groups, health, keys, metrics, models, upstreams)
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
 
 # Captured bodies are attacker-controlled: no inline script, no remote anything.
@@ -68,20 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.templates = templates
     app.state.login_throttle = LoginThrottle()
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    for module in (
-        assets,
-        audit,
-        auth,
-        clients,
-        dashboard,
-        flows,
-        groups,
-        health,
-        keys,
-        metrics,
-        models,
-        upstreams,
-    ):
+    for module in ROUTES:
         app.include_router(module.router)
 
     @app.middleware("http")

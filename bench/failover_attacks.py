@@ -88,7 +88,7 @@ class Harness:
         self.conftest = conftest
         self.started: list = []  # stopped after each attack, whatever happened
 
-    def proxy(self, tmp: Path, upstream, keys: list[str], *settings: str):
+    def proxy(self, tmp: Path, upstream, keys: list[str], *settings: str, clients: int = 1):
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYROTOR_")}
         env.update(
             KEYROTOR_STORAGE_PATH=str(tmp / "keyrotor.db"),
@@ -99,9 +99,10 @@ class Harness:
         kr = self.conftest.Keyrotor(tmp=tmp, upstream_url=upstream.url, env=env)
         self.started.append(kr)
         kr.add_keys(*keys)
-        client_key = kr.add_client()
+        client_keys = [kr.add_client(f"app{n}") for n in range(clients)]  # known to the proxy from its start
         kr.start_proxy(*[item for s in settings for item in ("--set", s)])
-        return kr, openai.OpenAI(base_url=kr.base_url, api_key=client_key, max_retries=0, timeout=60)
+        made = [openai.OpenAI(base_url=kr.base_url, api_key=key, max_retries=0, timeout=60) for key in client_keys]
+        return kr, (made[0] if clients == 1 else made)
 
 
 def attacks(n: int) -> dict:
@@ -147,11 +148,7 @@ def attacks(n: int) -> dict:
         return kr, f"other model failed: {errors(seen)}; the model serves again {back} s after upstream does"
 
     def provider_down(h, up, tmp):
-        kr, c = h.proxy(tmp, up, KEYS[:3])
-        clients = [c] + [
-            openai.OpenAI(base_url=kr.base_url, api_key=kr.add_client(f"app{i}"), max_retries=0, timeout=60)
-            for i in range(3)
-        ]
+        kr, clients = h.proxy(tmp, up, KEYS[:3], clients=4)
         up.faults.down = True
         stop = time.monotonic() + 5
         while time.monotonic() < stop:

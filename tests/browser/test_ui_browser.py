@@ -167,7 +167,7 @@ def test_an_admin_finds_a_streamed_flow_by_search_and_its_markup_never_runs(
 
     page.get_by_role("link", name="Clients").click()
     page.get_by_label("Client name").fill("alice")
-    page.get_by_role("button", name="Create client key").click()
+    page.get_by_role("button", name="Create client", exact=True).click()
     client_key = page.locator("#new-client-key").inner_text().strip()
     expect(page.locator("table.clients tbody tr")).to_contain_text(["alice"])
     expect(page.locator("table.clients tbody code")).to_have_text([f"…{client_key[-4:]}"])

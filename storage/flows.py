@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import operator
+import re
 import sqlite3
 import threading
 import time
@@ -350,20 +351,58 @@ class _Tokenizer(threading.local):
 _tokenizer = _Tokenizer()
 
 
-def _index_query(text: str) -> tuple[str, str | None] | None:
-    """The query for the index without positions, and the full query when candidates need checking."""
+def _index_query(text: str) -> tuple[str, _Phrases | None] | None:
+    """The query for the index without positions, and the phrases its candidates must hold."""
     terms = [t for t in text.split() if t][:20]
     if not terms:
         return None
-    parts, phrases = [], False
+    parts, phrases = [], []
     for term in terms:
         tokens = _tokenizer.tokens(term)
         if len(tokens) > 1:
-            phrases = True
+            phrases.append(term)
             parts += [_quoted(t) for t in tokens]
         else:
             parts.append(_quoted(term))  # FTS5 reads one token (or none) the same in either index
-    return " ".join(parts), (fts_query(text) if phrases else None)
+    return " ".join(parts), (_Phrases(phrases, fts_query(text)) if phrases else None)
+
+
+# Next to a literal occurrence, these end a token for FTS5's unicode61 tokenizer: every
+# ASCII character but letters and digits. Other characters may or may not (Unicode
+# categories), so an occurrence beside one is left to the exact check.
+_TOKEN_OR_UNKNOWN = "A-Za-z0-9\x80-\U0010ffff"
+_EDGE_SEPARATORS = re.compile("^[^A-Za-z0-9]+|[^A-Za-z0-9]+$")
+
+
+class _Phrases:
+    """The words of a query that FTS5 reads as several tokens, and how a candidate is checked.
+
+    A word found literally (ASCII case aside, and the separators it starts or ends with)
+    with a separator or the text's edge on both sides is, token for token, the phrase: no
+    index needed. A candidate where that fails
+    for some word (the word not written so, or next to non-ASCII text) goes to the exact
+    check in _Tokenizer, which sees what a full index would.
+    """
+
+    def __init__(self, words: list[str], query: str) -> None:
+        self.query = query
+        cores = [_EDGE_SEPARATORS.sub("", w) for w in words if w.isascii()]
+        self.literal = [
+            re.compile(f"(?<![{_TOKEN_OR_UNKNOWN}]){re.escape(c)}(?![{_TOKEN_OR_UNKNOWN}])", re.IGNORECASE | re.ASCII)
+            for c in cores
+        ]
+        self.all_literal = len(self.literal) == len(words)
+
+    def matching(self, rows: list[tuple]) -> set[int]:
+        """Ids of `rows` (id, path, model, request body, response body) that a full index would match."""
+        found, unsure = set(), []
+        for row in rows:
+            texts = [t for t in row[1:] if t]
+            if self.all_literal and all(any(p.search(t) for t in texts) for p in self.literal):
+                found.add(row[0])
+            else:
+                unsure.append(row)
+        return found | (_tokenizer.matching(unsure, self.query) if unsure else set())
 
 
 def _conditions(f: FlowFilter, table: str) -> tuple[list[str], list[Any]]:
@@ -501,7 +540,7 @@ def _text_search(conn: sqlite3.Connection, f: FlowFilter, ids: tuple[int, int], 
     return rows[:limit]
 
 
-CHECK_PAGE = 200  # candidates read per round when a phrase must be checked
+CHECK_PAGE = 200  # candidates read per round, at most, when phrases must be checked
 
 
 def _walk(
@@ -509,7 +548,7 @@ def _walk(
     f: FlowFilter,
     index: str,
     query: str,
-    check: str | None,
+    check: _Phrases | None,
     ids: tuple[int, int],
     limit: int,
     selected: str,
@@ -530,15 +569,19 @@ def _walk(
     if check is None:
         return [_without_id(r) for r in conn.execute(sql, (*params, low, high, limit))]
     found: list = []
+    # Common words are mostly written as asked ("gpt-4o"): the first round reads about
+    # what the page needs; rounds double while candidates keep failing the check.
+    page_size = min(CHECK_PAGE, limit + 10)
     while len(found) < limit and low <= high:
-        page = conn.execute(sql, (*params, low, high, CHECK_PAGE)).fetchall()
+        page = conn.execute(sql, (*params, low, high, page_size)).fetchall()
         if not page:
             break
-        matching = _tokenizer.matching(_texts_of(conn, [r["id_"] for r in page]), check)
+        matching = check.matching(_texts_of(conn, [r["id_"] for r in page]))
         found += [_without_id(r) for r in page if r["id_"] in matching]
-        if len(page) < CHECK_PAGE:
+        if len(page) < page_size:
             break
         high = page[-1]["id_"] - 1
+        page_size = min(CHECK_PAGE, page_size * 2)
     return found[:limit]
 
 

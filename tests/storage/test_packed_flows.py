@@ -19,10 +19,13 @@ TOOLS = [
     {"type": "function", "function": {"name": f"tool_{n}", "description": "Looks things up. " * 8}} for n in range(3)
 ]
 WORDS = ("alpha", "bravo", "charlie", "café", "gpt-4o", "snake_case", "don't", "x--y")
+# Near misses of a phrase's literal check: more letters on either side, other case, other
+# separators, non-ASCII beside it (storage.flows._Phrases must leave these to the exact check).
+NEAR = ("xgpt-4o", "gpt-4oo", "GPT-4O", "gpt\u20144o", "\u00e9gpt-4o", "gpt-4o\u00e9", "(gpt-4o)", "v1/models/x")
 
 
 def chat_body(rng: random.Random, compact: bool) -> str:
-    words = " ".join(rng.sample(WORDS, rng.randint(0, 3)))
+    words = " ".join(rng.sample(WORDS, rng.randint(0, 3)) + rng.sample(NEAR, rng.randint(0, 2)))
     body = {
         "model": "gpt-4o",
         "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Hello {words} ünïcode"}],
@@ -92,6 +95,12 @@ QUERIES = (
     "alpha",
     "bravo charlie",
     "gpt-4o",  # one word, two tokens: a phrase
+    "GPT-4o-mini",
+    "(gpt-4o)",
+    "-gpt-4o.",
+    "xgpt-4o",
+    "gpt-4oo",
+    "\u00e9gpt-4o",
     "4o gpt",  # both tokens, any order
     "cafe",  # diacritics folded, as FTS5's unicode61 does
     "CAFÉ",
@@ -171,6 +180,22 @@ def test_search_finds_what_the_positional_index_found(stored, text, monkeypatch)
             break
         before = page[-1]
     assert ids == expected_ids(reference, text)
+
+
+@pytest.mark.parametrize(
+    "word", ["gpt-4o", "GPT-4o-mini", "(gpt-4o)", "/v1/models", "don't", "x--y", "caf\u00e9-au-lait"]
+)
+def test_a_phrase_found_literally_matches_exactly_what_a_full_index_matches(word):
+    """The literal shortcut (storage.flows._Phrases) against FTS5 with positions, beside every kind of neighbour."""
+    core = word.strip("()/")
+    spellings = (core, core.upper(), core.replace("-", " "), core.replace("-", "\u2014"), core.replace("-", "--"))
+    sides = ("", " ", "x", "7", "_", "-", "(", "\u00e9", "\u2014", "\u00a0", "\U0001f600")
+    texts = [f"{left}{spelled}{right}" for spelled in spellings for left in sides for right in sides]
+    rows = [(n, "/v1/chat/completions", None, text, None) for n, text in enumerate(texts, start=1)]
+    phrases = flows._index_query(word)[1]
+    exact = flows._tokenizer.matching(rows, phrases.query)
+    assert phrases.matching(rows) == exact
+    assert 0 < len(exact) < len(rows)
 
 
 def test_search_with_filters_and_a_phrase(stored):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
+import fcntl
+import io
 import os
 import signal
 import socket
@@ -10,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +101,36 @@ class Keyrotor:
             raise AssertionError(f"run.py {' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result
 
+    def setup(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """`run.py ARGS` in this process, for what a test needs in place before it starts.
+
+        The same main() as cli(), without starting an interpreter (0.8 s of CPU each, a few
+        hundred times a suite). The command line itself, as users run it, is what cli() and
+        tests/test_run_cli.py check in subprocesses.
+        """
+        import run
+
+        out, err = io.StringIO(), io.StringIO()
+        saved_env, saved_stdin = dict(os.environ), sys.stdin
+        os.environ.clear()
+        os.environ.update(self.env)
+        sys.stdin = io.StringIO(input or "")
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                try:
+                    # A copy of the context: the audit actor the CLI sets stays with this command.
+                    code = contextvars.copy_context().run(run.main, list(args))
+                except SystemExit as e:  # argparse refusing the arguments
+                    code = e.code if isinstance(e.code, int) else 2
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+            sys.stdin = saved_stdin
+        result = subprocess.CompletedProcess(["run.py", *args], code, out.getvalue(), err.getvalue())
+        if check and code != 0:
+            raise AssertionError(f"run.py {' '.join(args)} failed ({code}): {result.stderr}")
+        return result
+
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         """Rows of `sql` from this installation's database, on a connection of the test's own."""
         conn = sqlite3.connect(self.db_path)
@@ -108,10 +141,10 @@ class Keyrotor:
             conn.close()
 
     def add_keys(self, *keys: str) -> None:
-        self.cli("keys", "add", input="\n".join(keys) + "\n")
+        self.setup("keys", "add", input="\n".join(keys) + "\n")
 
     def add_client(self, name: str = "alice") -> str:
-        return self.cli("clients", "add", name).stdout.strip().splitlines()[-1]
+        return self.setup("clients", "add", name).stdout.strip().splitlines()[-1]
 
     def start_proxy(self, *extra: str) -> None:
         self.proxy_port = free_port()
@@ -168,6 +201,32 @@ class Keyrotor:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture(autouse=True)
+def _share_of_the_machine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Under pytest-xdist (./test.sh runs a worker per core), a test marked `alone` has the machine to itself.
+
+    Such a test holds a budget that another test's CPU use would decide (how long a row
+    takes to be committed at saturation). Every test takes a shared lock, an `alone` one
+    the exclusive lock; it holds the turnstile while it waits, so that no new test starts
+    beside the running ones meanwhile.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # the run's directory, above each worker's
+    alone = request.node.get_closest_marker("alone") is not None
+    with (shared / "tests.turnstile").open("a") as turnstile, (shared / "tests.lock").open("a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextmanager

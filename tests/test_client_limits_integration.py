@@ -49,7 +49,7 @@ def wait_rows(kr: Keyrotor, count: int) -> list[sqlite3.Row]:
 
 
 def new_client(kr: Keyrotor, name: str, *limits: str) -> str:
-    return kr.cli("clients", "add", name, *limits).stdout.strip().splitlines()[-1]
+    return kr.setup("clients", "add", name, *limits).stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture
@@ -257,11 +257,11 @@ def test_cli_rejects_bad_limits_with_a_sentence(kr: Keyrotor):
 
 
 def test_a_client_limited_to_groups_is_refused_models_only_other_groups_serve(kr: Keyrotor, upstream: FakeUpstream):
-    kr.cli("models", "add", "default/default", "gpt-4o-mini")
-    kr.cli("upstreams", "add", "second", upstream.url)
-    kr.cli("groups", "add", "second/main")
-    kr.cli("keys", "add", "--group", "second/main", input=GOOD[1] + "\n")
-    kr.cli("models", "add", "second/main", "gpt-4o")
+    kr.setup("models", "add", "default/default", "gpt-4o-mini")
+    kr.setup("upstreams", "add", "second", upstream.url)
+    kr.setup("groups", "add", "second/main")
+    kr.setup("keys", "add", "--group", "second/main", input=GOOD[1] + "\n")
+    kr.setup("models", "add", "second/main", "gpt-4o")
     key = new_client(kr, "narrow", "--groups", "default/default")
     kr.start_proxy()
     assert chat(kr, key, "gpt-4o-mini").choices

@@ -135,10 +135,10 @@ def test_a_session_is_routed_by_its_urls_model(keyrotor: Keyrotor, upstream: Fak
     with FakeUpstream().start() as realtime:
         kr = keyrotor
         kr.add_keys(*GOOD)
-        kr.cli("upstreams", "add", "voice", realtime.url + "/v1")
-        kr.cli("groups", "add", "voice/realtime", "--priority", "10")
-        kr.cli("models", "add", "voice/realtime", "gpt-realtime")
-        kr.cli("keys", "add", "--group", "voice/realtime", input=REALTIME_KEY + "\n")
+        kr.setup("upstreams", "add", "voice", realtime.url + "/v1")
+        kr.setup("groups", "add", "voice/realtime", "--priority", "10")
+        kr.setup("models", "add", "voice/realtime", "gpt-realtime")
+        kr.setup("keys", "add", "--group", "voice/realtime", input=REALTIME_KEY + "\n")
         client_key = kr.add_client("alice")
         kr.start_proxy()
         headers = {"Authorization": f"Bearer {client_key}"}

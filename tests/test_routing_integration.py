@@ -36,18 +36,18 @@ def azure() -> Iterator[FakeAzure]:
 @pytest.fixture
 def routed(keyrotor: Keyrotor, relay: FakeUpstream, azure: FakeAzure) -> tuple[Keyrotor, openai.OpenAI]:
     kr = keyrotor
-    kr.cli("upstreams", "add", "relay", relay.url + "/v1")
-    kr.cli("upstreams", "add", "azure", azure.url, "--dialect", "azure", "--api-version", "2024-10-21")
-    kr.cli("groups", "add", "relay/cheap", "--priority", "10")
-    kr.cli("groups", "add", "azure/prod", "--priority", "5")
-    kr.cli("models", "add", "relay/cheap", "gpt-4o-mini")
-    kr.cli("models", "add", "relay/cheap", "gpt-4o", "--as", "gpt-4o-2024-11-20")
-    kr.cli("models", "add", "azure/prod", "gpt-4o", "--as", "prod-gpt4o")
-    kr.cli("models", "add", "azure/prod", "text-embedding-3-small", "--as", "prod-embed")
-    kr.cli("keys", "add", "--group", "relay/cheap", input="\n".join(RELAY_KEYS) + "\n")
-    kr.cli("keys", "add", "--group", "azure/prod", input=AZURE_KEY + "\n")
+    kr.setup("upstreams", "add", "relay", relay.url + "/v1")
+    kr.setup("upstreams", "add", "azure", azure.url, "--dialect", "azure", "--api-version", "2024-10-21")
+    kr.setup("groups", "add", "relay/cheap", "--priority", "10")
+    kr.setup("groups", "add", "azure/prod", "--priority", "5")
+    kr.setup("models", "add", "relay/cheap", "gpt-4o-mini")
+    kr.setup("models", "add", "relay/cheap", "gpt-4o", "--as", "gpt-4o-2024-11-20")
+    kr.setup("models", "add", "azure/prod", "gpt-4o", "--as", "prod-gpt4o")
+    kr.setup("models", "add", "azure/prod", "text-embedding-3-small", "--as", "prod-embed")
+    kr.setup("keys", "add", "--group", "relay/cheap", input="\n".join(RELAY_KEYS) + "\n")
+    kr.setup("keys", "add", "--group", "azure/prod", input=AZURE_KEY + "\n")
     kr.add_keys(DEFAULT_KEY)
-    kr.cli("groups", "disable", "default/default")  # so that a model nobody lists is served by nobody
+    kr.setup("groups", "disable", "default/default")  # so that a model nobody lists is served by nobody
     client_key = kr.add_client("alice")
     kr.start_proxy()
     return kr, openai.OpenAI(base_url=kr.base_url, api_key=client_key, max_retries=0, timeout=20)
@@ -144,11 +144,11 @@ def test_a_model_added_while_the_proxy_runs_is_routed_within_a_second(routed, re
 
 def test_models_refresh_asks_each_group_and_the_schedule_keeps_the_list_fresh(keyrotor, relay):
     kr = keyrotor
-    kr.cli("upstreams", "add", "relay", relay.url + "/v1")
-    kr.cli("groups", "add", "relay/cheap", "--priority", "10")
-    kr.cli("models", "add", "relay/cheap", "mine", "--as", "gpt-4o-mini")  # by hand: stays
-    kr.cli("keys", "add", "--group", "relay/cheap", input=RELAY_KEYS[0] + "\n")
-    kr.cli("groups", "disable", "default/default")
+    kr.setup("upstreams", "add", "relay", relay.url + "/v1")
+    kr.setup("groups", "add", "relay/cheap", "--priority", "10")
+    kr.setup("models", "add", "relay/cheap", "mine", "--as", "gpt-4o-mini")  # by hand: stays
+    kr.setup("keys", "add", "--group", "relay/cheap", input=RELAY_KEYS[0] + "\n")
+    kr.setup("groups", "disable", "default/default")
     out = kr.cli("models", "refresh", "relay/cheap").stdout
     assert "relay/cheap: 3 model(s) listed, 3 added, 0 removed" in out
     listed = kr.cli("models", "list").stdout

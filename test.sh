@@ -2,6 +2,7 @@
 # Installs what the tests need (first run only), Chromium for the browser tests
 # included, checks lint and formatting (ruff), and runs the whole suite.
 # Any arguments go to pytest, e.g. `./test.sh -k capture -x` or `./test.sh -m "not browser"`.
+# The suite runs on every core (pytest-xdist); KEYROTOR_TEST_WORKERS=0 (or `-n 0`) runs it in this one process.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/bootstrap.sh"
 source "$KEYROTOR_ROOT/scripts/install_browser.sh"
@@ -11,4 +12,4 @@ cd "$KEYROTOR_ROOT"
 # Lint and formatting first: cheap, and CI fails on either. `ruff format .` fixes the latter.
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
-exec "$VENV/bin/python" -m pytest "$@"
+exec "$VENV/bin/python" -m pytest -n "${KEYROTOR_TEST_WORKERS:-auto}" "$@"

@@ -588,7 +588,15 @@ class KeyPool:
         self._refuse(flow, rotation.no_key_error(len(use.attempts)))
         self._finish(flow)
 
-    def _end(self, flow, rotation: Rotation, use: KeyUse, outcome: Outcome | None, status, error) -> None:
+    def _end(
+        self,
+        flow: http.HTTPFlow,
+        rotation: Rotation,
+        use: KeyUse,
+        outcome: Outcome | None,
+        status: int | None,
+        error: str | None,
+    ) -> None:
         if rotation.needs_scope(use, outcome):
             use.scope, use.scope_known = self._model_of(flow.request), True
         rotation.end(use, outcome, status, error)

@@ -493,25 +493,52 @@ def search_flows(
     """Newest first, filtered; `before_id` continues a page (keyset pagination, never OFFSET).
 
     Rows come back as sqlite3.Row, or as dicts with headers and bodies unpacked when
-    `columns` asks for any of them ("*" included).
+    `columns` asks for any of them ("*" included). Every match, however long the walk:
+    see search_page for what a UI page should call.
     """
+    return _search(conn, f, limit, before_id, columns, None).rows
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list
+    # Set when the walk stopped at its budget of phrase checks with fewer rows than asked
+    # for: every flow from this id up has been looked at, the next page goes on below it.
+    checked_down_to: int | None = None
+
+
+def search_page(
+    conn: sqlite3.Connection,
+    f: FlowFilter,
+    limit: int = 50,
+    before_id: int | None = None,
+    columns: str = SUMMARY_COLUMNS,
+) -> Page:
+    """search_flows for one page a person waits for: at most PHRASE_CHECK_BUDGET candidates checked."""
+    return _search(conn, f, limit, before_id, columns, PHRASE_CHECK_BUDGET)
+
+
+def _search(
+    conn: sqlite3.Connection, f: FlowFilter, limit: int, before_id: int | None, columns: str, budget: int | None
+) -> Page:
     limit = max(1, min(limit, 1000))
     ids = _id_range(conn, f, before_id)
     if ids is None:
-        return []
+        return Page([])
     names, packed = _selected(columns)
     selected = ", ".join(f"flows.{n}" for n in names)
+    checked_down_to = None
     if not f.q or fts_query(f.q) is None:
         where, params = _conditions(f, "flows")
         where.append("flows.id BETWEEN ? AND ?")
         sql = f"SELECT {selected} FROM flows WHERE {' AND '.join(where)} ORDER BY flows.id DESC LIMIT ?"
         rows = conn.execute(sql, (*params, *ids, limit)).fetchall()
     else:
-        rows = _text_search(conn, f, ids, limit, selected)
-    if not packed:
-        return rows
-    known: dict[int, str] = {}
-    return [unpack_row(conn, row, known) for row in rows]
+        rows, checked_down_to = _text_search(conn, f, ids, limit, selected, budget)
+    if packed:
+        known: dict[int, str] = {}
+        rows = [unpack_row(conn, row, known) for row in rows]
+    return Page(rows, checked_down_to)
 
 
 def _legacy_range(conn: sqlite3.Connection) -> tuple[int, int] | None:
@@ -523,7 +550,9 @@ def _legacy_range(conn: sqlite3.Connection) -> tuple[int, int] | None:
     return (row[0], row[1]) if row and row[0] < row[1] else None
 
 
-def _text_search(conn: sqlite3.Connection, f: FlowFilter, ids: tuple[int, int], limit: int, selected: str) -> list:
+def _text_search(
+    conn: sqlite3.Connection, f: FlowFilter, ids: tuple[int, int], limit: int, selected: str, budget: int | None
+) -> tuple[list, int | None]:
     """Full-text search, newest match first: each index walks its rowids in order and stops at LIMIT."""
     query = fts_query(f.q)
     low, high = ids
@@ -532,15 +561,22 @@ def _text_search(conn: sqlite3.Connection, f: FlowFilter, ids: tuple[int, int], 
     if legacy and legacy[0] + 1 <= high and low <= legacy[1]:
         # Rows not converted yet: their old index (positions and all) answers the query as it is.
         span = (max(low, legacy[0] + 1), min(high, legacy[1]))
-        rows += _walk(conn, f, LEGACY_FTS, query, None, span, limit, selected)
+        rows += _walk(conn, f, LEGACY_FTS, query, None, span, limit, selected)[0]
     index_query, check = _index_query(f.q)
-    rows += _walk(conn, f, "flows_fts", index_query, check, ids, limit, selected, skip=legacy)
+    found, checked_down_to = _walk(conn, f, "flows_fts", index_query, check, ids, limit, selected, legacy, budget)
+    rows += found
+    if checked_down_to is not None:  # what lies below is the next page's, from either index
+        rows = [r for r in rows if r["id"] >= checked_down_to]
     if legacy:
         rows.sort(key=lambda r: r["id"], reverse=True)
-    return rows[:limit]
+    return rows[:limit], checked_down_to
 
 
 CHECK_PAGE = 200  # candidates read per round, at most, when phrases must be checked
+# Candidates one UI page may check: a phrase whose words are common but seldom adjacent
+# ("gpt-mini": 400,000 candidates in a million flows, none a match) would otherwise walk
+# them all, minutes long. 1,500 take about 0.2 s; the page says where it stopped.
+PHRASE_CHECK_BUDGET = 1500
 
 
 def _walk(
@@ -553,7 +589,9 @@ def _walk(
     limit: int,
     selected: str,
     skip: tuple[int, int] | None = None,
-) -> list:
+    budget: int | None = None,
+) -> tuple[list, int | None]:
+    """The matches, and where the walk stopped when `budget` candidates were checked first."""
     where, params = _conditions(f, "flows")
     where.insert(0, f"{index} MATCH ?")
     params.insert(0, query)
@@ -567,8 +605,9 @@ def _walk(
     )
     low, high = ids
     if check is None:
-        return [_without_id(r) for r in conn.execute(sql, (*params, low, high, limit))]
+        return [_without_id(r) for r in conn.execute(sql, (*params, low, high, limit))], None
     found: list = []
+    checked = 0
     # Common words are mostly written as asked ("gpt-4o"): the first round reads about
     # what the page needs; rounds double while candidates keep failing the check.
     page_size = min(CHECK_PAGE, limit + 10)
@@ -578,11 +617,14 @@ def _walk(
             break
         matching = check.matching(_texts_of(conn, [r["id_"] for r in page]))
         found += [_without_id(r) for r in page if r["id_"] in matching]
+        checked += len(page)
         if len(page) < page_size:
             break
         high = page[-1]["id_"] - 1
+        if budget is not None and checked >= budget and len(found) < limit:
+            return found, page[-1]["id_"]
         page_size = min(CHECK_PAGE, page_size * 2)
-    return found[:limit]
+    return found[:limit], None
 
 
 def _without_id(row: sqlite3.Row) -> dict:

@@ -146,6 +146,13 @@ class Keyrotor:
     def add_client(self, name: str = "alice") -> str:
         return self.setup("clients", "add", name).stdout.strip().splitlines()[-1]
 
+    def start_serving(self, *keys: str, client: str = "alice", proxy_args: tuple[str, ...] = ()) -> str:
+        """The usual start of a test: `keys` in the default pool, a client, the proxy running; the client's key."""
+        self.add_keys(*keys)
+        client_key = self.add_client(client)
+        self.start_proxy(*proxy_args)
+        return client_key
+
     def start_proxy(self, *extra: str) -> None:
         self.proxy_port = free_port()
         log = self.log_path.open("ab")

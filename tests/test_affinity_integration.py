@@ -50,9 +50,7 @@ def keys_for(upstream: FakeUpstream, fragment: str) -> set[str]:
 
 @pytest.fixture
 def running(keyrotor: Keyrotor) -> tuple[Keyrotor, str]:
-    keyrotor.add_keys(*KEYS)
-    client_key = keyrotor.add_client("alice")
-    keyrotor.start_proxy()
+    client_key = keyrotor.start_serving(*KEYS)
     return keyrotor, client_key
 
 

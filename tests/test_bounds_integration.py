@@ -47,9 +47,9 @@ def read_answer(sock: socket.socket) -> tuple[str, dict]:
 
 @pytest.fixture
 def running(keyrotor: Keyrotor) -> tuple[Keyrotor, str]:
-    keyrotor.add_keys(GOOD)
-    client_key = keyrotor.add_client("alice")
-    keyrotor.start_proxy("--set", f"proxy.max_body_bytes={LIMIT}", "--set", "proxy.header_timeout_seconds=1")
+    client_key = keyrotor.start_serving(
+        GOOD, proxy_args=("--set", f"proxy.max_body_bytes={LIMIT}", "--set", "proxy.header_timeout_seconds=1")
+    )
     return keyrotor, client_key
 
 

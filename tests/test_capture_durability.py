@@ -131,9 +131,7 @@ class RowWatch:
 
 @pytest.mark.alone  # how long a row waits to be committed is what a neighbour's CPU use would decide
 def test_kill_9_at_saturation_loses_at_most_the_last_quarter_second(keyrotor: Keyrotor, upstream_process: str):
-    keyrotor.add_keys(*GOOD)
-    client_key = keyrotor.add_client()
-    keyrotor.start_proxy()
+    client_key = keyrotor.start_serving(*GOOD)
     proxy = keyrotor.processes[-1]
     load = RawLoad(keyrotor, client_key, concurrency=64)
     watch = RowWatch(keyrotor)
@@ -204,9 +202,7 @@ def flow_rows(kr: Keyrotor) -> list[sqlite3.Row]:
 def test_stopping_lets_requests_in_flight_finish_and_records_every_one(
     keyrotor: Keyrotor, upstream: FakeUpstream, signum: int
 ):
-    keyrotor.add_keys(*GOOD)
-    client_key = keyrotor.add_client()
-    keyrotor.start_proxy()
+    client_key = keyrotor.start_serving(*GOOD)
     proxy = keyrotor.processes[-1]
     upstream.stream_chunks, upstream.stream_delay = 6, 0.25  # each stream takes about 1.5 s
     streams = Streams(keyrotor, client_key)
@@ -241,9 +237,7 @@ def test_stopping_lets_requests_in_flight_finish_and_records_every_one(
 
 
 def test_requests_still_running_when_the_grace_ends_are_cut_and_recorded(keyrotor: Keyrotor, upstream: FakeUpstream):
-    keyrotor.add_keys(*GOOD)
-    client_key = keyrotor.add_client()
-    keyrotor.start_proxy("--set", "proxy.stop_grace_seconds=1")
+    client_key = keyrotor.start_serving(*GOOD, proxy_args=("--set", "proxy.stop_grace_seconds=1"))
     proxy = keyrotor.processes[-1]
     upstream.stream_chunks, upstream.stream_delay = 40, 0.25  # ten seconds: longer than the grace
     streams = Streams(keyrotor, client_key)
@@ -306,9 +300,7 @@ def count_rows(path: Path) -> int:
 
 
 def test_locked_database_keeps_the_rows_shows_it_and_writes_them_later(keyrotor: Keyrotor, upstream: FakeUpstream):
-    keyrotor.add_keys(*GOOD)
-    client_key = keyrotor.add_client()
-    keyrotor.start_proxy()
+    client_key = keyrotor.start_serving(*GOOD)
     keyrotor.start_ui()
     client = openai.OpenAI(base_url=keyrotor.base_url, api_key=client_key, max_retries=0, timeout=20)
     # Another program's write transaction, held far longer than any busy timeout.
@@ -342,9 +334,7 @@ def test_full_disk_keeps_rows_up_to_the_backlog_and_counts_what_it_dropped(
 ):
     db_path = small_disk / "keyrotor.db"
     keyrotor.env["KEYROTOR_STORAGE_PATH"] = str(db_path)
-    keyrotor.add_keys(*GOOD)
-    client_key = keyrotor.add_client()
-    keyrotor.start_proxy("--set", "capture.backlog_mb=1")
+    client_key = keyrotor.start_serving(*GOOD, proxy_args=("--set", "capture.backlog_mb=1"))
     keyrotor.start_ui()
     client = openai.OpenAI(base_url=keyrotor.base_url, api_key=client_key, max_retries=0, timeout=20)
     client.models.list()
@@ -376,9 +366,7 @@ def test_full_disk_keeps_rows_up_to_the_backlog_and_counts_what_it_dropped(
 
 
 def test_database_and_the_files_beside_it_are_private(keyrotor: Keyrotor, upstream: FakeUpstream):
-    keyrotor.add_keys(*GOOD)
-    client_key = keyrotor.add_client()
-    keyrotor.start_proxy()
+    client_key = keyrotor.start_serving(*GOOD)
     openai.OpenAI(base_url=keyrotor.base_url, api_key=client_key, max_retries=0).models.list()
     wait_for(lambda: count_rows(keyrotor.db_path) == 1, what="the row")
     files = sorted(p for p in keyrotor.tmp.iterdir() if p.name.startswith("keyrotor.db"))

@@ -35,9 +35,7 @@ def wait_rows(kr: Keyrotor, count: int) -> list[sqlite3.Row]:
 
 @pytest.fixture
 def running(keyrotor: Keyrotor) -> Iterator[tuple[Keyrotor, openai.OpenAI]]:
-    keyrotor.add_keys(*GOOD)
-    client_key = keyrotor.add_client("alice")
-    keyrotor.start_proxy()
+    client_key = keyrotor.start_serving(*GOOD)
     yield keyrotor, openai.OpenAI(base_url=keyrotor.base_url, api_key=client_key, max_retries=0, timeout=20)
 
 

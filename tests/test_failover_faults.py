@@ -75,10 +75,7 @@ def run_all(calls, workers: int = 16) -> list[str]:
 
 
 def started(kr: Keyrotor, upstream: FakeUpstream, keys: list[str], *settings: str) -> openai.OpenAI:
-    kr.add_keys(*keys)
-    client_key = kr.add_client()
-    extra = [item for setting in settings for item in ("--set", setting)]
-    kr.start_proxy(*extra)
+    client_key = kr.start_serving(*keys, proxy_args=tuple(item for setting in settings for item in ("--set", setting)))
     return client_for(kr, client_key)
 
 

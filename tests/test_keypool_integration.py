@@ -141,9 +141,7 @@ def test_a_dropped_connection_is_retried_on_another_key(keyrotor: Keyrotor, upst
 
 
 def test_admin_changes_reach_the_running_proxy_within_a_second(keyrotor: Keyrotor, upstream: FakeUpstream):
-    keyrotor.add_keys(*GOOD)
-    client_key = keyrotor.add_client()
-    keyrotor.start_proxy("--set", "keypool.strategy=weighted")
+    client_key = keyrotor.start_serving(*GOOD, proxy_args=("--set", "keypool.strategy=weighted"))
     client = client_for(keyrotor, client_key)
     client.models.list()
     client.models.list()  # both keys proven
@@ -186,9 +184,7 @@ def test_keys_validate_brings_back_a_key_that_works_again(keyrotor: Keyrotor, up
 
 
 def test_scheduled_revalidation_returns_keys_by_itself(keyrotor: Keyrotor, upstream: FakeUpstream):
-    keyrotor.add_keys(GOOD[0], INVALID)
-    client_key = keyrotor.add_client()
-    keyrotor.start_proxy("--set", "keypool.revalidate_seconds=1")
+    client_key = keyrotor.start_serving(GOOD[0], INVALID, proxy_args=("--set", "keypool.revalidate_seconds=1"))
     client = client_for(keyrotor, client_key)
     client.models.list()
     client.models.list()  # one of them met the invalid key and was retried
@@ -204,9 +200,7 @@ def test_a_pool_that_waiting_cannot_help_tells_the_sdk_not_to_retry(
     keyrotor: Keyrotor, upstream: FakeUpstream, keys: tuple[str, ...], code: str
 ):
     if keys:
-        keyrotor.add_keys(*keys)
-    client_key = keyrotor.add_client()
-    keyrotor.start_proxy()
+        client_key = keyrotor.start_serving(*keys)
     if keys:  # the key is found invalid by a first request
         httpx.post(f"{keyrotor.base_url}/models", headers={"authorization": f"Bearer {client_key}"}, timeout=30)
     # The SDK's default retries: with Retry-After: 60 it used to wait two minutes before raising.

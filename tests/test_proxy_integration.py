@@ -34,9 +34,7 @@ def wait_rows(kr: Keyrotor, count: int) -> list[sqlite3.Row]:
 
 @pytest.fixture
 def running(keyrotor: Keyrotor) -> tuple[Keyrotor, str]:
-    keyrotor.add_keys(*GOOD)
-    client_key = keyrotor.add_client("alice")
-    keyrotor.start_proxy()
+    client_key = keyrotor.start_serving(*GOOD)
     return keyrotor, client_key
 
 
@@ -96,9 +94,7 @@ def test_missing_or_unknown_client_key_is_rejected_before_upstream(running, upst
 
 
 def test_invalid_key_gets_no_more_traffic(keyrotor: Keyrotor, upstream: FakeUpstream):
-    keyrotor.add_keys(INVALID, GOOD[0])
-    client_key = keyrotor.add_client()
-    keyrotor.start_proxy()
+    client_key = keyrotor.start_serving(INVALID, GOOD[0])
     client = client_for(keyrotor, client_key)
     outcomes = []
     for _ in range(8):

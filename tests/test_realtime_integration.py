@@ -49,9 +49,7 @@ async def converse(url: str, **connect) -> tuple[str | None, list[dict]]:
 
 @pytest.fixture
 def running(keyrotor: Keyrotor) -> Iterator[tuple[Keyrotor, str]]:
-    keyrotor.add_keys(*GOOD)
-    client_key = keyrotor.add_client("alice")
-    keyrotor.start_proxy("--set", "proxy.header_timeout_seconds=1")
+    client_key = keyrotor.start_serving(*GOOD, proxy_args=("--set", "proxy.header_timeout_seconds=1"))
     yield keyrotor, client_key
 
 
@@ -204,9 +202,7 @@ def test_a_pooled_key_refused_at_the_upgrade_is_learned_and_the_next_session_use
     keyrotor: Keyrotor, upstream: FakeUpstream
 ):
     revoked = "sk-revoked-cccccccccccccccccccccccc0003"
-    keyrotor.add_keys(revoked, GOOD[0])
-    client_key = keyrotor.add_client()
-    keyrotor.start_proxy()
+    client_key = keyrotor.start_serving(revoked, GOOD[0])
     headers = {"Authorization": f"Bearer {client_key}"}
     with pytest.raises(websockets.InvalidStatus) as refused:
         asyncio.run(converse(ws_url(keyrotor), additional_headers=headers))

@@ -128,9 +128,7 @@ def test_mitmweb_never_receives_a_credential(web, upstream: FakeUpstream):
 
 
 def test_a_client_key_in_the_query_string_works_and_is_never_stored(keyrotor: Keyrotor, upstream: FakeUpstream):
-    keyrotor.add_keys(GOOD[0])
-    client_key = keyrotor.add_client("alice")
-    keyrotor.start_proxy()
+    client_key = keyrotor.start_serving(GOOD[0])
     for name in ("api-key", "key"):
         response = httpx.get(f"{keyrotor.base_url}/models", params={name: client_key, "limit": "2"})
         assert response.status_code == 200
@@ -151,9 +149,7 @@ def test_a_client_key_in_the_query_string_works_and_is_never_stored(keyrotor: Ke
 
 
 def test_a_pool_key_upstream_echoes_is_stored_as_its_placeholder(keyrotor: Keyrotor, upstream: FakeUpstream):
-    keyrotor.add_keys(GOOD[0])
-    client_key = keyrotor.add_client("alice")
-    keyrotor.start_proxy()
+    client_key = keyrotor.start_serving(GOOD[0])
     client = client_for(keyrotor, client_key)
     upstream.set_key(GOOD[0], "echo")
     raw = client.models.with_raw_response.list()

@@ -24,7 +24,8 @@ LIST_COLUMNS = flows.SUMMARY_COLUMNS + ", first_byte_at, cost"
 
 
 def _page(conn, query: Flows, limit: int, before: int | None) -> dict:
-    rows = flows.search_flows(conn, query.filter, limit, before, columns=LIST_COLUMNS)
+    page = flows.search_page(conn, query.filter, limit, before, columns=LIST_COLUMNS)
+    rows = page.rows
     summaries = [views.flow_summary(r) for r in rows]
     names = names_for(conn, [f["upstream_key_id"] for f in summaries], [f["client_key_id"] for f in summaries])
     route = route_names(conn)
@@ -33,8 +34,18 @@ def _page(conn, query: Flows, limit: int, before: int | None) -> dict:
         f["upstream"], f["group"] = route.upstream(f["upstream_id"]), route.group(f["group_id"])
     return {
         "flows": summaries,
-        "next_before": rows[-1]["id"] if len(rows) == limit and query.filter.after_id is None else None,
+        "next_before": _next_before(page, limit, query.filter.after_id is not None),
+        # A phrase of common words checked on the newest candidates only: older flows may match too.
+        "partial": page.checked_down_to is not None,
     }
+
+
+def _next_before(page: flows.Page, limit: int, live: bool) -> int | None:
+    if live:
+        return None
+    if page.checked_down_to is not None:
+        return page.checked_down_to
+    return page.rows[-1]["id"] if len(page.rows) == limit else None
 
 
 def _detail(request: Request, conn, flow_row_id: int) -> dict:

@@ -80,9 +80,7 @@ class Captured:
 @pytest.fixture
 def captured(ui: Keyrotor) -> Captured:
     """Keys and a client set up from the CLI, then a plain request and a stream carrying markup, captured."""
-    ui.add_keys(*KEYS[:2])
-    client_key = ui.add_client("alice")
-    ui.start_proxy()
+    client_key = ui.start_serving(*KEYS[:2])
     client = openai_client(ui, client_key)
     ask(client, "Say hi")
     streamed_text = ask_streamed(client, EVIL_MESSAGE)
@@ -218,9 +216,7 @@ def test_a_streamed_flow_found_by_a_search_link_shows_its_text_and_events_and_ru
 
 
 def test_new_flows_appear_on_the_open_flow_list_without_a_reload(ui: Keyrotor, new_page: Callable[..., Page]):
-    ui.add_keys(*KEYS[:2])
-    client_key = ui.add_client("alice")
-    ui.start_proxy()
+    client_key = ui.start_serving(*KEYS[:2])
     client = openai_client(ui, client_key)
     page = new_page()
     expect(page.locator("#flows-empty")).to_be_visible()

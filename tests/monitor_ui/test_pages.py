@@ -252,6 +252,25 @@ def test_keyset_pages_follow_each_other(client):
     assert [f["id"] for f in second["flows"]] == [3, 2]
 
 
+def test_a_phrase_search_stopped_at_its_budget_says_so_and_goes_on_where_it_stopped(client, monkeypatch):
+    monkeypatch.setattr(flows, "CHECK_PAGE", 1)
+    monkeypatch.setattr(flows, "PHRASE_CHECK_BUDGET", 2)  # two candidates a page
+    first = client.get("/api/flows?q=mini-gpt", headers=AUTH).json()  # both words in most flows, never so
+    assert first == {"flows": [], "next_before": 3, "partial": True}
+    found, before = [], None
+    while True:  # every page of a phrase that matches, the partial ones included
+        page = client.get("/api/flows?q=gpt-4o-mini" + (f"&before={before}" if before else ""), headers=AUTH).json()
+        found += [f["id"] for f in page["flows"]]
+        if not (before := page["next_before"]):
+            break
+    assert found == [5, 3, 1]
+    logged_in(client)
+    html = client.get("/flows?q=mini-gpt").text
+    assert "only the newest flows that hold them all were checked, down to #3" in html
+    assert 'href="/flows?q=mini-gpt&amp;before=3&amp;limit=50">Search older' in html
+    assert "Search older" not in client.get("/flows?q=zebra").text
+
+
 def test_the_page_shows_the_search_and_links_the_filtered_exports(client):
     logged_in(client)
     page = client.get("/flows?q=zebra&status=2xx").text

@@ -198,6 +198,29 @@ def test_a_phrase_found_literally_matches_exactly_what_a_full_index_matches(word
     assert 0 < len(exact) < len(rows)
 
 
+@pytest.mark.parametrize("text", ["gpt-4o", "gpt-alpha", "4o-gpt", "rate limit gpt-4o"])
+def test_pages_that_stop_at_their_budget_of_phrase_checks_still_find_every_match(stored, text, monkeypatch):
+    conn, records = stored
+    monkeypatch.setattr(flows, "CHECK_PAGE", 7)
+    monkeypatch.setattr(flows, "PHRASE_CHECK_BUDGET", 20)
+    ids, before, stopped = [], None, 0
+    while True:
+        page = flows.search_page(conn, FlowFilter(q=text), 5, before)
+        ids += [r["id"] for r in page.rows]
+        assert all(r["id"] < before for r in page.rows) if before else True
+        if page.checked_down_to is not None:
+            stopped += 1
+            assert len(page.rows) < 5 and all(r["id"] >= page.checked_down_to for r in page.rows)
+            before = page.checked_down_to
+        elif len(page.rows) == 5:
+            before = page.rows[-1]["id"]
+        else:
+            break
+    assert ids == expected_ids(reference_index(records), text)
+    if text in ("gpt-alpha", "4o-gpt"):  # common words, seldom side by side: pages stop at the budget
+        assert stopped
+
+
 def test_search_with_filters_and_a_phrase(stored):
     conn, records = stored
     reference = reference_index(records)

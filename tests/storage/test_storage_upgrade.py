@@ -109,9 +109,7 @@ def test_storage_migrate_and_stats_from_the_command_line(keyrotor: Keyrotor):
 
 def test_a_proxy_on_an_old_database_captures_and_converts(keyrotor: Keyrotor):
     old_database(keyrotor.db_path).close()
-    keyrotor.add_keys("sk-good-upgrade-aaaaaaaaaaaaaaaaaaaaa-0001")
-    client_key = keyrotor.add_client()
-    keyrotor.start_proxy()
+    client_key = keyrotor.start_serving("sk-good-upgrade-aaaaaaaaaaaaaaaaaaaaa-0001")
     client = openai.OpenAI(base_url=keyrotor.base_url, api_key=client_key, max_retries=0, timeout=20)
     client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello upgrade"}])
     wait_for(lambda: not read(keyrotor.db_path, conversion.pending), timeout=30, what="old flows converted")

@@ -200,7 +200,9 @@ def test_a_pool_that_waiting_cannot_help_tells_the_sdk_not_to_retry(
     keyrotor: Keyrotor, upstream: FakeUpstream, keys: tuple[str, ...], code: str
 ):
     if keys:
-        client_key = keyrotor.start_serving(*keys)
+        keyrotor.add_keys(*keys)
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy()
     if keys:  # the key is found invalid by a first request
         httpx.post(f"{keyrotor.base_url}/models", headers={"authorization": f"Bearer {client_key}"}, timeout=30)
     # The SDK's default retries: with Retry-After: 60 it used to wait two minutes before raising.

@@ -129,3 +129,17 @@ def test_flows_filter_by_client_covers_all_its_keys(client):
     refused = client.get("/api/flows", params={"refusal": "rate_limit_exceeded"}, headers=AUTH).json()["flows"]
     assert [f["client_key_id"] for f in refused] == [second_key]
     assert client.get("/api/flows", params={"client_id": "x"}, headers=AUTH).status_code == 422
+
+
+def test_the_audit_page_and_its_json_twin_filter_alike_and_refuse_bad_filters_alike(client):
+    client.post("/api/clients", json={"name": "team"}, headers=AUTH)
+    client.patch("/api/clients/1", json={"rpm": 5}, headers=AUTH)
+    entries = client.get("/api/audit", params={"action": "clients.set"}, headers=AUTH).json()["entries"]
+    assert [e["action"] for e in entries] == ["clients.set"] and entries[0]["actor"] == "admin-api"
+    assert client.post("/login", data={"admin_key": ADMIN}).status_code == 303
+    page = client.get("/audit", params={"action": "clients.set"}).text
+    assert page.count("clients.set") >= 2 and "clients.add" not in page  # the form's value and the one entry
+    assert 'href="/api/audit?action=clients.set"' in page
+    for bad in ({"actor": "robot"}, {"since": "yesterday"}, {"target": "x" * 201}):
+        assert client.get("/audit", params=bad).status_code == 422, bad
+        assert client.get("/api/audit", params=bad, headers=AUTH).status_code == 422, bad

@@ -89,7 +89,8 @@ def _pack(conn: sqlite3.Connection, packer: flows.FlowPacker, rows: list[sqlite3
         conn,
         "WITH packed (id, content, parts) AS (",
         [(r["id"], content, parts) for r, (content, parts) in zip(rows, packed, strict=True)],
-        f") UPDATE flows SET content = packed.content, parts = packed.parts, {cleared}"
+        f") UPDATE flows SET content = packed.content, parts = packed.parts, {cleared},"
+        " client_id = coalesce(flows.client_id, flows.client_key_id)"  # v9 left it to this pass
         " FROM packed WHERE flows.id = packed.id",
     )
     insert_many(

@@ -405,7 +405,8 @@ class _Phrases:
         return found | (_tokenizer.matching(unsure, self.query) if unsure else set())
 
 
-def _conditions(f: FlowFilter, table: str) -> tuple[list[str], list[Any]]:
+def _conditions(f: FlowFilter, table: str, old: tuple[int, int] | None = None) -> tuple[list[str], list[Any]]:
+    """WHERE terms of `f`; `old` is the id range (low, high] of rows not converted yet (see flows_legacy)."""
     where, params = [], []
     if f.status == "error":
         where.append(f"{table}.status IS NULL")
@@ -418,7 +419,15 @@ def _conditions(f: FlowFilter, table: str) -> tuple[list[str], list[Any]]:
         params.append(int(f.status))
     for column in ("model", "client_key_id", "client_id", "upstream_key_id", "upstream_id", "group_id"):
         value = getattr(f, column)
-        if value is not None:
+        if value is None:
+            continue
+        if column == "client_id" and old:  # rows before v9 get their client_id as they are converted
+            where.append(
+                f"({table}.client_id = ? OR ({table}.client_id IS NULL AND {table}.client_key_id = ?"
+                f" AND {table}.id > ? AND {table}.id <= ?))"
+            )
+            params += [value, value, *old]
+        else:
             where.append(f"{table}.{column} = ?")
             params.append(value)
     if f.path:
@@ -529,7 +538,7 @@ def _search(
     selected = ", ".join(f"flows.{n}" for n in names)
     checked_down_to = None
     if not f.q or fts_query(f.q) is None:
-        where, params = _conditions(f, "flows")
+        where, params = _conditions(f, "flows", _legacy_range(conn) if f.client_id is not None else None)
         where.append("flows.id BETWEEN ? AND ?")
         sql = f"SELECT {selected} FROM flows WHERE {' AND '.join(where)} ORDER BY flows.id DESC LIMIT ?"
         rows = conn.execute(sql, (*params, *ids, limit)).fetchall()
@@ -561,9 +570,11 @@ def _text_search(
     if legacy and legacy[0] + 1 <= high and low <= legacy[1]:
         # Rows not converted yet: their old index (positions and all) answers the query as it is.
         span = (max(low, legacy[0] + 1), min(high, legacy[1]))
-        rows += _walk(conn, f, LEGACY_FTS, query, None, span, limit, selected)[0]
+        rows += _walk(conn, f, LEGACY_FTS, query, None, span, limit, selected, old=legacy)[0]
     index_query, check = _index_query(f.q)
-    found, checked_down_to = _walk(conn, f, "flows_fts", index_query, check, ids, limit, selected, legacy, budget)
+    found, checked_down_to = _walk(
+        conn, f, "flows_fts", index_query, check, ids, limit, selected, legacy, budget, old=legacy
+    )
     rows += found
     if checked_down_to is not None:  # what lies below is the next page's, from either index
         rows = [r for r in rows if r["id"] >= checked_down_to]
@@ -590,9 +601,10 @@ def _walk(
     selected: str,
     skip: tuple[int, int] | None = None,
     budget: int | None = None,
+    old: tuple[int, int] | None = None,
 ) -> tuple[list, int | None]:
     """The matches, and where the walk stopped when `budget` candidates were checked first."""
-    where, params = _conditions(f, "flows")
+    where, params = _conditions(f, "flows", old)
     where.insert(0, f"{index} MATCH ?")
     params.insert(0, query)
     if skip:  # the rows the old index answers for

@@ -335,7 +335,10 @@ def _v9_clients_limits_audit(db: sqlite_utils.Database) -> None:
     db["client_keys"].create_index(["client_id"])
     db["flows"].add_column("client_id", int)  # the client whose key made the request
     db["flows"].add_column("refusal", str)  # the error code keyrotor refused the request with, if it did
-    db.conn.execute("UPDATE flows SET client_id = client_key_id WHERE client_key_id IS NOT NULL")
+    # Rows stored before get their client_id as storage/conversion.py converts them, a chunk
+    # a transaction (one UPDATE of every flow held the write lock, and a proxy's start, for
+    # many minutes at a million flows); until then search takes client_key_id for it (each
+    # client made here has its key's id).
     db["flows"].create_index(["client_id"])
     db["flows"].create_index(["refusal"])
     # Calendar spend and moving windows of client limits, saved so a restarted proxy keeps them:

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from core.limits import ClientPolicy, spend_name
-from storage import client_keys, counters, db, schema
+from storage import client_keys, conversion, counters, db, flows, schema
+from storage.flows import FlowFilter
 from storage.secrets import hash_client_key
 
 
@@ -87,5 +88,13 @@ def test_existing_client_keys_become_clients_of_their_own(tmp_path):
     assert (clients["bob"]["id"], clients["bob"]["enabled"]) == (2, 0)
     loaded = client_keys.load_enabled(conn)
     assert [c.name for c, _ in loaded.values()] == ["alice"]
-    assert conn.execute("SELECT client_id FROM flows").fetchone()[0] == 2  # bob's history is bob's
+    # Bob's history is bob's: found by his client id before its row is converted, and after.
+    assert [r["flow_id"] for r in flows.search_flows(conn, FlowFilter(client_id=2))] == ["f"]
+    assert flows.search_flows(conn, FlowFilter(client_id=1)) == []
+    assert [r["flow_id"] for r in flows.search_flows(conn, FlowFilter(client_id=2, q="models"))] == ["f"]
+    assert conn.execute("SELECT client_id FROM flows").fetchone()[0] is None  # no UPDATE of every flow
+    while conversion.convert_chunk(conn, flows.FlowPacker()):
+        pass
+    assert conn.execute("SELECT client_id FROM flows").fetchone()[0] == 2
+    assert [r["flow_id"] for r in flows.search_flows(conn, FlowFilter(client_id=2))] == ["f"]
     client_keys.add_key(conn, "alice")  # two keys of one client: names are no longer unique

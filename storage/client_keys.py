@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from core.limits import LIST_FIELDS, NO_LIMITS, ClientPolicy, policy_with
 from core.models import Client
-from storage import audit
+from storage import audit, flows
 from storage.db import bump_revision
 from storage.secrets import hash_client_key, new_client_key
 
@@ -222,9 +222,10 @@ def names_of(conn: sqlite3.Connection, client_ids: Iterable[int]) -> dict[int, s
 
 
 def recent_flows(conn: sqlite3.Connection, client_id: int, limit: int = 20) -> list[sqlite3.Row]:
-    """A client's latest flows, for its detail page."""
-    return conn.execute(
-        "SELECT id, flow_id, started_at, method, path, status, model, total_tokens, cost, refusal, error"
-        " FROM flows WHERE client_id = ? ORDER BY started_at DESC LIMIT ?",
-        (client_id, max(1, min(limit, 200))),
-    ).fetchall()
+    """A client's latest flows, for its detail page (the flows filter's rules: rows before v9 too)."""
+    return flows.search_flows(
+        conn,
+        flows.FlowFilter(client_id=client_id),
+        max(1, min(limit, 200)),
+        columns="id, flow_id, started_at, method, path, status, model, total_tokens, cost, refusal, error",
+    )

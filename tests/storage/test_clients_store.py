@@ -91,6 +91,7 @@ def test_existing_client_keys_become_clients_of_their_own(tmp_path):
     # Bob's history is bob's: found by his client id before its row is converted, and after.
     assert [r["flow_id"] for r in flows.search_flows(conn, FlowFilter(client_id=2))] == ["f"]
     assert flows.search_flows(conn, FlowFilter(client_id=1)) == []
+    assert [r["flow_id"] for r in client_keys.recent_flows(conn, 2)] == ["f"]  # on bob's page too
     assert [r["flow_id"] for r in flows.search_flows(conn, FlowFilter(client_id=2, q="models"))] == ["f"]
     assert conn.execute("SELECT client_id FROM flows").fetchone()[0] is None  # no UPDATE of every flow
     while conversion.convert_chunk(conn, flows.FlowPacker()):

@@ -82,7 +82,12 @@ class FlowQuery:
     raw: dict[str, str]
 
     def link(self, **extra: str | int) -> str:
-        return urlencode({**{k: v for k, v in self.raw.items() if v}, **{k: str(v) for k, v in extra.items()}})
+        return query_link(self.raw, **extra)
+
+
+def query_link(raw: dict[str, str], **extra: str | int) -> str:
+    """A filter's query string for links: the values given (empty ones left out), and `extra`."""
+    return urlencode({**{k: v for k, v in raw.items() if v}, **{k: str(v) for k, v in extra.items()}})
 
 
 def flow_query(

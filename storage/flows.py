@@ -379,9 +379,9 @@ class _Phrases:
 
     A word found literally (ASCII case aside, and the separators it starts or ends with)
     with a separator or the text's edge on both sides is, token for token, the phrase: no
-    index needed. A candidate where that fails
-    for some word (the word not written so, or next to non-ASCII text) goes to the exact
-    check in _Tokenizer, which sees what a full index would.
+    index needed. A candidate where that fails for some word (the word not written so, or
+    next to non-ASCII text) goes to the exact check in _Tokenizer, which sees what a full
+    index would; so do all candidates when a word is not ASCII.
     """
 
     def __init__(self, words: list[str], query: str) -> None:
@@ -395,10 +395,12 @@ class _Phrases:
 
     def matching(self, rows: list[tuple]) -> set[int]:
         """Ids of `rows` (id, path, model, request body, response body) that a full index would match."""
+        if not self.all_literal:
+            return _tokenizer.matching(rows, self.query)
         found, unsure = set(), []
         for row in rows:
             texts = [t for t in row[1:] if t]
-            if self.all_literal and all(any(p.search(t) for t in texts) for p in self.literal):
+            if all(any(p.search(t) for t in texts) for p in self.literal):
                 found.add(row[0])
             else:
                 unsure.append(row)
@@ -570,11 +572,9 @@ def _text_search(
     if legacy and legacy[0] + 1 <= high and low <= legacy[1]:
         # Rows not converted yet: their old index (positions and all) answers the query as it is.
         span = (max(low, legacy[0] + 1), min(high, legacy[1]))
-        rows += _walk(conn, f, LEGACY_FTS, query, None, span, limit, selected, old=legacy)[0]
+        rows += _walk(conn, f, LEGACY_FTS, query, None, span, limit, selected, legacy)[0]
     index_query, check = _index_query(f.q)
-    found, checked_down_to = _walk(
-        conn, f, "flows_fts", index_query, check, ids, limit, selected, legacy, budget, old=legacy
-    )
+    found, checked_down_to = _walk(conn, f, "flows_fts", index_query, check, ids, limit, selected, legacy, budget)
     rows += found
     if checked_down_to is not None:  # what lies below is the next page's, from either index
         rows = [r for r in rows if r["id"] >= checked_down_to]
@@ -599,17 +599,19 @@ def _walk(
     ids: tuple[int, int],
     limit: int,
     selected: str,
-    skip: tuple[int, int] | None = None,
+    legacy: tuple[int, int] | None = None,
     budget: int | None = None,
-    old: tuple[int, int] | None = None,
 ) -> tuple[list, int | None]:
-    """The matches, and where the walk stopped when `budget` candidates were checked first."""
-    where, params = _conditions(f, "flows", old)
+    """The matches, and where the walk stopped when `budget` candidates were checked first.
+
+    `legacy` is the id range of rows not converted yet: the old index answers for them.
+    """
+    where, params = _conditions(f, "flows", legacy)
     where.insert(0, f"{index} MATCH ?")
     params.insert(0, query)
-    if skip:  # the rows the old index answers for
+    if legacy and index != LEGACY_FTS:  # the rows the old index answers for
         where.append(f"{index}.rowid NOT BETWEEN ? AND ?")
-        params += [skip[0] + 1, skip[1]]
+        params += [legacy[0] + 1, legacy[1]]
     where.append(f"{index}.rowid BETWEEN ? AND ?")  # bounds on flows.id would not reach the full-text walk
     sql = (
         f"SELECT flows.id AS id_, {selected} FROM {index} JOIN flows ON flows.id = {index}.rowid"

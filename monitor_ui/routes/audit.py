@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Annotated
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
@@ -12,7 +11,7 @@ from fastapi.responses import HTMLResponse
 from monitor_ui import views
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
-from monitor_ui.filters import parse_time
+from monitor_ui.filters import parse_time, query_link
 from storage import audit
 
 router = APIRouter()
@@ -66,7 +65,7 @@ def list_audit(request: Request, conn: Conn, signer: Signer, query: Audit, limit
         "section": "audit",
         "csrf": signer.csrf_token(request.cookies.get(SESSION_COOKIE, "")),  # the nav and logout need it
         "iso": views.iso,
-        "json_link": "/api/audit?" + urlencode({k: v for k, v in query.raw.items() if v}),
+        "json_link": "/api/audit?" + query_link(query.raw),
     }
     return request.app.state.templates.TemplateResponse(request, "audit.html", context)
 

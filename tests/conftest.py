@@ -64,6 +64,12 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _checked(result: subprocess.CompletedProcess, args: tuple[str, ...], check: bool) -> subprocess.CompletedProcess:
+    if check and result.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
 @dataclass
 class Keyrotor:
     """One keyrotor installation in a temp dir: database, CLI, and the servers it started."""
@@ -97,9 +103,7 @@ class Keyrotor:
             cwd=self.tmp,
             timeout=60,
         )
-        if check and result.returncode != 0:
-            raise AssertionError(f"run.py {' '.join(args)} failed ({result.returncode}): {result.stderr}")
-        return result
+        return _checked(result, args, check)
 
     def setup(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """`run.py ARGS` in this process, for what a test needs in place before it starts.
@@ -126,10 +130,9 @@ class Keyrotor:
             os.environ.clear()
             os.environ.update(saved_env)
             sys.stdin = saved_stdin
-        result = subprocess.CompletedProcess(["run.py", *args], code, out.getvalue(), err.getvalue())
-        if check and code != 0:
-            raise AssertionError(f"run.py {' '.join(args)} failed ({code}): {result.stderr}")
-        return result
+        return _checked(
+            subprocess.CompletedProcess(["run.py", *args], code, out.getvalue(), err.getvalue()), args, check
+        )
 
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         """Rows of `sql` from this installation's database, on a connection of the test's own."""

@@ -8,25 +8,19 @@ an admitted request used when it ends.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
 from config import default_of
-from core.credentials import credential_from, masked, query_credential, refused_placeholder, scrubbed
+from core.credentials import credential_from, hash_client_key, masked, query_credential, refused_placeholder, scrubbed
 from core.errors import OpenAIError
 from core.limits import Governor, Refusal, Ticket
 from core.metadata import ACCESS, AccessVerdict
 from core.models import Client
-from core.revisions import watch_revision
 from core.routing import RouteTable, is_multipart, requested_model
-from storage import db, routes
-from storage.client_keys import load_enabled
-from storage.counters import SqliteCounters
-from storage.secrets import hash_client_key
+from core.state import ProxyState
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +40,15 @@ def refusal(verdict: AccessVerdict) -> OpenAIError:
 
 
 class Access:
-    def __init__(self, defaults=None, governor: Governor | None = None) -> None:
+    def __init__(self, defaults=None, state: ProxyState | None = None, governor: Governor | None = None) -> None:
         self._defaults = defaults
-        self.clients: dict[str, tuple[Client, int]] = {}  # key hash → (client, key id)
-        self.by_id: dict[int, Client] = {}
-        self.routes: RouteTable | None = None  # for clients limited to some groups: which serve a model
+        # The runtime's (addons/runtime.py): clients by key hash, and the route table, for clients
+        # limited to some groups (which groups serve a model).
+        self.state = state if state is not None else ProxyState()
         self._serving: dict[str, tuple[str, ...]] = {}  # model → labels of the groups that serve it
-        self.db_path: Path | None = None
-        # Shared with the Spend addon (addons/keyrotor.py wires them); its counters are made here.
+        self._serving_in: RouteTable | None = None  # the table `_serving` was made from
+        # Shared with the Spend addon (the runtime builds it, with its counters).
         self.governor = governor or Governor(counters=None)
-        self._counters: SqliteCounters | None = None
-        self._revision = 0
-        self._revisions: db.RevisionReader | None = None
-        self._watcher: asyncio.Task | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -73,42 +63,15 @@ class Access:
             if ctx.options.access_ip_rpm < 0:
                 raise exceptions.OptionsError("access_ip_rpm must be zero or more.")
             self.governor.ip_rpm = ctx.options.access_ip_rpm
-        if "keyrotor_storage" in updated:
-            self.db_path = Path(ctx.options.keyrotor_storage)
-            self._reload()
-            if self._counters:
-                self._counters.stop()
-            self._counters = SqliteCounters(self.db_path)  # counts and spend as the last run left them
-            self.governor.counters = self._counters
 
-    def running(self) -> None:
-        self._counters.start()
-        self._revisions = db.RevisionReader(self.db_path)
-        self._watcher = asyncio.create_task(
-            watch_revision(self._revisions, ("clients", routes.ROUTES), self._reload, self._revision)
-        )
+    @property
+    def clients(self) -> dict[str, tuple[Client, int]]:
+        """Enabled clients by key hash → (client, key id)."""
+        return self.state.clients
 
-    def done(self) -> None:
-        if self._watcher:
-            self._watcher.cancel()
-        if self._revisions:
-            self._revisions.close()
-        if self._counters:
-            self._counters.stop()  # writes what changed since the last flush
-
-    def _reload(self) -> None:
-        conn = db.connect(self.db_path)
-        try:
-            self._revision = (db.read_revision(conn, "clients"), db.read_revision(conn, routes.ROUTES))
-            clients = load_enabled(conn)
-            table = RouteTable(*routes.load_routes(conn))
-        finally:
-            conn.close()
-        self.clients = clients
-        self.routes = table
-        self._serving = {}
-        self.by_id = {client.id: client for client, _ in clients.values()}
-        log.info("client keys loaded: %d enabled, of %d clients", len(clients), len(self.by_id))
+    @property
+    def by_id(self) -> dict[int, Client]:
+        return self.state.clients_by_id
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Checked as soon as the headers arrive, so every credential is replaced by a placeholder
@@ -122,7 +85,7 @@ class Access:
                 request.path = path  # a key in the URL goes no further: not upstream, not into a record
         headers = request.headers
         key = credential_from(headers.fields) or query_key
-        found = self.clients.get(hash_client_key(key)) if key else None
+        found = self.state.clients.get(hash_client_key(key)) if key else None
         if found is None:
             rejected = "invalid_api_key" if key else "missing_api_key"
             verdict = AccessVerdict(rejected=rejected, masked=masked(key) if key else None)
@@ -150,7 +113,7 @@ class Access:
             if flow.response:
                 return
         verdict = AccessVerdict.of(flow.metadata)
-        client = self.by_id.get(verdict.client_id)
+        client = self.state.clients_by_id.get(verdict.client_id)
         if client is None or (not client.policy.is_limited and not self.governor.ip_rpm):
             return
         request = flow.request
@@ -165,10 +128,13 @@ class Access:
         if (policy.models or policy.groups) and body:
             content_type = request.headers.get("content-type", "") if is_multipart(body) else ""
             model = requested_model(content_type, body)
-        if policy.groups and model is not None and self.routes is not None:
+        if policy.groups and model is not None:
+            table = self.state.table
+            if table is not self._serving_in:  # the routes changed
+                self._serving, self._serving_in = {}, table
             serving = self._serving.get(model)
             if serving is None:  # made once per model and route change, not per request
-                serving = self._serving[model] = tuple(g.label for g in self.routes.groups_for(model))
+                serving = self._serving[model] = tuple(g.label for g in table.groups_for(model))
             verdict.groups = list(policy.groups)
         outcome = self.governor.admit(flow.id, client.id, policy, model, body, _address(flow), time.time(), serving)
         if isinstance(outcome, Refusal):

@@ -14,11 +14,10 @@ import asyncio
 import logging
 import os
 import re
-from pathlib import Path
 
 from mitmproxy import ctx
 
-from storage import secrets
+from core.ports import AdminKeys
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +42,17 @@ ACCESS_LOG = logging.getLogger("tornado.access")
 
 
 class AdminKeyWatch:
-    def __init__(self) -> None:
-        self.db_path: Path | None = None
-        self._version: tuple | None = None
+    def __init__(self, admin_keys: AdminKeys | None = None) -> None:
+        self.admin_keys = admin_keys  # the runtime's (addons/runtime.py)
+        self._version: object = None
         self._task: asyncio.Task | None = None
 
-    def configure(self, updated: set[str]) -> None:
-        if "keyrotor_storage" in updated:
-            self.db_path = Path(ctx.options.keyrotor_storage)
-
     def running(self) -> None:
-        if "web_password" not in ctx.options or self.db_path is None:
+        if "web_password" not in ctx.options or self.admin_keys is None:
             return  # mitmdump: nothing asks for the admin key
         if not any(isinstance(f, WithoutToken) for f in ACCESS_LOG.filters):
             ACCESS_LOG.addFilter(WithoutToken())
-        self._version = secrets.admin_key_version(self.db_path)
+        self._version = self.admin_keys.version()
         self._task = asyncio.create_task(self._watch())
 
     def done(self) -> None:
@@ -67,7 +62,7 @@ class AdminKeyWatch:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            version = secrets.admin_key_version(self.db_path)
+            version = self.admin_keys.version()
             if version == self._version:
                 continue
             self._version = version
@@ -77,7 +72,7 @@ class AdminKeyWatch:
                 log.exception("could not give mitmweb the new admin key; restart the proxy")
 
     def _apply(self) -> None:
-        ctx.options.update(web_password=secrets.mitmweb_password(self.db_path))
+        ctx.options.update(web_password=self.admin_keys.mitmweb_password())
         app = getattr(ctx.master, "app", None)
         if app is not None:
             from mitmproxy.tools.web.app import ClientConnection

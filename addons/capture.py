@@ -16,9 +16,9 @@ from mitmproxy.websocket import WebSocketData
 from config import BODY_MODES, BY_NAME, default_of
 from core.classify import is_client_side
 from core.metadata import FIRST_BYTE_AT, RECORDED, AccessVerdict, KeyUse, UsageInjection
+from core.ports import RecordSink
 from core.prices import PriceFileError, PriceTable, load_prices
-from core.records import CapturedFlow, StreamTee, WebSocketMessage
-from storage import writer
+from core.records import CapturedFlow, Retention, StreamTee, WebSocketMessage
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,14 @@ def max_bytes_of(value: str) -> int:
 
 
 class Capture:
-    def __init__(self, defaults=None) -> None:
+    def __init__(self, defaults=None, records: RecordSink | None = None) -> None:
         self._defaults = defaults
         self._tees: dict[str, StreamTee] = {}  # by flow.id: flow.metadata gets deep-copied by mitmweb
         # Flows seen and not yet recorded: recorded at done() if the proxy stops before they end.
         self._unfinished: dict[str, http.HTTPFlow] = {}
-        self._writer: writer.Writer | None = None
+        self._records = records  # the runtime's writer (addons/runtime.py), which stops after this addon's done()
+        self._writer: RecordSink | None = None  # the sink while the proxy runs
         self._prices = PriceTable()
-        self.db_path: Path | None = None
         self._max_bytes = 0  # capture_max_gb, in bytes
 
     def load(self, loader) -> None:
@@ -112,21 +112,20 @@ class Capture:
                 raise exceptions.OptionsError(f"{name} must be zero or more.")
         if "capture_max_gb" in updated:
             self._max_bytes = max_bytes_of(ctx.options.capture_max_gb)
-        if "keyrotor_storage" in updated:
-            self.db_path = Path(ctx.options.keyrotor_storage)
         if self._writer:
             self._configure_writer()
 
-    def _retention(self) -> writer.Retention:
-        return writer.Retention(
+    def _retention(self) -> Retention:
+        return Retention(
             keep_days=ctx.options.capture_keep_days,
             max_rows=ctx.options.capture_max_rows,
             max_bytes=self._max_bytes,
         )
 
     def running(self) -> None:
-        self._writer = writer.acquire(self.db_path)
-        self._configure_writer()
+        self._writer = self._records
+        if self._writer:
+            self._configure_writer()
 
     def _configure_writer(self) -> None:
         self._writer.retention = self._retention()
@@ -137,9 +136,7 @@ class Capture:
         # each, with what had arrived, rather than nothing.
         for flow in list(self._unfinished.values()):
             self._record(flow, error=STOPPED)
-        if self._writer:
-            writer.release(self._writer)  # flushes every queued row
-            self._writer = None
+        self._writer = None  # the runtime stops the writer next, after writing every queued row
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if len(self._unfinished) >= UNFINISHED_PRUNE_AT:  # flows that ended with neither hook (none should)

@@ -11,13 +11,10 @@ could serve it.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import json
 import logging
 import time
 from collections.abc import Coroutine
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -31,19 +28,25 @@ from core.dialects import API_KEY, upstream_url, with_key
 from core.errors import OpenAIError
 from core.failover import ClientRequest, Failover, Plan, scope_of
 from core.metadata import FIRST_BYTE_AT, KEYPOOL, AccessVerdict, KeyUse
-from core.models import REFUSED, FetchedModels, KeyState, PoolKey
+from core.models import REFUSED, KeyState, PoolKey
 from core.pool import Policy
-from core.revisions import watch_revision
+from core.ports import OwnershipSink
 from core.rotation import Rotation, RotationSettings
-from core.routing import Candidate, Dialect, RouteTable, is_multipart, query_model, renamed_model, requested_model
+from core.routing import (
+    Candidate,
+    Dialect,
+    RouteTable,
+    is_multipart,
+    query_model,
+    renamed_model,
+    requested_model,
+    reverse_target_of,
+)
+from core.state import ProxyState
 from core.usage import EventFilter, chained, events_end, split_events
-from storage import db, objects, secrets, writer
-from storage.routes import ROUTES, load_routes
-from storage.upstream_keys import load_pool
 
 log = logging.getLogger(__name__)
 
-MODELS_PATH = "/v1/models"
 CREDENTIAL_HEADERS = (AUTHORIZATION, API_KEY)
 
 # The whole-number options, documented at length in config.toml.
@@ -134,53 +137,49 @@ def model_not_found(model: str | None) -> OpenAIError:
     )
 
 
-def models_list(models: list[str], created: int) -> bytes:
-    """OpenAI's list format for GET /v1/models."""
-    data = [{"id": m, "object": "model", "created": created, "owned_by": "keyrotor"} for m in models]
-    return json.dumps({"object": "list", "data": data}).encode()
-
-
-def with_listed_models(body: bytes, models: list[str], created: int) -> bytes | None:
-    """An upstream's own model list with `models` added where missing; None when it is not a list."""
-    try:
-        document = json.loads(body)
-        data = document["data"]
-        present = {item.get("id") for item in data if isinstance(item, dict)}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-    data += [
-        {"id": m, "object": "model", "created": created, "owned_by": "keyrotor"} for m in models if m not in present
-    ]
-    return json.dumps(document).encode()
-
-
 class KeyPool:
-    def __init__(self, defaults=None, sender=None) -> None:
+    def __init__(
+        self,
+        defaults=None,
+        sender=None,
+        state: ProxyState | None = None,
+        writer: OwnershipSink | None = None,
+    ) -> None:
         self._defaults = defaults
-        self.settings = RotationSettings()
-        self.rotations: dict[int, Rotation] = {}  # group id → its pool and what requests live through in it
-        self.table = RouteTable([])
+        # The runtime's (addons/runtime.py): the route table, a Rotation per group and the object
+        # owners, kept fresh by its one revision watcher.
+        self.state = state if state is not None else ProxyState()
         self.failover = Failover(self.rotations.get, lambda: self.settings)
         self._plans: dict[str, Plan] = {}  # by flow.id: the routes hold groups, too big for flow.metadata
-        self._merge_models: set[str] = set()  # flow ids of GET /v1/models answered upstream, to add ours
-        self.db_path: Path | None = None
-        self._revisions_seen = {"keys": 0, ROUTES: 0}
-        self._tasks: list[asyncio.Task] = []
-        self._revisions: db.RevisionReader | None = None
-        self._writer: writer.Writer | None = None
+        self._writer = writer  # where learnt object owners go (the runtime's writer)
         self._client: httpx.AsyncClient | None = None
         self.sender = sender  # addons/credential_sender.py's, handed over by the -s entry
         self._late_send = False
-        # Key affinity: object id → the key that owns it (storage's object_owners, read a few new
-        # rows at a time), and per flow what it names and what its stream showed.
-        self.owners: dict[str, int] = {}
-        self._owners_read = (0, 0)  # (the objects revision, the last rowid) read so far
+        # Key affinity, per flow: what it names and what its stream showed.
         self._referenced: dict[str, tuple[str, ...]] = {}
         self._streamed: dict[str, ObjectWatch] = {}
 
     @property
+    def table(self) -> RouteTable:
+        return self.state.table
+
+    @property
+    def rotations(self) -> dict[int, Rotation]:
+        """Group id → its pool and what requests live through in it."""
+        return self.state.rotations
+
+    @property
+    def owners(self) -> dict[str, int]:
+        """Key affinity: object id → the key that owns it."""
+        return self.state.owners
+
+    @property
+    def settings(self) -> RotationSettings:
+        return self.state.settings
+
+    @property
     def keys(self) -> list[PoolKey]:
-        return [k for rotation in self.rotations.values() for k in rotation.pool.keys]
+        return self.state.keys
 
     @property
     def pool(self):
@@ -210,7 +209,7 @@ class KeyPool:
                 raise exceptions.OptionsError(
                     f"keypool_{name} must be {'above zero' if name in POSITIVE else 'zero or more'}, not {value}."
                 )
-        self.settings = RotationSettings(
+        settings = RotationSettings(
             strategy=options.keypool_strategy,
             max_attempts=options.keypool_max_attempts,
             wait_max_seconds=options.keypool_wait_max_seconds,
@@ -222,102 +221,17 @@ class KeyPool:
                 pool_429_window_seconds=options.keypool_pool_429_window_seconds,
             ),
         )
-        for rotation in self.rotations.values():
-            rotation.configure(self.settings)
-        if "keyrotor_storage" in updated:
-            self.db_path = Path(ctx.options.keyrotor_storage)
-            self._apply(self._read())
-            self.owners, self._owners_read = {}, (0, 0)
-            self._apply_owners(self._read_owners())
+        self.state.configure(settings)
 
     def running(self) -> None:
         # The key goes on only as the request's bytes leave, and its echo comes out as the answer
         # arrives (addons/credential_sender.py): no hook, view, flow file or record holds it.
         # (The sender is loaded beside this addon by addons/keyrotor.py; without it, the key goes on here.)
         self._late_send = getattr(self.sender, "installed", False)
-        self._writer = writer.acquire(self.db_path)
-        for rotation in self.rotations.values():
-            rotation.states = self._writer
         self._client = upstream.new_client(ctx.options.keypool_attempt_timeout_seconds)
-        self._revisions = db.RevisionReader(self.db_path)
-        names = tuple(self._revisions_seen)
-        seen = tuple(self._revisions_seen[n] for n in names)
-        self._tasks = [
-            asyncio.create_task(watch_revision(self._revisions, names, self._read, seen, self._apply)),
-            asyncio.create_task(self._revalidate_periodically()),
-            asyncio.create_task(
-                watch_revision(
-                    self._revisions, objects.OBJECTS, self._read_owners, self._owners_read[0], self._apply_owners
-                )
-            ),
-        ]
 
     def done(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self._revisions:
-            self._revisions.close()
         self._client = None  # its pooled connections close with the process
-        for rotation in self.rotations.values():
-            rotation.states = None
-        if self._writer:
-            writer.release(self._writer)
-            self._writer = None
-
-    # ------------------------------------------------------------------ routes and keys
-
-    def _read(self) -> tuple[list, dict, list[PoolKey]]:
-        """Routes and keys as the database has them (in a worker thread when reloading)."""
-        cipher = secrets.key_cipher(self.db_path)
-        conn = db.connect(self.db_path)
-        try:
-            for name in self._revisions_seen:
-                self._revisions_seen[name] = db.read_revision(conn, name)
-            groups, fallbacks = load_routes(conn)
-            keys = load_pool(conn, cipher)
-        finally:
-            conn.close()
-        log.info(
-            "routes loaded: %d groups; upstream keys: %d, %d active",
-            len(groups),
-            len(keys),
-            sum(k.state == "active" for k in keys),
-        )
-        return groups, fallbacks, keys
-
-    def _apply(self, loaded: tuple[list, dict, list[PoolKey]]) -> None:
-        """Swap in a new route table and key lists, keeping each pool's runtime state (on the loop)."""
-        groups, fallbacks, keys = loaded
-        by_group: dict[int, list[PoolKey]] = {g.id: [] for g in groups}
-        for key in keys:
-            if key.group_id in by_group:
-                by_group[key.group_id].append(key)
-        for group_id, group_keys in by_group.items():
-            rotation = self.rotations.get(group_id)
-            if rotation is None:
-                rotation = self.rotations[group_id] = Rotation()
-                rotation.configure(self.settings)
-                rotation.states = self._writer
-            rotation.pool.replace_keys(group_keys)
-        for group_id in set(self.rotations) - set(by_group):
-            del self.rotations[group_id]
-        self.table = RouteTable(groups, fallbacks)
-
-    def _read_owners(self) -> tuple[int, dict[str, int], int]:
-        """Owners stored since the last read (by any process sharing the database)."""
-        conn = db.connect(self.db_path)
-        try:
-            revision = db.read_revision(conn, objects.OBJECTS)
-            owners, last = objects.owners_since(conn, self._owners_read[1])
-        finally:
-            conn.close()
-        return revision, owners, last
-
-    def _apply_owners(self, loaded: tuple[int, dict[str, int], int]) -> None:
-        revision, owners, last = loaded
-        for object_id, key_id in owners.items():
-            self.owners.setdefault(object_id, key_id)  # what this process learnt first agrees with storage
-        self._owners_read = (revision, max(last, self._owners_read[1]))
 
     # ------------------------------------------------------------------ hooks
 
@@ -347,11 +261,8 @@ class KeyPool:
                 return self._request_after_choosing(flow, self._plan(flow, [table.only], model))
             self._send_with(flow, None, table.only, 0, key, model, scope_known=model is not None)
             return None
-        model = None
-        if request.method == "GET" and request.path.partition("?")[0] == MODELS_PATH:
-            if self._answer_models(flow):
-                return None
-        elif request.method == "POST":
+        # GET /v1/models was answered before this hook (addons/models.py) unless upstream's list is wanted.
+        if request.method == "POST":
             model = self._model_of(request)
         else:
             model = self._websocket_model(flow)
@@ -678,16 +589,10 @@ class KeyPool:
         use.refusal = f"{error.code}: {error.message}"
 
     def _finish(self, flow: http.HTTPFlow) -> None:
-        """What a settled answer still needs: the client's model names, our models in a list, and
-        what it teaches about who owns which object."""
+        """What a settled answer still needs: the client's model names, and what it teaches about who
+        owns which object."""
         self._learn(flow)
         response = flow.response
-        if flow.id in self._merge_models:
-            self._merge_models.discard(flow.id)
-            if response is not None and response.status_code == 200:
-                merged = with_listed_models(response.content or b"", self.table.listed_models(), int(time.time()))
-                if merged is not None:
-                    response.content = merged
         candidate = self._answering(flow)
         if candidate is not None and candidate.renames and response is not None and not response.stream:
             if "text/event-stream" not in response.headers.get("content-type", ""):
@@ -712,19 +617,8 @@ class KeyPool:
 
     def _forget(self, flow: http.HTTPFlow) -> None:
         self._plans.pop(flow.id, None)
-        self._merge_models.discard(flow.id)
         self._referenced.pop(flow.id, None)
         self._streamed.pop(flow.id, None)
-
-    def _answer_models(self, flow: http.HTTPFlow) -> bool:
-        """GET /v1/models: the models the groups serve. True when answered here; a group that
-        serves every model is asked for its list instead, and ours are added to it."""
-        if any(g.serves_every_model for g in self.table.groups):
-            self._merge_models.add(flow.id)
-            return False
-        body = models_list(self.table.listed_models(), int(time.time()))
-        flow.response = http.Response.make(200, body, {"content-type": "application/json"})
-        return True
 
     def _hide_credential(self, flow: http.HTTPFlow) -> None:
         # The request has left: put the placeholder back so no view of the flow shows the key.
@@ -736,37 +630,6 @@ class KeyPool:
             dialect = group.upstream.dialect if group else Dialect.OPENAI
             headers = flow.request.headers
             headers.fields = with_key(dialect, headers.fields, placeholder(use.key_id, use.key_last4))
-
-    # ------------------------------------------------------------------ re-validation
-
-    async def _revalidate_periodically(self) -> None:
-        interval = ctx.options.keypool_revalidate_seconds
-        if interval <= 0:
-            return
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                for group in list(self.table.groups):
-                    rotation = self.rotations.get(group.id)
-                    if rotation is not None:
-                        await rotation.revalidate(self._client, group.upstream, reverse_target())
-                        await self._refresh_models(group, rotation)
-            except Exception:
-                log.exception("re-validating keys failed; trying again in %d s", interval)
-
-    async def _refresh_models(self, group, rotation: Rotation) -> None:
-        """A group whose list came from upstream keeps it fresh (lists typed by hand are left alone)."""
-        if not group.models_fetched or self._writer is None:
-            return
-        key = next((k for k in rotation.pool.keys if k.state == "active"), None)
-        if key is None:
-            return
-        try:
-            models = await upstream.list_models(self._client, group.upstream, reverse_target(), key.value)
-        except upstream.ModelListError as e:
-            log.warning("refreshing the models of %s failed: %s", group.label, e)
-            return
-        self._writer.save_models(FetchedModels(group.id, tuple(models)))
 
 
 class ObjectWatch:
@@ -791,11 +654,5 @@ class ObjectWatch:
 
 
 def reverse_target() -> str:
-    """The reverse-proxy target (scheme://host[:port]) mitmproxy forwards to: the default upstream's URL.
-
-    Empty outside reverse mode, where only upstreams with a URL of their own can be reached.
-    """
-    for mode in ctx.options.mode:
-        if mode.startswith("reverse:"):
-            return mode.removeprefix("reverse:").rstrip("/")
-    return ""
+    """The reverse-proxy target mitmproxy forwards to (core.routing.reverse_target_of)."""
+    return reverse_target_of(ctx.options.mode)

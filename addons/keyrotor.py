@@ -3,7 +3,8 @@
 Addon order is the order of decisions: who is calling, whether what they send is within
 bounds, which key, what else to ask upstream for (token usage), what happened; then,
 when stopping, whether anything is still in flight. This is the only module that
-imports the other addons: it wires them together.
+imports the other addons: it wires them together, each given what it uses by the one
+Runtime (addons/runtime.py), the composition root.
 Option defaults come from config.toml and KEYROTOR_* variables, so plain mitmdump
 behaves like `run.py proxy`; run.py passes its resolved settings with --set.
 """
@@ -26,13 +27,16 @@ from addons.bounds import Bounds  # noqa: E402
 from addons.capture import Capture  # noqa: E402
 from addons.credential_sender import CredentialSender  # noqa: E402
 from addons.keypool import KeyPool  # noqa: E402
+from addons.models import Models  # noqa: E402
+from addons.models_merge import ModelsMerge  # noqa: E402
 from addons.recovery import Recovery  # noqa: E402
+from addons.runtime import Runtime  # noqa: E402
 from addons.shutdown import Shutdown  # noqa: E402
 from addons.spend import Spend  # noqa: E402
+from addons.upkeep import Upkeep  # noqa: E402
 from addons.upstream_watch import UpstreamWatch  # noqa: E402
 from addons.usage import Usage  # noqa: E402
 from config import ConfigError, load_settings  # noqa: E402
-from core.limits import Governor  # noqa: E402
 from storage import db, secrets  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -77,19 +81,24 @@ try:
 except ConfigError as e:
     raise SystemExit(f"keyrotor: {e}") from None
 
+_runtime = Runtime()  # storage's ports, the state snapshot, the writer, the Governor: one each
 _sender = CredentialSender()  # the key pool's: it puts the pool's keys on the wire
-_governor = Governor(counters=None)  # client limits: Access admits requests, Spend settles them
+_state, _writer, _governor = _runtime.state, _runtime.writer, _runtime.governor
 addons = [
     KeyRotor(_settings),
     Recovery(),
-    Access(_settings, governor=_governor),
+    Access(_settings, _state, _governor),
     Bounds(_settings),
-    KeyPool(_settings, sender=_sender),
+    Models(_state),  # before the key pool: a list answered here takes no key
+    KeyPool(_settings, sender=_sender, state=_state, writer=_writer),
+    ModelsMerge(_state),  # right after the key pool: upstream's list, retried or not, gets ours added
     _sender,
     UpstreamWatch(),  # after the sender: its patch wraps the sender's
     Spend(_governor),  # before Usage: its stream callable sees the usage chunk Usage then takes out
     Usage(),
-    Capture(_settings),
-    AdminKeyWatch(),
-    Shutdown(_settings),  # last: a flow has finished once every addon before it is done with it
+    Capture(_settings, _writer),
+    AdminKeyWatch(_runtime.admin_keys),
+    Upkeep(_state, _writer),
+    Shutdown(_settings),  # last with flow hooks: a flow has finished once every addon before it is done with it
+    _runtime,  # its done stops the writer after every other addon's done has queued its last rows
 ]

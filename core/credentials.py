@@ -6,6 +6,7 @@ alike, in one pass: mitmproxy's Headers lower-cases every name on every lookup.
 
 from __future__ import annotations
 
+import hashlib
 from urllib.parse import unquote_plus
 
 AUTHORIZATION = b"authorization"
@@ -177,3 +178,9 @@ class EchoFilter:
             return fields
         self.replaced = True
         return tuple((name, value.replace(self.secret, self.replacement)) for name, value in fields)
+
+
+def hash_client_key(key: str) -> str:
+    """How a client key is kept and looked up: its SHA-256, never the key."""
+    # Issued keys carry 256 random bits, so a plain digest cannot be brute-forced.
+    return hashlib.sha256(key.encode()).hexdigest()

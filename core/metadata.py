@@ -33,6 +33,9 @@ def reached_client(metadata: dict, streaming: bool) -> bool:
 
 USAGE = "keyrotor.usage"
 RECORDED = "keyrotor.capture.recorded"
+# True on a GET /v1/models sent upstream (a group serves every model): the groups' own models are
+# added to upstream's list once the key pool has its final answer (addons/models.py, models_merge.py).
+MERGE_MODELS = "keyrotor.models.merge"
 
 
 def plain(value: Any) -> Any:

@@ -8,9 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+from core.affinity import Ownership
 from core.keys import NewKey
-from core.models import KeyState, KeyStateChange, PoolKey
-from core.records import CapturedFlow
+from core.models import Client, FetchedModels, KeyState, KeyStateChange, PoolKey
+from core.records import CapturedFlow, Retention
+from core.routing import Group
 
 
 class KeyStore(Protocol):
@@ -36,9 +38,32 @@ class RouteStore(Protocol):
         """Replace what the last refresh found with `models`; returns (added, removed)."""
         ...
 
+    def load_routes(self) -> tuple[list[Group], dict[str, list[str]]]:
+        """Every group with its upstream and models (disabled ones too), and each model's fallback models."""
+        ...
+
+
+class ClientStore(Protocol):
+    """Clients and their keys, kept as SHA-256 hashes."""
+
+    def load_enabled(self) -> dict[str, tuple[Client, int]]:
+        """Key hash → (client, key id): the keys of enabled clients that are not revoked."""
+        ...
+
+
+class ObjectOwners(Protocol):
+    """Which upstream key owns which object (key affinity), in the order they were stored."""
+
+    def owners_since(self, after: int) -> tuple[dict[str, int], int]:
+        """Owners stored after position `after` (object id → key id), and the position of the last one read."""
+        ...
+
 
 class RecordSink(Protocol):
     """Where captured flows go; called on the event loop, so it must never block."""
+
+    retention: Retention  # which flows it deletes as it goes
+    backlog_bytes: int  # how much it may hold in memory while storage refuses writes
 
     def record(self, flow: CapturedFlow) -> None: ...
 
@@ -49,11 +74,45 @@ class PoolStateSink(Protocol):
     def save_state(self, change: KeyStateChange) -> None: ...
 
 
+class OwnershipSink(Protocol):
+    """Where learnt object owners go; called on the event loop, never blocks."""
+
+    def save_ownership(self, learnt: Ownership) -> None: ...
+
+
+class ModelListSink(Protocol):
+    """Where a group's refreshed model list goes; never blocks."""
+
+    def save_models(self, fetched: FetchedModels) -> None: ...
+
+
 class Revisions(Protocol):
     """Counters bumped by every admin change to a kind of thing ("keys", "clients")."""
 
     def read_all(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
         """The current revisions of `names`, in one read; None when they cannot be read right now."""
+        ...
+
+
+class StateStores(Protocol):
+    """What one read of the proxy's state uses (core/state.py): the stores, and the revisions read beside them."""
+
+    keys: KeyStore
+    routes: RouteStore
+    clients: ClientStore
+    owners: ObjectOwners
+    revisions: Revisions
+
+
+class AdminKeys(Protocol):
+    """The admin key, as mitmweb asks for it."""
+
+    def version(self) -> object:
+        """Something that changes whenever the admin key does (None when there is none)."""
+        ...
+
+    def mitmweb_password(self) -> str:
+        """The admin key's hash, as mitmweb's web_password option takes it."""
         ...
 
 

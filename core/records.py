@@ -34,6 +34,15 @@ REDACTED = "[redacted]"
 HeaderFields = tuple[tuple[bytes, bytes], ...]
 
 
+@dataclass(frozen=True)
+class Retention:
+    """Which captured flows are deleted as new ones arrive (the capture.keep_days, max_rows and max_gb settings)."""
+
+    keep_days: float = 0  # 0: no age limit
+    max_rows: int = 0  # 0: no row limit
+    max_bytes: int = 0  # 0: no size limit; else the oldest flows go while the database uses more
+
+
 @dataclass
 class AttemptLog:
     """One try of a request upstream, with the key it used."""

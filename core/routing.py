@@ -110,6 +110,38 @@ class RouteTable:
         return sorted(self._by_model)
 
 
+def models_list(models: list[str], created: int) -> bytes:
+    """OpenAI's list format for GET /v1/models."""
+    return json.dumps({"object": "list", "data": [_listed(m, created) for m in models]}).encode()
+
+
+def with_listed_models(body: bytes, models: list[str], created: int) -> bytes | None:
+    """An upstream's own model list with `models` added where missing; None when it is not a list."""
+    try:
+        document = json.loads(body)
+        data = document["data"]
+        present = {item.get("id") for item in data if isinstance(item, dict)}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    data += [_listed(m, created) for m in models if m not in present]
+    return json.dumps(document).encode()
+
+
+def _listed(model: str, created: int) -> dict:
+    return {"id": model, "object": "model", "created": created, "owned_by": "keyrotor"}
+
+
+def reverse_target_of(modes: list[str] | tuple[str, ...]) -> str:
+    """The reverse-proxy target (scheme://host[:port]) of mitmproxy's `mode` option: the default upstream's URL.
+
+    Empty outside reverse mode, where only upstreams with a URL of their own can be reached.
+    """
+    for mode in modes:
+        if mode.startswith("reverse:"):
+            return mode.removeprefix("reverse:").rstrip("/")
+    return ""
+
+
 def ordered(groups: list[Group], rng: random.Random | None = None) -> list[Group]:
     """Highest priority first; within a priority, a weighted random order (each group once)."""
     if len(groups) < 2:

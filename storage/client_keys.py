@@ -196,10 +196,10 @@ def _name(conn: sqlite3.Connection, client_id: int) -> str | None:
     return row[0] if row else None
 
 
-def load_enabled(conn: sqlite3.Connection) -> dict[str, Client]:
+def load_enabled(conn: sqlite3.Connection) -> dict[str, tuple[Client, int]]:
     """key hash → client, for the proxy's in-memory lookup: enabled clients' keys that are not revoked."""
     clients: dict[int, Client] = {}
-    found = {}
+    found: dict[str, tuple[Client, int]] = {}
     for row in conn.execute(
         "SELECT k.id AS key_id, k.key_hash, c.id, c.name, c.limits"
         " FROM client_keys k JOIN clients c ON c.id = k.client_id"
@@ -229,3 +229,13 @@ def recent_flows(conn: sqlite3.Connection, client_id: int, limit: int = 20) -> l
         max(1, min(limit, 200)),
         columns="id, flow_id, started_at, method, path, status, model, total_tokens, cost, refusal, error",
     )
+
+
+class SqliteClientStore:
+    """core.ports.ClientStore over one connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def load_enabled(self) -> dict[str, tuple[Client, int]]:
+        return load_enabled(self.conn)

@@ -91,6 +91,16 @@ def bump_revision(conn: sqlite3.Connection, name: str) -> None:
     )
 
 
+class ConnectionRevisions:
+    """core.ports.Revisions on a connection the caller owns: a reload reads them beside the data."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def read_all(self, names: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(read_revision(self.conn, name) for name in names)
+
+
 class RevisionReader:
     """core.ports.Revisions on a connection of its own, for the proxy's poll on the event loop."""
 

@@ -64,3 +64,13 @@ def objects_of_flow(conn: sqlite3.Connection, flow_id: str) -> list[dict]:
         (flow_id,),
     ).fetchall()
     return [{"id": r[0], "role": r[1], "kind": r[2], "owner_key_id": r[3]} for r in rows]
+
+
+class SqliteObjectOwners:
+    """core.ports.ObjectOwners over one connection: positions are the table's rowids."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def owners_since(self, after: int) -> tuple[dict[str, int], int]:
+        return owners_since(self.conn, after)

@@ -314,6 +314,9 @@ class SqliteRouteStore:
     def store_fetched_models(self, group_id: int, models: list[str]) -> tuple[int, int]:
         return store_fetched_models(self.conn, group_id, models)
 
+    def load_routes(self) -> tuple[list[Group], dict[str, list[str]]]:
+        return load_routes(self.conn)
+
 
 # --------------------------------------------------------------------------- for the proxy
 

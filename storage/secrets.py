@@ -16,6 +16,8 @@ from pathlib import Path
 import argon2
 from cryptography.fernet import Fernet, InvalidToken
 
+from core.credentials import hash_client_key  # noqa: F401 (storage hashes client keys as the proxy does)
+
 CLIENT_KEY_PREFIX = "kr-"
 # The admin key is the UI's and mitmweb's only credential: generated ones have 47 characters.
 MIN_ADMIN_KEY_LENGTH = 24
@@ -77,11 +79,6 @@ class KeyCipher:
 
 def key_cipher(db_path: str | Path) -> KeyCipher:
     return KeyCipher(secret_bytes(db_path))
-
-
-def hash_client_key(key: str) -> str:
-    # Issued keys carry 256 random bits, so a plain digest cannot be brute-forced.
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def new_client_key() -> str:

@@ -32,14 +32,13 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
 from core.affinity import Ownership
 from core.models import FetchedModels, KeyStateChange
-from core.records import FlowRecord
+from core.records import FlowRecord, Retention
 from storage import audit, capture_status, conversion, db, flows, objects, outcomes, rollups, routes, upstream_keys
 
 log = logging.getLogger(__name__)
@@ -61,13 +60,6 @@ COMPLAIN_SECONDS = 30.0  # while writes keep failing, a log line at most this of
 SWITCH_SECONDS = 0.0005
 
 
-@dataclass(frozen=True)
-class Retention:
-    keep_days: float = 0  # 0: no age limit
-    max_rows: int = 0  # 0: no row limit
-    max_bytes: int = 0  # 0: no size limit; else the oldest flows go while the database uses more
-
-
 class Recordable(Protocol):
     """A captured flow (core.records.CapturedFlow), or anything else that makes a record."""
 
@@ -84,8 +76,10 @@ def record_bytes(record: FlowRecord) -> int:
 
 
 class Writer:
-    def __init__(self, path: str | Path, backlog_bytes: int = DEFAULT_BACKLOG_BYTES) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None = None, backlog_bytes: int = DEFAULT_BACKLOG_BYTES) -> None:
+        # The proxy builds its writer before the keyrotor_storage option says where (addons/runtime.py):
+        # `path` is then set before start().
+        self.path = Path(path) if path is not None else None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="keyrotor-writer", daemon=True)
         self._users = 0
@@ -126,7 +120,13 @@ class Writer:
         """Which key made (or answered for) which objects: key affinity (core/affinity.py)."""
         self._queue.put(learnt)
 
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
     def start(self) -> None:
+        if self.path is None:
+            raise ValueError("the writer has no database to write to")
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_SECONDS))
         self._thread.start()
 

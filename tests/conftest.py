@@ -22,6 +22,7 @@ import pytest
 from mitmproxy.test import taddons
 
 from addons.keyrotor import KeyRotor
+from addons.runtime import Runtime
 from config import load_settings
 from storage import db
 from tests.fake_upstream import FakeUpstream
@@ -240,12 +241,23 @@ def _share_of_the_machine(request: pytest.FixtureRequest, tmp_path_factory: pyte
 
 
 @contextmanager
-def addon_context(addon, db_path: Path):
-    """mitmproxy's test context for one keyrotor addon, its shared option pointing at `db_path`."""
+def addon_context(addon, db_path: Path, runtime: Runtime | None = None):
+    """mitmproxy's test context for one keyrotor addon, its shared option pointing at `db_path`.
+
+    With `runtime` (the addon's, addons/runtime.py), the database is opened as the proxy opens
+    it; its writer and counters run inside the context (its watcher needs the proxy's loop).
+    """
     settings = load_settings(overrides={"storage.path": str(db_path)}, environ={})
-    with taddons.context(KeyRotor(settings), addon) as tctx:
+    with taddons.context(KeyRotor(settings), addon, *([runtime] if runtime else [])) as tctx:
         tctx.configure(addon, keyrotor_storage=str(db_path))
-        yield tctx
+        if runtime is None:
+            yield tctx
+            return
+        runtime.backend.start()
+        try:
+            yield tctx
+        finally:
+            runtime.backend.stop()
 
 
 @pytest.fixture

@@ -46,6 +46,18 @@ def test_only_the_script_entry_imports_addons(path):
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}: addons talk through flow.metadata"
 
 
+# The proxy's composition root builds storage's ports and hands them over; the -s entry makes the database.
+STORAGE_WIRING = (ROOT / "addons" / "runtime.py", ROOT / "addons" / "keyrotor.py")
+
+
+@pytest.mark.parametrize("path", sources("addons"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_the_composition_root_imports_storage(path):
+    if path in STORAGE_WIRING:
+        return
+    bad = {m for m in imported_modules(path) if m.split(".")[0] == "storage"}
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}: take what it uses from addons/runtime.py"
+
+
 @pytest.mark.parametrize("path", sources("storage", "usecases"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_storage_and_use_cases_import_no_ui(path):
     bad = {m for m in imported_modules(path) if m.split(".")[0] in ("monitor_ui", "fastapi", "mitmproxy")}

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from mitmproxy.test import tflow, tutils
+from mitmproxy.test import taddons, tflow, tutils
 
 from addons.access import Access
-from core.credentials import credential_from
+from addons.runtime import Runtime
+from core.credentials import credential_from, hash_client_key
 from core.metadata import AccessVerdict
+from core.models import Client
 from storage import client_keys, db
 from tests.conftest import addon_context
+from tests.fakes import MemoryBackend, memory_runtime
 
 
 @pytest.fixture
@@ -28,8 +31,9 @@ def issued(database):
 @pytest.fixture
 def access(issued):
     path = issued[0]
-    addon = Access()
-    with addon_context(addon, path):
+    runtime = Runtime()
+    addon = Access(state=runtime.state, governor=runtime.governor)
+    with addon_context(addon, path, runtime):
         yield addon
 
 
@@ -118,3 +122,17 @@ def test_an_issued_key_in_the_query_string_is_let_through_as_a_placeholder(acces
     assert flow.response is None and flow.metadata["keyrotor.access"].client_id == 1
     assert flow.request.path == "/v1/models"
     assert flow.request.headers["authorization"] == "Bearer [client key #1]"
+
+
+def test_over_in_memory_ports_clients_come_from_the_runtimes_state():
+    backend = MemoryBackend()
+    backend.clients.clients = {hash_client_key("kr-carol"): (Client(3, "carol"), 9)}
+    runtime = memory_runtime(backend)
+    addon = Access(state=runtime.state, governor=runtime.governor)
+    with taddons.context(addon):
+        carol, stranger = flow_with(authorization="Bearer kr-carol"), flow_with(authorization="Bearer kr-dave")
+        addon.request(carol)
+        addon.request(stranger)
+    assert carol.response is None and carol.metadata["keyrotor.access"].key_id == 9
+    assert stranger.response.status_code == 401
+    assert runtime.governor.counters is backend.counters

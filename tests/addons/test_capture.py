@@ -7,19 +7,22 @@ import sqlite3
 
 import pytest
 from mitmproxy import exceptions
-from mitmproxy.test import tflow, tutils
+from mitmproxy.test import taddons, tflow, tutils
 
 from addons.capture import Capture
+from addons.runtime import Runtime
 from config import ROOT
 from core.records import StreamTee
 from storage import writer
 from tests.conftest import addon_context, wait_for
+from tests.fakes import MemoryWriter
 
 
 @pytest.fixture
 def capture(database):
-    addon = Capture()
-    with addon_context(addon, database) as tctx:
+    runtime = Runtime()
+    addon = Capture(records=runtime.writer)
+    with addon_context(addon, database, runtime) as tctx:
         # mitmdump configures every option at start; the flows here are dated long ago, so no age limit
         tctx.configure(addon, capture_prices=str(ROOT / "prices.toml"), capture_keep_days=0)
         addon.running()
@@ -87,8 +90,9 @@ def test_captured_chat_flows_are_priced_from_the_prices_file(capture):
 def test_a_prices_file_of_ones_own_is_used(tmp_path, database):
     prices = tmp_path / "mine.toml"
     prices.write_text('["house-model"]\ninput = 1\noutput = 2\n')
-    addon = Capture()
-    with addon_context(addon, database) as tctx:
+    runtime = Runtime()
+    addon = Capture(records=runtime.writer)
+    with addon_context(addon, database, runtime) as tctx:
         tctx.configure(addon, capture_prices=str(prices))
         assert addon.snapshot(chat_flow("house-model", {})).prices.cost("house-model", 10**6, 10**6) == 3.0
 
@@ -101,8 +105,9 @@ def test_a_missing_or_malformed_prices_file_is_refused(tmp_path, database, conte
     prices = tmp_path / "prices.toml"
     if content is not None:
         prices.write_text(content)
-    addon = Capture()
-    with addon_context(addon, database) as tctx:
+    runtime = Runtime()
+    addon = Capture(records=runtime.writer)
+    with addon_context(addon, database, runtime) as tctx:
         with pytest.raises(exceptions.OptionsError) as raised:
             tctx.configure(addon, capture_prices=str(prices))
     message = str(raised.value)
@@ -110,8 +115,9 @@ def test_a_missing_or_malformed_prices_file_is_refused(tmp_path, database, conte
 
 
 def test_retention_options_reach_the_writer(database):
-    addon = Capture()
-    with addon_context(addon, database) as tctx:
+    runtime = Runtime()
+    addon = Capture(records=runtime.writer)
+    with addon_context(addon, database, runtime) as tctx:
         addon.running()
         try:
             tctx.configure(addon, capture_keep_days=7, capture_max_rows=5000)
@@ -149,3 +155,22 @@ def test_a_websocket_session_is_one_row_when_it_ends_with_its_messages(capture):
     ]
     assert directions == expected and len(directions) >= 2
     assert error == "WebSocket closed with code 1006"
+
+
+def test_over_in_memory_ports_a_flow_goes_to_the_runtimes_writer_while_the_proxy_runs():
+    sink = MemoryWriter()
+    addon = Capture(records=sink)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, capture_prices=str(ROOT / "prices.toml"), capture_keep_days=3, capture_max_rows=10)
+        early = tflow.tflow(resp=True)
+        addon.response(early)  # before running: nothing to write to yet
+        addon.running()
+        assert sink.retention == writer.Retention(keep_days=3, max_rows=10)
+        flow = tflow.tflow(resp=True)
+        addon.requestheaders(flow)
+        addon.response(flow)
+        unfinished = tflow.tflow()
+        addon.requestheaders(unfinished)
+        addon.done()  # the proxy stops: the unfinished flow is recorded too, then the runtime stops the writer
+    assert [r.flow_id for r in sink.records] == [flow.id, unfinished.id]
+    assert sink.records[1].error.startswith("keyrotor stopped before the request finished")

@@ -16,11 +16,13 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons.credential_sender import CredentialSender
 from addons.keypool import KeyPool
+from addons.runtime import Runtime
 from core import upstream
 from core.metadata import KeyUse
-from storage import db, secrets, writer
+from storage import db, secrets
 from storage.upstream_keys import SqliteKeyStore
 from tests.conftest import addon_context, wait_for
+from tests.fakes import MemoryBackend, memory_runtime, pool_key
 from usecases.keys import add_keys
 
 NOW = 1_800_000_000.0
@@ -50,17 +52,14 @@ def pool_db(database):
 
 @pytest.fixture
 def keypool(pool_db):
-    pool = KeyPool(sender=CredentialSender())
-    with addon_context(pool, pool_db) as tctx:
+    runtime = Runtime()
+    pool = KeyPool(sender=CredentialSender(), state=runtime.state, writer=runtime.writer)
+    with addon_context(pool, pool_db, runtime) as tctx:
         # Retries go over the network (integration tests do that): here, outside reverse mode, a
         # retry has no upstream to reach and fails at once, like an unreachable one.
         tctx.configure(pool, keypool_max_attempts=1, keypool_wait_max_seconds=0)
         pool._client = upstream.new_client(5)
-        pool._writer = writer.acquire(pool_db)
-        for rotation in pool.rotations.values():
-            rotation.states = pool._writer
         yield pool
-        writer.release(pool._writer)
 
 
 def run_hook(result) -> None:
@@ -221,3 +220,20 @@ def test_a_client_that_hangs_up_releases_the_key_it_held(keypool, cooled):
     assert not runtime.proven and key.state == ("cooling" if cooled else "active")  # nothing learnt
     # Unproven keys (and a probe) take one request at a time: the released key may take the next.
     assert keypool.pool.is_usable(key, time.time())
+
+
+def test_over_in_memory_ports_the_pool_rotates_and_its_lessons_reach_the_writer():
+    backend = MemoryBackend()
+    backend.keys.keys = [pool_key(i + 1, value) for i, value in enumerate(KEYS)]
+    runtime = memory_runtime(backend)
+    pool = KeyPool(sender=CredentialSender(), state=runtime.state, writer=runtime.writer)
+    with taddons.context(pool) as tctx:
+        tctx.configure(pool, keypool_max_attempts=1, keypool_wait_max_seconds=0)
+        seen = [send(pool, authorised_flow()).request.headers["authorization"] for _ in range(2)]
+        assert seen == [f"Bearer {KEYS[0]}", f"Bearer {KEYS[1]}"]
+        flow = send(pool, authorised_flow())
+        flow.response = tutils.tresp(status_code=401, content=body("invalid_api_key"))
+        run_hook(pool.response(flow))
+    assert pool.keys[2].state == "invalid"
+    assert [(c.key_id, c.state) for c in backend.writer.states] == [(3, "invalid")]
+    assert pool.table is runtime.state.table and pool.rotations is runtime.state.rotations

@@ -10,6 +10,7 @@ import pytest
 from mitmproxy import exceptions
 
 from addons.capture import Capture
+from addons.runtime import Runtime
 from config import ConfigError, load_settings
 from core.records import FlowRecord
 from storage import conversion, db, flows, writer
@@ -129,8 +130,9 @@ def test_max_gb_takes_decimals():
 
 
 def test_max_gb_reaches_the_writer_as_bytes(database):
-    addon = Capture()
-    with addon_context(addon, database) as tctx:
+    runtime = Runtime()
+    addon = Capture(records=runtime.writer)
+    with addon_context(addon, database, runtime) as tctx:
         addon.running()
         try:
             tctx.configure(addon, capture_max_gb="1.5")

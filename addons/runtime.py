@@ -1,0 +1,189 @@
+"""The proxy's composition root: what the addons share, built once per process.
+
+The addons receive what they use in their constructors (the state snapshot, the writer as
+a sink, the Governor, the admin key) and never open storage themselves: this module and
+the -s entry (addons/keyrotor.py) are the only addons that import storage/. Another
+backend (PostgreSQL, Redis) or another process model is a change to this module only.
+
+Storage opens when the `keyrotor_storage` option is set (the KeyRotor addon declares it
+and makes the database first); the writer, the counters and the one revision watcher
+start in `running` and stop in `done`. The Runtime is registered last: its `done` runs
+after every other addon's, so what they queue while stopping is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mitmproxy import ctx
+
+from core import ports
+from core.limits import Governor
+from core.state import ProxyState
+from storage import db, secrets, writer
+from storage.client_keys import SqliteClientStore
+from storage.counters import SqliteCounters
+from storage.objects import SqliteObjectOwners
+from storage.routes import SqliteRouteStore
+from storage.upstream_keys import SqliteKeyStore
+
+log = logging.getLogger(__name__)
+
+
+class Sink(ports.RecordSink, ports.PoolStateSink, ports.OwnershipSink, ports.ModelListSink, Protocol):
+    """The one writer: every write the proxy makes goes through it, off the event loop."""
+
+
+class Backend(Protocol):
+    """Where the ports come from: storage/'s SQLite here, in-memory fakes in tests (tests/fakes.py)."""
+
+    writer: Sink  # exists before the database is known: the addons get it in their constructors
+    admin_keys: ports.AdminKeys
+    counters: ports.Counters | None  # set by open()
+    revisions: ports.Revisions | None  # set by open(): the watcher's poll reads it on the loop
+
+    def open(self, path: Path) -> None: ...
+
+    def stores(self) -> AbstractContextManager[ports.StateStores]:
+        """The stores for one read of the state (core/state.py), on one connection."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None:
+        """Stop writing, after writing what is queued."""
+        ...
+
+
+class Runtime:
+    """Builds what the addons use, once; opens storage, starts and stops it with the proxy."""
+
+    def __init__(self, backend: Backend | None = None) -> None:
+        self.backend: Backend = backend if backend is not None else SqliteBackend()
+        self.writer = self.backend.writer
+        self.admin_keys = self.backend.admin_keys
+        self.state = ProxyState(states=self.writer)  # routes, keys, clients, owners: one snapshot
+        self.governor = Governor(counters=None)  # client limits: Access admits requests, Spend settles them
+        self.path: Path | None = None
+        self._watcher: asyncio.Task | None = None
+
+    def configure(self, updated: set[str]) -> None:
+        if "keyrotor_storage" in updated:
+            self.open(Path(ctx.options.keyrotor_storage))
+
+    def running(self) -> None:
+        self.start()
+
+    def done(self) -> None:
+        self.stop()
+
+    def open(self, path: Path) -> None:
+        """Use the database at `path` (already made by the KeyRotor addon): the state is read from it now."""
+        self.path = path
+        self.backend.open(path)
+        self.governor.counters = self.backend.counters  # counts and spend as the last run left them
+        self.state.attach(self.backend.stores)
+
+    def start(self) -> None:
+        self.backend.start()
+        if self.backend.revisions is not None:
+            self._watcher = asyncio.create_task(self.state.watch(self.backend.revisions))
+
+    def stop(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+            self._watcher = None
+        self.backend.stop()
+
+
+@dataclass
+class Stores:
+    """core.ports.StateStores: storage's stores over one connection."""
+
+    keys: ports.KeyStore
+    routes: ports.RouteStore
+    clients: ports.ClientStore
+    owners: ports.ObjectOwners
+    revisions: ports.Revisions
+
+
+class SqliteAdminKeys:
+    """core.ports.AdminKeys: the admin key's record beside the database (storage/secrets.py)."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def version(self) -> object:
+        return secrets.admin_key_version(self.path) if self.path is not None else None
+
+    def mitmweb_password(self) -> str:
+        if self.path is None:
+            raise LookupError("no database is open")
+        return secrets.mitmweb_password(self.path)
+
+
+class SqliteBackend:
+    """storage/'s implementations of core's ports, for one SQLite database."""
+
+    def __init__(self) -> None:
+        self.writer = writer.Writer()  # the one write connection; its path is set by open()
+        self.admin_keys = SqliteAdminKeys()
+        self.counters: SqliteCounters | None = None
+        self.revisions: db.RevisionReader | None = None
+        self.path: Path | None = None
+        self._running = False
+
+    def open(self, path: Path) -> None:
+        self._close()
+        self.path = self.admin_keys.path = path
+        self.counters = SqliteCounters(path)
+        self.revisions = db.RevisionReader(path)
+        if not self.writer.started:
+            self.writer.path = path
+        elif self.writer.path != path:
+            log.warning("flows are still written to %s until the proxy restarts", self.writer.path)
+        if self._running:
+            self.counters.start()
+
+    @contextmanager
+    def stores(self) -> Iterator[ports.StateStores]:
+        assert self.path is not None, "open() comes first"
+        cipher = secrets.key_cipher(self.path)
+        conn = db.connect(self.path)
+        try:
+            yield Stores(
+                keys=SqliteKeyStore(conn, cipher),
+                routes=SqliteRouteStore(conn),
+                clients=SqliteClientStore(conn),
+                owners=SqliteObjectOwners(conn),
+                revisions=db.ConnectionRevisions(conn),
+            )
+        finally:
+            conn.close()
+
+    def start(self) -> None:
+        self._running = True
+        if not self.writer.started:
+            self.writer.start()
+        if self.counters is not None:
+            self.counters.start()
+
+    def stop(self) -> None:
+        self._running = False
+        self._close()
+        if self.writer.started:
+            self.writer.stop()  # flushes every queued row
+
+    def _close(self) -> None:
+        if self.revisions is not None:
+            self.revisions.close()
+            self.revisions = None
+        if self.counters is not None:
+            self.counters.stop()  # writes what changed since the last flush
+            self.counters = None

@@ -1,0 +1,153 @@
+"""What the proxy serves from: one snapshot of routes, keys, clients and object owners.
+
+One per proxy process (addons/runtime.py builds it and hands it to the addons). It is read
+over the ports (core/ports.py), never from storage directly, and refreshed by one revision
+watcher: an admin change bumps a revision, the watcher reads what it changed in a worker
+thread, and the change is swapped in on the event loop, where the hooks read the snapshot.
+Nothing on the hot path touches storage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+from core.models import Client, PoolKey
+from core.ports import PoolStateSink, Revisions, StateStores
+from core.revisions import watch_revision
+from core.rotation import Rotation, RotationSettings
+from core.routing import Group, RouteTable
+
+log = logging.getLogger(__name__)
+
+# The revisions that admin changes bump (storage bumps them under the same names).
+KEYS = "keys"
+ROUTES = "routes"
+CLIENTS = "clients"
+OBJECTS = "objects"  # bumped when new object owners are stored: read a few new rows at a time
+WATCHED = (KEYS, ROUTES, CLIENTS, OBJECTS)
+
+
+@dataclass
+class Loaded:
+    """What one read found changed; None: unchanged since the last read."""
+
+    revisions: dict[str, int] = field(default_factory=dict)
+    routes: tuple[list[Group], dict[str, list[str]]] | None = None
+    keys: list[PoolKey] | None = None  # read with the routes: keys are placed in their groups' pools
+    clients: dict[str, tuple[Client, int]] | None = None
+    owners: dict[str, int] = field(default_factory=dict)  # owners stored since the last read
+    owners_after: int = 0
+
+
+class ProxyState:
+    """The route table, a Rotation (pool and runtime health) per group, enabled clients by key
+    hash, and object owners. The dicts are changed in place, never replaced: a hook may hold
+    `rotations.get` or `owners`."""
+
+    def __init__(self, states: PoolStateSink | None = None) -> None:
+        self.table = RouteTable([])
+        self.rotations: dict[int, Rotation] = {}  # group id → its pool and what requests live through in it
+        self.clients: dict[str, tuple[Client, int]] = {}  # key hash → (client, key id)
+        self.clients_by_id: dict[int, Client] = {}
+        self.owners: dict[str, int] = {}  # object id → the key that owns it
+        self.settings = RotationSettings()
+        self.states = states  # where every rotation's learnt key states go
+        self._open: Callable[[], AbstractContextManager[StateStores]] | None = None
+        self._loaded: dict[str, int] = {}  # the revisions the snapshot holds (missing: never read)
+        self._owners_after = 0
+
+    @property
+    def keys(self) -> list[PoolKey]:
+        return [k for rotation in self.rotations.values() for k in rotation.pool.keys]
+
+    def attach(self, open_stores: Callable[[], AbstractContextManager[StateStores]]) -> None:
+        """Read from these stores from now on (the database was set): everything is read again, now."""
+        self._open = open_stores
+        self._loaded = {}
+        self.owners.clear()
+        self._owners_after = 0
+        self.apply(self.read())
+
+    def configure(self, settings: RotationSettings) -> None:
+        """How every group's keys rotate (the keypool_* options)."""
+        self.settings = settings
+        for rotation in self.rotations.values():
+            rotation.configure(settings)
+
+    def revisions(self) -> tuple[int, ...]:
+        """The watched revisions as the snapshot holds them."""
+        return tuple(self._loaded.get(name, -1) for name in WATCHED)
+
+    async def watch(self, revisions: Revisions) -> None:
+        """Reload what admin changes touch, for as long as the proxy runs (the process's one poller)."""
+        await watch_revision(revisions, WATCHED, self.read, self.revisions(), self.apply)
+
+    # ------------------------------------------------------------------ reading (a worker thread)
+
+    def read(self) -> Loaded:
+        """What changed since the last read, over the ports (in a worker thread when reloading)."""
+        if self._open is None:
+            return Loaded()
+        with self._open() as stores:
+            current = stores.revisions.read_all(WATCHED)
+            loaded = Loaded(dict(zip(WATCHED, current, strict=True)) if current is not None else {})
+            if self._moved(loaded, KEYS, ROUTES):
+                loaded.routes = stores.routes.load_routes()
+                loaded.keys = stores.keys.load_pool()
+                log.info(
+                    "routes loaded: %d groups; upstream keys: %d, %d active",
+                    len(loaded.routes[0]),
+                    len(loaded.keys),
+                    sum(k.state == "active" for k in loaded.keys),
+                )
+            if self._moved(loaded, CLIENTS):
+                loaded.clients = stores.clients.load_enabled()
+                log.info(
+                    "client keys loaded: %d enabled, of %d clients",
+                    len(loaded.clients),
+                    len({client.id for client, _ in loaded.clients.values()}),
+                )
+            if self._moved(loaded, OBJECTS):
+                loaded.owners, loaded.owners_after = stores.owners.owners_since(self._owners_after)
+        return loaded
+
+    def _moved(self, loaded: Loaded, *names: str) -> bool:
+        return any(name not in loaded.revisions or self._loaded.get(name) != loaded.revisions[name] for name in names)
+
+    # ------------------------------------------------------------------ swapping in (on the loop)
+
+    def apply(self, loaded: Loaded) -> None:
+        """Swap in what was read, keeping each pool's runtime state."""
+        if loaded.routes is not None and loaded.keys is not None:
+            self._apply_routes(*loaded.routes, loaded.keys)
+        if loaded.clients is not None:
+            self.clients = loaded.clients
+            self.clients_by_id = {client.id: client for client, _ in loaded.clients.values()}
+        for object_id, key_id in loaded.owners.items():
+            self.owners.setdefault(object_id, key_id)  # what this process learnt first agrees with storage
+        self._owners_after = max(self._owners_after, loaded.owners_after)
+        for name in WATCHED:
+            # A revision that could not be read stays unknown: the next change reads everything again.
+            if name in loaded.revisions:
+                self._loaded[name] = loaded.revisions[name]
+            else:
+                self._loaded.pop(name, None)
+
+    def _apply_routes(self, groups: list[Group], fallbacks: dict[str, list[str]], keys: list[PoolKey]) -> None:
+        by_group: dict[int, list[PoolKey]] = {g.id: [] for g in groups}
+        for key in keys:
+            if key.group_id in by_group:
+                by_group[key.group_id].append(key)
+        for group_id, group_keys in by_group.items():
+            rotation = self.rotations.get(group_id)
+            if rotation is None:
+                rotation = self.rotations[group_id] = Rotation()
+                rotation.configure(self.settings)
+                rotation.states = self.states
+            rotation.pool.replace_keys(group_keys)
+        for group_id in set(self.rotations) - set(by_group):
+            del self.rotations[group_id]
+        self.table = RouteTable(groups, fallbacks)

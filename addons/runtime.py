@@ -43,10 +43,23 @@ class Sink(ports.RecordSink, ports.PoolStateSink, ports.OwnershipSink, ports.Mod
 class Backend(Protocol):
     """Where the ports come from: storage/'s SQLite here, in-memory fakes in tests (tests/fakes.py)."""
 
-    writer: Sink  # exists before the database is known: the addons get it in their constructors
-    admin_keys: ports.AdminKeys
-    counters: ports.Counters | None  # set by open()
-    revisions: ports.Revisions | None  # set by open(): the watcher's poll reads it on the loop
+    @property
+    def writer(self) -> Sink:
+        """Exists before the database is known: the addons get it in their constructors."""
+        ...
+
+    @property
+    def admin_keys(self) -> ports.AdminKeys: ...
+
+    @property
+    def counters(self) -> ports.Counters | None:
+        """Set by open(): the counts and spend as the last run left them."""
+        ...
+
+    @property
+    def revisions(self) -> ports.Revisions | None:
+        """Set by open(): the watcher's poll reads it on the loop."""
+        ...
 
     def open(self, path: Path) -> None: ...
 
@@ -69,7 +82,8 @@ class Runtime:
         self.writer = self.backend.writer
         self.admin_keys = self.backend.admin_keys
         self.state = ProxyState(states=self.writer)  # routes, keys, clients, owners: one snapshot
-        self.governor = Governor(counters=None)  # client limits: Access admits requests, Spend settles them
+        # Client limits: Access admits requests, Spend settles them; its counters come with the database.
+        self.governor = Governor(counters=None)  # type: ignore[arg-type]
         self.path: Path | None = None
         self._watcher: asyncio.Task | None = None
 
@@ -87,7 +101,8 @@ class Runtime:
         """Use the database at `path` (already made by the KeyRotor addon): the state is read from it now."""
         self.path = path
         self.backend.open(path)
-        self.governor.counters = self.backend.counters  # counts and spend as the last run left them
+        if self.backend.counters is not None:
+            self.governor.counters = self.backend.counters
         self.state.attach(self.backend.stores)
 
     def start(self) -> None:

@@ -46,18 +46,21 @@ class Upkeep:
         interval = ctx.options.keypool_revalidate_seconds
         while True:
             await asyncio.sleep(interval)
+            client = self._client
+            if client is None:
+                return
             try:
                 for group in list(self.state.table.groups):
                     rotation = self.state.rotations.get(group.id)
                     if rotation is not None:
-                        await rotation.revalidate(self._client, group.upstream, reverse_target_of(ctx.options.mode))
+                        await rotation.revalidate(client, group.upstream, reverse_target_of(ctx.options.mode))
                         await self._refresh_models(group, rotation)
             except Exception:
                 log.exception("re-validating keys failed; trying again in %d s", interval)
 
     async def _refresh_models(self, group: Group, rotation: Rotation) -> None:
         """A group whose list came from upstream keeps it fresh (lists typed by hand are left alone)."""
-        if not group.models_fetched or self._writer is None:
+        if not group.models_fetched or self._writer is None or self._client is None:
             return
         key = next((k for k in rotation.pool.keys if k.state == "active"), None)
         if key is None:

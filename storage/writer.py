@@ -2,8 +2,10 @@
 
 Hooks on the event loop only put items on a queue. Turning a captured flow into a
 record (decoding, JSON parsing, truncation) also happens here, off the loop: items
-carry a `to_record()` method that this thread calls. It implements two of core's
-ports: RecordSink (captured flows) and PoolStateSink (key states learnt upstream).
+carry a `to_record()` method that this thread calls. It implements core's sinks:
+RecordSink (captured flows), PoolStateSink (key states learnt upstream), OwnershipSink
+(object owners) and ModelListSink (refreshed model lists). The proxy has one, built by
+addons/runtime.py.
 
 Durability, in the order it matters:
 - kill -9 loses only what is not committed yet. Commits are GATHER_SECONDS apart at
@@ -364,7 +366,7 @@ _lock = threading.Lock()
 
 
 def acquire(path: str | Path) -> Writer:
-    """The shared writer for this database, started on first use (addons share one)."""
+    """The shared writer for this database, started on first use (the proxy's runtime builds its own)."""
     key = Path(path).resolve()
     with _lock:
         writer = _writers.get(key)

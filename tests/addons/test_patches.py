@@ -16,6 +16,7 @@ import pytest
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.test import taddons
 from mitmproxy.version import VERSION
 
 from addons import bounds, credential_sender, patches, recovery, upstream_watch
@@ -202,6 +203,15 @@ def test_install_runs_each_patch_once_in_the_listed_order(monkeypatch):
     patches.install()
     patches.install()
     assert ran == [p.name for p in listed]
+
+
+@pytest.mark.parametrize("patched", [True, False])
+def test_the_credential_sender_tells_the_key_pool_whether_its_patch_is_in(monkeypatch, patched):
+    # Without the patch the key pool must put the key on the flow itself, or requests leave without one.
+    monkeypatch.setattr(credential_sender, "_installed", patched)
+    sender = credential_sender.CredentialSender()
+    with taddons.context(sender):
+        assert sender.installed is patched
 
 
 def test_each_patch_says_why_and_what_it_was_checked_against():

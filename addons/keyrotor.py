@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
 
 from mitmproxy import ctx, exceptions  # noqa: E402
 
+from addons import patches  # noqa: E402
 from addons.access import Access  # noqa: E402
 from addons.admin_key_watch import AdminKeyWatch  # noqa: E402
 from addons.bounds import Bounds  # noqa: E402
@@ -34,6 +35,8 @@ from addons.usage import Usage  # noqa: E402
 from config import ConfigError, load_settings  # noqa: E402
 from core.limits import Governor  # noqa: E402
 from storage import db, secrets  # noqa: E402
+
+patches.install()  # mitmproxy's internals that keyrotor replaces, in order, before any addon loads
 
 log = logging.getLogger(__name__)
 

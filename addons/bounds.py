@@ -25,7 +25,7 @@ from mitmproxy.proxy import commands
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.utils import human
 
-from config import default_of
+from config import ConfigError, checked_options, default_of
 from core.errors import OpenAIError
 
 log = logging.getLogger(__name__)
@@ -144,9 +144,10 @@ class Bounds:
         )
 
     def configure(self, updated: set[str]) -> None:
-        for name in ("proxy_max_body_bytes", "proxy_header_timeout_seconds"):
-            if name in updated and getattr(ctx.options, name) <= 0:
-                raise exceptions.OptionsError(f"{name} must be above zero, not {getattr(ctx.options, name)}.")
+        try:
+            checked_options(ctx.options, updated, ["proxy.max_body_bytes", "proxy.header_timeout_seconds"])
+        except ConfigError as e:
+            raise exceptions.OptionsError(str(e)) from None
 
     def running(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep())

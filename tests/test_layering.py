@@ -36,7 +36,7 @@ def test_core_imports_no_proxy_sql_or_web(path):
 
 @pytest.mark.parametrize(
     "path",
-    [*sources("core", "storage", "usecases", "monitor_ui", "addons"), ROOT / "run.py", ROOT / "config.py"],
+    [*sources("core", "storage", "usecases", "monitor_ui", "addons", "cli"), ROOT / "run.py", ROOT / "config.py"],
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_only_the_script_entry_imports_addons(path):

@@ -1,21 +1,23 @@
 """Settings: config.toml, overridden by KEYROTOR_<SECTION>_<KEY> variables, overridden by flags.
 
-Every setting is declared once in SETTINGS; config.toml documents the same names.
-A bad value raises ConfigError with one sentence naming the setting and where it
-came from, so start-up can print it and exit.
+Every setting is declared once, as a field of its section's frozen dataclass with its default
+and its check (bounds, choices); config.toml documents the same names. load_settings builds
+and checks them once. A bad value raises ConfigError with one sentence naming the setting and
+where it came from, so start-up can print it and exit. The proxy's addons check their options
+(<section>_<key>) with the same checks (checked_options), so `mitmdump --set` gets the same sentence.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from core.prices import PriceFileError, load_prices
+from core.prices import PriceFileError, PriceTable, load_prices
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "config.toml"
@@ -36,7 +38,7 @@ def _port(value: Any) -> int:
 
 
 def _integer(value: Any) -> int:
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError("must be a whole number")
     try:
         return int(value)
@@ -102,12 +104,120 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _optional_text(value: Any) -> str:
+    return "" if value in ("", None) else _text(value)
+
+
+def setting[T](default: T, check: Callable[[Any], T], secret: bool = False) -> T:
+    """A field of a settings section: its default, and the check that turns a raw value into it.
+    A secret's value is never repeated in an error."""
+    return field(default=default, metadata={"check": check, "secret": secret})
+
+
+# One frozen dataclass per config.toml section. Each field is one setting: its name, type, default
+# and check (its bounds or choices); config.toml documents the same names, in the same order.
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    host: str = setting("127.0.0.1", _text)
+    port: int = setting(8080, _port)
+    upstream: str = setting("https://api.openai.com", _http_url)
+    web_port: int = setting(8082, _port)
+    stop_grace_seconds: int = setting(10, _non_negative_integer)
+    max_body_bytes: int = setting(104_857_600, _positive_integer)
+    header_timeout_seconds: int = setting(30, _positive_integer)
+
+
+@dataclass(frozen=True)
+class UISettings:
+    host: str = setting("127.0.0.1", _text)
+    port: int = setting(8081, _port)
+    metrics_token: str = setting("", _optional_text, secret=True)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    path: str = setting("data/keyrotor.db", _text)
+
+
+@dataclass(frozen=True)
+class KeyPoolSettings:
+    strategy: str = setting("round_robin", _one_of(*STRATEGIES))
+    cooldown_seconds: int = setting(60, _positive_integer)
+    max_cooldown_seconds: int = setting(3600, _positive_integer)
+    failure_threshold: int = setting(3, _positive_integer)
+    failure_cooldown_seconds: int = setting(30, _positive_integer)
+    pool_429_window_seconds: int = setting(10, _non_negative_integer)
+    max_attempts: int = setting(3, _positive_integer)
+    wait_max_seconds: int = setting(5, _non_negative_integer)
+    attempt_timeout_seconds: int = setting(600, _positive_integer)
+    stream_idle_seconds: int = setting(120, _positive_integer)
+    revalidate_seconds: int = setting(900, _non_negative_integer)
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    bodies: str = setting("truncated", _one_of(*BODY_MODES))
+    max_body_bytes: int = setting(1_048_576, _positive_integer)
+    prices: str = setting("prices.toml", _text)
+    keep_days: int = setting(30, _non_negative_integer)
+    max_rows: int = setting(0, _non_negative_integer)
+    max_gb: float = setting(0.0, _non_negative_number)
+    backlog_mb: int = setting(256, _positive_integer)
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    ip_rpm: int = setting(0, _non_negative_integer)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, resolved and checked once by load_settings; `settings.keypool.strategy`,
+    or by name: `settings["keypool.strategy"]`."""
+
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    ui: UISettings = field(default_factory=UISettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    keypool: KeyPoolSettings = field(default_factory=KeyPoolSettings)
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
+    config_path: Path | None = None
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in BY_NAME:
+            raise KeyError(name)
+        section, _, key = name.partition(".")
+        return getattr(getattr(self, section), key)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every setting by name (`section.key`)."""
+        return {s.name: self[s.name] for s in SETTINGS}
+
+    @property
+    def storage_path(self) -> Path:
+        return Path(self.storage.path)
+
+
+SECTIONS: dict[str, type] = {
+    "proxy": ProxySettings,
+    "ui": UISettings,
+    "storage": StorageSettings,
+    "keypool": KeyPoolSettings,
+    "capture": CaptureSettings,
+    "access": AccessSettings,
+}
+
+
 @dataclass(frozen=True)
 class Setting:
     section: str
     key: str
     default: Any
     parse: Callable[[Any], Any]
+    secret: bool = False
 
     @property
     def name(self) -> str:
@@ -117,38 +227,24 @@ class Setting:
     def env_var(self) -> str:
         return f"KEYROTOR_{self.section}_{self.key}".upper()
 
+    @property
+    def option(self) -> str:
+        """The mitmproxy option an addon declares for it."""
+        return f"{self.section}_{self.key}"
+
+    def check(self, raw: Any, source: str) -> Any:
+        """`raw` as this setting's value; ConfigError, one sentence naming the setting and `source`, if it is bad."""
+        try:
+            return self.parse(raw)
+        except ValueError as e:
+            got = "" if self.secret else f"got {raw!r} "
+            raise ConfigError(f"{self.name} {e} ({got}from {source}).") from None
+
 
 SETTINGS = [
-    Setting("proxy", "host", "127.0.0.1", _text),
-    Setting("proxy", "port", 8080, _port),
-    Setting("proxy", "upstream", "https://api.openai.com", _http_url),
-    Setting("proxy", "web_port", 8082, _port),
-    Setting("proxy", "stop_grace_seconds", 10, _non_negative_integer),
-    Setting("proxy", "max_body_bytes", 104_857_600, _positive_integer),
-    Setting("proxy", "header_timeout_seconds", 30, _positive_integer),
-    Setting("ui", "host", "127.0.0.1", _text),
-    Setting("ui", "port", 8081, _port),
-    Setting("ui", "metrics_token", "", lambda v: "" if v in ("", None) else _text(v)),
-    Setting("storage", "path", "data/keyrotor.db", _text),
-    Setting("keypool", "strategy", "round_robin", _one_of(*STRATEGIES)),
-    Setting("keypool", "cooldown_seconds", 60, _positive_integer),
-    Setting("keypool", "max_cooldown_seconds", 3600, _positive_integer),
-    Setting("keypool", "failure_threshold", 3, _positive_integer),
-    Setting("keypool", "failure_cooldown_seconds", 30, _positive_integer),
-    Setting("keypool", "pool_429_window_seconds", 10, _non_negative_integer),
-    Setting("keypool", "max_attempts", 3, _positive_integer),
-    Setting("keypool", "wait_max_seconds", 5, _non_negative_integer),
-    Setting("keypool", "attempt_timeout_seconds", 600, _positive_integer),
-    Setting("keypool", "stream_idle_seconds", 120, _positive_integer),
-    Setting("keypool", "revalidate_seconds", 900, _non_negative_integer),
-    Setting("capture", "bodies", "truncated", _one_of(*BODY_MODES)),
-    Setting("capture", "max_body_bytes", 1_048_576, _positive_integer),
-    Setting("capture", "prices", "prices.toml", _text),
-    Setting("capture", "keep_days", 30, _non_negative_integer),
-    Setting("capture", "max_rows", 0, _non_negative_integer),
-    Setting("capture", "max_gb", 0.0, _non_negative_number),
-    Setting("capture", "backlog_mb", 256, _positive_integer),
-    Setting("access", "ip_rpm", 0, _non_negative_integer),
+    Setting(section, f.name, f.default, f.metadata["check"], f.metadata["secret"])
+    for section, cls in SECTIONS.items()
+    for f in fields(cls)
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 # Settings the proxy's addons declare as mitmproxy options named <section>_<key>.
@@ -160,22 +256,38 @@ ADDON_SETTINGS = [
 ]
 
 
-@dataclass(frozen=True)
-class Settings:
-    values: Mapping[str, Any]
-    config_path: Path | None
-
-    def __getitem__(self, name: str) -> Any:
-        return self.values[name]
-
-    @property
-    def storage_path(self) -> Path:
-        return Path(self.values["storage.path"])
-
-
 def default_of(settings: Settings | None, name: str) -> Any:
     """An addon option's default: the resolved setting when keyrotor.py passed them, else the built-in one."""
     return settings[name] if settings else BY_NAME[name].default
+
+
+def names_in(section: str) -> list[str]:
+    """The names (`section.key`) of a section's settings."""
+    return [s.name for s in SETTINGS if s.section == section]
+
+
+def option_source(option: str) -> str:
+    # An option is set by --set on mitmdump, in mitmproxy's config.yaml or in mitmweb's options.
+    return f"the mitmproxy option {option}"
+
+
+def checked_options(options: Any, updated: Collection[str], names: Iterable[str]) -> dict[str, Any]:
+    """The values of the addon options among `updated` for the settings `names`, checked as load_settings
+    checks them: a bad one raises ConfigError with the same sentence, naming the option as its source."""
+    checked = {}
+    for name in names:
+        setting = BY_NAME[name]
+        if setting.option in updated:
+            checked[name] = setting.check(getattr(options, setting.option), option_source(setting.option))
+    return checked
+
+
+def read_prices(path: str | Path, source: str) -> PriceTable:
+    """The capture.prices file; ConfigError naming the setting and `source` when it cannot be used."""
+    try:
+        return load_prices(Path(path).expanduser())
+    except PriceFileError as e:
+        raise ConfigError(f"capture.prices (from {source}): {e}") from None
 
 
 def load_settings(
@@ -201,10 +313,7 @@ def load_settings(
         if overrides and overrides.get(setting.name) is not None:
             raw, source = overrides[setting.name], "the command line"
         sources[setting.name] = source
-        try:
-            values[setting.name] = setting.parse(raw)
-        except ValueError as e:
-            raise ConfigError(f"{setting.name} {e} (got {raw!r} from {source}).") from None
+        values[setting.name] = setting.check(raw, source)
 
     # Relative paths in the file mean "beside the file", and so does the default database: the
     # proxy and `run.py keys ...` started from different directories must find the same one.
@@ -216,12 +325,13 @@ def load_settings(
             bases = {str(path): path.parent, "the default": default_base}
             value = bases.get(sources[name], Path.cwd()) / value
         values[name] = str(value)
-    try:
-        # Read here too, so that a broken prices file stops start-up rather than only the capture addon.
-        load_prices(values["capture.prices"])
-    except PriceFileError as e:
-        raise ConfigError(f"capture.prices (from {sources['capture.prices']}): {e}") from None
-    return Settings(values=values, config_path=path if path.exists() else None)
+    # Read here too, so that a broken prices file stops start-up rather than only the capture addon.
+    read_prices(values["capture.prices"], sources["capture.prices"])
+    sections = {
+        section: cls(**{s.key: values[s.name] for s in SETTINGS if s.section == section})
+        for section, cls in SECTIONS.items()
+    }
+    return Settings(**sections, config_path=path if path.exists() else None)
 
 
 def _read_toml(path: Path, required: bool) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import time
 
 from mitmproxy import ctx, exceptions, http
 
-from config import default_of
+from config import ConfigError, checked_options, default_of
 from core.credentials import credential_from, hash_client_key, masked, query_credential, refused_placeholder, scrubbed
 from core.errors import OpenAIError
 from core.limits import Governor, Refusal, Ticket
@@ -59,9 +59,11 @@ class Access:
         )
 
     def configure(self, updated: set[str]) -> None:
+        try:
+            checked_options(ctx.options, updated, ["access.ip_rpm"])
+        except ConfigError as e:
+            raise exceptions.OptionsError(str(e)) from None
         if "access_ip_rpm" in updated:
-            if ctx.options.access_ip_rpm < 0:
-                raise exceptions.OptionsError("access_ip_rpm must be zero or more.")
             self.governor.ip_rpm = ctx.options.access_ip_rpm
 
     @property

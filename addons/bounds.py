@@ -25,13 +25,15 @@ from mitmproxy.proxy import commands
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.utils import human
 
-from config import default_of
+from config import ConfigError, checked_options, default_of
 from core.errors import OpenAIError
 
 log = logging.getLogger(__name__)
 
-_wait_for_request_headers = http_layer.HttpStream.state_wait_for_request_headers
-_consume_request_body = http_layer.HttpStream.state_consume_request_body
+# mitmproxy's own, taken as the patch goes in.
+_wait_for_request_headers: Callable[..., Generator]
+_consume_request_body: Callable[..., Generator]
+_installed = False
 
 
 def too_large(limit: int) -> OpenAIError:
@@ -106,9 +108,15 @@ def _discarding(stream: http_layer.HttpStream, budget: int) -> Callable[[object]
 
 
 def install() -> None:
-    """Idempotent, like addons/recovery.py's."""
+    """Once per process, like addons/recovery.py's; addons/patches.py installs it, with the others."""
+    global _wait_for_request_headers, _consume_request_body, _installed
+    if _installed:
+        return
+    _wait_for_request_headers = http_layer.HttpStream.state_wait_for_request_headers
+    _consume_request_body = http_layer.HttpStream.state_consume_request_body
     http_layer.HttpStream.state_wait_for_request_headers = _state_wait_for_request_headers
     http_layer.HttpStream.state_consume_request_body = _state_consume_request_body
+    _installed = True
 
 
 class Bounds:
@@ -121,7 +129,6 @@ class Bounds:
         self._sweeper: asyncio.Task | None = None
 
     def load(self, loader) -> None:
-        install()
         loader.add_option(
             "proxy_max_body_bytes",
             int,
@@ -137,9 +144,10 @@ class Bounds:
         )
 
     def configure(self, updated: set[str]) -> None:
-        for name in ("proxy_max_body_bytes", "proxy_header_timeout_seconds"):
-            if name in updated and getattr(ctx.options, name) <= 0:
-                raise exceptions.OptionsError(f"{name} must be above zero, not {getattr(ctx.options, name)}.")
+        try:
+            checked_options(ctx.options, updated, ["proxy.max_body_bytes", "proxy.header_timeout_seconds"])
+        except ConfigError as e:
+            raise exceptions.OptionsError(str(e)) from None
 
     def running(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep())

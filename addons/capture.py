@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.websocket import WebSocketData
 
-from config import BODY_MODES, BY_NAME, default_of
+from config import BODY_MODES, ConfigError, checked_options, default_of, names_in, option_source, read_prices
 from core.classify import is_client_side
 from core.metadata import FIRST_BYTE_AT, RECORDED, AccessVerdict, KeyUse, UsageInjection
 from core.ports import RecordSink
-from core.prices import PriceFileError, PriceTable, load_prices
+from core.prices import PriceTable
 from core.records import CapturedFlow, Retention, StreamTee, WebSocketMessage
 
 log = logging.getLogger(__name__)
@@ -27,14 +26,6 @@ FAILED_EXCHANGE = 502  # mitmproxy's answer to an exchange that failed before an
 UNFINISHED_PRUNE_AT = 10_000
 # A session that ended so is no error: closed normally, going away, or with no code given.
 NORMAL_CLOSE_CODES = frozenset({None, 1000, 1001, 1005})
-
-
-def max_bytes_of(value: str) -> int:
-    """capture_max_gb as bytes, validated as the capture.max_gb setting is."""
-    try:
-        return int(BY_NAME["capture.max_gb"].parse(value) * 10**9)
-    except ValueError as e:
-        raise exceptions.OptionsError(f"capture_max_gb {e}, not {value!r}.") from None
 
 
 class Capture:
@@ -54,6 +45,7 @@ class Capture:
             str,
             default_of(self._defaults, "capture.bodies"),
             f"Bodies to store: {', '.join(BODY_MODES)}.",
+            choices=BODY_MODES,
         )
         loader.add_option(
             "capture_max_body_bytes",
@@ -95,23 +87,14 @@ class Capture:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "capture_bodies" in updated and ctx.options.capture_bodies not in BODY_MODES:
-            raise exceptions.OptionsError(
-                f"capture_bodies must be one of {', '.join(BODY_MODES)}, not {ctx.options.capture_bodies!r}."
-            )
-        for name in ("capture_max_body_bytes", "capture_backlog_mb"):
-            if name in updated and getattr(ctx.options, name) <= 0:
-                raise exceptions.OptionsError(f"{name} must be above zero.")
-        if "capture_prices" in updated:
-            try:
-                self._prices = load_prices(Path(ctx.options.capture_prices).expanduser())
-            except PriceFileError as e:
-                raise exceptions.OptionsError(f"capture_prices: {e}") from None
-        for name in ("capture_keep_days", "capture_max_rows"):
-            if name in updated and getattr(ctx.options, name) < 0:
-                raise exceptions.OptionsError(f"{name} must be zero or more.")
-        if "capture_max_gb" in updated:
-            self._max_bytes = max_bytes_of(ctx.options.capture_max_gb)
+        try:
+            checked = checked_options(ctx.options, updated, names_in("capture"))
+            if "capture.prices" in checked:
+                self._prices = read_prices(checked["capture.prices"], option_source("capture_prices"))
+        except ConfigError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        if "capture.max_gb" in checked:
+            self._max_bytes = int(checked["capture.max_gb"] * 10**9)
         if self._writer:
             self._configure_writer()
 

@@ -13,20 +13,21 @@ view or record, holds it.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 from mitmproxy.proxy.layers import http as http_layer
 
 from core.bodies import decoded
 from core.credentials import EchoFilter, credential_from, with_credential
 
-_handle_event = http_layer.HttpStream._handle_event
+_handle_event: Callable[..., Generator]  # mitmproxy's own, taken as the patch goes in
+_installed = False
 _active: CredentialSender | None = None
 
 
 class CredentialSender:
-    """The key pool fills `outgoing` (flow.id → key value; never in flow.metadata); loading this
-    addon installs the patch. It has no hooks: nothing in mitmproxy's chain runs for it per flow."""
+    """The key pool fills `outgoing` (flow.id → key value; never in flow.metadata); the patch, installed
+    by addons/patches.py, sends them. It has no hooks: nothing in mitmproxy's chain runs for it per flow."""
 
     def __init__(self) -> None:
         self.outgoing: dict[str, str] = {}
@@ -35,8 +36,7 @@ class CredentialSender:
     def load(self, loader) -> None:
         global _active
         _active = self
-        install()
-        self.installed = True
+        self.installed = _installed  # without the patch, the key pool puts the key on the flow itself
 
     def done(self) -> None:
         global _active
@@ -45,8 +45,13 @@ class CredentialSender:
 
 
 def install() -> None:
-    """Idempotent: the proxy may load the addons more than once (option reloads, tests)."""
+    """Once per process, before addons/upstream_watch.py's, which wraps it (addons/patches.py keeps the order)."""
+    global _handle_event, _installed
+    if _installed:
+        return
+    _handle_event = http_layer.HttpStream._handle_event
     http_layer.HttpStream._handle_event = _handle_event_with_key
+    _installed = True
 
 
 def _handle_event_with_key(self: http_layer.HttpStream, event) -> Generator:

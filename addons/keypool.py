@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 from mitmproxy import ctx, exceptions, http
 
-from config import STRATEGIES, default_of
+from config import STRATEGIES, ConfigError, checked_options, default_of, names_in
 from core import affinity, metadata, upstream
 from core.classify import Outcome, classify_response, connection_failure, is_client_side, is_model_missing
 from core.credentials import AUTHORIZATION, placeholder
@@ -62,15 +62,6 @@ OPTION_HELP = {
     "stream_idle_seconds": "A streamed answer silent for this long after its first byte is a timeout.",
     "revalidate_seconds": "How often invalid and exhausted keys are probed with GET /v1/models (0: never).",
 }
-POSITIVE = (
-    "cooldown_seconds",
-    "max_cooldown_seconds",
-    "failure_threshold",
-    "failure_cooldown_seconds",
-    "max_attempts",
-    "attempt_timeout_seconds",
-    "stream_idle_seconds",
-)
 
 
 def reached_client(flow: http.HTTPFlow) -> bool:
@@ -193,22 +184,17 @@ class KeyPool:
             str,
             default_of(self._defaults, "keypool.strategy"),
             f"How the next upstream key is chosen: {', '.join(STRATEGIES)}.",
+            choices=STRATEGIES,
         )
         for name, help_text in OPTION_HELP.items():
             loader.add_option(f"keypool_{name}", int, default_of(self._defaults, f"keypool.{name}"), help_text)
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
-        if "keypool_strategy" in updated and options.keypool_strategy not in STRATEGIES:
-            raise exceptions.OptionsError(
-                f"keypool_strategy must be one of {', '.join(STRATEGIES)}, not {options.keypool_strategy!r}."
-            )
-        for name in OPTION_HELP:
-            value = getattr(options, f"keypool_{name}")
-            if f"keypool_{name}" in updated and (value < 0 or (value == 0 and name in POSITIVE)):
-                raise exceptions.OptionsError(
-                    f"keypool_{name} must be {'above zero' if name in POSITIVE else 'zero or more'}, not {value}."
-                )
+        try:
+            checked_options(options, updated, names_in("keypool"))
+        except ConfigError as e:
+            raise exceptions.OptionsError(str(e)) from None
         settings = RotationSettings(
             strategy=options.keypool_strategy,
             max_attempts=options.keypool_max_attempts,

@@ -12,32 +12,30 @@ behaves like `run.py proxy`; run.py passes its resolved settings with --set.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from mitmproxy import ctx, exceptions
 
-from mitmproxy import ctx, exceptions  # noqa: E402
+from addons import patches
+from addons.access import Access
+from addons.admin_key_watch import AdminKeyWatch
+from addons.bounds import Bounds
+from addons.capture import Capture
+from addons.credential_sender import CredentialSender
+from addons.keypool import KeyPool
+from addons.models import Models
+from addons.models_merge import ModelsMerge
+from addons.recovery import Recovery
+from addons.runtime import Runtime
+from addons.shutdown import Shutdown
+from addons.spend import Spend
+from addons.upkeep import Upkeep
+from addons.upstream_watch import UpstreamWatch
+from addons.usage import Usage
+from config import ConfigError, load_settings
+from storage import db, secrets
 
-from addons.access import Access  # noqa: E402
-from addons.admin_key_watch import AdminKeyWatch  # noqa: E402
-from addons.bounds import Bounds  # noqa: E402
-from addons.capture import Capture  # noqa: E402
-from addons.credential_sender import CredentialSender  # noqa: E402
-from addons.keypool import KeyPool  # noqa: E402
-from addons.models import Models  # noqa: E402
-from addons.models_merge import ModelsMerge  # noqa: E402
-from addons.recovery import Recovery  # noqa: E402
-from addons.runtime import Runtime  # noqa: E402
-from addons.shutdown import Shutdown  # noqa: E402
-from addons.spend import Spend  # noqa: E402
-from addons.upkeep import Upkeep  # noqa: E402
-from addons.upstream_watch import UpstreamWatch  # noqa: E402
-from addons.usage import Usage  # noqa: E402
-from config import ConfigError, load_settings  # noqa: E402
-from storage import db, secrets  # noqa: E402
+patches.install()  # mitmproxy's internals that keyrotor replaces, in order, before any addon loads
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,15 @@ reached the client cannot be taken back.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
+
 from mitmproxy import flow as mitm_flow
 from mitmproxy.proxy.layers import http as http_layer
 
 from core.metadata import reached_client
 
-_original = http_layer.HttpStream.handle_protocol_error
+_original: Callable[..., Generator]  # mitmproxy's own, taken as the patch goes in
+_installed = False
 
 
 def _handle_protocol_error(self: http_layer.HttpStream, event):
@@ -44,12 +47,14 @@ def _handle_protocol_error(self: http_layer.HttpStream, event):
 
 
 def install() -> None:
-    """Idempotent: the proxy may load the addons more than once (option reloads, tests)."""
+    """Once per process; later calls change nothing. addons/patches.py installs it, with the others."""
+    global _original, _installed
+    if _installed:
+        return
+    _original = http_layer.HttpStream.handle_protocol_error
     http_layer.HttpStream.handle_protocol_error = _handle_protocol_error
+    _installed = True
 
 
 class Recovery:
-    """Installs the patch when the addons load."""
-
-    def load(self, loader) -> None:
-        install()
+    """No hooks: its patch is installed before the addons load, by addons/patches.py."""

@@ -26,7 +26,7 @@ import signal
 
 from mitmproxy import ctx, exceptions, http
 
-from config import default_of
+from config import ConfigError, checked_options, default_of
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,10 @@ class Shutdown:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "proxy_stop_grace_seconds" in updated and ctx.options.proxy_stop_grace_seconds < 0:
-            raise exceptions.OptionsError("proxy_stop_grace_seconds must be zero or more.")
+        try:
+            checked_options(ctx.options, updated, ["proxy.stop_grace_seconds"])
+        except ConfigError as e:
+            raise exceptions.OptionsError(str(e)) from None
 
     def running(self) -> None:
         loop = asyncio.get_running_loop()

@@ -68,13 +68,10 @@ def sse_error_event(message: str) -> bytes:
 
 
 class UpstreamWatch:
-    """Installs the patches when the addons load; `running` starts the sweep."""
+    """`running` starts the sweep; the patches below are installed by addons/patches.py."""
 
     def __init__(self) -> None:
         self._task: asyncio.Task | None = None
-
-    def load(self, loader) -> None:
-        install()
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
@@ -122,7 +119,8 @@ _inner_layer_event = None
 
 
 def install() -> None:
-    """Idempotent; wraps what is installed now (addons/credential_sender.py patches the same method)."""
+    """Idempotent; wraps what is installed now: addons/patches.py installs it after
+    addons/credential_sender.py's patch of the same method, so that this one sees each event first."""
     global _inner_stream_event, _inner_layer_event
     current = http_layer.HttpStream._handle_event
     if not getattr(current, "_keyrotor_watch", False):

@@ -24,14 +24,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.proxy_overhead import (  # noqa: E402
+from proxy_overhead import (
     ADMIN_KEY,
     HOST,
     PYTHON,
+    ROOT,
     BenchError,
     Processes,
     free_port,

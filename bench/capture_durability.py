@@ -46,11 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent))
-from proxy_overhead import (  # noqa: E402
+from proxy_overhead import (
     ADMIN_KEY,
     HOST,
     PYTHON,
@@ -67,7 +63,7 @@ from proxy_overhead import (  # noqa: E402
     wait_for_port,
 )
 
-from storage import flows  # noqa: E402
+from storage import flows
 
 BUDGET_MS = 250.0  # the target: kill -9 loses at most the last 250 ms of completed flows
 MARKER = re.compile(rb"bench-req-(\d+)-")

@@ -19,12 +19,9 @@ import asyncio
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy_overhead import BenchError, Environment, cpu_seconds, percentile, settle, start_upstream  # noqa: E402
+from proxy_overhead import BenchError, Environment, cpu_seconds, percentile, settle, start_upstream
 
 GOOD_KEY = "sk-bench-failover-good-000000000000000"
 BAD_KEY = "sk-flaky-failover-bad-0000000000000000"

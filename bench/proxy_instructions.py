@@ -32,9 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy_overhead import ROOT, BenchError, Environment, settle, start_upstream  # noqa: E402
+from proxy_overhead import BenchError, Environment, settle, start_upstream
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark request"}]}
 
@@ -71,7 +69,6 @@ def count_instructions(
 
 def add_routes(db_path: Path, upstream: str, upstreams: int, groups: int, models: int, model: str) -> None:
     """Upstreams × groups × models, all at `upstream`, each group with two keys; `model` in the last group only."""
-    sys.path.insert(0, str(ROOT))
     from core.keys import NewKey
     from core.routing import Dialect
     from storage import db, routes, secrets, upstream_keys
@@ -112,7 +109,6 @@ EVERY_LIMIT = {
 
 
 def set_every_limit(db_path: Path, name: str) -> None:
-    sys.path.insert(0, str(ROOT))
     from storage import client_keys, db
 
     conn = db.connect(db_path)

@@ -44,11 +44,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
-sys.path.insert(0, str(BENCH))
-from proxy_overhead import (  # noqa: E402
+from proxy_overhead import (
     ADMIN_KEY,
     HOST,
     KEEPALIVE_EXPIRY,
@@ -73,12 +69,12 @@ from proxy_overhead import (  # noqa: E402
     wait_for_port,
 )
 
-from core.prices import load_prices  # noqa: E402
-from core.records import AttemptLog, FlowRecord  # noqa: E402
-from storage import client_keys, db, flows, outcomes, rollups, upstream_keys  # noqa: E402
-from storage.secrets import key_cipher  # noqa: E402
-from storage.upstream_keys import SqliteKeyStore  # noqa: E402
-from usecases.keys import add_keys  # noqa: E402
+from core.prices import load_prices
+from core.records import AttemptLog, FlowRecord
+from storage import client_keys, db, flows, outcomes, rollups, upstream_keys
+from storage.secrets import key_cipher
+from storage.upstream_keys import SqliteKeyStore
+from usecases.keys import add_keys
 
 # The targets, p95 in ms, per kind of page.
 TARGETS_MS = {"list": 150.0, "search": 300.0, "dashboard": 200.0, "detail": 50.0}

@@ -5,16 +5,19 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import brotli
 
-try:
-    from compression import zstd  # Python 3.14+
-except ImportError:  # pragma: no cover - depends on the interpreter
-    from backports import zstd  # installed with mitmproxy
+# A version test rather than try/except ImportError, so that mypy follows the branch it checks.
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:  # pragma: no cover - depends on the interpreter
+    from backports import zstd  # installed with mitmproxy before 3.14
 
 
 def _deflate(data: bytes) -> bytes:
@@ -24,7 +27,7 @@ def _deflate(data: bytes) -> bytes:
         return zlib.decompress(data, -zlib.MAX_WBITS)  # raw deflate, as some servers send it
 
 
-DECODERS = {
+DECODERS: dict[str, Callable[[bytes], bytes]] = {
     "gzip": gzip.decompress,
     "x-gzip": gzip.decompress,
     "deflate": _deflate,

@@ -102,9 +102,9 @@ def ratelimit_reset_seconds(headers: HeaderLookup) -> float | None:
     """When the exhausted limit resets: the one whose x-ratelimit-remaining-* is 0, else the later one."""
     resets = {kind: parse_duration(headers.get(f"x-ratelimit-reset-{kind}")) for kind in ("requests", "tokens")}
     spent = [
-        resets[kind]
-        for kind in resets
-        if resets[kind] is not None and (headers.get(f"x-ratelimit-remaining-{kind}") or "").strip() == "0"
+        reset
+        for kind, reset in resets.items()
+        if reset is not None and (headers.get(f"x-ratelimit-remaining-{kind}") or "").strip() == "0"
     ]
     known = spent or [v for v in resets.values() if v is not None]
     return max(known) if known else None

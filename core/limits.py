@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 MINUTE = 60.0
 TOKEN_BYTES = 4  # a prompt's tokens, estimated from its length: about four bytes a token
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network  # an IP allowlist entry, parsed
 
 
 @dataclass(frozen=True)
@@ -124,17 +125,17 @@ def model_allowed(patterns: tuple[str, ...], model: str | None) -> bool:
     return any(_pattern(p).fullmatch(model) for p in patterns)
 
 
-_patterns: dict[str, re.Pattern] = {}
+_patterns: dict[str, re.Pattern[str]] = {}
 
 
-def _pattern(text: str) -> re.Pattern:
+def _pattern(text: str) -> re.Pattern[str]:
     found = _patterns.get(text)
     if found is None:
         found = _patterns[text] = re.compile(".*".join(re.escape(part) for part in text.split("*")))
     return found
 
 
-def ip_allowed(networks: tuple, address: str | None) -> bool:
+def ip_allowed(networks: tuple[Network, ...], address: str | None) -> bool:
     if not networks:
         return True
     if address is None:
@@ -148,7 +149,7 @@ def ip_allowed(networks: tuple, address: str | None) -> bool:
     return any(ip.version == n.version and ip in n for n in networks)
 
 
-def networks_of(ips: tuple[str, ...]) -> tuple:
+def networks_of(ips: tuple[str, ...]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(i, strict=False) for i in ips)
 
 
@@ -171,16 +172,18 @@ _NUMBER_AFTER = re.compile(rb"\s*:\s*(\d{1,9})")
 # ---------------------------------------------------------------------------- calendar
 
 
-_calendar: list = [0.0, 0.0, "", ""]  # [day start, next day, day key, month key]: strftime per day, not per call
+# (day start, next day, day key, month key): strftime per day, not per call
+_calendar: list[tuple[float, float, str, str]] = [(0.0, 0.0, "", "")]
 
 
 def _keys(now: float) -> tuple[str, str]:
-    cached = _calendar
-    if not cached[0] <= now < cached[1]:
+    start, end, day, month = _calendar[0]
+    if not start <= now < end:
         moment = datetime.fromtimestamp(now, UTC)
         start = moment.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-        cached[:] = [start, start + 86400, moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")]
-    return cached[2], cached[3]
+        day, month = moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")
+        _calendar[0] = (start, start + 86400, day, month)
+    return day, month
 
 
 def day_key(now: float) -> str:
@@ -271,7 +274,9 @@ class Governor:
 
     # The checks that need no body, as soon as the headers arrive.
     @staticmethod
-    def check_key(policy: ClientPolicy, networks: tuple, address: str | None, now: float) -> Refusal | None:
+    def check_key(
+        policy: ClientPolicy, networks: tuple[Network, ...], address: str | None, now: float
+    ) -> Refusal | None:
         if policy.expires_at is not None and now >= policy.expires_at:
             return refused(
                 401,
@@ -422,7 +427,7 @@ class Governor:
             headers[f"x-ratelimit-reset-{kind}"] = duration(reset)
         return headers
 
-    def settle(self, flow_id: str, usage: dict | None, cost: float | None, now: float) -> Ticket | None:
+    def settle(self, flow_id: str, usage: dict[str, Any] | None, cost: float | None, now: float) -> Ticket | None:
         """The request ended: its reported tokens replace the estimate, its spend counts, its slot frees."""
         ticket = self.tickets.pop(flow_id, None)
         if ticket is None or ticket.settled:
@@ -445,7 +450,7 @@ class Governor:
         return ticket
 
 
-def _tokens_of(usage: dict | None) -> int | None:
+def _tokens_of(usage: dict[str, Any] | None) -> int | None:
     if not isinstance(usage, dict):
         return None
     total = usage.get("total_tokens")

@@ -51,7 +51,7 @@ class LoginThrottle:
             entry.locked_until = now + LOCK_SECONDS
         if count <= FREE_FAILURES:
             return 0.0
-        return min(MAX_DELAY_SECONDS, FIRST_DELAY_SECONDS * 2 ** (count - FREE_FAILURES - 1))
+        return min(MAX_DELAY_SECONDS, FIRST_DELAY_SECONDS * 2.0 ** (count - FREE_FAILURES - 1))
 
     def succeeded(self, address: str) -> None:
         self._by_address.pop(address, None)

@@ -25,7 +25,7 @@ KEYPOOL = "keyrotor.keypool"
 FIRST_BYTE_AT = "keyrotor.first_byte_at"
 
 
-def reached_client(metadata: dict, streaming: bool) -> bool:
+def reached_client(metadata: dict[str, Any], streaming: bool) -> bool:
     """Part of the answer is on its way to the client: too late to retry it or to answer otherwise."""
     first_byte = metadata.get(FIRST_BYTE_AT)
     return streaming if first_byte is None else bool(first_byte)  # None: headers were not held
@@ -54,15 +54,16 @@ class Metadata:
 
     KEY = ""
 
-    def __deepcopy__(self, memo: dict) -> dict:
-        return plain(self)
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        copied: dict[str, Any] = plain(self)  # a dataclass's plain form is a dict
+        return copied
 
     @classmethod
-    def from_plain(cls, values: dict) -> Self:
+    def from_plain(cls, values: dict[str, Any]) -> Self:
         return cls(**values)
 
     @classmethod
-    def of(cls, metadata: dict) -> Self | None:
+    def of(cls, metadata: dict[str, Any]) -> Self | None:
         """This addon's entry in a flow's metadata, turned back into its type if it was copied."""
         value = metadata.get(cls.KEY)
         if isinstance(value, dict):
@@ -114,7 +115,7 @@ class KeyUse(Metadata):
     KEY = KEYPOOL
 
     @classmethod
-    def from_plain(cls, values: dict) -> Self:
+    def from_plain(cls, values: dict[str, Any]) -> Self:
         outcome = values.get("outcome")
         return cls(
             **{

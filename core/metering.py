@@ -51,7 +51,7 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _details(usage: dict, *names: str) -> dict:
+def _details(usage: dict[str, Any], *names: str) -> dict[str, Any]:
     for name in names:
         value = usage.get(name)
         if isinstance(value, dict):
@@ -65,8 +65,9 @@ def usage_of(usage: Any) -> Usage:
         return Usage()
     if usage.get("type") == "duration":  # Whisper: billed by the second
         seconds = usage.get("seconds")
-        is_number = isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0
-        return Usage(audio_seconds=float(seconds)) if is_number else Usage()
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0:
+            return Usage(audio_seconds=float(seconds))
+        return Usage()
     prompt = _int(usage.get("prompt_tokens"))
     completion = _int(usage.get("completion_tokens"))
     if prompt is None and completion is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from core.limits import NO_LIMITS, ClientPolicy, networks_of
+from core.limits import NO_LIMITS, ClientPolicy, Network, networks_of
 
 
 class KeyState(StrEnum):
@@ -47,7 +47,7 @@ class Client:
     id: int
     name: str
     policy: ClientPolicy = NO_LIMITS
-    networks: tuple = field(default=(), compare=False)  # policy.ips parsed, once per reload
+    networks: tuple[Network, ...] = field(default=(), compare=False)  # policy.ips parsed, once per reload
 
     def __post_init__(self) -> None:
         if self.policy.ips and not self.networks:

@@ -209,7 +209,8 @@ class Pool:
 
     def _recent(self, key: PoolKey, now: float) -> float:
         rt = self.runtime[key.id]
-        return rt.recent * 0.5 ** ((now - rt.recent_at) / RECENT_HALF_LIFE)
+        decay: float = 0.5 ** ((now - rt.recent_at) / RECENT_HALF_LIFE)  # float ** float is Any to typeshed
+        return rt.recent * decay
 
     def _smooth_weighted(self, candidates: list[PoolKey]) -> PoolKey:
         # nginx's smooth weighted round robin: exact shares, and heavy keys spread out.
@@ -316,7 +317,9 @@ class Pool:
             return self._rate_limited(key, rt, outcome, now, scope)
         return self._failed(key, rt, outcome, now, probe, scope, client)
 
-    def _succeeded(self, key: PoolKey, rt: KeyRuntime, now: float, probe: Probe, scope: str | None) -> list:
+    def _succeeded(
+        self, key: PoolKey, rt: KeyRuntime, now: float, probe: Probe, scope: str | None
+    ) -> list[StateChange]:
         health = rt.scopes.get(scope) if rt.scopes else None
         if health is not None:
             if probe == Probe.NONE and health.resting_until is not None and health.resting_until > now:
@@ -459,7 +462,7 @@ class Pool:
             self.scoped_until = max(self.scoped_until, until)
 
     def _backoff(self, base: float, exponent: int) -> float:
-        return min(self.policy.max_cooldown_seconds, base * 2 ** max(0, exponent - 1))
+        return min(self.policy.max_cooldown_seconds, base * 2.0 ** max(0, exponent - 1))
 
     def _set(self, key: PoolKey, state: KeyState, reason: str | None, until: float | None, now: float) -> StateChange:
         key.state, key.state_reason, key.cooldown_until, key.state_changed_at = state, reason, until, now

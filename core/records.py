@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from core.bodies import (
     decoded,
@@ -104,7 +105,7 @@ class FlowRecord:
     response_body_type: str | None = None
     response_body_bytes: bytes | None = None
     # A WebSocket session's messages: [[ms since start, "client"|"server", "text"|"binary", bytes, text], ...]
-    websocket_messages: list[list] | None = None
+    websocket_messages: list[list[float | str | None]] | None = None
     # Only retried flows keep their attempts: a single attempt is the flow itself.
     attempt_log: list[AttemptLog] = field(default_factory=list)
 
@@ -271,8 +272,8 @@ class CapturedFlow:
             attempt_log=self.attempts if len(self.attempts) > 1 else [],
         )
 
-    def _messages(self) -> list[list]:
-        rows = []
+    def _messages(self) -> list[list[float | str | None]]:
+        rows: list[list[float | str | None]] = []
         for m in self.websocket_messages or ():
             text = None
             if m.is_text:
@@ -289,7 +290,7 @@ class CapturedFlow:
         return rows
 
 
-def _server_events(messages: list[WebSocketMessage]) -> Iterable[dict]:
+def _server_events(messages: list[WebSocketMessage]) -> Iterable[dict[str, Any]]:
     """Realtime's `response.done` events: each carries one response's usage."""
     for m in messages:
         if not m.from_client and m.is_text and b'"response.done"' in m.content:
@@ -304,8 +305,8 @@ class _Body:
 
     text: str | None
     truncated: bool
-    fields: dict  # a JSON body's object, or a form's fields: where the model, size or input are
-    json: dict | None = None  # a JSON body worth parsing (it has usage, or is an image answer)
+    fields: dict[str, Any]  # a JSON body's object, or a form's fields: where the model, size or input are
+    json: dict[str, Any] | None = None  # a JSON body worth parsing (it has usage, or is an image answer)
     model: str | None = None
     binary: bytes | None = None
     binary_type: str | None = None
@@ -333,7 +334,7 @@ class _Body:
         model = fields.get("model")
         return cls(text, truncated, fields, parsed, model if isinstance(model, str) else None)
 
-    def keep_image_apart(self, request: dict, mode: str, limit: int) -> None:
+    def keep_image_apart(self, request: dict[str, Any], mode: str, limit: int) -> None:
         """An image answer's base64 images leave the text; the first is kept as bytes to download."""
         data = (self.json or {}).get("data")
         if not isinstance(data, list) or not any(isinstance(d, dict) and B64_FIELD in d for d in data):

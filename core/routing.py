@@ -85,7 +85,8 @@ class RouteTable:
                 self._by_model.setdefault(model, []).append(group)
         self._every_model = [g for g in self.groups if g.serves_every_model]
         defaults = [g for g in self.groups if g.label == f"{DEFAULT}/{DEFAULT}"]
-        self.default_group = (defaults or sorted(self.groups, key=lambda g: (-g.priority, g.id)) or [None])[0]
+        ranked = defaults or sorted(self.groups, key=lambda g: (-g.priority, g.id))
+        self.default_group = ranked[0] if ranked else None
         # The common case: one group for everything, nothing renamed. Then the request's model
         # need not even be read.
         self.trivial = len(self.groups) == 1 and self.groups[0].serves_every_model and not self.fallbacks
@@ -146,7 +147,7 @@ def ordered(groups: list[Group], rng: random.Random | None = None) -> list[Group
     """Highest priority first; within a priority, a weighted random order (each group once)."""
     if len(groups) < 2:
         return groups
-    rng = rng or random
+    choices = rng.choices if rng is not None else random.choices
     by_priority: dict[int, list[Group]] = {}
     for group in groups:
         by_priority.setdefault(group.priority, []).append(group)
@@ -155,7 +156,7 @@ def ordered(groups: list[Group], rng: random.Random | None = None) -> list[Group
         tier = list(by_priority[priority])
         while len(tier) > 1:
             weights = [max(g.weight, 0.0) or 1e-9 for g in tier]
-            pick = rng.choices(range(len(tier)), weights=weights)[0]
+            pick = choices(range(len(tier)), weights=weights)[0]
             result.append(tier.pop(pick))
         result += tier
     return result

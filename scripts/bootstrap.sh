@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sourced by start.sh and test.sh: finds a Python 3.12+ interpreter, creates
-# .venv beside the repository and installs the given requirements file into it.
-# Re-running is cheap: pip runs again only when the requirements file changed.
+# .venv beside the repository, installs the given requirements file into it, then
+# keyrotor itself, editable (pyproject.toml): its modules import from this checkout.
+# Re-running is cheap: pip runs again only when a requirements file or pyproject.toml changed.
 set -euo pipefail
 
 KEYROTOR_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,11 +51,13 @@ ensure_venv() {
     fi
     local stamp="$VENV/.installed-$(basename "$requirements")"
     local digest
-    digest="$(cat "$KEYROTOR_ROOT/requirements.txt" "$requirements" | sha256sum | cut -d' ' -f1)"
+    digest="$(cat "$KEYROTOR_ROOT/requirements.txt" "$requirements" "$KEYROTOR_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
         echo "Installing $(basename "$requirements") into $VENV"
         "$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip
         "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$requirements"
+        # --no-deps: they are requirements.txt's, just installed.
+        "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps -e "$KEYROTOR_ROOT"
         echo "$digest" > "$stamp"
     fi
 }

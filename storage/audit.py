@@ -93,7 +93,8 @@ class AuditFilter:
 
 def entries(conn: sqlite3.Connection, f: AuditFilter = AuditFilter(), limit: int = 100) -> list[dict]:
     """Newest first."""
-    where, params = [], []
+    where: list[str] = []
+    params: list[str | float] = []
     if f.actor:
         where.append("actor = ?")
         params.append(f.actor)

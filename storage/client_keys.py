@@ -12,11 +12,12 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from core.limits import LIST_FIELDS, NO_LIMITS, ClientPolicy, policy_with
 from core.models import Client
 from storage import audit, flows
-from storage.db import bump_revision
+from storage.db import bump_revision, inserted_id
 from storage.secrets import hash_client_key, new_client_key
 
 
@@ -39,7 +40,8 @@ def policy_json(policy: ClientPolicy) -> str:
 def policy_of(text: str | None) -> ClientPolicy:
     values = json.loads(text or "{}")
     known = {f.name for f in dataclasses.fields(ClientPolicy)}
-    return ClientPolicy(**{k: tuple(v) if k in LIST_FIELDS else v for k, v in values.items() if k in known})
+    limits: dict[str, Any] = {k: tuple(v) if k in LIST_FIELDS else v for k, v in values.items() if k in known}
+    return ClientPolicy(**limits)
 
 
 def _changed(before: ClientPolicy, after: ClientPolicy) -> dict:
@@ -60,7 +62,7 @@ def _insert_key(conn: sqlite3.Connection, client_id: int, name: str) -> tuple[in
         "INSERT INTO client_keys (name, key_hash, last4, enabled, created_at, client_id) VALUES (?, ?, ?, 1, ?, ?)",
         (name, hash_client_key(key), key[-4:], time.time(), client_id),
     )
-    return cursor.lastrowid, key
+    return inserted_id(cursor), key
 
 
 def create_client(conn: sqlite3.Connection, name: str, policy: ClientPolicy = NO_LIMITS) -> str:
@@ -71,7 +73,7 @@ def create_client(conn: sqlite3.Connection, name: str, policy: ClientPolicy = NO
                 "INSERT INTO clients (name, enabled, limits, created_at) VALUES (?, 1, ?, ?)",
                 (name, policy_json(policy), time.time()),
             )
-            client_id = cursor.lastrowid
+            client_id = inserted_id(cursor)
             key_id, key = _insert_key(conn, client_id, name)
             audit.record(conn, "clients.add", name, {"id": client_id, "key_id": key_id, **_changed(NO_LIMITS, policy)})
             bump_revision(conn, "clients")
@@ -197,7 +199,7 @@ def _name(conn: sqlite3.Connection, client_id: int) -> str | None:
 
 
 def load_enabled(conn: sqlite3.Connection) -> dict[str, tuple[Client, int]]:
-    """key hash → client, for the proxy's in-memory lookup: enabled clients' keys that are not revoked."""
+    """key hash → (client, key id), for the proxy's in-memory lookup: enabled clients' keys that are not revoked."""
     clients: dict[int, Client] = {}
     found: dict[str, tuple[Client, int]] = {}
     for row in conn.execute(

@@ -101,6 +101,13 @@ class ConnectionRevisions:
         return tuple(read_revision(self.conn, name) for name in names)
 
 
+def inserted_id(cursor: sqlite3.Cursor) -> int:
+    """The id of the row an INSERT on `cursor` just made."""
+    if cursor.lastrowid is None:  # only before any INSERT on this cursor
+        raise sqlite3.InterfaceError("no row was inserted")
+    return cursor.lastrowid
+
+
 class RevisionReader:
     """core.ports.Revisions on a connection of its own, for the proxy's poll on the event loop."""
 

@@ -364,7 +364,7 @@ def _index_query(text: str) -> tuple[str, _Phrases | None] | None:
             parts += [_quoted(t) for t in tokens]
         else:
             parts.append(_quoted(term))  # FTS5 reads one token (or none) the same in either index
-    return " ".join(parts), (_Phrases(phrases, fts_query(text)) if phrases else None)
+    return " ".join(parts), (_Phrases(phrases, " ".join(_quoted(t) for t in terms)) if phrases else None)
 
 
 # Next to a literal occurrence, these end a token for FTS5's unicode61 tokenizer: every
@@ -409,7 +409,8 @@ class _Phrases:
 
 def _conditions(f: FlowFilter, table: str, old: tuple[int, int] | None = None) -> tuple[list[str], list[Any]]:
     """WHERE terms of `f`; `old` is the id range (low, high] of rows not converted yet (see flows_legacy)."""
-    where, params = [], []
+    where: list[str] = []
+    params: list[Any] = []
     if f.status == "error":
         where.append(f"{table}.status IS NULL")
     elif f.status in STATUS_CLASSES:
@@ -545,7 +546,7 @@ def _search(
         sql = f"SELECT {selected} FROM flows WHERE {' AND '.join(where)} ORDER BY flows.id DESC LIMIT ?"
         rows = conn.execute(sql, (*params, *ids, limit)).fetchall()
     else:
-        rows, checked_down_to = _text_search(conn, f, ids, limit, selected, budget)
+        rows, checked_down_to = _text_search(conn, f, f.q, ids, limit, selected, budget)
     if packed:
         known: dict[int, str] = {}
         rows = [unpack_row(conn, row, known) for row in rows]
@@ -562,10 +563,18 @@ def _legacy_range(conn: sqlite3.Connection) -> tuple[int, int] | None:
 
 
 def _text_search(
-    conn: sqlite3.Connection, f: FlowFilter, ids: tuple[int, int], limit: int, selected: str, budget: int | None
+    conn: sqlite3.Connection,
+    f: FlowFilter,
+    text: str,
+    ids: tuple[int, int],
+    limit: int,
+    selected: str,
+    budget: int | None,
 ) -> tuple[list, int | None]:
     """Full-text search, newest match first: each index walks its rowids in order and stops at LIMIT."""
-    query = fts_query(f.q)
+    query, index = fts_query(text), _index_query(text)
+    if query is None or index is None:  # no word to search for; the caller sends only text that has one
+        return [], None
     low, high = ids
     rows = []
     legacy = _legacy_range(conn)
@@ -573,7 +582,7 @@ def _text_search(
         # Rows not converted yet: their old index (positions and all) answers the query as it is.
         span = (max(low, legacy[0] + 1), min(high, legacy[1]))
         rows += _walk(conn, f, LEGACY_FTS, query, None, span, limit, selected, legacy)[0]
-    index_query, check = _index_query(f.q)
+    index_query, check = index
     found, checked_down_to = _walk(conn, f, "flows_fts", index_query, check, ids, limit, selected, legacy, budget)
     rows += found
     if checked_down_to is not None:  # what lies below is the next page's, from either index

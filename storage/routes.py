@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from core.routing import DEFAULT, Dialect, Group, Upstream
 from storage import audit
-from storage.db import bump_revision
+from storage.db import bump_revision, inserted_id
 
 ROUTES = "routes"
 
@@ -49,7 +49,7 @@ def add_upstream(
             _changed(conn)
     except sqlite3.IntegrityError:
         raise Conflict(f"an upstream named {name!r} already exists") from None
-    return cursor.lastrowid
+    return inserted_id(cursor)
 
 
 def update_upstream(conn: sqlite3.Connection, name: str, **changes) -> None:
@@ -148,7 +148,7 @@ def add_group(conn: sqlite3.Connection, label: str, priority: int = 0, weight: f
             _changed(conn)
     except sqlite3.IntegrityError:
         raise Conflict(f"a group {label!r} already exists") from None
-    return cursor.lastrowid
+    return inserted_id(cursor)
 
 
 def update_group(conn: sqlite3.Connection, group_id: int, **changes) -> None:

@@ -16,8 +16,8 @@ from core.records import FlowRecord
 
 
 def _v1_initial(db: sqlite_utils.Database) -> None:
-    db["revisions"].create({"name": str, "value": int}, pk="name")
-    db["upstream_keys"].create(
+    db.table("revisions").create({"name": str, "value": int}, pk="name")
+    db.table("upstream_keys").create(
         {
             "id": int,
             "fingerprint": str,  # keyed hash of the value: finds duplicates without decrypting
@@ -38,8 +38,8 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
         not_null={"fingerprint", "secret", "last4", "state", "created_at"},
         defaults={"state": "active", "weight": 1.0, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0},
     )
-    db["upstream_keys"].create_index(["fingerprint"], unique=True)
-    db["client_keys"].create(
+    db.table("upstream_keys").create_index(["fingerprint"], unique=True)
+    db.table("client_keys").create(
         {
             "id": int,
             "name": str,
@@ -56,9 +56,9 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
         not_null={"name", "key_hash", "last4", "created_at"},
         defaults={"enabled": 1, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0},
     )
-    db["client_keys"].create_index(["name"], unique=True)
-    db["client_keys"].create_index(["key_hash"], unique=True)
-    db["flows"].create(
+    db.table("client_keys").create_index(["name"], unique=True)
+    db.table("client_keys").create_index(["key_hash"], unique=True)
+    db.table("flows").create(
         {
             "id": int,
             "flow_id": str,  # mitmproxy's flow id, to find the same flow in mitmweb
@@ -94,13 +94,15 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
         not_null={"flow_id", "started_at", "method", "path"},
     )
     for columns in (["started_at"], ["status"], ["model"], ["client_key_id"], ["upstream_key_id"]):
-        db["flows"].create_index(columns)
-    db["flows"].enable_fts(["path", "model", "request_body", "response_body"], fts_version="FTS5", create_triggers=True)
+        db.table("flows").create_index(columns)
+    db.table("flows").enable_fts(
+        ["path", "model", "request_body", "response_body"], fts_version="FTS5", create_triggers=True
+    )
 
 
 def _v2_attempts_and_cost(db: sqlite_utils.Database) -> None:
     # One row per upstream attempt of a flow: a retried request has several.
-    db["attempts"].create(
+    db.table("attempts").create(
         {
             "id": int,
             "flow_id": str,  # flows.flow_id
@@ -114,9 +116,9 @@ def _v2_attempts_and_cost(db: sqlite_utils.Database) -> None:
         pk="id",
         not_null={"flow_id", "attempt", "started_at"},
     )
-    db["attempts"].create_index(["flow_id"])
+    db.table("attempts").create_index(["flow_id"])
     for table in ("upstream_keys", "client_keys"):
-        db[table].add_column("cost", float, not_null_default=0.0)
+        db.table(table).add_column("cost", float, not_null_default=0.0)
 
 
 _V3_DIMENSIONS = ("bucket", "model", "upstream_key_id", "client_key_id")
@@ -128,9 +130,9 @@ def _v3_rollups(db: sqlite_utils.Database) -> None:
     from storage import rollups
 
     for grain in rollups.GRAINS:
-        columns: dict = {"bucket": int, "model": str, "upstream_key_id": int, "client_key_id": int}
-        columns |= {c: (float if c in ("cost", "duration_ms") else int) for c in rollups.VALUES}
-        db[rollups.table_of(grain)].create(columns, pk=_V3_DIMENSIONS, defaults={c: 0 for c in rollups.VALUES})
+        types: dict[str, type] = {"bucket": int, "model": str, "upstream_key_id": int, "client_key_id": int}
+        types |= {c: (float if c in ("cost", "duration_ms") else int) for c in rollups.VALUES}
+        db.table(rollups.table_of(grain)).create(types, pk=_V3_DIMENSIONS, defaults={c: 0 for c in rollups.VALUES})
     # Existing flows are folded in once, in slices, so the dashboard starts complete.
     columns = (
         "started_at, first_byte_at, duration_ms, status, error, model, stream, upstream_key_id,"
@@ -201,7 +203,7 @@ def _v4_rollups_by_dimension(db: sqlite_utils.Database) -> None:
 
 def _v5_upstream_key_names(db: sqlite_utils.Database) -> None:
     # An optional label an admin gives a key ("Key 1", "team-a"); not unique, the last four tell keys apart.
-    db["upstream_keys"].add_column("name", str)
+    db.table("upstream_keys").add_column("name", str)
 
 
 def _v6_attempt_outcomes(db: sqlite_utils.Database) -> None:
@@ -217,7 +219,7 @@ def _v7_upstreams_groups_models(db: sqlite_utils.Database) -> None:
     # own keys and models. What existed becomes upstream "default" (base_url NULL: whatever
     # proxy.upstream / --mode reverse:URL says) with group "default" holding every key.
     now = time.time()
-    db["upstreams"].create(
+    db.table("upstreams").create(
         {
             "id": int,
             "name": str,
@@ -231,8 +233,8 @@ def _v7_upstreams_groups_models(db: sqlite_utils.Database) -> None:
         not_null={"name", "dialect", "enabled", "created_at"},
         defaults={"dialect": "openai", "enabled": 1},
     )
-    db["upstreams"].create_index(["name"], unique=True)
-    db["groups"].create(
+    db.table("upstreams").create_index(["name"], unique=True)
+    db.table("groups").create(
         {
             "id": int,
             "upstream_id": int,
@@ -248,8 +250,8 @@ def _v7_upstreams_groups_models(db: sqlite_utils.Database) -> None:
         defaults={"priority": 0, "weight": 1.0, "enabled": 1},
         foreign_keys=[("upstream_id", "upstreams", "id")],
     )
-    db["groups"].create_index(["upstream_id", "name"], unique=True)
-    db["group_models"].create(
+    db.table("groups").create_index(["upstream_id", "name"], unique=True)
+    db.table("group_models").create(
         {
             "id": int,
             "group_id": int,
@@ -262,9 +264,9 @@ def _v7_upstreams_groups_models(db: sqlite_utils.Database) -> None:
         not_null={"group_id", "model", "source", "created_at"},
         foreign_keys=[("group_id", "groups", "id")],
     )
-    db["group_models"].create_index(["group_id", "model"], unique=True)
-    db["group_models"].create_index(["model"])
-    db["model_fallbacks"].create(
+    db.table("group_models").create_index(["group_id", "model"], unique=True)
+    db.table("group_models").create_index(["model"])
+    db.table("model_fallbacks").create(
         {"model": str, "position": int, "fallback": str}, pk=("model", "position"), not_null={"fallback"}
     )
     db.conn.execute(
@@ -277,16 +279,16 @@ def _v7_upstreams_groups_models(db: sqlite_utils.Database) -> None:
         (now,),
     )
     default_group = db.conn.execute("SELECT id FROM groups WHERE name = 'default'").fetchone()[0]
-    db["upstream_keys"].add_column("group_id", int)
+    db.table("upstream_keys").add_column("group_id", int)
     db.conn.execute("UPDATE upstream_keys SET group_id = ?", (default_group,))
-    db["upstream_keys"].create_index(["group_id"])
+    db.table("upstream_keys").create_index(["group_id"])
     for table in ("flows", "attempts"):
-        db[table].add_column("upstream_id", int)
-        db[table].add_column("group_id", int)
-    db["flows"].add_column("fallback_model", str)  # the model that answered instead of the one asked for
-    db["attempts"].add_column("model", str)  # the model this attempt asked upstream for, when not the flow's
+        db.table(table).add_column("upstream_id", int)
+        db.table(table).add_column("group_id", int)
+    db.table("flows").add_column("fallback_model", str)  # the model that answered instead of the one asked for
+    db.table("attempts").add_column("model", str)  # the model this attempt asked upstream for, when not the flow's
     for columns in (["upstream_id"], ["group_id"]):
-        db["flows"].create_index(columns)
+        db.table("flows").create_index(columns)
 
 
 def _v8_every_endpoint(db: sqlite_utils.Database) -> None:
@@ -303,14 +305,14 @@ def _v8_every_endpoint(db: sqlite_utils.Database) -> None:
         "websocket_messages": str,
     }
     for name, kind in columns.items():
-        db["flows"].add_column(name, kind)
+        db.table("flows").add_column(name, kind)
 
 
 def _v9_clients_limits_audit(db: sqlite_utils.Database) -> None:
     # Clients own keys: a client (person, team, service) holds several client keys, and limits
     # and usage are the client's. Each existing key becomes a client of its own, with the same
     # id and name, so the flows recorded under a key's id belong to its client.
-    db["clients"].create(
+    db.table("clients").create(
         {
             "id": int,
             "name": str,
@@ -323,34 +325,34 @@ def _v9_clients_limits_audit(db: sqlite_utils.Database) -> None:
         not_null={"name", "enabled", "created_at"},
         defaults={"enabled": 1, "limits": "{}"},
     )
-    db["clients"].create_index(["name"], unique=True)
+    db.table("clients").create_index(["name"], unique=True)
     db.conn.execute(
         "INSERT INTO clients (id, name, enabled, limits, created_at) SELECT id, name, enabled, '{}', created_at"
         " FROM client_keys"
     )
-    db["client_keys"].add_column("client_id", int)
-    db["client_keys"].add_column("revoked_at", float)
+    db.table("client_keys").add_column("client_id", int)
+    db.table("client_keys").add_column("revoked_at", float)
     db.conn.execute("UPDATE client_keys SET client_id = id")
     db.conn.execute("DROP INDEX IF EXISTS idx_client_keys_name")  # a key's name is its client's: no longer unique
-    db["client_keys"].create_index(["client_id"])
-    db["flows"].add_column("client_id", int)  # the client whose key made the request
-    db["flows"].add_column("refusal", str)  # the error code keyrotor refused the request with, if it did
+    db.table("client_keys").create_index(["client_id"])
+    db.table("flows").add_column("client_id", int)  # the client whose key made the request
+    db.table("flows").add_column("refusal", str)  # the error code keyrotor refused the request with, if it did
     # Rows stored before get their client_id as storage/conversion.py converts them, a chunk
     # a transaction (one UPDATE of every flow held the write lock, and a proxy's start, for
     # many minutes at a million flows); until then search takes client_key_id for it (each
     # client made here has its key's id).
-    db["flows"].create_index(["client_id"])
-    db["flows"].create_index(["refusal"])
+    db.table("flows").create_index(["client_id"])
+    db.table("flows").create_index(["refusal"])
     # Calendar spend and moving windows of client limits, saved so a restarted proxy keeps them:
     # a total per counter name, and what each window took per second (written as it changes).
-    db["limit_counters"].create(
+    db.table("limit_counters").create(
         {"name": str, "value": float, "updated_at": float}, pk="name", not_null={"value", "updated_at"}
     )
-    db["limit_windows"].create(
+    db.table("limit_windows").create(
         {"name": str, "second": int, "amount": float}, pk=("name", "second"), not_null={"amount"}
     )
-    db["limit_windows"].create_index(["second"])
-    db["audit_log"].create(
+    db.table("limit_windows").create_index(["second"])
+    db.table("audit_log").create(
         {
             "id": int,
             "at": float,
@@ -364,20 +366,20 @@ def _v9_clients_limits_audit(db: sqlite_utils.Database) -> None:
         not_null={"at", "actor", "action"},
     )
     for columns in (["at"], ["action"], ["actor"]):
-        db["audit_log"].create_index(columns)
+        db.table("audit_log").create_index(columns)
 
 
 def _v10_object_owners(db: sqlite_utils.Database) -> None:
     # Key affinity: which upstream key made each object (files, batches, stored responses...),
     # and which objects each flow created or used. Rows outlive their key: a request for an
     # object of a deleted key is told so.
-    db["object_owners"].create(
+    db.table("object_owners").create(
         {"object_id": str, "kind": str, "upstream_key_id": int, "flow_id": str, "created_at": float},
         pk="object_id",
         not_null={"kind", "upstream_key_id", "created_at"},
     )
-    db["object_owners"].create_index(["upstream_key_id"])
-    db["flow_objects"].create(
+    db.table("object_owners").create_index(["upstream_key_id"])
+    db.table("flow_objects").create(
         {"flow_id": str, "object_id": str, "role": str},  # role: created, used
         pk=("flow_id", "object_id"),
         not_null={"role"},
@@ -391,17 +393,17 @@ def _v11_packed_flows(db: sqlite_utils.Database) -> None:
     # phrases). Existing rows stay as they are, readable, and are converted in chunks by
     # storage/conversion.py: ids in (low, high] of flows_legacy are not converted yet and are
     # searched in the old index, renamed flows_fts_legacy. Nothing here reads the flows.
-    db["compression_dictionaries"].create(
+    db.table("compression_dictionaries").create(
         {"id": int, "data": bytes, "samples": int, "created_at": float}, pk="id", not_null={"data", "created_at"}
     )
-    db["blobs"].create(
+    db.table("blobs").create(
         {"id": int, "digest": bytes, "data": bytes, "size": int, "refs": int},
         pk="id",
         not_null={"digest", "data", "size", "refs"},
     )
-    db["blobs"].create_index(["digest"], unique=True)
-    db["flows"].add_column("content", bytes)
-    db["flows"].add_column("parts", bytes)
+    db.table("blobs").create_index(["digest"], unique=True)
+    db.table("flows").add_column("content", bytes)
+    db.table("flows").add_column("parts", bytes)
     for trigger in ("flows_ai", "flows_ad", "flows_au"):
         db.conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
     low, high = db.conn.execute("SELECT coalesce(min(id), 1) - 1, coalesce(max(id), 0) FROM flows").fetchone()
@@ -409,7 +411,7 @@ def _v11_packed_flows(db: sqlite_utils.Database) -> None:
         db.conn.execute("ALTER TABLE flows_fts RENAME TO flows_fts_legacy")
     else:
         db.conn.execute("DROP TABLE flows_fts")
-    db["flows_legacy"].create({"low": int, "high": int}, not_null={"low", "high"})
+    db.table("flows_legacy").create({"low": int, "high": int}, not_null={"low", "high"})
     db.conn.execute("INSERT INTO flows_legacy (low, high) VALUES (?, ?)", (low, high))
     db.conn.execute(
         "CREATE VIRTUAL TABLE flows_fts USING fts5(path, model, request_body, response_body, content='', detail=none)"

@@ -116,7 +116,7 @@ def outlook(stats: StorageStats, keep_days: int, max_rows: int, max_gb: float) -
     if max_gb and per_flow:
         limits["max_gb"] = max_gb * GB / per_flow
     if limits:
-        limited_by = min(limits, key=limits.get)
+        limited_by = min(limits, key=limits.__getitem__)
         kept = limits[limited_by]
     else:
         limited_by, kept = "nothing", float("inf")

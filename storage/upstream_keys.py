@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from core.keys import NewKey, clean_name
 from core.models import KeyState, PoolKey
 from storage import audit
-from storage.db import bump_revision
+from storage.db import bump_revision, inserted_id
 from storage.secrets import KeyCipher
 
 STATES = tuple(KeyState)
@@ -65,7 +65,7 @@ def insert_keys(
                 ),
             )
             if cursor.rowcount:
-                added.append(cursor.lastrowid)
+                added.append(inserted_id(cursor))
             else:
                 duplicates += 1
         if added:
@@ -190,7 +190,7 @@ def set_weight(conn: sqlite3.Connection, key_ids: Iterable[int], weight: float) 
 
 
 def count_by_state(conn: sqlite3.Connection) -> dict[str, int]:
-    counts = dict.fromkeys(STATES, 0)
+    counts: dict[str, int] = dict.fromkeys(STATES, 0)
     counts.update({state: n for state, n in conn.execute("SELECT state, count(*) FROM upstream_keys GROUP BY state")})
     return counts
 

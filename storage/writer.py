@@ -101,7 +101,7 @@ class Writer:
         self._complained_at = 0.0
         self._stopping = False
         self._stop_deadline = 0.0
-        self._status: capture_status.StatusFile | None = None
+        self._status: capture_status.StatusFile  # opened by the thread, first thing in _run
         self._packer = flows.FlowPacker()  # compresses in this thread, never on the event loop
         self._converting = True  # rows from before schema v8 may be left: checked at start-up
         self._convert_at = 0.0  # after a lock conflict, the next chunk waits until then

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import tomllib
 from pathlib import Path
 
 import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
 
-from config import ROOT, ConfigError, load_settings
+from addons.access import Access
+from addons.bounds import Bounds
+from addons.capture import Capture
+from addons.keypool import KeyPool
+from addons.shutdown import Shutdown
+from config import (
+    ADDON_SETTINGS,
+    BODY_MODES,
+    BY_NAME,
+    DEFAULT_CONFIG,
+    ROOT,
+    SETTINGS,
+    STRATEGIES,
+    ConfigError,
+    Settings,
+    load_settings,
+)
 
 
 @pytest.fixture
@@ -102,3 +123,142 @@ def test_missing_or_unreadable_file(tmp_path):
         load_settings(tmp_path / "nope.toml", environ={})
     with pytest.raises(ConfigError, match="cannot be read"):
         load_settings(tmp_path, environ={})  # a directory: unreadable as a file, even for root
+
+
+ABOVE_ZERO = "must be a whole number above zero"
+ZERO_OR_MORE = "must be a whole number, zero or more"
+# Each bad value, as a user would type it, and the reason its one sentence gives. The sentence is the
+# same whether the value comes from config.toml, a KEYROTOR_* variable, a run.py flag or, for the
+# settings the proxy's addons declare, the mitmproxy option <section>_<key> (mitmdump --set).
+BAD_VALUES = [
+    ("proxy.host", "  ", "must be a non-empty string"),
+    ("proxy.port", "70000", "must be a port number from 1 to 65535"),
+    ("proxy.port", "0", "must be a port number from 1 to 65535"),
+    ("proxy.port", "80.5", "must be a whole number"),
+    ("proxy.upstream", "ftp://example.com", "must be an http:// or https:// URL, like https://api.openai.com"),
+    ("proxy.upstream", "api.openai.com", "must be an http:// or https:// URL, like https://api.openai.com"),
+    ("proxy.web_port", "-1", "must be a port number from 1 to 65535"),
+    ("proxy.stop_grace_seconds", "-1", ZERO_OR_MORE),
+    ("proxy.max_body_bytes", "0", ABOVE_ZERO),
+    ("proxy.header_timeout_seconds", "0", ABOVE_ZERO),
+    ("ui.host", "", "must be a non-empty string"),
+    ("ui.port", "http", "must be a whole number"),
+    ("storage.path", " ", "must be a non-empty string"),
+    ("keypool.strategy", "fastest", 'must be one of "round_robin", "random", "least_used", "weighted"'),
+    ("keypool.cooldown_seconds", "0", ABOVE_ZERO),
+    ("keypool.max_cooldown_seconds", "0", ABOVE_ZERO),
+    ("keypool.failure_threshold", "-3", ABOVE_ZERO),
+    ("keypool.failure_cooldown_seconds", "0", ABOVE_ZERO),
+    ("keypool.pool_429_window_seconds", "-1", ZERO_OR_MORE),
+    ("keypool.max_attempts", "0", ABOVE_ZERO),
+    ("keypool.wait_max_seconds", "-1", ZERO_OR_MORE),
+    ("keypool.attempt_timeout_seconds", "0", ABOVE_ZERO),
+    ("keypool.stream_idle_seconds", "0", ABOVE_ZERO),
+    ("keypool.revalidate_seconds", "-900", ZERO_OR_MORE),
+    ("keypool.revalidate_seconds", "soon", "must be a whole number"),
+    ("capture.bodies", "some", 'must be one of "full", "truncated", "none"'),
+    ("capture.max_body_bytes", "0", ABOVE_ZERO),
+    ("capture.prices", "", "must be a non-empty string"),
+    ("capture.keep_days", "-1", ZERO_OR_MORE),
+    ("capture.max_rows", "-1", ZERO_OR_MORE),
+    ("capture.max_gb", "-1", "must be a number, zero or more"),
+    ("capture.max_gb", "nan", "must be a number, zero or more"),
+    ("capture.max_gb", "lots", "must be a number"),
+    ("capture.backlog_mb", "0", ABOVE_ZERO),
+    ("access.ip_rpm", "-5", ZERO_OR_MORE),
+]
+ADDON_OF = {
+    "keypool": KeyPool,
+    "capture": Capture,
+    "access": Access,
+    "proxy.stop_grace_seconds": Shutdown,
+    "proxy.max_body_bytes": Bounds,
+    "proxy.header_timeout_seconds": Bounds,
+}
+
+
+def toml_literal(value: str) -> str:
+    """`value` as a user would write it in config.toml: a number bare, anything else quoted."""
+    try:
+        float(value)
+    except ValueError:
+        return json.dumps(value)
+    return value
+
+
+def test_the_table_covers_every_setting():
+    assert {name for name, _, _ in BAD_VALUES} | {"ui.metrics_token"} == set(BY_NAME)  # a secret: see below
+    addon_settings = {name for name in BY_NAME if name.split(".")[0] in ADDON_OF or name in ADDON_OF}
+    assert {s.name for s in ADDON_SETTINGS} == addon_settings
+
+
+@pytest.mark.parametrize("name, value, reason", BAD_VALUES)
+def test_a_bad_value_gives_one_sentence_from_every_source(tmp_path, name, value, reason):
+    section, key = name.split(".")
+    setting = BY_NAME[name]
+    path = tmp_path / "keyrotor.toml"
+    path.write_text(f"[{section}]\n{key} = {toml_literal(value)}\n")
+    in_file = tomllib.loads(path.read_text())[section][key]
+    for source, got, load in [
+        (str(path), in_file, lambda: load_settings(path, environ={})),
+        (setting.env_var, value, lambda: load_settings(environ={setting.env_var: value})),
+        ("the command line", value, lambda: load_settings(overrides={name: value}, environ={})),
+    ]:
+        with pytest.raises(ConfigError) as raised:
+            load()
+        assert str(raised.value) == f"{name} {reason} (got {got!r} from {source}).", source
+
+
+def reaches_the_addon(name: str, value: str) -> bool:
+    # mitmproxy's --set itself refuses an int option's value that is no whole number.
+    setting = BY_NAME[name]
+    return setting in ADDON_SETTINGS and (type(setting.default) is not int or value.lstrip("-").isdigit())
+
+
+@pytest.mark.parametrize("name, value, reason", [row for row in BAD_VALUES if reaches_the_addon(*row[:2])])
+def test_a_bad_option_value_gives_the_same_sentence(name, value, reason):
+    setting = BY_NAME[name]
+    addon = ADDON_OF.get(name) or ADDON_OF[setting.section]
+    with taddons.context(addon(load_settings(environ={}))) as tctx:
+        option = tctx.options._options[setting.option]
+        with pytest.raises(exceptions.OptionsError) as raised:
+            tctx.options.set(f"{setting.option}={value}")  # what mitmdump --set does
+        got = option.typespec(value)
+        source = f"the mitmproxy option {setting.option}"
+        assert str(raised.value) == f"{name} {reason} (got {got!r} from {source})."
+        assert getattr(tctx.options, setting.option) == option.default  # refused, so rolled back
+
+
+@pytest.mark.parametrize("name, choices", [("keypool.strategy", STRATEGIES), ("capture.bodies", BODY_MODES)])
+def test_enumerated_options_declare_their_choices(name, choices):
+    setting = BY_NAME[name]
+    with taddons.context(ADDON_OF[setting.section]()) as tctx:
+        assert tctx.options._options[setting.option].choices == choices  # mitmweb's options page offers them
+
+
+def test_a_secret_is_not_repeated_in_its_sentence():
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"KEYROTOR_UI_METRICS_TOKEN": "   "})
+    assert str(raised.value) == "ui.metrics_token must be a non-empty string (from KEYROTOR_UI_METRICS_TOKEN)."
+
+
+def test_settings_are_typed_and_frozen(config_file):
+    settings = load_settings(config_file, {"keypool.max_attempts": "5"}, environ={"KEYROTOR_CAPTURE_MAX_GB": "0.5"})
+    assert isinstance(settings, Settings)
+    assert settings.proxy.port == settings["proxy.port"] == 9001
+    assert settings.keypool.max_attempts == 5 and settings.keypool.strategy == "round_robin"
+    assert settings.capture.max_gb == 0.5 and settings.storage_path == config_file.parent / "state/kr.db"
+    assert settings.values == {s.name: settings[s.name] for s in SETTINGS}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.keypool.strategy = "random"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.proxy = settings.proxy  # type: ignore[misc]
+    with pytest.raises(KeyError):
+        settings["proxy.prot"]
+
+
+def test_the_shipped_config_file_documents_every_setting():
+    with DEFAULT_CONFIG.open("rb") as f:
+        shipped = tomllib.load(f)
+    assert [f"{section}.{key}" for section, table in shipped.items() for key in table] == [s.name for s in SETTINGS]
+    assert load_settings(environ={}) == load_settings(DEFAULT_CONFIG, environ={})

@@ -36,13 +36,15 @@ def test_core_imports_no_proxy_sql_or_web(path):
 
 @pytest.mark.parametrize(
     "path",
-    [*sources("core", "storage", "usecases", "monitor_ui", "addons"), ROOT / "run.py", ROOT / "config.py"],
+    [*sources("core", "storage", "usecases", "monitor_ui", "addons", "cli"), ROOT / "run.py", ROOT / "config.py"],
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_only_the_script_entry_imports_addons(path):
     if path == ROOT / "addons" / "keyrotor.py":
         return
     bad = {m for m in imported_modules(path) if m == "addons" or m.startswith("addons.")}
+    if path == PATCHES:
+        bad -= {module for module, name in imported_names(path) if name == "install"}
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}: addons talk through flow.metadata"
 
 
@@ -56,6 +58,26 @@ def test_only_the_composition_root_imports_storage(path):
         return
     bad = {m for m in imported_modules(path) if m.split(".")[0] == "storage"}
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}: take what it uses from addons/runtime.py"
+
+
+# addons/patches.py installs the patches of mitmproxy kept beside the addons whose state they share.
+PATCHES = ROOT / "addons" / "patches.py"
+
+
+def imported_names(path: Path) -> set[tuple[str, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return {
+        (node.module, alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+        for alias in node.names
+    }
+
+
+def test_the_patches_take_only_install_functions_from_addons():
+    taken = {(m, name) for m, name in imported_names(PATCHES) if m == "addons" or m.startswith("addons.")}
+    assert taken, "addons/patches.py installs the patches kept in the addons' modules"
+    assert {name for _, name in taken} == {"install"}, f"addons/patches.py takes {sorted(taken)}"
 
 
 @pytest.mark.parametrize("path", sources("storage", "usecases"), ids=lambda p: str(p.relative_to(ROOT)))

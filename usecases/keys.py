@@ -67,13 +67,15 @@ async def validate_keys(
     Disabled keys, and keys whose group is gone, are left alone.
     """
     wanted = set(ids)
-    keys = [k for k in store.load_pool() if k.id in wanted and k.state != KeyState.DISABLED and k.group_id in groups]
+    keys = [
+        (k, groups[k.group_id].upstream)
+        for k in store.load_pool()
+        if k.id in wanted and k.state != KeyState.DISABLED and k.group_id is not None and k.group_id in groups
+    ]
     async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_SECONDS) as client:
-        outcomes = await asyncio.gather(
-            *(probe(client, groups[k.group_id].upstream, default_base_url, k.value) for k in keys)
-        )
+        outcomes = await asyncio.gather(*(probe(client, upstream, default_base_url, k.value) for k, upstream in keys))
     results = []
-    for key, outcome in zip(keys, outcomes, strict=True):
+    for (key, _), outcome in zip(keys, outcomes, strict=True):
         state = STATE_AFTER_PROBE.get(outcome.kind, key.state)
         if state != key.state or state != KeyState.ACTIVE:
             reason = "re-validated" if state == KeyState.ACTIVE else outcome.reason

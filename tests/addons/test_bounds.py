@@ -38,9 +38,11 @@ def test_a_body_announced_too_large_is_answered_at_the_headers():
         assert within.response is None
 
 
-@pytest.mark.parametrize("option", ["proxy_max_body_bytes", "proxy_header_timeout_seconds"])
-def test_limits_must_be_above_zero(option):
+@pytest.mark.parametrize("name", ["proxy.max_body_bytes", "proxy.header_timeout_seconds"])
+def test_limits_must_be_above_zero(name):
     bounds = Bounds()
+    option = name.replace(".", "_")
     with taddons.context(bounds) as tctx:
-        with pytest.raises(exceptions.OptionsError, match=f"{option} must be above zero"):
+        with pytest.raises(exceptions.OptionsError) as raised:
             tctx.configure(bounds, **{option: 0})
+    assert str(raised.value) == f"{name} must be a whole number above zero (got 0 from the mitmproxy option {option})."

@@ -122,7 +122,7 @@ def test_retention_options_reach_the_writer(database):
         try:
             tctx.configure(addon, capture_keep_days=7, capture_max_rows=5000)
             assert addon._writer.retention == writer.Retention(keep_days=7, max_rows=5000)
-            with pytest.raises(exceptions.OptionsError, match="capture_max_rows must be zero or more"):
+            with pytest.raises(exceptions.OptionsError, match="capture.max_rows must be a whole number, zero or more"):
                 tctx.configure(addon, capture_max_rows=-1)
         finally:
             addon.done()

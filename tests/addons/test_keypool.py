@@ -173,8 +173,8 @@ def test_with_its_sender_the_key_never_reaches_the_flow(keypool):
 @pytest.mark.parametrize(
     "option, value, message",
     [
-        ("keypool_strategy", "fastest", "keypool_strategy must be one of"),
-        ("keypool_cooldown_seconds", 0, "keypool_cooldown_seconds must be above zero"),
+        ("keypool_strategy", "fastest", 'keypool.strategy must be one of "round_robin", .* keypool_strategy'),
+        ("keypool_cooldown_seconds", 0, "keypool.cooldown_seconds must be a whole number above zero"),
     ],
 )
 def test_bad_options_are_refused(option, value, message):

@@ -137,7 +137,7 @@ def test_max_gb_reaches_the_writer_as_bytes(database):
         try:
             tctx.configure(addon, capture_max_gb="1.5")
             assert addon._writer.retention.max_bytes == 1_500_000_000
-            with pytest.raises(exceptions.OptionsError, match="capture_max_gb must be a number"):
+            with pytest.raises(exceptions.OptionsError, match="capture.max_gb must be a number, zero or more"):
                 tctx.configure(addon, capture_max_gb="-1")
         finally:
             addon.done()

@@ -89,7 +89,6 @@ def create_app(settings: Settings) -> FastAPI:
         proxy_url=f"http://{settings['proxy.host']}:{settings['proxy.port']}",
         metrics_token=settings["ui.metrics_token"],
     )
-    app.state.db_path = settings.storage_path
     app.state.signer = SessionSigner(settings.storage_path)
     app.state.templates = templates
     app.state.login_throttle = LoginThrottle()

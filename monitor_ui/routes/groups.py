@@ -8,7 +8,7 @@ second.
 from __future__ import annotations
 
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, HTTPException, Query
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -249,6 +249,7 @@ def read_group(
     malformed_count: Annotated[int, Query(ge=0)] = 0,
 ):
     """One group: its keys with their actions, its models (refresh, add, rename, delete), priority and weight."""
+    extra: dict[str, Any]
     if done in DONE:
         extra = {"message": DONE[done]}
     else:  # a key action's redirect

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from config import Settings
 from core.login_throttle import LoginThrottle
 from monitor_ui.auth import SessionSigner
-from monitor_ui.deps import LoginRequired
+from monitor_ui.deps import LoginRequired, UiSettings
 from monitor_ui.routes import (
     assets,
     audit,
@@ -33,7 +33,29 @@ from monitor_ui.routes import (
 from storage import audit as audit_log
 
 HERE = Path(__file__).parent
-ROUTES = (assets, audit, auth, clients, dashboard, flows, groups, health, keys, metrics, models, upstreams)
+# Pages and their JSON twins under /api/ never share a path, so each area's two routers go in side by side.
+ROUTERS = (
+    assets.router,
+    audit.router,
+    audit.api,
+    auth.router,
+    clients.router,
+    clients.api,
+    dashboard.router,
+    dashboard.api,
+    flows.router,
+    flows.api,
+    groups.router,
+    groups.api,
+    health.router,
+    keys.router,
+    keys.api,
+    metrics.router,
+    models.router,
+    models.api,
+    upstreams.router,
+    upstreams.api,
+)
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
 
 # Captured bodies are attacker-controlled: no inline script, no remote anything.
@@ -60,17 +82,19 @@ def error_json(status: int, message: str, headers: dict | None = None, param: st
 
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="keyrotor monitor", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
-    app.state.db_path = settings.storage_path
+    # Read by monitor_ui.deps alone: the handlers receive them as parameters.
+    app.state.settings = UiSettings(
+        db_path=settings.storage_path,
+        upstream=settings["proxy.upstream"],
+        proxy_url=f"http://{settings['proxy.host']}:{settings['proxy.port']}",
+        metrics_token=settings["ui.metrics_token"],
+    )
     app.state.signer = SessionSigner(settings.storage_path)
-    app.state.upstream = settings["proxy.upstream"]  # where key probes go
-    app.state.metrics_token = settings["ui.metrics_token"]
-    # Where clients send requests: what "copy as curl" points at.
-    app.state.proxy_url = f"http://{settings['proxy.host']}:{settings['proxy.port']}"
     app.state.templates = templates
     app.state.login_throttle = LoginThrottle()
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    for module in ROUTES:
-        app.include_router(module.router)
+    for router in ROUTERS:
+        app.include_router(router)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):

@@ -1,40 +1,96 @@
-"""Dependencies shared by the routes: database connection, admin authentication."""
+"""What the handlers are given, as `Annotated` parameters: settings, templates, connections, the admin, a page.
+
+Only this module reads `app.state` (which `create_app` fills); handlers name what they need.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.templating import Jinja2Templates
 
+from core.login_throttle import LoginThrottle
 from monitor_ui.auth import SESSION_COOKIE, SessionSigner
-from storage import db
+from monitor_ui.pages import Page
+from storage import db, secrets
+from storage.upstream_keys import SqliteKeyStore
 
 
 class LoginRequired(Exception):
     """An HTML page was asked for without a session: the app redirects to /login."""
 
 
-def get_conn(request: Request) -> Iterator[sqlite3.Connection]:
-    conn = db.connect(request.app.state.db_path, readonly=True)
-    try:
-        yield conn
-    finally:
-        conn.close()
+@dataclass(frozen=True)
+class UiSettings:
+    """What the handlers read of the settings, taken once when the app is made."""
+
+    db_path: Path
+    upstream: str  # proxy.upstream: where key probes and the default upstream's model refreshes go
+    proxy_url: str  # where clients send requests: what "copy as curl" points at
+    metrics_token: str  # ui.metrics_token; "" for none
 
 
-def get_write_conn(request: Request) -> Iterator[sqlite3.Connection]:
-    """For admin changes; the proxy sees them through the revision counters."""
-    conn = db.connect(request.app.state.db_path)
-    try:
-        yield conn
-    finally:
-        conn.close()
+def get_settings(request: Request) -> UiSettings:
+    return request.app.state.settings
+
+
+def get_templates(request: Request) -> Jinja2Templates:
+    return request.app.state.templates
+
+
+def get_login_throttle(request: Request) -> LoginThrottle:
+    return request.app.state.login_throttle
 
 
 def get_signer(request: Request) -> SessionSigner:
     return request.app.state.signer
+
+
+Settings = Annotated[UiSettings, Depends(get_settings)]
+Templates = Annotated[Jinja2Templates, Depends(get_templates)]
+Throttle = Annotated[LoginThrottle, Depends(get_login_throttle)]
+Signer = Annotated[SessionSigner, Depends(get_signer)]
+
+
+def get_conn(settings: Settings) -> Iterator[sqlite3.Connection]:
+    conn = db.connect(settings.db_path, readonly=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def get_write_conn(settings: Settings) -> Iterator[sqlite3.Connection]:
+    """For admin changes; the proxy sees them through the revision counters."""
+    conn = db.connect(settings.db_path)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+Conn = Annotated[sqlite3.Connection, Depends(get_conn)]
+WriteConn = Annotated[sqlite3.Connection, Depends(get_write_conn)]
+
+
+def get_key_store(conn: WriteConn, settings: Settings) -> SqliteKeyStore:
+    """The upstream keys with their values (to add or probe them), over the request's write connection."""
+    return SqliteKeyStore(conn, secrets.key_cipher(settings.db_path))
+
+
+KeyStore = Annotated[SqliteKeyStore, Depends(get_key_store)]
+
+
+def get_page(request: Request, templates: Templates, signer: Signer) -> Page:
+    return Page(request, templates, signer.csrf_token(request.cookies.get(SESSION_COOKIE, "")))
+
+
+PageOf = Annotated[Page, Depends(get_page)]
 
 
 def _has_admin(request: Request, signer: SessionSigner) -> bool:
@@ -44,17 +100,17 @@ def _has_admin(request: Request, signer: SessionSigner) -> bool:
     return scheme.lower() == "bearer" and signer.check_admin_key(token.strip())
 
 
-def require_admin_page(request: Request, signer: Annotated[SessionSigner, Depends(get_signer)]) -> None:
+def require_admin_page(request: Request, signer: Signer) -> None:
     if not _has_admin(request, signer):
         raise LoginRequired()
 
 
-def require_admin_api(request: Request, signer: Annotated[SessionSigner, Depends(get_signer)]) -> None:
+def require_admin_api(request: Request, signer: Signer) -> None:
     if not _has_admin(request, signer):
         raise HTTPException(401, "Log in, or send the admin key as 'Authorization: Bearer <admin key>'.")
 
 
-def require_admin_api_change(request: Request, signer: Annotated[SessionSigner, Depends(get_signer)]) -> None:
+def require_admin_api_change(request: Request, signer: Signer) -> None:
     """A state-changing API call: the admin key as Bearer, or a session plus its CSRF token in x-csrf-token."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and signer.check_admin_key(token.strip()):
@@ -66,7 +122,7 @@ def require_admin_api_change(request: Request, signer: Annotated[SessionSigner, 
         raise HTTPException(403, "A change made with a session cookie needs the page's CSRF token in x-csrf-token.")
 
 
-async def check_form(request: Request, signer: SessionSigner) -> None:
+async def require_form(request: Request, signer: Signer) -> None:
     """Refuse a form post without a session (redirect to login) or without the page's CSRF token (403)."""
     session = request.cookies.get(SESSION_COOKIE)
     if not signer.valid_session(session):
@@ -76,16 +132,7 @@ async def check_form(request: Request, signer: SessionSigner) -> None:
         raise HTTPException(403, "Missing or wrong CSRF token: reload the page and try again.")
 
 
-Conn = Annotated[sqlite3.Connection, Depends(get_conn)]
-Signer = Annotated[SessionSigner, Depends(get_signer)]
 AdminPage = Depends(require_admin_page)
 AdminApi = Depends(require_admin_api)
 AdminApiChange = Depends(require_admin_api_change)
-
-
-async def require_form(request: Request, signer: Annotated[SessionSigner, Depends(get_signer)]) -> None:
-    await check_form(request, signer)
-
-
 AdminForm = Depends(require_form)
-WriteConn = Annotated[sqlite3.Connection, Depends(get_write_conn)]

@@ -27,3 +27,10 @@ def refused_as_http() -> Iterator[None]:
         raise HTTPException(409, sentence(e)) from None
     except ValueError as e:
         raise HTTPException(422, sentence(e)) from None
+
+
+def enabling(action: str, noun: str) -> bool:
+    """The JSON API's switch: enable → True, disable → False; any other action is a 404 naming the ones there are."""
+    if action not in ("enable", "disable"):
+        raise HTTPException(404, f"No {noun} action {action!r}; use enable or disable (DELETE to delete).")
+    return action == "enable"

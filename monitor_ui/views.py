@@ -249,6 +249,18 @@ def _stored_form(detail: dict[str, Any]) -> dict[str, Any] | None:
     return form if isinstance(form, dict) else None
 
 
+def usage(row: sqlite3.Row) -> dict[str, Any]:
+    """What an upstream key or a client has used, and when it was made (rows from storage's key and client lists)."""
+    return {
+        "requests": row["requests"],
+        "prompt_tokens": row["prompt_tokens"],
+        "completion_tokens": row["completion_tokens"],
+        "cost": row["cost"],
+        "last_used_at": row["last_used_at"],
+        "created_at": row["created_at"],
+    }
+
+
 def group_summary(row: sqlite3.Row) -> dict[str, Any]:
     """A group as the pages and the JSON API show it (storage.routes.list_groups / get_group rows)."""
     return {

@@ -5,16 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import HTMLResponse
 
-from monitor_ui import views
-from monitor_ui.auth import SESSION_COOKIE
-from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
+from monitor_ui import shapes, views
+from monitor_ui.deps import AdminApi, AdminPage, Conn, PageOf
 from monitor_ui.filters import parse_time, query_link
 from storage import audit
 
-router = APIRouter()
+router = APIRouter(prefix="/audit", tags=["audit"])
+api = APIRouter(prefix="/api/audit", tags=["audit"])
 
 
 @dataclass(frozen=True)
@@ -55,22 +55,21 @@ def _public(entry: dict) -> dict:
     return {k: entry[k] for k in ("at", "actor", "address", "action", "target", "changes")}
 
 
-@router.get("/audit", response_class=HTMLResponse, dependencies=[AdminPage])
-def list_audit(request: Request, conn: Conn, signer: Signer, query: Audit, limit: Limit = 100):
+@router.get("", response_class=HTMLResponse, dependencies=[AdminPage])
+def list_audit(page: PageOf, conn: Conn, query: Audit, limit: Limit = 100):
     """Administrative acts, newest first."""
     context = {
         "entries": audit.entries(conn, query.filter, limit),
         "raw": query.raw,
         "actors": audit.ACTORS,
         "section": "audit",
-        "csrf": signer.csrf_token(request.cookies.get(SESSION_COOKIE, "")),  # the nav and logout need it
         "iso": views.iso,
         "json_link": "/api/audit?" + query_link(query.raw),
     }
-    return request.app.state.templates.TemplateResponse(request, "audit.html", context)
+    return page.render("audit.html", context)
 
 
-@router.get("/api/audit", dependencies=[AdminApi])
+@api.get("", dependencies=[AdminApi], response_model=shapes.AuditEntries)
 def list_audit_json(conn: Conn, query: Audit, limit: Limit = 100) -> dict:
     """Administrative acts, newest first: at, actor, address, action, target, changes (never a secret)."""
     return {"entries": [_public(e) for e in audit.entries(conn, query.filter, limit)]}

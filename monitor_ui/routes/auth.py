@@ -1,16 +1,19 @@
+"""Logging in with the admin key (a session cookie) and out."""
+
 from __future__ import annotations
 
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse
 
 from monitor_ui.auth import SESSION_COOKIE, SESSION_SECONDS
-from monitor_ui.deps import Signer
+from monitor_ui.deps import Settings, Signer, Templates, Throttle
+from monitor_ui.pages import see_other
 from storage import audit
 
-router = APIRouter()
+router = APIRouter(tags=["session"])
 
 
 def _safe_next(target: str | None) -> str:
@@ -26,27 +29,30 @@ def _same_origin(request: Request) -> bool:
 
 
 @router.get("/login", response_class=HTMLResponse)
-def read_login(request: Request, next: str | None = None):
+def read_login(request: Request, templates: Templates, next: str | None = None):
     """The login form."""
-    return request.app.state.templates.TemplateResponse(
-        request, "login.html", {"next": _safe_next(next), "error": None}
-    )
+    return templates.TemplateResponse(request, "login.html", {"next": _safe_next(next), "error": None})
 
 
 @router.post("/login")
 def create_session(
-    request: Request, signer: Signer, admin_key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = ""
+    request: Request,
+    signer: Signer,
+    settings: Settings,
+    templates: Templates,
+    throttle: Throttle,
+    admin_key: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "",
 ):
     """Exchange the admin key for a session cookie."""
     next = next or request.query_params.get("next", "")
     if not _same_origin(request):
         raise HTTPException(403, "Cross-site login refused.")
-    throttle = request.app.state.login_throttle
     address = request.client.host if request.client else "unknown"
     actor = audit.Actor(audit.UI_SESSION, address)
     wait = throttle.retry_after(address, time.time())
     if wait is not None:
-        audit.log_now(request.app.state.db_path, "login.refused", None, {"retry_after": wait}, actor)
+        audit.log_now(settings.db_path, "login.refused", None, {"retry_after": wait}, actor)
         raise HTTPException(
             429,
             f"Too many failed logins from this address; try again in {wait} seconds.",
@@ -54,14 +60,14 @@ def create_session(
         )
     if not signer.check_admin_key(admin_key.strip()):
         delay = throttle.failed(address, time.time())
-        audit.log_now(request.app.state.db_path, "login.failed", None, None, actor)
+        audit.log_now(settings.db_path, "login.failed", None, None, actor)
         time.sleep(delay)  # a guesser waits; this runs in a worker thread, the app goes on serving
-        return request.app.state.templates.TemplateResponse(
+        return templates.TemplateResponse(
             request, "login.html", {"next": _safe_next(next), "error": "That is not the admin key."}, status_code=401
         )
     throttle.succeeded(address)
-    audit.log_now(request.app.state.db_path, "login.succeeded", None, None, actor)
-    response = RedirectResponse(_safe_next(next), status_code=303)
+    audit.log_now(settings.db_path, "login.succeeded", None, None, actor)
+    response = see_other(_safe_next(next))
     response.set_cookie(
         SESSION_COOKIE,
         signer.new_session(),
@@ -79,6 +85,6 @@ def delete_session(request: Request, signer: Signer, csrf: Annotated[str, Form()
     if not signer.valid_csrf(request.cookies.get(SESSION_COOKIE), csrf):
         raise HTTPException(403, "Missing or wrong CSRF token.")
     signer.end_session(request.cookies.get(SESSION_COOKIE))  # a copy of the cookie stops working too
-    response = RedirectResponse("/login", status_code=303)
+    response = see_other("/login")
     response.delete_cookie(SESSION_COOKIE)
     return response

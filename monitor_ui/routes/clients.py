@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import re
 import time
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from core.limits import NO_LIMITS, LimitError, limits_shown, policy_with
-from monitor_ui import views
-from monitor_ui.auth import SESSION_COOKIE
-from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, Signer, WriteConn
+from monitor_ui import shapes, views
+from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, PageOf, WriteConn
+from monitor_ui.pages import Page, done_or_refused, see_other
 from storage import client_keys
 from storage.counters import clients_spend
 
-router = APIRouter()
+router = APIRouter(prefix="/clients", tags=["clients"])
+api = APIRouter(prefix="/api/clients", tags=["clients"])
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$"
 # The limits as the CLI's flags name them (dashes as underscores) → core.limits.ClientPolicy's fields.
@@ -97,12 +99,7 @@ def client_summary(row, spend: dict[str, float] | None = None) -> dict:
         "key": f"…{row['last4']}" if row["last4"] else None,
         "keys": row["keys"],
         "enabled": bool(row["enabled"]),
-        "requests": row["requests"],
-        "prompt_tokens": row["prompt_tokens"],
-        "completion_tokens": row["completion_tokens"],
-        "cost": row["cost"],
-        "last_used_at": row["last_used_at"],
-        "created_at": row["created_at"],
+        **views.usage(row),
         "limits": limits_shown(policy),
         "spend": {k: spend.get(k, 0.0) for k in ("day_tokens", "day_usd", "month_tokens", "month_usd")},
         "budgets": _budgets(policy, spend),
@@ -139,32 +136,14 @@ def detail(conn, client_id: int) -> dict:
     return summary
 
 
-def _csrf(request: Request, signer) -> str:
-    return signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
+def _render(page: Page, conn, status_code: int = 200, **extra) -> HTMLResponse:
+    context = {"clients": summaries(conn), "section": "clients", "iso": views.iso, "limit_names": list(LIMITS)}
+    return page.render("clients.html", {**context, **extra}, status_code)
 
 
-def _render(request: Request, conn, signer, status_code: int = 200, **extra):
-    context = {
-        "clients": summaries(conn),
-        "csrf": _csrf(request, signer),
-        "section": "clients",
-        "iso": views.iso,
-        "limit_names": list(LIMITS),
-        **extra,
-    }
-    return request.app.state.templates.TemplateResponse(request, "clients.html", context, status_code=status_code)
-
-
-def _render_detail(request: Request, conn, signer, client_id: int, status_code: int = 200, **extra):
-    context = {
-        "client": detail(conn, client_id),
-        "csrf": _csrf(request, signer),
-        "section": "clients",
-        "iso": views.iso,
-        "limit_names": list(LIMITS),
-        **extra,
-    }
-    return request.app.state.templates.TemplateResponse(request, "client.html", context, status_code=status_code)
+def _render_detail(page: Page, conn, client_id: int, status_code: int = 200, **extra) -> HTMLResponse:
+    context = {"client": detail(conn, client_id), "section": "clients", "iso": views.iso, "limit_names": list(LIMITS)}
+    return page.render("client.html", {**context, **extra}, status_code)
 
 
 def _create(conn, name: str, limits: dict[str, str | None]) -> str:
@@ -204,56 +183,56 @@ async def _form_limits(request: Request) -> dict[str, str | None]:
 # ------------------------------------------------------------------ pages
 
 
-@router.get("/clients", response_class=HTMLResponse, dependencies=[AdminPage])
-def list_clients(request: Request, conn: Conn, signer: Signer):
+@router.get("", response_class=HTMLResponse, dependencies=[AdminPage])
+def list_clients(page: PageOf, conn: Conn):
     """Clients with their limits, spend today and this month, and usage."""
-    return _render(request, conn, signer)
+    return _render(page, conn)
 
 
-@router.post("/clients", response_class=HTMLResponse, dependencies=[AdminForm])
-async def create_client(request: Request, conn: WriteConn, signer: Signer, name: Annotated[str, Form()] = ""):
+@router.post("", response_class=HTMLResponse, dependencies=[AdminForm])
+async def create_client(request: Request, page: PageOf, conn: WriteConn, name: Annotated[str, Form()] = ""):
     """Create a client with its first key (the page shows it this once) and the limits filled in."""
     name = name.strip()
     if not re.fullmatch(NAME_PATTERN, name):
-        return _render(request, conn, signer, 422, error="A name is 1-64 letters, digits, spaces or . _ @ -.")
+        return _render(page, conn, 422, error="A name is 1-64 letters, digits, spaces or . _ @ -.")
     limits = {k: v for k, v in (await _form_limits(request)).items() if v.strip()}
     try:
         key = _create(conn, name, limits)
     except HTTPException as e:
-        return _render(request, conn, signer, e.status_code, error=e.detail)
-    return _render(request, conn, signer, created={"name": name, "key": key})
+        return _render(page, conn, e.status_code, error=e.detail)
+    return _render(page, conn, created={"name": name, "key": key})
 
 
-@router.get("/clients/{client_id}", response_class=HTMLResponse, dependencies=[AdminPage])
-def read_client(request: Request, client_id: int, conn: Conn, signer: Signer):
+@router.get("/{client_id}", response_class=HTMLResponse, dependencies=[AdminPage])
+def read_client(page: PageOf, client_id: int, conn: Conn):
     """One client: its keys, limits, spend against budget, recent flows."""
-    return _render_detail(request, conn, signer, client_id)
+    return _render_detail(page, conn, client_id)
 
 
-@router.post("/clients/{client_id}/limits", response_class=HTMLResponse, dependencies=[AdminForm])
-async def change_limits(request: Request, client_id: int, conn: WriteConn, signer: Signer):
+@router.post("/{client_id}/limits", response_class=HTMLResponse, dependencies=[AdminForm])
+async def change_limits(request: Request, page: PageOf, client_id: int, conn: WriteConn) -> Response:
     """Set the limits as the form has them (an empty field clears one)."""
-    try:
-        _set_limits(conn, client_id, await _form_limits(request))
-    except HTTPException as e:
-        if e.status_code == 404:
-            raise
-        return _render_detail(request, conn, signer, client_id, e.status_code, error=e.detail)
-    return RedirectResponse(f"/clients/{client_id}", status_code=303)
+    limits = await _form_limits(request)
+
+    def save() -> str:
+        _set_limits(conn, client_id, limits)
+        return f"/clients/{client_id}"
+
+    return done_or_refused(save, partial(_render_detail, page, conn, client_id), missing_raises=True)
 
 
-@router.post("/clients/{client_id}/keys", response_class=HTMLResponse, dependencies=[AdminForm])
-def add_client_key(request: Request, client_id: int, conn: WriteConn, signer: Signer):
+@router.post("/{client_id}/keys", response_class=HTMLResponse, dependencies=[AdminForm])
+def add_client_key(page: PageOf, client_id: int, conn: WriteConn):
     """Issue another key for the client; the page shows it this once."""
     key_id, key = client_keys.add_key(conn, _name_of(conn, client_id))
-    return _render_detail(request, conn, signer, client_id, created={"id": key_id, "key": key})
+    return _render_detail(page, conn, client_id, created={"id": key_id, "key": key})
 
 
-@router.post("/clients/{client_id}/keys/{key_id}/revoke", dependencies=[AdminForm])
+@router.post("/{client_id}/keys/{key_id}/revoke", dependencies=[AdminForm])
 def revoke_client_key(client_id: int, key_id: int, conn: WriteConn) -> RedirectResponse:
     """Revoke one key; the client and its history stay."""
     client_keys.revoke_key(conn, _name_of(conn, client_id), key_id)
-    return RedirectResponse(f"/clients/{client_id}", status_code=303)
+    return see_other(f"/clients/{client_id}")
 
 
 def _change(conn, client_id: int, action: str) -> int:
@@ -264,50 +243,50 @@ def _change(conn, client_id: int, action: str) -> int:
     raise HTTPException(404, f"No client action {action!r}; use enable, disable or delete.")
 
 
-@router.post("/clients/{client_id}/{action}", dependencies=[AdminForm])
+@router.post("/{client_id}/{action}", dependencies=[AdminForm])
 def change_client(client_id: int, action: str, conn: WriteConn) -> RedirectResponse:
     """Enable, disable or delete a client from the page; the proxy applies it within a second."""
     _change(conn, client_id, action)
-    return RedirectResponse("/clients", status_code=303)
+    return see_other("/clients")
 
 
 # ------------------------------------------------------------------ API
 
 
-@router.get("/api/clients", dependencies=[AdminApi])
+@api.get("", dependencies=[AdminApi], response_model=shapes.ClientList)
 def list_clients_json(conn: Conn) -> dict:
     """Clients with limits, spend and usage (never a key: only its last four characters)."""
     return {"clients": summaries(conn)}
 
 
-@router.post("/api/clients", dependencies=[AdminApiChange], status_code=201)
+@api.post("", dependencies=[AdminApiChange], status_code=201, response_model=shapes.ClientCreated)
 def create_client_json(new: NewClient, conn: WriteConn) -> dict:
     """Create a client with its first key; the response carries the key this once."""
     key = _create(conn, new.name, limit_changes(new.limits))
     return {"name": new.name, "key": key}
 
 
-@router.get("/api/clients/{client_id}", dependencies=[AdminApi])
+@api.get("/{client_id}", dependencies=[AdminApi], response_model=shapes.ClientDetail)
 def read_client_json(client_id: int, conn: Conn) -> dict:
     """One client: keys, limits, spend against budget, recent flows."""
     return detail(conn, client_id)
 
 
-@router.patch("/api/clients/{client_id}", dependencies=[AdminApiChange])
+@api.patch("/{client_id}", dependencies=[AdminApiChange], response_model=shapes.ClientDetail)
 def change_limits_json(client_id: int, conn: WriteConn, limits: Annotated[dict[str, Any], Body()]) -> dict:
     """Change some limits: {"rpm": 60, "models": ["gpt-4o*"], "expires": null}; null or 'none' clears one."""
     _set_limits(conn, client_id, limit_changes(limits, only_given=False))
     return detail(conn, client_id)
 
 
-@router.post("/api/clients/{client_id}/keys", dependencies=[AdminApiChange], status_code=201)
+@api.post("/{client_id}/keys", dependencies=[AdminApiChange], status_code=201, response_model=shapes.ClientKeyCreated)
 def add_client_key_json(client_id: int, conn: WriteConn) -> dict:
     """Another key for the client; the response carries it this once."""
     key_id, key = client_keys.add_key(conn, _name_of(conn, client_id))
     return {"id": key_id, "key": key}
 
 
-@router.post("/api/clients/{client_id}/keys/{key_id}/revoke", dependencies=[AdminApiChange])
+@api.post("/{client_id}/keys/{key_id}/revoke", dependencies=[AdminApiChange], response_model=shapes.Done)
 def revoke_client_key_json(client_id: int, key_id: int, conn: WriteConn) -> dict:
     """Revoke one key of the client."""
     if not client_keys.revoke_key(conn, _name_of(conn, client_id), key_id):
@@ -315,7 +294,7 @@ def revoke_client_key_json(client_id: int, key_id: int, conn: WriteConn) -> dict
     return {"id": key_id, "done": "revoke"}
 
 
-@router.post("/api/clients/{client_id}/{action}", dependencies=[AdminApiChange])
+@api.post("/{client_id}/{action}", dependencies=[AdminApiChange], response_model=shapes.Done)
 def change_client_json(client_id: int, action: str, conn: WriteConn) -> dict:
     """enable, disable or delete a client."""
     if not _change(conn, client_id, action):

@@ -5,16 +5,16 @@ from __future__ import annotations
 import math
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from monitor_ui import charts, views
-from monitor_ui.auth import SESSION_COOKIE
-from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
+from monitor_ui import charts, shapes, views
+from monitor_ui.deps import AdminApi, AdminPage, Conn, PageOf, Settings
 from monitor_ui.names import names_for, route_names
 from storage import capture_status, outcomes, rollups, upstream_keys
 
-router = APIRouter()
+router = APIRouter(prefix="/dashboard", tags=["dashboard"])
+api = APIRouter(prefix="/api/dashboard", tags=["dashboard"])
 
 # (name, grain, seconds back): the newest buckets of the finer grain for short windows.
 WINDOWS = (
@@ -115,10 +115,10 @@ def dashboard_data(conn, now: float, status: capture_status.CaptureStatus | None
     }
 
 
-@router.get("/dashboard", response_class=HTMLResponse, dependencies=[AdminPage])
-def read_dashboard(request: Request, conn: Conn, signer: Signer):
+@router.get("", response_class=HTMLResponse, dependencies=[AdminPage])
+def read_dashboard(page: PageOf, conn: Conn, settings: Settings):
     """Traffic at a glance; refreshes itself every few seconds."""
-    data = dashboard_data(conn, time.time(), capture_status.read(request.app.state.db_path))
+    data = dashboard_data(conn, time.time(), capture_status.read(settings.db_path))
     minute_start, minutes, hour_start, hours = data.pop("_charts")
     chart_list = [
         charts.requests_chart("minute", "Requests per minute, last hour", minutes, minute_start, 60, 60),
@@ -126,25 +126,19 @@ def read_dashboard(request: Request, conn: Conn, signer: Signer):
         charts.latency_chart("latency", "Latency per minute (p50, p95), last hour", minutes, minute_start, 60, 60),
         charts.tokens_chart("tokens", "Tokens per minute, last hour", minutes, minute_start, 60, 60),
     ]
-    csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
-    return request.app.state.templates.TemplateResponse(
-        request,
-        "dashboard.html",
-        {
-            "data": data,
-            "charts": chart_list,
-            "breakdown_names": BREAKDOWNS,
-            "csrf": csrf,
-            "section": "dashboard",
-            "iso": views.iso,
-        },
-    )
+    context = {
+        "data": data,
+        "charts": chart_list,
+        "breakdown_names": BREAKDOWNS,
+        "section": "dashboard",
+        "iso": views.iso,
+    }
+    return page.render("dashboard.html", context)
 
 
-@router.get("/api/dashboard", dependencies=[AdminApi])
-def read_dashboard_json(request: Request, conn: Conn) -> dict:
-    """The dashboard's figures as JSON (series as [bucket start, requests, errors], latency [start, p50, p95] ms,
-    tokens [start, prompt, completion])."""
-    data = dashboard_data(conn, time.time(), capture_status.read(request.app.state.db_path))
+@api.get("", dependencies=[AdminApi], response_model=shapes.Dashboard, response_model_exclude_unset=True)
+def read_dashboard_json(conn: Conn, settings: Settings) -> dict:
+    """The dashboard's figures: series are [bucket start, requests, errors], [start, p50, p95] ms, [start, in, out]."""
+    data = dashboard_data(conn, time.time(), capture_status.read(settings.db_path))
     data.pop("_charts")
     return data

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from monitor_ui import export, views
-from monitor_ui.auth import SESSION_COOKIE
-from monitor_ui.deps import AdminApi, AdminPage, Conn, Signer
+from monitor_ui import export, shapes, views
+from monitor_ui.deps import AdminApi, AdminPage, Conn, PageOf, Settings
 from monitor_ui.filters import Flows
 from monitor_ui.names import names_for, route_names
 from storage import db, flows, objects
 
-router = APIRouter()
+router = APIRouter(prefix="/flows", tags=["flows"])
+api = APIRouter(prefix="/api/flows", tags=["flows"])
 
 Limit = Annotated[int, Query(ge=1, le=500)]
 Before = Annotated[int | None, Query(ge=1, description="continue below this flow id (keyset pagination)")]
@@ -48,7 +51,7 @@ def _next_before(page: flows.Page, limit: int, live: bool) -> int | None:
     return page.rows[-1]["id"] if len(page.rows) == limit else None
 
 
-def _detail(request: Request, conn, flow_row_id: int) -> dict:
+def _detail(conn, flow_row_id: int, proxy_url: str) -> dict:
     row = flows.get_flow(conn, flow_row_id)
     if row is None:
         raise HTTPException(404, f"No flow with id {flow_row_id}.")
@@ -65,39 +68,30 @@ def _detail(request: Request, conn, flow_row_id: int) -> dict:
     detail["upstream"], detail["group"] = route.upstream(row["upstream_id"]), route.group(row["group_id"])
     detail["group_exists"] = row["group_id"] in route.groups
     detail["events"] = views.sse_events(row["response_body"], detail["chunk_times"]) if row["stream"] else []
-    detail["curl"] = views.curl_command(detail, request.app.state.proxy_url)
+    detail["curl"] = views.curl_command(detail, proxy_url)
     detail["objects"] = objects.objects_of_flow(conn, row["flow_id"])  # key affinity: created or used
     return detail
 
 
-@router.get("/", include_in_schema=False)
-def read_root() -> RedirectResponse:
-    return RedirectResponse("/dashboard", status_code=303)
-
-
-@router.get("/flows", response_class=HTMLResponse, dependencies=[AdminPage])
-def list_flows(request: Request, conn: Conn, signer: Signer, query: Flows, limit: Limit = 50, before: Before = None):
+@router.get("", response_class=HTMLResponse, dependencies=[AdminPage])
+def list_flows(page: PageOf, conn: Conn, query: Flows, limit: Limit = 50, before: Before = None):
     """Flows, newest first: full-text search, filters, keyset pages; new ones appear while the page is open."""
-    page = _page(conn, query, limit, before)
-    csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
+    found = _page(conn, query, limit, before)
     route = route_names(conn)
     choices = {"upstream_names": sorted(route.upstreams.values()), "group_labels": sorted(route.groups.values())}
-    return request.app.state.templates.TemplateResponse(
-        request,
-        "flows.html",
-        {**page, **choices, "limit": limit, "csrf": csrf, "query": query, "live": before is None, "section": "flows"},
-    )
+    context = {**found, **choices, "limit": limit, "query": query, "live": before is None, "section": "flows"}
+    return page.render("flows.html", context)
 
 
-@router.get("/api/flows", dependencies=[AdminApi])
+@api.get("", dependencies=[AdminApi], response_model=shapes.FlowPage)
 def list_flows_json(conn: Conn, query: Flows, limit: Limit = 50, before: Before = None) -> dict:
     """Flows as JSON, with the same filters and pagination as the page."""
     return _page(conn, query, limit, before)
 
 
-def _export_rows(request: Request, query: Flows):
+def _export_rows(db_path: Path, query: Flows) -> Iterator[sqlite3.Row]:
     # Its own connection: the response streams after the request's dependencies have closed theirs.
-    conn = db.connect(request.app.state.db_path, readonly=True)
+    conn = db.connect(db_path, readonly=True)
     try:
         before = None
         sent = 0
@@ -112,18 +106,19 @@ def _export_rows(request: Request, query: Flows):
         conn.close()
 
 
-@router.get("/api/flows/export.jsonl", dependencies=[AdminApi])
-def export_flows_jsonl(request: Request, query: Flows) -> StreamingResponse:
+@api.get("/export.jsonl", dependencies=[AdminApi], response_class=StreamingResponse)
+def export_flows_jsonl(query: Flows, settings: Settings) -> StreamingResponse:
     """The filtered list (newest first, at most 10,000 flows) as JSON Lines, one full flow per line."""
-    lines = (export.jsonl_line(row) for row in _export_rows(request, query))
+    lines = (export.jsonl_line(row) for row in _export_rows(settings.db_path, query))
     disposition = 'attachment; filename="keyrotor-flows.jsonl"'
     return StreamingResponse(lines, media_type="application/x-ndjson", headers={"content-disposition": disposition})
 
 
-@router.get("/api/flows/export.har", dependencies=[AdminApi])
-def export_flows_har(request: Request, query: Flows) -> StreamingResponse:
+@api.get("/export.har", dependencies=[AdminApi], response_class=StreamingResponse)
+def export_flows_har(request: Request, query: Flows, settings: Settings) -> StreamingResponse:
     """The filtered list (at most 10,000 flows) as a HAR 1.2 file."""
-    document = export.har_document(_export_rows(request, query), request.app.state.upstream, request.app.version)
+    rows = _export_rows(settings.db_path, query)
+    document = export.har_document(rows, settings.upstream, request.app.version)
     return StreamingResponse(
         document,
         media_type="application/json",
@@ -131,25 +126,22 @@ def export_flows_har(request: Request, query: Flows) -> StreamingResponse:
     )
 
 
-@router.get("/flows/{flow_row_id}", response_class=HTMLResponse, dependencies=[AdminPage])
-def read_flow(request: Request, flow_row_id: int, conn: Conn, signer: Signer):
+@router.get("/{flow_row_id}", response_class=HTMLResponse, dependencies=[AdminPage])
+def read_flow(page: PageOf, flow_row_id: int, conn: Conn, settings: Settings):
     """One flow: timings, attempts, headers, bodies, streamed events, usage and a curl command."""
-    detail = _detail(request, conn, flow_row_id)
+    detail = _detail(conn, flow_row_id, settings.proxy_url)
     detail["request_body_pretty"] = views.pretty_body(detail["request_body"])
     detail["response_body_pretty"] = views.pretty_body(detail["response_body"]) if not detail["stream"] else None
-    csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
-    return request.app.state.templates.TemplateResponse(
-        request, "flow.html", {"flow": detail, "csrf": csrf, "section": "flows"}
-    )
+    return page.render("flow.html", {"flow": detail, "section": "flows"})
 
 
-@router.get("/api/flows/{flow_row_id}", dependencies=[AdminApi])
-def read_flow_json(request: Request, flow_row_id: int, conn: Conn) -> dict:
+@api.get("/{flow_row_id}", dependencies=[AdminApi], response_model=shapes.FlowDetail)
+def read_flow_json(flow_row_id: int, conn: Conn, settings: Settings) -> dict:
     """One flow as JSON."""
-    return _detail(request, conn, flow_row_id)
+    return _detail(conn, flow_row_id, settings.proxy_url)
 
 
-@router.get("/flows/{flow_row_id}/download/{side}", dependencies=[AdminApi])
+@router.get("/{flow_row_id}/download/{side}", dependencies=[AdminApi])
 def download_flow_body(flow_row_id: int, side: Literal["request", "response"], conn: Conn) -> Response:
     """A body kept as bytes (audio, an image, an upload's file), as a file to save, never to render."""
     row = flows.get_flow(conn, flow_row_id)

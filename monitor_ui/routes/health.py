@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-router = APIRouter()
+router = APIRouter(prefix="/health", tags=["health"])
 
 
-@router.get("/health")
+@router.get("")
 def read_health() -> dict[str, str]:
     """Liveness for load balancers and scripts; needs no login and reveals nothing."""
     return {"status": "ok"}

@@ -6,22 +6,22 @@ import time
 from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi import APIRouter, Form, HTTPException, Query
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
 from core.keys import MAX_NAME_LENGTH
 from core.models import KeyState
-from monitor_ui import views
-from monitor_ui.auth import SESSION_COOKIE
-from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, Signer, WriteConn
+from monitor_ui import shapes, views
+from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, KeyStore, PageOf, Settings, WriteConn
 from monitor_ui.errors import refused_as_http, sentence
 from monitor_ui.names import key_label
-from storage import objects, routes, secrets, upstream_keys
-from storage.upstream_keys import SqliteKeyStore
+from monitor_ui.pages import Page, see_other
+from storage import objects, routes, upstream_keys
 from usecases import keys as key_admin
 
-router = APIRouter()
+router = APIRouter(prefix="/keys", tags=["keys"])
+api = APIRouter(prefix="/api/keys", tags=["keys"])
 
 PAGE_SIZE = 100
 MAX_BULK_LINES = 10_000
@@ -75,12 +75,7 @@ def key_summary(row, now: float | None = None, owned: int = 0) -> dict:
         "weight": row["weight"],
         "group_id": row["group_id"],
         "group": row["group_label"],
-        "requests": row["requests"],
-        "prompt_tokens": row["prompt_tokens"],
-        "completion_tokens": row["completion_tokens"],
-        "cost": row["cost"],
-        "last_used_at": row["last_used_at"],
-        "created_at": row["created_at"],
+        **views.usage(row),
         # Objects it made (files, batches, stored responses...): only it can reach them (key affinity).
         "objects": owned,
     }
@@ -122,27 +117,21 @@ def group_of(conn, label: str | None, group_id: int | None) -> int | None:
     return chosen
 
 
-def _store(request: Request, conn) -> SqliteKeyStore:
-    return SqliteKeyStore(conn, secrets.key_cipher(request.app.state.db_path))
-
-
 def _report(report) -> dict:
     return {"added": report.added, "duplicates": report.duplicates, "malformed_lines": report.malformed}
 
 
-def _render(request: Request, conn, signer, after: int = 0, group_id: int | None = None, **extra):
-    csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
+def _render(page: Page, conn, after: int = 0, group_id: int | None = None, **extra) -> HTMLResponse:
     groups = [views.group_summary(g) for g in routes.list_groups(conn)]
     context = {
         **key_page(conn, after, group_id),
-        "csrf": csrf,
         "section": "keys",
         "iso": views.iso,
         "groups": groups,
         "group_filter": next((g for g in groups if g["id"] == group_id), None),
         **extra,
     }
-    return request.app.state.templates.TemplateResponse(request, "keys.html", context)
+    return page.render("keys.html", context)
 
 
 def notice(done: str | None, count: int, duplicates: int, malformed: str, malformed_count: int) -> dict:
@@ -161,7 +150,7 @@ def notice(done: str | None, count: int, duplicates: int, malformed: str, malfor
 def back_to(back: str, group_id: int | None, query: dict, anchor: str = "") -> RedirectResponse:
     """After a key action: the group page it was made on, or the keys page."""
     page = f"/groups/{group_id}" if back == "group" and group_id is not None else "/keys"
-    return RedirectResponse(f"{page}?{urlencode(query)}{anchor}", status_code=303)
+    return see_other(f"{page}?{urlencode(query)}{anchor}")
 
 
 After = Annotated[int, Query(ge=0, description="continue after this key id (keyset pagination)")]
@@ -181,11 +170,10 @@ def _line_numbers(text: str) -> list[int]:
     return [int(n) for n in text.split(",") if n.isdecimal()][:MALFORMED_SHOWN]
 
 
-@router.get("/keys", response_class=HTMLResponse, dependencies=[AdminPage])
+@router.get("", response_class=HTMLResponse, dependencies=[AdminPage])
 def list_keys(
-    request: Request,
+    page: PageOf,
     conn: Conn,
-    signer: Signer,
     after: After = 0,
     done: str | None = None,
     count: Annotated[int, Query(ge=0)] = 0,
@@ -197,19 +185,18 @@ def list_keys(
     """Upstream keys: add in bulk, state, usage, and the actions on them; every group's or one group's."""
     group_id = _group_filter(conn, group)
     extra = notice(done, count, duplicates, malformed, malformed_count)
-    return _render(request, conn, signer, after, group_id, **extra)
+    return _render(page, conn, after, group_id, **extra)
 
 
-@router.get("/api/keys", dependencies=[AdminApi])
+@api.get("", dependencies=[AdminApi], response_model=shapes.KeyPage)
 def list_keys_json(conn: Conn, after: After = 0, group: GroupFilter = None) -> dict:
     """Upstream keys, masked, with state, group and usage; 100 per page; `group` keeps one group's."""
     return key_page(conn, after, _group_filter(conn, group))
 
 
-@router.post("/keys/add", dependencies=[AdminForm])
+@router.post("/add", dependencies=[AdminForm])
 def create_keys(
-    request: Request,
-    conn: WriteConn,
+    store: KeyStore,
     keys: Annotated[str, Form(max_length=5_000_000)] = "",
     name: Annotated[str, Form(max_length=MAX_NAME_LENGTH)] = "",
     group_id: Annotated[int | None, Form(ge=1)] = None,
@@ -217,9 +204,9 @@ def create_keys(
 ) -> RedirectResponse:
     """Bulk add from the textarea (KEY or NAME<TAB>KEY lines) to a group, then redirect to the page with the counts."""
     lines = keys.splitlines()[:MAX_BULK_LINES]
-    group_id = group_of(conn, None, group_id)
+    group_id = group_of(store.conn, None, group_id)
     try:
-        report = key_admin.add_keys(_store(request, conn), lines, name, group_id)
+        report = key_admin.add_keys(store, lines, name, group_id)
     except ValueError as e:
         raise HTTPException(422, sentence(e)) from None
     query = {
@@ -232,12 +219,11 @@ def create_keys(
     return back_to(back, group_id, query)
 
 
-@router.post("/api/keys", dependencies=[AdminApiChange])
-def create_keys_json(request: Request, wanted: KeysToAdd, conn: WriteConn) -> dict:
-    """Add keys to a group (`group` or `group_id`; default default/default); says which were added (ids),
-    how many were duplicates, which items were malformed (1-based)."""
-    group_id = group_of(conn, wanted.group, wanted.group_id)
-    return _report(key_admin.add_keys(_store(request, conn), wanted.keys, group_id=group_id))
+@api.post("", dependencies=[AdminApiChange], response_model=shapes.KeysAdded)
+def create_keys_json(wanted: KeysToAdd, store: KeyStore) -> dict:
+    """Add keys to a group (default default/default): the ids added, duplicates, malformed items (1-based)."""
+    group_id = group_of(store.conn, wanted.group, wanted.group_id)
+    return _report(key_admin.add_keys(store, wanted.keys, group_id=group_id))
 
 
 def _change(conn, action: str, ids: list[int]) -> int:
@@ -266,34 +252,32 @@ def _edit(conn, key_id: int, name: str | None, weight: float | None) -> None:
         upstream_keys.set_weight(conn, [key_id], weight)
 
 
-@router.get("/keys/{key_id}", response_class=HTMLResponse, dependencies=[AdminPage])
-def read_key(request: Request, key_id: int, conn: Conn, signer: Signer, done: str | None = None):
+@router.get("/{key_id}", response_class=HTMLResponse, dependencies=[AdminPage])
+def read_key(page: PageOf, key_id: int, conn: Conn, done: str | None = None):
     """One upstream key: its name and weight to edit, state, usage, and its flows."""
-    csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
     context = {
         "key": _key(conn, key_id),
-        "csrf": csrf,
         "section": "keys",
         "iso": views.iso,
         "message": "Saved." if done == "edited" else None,
     }
-    return request.app.state.templates.TemplateResponse(request, "key.html", context)
+    return page.render("key.html", context)
 
 
-@router.get("/api/keys/{key_id}", dependencies=[AdminApi])
+@api.get("/{key_id}", dependencies=[AdminApi], response_model=shapes.Key)
 def read_key_json(key_id: int, conn: Conn) -> dict:
     """One upstream key, masked, with state and usage."""
     return _key(conn, key_id)
 
 
-@router.put("/api/keys/{key_id}", dependencies=[AdminApiChange])
-def update_key(key_id: int, change: KeyChange, conn: WriteConn) -> dict:
+@api.put("/{key_id}", dependencies=[AdminApiChange], response_model=shapes.Key)
+def update_key_json(key_id: int, change: KeyChange, conn: WriteConn) -> dict:
     """Change a key's name and/or weight; returns the key as GET /api/keys/{id} shows it."""
     _edit(conn, key_id, change.name, change.weight)
     return _key(conn, key_id)
 
 
-@router.post("/keys/{key_id}/edit", dependencies=[AdminForm])
+@router.post("/{key_id}/edit", dependencies=[AdminForm])
 def edit_key(
     key_id: int,
     conn: WriteConn,
@@ -304,21 +288,20 @@ def edit_key(
     """Rename (and re-weight) a key from the keys page, its group's page or its own; back to where the form was."""
     _edit(conn, key_id, name, weight)
     if back == "key":
-        return RedirectResponse(f"/keys/{key_id}?done=edited", status_code=303)
+        return see_other(f"/keys/{key_id}?done=edited")
     return back_to(back, _key(conn, key_id)["group_id"], {"done": "edited", "count": 1}, f"#key-{key_id}")
 
 
-@router.post("/keys/{key_id}/{action}", dependencies=[AdminForm])
+@router.post("/{key_id}/{action}", dependencies=[AdminForm])
 async def change_key(
-    request: Request, key_id: int, action: str, conn: WriteConn, back: Annotated[str, Form()] = "list"
+    key_id: int, action: str, store: KeyStore, settings: Settings, back: Annotated[str, Form()] = "list"
 ) -> RedirectResponse:
     """Enable, disable, delete or validate one key from the keys page or its group's page."""
+    conn = store.conn
     row = upstream_keys.get_key(conn, key_id)
     group_id = row["group_id"] if row is not None else None
     if action == "validate":
-        results = await key_admin.validate_keys(
-            _store(request, conn), routes.groups_by_id(conn), request.app.state.upstream, [key_id]
-        )
+        results = await key_admin.validate_keys(store, routes.groups_by_id(conn), settings.upstream, [key_id])
         return back_to(back, group_id, {"done": "validated", "count": len(results)}, f"#key-{key_id}")
     if action not in ("enable", "disable", "delete"):
         raise HTTPException(404, f"No key action {action!r}.")
@@ -326,15 +309,20 @@ async def change_key(
     return back_to(back, group_id, {"done": f"{action}d", "count": count})
 
 
-@router.post("/api/keys/{key_id}/weight", dependencies=[AdminApiChange])
-def update_key_weight(key_id: int, change: WeightChange, conn: WriteConn) -> dict:
+@api.post("/{key_id}/weight", dependencies=[AdminApiChange], response_model=shapes.KeyWeight)
+def update_key_weight_json(key_id: int, change: WeightChange, conn: WriteConn) -> dict:
     """Set one key's weight; the proxy uses it within a second."""
     if not upstream_keys.set_weight(conn, [key_id], change.weight):
         raise HTTPException(404, f"No upstream key with id {key_id}.")
     return {"id": key_id, "weight": change.weight}
 
 
-@router.post("/api/keys/{key_id}/{action}", dependencies=[AdminApiChange])
+@api.post(
+    "/{key_id}/{action}",
+    dependencies=[AdminApiChange],
+    response_model=shapes.KeyChanged,
+    response_model_exclude_unset=True,
+)
 def change_key_json(key_id: int, action: str, conn: WriteConn) -> dict:
     """enable, disable or delete one key; the proxy applies it within a second."""
     if action not in ("enable", "disable", "delete"):
@@ -355,15 +343,15 @@ def ownership_warning(owned: int) -> str:
     )
 
 
-@router.post("/keys/reset-invalid", dependencies=[AdminForm])
+@router.post("/reset-invalid", dependencies=[AdminForm])
 def reset_invalid_keys(conn: WriteConn) -> RedirectResponse:
     """Every invalid key back to active (they are tried, and marked again if still refused)."""
     ids = upstream_keys.ids_in_state(conn, [KeyState.INVALID])
     count = upstream_keys.set_admin_state(conn, ids, KeyState.ACTIVE, "reset by admin")
-    return RedirectResponse(f"/keys?done=reset&count={count}", status_code=303)
+    return see_other(f"/keys?done=reset&count={count}")
 
 
-@router.post("/api/keys/reset", dependencies=[AdminApiChange])
+@api.post("/reset", dependencies=[AdminApiChange], response_model=shapes.KeysReset)
 def reset_keys_json(conn: WriteConn, states: Annotated[list[str], Query()] = ["invalid"]) -> dict:  # noqa: B006
     """Keys in these states (default: invalid) back to active."""
     unknown = set(states) - {"invalid", "exhausted", "cooling"}
@@ -373,19 +361,17 @@ def reset_keys_json(conn: WriteConn, states: Annotated[list[str], Query()] = ["i
     return {"reset": upstream_keys.set_admin_state(conn, ids, KeyState.ACTIVE, "reset by admin")}
 
 
-@router.post("/keys/validate", response_class=HTMLResponse, dependencies=[AdminForm])
-async def validate_keys_page(request: Request, conn: WriteConn, signer: Signer):
+@router.post("/validate", response_class=HTMLResponse, dependencies=[AdminForm])
+async def validate_keys(page: PageOf, store: KeyStore, settings: Settings):
     """Probe every invalid and exhausted key; the page lists each result."""
-    store = _store(request, conn)
     ids = key_admin.ids_to_validate(store, None, False)
-    results = await key_admin.validate_keys(store, routes.groups_by_id(conn), request.app.state.upstream, ids)
-    return _render(request, conn, signer, validations=[r.as_dict() for r in results])
+    results = await key_admin.validate_keys(store, routes.groups_by_id(store.conn), settings.upstream, ids)
+    return _render(page, store.conn, validations=[r.as_dict() for r in results])
 
 
-@router.post("/api/keys/validate", dependencies=[AdminApiChange])
-async def validate_keys(request: Request, wanted: ValidationRequest, conn: WriteConn) -> dict:
+@api.post("/validate", dependencies=[AdminApiChange], response_model=shapes.Validations)
+async def validate_keys_json(wanted: ValidationRequest, store: KeyStore, settings: Settings) -> dict:
     """Probe keys with GET /v1/models (no tokens spent); by default every invalid or exhausted one."""
-    store = _store(request, conn)
     ids = key_admin.ids_to_validate(store, wanted.ids, wanted.all)
-    results = await key_admin.validate_keys(store, routes.groups_by_id(conn), request.app.state.upstream, ids)
+    results = await key_admin.validate_keys(store, routes.groups_by_id(store.conn), settings.upstream, ids)
     return {"results": [r.as_dict() for r in results], "skipped": sorted(set(ids) - {r.key_id for r in results})}

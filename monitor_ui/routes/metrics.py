@@ -9,11 +9,11 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 
 from monitor_ui.auth import SESSION_COOKIE
-from monitor_ui.deps import Conn, Signer
+from monitor_ui.deps import Conn, Settings, Signer
 from monitor_ui.names import key_label, route_names
 from storage import capture_status, client_keys, outcomes, rollups, upstream_keys
 
-router = APIRouter()
+router = APIRouter(prefix="/metrics", tags=["metrics"])
 
 
 def _label(value: object) -> str:
@@ -115,12 +115,12 @@ def render_metrics(conn, status: capture_status.CaptureStatus | None = None, now
     return "\n".join(lines) + "\n"
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-def read_metrics(request: Request, conn: Conn, signer: Signer) -> PlainTextResponse:
+@router.get("", response_class=PlainTextResponse)
+def read_metrics(request: Request, conn: Conn, signer: Signer, settings: Settings) -> PlainTextResponse:
     """Counters, latency histogram and key states for Prometheus: the admin key, a session, or the metrics token."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
-    metrics_token = request.app.state.metrics_token
+    metrics_token = settings.metrics_token
     allowed = (
         (metrics_token and token and hmac.compare_digest(token, metrics_token))
         or signer.check_admin_key(token)
@@ -128,5 +128,5 @@ def read_metrics(request: Request, conn: Conn, signer: Signer) -> PlainTextRespo
     )
     if not allowed:
         raise HTTPException(401, "Send the metrics token (ui.metrics_token) or the admin key as a Bearer token.")
-    status = capture_status.read(request.app.state.db_path)
+    status = capture_status.read(settings.db_path)
     return PlainTextResponse(render_metrics(conn, status, time.time()), media_type="text/plain; version=0.0.4")

@@ -4,20 +4,22 @@ and each model's fallbacks, with their edit form; the page and its JSON twin."""
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi import APIRouter, Form, HTTPException
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
-from monitor_ui import views
-from monitor_ui.auth import SESSION_COOKIE
-from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, Signer, WriteConn
+from monitor_ui import shapes, views
+from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, PageOf, WriteConn
 from monitor_ui.errors import refused_as_http
 from monitor_ui.fields import MAX_FALLBACKS, Model, check_model, from_form
+from monitor_ui.pages import Page, done_or_refused
 from storage import routes
 
-router = APIRouter()
+router = APIRouter(prefix="/models", tags=["models"])
+api = APIRouter(prefix="/api/models", tags=["models"])
 
 
 class Fallbacks(BaseModel):
@@ -63,25 +65,23 @@ def _set_fallbacks(conn, model: str, fallbacks: list[str]) -> dict:
     return {"model": model, "fallbacks": routes.fallbacks(conn).get(model, [])}
 
 
-def _render(request: Request, conn, signer, status_code: int = 200, **extra):
-    csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
-    context = {**models_overview(conn), "csrf": csrf, "section": "models", **extra}
-    return request.app.state.templates.TemplateResponse(request, "models.html", context, status_code=status_code)
+def _render(page: Page, conn, status_code: int = 200, **extra) -> HTMLResponse:
+    return page.render("models.html", {**models_overview(conn), "section": "models", **extra}, status_code)
 
 
-@router.get("/models", response_class=HTMLResponse, dependencies=[AdminPage])
-def list_models(request: Request, conn: Conn, signer: Signer, done: str | None = None):
+@router.get("", response_class=HTMLResponse, dependencies=[AdminPage])
+def list_models(page: PageOf, conn: Conn, done: str | None = None):
     """Every model, the groups that serve it with their upstream names, the catch-all groups, and fallbacks."""
-    return _render(request, conn, signer, message="Fallbacks saved." if done == "fallbacks" else None)
+    return _render(page, conn, message="Fallbacks saved." if done == "fallbacks" else None)
 
 
-@router.get("/api/models", dependencies=[AdminApi])
+@api.get("", dependencies=[AdminApi], response_model=shapes.ModelsOverview)
 def list_models_json(conn: Conn) -> dict:
     """Every model with the groups that serve it (and as what upstream) and its fallbacks; the catch-all groups."""
     return models_overview(conn)
 
 
-@router.put("/api/models/{model:path}/fallbacks", dependencies=[AdminApiChange])
+@api.put("/{model:path}/fallbacks", dependencies=[AdminApiChange], response_model=shapes.FallbacksOf)
 def update_fallbacks_json(model: str, wanted: Fallbacks, conn: WriteConn) -> dict:
     """The models tried, in order, after every group of `model` has failed; [] clears them."""
     try:
@@ -91,18 +91,18 @@ def update_fallbacks_json(model: str, wanted: Fallbacks, conn: WriteConn) -> dic
     return _set_fallbacks(conn, model, wanted.fallbacks)
 
 
-@router.post("/models/fallbacks", response_class=HTMLResponse, dependencies=[AdminForm])
+@router.post("/fallbacks", response_class=HTMLResponse, dependencies=[AdminForm])
 def edit_fallbacks(
-    request: Request,
+    page: PageOf,
     conn: WriteConn,
-    signer: Signer,
     model: Annotated[str, Form(max_length=1000)] = "",
     fallbacks: Annotated[str, Form(max_length=10_000)] = "",
-):
+) -> Response:
     """Save a model's fallbacks from the page: names separated by commas or spaces, tried in that order."""
-    try:
+
+    def save() -> str:
         wanted = from_form(FallbacksOf, model=model, fallbacks=[f for f in re.split(r"[\s,]+", fallbacks) if f])
         _set_fallbacks(conn, wanted.model, wanted.fallbacks)
-    except HTTPException as e:
-        return _render(request, conn, signer, e.status_code, error=e.detail)
-    return RedirectResponse("/models?done=fallbacks", status_code=303)
+        return "/models?done=fallbacks"
+
+    return done_or_refused(save, partial(_render, page, conn))

@@ -6,22 +6,34 @@ rebuild their route table within a second.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Form, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi import APIRouter, Form, HTTPException, Query
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from core.dialects import DEFAULT_AZURE_API_VERSION
 from core.routing import Dialect
-from monitor_ui import views
-from monitor_ui.auth import SESSION_COOKIE
-from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, Signer, WriteConn
-from monitor_ui.errors import refused_as_http
+from monitor_ui import shapes, views
+from monitor_ui.deps import (
+    AdminApi,
+    AdminApiChange,
+    AdminForm,
+    AdminPage,
+    Conn,
+    PageOf,
+    Settings,
+    UiSettings,
+    WriteConn,
+)
+from monitor_ui.errors import enabling, refused_as_http
 from monitor_ui.fields import NAME_RULE, ApiVersion, BaseUrl, Name, from_form
+from monitor_ui.pages import Page, done_or_refused
 from storage import routes
 
-router = APIRouter()
+router = APIRouter(prefix="/upstreams", tags=["upstreams"])
+api = APIRouter(prefix="/api/upstreams", tags=["upstreams"])
 
 # What a finished action says on the page after its redirect; the query carries only the code and counts.
 DONE = {
@@ -100,27 +112,31 @@ def _delete(conn, name: str) -> dict:
     return {"name": name, "deleted": True, "groups": upstream["groups"], "keys": keys}
 
 
-def render_upstreams(request: Request, conn, signer, status_code: int = 200, **extra):
-    csrf = signer.csrf_token(request.cookies.get(SESSION_COOKIE, ""))
+def render_upstreams(page: Page, conn, settings: UiSettings, status_code: int = 200, **extra) -> HTMLResponse:
+    """The upstreams page (the group form posts there too): with `error`, a form's refusal shown again."""
     context = {
         "upstreams": _upstreams(conn),
-        "csrf": csrf,
         "section": "upstreams",
         "iso": views.iso,
         "dialects": [d.value for d in Dialect],
-        "proxy_upstream": request.app.state.upstream,
+        "proxy_upstream": settings.upstream,
         "default_api_version": DEFAULT_AZURE_API_VERSION,
         "name_rule": NAME_RULE,
         **extra,
     }
-    return request.app.state.templates.TemplateResponse(request, "upstreams.html", context, status_code=status_code)
+    return page.render("upstreams.html", context, status_code)
 
 
-@router.get("/upstreams", response_class=HTMLResponse, dependencies=[AdminPage])
+def shown_again(page: Page, conn, settings: UiSettings):
+    """The upstreams page with a form's refusal (for done_or_refused)."""
+    return partial(render_upstreams, page, conn, settings)
+
+
+@router.get("", response_class=HTMLResponse, dependencies=[AdminPage])
 def list_upstreams(
-    request: Request,
+    page: PageOf,
     conn: Conn,
-    signer: Signer,
+    settings: Settings,
     done: str | None = None,
     groups: Annotated[int, Query(ge=0)] = 0,
     keys: Annotated[int, Query(ge=0)] = 0,
@@ -131,100 +147,100 @@ def list_upstreams(
         message = f"Upstream deleted, with {groups} group(s) and {keys} key(s)."
     elif done == "group-deleted":
         message = f"Group deleted, with {keys} key(s)."
-    return render_upstreams(request, conn, signer, message=message)
+    return render_upstreams(page, conn, settings, message=message)
 
 
-@router.get("/api/upstreams", dependencies=[AdminApi])
+@api.get("", dependencies=[AdminApi], response_model=shapes.UpstreamList)
 def list_upstreams_json(conn: Conn) -> dict:
     """Every upstream with its groups (base_url null: the proxy's own upstream, proxy.upstream)."""
     return {"upstreams": _upstreams(conn)}
 
 
-@router.post("/api/upstreams", dependencies=[AdminApiChange], status_code=201)
+@api.post("", dependencies=[AdminApiChange], status_code=201, response_model=shapes.Upstream)
 def create_upstream_json(new: NewUpstream, conn: WriteConn) -> dict:
     """Add an upstream; it serves nothing until it has a group with keys."""
     _add(conn, new)
     return _upstream(conn, new.name)
 
 
-@router.get("/api/upstreams/{name}", dependencies=[AdminApi])
+@api.get("/{name}", dependencies=[AdminApi], response_model=shapes.Upstream)
 def read_upstream_json(name: str, conn: Conn) -> dict:
     """One upstream with its groups."""
     return _upstream(conn, name)
 
 
-@router.put("/api/upstreams/{name}", dependencies=[AdminApiChange])
+@api.put("/{name}", dependencies=[AdminApiChange], response_model=shapes.Upstream)
 def update_upstream_json(name: str, change: UpstreamChange, conn: WriteConn) -> dict:
     """Change base_url, dialect or api_version; returns the upstream."""
     _edit(conn, name, change)
     return _upstream(conn, name)
 
 
-@router.delete("/api/upstreams/{name}", dependencies=[AdminApiChange])
+@api.delete("/{name}", dependencies=[AdminApiChange], response_model=shapes.UpstreamDeleted)
 def delete_upstream_json(name: str, conn: WriteConn) -> dict:
     """Delete an upstream with its groups and their keys; says how many went."""
     return _delete(conn, name)
 
 
-@router.post("/api/upstreams/{name}/{action}", dependencies=[AdminApiChange])
+@api.post("/{name}/{action}", dependencies=[AdminApiChange], response_model=shapes.Upstream)
 def change_upstream_json(name: str, action: str, conn: WriteConn) -> dict:
     """enable or disable an upstream (a disabled one serves nothing); returns it."""
-    if action not in ("enable", "disable"):
-        raise HTTPException(404, f"No upstream action {action!r}; use enable or disable (DELETE to delete).")
-    _set_enabled(conn, name, action == "enable")
+    _set_enabled(conn, name, enabling(action, "upstream"))
     return _upstream(conn, name)
 
 
-@router.post("/upstreams", response_class=HTMLResponse, dependencies=[AdminForm])
+@router.post("", response_class=HTMLResponse, dependencies=[AdminForm])
 def create_upstream(
-    request: Request,
+    page: PageOf,
     conn: WriteConn,
-    signer: Signer,
+    settings: Settings,
     name: Annotated[str, Form(max_length=200)] = "",
     base_url: Annotated[str, Form(max_length=2000)] = "",
     dialect: Annotated[str, Form(max_length=20)] = Dialect.OPENAI.value,
     api_version: Annotated[str, Form(max_length=200)] = "",
-):
+) -> Response:
     """Add an upstream from the page, then show it."""
-    try:
+
+    def add() -> str:
         new = from_form(NewUpstream, name=name, base_url=base_url, dialect=dialect, api_version=api_version)
-        upstream_id = _add(conn, new)
-    except HTTPException as e:
-        return render_upstreams(request, conn, signer, e.status_code, error=e.detail)
-    return RedirectResponse(f"/upstreams?done=added#upstream-{upstream_id}", status_code=303)
+        return f"/upstreams?done=added#upstream-{_add(conn, new)}"
+
+    return done_or_refused(add, shown_again(page, conn, settings))
 
 
-@router.post("/upstreams/{name}/edit", response_class=HTMLResponse, dependencies=[AdminForm])
+@router.post("/{name}/edit", response_class=HTMLResponse, dependencies=[AdminForm])
 def edit_upstream(
-    request: Request,
+    page: PageOf,
     name: str,
     conn: WriteConn,
-    signer: Signer,
+    settings: Settings,
     base_url: Annotated[str, Form(max_length=2000)] = "",
     dialect: Annotated[str, Form(max_length=20)] = Dialect.OPENAI.value,
     api_version: Annotated[str, Form(max_length=200)] = "",
-):
+) -> Response:
     """Save an upstream's base URL (empty: proxy.upstream), dialect and api-version."""
-    try:
+
+    def edit() -> str:
         upstream_id = _upstream(conn, name)["id"]
         change = from_form(UpstreamChange, base_url=base_url.strip() or None, dialect=dialect, api_version=api_version)
         _edit(conn, name, change)
-    except HTTPException as e:
-        return render_upstreams(request, conn, signer, e.status_code, error=e.detail)
-    return RedirectResponse(f"/upstreams?done=edited#upstream-{upstream_id}", status_code=303)
+        return f"/upstreams?done=edited#upstream-{upstream_id}"
+
+    return done_or_refused(edit, shown_again(page, conn, settings))
 
 
-@router.post("/upstreams/{name}/{action}", response_class=HTMLResponse, dependencies=[AdminForm])
-def change_upstream(request: Request, name: str, action: str, conn: WriteConn, signer: Signer):
+@router.post("/{name}/{action}", response_class=HTMLResponse, dependencies=[AdminForm])
+def change_upstream(page: PageOf, name: str, action: str, conn: WriteConn, settings: Settings) -> Response:
     """Enable, disable or delete an upstream from the page."""
     if action not in ("enable", "disable", "delete"):
         raise HTTPException(404, f"No upstream action {action!r}.")
-    try:
+
+    def change() -> str:
         if action == "delete":
             gone = _delete(conn, name)
-            return RedirectResponse(f"/upstreams?done=deleted&groups={gone['groups']}&keys={gone['keys']}", 303)
+            return f"/upstreams?done=deleted&groups={gone['groups']}&keys={gone['keys']}"
         upstream_id = _upstream(conn, name)["id"]
         _set_enabled(conn, name, action == "enable")
-    except HTTPException as e:
-        return render_upstreams(request, conn, signer, e.status_code, error=e.detail)
-    return RedirectResponse(f"/upstreams?done={action}d#upstream-{upstream_id}", status_code=303)
+        return f"/upstreams?done={action}d#upstream-{upstream_id}"
+
+    return done_or_refused(change, shown_again(page, conn, settings))

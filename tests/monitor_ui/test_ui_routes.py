@@ -773,7 +773,7 @@ def test_sessions_end_when_the_admin_key_changes(make_client, monkeypatch):
     log_in(client)
     session = client.cookies.get(SESSION_COOKIE)
     monkeypatch.setenv("KEYROTOR_ADMIN_KEY", "kra-a-brand-new-admin-key-000000000000")
-    settings = load_settings(overrides={"storage.path": str(client.app.state.db_path)}, environ={})
+    settings = load_settings(overrides={"storage.path": str(client.app.state.settings.db_path)}, environ={})
     relaunched = TestClient(create_app(settings), follow_redirects=False)
     relaunched.cookies.set(SESSION_COOKIE, session)
     assert relaunched.get("/flows").status_code == 303

@@ -159,26 +159,8 @@ class Keyrotor:
 
     def start_proxy(self, *extra: str) -> None:
         self.proxy_port = free_port()
-        log = self.log_path.open("ab")
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "run.py"),
-                "proxy",
-                "--proxy-port",
-                str(self.proxy_port),
-                "--upstream",
-                self.upstream_url,
-                *extra,
-            ],
-            env=self.env,
-            cwd=self.tmp,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self.processes.append(process)
-        wait_for(lambda: port_open(self.proxy_port) or process.poll() is not None, START_DEADLINE, what="proxy")
-        assert process.poll() is None, self.log_path.read_text()
+        args = ("proxy", "--proxy-port", str(self.proxy_port), "--upstream", self.upstream_url, *extra)
+        self._start_server("proxy", self.proxy_port, self.log_path, *args)
 
     @property
     def ui_url(self) -> str:
@@ -186,17 +168,21 @@ class Keyrotor:
 
     def start_ui(self, *extra: str) -> None:
         self.ui_port = free_port()
-        log = (self.tmp / "ui.log").open("ab")
+        self._start_server("UI", self.ui_port, self.tmp / "ui.log", "ui", "--ui-port", str(self.ui_port), *extra)
+
+    def _start_server(self, what: str, port: int, log_path: Path, *args: str) -> None:
+        """`run.py ARGS` in the background, its output appended to `log_path`; returns once it listens on `port`."""
+        log = log_path.open("ab")
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / "run.py"), "ui", "--ui-port", str(self.ui_port), *extra],
+            [sys.executable, str(ROOT / "run.py"), *args],
             env=self.env,
             cwd=self.tmp,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         self.processes.append(process)
-        wait_for(lambda: port_open(self.ui_port) or process.poll() is not None, START_DEADLINE, what="UI")
-        assert process.poll() is None, (self.tmp / "ui.log").read_text()
+        wait_for(lambda: port_open(port) or process.poll() is not None, START_DEADLINE, what=what)
+        assert process.poll() is None, log_path.read_text()
 
     def stop(self) -> None:
         for process in self.processes:
@@ -267,6 +253,14 @@ def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "kr.db"
     db.ensure_database(path)
     return path
+
+
+@pytest.fixture
+def conn(database: Path) -> Iterator[sqlite3.Connection]:
+    """A connection to `database`, closed after the test."""
+    connection = db.connect(database)
+    yield connection
+    connection.close()
 
 
 @pytest.fixture

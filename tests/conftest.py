@@ -157,6 +157,21 @@ class Keyrotor:
         self.start_proxy(*proxy_args)
         return client_key
 
+    def start_with_mitmweb(self, *keys: str) -> tuple[str, int]:
+        """start_serving, with mitmweb on a free port as well: the client's key and mitmweb's port."""
+        web_port = free_port()
+        client_key = self.start_serving(*keys, proxy_args=("--web", "--set", f"proxy.web_port={web_port}"))
+        wait_for(lambda: port_open(web_port), START_DEADLINE, what="mitmweb")
+        return client_key, web_port
+
+    def add_upstream_serving(self, group: str, url: str, model: str, key: str) -> None:
+        """An upstream at `url` whose one group, `group` (UPSTREAM/GROUP), serves `model` with `key`,
+        ahead of default/default (priority 10)."""
+        self.setup("upstreams", "add", group.partition("/")[0], url)
+        self.setup("groups", "add", group, "--priority", "10")
+        self.setup("models", "add", group, model)
+        self.setup("keys", "add", "--group", group, input=key + "\n")
+
     def start_proxy(self, *extra: str) -> None:
         self.proxy_port = free_port()
         args = ("proxy", "--proxy-port", str(self.proxy_port), "--upstream", self.upstream_url, *extra)

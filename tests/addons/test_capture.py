@@ -129,6 +129,7 @@ def test_a_missing_or_malformed_prices_file_is_refused(tmp_path, database, conte
             "capture.max_gb must be a number, zero or more",
         ),
     ],
+    ids=["keep_days-max_rows", "max_gb"],
 )
 def test_retention_options_reach_the_writer(database, options, retention, refused, refusal):
     runtime = Runtime()

@@ -10,7 +10,6 @@ where it came from, so start-up can print it and exit. The proxy's addons check 
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from core.prices import PriceFileError, PriceTable, load_prices
+from core.toml_files import read_toml
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "config.toml"
@@ -337,15 +337,7 @@ def load_settings(
 def _read_toml(path: Path, required: bool) -> dict[str, Any]:
     if not path.exists() and not required:
         return {}
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist.") from None
-    except OSError as e:
-        raise ConfigError(f"config file {path} cannot be read: {e.strerror}.") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}.") from None
+    return read_toml(path, "config file", ConfigError)
 
 
 def _check_unknown(from_file: dict[str, Any], path: Path) -> None:

@@ -11,12 +11,12 @@ Requests for models the file does not know are counted in tokens only (cost None
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.metering import Usage
+from core.toml_files import read_toml
 
 TOKEN_FIELDS = ("input", "output", "cached_input", "audio_input", "audio_output", "image_input")
 UNIT_FIELDS = ("per_minute", "per_million_characters")
@@ -106,15 +106,7 @@ class PriceTable:
 
 def load_prices(path: str | Path) -> PriceTable:
     path = Path(path)
-    try:
-        with path.open("rb") as f:
-            document = tomllib.load(f)
-    except FileNotFoundError:
-        raise PriceFileError(f"prices file {path} does not exist.") from None
-    except OSError as e:
-        raise PriceFileError(f"prices file {path} cannot be read: {e.strerror}.") from None
-    except tomllib.TOMLDecodeError as e:
-        raise PriceFileError(f"prices file {path} is not valid TOML: {e}.") from None
+    document = read_toml(path, "prices file", PriceFileError)
     return PriceTable({model: _price(path, model, entry) for model, entry in document.items()})
 
 

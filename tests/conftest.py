@@ -157,28 +157,25 @@ class Keyrotor:
         self.start_proxy(*proxy_args)
         return client_key
 
+    def start_with_mitmweb(self, *keys: str) -> tuple[str, int]:
+        """start_serving, with mitmweb on a free port as well: the client's key and mitmweb's port."""
+        web_port = free_port()
+        client_key = self.start_serving(*keys, proxy_args=("--web", "--set", f"proxy.web_port={web_port}"))
+        wait_for(lambda: port_open(web_port), START_DEADLINE, what="mitmweb")
+        return client_key, web_port
+
+    def add_upstream_serving(self, group: str, url: str, model: str, key: str) -> None:
+        """An upstream at `url` whose one group, `group` (UPSTREAM/GROUP), serves `model` with `key`,
+        ahead of default/default (priority 10)."""
+        self.setup("upstreams", "add", group.partition("/")[0], url)
+        self.setup("groups", "add", group, "--priority", "10")
+        self.setup("models", "add", group, model)
+        self.setup("keys", "add", "--group", group, input=key + "\n")
+
     def start_proxy(self, *extra: str) -> None:
         self.proxy_port = free_port()
-        log = self.log_path.open("ab")
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "run.py"),
-                "proxy",
-                "--proxy-port",
-                str(self.proxy_port),
-                "--upstream",
-                self.upstream_url,
-                *extra,
-            ],
-            env=self.env,
-            cwd=self.tmp,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self.processes.append(process)
-        wait_for(lambda: port_open(self.proxy_port) or process.poll() is not None, START_DEADLINE, what="proxy")
-        assert process.poll() is None, self.log_path.read_text()
+        args = ("proxy", "--proxy-port", str(self.proxy_port), "--upstream", self.upstream_url, *extra)
+        self._start_server("proxy", self.proxy_port, self.log_path, *args)
 
     @property
     def ui_url(self) -> str:
@@ -186,17 +183,21 @@ class Keyrotor:
 
     def start_ui(self, *extra: str) -> None:
         self.ui_port = free_port()
-        log = (self.tmp / "ui.log").open("ab")
+        self._start_server("UI", self.ui_port, self.tmp / "ui.log", "ui", "--ui-port", str(self.ui_port), *extra)
+
+    def _start_server(self, what: str, port: int, log_path: Path, *args: str) -> None:
+        """`run.py ARGS` in the background, its output appended to `log_path`; returns once it listens on `port`."""
+        log = log_path.open("ab")
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / "run.py"), "ui", "--ui-port", str(self.ui_port), *extra],
+            [sys.executable, str(ROOT / "run.py"), *args],
             env=self.env,
             cwd=self.tmp,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         self.processes.append(process)
-        wait_for(lambda: port_open(self.ui_port) or process.poll() is not None, START_DEADLINE, what="UI")
-        assert process.poll() is None, (self.tmp / "ui.log").read_text()
+        wait_for(lambda: port_open(port) or process.poll() is not None, START_DEADLINE, what=what)
+        assert process.poll() is None, log_path.read_text()
 
     def stop(self) -> None:
         for process in self.processes:
@@ -267,6 +268,14 @@ def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "kr.db"
     db.ensure_database(path)
     return path
+
+
+@pytest.fixture
+def conn(database: Path) -> Iterator[sqlite3.Connection]:
+    """A connection to `database`, closed after the test."""
+    connection = db.connect(database)
+    yield connection
+    connection.close()
 
 
 @pytest.fixture

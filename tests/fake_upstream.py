@@ -355,10 +355,18 @@ def chat_usage(messages: list[Any], reply: str) -> dict[str, int]:
     }
 
 
-def _validate_chat(data: dict[str, Any]) -> tuple[str, list[Any]]:
+def _model_of(
+    data: dict[str, Any], missing: str = "you must provide a model parameter", code: str | None = None
+) -> str:
+    """The request's model; without one, OpenAI's 400 (whose wording differs from endpoint to endpoint)."""
     model = data.get("model")
     if not model or not isinstance(model, str):
-        raise BadRequest("you must provide a model parameter", param="model")
+        raise BadRequest(missing, param="model", code=code)
+    return model
+
+
+def _validate_chat(data: dict[str, Any]) -> tuple[str, list[Any]]:
+    model = _model_of(data)
     messages = data.get("messages")
     if messages is None:
         raise BadRequest(
@@ -1211,9 +1219,7 @@ class FakeUpstream:
         missing = self._unknown_model(data)
         if missing is not None:
             return missing
-        model = data.get("model")
-        if not model or not isinstance(model, str):
-            raise BadRequest("you must provide a model parameter", param="model")
+        model = _model_of(data)
         if "input" not in data:
             raise BadRequest(
                 "Missing required parameter: 'input'.",
@@ -1244,9 +1250,7 @@ class FakeUpstream:
         missing = self._unknown_model(data)
         if missing is not None:
             return missing
-        model = data.get("model")
-        if not model or not isinstance(model, str):
-            raise BadRequest("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+        model = _model_of(data, "Missing required parameter: 'model'.", "missing_required_parameter")
         messages = response_input_messages(data.get("input"))
         pieces = reply_pieces(messages, self.stream_chunks)
         usage = response_usage(messages, data.get("instructions"), "".join(pieces), model)
@@ -1263,9 +1267,7 @@ class FakeUpstream:
 
     def _completions(self, body: bytes) -> Response:
         data = _json_object(body)
-        model = data.get("model")
-        if not model or not isinstance(model, str):
-            raise BadRequest("you must provide a model parameter", param="model")
+        model = _model_of(data)
         prompt = data.get("prompt")
         prompt_text = prompt if isinstance(prompt, str) else " ".join(p for p in prompt or [] if isinstance(p, str))
         messages = [{"role": "user", "content": prompt_text}]

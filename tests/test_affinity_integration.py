@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 
 import httpx
 import openai
@@ -25,6 +26,13 @@ BATCH_INPUT = b"".join(
     + b"\n"
     for n in range(3)
 )
+
+
+def refused_with_409(call: Callable[[], object], what: str) -> openai.APIStatusError:
+    """`call`'s 409, once an admin change has reached the proxy (it polls for them)."""
+    return wait_for(
+        lambda: isinstance(e := raises(call), openai.APIStatusError) and e.status_code == 409 and e, what=what
+    )
 
 
 def client_for(kr: Keyrotor, key: str) -> openai.OpenAI:
@@ -107,14 +115,7 @@ def test_the_owner_disabled_gives_a_clear_409(running, upstream: FakeUpstream):
     kr.cli("keys", "disable", str(key_id_of(owner)))
     seen = len(upstream.received)
 
-    error = wait_for(
-        lambda: (
-            isinstance(e := raises(lambda: client.files.retrieve(uploaded.id)), openai.APIStatusError)
-            and e.status_code == 409
-            and e
-        ),
-        what="the disabled owner to be refused",
-    )
+    error = refused_with_409(lambda: client.files.retrieve(uploaded.id), what="the disabled owner to be refused")
     assert error.body["code"] == "object_owner_unavailable"
     assert uploaded.id in error.body["message"] and "disabled" in error.body["message"]
     assert all(uploaded.id not in r.path for r in upstream.received[seen:] if r.key != owner)
@@ -197,14 +198,7 @@ def test_the_ui_shows_what_keys_own_and_flows_made(running, upstream: FakeUpstre
 
     deleted = httpx.post(f"{kr.ui_url}/api/keys/{owner}/delete", headers=auth).json()
     assert deleted["owned_objects"] == 3 and "object_owner_unavailable" in deleted["warning"]
-    error = wait_for(
-        lambda: (
-            isinstance(e := raises(lambda: client.batches.retrieve(batch.id)), openai.APIStatusError)
-            and e.status_code == 409
-            and e
-        ),
-        what="the deleted owner to be refused",
-    )
+    error = refused_with_409(lambda: client.batches.retrieve(batch.id), what="the deleted owner to be refused")
     assert "deleted" in error.body["message"]
 
 

@@ -156,10 +156,7 @@ def test_a_transcription_is_routed_by_its_forms_model_and_no_audio_is_stored_as_
 ):
     kr = keyrotor
     kr.add_keys(*GOOD)  # default/default: every model
-    kr.setup("upstreams", "add", "audio", audio_upstream.url + "/v1")
-    kr.setup("groups", "add", "audio/whisper", "--priority", "10")
-    kr.setup("models", "add", "audio/whisper", "whisper-1")
-    kr.setup("keys", "add", "--group", "audio/whisper", input=AUDIO_KEY + "\n")
+    kr.add_upstream_serving("audio/whisper", audio_upstream.url + "/v1", "whisper-1", AUDIO_KEY)
     client_key = kr.add_client("alice")
     kr.start_proxy()
     client = openai.OpenAI(base_url=kr.base_url, api_key=client_key, max_retries=0, timeout=20)

@@ -13,7 +13,7 @@ import pytest
 import websockets
 
 from core.prices import load_prices
-from tests.conftest import ADMIN_KEY, ROOT, START_DEADLINE, Keyrotor, free_port, port_open, stored_flows, wait_for
+from tests.conftest import ADMIN_KEY, ROOT, Keyrotor, stored_flows, wait_for
 from tests.fake_upstream import INSECURE_KEY_PROTOCOL, FakeUpstream
 from tests.test_secrets_integration import Updates
 
@@ -133,10 +133,7 @@ def test_a_session_is_routed_by_its_urls_model(keyrotor: Keyrotor, upstream: Fak
     with FakeUpstream().start() as realtime:
         kr = keyrotor
         kr.add_keys(*GOOD)
-        kr.setup("upstreams", "add", "voice", realtime.url + "/v1")
-        kr.setup("groups", "add", "voice/realtime", "--priority", "10")
-        kr.setup("models", "add", "voice/realtime", "gpt-realtime")
-        kr.setup("keys", "add", "--group", "voice/realtime", input=REALTIME_KEY + "\n")
+        kr.add_upstream_serving("voice/realtime", realtime.url + "/v1", "gpt-realtime", REALTIME_KEY)
         client_key = kr.add_client("alice")
         kr.start_proxy()
         headers = {"Authorization": f"Bearer {client_key}"}
@@ -176,11 +173,7 @@ def test_a_session_outlives_the_header_deadline(running, upstream: FakeUpstream)
 
 
 def test_mitmweb_never_shows_the_subprotocol_key(keyrotor: Keyrotor, upstream: FakeUpstream):
-    keyrotor.add_keys(*GOOD)
-    client_key = keyrotor.add_client("alice")
-    web_port = free_port()
-    keyrotor.start_proxy("--web", "--set", f"proxy.web_port={web_port}")
-    wait_for(lambda: port_open(web_port), START_DEADLINE, what="mitmweb")
+    client_key, web_port = keyrotor.start_with_mitmweb(*GOOD)
     updates = Updates(web_port)
     try:
         protocols = ["realtime", INSECURE_KEY_PROTOCOL + client_key]

@@ -14,7 +14,7 @@ from websockets.sync.client import connect
 
 from storage import db, flows
 from storage.flows import FlowFilter
-from tests.conftest import ADMIN_KEY, START_DEADLINE, Keyrotor, free_port, port_open, stored_flows, wait_for
+from tests.conftest import ADMIN_KEY, Keyrotor, stored_flows, wait_for
 from tests.fake_upstream import FakeUpstream
 
 GOOD = ["sk-good-secret-aaaaaaaaaaaaaaaaaaaaaa-0001", "sk-good-secret-bbbbbbbbbbbbbbbbbbbbbb-0002"]
@@ -73,11 +73,7 @@ class Updates:
 
 @pytest.fixture
 def web(keyrotor: Keyrotor) -> Iterator[tuple[Keyrotor, str, int, Updates]]:
-    keyrotor.add_keys(*GOOD)
-    client_key = keyrotor.add_client("alice")
-    web_port = free_port()
-    keyrotor.start_proxy("--web", "--set", f"proxy.web_port={web_port}")
-    wait_for(lambda: port_open(web_port), START_DEADLINE, what="mitmweb")
+    client_key, web_port = keyrotor.start_with_mitmweb(*GOOD)
     updates = Updates(web_port)
     yield keyrotor, client_key, web_port, updates
     updates.close()

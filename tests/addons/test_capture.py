@@ -30,6 +30,15 @@ def capture(database):
         addon.done()
 
 
+def captured(path, columns: str) -> list[tuple]:
+    """`columns` of every flow in the database at `path`, in the order they were written."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"SELECT {columns} FROM flows ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
 def test_only_event_streams_are_teed(capture):
     addon, _ = capture
     sse = tflow.tflow(resp=tutils.tresp(headers=((b"content-type", b"text/event-stream; charset=utf-8"),)))
@@ -49,13 +58,7 @@ def test_a_flow_reporting_response_and_error_is_one_row(capture):
     failed = tflow.tflow(err=True)
     addon.error(failed)
 
-    def stored():
-        conn = sqlite3.connect(path)
-        rows = conn.execute("SELECT flow_id, status, error FROM flows ORDER BY id").fetchall()
-        conn.close()
-        return len(rows) == 2 and rows
-
-    rows = wait_for(stored, what="two rows")
+    rows = wait_for(lambda: len(r := captured(path, "flow_id, status, error")) == 2 and r, what="two rows")
     assert rows[0][:2] == (flow.id, 200)
     # No response: the client got mitmproxy's 502, and the row says so.
     assert rows[1][0] == failed.id and rows[1][1] == 502 and rows[1][2] == "error"
@@ -76,13 +79,9 @@ def test_captured_chat_flows_are_priced_from_the_prices_file(capture):
     addon.response(chat_flow("gpt-4o-2024-08-06", usage))
     addon.response(chat_flow("some-local-model", usage))
 
-    def stored():
-        conn = sqlite3.connect(path)
-        rows = conn.execute("SELECT model, total_tokens, cost FROM flows ORDER BY id").fetchall()
-        conn.close()
-        return len(rows) == 2 and rows
-
-    priced, unknown = wait_for(stored, what="two rows")
+    priced, unknown = wait_for(
+        lambda: len(r := captured(path, "model, total_tokens, cost")) == 2 and r, what="two rows"
+    )
     assert priced[:2] == ("gpt-4o-2024-08-06", 1500) and priced[2] == pytest.approx(0.006)  # $2.50 and $10 per 1M
     assert unknown == ("some-local-model", 1500, None)
 
@@ -114,16 +113,34 @@ def test_a_missing_or_malformed_prices_file_is_refused(tmp_path, database, conte
     assert "capture_prices" in message and str(prices) in message and all(w in message for w in words), message
 
 
-def test_retention_options_reach_the_writer(database):
+@pytest.mark.parametrize(
+    "options, retention, refused, refusal",
+    [
+        (
+            {"capture_keep_days": 7, "capture_max_rows": 5000},
+            {"keep_days": 7, "max_rows": 5000, "max_bytes": 0},
+            {"capture_max_rows": -1},
+            "capture.max_rows must be a whole number, zero or more",
+        ),
+        (
+            {"capture_max_gb": "1.5"},
+            {"max_bytes": 1_500_000_000},  # GB, decimals allowed, reach the writer as bytes
+            {"capture_max_gb": "-1"},
+            "capture.max_gb must be a number, zero or more",
+        ),
+    ],
+    ids=["keep_days-max_rows", "max_gb"],
+)
+def test_retention_options_reach_the_writer(database, options, retention, refused, refusal):
     runtime = Runtime()
     addon = Capture(records=runtime.writer)
     with addon_context(addon, database, runtime) as tctx:
         addon.running()
         try:
-            tctx.configure(addon, capture_keep_days=7, capture_max_rows=5000)
-            assert addon._writer.retention == writer.Retention(keep_days=7, max_rows=5000)
-            with pytest.raises(exceptions.OptionsError, match="capture.max_rows must be a whole number, zero or more"):
-                tctx.configure(addon, capture_max_rows=-1)
+            tctx.configure(addon, **options)
+            assert {name: getattr(addon._writer.retention, name) for name in retention} == retention
+            with pytest.raises(exceptions.OptionsError, match=refusal):
+                tctx.configure(addon, **refused)
         finally:
             addon.done()
 
@@ -137,10 +154,7 @@ def test_a_websocket_session_is_one_row_when_it_ends_with_its_messages(capture):
     addon.response(plain)
 
     def stored():
-        conn = sqlite3.connect(path)
-        rows = conn.execute("SELECT flow_id, status, websocket_messages, error FROM flows ORDER BY id").fetchall()
-        conn.close()
-        return rows
+        return captured(path, "flow_id, status, websocket_messages, error")
 
     wait_for(lambda: len(stored()) == 1, what="the plain flow's row")
     assert stored()[0][0] == plain.id  # nothing yet for the session

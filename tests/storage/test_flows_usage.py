@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.records import FlowRecord
-from storage import client_keys, db, flows, secrets, upstream_keys
+from storage import client_keys, flows, secrets, upstream_keys
 from storage.upstream_keys import SqliteKeyStore
 from usecases.keys import add_keys
 
@@ -30,12 +30,11 @@ def row(n: int, **overrides) -> FlowRecord:
 
 
 @pytest.fixture
-def conn(database):
-    connection = db.connect(database)
-    add_keys(SqliteKeyStore(connection, secrets.key_cipher(database)), ["sk-" + "a" * 40, "sk-" + "b" * 40])
-    client_keys.create_client(connection, "alice")
-    yield connection
-    connection.close()
+def conn(conn, database):
+    """tests/conftest.py's connection, with two keys and a client in the database."""
+    add_keys(SqliteKeyStore(conn, secrets.key_cipher(database)), ["sk-" + "a" * 40, "sk-" + "b" * 40])
+    client_keys.create_client(conn, "alice")
+    return conn
 
 
 def test_cost_adds_up_on_both_key_tables_across_batches(conn):

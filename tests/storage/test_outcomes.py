@@ -60,13 +60,6 @@ EXPECTED = {
 }
 
 
-@pytest.fixture
-def conn(database):
-    connection = db.connect(database)
-    yield connection
-    connection.close()
-
-
 def test_the_writer_path_counts_attempts_retries_and_refusals(conn):
     with conn:
         flows.insert_batch(conn, ROWS[:4])

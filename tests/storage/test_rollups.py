@@ -31,13 +31,6 @@ def row(n: int, **overrides) -> FlowRecord:
     return FlowRecord(**(base | overrides))
 
 
-@pytest.fixture
-def conn(database):
-    connection = db.connect(database)
-    yield connection
-    connection.close()
-
-
 def write(conn, rows):
     with conn:
         flows.insert_batch(conn, rows)

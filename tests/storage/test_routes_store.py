@@ -52,13 +52,6 @@ def test_a_database_from_before_upstreams_keeps_every_key_state_and_flow(tmp_pat
     conn.close()
 
 
-@pytest.fixture
-def conn(database):
-    connection = db.connect(database)
-    yield connection
-    connection.close()
-
-
 def test_groups_models_and_fallbacks_make_the_route_table(conn):
     routes.add_upstream(conn, "az", "https://res.openai.azure.com", Dialect.AZURE, "2024-10-21")
     group = routes.add_group(conn, "az/prod", priority=5, weight=2)

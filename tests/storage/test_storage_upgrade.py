@@ -7,15 +7,12 @@ from dataclasses import replace
 
 import openai
 import pytest
-from mitmproxy import exceptions
 
-from addons.capture import Capture
-from addons.runtime import Runtime
 from config import ConfigError, load_settings
 from core.records import FlowRecord
 from storage import conversion, db, flows, writer
 from storage.flows import FlowFilter
-from tests.conftest import Keyrotor, addon_context, stored_flows, wait_for
+from tests.conftest import Keyrotor, stored_flows, wait_for
 from tests.storage.test_packed_flows import as_captured, make_records, old_database
 
 
@@ -127,17 +124,3 @@ def test_max_gb_must_be_a_number_zero_or_more(value):
 
 def test_max_gb_takes_decimals():
     assert load_settings(environ={"KEYROTOR_CAPTURE_MAX_GB": "0.5"})["capture.max_gb"] == 0.5
-
-
-def test_max_gb_reaches_the_writer_as_bytes(database):
-    runtime = Runtime()
-    addon = Capture(records=runtime.writer)
-    with addon_context(addon, database, runtime) as tctx:
-        addon.running()
-        try:
-            tctx.configure(addon, capture_max_gb="1.5")
-            assert addon._writer.retention.max_bytes == 1_500_000_000
-            with pytest.raises(exceptions.OptionsError, match="capture.max_gb must be a number, zero or more"):
-                tctx.configure(addon, capture_max_gb="-1")
-        finally:
-            addon.done()

@@ -12,8 +12,9 @@ import logging
 import time
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
 
-from config import ConfigError, checked_options, default_of
+from config import ConfigError, Settings, checked_options, default_of
 from core.credentials import credential_from, hash_client_key, masked, query_credential, refused_placeholder, scrubbed
 from core.errors import OpenAIError
 from core.limits import Governor, Refusal, Ticket
@@ -40,17 +41,20 @@ def refusal(verdict: AccessVerdict) -> OpenAIError:
 
 
 class Access:
-    def __init__(self, defaults=None, state: ProxyState | None = None, governor: Governor | None = None) -> None:
+    def __init__(
+        self, defaults: Settings | None = None, state: ProxyState | None = None, governor: Governor | None = None
+    ) -> None:
         self._defaults = defaults
         # The runtime's (addons/runtime.py): clients by key hash, and the route table, for clients
         # limited to some groups (which groups serve a model).
         self.state = state if state is not None else ProxyState()
         self._serving: dict[str, tuple[str, ...]] = {}  # model → labels of the groups that serve it
         self._serving_in: RouteTable | None = None  # the table `_serving` was made from
-        # Shared with the Spend addon (the runtime builds it, with its counters).
-        self.governor = governor or Governor(counters=None)
+        # Shared with the Spend addon (the runtime builds it, with its counters). Without one (the
+        # options alone), one without counters, like the runtime's until storage opens.
+        self.governor = governor or Governor(counters=None)  # type: ignore[arg-type]
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "access_ip_rpm",
             int,
@@ -115,6 +119,8 @@ class Access:
             if flow.response:
                 return
         verdict = AccessVerdict.of(flow.metadata)
+        if verdict is None or verdict.client_id is None:
+            return  # refused at the headers, and answered
         client = self.state.clients_by_id.get(verdict.client_id)
         if client is None or (not client.policy.is_limited and not self.governor.ip_rpm):
             return

@@ -53,26 +53,26 @@ class AdminKeyWatch:
         if not any(isinstance(f, WithoutToken) for f in ACCESS_LOG.filters):
             ACCESS_LOG.addFilter(WithoutToken())
         self._version = self.admin_keys.version()
-        self._task = asyncio.create_task(self._watch())
+        self._task = asyncio.create_task(self._watch(self.admin_keys))
 
     def done(self) -> None:
         if self._task:
             self._task.cancel()
 
-    async def _watch(self) -> None:
+    async def _watch(self, admin_keys: AdminKeys) -> None:
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            version = self.admin_keys.version()
+            version = admin_keys.version()
             if version == self._version:
                 continue
             self._version = version
             try:
-                self._apply()
+                self._apply(admin_keys)
             except Exception:
                 log.exception("could not give mitmweb the new admin key; restart the proxy")
 
-    def _apply(self) -> None:
-        ctx.options.update(web_password=self.admin_keys.mitmweb_password())
+    def _apply(self, admin_keys: AdminKeys) -> None:
+        ctx.options.update(web_password=admin_keys.mitmweb_password())
         app = getattr(ctx.master, "app", None)
         if app is not None:
             from mitmproxy.tools.web.app import ClientConnection

@@ -21,11 +21,12 @@ import time
 from collections.abc import Callable, Generator
 
 from mitmproxy import connection, ctx, exceptions, http
-from mitmproxy.proxy import commands
+from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.utils import human
 
-from config import ConfigError, checked_options, default_of
+from config import ConfigError, Settings, checked_options, default_of
 from core.errors import OpenAIError
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,13 @@ def _limit(stream: http_layer.HttpStream) -> int:
     return getattr(stream.context.options, "proxy_max_body_bytes", 0)
 
 
-def _state_wait_for_request_headers(self: http_layer.HttpStream, event: http_layer.RequestHeaders):
+def _state_wait_for_request_headers(self: http_layer.HttpStream, event: http_layer.RequestHeaders) -> Generator:
     yield from _wait_for_request_headers(self, event)
     if self.flow.response is not None and not event.end_stream and self.client_state == self.state_consume_request_body:
         yield from _answer_before_body(self)
 
 
-def _state_consume_request_body(self: http_layer.HttpStream, event):
+def _state_consume_request_body(self: http_layer.HttpStream, event: events.Event) -> Generator:
     limit = _limit(self)
     if isinstance(event, http_layer.RequestData) and limit and len(self.request_body_buf) + len(event.data) > limit:
         # A body without Content-Length (chunked) that outgrew the limit: stop buffering it.
@@ -75,10 +76,12 @@ def _state_consume_request_body(self: http_layer.HttpStream, event):
     yield from _consume_request_body(self, event)
 
 
-def _answer_before_body(self: http_layer.HttpStream):
+def _answer_before_body(self: http_layer.HttpStream) -> Generator:
     """Send the answer an addon set while the body is still arriving; read the rest only to drop it."""
-    self.flow.response.headers["connection"] = "close"  # the client need not wait for a reused connection
-    self.flow.response.timestamp_start = time.time()
+    response = self.flow.response
+    assert response is not None, "an addon set the answer"
+    response.headers["connection"] = "close"  # the client need not wait for a reused connection
+    response.timestamp_start = time.time()
     self.request_body_buf.clear()
     self.client_state = _discarding(self, max(_limit(self), 1))
     yield http_layer.HttpResponseHeadersHook(self.flow)
@@ -88,11 +91,11 @@ def _answer_before_body(self: http_layer.HttpStream):
     yield http_layer.SendHttp(http_layer.ResponseEndOfMessage(self.stream_id), self.context.client)
 
 
-def _discarding(stream: http_layer.HttpStream, budget: int) -> Callable[[object], Generator]:
+def _discarding(stream: http_layer.HttpStream, budget: int) -> Callable[[events.Event], Generator]:
     """A client state that drops body data, and closes the connection after `budget` bytes of it."""
     left = budget
 
-    def discard(event) -> Generator:
+    def discard(event: events.Event) -> Generator:
         nonlocal left
         if isinstance(event, http_layer.RequestData):
             left -= len(event.data)
@@ -114,13 +117,14 @@ def install() -> None:
         return
     _wait_for_request_headers = http_layer.HttpStream.state_wait_for_request_headers
     _consume_request_body = http_layer.HttpStream.state_consume_request_body
-    http_layer.HttpStream.state_wait_for_request_headers = _state_wait_for_request_headers
-    http_layer.HttpStream.state_consume_request_body = _state_consume_request_body
+    # Patches replace methods of mitmproxy's class, which mypy allows no assignment to.
+    http_layer.HttpStream.state_wait_for_request_headers = _state_wait_for_request_headers  # type: ignore[method-assign]
+    http_layer.HttpStream.state_consume_request_body = _state_consume_request_body  # type: ignore[method-assign]
     _installed = True
 
 
 class Bounds:
-    def __init__(self, defaults=None) -> None:
+    def __init__(self, defaults: Settings | None = None) -> None:
         self._defaults = defaults
         # By client connection id: since when it waits for a request's headers (time.monotonic()),
         # and the ids of its flows whose headers came but which are not finished.
@@ -128,7 +132,7 @@ class Bounds:
         self._in_flight: dict[str, set[str]] = {}
         self._sweeper: asyncio.Task | None = None
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "proxy_max_body_bytes",
             int,

@@ -10,9 +10,10 @@ import logging
 import time
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
 from mitmproxy.websocket import WebSocketData
 
-from config import BODY_MODES, ConfigError, checked_options, default_of, names_in, option_source, read_prices
+from config import BODY_MODES, ConfigError, Settings, checked_options, default_of, names_in, option_source, read_prices
 from core.classify import is_client_side
 from core.metadata import FIRST_BYTE_AT, RECORDED, AccessVerdict, KeyUse, UsageInjection
 from core.ports import RecordSink
@@ -29,7 +30,7 @@ NORMAL_CLOSE_CODES = frozenset({None, 1000, 1001, 1005})
 
 
 class Capture:
-    def __init__(self, defaults=None, records: RecordSink | None = None) -> None:
+    def __init__(self, defaults: Settings | None = None, records: RecordSink | None = None) -> None:
         self._defaults = defaults
         self._tees: dict[str, StreamTee] = {}  # by flow.id: flow.metadata gets deep-copied by mitmweb
         # Flows seen and not yet recorded: recorded at done() if the proxy stops before they end.
@@ -39,7 +40,7 @@ class Capture:
         self._prices = PriceTable()
         self._max_bytes = 0  # capture_max_gb, in bytes
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "capture_bodies",
             str,
@@ -96,7 +97,7 @@ class Capture:
         if "capture.max_gb" in checked:
             self._max_bytes = int(checked["capture.max_gb"] * 10**9)
         if self._writer:
-            self._configure_writer()
+            self._configure_writer(self._writer)
 
     def _retention(self) -> Retention:
         return Retention(
@@ -108,11 +109,11 @@ class Capture:
     def running(self) -> None:
         self._writer = self._records
         if self._writer:
-            self._configure_writer()
+            self._configure_writer(self._writer)
 
-    def _configure_writer(self) -> None:
-        self._writer.retention = self._retention()
-        self._writer.backlog_bytes = ctx.options.capture_backlog_mb * 2**20
+    def _configure_writer(self, writer: RecordSink) -> None:
+        writer.retention = self._retention()
+        writer.backlog_bytes = ctx.options.capture_backlog_mb * 2**20
 
     def done(self) -> None:
         # Requests the proxy is stopping under (proxy.stop_grace_seconds ran out): a row
@@ -127,12 +128,13 @@ class Capture:
         self._unfinished[flow.id] = flow
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if "text/event-stream" not in flow.response.headers.get("content-type", ""):
+        response = flow.response
+        if response is None or "text/event-stream" not in response.headers.get("content-type", ""):
             return
-        inner = flow.response.stream if callable(flow.response.stream) else None
-        tee = StreamTee(first_byte=flow.response.timestamp_start or time.time(), inner=inner)
+        inner = response.stream if callable(response.stream) else None
+        tee = StreamTee(first_byte=response.timestamp_start or time.time(), inner=inner)
         self._tees[flow.id] = tee
-        flow.response.stream = tee
+        response.stream = tee
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is not None:

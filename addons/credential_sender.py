@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 
+from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy import events
 from mitmproxy.proxy.layers import http as http_layer
 
 from core.bodies import decoded
@@ -33,7 +35,7 @@ class CredentialSender:
         self.outgoing: dict[str, str] = {}
         self.installed = False
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         global _active
         _active = self
         self.installed = _installed  # without the patch, the key pool puts the key on the flow itself
@@ -50,11 +52,12 @@ def install() -> None:
     if _installed:
         return
     _handle_event = http_layer.HttpStream._handle_event
-    http_layer.HttpStream._handle_event = _handle_event_with_key
+    # A patch replaces a method of mitmproxy's class, which mypy allows no assignment to.
+    http_layer.HttpStream._handle_event = _handle_event_with_key  # type: ignore[method-assign]
     _installed = True
 
 
-def _handle_event_with_key(self: http_layer.HttpStream, event) -> Generator:
+def _handle_event_with_key(self: http_layer.HttpStream, event: events.Event) -> Generator:
     echo: EchoFilter | None = self.__dict__.get("_keyrotor_echo")
     if echo is not None:
         if isinstance(event, http_layer.ResponseEndOfMessage):
@@ -86,7 +89,7 @@ def _handle_event_with_key(self: http_layer.HttpStream, event) -> Generator:
         headers = command.event.request.headers
         shown = headers.fields
         stand_in = (credential_from(shown) or "").encode()
-        self._keyrotor_echo = EchoFilter(value.encode(), stand_in)
+        self.__dict__["_keyrotor_echo"] = EchoFilter(value.encode(), stand_in)  # read back the same way, above
         if stand_in:  # the key takes the placeholder's place, in whichever header and form the pool put it
             headers.fields = tuple((name, v.replace(stand_in, value.encode())) for name, v in shown)
         else:
@@ -98,13 +101,13 @@ def _handle_event_with_key(self: http_layer.HttpStream, event) -> Generator:
             headers.fields = shown
 
 
-def _without_echo(self: http_layer.HttpStream, echo: EchoFilter, event):
+def _without_echo(self: http_layer.HttpStream, echo: EchoFilter, event: events.Event) -> events.Event:
     """The server's event with the key replaced by the placeholder."""
     if isinstance(event, http_layer.ResponseHeaders):
         event.response.headers.fields = echo.fields(event.response.headers.fields)
     elif isinstance(event, http_layer.ResponseData):
-        streamed = self.flow.response is not None and self.flow.response.stream
-        if streamed and "content-length" in self.flow.response.headers:
+        response = self.flow.response
+        if response is not None and response.stream and "content-length" in response.headers:
             # Already framed for the client: a replacement of another length would break it.
             echo.replacement = (echo.replacement + b"*" * len(echo.secret))[: len(echo.secret)]
         return http_layer.ResponseData(event.stream_id, echo.feed(event.data))

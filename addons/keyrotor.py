@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
 
 from addons import patches
 from addons.access import Access
@@ -32,7 +33,7 @@ from addons.spend import Spend
 from addons.upkeep import Upkeep
 from addons.upstream_watch import UpstreamWatch
 from addons.usage import Usage
-from config import ConfigError, load_settings
+from config import ConfigError, Settings, load_settings
 from storage import db, secrets
 
 patches.install()  # mitmproxy's internals that keyrotor replaces, in order, before any addon loads
@@ -43,10 +44,10 @@ log = logging.getLogger(__name__)
 class KeyRotor:
     """Owns the settings every keyrotor addon shares: where the database is."""
 
-    def __init__(self, defaults) -> None:
+    def __init__(self, defaults: Settings) -> None:
         self._defaults = defaults
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "keyrotor_storage",
             str,

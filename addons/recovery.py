@@ -22,7 +22,9 @@ _original: Callable[..., Generator]  # mitmproxy's own, taken as the patch goes 
 _installed = False
 
 
-def _handle_protocol_error(self: http_layer.HttpStream, event):
+def _handle_protocol_error(
+    self: http_layer.HttpStream, event: http_layer.RequestProtocolError | http_layer.ResponseProtocolError
+) -> Generator:
     untouched = (
         not isinstance(event, http_layer.ResponseProtocolError)
         or self.client_state in (self.state_errored, self.state_stream_request_body)
@@ -52,7 +54,8 @@ def install() -> None:
     if _installed:
         return
     _original = http_layer.HttpStream.handle_protocol_error
-    http_layer.HttpStream.handle_protocol_error = _handle_protocol_error
+    # A patch replaces a method of mitmproxy's class, which mypy allows no assignment to.
+    http_layer.HttpStream.handle_protocol_error = _handle_protocol_error  # type: ignore[method-assign]
     _installed = True
 
 

@@ -25,8 +25,9 @@ import logging
 import signal
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
 
-from config import ConfigError, checked_options, default_of
+from config import ConfigError, Settings, checked_options, default_of
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,13 @@ PRUNE_AT = 10_000  # flows that ended without either hook (none should) are forg
 
 
 class Shutdown:
-    def __init__(self, defaults=None) -> None:
+    def __init__(self, defaults: Settings | None = None) -> None:
         self._defaults = defaults
         self._in_flight: dict[str, http.HTTPFlow] = {}
         self._draining = False
         self._drain: asyncio.Task | None = None
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "proxy_stop_grace_seconds",
             int,
@@ -94,11 +95,11 @@ class Shutdown:
         self._in_flight[flow.id] = flow
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if self._draining:
+        if self._draining and flow.response is not None:
             flow.response.headers["connection"] = "close"  # before a stream's headers go out
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if self._draining:
+        if self._draining and flow.response is not None:
             # Whole responses (and answers made by an addon) go out after this hook; after a
             # stream, mitmproxy reads it when the end has been sent, and closes then.
             flow.response.headers["connection"] = "close"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, http
 
-from core.limits import Governor
+from core.limits import Governor, Ticket
 from core.metadata import KeyUse
 from core.prices import PriceFileError, PriceTable, load_prices
 from core.spent import UsageTail, json_usage
@@ -53,7 +53,11 @@ class Spend:
         response = flow.response
         # Only a successful stream, whose headers leave right after this hook; a whole answer is
         # done in `response`, after the key pool has read upstream's headers (a 429's reset times).
-        if not 200 <= response.status_code < 300 or "text/event-stream" not in response.headers.get("content-type", ""):
+        if (
+            response is None
+            or not 200 <= response.status_code < 300
+            or "text/event-stream" not in response.headers.get("content-type", "")
+        ):
             return
         if KEYROTOR_ERROR in response.headers:
             return
@@ -67,6 +71,7 @@ class Spend:
         ticket = self.governor.tickets.get(flow.id)
         tail = self._tails.pop(flow.id, None)
         response = flow.response
+        assert response is not None, "the response hook has one"
         ok = 200 <= response.status_code < 300
         if ticket is not None:
             usage = None if ok else NOTHING_USED  # upstream refused it: no tokens, and its estimate goes
@@ -88,7 +93,7 @@ class Spend:
         if ticket is not None:
             self._settle(flow, ticket, None)
 
-    def _settle(self, flow: http.HTTPFlow, ticket, usage: dict | None) -> None:
+    def _settle(self, flow: http.HTTPFlow, ticket: Ticket, usage: dict | None) -> None:
         cost = None
         if usage is not None and (ticket.policy.daily_usd is not None or ticket.policy.monthly_usd is not None):
             keys = KeyUse.of(flow.metadata)
@@ -96,7 +101,7 @@ class Spend:
             cost = self.prices.cost(model, usage.get("prompt_tokens"), usage.get("completion_tokens"))
         self.governor.settle(flow.id, usage, cost, time.time())
 
-    def _own_headers(self, flow: http.HTTPFlow, ticket) -> None:
+    def _own_headers(self, flow: http.HTTPFlow, ticket: Ticket | None) -> None:
         """Upstream's x-ratelimit-* out (they describe the pooled key), the client's own in."""
         response = flow.response
         if response is None or KEYROTOR_ERROR in response.headers:

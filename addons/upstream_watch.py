@@ -26,10 +26,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import cast
 
-from mitmproxy import ctx
+from mitmproxy import ctx, http
 from mitmproxy import flow as mitm_flow
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
@@ -45,7 +46,7 @@ STREAM_ERROR_CODE = "upstream_stream_interrupted"
 
 @dataclass
 class _Clock:
-    flow: object  # the mitmproxy flow whose exchange this times
+    flow: mitm_flow.Flow  # the mitmproxy flow whose exchange this times
     since: float  # the request left, headers came, or the last byte came
     limit: float
 
@@ -83,12 +84,12 @@ class UpstreamWatch:
     def running(self) -> None:
         self._task = asyncio.create_task(self._sweep())
 
-    def request(self, flow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         # Every addon's request hook has run (the key pool has its key): the request leaves now.
         if flow.response is None:
             _watched[flow.id] = _Clock(flow, time.time(), _limits["attempt"])
 
-    def websocket_start(self, flow) -> None:
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
         _watched.pop(flow.id, None)  # a session, not an exchange: it lasts as long as its ends want
 
     def done(self) -> None:
@@ -114,22 +115,24 @@ class UpstreamWatch:
 
 # ---------------------------------------------------------------------- the patches
 
-_inner_stream_event = None
-_inner_layer_event = None
+# What the patches wrap, taken as they go in.
+_inner_stream_event: Callable[[http_layer.HttpStream, events.Event], Generator]
+_inner_layer_event: Callable[[http_layer.HttpLayer, events.Event], Generator]
 
 
 def install() -> None:
     """Idempotent; wraps what is installed now: addons/patches.py installs it after
     addons/credential_sender.py's patch of the same method, so that this one sees each event first."""
     global _inner_stream_event, _inner_layer_event
+    # Patches replace methods of mitmproxy's classes, which mypy allows no assignment to.
     current = http_layer.HttpStream._handle_event
     if not getattr(current, "_keyrotor_watch", False):
         _inner_stream_event = current
-        http_layer.HttpStream._handle_event = _watched_stream_event
+        http_layer.HttpStream._handle_event = _watched_stream_event  # type: ignore[method-assign]
     if not getattr(http_layer.HttpLayer._handle_event, "_keyrotor_watch", False):
         _inner_layer_event = http_layer.HttpLayer._handle_event
-        http_layer.HttpLayer._handle_event = _layer_event
-    http_layer.HttpStream.start_response_stream = _start_response_stream_held
+        http_layer.HttpLayer._handle_event = _layer_event  # type: ignore[method-assign]
+    http_layer.HttpStream.start_response_stream = _start_response_stream_held  # type: ignore[method-assign]
 
 
 def _layer_event(self: http_layer.HttpLayer, event: events.Event) -> Generator:
@@ -140,7 +143,7 @@ def _layer_event(self: http_layer.HttpLayer, event: events.Event) -> Generator:
     return _inner_layer_event(self, event)
 
 
-_layer_event._keyrotor_watch = True
+_layer_event.__dict__["_keyrotor_watch"] = True  # the mark install() looks for
 
 
 def _route_timeout(self: http_layer.HttpLayer, event: events.MessageInjected) -> Generator:
@@ -152,16 +155,18 @@ def _route_timeout(self: http_layer.HttpLayer, event: events.MessageInjected) ->
 
 def _start_response_stream_held(self: http_layer.HttpStream) -> Generator:
     """mitmproxy sends a stream's headers at once; they wait for the first byte here."""
-    self._keyrotor_held = True
+    self.__dict__["_keyrotor_held"] = True  # state of ours on mitmproxy's stream, read from its __dict__
     self.flow.metadata[FIRST_BYTE_AT] = 0.0
     self.server_state = self.state_stream_response_body
     yield from ()
 
 
 def _release_headers(self: http_layer.HttpStream) -> Generator:
-    self._keyrotor_held = False
+    self.__dict__["_keyrotor_held"] = False
     self.flow.metadata[FIRST_BYTE_AT] = time.time()
-    headers = http_layer.ResponseHeaders(self.stream_id, self.flow.response, False)
+    response = self.flow.response
+    assert response is not None, "its headers came"
+    headers = http_layer.ResponseHeaders(self.stream_id, response, False)
     yield http_layer.SendHttp(headers, self.context.client)
 
 
@@ -175,7 +180,8 @@ def _watched_stream_event(self: http_layer.HttpStream, event: events.Event) -> G
         clock = _watched.get(self.flow.id)
         if clock is not None:
             clock.since = time.time()
-            streamed_byte = kind is http_layer.ResponseData and self.flow.response.stream
+            response = self.flow.response
+            streamed_byte = kind is http_layer.ResponseData and response is not None and response.stream
             clock.limit = _limits["idle"] if streamed_byte else _limits["attempt"]
         if kind is http_layer.ResponseData and state.get("_keyrotor_held"):
             return _released_then(self, event)
@@ -190,13 +196,16 @@ def _watched_stream_event(self: http_layer.HttpStream, event: events.Event) -> G
             return _ignored()  # what the connection we closed still says is too late
         _watched.pop(self.flow.id, None)
         if _bytes_reached_client(self):
-            return _end_stream(self, f"upstream broke off the stream: {event.message}")
-    elif kind is events.MessageInjected and isinstance(event.message, _Timeout):
-        return _time_out(self, event.message.message)
+            error = cast(http_layer.ResponseProtocolError, event)
+            return _end_stream(self, f"upstream broke off the stream: {error.message}")
+    elif kind is events.MessageInjected:
+        message = cast(events.MessageInjected, event).message
+        if isinstance(message, _Timeout):
+            return _time_out(self, message.message)
     return _inner_stream_event(self, event)
 
 
-_watched_stream_event._keyrotor_watch = True
+_watched_stream_event.__dict__["_keyrotor_watch"] = True
 
 
 def _ignored() -> Generator:
@@ -222,12 +231,12 @@ def _time_out(self: http_layer.HttpStream, message: str) -> Generator:
     if self.server_state not in waiting and not streaming:
         return  # it ended meanwhile
     log.info("%s %s: %s", flow.request.method, flow.request.path, message)
-    self._keyrotor_gone = True
+    self.__dict__["_keyrotor_gone"] = True
     yield commands.CloseConnection(self.context.server)
     if _bytes_reached_client(self):
         return (yield from _end_stream(self, message))
     # Nothing reached the client: an error like a lost connection, which the key pool retries.
-    self._keyrotor_held = False
+    self.__dict__["_keyrotor_held"] = False
     yield from self.handle_protocol_error(
         http_layer.ResponseProtocolError(self.stream_id, message, ErrorCode.GENERIC_SERVER_ERROR)
     )
@@ -239,7 +248,7 @@ def _end_stream(self: http_layer.HttpStream, message: str) -> Generator:
     flow.error = mitm_flow.Error(message)
     yield http_layer.HttpErrorHook(flow)
     if self.client_state != self.state_errored:
-        if "text/event-stream" in flow.response.headers.get("content-type", ""):
+        if flow.response is not None and "text/event-stream" in flow.response.headers.get("content-type", ""):
             client = self.context.client
             yield http_layer.SendHttp(http_layer.ResponseData(self.stream_id, sse_error_event(message)), client)
             yield http_layer.SendHttp(http_layer.ResponseEndOfMessage(self.stream_id), client)

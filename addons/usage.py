@@ -41,7 +41,7 @@ class Usage:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
-        if USAGE not in flow.metadata or not is_event_stream_ok(response):
+        if USAGE not in flow.metadata or response is None or not is_event_stream_ok(response):
             return
         if response.headers.get("content-encoding", "identity").strip().lower() != "identity":
             log.warning(

@@ -92,7 +92,7 @@ def _limits_text(policy: ClientPolicy, prefix: str = "") -> str:
     return f"{prefix}{text}" if text else ""
 
 
-def _print_clients(conn: sqlite3.Connection, rows) -> None:
+def _print_clients(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> None:
     spend = clients_spend(conn, [row["id"] for row in rows], time.time())
     print(
         f"{'id':>5}  {'name':<20}  {'keys':>4}  {'enabled':<7}  {'requests':>8}  {'today tokens/$':>20}"

@@ -85,7 +85,7 @@ def _read_lines(files: list[Path]) -> list[str]:
     return lines
 
 
-def _cooldown(row, now: float) -> str:
+def _cooldown(row: sqlite3.Row, now: float) -> str:
     if row["state"] != "cooling" or not row["cooldown_until"]:
         return ""
     if row["cooldown_until"] <= now:
@@ -93,7 +93,7 @@ def _cooldown(row, now: float) -> str:
     return f" until {when(row['cooldown_until'])}"
 
 
-def _print_keys(rows) -> None:
+def _print_keys(rows: list[sqlite3.Row]) -> None:
     print(
         f"{'id':>5}  {'name':<20}  {'key':<8}  {'group':<24}  {'state':<9}  {'weight':>6}  {'requests':>8}"
         f"  {'tokens in/out':>17}  {'cost':>10}  {'last used':<20}  reason"

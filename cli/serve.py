@@ -82,7 +82,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     )
     stopping = False
 
-    def stop(*_) -> None:
+    def stop(*_: object) -> None:
         nonlocal stopping
         stopping = True
 

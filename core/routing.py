@@ -128,7 +128,7 @@ def with_listed_models(body: bytes, models: list[str], created: int) -> bytes | 
     return json.dumps(document).encode()
 
 
-def _listed(model: str, created: int) -> dict:
+def _listed(model: str, created: int) -> dict[str, str | int]:
     return {"id": model, "object": "model", "created": created, "owned_by": "keyrotor"}
 
 

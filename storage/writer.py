@@ -140,6 +140,7 @@ class Writer:
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
+        assert self.path is not None, "start() refuses a writer without one"
         self._status = capture_status.StatusFile(self.path)
         conn = db.connect(self.path)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -383,5 +384,6 @@ def release(writer: Writer) -> None:
         writer._users -= 1
         if writer._users > 0:
             return
-        _writers.pop(writer.path, None)
+        if writer.path is not None:  # it is, for a writer from acquire()
+            _writers.pop(writer.path, None)
     writer.stop()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import OpenAIError
+from core.usage import events_end, split_events
 
 # `object` values of the answers that create (or show) an owned object → the kind stored.
 KINDS = {
@@ -307,6 +308,27 @@ def is_final_event(event: bytes) -> bool:
     # No `event:` line: the type is in the JSON, near the start.
     head = event[:120]
     return any(b'"' + name.encode() + b'"' in head for name in FINAL_EVENTS)
+
+
+class ObjectWatch:
+    """A stream callable that passes every byte on at once and keeps the objects its final
+    events show (only those events are parsed)."""
+
+    MAX_HELD_BYTES = 8 * 2**20  # a final event holds the whole response: room for a big one
+
+    def __init__(self) -> None:
+        self.objects: list[OwnedObject] = []
+        self._held = b""
+
+    def __call__(self, data: bytes) -> bytes:
+        buffer = self._held + data if self._held else data
+        end = events_end(buffer) if data else len(buffer)
+        if end:
+            for event in split_events(buffer[:end]):
+                if is_final_event(event):
+                    self.objects += streamed_objects(event)
+        self._held = buffer[end:] if len(buffer) - end <= self.MAX_HELD_BYTES else b""
+        return data
 
 
 # --------------------------------------------------------------------------- refusals

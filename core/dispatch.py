@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from core import affinity
-from core.classify import KEY_ONLY_FAILURES, HeaderLookup, Outcome, classify_response, is_client_side, is_model_missing
+from core.classify import (
+    KEY_ONLY_FAILURES,
+    OK,
+    HeaderLookup,
+    Outcome,
+    classify_response,
+    is_client_side,
+    is_model_missing,
+)
 from core.credentials import AUTHORIZATION
 from core.dialects import API_KEY, upstream_url, with_key
 from core.errors import OpenAIError
@@ -240,11 +248,16 @@ class Judgement:
     verdict: Verdict
 
 
+GOOD = Judgement(OK, False, Verdict.ANSWER)
+
+
 def judge(status: int, headers: HeaderLookup, content: bytes | None, more_routes: bool, now: float) -> Judgement:
     """Classify an answer (`content` is needed for 4xx and 5xx only)."""
     if status == 404 and more_routes and is_model_missing(status, content):
         return Judgement(None, True, Verdict.NEXT_GROUP)
     outcome = classify_response(status, headers, content, now)
+    if outcome is OK:
+        return GOOD  # most answers: nothing to build
     return Judgement(
         outcome, False, Verdict.RETRY if outcome is not None and outcome.is_key_failure else Verdict.ANSWER
     )

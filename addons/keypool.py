@@ -447,11 +447,10 @@ class KeyPool:
             self._plans[flow.id] = plan
             if target.base_url is not None or target.dialect != Dialect.OPENAI:
                 aim(request, upstream_url(candidate, request.path, reverse_target()))
-            asked = plan.request.model
-            plan.body_model = use.requested_model = asked
-            if asked and candidate.upstream_model != asked and target.dialect == Dialect.OPENAI:
-                request.content = renamed_model(request.content, asked, candidate.upstream_model, count=1)
-                plan.body_model = candidate.upstream_model
+            use.requested_model = plan.request.model
+            renamed = plan.renamed_first(candidate)
+            if renamed is not None:
+                request.content = renamed_model(request.content, plan.request.model, renamed, count=1)
         value = placeholder(key.id, key.last4) if self._late_send else key.value
         request.headers.fields = with_key(target.dialect, request.headers.fields, value)
         if self._late_send:

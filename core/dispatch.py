@@ -74,6 +74,15 @@ class Plan:
     def candidate(self, use: KeyUse) -> Candidate:
         return self.candidates[use.candidate]
 
+    def renamed_first(self, candidate: Candidate) -> str | None:
+        """The model the first attempt on `candidate` names in its body instead of the client's (the
+        upstream's own name for it), None to send it as asked; the retries start from what it sent."""
+        asked = self.request.model
+        to = candidate.upstream_model
+        rename = bool(asked) and to != asked and candidate.group.upstream.dialect == Dialect.OPENAI
+        self.body_model = to if rename else asked
+        return to if rename else None
+
     def answering(self, use: KeyUse | None) -> Candidate | None:
         """The route of the latest attempt, if the request has one."""
         if use is None or use.candidate >= len(self.candidates):

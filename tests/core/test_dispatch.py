@@ -45,7 +45,7 @@ from core.models import KeyState, PoolKey
 from core.pool import Policy, Pool
 from core.records import AttemptLog
 from core.rotation import PROBE_POLL_SECONDS, PROOF_POLL_SECONDS, KeyWait, Rotation, RotationSettings
-from core.routing import Candidate, Group, RouteTable, Upstream
+from core.routing import Candidate, Dialect, Group, RouteTable, Upstream
 
 MODEL, FALLBACK = "gpt-4o", "gpt-4o-mini"
 UPSTREAM = Upstream(1, "up", "http://up.test")
@@ -472,3 +472,19 @@ def test_a_resting_pool_with_a_probe_out_is_looked_at_again_soon():
 def test_keys_only_an_admin_can_bring_back_are_not_waited_for():
     rotation = _rotation(KeyState.INVALID, KeyState.EXHAUSTED)
     assert rotation.waiting(frozenset(), NOW + 60, MODEL, None, NOW) == KeyWait()
+
+
+@pytest.mark.parametrize(
+    ("asked", "upstream_model", "dialect", "renamed", "body_model"),
+    [
+        (MODEL, MODEL, Dialect.OPENAI, None, MODEL),
+        (MODEL, "gpt-4o-2024-08-06", Dialect.OPENAI, "gpt-4o-2024-08-06", "gpt-4o-2024-08-06"),
+        (MODEL, "my-deployment", Dialect.AZURE, None, MODEL),  # Azure names its deployment in the URL
+        (None, None, Dialect.OPENAI, None, None),
+    ],
+)
+def test_the_first_attempt_names_the_upstreams_model(asked, upstream_model, dialect, renamed, body_model):
+    group = Group(1, Upstream(1, "up", "http://up.test", dialect), "a")
+    plan = Plan([], ClientRequest("POST", "/v1/chat/completions", (), b"{}", asked))
+    assert plan.renamed_first(Candidate(group, asked, upstream_model)) == renamed
+    assert plan.body_model == body_model

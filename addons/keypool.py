@@ -529,7 +529,8 @@ class KeyPool:
         if result.answer is not None:
             flow.response = response_of(result.answer)
             flow.metadata[FIRST_BYTE_AT] = result.answer.ended_at  # it goes to the client whole, now
-            if result.candidate is not None and result.candidate.renames and not result.refuse:
+            renamed = dispatch.rename_back(result.candidate, flow.response.headers) != Rename.NONE
+            if renamed and result.candidate is not None and not result.refuse:  # streamed or not: it is whole
                 self._rename_whole(flow.response, result.candidate)
         if result.refuse:
             referenced = self._referenced.get(flow.id, ())

@@ -373,15 +373,8 @@ class KeyPool:
         use = KeyUse.of(flow.metadata)
         if use is None or use.key_id is None or use.refusal is not None:
             return
-        if watch is not None and response.stream:
-            shown = watch.objects
-        elif "json" in response.headers.get("content-type", ""):
-            try:
-                shown = affinity.created_objects(response.content)
-            except ValueError:
-                shown = []
-        else:
-            shown = []
+        streamed = watch.objects if watch is not None and response.stream else None
+        shown = affinity.shown_objects(streamed, response.headers, lambda: response.content)
         learnt = affinity.learnt(flow.id, use.key_id, request.method, referenced, shown)
         if learnt is None:
             return
@@ -460,12 +453,7 @@ class KeyPool:
         self._hide_credential(flow)
         candidate = self._answering(flow)
         response = flow.response
-        if (
-            affinity.is_object_path(flow.request.path)
-            and response.status_code < 300
-            and "text/event-stream" in response.headers.get("content-type", "")
-        ):
-            # A stream shows the object it made in its final event (Responses: response.completed).
+        if affinity.watches_stream(flow.request.path, response.status_code, response.headers):
             watch = self._streamed[flow.id] = affinity.ObjectWatch()
             response.stream = chained(response.stream if callable(response.stream) else None, watch)
         if dispatch.rename_back(candidate, response.headers) != Rename.EVENTS:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.classify import HeaderLookup
 from core.errors import OpenAIError
 from core.usage import events_end, split_events
 
@@ -279,6 +280,27 @@ def created_objects(body: bytes | None) -> list[OwnedObject]:
     except (ValueError, UnicodeDecodeError):
         return []
     return list(dict.fromkeys(_objects_in(value)))
+
+
+def shown_objects(
+    streamed: list[OwnedObject] | None, headers: HeaderLookup, body: Callable[[], bytes | None]
+) -> list[OwnedObject]:
+    """The owned objects a successful answer shows: what its stream's final events held
+    (`streamed`), else its JSON body's (`body` raises ValueError when it cannot be decoded)."""
+    if streamed is not None:
+        return streamed
+    if "json" not in (headers.get("content-type", "") or ""):
+        return []
+    try:
+        return created_objects(body())
+    except ValueError:
+        return []
+
+
+def watches_stream(path: str, status: int, headers: HeaderLookup) -> bool:
+    """A successful stream on an object path shows the object it made in its final event
+    (Responses: response.completed): it is watched as it passes."""
+    return is_object_path(path) and status < 300 and "text/event-stream" in (headers.get("content-type", "") or "")
 
 
 def event_type(event: bytes) -> str | None:

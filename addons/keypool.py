@@ -1,12 +1,9 @@
-"""Where to and with which key: route by model to a group, pick a key from its pool, swap it in,
-learn from upstream's answer, retry on another key, group or fallback model.
+"""Where to and with which key: the hooks that route a request by model to a group, swap in a
+key from its pool, and send it again elsewhere when the key fails.
 
-The first attempt of every request goes through mitmproxy itself, so a good answer
-streams to the client unbuffered. When that attempt fails because of its key (401,
-403, 429, 5xx, connection error) or its group has no such model, and nothing has
-reached the client yet, core's failover sends the request again elsewhere and the
-answer is handed to the client whole. The client sees an error only when nothing
-could serve it.
+core/dispatch.py decides each step (core/failover.py waits and retries); the hooks apply the
+decisions to the flow. The first attempt goes through mitmproxy, so a good answer streams
+unbuffered; a retried one reaches the client whole.
 """
 
 from __future__ import annotations
@@ -14,21 +11,22 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from urllib.parse import urlsplit
 
 import httpx
 from mitmproxy import ctx, exceptions, http
 
 from config import STRATEGIES, ConfigError, checked_options, default_of, names_in
-from core import affinity, metadata, upstream
-from core.classify import Outcome, classify_response, connection_failure, is_client_side, is_model_missing
-from core.credentials import AUTHORIZATION, placeholder
-from core.dialects import API_KEY, upstream_url, with_key
+from core import affinity, dispatch, metadata, upstream
+from core.classify import Outcome
+from core.credentials import placeholder
+from core.dialects import upstream_url, with_key
+from core.dispatch import Plan, Rename, Verdict
 from core.errors import OpenAIError
-from core.failover import ClientRequest, Failover, Plan, scope_of
+from core.failover import Failover
 from core.metadata import FIRST_BYTE_AT, KEYPOOL, AccessVerdict, KeyUse
-from core.models import REFUSED, KeyState, PoolKey
+from core.models import PoolKey
 from core.pool import Policy
 from core.ports import OwnershipSink
 from core.rotation import Rotation, RotationSettings
@@ -43,11 +41,9 @@ from core.routing import (
     reverse_target_of,
 )
 from core.state import ProxyState
-from core.usage import EventFilter, chained, events_end, split_events
+from core.usage import EventFilter, chained
 
 log = logging.getLogger(__name__)
-
-CREDENTIAL_HEADERS = (AUTHORIZATION, API_KEY)
 
 # The whole-number options, documented at length in config.toml.
 OPTION_HELP = {
@@ -114,18 +110,6 @@ def is_websocket_upgrade(request: http.Request) -> bool:
     return request.headers.get("upgrade", "").lower() == "websocket"
 
 
-def model_not_found(model: str | None) -> OpenAIError:
-    if model is None:
-        message = "No upstream group is enabled to serve this request: add or enable one (run.py groups list)."
-        return OpenAIError(503, message, "server_error", "no_upstream_group", {"x-should-retry": "false"})
-    return OpenAIError(
-        404,
-        f"The model `{model}` does not exist or is not served by this keyrotor gateway"
-        " (GET /v1/models lists the models it serves).",
-        "invalid_request_error",
-        "model_not_found",
-        {"x-should-retry": "false"},
-    )
 
 
 class KeyPool:
@@ -148,7 +132,7 @@ class KeyPool:
         self._late_send = False
         # Key affinity, per flow: what it names and what its stream showed.
         self._referenced: dict[str, tuple[str, ...]] = {}
-        self._streamed: dict[str, ObjectWatch] = {}
+        self._streamed: dict[str, affinity.ObjectWatch] = {}
 
     @property
     def table(self) -> RouteTable:
@@ -221,9 +205,10 @@ class KeyPool:
 
     # ------------------------------------------------------------------ hooks
 
-    # The hooks are plain functions that return a coroutine only when they must wait (for a
-    # key, or for a retry): mitmproxy awaits what a hook returns, and the common case then
-    # costs no coroutine at all.
+    # The hooks apply core/dispatch.py's decisions to the flow, and core/failover.py carries out
+    # the waits and retries. They are plain functions that return a coroutine only when they must
+    # wait (for a key, or for a retry): mitmproxy awaits what a hook returns, and the common case
+    # then costs no coroutine at all.
 
     def request(self, flow: http.HTTPFlow) -> Coroutine | None:
         if flow.response:
@@ -244,7 +229,7 @@ class KeyPool:
             key = rotation.pick_now(model)
             if key is None:  # waiting for a key: the slow path, which knows the model
                 model = model or self._model_of(request)
-                return self._request_after_choosing(flow, self._plan(flow, [table.only], model))
+                return self._send_first(flow, self._plan(flow, [table.only], model))
             self._send_with(flow, None, table.only, 0, key, model, scope_known=model is not None)
             return None
         # GET /v1/models was answered before this hook (addons/models.py) unless upstream's list is wanted.
@@ -252,80 +237,26 @@ class KeyPool:
             model = self._model_of(request)
         else:
             model = self._websocket_model(flow)
-        candidates = table.candidates(model)
         access = AccessVerdict.of(flow.metadata)
-        if access is not None and access.groups is not None:
-            # A client limited to some groups (addons/access.py refused it if none serves the model).
-            allowed = set(access.groups)
-            candidates = [c for c in candidates if c.group.label in allowed]
-        if not candidates:
-            self._refuse(flow, model_not_found(model))
+        routes = dispatch.route(table, model, access.groups if access is not None else None)
+        if isinstance(routes, OpenAIError):
+            self._refuse(flow, routes)
             return None
-        return self._request_after_choosing(flow, self._plan(flow, candidates, model))
+        return self._send_first(flow, self._plan(flow, routes, model))
 
     # ------------------------------------------------------------------ key affinity
 
-    def _key_of(self, key_id: int) -> tuple[Rotation | None, PoolKey | None]:
-        for rotation in self.rotations.values():
-            key = rotation.pool.by_id.get(key_id)
-            if key is not None:
-                return rotation, key
-        return None, None
-
     def _request_for_owner(self, flow: http.HTTPFlow, owned: affinity.Affinity) -> Coroutine | None:
         """A request naming owned objects goes to their key, whatever the strategy, or is refused."""
-        if owned.conflict:
-            self._refuse(flow, affinity.owners_conflict(owned))
-            return None
-        key_id = owned.owner
-        rotation, key = self._key_of(key_id)
-        group = self.table.by_id.get(key.group_id) if key is not None else None
-        if key is None or rotation is None or group is None:
-            self._refuse(flow, affinity.owner_unavailable(owned.owned, key_id, "has been deleted"))
-            return None
-        if key.state in REFUSED or key.state == KeyState.DISABLED:
-            why = f"is {key.state}" + (f" ({key.state_reason})" if key.state_reason else "")
-            self._refuse(flow, affinity.owner_unavailable(owned.owned, key_id, why))
-            return None
-        if group not in self.table.groups:
-            self._refuse(flow, affinity.owner_unavailable(owned.owned, key_id, f"is in {group.label}, disabled"))
+        owner = dispatch.owner_route(owned, self.rotations, self.table)
+        if isinstance(owner, OpenAIError):
+            self._refuse(flow, owner)
             return None
         request = flow.request
         model = self._model_of(request) if request.method == "POST" else None
-        candidate = Candidate(group, model, group.upstream_model(model) if model else None)
-        plan = self._plan(flow, [candidate], model)
-        plan.only_key = key_id
-        chosen = rotation.pick_now(scope_of(candidate, plan), key_id)
-        if chosen is not None:
-            self._send_with(flow, plan, candidate, 0, chosen)
-            return None
-        return self._owner_after_wait(flow, plan, owned)
-
-    async def _owner_after_wait(self, flow: http.HTTPFlow, plan: Plan, owned: affinity.Affinity) -> None:
-        chosen = await self.failover.first_key(plan, time.time() + self.settings.wait_max_seconds)
-        if chosen is None:
-            self._refuse(flow, self._owner_error(plan, owned.owned))
-        else:
-            self._send_with(flow, plan, plan.candidates[0], 0, chosen[1])
-
-    def _owner_error(self, plan: Plan, owned: tuple[str, ...]) -> OpenAIError:
-        """Why the owner of `owned` cannot take the request: gone for good (409), or resting."""
-        key_id = plan.only_key
-        rotation, key = self._key_of(key_id)
-        if key is None or rotation is None:
-            return affinity.owner_unavailable(owned, key_id, "has been deleted")
-        if key.state in REFUSED or key.state == KeyState.DISABLED:
-            why = f"is {key.state}" + (f" ({key.state_reason})" if key.state_reason else "")
-            return affinity.owner_unavailable(owned, key_id, why)
-        now = time.time()
-        scope = scope_of(plan.candidates[0], plan)
-        others = frozenset(rotation.pool.by_id) - {key_id}
-        wait = rotation.pool.soonest_return(now, scope, others)
-        rest = rotation.pool.resting(scope, now)
-        health = rotation.pool.runtime.get(key_id)
-        scoped = health.scopes.get(scope) if health is not None and scope is not None else None
-        reason = (rest.reason if rest else None) or (scoped.reason if scoped else None) or key.state_reason
-        return affinity.owner_resting(owned, key_id, wait, reason)
+        plan = self._plan(flow, [owner.candidate(model)], model)
+        plan.only_key = owner.key_id
+        return self._send_first(flow, plan, owned.owned)
 
     def _learn(self, flow: http.HTTPFlow) -> None:
         """Which key owns what a successful answer made or answered for (no database round trip:
@@ -340,15 +271,8 @@ class KeyPool:
         use = KeyUse.of(flow.metadata)
         if use is None or use.key_id is None or use.refusal is not None:
             return
-        if watch is not None and response.stream:
-            shown = watch.objects
-        elif "json" in response.headers.get("content-type", ""):
-            try:
-                shown = affinity.created_objects(response.content)
-            except ValueError:
-                shown = []
-        else:
-            shown = []
+        streamed = watch.objects if watch is not None and response.stream else None
+        shown = affinity.shown_objects(streamed, response.headers, lambda: response.content)
         learnt = affinity.learnt(flow.id, use.key_id, request.method, referenced, shown)
         if learnt is None:
             return
@@ -376,26 +300,21 @@ class KeyPool:
     @staticmethod
     def _plan(flow: http.HTTPFlow, candidates: list[Candidate], model: str | None) -> Plan:
         request = flow.request
-        credential = tuple((n, v) for n, v in request.headers.fields if n.lower() in CREDENTIAL_HEADERS)
-        return Plan(candidates, ClientRequest(request.method, request.path, credential, None, model))
+        return dispatch.planned(candidates, request.method, request.path, tuple(request.headers.fields), model)
 
-    def _request_after_choosing(self, flow: http.HTTPFlow, plan: Plan) -> Coroutine | None:
-        if len(plan.candidates) == 1:
-            rotation = self.rotations.get(plan.candidates[0].group.id)
-            key = rotation.pick_now(scope_of(plan.candidates[0], plan)) if rotation else None
-            if key is not None:
-                self._send_with(flow, plan, plan.candidates[0], 0, key)
-                return None
-        return self._choose_and_send(flow, plan)
+    def _send_first(self, flow: http.HTTPFlow, plan: Plan, owned: tuple[str, ...] = ()) -> Coroutine | None:
+        chosen = dispatch.first_key_now(plan, self.rotations.get)
+        if chosen is None:
+            return self._send_after_wait(flow, plan, owned)
+        self._send_with(flow, plan, plan.candidates[chosen[0]], *chosen)
+        return None
 
-    async def _choose_and_send(self, flow: http.HTTPFlow, plan: Plan) -> None:
+    async def _send_after_wait(self, flow: http.HTTPFlow, plan: Plan, owned: tuple[str, ...]) -> None:
         chosen = await self.failover.first_key(plan, time.time() + self.settings.wait_max_seconds)
         if chosen is None:
-            rotation = self.rotations.get(plan.candidates[-1].group.id) or Rotation()
-            self._refuse(flow, rotation.no_key_error(0, scope_of(plan.candidates[-1], plan)))
+            self._refuse(flow, dispatch.no_first_key(plan, self.rotations, owned))
         else:
-            index, key = chosen
-            self._send_with(flow, plan, plan.candidates[index], index, key)
+            self._send_with(flow, plan, plan.candidates[chosen[0]], *chosen)
 
     def _send_with(
         self,
@@ -409,23 +328,20 @@ class KeyPool:
     ) -> None:
         """The first attempt, on `candidate` with `key`; `scope` is its model (read from the plan when there is one)."""
         access = AccessVerdict.of(flow.metadata)
-        use = flow.metadata[KEYPOOL] = KeyUse(candidate=index, client_id=access.client_id if access else None)
-        fallback = candidate.model if candidate.fallback_from else None
         if plan is not None:
-            scope = scope_of(candidate, plan)
-        self.rotations[candidate.group.id].begin(use, key, candidate, fallback, scope, scope_known)
-        use.fallback_model = fallback
+            scope = dispatch.scope_of(candidate, plan)
+        client_id = access.client_id if access else None
+        use = flow.metadata[KEYPOOL] = self.failover.begin(candidate, index, key, client_id, scope, scope_known)
         request = flow.request
         target = candidate.group.upstream
         if plan is not None and (not self.table.trivial or plan.only_key is not None):
             self._plans[flow.id] = plan
             if target.base_url is not None or target.dialect != Dialect.OPENAI:
                 aim(request, upstream_url(candidate, request.path, reverse_target()))
-            asked = plan.request.model
-            plan.body_model = use.requested_model = asked
-            if asked and candidate.upstream_model != asked and target.dialect == Dialect.OPENAI:
-                request.content = renamed_model(request.content, asked, candidate.upstream_model, count=1)
-                plan.body_model = candidate.upstream_model
+            use.requested_model = plan.request.model
+            renamed = plan.renamed_first(candidate)
+            if renamed is not None:
+                request.content = renamed_model(request.content, plan.request.model, renamed, count=1)
         value = placeholder(key.id, key.last4) if self._late_send else key.value
         request.headers.fields = with_key(target.dialect, request.headers.fields, value)
         if self._late_send:
@@ -435,19 +351,10 @@ class KeyPool:
         self._hide_credential(flow)
         candidate = self._answering(flow)
         response = flow.response
-        if (
-            affinity.is_object_path(flow.request.path)
-            and response.status_code < 300
-            and "text/event-stream" in response.headers.get("content-type", "")
-        ):
-            # A stream shows the object it made in its final event (Responses: response.completed).
-            watch = self._streamed[flow.id] = ObjectWatch()
+        if affinity.watches_stream(flow.request.path, response.status_code, response.headers):
+            watch = self._streamed[flow.id] = affinity.ObjectWatch()
             response.stream = chained(response.stream if callable(response.stream) else None, watch)
-        if (
-            candidate is None
-            or not candidate.renames
-            or "text/event-stream" not in response.headers.get("content-type", "")
-        ):
+        if dispatch.rename_back(candidate, response.headers) != Rename.EVENTS:
             return
         upstream_name, client_name = candidate.upstream_model, candidate.model
         inner = response.stream if callable(response.stream) else None
@@ -459,44 +366,16 @@ class KeyPool:
             return self._finish(flow)
         response = flow.response
         status = response.status_code
-        content = response.raw_content if status >= 400 else None
         plan = self._plans.get(flow.id)
-        missing = is_model_missing(status, content) and plan is not None and use.candidate + 1 < len(plan.candidates)
-        outcome = None if missing else classify_response(status, response.headers, content, time.time())
-        rotation = self.rotations.get(use.group_id)
-        if rotation is not None:
-            self._end(flow, rotation, use, outcome, status, None)
-        if not missing and (outcome is None or not outcome.is_key_failure or reached_client(flow)):
-            use.settled = True  # a good answer, the request's own fault, or already on its way
-            if rotation is not None:
-                rotation.settle(use)
+        more_routes = plan is not None and use.candidate + 1 < len(plan.candidates)
+        content = response.raw_content if status >= 400 else None
+        verdict, judged = self.failover.answered(use, more_routes, status, response.headers, content, *self._ask(flow))
+        if verdict == Verdict.ANSWER:
             return self._finish(flow)
-        if is_websocket_upgrade(flow.request):
-            return self._refuse_upgrade(flow, use)
-        return self._retry(flow, use, outcome, missing)
-
-    def _refuse_upgrade(self, flow: http.HTTPFlow, use: KeyUse) -> None:
-        """A WebSocket upgrade (Realtime) upstream refused for its key cannot be sent again from here
-        (the retry client speaks no WebSocket): the key has learned, and the client gets the 503
-        whose Retry-After says when connecting again finds another key."""
-        use.settled = True
-        rotation = self.rotations.get(use.group_id) or Rotation()
-        rotation.settle(use)
-        self._refuse(flow, rotation.no_key_error(len(use.attempts)))
-        self._finish(flow)
-
-    def _end(
-        self,
-        flow: http.HTTPFlow,
-        rotation: Rotation,
-        use: KeyUse,
-        outcome: Outcome | None,
-        status: int | None,
-        error: str | None,
-    ) -> None:
-        if rotation.needs_scope(use, outcome):
-            use.scope, use.scope_known = self._model_of(flow.request), True
-        rotation.end(use, outcome, status, error)
+        if verdict == Verdict.REFUSE:
+            self._refuse(flow, dispatch.upgrade_refusal(use, self.rotations))
+            return self._finish(flow)
+        return self._retry(flow, use, judged.outcome, judged.missing)
 
     def error(self, flow: http.HTTPFlow) -> Coroutine | None:
         self._hide_credential(flow)
@@ -504,24 +383,16 @@ class KeyPool:
         if use is None or use.settled or not flow.error:
             self._forget(flow)
             return None
-        rotation = self.rotations.get(use.group_id)
-        if is_client_side(flow.error.msg):
-            # The client hung up before its answer was settled: the key it held is free again,
-            # and learns nothing (the key did no wrong, nor was it proven).
-            if rotation is not None:
-                rotation.release(use, flow.error.msg)
-            use.settled = True
-            self._forget(flow)
-            return None
-        if rotation is not None:
-            self._end(flow, rotation, use, connection_failure(flow.error.msg), None, flow.error.msg)
-        if reached_client(flow) or is_websocket_upgrade(flow.request):
-            use.settled = True  # part of the answer reached the client, or a WebSocket: too late to retry
-            if rotation is not None:
-                rotation.settle(use)
+        if self.failover.failed(use, flow.error.msg, *self._ask(flow)) != Verdict.RETRY:
             self._forget(flow)
             return None
         return self._recover(flow, use)
+
+    def _ask(self, flow: http.HTTPFlow) -> tuple[Callable[[], str | None], Callable[[], bool], Callable[[], bool]]:
+        """What the decisions may ask of the flow, only when it matters: its model, whether part of
+        the answer reached the client, whether it is a WebSocket upgrade."""
+        request = flow.request
+        return lambda: self._model_of(request), lambda: reached_client(flow), lambda: is_websocket_upgrade(request)
 
     async def _recover(self, flow: http.HTTPFlow, use: KeyUse) -> None:
         unanswered = flow.response  # headers of an answer that never arrived whole, or None
@@ -537,31 +408,19 @@ class KeyPool:
         if plan is None:  # a single route, nothing renamed: the request as it is now
             model = use.scope if use.scope_known else self._model_of(request)
             plan = self._plan(flow, [self.table.candidates(None)[0]], model)
-        # The body as it is now (the usage addon may have asked for usage), the headers as now
-        # with the client's own credential layout (an Azure attempt moved it into api-key).
-        kept = tuple((n, v) for n, v in request.headers.fields if n.lower() not in CREDENTIAL_HEADERS)
-        plan.request = ClientRequest(
-            request.method,
-            plan.request.path,
-            kept + (plan.request.fields or ((AUTHORIZATION, b"Bearer -"),)),
-            request.raw_content,
-            plan.request.model,
-        )
+        plan.request = dispatch.to_resend(plan.request, request.method, request.headers.fields, request.raw_content)
         result = await self.failover.retry(
             self._client, use, plan, outcome, reverse_target(), missing, lambda: flow.client_conn.connected
         )
         if result.answer is not None:
             flow.response = response_of(result.answer)
             flow.metadata[FIRST_BYTE_AT] = result.answer.ended_at  # it goes to the client whole, now
-            if result.candidate is not None and result.candidate.renames and not result.refuse:
+            renamed = dispatch.rename_back(result.candidate, flow.response.headers) != Rename.NONE
+            if renamed and result.candidate is not None and not result.refuse:  # streamed or not: it is whole
                 self._rename_whole(flow.response, result.candidate)
-        if result.refuse and plan.only_key is not None:
-            self._refuse(
-                flow, self._owner_error(plan, affinity.resolve(self._referenced.get(flow.id, ()), self.owners).owned)
-            )
-        elif result.refuse:
-            rotation = self.rotations.get(use.group_id) or Rotation()
-            self._refuse(flow, rotation.no_key_error(len(use.attempts), use.scope))
+        if result.refuse:
+            referenced = self._referenced.get(flow.id, ())
+            self._refuse(flow, dispatch.retry_refusal(plan, use, self.rotations, referenced, self.owners))
         self._plans[flow.id] = plan  # _finish reads which route answered
         self._finish(flow)
 
@@ -580,9 +439,12 @@ class KeyPool:
         self._learn(flow)
         response = flow.response
         candidate = self._answering(flow)
-        if candidate is not None and candidate.renames and response is not None and not response.stream:
-            if "text/event-stream" not in response.headers.get("content-type", ""):
-                self._rename_whole(response, candidate)
+        if (
+            response is not None
+            and not response.stream
+            and dispatch.rename_back(candidate, response.headers) == Rename.WHOLE
+        ):
+            self._rename_whole(response, candidate)
         self._forget(flow)
 
     @staticmethod
@@ -596,10 +458,7 @@ class KeyPool:
 
     def _answering(self, flow: http.HTTPFlow) -> Candidate | None:
         plan = self._plans.get(flow.id)
-        use = KeyUse.of(flow.metadata)
-        if plan is None or use is None or use.candidate >= len(plan.candidates):
-            return None
-        return plan.candidates[use.candidate]
+        return plan.answering(KeyUse.of(flow.metadata)) if plan is not None else None
 
     def _forget(self, flow: http.HTTPFlow) -> None:
         self._plans.pop(flow.id, None)
@@ -616,27 +475,6 @@ class KeyPool:
             dialect = group.upstream.dialect if group else Dialect.OPENAI
             headers = flow.request.headers
             headers.fields = with_key(dialect, headers.fields, placeholder(use.key_id, use.key_last4))
-
-
-class ObjectWatch:
-    """A stream callable that passes every byte on at once and keeps the objects its final
-    events show (only those events are parsed)."""
-
-    MAX_HELD_BYTES = 8 * 2**20  # a final event holds the whole response: room for a big one
-
-    def __init__(self) -> None:
-        self.objects: list[affinity.OwnedObject] = []
-        self._held = b""
-
-    def __call__(self, data: bytes) -> bytes:
-        buffer = self._held + data if self._held else data
-        end = events_end(buffer) if data else len(buffer)
-        if end:
-            for event in split_events(buffer[:end]):
-                if affinity.is_final_event(event):
-                    self.objects += affinity.streamed_objects(event)
-        self._held = buffer[end:] if len(buffer) - end <= self.MAX_HELD_BYTES else b""
-        return data
 
 
 def reverse_target() -> str:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.classify import HeaderLookup
 from core.errors import OpenAIError
+from core.usage import events_end, split_events
 
 # `object` values of the answers that create (or show) an owned object → the kind stored.
 KINDS = {
@@ -280,6 +282,27 @@ def created_objects(body: bytes | None) -> list[OwnedObject]:
     return list(dict.fromkeys(_objects_in(value)))
 
 
+def shown_objects(
+    streamed: list[OwnedObject] | None, headers: HeaderLookup, body: Callable[[], bytes | None]
+) -> list[OwnedObject]:
+    """The owned objects a successful answer shows: what its stream's final events held
+    (`streamed`), else its JSON body's (`body` raises ValueError when it cannot be decoded)."""
+    if streamed is not None:
+        return streamed
+    if "json" not in (headers.get("content-type", "") or ""):
+        return []
+    try:
+        return created_objects(body())
+    except ValueError:
+        return []
+
+
+def watches_stream(path: str, status: int, headers: HeaderLookup) -> bool:
+    """A successful stream on an object path shows the object it made in its final event
+    (Responses: response.completed): it is watched as it passes."""
+    return is_object_path(path) and status < 300 and "text/event-stream" in (headers.get("content-type", "") or "")
+
+
 def event_type(event: bytes) -> str | None:
     """An SSE event's `event:` name (cheap: no JSON parsing)."""
     for line in event.split(b"\n", 3)[:3]:
@@ -307,6 +330,27 @@ def is_final_event(event: bytes) -> bool:
     # No `event:` line: the type is in the JSON, near the start.
     head = event[:120]
     return any(b'"' + name.encode() + b'"' in head for name in FINAL_EVENTS)
+
+
+class ObjectWatch:
+    """A stream callable that passes every byte on at once and keeps the objects its final
+    events show (only those events are parsed)."""
+
+    MAX_HELD_BYTES = 8 * 2**20  # a final event holds the whole response: room for a big one
+
+    def __init__(self) -> None:
+        self.objects: list[OwnedObject] = []
+        self._held = b""
+
+    def __call__(self, data: bytes) -> bytes:
+        buffer = self._held + data if self._held else data
+        end = events_end(buffer) if data else len(buffer)
+        if end:
+            for event in split_events(buffer[:end]):
+                if is_final_event(event):
+                    self.objects += streamed_objects(event)
+        self._held = buffer[end:] if len(buffer) - end <= self.MAX_HELD_BYTES else b""
+        return data
 
 
 # --------------------------------------------------------------------------- refusals

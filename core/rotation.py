@@ -3,8 +3,8 @@
 One Rotation per upstream group. The pool (core/pool.py) knows which key is usable
 now; this adds what a request lives through in that group: it waits up to
 `wait_max_seconds` for a key, records each attempt, and turns what the pool learnt
-into state changes for storage. core/failover.py moves a request across keys,
-groups and fallback models.
+into state changes for storage. core/dispatch.py decides how a request moves across
+keys, groups and fallback models; core/failover.py carries it out.
 """
 
 from __future__ import annotations
@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 
 PROOF_POLL_SECONDS = 0.02
 PROBE_POLL_SECONDS = 0.05  # while the pool rests with a probe out, waiting requests look this often
+
+
+@dataclass(frozen=True)
+class KeyWait:
+    """What a request does when no key is free: wait `seconds` and look again, or take `key` (None: give up)."""
+
+    key: PoolKey | None = None
+    seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,23 +95,37 @@ class Rotation:
                 return key
             if alive is not None and not alive():
                 return None  # nobody is waiting for the answer any more
-            if pool.awaiting_proof(exclude):
-                if now + PROOF_POLL_SECONDS > deadline:
-                    # No time to wait for a new key's first answer: share it rather than fail.
-                    return pool.pick(strategy, now, exclude, busy_ok=True, scope=scope, only=only)
-                await asyncio.sleep(PROOF_POLL_SECONDS)
-                continue
-            rest = pool.resting(scope, now)
-            if rest is not None and rest.probes:
-                # A probe's answer may end the pool's rest at any moment: look again soon.
-                if now >= deadline:
-                    return None
-                await asyncio.sleep(min(PROBE_POLL_SECONDS, deadline - now))
-                continue
-            wait = pool.soonest_return(now, scope, exclude)
-            if wait is None or now + wait > deadline:
-                return None
-            await asyncio.sleep(max(wait, PROOF_POLL_SECONDS))  # a probe in flight ends the wait early or late
+            then = self.waiting(exclude, deadline, scope, only, now, strategy)
+            if then.seconds is None:
+                return then.key
+            await asyncio.sleep(then.seconds)
+
+    def waiting(
+        self,
+        exclude: frozenset[int],
+        deadline: float,
+        scope: str | None,
+        only: int | None,
+        now: float,
+        strategy: str | None = None,
+    ) -> KeyWait:
+        """No key is free now: whether to wait for one to come back (how long before looking again),
+        to share one that awaits its first answer, or to give up."""
+        pool = self.pool
+        if pool.awaiting_proof(exclude):
+            if now + PROOF_POLL_SECONDS > deadline:
+                # No time to wait for a new key's first answer: share it rather than fail.
+                strategy = strategy or self.settings.strategy
+                return KeyWait(pool.pick(strategy, now, exclude, busy_ok=True, scope=scope, only=only))
+            return KeyWait(seconds=PROOF_POLL_SECONDS)
+        rest = pool.resting(scope, now)
+        if rest is not None and rest.probes:
+            # A probe's answer may end the pool's rest at any moment: look again soon.
+            return KeyWait() if now >= deadline else KeyWait(seconds=min(PROBE_POLL_SECONDS, deadline - now))
+        wait = pool.soonest_return(now, scope, exclude)
+        if wait is None or now + wait > deadline:
+            return KeyWait()
+        return KeyWait(seconds=max(wait, PROOF_POLL_SECONDS))  # a probe in flight ends the wait early or late
 
     def wait_deadline(self) -> float:
         return time.time() + self.settings.wait_max_seconds

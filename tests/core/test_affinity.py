@@ -136,3 +136,40 @@ def test_the_pool_gives_the_owner_or_nobody():
 )
 def test_which_bodies_are_worth_parsing(body, may):
     assert affinity.may_name_objects(body) is may
+
+
+def test_a_watched_stream_keeps_the_objects_its_final_event_shows_and_passes_every_byte_on():
+    watch = affinity.ObjectWatch()
+    final = {"type": "response.completed", "response": {"id": "resp_1", "object": "response"}}
+    event = b"event: response.completed\ndata: " + json.dumps(final).encode() + b"\n\n"
+    chunks = [b"event: response.created\ndata: {}\n\n", event[:20], event[20:], b""]
+    assert [watch(chunk) for chunk in chunks] == chunks
+    assert [o.id for o in watch.objects] == ["resp_1"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "content_type", "watched"),
+    [
+        ("/v1/responses", 200, "text/event-stream", True),
+        ("/v1/responses", 400, "text/event-stream", False),
+        ("/v1/responses", 200, "application/json", False),
+        ("/v1/chat/completions", 200, "text/event-stream", False),
+    ],
+)
+def test_which_streams_are_watched(path, status, content_type, watched):
+    assert affinity.watches_stream(path, status, {"content-type": content_type}) is watched
+
+
+def test_an_answer_shows_its_streams_objects_else_its_json_bodys():
+    made = OwnedObject("file-1", "file")
+    body = json.dumps({"id": "file-1", "object": "file"}).encode()
+    assert affinity.shown_objects([made], {"content-type": "text/event-stream"}, lambda: b"") == [made]
+    assert [o.id for o in affinity.shown_objects(None, {"content-type": "application/json"}, lambda: body)] == [
+        "file-1"
+    ]
+    assert affinity.shown_objects(None, {"content-type": "text/plain"}, lambda: body) == []
+
+    def undecodable() -> bytes:
+        raise ValueError("unknown content-encoding")
+
+    assert affinity.shown_objects(None, {"content-type": "application/json"}, undecodable) == []

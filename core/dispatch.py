@@ -1,0 +1,445 @@
+"""One request's journey, from plan to end, as decisions: no proxy, no network, no waiting.
+
+    plan the candidates → pick the first key → classify the attempt's outcome →
+    answer | retry on another key | wait for one to come back | the next group or fallback
+    model | refuse (with which error) → rename the model back
+
+The first attempt goes through mitmproxy (so a good answer streams unbuffered); when it
+fails for its key, or its group has no such model, and nothing reached the client yet,
+the request is sent again elsewhere. addons/keypool.py applies these decisions to the
+flow; core/failover.py carries them out (it waits for keys and sends the retries). The
+pools' memory (core/rotation.py, core/pool.py) is read and taught in memory only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Container, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from core import affinity
+from core.classify import (
+    KEY_ONLY_FAILURES,
+    OK,
+    HeaderLookup,
+    Outcome,
+    classify_response,
+    is_client_side,
+    is_model_missing,
+)
+from core.credentials import AUTHORIZATION
+from core.dialects import API_KEY, upstream_url, with_key
+from core.errors import OpenAIError
+from core.metadata import KeyUse
+from core.models import REFUSED, KeyState, PoolKey
+from core.rotation import Rotation, RotationSettings
+from core.routing import Candidate, Dialect, Group, RouteTable, renamed_model
+
+CREDENTIAL_HEADERS = (AUTHORIZATION, API_KEY)
+# Keys of one group on which a request met 5xx or connection errors before it tries the next group.
+GROUP_FAILURES = 2
+# Rate-limited attempts beyond max_attempts a request may make while it waits within wait_max_seconds.
+MAX_RATE_LIMITED_ATTEMPTS = 10
+
+
+@dataclass(frozen=True)
+class ClientRequest:
+    """The request as the client sent it (its credential already replaced by a placeholder)."""
+
+    method: str
+    path: str  # with the query
+    fields: tuple[tuple[bytes, bytes], ...]
+    body: bytes | None
+    model: str | None  # what the client asked for
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    method: str
+    url: str
+    fields: tuple[tuple[bytes, bytes], ...]
+    body: bytes | None
+
+
+@dataclass
+class Plan:
+    """Where one request may go, in order (core.routing.RouteTable.candidates)."""
+
+    candidates: list[Candidate]
+    request: ClientRequest
+    body_model: str | None = None  # the model named in the body as the first attempt sent it
+    only_key: int | None = None  # the key that owns an object the request names: no other may serve it
+
+    def candidate(self, use: KeyUse) -> Candidate:
+        return self.candidates[use.candidate]
+
+    def renamed_first(self, candidate: Candidate) -> str | None:
+        """The model the first attempt on `candidate` names in its body instead of the client's (the
+        upstream's own name for it), None to send it as asked; the retries start from what it sent."""
+        asked = self.request.model
+        to = candidate.upstream_model
+        rename = bool(asked) and to != asked and candidate.group.upstream.dialect == Dialect.OPENAI
+        self.body_model = to if rename else asked
+        return to if rename else None
+
+    def answering(self, use: KeyUse | None) -> Candidate | None:
+        """The route of the latest attempt, if the request has one."""
+        if use is None or use.candidate >= len(self.candidates):
+            return None
+        return self.candidates[use.candidate]
+
+
+Fields = tuple[tuple[bytes, bytes], ...]
+
+
+def planned(candidates: list[Candidate], method: str, path: str, fields: Fields, model: str | None) -> Plan:
+    """The plan of a request: its routes, and the request with only its credential kept (a placeholder by now)."""
+    credential = tuple((n, v) for n, v in fields if n.lower() in CREDENTIAL_HEADERS)
+    return Plan(candidates, ClientRequest(method, path, credential, None, model))
+
+
+def to_resend(request: ClientRequest, method: str, fields: Fields, body: bytes | None) -> ClientRequest:
+    """The request to send again: its body and headers as they are now (the usage addon may have asked
+    for usage), with the client's own credential layout (an Azure attempt moved it into api-key)."""
+    kept = tuple((n, v) for n, v in fields if n.lower() not in CREDENTIAL_HEADERS)
+    credential = request.fields or ((AUTHORIZATION, b"Bearer -"),)
+    return ClientRequest(method, request.path, kept + credential, body, request.model)
+
+
+def scope_of(candidate: Candidate, plan: Plan) -> str | None:
+    """The model whose limits an attempt on `candidate` counts against (None: the key as a whole)."""
+    return candidate.upstream_model or plan.request.model
+
+
+def addressed(plan: Plan, candidate: Candidate, key: PoolKey, default_base_url: str) -> Outgoing:
+    """The request for `candidate`'s upstream with `key`: its URL, headers and (renamed) model."""
+    request = plan.request
+    dialect = candidate.group.upstream.dialect
+    body = request.body
+    named = plan.body_model or request.model
+    if body and named and candidate.upstream_model and dialect == Dialect.OPENAI:
+        body = renamed_model(body, named, candidate.upstream_model, count=1)
+    return Outgoing(
+        request.method,
+        upstream_url(candidate, request.path, default_base_url),
+        with_key(dialect, request.fields, key.value),
+        body,
+    )
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def model_not_found(model: str | None) -> OpenAIError:
+    if model is None:
+        message = "No upstream group is enabled to serve this request: add or enable one (run.py groups list)."
+        return OpenAIError(503, message, "server_error", "no_upstream_group", {"x-should-retry": "false"})
+    return OpenAIError(
+        404,
+        f"The model `{model}` does not exist or is not served by this keyrotor gateway"
+        " (GET /v1/models lists the models it serves).",
+        "invalid_request_error",
+        "model_not_found",
+        {"x-should-retry": "false"},
+    )
+
+
+def route(table: RouteTable, model: str | None, allowed_groups: Container[str] | None) -> list[Candidate] | OpenAIError:
+    """Where a request for `model` may go, in order, or why it is refused; a client limited to some
+    groups only gets those (addons/access.py refused it if none serves the model)."""
+    candidates = table.candidates(model)
+    if allowed_groups is not None:
+        candidates = [c for c in candidates if c.group.label in allowed_groups]
+    return candidates or model_not_found(model)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The key that owns an object a request names: only it may serve the request."""
+
+    key_id: int
+    group: Group
+
+    def candidate(self, model: str | None) -> Candidate:
+        return Candidate(self.group, model, self.group.upstream_model(model) if model else None)
+
+
+def key_of(rotations: Mapping[int, Rotation], key_id: int | None) -> tuple[Rotation | None, PoolKey | None]:
+    for rotation in rotations.values():
+        key = rotation.pool.by_id.get(key_id) if key_id is not None else None
+        if key is not None:
+            return rotation, key
+    return None, None
+
+
+def _gone_for_good(key: PoolKey) -> str | None:
+    if key.state in REFUSED or key.state == KeyState.DISABLED:
+        return f"is {key.state}" + (f" ({key.state_reason})" if key.state_reason else "")
+    return None
+
+
+def owner_route(owned: affinity.Affinity, rotations: Mapping[int, Rotation], table: RouteTable) -> Owner | OpenAIError:
+    """A request naming owned objects goes to their key, whatever the strategy, or is refused (409)."""
+    if owned.conflict:
+        return affinity.owners_conflict(owned)
+    key_id = owned.owner
+    rotation, key = key_of(rotations, key_id)
+    group = table.by_id.get(key.group_id) if key is not None and key.group_id is not None else None
+    if key_id is None or key is None or rotation is None or group is None:
+        return affinity.owner_unavailable(owned.owned, key_id or 0, "has been deleted")
+    why = _gone_for_good(key)
+    if why is not None:
+        return affinity.owner_unavailable(owned.owned, key_id, why)
+    if group not in table.groups:
+        return affinity.owner_unavailable(owned.owned, key_id, f"is in {group.label}, disabled")
+    return Owner(key_id, group)
+
+
+def owner_error(plan: Plan, owned: tuple[str, ...], rotations: Mapping[int, Rotation]) -> OpenAIError:
+    """Why the owner of `owned` cannot take the request: gone for good (409), or resting."""
+    key_id = plan.only_key or 0
+    rotation, key = key_of(rotations, plan.only_key)
+    if key is None or rotation is None:
+        return affinity.owner_unavailable(owned, key_id, "has been deleted")
+    why = _gone_for_good(key)
+    if why is not None:
+        return affinity.owner_unavailable(owned, key_id, why)
+    now = time.time()
+    scope = scope_of(plan.candidates[0], plan)
+    others = frozenset(rotation.pool.by_id) - {key_id}
+    wait = rotation.pool.soonest_return(now, scope, others)
+    rest = rotation.pool.resting(scope, now)
+    health = rotation.pool.runtime.get(key_id)
+    scoped = health.scopes.get(scope) if health is not None and scope is not None else None
+    reason = (rest.reason if rest else None) or (scoped.reason if scoped else None) or key.state_reason
+    return affinity.owner_resting(owned, key_id, wait, reason)
+
+
+# --------------------------------------------------------------------------- the first key
+
+
+def first_key_now(plan: Plan, rotation_of: Callable[[int], Rotation | None]) -> tuple[int, PoolKey] | None:
+    """(candidate index, key) free right now on the first route that has one."""
+    for index, candidate in enumerate(plan.candidates):
+        rotation = rotation_of(candidate.group.id)
+        key = rotation.pick_now(scope_of(candidate, plan), plan.only_key) if rotation else None
+        if key is not None:
+            return index, key
+    return None
+
+
+def no_first_key(plan: Plan, rotations: Mapping[int, Rotation], owned: tuple[str, ...] = ()) -> OpenAIError:
+    """The refusal when no route had a key for the first attempt, even after waiting."""
+    if plan.only_key is not None:
+        return owner_error(plan, owned, rotations)
+    last = plan.candidates[-1]
+    return (rotations.get(last.group.id) or Rotation()).no_key_error(0, scope_of(last, plan))
+
+
+# --------------------------------------------------------------------------- an attempt's outcome
+
+
+class Verdict(StrEnum):
+    """What follows an attempt of the flow itself (mitmproxy's own, the first one)."""
+
+    ANSWER = "answer"  # the answer stands: good, the request's own fault, or already reaching the client
+    RETRY = "retry"  # the key failed: another key, group or fallback model may serve it
+    NEXT_GROUP = "next_group"  # upstream has no such model here: the next route may have it
+    REFUSE = "refuse"  # a WebSocket upgrade refused for its key: our own 503 (retries speak no WebSocket)
+    RELEASE = "release"  # the client left first: the key is free again and learns nothing
+
+
+@dataclass(frozen=True)
+class Judgement:
+    outcome: Outcome | None  # what the answer says about the key; None: the request's own fault
+    missing: bool  # upstream has no such model, and a later route may
+    verdict: Verdict
+
+
+GOOD = Judgement(OK, False, Verdict.ANSWER)
+
+
+def judge(status: int, headers: HeaderLookup, content: bytes | None, more_routes: bool, now: float) -> Judgement:
+    """Classify an answer (`content` is needed for 4xx and 5xx only)."""
+    if status == 404 and more_routes and is_model_missing(status, content):
+        return Judgement(None, True, Verdict.NEXT_GROUP)
+    outcome = classify_response(status, headers, content, now)
+    if outcome is OK:
+        return GOOD  # most answers: nothing to build
+    return Judgement(
+        outcome, False, Verdict.RETRY if outcome is not None and outcome.is_key_failure else Verdict.ANSWER
+    )
+
+
+def after_answer(judgement: Judgement, reached_client: Callable[[], bool], websocket: Callable[[], bool]) -> Verdict:
+    """An answer can no longer be retried once part of it is on its way; a WebSocket upgrade never can.
+    (What the flow is asked only when it matters: most answers stand as they are.)"""
+    if judgement.verdict == Verdict.ANSWER or (not judgement.missing and reached_client()):
+        return Verdict.ANSWER
+    return Verdict.REFUSE if websocket() else judgement.verdict
+
+
+def after_error(message: str, reached_client: Callable[[], bool], websocket: Callable[[], bool]) -> Verdict:
+    """An attempt that got no whole answer: the client left, too late to retry, or retry."""
+    if is_client_side(message):
+        return Verdict.RELEASE
+    if reached_client() or websocket():
+        return Verdict.ANSWER  # part of the answer reached the client, or a WebSocket: too late to retry
+    return Verdict.RETRY
+
+
+# --------------------------------------------------------------------------- the retries
+
+
+class Move(StrEnum):
+    LEAVE = "leave"  # the request leaves this route's group for the next route (a group or fallback model)
+    TAKE_KEY = "take_key"  # a key of this route's group: free now, or (last route) back before the deadline
+    SEND = "send"  # an attempt with that key
+    STOP = "stop"  # no more attempts: the last answer stands, or a refusal
+
+
+@dataclass(frozen=True)
+class Step:
+    move: Move
+    index: int  # the route (core.routing.Candidate) in the plan
+    scope: str | None = None
+    exclude: frozenset[int] = frozenset()  # keys that failed this request here and may not serve it again
+    wait: bool = False  # TAKE_KEY: the key may be waited for until the request's deadline
+    key: PoolKey | None = None  # SEND
+
+    def __str__(self) -> str:
+        extra = " wait" if self.wait else ""
+        if self.key is not None:
+            extra += f" key {self.key.id}"
+        return f"{self.move} {self.index}{extra}"
+
+
+@dataclass
+class Journey:
+    """The retries of one request: each call takes what happened and says what to do next.
+
+    Within a group no key that failed the request is tried again while another could serve;
+    rate-limited attempts do not use up `max_attempts` while waiting (up to `wait_max_seconds`)
+    can still help. A 5xx or lost answer that repeats on a second key follows the request:
+    the next group may serve it, else the client gets it as it is.
+    """
+
+    plan: Plan
+    use: KeyUse
+    settings: RotationSettings
+    rotation_of: Callable[[int], Rotation | None]  # a group's rotation (None: the group is gone)
+    answered: Outcome | None  # what the latest answer said (None: none yet, or the request's own fault)
+    index: int = 0
+    answered_by: Candidate | None = None  # the route of the latest whole answer
+    trail: list[Step] = field(default_factory=list)
+
+    def start(self, model_missing: bool, alive: bool) -> Step:
+        self.index = self.use.candidate
+        return self._leave() if model_missing else self.next(alive)
+
+    def next(self, alive: bool) -> Step:
+        """Where the request goes now."""
+        candidates, settings = self.plan.candidates, self.settings
+        if self.index >= len(candidates) or not alive:
+            return self._stop()
+        candidate = candidates[self.index]
+        last = self.index == len(candidates) - 1
+        here = [a for a in self.use.attempts if a.group_id == candidate.group.id or a.group_id is None]
+        limited = sum(a.status == 429 for a in here)
+        troubled = {a.key_id for a in here if a.status is None or a.status >= 500}
+        if (
+            self.rotation_of(candidate.group.id) is None
+            or len(here) - limited >= settings.max_attempts
+            or limited > settings.max_attempts + MAX_RATE_LIMITED_ATTEMPTS
+            or len(troubled) >= GROUP_FAILURES
+        ):
+            if last and len(troubled) >= GROUP_FAILURES:
+                return self._stop()  # it followed the request from key to key: the client gets the last answer
+            return self._leave()
+        exclude = frozenset(a.key_id for a in here if a.status != 429)  # rate limits end; failures stay
+        return self._step(Step(Move.TAKE_KEY, self.index, scope_of(candidate, self.plan), exclude, wait=last))
+
+    def took(self, key: PoolKey | None, alive: bool) -> Step:
+        """The key TAKE_KEY got (None: none came back in time)."""
+        if not alive:
+            return self._stop()  # the client went away while it waited: no attempt for nobody
+        if key is None:
+            return self._leave()
+        self.use.candidate = self.index
+        scope = scope_of(self.plan.candidates[self.index], self.plan)
+        return self._step(Step(Move.SEND, self.index, scope, key=key))
+
+    def lost(self, alive: bool) -> Step:
+        """The attempt got no whole answer (connection error, timeout)."""
+        self.answered = None
+        return self.next(alive)
+
+    def judged(self, judgement: Judgement, alive: bool) -> Step:
+        """The attempt got a whole answer, which `judgement` classified."""
+        self.answered, self.answered_by = judgement.outcome, self.plan.candidates[self.index]
+        if judgement.verdict == Verdict.NEXT_GROUP:
+            return self._leave()
+        if judgement.verdict == Verdict.ANSWER:
+            return self._stop()
+        return self.next(alive)
+
+    def more_routes(self) -> bool:
+        return self.index < len(self.plan.candidates) - 1
+
+    def end(self) -> bool:
+        """Settle the request; True when keyrotor refuses it: every attempt failed because of our keys."""
+        use, by = self.use, self.answered_by
+        use.settled = True
+        use.fallback_model = by.model if by and by.fallback_from else None
+        return self.answered is not None and self.answered.kind in KEY_ONLY_FAILURES
+
+    def _leave(self) -> Step:
+        step = self._step(Step(Move.LEAVE, self.index))
+        self.index += 1
+        return step
+
+    def _stop(self) -> Step:
+        return self._step(Step(Move.STOP, self.index))
+
+    def _step(self, step: Step) -> Step:
+        self.trail.append(step)
+        return step
+
+
+def upgrade_refusal(use: KeyUse, rotations: Mapping[int, Rotation]) -> OpenAIError:
+    """A WebSocket upgrade (Realtime) refused for its key: the key has learnt, and the client gets the
+    503 whose Retry-After says when connecting again finds another key."""
+    rotation = rotations.get(use.group_id) if use.group_id is not None else None
+    return (rotation or Rotation()).no_key_error(len(use.attempts))
+
+
+def retry_refusal(
+    plan: Plan,
+    use: KeyUse,
+    rotations: Mapping[int, Rotation],
+    referenced: tuple[str, ...] = (),
+    owners: Mapping[str, int] | None = None,
+) -> OpenAIError:
+    """keyrotor's own answer when every retry failed because of our keys (`referenced`: the object
+    ids the request names, `owners`: who owns which object now)."""
+    if plan.only_key is not None:
+        return owner_error(plan, affinity.resolve(referenced, owners or {}).owned, rotations)
+    rotation = rotations.get(use.group_id) if use.group_id is not None else None
+    return (rotation or Rotation()).no_key_error(len(use.attempts), use.scope)
+
+
+# --------------------------------------------------------------------------- renaming back
+
+
+class Rename(StrEnum):
+    NONE = "none"  # the client asked for the model upstream answered as
+    WHOLE = "whole"  # the answer's body, once whole
+    EVENTS = "events"  # a stream's events, as they pass
+
+
+def rename_back(candidate: Candidate | None, headers: HeaderLookup) -> Rename:
+    """How the answer of `candidate` gets the client's model name back (an alias or a fallback)."""
+    if candidate is None or not candidate.renames:
+        return Rename.NONE
+    return Rename.EVENTS if "text/event-stream" in (headers.get("content-type", "") or "") else Rename.WHOLE

@@ -94,24 +94,28 @@ def parse_http_url(value: Any) -> str:
         raise ValueError(f"{value!r} {e}") from None
 
 
-def _one_of(*choices: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        text = _text(value)
-        if text not in choices:
-            raise ValueError("must be one of " + ", ".join(f'"{c}"' for c in choices))
-        return text
+@dataclass(frozen=True)
+class _OneOf:
+    """The check of an enumerated setting; its addon option declares the same `choices`."""
 
-    return check
+    choices: tuple[str, ...]
+
+    def __call__(self, value: Any) -> str:
+        text = _text(value)
+        if text not in self.choices:
+            raise ValueError("must be one of " + ", ".join(f'"{c}"' for c in self.choices))
+        return text
 
 
 def _optional_text(value: Any) -> str:
     return "" if value in ("", None) else _text(value)
 
 
-def setting[T](default: T, check: Callable[[Any], T], secret: bool = False) -> T:
+def setting[T](default: T, check: Callable[[Any], T], secret: bool = False, help: str = "") -> T:
     """A field of a settings section: its default, and the check that turns a raw value into it.
-    A secret's value is never repeated in an error."""
-    return field(default=default, metadata={"check": check, "secret": secret})
+    A secret's value is never repeated in an error. `help`: the one line its addon option shows
+    (config.toml documents it at length)."""
+    return field(default=default, metadata={"check": check, "secret": secret, "help": help})
 
 
 # One frozen dataclass per config.toml section. Each field is one setting: its name, type, default
@@ -143,22 +147,48 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class KeyPoolSettings:
-    strategy: str = setting("round_robin", _one_of(*STRATEGIES))
-    cooldown_seconds: int = setting(60, _positive_integer)
-    max_cooldown_seconds: int = setting(3600, _positive_integer)
-    failure_threshold: int = setting(3, _positive_integer)
-    failure_cooldown_seconds: int = setting(30, _positive_integer)
-    pool_429_window_seconds: int = setting(10, _non_negative_integer)
-    max_attempts: int = setting(3, _positive_integer)
-    wait_max_seconds: int = setting(5, _non_negative_integer)
-    attempt_timeout_seconds: int = setting(600, _positive_integer)
-    stream_idle_seconds: int = setting(120, _positive_integer)
-    revalidate_seconds: int = setting(900, _non_negative_integer)
+    strategy: str = setting(
+        "round_robin", _OneOf(STRATEGIES), help=f"How the next upstream key is chosen: {', '.join(STRATEGIES)}."
+    )
+    cooldown_seconds: int = setting(
+        60, _positive_integer, help="Seconds a key first rests after a 429 without Retry-After or x-ratelimit-reset-*."
+    )
+    max_cooldown_seconds: int = setting(3600, _positive_integer, help="Longest backoff a key can get, in seconds.")
+    failure_threshold: int = setting(
+        3, _positive_integer, help="5xx answers, timeouts or connection errors in a row that cool a key."
+    )
+    failure_cooldown_seconds: int = setting(
+        30, _positive_integer, help="Seconds a key first rests when the failure threshold trips."
+    )
+    pool_429_window_seconds: int = setting(
+        10,
+        _non_negative_integer,
+        help="429s on every usable key within this window cool the pool, not each key (0: off).",
+    )
+    max_attempts: int = setting(
+        3, _positive_integer, help="Attempts per request, each with another key, before the client sees an error."
+    )
+    wait_max_seconds: int = setting(
+        5, _non_negative_integer, help="How long a request may wait for a key to come back before a 503."
+    )
+    attempt_timeout_seconds: int = setting(
+        600,
+        _positive_integer,
+        help="An attempt with no response headers, or no first byte, for this long is a timeout.",
+    )
+    stream_idle_seconds: int = setting(
+        120, _positive_integer, help="A streamed answer silent for this long after its first byte is a timeout."
+    )
+    revalidate_seconds: int = setting(
+        900,
+        _non_negative_integer,
+        help="How often invalid and exhausted keys are probed with GET /v1/models (0: never).",
+    )
 
 
 @dataclass(frozen=True)
 class CaptureSettings:
-    bodies: str = setting("truncated", _one_of(*BODY_MODES))
+    bodies: str = setting("truncated", _OneOf(BODY_MODES))
     max_body_bytes: int = setting(1_048_576, _positive_integer)
     prices: str = setting("prices.toml", _text)
     keep_days: int = setting(30, _non_negative_integer)
@@ -218,6 +248,12 @@ class Setting:
     default: Any
     parse: Callable[[Any], Any]
     secret: bool = False
+    help: str = ""
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        """The values an enumerated setting takes (None: any its check accepts)."""
+        return self.parse.choices if isinstance(self.parse, _OneOf) else None
 
     @property
     def name(self) -> str:
@@ -242,7 +278,7 @@ class Setting:
 
 
 SETTINGS = [
-    Setting(section, f.name, f.default, f.metadata["check"], f.metadata["secret"])
+    Setting(section, f.name, f.default, f.metadata["check"], f.metadata["secret"], f.metadata["help"])
     for section, cls in SECTIONS.items()
     for f in fields(cls)
 ]
@@ -264,6 +300,11 @@ def default_of(settings: Settings | None, name: str) -> Any:
 def names_in(section: str) -> list[str]:
     """The names (`section.key`) of a section's settings."""
     return [s.name for s in SETTINGS if s.section == section]
+
+
+def settings_in(section: str) -> list[Setting]:
+    """A section's settings, in config.toml's order."""
+    return [s for s in SETTINGS if s.section == section]
 
 
 def option_source(option: str) -> str:

@@ -12,16 +12,16 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from urllib.parse import urlsplit
 
 import httpx
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
 
-from config import STRATEGIES, ConfigError, checked_options, default_of, names_in
+from config import ConfigError, Settings, checked_options, default_of, names_in, settings_in
 from core import affinity, dispatch, metadata, upstream
 from core.classify import Outcome
-from core.credentials import placeholder
-from core.dialects import upstream_url, with_key
+from core.credentials import KeyHandoff, placeholder
+from core.dialects import upstream_url, url_parts, with_key
 from core.dispatch import Plan, Rename, Verdict
 from core.errors import OpenAIError
 from core.failover import Failover
@@ -29,11 +29,10 @@ from core.metadata import FIRST_BYTE_AT, KEYPOOL, AccessVerdict, KeyUse
 from core.models import PoolKey
 from core.pool import Policy
 from core.ports import OwnershipSink
-from core.rotation import Rotation, RotationSettings
+from core.rotation import RotationSettings
 from core.routing import (
     Candidate,
     Dialect,
-    RouteTable,
     is_multipart,
     query_model,
     renamed_model,
@@ -44,20 +43,6 @@ from core.state import ProxyState
 from core.usage import EventFilter, chained
 
 log = logging.getLogger(__name__)
-
-# The whole-number options, documented at length in config.toml.
-OPTION_HELP = {
-    "cooldown_seconds": "Seconds a key first rests after a 429 without Retry-After or x-ratelimit-reset-*.",
-    "max_cooldown_seconds": "Longest backoff a key can get, in seconds.",
-    "failure_threshold": "5xx answers, timeouts or connection errors in a row that cool a key.",
-    "failure_cooldown_seconds": "Seconds a key first rests when the failure threshold trips.",
-    "pool_429_window_seconds": "429s on every usable key within this window cool the pool, not each key (0: off).",
-    "max_attempts": "Attempts per request, each with another key, before the client sees an error.",
-    "wait_max_seconds": "How long a request may wait for a key to come back before a 503.",
-    "attempt_timeout_seconds": "An attempt with no response headers, or no first byte, for this long is a timeout.",
-    "stream_idle_seconds": "A streamed answer silent for this long after its first byte is a timeout.",
-    "revalidate_seconds": "How often invalid and exhausted keys are probed with GET /v1/models (0: never).",
-}
 
 
 def reached_client(flow: http.HTTPFlow) -> bool:
@@ -81,25 +66,14 @@ def response_of(answer: upstream.Answer) -> http.Response:
     )
 
 
-@functools.lru_cache(maxsize=256)
-def _origin(origin: str) -> tuple[bytes, str, int, str]:
-    parts = urlsplit(origin)
-    scheme = parts.scheme.encode()
-    return scheme, parts.hostname or "", parts.port or (443 if scheme == b"https" else 80), parts.netloc
-
-
 def aim(request: http.Request, url: str) -> None:
     """Send `request` to `url` instead of the reverse-proxy target.
 
     mitmproxy's url and host setters run the host through IDNA and rewrite the Host header
-    twice (~60 µs a request); the request's data is set directly, once, from the URL's
-    origin, parsed once per upstream.
+    twice (~60 µs a request); the request's data is set directly, once (core.dialects.url_parts).
     """
-    cut = url.find("/", url.find("//") + 2)
-    origin, path = (url, "/") if cut < 0 else (url[:cut], url[cut:])
-    scheme, host, port, netloc = _origin(origin)
     data = request.data
-    data.scheme, data.host, data.port, data.path = scheme, host, port, path.encode()
+    data.scheme, data.host, data.port, netloc, data.path = url_parts(url)
     if "Host" in data.headers:
         data.headers["Host"] = netloc
     if data.authority:
@@ -110,68 +84,33 @@ def is_websocket_upgrade(request: http.Request) -> bool:
     return request.headers.get("upgrade", "").lower() == "websocket"
 
 
-
-
 class KeyPool:
     def __init__(
         self,
-        defaults=None,
-        sender=None,
+        defaults: Settings | None = None,
+        sender: KeyHandoff | None = None,
         state: ProxyState | None = None,
         writer: OwnershipSink | None = None,
     ) -> None:
         self._defaults = defaults
         # The runtime's (addons/runtime.py): the route table, a Rotation per group and the object
-        # owners, kept fresh by its one revision watcher.
+        # owners, kept fresh by its one revision watcher. The hooks read them there.
         self.state = state if state is not None else ProxyState()
-        self.failover = Failover(self.rotations.get, lambda: self.settings)
+        self.failover = Failover(self.state.rotations.get, lambda: self.state.settings)
         self._plans: dict[str, Plan] = {}  # by flow.id: the routes hold groups, too big for flow.metadata
         self._writer = writer  # where learnt object owners go (the runtime's writer)
         self._client: httpx.AsyncClient | None = None
         self.sender = sender  # addons/credential_sender.py's, handed over by the -s entry
-        self._late_send = False
+        self._outgoing: dict[str, str] | None = None  # the sender's, once running() finds its patch in
         # Key affinity, per flow: what it names and what its stream showed.
         self._referenced: dict[str, tuple[str, ...]] = {}
         self._streamed: dict[str, affinity.ObjectWatch] = {}
 
-    @property
-    def table(self) -> RouteTable:
-        return self.state.table
-
-    @property
-    def rotations(self) -> dict[int, Rotation]:
-        """Group id → its pool and what requests live through in it."""
-        return self.state.rotations
-
-    @property
-    def owners(self) -> dict[str, int]:
-        """Key affinity: object id → the key that owns it."""
-        return self.state.owners
-
-    @property
-    def settings(self) -> RotationSettings:
-        return self.state.settings
-
-    @property
-    def keys(self) -> list[PoolKey]:
-        return self.state.keys
-
-    @property
-    def pool(self):
-        """The default group's pool (the only one until upstreams and groups are added)."""
-        group = self.table.default_group
-        return self.rotations[group.id].pool if group else None
-
-    def load(self, loader) -> None:
-        loader.add_option(
-            "keypool_strategy",
-            str,
-            default_of(self._defaults, "keypool.strategy"),
-            f"How the next upstream key is chosen: {', '.join(STRATEGIES)}.",
-            choices=STRATEGIES,
-        )
-        for name, help_text in OPTION_HELP.items():
-            loader.add_option(f"keypool_{name}", int, default_of(self._defaults, f"keypool.{name}"), help_text)
+    def load(self, loader: Loader) -> None:
+        # Each keypool_* option as config.py declares its setting: type, default, help and choices.
+        for setting in settings_in("keypool"):
+            default = default_of(self._defaults, setting.name)
+            loader.add_option(setting.option, type(setting.default), default, setting.help, setting.choices)
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
@@ -197,7 +136,8 @@ class KeyPool:
         # The key goes on only as the request's bytes leave, and its echo comes out as the answer
         # arrives (addons/credential_sender.py): no hook, view, flow file or record holds it.
         # (The sender is loaded beside this addon by addons/keyrotor.py; without it, the key goes on here.)
-        self._late_send = getattr(self.sender, "installed", False)
+        sender = self.sender
+        self._outgoing = sender.outgoing if sender is not None and sender.installed else None
         self._client = upstream.new_client(ctx.options.keypool_attempt_timeout_seconds)
 
     def done(self) -> None:
@@ -217,14 +157,14 @@ class KeyPool:
         referenced = affinity.referenced_ids(request.path, request.raw_content)
         if referenced:
             self._referenced[flow.id] = referenced
-            owned = affinity.resolve(referenced, self.owners)
+            owned = affinity.resolve(referenced, self.state.owners)
             if owned.owners:
                 return self._request_for_owner(flow, owned)
-        table = self.table
-        if table.trivial:
+        table = self.state.table
+        if table.only is not None:
             # One group for everything, nothing renamed: today's single pool, at today's cost. The
             # model is read only while some model rests (until then the pick does not depend on it).
-            rotation = self.rotations[table.only.group.id]
+            rotation = self.state.rotations[table.only.group.id]
             model = self._model_of(request) if rotation.pool.scoped_until > time.time() else None
             key = rotation.pick_now(model)
             if key is None:  # waiting for a key: the slow path, which knows the model
@@ -248,7 +188,7 @@ class KeyPool:
 
     def _request_for_owner(self, flow: http.HTTPFlow, owned: affinity.Affinity) -> Coroutine | None:
         """A request naming owned objects goes to their key, whatever the strategy, or is refused."""
-        owner = dispatch.owner_route(owned, self.rotations, self.table)
+        owner = dispatch.owner_route(owned, self.state.rotations, self.state.table)
         if isinstance(owner, OpenAIError):
             self._refuse(flow, owner)
             return None
@@ -277,7 +217,7 @@ class KeyPool:
         if learnt is None:
             return
         for owned in learnt.owned:
-            self.owners.setdefault(owned.id, learnt.key_id)
+            self.state.owners.setdefault(owned.id, learnt.key_id)
         if self._writer is not None:
             self._writer.save_ownership(learnt)
 
@@ -303,16 +243,16 @@ class KeyPool:
         return dispatch.planned(candidates, request.method, request.path, tuple(request.headers.fields), model)
 
     def _send_first(self, flow: http.HTTPFlow, plan: Plan, owned: tuple[str, ...] = ()) -> Coroutine | None:
-        chosen = dispatch.first_key_now(plan, self.rotations.get)
+        chosen = dispatch.first_key_now(plan, self.state.rotations.get)
         if chosen is None:
             return self._send_after_wait(flow, plan, owned)
         self._send_with(flow, plan, plan.candidates[chosen[0]], *chosen)
         return None
 
     async def _send_after_wait(self, flow: http.HTTPFlow, plan: Plan, owned: tuple[str, ...]) -> None:
-        chosen = await self.failover.first_key(plan, time.time() + self.settings.wait_max_seconds)
+        chosen = await self.failover.first_key(plan, time.time() + self.state.settings.wait_max_seconds)
         if chosen is None:
-            self._refuse(flow, dispatch.no_first_key(plan, self.rotations, owned))
+            self._refuse(flow, dispatch.no_first_key(plan, self.state.rotations, owned))
         else:
             self._send_with(flow, plan, plan.candidates[chosen[0]], *chosen)
 
@@ -334,48 +274,50 @@ class KeyPool:
         use = flow.metadata[KEYPOOL] = self.failover.begin(candidate, index, key, client_id, scope, scope_known)
         request = flow.request
         target = candidate.group.upstream
-        if plan is not None and (not self.table.trivial or plan.only_key is not None):
+        if plan is not None and (not self.state.table.trivial or plan.only_key is not None):
             self._plans[flow.id] = plan
             if target.base_url is not None or target.dialect != Dialect.OPENAI:
                 aim(request, upstream_url(candidate, request.path, reverse_target()))
             use.requested_model = plan.request.model
             renamed = plan.renamed_first(candidate)
-            if renamed is not None:
-                request.content = renamed_model(request.content, plan.request.model, renamed, count=1)
-        value = placeholder(key.id, key.last4) if self._late_send else key.value
+            if renamed is not None and plan.request.model and (body := request.content) is not None:
+                request.content = renamed_model(body, plan.request.model, renamed, count=1)
+        outgoing = self._outgoing
+        value = placeholder(key.id, key.last4) if outgoing is not None else key.value
         request.headers.fields = with_key(target.dialect, request.headers.fields, value)
-        if self._late_send:
-            self.sender.outgoing[flow.id] = key.value
+        if outgoing is not None:
+            outgoing[flow.id] = key.value
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._hide_credential(flow)
-        candidate = self._answering(flow)
         response = flow.response
+        if response is None:
+            return
         if affinity.watches_stream(flow.request.path, response.status_code, response.headers):
             watch = self._streamed[flow.id] = affinity.ObjectWatch()
             response.stream = chained(response.stream if callable(response.stream) else None, watch)
-        if dispatch.rename_back(candidate, response.headers) != Rename.EVENTS:
-            return
-        upstream_name, client_name = candidate.upstream_model, candidate.model
-        inner = response.stream if callable(response.stream) else None
-        response.stream = chained(inner, EventFilter(lambda events: renamed_model(events, upstream_name, client_name)))
+        candidate = self._answering(flow)
+        if dispatch.rename_back(candidate, response.headers) == Rename.EVENTS:
+            inner = response.stream if callable(response.stream) else None
+            response.stream = chained(inner, EventFilter(functools.partial(dispatch.renamed_back, candidate)))
 
     def response(self, flow: http.HTTPFlow) -> Coroutine | None:
         use = KeyUse.of(flow.metadata)
-        if use is None or use.settled:
-            return self._finish(flow)
         response = flow.response
+        if use is None or use.settled or response is None:
+            self._finish(flow)
+            return None
         status = response.status_code
         plan = self._plans.get(flow.id)
         more_routes = plan is not None and use.candidate + 1 < len(plan.candidates)
         content = response.raw_content if status >= 400 else None
         verdict, judged = self.failover.answered(use, more_routes, status, response.headers, content, *self._ask(flow))
-        if verdict == Verdict.ANSWER:
-            return self._finish(flow)
         if verdict == Verdict.REFUSE:
-            self._refuse(flow, dispatch.upgrade_refusal(use, self.rotations))
-            return self._finish(flow)
-        return self._retry(flow, use, judged.outcome, judged.missing)
+            self._refuse(flow, dispatch.upgrade_refusal(use, self.state.rotations))
+        elif verdict != Verdict.ANSWER:
+            return self._retry(flow, use, judged.outcome, judged.missing)
+        self._finish(flow)
+        return None
 
     def error(self, flow: http.HTTPFlow) -> Coroutine | None:
         self._hide_credential(flow)
@@ -407,8 +349,10 @@ class KeyPool:
         plan = self._plans.get(flow.id)
         if plan is None:  # a single route, nothing renamed: the request as it is now
             model = use.scope if use.scope_known else self._model_of(request)
-            plan = self._plan(flow, [self.table.candidates(None)[0]], model)
+            plan = self._plan(flow, [self.state.table.candidates(None)[0]], model)
         plan.request = dispatch.to_resend(plan.request, request.method, request.headers.fields, request.raw_content)
+        if self._client is None:  # a hook ran outside running()..done() (unit tests): make one now
+            self._client = upstream.new_client(ctx.options.keypool_attempt_timeout_seconds)
         result = await self.failover.retry(
             self._client, use, plan, outcome, reverse_target(), missing, lambda: flow.client_conn.connected
         )
@@ -416,11 +360,11 @@ class KeyPool:
             flow.response = response_of(result.answer)
             flow.metadata[FIRST_BYTE_AT] = result.answer.ended_at  # it goes to the client whole, now
             renamed = dispatch.rename_back(result.candidate, flow.response.headers) != Rename.NONE
-            if renamed and result.candidate is not None and not result.refuse:  # streamed or not: it is whole
+            if renamed and not result.refuse:  # streamed or not: it is whole
                 self._rename_whole(flow.response, result.candidate)
         if result.refuse:
             referenced = self._referenced.get(flow.id, ())
-            self._refuse(flow, dispatch.retry_refusal(plan, use, self.rotations, referenced, self.owners))
+            self._refuse(flow, dispatch.retry_refusal(plan, use, self.state.rotations, referenced, self.state.owners))
         self._plans[flow.id] = plan  # _finish reads which route answered
         self._finish(flow)
 
@@ -448,13 +392,13 @@ class KeyPool:
         self._forget(flow)
 
     @staticmethod
-    def _rename_whole(response: http.Response, candidate: Candidate) -> None:
+    def _rename_whole(response: http.Response, candidate: Candidate | None) -> None:
         try:
             body = response.content
         except ValueError:
             return
         if body:
-            response.content = renamed_model(body, candidate.upstream_model, candidate.model)
+            response.content = dispatch.renamed_back(candidate, body)
 
     def _answering(self, flow: http.HTTPFlow) -> Candidate | None:
         plan = self._plans.get(flow.id)
@@ -467,12 +411,11 @@ class KeyPool:
 
     def _hide_credential(self, flow: http.HTTPFlow) -> None:
         # The request has left: put the placeholder back so no view of the flow shows the key.
-        if self._late_send:
-            self.sender.outgoing.pop(flow.id, None)
+        if self._outgoing is not None:
+            self._outgoing.pop(flow.id, None)
         use = KeyUse.of(flow.metadata)
         if use is not None and use.key_id is not None:
-            group = self.table.by_id.get(use.group_id)
-            dialect = group.upstream.dialect if group else Dialect.OPENAI
+            dialect = self.state.table.dialect_of(use.group_id)
             headers = flow.request.headers
             headers.fields = with_key(dialect, headers.fields, placeholder(use.key_id, use.key_last4))
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, overload
 
 
 class OutcomeKind(StrEnum):
@@ -43,7 +43,13 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 class HeaderLookup(Protocol):
-    def get(self, name: str, default: str = ...) -> str | None: ...
+    """Read access to an answer's headers. Positional and overloaded like `Mapping.get`, so that
+    mitmproxy's and httpx's Headers (and a dict, in tests) satisfy it as they are."""
+
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+    @overload
+    def get(self, name: str, default: str, /) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ alike, in one pass: mitmproxy's Headers lower-cases every name on every lookup.
 from __future__ import annotations
 
 import hashlib
+from typing import Protocol
 from urllib.parse import unquote_plus
 
 AUTHORIZATION = b"authorization"
@@ -94,6 +95,14 @@ def masked(key: str) -> str:
 def placeholder(key_id: int, last4: str) -> str:
     """What stands in a request's headers instead of an upstream key, wherever it can be seen."""
     return f"[upstream key #{key_id} ...{last4}]"  # ASCII: it sits in a header
+
+
+class KeyHandoff(Protocol):
+    """Where the key pool leaves a flow's key to be put on only as the request's bytes leave
+    (addons/credential_sender.py): `outgoing` maps flow id → key, `installed` says the patch is in."""
+
+    outgoing: dict[str, str]
+    installed: bool
 
 
 # ---------------------------------------------------------------- what a flow may show

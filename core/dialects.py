@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from urllib.parse import urlsplit
 
 from core.credentials import AUTHORIZATION, with_credential
@@ -56,3 +57,18 @@ def models_url(dialect: Dialect, base_url: str, api_version: str | None) -> str:
     if dialect == Dialect.AZURE:
         return f"{base}/openai/models?api-version={api_version or DEFAULT_AZURE_API_VERSION}"
     return f"{base}/models" if base.endswith("/v1") else f"{base}/v1/models"
+
+
+def url_parts(url: str) -> tuple[bytes, str, int, str, bytes]:
+    """An absolute URL as a request's data holds it: (scheme, host, port, netloc, path). The origin
+    is parsed once per upstream (a request's URL setters would run IDNA on every request)."""
+    cut = url.find("/", url.find("//") + 2)
+    origin, path = (url, "/") if cut < 0 else (url[:cut], url[cut:])
+    return (*_origin(origin), path.encode())
+
+
+@functools.lru_cache(maxsize=256)
+def _origin(origin: str) -> tuple[bytes, str, int, str]:
+    parts = urlsplit(origin)
+    scheme = parts.scheme.encode()
+    return scheme, parts.hostname or "", parts.port or (443 if scheme == b"https" else 80), parts.netloc

@@ -443,3 +443,10 @@ def rename_back(candidate: Candidate | None, headers: HeaderLookup) -> Rename:
     if candidate is None or not candidate.renames:
         return Rename.NONE
     return Rename.EVENTS if "text/event-stream" in (headers.get("content-type", "") or "") else Rename.WHOLE
+
+
+def renamed_back(candidate: Candidate | None, body: bytes) -> bytes:
+    """`body` (a whole answer, or stream events) naming the client's model where upstream named its own."""
+    if candidate is None or candidate.model is None or candidate.upstream_model is None:
+        return body
+    return renamed_model(body, candidate.upstream_model, candidate.model)

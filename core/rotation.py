@@ -70,7 +70,7 @@ class Rotation:
         attempt = use.attempts[-1]
         attempt.error = error
         attempt.duration_ms = round((time.time() - attempt.started_at) * 1000, 3)
-        key = self.pool.by_id.get(use.key_id)
+        key = self.pool.by_id.get(use.key_id) if use.key_id is not None else None
         if key is not None:
             self.pool.finished(key, Probe(use.probe), use.scope, abandoned=True)
 
@@ -159,7 +159,7 @@ class Rotation:
             return False
         if outcome is not None and outcome.kind != OutcomeKind.OK:
             return True
-        rt = self.pool.runtime.get(use.key_id)
+        rt = self.pool.runtime.get(use.key_id) if use.key_id is not None else None
         return bool(self.pool.rests or (rt is not None and rt.scopes))
 
     def end(self, use: KeyUse, outcome: Outcome | None, status: int | None, error: str | None) -> None:
@@ -176,7 +176,7 @@ class Rotation:
         attempt.status, attempt.error = status, error
         attempt.duration_ms = round((now - attempt.started_at) * 1000, 3)
         use.outcome = outcome.kind if outcome else None
-        key = self.pool.by_id.get(use.key_id)
+        key = self.pool.by_id.get(use.key_id) if use.key_id is not None else None
         if key is None:
             return  # deleted by an admin while the request ran
         probe, scope = Probe(use.probe), use.scope

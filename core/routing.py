@@ -92,6 +92,11 @@ class RouteTable:
         self.trivial = len(self.groups) == 1 and self.groups[0].serves_every_model and not self.fallbacks
         self.only = Candidate(self.groups[0], None, None) if self.trivial else None
 
+    def dialect_of(self, group_id: int | None) -> Dialect:
+        """How the group's upstream takes its key (OpenAI's way when the group is unknown or gone)."""
+        group = self.by_id.get(group_id) if group_id is not None else None
+        return group.upstream.dialect if group else Dialect.OPENAI
+
     def groups_for(self, model: str) -> list[Group]:
         return self._by_model.get(model, []) + self._every_model
 

@@ -236,6 +236,14 @@ def test_enumerated_options_declare_their_choices(name, choices):
         assert tctx.options._options[setting.option].choices == choices  # mitmweb's options page offers them
 
 
+def test_the_key_pools_options_are_declared_as_config_declares_their_settings():
+    with taddons.context(KeyPool()) as tctx:
+        for setting in (s for s in SETTINGS if s.section == "keypool"):
+            option = tctx.options._options[setting.option]
+            assert option.help and option.help == setting.help, setting.name  # mitmproxy's --options shows it
+            assert option.typespec is type(setting.default) and option.default == setting.default
+
+
 def test_a_secret_is_not_repeated_in_its_sentence():
     with pytest.raises(ConfigError) as raised:
         load_settings(environ={"KEYROTOR_UI_METRICS_TOKEN": "   "})

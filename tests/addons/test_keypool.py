@@ -95,15 +95,15 @@ def test_azure_style_header_keeps_its_form(keypool):
 
 
 def test_unusable_keys_are_skipped(keypool):
-    keypool.keys[0].state = "invalid"
-    keypool.keys[1].state, keypool.keys[1].cooldown_until = "cooling", time.time() + 30
+    keypool.state.keys[0].state = "invalid"
+    keypool.state.keys[1].state, keypool.state.keys[1].cooldown_until = "cooling", time.time() + 30
     for _ in range(3):
         flow = send(keypool, authorised_flow())
         assert flow.request.headers["authorization"] == f"Bearer {KEYS[2]}"
 
 
 def test_no_usable_key_answers_503_with_soonest_retry_after(keypool):
-    for key, wait in zip(keypool.keys, (None, 42, 17), strict=True):
+    for key, wait in zip(keypool.state.keys, (None, 42, 17), strict=True):
         key.state, key.cooldown_until = ("invalid", None) if wait is None else ("cooling", time.time() + wait)
     flow = authorised_flow()
     run_hook(keypool.request(flow))
@@ -124,7 +124,7 @@ def test_a_401_marks_the_key_invalid_in_memory_and_on_disk(keypool, pool_db):
     run_hook(keypool.request(flow))
     flow.response = tutils.tresp(status_code=401, content=body("invalid_api_key"))
     run_hook(keypool.response(flow))
-    assert keypool.keys[0].state == "invalid"
+    assert keypool.state.keys[0].state == "invalid"
 
     def stored_state():
         conn = sqlite3.connect(pool_db)
@@ -136,7 +136,7 @@ def test_a_401_marks_the_key_invalid_in_memory_and_on_disk(keypool, pool_db):
 
 
 def test_a_success_after_cooldown_brings_the_key_back(keypool):
-    key = keypool.keys[0]
+    key = keypool.state.keys[0]
     key.state, key.cooldown_until = "cooling", time.time() - 1
     flow = authorised_flow()
     run_hook(keypool.request(flow))
@@ -153,11 +153,12 @@ def test_a_success_sent_before_a_429_does_not_undo_the_cooldown(keypool):
     run_hook(keypool.response(late))
     early.response = tutils.tresp(status_code=200)
     run_hook(keypool.response(early))
-    assert keypool.keys[0].state == "cooling"
+    assert keypool.state.keys[0].state == "cooling"
 
 
 def test_with_its_sender_the_key_never_reaches_the_flow(keypool):
-    keypool._late_send = True  # what running() decides when it was given a sender
+    keypool.sender.installed = True  # its patch is in (addons/patches.py): running() hands the keys to it
+    keypool.running()
     flow = authorised_flow()
     run_hook(keypool.request(flow))
     # What every hook, mitmweb's view among them, sees: the key is handed to the sender only.
@@ -208,18 +209,19 @@ def test_a_flow_the_pool_handled_can_be_saved_to_a_flow_file_and_read_back(keypo
 
 @pytest.mark.parametrize("cooled", [False, True])
 def test_a_client_that_hangs_up_releases_the_key_it_held(keypool, cooled):
-    key = keypool.keys[0]
+    key = keypool.state.keys[0]
     if cooled:  # its cooldown is over: the request is the probe, and others wait for its answer
         key.state, key.cooldown_until = "cooling", time.time() - 1
     flow = send(keypool, authorised_flow())
-    runtime = keypool.pool.runtime[key.id]
+    pool = keypool.state.rotations[keypool.state.table.default_group.id].pool  # the only group's
+    runtime = pool.runtime[key.id]
     assert runtime.in_flight == 1 and runtime.probing == cooled
     flow.error = mitmproxy_flow.Error("Client disconnected.")
     run_hook(keypool.error(flow))
     assert runtime.in_flight == 0 and not runtime.probing
     assert not runtime.proven and key.state == ("cooling" if cooled else "active")  # nothing learnt
     # Unproven keys (and a probe) take one request at a time: the released key may take the next.
-    assert keypool.pool.is_usable(key, time.time())
+    assert pool.is_usable(key, time.time())
 
 
 def test_over_in_memory_ports_the_pool_rotates_and_its_lessons_reach_the_writer():
@@ -234,6 +236,6 @@ def test_over_in_memory_ports_the_pool_rotates_and_its_lessons_reach_the_writer(
         flow = send(pool, authorised_flow())
         flow.response = tutils.tresp(status_code=401, content=body("invalid_api_key"))
         run_hook(pool.response(flow))
-    assert pool.keys[2].state == "invalid"
+    assert pool.state.keys[2].state == "invalid"
     assert [(c.key_id, c.state) for c in backend.writer.states] == [(3, "invalid")]
-    assert pool.table is runtime.state.table and pool.rotations is runtime.state.rotations
+    assert pool.state is runtime.state

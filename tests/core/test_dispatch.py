@@ -35,6 +35,7 @@ from core.dispatch import (
     judge,
     no_first_key,
     rename_back,
+    renamed_back,
     retry_refusal,
     route,
     scope_of,
@@ -364,6 +365,20 @@ def test_route_refuses_a_model_nothing_serves_and_keeps_a_clients_groups():
 )
 def test_rename_back(candidate, content_type, rename):
     assert rename_back(candidate, httpx.Headers({"content-type": content_type})) == rename
+
+
+@pytest.mark.parametrize(
+    ("candidate", "renamed"),
+    [
+        (None, MODEL),
+        (Candidate(Group(1, UPSTREAM, "a"), MODEL, "gpt-4o-2024"), MODEL),  # an alias: the client's name again
+        (Candidate(Group(1, UPSTREAM, "a"), FALLBACK, FALLBACK, fallback_from=MODEL), FALLBACK),
+    ],
+)
+def test_an_answer_names_the_model_the_client_knows(candidate, renamed):
+    upstream_name = candidate.upstream_model if candidate else MODEL
+    body = json.dumps({"model": upstream_name, "choices": []}).encode()
+    assert json.loads(renamed_back(candidate, body)) == {"model": renamed, "choices": []}
 
 
 def _journey(groups: int, attempts: list[tuple[int, int, int | None]], answered: Outcome | None) -> Journey:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from core.dialects import models_url, upstream_url, with_key
+from core.dialects import models_url, upstream_url, url_parts, with_key
 from core.routing import Candidate, Dialect, Group, RouteTable, Upstream, ordered, renamed_model, requested_model
 
 OPENAI = Upstream(1, "openai", "https://api.openai.com")
@@ -159,6 +159,24 @@ def test_renaming_once_leaves_later_pairs():
 )
 def test_each_dialect_has_its_url(candidate, path, url):
     assert upstream_url(candidate, path, "http://default:1") == url
+
+
+@pytest.mark.parametrize(
+    "url, parts",
+    [
+        ("https://relay.example/v1/chat?x=1", (b"https", "relay.example", 443, "relay.example", b"/v1/chat?x=1")),
+        ("http://127.0.0.1:8000/v1/models", (b"http", "127.0.0.1", 8000, "127.0.0.1:8000", b"/v1/models")),
+        ("http://relay.example", (b"http", "relay.example", 80, "relay.example", b"/")),
+    ],
+)
+def test_a_requests_address_is_set_from_the_url_as_its_data_holds_it(url, parts):
+    assert url_parts(url) == parts
+
+
+def test_each_group_names_the_dialect_its_key_is_put_in():
+    table = RouteTable([CHEAP, AZURE_PROD])
+    assert table.dialect_of(AZURE_PROD.id) == Dialect.AZURE and table.dialect_of(CHEAP.id) == Dialect.OPENAI
+    assert table.dialect_of(99) == table.dialect_of(None) == Dialect.OPENAI  # a deleted group, or none
 
 
 def test_azure_takes_the_key_in_api_key_and_never_sees_authorization():

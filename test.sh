@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need (first run only), Chromium for the browser tests
-# included, checks lint and formatting (ruff), and runs the whole suite.
+# included, checks lint, formatting (ruff) and types (mypy), and runs the whole suite.
 # Any arguments go to pytest, e.g. `./test.sh -k capture -x` or `./test.sh -m "not browser"`.
 # The suite runs on every core (pytest-xdist); KEYROTOR_TEST_WORKERS=0 (or `-n 0`) runs it in this one process.
 set -euo pipefail
@@ -9,7 +9,9 @@ source "$KEYROTOR_ROOT/scripts/install_browser.sh"
 ensure_venv "$KEYROTOR_ROOT/requirements-dev.txt"
 browser_tests_deselected "$@" || ensure_browser
 cd "$KEYROTOR_ROOT"
-# Lint and formatting first: cheap, and CI fails on either. `ruff format .` fixes the latter.
+# Lint, formatting and types first: cheap, and CI fails on any. `ruff format .` fixes the formatting.
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
+# What mypy checks, and how strictly (core/ strict), is in pyproject.toml's [tool.mypy].
+"$VENV/bin/mypy"
 exec "$VENV/bin/python" -m pytest -n "${KEYROTOR_TEST_WORKERS:-auto}" "$@"

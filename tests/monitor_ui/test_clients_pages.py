@@ -4,34 +4,24 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from config import load_settings
 from core.limits import spend_name
-from monitor_ui.app import create_app
 from storage import client_keys, counters, db
+from tests.monitor_ui.conftest import csrf_of
 
 ADMIN = "kra-test-admin-key-0123456789abcdef"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
 
 
 @pytest.fixture
-def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    monkeypatch.setenv("KEYROTOR_ADMIN_KEY", ADMIN)
-    monkeypatch.delenv("KEYROTOR_SECRET", raising=False)
-    settings = load_settings(overrides={"storage.path": str(tmp_path / "kr.db")}, environ={})
-    db.ensure_database(settings.storage_path)
-    with TestClient(create_app(settings), follow_redirects=False) as test_client:
-        test_client.db_path = settings.storage_path
-        yield test_client
-
-
-def csrf_of(page: str) -> str:
-    return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+def client(open_ui, ui_db_path: Path) -> TestClient:
+    test_client = open_ui(ADMIN)
+    test_client.db_path = ui_db_path
+    return test_client
 
 
 def test_api_creates_a_client_with_limits_and_changes_them(client):

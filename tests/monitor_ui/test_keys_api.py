@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import re
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from config import load_settings
-from monitor_ui.app import create_app
 from storage import db, secrets, upstream_keys
 from storage.upstream_keys import SqliteKeyStore
 from tests.fake_upstream import FakeUpstream
+from tests.monitor_ui.conftest import csrf_of
 from usecases.keys import add_keys
 
 ADMIN = "kra-keys-api-admin-key-0123456789abcdef"
@@ -25,23 +24,20 @@ QUOTA = "sk-good-api-quotaxxxxxxxxxxxxxxxxxxx0004"
 
 
 @pytest.fixture
-def app_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: FakeUpstream) -> Iterator[tuple]:
-    monkeypatch.setenv("KEYROTOR_ADMIN_KEY", ADMIN)
-    monkeypatch.delenv("KEYROTOR_SECRET", raising=False)
-    settings = load_settings(
-        overrides={"storage.path": str(tmp_path / "kr.db"), "proxy.upstream": upstream.url}, environ={}
-    )
-    path = settings.storage_path
-    db.ensure_database(path)
-    conn = db.connect(path)
-    add_keys(SqliteKeyStore(conn, secrets.key_cipher(path)), [GOOD, REVIVED, REVOKED, QUOTA])
-    # As the proxy would have left them: REVIVED was revoked once and has since been restored upstream.
-    for key_id, state in ((2, "invalid"), (3, "invalid"), (4, "exhausted")):
-        upstream_keys.record_state(conn, key_id, state, "seen before", None, 0)
-    conn.commit()
+def app_setup(
+    open_ui, ui_db_path: Path, upstream: FakeUpstream
+) -> Iterator[tuple[TestClient, sqlite3.Connection, Path]]:
+    def seed(conn, path: Path) -> None:
+        add_keys(SqliteKeyStore(conn, secrets.key_cipher(path)), [GOOD, REVIVED, REVOKED, QUOTA])
+        # As the proxy would have left them: REVIVED was revoked once and has since been restored upstream.
+        for key_id, state in ((2, "invalid"), (3, "invalid"), (4, "exhausted")):
+            upstream_keys.record_state(conn, key_id, state, "seen before", None, 0)
+        conn.commit()
+
     upstream.set_key(QUOTA, "quota")
-    with TestClient(create_app(settings), follow_redirects=False) as client:
-        yield client, conn, path
+    client = open_ui(ADMIN, {"proxy.upstream": upstream.url}, seed)
+    conn = db.connect(ui_db_path)
+    yield client, conn, ui_db_path
     conn.close()
 
 
@@ -91,8 +87,7 @@ def test_a_session_needs_its_csrf_token_to_change_anything(app_setup):
     assert client.post("/login", data={"admin_key": ADMIN}).status_code == 303
     assert client.post("/api/keys/1/weight", json={"weight": 3}).status_code == 403
     assert client.post("/api/keys/1/weight", json={"weight": 3}, headers={"x-csrf-token": "forged"}).status_code == 403
-    page = client.get("/flows").text
-    token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    token = csrf_of(client.get("/flows").text)
     assert client.post("/api/keys/1/weight", json={"weight": 3}, headers={"x-csrf-token": token}).status_code == 200
     assert upstream_keys.list_keys(conn)[0]["weight"] == 3
 

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from config import load_settings
-from core.records import AttemptLog, FlowRecord
-from monitor_ui.app import create_app
-from storage import db, flows, outcomes, rollups
+from core.records import AttemptLog
+from storage import db
+from tests.monitor_ui.conftest import write_flows
 
 ADMIN = "kra-openapi-test-admin-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -64,13 +62,8 @@ EXPORTS = {"/api/flows/export.jsonl", "/api/flows/export.har"}
 
 
 @pytest.fixture
-def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    monkeypatch.setenv("KEYROTOR_ADMIN_KEY", ADMIN)
-    monkeypatch.delenv("KEYROTOR_SECRET", raising=False)
-    settings = load_settings(overrides={"storage.path": str(tmp_path / "kr.db")}, environ={})
-    db.ensure_database(settings.storage_path)
-    with TestClient(create_app(settings), follow_redirects=False) as test_client:
-        yield test_client
+def client(open_ui) -> TestClient:
+    return open_ui(ADMIN)
 
 
 def test_every_json_twin_names_the_shape_it_answers(client: TestClient) -> None:
@@ -128,7 +121,7 @@ def undeclared(value: Any, schema: dict, spec: dict, where: str = "$") -> list[s
 
 def _seed_a_flow(path: Path) -> None:
     now = time.time()
-    record = FlowRecord(
+    row = dict(
         flow_id="flow-1",
         started_at=now - 2,
         first_byte_at=now - 1.9,
@@ -162,10 +155,7 @@ def _seed_a_flow(path: Path) -> None:
         ],
     )
     conn = db.connect(path)
-    with conn:
-        flows.insert_batch(conn, [record])
-        rollups.add_records(conn, [record])
-        outcomes.add_records(conn, [record])
+    write_flows(conn, [row])
     conn.close()
 
 

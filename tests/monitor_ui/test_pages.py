@@ -6,18 +6,16 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from config import load_settings
-from core.records import AttemptLog, FlowRecord
-from monitor_ui.app import create_app
-from storage import client_keys, db, flows, outcomes, rollups, secrets
+from core.records import AttemptLog
+from storage import client_keys, db, flows, secrets
 from storage.upstream_keys import SqliteKeyStore
+from tests.monitor_ui.conftest import assert_sent_to_login, assert_served, flow_ids, log_in, stored_flow, write_flows
 from usecases.keys import add_keys
 
 ADMIN = "kra-pages-test-admin-key-0123456789abcdef"
@@ -30,35 +28,17 @@ KEYS = ["sk-good-pages-aaaaaaaaaaaaaaaaaaaaa0001", "sk-good-pages-bbbbbbbbbbbbbb
 
 def row(n: int, **overrides) -> dict:
     body = {"model": overrides.get("model", "gpt-4o-mini"), "messages": [{"role": "user", "content": f"question {n}"}]}
-    base = {
-        "flow_id": f"flow-{n}",
-        "started_at": NOW - 100 + n,
-        "first_byte_at": NOW - 100 + n + 0.05,
-        "ended_at": NOW - 100 + n + 0.2,
-        "duration_ms": 200.0,
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "status": 200,
-        "model": "gpt-4o-mini",
-        "stream": 0,
+    extras = {
         "client_key_id": 1,
-        "upstream_key_id": 1,
-        "attempts": 1,
-        "prompt_tokens": 10,
-        "completion_tokens": 5,
-        "total_tokens": 15,
-        "cost": 0.0001,
         "client_addr": "127.0.0.1",
         "request_headers": [["content-type", "application/json"], ["authorization", "[redacted]"]],
-        "response_headers": [["content-type", "application/json"]],
         "request_body": json.dumps(body),
         "request_body_size": 80,
         "request_body_truncated": 0,
-        "response_body": json.dumps({"choices": [{"message": {"content": f"answer {n}"}}]}),
         "response_body_size": 60,
         "response_body_truncated": 0,
     }
-    return base | overrides
+    return stored_flow(n, NOW, **(extras | overrides))
 
 
 ROWS = [
@@ -80,47 +60,20 @@ ROWS = [
 ]
 
 
-def write(conn, rows: list[dict]) -> None:
-    """What the capture writer does with a batch."""
-    records = [FlowRecord(**r) for r in rows]
-    with conn:
-        flows.insert_batch(conn, records)
-        rollups.add_records(conn, records)
-        outcomes.add_records(conn, records)
-
-
 @pytest.fixture
-def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream) -> Iterator[TestClient]:
-    monkeypatch.setenv("KEYROTOR_ADMIN_KEY", ADMIN)
-    monkeypatch.delenv("KEYROTOR_SECRET", raising=False)
-    settings = load_settings(
-        overrides={
-            "storage.path": str(tmp_path / "kr.db"),
-            "proxy.upstream": upstream.url,
-            "ui.metrics_token": "prom-token-123",
-        },
-        environ={},
-    )
-    path = settings.storage_path
-    db.ensure_database(path)
-    conn = db.connect(path)
-    add_keys(SqliteKeyStore(conn, secrets.key_cipher(path)), KEYS)
-    client_keys.create_client(conn, "alice")
-    client_keys.create_client(conn, "bob")
-    write(conn, ROWS)
-    conn.close()
-    with TestClient(create_app(settings), follow_redirects=False) as test_client:
-        yield test_client
+def client(open_ui, upstream) -> TestClient:
+    def seed(conn, path: Path) -> None:
+        add_keys(SqliteKeyStore(conn, secrets.key_cipher(path)), KEYS)
+        client_keys.create_client(conn, "alice")
+        client_keys.create_client(conn, "bob")
+        write_flows(conn, ROWS)
+
+    return open_ui(ADMIN, {"proxy.upstream": upstream.url, "ui.metrics_token": "prom-token-123"}, seed)
 
 
 def logged_in(client: TestClient) -> str:
     """Log in; returns the CSRF token of the session's pages."""
-    assert client.post("/login", data={"admin_key": ADMIN}).status_code == 303
-    return re.search(r'name="csrf" value="([^"]+)"', client.get("/flows").text).group(1)
-
-
-def ids(response) -> list[int]:
-    return [f["id"] for f in response.json()["flows"]]
+    return log_in(client, ADMIN)
 
 
 PAGES = ["/dashboard", "/flows", "/flows/1", "/keys", "/keys/1", "/clients"]
@@ -160,8 +113,7 @@ API_CHANGES = [
 
 @pytest.mark.parametrize("url", PAGES)
 def test_pages_send_strangers_to_login(client, url):
-    response = client.get(url)
-    assert response.status_code == 303 and response.headers["location"].startswith("/login?next=")
+    assert_sent_to_login(client.get(url))
 
 
 @pytest.mark.parametrize("url", APIS)
@@ -189,9 +141,7 @@ def test_api_changes_with_a_session_need_the_csrf_header(client, url, body):
 @pytest.mark.parametrize("url", PAGES + APIS)
 def test_every_page_and_twin_works_for_the_admin(client, url):
     logged_in(client)
-    response = client.get(url)
-    assert response.status_code == 200, response.text[:300]
-    assert response.headers["content-security-policy"].startswith("default-src 'none'")
+    assert_served(client.get(url))
 
 
 @pytest.mark.parametrize(
@@ -218,13 +168,13 @@ def test_every_page_and_twin_works_for_the_admin(client, url):
     ],
 )
 def test_filters_and_search_return_the_right_flows(client, query, expected):
-    assert ids(client.get(f"/api/flows?{query}", headers=AUTH)) == expected
+    assert flow_ids(client.get(f"/api/flows?{query}", headers=AUTH)) == expected
 
 
 def test_time_range_filter_takes_iso_times_as_utc(client):
     since = datetime.fromtimestamp(NOW - 100 + 2.5, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")  # no zone: UTC
-    assert ids(client.get(f"/api/flows?since={since}", headers=AUTH)) == [5, 4, 3]
-    assert ids(client.get(f"/api/flows?until={NOW - 100 + 2.5}", headers=AUTH)) == [2, 1]
+    assert flow_ids(client.get(f"/api/flows?since={since}", headers=AUTH)) == [5, 4, 3]
+    assert flow_ids(client.get(f"/api/flows?until={NOW - 100 + 2.5}", headers=AUTH)) == [2, 1]
     response = client.get("/api/flows?since=yesterday", headers=AUTH)
     assert response.status_code == 422 and "since" in response.json()["error"]["message"]
 
@@ -234,8 +184,8 @@ def test_the_filter_form_submitted_empty_shows_every_flow(client):
     logged_in(client)
     form = "q=&status=&model=&path=&client=&key=&stream=&since=&until="
     assert client.get(f"/flows?{form}").status_code == 200
-    assert ids(client.get(f"/api/flows?{form}", headers=AUTH)) == [5, 4, 3, 2, 1]
-    assert ids(client.get("/api/flows?client=+2+", headers=AUTH)) == [4]
+    assert flow_ids(client.get(f"/api/flows?{form}", headers=AUTH)) == [5, 4, 3, 2, 1]
+    assert flow_ids(client.get("/api/flows?client=+2+", headers=AUTH)) == [4]
 
 
 @pytest.mark.parametrize("query", ["client=abc", "key=0", "key=-3", "client=1.5"])
@@ -427,8 +377,8 @@ def test_flows_carry_names_cost_and_first_byte_and_filter_by_what_is_clicked(cli
     ):
         assert link in page, link
     assert ">Key 1 (…0001)</a>" in page and ">$0.0001<" in page and ">50 ms<" in page
-    assert ids(client.get("/api/flows?status=429", headers=AUTH)) == [2]
-    assert ids(client.get("/api/flows?status=500", headers=AUTH)) == [4]
+    assert flow_ids(client.get("/api/flows?status=429", headers=AUTH)) == [2]
+    assert flow_ids(client.get("/api/flows?status=500", headers=AUTH)) == [4]
     assert '<option value="429" selected>429 only</option>' in client.get("/flows?status=429").text
     assert client.get("/api/flows?status=42", headers=AUTH).status_code == 422
     detail = client.get("/flows/3").text
@@ -483,14 +433,17 @@ def test_metrics_speak_prometheus_with_the_metrics_token(client):
     response = client.get("/metrics", headers={"Authorization": "Bearer prom-token-123"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
-    assert 'keyrotor_requests_total{model="gpt-4o-mini"} 3' in text
-    assert 'keyrotor_upstream_key_requests_total{upstream_key="1"} 4' in text
-    assert 'keyrotor_client_errors_total{client="1"} 2' in text
-    assert 'keyrotor_request_duration_seconds_bucket{le="+Inf"} 5' in text
-    assert 'keyrotor_request_duration_seconds_bucket{le="0.2"} 5' in text
-    assert 'keyrotor_upstream_keys{state="active"} 2' in text
-    assert 'keyrotor_tokens_total{model="gpt-4o",kind="prompt"} 10' in text
-    assert 'keyrotor_upstream_key_tokens_total{upstream_key="2",kind="prompt"} 10' in text
+    for line in (
+        'keyrotor_requests_total{model="gpt-4o-mini"} 3',
+        'keyrotor_upstream_key_requests_total{upstream_key="1"} 4',
+        'keyrotor_client_errors_total{client="1"} 2',
+        'keyrotor_request_duration_seconds_bucket{le="+Inf"} 5',
+        'keyrotor_request_duration_seconds_bucket{le="0.2"} 5',
+        'keyrotor_upstream_keys{state="active"} 2',
+        'keyrotor_tokens_total{model="gpt-4o",kind="prompt"} 10',
+        'keyrotor_upstream_key_tokens_total{upstream_key="2",kind="prompt"} 10',
+    ):
+        assert line in text, line
     # The metrics token opens /metrics and nothing else.
     assert client.get("/api/flows", headers={"Authorization": "Bearer prom-token-123"}).status_code == 401
 
@@ -498,7 +451,7 @@ def test_metrics_speak_prometheus_with_the_metrics_token(client):
 def test_metrics_have_no_empty_labels_and_count_attempts_retries_refusals_and_names(client, tmp_path):
     conn = db.connect(tmp_path / "kr.db")
     refusal = [["content-type", "application/json"], ["x-keyrotor-error", "missing_api_key"]]
-    write(
+    write_flows(
         conn,
         [
             row(
@@ -516,17 +469,20 @@ def test_metrics_have_no_empty_labels_and_count_attempts_retries_refusals_and_na
     client.put("/api/keys/1", json={"name": 'Key "1"'}, headers=AUTH)
     text = client.get("/metrics", headers=AUTH).text
     assert re.findall(r'="",|=""}', text) == []  # no empty label value anywhere
-    assert 'keyrotor_requests_total{model="(none)"} 1' in text
-    assert 'keyrotor_upstream_key_requests_total{upstream_key="(none)"} 1' in text
-    assert 'keyrotor_refusals_total{reason="missing_api_key"} 1' in text
-    # Flow 3 was retried (429 on key 2, then 200 on key 1); the others had one attempt each but flow 6.
-    assert 'keyrotor_attempts_total{outcome="rate_limited"} 2' in text  # flow 3's first, and flow 2
-    assert 'keyrotor_attempts_total{outcome="success"} 2' in text
-    assert 'keyrotor_attempts_total{outcome="no_response"} 1' in text
-    assert "keyrotor_retries_total 1" in text
-    assert 'keyrotor_upstream_key_info{upstream_key="1",name="Key \\"1\\" (…0001)"} 1' in text
-    assert 'keyrotor_upstream_key_info{upstream_key="2",name="#2 (…0002)"} 1' in text
-    assert 'keyrotor_client_info{client="2",name="bob"} 1' in text
+    for line in (
+        'keyrotor_requests_total{model="(none)"} 1',
+        'keyrotor_upstream_key_requests_total{upstream_key="(none)"} 1',
+        'keyrotor_refusals_total{reason="missing_api_key"} 1',
+        # Flow 3 was retried (429 on key 2, then 200 on key 1); the others had one attempt each but flow 6.
+        'keyrotor_attempts_total{outcome="rate_limited"} 2',  # flow 3's first, and flow 2
+        'keyrotor_attempts_total{outcome="success"} 2',
+        'keyrotor_attempts_total{outcome="no_response"} 1',
+        "keyrotor_retries_total 1",
+        'keyrotor_upstream_key_info{upstream_key="1",name="Key \\"1\\" (…0001)"} 1',
+        'keyrotor_upstream_key_info{upstream_key="2",name="#2 (…0002)"} 1',
+        'keyrotor_client_info{client="2",name="bob"} 1',
+    ):
+        assert line in text, line
     for value in KEYS:
         assert value not in text
 

@@ -6,19 +6,17 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from config import load_settings
-from core.records import AttemptLog, FlowRecord
+from core.records import AttemptLog
 from core.routing import Dialect
-from monitor_ui.app import create_app
-from storage import db, flows, outcomes, rollups, routes, secrets
+from storage import db, routes, secrets
 from storage.upstream_keys import SqliteKeyStore
 from tests.fake_upstream import MODELS
+from tests.monitor_ui.conftest import assert_sent_to_login, assert_served, flow_ids, log_in, stored_flow, write_flows
 from usecases.keys import add_keys
 
 ADMIN = "kra-upstream-pages-admin-key-0123456789abcdef"
@@ -37,32 +35,8 @@ DEFAULT_GROUP, CHEAP, PREMIUM, PROD = 1, 2, 3, 4  # groups
 
 
 def row(n: int, **overrides) -> dict:
-    base = {
-        "flow_id": f"flow-{n}",
-        "started_at": NOW - 100 + n,
-        "first_byte_at": NOW - 100 + n + 0.05,
-        "ended_at": NOW - 100 + n + 0.2,
-        "duration_ms": 200.0,
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "status": 200,
-        "model": "gpt-4o-mini",
-        "stream": 0,
-        "client_key_id": None,
-        "upstream_key_id": 1,
-        "upstream_id": DEFAULT,
-        "group_id": DEFAULT_GROUP,
-        "attempts": 1,
-        "prompt_tokens": 10,
-        "completion_tokens": 5,
-        "total_tokens": 15,
-        "cost": 0.0001,
-        "request_headers": [["content-type", "application/json"]],
-        "response_headers": [["content-type", "application/json"]],
-        "request_body": json.dumps({"model": overrides.get("model", "gpt-4o-mini"), "messages": []}),
-        "response_body": json.dumps({"choices": [{"message": {"content": f"answer {n}"}}]}),
-    }
-    return base | overrides
+    routed = {"client_key_id": None, "upstream_id": DEFAULT, "group_id": DEFAULT_GROUP}
+    return stored_flow(n, NOW, **(routed | overrides))
 
 
 ROWS = [
@@ -99,42 +73,25 @@ ROWS = [
 ]
 
 
-def write(conn, rows: list[dict]) -> None:
-    """What the capture writer does with a batch."""
-    records = [FlowRecord(**r) for r in rows]
-    with conn:
-        flows.insert_batch(conn, records)
-        rollups.add_records(conn, records)
-        outcomes.add_records(conn, records)
-
-
 @pytest.fixture
-def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream) -> Iterator[tuple[TestClient, Path]]:
-    monkeypatch.setenv("KEYROTOR_ADMIN_KEY", ADMIN)
-    monkeypatch.delenv("KEYROTOR_SECRET", raising=False)
-    settings = load_settings(
-        overrides={"storage.path": str(tmp_path / "kr.db"), "proxy.upstream": upstream.url}, environ={}
-    )
-    path = settings.storage_path
-    db.ensure_database(path)
-    conn = db.connect(path)
-    # The relay is the fake upstream itself, so refreshing its models asks a real server.
-    assert routes.add_upstream(conn, "relay", upstream.url, Dialect.OPENAI, None) == RELAY
-    assert routes.add_group(conn, "relay/cheap", priority=10) == CHEAP
-    assert routes.add_group(conn, "relay/premium", priority=5, weight=2) == PREMIUM
-    assert routes.add_upstream(conn, "azure", "http://127.0.0.1:9", Dialect.AZURE, "2024-10-21") == AZURE
-    assert routes.add_group(conn, "azure/prod") == PROD
-    routes.add_model(conn, PROD, "gpt-4o", "prod-gpt4o")
-    routes.add_model(conn, CHEAP, "gpt-4o-mini", None)
-    routes.set_fallbacks(conn, "o1", ["gpt-4o-mini"])
-    store = SqliteKeyStore(conn, secrets.key_cipher(path))
-    add_keys(store, [DEFAULT_KEY])
-    add_keys(store, CHEAP_KEYS, group_id=CHEAP)
-    add_keys(store, [AZURE_KEY], group_id=PROD)
-    write(conn, ROWS)
-    conn.close()
-    with TestClient(create_app(settings), follow_redirects=False) as client:
-        yield client, path
+def setup(open_ui, ui_db_path: Path, upstream) -> tuple[TestClient, Path]:
+    def seed(conn, path: Path) -> None:
+        # The relay is the fake upstream itself, so refreshing its models asks a real server.
+        assert routes.add_upstream(conn, "relay", upstream.url, Dialect.OPENAI, None) == RELAY
+        assert routes.add_group(conn, "relay/cheap", priority=10) == CHEAP
+        assert routes.add_group(conn, "relay/premium", priority=5, weight=2) == PREMIUM
+        assert routes.add_upstream(conn, "azure", "http://127.0.0.1:9", Dialect.AZURE, "2024-10-21") == AZURE
+        assert routes.add_group(conn, "azure/prod") == PROD
+        routes.add_model(conn, PROD, "gpt-4o", "prod-gpt4o")
+        routes.add_model(conn, CHEAP, "gpt-4o-mini", None)
+        routes.set_fallbacks(conn, "o1", ["gpt-4o-mini"])
+        store = SqliteKeyStore(conn, secrets.key_cipher(path))
+        add_keys(store, [DEFAULT_KEY])
+        add_keys(store, CHEAP_KEYS, group_id=CHEAP)
+        add_keys(store, [AZURE_KEY], group_id=PROD)
+        write_flows(conn, ROWS)
+
+    return open_ui(ADMIN, {"proxy.upstream": upstream.url}, seed), ui_db_path
 
 
 @pytest.fixture
@@ -144,8 +101,7 @@ def client(setup) -> TestClient:
 
 def logged_in(client: TestClient) -> str:
     """Log in; returns the CSRF token of the session's pages."""
-    assert client.post("/login", data={"admin_key": ADMIN}).status_code == 303
-    return re.search(r'name="csrf" value="([^"]+)"', client.get("/upstreams").text).group(1)
+    return log_in(client, ADMIN, page="/upstreams")
 
 
 def is_openai_error(response, status: int) -> bool:
@@ -172,10 +128,6 @@ def routes_revision(path: Path) -> int:
         return db.read_revision(conn, routes.ROUTES)
     finally:
         conn.close()
-
-
-def ids(response) -> list[int]:
-    return [f["id"] for f in response.json()["flows"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,8 +173,7 @@ FORMS = [
 
 @pytest.mark.parametrize("url", PAGES)
 def test_pages_send_strangers_to_login(client, url):
-    response = client.get(url)
-    assert response.status_code == 303 and response.headers["location"].startswith("/login?next=")
+    assert_sent_to_login(client.get(url))
 
 
 @pytest.mark.parametrize("url", APIS)
@@ -258,9 +209,7 @@ def test_forms_without_the_csrf_token_change_nothing(setup, url, form):
 @pytest.mark.parametrize("url", PAGES + APIS)
 def test_every_page_and_twin_works_for_the_admin(client, url):
     logged_in(client)
-    response = client.get(url)
-    assert response.status_code == 200, response.text[:300]
-    assert response.headers["content-security-policy"].startswith("default-src 'none'")
+    assert_served(client.get(url))
 
 
 def test_the_navigation_links_the_new_pages(client):
@@ -323,35 +272,6 @@ def test_upstream_api_lists_adds_edits_disables_and_deletes(setup):
         "azure/prod",
     ]
     assert [k["key"] for k in client.get("/api/keys", headers=AUTH).json()["keys"]] == ["…0001", "…0004"]
-
-
-@pytest.mark.parametrize(
-    "method, url, body, status",
-    [
-        ("POST", "/api/upstreams", {"name": "relay", "base_url": "https://x.example"}, 409),
-        ("POST", "/api/upstreams", {"name": EVIL_NAME, "base_url": "https://x.example"}, 422),
-        ("POST", "/api/upstreams", {"name": "a/b", "base_url": "https://x.example"}, 422),
-        ("POST", "/api/upstreams", {"name": "", "base_url": "https://x.example"}, 422),
-        ("POST", "/api/upstreams", {"name": "new", "base_url": "ftp://x.example"}, 422),
-        ("POST", "/api/upstreams", {"name": "new", "base_url": "not a url"}, 422),
-        ("POST", "/api/upstreams", {"name": "new"}, 422),
-        ("POST", "/api/upstreams", {"name": "new", "base_url": "https://x.example", "dialect": "bedrock"}, 422),
-        ("POST", "/api/upstreams", {"name": "new", "base_url": "https://x.example", "api_version": "1 2"}, 422),
-        ("PUT", "/api/upstreams/relay", {"dialect": None}, 422),
-        ("PUT", "/api/upstreams/relay", {"base_url": "relay.example"}, 422),
-        ("PUT", "/api/upstreams/nope", {"dialect": "azure"}, 404),
-        ("DELETE", "/api/upstreams/nope", None, 404),
-        ("POST", "/api/upstreams/nope/disable", None, 404),
-        ("POST", "/api/upstreams/relay/explode", None, 404),
-        ("GET", "/api/upstreams/nope", None, 404),
-    ],
-)
-def test_upstream_api_refuses_bad_input_clearly_and_changes_nothing(setup, method, url, body, status):
-    client, path = setup
-    before, revision = everything(client), routes_revision(path)
-    response = client.request(method, url, json=body, headers=AUTH)
-    assert is_openai_error(response, status), response.text
-    assert everything(client) == before and routes_revision(path) == revision
 
 
 def test_upstreams_page_adds_edits_and_deletes_with_a_confirmation_that_counts(client):
@@ -441,6 +361,22 @@ def test_group_api_creates_edits_disables_and_deletes(setup):
 @pytest.mark.parametrize(
     "method, url, body, status",
     [
+        ("POST", "/api/upstreams", {"name": "relay", "base_url": "https://x.example"}, 409),
+        ("POST", "/api/upstreams", {"name": EVIL_NAME, "base_url": "https://x.example"}, 422),
+        ("POST", "/api/upstreams", {"name": "a/b", "base_url": "https://x.example"}, 422),
+        ("POST", "/api/upstreams", {"name": "", "base_url": "https://x.example"}, 422),
+        ("POST", "/api/upstreams", {"name": "new", "base_url": "ftp://x.example"}, 422),
+        ("POST", "/api/upstreams", {"name": "new", "base_url": "not a url"}, 422),
+        ("POST", "/api/upstreams", {"name": "new"}, 422),
+        ("POST", "/api/upstreams", {"name": "new", "base_url": "https://x.example", "dialect": "bedrock"}, 422),
+        ("POST", "/api/upstreams", {"name": "new", "base_url": "https://x.example", "api_version": "1 2"}, 422),
+        ("PUT", "/api/upstreams/relay", {"dialect": None}, 422),
+        ("PUT", "/api/upstreams/relay", {"base_url": "relay.example"}, 422),
+        ("PUT", "/api/upstreams/nope", {"dialect": "azure"}, 404),
+        ("DELETE", "/api/upstreams/nope", None, 404),
+        ("POST", "/api/upstreams/nope/disable", None, 404),
+        ("POST", "/api/upstreams/relay/explode", None, 404),
+        ("GET", "/api/upstreams/nope", None, 404),
         ("POST", "/api/groups", {"upstream": "relay", "name": "cheap"}, 409),
         ("POST", "/api/groups", {"upstream": "nope", "name": "x"}, 404),
         ("POST", "/api/groups", {"upstream": "relay", "name": "a/b"}, 422),
@@ -464,7 +400,7 @@ def test_group_api_creates_edits_disables_and_deletes(setup):
         ("POST", "/api/groups/99/models/refresh", None, 404),
     ],
 )
-def test_group_api_refuses_bad_input_clearly_and_changes_nothing(setup, method, url, body, status):
+def test_upstream_and_group_apis_refuse_bad_input_clearly_and_change_nothing(setup, method, url, body, status):
     client, path = setup
     before, revision = everything(client), routes_revision(path)
     response = client.request(method, url, json=body, headers=AUTH)
@@ -716,7 +652,7 @@ def test_models_page_lists_models_groups_catch_alls_and_edits_fallbacks(client):
     ],
 )
 def test_flows_filter_by_upstream_and_group(client, query, expected):
-    assert ids(client.get(f"/api/flows?{query}", headers=AUTH)) == expected
+    assert flow_ids(client.get(f"/api/flows?{query}", headers=AUTH)) == expected
 
 
 @pytest.mark.parametrize("query", ["upstream=nope", "group=relay/nope", "group=nonsense", "upstream=0"])
@@ -756,8 +692,8 @@ def test_flows_show_the_upstream_group_and_fallback_of_each_flow_and_attempt(cli
 def test_flows_of_a_deleted_group_are_named_by_id_and_still_found(client):
     client.delete("/api/upstreams/azure", headers=AUTH)
     assert client.get("/api/flows/5", headers=AUTH).json()["group"] == f"#{PROD} (deleted)"
-    assert ids(client.get(f"/api/flows?group={PROD}", headers=AUTH)) == [5]
-    assert ids(client.get(f"/api/flows?upstream={AZURE}", headers=AUTH)) == [5]
+    assert flow_ids(client.get(f"/api/flows?group={PROD}", headers=AUTH)) == [5]
+    assert flow_ids(client.get(f"/api/flows?upstream={AZURE}", headers=AUTH)) == [5]
     logged_in(client)
     page = client.get(f"/flows?group={PROD}").text
     assert f'<option value="{PROD}" selected>#{PROD} (deleted)</option>' in page
@@ -784,13 +720,16 @@ def test_dashboard_breaks_down_by_upstream_and_group(client):
 
 def test_metrics_count_by_upstream_and_group_names(client):
     text = client.get("/metrics", headers=AUTH).text
-    assert 'keyrotor_upstream_requests_total{upstream="relay"} 3' in text
-    assert 'keyrotor_upstream_requests_total{upstream="(none)"} 1' in text
-    assert 'keyrotor_group_requests_total{group="relay/cheap"} 3' in text
-    assert 'keyrotor_group_errors_total{group="azure/prod"} 1' in text
-    assert 'keyrotor_group_tokens_total{group="relay/cheap",kind="prompt"} 30' in text
-    assert 'keyrotor_upstream_cost_usd_total{upstream="relay"} 0.000300' in text
-    assert "# TYPE keyrotor_group_requests_total counter" in text
+    for line in (
+        'keyrotor_upstream_requests_total{upstream="relay"} 3',
+        'keyrotor_upstream_requests_total{upstream="(none)"} 1',
+        'keyrotor_group_requests_total{group="relay/cheap"} 3',
+        'keyrotor_group_errors_total{group="azure/prod"} 1',
+        'keyrotor_group_tokens_total{group="relay/cheap",kind="prompt"} 30',
+        'keyrotor_upstream_cost_usd_total{upstream="relay"} 0.000300',
+        "# TYPE keyrotor_group_requests_total counter",
+    ):
+        assert line in text, line
     assert re.findall(r'="",|=""}', text) == []  # no empty label value anywhere
     client.delete("/api/upstreams/azure", headers=AUTH)
     text = client.get("/metrics", headers=AUTH).text
@@ -812,7 +751,7 @@ def evil(setup) -> TestClient:
     routes.add_model(conn, group_id, EVIL, EVIL)
     routes.set_fallbacks(conn, EVIL, [f"{EVIL}-2"])
     add_keys(SqliteKeyStore(conn, secrets.key_cipher(path)), [NEW_KEY], group_id=group_id)
-    write(
+    write_flows(
         conn, [row(7, model=EVIL, upstream_id=upstream_id, group_id=group_id, fallback_model=EVIL, upstream_key_id=5)]
     )
     conn.close()

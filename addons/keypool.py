@@ -110,8 +110,6 @@ def is_websocket_upgrade(request: http.Request) -> bool:
     return request.headers.get("upgrade", "").lower() == "websocket"
 
 
-
-
 class KeyPool:
     def __init__(
         self,
@@ -273,11 +271,13 @@ class KeyPool:
             return
         streamed = watch.objects if watch is not None and response.stream else None
         shown = affinity.shown_objects(streamed, response.headers, lambda: response.content)
-        learnt = affinity.learnt(flow.id, use.key_id, request.method, referenced, shown)
+        access = AccessVerdict.of(flow.metadata)
+        client_id = access.client_id if access is not None else None
+        own = affinity.derives_from_own(referenced, client_id, self.state.tenants)
+        learnt = affinity.learnt(flow.id, use.key_id, request.method, referenced, shown, client_id, own)
         if learnt is None:
             return
-        for owned in learnt.owned:
-            self.owners.setdefault(owned.id, learnt.key_id)
+        self.state.learn(learnt)
         if self._writer is not None:
             self._writer.save_ownership(learnt)
 

@@ -21,7 +21,7 @@ from core.limits import NO_LIMITS, LimitError, limits_shown, policy_with
 from monitor_ui import shapes, views
 from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, PageOf, WriteConn
 from monitor_ui.pages import Page, done_or_refused, see_other
-from storage import client_keys
+from storage import client_keys, objects
 from storage.counters import clients_spend
 
 router = APIRouter(prefix="/clients", tags=["clients"])
@@ -99,6 +99,7 @@ def client_summary(row, spend: dict[str, float] | None = None) -> dict:
         "key": f"…{row['last4']}" if row["last4"] else None,
         "keys": row["keys"],
         "enabled": bool(row["enabled"]),
+        "legacy_objects": bool(row["legacy_objects"]),
         **views.usage(row),
         "limits": limits_shown(policy),
         "spend": {k: spend.get(k, 0.0) for k in ("day_tokens", "day_usd", "month_tokens", "month_usd")},
@@ -133,6 +134,7 @@ def detail(conn, client_id: int) -> dict:
     summary = client_summary(row, spend)
     summary["keys"] = [key_summary(k) for k in client_keys.keys_of(conn, client_id)]
     summary["recent_flows"] = [dict(f) for f in client_keys.recent_flows(conn, client_id)]
+    summary["objects"] = objects.objects_of_client(conn, client_id, limit=50)  # tenancy: what it made
     return summary
 
 

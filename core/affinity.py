@@ -32,6 +32,7 @@ KINDS = {
     "thread": "thread",
     "thread.run": "run",
     "thread.message": "message",
+    "conversation": "conversation",
 }
 # Fields of an owned object that name other objects of the same project.
 NESTED_IDS = {
@@ -68,7 +69,19 @@ MAX_UNDERSCORES = 256  # beyond: a body full of them (code in a prompt), scanned
 # Path collections whose next segment is an object id; nested ones ("runs", "messages",
 # "files" under a vector store) are read by the same rule.
 COLLECTIONS = frozenset(
-    {"files", "batches", "responses", "vector_stores", "uploads", "jobs", "assistants", "threads", "runs", "messages"}
+    {
+        "files",
+        "batches",
+        "responses",
+        "vector_stores",
+        "uploads",
+        "jobs",
+        "assistants",
+        "threads",
+        "runs",
+        "messages",
+        "conversations",
+    }
 )
 API_PREFIXES = (
     "/v1/files",
@@ -79,6 +92,7 @@ API_PREFIXES = (
     "/v1/fine_tuning/jobs",
     "/v1/assistants",
     "/v1/threads",
+    "/v1/conversations",
 )
 # Stream events whose payload is (or holds, under "response") an object to learn.
 FINAL_EVENTS = frozenset(
@@ -112,6 +126,7 @@ ID_PREFIXES = (
     ("thread_", "thread"),
     ("run_", "run"),
     ("msg_", "message"),
+    ("conv_", "conversation"),
 )
 
 
@@ -251,9 +266,27 @@ def body_ids(body: bytes | None) -> list[str]:
     return found
 
 
+def conversation_id(body: bytes | None) -> str | None:
+    """The conversation a Responses request continues (`"conversation": "conv_…"` or `{"id": …}`);
+    looked for only in requests to /v1/responses, whose bodies are read for it."""
+    if not body or b'"conversation"' not in body:
+        return None
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    named = value.get("conversation") if isinstance(value, dict) else None
+    if isinstance(named, dict):
+        named = named.get("id")
+    return named if isinstance(named, str) and named else None
+
+
 def referenced_ids(path: str, body: bytes | None) -> tuple[str, ...]:
     """Every object id a request names, in its path or its body, each once, in order."""
-    return tuple(dict.fromkeys(path_ids(path) + body_ids(body)))
+    ids = path_ids(path) + body_ids(body)
+    if path.startswith("/v1/responses") and (conversation := conversation_id(body)) is not None:
+        ids.append(conversation)
+    return tuple(dict.fromkeys(ids))
 
 
 def resolve(referenced: tuple[str, ...], owners: Mapping[str, int]) -> Affinity:
@@ -483,6 +516,7 @@ NOT_FOUND_IN_PATH: dict[str, tuple[str, str | None]] = {
     "thread": ("No thread found with id '{id}'.", None),
     "run": ("No run found with id '{id}'.", None),
     "message": ("No message found with id '{id}'.", None),
+    "conversation": ("Conversation with id '{id}' not found.", None),
     "object": ("No such object: {id}", None),
 }
 
@@ -512,6 +546,8 @@ def not_found(object_id: str, path: str, body: bytes | None) -> NotFound:
             name = _field_of(json.loads(body or b"null"), object_id)
         except (ValueError, UnicodeDecodeError):
             name = None
+        if name is None and object_id == conversation_id(body):
+            name = "conversation"
         if name == "previous_response_id":
             return NotFound(
                 404, f"Previous response with id '{object_id}' not found.", name, "previous_response_not_found"

@@ -682,6 +682,32 @@ class ScopedObjects:
             return self._response(method, rest, key, body)
         if collection == "vector_stores":
             return self._vector_stores(method, rest, key, body)
+        if collection == "conversations":
+            return self._conversations(method, rest, key, body)
+        return None
+
+    def _conversations(self, method: str, rest: list[str], key: str, body: bytes) -> Response | None:
+        if method == "POST" and not rest:
+            conversation = {
+                "id": "conv_" + os.urandom(24).hex(),
+                "object": "conversation",
+                "created_at": int(time.time()),
+                "metadata": _json_object(body).get("metadata") or {},
+            }
+            return _json(200, self._keep(key, conversation))
+        if not rest:
+            return None
+        conversation = self._mine(key, rest[0])
+        if conversation is None:
+            return _not_found(f"Conversation with id '{rest[0]}' not found.")
+        if method == "GET" and len(rest) == 1:
+            return _json(200, conversation)
+        if method == "POST" and len(rest) == 1:
+            return _json(200, self._keep(key, {**conversation, "metadata": _json_object(body).get("metadata") or {}}))
+        if method == "DELETE" and len(rest) == 1:
+            with self._lock:
+                self._owner.pop(rest[0], None)
+            return _json(200, {"id": rest[0], "object": "conversation.deleted", "deleted": True})
         return None
 
     def _files(self, method: str, rest: list[str], key: str, body: bytes, content_type: str) -> Response | None:
@@ -777,6 +803,11 @@ class ScopedObjects:
                     param="previous_response_id",
                     code="previous_response_not_found",
                 )
+            conversation = data.get("conversation")
+            if isinstance(conversation, dict):
+                conversation = conversation.get("id")
+            if conversation is not None and self._mine(key, conversation) is None:
+                return _not_found(f"Conversation with id '{conversation}' not found.", "conversation")
             response_id = "resp_" + os.urandom(24).hex()
             if data.get("store", True) is not False:
                 self._keep(key, {"id": response_id, "object": "response", "model": data.get("model")})

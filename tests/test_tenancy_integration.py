@@ -55,7 +55,8 @@ def test_another_clients_objects_cannot_be_listed_read_used_changed_or_deleted(t
     response = alice.responses.create(model="gpt-4o-mini", input="a secret plan")
     store = alice.vector_stores.create(name="alice's", file_ids=[file.id])
     bobs_store = bob.vector_stores.create(name="bob's")
-    alices = {file.id, batch.id, response.id, store.id, batch.output_file_id}
+    conversation = alice.conversations.create(metadata={"topic": "plans"})
+    alices = {file.id, batch.id, response.id, store.id, batch.output_file_id, conversation.id}
 
     def listed(page) -> list[str]:
         return [item.id for item in page]
@@ -77,6 +78,12 @@ def test_another_clients_objects_cannot_be_listed_read_used_changed_or_deleted(t
             model="gpt-4o-mini", input="go on", previous_response_id=response.id
         ),
         "responses.delete": lambda: bob.responses.delete(response.id),
+        "conversations.retrieve": lambda: bob.conversations.retrieve(conversation.id),
+        "conversations.update": lambda: bob.conversations.update(conversation.id, metadata={"topic": "mine"}),
+        "conversations.delete": lambda: bob.conversations.delete(conversation.id),
+        "responses.create (conversation)": lambda: bob.responses.create(
+            model="gpt-4o-mini", input="go on", conversation=conversation.id
+        ),
         "vector_stores.list": lambda: listed(bob.vector_stores.list()),
         "vector_stores.retrieve": lambda: bob.vector_stores.retrieve(store.id),
         "vector_stores.update": lambda: bob.vector_stores.update(store.id, name="bob's now"),
@@ -111,6 +118,16 @@ def test_another_clients_objects_cannot_be_listed_read_used_changed_or_deleted(t
     assert "x-keyrotor-error" not in error.response.headers  # nothing says keyrotor answered
     status, shape = upstream_error(upstream, "GET", "/v1/batches/batch_none")
     assert answered["batches.retrieve"].body == json.loads(json.dumps(shape["error"]).replace("batch_none", batch.id))
+    status, shape = upstream_error(upstream, "GET", "/v1/conversations/conv_none")
+    assert answered["conversations.retrieve"].body == json.loads(
+        json.dumps(shape["error"]).replace("conv_none", conversation.id)
+    )
+    status, shape = upstream_error(
+        upstream, "POST", "/v1/responses", json={"model": "gpt-4o-mini", "input": "x", "conversation": "conv_none"}
+    )
+    assert answered["responses.create (conversation)"].body == json.loads(
+        json.dumps(shape["error"]).replace("conv_none", conversation.id)
+    )
     status, shape = upstream_error(upstream, "GET", "/v1/vector_stores/vs_none")
     assert answered["vector_stores.update"].body == json.loads(json.dumps(shape["error"]).replace("vs_none", store.id))
     status, shape = upstream_error(
@@ -137,6 +154,8 @@ def test_another_clients_objects_cannot_be_listed_read_used_changed_or_deleted(t
     assert alice.batches.retrieve(batch.id).status == "completed"
     assert alice.responses.create(model="gpt-4o-mini", input="go on", previous_response_id=response.id).id
     assert alice.vector_stores.retrieve(store.id).name == "alice's"
+    assert alice.conversations.retrieve(conversation.id).metadata == {"topic": "plans"}
+    assert alice.responses.create(model="gpt-4o-mini", input="go on", conversation=conversation.id).id
     assert {file.id, batch.output_file_id} <= {f.id for f in alice.files.list()}
     assert [s.id for s in alice.vector_stores.list()] == [store.id]
     assert alice.files.delete(file.id).deleted  # deleting is the owner's

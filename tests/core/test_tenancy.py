@@ -191,3 +191,20 @@ def test_the_next_page_asks_from_upstreams_last_id():
         ("after", "file-9"),
         ("limit", str(affinity.FOLLOW_UP_LIMIT)),
     ]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "ids"),
+    [
+        ("/v1/responses", {"model": "m", "conversation": "conv_a"}, ("conv_a",)),
+        ("/v1/responses", {"model": "m", "conversation": {"id": "conv_a"}}, ("conv_a",)),
+        ("/v1/conversations/conv_a/items", None, ("conv_a",)),
+        ("/v1/chat/completions", {"model": "m", "conversation": "conv_a"}, ()),  # not a Responses field there
+    ],
+)
+def test_a_conversation_is_named_in_the_path_or_a_responses_body(path, body, ids):
+    raw = json.dumps(body).encode() if body is not None else None
+    assert affinity.referenced_ids(path, raw) == ids
+    if ids:
+        refusal = json.loads(affinity.not_found("conv_a", path, raw).body())["error"]
+        assert refusal["message"] == "Conversation with id 'conv_a' not found."

@@ -276,8 +276,17 @@ def read_client_json(client_id: int, conn: Conn) -> dict:
 
 @api.patch("/{client_id}", dependencies=[AdminApiChange], response_model=shapes.ClientDetail)
 def change_limits_json(client_id: int, conn: WriteConn, limits: Annotated[dict[str, Any], Body()]) -> dict:
-    """Change some limits: {"rpm": 60, "models": ["gpt-4o*"], "expires": null}; null or 'none' clears one."""
-    _set_limits(conn, client_id, limit_changes(limits, only_given=False))
+    """Change some limits: {"rpm": 60, "models": ["gpt-4o*"], "expires": null}; null or 'none' clears one.
+    {"legacy_objects": true} lets the client reach objects no client made (false: not)."""
+    limits = dict(limits)
+    legacy = limits.pop("legacy_objects", None)
+    if legacy is not None and not isinstance(legacy, bool):
+        raise HTTPException(422, "legacy_objects must be true or false.")
+    changes = limit_changes(limits, only_given=False)
+    if legacy is not None:
+        client_keys.set_legacy_objects(conn, _name_of(conn, client_id), legacy)
+    if changes or legacy is None:
+        _set_limits(conn, client_id, changes)
     return detail(conn, client_id)
 
 

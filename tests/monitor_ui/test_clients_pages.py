@@ -174,8 +174,12 @@ def test_each_object_shows_its_client_in_the_flow_and_on_the_clients_page(client
         "file-made": (1, "team"),
         "file-old": (None, None),
     }
-    team = client.get("/api/clients/1", headers=AUTH).json()
-    assert team["legacy_objects"] is True
+    assert client.patch("/api/clients/1", json={"legacy_objects": "yes"}, headers=AUTH).status_code == 422
+    assert (
+        client.patch("/api/clients/1", json={"legacy_objects": False}, headers=AUTH).json()["legacy_objects"] is False
+    )
+    team = client.patch("/api/clients/1", json={"legacy_objects": True, "rpm": 5}, headers=AUTH).json()
+    assert team["legacy_objects"] is True and team["limits"] == {"rpm": 5}
     assert [(o["id"], o["kind"], o["owner_key_id"], o["flow_id"]) for o in team["objects"]] == [
         ("file-made", "file", 1, "f1")
     ]

@@ -213,11 +213,13 @@ class KeyPool:
             return
         streamed = watch.objects if watch is not None and response.stream else None
         shown = affinity.shown_objects(streamed, response.headers, lambda: response.content)
-        learnt = affinity.learnt(flow.id, use.key_id, request.method, referenced, shown)
+        access = AccessVerdict.of(flow.metadata)
+        client_id = access.client_id if access is not None else None
+        own = affinity.derives_from_own(referenced, client_id, self.state.tenants)
+        learnt = affinity.learnt(flow.id, use.key_id, request.method, referenced, shown, client_id, own)
         if learnt is None:
             return
-        for owned in learnt.owned:
-            self.state.owners.setdefault(owned.id, learnt.key_id)
+        self.state.learn(learnt)
         if self._writer is not None:
             self._writer.save_ownership(learnt)
 

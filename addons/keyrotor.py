@@ -30,6 +30,8 @@ from addons.recovery import Recovery
 from addons.runtime import Runtime
 from addons.shutdown import Shutdown
 from addons.spend import Spend
+from addons.tenancy import Tenancy
+from addons.tenant_lists import TenantLists
 from addons.upkeep import Upkeep
 from addons.upstream_watch import UpstreamWatch
 from addons.usage import Usage
@@ -88,9 +90,11 @@ addons = [
     Recovery(),
     Access(_settings, _state, _governor),
     Bounds(_settings),
+    Tenancy(_state, _writer),  # before the key pool: another client's object is refused before a key is picked
     Models(_state),  # before the key pool: a list answered here takes no key
     KeyPool(_settings, sender=_sender, state=_state, writer=_writer),
     ModelsMerge(_state),  # right after the key pool: upstream's list, retried or not, gets ours added
+    TenantLists(_state),  # after the key pool too: a list shows the caller only its own objects
     _sender,
     UpstreamWatch(),  # after the sender: its patch wraps the sender's
     Spend(_governor),  # before Usage: its stream callable sees the usage chunk Usage then takes out

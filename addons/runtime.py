@@ -36,7 +36,9 @@ from storage.upstream_keys import SqliteKeyStore
 log = logging.getLogger(__name__)
 
 
-class Sink(ports.RecordSink, ports.PoolStateSink, ports.OwnershipSink, ports.ModelListSink, Protocol):
+class Sink(
+    ports.RecordSink, ports.PoolStateSink, ports.OwnershipSink, ports.ModelListSink, ports.RefusalSink, Protocol
+):
     """The one writer: every write the proxy makes goes through it, off the event loop."""
 
 

@@ -30,15 +30,27 @@ def _clients(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     if args.action == "add":
         policy = policy_with(NO_LIMITS, _limit_changes(args))
         key = client_keys.create_client(conn, args.name, policy)
+        legacy = getattr(args, "legacy_objects", None)
+        if legacy:
+            client_keys.set_legacy_objects(conn, args.name, True)
         print(f"client {args.name!r} created{_limits_text(policy, ' with ')}; its key (shown only now):\n{key}")
         return 0
     if args.action == "set":
         changes = _limit_changes(args)
-        if not changes:
+        legacy = getattr(args, "legacy_objects", None)
+        if not changes and legacy is None:
             print("keyrotor: give at least one limit to set, e.g. --rpm 60 (or --rpm none)", file=sys.stderr)
             return 2
-        policy = client_keys.set_limits(conn, args.name, changes)
-        print(f"client {args.name!r}: {_limits_text(policy) or 'no limits'}")
+        if legacy is not None:
+            client_keys.set_legacy_objects(conn, args.name, legacy)
+        if changes:
+            policy = client_keys.set_limits(conn, args.name, changes)
+        else:
+            policy = client_keys.policy_of(client_keys.client_row(conn, args.name)["limits"])
+        text = _limits_text(policy) or "no limits"
+        if legacy is not None:
+            text += f"; objects of no client: {'reachable' if legacy else 'not reachable'}"
+        print(f"client {args.name!r}: {text}")
         return 0
     if args.action == "list":
         _print_clients(conn, client_keys.list_clients(conn))

@@ -148,6 +148,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         sub.add_argument("name")
         for flag, metavar, help_text in LIMIT_FLAGS:
             sub.add_argument(flag, metavar=metavar, help=help_text)
+        sub.add_argument(
+            "--legacy-objects",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="may reach files, batches... that no client made through keyrotor (made upstream directly,"
+            " or before clients owned objects); off by default",
+        )
     client_keys_parser = client_actions.add_parser("keys", parents=[common], help="a client's keys")
     client_keys_parser.add_argument("name")
     client_keys_parser.add_argument("key_action", choices=["add", "list", "revoke"])

@@ -32,6 +32,7 @@ KINDS = {
     "thread": "thread",
     "thread.run": "run",
     "thread.message": "message",
+    "conversation": "conversation",
 }
 # Fields of an owned object that name other objects of the same project.
 NESTED_IDS = {
@@ -68,7 +69,19 @@ MAX_UNDERSCORES = 256  # beyond: a body full of them (code in a prompt), scanned
 # Path collections whose next segment is an object id; nested ones ("runs", "messages",
 # "files" under a vector store) are read by the same rule.
 COLLECTIONS = frozenset(
-    {"files", "batches", "responses", "vector_stores", "uploads", "jobs", "assistants", "threads", "runs", "messages"}
+    {
+        "files",
+        "batches",
+        "responses",
+        "vector_stores",
+        "uploads",
+        "jobs",
+        "assistants",
+        "threads",
+        "runs",
+        "messages",
+        "conversations",
+    }
 )
 API_PREFIXES = (
     "/v1/files",
@@ -79,6 +92,7 @@ API_PREFIXES = (
     "/v1/fine_tuning/jobs",
     "/v1/assistants",
     "/v1/threads",
+    "/v1/conversations",
 )
 # Stream events whose payload is (or holds, under "response") an object to learn.
 FINAL_EVENTS = frozenset(
@@ -112,6 +126,7 @@ ID_PREFIXES = (
     ("thread_", "thread"),
     ("run_", "run"),
     ("msg_", "message"),
+    ("conv_", "conversation"),
 )
 
 
@@ -132,17 +147,32 @@ class Ownership:
     created: tuple[OwnedObject, ...] = ()
     used: tuple[str, ...] = ()
     answered: tuple[OwnedObject, ...] = ()
+    client_id: int | None = None  # the client whose request it answered
+    claimed: frozenset[str] = frozenset()  # the ids that are that client's (tenancy): what it made
 
     @property
     def owned(self) -> tuple[OwnedObject, ...]:
         return self.created + self.answered
 
+    def client_of(self, object_id: str) -> int | None:
+        """The client an object learnt here belongs to; None: nobody's (made before, or elsewhere)."""
+        return self.client_id if object_id in self.claimed else None
+
 
 def learnt(
-    flow_id: str, key_id: int, method: str, referenced: tuple[str, ...], shown: list[OwnedObject]
+    flow_id: str,
+    key_id: int,
+    method: str,
+    referenced: tuple[str, ...],
+    shown: list[OwnedObject],
+    client_id: int | None = None,
+    own: bool = False,
 ) -> Ownership | None:
     """What a successful answer of `key_id` teaches: a POST created what it shows (but what the
-    request named), anything else only showed it; the named objects are this key's too."""
+    request named), anything else only showed it; the named objects are this key's too.
+
+    What a POST of `client_id` created is that client's; so is what any answer shows for the first
+    time when the request named only the client's `own` objects (a batch's output file)."""
     named = set(referenced)
     new = tuple(o for o in shown if o.id not in named)
     answered = tuple(OwnedObject(i, guess_kind(i)) for i in referenced)
@@ -152,7 +182,10 @@ def learnt(
         created, answered = (), answered + new
     if not created and not answered:
         return None
-    return Ownership(flow_id, key_id, created, referenced, answered)
+    claimed: frozenset[str] = frozenset()
+    if client_id is not None:
+        claimed = frozenset(o.id for o in (new if own else created))
+    return Ownership(flow_id, key_id, created, referenced, answered, client_id, claimed)
 
 
 @dataclass
@@ -233,9 +266,27 @@ def body_ids(body: bytes | None) -> list[str]:
     return found
 
 
+def conversation_id(body: bytes | None) -> str | None:
+    """The conversation a Responses request continues (`"conversation": "conv_…"` or `{"id": …}`);
+    looked for only in requests to /v1/responses, whose bodies are read for it."""
+    if not body or b'"conversation"' not in body:
+        return None
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    named = value.get("conversation") if isinstance(value, dict) else None
+    if isinstance(named, dict):
+        named = named.get("id")
+    return named if isinstance(named, str) and named else None
+
+
 def referenced_ids(path: str, body: bytes | None) -> tuple[str, ...]:
     """Every object id a request names, in its path or its body, each once, in order."""
-    return tuple(dict.fromkeys(path_ids(path) + body_ids(body)))
+    ids = path_ids(path) + body_ids(body)
+    if path.startswith("/v1/responses") and (conversation := conversation_id(body)) is not None:
+        ids.append(conversation)
+    return tuple(dict.fromkeys(ids))
 
 
 def resolve(referenced: tuple[str, ...], owners: Mapping[str, int]) -> Affinity:
@@ -398,3 +449,208 @@ def owner_resting(ids: tuple[str, ...], key_id: int, wait: float | None, reason:
     if reason and "429" in reason:
         return OpenAIError(429, message, "requests", "rate_limit_exceeded", {"retry-after": retry_after})
     return OpenAIError(503, message, "server_error", "object_owner_cooling", {"retry-after": retry_after})
+
+
+# --------------------------------------------------------------------------- tenancy
+#
+# Every object keyrotor sees created belongs to the client that created it as well as to the
+# key: another client naming it is answered as upstream answers an id it does not know (404, in
+# the kind's own words), before anything is sent, and lists show a client only its own.
+# Objects keyrotor did not see created (made upstream directly, or before tenancy) have no
+# client: only clients an admin allows (`clients set NAME --legacy-objects`) reach them.
+
+
+def foreign_ids(
+    referenced: tuple[str, ...], client_id: int, tenants: Mapping[str, int], legacy_allowed: bool
+) -> tuple[str, ...]:
+    """The ids among `referenced` that client `client_id` may not name (`tenants`: object id →
+    the client that created it; an id not there has no client, a legacy object)."""
+    foreign = []
+    for object_id in referenced:
+        owner = tenants.get(object_id)
+        if owner == client_id or (owner is None and legacy_allowed):
+            continue
+        foreign.append(object_id)
+    return tuple(foreign)
+
+
+def visible_to(object_id: str, client_id: int, tenants: Mapping[str, int], legacy_allowed: bool) -> bool:
+    owner = tenants.get(object_id)
+    return owner == client_id or (owner is None and legacy_allowed)
+
+
+def derives_from_own(referenced: tuple[str, ...], client_id: int | None, tenants: Mapping[str, int]) -> bool:
+    """Whether what a request names is all the caller's own: then objects its answer shows for
+    the first time (a batch's output file, a thread's messages) are the caller's too."""
+    return client_id is not None and bool(referenced) and all(tenants.get(i) == client_id for i in referenced)
+
+
+@dataclass(frozen=True)
+class NotFound:
+    """Upstream's own 404 for an id its project does not hold (no keyrotor header: nothing tells
+    the caller that keyrotor answered, or that the object exists)."""
+
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+    def body(self) -> bytes:
+        error = {"message": self.message, "type": "invalid_request_error", "param": self.param, "code": self.code}
+        return json.dumps({"error": error}).encode()
+
+    @staticmethod
+    def headers() -> dict[str, str]:
+        return {"content-type": "application/json"}
+
+
+# How OpenAI says it holds no such object, by kind, named in a path.
+NOT_FOUND_IN_PATH: dict[str, tuple[str, str | None]] = {
+    "file": ("No such File object: {id}", "id"),
+    "batch": ("No batch found with id '{id}'.", "batch_id"),
+    "response": ("Response with id '{id}' not found.", None),
+    "vector_store": ("No vector store found with id '{id}'.", None),
+    "upload": ("No such Upload object: {id}", "upload_id"),
+    "fine_tuning_job": ("Could not find fine-tuning job: {id}", "fine_tuning_job_id"),
+    "assistant": ("No assistant found with id '{id}'.", None),
+    "thread": ("No thread found with id '{id}'.", None),
+    "run": ("No run found with id '{id}'.", None),
+    "message": ("No message found with id '{id}'.", None),
+    "conversation": ("Conversation with id '{id}' not found.", None),
+    "object": ("No such object: {id}", None),
+}
+
+
+def _field_of(value: Any, object_id: str) -> str | None:
+    """The body field that names `object_id` (the refusal's slow path only)."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if name in REFERENCE_FIELDS and (item == object_id or (isinstance(item, list) and object_id in item)):
+                return str(name)
+            if isinstance(item, dict | list):
+                found = _field_of(item, object_id)
+                if found is not None:
+                    return found
+    elif isinstance(value, list):
+        for item in value:
+            found = _field_of(item, object_id)
+            if found is not None:
+                return found
+    return None
+
+
+def not_found(object_id: str, path: str, body: bytes | None) -> NotFound:
+    """What upstream answers a project that does not hold `object_id`, named in `path` or `body`."""
+    if object_id not in path_ids(path):
+        try:
+            name = _field_of(json.loads(body or b"null"), object_id)
+        except (ValueError, UnicodeDecodeError):
+            name = None
+        if name is None and object_id == conversation_id(body):
+            name = "conversation"
+        if name == "previous_response_id":
+            return NotFound(
+                404, f"Previous response with id '{object_id}' not found.", name, "previous_response_not_found"
+            )
+        if name == "input_file_id" and path.partition("?")[0].rstrip("/") == "/v1/batches":
+            return NotFound(
+                400, f"Invalid 'input_file_id': '{object_id}'. File with ID '{object_id}' does not exist.", name
+            )
+        if name in ("file_id", "file_ids", "input_file_id", "training_file", "validation_file"):
+            return NotFound(404, f"No such File object: {object_id}", name)
+        if name is not None:
+            message, _ = NOT_FOUND_IN_PATH[guess_kind(object_id)]
+            return NotFound(404, message.format(id=object_id), name)
+    message, param = NOT_FOUND_IN_PATH[guess_kind(object_id)]
+    return NotFound(404, message.format(id=object_id), param)
+
+
+@dataclass(frozen=True)
+class TenantRefusal:
+    """A client named another client's object (or one it may not reach): refused, for the audit log."""
+
+    client_id: int
+    client_name: str | None
+    object_ids: tuple[str, ...]
+    method: str
+    path: str
+    flow_id: str
+    at: float
+
+
+# --------------------------------------------------------------------------- lists
+
+# GET on these lists every object of the project: the answer is filtered to the caller's.
+LIST_PATHS = frozenset(
+    {
+        "/v1/files",
+        "/v1/batches",
+        "/v1/vector_stores",
+        "/v1/assistants",
+        "/v1/fine_tuning/jobs",
+        "/v1/uploads",
+        "/v1/threads",
+    }
+)
+FOLLOW_UP_LIMIT = 100  # items asked for on each extra page fetched to fill an empty one
+MAX_FOLLOW_UPS = 50
+
+
+def is_list(method: str, path: str) -> bool:
+    return method == "GET" and path.partition("?")[0].rstrip("/") in LIST_PATHS
+
+
+@dataclass
+class Page:
+    """One list answer, filtered: what the caller sees, and where upstream's page ended."""
+
+    value: dict[str, Any]  # the answer, its `data` filtered
+    has_more: bool
+    upstream_last: str | None  # the last id upstream's page held: the cursor of the next one
+
+    def body(self) -> bytes:
+        return json.dumps(self.value).encode()
+
+
+def truncated(page: Page, limit: int | None) -> Page:
+    """At most `limit` items, as the client asked: what is cut is on the next page."""
+    data = page.value["data"]
+    if limit is None or len(data) <= limit:
+        return page
+    value = {**page.value, "data": data[:limit], "has_more": True}
+    if "first_id" in value or "last_id" in value:
+        value["first_id"], value["last_id"] = data[0]["id"], data[limit - 1]["id"]
+    return Page(value, True, page.upstream_last)
+
+
+def filtered_page(body: bytes, visible: Callable[[str], bool]) -> Page | None:
+    """Upstream's list answer with only what `visible` lets through; None: not a list answer."""
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("data"), list):
+        return None
+    items = value["data"]
+    ids = [item.get("id") if isinstance(item, dict) else None for item in items]
+    last = next((i for i in reversed(ids) if isinstance(i, str)), None)
+    kept = [item for item, i in zip(items, ids, strict=True) if isinstance(i, str) and visible(i)]
+    value["data"] = kept
+    if "first_id" in value or "last_id" in value:
+        value["first_id"] = kept[0]["id"] if kept else None
+        value["last_id"] = kept[-1]["id"] if kept else None
+    return Page(value, bool(value.get("has_more")), last)
+
+
+def merged_page(first: Page, more: Page) -> Page:
+    """An empty filtered page followed by the next one upstream had."""
+    value = dict(more.value)
+    for name in first.value:
+        value.setdefault(name, first.value[name])
+    return Page(value, more.has_more, more.upstream_last)
+
+
+def next_page_query(query: list[tuple[str, str]], after: str) -> list[tuple[str, str]]:
+    """The list's query for the page after `after`, as many items as one page may hold."""
+    kept = [(k, v) for k, v in query if k not in ("after", "limit")]
+    return [*kept, ("after", after), ("limit", str(FOLLOW_UP_LIMIT))]

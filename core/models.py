@@ -48,6 +48,7 @@ class Client:
     name: str
     policy: ClientPolicy = NO_LIMITS
     networks: tuple[Network, ...] = field(default=(), compare=False)  # policy.ips parsed, once per reload
+    legacy_objects: bool = False  # may reach objects that belong to no client (made before tenancy, or elsewhere)
 
     def __post_init__(self) -> None:
         if self.policy.ips and not self.networks:

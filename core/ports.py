@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from core.affinity import Ownership
+from core.affinity import Ownership, TenantRefusal
 from core.keys import NewKey
 from core.models import Client, FetchedModels, KeyState, KeyStateChange, PoolKey
 from core.records import CapturedFlow, Retention
@@ -58,6 +58,10 @@ class ObjectOwners(Protocol):
         """Owners stored after position `after` (object id → key id), and the position of the last one read."""
         ...
 
+    def clients_since(self, after: int) -> dict[str, int]:
+        """The clients of the objects stored after position `after` that have one (object id → client id)."""
+        ...
+
 
 class RecordSink(Protocol):
     """Where captured flows go; called on the event loop, so it must never block."""
@@ -78,6 +82,12 @@ class OwnershipSink(Protocol):
     """Where learnt object owners go; called on the event loop, never blocks."""
 
     def save_ownership(self, learnt: Ownership) -> None: ...
+
+
+class RefusalSink(Protocol):
+    """Where cross-tenant refusals go: the audit log, written off the event loop."""
+
+    def save_refusal(self, refusal: TenantRefusal) -> None: ...
 
 
 class ModelListSink(Protocol):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+from core.affinity import Ownership
 from core.models import Client, PoolKey
 from core.ports import PoolStateSink, Revisions, StateStores
 from core.revisions import watch_revision
@@ -39,6 +40,7 @@ class Loaded:
     keys: list[PoolKey] | None = None  # read with the routes: keys are placed in their groups' pools
     clients: dict[str, tuple[Client, int]] | None = None
     owners: dict[str, int] = field(default_factory=dict)  # owners stored since the last read
+    tenants: dict[str, int] = field(default_factory=dict)  # their clients, where they have one
     owners_after: int = 0
 
 
@@ -53,6 +55,7 @@ class ProxyState:
         self.clients: dict[str, tuple[Client, int]] = {}  # key hash → (client, key id)
         self.clients_by_id: dict[int, Client] = {}
         self.owners: dict[str, int] = {}  # object id → the key that owns it
+        self.tenants: dict[str, int] = {}  # object id → the client that made it (missing: nobody's)
         self.settings = RotationSettings()
         self.states = states  # where every rotation's learnt key states go
         self._open: Callable[[], AbstractContextManager[StateStores]] | None = None
@@ -68,6 +71,7 @@ class ProxyState:
         self._open = open_stores
         self._loaded = {}
         self.owners.clear()
+        self.tenants.clear()
         self._owners_after = 0
         self.apply(self.read())
 
@@ -112,6 +116,7 @@ class ProxyState:
                 )
             if self._moved(loaded, OBJECTS):
                 loaded.owners, loaded.owners_after = stores.owners.owners_since(self._owners_after)
+                loaded.tenants = stores.owners.clients_since(self._owners_after)
         return loaded
 
     def _moved(self, loaded: Loaded, *names: str) -> bool:
@@ -126,15 +131,48 @@ class ProxyState:
         if loaded.clients is not None:
             self.clients = loaded.clients
             self.clients_by_id = {client.id: client for client, _ in loaded.clients.values()}
-        for object_id, key_id in loaded.owners.items():
-            self.owners.setdefault(object_id, key_id)  # what this process learnt first agrees with storage
-        self._owners_after = max(self._owners_after, loaded.owners_after)
+        self.apply_owners(loaded.owners, loaded.tenants, loaded.owners_after)
         for name in WATCHED:
             # A revision that could not be read stays unknown: the next change reads everything again.
             if name in loaded.revisions:
                 self._loaded[name] = loaded.revisions[name]
             else:
                 self._loaded.pop(name, None)
+
+    def learn(self, learnt: Ownership) -> None:
+        """What an answer taught, at once (storage learns it through the writer)."""
+        for owned in learnt.owned:
+            self.owners.setdefault(owned.id, learnt.key_id)
+            client_id = learnt.client_of(owned.id)
+            if client_id is not None and owned.id not in self.tenants:
+                self.tenants[owned.id] = client_id
+
+    @property
+    def attached(self) -> bool:
+        return self._open is not None
+
+    def read_owners(self) -> tuple[dict[str, int], dict[str, int], int]:
+        """Owners stored since the last read, now (in a worker thread; `apply_owners` on the loop):
+        a request names an object this process has not heard of, which another proxy on the same
+        storage may have made."""
+        if self._open is None:
+            return {}, {}, 0
+        after = self._owners_after
+        with self._open() as stores:
+            owners, last = stores.owners.owners_since(after)
+            return owners, stores.owners.clients_since(after), last
+
+    def apply_owners(self, owners: dict[str, int], tenants: dict[str, int], after: int) -> None:
+        for object_id, key_id in owners.items():
+            self.owners.setdefault(object_id, key_id)  # what this process learnt first agrees with storage
+        for object_id, client_id in tenants.items():
+            self.tenants.setdefault(object_id, client_id)
+        self._owners_after = max(self._owners_after, after)
+
+    def legacy_allowed(self, client_id: int) -> bool:
+        """Whether the client may reach objects that belong to no client (`--legacy-objects`)."""
+        client = self.clients_by_id.get(client_id)
+        return client is not None and client.legacy_objects
 
     def _apply_routes(self, groups: list[Group], fallbacks: dict[str, list[str]], keys: list[PoolKey]) -> None:
         by_group: dict[int, list[PoolKey]] = {g.id: [] for g in groups}

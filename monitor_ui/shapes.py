@@ -222,6 +222,7 @@ class Client(Shape):
     key: str | None  # …abcd of its first key
     keys: int
     enabled: bool
+    legacy_objects: bool  # may reach objects no client made (`run.py clients set NAME --legacy-objects`)
     requests: Number | None
     prompt_tokens: Number | None
     completion_tokens: Number | None
@@ -262,9 +263,19 @@ class RecentFlow(Shape):
     error: str | None
 
 
+class ClientObject(Shape):
+    id: str
+    kind: str
+    owner_key_id: int
+    flow_id: str | None  # the flow that made it
+    created_at: Number
+    client_id: int
+
+
 class ClientDetail(Client):
     keys: list[ClientKey]  # type: ignore[assignment]  # the list, where Client counts them
     recent_flows: list[RecentFlow]
+    objects: list[ClientObject]  # the newest objects it made: only it can reach them
 
 
 class ClientCreated(Shape):
@@ -395,6 +406,8 @@ class FlowObject(Shape):
     role: str
     kind: str | None
     owner_key_id: int | None
+    client_id: int | None  # the client that made it (None: no client, made before or elsewhere)
+    client_name: str | None
 
 
 class FlowDetail(Shape):

@@ -19,8 +19,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from core.affinity import TenantRefusal
+
 CLI, UI_SESSION, ADMIN_API = "cli", "ui-session", "admin-api"
-ACTORS = (CLI, UI_SESSION, ADMIN_API)
+PROXY = "proxy"  # what the proxy itself refused (a client naming another client's object)
+ACTORS = (CLI, UI_SESSION, ADMIN_API, PROXY)
 PAGE_LIMIT = 500
 
 
@@ -80,6 +83,23 @@ def log_now(db_path, action: str, target: Any = None, changes: dict | None = Non
             record(conn, action, target, changes, actor)
     finally:
         conn.close()
+
+
+def record_refusal(conn: sqlite3.Connection, refusal: TenantRefusal) -> None:
+    """A client named objects that are not its own (tenancy): who, which objects, on which request."""
+    changes = {
+        "client_id": refusal.client_id,
+        "client": refusal.client_name,
+        "objects": list(refusal.object_ids),
+        "method": refusal.method,
+        "path": refusal.path[:500],
+        "flow_id": refusal.flow_id,
+    }
+    target = ",".join(refusal.object_ids)[:500]
+    conn.execute(
+        "INSERT INTO audit_log (at, actor, address, action, target, changes) VALUES (?, ?, ?, ?, ?, ?)",
+        (refusal.at, PROXY, None, "objects.refused", target, json.dumps(changes, sort_keys=True)),
+    )
 
 
 @dataclass(frozen=True)

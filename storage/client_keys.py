@@ -107,6 +107,21 @@ def set_limits(conn: sqlite3.Connection, name: str, changes: dict[str, str | Non
     return after
 
 
+def set_legacy_objects(conn: sqlite3.Connection, name: str, allowed: bool) -> None:
+    """Whether client `name` may reach objects that belong to no client (made before tenancy, or
+    upstream directly); raises ClientNotFound."""
+    row = client_row(conn, name)
+    before = bool(row["legacy_objects"])
+    if before == allowed:
+        return
+    with conn:
+        conn.execute(
+            "UPDATE clients SET legacy_objects = ?, changed_at = ? WHERE id = ?", (int(allowed), time.time(), row["id"])
+        )
+        audit.record(conn, "clients.set", name, {"id": row["id"], "legacy_objects": {"from": before, "to": allowed}})
+        bump_revision(conn, "clients")
+
+
 def add_key(conn: sqlite3.Connection, name: str) -> tuple[int, str]:
     """A new key for client `name`: (its id, the key, shown only now)."""
     row = client_row(conn, name)
@@ -145,7 +160,7 @@ def revoke_key(conn: sqlite3.Connection, name: str, key_id: int) -> int:
 
 
 _LIST = (
-    "SELECT c.id, c.name, c.enabled, c.limits, c.created_at,"
+    "SELECT c.id, c.name, c.enabled, c.limits, c.legacy_objects, c.created_at,"
     " (SELECT last4 FROM client_keys k WHERE k.client_id = c.id AND k.revoked_at IS NULL ORDER BY k.id LIMIT 1)"
     " AS last4,"
     " (SELECT count(*) FROM client_keys k WHERE k.client_id = c.id AND k.revoked_at IS NULL) AS keys,"
@@ -203,13 +218,18 @@ def load_enabled(conn: sqlite3.Connection) -> dict[str, tuple[Client, int]]:
     clients: dict[int, Client] = {}
     found: dict[str, tuple[Client, int]] = {}
     for row in conn.execute(
-        "SELECT k.id AS key_id, k.key_hash, c.id, c.name, c.limits"
+        "SELECT k.id AS key_id, k.key_hash, c.id, c.name, c.limits, c.legacy_objects"
         " FROM client_keys k JOIN clients c ON c.id = k.client_id"
         " WHERE k.enabled = 1 AND k.revoked_at IS NULL AND c.enabled = 1"
     ):
         client = clients.get(row["id"])
         if client is None:
-            client = clients[row["id"]] = Client(id=row["id"], name=row["name"], policy=policy_of(row["limits"]))
+            client = clients[row["id"]] = Client(
+                id=row["id"],
+                name=row["name"],
+                policy=policy_of(row["limits"]),
+                legacy_objects=bool(row["legacy_objects"]),
+            )
         found[row["key_hash"]] = (client, row["key_id"])
     return found
 

@@ -418,6 +418,14 @@ def _v11_packed_flows(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v12_object_clients(db: sqlite_utils.Database) -> None:
+    # Tenancy: the client that created each object, besides the key (NULL: made before this
+    # version, or upstream directly; only clients allowed legacy objects reach those).
+    db.table("object_owners").add_column("client_id", int)
+    db.table("object_owners").create_index(["client_id"])
+    db.table("clients").add_column("legacy_objects", int, not_null_default=0)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
@@ -430,6 +438,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v9_clients_limits_audit,
     _v10_object_owners,
     _v11_packed_flows,
+    _v12_object_clients,
 ]
 
 

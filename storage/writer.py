@@ -38,7 +38,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
-from core.affinity import Ownership
+from core.affinity import Ownership, TenantRefusal
 from core.models import FetchedModels, KeyStateChange
 from core.records import FlowRecord, Retention
 from storage import audit, capture_status, conversion, db, flows, objects, outcomes, rollups, routes, upstream_keys
@@ -94,7 +94,7 @@ class Writer:
         # Records taken off the queue and not yet committed, oldest first, and their size.
         self._pending: deque[tuple[FlowRecord, int]] = deque()
         self._pending_bytes = 0
-        self._states: list[KeyStateChange | FetchedModels | Ownership] = []
+        self._states: list[KeyStateChange | FetchedModels | Ownership | TenantRefusal] = []
         self._failures = 0  # failed writes in a row
         self._retry_at = 0.0
         self._last_write = 0.0
@@ -121,6 +121,10 @@ class Writer:
     def save_ownership(self, learnt: Ownership) -> None:
         """Which key made (or answered for) which objects: key affinity (core/affinity.py)."""
         self._queue.put(learnt)
+
+    def save_refusal(self, refusal: TenantRefusal) -> None:
+        """A client named an object that is not its own: an audit entry (tenancy, core/affinity.py)."""
+        self._queue.put(refusal)
 
     @property
     def started(self) -> bool:
@@ -203,7 +207,7 @@ class Writer:
             if item is _STOP:
                 self._stopping = True
                 self._stop_deadline = time.monotonic() + STOP_RETRY_SECONDS
-            elif isinstance(item, KeyStateChange | FetchedModels | Ownership):
+            elif isinstance(item, KeyStateChange | FetchedModels | Ownership | TenantRefusal):
                 self._states.append(item)  # small, written with the next batch
             else:
                 try:
@@ -253,7 +257,7 @@ class Writer:
         self,
         conn: sqlite3.Connection,
         batch: list[FlowRecord],
-        states: list[KeyStateChange | FetchedModels | Ownership],
+        states: list[KeyStateChange | FetchedModels | Ownership | TenantRefusal],
     ) -> None:
         with conn:
             flows.insert_batch(conn, batch, self._packer)
@@ -264,6 +268,9 @@ class Writer:
                 objects.record_in_transaction(conn, learnt)
             for change in states:
                 if isinstance(change, Ownership):
+                    continue
+                if isinstance(change, TenantRefusal):
+                    audit.record_refusal(conn, change)
                     continue
                 if isinstance(change, FetchedModels):
                     routes.fetched_models_in_transaction(conn, change.group_id, change.models)
@@ -276,7 +283,7 @@ class Writer:
         self,
         conn: sqlite3.Connection,
         batch: list[FlowRecord],
-        states: list[KeyStateChange | FetchedModels | Ownership],
+        states: list[KeyStateChange | FetchedModels | Ownership | TenantRefusal],
     ) -> list[FlowRecord]:
         refused = 0
         for index, record in enumerate(batch):

@@ -41,6 +41,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import parse_qsl
 
 import uvicorn
 from starlette.requests import ClientDisconnect, Request
@@ -624,20 +625,55 @@ class ScopedObjects:
     def _keep(self, key: str, value: dict[str, Any], content: bytes | None = None) -> dict[str, Any]:
         with self._lock:
             self._owner[value["id"]] = key
-            self._objects[value["id"]] = value
+            order = self._objects.get(value["id"], {}).get("_order", len(self._objects))  # ties in created_at
+            self._objects[value["id"]] = {**value, "_order": order}
             if content is not None:
                 self._contents[value["id"]] = content
         return value
 
     def _mine(self, key: str, object_id: str) -> dict[str, Any] | None:
         with self._lock:
-            return self._objects.get(object_id) if self._owner.get(object_id) == key else None
+            found = self._objects.get(object_id) if self._owner.get(object_id) == key else None
+        return {k: v for k, v in found.items() if k != "_order"} if found is not None else None
 
-    def answer(self, method: str, path: str, key: str, body: bytes, content_type: str) -> Response | None:
+    def _list(self, key: str, kind: str, query: str) -> Response:
+        """A cursor page of this key's objects of `kind`, newest first, as OpenAI lists them."""
+        params = dict(parse_qsl(query))
+        try:
+            limit = max(1, min(int(params.get("limit", "20")), 100))
+        except ValueError:
+            raise BadRequest("Invalid 'limit': expected an integer.", param="limit") from None
+        with self._lock:
+            mine = [v for i, v in self._objects.items() if self._owner.get(i) == key and v.get("object") == kind]
+        mine.sort(key=lambda v: (v.get("created_at", 0), v["_order"]), reverse=params.get("order", "desc") != "asc")
+        after = params.get("after")
+        if after:
+            at = next((n for n, v in enumerate(mine) if v["id"] == after), None)
+            if at is None:
+                return _not_found(f"No such object: {after}", "after")
+            mine = mine[at + 1 :]
+        page = [{k: v for k, v in item.items() if k != "_order"} for item in mine[:limit]]
+        return _json(
+            200,
+            {
+                "object": "list",
+                "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(mine) > limit,
+            },
+        )
+
+    def answer(
+        self, method: str, path: str, key: str, body: bytes, content_type: str, query: str = ""
+    ) -> Response | None:
         parts = path.strip("/").split("/")  # v1, collection, id, ...
         if len(parts) < 2 or parts[0] != "v1":
             return None
         collection, rest = parts[1], parts[2:]
+        kinds = {"files": "file", "batches": "batch", "vector_stores": "vector_store"}
+        if method == "GET" and not rest and collection in kinds:
+            return self._list(key, kinds[collection], query)
         if collection == "files":
             return self._files(method, rest, key, body, content_type)
         if collection == "batches":
@@ -646,6 +682,32 @@ class ScopedObjects:
             return self._response(method, rest, key, body)
         if collection == "vector_stores":
             return self._vector_stores(method, rest, key, body)
+        if collection == "conversations":
+            return self._conversations(method, rest, key, body)
+        return None
+
+    def _conversations(self, method: str, rest: list[str], key: str, body: bytes) -> Response | None:
+        if method == "POST" and not rest:
+            conversation = {
+                "id": "conv_" + os.urandom(24).hex(),
+                "object": "conversation",
+                "created_at": int(time.time()),
+                "metadata": _json_object(body).get("metadata") or {},
+            }
+            return _json(200, self._keep(key, conversation))
+        if not rest:
+            return None
+        conversation = self._mine(key, rest[0])
+        if conversation is None:
+            return _not_found(f"Conversation with id '{rest[0]}' not found.")
+        if method == "GET" and len(rest) == 1:
+            return _json(200, conversation)
+        if method == "POST" and len(rest) == 1:
+            return _json(200, self._keep(key, {**conversation, "metadata": _json_object(body).get("metadata") or {}}))
+        if method == "DELETE" and len(rest) == 1:
+            with self._lock:
+                self._owner.pop(rest[0], None)
+            return _json(200, {"id": rest[0], "object": "conversation.deleted", "deleted": True})
         return None
 
     def _files(self, method: str, rest: list[str], key: str, body: bytes, content_type: str) -> Response | None:
@@ -719,9 +781,14 @@ class ScopedObjects:
                 "metadata": data.get("metadata"),
             }
             return _json(200, self._keep(key, batch))
-        if method == "GET" and len(rest) == 1:
+        if rest:
             batch = self._mine(key, rest[0])
-            return _json(200, batch) if batch else _not_found(f"No batch found with id '{rest[0]}'.", "batch_id")
+            if batch is None:
+                return _not_found(f"No batch found with id '{rest[0]}'.", "batch_id")
+            if method == "GET" and len(rest) == 1:
+                return _json(200, batch)
+            if method == "POST" and rest[1:] == ["cancel"]:
+                return _json(200, {**batch, "status": "cancelled"})
         return None
 
     def _response(self, method: str, rest: list[str], key: str, body: bytes) -> Response | None:
@@ -729,16 +796,32 @@ class ScopedObjects:
             data = _json_object(body)
             previous = data.get("previous_response_id")
             if previous is not None and self._mine(key, previous) is None:
-                return _not_found(f"Previous response with id '{previous}' not found.", "previous_response_id")
+                return _error(
+                    404,
+                    f"Previous response with id '{previous}' not found.",
+                    "invalid_request_error",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+            conversation = data.get("conversation")
+            if isinstance(conversation, dict):
+                conversation = conversation.get("id")
+            if conversation is not None and self._mine(key, conversation) is None:
+                return _not_found(f"Conversation with id '{conversation}' not found.", "conversation")
             response_id = "resp_" + os.urandom(24).hex()
             if data.get("store", True) is not False:
                 self._keep(key, {"id": response_id, "object": "response", "model": data.get("model")})
             return self._responses(body, response_id)
-        if method == "GET" and len(rest) == 1:
+        if rest:
             stored = self._mine(key, rest[0])
             if stored is None:
                 return _not_found(f"Response with id '{rest[0]}' not found.")
-            return _json(200, _response_object(rest[0], stored.get("model") or "", {}, "completed"))
+            if method == "GET" and len(rest) == 1:
+                return _json(200, _response_object(rest[0], stored.get("model") or "", {}, "completed"))
+            if method == "DELETE" and len(rest) == 1:
+                with self._lock:
+                    self._owner.pop(rest[0], None)
+                return _json(200, {"id": rest[0], "object": "response", "deleted": True})
         return None
 
     def _vector_stores(self, method: str, rest: list[str], key: str, body: bytes) -> Response | None:
@@ -764,6 +847,13 @@ class ScopedObjects:
             return _not_found(f"No vector store found with id '{rest[0]}'.")
         if method == "GET" and len(rest) == 1:
             return _json(200, store)
+        if method == "POST" and len(rest) == 1:  # update
+            changes = {k: v for k, v in _json_object(body).items() if k in ("name", "metadata")}
+            return _json(200, self._keep(key, {**store, **changes}))
+        if method == "DELETE" and len(rest) == 1:
+            with self._lock:
+                self._owner.pop(rest[0], None)
+            return _json(200, {"id": rest[0], "object": "vector_store.deleted", "deleted": True})
         if method == "POST" and rest[1:] == ["files"]:
             file_id = _json_object(body).get("file_id")
             if not isinstance(file_id, str) or self._mine(key, file_id) is None:
@@ -1030,7 +1120,9 @@ class FakeUpstream:
         if fault is not None:
             return fault
         try:
-            scoped = self.objects.answer(method, path, key, body, headers.get("content-type", ""))
+            scoped = self.objects.answer(
+                method, path, key, body, headers.get("content-type", ""), scope["query_string"].decode("latin-1")
+            )
         except BadRequest as exc:
             return _error(400, exc.message, param=exc.param, code=exc.code)
         if scoped is not None:

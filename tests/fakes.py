@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from addons.runtime import Runtime, Stores
-from core.affinity import Ownership
+from core.affinity import Ownership, TenantRefusal
 from core.keys import NewKey
 from core.models import Client, FetchedModels, KeyState, KeyStateChange, PoolKey
 from core.records import CapturedFlow, Retention
@@ -93,9 +93,13 @@ class MemoryClientStore:
 @dataclass
 class MemoryObjectOwners:
     rows: list[tuple[str, int]] = field(default_factory=list)  # (object id, key id), in the order stored
+    clients: dict[str, int] = field(default_factory=dict)  # object id → its client, where it has one
 
     def owners_since(self, after: int) -> tuple[dict[str, int], int]:
         return dict(self.rows[after:]), len(self.rows)
+
+    def clients_since(self, after: int) -> dict[str, int]:
+        return {i: self.clients[i] for i, _ in self.rows[after:] if i in self.clients}
 
 
 @dataclass
@@ -119,6 +123,7 @@ class MemoryWriter:
     states: list[KeyStateChange] = field(default_factory=list)
     ownerships: list[Ownership] = field(default_factory=list)
     models: list[FetchedModels] = field(default_factory=list)
+    refusals: list[TenantRefusal] = field(default_factory=list)
     retention: Retention = field(default_factory=Retention)
     backlog_bytes: int = 0
     started: bool = False
@@ -135,6 +140,9 @@ class MemoryWriter:
 
     def save_models(self, fetched: FetchedModels) -> None:
         self.models.append(fetched)
+
+    def save_refusal(self, refusal: TenantRefusal) -> None:
+        self.refusals.append(refusal)
 
 
 @dataclass

@@ -142,8 +142,12 @@ def test_objects_of_two_keys_in_one_request_give_409(running, upstream: FakeUpst
     client.vector_stores.files.create(vector_store_id=store.id, file_id=first.id)
 
 
-def test_an_object_made_elsewhere_is_learnt_when_a_key_answers_for_it(running, upstream: FakeUpstream):
-    kr, client_key = running
+def test_an_object_made_elsewhere_is_learnt_when_a_key_answers_for_it(keyrotor: Keyrotor, upstream: FakeUpstream):
+    kr = keyrotor
+    kr.add_keys(*KEYS)
+    client_key = kr.add_client("alice")
+    kr.setup("clients", "set", "alice", "--legacy-objects")  # objects no client made: reachable by leave only
+    kr.start_proxy()
     made = httpx.post(
         upstream.url + "/v1/files",
         headers={"authorization": f"Bearer {KEYS[2]}"},

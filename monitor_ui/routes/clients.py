@@ -21,7 +21,7 @@ from core.limits import NO_LIMITS, LimitError, limits_shown, policy_with
 from monitor_ui import shapes, views
 from monitor_ui.deps import AdminApi, AdminApiChange, AdminForm, AdminPage, Conn, PageOf, WriteConn
 from monitor_ui.pages import Page, done_or_refused, see_other
-from storage import client_keys
+from storage import client_keys, objects
 from storage.counters import clients_spend
 
 router = APIRouter(prefix="/clients", tags=["clients"])
@@ -99,6 +99,7 @@ def client_summary(row, spend: dict[str, float] | None = None) -> dict:
         "key": f"…{row['last4']}" if row["last4"] else None,
         "keys": row["keys"],
         "enabled": bool(row["enabled"]),
+        "legacy_objects": bool(row["legacy_objects"]),
         **views.usage(row),
         "limits": limits_shown(policy),
         "spend": {k: spend.get(k, 0.0) for k in ("day_tokens", "day_usd", "month_tokens", "month_usd")},
@@ -133,6 +134,7 @@ def detail(conn, client_id: int) -> dict:
     summary = client_summary(row, spend)
     summary["keys"] = [key_summary(k) for k in client_keys.keys_of(conn, client_id)]
     summary["recent_flows"] = [dict(f) for f in client_keys.recent_flows(conn, client_id)]
+    summary["objects"] = objects.objects_of_client(conn, client_id, limit=50)  # tenancy: what it made
     return summary
 
 
@@ -274,8 +276,17 @@ def read_client_json(client_id: int, conn: Conn) -> dict:
 
 @api.patch("/{client_id}", dependencies=[AdminApiChange], response_model=shapes.ClientDetail)
 def change_limits_json(client_id: int, conn: WriteConn, limits: Annotated[dict[str, Any], Body()]) -> dict:
-    """Change some limits: {"rpm": 60, "models": ["gpt-4o*"], "expires": null}; null or 'none' clears one."""
-    _set_limits(conn, client_id, limit_changes(limits, only_given=False))
+    """Change some limits: {"rpm": 60, "models": ["gpt-4o*"], "expires": null}; null or 'none' clears one.
+    {"legacy_objects": true} lets the client reach objects no client made (false: not)."""
+    limits = dict(limits)
+    legacy = limits.pop("legacy_objects", None)
+    if legacy is not None and not isinstance(legacy, bool):
+        raise HTTPException(422, "legacy_objects must be true or false.")
+    changes = limit_changes(limits, only_given=False)
+    if legacy is not None:
+        client_keys.set_legacy_objects(conn, _name_of(conn, client_id), legacy)
+    if changes or legacy is None:
+        _set_limits(conn, client_id, changes)
     return detail(conn, client_id)
 
 

@@ -133,3 +133,47 @@ def test_the_audit_page_and_its_json_twin_filter_alike_and_refuse_bad_filters_al
     for bad in ({"actor": "robot"}, {"since": "yesterday"}, {"target": "x" * 201}):
         assert client.get("/audit", params=bad).status_code == 422, bad
         assert client.get("/api/audit", params=bad, headers=AUTH).status_code == 422, bad
+
+
+def test_each_object_shows_its_client_in_the_flow_and_on_the_clients_page(client):
+    from core.affinity import OwnedObject, Ownership
+    from core.records import FlowRecord
+    from storage import flows, objects
+
+    conn = db.connect(client.db_path)
+    client_keys.create_client(conn, "team")
+    client_keys.set_legacy_objects(conn, "team", True)
+    made = Ownership(
+        "f1",
+        1,
+        (OwnedObject("file-made", "file"),),
+        ("file-old",),
+        (OwnedObject("file-old", "file"),),
+        client_id=1,
+        claimed=frozenset({"file-made"}),
+    )
+    with conn:
+        flows.insert_batch(
+            conn, [FlowRecord(flow_id="f1", started_at=time.time(), method="POST", path="/v1/files", client_id=1)]
+        )
+        objects.record_in_transaction(conn, [made])
+    conn.close()
+    flow = client.get("/api/flows", headers=AUTH).json()["flows"][0]
+    detail = client.get(f"/api/flows/{flow['id']}", headers=AUTH).json()
+    assert {o["id"]: (o["client_id"], o["client_name"]) for o in detail["objects"]} == {
+        "file-made": (1, "team"),
+        "file-old": (None, None),
+    }
+    assert client.patch("/api/clients/1", json={"legacy_objects": "yes"}, headers=AUTH).status_code == 422
+    assert (
+        client.patch("/api/clients/1", json={"legacy_objects": False}, headers=AUTH).json()["legacy_objects"] is False
+    )
+    team = client.patch("/api/clients/1", json={"legacy_objects": True, "rpm": 5}, headers=AUTH).json()
+    assert team["legacy_objects"] is True and team["limits"] == {"rpm": 5}
+    assert [(o["id"], o["kind"], o["owner_key_id"], o["flow_id"]) for o in team["objects"]] == [
+        ("file-made", "file", 1, "f1")
+    ]
+    assert client.post("/login", data={"admin_key": ADMIN}).status_code == 303
+    assert "file-made" in client.get("/clients/1").text
+    page = client.get(f"/flows/{flow['id']}").text
+    assert '<a href="/clients/1">team</a>' in page

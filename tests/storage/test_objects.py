@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from core.affinity import OwnedObject, Ownership
-from storage import db, objects, schema
+from storage import client_keys, db, objects, schema
 
 
 def test_owners_are_kept_read_incrementally_and_counted(database):
@@ -28,6 +28,29 @@ def test_owners_are_kept_read_incrementally_and_counted(database):
 
     assert objects.counts_by_key(conn) == {1: 2, 2: 1}
     assert objects.objects_of_flow(conn, "flow-2") == [
-        {"id": "file-1", "role": "used", "kind": "file", "owner_key_id": 1}
+        {"id": "file-1", "role": "used", "kind": "file", "owner_key_id": 1, "client_id": None, "client_name": None}
     ]
+    conn.close()
+
+
+def test_objects_keep_the_client_that_made_them(database):
+    conn = db.connect(database)
+    client_keys.create_client(conn, "alice")
+    alice = client_keys.client_row(conn, "alice")["id"]
+    made = Ownership(
+        "flow-1",
+        1,
+        (OwnedObject("file-a", "file"),),
+        ("file-old",),
+        (OwnedObject("file-old", "file"),),
+        client_id=alice,
+        claimed=frozenset({"file-a"}),
+    )
+    with conn:
+        objects.record_in_transaction(conn, [made])
+    assert objects.clients_since(conn, 0) == {"file-a": alice}  # file-old was made before: nobody's
+    assert objects.counts_by_client(conn) == {None: 1, alice: 1}
+    assert [o["id"] for o in objects.objects_of_client(conn, alice)] == ["file-a"]
+    shown = {o["id"]: (o["client_id"], o["client_name"]) for o in objects.objects_of_flow(conn, "flow-1")}
+    assert shown == {"file-a": (alice, "alice"), "file-old": (None, None)}
     conn.close()

@@ -55,6 +55,7 @@ class ProxyState:
         self.owners: dict[str, int] = {}  # object id → the key that owns it
         self.settings = RotationSettings()
         self.states = states  # where every rotation's learnt key states go
+        self.client_listeners: list[Callable[[], None]] = []  # called on the loop once clients are reloaded
         self._open: Callable[[], AbstractContextManager[StateStores]] | None = None
         self._loaded: dict[str, int] = {}  # the revisions the snapshot holds (missing: never read)
         self._owners_after = 0
@@ -126,6 +127,8 @@ class ProxyState:
         if loaded.clients is not None:
             self.clients = loaded.clients
             self.clients_by_id = {client.id: client for client, _ in loaded.clients.values()}
+            for listener in self.client_listeners:
+                listener()
         for object_id, key_id in loaded.owners.items():
             self.owners.setdefault(object_id, key_id)  # what this process learnt first agrees with storage
         self._owners_after = max(self._owners_after, loaded.owners_after)

@@ -22,7 +22,7 @@ from mitmproxy import ctx, http
 
 from core import tokens
 from core.limits import Governor, Ticket
-from core.metadata import CountedUsage, KeyUse
+from core.metadata import CountedUsage, KeyUse, UsageInjection
 from core.prices import PriceFileError, PriceTable, load_prices
 from core.spent import StreamMeter, json_usage
 from core.usage import chained
@@ -84,6 +84,8 @@ class Spend:
         response = flow.response
         assert response is not None, "the response hook has one"
         ok = 200 <= response.status_code < 300
+        if not response.stream:
+            meter = None  # it metered an attempt whose answer a retry's, arrived whole, replaced
         if ticket is not None:
             usage = None if ok else NOTHING_USED  # upstream refused it: no tokens, and its estimate goes
             if ticket.policy.counts_tokens and ok:
@@ -92,8 +94,11 @@ class Spend:
                     if usage is None:  # a stream without upstream's usage: counted, off the loop
                         return self._count_and_settle(flow, ticket, meter, left=not meter.ended)
                 elif not response.stream:
+                    # A stream that arrived whole (a retry's) may have lost its usage chunk to the Usage addon.
+                    injection = UsageInjection.of(flow.metadata)
                     try:
-                        usage = json_usage(response.content or b"")
+                        body = injection.upstream_body if injection and injection.upstream_body else response.content
+                        usage = json_usage(body or b"")
                     except ValueError:
                         usage = None
             self._settle(flow, ticket, usage)
@@ -102,11 +107,13 @@ class Spend:
         return None
 
     def error(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        if flow.error is None:
+            return None  # the key pool recovered it with another attempt's answer: its response hook settles it
         meter = self._meters.pop(flow.id, None)
         ticket = self.governor.tickets.get(flow.id)
         usage = None
         response = flow.response
-        if meter is not None and response is not None and 200 <= response.status_code < 300:
+        if meter is not None and response is not None and response.stream and 200 <= response.status_code < 300:
             # The client left (or the stream broke) before its end. Upstream's connection is already
             # closing; what upstream generated until then is charged, and its row says so.
             usage = meter.usage()

@@ -111,6 +111,17 @@ def test_a_stream_left_after_its_finish_chunk_is_charged_its_whole_reply(kr: Key
     refused_for_budget(kr, key)
 
 
+def test_a_stream_retried_on_another_key_is_charged_its_answer(kr: Keyrotor, upstream: FakeUpstream):
+    key = new_client(kr, "retried", "--daily-tokens", "20")
+    upstream.set_key(GOOD[0], "disconnect", times=1)  # the first attempt breaks off: the answer comes whole
+    kr.start_proxy()
+    stream = client_for(kr, key).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    (row,) = wait_for(lambda: rows(kr), what="the row")
+    assert row["attempts"] == 2 and row["error"] is None and row["total_tokens"] >= 20
+    refused_for_budget(kr, key)  # its usage was charged, not the broken attempt's nothing
+
+
 def test_parallel_streams_cannot_overrun_a_budget_by_more_than_one_request(kr: Keyrotor, upstream: FakeUpstream):
     budget = 200
     key = new_client(kr, "crowd", "--daily-tokens", str(budget))

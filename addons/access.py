@@ -133,7 +133,7 @@ class Access:
                 pass  # an encoding we cannot read: upstream cannot either, and answers 400
         policy = client.policy
         model = serving = None
-        if (policy.models or policy.groups) and body:
+        if (policy.models or policy.groups or policy.has_budget) and body:  # budgets reserve by model
             content_type = request.headers.get("content-type", "") if is_multipart(body) else ""
             model = requested_model(content_type, body)
         if policy.groups and model is not None:
@@ -144,7 +144,9 @@ class Access:
             if serving is None:  # made once per model and route change, not per request
                 serving = self._serving[model] = tuple(g.label for g in table.groups_for(model))
             verdict.groups = list(policy.groups)
-        outcome = self.governor.admit(flow.id, client.id, policy, model, body, _address(flow), time.time(), serving)
+        outcome = self.governor.admit(
+            flow.id, client.id, policy, model, body, _address(flow), time.time(), serving, request.path
+        )
         if isinstance(outcome, Refusal):
             refuse(flow, verdict, outcome)
         elif isinstance(outcome, Ticket):

@@ -15,7 +15,7 @@ from mitmproxy.websocket import WebSocketData
 
 from config import BODY_MODES, ConfigError, Settings, checked_options, default_of, names_in, option_source, read_prices
 from core.classify import is_client_side
-from core.metadata import FIRST_BYTE_AT, RECORDED, AccessVerdict, KeyUse, UsageInjection
+from core.metadata import FIRST_BYTE_AT, RECORDED, AccessVerdict, CountedUsage, KeyUse, UsageInjection
 from core.ports import RecordSink
 from core.prices import PriceTable
 from core.records import CapturedFlow, Retention, StreamTee, WebSocketMessage
@@ -212,6 +212,10 @@ class Capture:
             self._add_websocket(captured, flow.websocket)
         if flow.error:
             captured.ended_at = flow.error.timestamp
+        counted = CountedUsage.of(flow.metadata)  # a stream its client left: the Spend addon counted it
+        if counted is not None:
+            captured.counted_usage = counted.usage()
+            captured.error = f"{captured.error} {counted.note}" if captured.error else counted.note
         return captured
 
     @staticmethod

@@ -26,6 +26,7 @@ from addons.credential_sender import CredentialSender
 from addons.keypool import KeyPool
 from addons.models import Models
 from addons.models_merge import ModelsMerge
+from addons.realtime import Realtime
 from addons.recovery import Recovery
 from addons.runtime import Runtime
 from addons.shutdown import Shutdown
@@ -98,6 +99,7 @@ addons = [
     _sender,
     UpstreamWatch(),  # after the sender: its patch wraps the sender's
     Spend(_governor),  # before Usage: its stream callable sees the usage chunk Usage then takes out
+    Realtime(_governor, _state),  # charges sessions as responses end; closes them when the client may not go on
     Usage(),
     Capture(_settings, _writer),
     AdminKeyWatch(_runtime.admin_keys),

@@ -2,22 +2,29 @@
 
 Thin over core.limits.Governor (shared with the Access addon, which admitted the request): the
 usage upstream reported, streams included, is read as the response ends, before the client
-has its last byte, so the client's next request already sees it. Successful answers carry the
-client's own x-ratelimit-* headers instead of upstream's, which describe our pooled key.
+has its last byte, so the client's next request already sees it. A stream that ends without
+upstream's usage (its client left mid-way, or between the finish and the usage chunks) is
+charged what keyrotor counts itself of what passed (core/tokens.py), and its row says so.
+Successful answers carry the client's own x-ratelimit-* headers instead of upstream's, which
+describe our pooled key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import ctx, http
 
+from core import tokens
 from core.limits import Governor, Ticket
-from core.metadata import KeyUse
+from core.metadata import CountedUsage, KeyUse, UsageInjection
 from core.prices import PriceFileError, PriceTable, load_prices
-from core.spent import UsageTail, json_usage
+from core.spent import StreamMeter, json_usage
 from core.usage import chained
 
 log = logging.getLogger(__name__)
@@ -31,7 +38,7 @@ class Spend:
     def __init__(self, governor: Governor) -> None:
         self.governor = governor
         self.prices = PriceTable()
-        self._tails: dict[str, UsageTail] = {}  # by flow.id: metadata is deep-copied by mitmweb
+        self._meters: dict[str, StreamMeter] = {}  # by flow.id: metadata is deep-copied by mitmweb
 
     def configure(self, updated: set[str]) -> None:
         if "capture_prices" in updated:
@@ -48,6 +55,7 @@ class Spend:
             self.prices = load_prices(Path(path).expanduser())
         except PriceFileError as e:
             log.warning("cost budgets cannot be counted: %s", e)  # the capture addon refuses to start on it
+        self.governor.prices = self.prices  # what USD budgets reserve for a request in flight
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
@@ -62,44 +70,91 @@ class Spend:
         if KEYROTOR_ERROR in response.headers:
             return
         ticket = self.governor.tickets.get(flow.id)
+        # Every stream is metered (it keeps references to the reads, which capture keeps too): one
+        # its client leaves is counted for the row, and charged when a ticket counts tokens.
+        meter = self._meters[flow.id] = StreamMeter()
+        response.stream = chained(response.stream if callable(response.stream) else None, meter)
         if ticket is not None and ticket.policy.counts_tokens:
-            tail = self._tails[flow.id] = UsageTail()
-            response.stream = chained(response.stream if callable(response.stream) else None, tail)
+            tokens.warm(self._model(flow, ticket))  # loaded in a thread before a count needs it
         self._own_headers(flow, ticket)
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         ticket = self.governor.tickets.get(flow.id)
-        tail = self._tails.pop(flow.id, None)
+        meter = self._meters.pop(flow.id, None)
         response = flow.response
         assert response is not None, "the response hook has one"
         ok = 200 <= response.status_code < 300
+        if not response.stream:
+            meter = None  # it metered an attempt whose answer a retry's, arrived whole, replaced
         if ticket is not None:
             usage = None if ok else NOTHING_USED  # upstream refused it: no tokens, and its estimate goes
             if ticket.policy.counts_tokens and ok:
-                if tail is not None:
-                    usage = tail.usage()
+                if meter is not None:
+                    usage = meter.usage()
+                    if usage is None:  # a stream without upstream's usage: counted, off the loop
+                        return self._count_and_settle(flow, ticket, meter, left=not meter.ended)
                 elif not response.stream:
+                    # A stream that arrived whole (a retry's) may have lost its usage chunk to the Usage addon.
+                    injection = UsageInjection.of(flow.metadata)
                     try:
-                        usage = json_usage(response.content or b"")
+                        body = injection.upstream_body if injection and injection.upstream_body else response.content
+                        usage = json_usage(body or b"")
                     except ValueError:
                         usage = None
             self._settle(flow, ticket, usage)
         if ok and not response.stream:
             self._own_headers(flow, ticket)
+        return None
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._tails.pop(flow.id, None)
+    def error(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        if flow.error is None:
+            return None  # the key pool recovered it with another attempt's answer: its response hook settles it
+        meter = self._meters.pop(flow.id, None)
         ticket = self.governor.tickets.get(flow.id)
+        usage = None
+        response = flow.response
+        if meter is not None and response is not None and response.stream and 200 <= response.status_code < 300:
+            # The client left (or the stream broke) before its end. Upstream's connection is already
+            # closing; what upstream generated until then is charged, and its row says so.
+            usage = meter.usage()
+            if usage is None:
+                return self._count_and_settle(flow, ticket, meter, left=True)
         if ticket is not None:
-            self._settle(flow, ticket, None)
+            self._settle(flow, ticket, usage)
+        return None
+
+    async def _count_and_settle(
+        self, flow: http.HTTPFlow, ticket: Ticket | None, meter: StreamMeter, left: bool
+    ) -> None:
+        """keyrotor's own count of a stream that ended without upstream's usage, then the settlement.
+
+        Counted in a thread: the loop goes on meanwhile (closing upstream's connection among
+        others), and loading a tokenizer the first time takes a second. The request's
+        reservation holds its budget until it settles.
+        """
+        try:
+            request_body = flow.request.content or b""
+        except ValueError:
+            request_body = flow.request.raw_content or b""
+        counted = await asyncio.to_thread(tokens.counted, request_body, meter.passed(), self._model(flow, ticket))
+        if left:
+            flow.metadata[CountedUsage.KEY] = CountedUsage(
+                counted.prompt_tokens, counted.completion_tokens, counted.how, counted.note()
+            )
+        if ticket is not None:
+            self._settle(flow, ticket, counted.usage())
 
     def _settle(self, flow: http.HTTPFlow, ticket: Ticket, usage: dict | None) -> None:
         cost = None
         if usage is not None and (ticket.policy.daily_usd is not None or ticket.policy.monthly_usd is not None):
-            keys = KeyUse.of(flow.metadata)
-            model = (keys.fallback_model if keys else None) or ticket.model or _model(flow)
+            model = self._model(flow, ticket)
             cost = self.prices.cost(model, usage.get("prompt_tokens"), usage.get("completion_tokens"))
         self.governor.settle(flow.id, usage, cost, time.time())
+
+    @staticmethod
+    def _model(flow: http.HTTPFlow, ticket: Ticket | None) -> str | None:
+        keys = KeyUse.of(flow.metadata)
+        return (keys.fallback_model if keys else None) or (ticket.model if ticket else None) or _model(flow)
 
     def _own_headers(self, flow: http.HTTPFlow, ticket: Ticket | None) -> None:
         """Upstream's x-ratelimit-* out (they describe the pooled key), the client's own in."""

@@ -11,6 +11,13 @@ Windows: requests and tokens per minute are moving windows of 60 s (each admitte
 is an entry that leaves the window 60 s after it came), budgets are UTC calendar days and
 months, parallel requests a gauge. Tokens per minute reserve the request's estimate
 (prompt length and max_tokens) while it runs and are settled to what upstream reported.
+
+Budgets reserve too, so that requests in flight at once cannot overrun one: admission holds
+each request's estimate (its prompt, plus max_tokens or the model's default output, priced
+for a USD budget) against every budget of its client until the request settles, and a budget
+with reservations in flight refuses a request that would take it past its limit. A request
+that finds nothing reserved is admitted while the budget is not spent (as one always was): a
+budget is overrun by at most one request's worth.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from core.errors import OpenAIError
+from core.prices import PriceTable
 
 if TYPE_CHECKING:
     from core.ports import Counters
@@ -54,6 +62,10 @@ class ClientPolicy:
         return any(
             v is not None for v in (self.tpm, self.daily_tokens, self.monthly_tokens, self.daily_usd, self.monthly_usd)
         )
+
+    @property
+    def has_budget(self) -> bool:
+        return any(v is not None for v in (self.daily_tokens, self.monthly_tokens, self.daily_usd, self.monthly_usd))
 
     @property
     def is_limited(self) -> bool:
@@ -168,6 +180,49 @@ def estimate_tokens(body: bytes) -> int:
 
 _NUMBER_AFTER = re.compile(rb"\s*:\s*(\d{1,9})")
 
+# The most a request may generate when it sets no max_tokens: the model's own output limit
+# (first matching prefix), else DEFAULT_OUTPUT_TOKENS. What a budget reserves for it.
+MODEL_OUTPUT_TOKENS: tuple[tuple[str, int], ...] = (
+    ("gpt-5", 128_000),
+    ("o1-mini", 65_536),
+    ("o1", 100_000),
+    ("o3", 100_000),
+    ("o4", 100_000),
+    ("gpt-4.1", 32_768),
+    ("gpt-4o", 16_384),
+    ("chatgpt-4o", 16_384),
+    ("gpt-4-turbo", 4_096),
+    ("gpt-4", 8_192),
+    ("gpt-3.5", 4_096),
+)
+DEFAULT_OUTPUT_TOKENS = 16_384
+# Endpoints that generate text; others (embeddings, moderations) cost their input only.
+GENERATING = ("/chat/completions", "/completions", "/responses")
+
+
+def output_allowance(model: str | None, body: bytes) -> int:
+    """The most output the request asks for: its max_tokens (or the newer names), else its model's default."""
+    for name in (b'"max_tokens"', b'"max_completion_tokens"', b'"max_output_tokens"'):
+        at = body.find(name)
+        if at >= 0:
+            found = _NUMBER_AFTER.match(body, at + len(name))
+            if found:
+                return int(found.group(1))
+    for prefix, tokens in MODEL_OUTPUT_TOKENS:
+        if model is not None and model.startswith(prefix):
+            return tokens
+    return DEFAULT_OUTPUT_TOKENS
+
+
+def reservation(path: str, model: str | None, body: bytes) -> tuple[int, int]:
+    """(prompt, output) tokens a budget holds for a request while it runs; (0, 0) for what is not a JSON request."""
+    if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
+        return 0, 0  # no body (GET, a Realtime upgrade) or a multipart upload: nothing generated from it
+    prompt = len(body) // TOKEN_BYTES
+    if path.partition("?")[0].endswith(GENERATING):
+        return prompt, output_allowance(model, body)
+    return prompt, 0
+
 
 # ---------------------------------------------------------------------------- calendar
 
@@ -225,6 +280,7 @@ class Ticket:
     tokens_entry: Any = None  # the TPM window's entry holding the estimate
     parallel: bool = False
     settled: bool = False
+    reservations: tuple[tuple[str, float], ...] = ()  # (spend counter, amount held) until it settles
 
 
 @dataclass(frozen=True)
@@ -262,6 +318,8 @@ class Governor:
     counters: Counters
     ip_rpm: int = 0
     tickets: dict[str, Ticket] = field(default_factory=dict)  # by flow id
+    prices: PriceTable = field(default_factory=PriceTable)  # for USD budgets' reservations (the Spend addon's)
+    reserved: dict[str, float] = field(default_factory=dict)  # spend counter → what requests in flight hold
     _names: dict[int, tuple[str, dict[str, str]]] = field(default_factory=dict)  # client → (day, spend names)
 
     def spend_names(self, client_id: int, now: float) -> dict[str, str]:
@@ -306,10 +364,12 @@ class Governor:
         address: str | None,
         now: float,
         serving: tuple[str, ...] | None = None,
+        path: str = "",
     ) -> Refusal | Ticket | None:
         """Refuse the request, or take its share of every counter and return its ticket (None: nothing to count).
 
         `serving`: the UPSTREAM/GROUP labels of the groups that serve `model`, when the policy limits groups.
+        `path`: the request's, to tell what generates output (and so reserves its budget) from what does not.
         """
         if not model_allowed(policy.models, model):
             return refused(
@@ -329,7 +389,8 @@ class Governor:
                 {"x-should-retry": "false"},
             )
         counters = self.counters
-        spent = self._over_budget(client_id, policy, now)
+        holds = self._holds(client_id, policy, model, body, path, now)
+        spent = self._over_budget(client_id, policy, now, holds)
         if spent is not None:
             return spent
         checks: list[tuple[str, float, int]] = []  # (window, amount to add, limit)
@@ -361,6 +422,10 @@ class Governor:
         if not checks and policy.max_parallel is None and not policy.counts_tokens:
             return None
         ticket = Ticket(client_id, policy, model, now)
+        reserved = self.reserved
+        for name, amount in holds:
+            reserved[name] = reserved.get(name, 0.0) + amount
+        ticket.reservations = holds
         for name, amount, _ in checks:
             entry = counters.moving_add(name, amount, now)
             if name.startswith("tpm:"):
@@ -371,7 +436,33 @@ class Governor:
         self.tickets[flow_id] = ticket
         return ticket
 
-    def _over_budget(self, client_id: int, policy: ClientPolicy, now: float) -> Refusal | None:
+    def _holds(
+        self, client_id: int, policy: ClientPolicy, model: str | None, body: bytes, path: str, now: float
+    ) -> tuple[tuple[str, float], ...]:
+        """What the request's budgets hold for it while it runs: (spend counter, amount)."""
+        tokens = policy.daily_tokens is not None or policy.monthly_tokens is not None
+        usd = policy.daily_usd is not None or policy.monthly_usd is not None
+        if not (tokens or usd):
+            return ()
+        prompt, output = reservation(path, model, body)
+        if not prompt and not output:
+            return ()
+        names = self.spend_names(client_id, now)
+        holds = []
+        if tokens:
+            holds += [(names["day_tokens"], float(prompt + output)), (names["month_tokens"], float(prompt + output))]
+        cost = self.prices.cost(model, prompt, output) if usd else None
+        if cost:
+            holds += [(names["day_usd"], cost), (names["month_usd"], cost)]
+        return tuple(holds)
+
+    def over_budget(self, client_id: int, policy: ClientPolicy, now: float) -> Refusal | None:
+        """The refusal of a client whose budget is spent (a Realtime session's check as each response ends)."""
+        return self._over_budget(client_id, policy, now, ())
+
+    def _over_budget(
+        self, client_id: int, policy: ClientPolicy, now: float, holds: tuple[tuple[str, float], ...]
+    ) -> Refusal | None:
         names = None
         for unit, period, limit in (
             ("tokens", "day", policy.daily_tokens),
@@ -382,20 +473,26 @@ class Governor:
             if limit is None:
                 continue
             names = names or self.spend_names(client_id, now)
-            spent = self.counters.period_total(names[f"{period}_{unit}"])
+            name = names[f"{period}_{unit}"]
+            spent = self.counters.period_total(name)
+            held = self.reserved.get(name, 0.0)
+            need = next((amount for counter, amount in holds if counter == name), 0.0)
+            if spent < limit and not (held > 0 and spent + held + need > limit):
+                continue
+            renews = next_day(now) if period == "day" else next_month(now)
+            what = f"{'daily' if period == 'day' else 'monthly'} {'token' if unit == 'tokens' else 'cost'} budget"
             if spent >= limit:
-                renews = next_day(now) if period == "day" else next_month(now)
-                amount = f"{limit:g} tokens" if unit == "tokens" else f"${limit:g}"
-                spent_text = f"{spent:g} tokens" if unit == "tokens" else f"${spent:.4f}"
-                return refused(
-                    429,
-                    "insufficient_quota",
-                    f"This client's {'daily' if period == 'day' else 'monthly'}"
-                    f" {'token' if unit == 'tokens' else 'cost'}"
-                    f" budget of {amount} is spent ({spent_text}); it renews at {_iso(renews)}.",
-                    "insufficient_quota",
-                    {"x-should-retry": "false"},
+                message = (
+                    f"This client's {what} of {_amount(unit, limit)} is spent ({_amount(unit, spent, 4)});"
+                    f" it renews at {_iso(renews)}."
                 )
+            else:
+                message = (
+                    f"This client's {what} of {_amount(unit, limit)} has {_amount(unit, spent, 4)} spent and"
+                    f" {_amount(unit, held, 4)} held by its requests in flight; this request may need"
+                    f" {_amount(unit, need, 4)} more. Retry when those end; the budget renews at {_iso(renews)}."
+                )
+            return refused(429, "insufficient_quota", message, "insufficient_quota", {"x-should-retry": "false"})
         return None
 
     def _rate_limited(
@@ -436,6 +533,7 @@ class Governor:
         counters = self.counters
         if ticket.parallel:
             counters.gauge_add(f"parallel:{ticket.client_id}", -1)
+        self._release(ticket.reservations)
         tokens = _tokens_of(usage)
         if tokens is not None and ticket.tokens_entry is not None:
             counters.moving_adjust(f"tpm:{ticket.client_id}", ticket.tokens_entry, tokens)
@@ -448,6 +546,29 @@ class Governor:
             for period in ("day", "month"):
                 counters.period_add(names[f"{period}_{unit}"], amount)
         return ticket
+
+    def _release(self, holds: tuple[tuple[str, float], ...]) -> None:
+        reserved = self.reserved
+        for name, amount in holds:
+            left = reserved.get(name, 0.0) - amount
+            if left > 1e-9:
+                reserved[name] = left
+            else:
+                reserved.pop(name, None)  # nothing in flight: also drops float dust
+
+    def charge(self, client_id: int, usage: dict[str, Any] | None, cost: float | None, now: float) -> None:
+        """Spend without a ticket: one response of a Realtime session, as it ends."""
+        names = self.spend_names(client_id, now)
+        for unit, amount in (("tokens", _tokens_of(usage)), ("usd", cost)):
+            if amount:
+                for period in ("day", "month"):
+                    self.counters.period_add(names[f"{period}_{unit}"], amount)
+
+
+def _amount(unit: str, value: float, places: int | None = None) -> str:
+    if unit == "tokens":
+        return f"{value:g} tokens"
+    return f"${value:.{places}f}" if places is not None else f"${value:g}"
 
 
 def _tokens_of(usage: dict[str, Any] | None) -> int | None:

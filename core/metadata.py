@@ -136,3 +136,19 @@ class UsageInjection(Metadata):
     upstream_body: bytes | None = None  # a whole answer as upstream sent it, before its usage chunk went
 
     KEY = USAGE
+
+
+@dataclass
+class CountedUsage(Metadata):
+    """What keyrotor counted of a stream its client left before upstream's usage (core/tokens.py)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    how: str = ""  # the tokenizer's name, or "estimate"
+    note: str = ""  # what the row says of it
+
+    KEY = "keyrotor.spend.counted"
+
+    def usage(self) -> dict[str, int]:
+        total = self.prompt_tokens + self.completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}

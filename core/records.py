@@ -202,6 +202,7 @@ class CapturedFlow:
     websocket_messages: list[WebSocketMessage] | None = None  # a WebSocket session's, in order
     client_id: int | None = None
     refusal: str | None = None
+    counted_usage: dict[str, int] | None = None  # keyrotor's count of a stream that ended without upstream's
     prices: PriceTable = field(default_factory=PriceTable)  # shared by every flow, loaded once in configure
 
     def to_record(self) -> FlowRecord:
@@ -215,6 +216,8 @@ class CapturedFlow:
         model = self.requested_model or request.model or query_model(self.path)
         if self.is_sse:
             usage = usage_of(sse_usage(response_body))
+            if self.counted_usage is not None and usage.total_tokens is None:
+                usage = usage_of(self.counted_usage)
         elif self.websocket_messages is not None:
             usage = summed(usage_of(event_usage(e)) for e in _server_events(self.websocket_messages))
         else:

@@ -2,13 +2,13 @@
 
 The record (core/records.py) reads usage in the writer thread, later; budgets cannot wait for
 it: the next request must already see this one's spend. A whole body is searched from its end
-for its "usage" object; a stream keeps only its last few reads, where the usage event is.
+for its "usage" object; a stream's usage event is read from its last few reads. A stream that
+ends without one (its client left first) is counted from all the reads that passed.
 """
 
 from __future__ import annotations
 
 import json
-from collections import deque
 from typing import Any
 
 from core.bodies import sse_usage
@@ -32,22 +32,32 @@ def json_usage(body: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-class UsageTail:
-    """A stream callable that passes each read on and keeps the last TAIL_BYTES or so of them."""
+class StreamMeter:
+    """A stream callable that passes each read on and keeps them all (references, not copies): the usage
+    event at its end when upstream sent one, else the deltas keyrotor counts itself (core/tokens.py)."""
 
-    __slots__ = ("_reads", "_size")
+    __slots__ = ("_reads", "ended")
 
     def __init__(self) -> None:
-        self._reads: deque[bytes] = deque()
-        self._size = 0
+        self._reads: list[bytes] = []
+        self.ended = False  # the whole stream passed
 
     def __call__(self, data: bytes) -> bytes:
         if data:
             self._reads.append(data)
-            self._size += len(data)
-            while self._size - len(self._reads[0]) >= TAIL_BYTES:
-                self._size -= len(self._reads.popleft())
+        else:
+            self.ended = True
         return data
 
+    def passed(self) -> bytes:
+        return b"".join(self._reads)
+
     def usage(self) -> dict[str, Any] | None:
-        return sse_usage(b"".join(self._reads))
+        """Upstream's usage, from the last reads (where its usage event is)."""
+        tail, size = [], 0
+        for read in reversed(self._reads):
+            tail.append(read)
+            size += len(read)
+            if size >= TAIL_BYTES:
+                break
+        return sse_usage(b"".join(reversed(tail)))

@@ -58,6 +58,7 @@ class ProxyState:
         self.tenants: dict[str, int] = {}  # object id → the client that made it (missing: nobody's)
         self.settings = RotationSettings()
         self.states = states  # where every rotation's learnt key states go
+        self.client_listeners: list[Callable[[], None]] = []  # called on the loop once clients are reloaded
         self._open: Callable[[], AbstractContextManager[StateStores]] | None = None
         self._loaded: dict[str, int] = {}  # the revisions the snapshot holds (missing: never read)
         self._owners_after = 0
@@ -131,6 +132,8 @@ class ProxyState:
         if loaded.clients is not None:
             self.clients = loaded.clients
             self.clients_by_id = {client.id: client for client, _ in loaded.clients.values()}
+            for listener in self.client_listeners:
+                listener()
         self.apply_owners(loaded.owners, loaded.tenants, loaded.owners_after)
         for name in WATCHED:
             # A revision that could not be read stays unknown: the next change reads everything again.

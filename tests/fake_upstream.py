@@ -389,7 +389,7 @@ def _chunk(base: dict[str, Any], delta: dict[str, Any], finish: str | None, usag
 
 
 async def _stream_events(
-    base: dict[str, Any], pieces: list[str], usage: dict[str, int] | None, delay: float
+    base: dict[str, Any], pieces: list[str], usage: dict[str, int] | None, delay: float, usage_delay: float = 0.0
 ) -> AsyncIterator[bytes]:
     with_usage = usage is not None
     yield _chunk(base, {"role": "assistant", "content": "", "refusal": None}, None, with_usage)
@@ -401,6 +401,8 @@ async def _stream_events(
         yield _chunk(base, {"content": piece}, None, with_usage)
     yield _chunk(base, {}, "stop", with_usage)
     if usage is not None:
+        if usage_delay > 0:
+            await asyncio.sleep(usage_delay)
         yield (b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n")
     yield b"data: [DONE]\n\n"
 
@@ -939,6 +941,9 @@ class FakeUpstream:
         # The models this server has, like a relay station's group: others get model_not_found.
         self.models = set(models) if models is not None else None
         self.answer_delay = 0.0  # seconds every request waits before it is answered
+        self.usage_delay = 0.0  # seconds a chat stream waits between its finish chunk and its usage chunk
+        # Each chat stream's events as they were sent, in order: what upstream produced (and was cut off at).
+        self.streams: list[list[bytes]] = []
         self.url = ""  # set by start()
         self.port = 0
         self.received: list[Received] = []
@@ -1030,6 +1035,7 @@ class FakeUpstream:
         with self._received_lock:
             self.received.clear()
             self.realtime_messages.clear()
+            self.streams.clear()
         self._keys.clear()
         self.faults.clear()
 
@@ -1296,7 +1302,8 @@ class FakeUpstream:
     ) -> Response:
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         base = {**base, "object": "chat.completion.chunk"}
-        events = faulty_stream(_stream_events(base, pieces, usage if include_usage else None, self.stream_delay), fault)
+        produced = _stream_events(base, pieces, usage if include_usage else None, self.stream_delay, self.usage_delay)
+        events = faulty_stream(self._logged(produced), fault)
         headers = {
             # Given as a header, not media_type: Starlette would append "; charset=utf-8".
             "content-type": "text/event-stream",
@@ -1305,6 +1312,15 @@ class FakeUpstream:
             **OK_RATELIMIT_HEADERS,
         }
         return StreamingResponse(events, headers=headers)
+
+    async def _logged(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        sent: list[bytes] = []
+        if self.record:
+            with self._received_lock:
+                self.streams.append(sent)
+        async for event in events:
+            sent.append(event)
+            yield event
 
     def _embeddings(self, body: bytes) -> Response:
         data = _json_object(body)

@@ -18,9 +18,12 @@ from core.limits import (
     model_allowed,
     networks_of,
     next_month,
+    output_allowance,
     parse_limit,
     policy_with,
+    reservation,
 )
+from core.prices import Price, PriceTable
 from storage.counters import MemoryCounters
 
 NOW = datetime(2026, 12, 31, 23, 59, 0, tzinfo=UTC).timestamp()
@@ -176,3 +179,119 @@ def test_reset_durations_read_like_openais(seconds, text):
 def test_no_limits_takes_no_ticket():
     assert governor().admit("a", 1, ClientPolicy(), "gpt-4o", b"{}", None, NOW) is None
     assert policy_with(ClientPolicy(rpm=5), {"rpm": "none", "tpm": "9"}) == ClientPolicy(tpm=9)
+
+
+# ---------------------------------------------------------------------------- budget reservations
+
+CHAT = "/v1/chat/completions"
+
+
+def chat_body(max_tokens: int | None = 300) -> bytes:
+    limit = f', "max_tokens": {max_tokens}' if max_tokens is not None else ""
+    return f'{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "hi"}}]{limit}}}'.encode()
+
+
+@pytest.mark.parametrize(
+    "path, model, body, expected",
+    [
+        (CHAT, "gpt-4o-mini", chat_body(300), (len(chat_body(300)) // 4, 300)),
+        (CHAT, "gpt-4o-mini", b'{"max_completion_tokens": 77}', (7, 77)),
+        ("/v1/responses", "o3", b'{"max_output_tokens":  9}', (6, 9)),
+        (CHAT, "gpt-4o-mini", chat_body(None), (len(chat_body(None)) // 4, 16_384)),  # the model's own limit
+        (CHAT, "gpt-5-mini", b"{}", (0, 128_000)),
+        (CHAT, "llama-3-70b", b"{}", (0, 16_384)),  # a model keyrotor does not know: the default
+        ("/v1/completions?x=1", "gpt-3.5-turbo-instruct", b"{}", (0, 4_096)),
+        ("/v1/embeddings", "text-embedding-3-small", b'{"input": "' + b"x" * 400 + b'"}', (103, 0)),  # input only
+        ("/v1/realtime?model=gpt-realtime", "gpt-realtime", b"", (0, 0)),  # charged per response instead
+        ("/v1/files", None, b"--boundary\r\n" + b"x" * 10_000, (0, 0)),  # an upload generates nothing
+    ],
+)
+def test_what_a_request_reserves(path, model, body, expected):
+    assert reservation(path, model, body) == expected
+
+
+def test_output_allowance_takes_the_first_limit_the_body_names():
+    assert output_allowance("gpt-4o", b'{"max_tokens": 12, "max_completion_tokens": 99}') == 12
+    assert output_allowance(None, b"{}") == 16_384
+
+
+def test_a_budget_with_requests_in_flight_refuses_what_would_pass_it():
+    g, policy = governor(), ClientPolicy(daily_tokens=1000)
+    body = chat_body(300)
+    need = len(body) // 4 + 300
+    admitted = [g.admit(f"f{i}", 1, policy, "gpt-4o-mini", body, None, NOW, path=CHAT) for i in range(4)]
+    assert [type(o) for o in admitted] == [Ticket, Ticket, Ticket, Refusal]  # 3 × need fit in 1000, 4 do not
+    refusal = admitted[3]
+    assert isinstance(refusal, Refusal) and refusal.code == "insufficient_quota" and refusal.error.status == 429
+    assert f"0 tokens spent and {3 * need:g} tokens held by its requests in flight" in refusal.error.message
+    assert refusal.error.headers["x-should-retry"] == "false"
+    g.settle("f0", {"total_tokens": 20}, None, NOW)  # it used far less than it held
+    assert isinstance(g.admit("f3", 1, policy, "gpt-4o-mini", body, None, NOW, path=CHAT), Ticket)
+    assert g.reserved[g.spend_names(1, NOW)["day_tokens"]] == 3 * need
+    assert isinstance(g.admit("other client", 2, policy, "gpt-4o-mini", body, None, NOW, path=CHAT), Ticket)
+
+
+def test_a_request_alone_is_admitted_while_the_budget_is_not_spent_and_holds_it_while_it_runs():
+    g, policy = governor(), ClientPolicy(daily_tokens=1000)
+    big = chat_body(None)  # reserves gpt-4o-mini's 16,384: more than the whole budget
+    assert isinstance(g.admit("big", 1, policy, "gpt-4o-mini", big, None, NOW, path=CHAT), Ticket)
+    small = chat_body(5)
+    assert isinstance(g.admit("small", 1, policy, "gpt-4o-mini", small, None, NOW, path=CHAT), Refusal)
+    g.settle("big", None, None, NOW)  # failed or abandoned without a count: its reservation goes all the same
+    assert g.reserved == {}
+    assert isinstance(g.admit("small", 1, policy, "gpt-4o-mini", small, None, NOW, path=CHAT), Ticket)
+
+
+def test_parallel_requests_overrun_a_budget_by_at_most_one_request():
+    g, policy = governor(), ClientPolicy(daily_tokens=500, monthly_tokens=100_000)
+    body = chat_body(60)
+    need = len(body) // 4 + 60
+    admitted = [
+        f"f{i}" for i in range(40) if isinstance(g.admit(f"f{i}", 1, policy, "m", body, None, NOW, path=CHAT), Ticket)
+    ]
+    assert len(admitted) == 500 // need
+    for flow_id in admitted:
+        g.settle(flow_id, {"total_tokens": need}, None, NOW)  # each used all it could
+    spent = g.counters.period_total(g.spend_names(1, NOW)["day_tokens"])
+    assert spent <= 500 and g.reserved == {}
+    assert isinstance(g.admit("next", 1, policy, "m", body, None, NOW, path=CHAT), Ticket)  # nothing in flight: unspent
+    g.settle("next", {"total_tokens": need}, None, NOW)
+    assert g.counters.period_total(g.spend_names(1, NOW)["day_tokens"]) <= 500 + need  # one request's worth over
+
+
+def test_a_cost_budget_reserves_the_priced_estimate():
+    g = governor()
+    g.prices = PriceTable({"gpt-4o": Price(input=2.5, output=10.0)})
+    policy = ClientPolicy(daily_usd=0.01)
+    body = chat_body(300)
+    cost = (len(body) // 4 * 2.5 + 300 * 10.0) / 1e6  # about $0.003
+    assert isinstance(g.admit("a", 1, policy, "gpt-4o", body, None, NOW, path=CHAT), Ticket)
+    assert g.reserved[g.spend_names(1, NOW)["day_usd"]] == pytest.approx(cost)
+    assert "tokens" not in " ".join(g.reserved)  # no token budget: nothing held in tokens
+    assert [type(g.admit(f"b{i}", 1, policy, "gpt-4o", body, None, NOW, path=CHAT)) for i in range(3)] == [
+        Ticket,
+        Ticket,
+        Refusal,
+    ]
+    g.settle("a", {"prompt_tokens": 10, "completion_tokens": 10}, 0.0001, NOW)
+    assert g.counters.period_total(g.spend_names(1, NOW)["day_usd"]) == pytest.approx(0.0001)
+    assert g.reserved[g.spend_names(1, NOW)["day_usd"]] == pytest.approx(2 * cost)
+
+
+def test_a_model_without_a_price_reserves_no_cost():
+    g = governor()
+    assert isinstance(
+        g.admit("a", 1, ClientPolicy(daily_usd=0.01), "unpriced", chat_body(), None, NOW, path=CHAT), Ticket
+    )
+    assert g.reserved == {}
+
+
+def test_realtime_responses_are_charged_without_a_ticket():
+    g, policy = governor(), ClientPolicy(daily_tokens=100)
+    g.charge(1, {"input_tokens": 40, "output_tokens": 30, "total_tokens": 70}, None, NOW)
+    assert g.over_budget(1, policy, NOW) is None
+    g.charge(1, {"total_tokens": 30}, 0.002, NOW)
+    refusal = g.over_budget(1, policy, NOW)
+    assert refusal is not None and refusal.code == "insufficient_quota"
+    assert "daily token budget of 100 tokens is spent (100 tokens)" in refusal.error.message
+    assert g.counters.period_total(g.spend_names(1, NOW)["month_usd"]) == pytest.approx(0.002)

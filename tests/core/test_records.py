@@ -63,6 +63,18 @@ def test_row_from_a_streamed_response():
     assert row.chunk_times == [[0.0, 30], [250.0, len(SSE) - 30]]
 
 
+def test_a_stream_its_client_left_keeps_the_tokens_keyrotor_counted():
+    cut = SSE[: SSE.index(b'data: {"choices":[]')]  # left before the usage chunk
+    counted = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    prices = PriceTable({"gpt-4o-mini": Price(input=1.0, output=2.0)})
+    left = captured(is_sse=True, response_body=None, response_chunks=[cut], counted_usage=counted, prices=prices)
+    row = left.to_record()
+    assert (row.prompt_tokens, row.completion_tokens, row.total_tokens) == (5, 1, 6)
+    assert row.cost == pytest.approx((5 * 1.0 + 1 * 2.0) / 1e6)
+    whole = captured(is_sse=True, response_body=None, response_chunks=[SSE], counted_usage=counted).to_record()
+    assert whole.total_tokens == 11  # upstream's own usage, when it came, is what the row keeps
+
+
 def test_compressed_bodies_are_stored_decoded():
     body = b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}'
     row = captured(response_body=gzip.compress(body), response_encoding="gzip").to_record()

@@ -267,3 +267,18 @@ def test_the_proxy_refuses_to_start_on_an_unchecked_mitmproxy():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 1
     assert done.stderr.startswith("keyrotor: mitmproxy 13.0.0 is installed"), done.stderr
+
+
+def test_what_the_realtime_addon_closes_sessions_with_still_exists_in_mitmproxy():
+    """addons/realtime.py closes a WebSocket itself (mitmproxy has no command for it): it reaches the
+    client's writer through the proxyserver addon's connections and the handler's transports."""
+    import dataclasses
+
+    from mitmproxy.addons import proxyserver
+    from mitmproxy.proxy import server
+
+    proxyserver_source = Path(inspect.getsourcefile(proxyserver)).read_text()
+    server_source = Path(inspect.getsourcefile(server)).read_text()
+    assert "self.connections" in proxyserver_source
+    assert "self.transports" in server_source
+    assert "writer" in {field.name for field in dataclasses.fields(server.ConnectionIO)}

@@ -15,7 +15,7 @@ from pathlib import Path
 from mitmproxy import ctx, http
 
 from core.limits import Governor, Ticket
-from core.metadata import KeyUse
+from core.metadata import KeyUse, RequestedModel
 from core.prices import PriceFileError, PriceTable, load_prices
 from core.spent import UsageTail, json_usage
 from core.usage import chained
@@ -115,6 +115,5 @@ class Spend:
 
 
 def _model(flow: http.HTTPFlow) -> str | None:
-    from core.routing import requested_model
-
-    return requested_model("", flow.request.raw_content or b"")
+    named = RequestedModel.of(flow.metadata)  # read once, by the access addon (core/request_model.py)
+    return named.model if named is not None else None

@@ -84,7 +84,7 @@ def ordered(body: dict) -> Callable[[openai.OpenAI], object]:
 
 
 def chat_with_a_decoy_message(client: openai.OpenAI, stream: bool = False) -> object:
-    messages = [{"role": "user", "content": "Say hello", "model": ALLOWED}]  # before the top-level key
+    messages = [{"role": "user", "content": "Say hello", "model": ALLOWED}]  # the SDK sends `model` first
     answer = client.chat.completions.create(model="gpt-4o", messages=messages, stream=stream)  # type: ignore[misc,list-item]
     return list(answer) if stream else answer  # type: ignore[call-overload,arg-type]
 
@@ -102,6 +102,7 @@ def decoys(kr: Keyrotor, key: str) -> list[tuple[str, Callable[[openai.OpenAI], 
     return [
         ("a decoy in a message, through the SDK", chat_with_a_decoy_message),
         ("the same, streamed", lambda client: chat_with_a_decoy_message(client, stream=True)),
+        ("a message first", ordered({"messages": [{**MESSAGES[0], "model": ALLOWED}], "model": "gpt-4o"})),
         ("metadata first", ordered({"metadata": {"model": ALLOWED}, "model": "gpt-4o", "messages": MESSAGES})),
         ("a tool's schema first", ordered({"tools": [TOOL], "model": "gpt-4o", "messages": MESSAGES})),
         (
@@ -165,6 +166,7 @@ def test_decoy_bodies_are_refused_or_served_as_the_allowed_model(keyrotor: Keyro
     assert {name: status for name, (status, _) in outcomes.items()} == {
         "a decoy in a message, through the SDK": 403,
         "the same, streamed": 403,
+        "a message first": 403,
         "metadata first": 403,
         "a tool's schema first": 403,
         "a duplicate key, allowed one first": 400,

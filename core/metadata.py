@@ -132,10 +132,11 @@ class KeyUse(Metadata):
         return frozenset(a.key_id for a in self.attempts)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RequestedModel(Metadata):
     """The model upstream will act on (None: the request names none), and where it is named:
-    body (a JSON body's top-level key), form, query or deployment (an Azure path)."""
+    body (a JSON body's top-level key), form, query or deployment (an Azure path). Never changed
+    once read (core.request_model.NONE is one shared instance)."""
 
     model: str | None = None
     source: str = ""

@@ -39,6 +39,7 @@ _MODEL_KEY = re.compile(
     rb'"(?:[mM]|\\u00[46][dD])(?:[oO]|\\u00[46][fF])(?:[dD]|\\u00[46]4)(?:[eE]|\\u00[46]5)(?:[lL]|\\u00[46][cC])"'
     rb"[ \t\r\n]*:[ \t\r\n]*"
 )
+_AFTER_KEY = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
 _PLAIN_STRING = re.compile(rb'"([^"\\]*)"')
 _JSON_SPACE = b" \t\r\n"
 _DEPLOYMENT = re.compile(r"(?:^|/)openai/deployments/([^/?#]*)", re.I)
@@ -70,11 +71,12 @@ def request_model(
     """
     content_type = encoding = b""
     for name, value in fields:
-        lowered = name.lower()
-        if lowered == b"content-type":
-            content_type = value
-        elif lowered == b"content-encoding":
-            encoding = value
+        if len(name) in (12, 16):  # content-type, content-encoding: most headers are neither, by length
+            lowered = name.lower()
+            if lowered == b"content-type":
+                content_type = value
+            elif lowered == b"content-encoding":
+                encoding = value
     found: list[Named] = []
     if "deployments" in path.lower():
         deployment = _DEPLOYMENT.search(path)
@@ -160,18 +162,29 @@ def _first_byte(body: bytes) -> int:
 
 def json_model(body: bytes, start: int = 0) -> Named | OpenAIError:
     """The top-level `model` of the JSON object in `body` (which opens at `start`)."""
+    lowered = body.lower()
+    if b"\\u00" not in lowered:  # no escapes: every spelling of the key is `"model"` once lowered
+        first = lowered.find(b'"model"')
+        if first < 0:
+            return NONE
+        if lowered.find(b'"model"', first + 7) < 0:  # one candidate: it is the key, or there is none
+            after = _AFTER_KEY.match(body, first + 7)
+            if after is None or not _is_key(body, first):
+                return NONE  # a value ("role": "model"), not a key
+            return _settled(body, start, first, after.end())
     keys = [m for m in _MODEL_KEY.finditer(body) if _is_key(body, m.start())]
     if not keys:
         return NONE
     if len(keys) == 1:
-        key = keys[0]
-        value = _PLAIN_STRING.match(body, key.end())
-        if (
-            value is not None
-            and _top_level(body, start, key.start(), value.end())
-            and key.group().startswith(b'"model"')
-        ):
-            return Named(value.group(1).decode("utf-8", "replace"), BODY)
+        return _settled(body, start, keys[0].start(), keys[0].end())
+    return _parsed_model(body)
+
+
+def _settled(body: bytes, start: int, key: int, value_at: int) -> Named | OpenAIError:
+    """The one model key's value, when nothing can nest the key or spell it otherwise; else the parser's say."""
+    value = _PLAIN_STRING.match(body, value_at)
+    if value is not None and body[key : key + 7] == b'"model"' and _top_level(body, start, key, value.end()):
+        return Named(value.group(1).decode("utf-8", "replace"), BODY)
     return _parsed_model(body)
 
 

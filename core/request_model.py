@@ -79,7 +79,7 @@ def request_model(
                 encoding = value
     found: list[Named] = []
     if "deployments" in path.lower():
-        deployment = _DEPLOYMENT.search(path)
+        deployment = _DEPLOYMENT.search(path.partition("?")[0])
         if deployment is not None:
             found.append(Named(unquote(deployment.group(1)), DEPLOYMENT))
     if "?" in path:

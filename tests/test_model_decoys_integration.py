@@ -85,8 +85,8 @@ def ordered(body: dict) -> Callable[[openai.OpenAI], object]:
 
 def chat_with_a_decoy_message(client: openai.OpenAI, stream: bool = False) -> object:
     messages = [{"role": "user", "content": "Say hello", "model": ALLOWED}]  # the SDK sends `model` first
-    answer = client.chat.completions.create(model="gpt-4o", messages=messages, stream=stream)  # type: ignore[misc,list-item]
-    return list(answer) if stream else answer  # type: ignore[call-overload,arg-type]
+    answer = client.chat.completions.create(model="gpt-4o", messages=messages, stream=stream)
+    return list(answer) if stream else answer
 
 
 def realtime(kr: Keyrotor, key: str) -> Callable[[openai.OpenAI], object]:

@@ -179,6 +179,7 @@ def test_the_pattern_and_the_parser_agree(body, expected):
         ("/openai/deployments/gpt-4o/chat/completions", JSON, b'{"model": "gpt-4o"}', "gpt-4o"),
         ("/openai/deployments/gpt-4o/chat/completions", JSON, b'{"model": "gpt-4o-mini"}', "!" + AMBIGUOUS),
         ("/OpenAI/Deployments/gpt%2D4o/embeddings", JSON, b'{"input": "x"}', "gpt-4o"),
+        ("/v1/embeddings?next=/openai/deployments/gpt-4o/", JSON, b'{"model": "e"}', "e"),
         # bodies that are not JSON name no model; JSON that keyrotor cannot read is refused
         ("/v1/realtime?model=gpt-realtime", "application/sdp", b"v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n", "gpt-realtime"),
         ("/v1/files/file-1/content", "application/octet-stream", b"\x00\x01model", None),

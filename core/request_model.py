@@ -11,8 +11,8 @@ model is not a non-empty string, is refused with a 400 before anything is sent. 
 does not say which of two duplicate keys wins (Python and Go take the last, others the
 first; OpenAI's parser is not known here), so a duplicate is refused rather than resolved.
 
-Most bodies need no parse: the model key is found by a byte pattern that matches every way
-JSON can spell it (escapes, any case), and when there is exactly one and nothing before
+Most bodies need no parse: once lowered, a body without `\\u` escapes can spell the key only as
+`"model"`; when it appears once (else a byte pattern finds every spelling), and nothing before
 or after it can nest it, it is the top-level key. Otherwise the body is parsed.
 """
 
@@ -50,8 +50,7 @@ _FILE_PARAM = re.compile(rb"(?:^|;)[ \t]*filename\*?[ \t]*=", re.I)
 _TRANSFER_ENCODING = re.compile(rb"^content-transfer-encoding[ \t]*:", re.I | re.M)
 
 
-Named = RequestedModel  # the request's model (None: it names none) and where it was read
-NONE = Named(None)
+NONE = RequestedModel(None)  # the request names no model
 
 
 def ambiguous(message: str) -> OpenAIError:
@@ -64,7 +63,7 @@ def invalid(message: str) -> OpenAIError:
 
 def request_model(
     path: str, fields: tuple[tuple[bytes, bytes], ...], body: bytes | None, decoded: Callable[[], bytes | None]
-) -> Named | OpenAIError:
+) -> RequestedModel | OpenAIError:
     """The model `path`, headers and `body` ask upstream for, or why that cannot be said.
 
     `decoded` gives the body without its content-encoding (it raises ValueError when it cannot).
@@ -77,11 +76,11 @@ def request_model(
                 content_type = value
             elif lowered == b"content-encoding":
                 encoding = value
-    found: list[Named] = []
+    found: list[RequestedModel] = []
     if "deployments" in path.lower():
         deployment = _DEPLOYMENT.search(path.partition("?")[0])
         if deployment is not None:
-            found.append(Named(unquote(deployment.group(1)), DEPLOYMENT))
+            found.append(RequestedModel(unquote(deployment.group(1)), DEPLOYMENT))
     if "?" in path:
         from_query = _query_model(path.partition("?")[2])
         if isinstance(from_query, OpenAIError):
@@ -120,7 +119,7 @@ def model_of(
     fields: tuple[tuple[bytes, bytes], ...],
     body: bytes | None,
     decoded: Callable[[], bytes | None],
-) -> Named | OpenAIError:
+) -> RequestedModel | OpenAIError:
     """The request's model as the first addon that asked read it, kept in the flow's metadata for the others."""
     known = RequestedModel.of(metadata)
     if known is not None:
@@ -131,7 +130,7 @@ def model_of(
     return found
 
 
-def body_model(content_type: str, body: bytes) -> Named | OpenAIError:
+def body_model(content_type: str, body: bytes) -> RequestedModel | OpenAIError:
     """The model a body names: a form's field, or a JSON object's top-level key."""
     lowered = content_type.lower()
     if "multipart/form-data" in lowered:
@@ -160,7 +159,7 @@ def _first_byte(body: bytes) -> int:
 # --------------------------------------------------------------------------- JSON
 
 
-def json_model(body: bytes, start: int = 0) -> Named | OpenAIError:
+def json_model(body: bytes, start: int = 0) -> RequestedModel | OpenAIError:
     """The top-level `model` of the JSON object in `body` (which opens at `start`)."""
     lowered = body.lower()
     if b"\\u00" not in lowered:  # no escapes: every spelling of the key is `"model"` once lowered
@@ -180,11 +179,11 @@ def json_model(body: bytes, start: int = 0) -> Named | OpenAIError:
     return _parsed_model(body)
 
 
-def _settled(body: bytes, start: int, key: int, value_at: int) -> Named | OpenAIError:
+def _settled(body: bytes, start: int, key: int, value_at: int) -> RequestedModel | OpenAIError:
     """The one model key's value, when nothing can nest the key or spell it otherwise; else the parser's say."""
     value = _PLAIN_STRING.match(body, value_at)
     if value is not None and body[key : key + 7] == b'"model"' and _top_level(body, start, key, value.end()):
-        return Named(value.group(1).decode("utf-8", "replace"), BODY)
+        return RequestedModel(value.group(1).decode("utf-8", "replace"), BODY)
     return _parsed_model(body)
 
 
@@ -204,7 +203,7 @@ def _top_level(body: bytes, start: int, key: int, value_end: int) -> bool:
     return body.count(b"}", value_end) == 1 and not any(body.find(c, value_end) >= 0 for c in (b"{", b"[", b"]"))
 
 
-def _parsed_model(body: bytes) -> Named | OpenAIError:
+def _parsed_model(body: bytes) -> RequestedModel | OpenAIError:
     """The slow way, for the rare body the pattern cannot settle: the parser's own view of the outer object."""
     try:
         document = json.loads(body, object_pairs_hook=_pairs)
@@ -223,7 +222,7 @@ def _pairs(pairs: list[tuple[str, Any]]) -> _Pairs:
     return _Pairs(pairs)
 
 
-def _named_in(pairs: list[tuple[str, Any]], source: str, what: str) -> Named | OpenAIError:
+def _named_in(pairs: list[tuple[str, Any]], source: str, what: str) -> RequestedModel | OpenAIError:
     """The one `model` among `pairs`; refused when twice, in another case, or not a string."""
     named = [(k, v) for k, v in pairs if k.lower() == "model"]
     if not named:
@@ -239,7 +238,7 @@ def _named_in(pairs: list[tuple[str, Any]], source: str, what: str) -> Named | O
         return invalid(f"The request names its model with the {what} {key!r}; spell it 'model'.")
     if not isinstance(value, str):
         return invalid(f"The request's 'model' must be a string, not {_shown(value)}.")
-    return Named(value, source)
+    return RequestedModel(value, source)
 
 
 def _shown(value: Any) -> str:
@@ -247,7 +246,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _foreign_json(body: bytes) -> Named | OpenAIError:
+def _foreign_json(body: bytes) -> RequestedModel | OpenAIError:
     """A body in UTF-16 or UTF-32: Python's JSON parser reads those, so one upstream might."""
     try:
         encoding = json.detect_encoding(body)
@@ -320,20 +319,20 @@ def _string_end(body: bytes, quote: int) -> int:
 # --------------------------------------------------------------------------- forms and URLs
 
 
-def _query_model(query: str) -> Named | OpenAIError:
+def _query_model(query: str) -> RequestedModel | OpenAIError:
     if "odel" not in query.lower() and "%" not in query:
         return NONE
     return _named_in(parse_qsl(query, keep_blank_values=True), QUERY, "query parameter")
 
 
-def _urlencoded_model(body: bytes) -> Named | OpenAIError:
+def _urlencoded_model(body: bytes) -> RequestedModel | OpenAIError:
     if b"odel" not in body.lower() and b"%" not in body:
         return NONE
     pairs = [(k.decode("utf-8", "replace"), v.decode("utf-8", "replace")) for k, v in parse_qsl(body, True)]
     return _named_in(pairs, FORM, "form field")
 
 
-def _multipart_model(content_type: str, body: bytes) -> Named | OpenAIError:
+def _multipart_model(content_type: str, body: bytes) -> RequestedModel | OpenAIError:
     """The `model` field of a multipart form, read part by part as a form parser would (the
     preamble before the first boundary and the epilogue after the last are not parts)."""
     boundary = _BOUNDARY.search(content_type)

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from core.errors import OpenAIError
-from core.request_model import AMBIGUOUS, INVALID, Named, _parsed_model, json_model, renamed_top_model, request_model
+from core.metadata import RequestedModel
+from core.request_model import AMBIGUOUS, INVALID, _parsed_model, json_model, renamed_top_model, request_model
 
 CHAT = "/v1/chat/completions"
 JSON = "application/json"
@@ -25,14 +26,14 @@ AUDIO = b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"
 END = b"--XyZ--\r\n"
 
 
-def read(path: str, content_type: str, body: bytes, encoding: str | None = None) -> Named | OpenAIError:
+def read(path: str, content_type: str, body: bytes, encoding: str | None = None) -> RequestedModel | OpenAIError:
     fields = [(b"Content-Type", content_type.encode())] if content_type else []
     if encoding:
         fields.append((b"Content-Encoding", encoding.encode()))
     return request_model(path, tuple(fields), body, lambda: gzip.decompress(body))
 
 
-def outcome(result: Named | OpenAIError) -> str | None:
+def outcome(result: RequestedModel | OpenAIError) -> str | None:
     """The model, or the refusal's code (prefixed with !)."""
     if isinstance(result, OpenAIError):
         assert result.status == 400 and result.type == "invalid_request_error"

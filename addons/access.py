@@ -18,9 +18,10 @@ from config import ConfigError, Settings, checked_options, default_of
 from core.credentials import credential_from, hash_client_key, masked, query_credential, refused_placeholder, scrubbed
 from core.errors import OpenAIError
 from core.limits import Governor, Refusal, Ticket
-from core.metadata import ACCESS, AccessVerdict
+from core.metadata import ACCESS, AccessVerdict, RequestedModel
 from core.models import Client
-from core.routing import RouteTable, is_multipart, requested_model
+from core.request_model import model_of
+from core.routing import RouteTable
 from core.state import ProxyState
 
 log = logging.getLogger(__name__)
@@ -121,21 +122,26 @@ class Access:
         verdict = AccessVerdict.of(flow.metadata)
         if verdict is None or verdict.client_id is None:
             return  # refused at the headers, and answered
+        # The one model upstream will act on, for every client: read once here, where a request that
+        # names it ambiguously is refused before anything is sent; the other addons read it back.
+        request = flow.request
+        named = model_of(
+            flow.metadata, request.path, request.headers.fields, request.raw_content, lambda: request.content
+        )
+        if not isinstance(named, RequestedModel):
+            refuse(flow, verdict, Refusal(named.code or "invalid_model", named))
+            return
         client = self.state.clients_by_id.get(verdict.client_id)
         if client is None or (not client.policy.is_limited and not self.governor.ip_rpm):
             return
-        request = flow.request
         body = request.raw_content or b""
         if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t", b"-", b""):
             try:
-                body = request.content or b""  # content-encoded: the allowlist must see the real model
+                body = request.content or b""  # content-encoded: the estimate counts the real prompt
             except ValueError:
-                pass  # an encoding we cannot read: upstream cannot either, and answers 400
+                pass  # an encoding we cannot read: refused above
         policy = client.policy
-        model = serving = None
-        if (policy.models or policy.groups or policy.has_budget) and body:  # budgets reserve by model
-            content_type = request.headers.get("content-type", "") if is_multipart(body) else ""
-            model = requested_model(content_type, body)
+        model, serving = named.model, None
         if policy.groups and model is not None:
             table = self.state.table
             if table is not self._serving_in:  # the routes changed

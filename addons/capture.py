@@ -15,7 +15,7 @@ from mitmproxy.websocket import WebSocketData
 
 from config import BODY_MODES, ConfigError, Settings, checked_options, default_of, names_in, option_source, read_prices
 from core.classify import is_client_side
-from core.metadata import FIRST_BYTE_AT, RECORDED, AccessVerdict, CountedUsage, KeyUse, UsageInjection
+from core.metadata import FIRST_BYTE_AT, RECORDED, AccessVerdict, CountedUsage, KeyUse, RequestedModel, UsageInjection
 from core.ports import RecordSink
 from core.prices import PriceTable
 from core.records import CapturedFlow, Retention, StreamTee, WebSocketMessage
@@ -179,7 +179,7 @@ class Capture:
             upstream_id=keys.upstream_id,
             group_id=keys.group_id,
             fallback_model=keys.fallback_model,
-            requested_model=keys.requested_model,
+            requested_model=keys.requested_model or _model(flow),
             prices=self._prices,
         )
         response = flow.response
@@ -227,3 +227,10 @@ class Capture:
         if session.close_code not in NORMAL_CLOSE_CODES and captured.error is None:
             reason = f": {session.close_reason}" if session.close_reason else ""
             captured.error = f"WebSocket closed with code {session.close_code}{reason}"[:500]
+
+
+def _model(flow: http.HTTPFlow) -> str | None:
+    """The model the request names, as the access addon read it (core/request_model.py): the row's
+    model and price are the ones the allowlist checked and upstream was asked for."""
+    named = RequestedModel.of(flow.metadata)
+    return named.model if named is not None else None

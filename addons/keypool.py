@@ -25,18 +25,15 @@ from core.dialects import upstream_url, url_parts, with_key
 from core.dispatch import Plan, Rename, Verdict
 from core.errors import OpenAIError
 from core.failover import Failover
-from core.metadata import FIRST_BYTE_AT, KEYPOOL, AccessVerdict, KeyUse
+from core.metadata import FIRST_BYTE_AT, KEYPOOL, AccessVerdict, KeyUse, RequestedModel
 from core.models import PoolKey
 from core.pool import Policy
 from core.ports import OwnershipSink
+from core.request_model import model_of, renamed_top_model
 from core.rotation import RotationSettings
 from core.routing import (
     Candidate,
     Dialect,
-    is_multipart,
-    query_model,
-    renamed_model,
-    requested_model,
     reverse_target_of,
 )
 from core.state import ProxyState
@@ -165,18 +162,21 @@ class KeyPool:
             # One group for everything, nothing renamed: today's single pool, at today's cost. The
             # model is read only while some model rests (until then the pick does not depend on it).
             rotation = self.state.rotations[table.only.group.id]
-            model = self._model_of(request) if rotation.pool.scoped_until > time.time() else None
+            model = self._model_of(flow) if rotation.pool.scoped_until > time.time() else None
             key = rotation.pick_now(model)
             if key is None:  # waiting for a key: the slow path, which knows the model
-                model = model or self._model_of(request)
+                model = model or self._model_of(flow)
                 return self._send_first(flow, self._plan(flow, [table.only], model))
             self._send_with(flow, None, table.only, 0, key, model, scope_known=model is not None)
             return None
         # GET /v1/models was answered before this hook (addons/models.py) unless upstream's list is wanted.
-        if request.method == "POST":
-            model = self._model_of(request)
-        else:
-            model = self._websocket_model(flow)
+        model = None
+        if request.method == "POST" or is_websocket_upgrade(request):  # a WebSocket names it in the URL
+            named = self._named(flow)
+            if not isinstance(named, RequestedModel):
+                self._refuse(flow, named)
+                return None
+            model = named.model
         access = AccessVerdict.of(flow.metadata)
         routes = dispatch.route(table, model, access.groups if access is not None else None)
         if isinstance(routes, OpenAIError):
@@ -193,7 +193,7 @@ class KeyPool:
             self._refuse(flow, owner)
             return None
         request = flow.request
-        model = self._model_of(request) if request.method == "POST" else None
+        model = self._model_of(flow) if request.method == "POST" else None
         plan = self._plan(flow, [owner.candidate(model)], model)
         plan.only_key = owner.key_id
         return self._send_first(flow, plan, owned.owned)
@@ -224,20 +224,16 @@ class KeyPool:
             self._writer.save_ownership(learnt)
 
     @staticmethod
-    def _model_of(request: http.Request) -> str | None:
-        body = request.raw_content or b""
-        if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t", b"-", b""):
-            try:
-                body = request.content or b""  # content-encoded
-            except ValueError:
-                return None  # an encoding we cannot read: routed as a request without a model
-        content_type = request.headers.get("content-type", "") if is_multipart(body) else ""
-        return requested_model(content_type, body)
+    def _named(flow: http.HTTPFlow) -> RequestedModel | OpenAIError:
+        """The one model the request names (core/request_model.py), as the access addon read it."""
+        request = flow.request
+        return model_of(
+            flow.metadata, request.path, request.headers.fields, request.raw_content, lambda: request.content
+        )
 
-    @staticmethod
-    def _websocket_model(flow: http.HTTPFlow) -> str | None:
-        """A WebSocket session (Realtime) names its model in the URL: `/v1/realtime?model=…`."""
-        return query_model(flow.request.path) if is_websocket_upgrade(flow.request) else None
+    def _model_of(self, flow: http.HTTPFlow) -> str | None:
+        named = self._named(flow)
+        return named.model if isinstance(named, RequestedModel) else None
 
     @staticmethod
     def _plan(flow: http.HTTPFlow, candidates: list[Candidate], model: str | None) -> Plan:
@@ -283,7 +279,7 @@ class KeyPool:
             use.requested_model = plan.request.model
             renamed = plan.renamed_first(candidate)
             if renamed is not None and plan.request.model and (body := request.content) is not None:
-                request.content = renamed_model(body, plan.request.model, renamed, count=1)
+                request.content = renamed_top_model(body, plan.request.model, renamed)
         outgoing = self._outgoing
         value = placeholder(key.id, key.last4) if outgoing is not None else key.value
         request.headers.fields = with_key(target.dialect, request.headers.fields, value)
@@ -336,7 +332,7 @@ class KeyPool:
         """What the decisions may ask of the flow, only when it matters: its model, whether part of
         the answer reached the client, whether it is a WebSocket upgrade."""
         request = flow.request
-        return lambda: self._model_of(request), lambda: reached_client(flow), lambda: is_websocket_upgrade(request)
+        return lambda: self._model_of(flow), lambda: reached_client(flow), lambda: is_websocket_upgrade(request)
 
     async def _recover(self, flow: http.HTTPFlow, use: KeyUse) -> None:
         unanswered = flow.response  # headers of an answer that never arrived whole, or None
@@ -350,7 +346,7 @@ class KeyPool:
         request = flow.request
         plan = self._plans.get(flow.id)
         if plan is None:  # a single route, nothing renamed: the request as it is now
-            model = use.scope if use.scope_known else self._model_of(request)
+            model = use.scope if use.scope_known else self._model_of(flow)
             plan = self._plan(flow, [self.state.table.candidates(None)[0]], model)
         plan.request = dispatch.to_resend(plan.request, request.method, request.headers.fields, request.raw_content)
         if self._client is None:  # a hook ran outside running()..done() (unit tests): make one now

@@ -22,7 +22,7 @@ from mitmproxy import ctx, http
 
 from core import tokens
 from core.limits import Governor, Ticket
-from core.metadata import CountedUsage, KeyUse, UsageInjection
+from core.metadata import CountedUsage, KeyUse, RequestedModel, UsageInjection
 from core.prices import PriceFileError, PriceTable, load_prices
 from core.spent import StreamMeter, json_usage
 from core.usage import chained
@@ -170,6 +170,5 @@ class Spend:
 
 
 def _model(flow: http.HTTPFlow) -> str | None:
-    from core.routing import requested_model
-
-    return requested_model("", flow.request.raw_content or b"")
+    named = RequestedModel.of(flow.metadata)  # read once, by the access addon (core/request_model.py)
+    return named.model if named is not None else None

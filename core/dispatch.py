@@ -33,6 +33,7 @@ from core.dialects import API_KEY, upstream_url, with_key
 from core.errors import OpenAIError
 from core.metadata import KeyUse
 from core.models import REFUSED, KeyState, PoolKey
+from core.request_model import renamed_top_model
 from core.rotation import Rotation, RotationSettings
 from core.routing import Candidate, Dialect, Group, RouteTable, renamed_model
 
@@ -119,7 +120,7 @@ def addressed(plan: Plan, candidate: Candidate, key: PoolKey, default_base_url: 
     body = request.body
     named = plan.body_model or request.model
     if body and named and candidate.upstream_model and dialect == Dialect.OPENAI:
-        body = renamed_model(body, named, candidate.upstream_model, count=1)
+        body = renamed_top_model(body, named, candidate.upstream_model)
     return Outgoing(
         request.method,
         upstream_url(candidate, request.path, default_base_url),

@@ -31,6 +31,9 @@ def reached_client(metadata: dict[str, Any], streaming: bool) -> bool:
     return streaming if first_byte is None else bool(first_byte)  # None: headers were not held
 
 
+# The one model the request names for upstream (core/request_model.py), read once by the first
+# addon that needs it, so the allowlist, routing, prices and the record cannot disagree.
+MODEL = "keyrotor.model"
 USAGE = "keyrotor.usage"
 RECORDED = "keyrotor.capture.recorded"
 # True on a GET /v1/models sent upstream (a group serves every model): the groups' own models are
@@ -127,6 +130,18 @@ class KeyUse(Metadata):
 
     def tried_keys(self) -> frozenset[int]:
         return frozenset(a.key_id for a in self.attempts)
+
+
+@dataclass
+class RequestedModel(Metadata):
+    """The model upstream will act on (None: the request names none), and where it is named:
+    body (a JSON body's top-level key), form, query or deployment (an Azure path). Never changed
+    once read (core.request_model.NONE is one shared instance)."""
+
+    model: str | None = None
+    source: str = ""
+
+    KEY = MODEL
 
 
 @dataclass

@@ -10,7 +10,8 @@ from mitmproxy.test import taddons, tflow, tutils
 from addons.access import Access
 from addons.runtime import Runtime
 from core.credentials import credential_from, hash_client_key
-from core.metadata import AccessVerdict
+from core.limits import ClientPolicy
+from core.metadata import AccessVerdict, RequestedModel
 from core.models import Client
 from storage import client_keys, db
 from tests.conftest import addon_context
@@ -136,3 +137,53 @@ def test_over_in_memory_ports_clients_come_from_the_runtimes_state():
     assert carol.response is None and carol.metadata["keyrotor.access"].key_id == 9
     assert stranger.response.status_code == 401
     assert runtime.governor.counters is backend.counters
+
+
+def model_request(key: str, body: bytes, content_type: str = "application/json") -> tflow.HTTPFlow:
+    flow = flow_with(authorization=f"Bearer {key}", content_type=content_type)
+    flow.request.method, flow.request.path, flow.request.content = "POST", "/v1/chat/completions", body
+    return flow
+
+
+def test_the_model_is_read_once_for_every_client_and_shared(access, issued):
+    flow = model_request(issued[1], b'{"metadata": {"model": "gpt-4o-mini"}, "model": "gpt-4o"}')
+    access.request(flow)
+    assert flow.response is None
+    assert RequestedModel.of(flow.metadata) == RequestedModel("gpt-4o", "body")  # what the other addons read
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (b'{"model": "gpt-4o-mini", "model": "gpt-4o"}', "ambiguous_model"),
+        (b'{"model": ["gpt-4o"]}', "invalid_model"),
+    ],
+)
+def test_a_model_named_ambiguously_is_refused_with_400_before_upstream(access, issued, body, code):
+    flow = model_request(issued[1], body)  # alice has no limits: the refusal is for everyone
+    access.request(flow)
+    assert flow.response is not None and flow.response.status_code == 400
+    assert json.loads(flow.response.content)["error"]["code"] == code
+    assert flow.response.headers["x-keyrotor-error"] == code
+    assert AccessVerdict.of(flow.metadata).rejected == code
+    assert RequestedModel.of(flow.metadata) is None
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        (b'{"metadata": {"model": "gpt-4o-mini"}, "model": "gpt-4o"}', 403),
+        (b'{"messages": [{"role": "user", "content": "hi", "model": "gpt-4o-mini"}], "model": "gpt-4o"}', 403),
+        (b'{"metadata": {"model": "gpt-4o"}, "model": "gpt-4o-mini"}', None),
+    ],
+)
+def test_the_allowlist_checks_the_top_level_model_not_a_decoy(body, status):
+    backend = MemoryBackend()
+    mini_only = Client(3, "carol", ClientPolicy(models=("gpt-4o-mini",)))
+    backend.clients.clients = {hash_client_key("kr-carol"): (mini_only, 9)}
+    runtime = memory_runtime(backend)
+    addon = Access(state=runtime.state, governor=runtime.governor)
+    flow = model_request("kr-carol", body)
+    with taddons.context(addon):
+        addon.request(flow)
+    assert (flow.response.status_code if flow.response else None) == status

@@ -29,6 +29,7 @@ from core.dispatch import (
     Plan,
     Rename,
     Verdict,
+    addressed,
     after_answer,
     after_error,
     first_key_now,
@@ -503,3 +504,12 @@ def test_the_first_attempt_names_the_upstreams_model(asked, upstream_model, dial
     plan = Plan([], ClientRequest("POST", "/v1/chat/completions", (), b"{}", asked))
     assert plan.renamed_first(Candidate(group, asked, upstream_model)) == renamed
     assert plan.body_model == body_model
+
+
+def test_a_retry_renames_the_top_level_model_not_a_decoy():
+    group = Group(1, Upstream(1, "relay", "http://relay.test"), "a", models={"cheap": "gpt-4o-mini"})
+    body = b'{"metadata": {"model": "cheap"}, "model": "cheap"}'
+    plan = Plan([], ClientRequest("POST", "/v1/chat/completions", (), body, "cheap"))
+    key = PoolKey(1, "sk-x", "sk-x", KeyState.ACTIVE, None, None, 1.0, 0)
+    sent = addressed(plan, Candidate(group, "cheap", "gpt-4o-mini"), key, "http://unused")
+    assert sent.body == b'{"metadata": {"model": "cheap"}, "model": "gpt-4o-mini"}'

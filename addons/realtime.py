@@ -25,7 +25,7 @@ from wsproto.frame_protocol import Opcode
 from core.bodies import event_usage, json_object
 from core.errors import OpenAIError
 from core.limits import Governor, Refusal, refused
-from core.metadata import AccessVerdict
+from core.metadata import AccessVerdict, RequestedModel
 from core.metering import usage_of
 from core.routing import query_model
 from core.state import ProxyState
@@ -84,7 +84,10 @@ class Realtime:
         verdict = AccessVerdict.of(flow.metadata)
         if verdict is None or verdict.client_id is None:
             return
-        session = Session(flow, verdict.client_id, verdict.key_id, query_model(flow.request.path))
+        # Priced by the model Access checked (core/request_model.py), so the allowlist and the charge agree.
+        named = RequestedModel.of(flow.metadata)
+        model = named.model if named is not None else query_model(flow.request.path)
+        session = Session(flow, verdict.client_id, verdict.key_id, model)
         self.sessions[flow.id] = session
         self._arm(session)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from core.addresses import parse_networks
 from core.prices import PriceFileError, PriceTable, load_prices
 from core.toml_files import read_toml
 
@@ -108,6 +109,11 @@ def _optional_text(value: Any) -> str:
     return "" if value in ("", None) else _text(value)
 
 
+def _networks(value: Any) -> str:
+    """IP addresses or networks, from a TOML list or a comma-separated string; kept as one string."""
+    return ", ".join(str(network) for network in parse_networks(value))
+
+
 def setting[T](default: T, check: Callable[[Any], T], secret: bool = False) -> T:
     """A field of a settings section: its default, and the check that turns a raw value into it.
     A secret's value is never repeated in an error."""
@@ -134,6 +140,7 @@ class UISettings:
     host: str = setting("127.0.0.1", _text)
     port: int = setting(8081, _port)
     metrics_token: str = setting("", _optional_text, secret=True)
+    trusted_proxies: str = setting("", _networks)
 
 
 @dataclass(frozen=True)

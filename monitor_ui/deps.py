@@ -15,8 +15,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.templating import Jinja2Templates
 
-from core.addresses import Network
 from core import login_throttle
+from core.addresses import Network
 from core.login_throttle import LoginThrottle
 from monitor_ui.auth import SESSION_COOKIE, SessionSigner
 from monitor_ui.pages import Page

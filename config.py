@@ -73,6 +73,11 @@ def _non_negative_number(value: Any) -> float:
     return number
 
 
+def _networks(value: Any) -> str:
+    """IP addresses or networks, from a TOML list or a comma-separated string; kept as one string."""
+    return ", ".join(str(network) for network in parse_networks(value))
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a non-empty string")
@@ -107,11 +112,6 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
 
 def _optional_text(value: Any) -> str:
     return "" if value in ("", None) else _text(value)
-
-
-def _networks(value: Any) -> str:
-    """IP addresses or networks, from a TOML list or a comma-separated string; kept as one string."""
-    return ", ".join(str(network) for network in parse_networks(value))
 
 
 def setting[T](default: T, check: Callable[[Any], T], secret: bool = False) -> T:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from core.addresses import parse_networks
 from core.prices import PriceFileError, PriceTable, load_prices
 from core.toml_files import read_toml
 
@@ -70,6 +71,11 @@ def _non_negative_number(value: Any) -> float:
     if not number >= 0 or number == float("inf"):  # also refuses NaN
         raise ValueError("must be a number, zero or more")
     return number
+
+
+def _networks(value: Any) -> str:
+    """IP addresses or networks, from a TOML list or a comma-separated string; kept as one string."""
+    return ", ".join(str(network) for network in parse_networks(value))
 
 
 def _text(value: Any) -> str:
@@ -138,6 +144,7 @@ class UISettings:
     host: str = setting("127.0.0.1", _text)
     port: int = setting(8081, _port)
     metrics_token: str = setting("", _optional_text, secret=True)
+    trusted_proxies: str = setting("", _networks)
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 
+from mitmproxy import http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import events
 from mitmproxy.proxy.layers import http as http_layer
 
-from core.bodies import decoded
-from core.credentials import EchoFilter, credential_from, with_credential
+from core.bodies import STREAM_ENCODINGS, StreamDecoder
+from core.credentials import EchoFilter, credential_from, encoded_echo, with_credential
 
 _handle_event: Callable[..., Generator]  # mitmproxy's own, taken as the patch goes in
 _installed = False
@@ -61,7 +62,10 @@ def _handle_event_with_key(self: http_layer.HttpStream, event: events.Event) -> 
     echo: EchoFilter | None = self.__dict__.get("_keyrotor_echo")
     if echo is not None:
         if isinstance(event, http_layer.ResponseEndOfMessage):
-            if held := echo.flush():  # the tail kept back in case the key went on in the next read
+            decoder: StreamDecoder | None = self.__dict__.get("_keyrotor_decoder")
+            held = echo.feed(decoder.flush()) if decoder is not None else b""
+            # The tail kept back in case the key went on in the next read.
+            if held := held + echo.flush():
                 yield from _handle_event(self, http_layer.ResponseData(self.stream_id, held))
             _finish_buffered(self, echo)
         else:
@@ -105,7 +109,11 @@ def _without_echo(self: http_layer.HttpStream, echo: EchoFilter, event: events.E
     """The server's event with the key replaced by the placeholder."""
     if isinstance(event, http_layer.ResponseHeaders):
         event.response.headers.fields = echo.fields(event.response.headers.fields)
+        _decode_compressed_stream(self, event.response)
     elif isinstance(event, http_layer.ResponseData):
+        decoder: StreamDecoder | None = self.__dict__.get("_keyrotor_decoder")
+        if decoder is not None:
+            return http_layer.ResponseData(event.stream_id, echo.feed(decoder.feed(event.data)))
         response = self.flow.response
         if response is not None and response.stream and "content-length" in response.headers:
             # Already framed for the client: a replacement of another length would break it.
@@ -114,20 +122,35 @@ def _without_echo(self: http_layer.HttpStream, echo: EchoFilter, event: events.E
     return event
 
 
+def _decode_compressed_stream(self: http_layer.HttpStream, response: http.Response) -> None:
+    """An event stream compressed by upstream is decoded as it passes, before any hook sees its head.
+
+    Its key echo could not be found in the compressed bytes, nor could the hooks that read a stream
+    (usage, renamed models, capture) read them. The client gets it plain: the stream is re-framed
+    (chunked on HTTP/1.1, else up to the connection's end) as its length is no longer upstream's."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding not in STREAM_ENCODINGS or "text/event-stream" not in response.headers.get("content-type", ""):
+        return
+    self.__dict__["_keyrotor_decoder"] = StreamDecoder(encoding)
+    del response.headers["content-encoding"]
+    if "content-length" in response.headers:
+        del response.headers["content-length"]
+        if self.flow.request.http_version == "HTTP/1.1" and "transfer-encoding" not in response.headers:
+            response.headers["transfer-encoding"] = "chunked"
+
+
 def _finish_buffered(self: http_layer.HttpStream, echo: EchoFilter) -> None:
-    """A whole body about to become the flow's: look inside an encoded error body too, fix the length."""
+    """A whole body about to become the flow's: look inside a compressed one too, fix the length."""
     response = self.flow.response
     if response is None or response.stream:
         return
     body = self.response_body_buf
-    encoding = response.headers.get("content-encoding", "").strip().lower()
-    if response.status_code >= 400 and encoding not in ("", "identity"):
-        # Errors are where upstreams quote keys, and they are small: worth decoding to look.
-        plain = decoded(bytes(body), encoding)
-        if echo.secret in plain:
-            body.clear()
-            body += plain.replace(echo.secret, echo.replacement)
-            del response.headers["content-encoding"]
-            echo.replaced = True
+    encoding = response.headers.get("content-encoding", "")
+    # Decoded piece by piece to look, and handed on decoded only when it quoted the key.
+    if encoding and (plain := encoded_echo(bytes(body), encoding, echo.secret, echo.replacement)) is not None:
+        body.clear()
+        body += plain
+        del response.headers["content-encoding"]
+        echo.replaced = True
     if echo.replaced and "content-length" in response.headers:
         response.headers["content-length"] = str(len(body))

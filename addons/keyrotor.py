@@ -24,6 +24,7 @@ from addons.bounds import Bounds
 from addons.capture import Capture
 from addons.credential_sender import CredentialSender
 from addons.keypool import KeyPool
+from addons.memory import Memory
 from addons.models import Models
 from addons.models_merge import ModelsMerge
 from addons.realtime import Realtime
@@ -102,6 +103,7 @@ addons = [
     Realtime(_governor, _state),  # charges sessions as responses end; closes them when the client may not go on
     Usage(),
     Capture(_settings, _writer),
+    Memory(),  # after capture: a large flow's body is in the writer's hands when it is let go
     AdminKeyWatch(_runtime.admin_keys),
     Upkeep(_state, _writer),
     Shutdown(_settings),  # last with flow hooks: a flow has finished once every addon before it is done with it

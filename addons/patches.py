@@ -40,7 +40,8 @@ _CHECKED = (
 @dataclass(frozen=True)
 class Patch:
     name: str  # the addons/ module it lives in
-    replaces: tuple[str, ...]  # attributes of mitmproxy.proxy.layers.http it sets (replaced or wrapped)
+    # Attributes of mitmproxy.proxy.layers.http it sets (replaced or wrapped); `_http1.…` of its submodules.
+    replaces: tuple[str, ...]
     why: str
     checked: str  # the mitmproxy releases it was checked against, and how
     install: Callable[[], None]
@@ -50,10 +51,12 @@ class Patch:
 PATCHES = (
     Patch(
         "recovery",
-        ("HttpStream.handle_protocol_error",),
+        ("HttpStream.handle_protocol_error", "_http1.make_error_response", "_http2.Http2Server._handle_event"),
         "mitmproxy answers a failed exchange (refused, reset, cut short) with its own 502 once the error"
         " hooks return. The key pool retries in its error hook; this sends the retried response instead"
-        " (what mitmproxy PR #7999 proposes). It repeats the rest of mitmproxy's own handling.",
+        " (what mitmproxy PR #7999 proposes). It repeats the rest of mitmproxy's own handling. Where"
+        " mitmproxy answers itself (malformed request, unreachable or timed-out upstream), its HTML page"
+        " becomes OpenAI-shaped JSON with the same status, on HTTP/1 and HTTP/2.",
         _CHECKED,
         install_recovery,
     ),

@@ -100,17 +100,23 @@ class UpstreamWatch:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
-            now = time.time()
-            for flow_id, clock in list(_watched.items()):
-                if now - clock.since < clock.limit:
-                    continue
-                del _watched[flow_id]  # handed to the exchange's layer, which may have ended meanwhile
-                message = f"upstream timed out: nothing for {clock.limit:g} s"
-                try:
-                    proxyserver = ctx.master.addons.get("proxyserver")
-                    proxyserver.inject_event(events.MessageInjected(clock.flow, _Timeout(message)))
-                except ValueError:
-                    pass  # the client's connection is gone already
+            # A function of its own: a loop variable left in this coroutine's frame would keep the
+            # last flow it saw alive (its bodies too) until the next exchange is watched.
+            _expire(time.time())
+
+
+def _expire(now: float) -> None:
+    """Every watched exchange silent past its limit is told so, on its own layer."""
+    for flow_id, clock in list(_watched.items()):
+        if now - clock.since < clock.limit:
+            continue
+        del _watched[flow_id]  # handed to the exchange's layer, which may have ended meanwhile
+        message = f"upstream timed out: nothing for {clock.limit:g} s"
+        try:
+            proxyserver = ctx.master.addons.get("proxyserver")
+            proxyserver.inject_event(events.MessageInjected(clock.flow, _Timeout(message)))
+        except ValueError:
+            pass  # the client's connection is gone already
 
 
 # ---------------------------------------------------------------------- the patches

@@ -62,7 +62,15 @@ def ui(args: argparse.Namespace, settings: Settings) -> int:
 
     from monitor_ui.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings["ui.host"], port=settings["ui.port"], log_level="info")
+    # proxy_headers off: uvicorn would believe X-Forwarded-For from 127.0.0.1 by default; the app
+    # believes it only from ui.trusted_proxies (monitor_ui/app.py).
+    uvicorn.run(
+        create_app(settings),
+        host=settings["ui.host"],
+        port=settings["ui.port"],
+        log_level="info",
+        proxy_headers=False,
+    )
     return 0
 
 

@@ -176,3 +176,65 @@ def stored_body(body: bytes, mode: str, limit: int) -> tuple[str | None, bool]:
     truncated = mode == "truncated" and len(body) > limit
     kept = body[:limit] if truncated else body
     return kept.decode("utf-8", errors="replace"), truncated
+
+
+# ---------------------------------------------------------------- decoding piece by piece
+
+STREAM_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd"})
+
+
+class StreamDecoder:
+    """A content-encoding undone piece by piece: a stream as it passes, or a body read without
+    holding all of it decoded. Concatenated members (gzip) and frames (zstd) are followed; data
+    that cannot be decoded passes on as it came (`failed` says so)."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding.strip().lower()
+        if self.encoding not in STREAM_ENCODINGS:
+            raise ValueError(f"no stream decoder for content-encoding {encoding!r}")
+        self.failed = False
+        self._raw_deflate = False
+        self._started = False
+        self._decoder: Any = self._new()
+
+    def _new(self) -> Any:
+        if self.encoding in ("gzip", "x-gzip"):
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        if self.encoding == "deflate":
+            return zlib.decompressobj(-zlib.MAX_WBITS if self._raw_deflate else zlib.MAX_WBITS)
+        if self.encoding == "br":
+            return brotli.Decompressor()
+        return zstd.ZstdDecompressor()
+
+    def feed(self, data: bytes) -> bytes:
+        if self.failed or not data:
+            return data
+        try:
+            return self._feed(data)
+        except Exception:  # every codec has its own error type; what follows is passed on as it came
+            self.failed = True
+            return data
+
+    def _feed(self, data: bytes) -> bytes:
+        if self.encoding == "br":
+            return bytes(self._decoder.process(data))
+        out = []
+        while data:
+            if self.encoding == "deflate" and not self._started and (data[0] & 0x0F) != 8:
+                self._raw_deflate = True  # raw deflate, as some servers send it, has no zlib header
+                self._decoder = self._new()
+            self._started = True
+            out.append(self._decoder.decompress(data))
+            data = b""
+            if self._decoder.eof:  # one member or frame ended: the next one, if any, gets a fresh decoder
+                data = self._decoder.unused_data
+                self._decoder = self._new()
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        if self.failed or self.encoding == "br" or self.encoding == "zstd":
+            return b""
+        try:
+            return bytes(self._decoder.flush())
+        except Exception:
+            return b""

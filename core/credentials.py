@@ -10,6 +10,8 @@ import hashlib
 from typing import Protocol
 from urllib.parse import unquote_plus
 
+from core.bodies import STREAM_ENCODINGS, StreamDecoder, decoded
+
 AUTHORIZATION = b"authorization"
 API_KEY = b"api-key"  # Azure OpenAI's form
 # Browsers cannot set headers on a WebSocket: OpenAI's Realtime API takes the key as a subprotocol.
@@ -187,6 +189,34 @@ class EchoFilter:
             return fields
         self.replaced = True
         return tuple((name, value.replace(self.secret, self.replacement)) for name, value in fields)
+
+
+SCAN_PIECE_BYTES = 65536  # how much of an encoded body is decoded at a time to look for an echo
+
+
+def encoded_echo(body: bytes, encoding: str, secret: bytes, replacement: bytes) -> bytes | None:
+    """A compressed body (gzip, deflate, br, zstd) decoded with `secret` replaced, when it holds the
+    secret; None when it does not (or is not compressed), and the body then goes on as it came.
+
+    Looked for piece by piece, so a large body that holds no key is never held decoded whole."""
+    encoding = encoding.strip().lower()
+    if not body or not secret or encoding not in STREAM_ENCODINGS:
+        return None
+    decoder = StreamDecoder(encoding)
+    overlap = len(secret) - 1
+    tail = b""
+    found = False
+    for start in range(0, len(body), SCAN_PIECE_BYTES):
+        piece = tail + decoder.feed(body[start : start + SCAN_PIECE_BYTES])
+        if decoder.failed:
+            return None
+        if secret in piece:
+            found = True
+            break
+        tail = piece[-overlap:] if overlap else b""
+    if not found and secret not in tail + decoder.flush():
+        return None
+    return decoded(body, encoding).replace(secret, replacement)
 
 
 def hash_client_key(key: str) -> str:

@@ -1,9 +1,12 @@
-"""Admin logins that resist guessing: failures from one address are slowed, then refused for a while.
+"""Admin key guesses that get nowhere fast: failures from one address are slowed, then refused for a while.
 
 Counted per address over WINDOW_SECONDS: the first FREE_FAILURES cost nothing extra; each
-one after waits twice as long as the last (from FIRST_DELAY_SECONDS) before it is answered;
-at LOCK_AFTER failures the address is refused outright, the right key included, for
-LOCK_SECONDS (429 with Retry-After). A successful login clears the address's count.
+one after waits twice as long as the last (from FIRST_DELAY_SECONDS, up to MAX_DELAY_SECONDS)
+before it is answered; from LOCK_AFTER failures on, a wrong key from the address is refused
+(429 with Retry-After, after the longest wait) for LOCK_SECONDS. The right key is always
+accepted, and its success clears the address's count: a guesser behind the same address
+(a NAT, an office, a reverse proxy) can slow down only its own guesses, never lock the admin
+out. The login form and the admin key sent as Bearer (the /api/ twin, /metrics) count alike.
 """
 
 from __future__ import annotations

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from core.bodies import decoded
 from core.classify import OK, Outcome, classify_response, connection_failure
-from core.credentials import EchoFilter
+from core.credentials import EchoFilter, encoded_echo
 from core.dialects import models_url, with_key
 from core.routing import Upstream
 
@@ -54,17 +53,15 @@ class Answer:
 
     def without_echo(self, value: str, stand_in: str) -> Answer:
         """The answer with `value` (the key it was sent with) replaced by `stand_in` wherever
-        upstream quoted it; an encoded error body is looked into too, and handed on decoded."""
+        upstream quoted it; a compressed body is looked into too, and handed on decoded when it did."""
         echo = EchoFilter(value.encode(), stand_in.encode())
         fields = echo.fields(tuple(self.headers.raw))
         content = echo.feed(self.content) + echo.flush()
-        encoding = self.headers.get("content-encoding", "").strip().lower()
-        if self.status >= 400 and encoding not in ("", "identity"):
-            plain = decoded(content, encoding)
-            if echo.secret in plain:
-                content = plain.replace(echo.secret, echo.replacement)
-                fields = tuple((n, v) for n, v in fields if n.lower() != b"content-encoding")
-                echo.replaced = True
+        encoding = self.headers.get("content-encoding", "")
+        if encoding and (plain := encoded_echo(content, encoding, echo.secret, echo.replacement)) is not None:
+            content = plain
+            fields = tuple((n, v) for n, v in fields if n.lower() != b"content-encoding")
+            echo.replaced = True
         if not echo.replaced:
             return self
         return dataclasses.replace(self, headers=httpx.Headers(list(fields)), content=content)

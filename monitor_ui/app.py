@@ -11,8 +11,10 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
+from core.addresses import Network, client_address, parse_networks
 from core.login_throttle import LoginThrottle
 from monitor_ui.auth import SessionSigner
 from monitor_ui.deps import LoginRequired, UiSettings
@@ -80,6 +82,23 @@ def error_json(status: int, message: str, headers: dict | None = None, param: st
     )
 
 
+class TrustedProxies:
+    """ASGI middleware: a request from a trusted proxy counts as coming from the client it forwarded."""
+
+    def __init__(self, app: ASGIApp, trusted: tuple[Network, ...]) -> None:
+        self.app = app
+        self.trusted = trusted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        peer = scope.get("client")
+        if scope["type"] in ("http", "websocket") and peer and self.trusted:
+            forwarded = [v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"]
+            address = client_address(peer[0], forwarded, self.trusted)
+            if address != peer[0]:
+                scope = {**scope, "client": (address, 0)}
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="keyrotor monitor", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     # Read by monitor_ui.deps alone: the handlers receive them as parameters.
@@ -88,6 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
         upstream=settings["proxy.upstream"],
         proxy_url=f"http://{settings['proxy.host']}:{settings['proxy.port']}",
         metrics_token=settings["ui.metrics_token"],
+        trusted_proxies=parse_networks(settings["ui.trusted_proxies"]),
     )
     app.state.signer = SessionSigner(settings.storage_path)
     app.state.templates = templates
@@ -106,6 +126,10 @@ def create_app(settings: Settings) -> FastAPI:
         response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
         return response
+
+    # Added last, so outermost: everything after it (the audit actor, the login throttle) reads the
+    # client's address, which behind a trusted proxy is the one it forwarded (core/addresses.py).
+    app.add_middleware(TrustedProxies, trusted=app.state.settings.trusted_proxies)
 
     @app.exception_handler(LoginRequired)
     async def to_login(request: Request, exc: LoginRequired):

@@ -6,6 +6,7 @@ Only this module reads `app.state` (which `create_app` fills); handlers name wha
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,12 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.templating import Jinja2Templates
 
+from core import login_throttle
+from core.addresses import Network
 from core.login_throttle import LoginThrottle
 from monitor_ui.auth import SESSION_COOKIE, SessionSigner
 from monitor_ui.pages import Page
-from storage import db, secrets
+from storage import audit, db, secrets
 from storage.upstream_keys import SqliteKeyStore
 
 
@@ -33,6 +36,7 @@ class UiSettings:
     upstream: str  # proxy.upstream: where key probes and the default upstream's model refreshes go
     proxy_url: str  # where clients send requests: what "copy as curl" points at
     metrics_token: str  # ui.metrics_token; "" for none
+    trusted_proxies: tuple[Network, ...] = ()  # ui.trusted_proxies: whose X-Forwarded-For is believed
 
 
 def get_settings(request: Request) -> UiSettings:
@@ -93,27 +97,67 @@ def get_page(request: Request, templates: Templates, signer: Signer) -> Page:
 PageOf = Annotated[Page, Depends(get_page)]
 
 
-def _has_admin(request: Request, signer: SessionSigner) -> bool:
+def client_address(request: Request) -> str:
+    """The client's address (the app's middleware has put the one behind a trusted proxy in its place)."""
+    return request.client.host if request.client else "unknown"
+
+
+def refuse_guess(request: Request, throttle: LoginThrottle, settings: UiSettings, actor_kind: str) -> None:
+    """A wrong admin key (login form, or Bearer): counted for its address, answered late; 429 while the
+    address is locked. Never called for the right key, which is always accepted."""
+    address = client_address(request)
+    now = time.time()
+    locked = throttle.retry_after(address, now)
+    delay = throttle.failed(address, now) if locked is None else login_throttle.MAX_DELAY_SECONDS
+    actor = audit.Actor(actor_kind, address)
+    if locked is not None:
+        audit.log_now(settings.db_path, "login.refused", None, {"retry_after": locked}, actor)
+    else:
+        audit.log_now(settings.db_path, "login.failed", None, None, actor)
+    time.sleep(delay)  # a guesser waits; this runs in a worker thread, the app goes on serving
+    if locked is not None:
+        raise HTTPException(
+            429,
+            f"Too many wrong admin keys from this address; try again in {locked} seconds.",
+            headers={"Retry-After": str(locked)},
+        )
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _bearer_is_admin(request: Request, signer: SessionSigner, throttle: LoginThrottle, settings: UiSettings) -> bool:
+    """Whether the request carries the admin key as Bearer; a wrong one is a guess, throttled like the form's."""
+    token = _bearer(request)
+    if token is None:
+        return False
+    if signer.check_admin_key(token):
+        return True
+    refuse_guess(request, throttle, settings, audit.ADMIN_API)
+    return False
+
+
+def _has_admin(request: Request, signer: SessionSigner, throttle: LoginThrottle, settings: UiSettings) -> bool:
     if signer.valid_session(request.cookies.get(SESSION_COOKIE)):
         return True
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and signer.check_admin_key(token.strip())
+    return _bearer_is_admin(request, signer, throttle, settings)
 
 
-def require_admin_page(request: Request, signer: Signer) -> None:
-    if not _has_admin(request, signer):
+def require_admin_page(request: Request, signer: Signer, throttle: Throttle, settings: Settings) -> None:
+    if not _has_admin(request, signer, throttle, settings):
         raise LoginRequired()
 
 
-def require_admin_api(request: Request, signer: Signer) -> None:
-    if not _has_admin(request, signer):
+def require_admin_api(request: Request, signer: Signer, throttle: Throttle, settings: Settings) -> None:
+    if not _has_admin(request, signer, throttle, settings):
         raise HTTPException(401, "Log in, or send the admin key as 'Authorization: Bearer <admin key>'.")
 
 
-def require_admin_api_change(request: Request, signer: Signer) -> None:
+def require_admin_api_change(request: Request, signer: Signer, throttle: Throttle, settings: Settings) -> None:
     """A state-changing API call: the admin key as Bearer, or a session plus its CSRF token in x-csrf-token."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and signer.check_admin_key(token.strip()):
+    if _bearer_is_admin(request, signer, throttle, settings):
         return
     session = request.cookies.get(SESSION_COOKIE)
     if not signer.valid_session(session):

@@ -21,6 +21,12 @@ Durability, in the order it matters:
   rows are dropped, and every dropped row is counted in the status file beside the
   database (storage/capture_status.py), which the UI shows in /metrics and on the
   dashboard.
+- A full disk: each failed write is retried with half as many rows (down to one), so
+  that the space that returns is used at once, however little; batches grow back as
+  writes succeed. A write-ahead log left large by a full disk or a long reader is
+  checkpointed and truncated (after a failed write, and every CHECKPOINT_SECONDS while
+  idle), and kept at JOURNAL_SIZE_LIMIT_BYTES after each checkpoint: the WAL does not
+  grow without bound behind a reader that held it for a while.
 - stop() writes what is queued; if the database still refuses, it keeps trying for
   STOP_RETRY_SECONDS and then counts what it drops.
 """
@@ -46,6 +52,9 @@ from storage import audit, capture_status, conversion, db, flows, objects, outco
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000  # rows per transaction
+MAX_BATCH_BYTES = 16 * 2**20  # and their bodies at most this (one row always goes, whatever its size)
+CHECKPOINT_SECONDS = 30.0  # how often an idle writer checkpoints and truncates the WAL
+JOURNAL_SIZE_LIMIT_BYTES = 64 * 2**20  # what a checkpointed WAL is cut back to
 GATHER_SECONDS = 0.05  # an idle writer waits this long after a first row: one commit for several
 BUSY_TIMEOUT_MS = 1000  # then a locked database counts as a failed write: rows are kept, and retried
 RETRY_SECONDS = (0.1, 0.25, 0.5, 1.0)  # waits between attempts while writes fail, the last repeating
@@ -104,6 +113,8 @@ class Writer:
         self._status: capture_status.StatusFile  # opened by the thread, first thing in _run
         self._packer = flows.FlowPacker()  # compresses in this thread, never on the event loop
         self._converting = True  # rows from before schema v8 may be left: checked at start-up
+        self._batch_rows = MAX_BATCH  # halved by each failed write, doubled back by each one that succeeds
+        self._next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
         self._convert_at = 0.0  # after a lock conflict, the next chunk waits until then
 
     def put(self, item: Recordable | KeyStateChange) -> None:
@@ -148,6 +159,7 @@ class Writer:
         self._status = capture_status.StatusFile(self.path)
         conn = db.connect(self.path)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
         try:
             self._converting = conversion.pending(conn)
             while True:
@@ -164,6 +176,8 @@ class Writer:
                         break
                 if not self._failures and not self._pending and time.monotonic() >= self._next_purge:
                     self._purge(conn)
+                elif not self._failures and not self._pending and time.monotonic() >= self._next_checkpoint:
+                    self._checkpoint(conn)
                 elif (
                     self._converting
                     and not (self._failures or self._pending or self._stopping)
@@ -185,7 +199,7 @@ class Writer:
             elif self._converting:
                 wait = min(self._convert_at - now, self._next_purge - now)  # old rows: a chunk when idle
             else:
-                wait = self._next_purge - now
+                wait = min(self._next_purge, self._next_checkpoint) - now
             try:
                 items.append(self._queue.get(timeout=max(0.01, wait)) if wait > 0 else self._queue.get_nowait())
             except queue.Empty:
@@ -229,12 +243,15 @@ class Writer:
 
     def _flush(self, conn: sqlite3.Connection) -> None:
         self._last_write = time.monotonic()
-        batch = [record for record, _ in islice(self._pending, MAX_BATCH)]
+        batch = self._next_batch()
         states = self._states
         try:
             self._write(conn, batch, states)
         except sqlite3.OperationalError as e:
-            # Locked, disk full, I/O error: the database may take the same rows later.
+            # Locked, disk full, I/O error: the database may take the same rows later, fewer at a time.
+            self._batch_rows = max(1, len(batch) // 2)
+            if e.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+                self._checkpoint(conn)  # a WAL cut back may be the space the next, smaller write needs
             self._failed(str(e))
             return
         except Exception:
@@ -247,11 +264,40 @@ class Writer:
             self._pending_bytes -= size
         self._states = []
         self.rows_written += len(batch)
+        self._batch_rows = min(MAX_BATCH, self._batch_rows * 2)
         if self._failures:
-            log.warning("capture writes again; %d flows that were waiting are stored", len(batch))
+            log.warning(
+                "capture writes again; the %d flows that were waiting are being stored", len(self._pending) + len(batch)
+            )
             self._failures = 0
             self._status.update(waiting=len(self._pending), failing_since=None, error=None)
+        elif self._status.current.waiting:  # after a failure, the backlog goes in chunks: say how much is left
+            self._status.update(waiting=len(self._pending))
         self._retry_at = 0.0
+
+    def _next_batch(self) -> list[FlowRecord]:
+        """The oldest pending rows, as many as this attempt may write (rows and bytes): always one at least."""
+        batch: list[FlowRecord] = []
+        size = 0
+        for record, record_size in islice(self._pending, self._batch_rows):
+            if batch and size + record_size > MAX_BATCH_BYTES:
+                break
+            batch.append(record)
+            size += record_size
+        return batch
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """The WAL copied into the database and truncated, as far as readers allow (they are not waited for)."""
+        self._next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
+        try:
+            # Without the busy timeout: a reader still on an old snapshot is not waited for (capture
+            # would wait behind it); what it does not hold is checkpointed now, the rest next time.
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as e:
+            log.debug("checkpointing the WAL waits: %s", e)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     def _write(
         self,

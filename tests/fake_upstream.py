@@ -35,18 +35,26 @@ import os
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qsl
 
+import brotli
 import uvicorn
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:  # installed with mitmproxy before 3.14
+    from backports import zstd
 
 try:
     from tests.fake_faults import HANG_SECONDS, Faults, StreamBroken, faulty_stream
@@ -67,6 +75,8 @@ BEHAVIOURS = frozenset(
         "disconnect",
         "echo",
         "echo_gzip",
+        *(f"echo_{encoding}_ok" for encoding in ("gzip", "br", "zstd")),
+        *(f"echo_stream_{encoding}" for encoding in ("gzip", "br", "zstd")),
         "hang",
         "hang_after_headers",
     }
@@ -228,6 +238,41 @@ async def _hang_after_headers(scope: Scope, receive: Receive, send: Send) -> Non
     await asyncio.sleep(HANG_SECONDS)
 
 
+def _compressor(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
+    """(compress a piece and flush it, finish) for a content-encoding: a stream sent compressed."""
+    if encoding == "gzip":
+        gz = zlib.compressobj(wbits=31)
+        return (lambda data: gz.compress(data) + gz.flush(zlib.Z_SYNC_FLUSH)), gz.flush
+    if encoding == "br":
+        br = brotli.Compressor()
+        return (lambda data: br.process(data) + br.flush()), br.finish
+    zs = zstd.ZstdCompressor()
+    return (lambda data: zs.compress(data, zs.FLUSH_BLOCK)), (lambda: zs.flush(zs.FLUSH_FRAME))
+
+
+def _echo_stream(key: str, encoding: str) -> Callable[[Scope, Receive, Send], Any]:
+    """A chat stream, compressed piece by piece, whose reply quotes the key it was sent."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        compress, finish = _compressor(encoding)
+        headers = [(b"content-type", b"text/event-stream"), (b"content-encoding", encoding.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        base = {"id": "chatcmpl-echo", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o-mini"}
+        events = [
+            _chunk(base, {"role": "assistant", "content": ""}, None, False),
+            _chunk(base, {"content": f"You sent {key}, "}, None, False),
+            _chunk(base, {"content": f"yes {key}."}, None, False),
+            _chunk(base, {}, "stop", False),
+            b"data: [DONE]\n\n",
+        ]
+        data = b"".join(events)
+        for start in range(0, len(data), 7):  # small pieces: the key is cut between several
+            await send({"type": "http.response.body", "body": compress(data[start : start + 7]), "more_body": True})
+        await send({"type": "http.response.body", "body": finish(), "more_body": False})
+
+    return app
+
+
 def _rejection(behaviour: str, key: str, retry_after: str) -> Response | None:
     """The error response for a key behaviour, or None when the key is served."""
     if behaviour == "ok":
@@ -271,6 +316,13 @@ def _rejection(behaviour: str, key: str, retry_after: str) -> Response | None:
             json.dumps(_error_body(f"Key {key} is not allowed here", "invalid_request_error")).encode()
         )
         return Response(body, 400, {"content-encoding": "gzip", "x-request-id": _request_id()}, "application/json")
+    if behaviour.startswith("echo_") and behaviour.endswith("_ok"):  # a compressed success that quotes it
+        encoding = behaviour.removeprefix("echo_").removesuffix("_ok")
+        compress, finish = _compressor(encoding)
+        body = compress(json.dumps({"object": "list", "data": MODELS, "received_key": key}).encode()) + finish()
+        return Response(body, 200, {"content-encoding": encoding, "x-request-id": _request_id()}, "application/json")
+    if behaviour.startswith("echo_stream_"):
+        return _echo_stream(key, behaviour.removeprefix("echo_stream_"))  # type: ignore[return-value]
     raise AssertionError(f"unknown behaviour {behaviour!r}")
 
 

@@ -339,6 +339,9 @@ def test_full_disk_keeps_rows_up_to_the_backlog_and_counts_what_it_dropped(
     client = openai.OpenAI(base_url=keyrotor.base_url, api_key=client_key, max_retries=0, timeout=20)
     client.models.list()
     wait_for(lambda: count_rows(db_path) == 1, what="the first row")
+    checkpoint = sqlite3.connect(db_path)  # the WAL cut back first: the writer would free its space itself
+    checkpoint.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    checkpoint.close()
     ballast = small_disk / "ballast"
     with ballast.open("wb") as f:  # fill the disk to the last byte
         try:
@@ -361,7 +364,11 @@ def test_full_disk_keeps_rows_up_to_the_backlog_and_counts_what_it_dropped(
     dropped = int(metrics(keyrotor)["keyrotor_capture_dropped_total"])
     stored = stored_markers_at(db_path)
     assert len(stored) + dropped == 6, (stored, dropped)
-    assert stored == set(range(dropped, 6)), "the newest flows are kept, the oldest dropped"
+    # Writes shrink after each failure, so the first flow may get in alone on the last free pages;
+    # of the flows that waited, the oldest were dropped: the newest are all kept.
+    missing = set(range(6)) - stored
+    assert len(missing) == dropped and stored >= set(range(max(missing) + 1, 6)), (stored, dropped)
+    assert max(missing) < 5 and len(stored) >= 6 - dropped, "the newest flows are kept, the oldest dropped"
     assert f"{dropped} flows could not be stored and were dropped" in dashboard(keyrotor)
 
 

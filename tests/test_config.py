@@ -143,6 +143,7 @@ BAD_VALUES = [
     ("proxy.header_timeout_seconds", "0", ABOVE_ZERO),
     ("ui.host", "", "must be a non-empty string"),
     ("ui.port", "http", "must be a whole number"),
+    ("ui.trusted_proxies", "10.0.0.1, proxy.local", "must list IP addresses or networks; 'proxy.local' is neither"),
     ("storage.path", " ", "must be a non-empty string"),
     ("keypool.strategy", "fastest", 'must be one of "round_robin", "random", "least_used", "weighted"'),
     ("keypool.cooldown_seconds", "0", ABOVE_ZERO),
@@ -248,6 +249,17 @@ def test_a_secret_is_not_repeated_in_its_sentence():
     with pytest.raises(ConfigError) as raised:
         load_settings(environ={"KEYROTOR_UI_METRICS_TOKEN": "   "})
     assert str(raised.value) == "ui.metrics_token must be a non-empty string (from KEYROTOR_UI_METRICS_TOKEN)."
+
+
+def test_trusted_proxies_are_read_from_a_list_a_string_a_variable_or_a_flag(tmp_path):
+    path = tmp_path / "keyrotor.toml"
+    path.write_text('[ui]\ntrusted_proxies = ["127.0.0.1", "10.0.0.0/8"]\n')
+    assert load_settings(path, environ={}).ui.trusted_proxies == "127.0.0.1/32, 10.0.0.0/8"
+    from_variable = load_settings(environ={"KEYROTOR_UI_TRUSTED_PROXIES": "::1 192.168.0.0/16"})
+    assert from_variable["ui.trusted_proxies"] == "::1/128, 192.168.0.0/16"
+    from_flag = load_settings(overrides={"ui.trusted_proxies": "10.1.2.3"}, environ={})
+    assert from_flag.ui.trusted_proxies == "10.1.2.3/32"
+    assert load_settings(environ={}).ui.trusted_proxies == ""  # by default no proxy is believed
 
 
 def test_settings_are_typed_and_frozen(config_file):

@@ -163,3 +163,27 @@ def test_a_pool_key_upstream_echoes_is_stored_as_its_placeholder(keyrotor: Keyro
     assert "[upstream key #1 ...0001]" in rows[1]["response_body"]
     assert GOOD[0].encode() not in stored_bytes(keyrotor)
     assert GOOD[0] not in repr(rows)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+def test_a_pool_key_echoed_in_a_compressed_answer_or_stream_is_replaced(
+    keyrotor: Keyrotor, upstream: FakeUpstream, encoding: str
+):
+    client_key = keyrotor.start_serving(GOOD[0])
+    client = client_for(keyrotor, client_key)
+    placeholder_text = "[upstream key #1 ...0001]"
+    upstream.set_key(GOOD[0], f"echo_{encoding}_ok")
+    raw = client.models.with_raw_response.list()
+    assert raw.status_code == 200
+    assert json.loads(raw.text)["received_key"] == placeholder_text  # handed on decoded, the key replaced
+
+    upstream.set_key(GOOD[0], f"echo_stream_{encoding}")
+    stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    reply = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert reply == f"You sent {placeholder_text}, yes {placeholder_text}."
+
+    rows = wait_for(lambda: len(r := flow_rows(keyrotor)) == 2 and r, what="2 captured rows")
+    assert all(placeholder_text in row["response_body"] for row in rows)
+    assert GOOD[0].encode() not in stored_bytes(keyrotor)
+    assert GOOD[0] not in repr(rows)
+    assert GOOD[0] not in keyrotor.logs()

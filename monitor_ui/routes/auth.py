@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
 from monitor_ui.auth import SESSION_COOKIE, SESSION_SECONDS
-from monitor_ui.deps import Settings, Signer, Templates, Throttle
+from monitor_ui.deps import Settings, Signer, Templates, Throttle, client_address, refuse_guess
 from monitor_ui.pages import see_other
 from storage import audit
 
@@ -48,25 +47,16 @@ def create_session(
     next = next or request.query_params.get("next", "")
     if not _same_origin(request):
         raise HTTPException(403, "Cross-site login refused.")
-    address = request.client.host if request.client else "unknown"
-    actor = audit.Actor(audit.UI_SESSION, address)
-    wait = throttle.retry_after(address, time.time())
-    if wait is not None:
-        audit.log_now(settings.db_path, "login.refused", None, {"retry_after": wait}, actor)
-        raise HTTPException(
-            429,
-            f"Too many failed logins from this address; try again in {wait} seconds.",
-            headers={"Retry-After": str(wait)},
-        )
     if not signer.check_admin_key(admin_key.strip()):
-        delay = throttle.failed(address, time.time())
-        audit.log_now(settings.db_path, "login.failed", None, None, actor)
-        time.sleep(delay)  # a guesser waits; this runs in a worker thread, the app goes on serving
+        # Counted and slowed per address; 429 once the address is locked. The right key is checked
+        # first and always accepted: guesses cannot lock the admin out for everyone at that address.
+        refuse_guess(request, throttle, settings, audit.UI_SESSION)
         return templates.TemplateResponse(
             request, "login.html", {"next": _safe_next(next), "error": "That is not the admin key."}, status_code=401
         )
+    address = client_address(request)
     throttle.succeeded(address)
-    audit.log_now(settings.db_path, "login.succeeded", None, None, actor)
+    audit.log_now(settings.db_path, "login.succeeded", None, None, audit.Actor(audit.UI_SESSION, address))
     response = see_other(_safe_next(next))
     response.set_cookie(
         SESSION_COOKIE,

@@ -9,9 +9,9 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 
 from monitor_ui.auth import SESSION_COOKIE
-from monitor_ui.deps import Conn, Settings, Signer
+from monitor_ui.deps import Conn, Settings, Signer, Throttle, refuse_guess
 from monitor_ui.names import key_label, route_names
-from storage import capture_status, client_keys, outcomes, rollups, upstream_keys
+from storage import audit, capture_status, client_keys, outcomes, rollups, upstream_keys
 
 router = APIRouter(prefix="/metrics", tags=["metrics"])
 
@@ -116,7 +116,9 @@ def render_metrics(conn, status: capture_status.CaptureStatus | None = None, now
 
 
 @router.get("", response_class=PlainTextResponse)
-def read_metrics(request: Request, conn: Conn, signer: Signer, settings: Settings) -> PlainTextResponse:
+def read_metrics(
+    request: Request, conn: Conn, signer: Signer, settings: Settings, throttle: Throttle
+) -> PlainTextResponse:
     """Counters, latency histogram and key states for Prometheus: the admin key, a session, or the metrics token."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
@@ -127,6 +129,8 @@ def read_metrics(request: Request, conn: Conn, signer: Signer, settings: Setting
         or signer.valid_session(request.cookies.get(SESSION_COOKIE))
     )
     if not allowed:
+        if token:  # a wrong token is a guess at the admin key too
+            refuse_guess(request, throttle, settings, audit.ADMIN_API)
         raise HTTPException(401, "Send the metrics token (ui.metrics_token) or the admin key as a Bearer token.")
     status = capture_status.read(settings.db_path)
     return PlainTextResponse(render_metrics(conn, status, time.time()), media_type="text/plain; version=0.0.4")

@@ -30,6 +30,8 @@ REPLACED = {
     "HttpStream._handle_event": ("self", "event"),
     "HttpStream.start_response_stream": ("self",),
     "HttpLayer._handle_event": ("self", "event"),
+    "_http1.make_error_response": ("status_code", "message"),
+    "_http2.Http2Server._handle_event": ("self", "event"),
 }
 
 # What the patches call or read on the classes they patch (None: any parameters).
@@ -77,8 +79,19 @@ def mitmproxys_classes() -> dict[str, ast.ClassDef]:
 
 
 def method(name: str) -> ast.FunctionDef | None:
+    """`Class.method` of mitmproxy.proxy.layers.http, or `_module.function` / `_module.Class.method` of its submodules."""
+    if name.startswith("_"):
+        module, _, name = name.partition(".")
+        source = Path(inspect.getsourcefile(http_layer)).with_name(f"{module}.py").read_text()
+        tree: list[ast.stmt] = ast.parse(source).body
+        if "." not in name:
+            functions = [node for node in tree if isinstance(node, ast.FunctionDef) and node.name == name]
+            return functions[0] if functions else None
+        classes = {node.name: node for node in tree if isinstance(node, ast.ClassDef)}
+    else:
+        classes = mitmproxys_classes()
     owner, attribute = name.split(".")
-    for node in mitmproxys_classes()[owner].body:
+    for node in classes[owner].body:
         if isinstance(node, ast.FunctionDef) and node.name == attribute:
             return node
     return None

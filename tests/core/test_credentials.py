@@ -116,3 +116,39 @@ def test_a_subprotocol_key_is_replaced_and_a_bearer_put_beside_it():
         (b"authorization", b"Bearer " + KEY),
     )
     assert credential_from(sent) == KEY.decode()
+
+
+def _compressed(encoding: str, data: bytes) -> bytes:
+    import gzip
+
+    import brotli
+
+    from core.bodies import zstd
+
+    return {"gzip": gzip.compress, "br": brotli.compress, "zstd": zstd.compress}[encoding](data)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+def test_a_compressed_body_is_handed_on_decoded_only_when_it_quotes_the_secret(encoding: str):
+    from core.credentials import SCAN_PIECE_BYTES, encoded_echo
+
+    secret = b"sk-secret-0123456789"
+    filler = bytes(range(256)) * (SCAN_PIECE_BYTES // 64)  # poorly compressible: the body spans many pieces
+    quoted = _compressed(encoding, filler + b"key " + secret + b" end")
+    assert encoded_echo(quoted, encoding, secret, b"[key]") == filler + b"key [key] end"
+    assert encoded_echo(_compressed(encoding, filler), encoding, secret, b"[key]") is None
+    assert encoded_echo(b"not compressed at all", encoding, secret, b"[key]") is None
+    assert encoded_echo(secret, "identity", secret, b"[key]") is None  # plain bodies are the EchoFilter's
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd", "deflate"])
+def test_a_stream_decoder_reads_a_body_piece_by_piece(encoding: str):
+    import zlib
+
+    from core.bodies import StreamDecoder
+
+    data = b"data: {}\n\n" * 500
+    body = zlib.compress(data) if encoding == "deflate" else _compressed(encoding, data)
+    decoder = StreamDecoder(encoding)
+    plain = b"".join(decoder.feed(body[i : i + 5]) for i in range(0, len(body), 5)) + decoder.flush()
+    assert plain == data and not decoder.failed

@@ -293,6 +293,21 @@ class Refusal:
         return f"{self.code}: {self.error.message}"
 
 
+# Endpoints that mint a short-lived upstream key (OpenAI's Realtime client secrets and sessions). A browser
+# then talks to upstream with it directly, so nothing it does passes a limit, a budget or the capture.
+EPHEMERAL_KEY_PATHS = (
+    "/v1/realtime/client_secrets",
+    "/v1/realtime/sessions",
+    "/v1/realtime/transcription_sessions",
+    "/openai/realtimeapi/sessions",  # Azure's
+)
+
+
+def mints_upstream_credentials(path: str) -> bool:
+    """Whether a request to `path` (query included) asks upstream for an ephemeral key."""
+    return path.split("?", 1)[0].rstrip("/").endswith(EPHEMERAL_KEY_PATHS)
+
+
 def refused(status: int, code: str, message: str, kind: str, headers: dict[str, str] | None = None) -> Refusal:
     return Refusal(code, OpenAIError(status, message, kind, code, headers or {}))
 
@@ -371,6 +386,16 @@ class Governor:
         `serving`: the UPSTREAM/GROUP labels of the groups that serve `model`, when the policy limits groups.
         `path`: the request's, to tell what generates output (and so reserves its budget) from what does not.
         """
+        if policy.is_limited and mints_upstream_credentials(path):
+            return refused(
+                403,
+                "ephemeral_key_not_allowed",
+                "This client key has limits, and an ephemeral Realtime key would reach upstream directly, outside"
+                " them (its model, budget and rate limits unchecked): connect to /v1/realtime through this gateway"
+                " instead.",
+                "invalid_request_error",
+                {"x-should-retry": "false"},
+            )
         if not model_allowed(policy.models, model):
             return refused(
                 403,

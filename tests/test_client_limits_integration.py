@@ -298,3 +298,24 @@ def test_refusals_by_reason_on_the_dashboard_and_metrics_and_the_flows_filter(kr
     assert len(api.get("/api/flows", params={"refusal": "model_not_allowed"}).json()["flows"]) == 2
     page = api.get("/dashboard").text
     assert 'href="/flows?refusal=model_not_allowed"' in page
+
+
+def test_a_limited_client_is_refused_an_ephemeral_key_that_would_bypass_its_limits(kr: Keyrotor, upstream):
+    """An ephemeral Realtime key talks to upstream directly: for a client with limits it would be a way
+    around its model allowlist and budget, so keyrotor answers 403 and asks upstream for nothing."""
+    limited = new_client(kr, "team-a", "--models", "gpt-realtime-mini", "--daily-tokens", "1000")
+    open_client = new_client(kr, "team-b")
+    kr.start_proxy()
+    body = {"session": {"type": "realtime", "model": "gpt-realtime"}}
+    refused = httpx.post(
+        f"{kr.base_url}/realtime/client_secrets", json=body, headers={"authorization": f"Bearer {limited}"}
+    )
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "ephemeral_key_not_allowed"
+    assert refused.headers["x-should-retry"] == "false"
+    assert not [r for r in upstream.received if "client_secrets" in r.path]  # never asked upstream
+    passed = httpx.post(
+        f"{kr.base_url}/realtime/client_secrets", json=body, headers={"authorization": f"Bearer {open_client}"}
+    )
+    assert passed.headers.get("x-keyrotor-error") != "ephemeral_key_not_allowed"
+    assert [r.path for r in upstream.received if "client_secrets" in r.path] == ["/v1/realtime/client_secrets"]

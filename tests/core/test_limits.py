@@ -170,6 +170,28 @@ def test_model_refusal_names_the_model():
 
 
 @pytest.mark.parametrize(
+    "path, policy, refused",
+    [
+        ("/v1/realtime/client_secrets", ClientPolicy(models=("gpt-realtime-mini",)), True),
+        ("/v1/realtime/sessions", ClientPolicy(daily_tokens=1000), True),
+        ("/v1/realtime/transcription_sessions/", ClientPolicy(rpm=5), True),
+        ("/openai/v1/realtime/client_secrets?api-version=2025-08-28", ClientPolicy(rpm=5), True),
+        ("/openai/realtimeapi/sessions?api-version=2025-04-01-preview", ClientPolicy(rpm=5), True),
+        ("/v1/realtime/client_secrets", ClientPolicy(), False),  # a client without limits may (nothing to escape)
+        ("/v1/realtime?model=gpt-realtime-mini", ClientPolicy(rpm=5), False),  # through the gateway: counted
+        ("/v1/chat/completions", ClientPolicy(rpm=5), False),
+    ],
+)
+def test_a_limited_client_gets_no_ephemeral_key_that_would_reach_upstream_outside_its_limits(path, policy, refused):
+    outcome = governor().admit("a", 1, policy, "gpt-realtime-mini", b"{}", None, NOW, path=path)
+    if refused:
+        assert (outcome.code, outcome.error.status) == ("ephemeral_key_not_allowed", 403)
+        assert outcome.error.all_headers()["x-should-retry"] == "false"
+    else:
+        assert not isinstance(outcome, Refusal)  # admitted (a ticket when the client has counted limits)
+
+
+@pytest.mark.parametrize(
     "seconds, text", [(0.02, "20ms"), (1.5, "1.5s"), (59.9991, "60s"), (360, "6m0s"), (61.2, "1m2s")]
 )
 def test_reset_durations_read_like_openais(seconds, text):

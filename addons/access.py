@@ -17,7 +17,7 @@ from mitmproxy.addonmanager import Loader
 from config import ConfigError, Settings, checked_options, default_of
 from core.credentials import credential_from, hash_client_key, masked, query_credential, refused_placeholder, scrubbed
 from core.errors import OpenAIError
-from core.limits import Governor, Refusal, Ticket
+from core.limits import Governor, Refusal, Ticket, is_upload, upload_refusal
 from core.metadata import ACCESS, AccessVerdict, RequestedModel
 from core.models import Client
 from core.request_model import model_of
@@ -141,6 +141,11 @@ class Access:
             except ValueError:
                 pass  # an encoding we cannot read: refused above
         policy = client.policy
+        if policy.models and is_upload(request.method, request.path):  # a batch's input file names models too
+            upload_refused = upload_refusal(policy.models, request.path, request.headers.get("content-type", ""), body)
+            if upload_refused is not None:
+                refuse(flow, verdict, upload_refused)
+                return
         model, serving = named.model, None
         if policy.groups and model is not None:
             table = self.state.table

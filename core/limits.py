@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.errors import OpenAIError
 from core.prices import PriceTable
+from core.request_model import batch_input_files, batch_models, batch_upload_purpose
 
 if TYPE_CHECKING:
     from core.ports import Counters
@@ -306,6 +307,64 @@ EPHEMERAL_KEY_PATHS = (
 def mints_upstream_credentials(path: str) -> bool:
     """Whether a request to `path` (query included) asks upstream for an ephemeral key."""
     return path.split("?", 1)[0].rstrip("/").endswith(EPHEMERAL_KEY_PATHS)
+
+
+def is_upload(method: str, path: str) -> bool:
+    """Whether a request may upload a batch's input file: POST to /files (multipart) or /uploads (JSON)."""
+    return method == "POST" and path.split("?", 1)[0].rstrip("/").endswith(("/files", "/uploads"))
+
+
+def upload_refusal(patterns: tuple[str, ...], path: str, content_type: str, body: bytes) -> Refusal | None:
+    """Refuse an upload (`is_upload`) that would start a batch running models outside `patterns`.
+
+    A batch's input file names a model on each line, and upstream runs each: a file for a batch
+    (purpose `batch`) is read line by line here. The Uploads API sends a file in parts, in separate
+    requests, so what it would hold cannot be read as a whole: its batch uploads are refused instead.
+    """
+    if not patterns:
+        return None
+    if path.split("?", 1)[0].rstrip("/").endswith("/uploads"):
+        if not batch_upload_purpose(body):
+            return None
+        return refused(
+            403,
+            "model_not_allowed",
+            "This client key may use only some models (allowed: " + ", ".join(patterns) + "), and a batch's input"
+            " file sent through the Uploads API (in parts) cannot be checked for them: upload it with"
+            " POST /v1/files (purpose 'batch') instead.",
+            "invalid_request_error",
+            {"x-should-retry": "false"},
+        )
+    if "multipart/form-data" not in content_type.lower():
+        return None
+    files = batch_input_files(content_type, body)
+    if isinstance(files, OpenAIError):
+        return Refusal(files.code or "invalid_model", files)
+    for data in files:
+        refusal = batch_input_refusal(patterns, data)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+def batch_input_refusal(patterns: tuple[str, ...], data: bytes) -> Refusal | None:
+    """Refuse a batch's input file (JSON Lines) when a line names a model outside `patterns`, or none readably."""
+    if not patterns:
+        return None
+    models = batch_models(data)
+    if isinstance(models, OpenAIError):
+        return Refusal(models.code or "invalid_model", models)
+    for number, model in models:
+        if not model_allowed(patterns, model):
+            return refused(
+                403,
+                "model_not_allowed",
+                f"This client key may not use the model {model!r}, which line {number} of the batch input file names"
+                f" (allowed: {', '.join(patterns)}).",
+                "invalid_request_error",
+                {"x-should-retry": "false"},
+            )
+    return None
 
 
 def refused(status: int, code: str, message: str, kind: str, headers: dict[str, str] | None = None) -> Refusal:

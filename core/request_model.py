@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl, unquote, unquote_to_bytes
 
@@ -333,13 +333,25 @@ def _urlencoded_model(body: bytes) -> RequestedModel | OpenAIError:
 
 
 def _multipart_model(content_type: str, body: bytes) -> RequestedModel | OpenAIError:
-    """The `model` field of a multipart form, read part by part as a form parser would (the
-    preamble before the first boundary and the epilogue after the last are not parts)."""
+    """The `model` field of a multipart form."""
+    pairs: list[tuple[str, Any]] = []
+    for names, head, start, end in _form_parts(content_type, body):
+        for name in names:
+            if name.lower() != "model":
+                continue
+            if _FILE_PARAM.search(head) or _TRANSFER_ENCODING.search(head):
+                return invalid("The form's 'model' must be a plain field: not a file, and not transfer-encoded.")
+            pairs.append((name, body[start:end].decode("utf-8", "replace")))
+    return _named_in(pairs, FORM, "form field")
+
+
+def _form_parts(content_type: str, body: bytes) -> Iterator[tuple[list[str], bytes, int, int]]:
+    """A multipart form's parts, read part by part as a form parser would (the preamble before the
+    first boundary and the epilogue after the last are not parts): (names, headers, value's start, end)."""
     boundary = _BOUNDARY.search(content_type)
     if boundary is None:
-        return NONE  # upstream cannot read the form either
+        return  # upstream cannot read the form either
     delimiter = b"--" + (boundary.group(1) or boundary.group(2)).encode("latin-1")
-    pairs: list[tuple[str, Any]] = []
     at = _next_delimiter(body, delimiter, 0)
     while at >= 0:
         after = at + len(delimiter)
@@ -351,17 +363,11 @@ def _multipart_model(content_type: str, body: bytes) -> RequestedModel | OpenAIE
             break
         following = _next_delimiter(body, delimiter, value_start)
         head = re.sub(rb"\r?\n[ \t]+", b" ", body[head_start:head_end])  # folded header lines unfolded
-        for name in _field_names(head):
-            if name.lower() != "model":
-                continue
-            if _FILE_PARAM.search(head) or _TRANSFER_ENCODING.search(head):
-                return invalid("The form's 'model' must be a plain field: not a file, and not transfer-encoded.")
-            end = following - 1 if following >= 0 else len(body)  # the line break before the delimiter
-            if end > value_start and body[end - 1 : end] == b"\r":
-                end -= 1
-            pairs.append((name, body[value_start:end].decode("utf-8", "replace")))
+        end = following - 1 if following >= 0 else len(body)  # the line break before the delimiter
+        if end > value_start and body[end - 1 : end] == b"\r":
+            end -= 1
+        yield _field_names(head), head, value_start, end
         at = following
-    return _named_in(pairs, FORM, "form field")
 
 
 def _next_delimiter(body: bytes, delimiter: bytes, start: int) -> int:
@@ -405,3 +411,92 @@ def _field_names(head: bytes) -> list[str]:
                 value = unquote_to_bytes(value.split(b"'", 2)[-1].decode("latin-1"))
             names.append(value.decode("utf-8", "replace"))
     return names
+
+
+# --------------------------------------------------------------------------- batch input files
+
+_IDENTITY_TRANSFER = re.compile(rb"^content-transfer-encoding[ \t]*:[ \t]*(?:7bit|8bit|binary)[ \t]*$", re.I | re.M)
+
+
+def batch_input_files(content_type: str, body: bytes) -> list[bytes] | OpenAIError:
+    """The files a multipart upload sends as a batch's input: its `file` fields when a `purpose` field
+    says `batch` (in any case, as a lenient upstream might read it), else none."""
+    purposes: list[bytes] = []
+    files: list[bytes] = []
+    for names, head, start, end in _form_parts(content_type, body):
+        lowered = {name.lower() for name in names}
+        if not lowered & {"purpose", "file"}:
+            continue
+        if _TRANSFER_ENCODING.search(head) and not _IDENTITY_TRANSFER.search(head):
+            return invalid(
+                "The form's 'file' and 'purpose' must not be transfer-encoded, so the batch's models can be read."
+            )
+        if "purpose" in lowered:
+            purposes.append(body[start:end])
+        if "file" in lowered:
+            files.append(body[start:end])
+    if not any(purpose.strip().lower() == b"batch" for purpose in purposes):
+        return []
+    return files
+
+
+def batch_models(data: bytes) -> list[tuple[int, str]] | OpenAIError:
+    """The model each line of a batch's input file (JSON Lines, one request a line) names in its `body`,
+    with the line's number; or why a line's model cannot be read (a refusal that names the line)."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return invalid("The batch input file is not UTF-8 text, so the models its lines name cannot be read.")
+    found: list[tuple[int, str]] = []
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")  # CRLF line breaks
+        if not line.strip(" \t\r"):
+            continue  # a blank line (the one after the last line break, usually) names nothing
+        if "\r" in line:
+            # JSON's blank between tokens, but a line break to a reader that splits lines at CR: it
+            # would read other lines here, and a lenient one might find another request in them.
+            return invalid(f"Line {number} of the batch input file holds a lone CR; end lines with LF or CRLF.")
+        named = _line_model(number, line)
+        if isinstance(named, OpenAIError):
+            return named
+        found.append((number, named))
+    return found
+
+
+def _line_model(number: int, line: str) -> str | OpenAIError:
+    """The model one line's `body` names."""
+    try:
+        document = json.loads(line, object_pairs_hook=_pairs)
+    except (ValueError, RecursionError):
+        return invalid(f"Line {number} of the batch input file is not valid JSON, so its model cannot be read.")
+    if not isinstance(document, _Pairs):
+        return invalid(f"Line {number} of the batch input file is not a JSON object, so its model cannot be read.")
+    bodies = [(key, value) for key, value in document if key.lower() == "body"]
+    if len(bodies) != 1 or bodies[0][0] != "body" or not isinstance(bodies[0][1], _Pairs):
+        return invalid(f"Line {number} of the batch input file needs one 'body' object that names its model.")
+    named = _named_in(bodies[0][1], BODY, "key")
+    if isinstance(named, OpenAIError):
+        return OpenAIError(
+            400, f"Line {number} of the batch input file: {named.message}", named.type, named.code, named.headers
+        )
+    if not named.model:
+        return invalid(f"Line {number} of the batch input file names no model in its 'body'; name one as a string.")
+    return named.model
+
+
+def batch_upload_purpose(body: bytes) -> bool:
+    """Whether a JSON body creating an upload (POST /v1/uploads) gives it the purpose `batch`."""
+    if b"atch" not in body.lower():
+        return False
+    try:
+        document = json.loads(body, object_pairs_hook=_pairs)
+    except (ValueError, RecursionError):
+        return False  # upstream cannot read it either
+    if not isinstance(document, _Pairs):
+        return False
+    return any(
+        key.lower() == "purpose" and isinstance(value, str) and value.strip().lower() == "batch"
+        for key, value in document
+    )

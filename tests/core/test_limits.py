@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -12,9 +13,11 @@ from core.limits import (
     LimitError,
     Refusal,
     Ticket,
+    batch_input_refusal,
     duration,
     estimate_tokens,
     ip_allowed,
+    is_upload,
     model_allowed,
     networks_of,
     next_month,
@@ -22,6 +25,7 @@ from core.limits import (
     parse_limit,
     policy_with,
     reservation,
+    upload_refusal,
 )
 from core.prices import Price, PriceTable
 from storage.counters import MemoryCounters
@@ -317,3 +321,142 @@ def test_realtime_responses_are_charged_without_a_ticket():
     assert refusal is not None and refusal.code == "insufficient_quota"
     assert "daily token budget of 100 tokens is spent (100 tokens)" in refusal.error.message
     assert g.counters.period_total(g.spend_names(1, NOW)["month_usd"]) == pytest.approx(0.002)
+
+
+def batch_line(model: object, custom_id: str = "r") -> str:
+    body = {"messages": [{"role": "user", "content": "hi"}]} if model is None else {"model": model}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+
+
+MINI, FULL = batch_line("gpt-4o-mini"), batch_line("gpt-4o")
+
+
+@pytest.mark.parametrize(
+    "patterns, text, refused",
+    [
+        (("gpt-4o-mini",), f"{MINI}\n{MINI}\n", None),
+        (("gpt-4o-mini",), f"{MINI}\n{FULL}\n{MINI}\n", "model_not_allowed|line 2 |'gpt-4o'"),
+        (("gpt-4o*",), f"{MINI}\n{FULL}", None),  # a wildcard allows both
+        ((), f"{FULL}\nnot json\n", None),  # no allowlist: upstream validates the file
+        (("gpt-4o-mini",), f"{MINI}\nnot json\n", "invalid_model|Line 2 "),
+        (("gpt-4o-mini",), f"{MINI}\n{MINI}\n{batch_line(None)}\n", "invalid_model|Line 3 "),
+        (("gpt-4o-mini",), f"{batch_line(4)}\n", "invalid_model|Line 1 "),  # not a string
+        (("gpt-4o-mini",), f"{batch_line('')}\n", "invalid_model|Line 1 "),
+        (("gpt-4o-mini",), f"{MINI}\r\n{MINI}\r\n", None),  # CRLF line breaks
+        (("gpt-4o-mini",), f"{MINI}\r\n{FULL}\r\n", "model_not_allowed|line 2 |'gpt-4o'"),
+        (("gpt-4o-mini",), f"\ufeff{MINI}\n\n{MINI}\n\n", None),  # a byte order mark, blank lines
+        (("gpt-4o-mini",), "", None),  # nothing to run
+        (("gpt-4o-mini",), "[1, 2]\n", "invalid_model|Line 1 "),
+        # decoys: a nested or duplicated model, a second body, a body spelled otherwise
+        (("gpt-4o-mini",), '{"body": {"model": "gpt-4o", "metadata": {"model": "gpt-4o-mini"}}}', "model_not_allowed"),
+        (("gpt-4o-mini",), '{"body": {"model": "gpt-4o-mini", "model": "gpt-4o"}}', "ambiguous_model|Line 1 "),
+        (("gpt-4o-mini",), '{"body": {"model": "gpt-4o-mini"}, "body": {"model": "gpt-4o"}}', "invalid_model|Line 1 "),
+        (("gpt-4o-mini",), '{"Body": {"model": "gpt-4o"}}', "invalid_model|Line 1 "),
+        # U+2028 (a line break to some readers) can only be inside a string: no other line is hidden there
+        (
+            ("gpt-4o-mini",),
+            '{"body": {"model": "gpt-4o-mini"}, "x": "\u2028' + FULL.replace('"', "'") + '"}\n',
+            None,
+        ),
+        # a lone CR: blank to JSON, a line break to some readers (a lenient one would run the gpt-4o it hides)
+        (
+            ("gpt-4o-mini",),
+            '{"body": {"model": "gpt-4o-mini"}, "y":\r{"body": {"model": "gpt-4o"}}}\n',
+            "invalid_model|Line 1 |lone CR",
+        ),
+    ],
+)
+def test_batch_input_file_lines_name_allowed_models(patterns, text, refused):
+    outcome = batch_input_refusal(patterns, text.encode())
+    if refused is None:
+        assert outcome is None
+        return
+    assert isinstance(outcome, Refusal)
+    code, *says = refused.split("|")
+    assert outcome.code == code == outcome.error.code
+    assert outcome.error.status == (403 if code == "model_not_allowed" else 400)
+    assert outcome.error.headers["x-should-retry"] == "false"
+    for part in says:
+        assert part in outcome.error.message
+
+
+def test_a_batch_file_that_is_not_utf8_is_refused_for_an_allowlisted_client():
+    outcome = batch_input_refusal(("gpt-4o-mini",), MINI.encode("utf-16"))
+    assert outcome is not None and outcome.code == "invalid_model" and "UTF-8" in outcome.error.message
+
+
+def form(*parts: tuple[str, str, bytes], boundary: str = "XyZ") -> tuple[str, bytes]:
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{head}\r\n\r\n'.encode() + value + b"\r\n"
+        for name, head, value in parts
+    )
+    return f"multipart/form-data; boundary={boundary}", body + f"--{boundary}--\r\n".encode()
+
+
+JSONL = '; filename="in.jsonl"\r\nContent-Type: application/jsonl'
+BAD_FILE = f"{MINI}\n{FULL}\n".encode()
+
+
+@pytest.mark.parametrize(
+    "path, parts, refused",
+    [
+        ("/v1/files", [("purpose", "", b"batch"), ("file", JSONL, BAD_FILE)], "model_not_allowed"),
+        ("/v1/files", [("file", JSONL, BAD_FILE), ("purpose", "", b"batch")], "model_not_allowed"),  # any order
+        ("/v1/files", [("purpose", "", b"batch"), ("file", JSONL, f"{MINI}\n".encode())], None),
+        ("/v1/files", [("purpose", "", b"fine-tune"), ("file", JSONL, BAD_FILE)], None),  # not a batch's input
+        ("/v1/files", [("purpose", "", b" Batch "), ("file", JSONL, BAD_FILE)], "model_not_allowed"),
+        (
+            "/openai/files?api-version=2024-10-21",
+            [("purpose", "", b"batch"), ("file", JSONL, BAD_FILE)],
+            "model_not_allowed",
+        ),
+        (
+            "/v1/files",
+            [("purpose", "", b"batch"), ("file", JSONL + "\r\nContent-Transfer-Encoding: base64", b"e30=")],
+            "invalid_model",
+        ),
+        (
+            "/v1/files",
+            [("purpose", "", b"batch"), ("file", JSONL + "\r\nContent-Transfer-Encoding: binary", BAD_FILE)],
+            "model_not_allowed",
+        ),
+    ],
+)
+def test_an_upload_of_a_batch_input_file_is_read_line_by_line(path, parts, refused):
+    content_type, body = form(*parts)
+    outcome = upload_refusal(("gpt-4o-mini",), path, content_type, body)
+    assert (outcome.code if outcome else None) == refused
+    assert upload_refusal((), path, content_type, body) is None  # no allowlist: nothing to check
+
+
+@pytest.mark.parametrize(
+    "body, refused",
+    [
+        (b'{"purpose": "batch", "filename": "in.jsonl", "bytes": 100, "mime_type": "text/jsonl"}', True),
+        (b'{"purpose": "fine-tune", "filename": "in.jsonl", "bytes": 100, "mime_type": "text/jsonl"}', False),
+        (b'{"purpose": "assistants", "filename": "batch.pdf", "bytes": 100, "mime_type": "application/pdf"}', False),
+    ],
+)
+def test_a_batch_upload_through_the_uploads_api_is_refused_to_an_allowlisted_client(body, refused):
+    outcome = upload_refusal(("gpt-4o-mini",), "/v1/uploads", "application/json", body)
+    assert (outcome is not None) is refused
+    if outcome is not None:
+        assert outcome.error.status == 403 and "/v1/files" in outcome.error.message
+    assert upload_refusal((), "/v1/uploads", "application/json", body) is None
+
+
+@pytest.mark.parametrize(
+    "method, path, checked",
+    [
+        ("POST", "/v1/files", True),
+        ("POST", "/v1/files/", True),
+        ("POST", "/openai/files?api-version=2024-10-21", True),
+        ("POST", "/v1/uploads", True),
+        ("GET", "/v1/files", False),
+        ("POST", "/v1/files/file-1/content", False),
+        ("POST", "/v1/uploads/upload_1/parts", False),  # refused when created, if for a batch
+        ("POST", "/v1/chat/completions", False),
+    ],
+)
+def test_which_requests_may_upload_a_batch_input_file(method, path, checked):
+    assert is_upload(method, path) is checked

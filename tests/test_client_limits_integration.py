@@ -8,6 +8,7 @@ running proxy applies within a second.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 
 import httpx
@@ -319,3 +320,58 @@ def test_a_limited_client_is_refused_an_ephemeral_key_that_would_bypass_its_limi
     )
     assert passed.headers.get("x-keyrotor-error") != "ephemeral_key_not_allowed"
     assert [r.path for r in upstream.received if "client_secrets" in r.path] == ["/v1/realtime/client_secrets"]
+
+
+def batch_file(*models: str) -> bytes:
+    """A batch's input file: one chat request a line, each naming its model."""
+    return b"".join(
+        json.dumps(
+            {
+                "custom_id": f"request-{n}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": model, "messages": MESSAGES},
+            }
+        ).encode()
+        + b"\n"
+        for n, model in enumerate(models, 1)
+    )
+
+
+def test_a_batch_input_file_naming_a_model_outside_the_allowlist_is_refused_at_upload(kr: Keyrotor, upstream):
+    """Upstream runs the model each line of a batch's input file names: a client allowed only gpt-4o-mini
+    cannot upload one whose line names gpt-4o (the batch would run it), nor one whose model cannot be read."""
+    limited = new_client(kr, "team-a", "--models", "gpt-4o-mini")
+    open_client = new_client(kr, "team-b")
+    kr.start_proxy()
+    client = client_for(kr, limited)
+    with pytest.raises(openai.PermissionDeniedError) as raised:
+        client.files.create(
+            file=("in.jsonl", batch_file("gpt-4o-mini", "gpt-4o", "gpt-4o-mini"), "application/jsonl"),
+            purpose="batch",
+        )
+    assert raised.value.status_code == 403
+    assert raised.value.code == "model_not_allowed"
+    assert "'gpt-4o'" in raised.value.message and "line 2" in raised.value.message
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    unreadable = batch_file("gpt-4o-mini") + b"not json\n"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.files.create(file=("in.jsonl", unreadable, "application/jsonl"), purpose="batch")
+    assert bad.value.code == "invalid_model" and "Line 2" in bad.value.message
+    with pytest.raises(openai.PermissionDeniedError) as in_parts:  # the Uploads API: parts cannot be read whole
+        client.uploads.create(bytes=100, filename="in.jsonl", mime_type="text/jsonl", purpose="batch")
+    assert in_parts.value.code == "model_not_allowed" and "/v1/files" in in_parts.value.message
+    assert not [r for r in upstream.received if "/files" in r.path or "/uploads" in r.path]  # nothing sent
+
+    uploaded = client.files.create(
+        file=("in.jsonl", batch_file("gpt-4o-mini", "gpt-4o-mini"), "application/jsonl"), purpose="batch"
+    )
+    assert uploaded.id.startswith("file-") and uploaded.purpose == "batch"
+    notes = client.files.create(file=("notes.txt", b"gpt-4o, not json"), purpose="assistants")  # not a batch's
+    assert notes.id.startswith("file-")
+    # A client without an allowlist uploads what it likes: upstream validates the file.
+    anything = client_for(kr, open_client).files.create(
+        file=("in.jsonl", batch_file("gpt-4o") + b"not json\n", "application/jsonl"), purpose="batch"
+    )
+    assert anything.id.startswith("file-")
+    assert [r.path for r in upstream.received if "/files" in r.path] == ["/v1/files"] * 3

@@ -8,8 +8,11 @@ an admitted request used when it ends.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
@@ -112,16 +115,16 @@ class Access:
             if refused is not None:
                 refuse(flow, verdict, refused)
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         if flow.response:
-            return
+            return None
         if ACCESS not in flow.metadata:
             self.requestheaders(flow)  # a flow that skipped the requestheaders hook (replayed, injected)
             if flow.response:
-                return
+                return None
         verdict = AccessVerdict.of(flow.metadata)
         if verdict is None or verdict.client_id is None:
-            return  # refused at the headers, and answered
+            return None  # refused at the headers, and answered
         # The one model upstream will act on, for every client: read once here, where a request that
         # names it ambiguously is refused before anything is sent; the other addons read it back.
         request = flow.request
@@ -130,22 +133,39 @@ class Access:
         )
         if not isinstance(named, RequestedModel):
             refuse(flow, verdict, Refusal(named.code or "invalid_model", named))
-            return
+            return None
         client = self.state.clients_by_id.get(verdict.client_id)
         if client is None or (not client.policy.is_limited and not self.governor.ip_rpm):
-            return
+            return None
         body = request.raw_content or b""
         if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t", b"-", b""):
             try:
                 body = request.content or b""  # content-encoded: the estimate counts the real prompt
             except ValueError:
                 pass  # an encoding we cannot read: refused above
+        if client.policy.models and is_upload(request.method, request.path):  # a batch's input file names models too
+            return self._admit_upload(flow, verdict, client, named, body)
+        self._admit(flow, verdict, client, named, body)
+        return None
+
+    async def _admit_upload(
+        self, flow: http.HTTPFlow, verdict: AccessVerdict, client: Client, named: RequestedModel, body: bytes
+    ) -> None:
+        # A batch's input file may be a hundred MB, 30 ms a MB to read: read off the loop, so no
+        # other request waits on it (the hook returns a coroutine only here).
+        content_type = flow.request.headers.get("content-type", "")
+        refused = await asyncio.to_thread(upload_refusal, client.policy.models, flow.request.path, content_type, body)
+        if refused is not None:
+            refuse(flow, verdict, refused)
+            return
+        self._admit(flow, verdict, client, named, body)
+
+    def _admit(
+        self, flow: http.HTTPFlow, verdict: AccessVerdict, client: Client, named: RequestedModel, body: bytes
+    ) -> None:
+        """The Governor's verdict on the request: refused, or counted against the client's limits."""
+        request = flow.request
         policy = client.policy
-        if policy.models and is_upload(request.method, request.path):  # a batch's input file names models too
-            upload_refused = upload_refusal(policy.models, request.path, request.headers.get("content-type", ""), body)
-            if upload_refused is not None:
-                refuse(flow, verdict, upload_refused)
-                return
         model, serving = named.model, None
         if policy.groups and model is not None:
             table = self.state.table

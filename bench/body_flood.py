@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import sys
@@ -25,13 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from proxy_overhead import (
-    ADMIN_KEY,
     HOST,
     PYTHON,
     ROOT,
     BenchError,
     Processes,
     free_port,
+    isolated_env,
     run_facts,
     start_upstream,
     stop_on_sigterm,
@@ -116,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_sigterm()
     tmp = Path(tempfile.mkdtemp(prefix="kr-flood-"))
     procs = Processes(tmp)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYROTOR_")}
-    env.update(KEYROTOR_ADMIN_KEY=ADMIN_KEY, KEYROTOR_STORAGE_PATH=str(tmp / "kr.db"))
-    env["HOME"] = str(tmp)  # mitmproxy's CA and config go here, not into the user's home
+    env = isolated_env(tmp)
     try:
         _, upstream_url = start_upstream(procs, "upstream", env, [])
         setup(args.root, tmp, env)

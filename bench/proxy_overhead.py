@@ -139,6 +139,14 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def isolated_env(tmp: Path) -> dict[str, str]:
+    """The environment of a bench's own keyrotor: none of the caller's KEYROTOR_* settings, the bench's
+    admin key, a database and a home (mitmproxy's CA and config) in `tmp`, not in the user's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYROTOR_")}
+    env.update(KEYROTOR_ADMIN_KEY=ADMIN_KEY, KEYROTOR_STORAGE_PATH=str(tmp / "kr.db"), HOME=str(tmp))
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))

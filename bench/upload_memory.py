@@ -26,12 +26,12 @@ from pathlib import Path
 import httpx
 from body_flood import status_kb
 from proxy_overhead import (
-    ADMIN_KEY,
     PYTHON,
     ROOT,
     BenchError,
     Processes,
     free_port,
+    isolated_env,
     run_facts,
     start_upstream,
     stop_on_sigterm,
@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_sigterm()
     tmp = Path(tempfile.mkdtemp(prefix="kr-upload-"))
     procs = Processes(tmp)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYROTOR_")}
-    env.update(KEYROTOR_ADMIN_KEY=ADMIN_KEY, KEYROTOR_STORAGE_PATH=str(tmp / "kr.db"))
-    env["HOME"] = str(tmp)  # mitmproxy's CA and config go here, not into the user's home
+    env = isolated_env(tmp)
     env["PYTHONPATH"] = str(args.root)
     try:
         _, upstream_url = start_upstream(procs, "upstream", env, [])

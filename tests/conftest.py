@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import fcntl
 import io
+import json
 import os
 import signal
 import socket
@@ -57,6 +58,17 @@ def raises(call: Callable[[], object]) -> openai.APIError | None:
     except openai.APIError as e:
         return e
     return None
+
+
+def batch_input(lines: int, model: str = "gpt-4o-mini") -> bytes:
+    """A batch's input file (JSONL): `lines` chat requests for `model`."""
+    return b"".join(
+        json.dumps(
+            {"custom_id": f"req-{n}", "method": "POST", "url": "/v1/chat/completions", "body": {"model": model}}
+        ).encode()
+        + b"\n"
+        for n in range(lines)
+    )
 
 
 def port_open(port: int) -> bool:

@@ -14,18 +14,12 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ADMIN_KEY, Keyrotor, raises, wait_for
+from tests.conftest import ADMIN_KEY, Keyrotor, batch_input, raises, wait_for
 from tests.fake_upstream import FakeUpstream
 
 KEYS = [f"sk-good-affinity-{n}-aaaaaaaaaaaaaaaaaaaa000{n}" for n in (1, 2, 3)]
 MESSAGES = [{"role": "user", "content": "hello"}]
-BATCH_INPUT = b"".join(
-    json.dumps(
-        {"custom_id": f"req-{n}", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-4o-mini"}}
-    ).encode()
-    + b"\n"
-    for n in range(3)
-)
+BATCH_INPUT = batch_input(3)
 
 
 def refused_with_409(call: Callable[[], object], what: str) -> openai.APIStatusError:

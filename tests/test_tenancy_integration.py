@@ -16,17 +16,11 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Keyrotor, raises, wait_for
+from tests.conftest import Keyrotor, batch_input, raises, wait_for
 from tests.fake_upstream import FakeUpstream
 
 KEY = "sk-good-tenancy-shared-aaaaaaaaaaaaaaaaaaaa0001"
-BATCH_INPUT = b"".join(
-    json.dumps(
-        {"custom_id": f"req-{n}", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-4o-mini"}}
-    ).encode()
-    + b"\n"
-    for n in range(2)
-)
+BATCH_INPUT = batch_input(2)
 
 
 def client_for(kr: Keyrotor, key: str) -> openai.OpenAI:

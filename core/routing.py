@@ -93,7 +93,9 @@ class RouteTable:
         self.default_group = ranked[0] if ranked else None
         # The common case: one group for everything, nothing renamed. Then the request's model
         # need not even be read.
-        self.trivial = len(self.groups) == 1 and self.groups[0].serves_every_model and not self.fallbacks
+        self.trivial = (
+            len(self.groups) == 1 and self.groups[0].serves_every_model and not self.fallbacks and not self._listed
+        )
         self.only = Candidate(self.groups[0], None, None) if self.trivial else None
 
     def dialect_of(self, group_id: int | None) -> Dialect:

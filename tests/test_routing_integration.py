@@ -299,3 +299,15 @@ def test_an_explicit_fallback_to_the_catch_all_is_honoured(beside_default, relay
     assert {(r["upstream"], r["model"], r["fallback_model"], r["status"]) for r in rows} == {
         ("default", "gpt-4o-mini", "o1-mini", 200)
     }
+
+
+def test_a_listed_model_whose_groups_are_disabled_is_refused_not_sent_to_the_default(beside_default, relay, upstream):
+    kr = beside_default
+    add_relay_keys(kr)
+    kr.setup("groups", "disable", "relay/cheap")  # the one enabled group left is the catch-all
+    client = started(kr)
+    error = relay_prompt(client)
+    assert isinstance(error, openai.InternalServerError) and error.code == "no_upstream_group"
+    assert "gpt-4o-mini" in error.message
+    assert client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES).choices  # the catch-all's
+    assert relay.received == [] and [json.loads(r.body)["model"] for r in upstream.received] == ["gpt-3.5-turbo"]

@@ -73,6 +73,7 @@ def test_a_model_only_disabled_groups_list_goes_to_no_catch_all():
     assert table.candidates("claude-3") == table.candidates("llama") == []
     assert table.is_listed("claude-3") and not table.is_listed("unknown") and not table.is_listed(None)
     assert [c.group.label for c in table.candidates("unknown")] == ["default/default"]
+    assert not RouteTable([off, ALL]).trivial  # the one-group shortcut would not read the model
 
 
 def test_aliases_name_the_model_upstream_uses():

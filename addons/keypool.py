@@ -372,7 +372,9 @@ class KeyPool:
         flow.response = as_response(error)
         use = KeyUse.of(flow.metadata)
         if use is None:
-            use = flow.metadata[KEYPOOL] = KeyUse()
+            # Settled: the response hook must not take keyrotor's own 503 for upstream's and send the
+            # request on to another group (the default one, without a plan) it was never routed to.
+            use = flow.metadata[KEYPOOL] = KeyUse(settled=True)
         use.refusal = f"{error.code}: {error.message}"
 
     def _finish(self, flow: http.HTTPFlow) -> None:

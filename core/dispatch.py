@@ -150,9 +150,21 @@ def route(table: RouteTable, model: str | None, allowed_groups: Container[str] |
     """Where a request for `model` may go, in order, or why it is refused; a client limited to some
     groups only gets those (addons/access.py refused it if none serves the model)."""
     candidates = table.candidates(model)
+    if not candidates and table.is_listed(model):
+        return no_listed_group(model)
     if allowed_groups is not None:
         candidates = [c for c in candidates if c.group.label in allowed_groups]
     return candidates or model_not_found(model)
+
+
+def no_listed_group(model: str | None) -> OpenAIError:
+    """The groups that list the model are all disabled: it goes to no other group (a catch-all serves
+    only models no group lists)."""
+    message = (
+        f"Every upstream group that lists the model `{model}` is disabled: enable one (run.py groups list),"
+        " or name a fallback model (run.py models fallback)."
+    )
+    return OpenAIError(503, message, "server_error", "no_upstream_group", {"x-should-retry": "false"})
 
 
 @dataclass(frozen=True)

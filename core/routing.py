@@ -1,8 +1,10 @@
 """Which upstream group serves a request: by its model, highest priority first, weighted within one.
 
-A group whose model list is empty serves every model, so a user who never lists models
-sees no change. After the groups of a model come its fallback models' groups, in the
-order an admin gave them. Requests without a model go to the default group.
+A model some group lists goes only to the groups that list it, then to its fallback models
+(in the order an admin gave them), each routed the same way. A group whose model list is
+empty (a catch-all, like a fresh install's default/default) serves the models no group
+lists: a prompt meant for a relay never reaches it, unless an admin names one of those
+models as a fallback. Requests without a model go to the default group.
 """
 
 from __future__ import annotations
@@ -84,12 +86,16 @@ class RouteTable:
             for model in group.models:
                 self._by_model.setdefault(model, []).append(group)
         self._every_model = [g for g in self.groups if g.serves_every_model]
+        # Listed by any group, enabled or not: a disabled relay's models do not go to a catch-all either.
+        self._listed = frozenset(model for g in groups for model in g.models)
         defaults = [g for g in self.groups if g.label == f"{DEFAULT}/{DEFAULT}"]
         ranked = defaults or sorted(self.groups, key=lambda g: (-g.priority, g.id))
         self.default_group = ranked[0] if ranked else None
         # The common case: one group for everything, nothing renamed. Then the request's model
         # need not even be read.
-        self.trivial = len(self.groups) == 1 and self.groups[0].serves_every_model and not self.fallbacks
+        self.trivial = (
+            len(self.groups) == 1 and self.groups[0].serves_every_model and not self.fallbacks and not self._listed
+        )
         self.only = Candidate(self.groups[0], None, None) if self.trivial else None
 
     def dialect_of(self, group_id: int | None) -> Dialect:
@@ -98,7 +104,14 @@ class RouteTable:
         return group.upstream.dialect if group else Dialect.OPENAI
 
     def groups_for(self, model: str) -> list[Group]:
-        return self._by_model.get(model, []) + self._every_model
+        """The groups that list `model`; for a model no group lists, the catch-alls."""
+        if model in self._listed:
+            return self._by_model.get(model, [])
+        return self._every_model
+
+    def is_listed(self, model: str | None) -> bool:
+        """Some group lists `model` by name (enabled or not): only such groups may serve it."""
+        return model is not None and model in self._listed
 
     def candidates(self, model: str | None, rng: random.Random | None = None) -> list[Candidate]:
         """Where to try a request for `model`, in order; empty when nothing serves it."""

@@ -197,3 +197,117 @@ def test_a_client_limited_to_one_group_is_served_by_that_group_only(routed, rela
     assert relay.received == [] and len(azure.received) == 6
     error = raises(lambda: bob.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES))
     assert isinstance(error, openai.PermissionDeniedError) and error.code == "model_not_allowed"
+
+
+# --------------------------------------------------------------------------- never diverted to a catch-all
+# Each case keeps the shipped default: default/default lists no model, holds a good key, and serves
+# every model no group lists. A model the relay lists goes to the relay only, then to its fallbacks.
+
+
+@pytest.fixture
+def beside_default(keyrotor: Keyrotor, relay: FakeUpstream) -> Keyrotor:
+    kr = keyrotor
+    kr.setup("upstreams", "add", "relay", relay.url + "/v1")
+    kr.setup("groups", "add", "relay/cheap", "--priority", "10")
+    kr.setup("models", "add", "relay/cheap", "gpt-4o-mini")
+    kr.add_keys(DEFAULT_KEY)  # default/default, the catch-all
+    return kr
+
+
+def add_relay_keys(kr: Keyrotor) -> None:
+    kr.setup("keys", "add", "--group", "relay/cheap", input="\n".join(RELAY_KEYS) + "\n")
+
+
+def relay_key_ids(kr: Keyrotor) -> list[str]:
+    rows = kr.query("SELECT k.id FROM upstream_keys k JOIN groups g ON g.id = k.group_id WHERE g.name = 'cheap'")
+    return [str(r["id"]) for r in rows]
+
+
+def started(kr: Keyrotor, *args: str) -> openai.OpenAI:
+    client_key = kr.add_client("alice")
+    kr.start_proxy(*args)
+    return openai.OpenAI(base_url=kr.base_url, api_key=client_key, max_retries=0, timeout=20)
+
+
+def relay_prompt(client: openai.OpenAI) -> openai.APIError | None:
+    return raises(lambda: client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES))
+
+
+def test_a_listed_model_whose_group_has_no_key_is_refused_not_sent_to_the_default(beside_default, relay, upstream):
+    client = started(beside_default)
+    for _ in range(2):
+        error = relay_prompt(client)
+        assert isinstance(error, openai.InternalServerError) and error.status_code == 503
+        assert error.code == "no_upstream_key_configured"
+    assert relay.received == upstream.received == []
+
+
+@pytest.mark.parametrize("how", ["invalid", "disabled"])
+def test_a_listed_model_whose_keys_are_unusable_is_refused_not_sent_to_the_default(
+    how, beside_default, relay, upstream
+):
+    kr = beside_default
+    add_relay_keys(kr)
+    if how == "invalid":
+        for key in RELAY_KEYS:
+            relay.set_key(key, "invalid")
+    else:
+        kr.setup("keys", "disable", *relay_key_ids(kr))
+    client = started(kr)
+    for _ in range(3):  # the first learns the keys are invalid; the next find none usable
+        error = relay_prompt(client)
+        assert isinstance(error, openai.InternalServerError) and error.code == "no_upstream_key_available"
+    assert sorted(r.key for r in relay.received) == (sorted(RELAY_KEYS) if how == "invalid" else [])
+    assert upstream.received == []
+
+
+def test_a_listed_model_whose_keys_rest_after_429_is_never_sent_to_the_default(beside_default, relay, upstream):
+    kr = beside_default
+    add_relay_keys(kr)
+    for key in RELAY_KEYS:
+        relay.set_key(key, "ratelimit")
+    client = started(kr, "--set", "keypool.wait_max_seconds=1")
+    for _ in range(3):
+        error = relay_prompt(client)
+        assert error is not None and error.status_code in (429, 503)  # upstream's 429, or every key resting
+    assert relay.received and upstream.received == []
+    rows = wait_for(lambda: len(r := flow_rows(kr)) == 3 and r, what="three rows")
+    assert {r["upstream"] for r in rows} <= {"relay", None}
+
+
+def test_a_model_nobody_lists_still_goes_to_the_catch_all(beside_default, relay, upstream):
+    kr = beside_default
+    add_relay_keys(kr)
+    client = started(kr)
+    assert client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES).model == "gpt-3.5-turbo"
+    assert client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices
+    assert [r.key for r in upstream.received] == [DEFAULT_KEY]
+    assert [json.loads(r.body)["model"] for r in relay.received] == ["gpt-4o-mini"]
+
+
+def test_an_explicit_fallback_to_the_catch_all_is_honoured(beside_default, relay, upstream):
+    kr = beside_default
+    add_relay_keys(kr)
+    for key in RELAY_KEYS:
+        relay.set_key(key, "invalid")
+    kr.setup("models", "fallback", "gpt-4o-mini", "o1-mini")  # no group lists o1-mini: the catch-all's
+    client = started(kr)
+    for _ in range(2):
+        assert client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).model == "o1-mini"
+    assert [(r.key, json.loads(r.body)["model"]) for r in upstream.received] == [(DEFAULT_KEY, "o1-mini")] * 2
+    rows = wait_for(lambda: len(r := flow_rows(kr)) == 2 and r, what="two rows")
+    assert {(r["upstream"], r["model"], r["fallback_model"], r["status"]) for r in rows} == {
+        ("default", "gpt-4o-mini", "o1-mini", 200)
+    }
+
+
+def test_a_listed_model_whose_groups_are_disabled_is_refused_not_sent_to_the_default(beside_default, relay, upstream):
+    kr = beside_default
+    add_relay_keys(kr)
+    kr.setup("groups", "disable", "relay/cheap")  # the one enabled group left is the catch-all
+    client = started(kr)
+    error = relay_prompt(client)
+    assert isinstance(error, openai.InternalServerError) and error.code == "no_upstream_group"
+    assert "gpt-4o-mini" in error.message
+    assert client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES).choices  # the catch-all's
+    assert relay.received == [] and [json.loads(r.body)["model"] for r in upstream.received] == ["gpt-3.5-turbo"]

@@ -112,6 +112,17 @@ def test_no_usable_key_answers_503_with_soonest_retry_after(keypool):
     assert json.loads(flow.response.content)["error"]["code"] == "no_upstream_key_available"
 
 
+def test_keyrotors_own_503_is_final_and_never_sent_on_to_another_group(keypool):
+    for key in keypool.state.keys:
+        key.state = "invalid"
+    flow = authorised_flow()
+    run_hook(keypool.request(flow))
+    refusal = flow.response
+    assert refusal.status_code == 503 and KeyUse.of(flow.metadata).settled
+    assert keypool.response(flow) is None  # mitmproxy's response hook: no retry of our own answer
+    assert flow.response is refusal and json.loads(refusal.content)["error"]["code"] == "no_upstream_key_available"
+
+
 def test_answered_flows_are_left_alone(keypool):
     flow = authorised_flow()
     flow.response = tutils.tresp(status_code=401)

@@ -49,7 +49,7 @@ from core.records import AttemptLog
 from core.rotation import PROBE_POLL_SECONDS, PROOF_POLL_SECONDS, KeyWait, Rotation, RotationSettings
 from core.routing import Candidate, Dialect, Group, RouteTable, Upstream
 
-MODEL, FALLBACK = "gpt-4o", "gpt-4o-mini"
+MODEL, FALLBACK, UNLISTED = "gpt-4o", "gpt-4o-mini", "gpt-4.1-nano"
 UPSTREAM = Upstream(1, "up", "http://up.test")
 SETTINGS = RotationSettings(max_attempts=3, wait_max_seconds=1, policy=Policy(pool_429_window_seconds=0))
 
@@ -76,15 +76,24 @@ FIRST_ERRORS = {"refused": "ConnectError: connection refused", "timeout": "upstr
 
 class World:
     """Groups a, b, … serving MODEL by priority (their keys a1, a2, …), and with `fallback` a group
-    f serving FALLBACK only, which is MODEL's fallback model."""
+    f serving FALLBACK only, which is MODEL's fallback model; with `catch_all` a group d that lists
+    no model (d1, …), and with `unlisted_fallback` MODEL falls back to UNLISTED, which no group lists."""
 
     def __init__(
-        self, layout: dict[str, int], script: dict[str, list[str]], fallback: int = 0, alias: str | None = None
+        self,
+        layout: dict[str, int],
+        script: dict[str, list[str]],
+        fallback: int = 0,
+        alias: str | None = None,
+        catch_all: int = 0,
+        unlisted_fallback: bool = False,
     ) -> None:
         groups, self.names, self.rotations = [], {}, {}
         specs = [(name, count, {MODEL: alias}) for name, count in layout.items()]
         if fallback:
             specs.append(("f", fallback, {FALLBACK: None}))
+        if catch_all:
+            specs.append(("d", catch_all, {}))
         next_id = 1
         for gid, (name, count, models) in enumerate(specs, start=1):
             group = Group(gid, UPSTREAM, name, priority=100 - gid, models=models)
@@ -100,7 +109,9 @@ class World:
             rotation = self.rotations[gid] = Rotation(pool)
             rotation.configure(SETTINGS)
             groups.append(group)
-        self.table = RouteTable(groups, {MODEL: [FALLBACK]} if fallback else None)
+        fallbacks = [FALLBACK] if fallback else []
+        fallbacks += [UNLISTED] if unlisted_fallback else []
+        self.table = RouteTable(groups, {MODEL: fallbacks} if fallbacks else None)
         self.script = {name: list(answers) for name, answers in script.items()}
         self.answered: list[str] = []  # the retries' answers, in order
         self.failover = Failover(self.rotations.get, lambda: SETTINGS, send=self.send)
@@ -282,6 +293,43 @@ def test_a_client_that_hung_up_releases_its_key_and_nothing_is_learnt():
     assert key.state == KeyState.ACTIVE and world.rotations[1].pool.runtime[key.id].in_flight == 0
 
 
+# A catch-all group d (an empty model list, like default/default) is present in every row: it serves
+# only what no group lists, so MODEL's requests never reach it unless a fallback model is one of those.
+# fmt: off
+NEVER_DIVERTED = [
+    # name,                            groups,   key states,            script,                     fallback, expected
+    ("no key in the model's group",    {"a": 0}, {},                    {},                         False,
+     "→ 503 no_upstream_key_configured"),
+    ("only invalid keys",              {"a": 2}, {"a1": KeyState.INVALID, "a2": KeyState.INVALID}, {}, False,
+     "→ 503 no_upstream_key_available"),
+    ("only disabled keys",             {"a": 1}, {"a1": KeyState.DISABLED}, {},                     False,
+     "→ 503 no_upstream_key_available"),
+    ("keys turn out invalid",          {"a": 2}, {},                    {"a1": ["401"], "a2": ["401"]}, False,
+     "a1 401, retry, wait a, a2 401, wait a, leave a, → 503 no_upstream_key_available"),
+    ("keys rate limited",              {"a": 1}, {},                    {"a1": ["429"]},            False,
+     "a1 429, retry, wait a, leave a, → 503 no_upstream_key_available"),
+    ("5xx stays upstream's",           {"a": 2}, {},                    {"a1": ["500"], "a2": ["500"]}, False,
+     "a1 500, retry, wait a, a2 500, → 500"),
+    ("explicit fallback: no key",      {"a": 0}, {},                    {},                         True,
+     "d1 200, answer, → 200"),
+    ("explicit fallback: invalid",     {"a": 1}, {},                    {"a1": ["401"]},            True,
+     "a1 401, retry, key a, leave a, wait d, d1 200, → 200 as gpt-4.1-nano"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("name", "layout", "states", "script", "unlisted_fallback", "expected"),
+    [pytest.param(*row, id=row[0]) for row in NEVER_DIVERTED],
+)
+def test_a_model_some_group_lists_never_goes_to_a_catch_all(name, layout, states, script, unlisted_fallback, expected):
+    world = World(layout, script, catch_all=1, unlisted_fallback=unlisted_fallback)
+    for rotation in world.rotations.values():
+        for key in rotation.pool.keys:
+            key.state = states.get(world.names[key.id], key.state)
+    assert ", ".join(asyncio.run(journey(world))) == expected
+
+
 def test_no_key_at_all_refuses_before_any_attempt():
     world = World({"a": 1}, {})
     world.rotations[1].pool.keys[0].state = KeyState.INVALID
@@ -352,6 +400,16 @@ def test_route_refuses_a_model_nothing_serves_and_keeps_a_clients_groups():
     assert isinstance(routes, list) and [c.group.name for c in routes] == ["b"]
     refused = route(table, MODEL, ["up/c"])
     assert not isinstance(refused, list) and refused.code == "model_not_found"
+
+
+def test_route_refuses_a_model_whose_listing_groups_are_all_disabled():
+    off = Group(1, UPSTREAM, "a", models={MODEL: None}, enabled=False)
+    table = RouteTable([off, Group(2, UPSTREAM, "d")])  # d, a catch-all, does not take MODEL's requests
+    refused = route(table, MODEL, None)
+    assert not isinstance(refused, list) and (refused.status, refused.code) == (503, "no_upstream_group")
+    assert MODEL in refused.message and refused.headers == {"x-should-retry": "false"}
+    routes = route(table, "unknown", None)
+    assert isinstance(routes, list) and [c.group.name for c in routes] == ["d"]
 
 
 @pytest.mark.parametrize(

@@ -34,11 +34,46 @@ AZURE_PROD = group(4, AZURE, "prod", priority=10, gpt_4o="prod-gpt4o")
         ([CHEAP, PREMIUM], "gpt-4o", ["relay/cheap", "openai/premium"]),  # priority 10 before 5
         ([CHEAP, PREMIUM], "unknown", []),
         ([CHEAP, PREMIUM, ALL], "unknown", ["default/default"]),
-        ([PREMIUM, ALL], "o1", ["openai/premium", "default/default"]),  # listed groups first, then catch-alls
+        ([PREMIUM, ALL], "o1", ["openai/premium"]),  # a catch-all serves only what no group lists
+        ([PREMIUM, ALL], "gpt-4o-mini", ["default/default"]),
+        ([CHEAP, ALL, PREMIUM], "gpt-4o", ["relay/cheap", "openai/premium"]),
     ],
 )
 def test_a_model_goes_to_the_groups_that_serve_it_highest_priority_first(groups, model, expected):
     assert [c.group.label for c in RouteTable(groups).candidates(model)] == expected
+
+
+@pytest.mark.parametrize(
+    "fallbacks, expected",
+    [
+        ({}, [("openai/premium", "o1")]),
+        ({"o1": ["gpt-4o-mini"]}, [("openai/premium", "o1"), ("relay/cheap", "gpt-4o-mini")]),
+        # A fallback no group lists is the catch-all's: the admin routed it there by naming it.
+        ({"o1": ["o1-mini"]}, [("openai/premium", "o1"), ("default/default", "o1-mini")]),
+        (
+            {"o1": ["o1-mini", "gpt-4o"]},
+            [
+                ("openai/premium", "o1"),
+                ("default/default", "o1-mini"),
+                ("relay/cheap", "gpt-4o"),
+                ("openai/premium", "gpt-4o"),
+            ],
+        ),
+    ],
+)
+def test_a_catch_all_serves_a_listed_model_only_as_a_fallback_named_for_it(fallbacks, expected):
+    table = RouteTable([CHEAP, PREMIUM, ALL], fallbacks)
+    assert [(c.group.label, c.model) for c in table.candidates("o1")] == expected
+
+
+def test_a_model_only_disabled_groups_list_goes_to_no_catch_all():
+    off = Group(5, RELAY, "off", 99, 1.0, False, {"claude-3": None})
+    gone = group(6, Upstream(9, "gone", "http://x", enabled=False), "g", 99, llama=None)
+    table = RouteTable([off, gone, ALL, PREMIUM])
+    assert table.candidates("claude-3") == table.candidates("llama") == []
+    assert table.is_listed("claude-3") and not table.is_listed("unknown") and not table.is_listed(None)
+    assert [c.group.label for c in table.candidates("unknown")] == ["default/default"]
+    assert not RouteTable([off, ALL]).trivial  # the one-group shortcut would not read the model
 
 
 def test_aliases_name_the_model_upstream_uses():

@@ -61,9 +61,9 @@ def test_groups_models_and_fallbacks_make_the_route_table(conn):
     groups, fallbacks = routes.load_routes(conn)
     table = RouteTable(groups, fallbacks)
     assert [(c.group.label, c.upstream_model) for c in table.candidates("gpt-4o")] == [
-        ("az/prod", "prod-gpt4o-v2"),
-        ("default/default", "gpt-4o"),
+        ("az/prod", "prod-gpt4o-v2"),  # default/default lists no model: it serves only those no group lists
     ]
+    assert [c.group.label for c in table.candidates("gpt-4o-mini")] == ["default/default"]
     assert fallbacks == {"o1": ["gpt-4o"]}
     routes.set_fallbacks(conn, "o1", [])
     assert routes.fallbacks(conn) == {}

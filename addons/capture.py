@@ -147,7 +147,7 @@ class Capture:
         """Whether the client left before any answer reached it: while upstream was asked, or while the
         key pool retried or failed over. An answer still to go out whole, or mitmproxy's 502, goes to
         nobody then."""
-        if flow.client_conn.connected:
+        if flow.client_conn.connected or flow.websocket is not None:  # a session's row is written as it ends
             return False
         response = flow.response
         if response is None:

@@ -220,19 +220,25 @@ class Bounds:
         while True:
             timeout = ctx.options.proxy_header_timeout_seconds
             await asyncio.sleep(min(1.0, timeout / 2))
-            now = time.monotonic()
-            for client_id, since in list(self._waiting.items()):
-                answering = self._answering.get(client_id)
-                if answering is not None:
-                    # mitmproxy marks a flow not live once its answer went out (or it failed):
-                    # the deadline starts then, as this sweep notices, never while it is retried.
-                    if not answering.live:
-                        del self._answering[client_id]
-                    self._waiting[client_id] = now
-                    continue
-                if now - since >= timeout:
-                    del self._waiting[client_id]
-                    self._close(client_id, timeout)
+            for client_id in self.expired(time.monotonic(), timeout):
+                self._close(client_id, timeout)
+
+    def expired(self, now: float, timeout: float) -> list[str]:
+        """The connections whose header deadline ran out by `now` (forgotten here; the caller closes them)."""
+        expired = []
+        for client_id, since in list(self._waiting.items()):
+            answering = self._answering.get(client_id)
+            if answering is not None:
+                # mitmproxy marks a flow not live once its answer went out (or it failed): the
+                # deadline starts then, as a sweep notices, never while the answer is retried.
+                if not answering.live:
+                    del self._answering[client_id]
+                self._waiting[client_id] = now
+                continue
+            if now - since >= timeout:
+                del self._waiting[client_id]
+                expired.append(client_id)
+        return expired
 
     def _close(self, client_id: str, timeout: int) -> None:
         proxyserver = ctx.master.addons.get("proxyserver")

@@ -10,7 +10,10 @@ the same kind of patch as addons/recovery.py, on mitmproxy's HttpStream.
 Connections that never finish their request headers are closed after
 `proxy_header_timeout_seconds`: mitmproxy itself only closes connections that are
 silent for `tcp_timeout` (ten minutes), which a client trickling a byte now and then
-never is.
+never is. The deadline runs only once a connection's last answer has gone out: a request
+whose answer is still being retried or failed over (addons/keypool.py awaits those in its
+`response` and `error` hooks, which run after this addon's) keeps its client, however long
+the retries take.
 """
 
 from __future__ import annotations
@@ -130,6 +133,9 @@ class Bounds:
         # and the ids of its flows whose headers came but which are not finished.
         self._waiting: dict[str, float] = {}
         self._in_flight: dict[str, set[str]] = {}
+        # By client connection id: its last flow, finished as far as this addon's hooks go, while
+        # later addons' hooks may still work on it (a retry): the deadline waits until it is sent.
+        self._answering: dict[str, http.HTTPFlow] = {}
         self._sweeper: asyncio.Task | None = None
 
     def load(self, loader: Loader) -> None:
@@ -182,6 +188,7 @@ class Bounds:
     def client_disconnected(self, client: connection.Client) -> None:
         self._waiting.pop(client.id, None)
         self._in_flight.pop(client.id, None)
+        self._answering.pop(client.id, None)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finished(flow)
@@ -192,6 +199,7 @@ class Bounds:
     def _headers_arrived(self, flow: http.HTTPFlow) -> None:
         client_id = flow.client_conn.id
         self._waiting.pop(client_id, None)
+        self._answering.pop(client_id, None)
         self._in_flight.setdefault(client_id, set()).add(flow.id)
 
     def _finished(self, flow: http.HTTPFlow) -> None:
@@ -205,17 +213,32 @@ class Bounds:
         # An accepted WebSocket session sends no more requests on its connection: no deadline then.
         if not in_flight and flow.request.timestamp_end is not None and flow.websocket is None:
             self._waiting[client_id] = time.monotonic()
+            self._answering[client_id] = flow
 
     async def _sweep(self) -> None:
         # One timer for all connections, not one per request: a dict entry is all a request costs.
         while True:
             timeout = ctx.options.proxy_header_timeout_seconds
             await asyncio.sleep(min(1.0, timeout / 2))
-            now = time.monotonic()
-            for client_id, since in list(self._waiting.items()):
-                if now - since >= timeout:
-                    del self._waiting[client_id]
-                    self._close(client_id, timeout)
+            for client_id in self.expired(time.monotonic(), timeout):
+                self._close(client_id, timeout)
+
+    def expired(self, now: float, timeout: float) -> list[str]:
+        """The connections whose header deadline ran out by `now` (forgotten here; the caller closes them)."""
+        expired = []
+        for client_id, since in list(self._waiting.items()):
+            answering = self._answering.get(client_id)
+            if answering is not None:
+                # mitmproxy marks a flow not live once its answer went out (or it failed): the
+                # deadline starts then, as a sweep notices, never while the answer is retried.
+                if not answering.live:
+                    del self._answering[client_id]
+                self._waiting[client_id] = now
+                continue
+            if now - since >= timeout:
+                del self._waiting[client_id]
+                expired.append(client_id)
+        return expired
 
     def _close(self, client_id: str, timeout: int) -> None:
         proxyserver = ctx.master.addons.get("proxyserver")

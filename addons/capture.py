@@ -23,6 +23,7 @@ from core.records import CapturedFlow, Retention, StreamTee, WebSocketMessage
 log = logging.getLogger(__name__)
 
 STOPPED = "keyrotor stopped before the request finished (proxy.stop_grace_seconds ran out)"
+CUT = "the client closed its connection before the answer reached it: it got nothing"
 FAILED_EXCHANGE = 502  # mitmproxy's answer to an exchange that failed before any byte reached the client
 UNFINISHED_PRUNE_AT = 10_000
 # A session that ended so is no error: closed normally, going away, or with no code given.
@@ -141,6 +142,18 @@ class Capture:
             return  # an accepted WebSocket session: recorded when it ends, with its messages
         self._record(flow)
 
+    @staticmethod
+    def _cut(flow: http.HTTPFlow) -> bool:
+        """Whether the client left before any answer reached it: while upstream was asked, or while the
+        key pool retried or failed over. An answer still to go out whole, or mitmproxy's 502, goes to
+        nobody then."""
+        if flow.client_conn.connected or flow.websocket is not None:  # a session's row is written as it ends
+            return False
+        response = flow.response
+        if response is None:
+            return flow.error is not None and not is_client_side(flow.error.msg)
+        return flow.error is None and not response.stream
+
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
 
@@ -153,7 +166,12 @@ class Capture:
         if flow.metadata.get(RECORDED) or self._writer is None:
             return
         flow.metadata[RECORDED] = True
-        self._writer.record(self.snapshot(flow, error))
+        captured = self.snapshot(flow, error)
+        if error is None and self._cut(flow):
+            # Upstream's answer stays in the row (its tokens were spent); the status is the client's: none.
+            captured.status, captured.first_byte_at = None, None
+            captured.error = f"{CUT}; {captured.error}" if captured.error else CUT
+        self._writer.record(captured)
 
     def snapshot(self, flow: http.HTTPFlow, error: str | None = None) -> CapturedFlow:
         request = flow.request

@@ -182,7 +182,7 @@ class KeyPool:
         if isinstance(routes, OpenAIError):
             self._refuse(flow, routes)
             return None
-        return self._send_first(flow, self._plan(flow, routes, model))
+        return self._send_first(flow, self._plan(flow, self.state.usable(routes), model))
 
     # ------------------------------------------------------------------ key affinity
 
@@ -310,6 +310,8 @@ class KeyPool:
         more_routes = plan is not None and use.candidate + 1 < len(plan.candidates)
         content = response.raw_content if status >= 400 else None
         verdict, judged = self.failover.answered(use, more_routes, status, response.headers, content, *self._ask(flow))
+        if judged.missing and plan is not None:
+            self.failover.missing(plan.candidates[use.candidate], status, content)
         if verdict == Verdict.REFUSE:
             self._refuse(flow, dispatch.upgrade_refusal(use, self.state.rotations))
         elif verdict != Verdict.ANSWER:

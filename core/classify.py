@@ -186,3 +186,9 @@ def is_model_missing(status: int, content: bytes | None) -> bool:
         return False
     code, message = error_fields(content)
     return (code or "").lower() in MODEL_MISSING_CODES or "does not exist" in message.lower()
+
+
+def is_deployment_missing(status: int, content: bytes | None) -> bool:
+    """Azure says the deployment does not exist: true of the resource, whichever key asks (OpenAI's
+    model_not_found can mean one key's project has no access, so it says nothing of the group)."""
+    return status == 404 and (error_fields(content)[0] or "").lower() == "deploymentnotfound"

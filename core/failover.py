@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import httpx
 
 from core import upstream
-from core.classify import HeaderLookup, Outcome, connection_failure
+from core.classify import HeaderLookup, Outcome, connection_failure, is_deployment_missing
 from core.credentials import placeholder
 from core.dispatch import (
     Journey,
@@ -115,6 +115,15 @@ class Failover:
             (rotation or Rotation()).settle(use)
         return verdict, judgement
 
+    def missing(self, candidate: Candidate, status: int, content: bytes | None) -> None:
+        """An answer that said the model is missing: when it is Azure's DeploymentNotFound, `candidate`'s
+        group is not asked for that deployment again while another route serves the model, until the
+        routes change (core/state.py)."""
+        rotation = self._rotation_of(candidate.group.id)
+        name = candidate.upstream_model
+        if rotation is not None and name is not None and is_deployment_missing(status, content):
+            rotation.missing.add(name)
+
     def failed(
         self,
         use: KeyUse,
@@ -213,6 +222,8 @@ class Failover:
                 content = answer.content if answer.status >= 400 else None
                 judgement = judge(answer.status, answer.headers, content, journey.more_routes(), time.time())
                 rotation.end(use, judgement.outcome, answer.status, None)
+                if judgement.missing:
+                    self.missing(candidate, answer.status, content)
                 step = journey.judged(judgement, living())
         if step.index < len(plan.candidates):
             self._leave(use, plan.candidates[step.index])

@@ -55,6 +55,10 @@ class Rotation:
         self.pool = pool or Pool()
         self.settings = RotationSettings()
         self.states: PoolStateSink | None = None
+        # Azure deployments the group's upstream said do not exist (DeploymentNotFound): its routes
+        # for them are skipped while another route serves the model, until the routes change
+        # (core/state.py clears this).
+        self.missing: set[str] = set()
 
     def configure(self, settings: RotationSettings) -> None:
         self.settings = settings

@@ -19,7 +19,7 @@ from core.models import Client, PoolKey
 from core.ports import PoolStateSink, Revisions, StateStores
 from core.revisions import watch_revision
 from core.rotation import Rotation, RotationSettings
-from core.routing import Group, RouteTable
+from core.routing import Candidate, Group, RouteTable
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,11 @@ class ProxyState:
     def apply(self, loaded: Loaded) -> None:
         """Swap in what was read, keeping each pool's runtime state."""
         if loaded.routes is not None and loaded.keys is not None:
+            routes_moved = self._moved(loaded, ROUTES)
             self._apply_routes(*loaded.routes, loaded.keys)
+            if routes_moved:  # a model list refreshed or edited: upstream is believed again
+                for rotation in self.rotations.values():
+                    rotation.missing.clear()
         if loaded.clients is not None:
             self.clients = loaded.clients
             self.clients_by_id = {client.id: client for client, _ in loaded.clients.values()}
@@ -171,6 +175,20 @@ class ProxyState:
         for object_id, client_id in tenants.items():
             self.tenants.setdefault(object_id, client_id)
         self._owners_after = max(self._owners_after, after)
+
+    def usable(self, candidates: list[Candidate]) -> list[Candidate]:
+        """`candidates` without the routes whose upstream said it has no such model (a deployment that
+        does not exist), unless that leaves none: then upstream's own answer is what the client gets."""
+        kept = [c for c in candidates if not self._missing(c)]
+        return kept if kept and len(kept) < len(candidates) else candidates
+
+    def _missing(self, candidate: Candidate) -> bool:
+        rotation = self.rotations.get(candidate.group.id)
+        return (
+            rotation is not None
+            and candidate.upstream_model is not None
+            and candidate.upstream_model in rotation.missing
+        )
 
     def legacy_allowed(self, client_id: int) -> bool:
         """Whether the client may reach objects that belong to no client (`--legacy-objects`)."""

@@ -16,7 +16,7 @@ import httpx
 from core.classify import OK, Outcome, classify_response, connection_failure
 from core.credentials import EchoFilter, encoded_echo
 from core.dialects import models_url, with_key
-from core.routing import Upstream
+from core.routing import Dialect, Upstream
 
 # Per connection, never forwarded; httpx sets Host and Content-Length itself.
 HOP_BY_HOP = frozenset(
@@ -127,8 +127,20 @@ class ModelListError(Exception):
     """Upstream did not list its models; the message says what it answered."""
 
 
+AZURE_LISTS_NO_DEPLOYMENTS = (
+    "Azure lists the models a resource can deploy, not its deployments: add each deployment by hand"
+    " with `run.py models add UPSTREAM/GROUP MODEL --as DEPLOYMENT`."
+)
+
+
 async def list_models(client: httpx.AsyncClient, upstream: Upstream, default_base_url: str, value: str) -> list[str]:
-    """The model ids upstream's model list gives for key `value`."""
+    """The model ids upstream's model list gives for key `value`.
+
+    Never for Azure: its /openai/models names models, and a model id taken for a deployment name
+    would route requests to a deployment that does not exist.
+    """
+    if upstream.dialect == Dialect.AZURE:
+        raise ModelListError(AZURE_LISTS_NO_DEPLOYMENTS)
     url, headers = _models_request(upstream, default_base_url, value)
     try:
         response = await client.get(url, headers=headers)

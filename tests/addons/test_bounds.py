@@ -46,3 +46,30 @@ def test_limits_must_be_above_zero(name):
         with pytest.raises(exceptions.OptionsError) as raised:
             tctx.configure(bounds, **{option: 0})
     assert str(raised.value) == f"{name} must be a whole number above zero (got 0 from the mitmproxy option {option})."
+
+
+def test_the_header_deadline_never_runs_while_an_answer_is_still_being_retried():
+    bounds = Bounds()
+    with taddons.context(bounds) as tctx:
+        tctx.configure(bounds, proxy_header_timeout_seconds=2)
+        flow = tflow.tflow(resp=True)
+        flow.live = True  # the key pool is retrying in its response hook, after this addon's
+        bounds.client_connected(flow.client_conn)
+        bounds.requestheaders(flow)
+        bounds.response(flow)
+        assert bounds.expired(100.0, 2) == []  # 100 s of retries: the client is kept
+        assert bounds.expired(200.0, 2) == []
+        flow.live = False  # the answer went out at last: the deadline starts now
+        assert bounds.expired(201.0, 2) == []
+        assert bounds.expired(202.5, 2) == []
+        assert bounds.expired(203.5, 2) == [flow.client_conn.id]  # no next request in 2 s
+
+
+def test_a_connection_that_sends_no_request_is_closed_at_the_deadline():
+    bounds = Bounds()
+    with taddons.context(bounds):
+        flow = tflow.tflow()
+        bounds.client_connected(flow.client_conn)
+        opened = bounds._waiting[flow.client_conn.id]
+        assert bounds.expired(opened + 1, 2) == []
+        assert bounds.expired(opened + 2, 2) == [flow.client_conn.id]

@@ -7,9 +7,11 @@ import sqlite3
 
 import pytest
 from mitmproxy import exceptions
+from mitmproxy import flow as mitm_flow
+from mitmproxy.connection import ConnectionState
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons.capture import Capture
+from addons.capture import CUT, Capture
 from addons.runtime import Runtime
 from config import ROOT
 from core.records import StreamTee
@@ -188,3 +190,31 @@ def test_over_in_memory_ports_a_flow_goes_to_the_runtimes_writer_while_the_proxy
         addon.done()  # the proxy stops: the unfinished flow is recorded too, then the runtime stops the writer
     assert [r.flow_id for r in sink.records] == [flow.id, unfinished.id]
     assert sink.records[1].error.startswith("keyrotor stopped before the request finished")
+
+
+@pytest.mark.parametrize(
+    ("left", "answered", "upstream_error", "status", "cut"),
+    [
+        (False, True, None, 200, False),  # the client is there: it gets the answer
+        (True, True, None, None, True),  # it left while the key pool retried: a retry's 200 reached nobody
+        (True, False, "upstream timed out", None, True),  # nor mitmproxy's 502
+        (True, False, "Client disconnected.", None, False),  # mitmproxy's own word for it, as before
+    ],
+)
+def test_a_client_that_left_before_any_answer_is_recorded_as_cut(left, answered, upstream_error, status, cut):
+    sink = MemoryWriter()
+    addon = Capture(records=sink)
+    with taddons.context(addon):
+        addon.running()
+        flow = tflow.tflow(resp=answered)
+        flow.client_conn.state = ConnectionState.CAN_WRITE if left else ConnectionState.OPEN  # CAN_WRITE: EOF read
+        if upstream_error:
+            flow.error = mitm_flow.Error(upstream_error)
+            addon.error(flow)
+        else:
+            addon.response(flow)
+    (record,) = sink.records
+    assert record.status == status
+    assert (CUT in (record.error or "")) is cut
+    if cut:
+        assert record.first_byte_at is None

@@ -33,6 +33,7 @@ from core.dialects import API_KEY, upstream_url, with_key
 from core.errors import OpenAIError
 from core.metadata import KeyUse
 from core.models import REFUSED, KeyState, PoolKey
+from core.records import AttemptLog
 from core.request_model import renamed_top_model
 from core.rotation import Rotation, RotationSettings
 from core.routing import Candidate, Dialect, Group, RouteTable, renamed_model
@@ -316,6 +317,15 @@ class Step:
         return f"{self.move} {self.index}{extra}"
 
 
+def tried_on(candidate: Candidate, attempt: AttemptLog) -> bool:
+    """Whether `attempt` went to `candidate`: its group, for its model (an attempt names the model
+    only when it was a fallback). A fallback model served by the same group has its own count, so
+    the primary's failures do not use up the fallback's attempts."""
+    if attempt.group_id is not None and attempt.group_id != candidate.group.id:
+        return False
+    return attempt.model == (candidate.model if candidate.fallback_from else None)
+
+
 @dataclass
 class Journey:
     """The retries of one request: each call takes what happened and says what to do next.
@@ -346,7 +356,7 @@ class Journey:
             return self._stop()
         candidate = candidates[self.index]
         last = self.index == len(candidates) - 1
-        here = [a for a in self.use.attempts if a.group_id == candidate.group.id or a.group_id is None]
+        here = [a for a in self.use.attempts if tried_on(candidate, a)]
         limited = sum(a.status == 429 for a in here)
         troubled = {a.key_id for a in here if a.status is None or a.status >= 500}
         if (

@@ -68,6 +68,7 @@ ANSWERS: dict[str, tuple[int, dict[str, str], bytes]] = {
     "429+ra": (429, {"retry-after-ms": "50"}, error_body("rate_limit_exceeded", "Rate limit reached")),
     "429quota": (429, {}, error_body("insufficient_quota", "You exceeded your current quota")),
     "500": (500, {}, error_body("server_error")),
+    "503": (503, {}, error_body("service_unavailable")),
     "404missing": (404, {}, error_body("model_not_found", "The model `gpt-4o` does not exist")),
 }
 NO_ANSWER = {"refused": httpx.ConnectError("connection refused"), "timeout": httpx.ReadTimeout("timed out")}
@@ -79,10 +80,16 @@ class World:
     f serving FALLBACK only, which is MODEL's fallback model."""
 
     def __init__(
-        self, layout: dict[str, int], script: dict[str, list[str]], fallback: int = 0, alias: str | None = None
+        self,
+        layout: dict[str, int],
+        script: dict[str, list[str]],
+        fallback: int = 0,
+        alias: str | None = None,
+        shared: bool = False,
     ) -> None:
-        groups, self.names, self.rotations = [], {}, {}
-        specs = [(name, count, {MODEL: alias}) for name, count in layout.items()]
+        groups, self.names, self.rotations, self.shared = [], {}, {}, shared
+        served: dict[str, str | None] = {MODEL: alias, FALLBACK: None} if shared else {MODEL: alias}
+        specs = [(name, count, dict(served)) for name, count in layout.items()]
         if fallback:
             specs.append(("f", fallback, {FALLBACK: None}))
         next_id = 1
@@ -100,19 +107,23 @@ class World:
             rotation = self.rotations[gid] = Rotation(pool)
             rotation.configure(SETTINGS)
             groups.append(group)
-        self.table = RouteTable(groups, {MODEL: [FALLBACK]} if fallback else None)
+        self.table = RouteTable(groups, {MODEL: [FALLBACK]} if fallback or shared else None)
         self.script = {name: list(answers) for name, answers in script.items()}
         self.answered: list[str] = []  # the retries' answers, in order
         self.failover = Failover(self.rotations.get, lambda: SETTINGS, send=self.send)
 
-    def answer_of(self, key: PoolKey) -> str:
-        answers = self.script.get(self.names[key.id]) or ["200"]
+    def answer_of(self, key: PoolKey, model: str = MODEL) -> str:
+        """The script's next answer of `key` (`a1~` in the script: what a1 answers for FALLBACK)."""
+        name = self.names[key.id]
+        if self.shared and model == FALLBACK:
+            name += "~"
+        answers = self.script.get(name) or ["200"]
         return answers.pop(0) if len(answers) > 1 else answers[0]
 
     async def send(self, client, method, url, fields, body):
         value = dict(fields)[b"authorization"].decode().removeprefix("Bearer ")
         key = next(k for r in self.rotations.values() for k in r.pool.keys if k.value == value)
-        token = self.answer_of(key)
+        token = self.answer_of(key, json.loads(body)["model"])
         self.answered.append(token)
         if token in NO_ANSWER:
             raise NO_ANSWER[token]
@@ -144,7 +155,7 @@ async def journey(world: World, *, alive_for: int | None = None, client_leaves_f
     index, key = chosen
     candidate = plan.candidates[index]
     use = world.failover.begin(candidate, index, key, None, scope_of(candidate, plan))
-    token = "client" if client_leaves_first else world.answer_of(key)
+    token = "client" if client_leaves_first else world.answer_of(key, candidate.upstream_model or MODEL)
     decisions.append(f"{world.names[key.id]} {token}")
     outcome: Outcome | None = None
     missing = False
@@ -178,15 +189,19 @@ async def journey(world: World, *, alive_for: int | None = None, client_leaves_f
 
     result = await world.failover.retry(None, use, plan, outcome, "http://up.test", missing, alive)  # type: ignore[arg-type]
     answers = iter(world.answered)
+    shared = len({c.group.id for c in plan.candidates}) < len(plan.candidates)
     for step in result.trail:
-        group = plan.candidates[step.index].group.name if step.index < len(plan.candidates) else ""
+        group = ""
+        if step.index < len(plan.candidates):
+            on = plan.candidates[step.index]
+            group = on.group.name + ("~" if shared and on.fallback_from else "")  # a~: group a, for the fallback
         if step.move == Move.LEAVE:
             decisions.append(f"leave {group}")
         elif step.move == Move.TAKE_KEY:
             decisions.append(f"{'wait' if step.wait else 'key'} {group}")
         elif step.move == Move.SEND:
             assert step.key is not None
-            decisions.append(f"{world.names[step.key.id]} {next(answers)}")
+            decisions.append(f"{world.names[step.key.id]}{'~' if group.endswith('~') else ''} {next(answers)}")
     assert use.settled
     if result.refuse:
         error = retry_refusal(plan, use, world.rotations)
@@ -248,6 +263,15 @@ MATRIX = [
     ("an alias is renamed back",         {"a": 2},         0, {"a1": ["500"]},                                  "a1 500, retry, wait a, a2 200, → 200 renamed"),
     ("fallback refuses too",             {"a": 1},         1, {"a1": ["401"], "f1": ["401"]},
      "a1 401, retry, key a, leave a, wait f, f1 401, wait f, leave f, → 503 no_upstream_key_available"),
+    # A fallback model served by the same group (a~: group a asked for the fallback) has attempts of its own.
+    ("same group fallback after 503",    {"a": 2},         0, {"a1": ["503"], "a2": ["503"]},
+     "a1 503, retry, key a, a2 503, leave a, wait a~, a1~ 200, → 200 as gpt-4o-mini"),
+    ("same group fallback, one key",     {"a": 1},         0, {"a1": ["503"]},
+     "a1 503, retry, key a, a1 503, key a, a1 503, leave a, wait a~, a1~ 200, → 200 as gpt-4o-mini"),
+    ("same group fallback after errors", {"a": 2},         0, {"a1": ["refused"], "a2": ["refused"]},
+     "a1 refused, retry, key a, a2 refused, leave a, wait a~, a1~ 200, → 200 as gpt-4o-mini"),
+    ("same group fallback fails too",    {"a": 2},         0, {"a1": ["503"], "a2": ["503"], "a1~": ["503"], "a2~": ["503"]},
+     "a1 503, retry, key a, a2 503, leave a, wait a~, a1~ 503, wait a~, a2~ 503, → 503 as gpt-4o-mini"),
 ]
 # fmt: on
 
@@ -258,7 +282,8 @@ MATRIX = [
 )
 def test_the_failover_matrix(name, layout, fallback, script, expected):
     alias = "gpt-4o-2024-08-06" if "alias" in name else None
-    assert ", ".join(asyncio.run(journey(World(layout, script, fallback, alias)))) == expected
+    shared = "same group" in name
+    assert ", ".join(asyncio.run(journey(World(layout, script, fallback, alias, shared)))) == expected
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,49 @@
+"""Fallback models that fire (issue 20 §2), end to end: the official openai client → a real
+mitmproxy running keyrotor → the fake upstream, whose faults follow a model (tests/fake_faults.py).
+
+The default group serves every model, so a model's fallback is served by the same group, on the
+same keys: only the model differs. Every client uses max_retries=0.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+
+from tests.conftest import Keyrotor
+from tests.fake_upstream import FakeUpstream
+from tests.test_failover_faults import KEYS, chats, client_for, recorded
+
+PRIMARY, FALLBACK = "gpt-4o", "gpt-4o-mini"
+
+
+def started_with_fallback(kr: Keyrotor, *keys: str, settings: tuple[str, ...] = ()) -> openai.OpenAI:
+    kr.setup("models", "fallback", PRIMARY, FALLBACK)
+    client_key = kr.start_serving(*keys, proxy_args=tuple(item for s in settings for item in ("--set", s)))
+    return client_for(kr, client_key)
+
+
+def asked(client: openai.OpenAI, stream: bool = False) -> str:
+    """The model that answered a request for PRIMARY, as the client reads it."""
+    messages = [{"role": "user", "content": "hello"}]
+    if not stream:
+        return client.chat.completions.create(model=PRIMARY, messages=messages).model
+    chunks = list(client.chat.completions.create(model=PRIMARY, messages=messages, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    return chunks[-1].model
+
+
+def models_asked(upstream: FakeUpstream) -> list[str]:
+    return [json.loads(r.body)["model"] for r in chats(upstream)]
+
+
+def test_a_fallback_served_by_the_same_group_answers_when_the_model_is_down(keyrotor: Keyrotor, upstream: FakeUpstream):
+    upstream.faults.model_faults[PRIMARY] = "unavailable"  # 503 on every key
+    client = started_with_fallback(keyrotor, *KEYS[:2])
+    assert asked(client) == FALLBACK
+    assert asked(client, stream=True) == FALLBACK
+    (first, second) = recorded(keyrotor, 2, "SELECT model, fallback_model, status FROM flows ORDER BY id")
+    assert [tuple(first), tuple(second)] == [(PRIMARY, FALLBACK, 200)] * 2
+    # Two keys fail the primary the same way (it follows the model), then the fallback answers.
+    assert models_asked(upstream) == [PRIMARY, PRIMARY, FALLBACK] * 2

@@ -308,12 +308,15 @@ class KeyPool:
         status = response.status_code
         plan = self._plans.get(flow.id)
         more_routes = plan is not None and use.candidate + 1 < len(plan.candidates)
+        fallback = plan is not None and status == 400 and plan.fallback_after(use.candidate)
         content = response.raw_content if status >= 400 else None
-        verdict, judged = self.failover.answered(use, more_routes, status, response.headers, content, *self._ask(flow))
+        verdict, judged = self.failover.answered(
+            use, more_routes, status, response.headers, content, *self._ask(flow), fallback=fallback
+        )
         if verdict == Verdict.REFUSE:
             self._refuse(flow, dispatch.upgrade_refusal(use, self.state.rotations))
         elif verdict != Verdict.ANSWER:
-            return self._retry(flow, use, judged.outcome, judged.missing)
+            return self._retry(flow, use, judged.outcome, judged.missing, verdict == Verdict.NEXT_MODEL)
         self._finish(flow)
         return None
 
@@ -342,7 +345,9 @@ class KeyPool:
         elif flow.response is not None:
             flow.response = None  # the client gets mitmproxy's 502, and the record says so
 
-    async def _retry(self, flow: http.HTTPFlow, use: KeyUse, outcome: Outcome | None, missing: bool) -> None:
+    async def _retry(
+        self, flow: http.HTTPFlow, use: KeyUse, outcome: Outcome | None, missing: bool, too_long: bool = False
+    ) -> None:
         request = flow.request
         plan = self._plans.get(flow.id)
         if plan is None:  # a single route, nothing renamed: the request as it is now
@@ -352,7 +357,7 @@ class KeyPool:
         if self._client is None:  # a hook ran outside running()..done() (unit tests): make one now
             self._client = upstream.new_client(ctx.options.keypool_attempt_timeout_seconds)
         result = await self.failover.retry(
-            self._client, use, plan, outcome, reverse_target(), missing, lambda: flow.client_conn.connected
+            self._client, use, plan, outcome, reverse_target(), missing, lambda: flow.client_conn.connected, too_long
         )
         if result.answer is not None:
             flow.response = response_of(result.answer)

@@ -174,6 +174,21 @@ def connection_failure(message: str) -> Outcome:
     return Outcome(OutcomeKind.CONNECTION_ERROR, message[:200])
 
 
+CONTEXT_TOO_LONG_CODES = frozenset({"context_length_exceeded"})
+
+
+def is_context_too_long(status: int, content: bytes | None) -> bool:
+    """Upstream's 400 for a prompt longer than the model's context (OpenAI's and Azure's
+    `context_length_exceeded`; a relay that drops the code still says "maximum context length").
+
+    The request's fault on this model, on any key: a model with a longer context may take it.
+    """
+    if status != 400:
+        return False
+    code, message = error_fields(content)
+    return (code or "").lower() in CONTEXT_TOO_LONG_CODES or "maximum context length" in message.lower()
+
+
 MODEL_MISSING_CODES = frozenset({"model_not_found", "deploymentnotfound"})
 
 

@@ -26,6 +26,7 @@ from core.classify import (
     Outcome,
     classify_response,
     is_client_side,
+    is_context_too_long,
     is_model_missing,
 )
 from core.credentials import AUTHORIZATION
@@ -84,6 +85,13 @@ class Plan:
         rename = bool(asked) and to != asked and candidate.group.upstream.dialect == Dialect.OPENAI
         self.body_model = to if rename else asked
         return to if rename else None
+
+    def fallback_after(self, index: int) -> bool:
+        """Whether a route after `index` serves another model (a fallback) than route `index` does."""
+        if index >= len(self.candidates):
+            return False
+        model = self.candidates[index].model
+        return any(c.model != model for c in self.candidates[index + 1 :])
 
     def answering(self, use: KeyUse | None) -> Candidate | None:
         """The route of the latest attempt, if the request has one."""
@@ -248,6 +256,7 @@ class Verdict(StrEnum):
     ANSWER = "answer"  # the answer stands: good, the request's own fault, or already reaching the client
     RETRY = "retry"  # the key failed: another key, group or fallback model may serve it
     NEXT_GROUP = "next_group"  # upstream has no such model here: the next route may have it
+    NEXT_MODEL = "next_model"  # the prompt is too long for this model: a fallback model may take it
     REFUSE = "refuse"  # a WebSocket upgrade refused for its key: our own 503 (retries speak no WebSocket)
     RELEASE = "release"  # the client left first: the key is free again and learns nothing
 
@@ -262,10 +271,15 @@ class Judgement:
 GOOD = Judgement(OK, False, Verdict.ANSWER)
 
 
-def judge(status: int, headers: HeaderLookup, content: bytes | None, more_routes: bool, now: float) -> Judgement:
-    """Classify an answer (`content` is needed for 4xx and 5xx only)."""
+def judge(
+    status: int, headers: HeaderLookup, content: bytes | None, more_routes: bool, now: float, fallback: bool = False
+) -> Judgement:
+    """Classify an answer (`content` is needed for 4xx and 5xx only; `fallback`: a later route
+    serves a fallback model)."""
     if status == 404 and more_routes and is_model_missing(status, content):
         return Judgement(None, True, Verdict.NEXT_GROUP)
+    if status == 400 and fallback and is_context_too_long(status, content):
+        return Judgement(None, False, Verdict.NEXT_MODEL)  # the request's fault here, no key's
     outcome = classify_response(status, headers, content, now)
     if outcome is OK:
         return GOOD  # most answers: nothing to build
@@ -279,7 +293,9 @@ def after_answer(judgement: Judgement, reached_client: Callable[[], bool], webso
     (What the flow is asked only when it matters: most answers stand as they are.)"""
     if judgement.verdict == Verdict.ANSWER or (not judgement.missing and reached_client()):
         return Verdict.ANSWER
-    return Verdict.REFUSE if websocket() else judgement.verdict
+    if websocket():  # a prompt too long is no key's fault: upstream's 400 stands
+        return Verdict.ANSWER if judgement.verdict == Verdict.NEXT_MODEL else Verdict.REFUSE
+    return judgement.verdict
 
 
 def after_error(message: str, reached_client: Callable[[], bool], websocket: Callable[[], bool]) -> Verdict:
@@ -344,10 +360,13 @@ class Journey:
     index: int = 0
     answered_by: Candidate | None = None  # the route of the latest whole answer
     trail: list[Step] = field(default_factory=list)
+    too_long_for: str | None = None  # a model the prompt is too long for: its routes are left untried
 
-    def start(self, model_missing: bool, alive: bool) -> Step:
+    def start(self, model_missing: bool, alive: bool, too_long: bool = False) -> Step:
         self.index = self.use.candidate
-        return self._leave() if model_missing else self.next(alive)
+        if too_long:
+            self.too_long_for = self.plan.candidates[self.index].model
+        return self._leave() if model_missing or too_long else self.next(alive)
 
     def next(self, alive: bool) -> Step:
         """Where the request goes now."""
@@ -355,6 +374,8 @@ class Journey:
         if self.index >= len(candidates) or not alive:
             return self._stop()
         candidate = candidates[self.index]
+        if self.too_long_for is not None and candidate.model == self.too_long_for:
+            return self._leave()  # no key of any group makes this model's context longer
         last = self.index == len(candidates) - 1
         here = [a for a in self.use.attempts if tried_on(candidate, a)]
         limited = sum(a.status == 429 for a in here)
@@ -391,12 +412,18 @@ class Journey:
         self.answered, self.answered_by = judgement.outcome, self.plan.candidates[self.index]
         if judgement.verdict == Verdict.NEXT_GROUP:
             return self._leave()
+        if judgement.verdict == Verdict.NEXT_MODEL:
+            self.too_long_for = self.plan.candidates[self.index].model
+            return self._leave()
         if judgement.verdict == Verdict.ANSWER:
             return self._stop()
         return self.next(alive)
 
     def more_routes(self) -> bool:
         return self.index < len(self.plan.candidates) - 1
+
+    def fallback_ahead(self) -> bool:
+        return self.plan.fallback_after(self.index)
 
     def end(self) -> bool:
         """Settle the request; True when keyrotor refuses it: every attempt failed because of our keys."""

@@ -13,7 +13,7 @@ import openai
 
 from tests.conftest import Keyrotor
 from tests.fake_upstream import FakeUpstream
-from tests.test_failover_faults import KEYS, chats, client_for, recorded
+from tests.test_failover_faults import KEYS, chats, client_for, outcome, recorded
 
 PRIMARY, FALLBACK = "gpt-4o", "gpt-4o-mini"
 
@@ -47,3 +47,17 @@ def test_a_fallback_served_by_the_same_group_answers_when_the_model_is_down(keyr
     assert [tuple(first), tuple(second)] == [(PRIMARY, FALLBACK, 200)] * 2
     # Two keys fail the primary the same way (it follows the model), then the fallback answers.
     assert models_asked(upstream) == [PRIMARY, PRIMARY, FALLBACK] * 2
+
+
+def test_a_prompt_too_long_for_the_model_goes_to_its_fallback(keyrotor: Keyrotor, upstream: FakeUpstream):
+    upstream.faults.model_faults[PRIMARY] = "context_length"  # a short context, on every key
+    client = started_with_fallback(keyrotor, *KEYS[:2])
+    assert asked(client) == FALLBACK
+    assert models_asked(upstream) == [PRIMARY, FALLBACK]  # no second key of the same model: same context
+    # Other 400s are the request's own and never go to a fallback.
+    del upstream.faults.model_faults[PRIMARY]
+    filtered = [{"role": "user", "content": "#fault:content_filter"}]
+    assert outcome(lambda: client.chat.completions.create(model=PRIMARY, messages=filtered)) == "BadRequestError 400"
+    assert models_asked(upstream) == [PRIMARY, FALLBACK, PRIMARY]
+    rows = recorded(keyrotor, 2, "SELECT fallback_model, status FROM flows ORDER BY id")
+    assert [tuple(r) for r in rows] == [(FALLBACK, 200), (None, 400)]

@@ -70,6 +70,8 @@ ANSWERS: dict[str, tuple[int, dict[str, str], bytes]] = {
     "500": (500, {}, error_body("server_error")),
     "503": (503, {}, error_body("service_unavailable")),
     "404missing": (404, {}, error_body("model_not_found", "The model `gpt-4o` does not exist")),
+    "400ctx": (400, {}, error_body("context_length_exceeded", "This model's maximum context length is 128000 tokens.")),
+    "400filter": (400, {}, error_body("content_filter", "The response was filtered")),
 }
 NO_ANSWER = {"refused": httpx.ConnectError("connection refused"), "timeout": httpx.ReadTimeout("timed out")}
 FIRST_ERRORS = {"refused": "ConnectError: connection refused", "timeout": "upstream timed out: nothing for 30 s"}
@@ -173,6 +175,7 @@ async def journey(world: World, *, alive_for: int | None = None, client_leaves_f
             lambda: MODEL,
             lambda: False,
             lambda: False,
+            fallback=plan.fallback_after(index),
         )
         outcome, missing = judged.outcome, judged.missing
     decisions.append(str(verdict))
@@ -187,7 +190,8 @@ async def journey(world: World, *, alive_for: int | None = None, client_leaves_f
         calls += 1
         return alive_for is None or calls <= alive_for
 
-    result = await world.failover.retry(None, use, plan, outcome, "http://up.test", missing, alive)  # type: ignore[arg-type]
+    too_long = verdict == Verdict.NEXT_MODEL
+    result = await world.failover.retry(None, use, plan, outcome, "http://up.test", missing, alive, too_long)  # type: ignore[arg-type]
     answers = iter(world.answered)
     shared = len({c.group.id for c in plan.candidates}) < len(plan.candidates)
     for step in result.trail:
@@ -272,6 +276,17 @@ MATRIX = [
      "a1 refused, retry, key a, a2 refused, leave a, wait a~, a1~ 200, → 200 as gpt-4o-mini"),
     ("same group fallback fails too",    {"a": 2},         0, {"a1": ["503"], "a2": ["503"], "a1~": ["503"], "a2~": ["503"]},
      "a1 503, retry, key a, a2 503, leave a, wait a~, a1~ 503, wait a~, a2~ 503, → 503 as gpt-4o-mini"),
+    # A prompt too long for the model goes to its fallback model (no other group of the model: same context).
+    ("context length, the fallback",     {"a": 1, "b": 1}, 1, {"a1": ["400ctx"]},
+     "a1 400ctx, next_model, leave a, leave b, wait f, f1 200, → 200 as gpt-4o-mini"),
+    ("context length, same group",       {"a": 2},         0, {"a1": ["400ctx"]},
+     "a1 400ctx, next_model, leave a, wait a~, a2~ 200, → 200 as gpt-4o-mini"),
+    ("context length after a 5xx",       {"a": 2},         1, {"a1": ["500"], "a2": ["400ctx"]},
+     "a1 500, retry, key a, a2 400ctx, leave a, wait f, f1 200, → 200 as gpt-4o-mini"),
+    ("context length, no fallback",      {"a": 1, "b": 1}, 0, {"a1": ["400ctx"]},                           "a1 400ctx, answer, → 400"),
+    ("context length, fallback too",     {"a": 1},         1, {"a1": ["400ctx"], "f1": ["400ctx"]},
+     "a1 400ctx, next_model, leave a, wait f, f1 400ctx, → 400 as gpt-4o-mini"),
+    ("other 400s never fall back",       {"a": 1},         1, {"a1": ["400filter"]},                        "a1 400filter, answer, → 400"),
 ]
 # fmt: on
 
@@ -327,11 +342,14 @@ def test_no_key_at_all_refuses_before_any_attempt():
         ("500", False, OutcomeKind.SERVER_ERROR, Verdict.RETRY),
         ("404missing", True, None, Verdict.NEXT_GROUP),
         ("404missing", False, None, Verdict.ANSWER),
+        ("400ctx", True, None, Verdict.NEXT_MODEL),  # a fallback model may take a longer prompt
+        ("400ctx", False, None, Verdict.ANSWER),  # another group of the same model has the same context
+        ("400filter", True, None, Verdict.ANSWER),
     ],
 )
 def test_judge_classifies_an_answer(token, more_routes, kind, verdict):
     status, headers, content = ANSWERS[token]
-    judgement = judge(status, httpx.Headers(headers), content, more_routes, time.time())
+    judgement = judge(status, httpx.Headers(headers), content, more_routes, time.time(), fallback=more_routes)
     assert (judgement.outcome.kind if judgement.outcome else None, judgement.verdict) == (kind, verdict)
     assert judgement.missing == (verdict == Verdict.NEXT_GROUP)
 
@@ -349,6 +367,8 @@ MISSING = Judgement(None, True, Verdict.NEXT_GROUP)
         (RETRYABLE, False, True, Verdict.REFUSE),  # a WebSocket upgrade: our own 503
         (MISSING, True, False, Verdict.NEXT_GROUP),
         (MISSING, False, True, Verdict.REFUSE),
+        (Judgement(None, False, Verdict.NEXT_MODEL), False, False, Verdict.NEXT_MODEL),
+        (Judgement(None, False, Verdict.NEXT_MODEL), False, True, Verdict.ANSWER),  # no key's fault: upstream's 400
     ],
 )
 def test_after_an_answer(judgement, reached, websocket, verdict):

@@ -19,7 +19,7 @@ from mitmproxy.addonmanager import Loader
 
 from config import ConfigError, Settings, checked_options, default_of, names_in, settings_in
 from core import affinity, dispatch, metadata, upstream
-from core.classify import Outcome
+from core.classify import Outcome, is_timeout
 from core.credentials import KeyHandoff, placeholder
 from core.dialects import upstream_url, url_parts, with_key
 from core.dispatch import Plan, Rename, Verdict
@@ -339,14 +339,21 @@ class KeyPool:
 
     async def _recover(self, flow: http.HTTPFlow, use: KeyUse) -> None:
         unanswered = flow.response  # headers of an answer that never arrived whole, or None
-        await self._retry(flow, use, None, False)
+        timed_out = flow.error is not None and is_timeout(flow.error.msg)
+        await self._retry(flow, use, None, False, timed_out=timed_out)
         if flow.response is not None and flow.response is not unanswered:
             flow.error = None  # recovered: addons/recovery.py sends this response instead of a 502
         elif flow.response is not None:
             flow.response = None  # the client gets mitmproxy's 502, and the record says so
 
     async def _retry(
-        self, flow: http.HTTPFlow, use: KeyUse, outcome: Outcome | None, missing: bool, too_long: bool = False
+        self,
+        flow: http.HTTPFlow,
+        use: KeyUse,
+        outcome: Outcome | None,
+        missing: bool,
+        too_long: bool = False,
+        timed_out: bool = False,
     ) -> None:
         request = flow.request
         plan = self._plans.get(flow.id)
@@ -357,7 +364,15 @@ class KeyPool:
         if self._client is None:  # a hook ran outside running()..done() (unit tests): make one now
             self._client = upstream.new_client(ctx.options.keypool_attempt_timeout_seconds)
         result = await self.failover.retry(
-            self._client, use, plan, outcome, reverse_target(), missing, lambda: flow.client_conn.connected, too_long
+            self._client,
+            use,
+            plan,
+            outcome,
+            reverse_target(),
+            missing,
+            lambda: flow.client_conn.connected,
+            too_long,
+            timed_out,
         )
         if result.answer is not None:
             flow.response = response_of(result.answer)

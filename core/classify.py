@@ -169,6 +169,14 @@ def is_client_side(error_message: str) -> bool:
     return "client" in error_message.lower()
 
 
+TIMED_OUT = "upstream timed out"  # addons/upstream_watch.py's words for a silent attempt
+
+
+def is_timeout(message: str) -> bool:
+    """An attempt upstream left silent (no headers, no first byte) past its limit."""
+    return message.startswith(TIMED_OUT)
+
+
 def connection_failure(message: str) -> Outcome:
     """No usable answer at all: refused, reset, closed early, timed out."""
     return Outcome(OutcomeKind.CONNECTION_ERROR, message[:200])

@@ -333,6 +333,11 @@ class Step:
         return f"{self.move} {self.index}{extra}"
 
 
+def _served_as(candidate: Candidate) -> tuple[int, str | None]:
+    """Which upstream's model an attempt on `candidate` asks for."""
+    return candidate.group.upstream.id, candidate.upstream_model
+
+
 def tried_on(candidate: Candidate, attempt: AttemptLog) -> bool:
     """Whether `attempt` went to `candidate`: its group, for its model (an attempt names the model
     only when it was a fallback). A fallback model served by the same group has its own count, so
@@ -361,12 +366,15 @@ class Journey:
     answered_by: Candidate | None = None  # the route of the latest whole answer
     trail: list[Step] = field(default_factory=list)
     too_long_for: str | None = None  # a model the prompt is too long for: its routes are left untried
+    silent: tuple[int, str | None] | None = None  # (upstream, its model) that left an attempt silent
 
-    def start(self, model_missing: bool, alive: bool, too_long: bool = False) -> Step:
+    def start(self, model_missing: bool, alive: bool, too_long: bool = False, timed_out: bool = False) -> Step:
         self.index = self.use.candidate
         if too_long:
             self.too_long_for = self.plan.candidates[self.index].model
-        return self._leave() if model_missing or too_long else self.next(alive)
+        if model_missing or too_long or (timed_out and self._timed_out()):
+            return self._leave()
+        return self.next(alive)
 
     def next(self, alive: bool) -> Step:
         """Where the request goes now."""
@@ -376,6 +384,8 @@ class Journey:
         candidate = candidates[self.index]
         if self.too_long_for is not None and candidate.model == self.too_long_for:
             return self._leave()  # no key of any group makes this model's context longer
+        if self.silent is not None and _served_as(candidate) == self.silent:
+            return self._leave()  # the model is silent at this upstream, whatever the key
         last = self.index == len(candidates) - 1
         here = [a for a in self.use.attempts if tried_on(candidate, a)]
         limited = sum(a.status == 429 for a in here)
@@ -402,10 +412,21 @@ class Journey:
         scope = scope_of(self.plan.candidates[self.index], self.plan)
         return self._step(Step(Move.SEND, self.index, scope, key=key))
 
-    def lost(self, alive: bool) -> Step:
+    def lost(self, alive: bool, timed_out: bool = False) -> Step:
         """The attempt got no whole answer (connection error, timeout)."""
         self.answered = None
+        if timed_out and alive and self._timed_out():
+            return self._leave()
         return self.next(alive)
+
+    def _timed_out(self) -> bool:
+        """An attempt was left silent: its model at its upstream is likely silent on every key, so
+        the request goes on to a route elsewhere (another upstream or model), when it has one."""
+        silent = _served_as(self.plan.candidates[self.index])
+        if all(_served_as(c) == silent for c in self.plan.candidates[self.index + 1 :]):
+            return False  # nowhere else to go: another key of the same upstream is the best chance
+        self.silent = silent
+        return True
 
     def judged(self, judgement: Judgement, alive: bool) -> Step:
         """The attempt got a whole answer, which `judgement` classified."""

@@ -171,13 +171,15 @@ class Failover:
         model_missing: bool = False,
         alive: Callable[[], bool] | None = None,
         too_long: bool = False,
+        timed_out: bool = False,
     ) -> RetryResult:
         """Send the request again, as core.dispatch.Journey decides, until an answer the client can
         use or nothing is left to try.
 
         `answered` is what the answer the client would get now said (None: no answer yet);
         `model_missing` that its upstream has no such model; `alive` whether the client still waits;
-        `too_long` that the prompt is too long for the model (its fallback models may take it).
+        `too_long` that the prompt is too long for the model (its fallback models may take it);
+        `timed_out` that the attempt got nothing in time (a route elsewhere goes next, when there is one).
         """
         settings = self._settings()
         send = self._send or upstream.send
@@ -189,7 +191,7 @@ class Failover:
         def living() -> bool:
             return alive is None or alive()
 
-        step = journey.start(model_missing, living(), too_long)
+        step = journey.start(model_missing, living(), too_long, timed_out)
         while step.move != Move.STOP:
             candidate = plan.candidates[step.index]
             if step.move == Move.LEAVE:
@@ -211,7 +213,7 @@ class Failover:
                 except httpx.HTTPError as e:
                     message = upstream.error_text(e)
                     rotation.end(use, connection_failure(message), None, message)
-                    step = journey.lost(living())
+                    step = journey.lost(living(), isinstance(e, httpx.ReadTimeout))
                     continue
                 answer = got.without_echo(key.value, placeholder(key.id, key.last4))  # upstream may quote our key
                 content = answer.content if answer.status >= 400 else None

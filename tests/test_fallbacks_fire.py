@@ -8,6 +8,7 @@ same keys: only the model differs. Every client uses max_retries=0.
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 
@@ -61,3 +62,14 @@ def test_a_prompt_too_long_for_the_model_goes_to_its_fallback(keyrotor: Keyrotor
     assert models_asked(upstream) == [PRIMARY, FALLBACK, PRIMARY]
     rows = recorded(keyrotor, 2, "SELECT fallback_model, status FROM flows ORDER BY id")
     assert [tuple(r) for r in rows] == [(FALLBACK, 200), (None, 400)]
+
+
+def test_a_silent_model_goes_to_its_fallback_after_one_timeout(keyrotor: Keyrotor, upstream: FakeUpstream):
+    upstream.faults.model_faults[PRIMARY] = "hang"  # never answers, on any key
+    client = started_with_fallback(keyrotor, *KEYS[:3], settings=("keypool.attempt_timeout_seconds=2",))
+    began = time.monotonic()
+    assert asked(client) == FALLBACK
+    assert asked(client, stream=True) == FALLBACK
+    # One silent attempt each, not one per key of the same upstream: 2 s each, not 6 (12 s in all).
+    assert models_asked(upstream) == [PRIMARY, FALLBACK] * 2
+    assert time.monotonic() - began < 10

@@ -160,10 +160,11 @@ async def journey(world: World, *, alive_for: int | None = None, client_leaves_f
     token = "client" if client_leaves_first else world.answer_of(key, candidate.upstream_model or MODEL)
     decisions.append(f"{world.names[key.id]} {token}")
     outcome: Outcome | None = None
-    missing = False
+    missing = timed_out = False
     if token == "client" or token in NO_ANSWER:
         message = "Client disconnected." if token == "client" else FIRST_ERRORS[token]
         verdict = world.failover.failed(use, message, lambda: MODEL, lambda: False, lambda: False)
+        timed_out = token == "timeout"
     else:
         status, headers, content = ANSWERS[token]
         verdict, judged = world.failover.answered(
@@ -191,7 +192,17 @@ async def journey(world: World, *, alive_for: int | None = None, client_leaves_f
         return alive_for is None or calls <= alive_for
 
     too_long = verdict == Verdict.NEXT_MODEL
-    result = await world.failover.retry(None, use, plan, outcome, "http://up.test", missing, alive, too_long)  # type: ignore[arg-type]
+    result = await world.failover.retry(
+        None,  # type: ignore[arg-type]
+        use,
+        plan,
+        outcome,
+        "http://up.test",
+        missing,
+        alive,
+        too_long,
+        timed_out,
+    )
     answers = iter(world.answered)
     shared = len({c.group.id for c in plan.candidates}) < len(plan.candidates)
     for step in result.trail:
@@ -286,6 +297,13 @@ MATRIX = [
     ("context length, no fallback",      {"a": 1, "b": 1}, 0, {"a1": ["400ctx"]},                           "a1 400ctx, answer, → 400"),
     ("context length, fallback too",     {"a": 1},         1, {"a1": ["400ctx"], "f1": ["400ctx"]},
      "a1 400ctx, next_model, leave a, wait f, f1 400ctx, → 400 as gpt-4o-mini"),
+    # A model left silent at an upstream is silent on its other keys there: a route elsewhere goes next.
+    ("timeout, the fallback",            {"a": 2},         1, {"a1": ["timeout"]},
+     "a1 timeout, retry, leave a, wait f, f1 200, → 200 as gpt-4o-mini"),
+    ("timeout, same group fallback",     {"a": 2},         0, {"a1": ["timeout"]},
+     "a1 timeout, retry, leave a, wait a~, a2~ 200, → 200 as gpt-4o-mini"),
+    ("retry timeout, the fallback",      {"a": 3},         1, {"a1": ["500"], "a2": ["timeout"]},
+     "a1 500, retry, key a, a2 timeout, leave a, wait f, f1 200, → 200 as gpt-4o-mini"),
     ("other 400s never fall back",       {"a": 1},         1, {"a1": ["400filter"]},                        "a1 400filter, answer, → 400"),
 ]
 # fmt: on

@@ -380,6 +380,8 @@ class KeyPool:
             renamed = dispatch.rename_back(result.candidate, flow.response.headers) != Rename.NONE
             if renamed and not result.refuse:  # streamed or not: it is whole
                 self._rename_whole(flow.response, result.candidate)
+        if result.retry_after is not None and flow.response is not None:
+            flow.response.headers["retry-after"] = result.retry_after  # when a key is back, in keyrotor's words
         if result.refuse:
             referenced = self._referenced.get(flow.id, ())
             self._refuse(flow, dispatch.retry_refusal(plan, use, self.state.rotations, referenced, self.state.owners))

@@ -13,6 +13,7 @@ pools' memory (core/rotation.py, core/pool.py) is read and taught in memory only
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from core.classify import (
     OK,
     HeaderLookup,
     Outcome,
+    OutcomeKind,
     classify_response,
     is_client_side,
     is_context_too_long,
@@ -367,9 +369,12 @@ class Journey:
     trail: list[Step] = field(default_factory=list)
     too_long_for: str | None = None  # a model the prompt is too long for: its routes are left untried
     silent: tuple[int, str | None] | None = None  # (upstream, its model) that left an attempt silent
+    unhinted: set[tuple[int | None, int]] = field(default_factory=set)  # (group, key): a 429 with no Retry-After
+    rate_limited_round: bool = False  # every usable key of the last route answered 429 with no Retry-After
 
     def start(self, model_missing: bool, alive: bool, too_long: bool = False, timed_out: bool = False) -> Step:
         self.index = self.use.candidate
+        self._note_429()
         if too_long:
             self.too_long_for = self.plan.candidates[self.index].model
         if model_missing or too_long or (timed_out and self._timed_out()):
@@ -387,6 +392,11 @@ class Journey:
         if self.silent is not None and _served_as(candidate) == self.silent:
             return self._leave()  # the model is silent at this upstream, whatever the key
         last = self.index == len(candidates) - 1
+        if last and self._round_of_429s(candidate):
+            # Waiting out unhinted 429s key after key would only make more rounds within seconds:
+            # the client gets upstream's 429, with a Retry-After of keyrotor's own.
+            self.rate_limited_round = True
+            return self._stop()
         here = [a for a in self.use.attempts if tried_on(candidate, a)]
         limited = sum(a.status == 429 for a in here)
         troubled = {a.key_id for a in here if a.status is None or a.status >= 500}
@@ -431,6 +441,7 @@ class Journey:
     def judged(self, judgement: Judgement, alive: bool) -> Step:
         """The attempt got a whole answer, which `judgement` classified."""
         self.answered, self.answered_by = judgement.outcome, self.plan.candidates[self.index]
+        self._note_429()
         if judgement.verdict == Verdict.NEXT_GROUP:
             return self._leave()
         if judgement.verdict == Verdict.NEXT_MODEL:
@@ -451,7 +462,37 @@ class Journey:
         use, by = self.use, self.answered_by
         use.settled = True
         use.fallback_model = by.model if by and by.fallback_from else None
-        return self.answered is not None and self.answered.kind in KEY_ONLY_FAILURES
+        return self.answered is not None and self.answered.kind in KEY_ONLY_FAILURES and not self.rate_limited_round
+
+    def retry_after(self, now: float) -> str | None:
+        """The Retry-After of upstream's 429 after a round of them: when a key of the route is back."""
+        if not self.rate_limited_round:
+            return None
+        candidate = self.plan.candidates[-1]
+        rotation = self.rotation_of(candidate.group.id)
+        wait = rotation.pool.soonest_return(now, scope_of(candidate, self.plan)) if rotation is not None else None
+        return str(max(1, math.ceil(wait or 0)))
+
+    def _note_429(self) -> None:
+        answered, attempts = self.answered, self.use.attempts
+        if answered is not None and answered.kind == OutcomeKind.RATE_LIMITED and answered.wait is None and attempts:
+            self.unhinted.add((attempts[-1].group_id, attempts[-1].key_id))
+
+    def _round_of_429s(self, candidate: Candidate) -> bool:
+        """Whether the latest answer is a 429 with no Retry-After, after every key of `candidate`'s
+        group that could serve answered this request the same way (one pool-wide round)."""
+        answered = self.answered
+        if answered is None or answered.kind != OutcomeKind.RATE_LIMITED or answered.wait is not None:
+            return False
+        rotation = self.rotation_of(candidate.group.id)
+        if rotation is None:
+            return False
+        group = candidate.group.id
+        usable = {k.id for k in rotation.pool.keys if k.state in (KeyState.ACTIVE, KeyState.COOLING)}
+        if self.plan.only_key is not None:
+            usable &= {self.plan.only_key}
+        limited = {key for g, key in self.unhinted if g == group or g is None}
+        return bool(usable) and usable <= limited
 
     def _leave(self) -> Step:
         step = self._step(Step(Move.LEAVE, self.index))

@@ -44,6 +44,7 @@ class RetryResult:
     refuse: bool  # every attempt failed because of our keys: answer with a 503 of our own instead
     candidate: Candidate | None = None  # the route of `answer`
     trail: tuple[Step, ...] = ()  # the decisions taken on the way
+    retry_after: str | None = None  # upstream's 429 after a round of them: the Retry-After the client gets
 
 
 class Failover:
@@ -224,4 +225,5 @@ class Failover:
         if step.index < len(plan.candidates):
             self._leave(use, plan.candidates[step.index])
         refuse = journey.end()
-        return RetryResult(answer, refuse, journey.answered_by, tuple(journey.trail))
+        retry_after = journey.retry_after(time.time())
+        return RetryResult(answer, refuse, journey.answered_by, tuple(journey.trail), retry_after)

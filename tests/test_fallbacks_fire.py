@@ -11,6 +11,7 @@ import json
 import time
 
 import openai
+import pytest
 
 from tests.conftest import Keyrotor
 from tests.fake_upstream import FakeUpstream
@@ -73,3 +74,17 @@ def test_a_silent_model_goes_to_its_fallback_after_one_timeout(keyrotor: Keyroto
     # One silent attempt each, not one per key of the same upstream: 2 s each, not 6 (12 s in all).
     assert models_asked(upstream) == [PRIMARY, FALLBACK] * 2
     assert time.monotonic() - began < 10
+
+
+def test_one_round_of_429s_without_retry_after_goes_back_to_the_client(keyrotor: Keyrotor, upstream: FakeUpstream):
+    upstream.faults.model_faults[PRIMARY] = "ratelimit_nohint"  # no fallback: nowhere else to go
+    client = client_for(
+        keyrotor, keyrotor.start_serving(*KEYS[:3], proxy_args=("--set", "keypool.wait_max_seconds=20"))
+    )
+    began = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model=PRIMARY, messages=[{"role": "user", "content": "hello"}])
+    assert time.monotonic() - began < 5  # not rounds of waits within wait_max_seconds
+    assert models_asked(upstream) == [PRIMARY] * 3  # one round: each key once
+    assert caught.value.code == "rate_limit_exceeded"  # upstream's own 429…
+    assert int(caught.value.response.headers["retry-after"]) >= 1  # …saying when a key is back

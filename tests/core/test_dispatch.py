@@ -221,11 +221,14 @@ async def journey(world: World, *, alive_for: int | None = None, client_leaves_f
     if result.refuse:
         error = retry_refusal(plan, use, world.rotations)
         return [*decisions, f"→ {error.status} {error.code}"]
+    ra = f" retry-after {result.retry_after}" if result.retry_after else ""  # after a round of 429s
     if result.answer is None:
+        if token in ANSWERS:  # the first attempt's answer stands
+            return [*decisions, f"→ {ANSWERS[token][0]}{ra}"]
         return [*decisions, "→ 502"]  # addons/recovery.py lets mitmproxy's own 502 through
     renamed = " renamed" if rename_back(result.candidate, result.answer.headers) != Rename.NONE else ""
     fallback = f" as {use.fallback_model}" if use.fallback_model else ""
-    return [*decisions, f"→ {result.answer.status}{renamed}{fallback}"]
+    return [*decisions, f"→ {result.answer.status}{renamed}{fallback}{ra}"]
 
 
 # fmt: off
@@ -239,13 +242,18 @@ MATRIX = [
     ("403 another key",                  {"a": 2},         0, {"a1": ["403"]},                                  "a1 403, retry, wait a, a2 200, → 200"),
     ("403 next group",                   {"a": 1, "b": 1}, 0, {"a1": ["403"]},
      "a1 403, retry, key a, leave a, wait b, b1 200, → 200"),
-    ("429 no hint one key",              {"a": 1},         0, {"a1": ["429"]},
-     "a1 429, retry, wait a, leave a, → 503 no_upstream_key_available"),
+    # A round of 429s without Retry-After on every key of the last route: upstream's 429, with
+    # keyrotor's Retry-After (when a key is back), not more rounds.
+    ("429 no hint one key",              {"a": 1},         0, {"a1": ["429"]},                                  "a1 429, retry, → 429 retry-after 60"),
+    ("429 no hint, a round of the pool", {"a": 3},         0, {"a1": ["429"], "a2": ["429"], "a3": ["429"]},
+     "a1 429, retry, wait a, a2 429, wait a, a3 429, → 429 retry-after 60"),
+    ("429 no hint, then the fallback",   {"a": 2},         1, {"a1": ["429"], "a2": ["429"]},
+     "a1 429, retry, key a, a2 429, key a, leave a, wait f, f1 200, → 200 as gpt-4o-mini"),
     ("429 Retry-After one key waits",    {"a": 1},         0, {"a1": ["429+ra", "200"]},
      "a1 429+ra, retry, wait a, a1 200, → 200"),
     ("429 another key",                  {"a": 2},         0, {"a1": ["429"]},                                  "a1 429, retry, wait a, a2 200, → 200"),
     ("429 every key, every group",       {"a": 2, "b": 1}, 0, {"a1": ["429"], "a2": ["429"], "b1": ["429"]},
-     "a1 429, retry, key a, a2 429, key a, leave a, wait b, b1 429, wait b, leave b, → 503 no_upstream_key_available"),
+     "a1 429, retry, key a, a2 429, key a, leave a, wait b, b1 429, → 429 retry-after 60"),
     ("429 insufficient_quota",           {"a": 2},         0, {"a1": ["429quota"]},
      "a1 429quota, retry, wait a, a2 200, → 200"),
     ("429 quota everywhere",             {"a": 2},         0, {"a1": ["429quota"], "a2": ["429quota"]},

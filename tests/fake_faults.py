@@ -8,7 +8,8 @@
   (a stream whose first byte takes 1.5 s).
 - `model_faults[model]`: every request for that model, whatever the key: `ratelimit_nohint`
   (429 with neither Retry-After nor reset headers), `unavailable` (503), `context_length`
-  (400 `context_length_exceeded`: a model with a short context) or `hang` (never answers).
+  (400 `context_length_exceeded`: a model with a short context), `hang` (never answers) or a
+  stream fault (`slow_first`, …) on every stream of the model.
 - `down`: every request gets 503, as a provider that is down does.
 - `key_rpm[key] = (limit, window_seconds)`: the key's own rate limit, answered like OpenAI's
   (429 with retry-after-ms and x-ratelimit-* headers) once `limit` requests fall in the window.
@@ -97,6 +98,12 @@ class Faults:
         if fault == "hang":
             await asyncio.sleep(HANG_SECONDS)
         return None
+
+    def stream_fault(self, body: bytes) -> str | None:
+        """How a stream for this request breaks: its model's stream fault, else the request's own."""
+        model = _model(body)
+        fault = self.model_faults.get(model) if model else None
+        return fault if fault in STREAM_FAULTS else self.of_request(body)
 
     def _over_rate(self, key: str) -> Response | None:
         rule = self.key_rpm.get(key)

@@ -88,3 +88,15 @@ def test_one_round_of_429s_without_retry_after_goes_back_to_the_client(keyrotor:
     assert models_asked(upstream) == [PRIMARY] * 3  # one round: each key once
     assert caught.value.code == "rate_limit_exceeded"  # upstream's own 429…
     assert int(caught.value.response.headers["retry-after"]) >= 1  # …saying when a key is back
+
+
+def test_a_stream_without_its_first_token_in_time_goes_to_the_fallback(keyrotor: Keyrotor, upstream: FakeUpstream):
+    upstream.faults.model_faults[PRIMARY] = "slow_first"  # headers at once, the first token after 1.5 s
+    settings = ("keypool.first_token_seconds=1", "keypool.attempt_timeout_seconds=30")
+    client = started_with_fallback(keyrotor, *KEYS[:2], settings=settings)
+    began = time.monotonic()
+    assert asked(client, stream=True) == FALLBACK
+    assert time.monotonic() - began < 10  # the first attempt given up after 1 s, not after attempt_timeout
+    assert models_asked(upstream) == [PRIMARY, FALLBACK]
+    (row,) = recorded(keyrotor, 1, "SELECT fallback_model, status, attempts FROM flows")
+    assert tuple(row) == (FALLBACK, 200, 2)

@@ -369,7 +369,7 @@ class Journey:
     trail: list[Step] = field(default_factory=list)
     too_long_for: str | None = None  # a model the prompt is too long for: its routes are left untried
     silent: tuple[int, str | None] | None = None  # (upstream, its model) that left an attempt silent
-    unhinted: set[tuple[int | None, int]] = field(default_factory=set)  # (group, key): a 429 with no Retry-After
+    unhinted: list[AttemptLog] = field(default_factory=list)  # attempts answered 429 with no Retry-After
     rate_limited_round: bool = False  # every usable key of the last route answered 429 with no Retry-After
 
     def start(self, model_missing: bool, alive: bool, too_long: bool = False, timed_out: bool = False) -> Step:
@@ -476,22 +476,21 @@ class Journey:
     def _note_429(self) -> None:
         answered, attempts = self.answered, self.use.attempts
         if answered is not None and answered.kind == OutcomeKind.RATE_LIMITED and answered.wait is None and attempts:
-            self.unhinted.add((attempts[-1].group_id, attempts[-1].key_id))
+            self.unhinted.append(attempts[-1])
 
     def _round_of_429s(self, candidate: Candidate) -> bool:
         """Whether the latest answer is a 429 with no Retry-After, after every key of `candidate`'s
-        group that could serve answered this request the same way (one pool-wide round)."""
+        group that could serve answered this request the same way on it (one pool-wide round)."""
         answered = self.answered
         if answered is None or answered.kind != OutcomeKind.RATE_LIMITED or answered.wait is not None:
             return False
         rotation = self.rotation_of(candidate.group.id)
         if rotation is None:
             return False
-        group = candidate.group.id
         usable = {k.id for k in rotation.pool.keys if k.state in (KeyState.ACTIVE, KeyState.COOLING)}
         if self.plan.only_key is not None:
             usable &= {self.plan.only_key}
-        limited = {key for g, key in self.unhinted if g == group or g is None}
+        limited = {a.key_id for a in self.unhinted if tried_on(candidate, a)}
         return bool(usable) and usable <= limited
 
     def _leave(self) -> Step:

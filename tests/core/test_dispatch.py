@@ -293,6 +293,8 @@ MATRIX = [
      "a1 503, retry, key a, a1 503, key a, a1 503, leave a, wait a~, a1~ 200, → 200 as gpt-4o-mini"),
     ("same group fallback after errors", {"a": 2},         0, {"a1": ["refused"], "a2": ["refused"]},
      "a1 refused, retry, key a, a2 refused, leave a, wait a~, a1~ 200, → 200 as gpt-4o-mini"),
+    ("same group fallback after 429s",   {"a": 2},         0, {"a1": ["429"], "a2": ["429"]},
+     "a1 429, retry, key a, a2 429, key a, leave a, wait a~, a1~ 200, → 200 as gpt-4o-mini"),
     ("same group fallback fails too",    {"a": 2},         0, {"a1": ["503"], "a2": ["503"], "a1~": ["503"], "a2~": ["503"]},
      "a1 503, retry, key a, a2 503, leave a, wait a~, a1~ 503, wait a~, a2~ 503, → 503 as gpt-4o-mini"),
     # A prompt too long for the model goes to its fallback model (no other group of the model: same context).

@@ -186,6 +186,12 @@ class KeyPoolSettings:
     stream_idle_seconds: int = setting(
         120, _positive_integer, help="A streamed answer silent for this long after its first byte is a timeout."
     )
+    first_token_seconds: int = setting(
+        0,
+        _non_negative_integer,
+        help="A stream with no first token this long after the request left is a timeout, retried elsewhere"
+        " while nothing reached the client (0: off, attempt_timeout_seconds alone).",
+    )
     revalidate_seconds: int = setting(
         900,
         _non_negative_integer,

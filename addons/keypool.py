@@ -19,7 +19,7 @@ from mitmproxy.addonmanager import Loader
 
 from config import ConfigError, Settings, checked_options, default_of, names_in, settings_in
 from core import affinity, dispatch, metadata, upstream
-from core.classify import Outcome
+from core.classify import Outcome, is_timeout
 from core.credentials import KeyHandoff, placeholder
 from core.dialects import upstream_url, url_parts, with_key
 from core.dispatch import Plan, Rename, Verdict
@@ -308,14 +308,17 @@ class KeyPool:
         status = response.status_code
         plan = self._plans.get(flow.id)
         more_routes = plan is not None and use.candidate + 1 < len(plan.candidates)
+        fallback = plan is not None and status == 400 and plan.fallback_after(use.candidate)
         content = response.raw_content if status >= 400 else None
-        verdict, judged = self.failover.answered(use, more_routes, status, response.headers, content, *self._ask(flow))
+        verdict, judged = self.failover.answered(
+            use, more_routes, status, response.headers, content, *self._ask(flow), fallback=fallback
+        )
         if judged.missing and plan is not None:
             self.failover.missing(plan.candidates[use.candidate], status, content)
         if verdict == Verdict.REFUSE:
             self._refuse(flow, dispatch.upgrade_refusal(use, self.state.rotations))
         elif verdict != Verdict.ANSWER:
-            return self._retry(flow, use, judged.outcome, judged.missing)
+            return self._retry(flow, use, judged.outcome, judged.missing, verdict == Verdict.NEXT_MODEL)
         self._finish(flow)
         return None
 
@@ -338,13 +341,22 @@ class KeyPool:
 
     async def _recover(self, flow: http.HTTPFlow, use: KeyUse) -> None:
         unanswered = flow.response  # headers of an answer that never arrived whole, or None
-        await self._retry(flow, use, None, False)
+        timed_out = flow.error is not None and is_timeout(flow.error.msg)
+        await self._retry(flow, use, None, False, timed_out=timed_out)
         if flow.response is not None and flow.response is not unanswered:
             flow.error = None  # recovered: addons/recovery.py sends this response instead of a 502
         elif flow.response is not None:
             flow.response = None  # the client gets mitmproxy's 502, and the record says so
 
-    async def _retry(self, flow: http.HTTPFlow, use: KeyUse, outcome: Outcome | None, missing: bool) -> None:
+    async def _retry(
+        self,
+        flow: http.HTTPFlow,
+        use: KeyUse,
+        outcome: Outcome | None,
+        missing: bool,
+        too_long: bool = False,
+        timed_out: bool = False,
+    ) -> None:
         request = flow.request
         plan = self._plans.get(flow.id)
         if plan is None:  # a single route, nothing renamed: the request as it is now
@@ -354,7 +366,15 @@ class KeyPool:
         if self._client is None:  # a hook ran outside running()..done() (unit tests): make one now
             self._client = upstream.new_client(ctx.options.keypool_attempt_timeout_seconds)
         result = await self.failover.retry(
-            self._client, use, plan, outcome, reverse_target(), missing, lambda: flow.client_conn.connected
+            self._client,
+            use,
+            plan,
+            outcome,
+            reverse_target(),
+            missing,
+            lambda: flow.client_conn.connected,
+            too_long,
+            timed_out,
         )
         if result.answer is not None:
             flow.response = response_of(result.answer)
@@ -362,6 +382,8 @@ class KeyPool:
             renamed = dispatch.rename_back(result.candidate, flow.response.headers) != Rename.NONE
             if renamed and not result.refuse:  # streamed or not: it is whole
                 self._rename_whole(flow.response, result.candidate)
+        if result.retry_after is not None and flow.response is not None:
+            flow.response.headers["retry-after"] = result.retry_after  # when a key is back, in keyrotor's words
         if result.refuse:
             referenced = self._referenced.get(flow.id, ())
             self._refuse(flow, dispatch.retry_refusal(plan, use, self.state.rotations, referenced, self.state.owners))

@@ -6,6 +6,8 @@ client has the same limit):
 - no response headers within `keypool_attempt_timeout_seconds` of the request leaving,
 - no first body byte within `keypool_attempt_timeout_seconds` of the headers, and after it
   no silence longer than `keypool_stream_idle_seconds` (whole bodies: attempt_timeout),
+- an event stream whose first byte has not come within `keypool_first_token_seconds` of the
+  request leaving (0: no such limit; a whole answer is written before its first byte),
 end the exchange: its upstream connection is closed and the flow gets the error
 "upstream timed out …", which the key pool retries like a lost connection while nothing
 has reached the client (a key that hangs is a key that failed).
@@ -49,6 +51,8 @@ class _Clock:
     flow: mitm_flow.Flow  # the mitmproxy flow whose exchange this times
     since: float  # the request left, headers came, or the last byte came
     limit: float
+    sent: float = 0.0  # the request left
+    streaming: bool = False  # a streamed answer's first byte came
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class _Timeout:
 
 
 _watched: dict[str, _Clock] = {}  # by flow id
-_limits = {"attempt": 600.0, "idle": 120.0}
+_limits = {"attempt": 600.0, "idle": 120.0, "first_token": 0.0}
 
 
 def sse_error_event(message: str) -> bytes:
@@ -80,6 +84,8 @@ class UpstreamWatch:
             _limits["attempt"] = float(options.keypool_attempt_timeout_seconds)
         if hasattr(options, "keypool_stream_idle_seconds"):
             _limits["idle"] = float(options.keypool_stream_idle_seconds)
+        if hasattr(options, "keypool_first_token_seconds"):
+            _limits["first_token"] = float(options.keypool_first_token_seconds)
 
     def running(self) -> None:
         self._task = asyncio.create_task(self._sweep())
@@ -87,7 +93,8 @@ class UpstreamWatch:
     def request(self, flow: http.HTTPFlow) -> None:
         # Every addon's request hook has run (the key pool has its key): the request leaves now.
         if flow.response is None:
-            _watched[flow.id] = _Clock(flow, time.time(), _limits["attempt"])
+            now = time.time()
+            _watched[flow.id] = _Clock(flow, now, _limits["attempt"], now)
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         _watched.pop(flow.id, None)  # a session, not an exchange: it lasts as long as its ends want
@@ -107,16 +114,28 @@ class UpstreamWatch:
 
 def _expire(now: float) -> None:
     """Every watched exchange silent past its limit is told so, on its own layer."""
+    first_token = _limits["first_token"]
     for flow_id, clock in list(_watched.items()):
-        if now - clock.since < clock.limit:
+        if now - clock.since >= clock.limit:
+            message = f"upstream timed out: nothing for {clock.limit:g} s"
+        elif first_token and now - clock.sent >= first_token and _awaits_first_token(clock):
+            message = f"upstream timed out: no first token for {first_token:g} s"
+        else:
             continue
         del _watched[flow_id]  # handed to the exchange's layer, which may have ended meanwhile
-        message = f"upstream timed out: nothing for {clock.limit:g} s"
         try:
             proxyserver = ctx.master.addons.get("proxyserver")
             proxyserver.inject_event(events.MessageInjected(clock.flow, _Timeout(message)))
         except ValueError:
             pass  # the client's connection is gone already
+
+
+def _awaits_first_token(clock: _Clock) -> bool:
+    """An event stream whose headers came (held from the client) and whose first byte has not."""
+    if clock.streaming:
+        return False
+    response = clock.flow.response if isinstance(clock.flow, http.HTTPFlow) else None
+    return response is not None and "text/event-stream" in response.headers.get("content-type", "")
 
 
 # ---------------------------------------------------------------------- the patches
@@ -189,6 +208,7 @@ def _watched_stream_event(self: http_layer.HttpStream, event: events.Event) -> G
             response = self.flow.response
             streamed_byte = kind is http_layer.ResponseData and response is not None and response.stream
             clock.limit = _limits["idle"] if streamed_byte else _limits["attempt"]
+            clock.streaming = clock.streaming or bool(streamed_byte)
         if kind is http_layer.ResponseData and state.get("_keyrotor_held"):
             return _released_then(self, event)
     elif kind is http_layer.ResponseEndOfMessage or kind is http_layer.ResponseTrailers:

@@ -169,9 +169,32 @@ def is_client_side(error_message: str) -> bool:
     return "client" in error_message.lower()
 
 
+TIMED_OUT = "upstream timed out"  # addons/upstream_watch.py's words for a silent attempt
+
+
+def is_timeout(message: str) -> bool:
+    """An attempt upstream left silent (no headers, no first byte) past its limit."""
+    return message.startswith(TIMED_OUT)
+
+
 def connection_failure(message: str) -> Outcome:
     """No usable answer at all: refused, reset, closed early, timed out."""
     return Outcome(OutcomeKind.CONNECTION_ERROR, message[:200])
+
+
+CONTEXT_TOO_LONG_CODES = frozenset({"context_length_exceeded"})
+
+
+def is_context_too_long(status: int, content: bytes | None) -> bool:
+    """Upstream's 400 for a prompt longer than the model's context (OpenAI's and Azure's
+    `context_length_exceeded`; a relay that drops the code still says "maximum context length").
+
+    The request's fault on this model, on any key: a model with a longer context may take it.
+    """
+    if status != 400:
+        return False
+    code, message = error_fields(content)
+    return (code or "").lower() in CONTEXT_TOO_LONG_CODES or "maximum context length" in message.lower()
 
 
 MODEL_MISSING_CODES = frozenset({"model_not_found", "deploymentnotfound"})

@@ -13,6 +13,7 @@ pools' memory (core/rotation.py, core/pool.py) is read and taught in memory only
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
@@ -24,8 +25,10 @@ from core.classify import (
     OK,
     HeaderLookup,
     Outcome,
+    OutcomeKind,
     classify_response,
     is_client_side,
+    is_context_too_long,
     is_model_missing,
 )
 from core.credentials import AUTHORIZATION
@@ -33,6 +36,7 @@ from core.dialects import API_KEY, upstream_url, with_key
 from core.errors import OpenAIError
 from core.metadata import KeyUse
 from core.models import REFUSED, KeyState, PoolKey
+from core.records import AttemptLog
 from core.request_model import renamed_top_model
 from core.rotation import Rotation, RotationSettings
 from core.routing import Candidate, Dialect, Group, RouteTable, renamed_model
@@ -83,6 +87,13 @@ class Plan:
         rename = bool(asked) and to != asked and candidate.group.upstream.dialect == Dialect.OPENAI
         self.body_model = to if rename else asked
         return to if rename else None
+
+    def fallback_after(self, index: int) -> bool:
+        """Whether a route after `index` serves another model (a fallback) than route `index` does."""
+        if index >= len(self.candidates):
+            return False
+        model = self.candidates[index].model
+        return any(c.model != model for c in self.candidates[index + 1 :])
 
     def answering(self, use: KeyUse | None) -> Candidate | None:
         """The route of the latest attempt, if the request has one."""
@@ -259,6 +270,7 @@ class Verdict(StrEnum):
     ANSWER = "answer"  # the answer stands: good, the request's own fault, or already reaching the client
     RETRY = "retry"  # the key failed: another key, group or fallback model may serve it
     NEXT_GROUP = "next_group"  # upstream has no such model here: the next route may have it
+    NEXT_MODEL = "next_model"  # the prompt is too long for this model: a fallback model may take it
     REFUSE = "refuse"  # a WebSocket upgrade refused for its key: our own 503 (retries speak no WebSocket)
     RELEASE = "release"  # the client left first: the key is free again and learns nothing
 
@@ -273,10 +285,15 @@ class Judgement:
 GOOD = Judgement(OK, False, Verdict.ANSWER)
 
 
-def judge(status: int, headers: HeaderLookup, content: bytes | None, more_routes: bool, now: float) -> Judgement:
-    """Classify an answer (`content` is needed for 4xx and 5xx only)."""
+def judge(
+    status: int, headers: HeaderLookup, content: bytes | None, more_routes: bool, now: float, fallback: bool = False
+) -> Judgement:
+    """Classify an answer (`content` is needed for 4xx and 5xx only; `fallback`: a later route
+    serves a fallback model)."""
     if status == 404 and more_routes and is_model_missing(status, content):
         return Judgement(None, True, Verdict.NEXT_GROUP)
+    if status == 400 and fallback and is_context_too_long(status, content):
+        return Judgement(None, False, Verdict.NEXT_MODEL)  # the request's fault here, no key's
     outcome = classify_response(status, headers, content, now)
     if outcome is OK:
         return GOOD  # most answers: nothing to build
@@ -290,7 +307,9 @@ def after_answer(judgement: Judgement, reached_client: Callable[[], bool], webso
     (What the flow is asked only when it matters: most answers stand as they are.)"""
     if judgement.verdict == Verdict.ANSWER or (not judgement.missing and reached_client()):
         return Verdict.ANSWER
-    return Verdict.REFUSE if websocket() else judgement.verdict
+    if websocket():  # a prompt too long is no key's fault: upstream's 400 stands
+        return Verdict.ANSWER if judgement.verdict == Verdict.NEXT_MODEL else Verdict.REFUSE
+    return judgement.verdict
 
 
 def after_error(message: str, reached_client: Callable[[], bool], websocket: Callable[[], bool]) -> Verdict:
@@ -328,6 +347,20 @@ class Step:
         return f"{self.move} {self.index}{extra}"
 
 
+def _served_as(candidate: Candidate) -> tuple[int, str | None]:
+    """Which upstream's model an attempt on `candidate` asks for."""
+    return candidate.group.upstream.id, candidate.upstream_model
+
+
+def tried_on(candidate: Candidate, attempt: AttemptLog) -> bool:
+    """Whether `attempt` went to `candidate`: its group, for its model (an attempt names the model
+    only when it was a fallback). A fallback model served by the same group has its own count, so
+    the primary's failures do not use up the fallback's attempts."""
+    if attempt.group_id is not None and attempt.group_id != candidate.group.id:
+        return False
+    return attempt.model == (candidate.model if candidate.fallback_from else None)
+
+
 @dataclass
 class Journey:
     """The retries of one request: each call takes what happened and says what to do next.
@@ -346,10 +379,19 @@ class Journey:
     index: int = 0
     answered_by: Candidate | None = None  # the route of the latest whole answer
     trail: list[Step] = field(default_factory=list)
+    too_long_for: str | None = None  # a model the prompt is too long for: its routes are left untried
+    silent: tuple[int, str | None] | None = None  # (upstream, its model) that left an attempt silent
+    unhinted: list[AttemptLog] = field(default_factory=list)  # attempts answered 429 with no Retry-After
+    rate_limited_round: bool = False  # every usable key of the last route answered 429 with no Retry-After
 
-    def start(self, model_missing: bool, alive: bool) -> Step:
+    def start(self, model_missing: bool, alive: bool, too_long: bool = False, timed_out: bool = False) -> Step:
         self.index = self.use.candidate
-        return self._leave() if model_missing else self.next(alive)
+        self._note_429()
+        if too_long:
+            self.too_long_for = self.plan.candidates[self.index].model
+        if model_missing or too_long or (timed_out and self._timed_out()):
+            return self._leave()
+        return self.next(alive)
 
     def next(self, alive: bool) -> Step:
         """Where the request goes now."""
@@ -357,8 +399,17 @@ class Journey:
         if self.index >= len(candidates) or not alive:
             return self._stop()
         candidate = candidates[self.index]
+        if self.too_long_for is not None and candidate.model == self.too_long_for:
+            return self._leave()  # no key of any group makes this model's context longer
+        if self.silent is not None and _served_as(candidate) == self.silent:
+            return self._leave()  # the model is silent at this upstream, whatever the key
         last = self.index == len(candidates) - 1
-        here = [a for a in self.use.attempts if a.group_id == candidate.group.id or a.group_id is None]
+        if last and self._round_of_429s(candidate):
+            # Waiting out unhinted 429s key after key would only make more rounds within seconds:
+            # the client gets upstream's 429, with a Retry-After of keyrotor's own.
+            self.rate_limited_round = True
+            return self._stop()
+        here = [a for a in self.use.attempts if tried_on(candidate, a)]
         limited = sum(a.status == 429 for a in here)
         troubled = {a.key_id for a in here if a.status is None or a.status >= 500}
         if (
@@ -383,15 +434,30 @@ class Journey:
         scope = scope_of(self.plan.candidates[self.index], self.plan)
         return self._step(Step(Move.SEND, self.index, scope, key=key))
 
-    def lost(self, alive: bool) -> Step:
+    def lost(self, alive: bool, timed_out: bool = False) -> Step:
         """The attempt got no whole answer (connection error, timeout)."""
         self.answered = None
+        if timed_out and alive and self._timed_out():
+            return self._leave()
         return self.next(alive)
+
+    def _timed_out(self) -> bool:
+        """An attempt was left silent: its model at its upstream is likely silent on every key, so
+        the request goes on to a route elsewhere (another upstream or model), when it has one."""
+        silent = _served_as(self.plan.candidates[self.index])
+        if all(_served_as(c) == silent for c in self.plan.candidates[self.index + 1 :]):
+            return False  # nowhere else to go: another key of the same upstream is the best chance
+        self.silent = silent
+        return True
 
     def judged(self, judgement: Judgement, alive: bool) -> Step:
         """The attempt got a whole answer, which `judgement` classified."""
         self.answered, self.answered_by = judgement.outcome, self.plan.candidates[self.index]
+        self._note_429()
         if judgement.verdict == Verdict.NEXT_GROUP:
+            return self._leave()
+        if judgement.verdict == Verdict.NEXT_MODEL:
+            self.too_long_for = self.plan.candidates[self.index].model
             return self._leave()
         if judgement.verdict == Verdict.ANSWER:
             return self._stop()
@@ -400,12 +466,44 @@ class Journey:
     def more_routes(self) -> bool:
         return self.index < len(self.plan.candidates) - 1
 
+    def fallback_ahead(self) -> bool:
+        return self.plan.fallback_after(self.index)
+
     def end(self) -> bool:
         """Settle the request; True when keyrotor refuses it: every attempt failed because of our keys."""
         use, by = self.use, self.answered_by
         use.settled = True
         use.fallback_model = by.model if by and by.fallback_from else None
-        return self.answered is not None and self.answered.kind in KEY_ONLY_FAILURES
+        return self.answered is not None and self.answered.kind in KEY_ONLY_FAILURES and not self.rate_limited_round
+
+    def retry_after(self, now: float) -> str | None:
+        """The Retry-After of upstream's 429 after a round of them: when a key of the route is back."""
+        if not self.rate_limited_round:
+            return None
+        candidate = self.plan.candidates[-1]
+        rotation = self.rotation_of(candidate.group.id)
+        wait = rotation.pool.soonest_return(now, scope_of(candidate, self.plan)) if rotation is not None else None
+        return str(max(1, math.ceil(wait or 0)))
+
+    def _note_429(self) -> None:
+        answered, attempts = self.answered, self.use.attempts
+        if answered is not None and answered.kind == OutcomeKind.RATE_LIMITED and answered.wait is None and attempts:
+            self.unhinted.append(attempts[-1])
+
+    def _round_of_429s(self, candidate: Candidate) -> bool:
+        """Whether the latest answer is a 429 with no Retry-After, after every key of `candidate`'s
+        group that could serve answered this request the same way on it (one pool-wide round)."""
+        answered = self.answered
+        if answered is None or answered.kind != OutcomeKind.RATE_LIMITED or answered.wait is not None:
+            return False
+        rotation = self.rotation_of(candidate.group.id)
+        if rotation is None:
+            return False
+        usable = {k.id for k in rotation.pool.keys if k.state in (KeyState.ACTIVE, KeyState.COOLING)}
+        if self.plan.only_key is not None:
+            usable &= {self.plan.only_key}
+        limited = {a.key_id for a in self.unhinted if tried_on(candidate, a)}
+        return bool(usable) and usable <= limited
 
     def _leave(self) -> Step:
         step = self._step(Step(Move.LEAVE, self.index))

@@ -44,6 +44,7 @@ class RetryResult:
     refuse: bool  # every attempt failed because of our keys: answer with a 503 of our own instead
     candidate: Candidate | None = None  # the route of `answer`
     trail: tuple[Step, ...] = ()  # the decisions taken on the way
+    retry_after: str | None = None  # upstream's 429 after a round of them: the Retry-After the client gets
 
 
 class Failover:
@@ -103,9 +104,11 @@ class Failover:
         model_of: Callable[[], str | None],
         reached_client: Callable[[], bool],
         websocket: Callable[[], bool],
+        fallback: bool = False,
     ) -> tuple[Verdict, Judgement]:
-        """The first attempt's answer: its key learns, and the verdict says what follows."""
-        judgement = judge(status, headers, content, more_routes, time.time())
+        """The first attempt's answer: its key learns, and the verdict says what follows
+        (`fallback`: a later route serves a fallback model)."""
+        judgement = judge(status, headers, content, more_routes, time.time(), fallback)
         rotation = self._rotation_of(use.group_id) if use.group_id is not None else None
         if rotation is not None:
             self._end(rotation, use, judgement.outcome, status, None, model_of)
@@ -177,12 +180,16 @@ class Failover:
         default_base_url: str,
         model_missing: bool = False,
         alive: Callable[[], bool] | None = None,
+        too_long: bool = False,
+        timed_out: bool = False,
     ) -> RetryResult:
         """Send the request again, as core.dispatch.Journey decides, until an answer the client can
         use or nothing is left to try.
 
         `answered` is what the answer the client would get now said (None: no answer yet);
-        `model_missing` that its upstream has no such model; `alive` whether the client still waits.
+        `model_missing` that its upstream has no such model; `alive` whether the client still waits;
+        `too_long` that the prompt is too long for the model (its fallback models may take it);
+        `timed_out` that the attempt got nothing in time (a route elsewhere goes next, when there is one).
         """
         settings = self._settings()
         send = self._send or upstream.send
@@ -194,7 +201,7 @@ class Failover:
         def living() -> bool:
             return alive is None or alive()
 
-        step = journey.start(model_missing, living())
+        step = journey.start(model_missing, living(), too_long, timed_out)
         while step.move != Move.STOP:
             candidate = plan.candidates[step.index]
             if step.move == Move.LEAVE:
@@ -216,11 +223,12 @@ class Failover:
                 except httpx.HTTPError as e:
                     message = upstream.error_text(e)
                     rotation.end(use, connection_failure(message), None, message)
-                    step = journey.lost(living())
+                    step = journey.lost(living(), isinstance(e, httpx.ReadTimeout))
                     continue
                 answer = got.without_echo(key.value, placeholder(key.id, key.last4))  # upstream may quote our key
                 content = answer.content if answer.status >= 400 else None
-                judgement = judge(answer.status, answer.headers, content, journey.more_routes(), time.time())
+                more, fallback = journey.more_routes(), journey.fallback_ahead()
+                judgement = judge(answer.status, answer.headers, content, more, time.time(), fallback)
                 rotation.end(use, judgement.outcome, answer.status, None)
                 if judgement.missing:
                     self.missing(candidate, answer.status, content)
@@ -228,4 +236,5 @@ class Failover:
         if step.index < len(plan.candidates):
             self._leave(use, plan.candidates[step.index])
         refuse = journey.end()
-        return RetryResult(answer, refuse, journey.answered_by, tuple(journey.trail))
+        retry_after = journey.retry_after(time.time())
+        return RetryResult(answer, refuse, journey.answered_by, tuple(journey.trail), retry_after)

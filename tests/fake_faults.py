@@ -7,7 +7,9 @@
   two chunks), `stream_stall` (a stream that goes silent after two chunks), `slow_first`
   (a stream whose first byte takes 1.5 s).
 - `model_faults[model]`: every request for that model, whatever the key: `ratelimit_nohint`
-  (429 with neither Retry-After nor reset headers) or `unavailable` (503).
+  (429 with neither Retry-After nor reset headers), `unavailable` (503), `context_length`
+  (400 `context_length_exceeded`: a model with a short context), `hang` (never answers) or a
+  stream fault (`slow_first`, …) on every stream of the model.
 - `down`: every request gets 503, as a provider that is down does.
 - `key_rpm[key] = (limit, window_seconds)`: the key's own rate limit, answered like OpenAI's
   (429 with retry-after-ms and x-ratelimit-* headers) once `limit` requests fall in the window.
@@ -73,6 +75,11 @@ class Faults:
             return _error(429, message, "requests", "rate_limit_exceeded")
         if fault == "unavailable":
             return _error(503, "The engine is currently overloaded, please try again later", "server_error", None)
+        if fault == "context_length":
+            message = "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000."
+            return _error(400, message, "invalid_request_error", "context_length_exceeded")
+        if fault == "hang":
+            await asyncio.sleep(HANG_SECONDS)
         fault = self.of_request(body)
         if fault == "too_large":
             message = (
@@ -91,6 +98,12 @@ class Faults:
         if fault == "hang":
             await asyncio.sleep(HANG_SECONDS)
         return None
+
+    def stream_fault(self, body: bytes) -> str | None:
+        """How a stream for this request breaks: its model's stream fault, else the request's own."""
+        model = _model(body)
+        fault = self.model_faults.get(model) if model else None
+        return fault if fault in STREAM_FAULTS else self.of_request(body)
 
     def _over_rate(self, key: str) -> Response | None:
         rule = self.key_rpm.get(key)

@@ -1334,7 +1334,7 @@ class FakeUpstream:
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if data.get("stream") is True:
-            return self._chat_stream(base, pieces, usage, data.get("stream_options"), Faults.of_request(body))
+            return self._chat_stream(base, pieces, usage, data.get("stream_options"), self.faults.stream_fault(body))
         message = {"role": "assistant", "content": "".join(pieces), "refusal": None}
         choice = {
             "index": 0,

@@ -155,6 +155,7 @@ BAD_VALUES = [
     ("keypool.wait_max_seconds", "-1", ZERO_OR_MORE),
     ("keypool.attempt_timeout_seconds", "0", ABOVE_ZERO),
     ("keypool.stream_idle_seconds", "0", ABOVE_ZERO),
+    ("keypool.first_token_seconds", "-1", ZERO_OR_MORE),
     ("keypool.revalidate_seconds", "-900", ZERO_OR_MORE),
     ("keypool.revalidate_seconds", "soon", "must be a whole number"),
     ("capture.bodies", "some", 'must be one of "full", "truncated", "none"'),

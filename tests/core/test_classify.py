@@ -8,7 +8,14 @@ from email.utils import formatdate
 import pytest
 from httpx import Headers
 
-from core.classify import Outcome, classify_response, parse_duration, ratelimit_reset_seconds, retry_after_seconds
+from core.classify import (
+    Outcome,
+    classify_response,
+    is_context_too_long,
+    parse_duration,
+    ratelimit_reset_seconds,
+    retry_after_seconds,
+)
 
 NOW = 1_800_000_000.0
 
@@ -205,3 +212,34 @@ def test_parse_duration(text, seconds):
 )
 def test_ratelimit_reset_seconds(headers, seconds):
     assert ratelimit_reset_seconds(Headers(headers)) == seconds
+
+
+AZURE_CONTEXT = json.dumps(
+    {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in"
+            " 9000 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+            "status": 400,
+        }
+    }
+).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "content", "too_long"),
+    [
+        (400, body("context_length_exceeded", "This model's maximum context length is 128000 tokens."), True),
+        (400, AZURE_CONTEXT, True),
+        (400, body(None, "This model's maximum context length is 4097 tokens."), True),  # a relay that drops the code
+        (400, body("content_filter", "The response was filtered"), False),
+        (400, body("invalid_request_error", "Invalid 'messages'"), False),
+        (400, b"not json", False),
+        (500, body("context_length_exceeded"), False),
+    ],
+    ids=["openai", "azure", "no code", "content filter", "other 400", "not json", "not a 400"],
+)
+def test_a_prompt_too_long_for_the_model(status, content, too_long):
+    assert is_context_too_long(status, content) is too_long

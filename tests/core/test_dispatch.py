@@ -68,7 +68,10 @@ ANSWERS: dict[str, tuple[int, dict[str, str], bytes]] = {
     "429+ra": (429, {"retry-after-ms": "50"}, error_body("rate_limit_exceeded", "Rate limit reached")),
     "429quota": (429, {}, error_body("insufficient_quota", "You exceeded your current quota")),
     "500": (500, {}, error_body("server_error")),
+    "503": (503, {}, error_body("service_unavailable")),
     "404missing": (404, {}, error_body("model_not_found", "The model `gpt-4o` does not exist")),
+    "400ctx": (400, {}, error_body("context_length_exceeded", "This model's maximum context length is 128000 tokens.")),
+    "400filter": (400, {}, error_body("content_filter", "The response was filtered")),
 }
 NO_ANSWER = {"refused": httpx.ConnectError("connection refused"), "timeout": httpx.ReadTimeout("timed out")}
 FIRST_ERRORS = {"refused": "ConnectError: connection refused", "timeout": "upstream timed out: nothing for 30 s"}
@@ -87,9 +90,11 @@ class World:
         alias: str | None = None,
         catch_all: int = 0,
         unlisted_fallback: bool = False,
+        shared: bool = False,
     ) -> None:
-        groups, self.names, self.rotations = [], {}, {}
-        specs = [(name, count, {MODEL: alias}) for name, count in layout.items()]
+        groups, self.names, self.rotations, self.shared = [], {}, {}, shared
+        served: dict[str, str | None] = {MODEL: alias, FALLBACK: None} if shared else {MODEL: alias}
+        specs = [(name, count, dict(served)) for name, count in layout.items()]
         if fallback:
             specs.append(("f", fallback, {FALLBACK: None}))
         if catch_all:
@@ -109,21 +114,25 @@ class World:
             rotation = self.rotations[gid] = Rotation(pool)
             rotation.configure(SETTINGS)
             groups.append(group)
-        fallbacks = [FALLBACK] if fallback else []
+        fallbacks = [FALLBACK] if fallback or shared else []
         fallbacks += [UNLISTED] if unlisted_fallback else []
         self.table = RouteTable(groups, {MODEL: fallbacks} if fallbacks else None)
         self.script = {name: list(answers) for name, answers in script.items()}
         self.answered: list[str] = []  # the retries' answers, in order
         self.failover = Failover(self.rotations.get, lambda: SETTINGS, send=self.send)
 
-    def answer_of(self, key: PoolKey) -> str:
-        answers = self.script.get(self.names[key.id]) or ["200"]
+    def answer_of(self, key: PoolKey, model: str = MODEL) -> str:
+        """The script's next answer of `key` (`a1~` in the script: what a1 answers for FALLBACK)."""
+        name = self.names[key.id]
+        if self.shared and model == FALLBACK:
+            name += "~"
+        answers = self.script.get(name) or ["200"]
         return answers.pop(0) if len(answers) > 1 else answers[0]
 
     async def send(self, client, method, url, fields, body):
         value = dict(fields)[b"authorization"].decode().removeprefix("Bearer ")
         key = next(k for r in self.rotations.values() for k in r.pool.keys if k.value == value)
-        token = self.answer_of(key)
+        token = self.answer_of(key, json.loads(body)["model"])
         self.answered.append(token)
         if token in NO_ANSWER:
             raise NO_ANSWER[token]
@@ -155,13 +164,14 @@ async def journey(world: World, *, alive_for: int | None = None, client_leaves_f
     index, key = chosen
     candidate = plan.candidates[index]
     use = world.failover.begin(candidate, index, key, None, scope_of(candidate, plan))
-    token = "client" if client_leaves_first else world.answer_of(key)
+    token = "client" if client_leaves_first else world.answer_of(key, candidate.upstream_model or MODEL)
     decisions.append(f"{world.names[key.id]} {token}")
     outcome: Outcome | None = None
-    missing = False
+    missing = timed_out = False
     if token == "client" or token in NO_ANSWER:
         message = "Client disconnected." if token == "client" else FIRST_ERRORS[token]
         verdict = world.failover.failed(use, message, lambda: MODEL, lambda: False, lambda: False)
+        timed_out = token == "timeout"
     else:
         status, headers, content = ANSWERS[token]
         verdict, judged = world.failover.answered(
@@ -173,6 +183,7 @@ async def journey(world: World, *, alive_for: int | None = None, client_leaves_f
             lambda: MODEL,
             lambda: False,
             lambda: False,
+            fallback=plan.fallback_after(index),
         )
         outcome, missing = judged.outcome, judged.missing
     decisions.append(str(verdict))
@@ -187,26 +198,44 @@ async def journey(world: World, *, alive_for: int | None = None, client_leaves_f
         calls += 1
         return alive_for is None or calls <= alive_for
 
-    result = await world.failover.retry(None, use, plan, outcome, "http://up.test", missing, alive)  # type: ignore[arg-type]
+    too_long = verdict == Verdict.NEXT_MODEL
+    result = await world.failover.retry(
+        None,  # type: ignore[arg-type]
+        use,
+        plan,
+        outcome,
+        "http://up.test",
+        missing,
+        alive,
+        too_long,
+        timed_out,
+    )
     answers = iter(world.answered)
+    shared = len({c.group.id for c in plan.candidates}) < len(plan.candidates)
     for step in result.trail:
-        group = plan.candidates[step.index].group.name if step.index < len(plan.candidates) else ""
+        group = ""
+        if step.index < len(plan.candidates):
+            on = plan.candidates[step.index]
+            group = on.group.name + ("~" if shared and on.fallback_from else "")  # a~: group a, for the fallback
         if step.move == Move.LEAVE:
             decisions.append(f"leave {group}")
         elif step.move == Move.TAKE_KEY:
             decisions.append(f"{'wait' if step.wait else 'key'} {group}")
         elif step.move == Move.SEND:
             assert step.key is not None
-            decisions.append(f"{world.names[step.key.id]} {next(answers)}")
+            decisions.append(f"{world.names[step.key.id]}{'~' if group.endswith('~') else ''} {next(answers)}")
     assert use.settled
     if result.refuse:
         error = retry_refusal(plan, use, world.rotations)
         return [*decisions, f"→ {error.status} {error.code}"]
+    ra = f" retry-after {result.retry_after}" if result.retry_after else ""  # after a round of 429s
     if result.answer is None:
+        if token in ANSWERS:  # the first attempt's answer stands
+            return [*decisions, f"→ {ANSWERS[token][0]}{ra}"]
         return [*decisions, "→ 502"]  # addons/recovery.py lets mitmproxy's own 502 through
     renamed = " renamed" if rename_back(result.candidate, result.answer.headers) != Rename.NONE else ""
     fallback = f" as {use.fallback_model}" if use.fallback_model else ""
-    return [*decisions, f"→ {result.answer.status}{renamed}{fallback}"]
+    return [*decisions, f"→ {result.answer.status}{renamed}{fallback}{ra}"]
 
 
 # fmt: off
@@ -220,13 +249,18 @@ MATRIX = [
     ("403 another key",                  {"a": 2},         0, {"a1": ["403"]},                                  "a1 403, retry, wait a, a2 200, → 200"),
     ("403 next group",                   {"a": 1, "b": 1}, 0, {"a1": ["403"]},
      "a1 403, retry, key a, leave a, wait b, b1 200, → 200"),
-    ("429 no hint one key",              {"a": 1},         0, {"a1": ["429"]},
-     "a1 429, retry, wait a, leave a, → 503 no_upstream_key_available"),
+    # A round of 429s without Retry-After on every key of the last route: upstream's 429, with
+    # keyrotor's Retry-After (when a key is back), not more rounds.
+    ("429 no hint one key",              {"a": 1},         0, {"a1": ["429"]},                                  "a1 429, retry, → 429 retry-after 60"),
+    ("429 no hint, a round of the pool", {"a": 3},         0, {"a1": ["429"], "a2": ["429"], "a3": ["429"]},
+     "a1 429, retry, wait a, a2 429, wait a, a3 429, → 429 retry-after 60"),
+    ("429 no hint, then the fallback",   {"a": 2},         1, {"a1": ["429"], "a2": ["429"]},
+     "a1 429, retry, key a, a2 429, key a, leave a, wait f, f1 200, → 200 as gpt-4o-mini"),
     ("429 Retry-After one key waits",    {"a": 1},         0, {"a1": ["429+ra", "200"]},
      "a1 429+ra, retry, wait a, a1 200, → 200"),
     ("429 another key",                  {"a": 2},         0, {"a1": ["429"]},                                  "a1 429, retry, wait a, a2 200, → 200"),
     ("429 every key, every group",       {"a": 2, "b": 1}, 0, {"a1": ["429"], "a2": ["429"], "b1": ["429"]},
-     "a1 429, retry, key a, a2 429, key a, leave a, wait b, b1 429, wait b, leave b, → 503 no_upstream_key_available"),
+     "a1 429, retry, key a, a2 429, key a, leave a, wait b, b1 429, → 429 retry-after 60"),
     ("429 insufficient_quota",           {"a": 2},         0, {"a1": ["429quota"]},
      "a1 429quota, retry, wait a, a2 200, → 200"),
     ("429 quota everywhere",             {"a": 2},         0, {"a1": ["429quota"], "a2": ["429quota"]},
@@ -259,6 +293,35 @@ MATRIX = [
     ("an alias is renamed back",         {"a": 2},         0, {"a1": ["500"]},                                  "a1 500, retry, wait a, a2 200, → 200 renamed"),
     ("fallback refuses too",             {"a": 1},         1, {"a1": ["401"], "f1": ["401"]},
      "a1 401, retry, key a, leave a, wait f, f1 401, wait f, leave f, → 503 no_upstream_key_available"),
+    # A fallback model served by the same group (a~: group a asked for the fallback) has attempts of its own.
+    ("same group fallback after 503",    {"a": 2},         0, {"a1": ["503"], "a2": ["503"]},
+     "a1 503, retry, key a, a2 503, leave a, wait a~, a1~ 200, → 200 as gpt-4o-mini"),
+    ("same group fallback, one key",     {"a": 1},         0, {"a1": ["503"]},
+     "a1 503, retry, key a, a1 503, key a, a1 503, leave a, wait a~, a1~ 200, → 200 as gpt-4o-mini"),
+    ("same group fallback after errors", {"a": 2},         0, {"a1": ["refused"], "a2": ["refused"]},
+     "a1 refused, retry, key a, a2 refused, leave a, wait a~, a1~ 200, → 200 as gpt-4o-mini"),
+    ("same group fallback after 429s",   {"a": 2},         0, {"a1": ["429"], "a2": ["429"]},
+     "a1 429, retry, key a, a2 429, key a, leave a, wait a~, a1~ 200, → 200 as gpt-4o-mini"),
+    ("same group fallback fails too",    {"a": 2},         0, {"a1": ["503"], "a2": ["503"], "a1~": ["503"], "a2~": ["503"]},
+     "a1 503, retry, key a, a2 503, leave a, wait a~, a1~ 503, wait a~, a2~ 503, → 503 as gpt-4o-mini"),
+    # A prompt too long for the model goes to its fallback model (no other group of the model: same context).
+    ("context length, the fallback",     {"a": 1, "b": 1}, 1, {"a1": ["400ctx"]},
+     "a1 400ctx, next_model, leave a, leave b, wait f, f1 200, → 200 as gpt-4o-mini"),
+    ("context length, same group",       {"a": 2},         0, {"a1": ["400ctx"]},
+     "a1 400ctx, next_model, leave a, wait a~, a2~ 200, → 200 as gpt-4o-mini"),
+    ("context length after a 5xx",       {"a": 2},         1, {"a1": ["500"], "a2": ["400ctx"]},
+     "a1 500, retry, key a, a2 400ctx, leave a, wait f, f1 200, → 200 as gpt-4o-mini"),
+    ("context length, no fallback",      {"a": 1, "b": 1}, 0, {"a1": ["400ctx"]},                           "a1 400ctx, answer, → 400"),
+    ("context length, fallback too",     {"a": 1},         1, {"a1": ["400ctx"], "f1": ["400ctx"]},
+     "a1 400ctx, next_model, leave a, wait f, f1 400ctx, → 400 as gpt-4o-mini"),
+    # A model left silent at an upstream is silent on its other keys there: a route elsewhere goes next.
+    ("timeout, the fallback",            {"a": 2},         1, {"a1": ["timeout"]},
+     "a1 timeout, retry, leave a, wait f, f1 200, → 200 as gpt-4o-mini"),
+    ("timeout, same group fallback",     {"a": 2},         0, {"a1": ["timeout"]},
+     "a1 timeout, retry, leave a, wait a~, a2~ 200, → 200 as gpt-4o-mini"),
+    ("retry timeout, the fallback",      {"a": 3},         1, {"a1": ["500"], "a2": ["timeout"]},
+     "a1 500, retry, key a, a2 timeout, leave a, wait f, f1 200, → 200 as gpt-4o-mini"),
+    ("other 400s never fall back",       {"a": 1},         1, {"a1": ["400filter"]},                        "a1 400filter, answer, → 400"),
 ]
 # fmt: on
 
@@ -269,7 +332,8 @@ MATRIX = [
 )
 def test_the_failover_matrix(name, layout, fallback, script, expected):
     alias = "gpt-4o-2024-08-06" if "alias" in name else None
-    assert ", ".join(asyncio.run(journey(World(layout, script, fallback, alias)))) == expected
+    shared = "same group" in name
+    assert ", ".join(asyncio.run(journey(World(layout, script, fallback, alias, shared=shared)))) == expected
 
 
 @pytest.mark.parametrize(
@@ -306,8 +370,9 @@ NEVER_DIVERTED = [
      "→ 503 no_upstream_key_available"),
     ("keys turn out invalid",          {"a": 2}, {},                    {"a1": ["401"], "a2": ["401"]}, False,
      "a1 401, retry, wait a, a2 401, wait a, leave a, → 503 no_upstream_key_available"),
+    # One round of 429s without Retry-After on every usable key: upstream's 429, with keyrotor's Retry-After.
     ("keys rate limited",              {"a": 1}, {},                    {"a1": ["429"]},            False,
-     "a1 429, retry, wait a, leave a, → 503 no_upstream_key_available"),
+     "a1 429, retry, → 429 retry-after 60"),
     ("5xx stays upstream's",           {"a": 2}, {},                    {"a1": ["500"], "a2": ["500"]}, False,
      "a1 500, retry, wait a, a2 500, → 500"),
     ("explicit fallback: no key",      {"a": 0}, {},                    {},                         True,
@@ -350,11 +415,14 @@ def test_no_key_at_all_refuses_before_any_attempt():
         ("500", False, OutcomeKind.SERVER_ERROR, Verdict.RETRY),
         ("404missing", True, None, Verdict.NEXT_GROUP),
         ("404missing", False, None, Verdict.ANSWER),
+        ("400ctx", True, None, Verdict.NEXT_MODEL),  # a fallback model may take a longer prompt
+        ("400ctx", False, None, Verdict.ANSWER),  # another group of the same model has the same context
+        ("400filter", True, None, Verdict.ANSWER),
     ],
 )
 def test_judge_classifies_an_answer(token, more_routes, kind, verdict):
     status, headers, content = ANSWERS[token]
-    judgement = judge(status, httpx.Headers(headers), content, more_routes, time.time())
+    judgement = judge(status, httpx.Headers(headers), content, more_routes, time.time(), fallback=more_routes)
     assert (judgement.outcome.kind if judgement.outcome else None, judgement.verdict) == (kind, verdict)
     assert judgement.missing == (verdict == Verdict.NEXT_GROUP)
 
@@ -372,6 +440,8 @@ MISSING = Judgement(None, True, Verdict.NEXT_GROUP)
         (RETRYABLE, False, True, Verdict.REFUSE),  # a WebSocket upgrade: our own 503
         (MISSING, True, False, Verdict.NEXT_GROUP),
         (MISSING, False, True, Verdict.REFUSE),
+        (Judgement(None, False, Verdict.NEXT_MODEL), False, False, Verdict.NEXT_MODEL),
+        (Judgement(None, False, Verdict.NEXT_MODEL), False, True, Verdict.ANSWER),  # no key's fault: upstream's 400
     ],
 )
 def test_after_an_answer(judgement, reached, websocket, verdict):

@@ -71,6 +71,16 @@ def batch_input(lines: int, model: str = "gpt-4o-mini") -> bytes:
     )
 
 
+def raw_chat_request(client_key: str, model: str) -> bytes:
+    """One chat completion request as the bytes an HTTP/1.1 client sends, for tests that hang up mid-way."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hello"}]}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {client_key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)

@@ -9,12 +9,11 @@ request make it the request's fault, and retries stop: core/dispatch.py's suspec
 
 from __future__ import annotations
 
-import json
 import socket
 
 import openai
 
-from tests.conftest import Keyrotor, wait_for
+from tests.conftest import Keyrotor, raw_chat_request, wait_for
 from tests.fake_upstream import FakeUpstream
 
 SILENT = "sk-silent-alive-" + "a" * 24 + "0001"
@@ -51,13 +50,8 @@ def test_a_retry_chain_longer_than_the_header_deadline_keeps_its_client(keyrotor
 
 def test_a_client_that_hangs_up_mid_retry_is_recorded_as_cut(keyrotor: Keyrotor, upstream: FakeUpstream):
     client_key = started(keyrotor, upstream)
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}).encode()
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {client_key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
     with socket.create_connection(("127.0.0.1", keyrotor.proxy_port)) as conn:
-        conn.sendall(head + body)
+        conn.sendall(raw_chat_request(client_key, MODEL))
         wait_for(lambda: len(chats(upstream)) >= 2, what="a retry under way")
     # The client has hung up while the key pool waits out the Retry-After: it gets nothing, though
     # the row once said it got upstream's 429 (or a later attempt's 200).

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.conftest import Keyrotor, wait_for
+from tests.conftest import Keyrotor, raw_chat_request, wait_for
 from tests.fake_upstream import FLAKY_PREFIX, FakeUpstream
 
 KEYS = [f"sk-good-fault-{c * 24}{n:04d}" for n, c in enumerate("abcd", start=1)]
@@ -174,13 +174,8 @@ def test_no_attempt_starts_after_the_client_has_gone(keyrotor: Keyrotor, upstrea
     client_key = keyrotor.add_client()
     keyrotor.add_keys(KEYS[0])
     keyrotor.start_proxy("--set", "keypool.wait_max_seconds=10")
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}).encode()
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {client_key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
     with socket.create_connection(("127.0.0.1", keyrotor.proxy_port)) as conn:
-        conn.sendall(head + body)
+        conn.sendall(raw_chat_request(client_key, MODEL))
         wait_for(lambda: chats(upstream), what="the first attempt")  # answered 429: the proxy now waits 3 s
     # The client has hung up while the proxy waits out the key's Retry-After.
     time.sleep(4)  # past it: a retry for nobody would have gone out by now

@@ -361,14 +361,24 @@ def tried_on(candidate: Candidate, attempt: AttemptLog) -> bool:
     return attempt.model == (candidate.model if candidate.fallback_from else None)
 
 
+def _proven(rotation: Rotation | None, key_id: int) -> bool:
+    """Whether upstream has accepted `key_id` since the start (a key no longer in the pool counts
+    as proven: what it failed says as much about the request as before)."""
+    runtime = rotation.pool.runtime.get(key_id) if rotation is not None else None
+    return runtime is None or runtime.proven
+
+
 @dataclass
 class Journey:
     """The retries of one request: each call takes what happened and says what to do next.
 
     Within a group no key that failed the request is tried again while another could serve;
     rate-limited attempts do not use up `max_attempts` while waiting (up to `wait_max_seconds`)
-    can still help. A 5xx or lost answer that repeats on a second key follows the request:
-    the next group may serve it, else the client gets it as it is.
+    can still help, nor do failures of keys not yet proven while a key not yet tried is left.
+    A 5xx or lost answer that repeats on a second key follows the request: the next group may
+    serve it, else the client gets it as it is. Only keys that upstream has accepted since the
+    start (proven) count for that: a key not yet proven that fails is more likely a bad key than
+    a bad request, so the request goes on to a key not yet tried.
     """
 
     plan: Plan
@@ -411,10 +421,18 @@ class Journey:
             return self._stop()
         here = [a for a in self.use.attempts if tried_on(candidate, a)]
         limited = sum(a.status == 429 for a in here)
-        troubled = {a.key_id for a in here if a.status is None or a.status >= 500}
+        rotation = self.rotation_of(candidate.group.id)
+        # While a key the request has not tried is left, new keys' failures are theirs (see _spared).
+        fresh = self._untried_left(rotation, here)
+        troubled = {
+            a.key_id
+            for a in here
+            if (a.status is None or a.status >= 500) and (not fresh or _proven(rotation, a.key_id))
+        }
+        spared = len({a.key_id for a in here if a.status != 429 and not _proven(rotation, a.key_id)}) if fresh else 0
         if (
-            self.rotation_of(candidate.group.id) is None
-            or len(here) - limited >= settings.max_attempts
+            rotation is None
+            or len(here) - limited - spared >= settings.max_attempts
             or limited > settings.max_attempts + MAX_RATE_LIMITED_ATTEMPTS
             or len(troubled) >= GROUP_FAILURES
         ):
@@ -423,6 +441,16 @@ class Journey:
             return self._leave()
         exclude = frozenset(a.key_id for a in here if a.status != 429)  # rate limits end; failures stay
         return self._step(Step(Move.TAKE_KEY, self.index, scope_of(candidate, self.plan), exclude, wait=last))
+
+    def _untried_left(self, rotation: Rotation | None, here: list[AttemptLog]) -> bool:
+        """Whether the group has an active key this request has not tried. Until none is left, a
+        key not yet proven that failed the request is blamed for it: its failure neither uses up
+        `max_attempts` nor makes the request's 5xx follow it (each key is tried once, so the pool
+        bounds those attempts); once every key has had its turn, the usual rules apply."""
+        if rotation is None or self.plan.only_key is not None:
+            return False
+        tried = {a.key_id for a in here}
+        return any(k.state == KeyState.ACTIVE and k.id not in tried for k in rotation.pool.keys)
 
     def took(self, key: PoolKey | None, alive: bool) -> Step:
         """The key TAKE_KEY got (None: none came back in time)."""

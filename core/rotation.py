@@ -172,8 +172,10 @@ class Rotation:
         A 5xx or a lost answer may be the key's fault or the request's (or upstream's): it is
         held as the request's suspect until another key of the group answers the same request
         (then it was the key's) or fails it the same way (then it follows the request, and no
-        key is marked). What is still unresolved when the request leaves the group is
-        upstream's (`settle`). Each request counts at most once against a key.
+        key is marked). Only a proven suspect (upstream has accepted the key since the start)
+        lets a failure follow the request: an unproven one is blamed, and the new failure is the
+        suspect. What is still unresolved when the request leaves the group is upstream's
+        (`settle`). Each request counts at most once against a key.
         """
         now = time.time()
         attempt = use.attempts[-1]
@@ -192,6 +194,11 @@ class Rotation:
             if probe == Probe.NONE:
                 earlier = self._suspect(use)
                 if earlier is None:
+                    use.suspect = attempt.attempt
+                elif earlier.key_id != key.id and not self._proven(earlier.key_id):
+                    # A key upstream has not accepted yet failed first: that key is blamed, and
+                    # this one is the suspect now (the request goes on to a key not yet tried).
+                    self._blame_suspect(use, now)
                     use.suspect = attempt.attempt
                 elif earlier.key_id != key.id:
                     use.suspect = None  # it followed the request to another key
@@ -215,6 +222,10 @@ class Rotation:
             return None
         attempt = use.attempts[use.suspect - 1]
         return attempt if attempt.key_id in self.pool.by_id else None
+
+    def _proven(self, key_id: int) -> bool:
+        runtime = self.pool.runtime.get(key_id)
+        return runtime is None or runtime.proven
 
     def _blame_suspect(self, use: KeyUse, now: float) -> None:
         """Another key answered the request that `use.suspect` failed: that key was at fault."""

@@ -94,6 +94,9 @@ def test_a_request_too_large_goes_back_as_it_is_and_rests_no_key(keyrotor: Keyro
 
 def test_requests_that_fail_everywhere_do_not_take_the_pool_down(keyrotor: Keyrotor, upstream: FakeUpstream):
     client = started(keyrotor, upstream, KEYS[:3])
+    # Each key serves once first (round robin): only a key upstream has accepted since the start
+    # lets a 500 follow the request; a new key's 500 counts against the key (see the cold start below).
+    assert all(ask(client) for _ in KEYS[:3])
     calls = (
         [lambda: ask(client, "#fault:server_error")] * 30
         + [lambda: ask(client, "#fault:stream_cut", stream=True)] * 10
@@ -138,6 +141,17 @@ def test_a_retry_never_returns_to_a_failing_key_while_new_keys_are_busy(keyrotor
     for row in attempts:
         per_flow.setdefault(row["flow_id"], []).append(row["upstream_key_id"])
     assert all(len(keys) == len(set(keys)) for keys in per_flow.values()), per_flow
+
+
+def test_a_cold_start_burst_over_bad_keys_reaches_the_good_ones(keyrotor: Keyrotor, upstream: FakeUpstream):
+    # Right after a start no key is proven: two that answer 500 to everything and two revoked ones
+    # fail requests that four good keys can serve. Their 500s count against them, not the request.
+    flaky = [FLAKY_PREFIX + f"-fault-{c * 24}" for c in "xy"]
+    revoked = [f"sk-revoked-fault-{c * 24}" for c in "xy"]
+    upstream.stream_delay = 0.02
+    client = started(keyrotor, upstream, [*flaky, *revoked, *KEYS])
+    seen = run_all([lambda: ask(client, stream=True)] * 40, workers=40)
+    assert seen == ["ok"] * 40, f"{sum(s != 'ok' for s in seen)} of 40 failed: {sorted(set(seen))}"
 
 
 # ---------------------------------------------------------------------- §2, §3, §7: timeouts and streams

@@ -91,6 +91,7 @@ class World:
         catch_all: int = 0,
         unlisted_fallback: bool = False,
         shared: bool = False,
+        unproven: frozenset[str] = frozenset(),
     ) -> None:
         groups, self.names, self.rotations, self.shared = [], {}, {}, shared
         served: dict[str, str | None] = {MODEL: alias, FALLBACK: None} if shared else {MODEL: alias}
@@ -109,8 +110,8 @@ class World:
                 next_id += 1
             pool = Pool()
             pool.replace_keys(keys)
-            for runtime in pool.runtime.values():
-                runtime.proven = True
+            for key in keys:
+                pool.runtime[key.id].proven = key.last4 not in unproven  # `unproven`: new since the start
             rotation = self.rotations[gid] = Rotation(pool)
             rotation.configure(SETTINGS)
             groups.append(group)
@@ -334,6 +335,54 @@ def test_the_failover_matrix(name, layout, fallback, script, expected):
     alias = "gpt-4o-2024-08-06" if "alias" in name else None
     shared = "same group" in name
     assert ", ".join(asyncio.run(journey(World(layout, script, fallback, alias, shared=shared)))) == expected
+
+
+# Right after a start no key is proven (upstream has not accepted it yet): its failures are the
+# key's, not the request's, and the request goes on to a key not yet tried.
+# fmt: off
+NEW_KEYS = [
+    # name,                              groups,   new keys,                   script,                                  expected
+    ("5xx on two new keys",              {"a": 3}, {"a1", "a2"},               {"a1": ["500"], "a2": ["500"]},
+     "a1 500, retry, wait a, a2 500, wait a, a3 200, → 200"),
+    ("new keys beyond max_attempts",     {"a": 5}, {"a1", "a2", "a3", "a4"},   {"a1": ["401"], "a2": ["500"], "a3": ["500"]},
+     "a1 401, retry, wait a, a2 500, wait a, a3 500, wait a, a4 200, → 200"),
+    ("a new key, then a proven one",     {"a": 3}, {"a1"},                     {"a1": ["500"], "a2": ["500"]},
+     "a1 500, retry, wait a, a2 500, wait a, a3 200, → 200"),
+    ("two proven keys after a new one",  {"a": 3}, {"a1"},                     {"a1": ["500"], "a2": ["500"], "a3": ["500"]},
+     "a1 500, retry, wait a, a2 500, wait a, a3 500, → 500"),
+    ("every new key fails: max_attempts", {"a": 3}, {"a1", "a2", "a3"},         {"a1": ["500"], "a2": ["500"], "a3": ["500"]},
+     "a1 500, retry, wait a, a2 500, wait a, a3 500, → 500"),  # every key had its turn: it followed the request
+    ("one new key: max_attempts",        {"a": 1}, {"a1"},                     {"a1": ["500"]},
+     "a1 500, retry, wait a, a1 500, wait a, a1 500, leave a, → 500"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("name", "layout", "new", "script", "expected"),
+    [pytest.param(*row, id=row[0]) for row in NEW_KEYS],
+)
+def test_new_keys_failures_are_theirs(name, layout, new, script, expected):
+    world = World(layout, script, unproven=frozenset(new))
+    assert ", ".join(asyncio.run(journey(world))) == expected
+
+
+def _failures(world: World) -> dict[str, int]:
+    """Failures each key was blamed for (in the scope the journey used)."""
+    counted = {}
+    for rotation in world.rotations.values():
+        for key_id, runtime in rotation.pool.runtime.items():
+            counted[world.names[key_id]] = sum(h.failures for h in runtime.scopes.values())
+    return counted
+
+
+def test_a_new_keys_5xx_is_blamed_on_it_and_a_proven_ones_follows_the_request():
+    world = World({"a": 3}, {"a1": ["500"], "a2": ["500"]}, unproven=frozenset({"a1", "a2"}))
+    asyncio.run(journey(world))
+    assert _failures(world) == {"a1": 1, "a2": 1, "a3": 0}  # both new keys' failures are theirs
+    world = World({"a": 3}, {"a1": ["500"], "a2": ["500"], "a3": ["500"]}, unproven=frozenset({"a1"}))
+    asyncio.run(journey(world))
+    assert _failures(world) == {"a1": 1, "a2": 0, "a3": 0}  # then two proven keys: it followed the request
 
 
 @pytest.mark.parametrize(

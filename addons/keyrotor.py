@@ -98,7 +98,7 @@ addons = [
     ModelsMerge(_state),  # right after the key pool: upstream's list, retried or not, gets ours added
     TenantLists(_state),  # after the key pool too: a list shows the caller only its own objects
     _sender,
-    UpstreamWatch(),  # after the sender: its patch wraps the sender's
+    UpstreamWatch(),  # after the key pool: its request hook starts the attempt's clock as the request leaves
     Spend(_governor),  # before Usage: its stream callable sees the usage chunk Usage then takes out
     Realtime(_governor, _state),  # charges sessions as responses end; closes them when the client may not go on
     Usage(),

@@ -151,7 +151,7 @@ class KeyPool:
         if flow.response:
             return None
         request = flow.request
-        referenced = affinity.referenced_ids(request.path, request.raw_content)
+        referenced = affinity.referenced_once(flow.metadata, request.path, request.raw_content)
         if referenced:
             self._referenced[flow.id] = referenced
             owned = affinity.resolve(referenced, self.state.owners)

@@ -38,7 +38,7 @@ class Tenancy:
         if access is None or not access.admitted or access.client_id is None:
             return None
         request = flow.request
-        referenced = affinity.referenced_ids(request.path, request.raw_content)
+        referenced = affinity.referenced_once(flow.metadata, request.path, request.raw_content)
         if not referenced:
             return None
         state = self.state

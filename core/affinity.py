@@ -18,6 +18,7 @@ from typing import Any
 
 from core.classify import HeaderLookup
 from core.errors import OpenAIError
+from core.metadata import REFERENCED
 from core.usage import events_end, split_events
 
 # `object` values of the answers that create (or show) an owned object → the kind stored.
@@ -287,6 +288,15 @@ def referenced_ids(path: str, body: bytes | None) -> tuple[str, ...]:
     if path.startswith("/v1/responses") and (conversation := conversation_id(body)) is not None:
         ids.append(conversation)
     return tuple(dict.fromkeys(ids))
+
+
+def referenced_once(metadata: dict[str, Any], path: str, body: bytes | None) -> tuple[str, ...]:
+    """referenced_ids, kept in the flow's metadata: Tenancy and the key pool read the same request,
+    and the scan is the hot path's (every request with a body)."""
+    ids: tuple[str, ...] | None = metadata.get(REFERENCED)
+    if ids is None:
+        ids = metadata[REFERENCED] = referenced_ids(path, body)
+    return ids
 
 
 def resolve(referenced: tuple[str, ...], owners: Mapping[str, int]) -> Affinity:

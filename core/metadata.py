@@ -39,6 +39,9 @@ RECORDED = "keyrotor.capture.recorded"
 # True on a GET /v1/models sent upstream (a group serves every model): the groups' own models are
 # added to upstream's list once the key pool has its final answer (addons/models.py, models_merge.py).
 MERGE_MODELS = "keyrotor.models.merge"
+# The object ids a request names (core/affinity.py referenced_ids): scanned once, by the first addon
+# that asks (Tenancy, then the key pool), from the body as the client sent it.
+REFERENCED = "keyrotor.referenced"
 
 
 def plain(value: Any) -> Any:

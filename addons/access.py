@@ -19,10 +19,13 @@ from mitmproxy.addonmanager import Loader
 
 from config import ConfigError, Settings, checked_options, default_of
 from core.credentials import credential_from, hash_client_key, masked, query_credential, refused_placeholder, scrubbed
+from core.dispatch import key_of
 from core.errors import OpenAIError
 from core.limits import Governor, Refusal, Ticket, is_upload, upload_refusal
-from core.metadata import ACCESS, AccessVerdict, RequestedModel
+from core.metadata import ACCESS, AccessVerdict, ClientSent, RequestedModel
 from core.models import Client
+from core.passes import PASS_HEADER_BYTES, SpentPasses, pass_from, verify
+from core.ports import AdminKeys
 from core.request_model import model_of
 from core.routing import RouteTable
 from core.state import ProxyState
@@ -44,11 +47,46 @@ def refusal(verdict: AccessVerdict) -> OpenAIError:
     return OpenAIError(401, message, "invalid_request_error", verdict.rejected)
 
 
+def pass_refusal(ambiguous: bool) -> OpenAIError:
+    if ambiguous:
+        message = "This request carries both a client key and an x-keyrotor-pass: send one of them."
+        return OpenAIError(401, message, "invalid_request_error", "ambiguous_credentials")
+    message = (
+        "The x-keyrotor-pass is not valid: forged, expired, already used, or its client is disabled or has no"
+        " active key. The monitor UI makes a new one for each request it sends."
+    )
+    return OpenAIError(401, message, "invalid_request_error", "invalid_api_key")
+
+
+def pin_refusal(client: Client, pinned: str | None, group: str | None) -> Refusal | None:
+    """Why a pass may not pin the group `group` (its label; None: none found for the pin `pinned`)."""
+    headers = {"x-should-retry": "false"}
+    if pinned is not None and group is None:
+        message = f"The {pinned} this request is pinned to does not exist (any more)."
+        return Refusal(
+            "group_not_found", OpenAIError(404, message, "invalid_request_error", "group_not_found", headers)
+        )
+    if group is not None and client.policy.groups and group not in client.policy.groups:
+        message = f"This client may not use the upstream group {group} (allowed: {', '.join(client.policy.groups)})."
+        return Refusal(
+            "group_not_allowed", OpenAIError(403, message, "invalid_request_error", "group_not_allowed", headers)
+        )
+    return None
+
+
 class Access:
     def __init__(
-        self, defaults: Settings | None = None, state: ProxyState | None = None, governor: Governor | None = None
+        self,
+        defaults: Settings | None = None,
+        state: ProxyState | None = None,
+        governor: Governor | None = None,
+        admin_keys: AdminKeys | None = None,
     ) -> None:
         self._defaults = defaults
+        # Where the key that signs the UI's passes comes from (core/passes.py), and the passes used.
+        self._admin_keys = admin_keys
+        self._pass_key: bytes | None = None
+        self._spent = SpentPasses()
         # The runtime's (addons/runtime.py): clients by key hash, and the route table, for clients
         # limited to some groups (which groups serve a model).
         self.state = state if state is not None else ProxyState()
@@ -95,6 +133,10 @@ class Access:
                 request.path = path  # a key in the URL goes no further: not upstream, not into a record
         headers = request.headers
         key = credential_from(headers.fields) or query_key
+        token = pass_from(headers.fields)
+        if token is not None:
+            self._by_pass(flow, token, key)
+            return
         found = self.state.clients.get(hash_client_key(key)) if key else None
         if found is None:
             rejected = "invalid_api_key" if key else "missing_api_key"
@@ -115,6 +157,50 @@ class Access:
             if refused is not None:
                 refuse(flow, verdict, refused)
 
+    def _by_pass(self, flow: http.HTTPFlow, token: str, key: str | None) -> None:
+        """A request the monitor UI sends under a client (core/passes.py): the pass goes no further."""
+        headers = flow.request.headers
+        fields = tuple((n, v) for n, v in headers.fields if n.lower() != PASS_HEADER_BYTES)
+        now = time.time()
+        signing_key = self._signing_key()
+        found = verify(signing_key, token, now) if key is None and signing_key else None
+        client = self.state.clients_by_id.get(found.client_id) if found is not None else None
+        if found is None or client is None or not self._spent.spend(found, now):
+            error = pass_refusal(ambiguous=key is not None)
+            flow.metadata[ACCESS] = AccessVerdict(rejected=error.code, reason=f"{error.code}: {error.message}")
+            headers.fields = scrubbed(fields, "[refused pass]")
+            flow.response = as_response(error)
+            return
+        verdict = flow.metadata[ACCESS] = AccessVerdict(
+            client_id=client.id,
+            client_name=client.name,
+            pinned_group=found.group_id,
+            pinned_key=found.key_id,
+            replay_of=found.replay_of,
+            by_pass=True,
+        )
+        headers.fields = scrubbed(fields, f"[pass for client #{client.id}]", ensure=True)
+        # The client's own rules, but for its address list: the request comes from the UI, not the client.
+        refused = Governor.check_key(client.policy, (), None, now) if client.policy.expires_at is not None else None
+        refused = refused or pin_refusal(client, *self._pinned_label(found.group_id, found.key_id))
+        if refused is not None:
+            refuse(flow, verdict, refused)
+
+    def _signing_key(self) -> bytes | None:
+        if self._pass_key is None and self._admin_keys is not None:
+            self._pass_key = self._admin_keys.pass_key()
+        return self._pass_key
+
+    def _pinned_label(self, group_id: int | None, key_id: int | None) -> tuple[str | None, str | None]:
+        """(what was pinned, if it is gone: else None; the label of the group the request is pinned to)."""
+        if group_id is None and key_id is not None:
+            _, key = key_of(self.state.rotations, key_id)
+            group_id = key.group_id if key is not None else None  # a key gone: the pool, as routed
+        if group_id is None:
+            return None, None
+        group = self.state.table.by_id.get(group_id)
+        return (None if group is not None else f"upstream group #{group_id}"), (group.label if group else None)
+
     def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         if flow.response:
             return None
@@ -125,9 +211,11 @@ class Access:
         verdict = AccessVerdict.of(flow.metadata)
         if verdict is None or verdict.client_id is None:
             return None  # refused at the headers, and answered
+        request = flow.request
+        # References only: the record compares them with what goes upstream (core/rewrites.py).
+        flow.metadata[ClientSent.KEY] = ClientSent(request.path, request.headers.fields, request.raw_content)
         # The one model upstream will act on, for every client: read once here, where a request that
         # names it ambiguously is refused before anything is sent; the other addons read it back.
-        request = flow.request
         named = model_of(
             flow.metadata, request.path, request.headers.fields, request.raw_content, lambda: request.content
         )

@@ -15,7 +15,16 @@ from mitmproxy.websocket import WebSocketData
 
 from config import BODY_MODES, ConfigError, Settings, checked_options, default_of, names_in, option_source, read_prices
 from core.classify import is_client_side
-from core.metadata import FIRST_BYTE_AT, RECORDED, AccessVerdict, CountedUsage, KeyUse, RequestedModel, UsageInjection
+from core.metadata import (
+    FIRST_BYTE_AT,
+    RECORDED,
+    AccessVerdict,
+    ClientSent,
+    CountedUsage,
+    KeyUse,
+    RequestedModel,
+    UsageInjection,
+)
 from core.ports import RecordSink
 from core.prices import PriceTable
 from core.records import CapturedFlow, Retention, StreamTee, WebSocketMessage
@@ -199,7 +208,13 @@ class Capture:
             fallback_model=keys.fallback_model,
             requested_model=keys.requested_model or _model(flow),
             prices=self._prices,
+            replay_of=access.replay_of,
+            pin_note=access.pin_note,
         )
+        sent = ClientSent.of(flow.metadata)
+        if sent is not None and keys.key_id is not None:  # it went upstream: what changed on the way
+            captured.client_path, captured.client_fields, captured.client_body = sent.path, sent.fields, sent.body
+            captured.sent_url = request.url
         response = flow.response
         tee = self._tees.pop(flow.id, None)
         if response is None:

@@ -31,11 +31,7 @@ from core.pool import Policy
 from core.ports import OwnershipSink
 from core.request_model import model_of, renamed_top_model
 from core.rotation import RotationSettings
-from core.routing import (
-    Candidate,
-    Dialect,
-    reverse_target_of,
-)
+from core.routing import Candidate, Dialect, reverse_target_of
 from core.state import ProxyState
 from core.usage import EventFilter, chained
 
@@ -157,8 +153,10 @@ class KeyPool:
             owned = affinity.resolve(referenced, self.state.owners)
             if owned.owners:
                 return self._request_for_owner(flow, owned)
+        access = AccessVerdict.of(flow.metadata)
+        pinned = access is not None and access.pinned  # the UI's pass: one group or key (core/passes.py)
         table = self.state.table
-        if table.only is not None:
+        if table.only is not None and not pinned:
             # One group for everything, nothing renamed: today's single pool, at today's cost. The
             # model is read only while some model rests (until then the pick does not depend on it).
             rotation = self.state.rotations[table.only.group.id]
@@ -177,12 +175,15 @@ class KeyPool:
                 self._refuse(flow, named)
                 return None
             model = named.model
-        access = AccessVerdict.of(flow.metadata)
         routes = dispatch.route(table, model, access.groups if access is not None else None)
+        only_key = None
+        if pinned and access is not None:
+            pinned = dispatch.pinned_route(table, routes, model, self.state.rotations, access)
+            routes, only_key, access.pin_note = pinned
         if isinstance(routes, OpenAIError):
             self._refuse(flow, routes)
             return None
-        return self._send_first(flow, self._plan(flow, self.state.usable(routes), model))
+        return self._send_first(flow, self._plan(flow, self.state.usable(routes), model, only_key))
 
     # ------------------------------------------------------------------ key affinity
 
@@ -194,9 +195,7 @@ class KeyPool:
             return None
         request = flow.request
         model = self._model_of(flow) if request.method == "POST" else None
-        plan = self._plan(flow, [owner.candidate(model)], model)
-        plan.only_key = owner.key_id
-        return self._send_first(flow, plan, owned.owned)
+        return self._send_first(flow, self._plan(flow, [owner.candidate(model)], model, owner.key_id), owned.owned)
 
     def _learn(self, flow: http.HTTPFlow) -> None:
         """Which key owns what a successful answer made or answered for (no database round trip:
@@ -236,9 +235,11 @@ class KeyPool:
         return named.model if isinstance(named, RequestedModel) else None
 
     @staticmethod
-    def _plan(flow: http.HTTPFlow, candidates: list[Candidate], model: str | None) -> Plan:
+    def _plan(flow: http.HTTPFlow, candidates: list[Candidate], model: str | None, only_key: int | None = None) -> Plan:
         request = flow.request
-        return dispatch.planned(candidates, request.method, request.path, tuple(request.headers.fields), model)
+        plan = dispatch.planned(candidates, request.method, request.path, tuple(request.headers.fields), model)
+        plan.only_key = only_key
+        return plan
 
     def _send_first(self, flow: http.HTTPFlow, plan: Plan, owned: tuple[str, ...] = ()) -> Coroutine | None:
         chosen = dispatch.first_key_now(plan, self.state.rotations.get)

@@ -90,7 +90,7 @@ _state, _writer, _governor = _runtime.state, _runtime.writer, _runtime.governor
 addons = [
     KeyRotor(_settings),
     Recovery(),
-    Access(_settings, _state, _governor),
+    Access(_settings, _state, _governor, _runtime.admin_keys),  # the admin keys' store signs the UI's passes
     Bounds(_settings),
     Tenancy(_state, _writer),  # before the key pool: another client's object is refused before a key is picked
     Models(_state),  # before the key pool: a list answered here takes no key

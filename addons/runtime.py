@@ -144,6 +144,9 @@ class SqliteAdminKeys:
             raise LookupError("no database is open")
         return secrets.mitmweb_password(self.path)
 
+    def pass_key(self) -> bytes | None:
+        return secrets.pass_key(self.path) if self.path is not None else None
+
 
 class SqliteBackend:
     """storage/'s implementations of core's ports, for one SQLite database."""

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from core import affinity
 from core.classify import (
@@ -34,7 +35,7 @@ from core.classify import (
 from core.credentials import AUTHORIZATION
 from core.dialects import API_KEY, upstream_url, with_key
 from core.errors import OpenAIError
-from core.metadata import KeyUse
+from core.metadata import AccessVerdict, KeyUse
 from core.models import REFUSED, KeyState, PoolKey
 from core.records import AttemptLog
 from core.request_model import renamed_top_model
@@ -240,6 +241,69 @@ def owner_error(plan: Plan, owned: tuple[str, ...], rotations: Mapping[int, Rota
     return affinity.owner_resting(owned, key_id, wait, reason)
 
 
+class Pinned(NamedTuple):
+    """Where a request the admin pinned (a UI pass, core/passes.py) may go: one group's routes, one key."""
+
+    routes: list[Candidate] | OpenAIError
+    only_key: int | None
+    note: str | None  # what the flow says of the pin
+
+
+def pinned_route(
+    table: RouteTable,
+    routes: list[Candidate] | OpenAIError,
+    model: str | None,
+    rotations: Mapping[int, Rotation],
+    access: AccessVerdict,
+) -> Pinned:
+    """`routes` (the request's, as the client may be served, or why it has none) narrowed to the group
+    and key `access` is pinned to.
+
+    A pinned group serves the model when it lists it or serves every model, even where routing
+    would not take it there (a catch-all serves no model another group lists), and never falls
+    back to another group. A pinned key that is gone (deleted, disabled, refused by upstream)
+    leaves its group's pool to serve the request, and the note says so."""
+    group_id, key_id = access.pinned_group, access.pinned_key
+    only_key = None
+    note = ""
+    if key_id is not None:
+        _, key = key_of(rotations, key_id)
+        why = "has been deleted" if key is None else _gone_for_good(key)
+        if key is not None and why is None:
+            group_id = key.group_id if group_id is None else group_id
+            if key.group_id != group_id:
+                error = OpenAIError(
+                    400,
+                    f"Upstream key #{key_id} is not in upstream group #{group_id}, the group this request is"
+                    " pinned to.",
+                    "invalid_request_error",
+                    "key_not_in_group",
+                    {"x-should-retry": "false"},
+                )
+                return Pinned(error, None, None)
+            only_key, note = key_id, f"pinned to upstream key #{key_id}"
+        else:
+            note = f"pinned upstream key #{key_id} {why}: the pool served it"
+    if group_id is None:
+        return Pinned(routes, None, note)
+    kept = [] if isinstance(routes, OpenAIError) else [c for c in routes if c.group.id == group_id]
+    group = table.by_id.get(group_id)
+    if not kept and group is not None and group in table.groups and (model is None or group.serves(model)):
+        kept = [Candidate(group, model, group.upstream_model(model) if model else None)]
+    if not kept:
+        error = OpenAIError(
+            404,
+            f"The upstream group this request is pinned to (#{group_id}) does not serve the model `{model}`,"
+            " or is disabled.",
+            "invalid_request_error",
+            "model_not_found",
+            {"x-should-retry": "false"},
+        )
+        return Pinned(error, None, None)
+    where = f"pinned to {kept[0].group.label}"
+    return Pinned(kept, only_key, f"{where}; {note}" if note else where)
+
+
 # --------------------------------------------------------------------------- the first key
 
 
@@ -255,7 +319,7 @@ def first_key_now(plan: Plan, rotation_of: Callable[[int], Rotation | None]) -> 
 
 def no_first_key(plan: Plan, rotations: Mapping[int, Rotation], owned: tuple[str, ...] = ()) -> OpenAIError:
     """The refusal when no route had a key for the first attempt, even after waiting."""
-    if plan.only_key is not None:
+    if plan.only_key is not None and owned:
         return owner_error(plan, owned, rotations)
     last = plan.candidates[-1]
     return (rotations.get(last.group.id) or Rotation()).no_key_error(0, scope_of(last, plan))

@@ -89,12 +89,34 @@ class AccessVerdict(Metadata):
     reason: str | None = None  # a refusal's "code: message", for the flow's row
     counted: bool = False  # the client has limits: the request holds a share of its counters (core.limits)
     groups: list[str] | None = None  # the UPSTREAM/GROUP labels the client may be served by (None: any)
+    # A request the monitor UI sent under the client with a pass (core/passes.py), and where it is pinned.
+    by_pass: bool = False
+    pinned_group: int | None = None
+    pinned_key: int | None = None
+    replay_of: int | None = None  # the flow (row id) it sends again
+    pin_note: str | None = None  # what became of the pin (a key gone: the pool served it)
 
     KEY = ACCESS
 
     @property
+    def pinned(self) -> bool:
+        return self.pinned_group is not None or self.pinned_key is not None
+
+    @property
     def admitted(self) -> bool:
         return self.client_id is not None and self.rejected is None
+
+
+@dataclass
+class ClientSent(Metadata):
+    """The request as the client sent it, before keyrotor changed anything but its credential (the
+    Access addon keeps references, no copies): the record says how the one sent upstream differs."""
+
+    path: str = ""
+    fields: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes | None = None
+
+    KEY = "keyrotor.client_sent"
 
 
 @dataclass

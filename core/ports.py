@@ -125,6 +125,10 @@ class AdminKeys(Protocol):
         """The admin key's hash, as mitmweb's web_password option takes it."""
         ...
 
+    def pass_key(self) -> bytes | None:
+        """The key UI passes are signed with (core/passes.py); None while no database is open."""
+        ...
+
 
 class Counters(Protocol):
     """The numbers behind client limits: moving windows, calendar totals and gauges, by name.

@@ -27,9 +27,12 @@ from core.bodies import (
 )
 from core.metering import IMAGES, NO_USAGE, request_usage, summed, usage_of
 from core.prices import PriceTable
+from core.rewrites import client_request
 from core.routing import query_model, requested_model
 
-REDACTED_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie"})
+REDACTED_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie", "x-keyrotor-pass"}
+)
 REDACTED = "[redacted]"
 
 HeaderFields = tuple[tuple[bytes, bytes], ...]
@@ -106,6 +109,11 @@ class FlowRecord:
     response_body_bytes: bytes | None = None
     # A WebSocket session's messages: [[ms since start, "client"|"server", "text"|"binary", bytes, text], ...]
     websocket_messages: list[list[float | str | None]] | None = None
+    replay_of: int | None = None  # the flow (row id) the monitor UI sent again as this one
+    pin_note: str | None = None  # where the admin pinned it (a group, a key) and what became of that
+    # What the client sent where keyrotor changed it on the way (core/rewrites.py): the recorded
+    # request is the one sent upstream; this says how the client's differed.
+    client_request: dict[str, Any] | None = None
     # Only retried flows keep their attempts: a single attempt is the flow itself.
     attempt_log: list[AttemptLog] = field(default_factory=list)
 
@@ -203,6 +211,13 @@ class CapturedFlow:
     client_id: int | None = None
     refusal: str | None = None
     counted_usage: dict[str, int] | None = None  # keyrotor's count of a stream that ended without upstream's
+    replay_of: int | None = None
+    pin_note: str | None = None
+    # The client's request (core/metadata.py ClientSent) and where the sent one went, for client_request.
+    client_path: str | None = None
+    client_fields: HeaderFields = ()
+    client_body: bytes | None = None
+    sent_url: str | None = None
     prices: PriceTable = field(default_factory=PriceTable)  # shared by every flow, loaded once in configure
 
     def to_record(self) -> FlowRecord:
@@ -273,6 +288,26 @@ class CapturedFlow:
             response_body_bytes=response.binary,
             websocket_messages=self._messages() if self.websocket_messages is not None else None,
             attempt_log=self.attempts if len(self.attempts) > 1 else [],
+            replay_of=self.replay_of,
+            pin_note=self.pin_note,
+            client_request=self._client_request(),
+        )
+
+    def _client_request(self) -> dict[str, Any] | None:
+        if self.client_path is None or self.sent_url is None:
+            return None  # refused, or answered by keyrotor: nothing went upstream
+        same = self.client_body is self.request_body  # most requests: keyrotor changed nothing in the body
+        encoding = header(self.client_fields, b"content-encoding") or None
+        client_body = None if same or self.client_body is None else decoded(self.client_body, encoding)
+        sent_body = None if same or self.request_body is None else decoded(self.request_body, self.request_encoding)
+        return client_request(
+            self.client_path,
+            self.client_fields,
+            client_body,
+            self.path,
+            self.sent_url,
+            self.request_fields,
+            sent_body,
         )
 
     def _messages(self) -> list[list[float | str | None]]:

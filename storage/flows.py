@@ -26,7 +26,7 @@ from storage.sql import insert_many, placeholders
 # The one mapping of a FlowRecord to the flows table: every other module reads or writes
 # FlowRecords. JSON columns hold lists; the 0/1 columns hold booleans. FLOW_COLUMNS and
 # column_values are the record as plain columns, the layout before v8 (and of its tests).
-JSON_COLUMNS = frozenset({"request_headers", "response_headers", "chunk_times", "websocket_messages"})
+JSON_COLUMNS = frozenset({"request_headers", "response_headers", "chunk_times", "websocket_messages", "client_request"})
 BOOLEAN_COLUMNS = frozenset({"stream", "request_body_truncated", "response_body_truncated"})
 FLOW_COLUMNS = tuple(f.name for f in fields(FlowRecord) if f.name != "attempt_log")
 PACKED_COLUMNS = packing.FIELDS  # kept inside `content` since v8

@@ -426,6 +426,18 @@ def _v12_object_clients(db: sqlite_utils.Database) -> None:
     db.table("clients").add_column("legacy_objects", int, not_null_default=0)
 
 
+def _v13_replays(db: sqlite_utils.Database) -> None:
+    # The workbench (docs/workbench.md): a flow the UI sent again names the flow it replays, and
+    # says what became of an admin's pin (a group, a key); what the client sent where keyrotor
+    # changed it on the way (JSON: path, headers, the body's top-level changes, the upstream URL);
+    # built-in clients (the playground's) that the UI recreates when missing.
+    db.table("flows").add_column("replay_of", int)
+    db.table("flows").add_column("pin_note", str)
+    db.table("flows").add_column("client_request", str)
+    db.table("flows").create_index(["replay_of"])
+    db.table("clients").add_column("builtin", int, not_null_default=0)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
@@ -439,6 +451,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v10_object_owners,
     _v11_packed_flows,
     _v12_object_clients,
+    _v13_replays,
 ]
 
 

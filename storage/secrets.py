@@ -17,6 +17,7 @@ import argon2
 from cryptography.fernet import Fernet, InvalidToken
 
 from core.credentials import hash_client_key  # noqa: F401 (storage hashes client keys as the proxy does)
+from core.passes import derive_key
 
 CLIENT_KEY_PREFIX = "kr-"
 # The admin key is the UI's and mitmweb's only credential: generated ones have 47 characters.
@@ -79,6 +80,12 @@ class KeyCipher:
 
 def key_cipher(db_path: str | Path) -> KeyCipher:
     return KeyCipher(secret_bytes(db_path))
+
+
+def pass_key(db_path: str | Path) -> bytes:
+    """The key that signs passes (core/passes.py), derived from the installation's secret: the UI mints
+    them, the proxy verifies them."""
+    return derive_key(secret_bytes(db_path))
 
 
 def new_client_key() -> str:

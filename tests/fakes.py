@@ -149,12 +149,16 @@ class MemoryWriter:
 class MemoryAdminKeys:
     password: str = "argon2-hash-of-the-admin-key"
     changes: int = 0
+    signing_key: bytes = b"memory-pass-signing-key"
 
     def version(self) -> object:
         return self.changes
 
     def mitmweb_password(self) -> str:
         return self.password
+
+    def pass_key(self) -> bytes | None:
+        return self.signing_key
 
 
 @dataclass

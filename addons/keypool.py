@@ -178,8 +178,9 @@ class KeyPool:
         routes = dispatch.route(table, model, access.groups if access is not None else None)
         only_key = None
         if pinned and access is not None:
-            pinned = dispatch.pinned_route(table, routes, model, self.state.rotations, access)
-            routes, only_key, access.pin_note = pinned
+            routes, only_key, access.pin_note = dispatch.pinned_route(
+                table, routes, model, self.state.rotations, access
+            )
         if isinstance(routes, OpenAIError):
             self._refuse(flow, routes)
             return None
@@ -236,10 +237,8 @@ class KeyPool:
 
     @staticmethod
     def _plan(flow: http.HTTPFlow, candidates: list[Candidate], model: str | None, only_key: int | None = None) -> Plan:
-        request = flow.request
-        plan = dispatch.planned(candidates, request.method, request.path, tuple(request.headers.fields), model)
-        plan.only_key = only_key
-        return plan
+        r = flow.request
+        return dispatch.planned(candidates, r.method, r.path, tuple(r.headers.fields), model, only_key)
 
     def _send_first(self, flow: http.HTTPFlow, plan: Plan, owned: tuple[str, ...] = ()) -> Coroutine | None:
         chosen = dispatch.first_key_now(plan, self.state.rotations.get)

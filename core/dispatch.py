@@ -106,10 +106,12 @@ class Plan:
 Fields = tuple[tuple[bytes, bytes], ...]
 
 
-def planned(candidates: list[Candidate], method: str, path: str, fields: Fields, model: str | None) -> Plan:
+def planned(
+    candidates: list[Candidate], method: str, path: str, fields: Fields, model: str | None, only_key: int | None = None
+) -> Plan:
     """The plan of a request: its routes, and the request with only its credential kept (a placeholder by now)."""
     credential = tuple((n, v) for n, v in fields if n.lower() in CREDENTIAL_HEADERS)
-    return Plan(candidates, ClientRequest(method, path, credential, None, model))
+    return Plan(candidates, ClientRequest(method, path, credential, None, model), only_key=only_key)
 
 
 def to_resend(request: ClientRequest, method: str, fields: Fields, body: bytes | None) -> ClientRequest:

@@ -156,7 +156,9 @@ def _print_welcome(
     ui = f"http://{settings['ui.host']}:{settings['ui.port']}/"
     kept = "deleted when the demo stops" if workdir else "kept"
     admin = admin_key or (
-        "KEYROTOR_ADMIN_KEY's" if os.environ.get("KEYROTOR_ADMIN_KEY") else "the one printed when it was made"
+        "KEYROTOR_ADMIN_KEY's"
+        if os.environ.get("KEYROTOR_ADMIN_KEY")
+        else f"the one printed when it was made (a new one: run.py admin rotate --storage-path {settings.storage_path})"
     )
     body = '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}'
     print(

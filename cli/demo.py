@@ -66,8 +66,9 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         admin_key, client_key = _prepare(demo)
         argv = [a for a in args.argv if a != "demo"] + ["--storage-path", str(path), "--upstream", upstream.url]
         children = serve.start_children(argv)
-        if not _wait_ready(demo, children, stop):
-            return serve.supervise(children, demo, stop) or 1
+        if not _wait_ready(demo, children, stop):  # stopped while starting (0), or a child failed (non-zero)
+            code = serve.supervise(children, demo, stop)
+            return code if stop.requested else code or 1
         sent = _send_traffic(demo, client_key, stop)
         _print_welcome(demo, upstream.url, workdir, admin_key, client_key, sent)
         return serve.supervise(children, demo, stop)

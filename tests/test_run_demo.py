@@ -30,7 +30,14 @@ class Demo:
         # The demo's "real" keyrotor: an empty config file, so storage.path is tmp/data/keyrotor.db.
         (tmp / "config.toml").write_text("")
         self.real_database = tmp / "data" / "keyrotor.db"
-        env = {**os.environ, "KEYROTOR_CONFIG": str(tmp / "config.toml"), "KEYROTOR_ADMIN_KEY": ADMIN_KEY}
+        self.tmpdir = tmp / "tmp"  # where the demo's throwaway directory goes (TMPDIR)
+        self.tmpdir.mkdir()
+        env = {
+            **os.environ,
+            "KEYROTOR_CONFIG": str(tmp / "config.toml"),
+            "KEYROTOR_ADMIN_KEY": ADMIN_KEY,
+            "TMPDIR": str(self.tmpdir),
+        }
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "run.py"), "demo", "--proxy-port", str(self.proxy_port)]
             + ["--ui-port", str(self.ui_port), *flags],
@@ -123,7 +130,7 @@ def test_demo_serves_the_printed_key_shows_flows_and_stops_on_ctrl_c(demo: Demo)
     assert ui.get("/api/dashboard").json()  # the dashboard has something to read
     assert demo.ctrl_c() == 0, demo.output
     assert not port_open(demo.proxy_port) and not port_open(demo.ui_port)
-    assert not database.parent.exists()  # the throwaway database went with the demo
+    assert not database.parent.exists() and not any(demo.tmpdir.iterdir())  # the throwaway database went too
     assert not demo.real_database.exists()  # and keyrotor's own was never made
 
 
@@ -150,3 +157,11 @@ def test_demo_says_which_flag_frees_a_port_in_use(tmp_path: Path):
         finally:
             demo.kill()
     assert f"port {port} (proxy.port)" in line and "--proxy-port" in line
+
+
+def test_ctrl_c_while_the_demo_starts_stops_everything(demo: Demo):
+    wait_for(lambda: port_open(demo.proxy_port), START_DEADLINE, what="the demo's proxy")
+    assert demo.ctrl_c() == 0, demo.output  # before its traffic and welcome, most likely: either way, clean
+    assert not port_open(demo.proxy_port) and not port_open(demo.ui_port)
+    assert not any(demo.tmpdir.iterdir())
+    assert "Traceback" not in demo.output

@@ -127,7 +127,9 @@ def test_demo_serves_the_printed_key_shows_flows_and_stops_on_ctrl_c(demo: Demo)
 
     rows = wait_for(flows, 15, interval=0.2, what="the demo's flows in the UI's API")
     assert {row["status"] for row in rows} >= {200, 404}  # a little traffic, an error among it
-    assert ui.get("/api/dashboard").json()  # the dashboard has something to read
+    dashboard = ui.get("/api/dashboard").json()  # not empty: the demo's traffic is on it
+    assert sum(requests for _, requests, _ in dashboard["per_minute"]) >= 9
+    assert dashboard["keys_by_state"].get("active") == 3
     assert demo.ctrl_c() == 0, demo.output
     assert not port_open(demo.proxy_port) and not port_open(demo.ui_port)
     assert not database.parent.exists() and not any(demo.tmpdir.iterdir())  # the throwaway database went too

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from cli import admin, clients, groups, keys, models, serve, upstreams
+from cli import admin, clients, demo, groups, keys, models, serve, upstreams
 from cli import storage as storage_command  # not the storage package, imported below
 from cli.parser import parse_args
 from config import BY_NAME, ConfigError, Settings, load_settings
@@ -17,6 +17,7 @@ COMMANDS: dict[str, Command] = {
     "serve": serve.serve,
     "proxy": serve.proxy,
     "ui": serve.ui,
+    "demo": demo.command,
     "keys": keys.command,
     "upstreams": upstreams.command,
     "groups": groups.command,
@@ -26,6 +27,7 @@ COMMANDS: dict[str, Command] = {
     "storage": storage_command.command,
 }
 SERVERS = ("serve", "proxy", "ui")  # the other commands change storage, as the CLI in the audit log
+OWN_STORAGE = ("demo",)  # commands that prepare a database of their own, never storage.path's
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -67,7 +69,8 @@ def main(argv: list[str]) -> int:
         audit.set_actor(audit.Actor(audit.CLI))  # every change this command makes is the CLI's, in the audit log
     try:
         settings = settings_from(args)
-        prepare_storage(settings)
+        if args.command not in OWN_STORAGE:
+            prepare_storage(settings)
         return COMMANDS[args.command](args, settings)
     except ConfigError as e:
         print(f"keyrotor: {e}", file=sys.stderr)

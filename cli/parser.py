@@ -25,8 +25,8 @@ FLAG_FIELDS = {"expires": "expires_at"}  # flag dest → policy field, where the
 DESCRIPTION = "keyrotor's command line: start the proxy and the UI, manage upstream and client keys."
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The parsed command line; `args.argv` keeps it as given (serve passes it on to its children)."""
+def build_parser() -> argparse.ArgumentParser:
+    """run.py's parser: every command and flag (tests/test_docs.py checks each is documented)."""
     # SUPPRESS: a subcommand's parser must not overwrite, with its default, a flag given
     # before the subcommand (`run.py --storage-path X keys list`).
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
@@ -49,6 +49,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         sub = commands.add_parser(name, parents=[common], help=f"start {text}")
         sub.add_argument("--web", action="store_true", help="run mitmweb (flow inspector, admin key as password)")
     commands.add_parser("ui", parents=[common], help="start the monitor UI only")
+    commands.add_parser(
+        "demo",
+        parents=[common],
+        help="try keyrotor without an API key: proxy and UI in front of a local fake upstream,"
+        " on a throwaway database, with a demo client key and a little traffic",
+    )
 
     keys = commands.add_parser("keys", parents=[common], help="manage upstream keys").add_subparsers(
         dest="action", required=True
@@ -175,7 +181,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "migrate", parents=[common], help="convert flows stored before compression now (safe beside a running proxy)"
     )
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; `args.argv` keeps it as given (serve passes it on to its children)."""
+    args = build_parser().parse_args(argv)
     args.command = args.command or "serve"
     args.argv = list(argv)
     # Not parser.set_defaults(): `parents=` shares action objects, so that would change the

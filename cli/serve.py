@@ -76,27 +76,42 @@ def ui(args: argparse.Namespace, settings: Settings) -> int:
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run proxy and UI as two child processes; stop both when either stops or we are told to."""
+    stop = StopSignal()
     passthrough = [a for a in args.argv if a not in ("serve", "--web")]
-    run = [sys.executable, str(ROOT / "run.py")]
-    children = [
-        subprocess.Popen([*run, "proxy", *(["--web"] if args.web else []), *passthrough]),
-        subprocess.Popen([*run, "ui", *passthrough]),
-    ]
+    children = start_children(passthrough, args.web)
     print(
         f"keyrotor: proxy on http://{settings['proxy.host']}:{settings['proxy.port']}/v1"
         f" → {settings['proxy.upstream']}, UI on http://{settings['ui.host']}:{settings['ui.port']}/"
         + (f", mitmweb on http://{settings['ui.host']}:{settings['proxy.web_port']}/" if args.web else ""),
         flush=True,
     )
-    stopping = False
+    return supervise(children, settings, stop)
 
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while not stopping and all(child.poll() is None for child in children):
+class StopSignal:
+    """From its creation, SIGTERM and SIGINT (Ctrl-C) ask to stop; `requested` says whether one came."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._request)
+        signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, *_: object) -> None:
+        self.requested = True
+
+
+def start_children(argv: list[str], web: bool = False) -> list[subprocess.Popen[bytes]]:
+    """`run.py proxy` and `run.py ui` with the same `argv` (flags, settings)."""
+    run = [sys.executable, str(ROOT / "run.py")]
+    return [
+        subprocess.Popen([*run, "proxy", *(["--web"] if web else []), *argv]),
+        subprocess.Popen([*run, "ui", *argv]),
+    ]
+
+
+def supervise(children: list[subprocess.Popen[bytes]], settings: Settings, stop: StopSignal) -> int:
+    """Wait until a child ends or a stop is asked for, then stop every child (within the proxy's grace)."""
+    while not stop.requested and all(child.poll() is None for child in children):
         time.sleep(0.2)
     for child in children:
         if child.poll() is None:
@@ -110,4 +125,4 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
             child.wait()
     codes = [child.returncode for child in children]
     # A child we stopped ends with 0 (or -SIGTERM); anything else is a failure worth passing on.
-    return 0 if stopping else next((c for c in codes if c not in (0, -signal.SIGTERM)), 0)
+    return 0 if stop.requested else next((c for c in codes if c not in (0, -signal.SIGTERM)), 0)

@@ -58,8 +58,13 @@ else:  # installed with mitmproxy before 3.14
 
 try:
     from tests.fake_faults import HANG_SECONDS, Faults, StreamBroken, faulty_stream
-except ImportError:  # run as a script (benchmarks): tests/ itself is on the path
+except ImportError:  # run as a script (benchmarks): tests/ itself is on the path, the checkout is not
+    sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from fake_faults import HANG_SECONDS, Faults, StreamBroken, faulty_stream  # type: ignore[no-redef]
+# The replies and token counts `run.py demo`'s stand-in gives too: one definition of what the fake answers.
+from cli.demo_upstream import chat_usage, reply_pieces  # noqa: E402
+from cli.demo_upstream import text_of as _text_of  # noqa: E402
+from cli.demo_upstream import word_count as _word_count  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +115,6 @@ MODELS: list[dict[str, Any]] = [
 MODELS_BY_ID = {m["id"]: m for m in MODELS}
 
 EMBEDDING_DIMENSIONS = 8
-# Tokens charged per chat message on top of its words (role, separators).
-TOKENS_PER_MESSAGE = 7
 SYSTEM_FINGERPRINT = "fp_fakeupstream"
 
 # Success headers the real API sends; a proxy may read them to pace keys.
@@ -357,55 +360,7 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _text_of(content: Any) -> str:
-    """The text of a message content: a string or a list of typed parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
-def _word_count(text: str) -> int:
-    return len(text.split())
-
-
 # --------------------------------------------------------------------------- chat completions
-
-
-def reply_pieces(messages: list[Any], chunks: int) -> list[str]:
-    """The assistant reply, cut into the pieces a stream sends.
-
-    The non-streamed reply is the concatenation of the same pieces, so both
-    modes always give identical text. At least one piece is produced.
-    """
-    last_user = next(
-        (m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
-        {},
-    )
-    count = max(1, chunks)
-    n = _word_count(_text_of(last_user.get("content")))
-    words = f"Hello from the fake upstream. Your last message had {n} words.".split()
-    # Pad so every streamed chunk carries at least one word.
-    words += [f"word{i}" for i in range(len(words) + 1, count + 1)]
-    size, extra = divmod(len(words), count)
-    pieces: list[str] = []
-    start = 0
-    for i in range(count):
-        end = start + size + (1 if i < extra else 0)
-        pieces.append(" ".join(words[start:end]) + (" " if i < count - 1 else ""))
-        start = end
-    return pieces
-
-
-def chat_usage(messages: list[Any], reply: str) -> dict[str, int]:
-    prompt = sum(_word_count(_text_of(m.get("content"))) + TOKENS_PER_MESSAGE for m in messages if isinstance(m, dict))
-    completion = _word_count(reply)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
 
 
 def _model_of(

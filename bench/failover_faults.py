@@ -242,20 +242,27 @@ def faults(n: int, outage: float, fake) -> dict[str, Callable]:
     def provider_503(h, up, tmp):
         _, clients = h.proxy(tmp, up, KEYS[:3], clients=4)
         up.faults.down = True
-        seen = steady(clients, outage, chat)
+        waited: list[float] = []
+        seen = steady(clients, outage, lambda cl: timed(lambda: chat(cl), waited)())
+        attempts = chats(up)
         up.faults.down = False
         back = seconds_until(lambda: all(chat(cl) for cl in clients))
-        return f"during the outage errors {errors(seen)}; all 4 clients served again {back} s after upstream is back"
+        return (
+            f"during the outage errors {errors(seen)}, each took {seconds(waited)}, {attempts} attempts upstream;"
+            f" all 4 clients served again {back} s after upstream is back"
+        )
 
     def model_503_fallback(h, up, tmp):
         _, clients = h.proxy(tmp, up, KEYS[:3], clients=4, prepare=with_fallback)
         up.faults.model_faults[PRIMARY] = "unavailable"
         answered: list[str] = []
-        seen = steady(clients, outage, lambda cl: chat(cl, answered=answered))
+        waited: list[float] = []
+        seen = steady(clients, outage, lambda cl: timed(lambda: chat(cl, answered=answered), waited)())
         del up.faults.model_faults[PRIMARY]
         back = seconds_until(lambda: chat(clients[0]) == PRIMARY)
         return (
-            f"during the outage errors {errors(seen)}, {answered.count(FALLBACK)} answered by the fallback;"
+            f"during the outage errors {errors(seen)}, {answered.count(FALLBACK)} answered by the fallback,"
+            f" each took {seconds(waited)};"
             f" {PRIMARY} itself answers again {back} s after upstream is back"
         )
 

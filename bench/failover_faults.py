@@ -25,10 +25,12 @@ served by the same (default) group on the same keys; 3 good keys unless said; OU
   attempts upstream got and how long each client waited.
 - ratelimit_no_retry_after_fallback: the same with a fallback.
 - server_error_once: each of N requests, at once right after the start, is answered 500 on its first attempt.
-- provider_503: every request answered 503 for OUTAGE s while 4 clients send one request every 0.2 s
-  each; then the seconds until the 4 are all served again.
-- model_503_fallback: PRIMARY answers 503 on every key for OUTAGE s, with a fallback; 4 clients as
-  above; how many the fallback answered, then the seconds until PRIMARY itself answers again.
+- provider_503: each of 4 clients is served once; then every request is answered 503 for OUTAGE s
+  while the 4 send one request every 0.2 s each; then the seconds until the 4 are all served again.
+- provider_503_at_start: the same, the outage from the start (no key has been served yet).
+- model_503_fallback: each of 4 clients is served once; then PRIMARY answers 503 on every key for
+  OUTAGE s, with a fallback; the 4 clients as above; how many the fallback answered, then the
+  seconds until PRIMARY itself answers again.
 - reset_once: each of N requests has its first attempt's connection reset (RST before any answer).
 - silent_keys: 2 of the 3 keys never answer (attempt_timeout_seconds=3, header_timeout_seconds=4:
   a retry chain over two silent keys is longer than keyrotor's own header deadline); N requests.
@@ -239,8 +241,10 @@ def faults(n: int, outage: float, fake) -> dict[str, Callable]:
         seen = at_once([lambda i=i: chat(c, f"#fault:server_error_once/{i}") for i in range(n)])
         return f"errors {errors(seen)}; {chats(up)} attempts upstream"
 
-    def provider_503(h, up, tmp):
+    def provider_503(h, up, tmp, warm: bool = True):
         _, clients = h.proxy(tmp, up, KEYS[:3], clients=4)
+        for cl in clients if warm else ():
+            chat(cl)  # served before the outage: the keys have proven themselves
         up.faults.down = True
         waited: list[float] = []
         seen = steady(clients, outage, lambda cl: timed(lambda: chat(cl), waited)())
@@ -252,8 +256,13 @@ def faults(n: int, outage: float, fake) -> dict[str, Callable]:
             f" all 4 clients served again {back} s after upstream is back"
         )
 
+    def provider_503_at_start(h, up, tmp):
+        return provider_503(h, up, tmp, warm=False)
+
     def model_503_fallback(h, up, tmp):
         _, clients = h.proxy(tmp, up, KEYS[:3], clients=4, prepare=with_fallback)
+        for cl in clients:
+            chat(cl)
         up.faults.model_faults[PRIMARY] = "unavailable"
         answered: list[str] = []
         waited: list[float] = []
@@ -347,8 +356,9 @@ def faults(n: int, outage: float, fake) -> dict[str, Callable]:
 
     return {f.__name__: f for f in (
         ratelimit_retry_after, ratelimit_no_retry_after, ratelimit_no_retry_after_fallback, server_error_once,
-        provider_503, model_503_fallback, reset_once, silent_keys, silent_model_fallback, slow_first_token,
-        streams_cut, streams_stalled, context_length_fallback, content_filter, default_diversion, cold_start_burst,
+        provider_503, provider_503_at_start, model_503_fallback, reset_once, silent_keys, silent_model_fallback,
+        slow_first_token, streams_cut, streams_stalled, context_length_fallback, content_filter, default_diversion,
+        cold_start_burst,
     )}  # fmt: skip
 
 

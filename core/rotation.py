@@ -116,7 +116,7 @@ class Rotation:
         """No key is free now: whether to wait for one to come back (how long before looking again),
         to share one that awaits its first answer, or to give up."""
         pool = self.pool
-        if pool.awaiting_proof(exclude):
+        if pool.awaiting_proof(exclude, scope, now):
             if now + PROOF_POLL_SECONDS > deadline:
                 # No time to wait for a new key's first answer: share it rather than fail.
                 strategy = strategy or self.settings.strategy

@@ -102,8 +102,8 @@ class Realtime:
         if not event or event.get("type") != "response.done":
             return
         client = self.state.clients_by_id.get(session.client_id)
-        if client is not None and client.policy.has_budget:
-            self._charge(session, client.policy.daily_usd is not None or client.policy.monthly_usd is not None, event)
+        if client is not None:  # every client's spend is counted, limited or not
+            self._charge(session, event)
         self._check(session, message)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -117,11 +117,11 @@ class Realtime:
                 session.expiry.cancel()
         self.sessions.clear()
 
-    def _charge(self, session: Session, priced: bool, event: dict[str, Any]) -> None:
+    def _charge(self, session: Session, event: dict[str, Any]) -> None:
         usage = event_usage(event)
         if usage is None:
             return
-        cost = self.governor.prices.cost_of(session.model, usage_of(usage)) if priced else None
+        cost = self.governor.prices.cost_of(session.model, usage_of(usage))
         self.governor.charge(session.client_id, usage, cost, time.time())
 
     def _arm(self, session: Session) -> None:

@@ -30,7 +30,7 @@ from core.metering import usage_of
 from core.routing import query_model
 from core.state import ProxyState
 
-log = logging.getLogger(__name__)
+requests_log = logging.getLogger("keyrotor.requests")  # one request's line: the console shows it with --verbose
 
 POLICY_VIOLATION = 1008  # the WebSocket close code for "the session may not go on"
 
@@ -193,7 +193,7 @@ class Realtime:
         client_io = handler.transports.get(flow.client_conn) if handler is not None else None
         if client_io is None or client_io.writer is None or flow.websocket is None:
             return  # the session already ended
-        log.info("closing a Realtime session of client #%d: %s", session.client_id, refusal.reason)
+        requests_log.info("closing a Realtime session of client #%d: %s", session.client_id, refusal.reason)
         event = error_event(refusal.error)
         flow.websocket.messages.append(WebSocketMessage(Opcode.TEXT, False, event, injected=True))  # for the row
         client_io.writer.write(last + frame(0x1, event) + close_frame(POLICY_VIOLATION, refusal.code))

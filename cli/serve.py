@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from cli import ports
+from cli import console, ports
 from config import ADDON_SETTINGS, ROOT, Settings
 from storage import secrets
 
@@ -57,10 +57,12 @@ def proxy(args: argparse.Namespace, settings: Settings) -> int:
     from mitmproxy.tools import main
 
     ports.check(settings, ports.PROXY, *([ports.MITMWEB] if args.web else []))
+    verbose = getattr(args, "verbose", False)
+    console.quiet(verbose)
     # mitmproxy logs a listener that failed to bind, with its own advice (`--mode …@PORT`): ours instead.
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(ports.ListenFailure(ports.PROXY, settings))
     try:
-        (main.mitmweb if args.web else main.mitmdump)(proxy_argv(settings, args.web))
+        (main.mitmweb if args.web else main.mitmdump)(proxy_argv(settings, args.web) + console.proxy_argv(verbose))
     except OSError as e:  # mitmweb raises its web server's (`--set web_port=…`)
         if e.errno == errno.EADDRINUSE and "Web server" in str(e):
             raise ports.unavailable(ports.MITMWEB, settings, e) from None
@@ -74,7 +76,12 @@ def ui(args: argparse.Namespace, settings: Settings) -> int:
     from monitor_ui.app import create_app
 
     ports.check(settings, ports.UI)
-    logging.getLogger("uvicorn.error").addFilter(ports.ListenFailure(ports.UI, settings))
+    verbose = getattr(args, "verbose", False)
+    console.quiet(verbose)
+    errors = logging.getLogger("uvicorn.error")
+    errors.addFilter(ports.ListenFailure(ports.UI, settings))
+    if not verbose:
+        errors.addFilter(console.UvicornLines(f"http://{settings['ui.host']}:{settings['ui.port']}/"))
     # proxy_headers off: uvicorn would believe X-Forwarded-For from 127.0.0.1 by default; the app
     # believes it only from ui.trusted_proxies (monitor_ui/app.py).
     uvicorn.run(
@@ -82,6 +89,7 @@ def ui(args: argparse.Namespace, settings: Settings) -> int:
         host=settings["ui.host"],
         port=settings["ui.port"],
         log_level="info",
+        access_log=verbose,  # a line per UI request: --verbose
         proxy_headers=False,
     )
     return 0

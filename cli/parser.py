@@ -57,7 +57,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         dest="action", required=True
     )
     add = keys.add_parser(
-        "add", parents=[common], help="add keys, one per line (or NAME<TAB>KEY), from files or standard input"
+        "add",
+        parents=[common],
+        help='add keys, one per line (KEY, NAME<TAB>KEY, or a .env line: VAR=KEY, export VAR="KEY"),'
+        " from files or standard input",
     )
     add.add_argument("files", nargs="*", type=Path)
     add.add_argument("--name", help="name for the added keys whose line gives none")

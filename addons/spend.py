@@ -93,7 +93,9 @@ class Spend:
                     usage = meter.usage()
                     if usage is None:  # a stream without upstream's usage: counted, off the loop
                         return self._count_and_settle(flow, ticket, meter, left=not meter.ended)
-                elif not response.stream:
+                elif not response.stream and "json" in response.headers.get("content-type", ""):
+                    # Only JSON answers say what they used: a file or audio download (which may be large and
+                    # compressed) is not decoded and searched on the loop.
                     # A stream that arrived whole (a retry's) may have lost its usage chunk to the Usage addon.
                     injection = UsageInjection.of(flow.metadata)
                     try:

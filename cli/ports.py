@@ -76,7 +76,18 @@ def bound(listener: Listener, settings: Settings) -> list[socket.socket]:
 
 
 def check(settings: Settings, *listeners: Listener) -> None:
-    """Stop now, with keyrotor's sentence, if any of these listeners' ports cannot be had."""
+    """Stop now, with keyrotor's sentence, if any of these listeners' ports cannot be had (or two share one)."""
+    by_port: dict[int, Listener] = {}
+    for listener in listeners:
+        port = settings[listener.port_setting]
+        other = by_port.setdefault(port, listener)
+        if other is not listener:
+            section, _, key = listener.port_setting.partition(".")
+            raise PortUnavailable(
+                f"{other.what} and {listener.what} are both set to port {port}: set [{section}] {key} in"
+                f" {settings.config_path.name if settings.config_path else 'config.toml'} to another port,"
+                f" or pass {listener.flag}."
+            )
     for listener in listeners:
         for sock in bound(listener, settings):
             sock.close()

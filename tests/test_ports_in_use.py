@@ -58,6 +58,13 @@ def test_a_taken_port_stops_the_start_with_keyrotors_sentence(
     assert "listening" not in result.stdout + result.stderr  # nothing started: not the other server either
 
 
+def test_two_servers_set_to_one_port_stop_the_start(keyrotor: Keyrotor):
+    port = str(free_port())
+    result = run(keyrotor, "serve", "--proxy-port", port, "--ui-port", port, "--upstream", keyrotor.upstream_url)
+    assert result.returncode == 2
+    assert f"keyrotor: the proxy and the UI are both set to port {port}: set [ui] port in config.toml" in result.stderr
+
+
 # The check before the start, skipped: what mitmproxy and uvicorn report themselves when a port is taken
 # between keyrotor's check and their own bind comes out as keyrotor's sentence too.
 UNCHECKED = "import sys; sys.path.insert(0, {root!r}); from cli import ports; ports.check = lambda *a: None; import run; sys.exit(run.main(sys.argv[1:]))"

@@ -177,3 +177,16 @@ def test_the_login_page_shows_the_wait_never_json(make_client: Make):
     finally:
         elsewhere.__exit__(None, None, None)
     assert guess(client, key=ADMIN) == 303  # the right key, at the locked address: still in
+
+
+def test_a_session_is_never_counted_or_held_at_a_locked_address(make_client: Make):
+    client = make_client()
+    assert guess(client, key=ADMIN) == 303  # a session first, its cookie kept by the test client
+    for _ in range(7):
+        guess(client)
+    assert guess(client) == 429
+    assert client.get("/api/clients").status_code == 200
+    assert client.get("/clients").status_code == 200
+    before = len(audit_addresses(client))
+    client.get("/api/clients")
+    assert len(audit_addresses(client)) == before  # nothing counted

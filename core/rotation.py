@@ -62,9 +62,13 @@ class Rotation:
         self.label = ""  # the group's UPSTREAM/GROUP, for the console (core/state.py names it)
         self._usable: bool | None = None  # whether a key may serve now or after its cooldown, as last said
 
-    def announce_usable(self) -> None:
+    def announce_usable(self, serving: bool = True) -> None:
         """One console line when the group is left with no key that can serve (only invalid, exhausted or
-        disabled ones, or none), and one when it has one again; nothing while that stays the same."""
+        disabled ones, or none), and one when it has one again; nothing while that stays the same, nor
+        while the group (or its upstream) is disabled: `serving` False."""
+        if not serving:
+            self._usable = None
+            return
         keys = self.pool.keys
         usable = any(k.state in (KeyState.ACTIVE, KeyState.COOLING) for k in keys)
         if usable == self._usable or (usable and self._usable is None):

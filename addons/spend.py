@@ -93,9 +93,7 @@ class Spend:
                     usage = meter.usage()
                     if usage is None:  # a stream without upstream's usage: counted, off the loop
                         return self._count_and_settle(flow, ticket, meter, left=not meter.ended)
-                elif not response.stream and "json" in response.headers.get("content-type", ""):
-                    # Only JSON answers say what they used: a file or audio download (which may be large and
-                    # compressed) is not decoded and searched on the loop.
+                elif not response.stream and _may_say_usage(response.headers.get("content-type", "")):
                     # A stream that arrived whole (a retry's) may have lost its usage chunk to the Usage addon.
                     injection = UsageInjection.of(flow.metadata)
                     try:
@@ -169,6 +167,12 @@ class Spend:
             # One assignment: setting each header would scan and re-encode the fields six times.
             kept = tuple(f for f in fields if f[0][:12].lower() != b"x-ratelimit-")
             response.headers.fields = kept + tuple((k.encode(), v.encode()) for k, v in own.items())
+
+
+def _may_say_usage(content_type: str) -> bool:
+    """JSON answers and streams (a retry's arrives whole) say what they used; a file or audio download,
+    which may be large and compressed, is not decoded and searched on the loop."""
+    return "json" in content_type or "event-stream" in content_type
 
 
 def _model(flow: http.HTTPFlow) -> str | None:

@@ -427,6 +427,12 @@ def tried_on(candidate: Candidate, attempt: AttemptLog) -> bool:
     return attempt.model == (candidate.model if candidate.fallback_from else None)
 
 
+def _tripped(rotation: Rotation, scope: str | None) -> bool:
+    """The pool rests for `scope` because upstream failed it on every key (not for a pool-wide 429)."""
+    rest = rotation.pool.resting(scope, time.time())
+    return rest is not None and rest.probes
+
+
 def _proven(rotation: Rotation | None, key_id: int) -> bool:
     """Whether upstream has accepted `key_id` since the start (a key no longer in the pool counts
     as proven: what it failed says as much about the request as before)."""
@@ -505,8 +511,14 @@ class Journey:
             if last and len(troubled) >= GROUP_FAILURES:
                 return self._stop()  # it followed the request from key to key: the client gets the last answer
             return self._leave()
+        scope = scope_of(candidate, self.plan)
+        if last and here and (here[-1].status or 0) >= 500 and _tripped(rotation, scope):
+            # Upstream fails the model whatever the key (the pool rests for it; a probe will say when
+            # it is back): waiting for that probe would hold the client for nothing, so it gets the
+            # answer upstream gave, as it would once its keys had served.
+            return self._stop()
         exclude = frozenset(a.key_id for a in here if a.status != 429)  # rate limits end; failures stay
-        return self._step(Step(Move.TAKE_KEY, self.index, scope_of(candidate, self.plan), exclude, wait=last))
+        return self._step(Step(Move.TAKE_KEY, self.index, scope, exclude, wait=last))
 
     def _untried_left(self, rotation: Rotation | None, here: list[AttemptLog], scope: str | None) -> bool:
         """Whether the group has an active key this request has not tried. Until none is left, a

@@ -702,3 +702,20 @@ def test_a_retry_renames_the_top_level_model_not_a_decoy():
     key = PoolKey(1, "sk-x", "sk-x", KeyState.ACTIVE, None, None, 1.0, 0)
     sent = addressed(plan, Candidate(group, "cheap", "gpt-4o-mini"), key, "http://unused")
     assert sent.body == b'{"metadata": {"model": "cheap"}, "model": "gpt-4o-mini"}'
+
+
+@pytest.mark.parametrize("tripped", [False, True], ids=["pool serving", "pool resting for the model"])
+def test_a_5xx_while_upstream_fails_the_model_on_every_key_is_answered_not_waited_on(tripped):
+    # Right after a start (no key proven), a provider's outage: once the pool rests for the model,
+    # waiting for its probe held every client until the probe failed (0.8, 1.8, 3.8 s ...).
+    rotation = _rotation(KeyState.ACTIVE, KeyState.ACTIVE, KeyState.ACTIVE, proven=False)
+    if tripped:
+        for _ in range(SETTINGS.policy.failure_threshold):
+            rotation.pool.upstream_trouble(MODEL, time.time(), "503 server_error")
+        assert rotation.pool.resting(MODEL, time.time()) is not None
+    candidate = Candidate(Group(1, UPSTREAM, "g1"), MODEL, MODEL)
+    plan = Plan([candidate], ClientRequest("POST", "/v1/chat/completions", (), b"{}", MODEL))
+    use = KeyUse(attempts=[AttemptLog(1, 1, 0.0, 503, group_id=1)])
+    use.candidate = 0
+    step = Journey(plan, use, SETTINGS, {1: rotation}.get, Outcome(OutcomeKind.INVALID)).start(False, True)
+    assert str(step) == ("stop 0" if tripped else "take_key 0 wait")

@@ -276,8 +276,19 @@ def group_summary(row: sqlite3.Row) -> dict[str, Any]:
         "serving": bool(row["enabled"] and row["upstream_enabled"]),
         "dialect": row["dialect"],
         "keys": row["keys"],
+        "usable_keys": row["usable_keys"],
+        "cannot_serve": cannot_serve(row["keys"], row["usable_keys"]),
         "models": row["models"],
         "every_model": not row["models"],
         "models_refreshed_at": row["models_refreshed_at"],
         "created_at": row["created_at"],
     }
+
+
+def cannot_serve(keys: int, usable: int) -> str | None:
+    """Why a group cannot serve a request now for want of a key (None: it has a usable one)."""
+    if keys == 0:
+        return "Cannot serve: no keys. Add one on the group's page."
+    if usable == 0:
+        return f"Cannot serve now: none of its {keys} key(s) is usable (invalid, exhausted, disabled or cooling)."
+    return None

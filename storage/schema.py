@@ -426,6 +426,11 @@ def _v12_object_clients(db: sqlite_utils.Database) -> None:
     db.table("clients").add_column("legacy_objects", int, not_null_default=0)
 
 
+def _v13_attempt_urls(db: sqlite_utils.Database) -> None:
+    # Where each attempt of a retried flow went upstream; the flow keeps the client's own path.
+    db.table("attempts").add_column("url", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
@@ -439,6 +444,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v10_object_owners,
     _v11_packed_flows,
     _v12_object_clients,
+    _v13_attempt_urls,
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Request
@@ -27,10 +28,36 @@ def _same_origin(request: Request) -> bool:
     return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
 
 
+def _login_page(templates: Templates, request: Request, next: str | None, error: str | None, status_code: int = 200):
+    return templates.TemplateResponse(
+        request, "login.html", {"next": _safe_next(next), "error": error}, status_code=status_code
+    )
+
+
+def _wait_page(templates: Templates, request: Request, next: str | None, refused: HTTPException) -> HTMLResponse:
+    """The form again, saying how long this address must wait (the refusal's Retry-After), not the JSON of a 429."""
+    retry_after = (refused.headers or {}).get("Retry-After", "")
+    seconds = int(retry_after) if retry_after.isdigit() else None
+    error = "Too many wrong admin keys from this address: " + (
+        f"try again in {seconds} s." if seconds is not None else "try again later."
+    )
+    response = templates.TemplateResponse(
+        request,
+        "login.html",
+        {"next": _safe_next(next), "error": error, "retry_after": seconds},
+        status_code=refused.status_code,
+    )
+    response.headers.update(refused.headers or {})
+    return response
+
+
 @router.get("/login", response_class=HTMLResponse)
-def read_login(request: Request, templates: Templates, next: str | None = None):
-    """The login form."""
-    return templates.TemplateResponse(request, "login.html", {"next": _safe_next(next), "error": None})
+def read_login(request: Request, templates: Templates, throttle: Throttle, next: str | None = None):
+    """The login form; while this address is locked out, with how long it must wait."""
+    locked = throttle.retry_after(client_address(request), time.time())
+    if locked is None:
+        return _login_page(templates, request, next, None)
+    return _wait_page(templates, request, next, HTTPException(200, headers={"Retry-After": str(locked)}))
 
 
 @router.post("/login")
@@ -50,10 +77,13 @@ def create_session(
     if not signer.check_admin_key(admin_key.strip()):
         # Counted and slowed per address; 429 once the address is locked. The right key is checked
         # first and always accepted: guesses cannot lock the admin out for everyone at that address.
-        refuse_guess(request, throttle, settings, audit.UI_SESSION)
-        return templates.TemplateResponse(
-            request, "login.html", {"next": _safe_next(next), "error": "That is not the admin key."}, status_code=401
-        )
+        try:
+            refuse_guess(request, throttle, settings, audit.UI_SESSION)
+        except HTTPException as refused:
+            if refused.status_code != 429:
+                raise
+            return _wait_page(templates, request, next, refused)
+        return _login_page(templates, request, next, "That is not the admin key.", 401)
     address = client_address(request)
     throttle.succeeded(address)
     audit.log_now(settings.db_path, "login.succeeded", None, None, audit.Actor(audit.UI_SESSION, address))

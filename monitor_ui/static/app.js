@@ -209,8 +209,48 @@ function chartTips() {
   });
 }
 
+// A login refused for too many wrong keys says how long to wait, counting down. The form stays
+// usable: the right admin key is always accepted.
+function loginWait() {
+  const notice = document.querySelector("[data-retry-after]");
+  if (!notice) return;
+  let left = Number(notice.dataset.retryAfter);
+  const tick = () => {
+    left -= 1;
+    notice.textContent = left > 0
+      ? "Too many wrong admin keys from this address: try again in " + left + " s."
+      : "You may try again now.";
+    if (left > 0) setTimeout(tick, 1000);
+  };
+  setTimeout(tick, 1000);
+}
+
+// A table wider than its box scrolls inside it; the box says so while there is more to see.
+function scrollHints() {
+  const update = (wrap) => {
+    const more = wrap.scrollWidth - wrap.clientWidth > 1;
+    wrap.classList.toggle("scrolls", more);
+    wrap.classList.toggle("at-end", !more || wrap.scrollLeft + wrap.clientWidth >= wrap.scrollWidth - 1);
+  };
+  const observer = new ResizeObserver((entries) => { for (const e of entries) update(e.target); });
+  const watch = () => {
+    for (const wrap of document.querySelectorAll(".table-wrap:not([data-watched])")) {
+      wrap.dataset.watched = "1";
+      observer.observe(wrap);
+      wrap.addEventListener("scroll", () => update(wrap), {passive: true});
+      update(wrap);
+    }
+  };
+  watch();
+  const refreshed = afterRefresh;
+  afterRefresh = () => { refreshed(); watch(); };
+  for (const details of document.querySelectorAll("details")) details.addEventListener("toggle", watch);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   chartTips();
+  scrollHints();
+  loginWait();
   liveFlows();
   copyButtons();
   confirmations();

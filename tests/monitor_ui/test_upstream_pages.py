@@ -574,9 +574,18 @@ def test_keys_are_added_to_a_group_by_label_or_id(setup):
 
 def test_models_api_says_which_groups_serve_each_model_and_its_fallbacks(client):
     overview = client.get("/api/models", headers=AUTH).json()
+    no_keys = "Cannot serve: no keys. Add one on the group's page."
     assert overview["every_model_groups"] == [
-        {"id": PREMIUM, "label": "relay/premium", "priority": 5, "serving": True},
-        {"id": DEFAULT_GROUP, "label": "default/default", "priority": 0, "serving": True},
+        {
+            "id": PREMIUM,
+            "label": "relay/premium",
+            "priority": 5,
+            "serving": True,
+            "usable_keys": 0,
+            "cannot_serve": no_keys,
+        },
+        {"id": DEFAULT_GROUP, "label": "default/default", "priority": 0, "serving": True, "usable_keys": 1}
+        | {"cannot_serve": None},
     ]
     by_model = {m["model"]: m for m in overview["models"]}
     assert list(by_model) == ["gpt-4o", "gpt-4o-mini", "o1"]
@@ -588,9 +597,18 @@ def test_models_api_says_which_groups_serve_each_model_and_its_fallbacks(client)
             "source": "manual",
             "priority": 0,
             "serving": True,
+            "usable_keys": 1,
+            "cannot_serve": None,
         }
     ]
-    assert by_model["o1"] == {"model": "o1", "groups": [], "fallbacks": ["gpt-4o-mini"]}
+    # Listed by no group: the catch-all groups serve it, one of which has a usable key.
+    assert by_model["o1"] == {
+        "model": "o1",
+        "groups": [],
+        "fallbacks": ["gpt-4o-mini"],
+        "usable_keys": 1,
+        "cannot_serve": None,
+    }
 
     changed = client.put("/api/models/gpt-4o/fallbacks", json={"fallbacks": ["gpt-4o-mini", "o1"]}, headers=AUTH)
     assert changed.json() == {"model": "gpt-4o", "fallbacks": ["gpt-4o-mini", "o1"]}
@@ -623,7 +641,10 @@ def test_models_page_lists_models_groups_catch_alls_and_edits_fallbacks(client):
     page = client.get("/models").text
     assert '<a href="/groups/4">azure/prod</a> as <code>prod-gpt4o</code>' in page
     assert '<a href="/groups/2">relay/cheap</a>' in page
-    assert '<li><a href="/groups/3">relay/premium</a> <span class="meta">priority 5</span></li>' in page
+    assert (
+        '<li><a href="/groups/3">relay/premium</a> <span class="meta">priority 5</span> <span class="cannot-serve">'
+        in page
+    )
     assert 'value="gpt-4o-mini" maxlength="4000" placeholder="none" aria-label="Fallbacks of o1"' in page
     saved = client.post("/models/fallbacks", data={"csrf": csrf, "model": "gpt-4o", "fallbacks": "gpt-4o-mini, o1"})
     assert saved.headers["location"] == "/models?done=fallbacks"
@@ -684,7 +705,8 @@ def test_flows_show_the_upstream_group_and_fallback_of_each_flow_and_attempt(cli
     assert "asked o1, answered by gpt-4o-mini (a fallback)" in detail_page
     assert '<a href="/groups/2">relay/cheap</a>' in detail_page
     attempts = detail_page.split("<h2>Attempts</h2>")[1].split("</table>")[0]
-    assert '<a href="/groups/1">default/default</a>' in attempts and "<td>gpt-4o-mini</td>" in attempts
+    assert '<a href="/groups/1">default/default</a>' in attempts
+    assert '<td class="c-model" data-label="model">gpt-4o-mini</td>' in attempts
     retried = client.get("/flows/3").text.split("<h2>Attempts</h2>")[1].split("</table>")[0]
     assert '<a href="/groups/4">azure/prod</a>' in retried
 

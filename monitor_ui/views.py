@@ -8,6 +8,8 @@ import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
+from markupsafe import Markup, escape
+
 
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
@@ -292,3 +294,8 @@ def cannot_serve(keys: int, usable: int) -> str | None:
     if usable == 0:
         return f"Cannot serve now: none of its {keys} key(s) is usable (invalid, exhausted, disabled or cooling)."
     return None
+
+
+def breaks_at_slash(label: str) -> Markup:
+    """An UPSTREAM/GROUP label that may wrap after its slash, as a word wraps, rather than inside a name."""
+    return Markup("/<wbr>").join(escape(part) for part in str(label).split("/"))

@@ -31,6 +31,15 @@ function filterLink(name, value, content, title) {
   return link;
 }
 
+// Text that may wrap after each slash, as a word wraps, rather than inside a name (the server's
+// breaks_at_slash filter, monitor_ui/views.py).
+function breaksAtSlash(element, text) {
+  text.split("/").forEach((part, i) => {
+    if (i) element.append("/", document.createElement("wbr"));
+    element.append(part);
+  });
+}
+
 function ms(value) {
   return value === null || value === undefined ? "" : Math.round(value) + " ms";
 }
@@ -53,7 +62,7 @@ function flowRow(tbody, f) {
   method.textContent = f.method;
   const path = document.createElement("span");
   path.className = "path";
-  path.textContent = f.path;
+  breaksAtSlash(path, f.path);
   request.append(method, " ", path);
   const model = cell(row, "", "c-model");
   if (f.model) model.appendChild(filterLink("model", f.model, f.model, "Only this model"));
@@ -77,7 +86,11 @@ function flowRow(tbody, f) {
   const client = cell(row, "", "c-client", "client");
   if (f.client_key_id !== null) client.appendChild(filterLink("client", f.client_key_id, f.client, "Only this client"));
   const group = cell(row, "", "c-group", "group");
-  if (f.group_id !== null) group.appendChild(filterLink("group", f.group_id, f.group, "Only this group"));
+  if (f.group_id !== null) {
+    const label = document.createElement("span");
+    breaksAtSlash(label, f.group);
+    group.appendChild(filterLink("group", f.group_id, label, "Only this group"));
+  }
   const key = cell(row, "", "c-key", "key");
   if (f.upstream_key_id !== null) key.appendChild(filterLink("key", f.upstream_key_id, f.upstream_key, "Only this key"));
   if (f.attempts > 1) {

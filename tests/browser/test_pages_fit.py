@@ -332,6 +332,18 @@ def test_a_streams_raw_events_are_collapsed_and_readable_on_a_phone(
     assert page.evaluate("() => document.scrollingElement.scrollWidth <= innerWidth")
     screenshot(page, "phone-flow.png", full_page=True)
 
+    # A table too wide for its box (here: made so) scrolls inside it, and the box says so until its end.
+    wrap = raw.locator(".table-wrap")
+    expect(wrap).not_to_have_class(re.compile(r"\bscrolls\b"))
+    raw.locator("table.events").evaluate("t => { t.classList.remove('stack'); t.style.minWidth = '1200px' }")
+    expect(wrap).to_have_class(re.compile(r"\bscrolls\b"))
+    hint = "e => getComputedStyle(e, '::before').content"
+    assert wrap.evaluate(hint) == '"Scroll sideways for more →"'
+    wrap.evaluate("e => { e.scrollLeft = e.scrollWidth }")
+    expect(wrap).to_have_class(re.compile(r"\bat-end\b"))
+    assert wrap.evaluate(hint) == '"← Scroll back"'
+    assert page.evaluate("() => document.scrollingElement.scrollWidth <= innerWidth")  # the box scrolls, not the page
+
 
 def test_the_login_page_shows_the_wait_when_throttled_and_the_right_key_still_works(
     ui: Keyrotor, new_page: Callable[..., Page]

@@ -19,6 +19,7 @@ from core.metadata import (
     FIRST_BYTE_AT,
     RECORDED,
     AccessVerdict,
+    ClientRequest,
     ClientSent,
     CountedUsage,
     KeyUse,
@@ -28,6 +29,7 @@ from core.metadata import (
 from core.ports import RecordSink
 from core.prices import PriceTable
 from core.records import CapturedFlow, Retention, StreamTee, WebSocketMessage
+from core.request_model import renamed_top_model
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +188,15 @@ class Capture:
         request = flow.request
         access = AccessVerdict.of(flow.metadata) or AccessVerdict()
         keys = KeyUse.of(flow.metadata) or KeyUse()
+        sent = ClientRequest.of(flow.metadata)  # set where upstream was sent another path or model name
         captured = CapturedFlow(
             flow_id=flow.id,
             started_at=request.timestamp_start,
             method=request.method,
-            path=request.path,
+            path=request.path if sent is None else sent.path,
             client_addr=flow.client_conn.peername[0] if flow.client_conn.peername else None,
             request_fields=request.headers.fields,
-            request_body=request.raw_content,
+            request_body=request.raw_content if sent is None else _as_sent(request, sent),
             request_encoding=request.headers.get("content-encoding"),
             client_key_id=access.key_id,
             client_id=access.client_id,
@@ -211,9 +214,10 @@ class Capture:
             replay_of=access.replay_of,
             pin_note=access.pin_note,
         )
-        sent = ClientSent.of(flow.metadata)
-        if sent is not None and keys.key_id is not None:  # it went upstream: what changed on the way
-            captured.client_path, captured.client_fields, captured.client_body = sent.path, sent.fields, sent.body
+        original = ClientSent.of(flow.metadata)
+        if original is not None and keys.key_id is not None:  # it went upstream: what changed on the way
+            captured.client_path, captured.client_fields = original.path, original.fields
+            captured.client_body = original.body
             captured.sent_url = request.url
         response = flow.response
         tee = self._tees.pop(flow.id, None)
@@ -260,6 +264,14 @@ class Capture:
         if session.close_code not in NORMAL_CLOSE_CODES and captured.error is None:
             reason = f": {session.close_reason}" if session.close_reason else ""
             captured.error = f"WebSocket closed with code {session.close_code}{reason}"[:500]
+
+
+def _as_sent(request: http.Request, sent: ClientRequest) -> bytes | None:
+    """The body as the client sent it: an alias renamed for upstream is named back (byte for byte)."""
+    body = request.raw_content
+    if body and sent.renamed and sent.model and "content-encoding" not in request.headers:
+        return renamed_top_model(body, sent.renamed, sent.model)
+    return body
 
 
 def _model(flow: http.HTTPFlow) -> str | None:

@@ -25,7 +25,7 @@ from core.dialects import upstream_url, url_parts, with_key
 from core.dispatch import Plan, Rename, Verdict
 from core.errors import OpenAIError
 from core.failover import Failover
-from core.metadata import FIRST_BYTE_AT, KEYPOOL, AccessVerdict, KeyUse, RequestedModel
+from core.metadata import CLIENT_REQUEST, FIRST_BYTE_AT, KEYPOOL, AccessVerdict, ClientRequest, KeyUse, RequestedModel
 from core.models import PoolKey
 from core.pool import Policy
 from core.ports import OwnershipSink
@@ -47,16 +47,8 @@ def as_response(error: OpenAIError) -> http.Response:
 
 
 def response_of(answer: upstream.Answer) -> http.Response:
-    return http.Response(
-        b"HTTP/1.1",
-        answer.status,
-        answer.reason,
-        http.Headers(answer.header_fields()),
-        answer.content,
-        None,
-        answer.first_byte_at,
-        answer.ended_at,
-    )
+    headers, times = http.Headers(answer.header_fields()), (answer.first_byte_at, answer.ended_at)
+    return http.Response(b"HTTP/1.1", answer.status, answer.reason, headers, answer.content, None, *times)
 
 
 def aim(request: http.Request, url: str) -> None:
@@ -274,12 +266,14 @@ class KeyPool:
         target = candidate.group.upstream
         if plan is not None and (not self.state.table.trivial or plan.only_key is not None):
             self._plans[flow.id] = plan
+            # The record, the flow list and "copy as curl" show what the client sent (metadata.ClientRequest).
+            sent = flow.metadata[CLIENT_REQUEST] = ClientRequest(request.path, plan.request.model)
             if target.base_url is not None or target.dialect != Dialect.OPENAI:
                 aim(request, upstream_url(candidate, request.path, reverse_target()))
             use.requested_model = plan.request.model
             renamed = plan.renamed_first(candidate)
             if renamed is not None and plan.request.model and (body := request.content) is not None:
-                request.content = renamed_top_model(body, plan.request.model, renamed)
+                request.content, sent.renamed = renamed_top_model(body, plan.request.model, renamed), renamed
         outgoing = self._outgoing
         value = placeholder(key.id, key.last4) if outgoing is not None else key.value
         request.headers.fields = with_key(target.dialect, request.headers.fields, value)
@@ -389,6 +383,11 @@ class KeyPool:
             self._refuse(flow, dispatch.retry_refusal(plan, use, self.state.rotations, referenced, self.state.owners))
         self._plans[flow.id] = plan  # _finish reads which route answered
         self._finish(flow)
+        if result.answer is not None and not result.refuse and use.attempts[-1].url:
+            # mitmweb shows the flow's request: the one that answered, its key as a placeholder.
+            flow.metadata.setdefault(CLIENT_REQUEST, ClientRequest(request.path))
+            aim(request, use.attempts[-1].url)
+            self._hide_credential(flow)
 
     @staticmethod
     def _refuse(flow: http.HTTPFlow, error: OpenAIError) -> None:

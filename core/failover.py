@@ -16,6 +16,7 @@ import httpx
 from core import upstream
 from core.classify import HeaderLookup, Outcome, connection_failure, is_deployment_missing
 from core.credentials import placeholder
+from core.dialects import upstream_url
 from core.dispatch import (
     Journey,
     Judgement,
@@ -201,6 +202,9 @@ class Failover:
         def living() -> bool:
             return alive is None or alive()
 
+        sent = use.attempts[-1] if use.attempts else None
+        if sent is not None and sent.url is None and use.candidate < len(plan.candidates):  # mitmproxy sent it
+            sent.url = upstream_url(plan.candidates[use.candidate], plan.request.path, default_base_url)
         step = journey.start(model_missing, living(), too_long, timed_out)
         while step.move != Move.STOP:
             candidate = plan.candidates[step.index]
@@ -218,6 +222,7 @@ class Failover:
                 key = step.key
                 rotation.begin(use, key, candidate, candidate.model if candidate.fallback_from else None, step.scope)
                 outgoing = addressed(plan, candidate, key, default_base_url)
+                use.attempts[-1].url = outgoing.url
                 try:
                     got = await send(client, outgoing.method, outgoing.url, list(outgoing.fields), outgoing.body)
                 except httpx.HTTPError as e:

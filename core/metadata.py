@@ -169,6 +169,22 @@ class RequestedModel(Metadata):
     KEY = MODEL
 
 
+CLIENT_REQUEST = "keyrotor.client_request"
+
+
+@dataclass
+class ClientRequest(Metadata):
+    """What the client sent, kept by the key pool when it changes the request for upstream (an
+    Azure deployment path, a relay's prefix, an alias's upstream name in the body, a retry's
+    upstream): the record, the flow list and "copy as curl" show the client's request."""
+
+    path: str
+    model: str | None = None  # the model as the client named it
+    renamed: str | None = None  # the name the body now carries instead, when renamed for upstream
+
+    KEY = CLIENT_REQUEST
+
+
 @dataclass
 class UsageInjection(Metadata):
     """The usage addon asked upstream for a stream's token usage that the client did not ask for."""

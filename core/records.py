@@ -60,6 +60,7 @@ class AttemptLog:
     upstream_id: int | None = None
     group_id: int | None = None
     model: str | None = None  # the model this attempt asked for, when a fallback of the flow's
+    url: str | None = None  # where it went upstream (an Azure deployment path, a relay's prefix)
 
 
 @dataclass

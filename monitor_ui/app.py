@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from config import Settings
 from core.addresses import Network, client_address, parse_networks
 from core.login_throttle import LoginThrottle
+from monitor_ui import views
 from monitor_ui.auth import SessionSigner
 from monitor_ui.deps import LoginRequired, UiSettings
 from monitor_ui.routes import (
@@ -59,6 +60,7 @@ ROUTERS = (
     upstreams.api,
 )
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
+templates.env.filters["breaks_at_slash"] = views.breaks_at_slash
 
 # Captured bodies are attacker-controlled: no inline script, no remote anything.
 SECURITY_HEADERS = {

@@ -35,6 +35,8 @@ class GroupSummary(Shape):
     serving: bool  # enabled, and its upstream too: what the proxy does with it
     dialect: str
     keys: int
+    usable_keys: int  # active, or cooling past the end of their rest: what the proxy may pick now
+    cannot_serve: str | None  # why it cannot serve now for want of a key (no keys, none usable); None: it can
     models: int
     every_model: bool  # an empty model list serves every model
     models_refreshed_at: Number | None
@@ -129,6 +131,8 @@ class ServingGroup(Shape):
     source: str
     priority: Number
     serving: bool
+    usable_keys: int
+    cannot_serve: str | None
 
 
 class CatchAllGroup(Shape):
@@ -136,12 +140,16 @@ class CatchAllGroup(Shape):
     label: str
     priority: Number
     serving: bool
+    usable_keys: int
+    cannot_serve: str | None
 
 
 class ServedModel(Shape):
     model: str
     groups: list[ServingGroup]
     fallbacks: list[str]
+    usable_keys: int  # in the serving groups that route it (a model no group lists: the catch-all groups')
+    cannot_serve: str | None  # set when none of them has a usable key now (its fallbacks may still answer)
 
 
 class ModelsOverview(Shape):

@@ -8,6 +8,8 @@ import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
+from markupsafe import Markup, escape
+
 
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
@@ -276,8 +278,24 @@ def group_summary(row: sqlite3.Row) -> dict[str, Any]:
         "serving": bool(row["enabled"] and row["upstream_enabled"]),
         "dialect": row["dialect"],
         "keys": row["keys"],
+        "usable_keys": row["usable_keys"],
+        "cannot_serve": cannot_serve(row["keys"], row["usable_keys"]),
         "models": row["models"],
         "every_model": not row["models"],
         "models_refreshed_at": row["models_refreshed_at"],
         "created_at": row["created_at"],
     }
+
+
+def cannot_serve(keys: int, usable: int) -> str | None:
+    """Why a group cannot serve a request now for want of a key (None: it has a usable one)."""
+    if keys == 0:
+        return "Cannot serve: no keys. Add one on the group's page."
+    if usable == 0:
+        return f"Cannot serve now: none of its {keys} key(s) is usable (invalid, exhausted, disabled or cooling)."
+    return None
+
+
+def breaks_at_slash(label: str) -> Markup:
+    """An UPSTREAM/GROUP label that may wrap after its slash, as a word wraps, rather than inside a name."""
+    return Markup("/<wbr>").join(escape(part) for part in str(label).split("/"))

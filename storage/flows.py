@@ -33,7 +33,7 @@ PACKED_COLUMNS = packing.FIELDS  # kept inside `content` since v8
 _SCALAR_COLUMNS = tuple(c for c in FLOW_COLUMNS if c not in PACKED_COLUMNS)
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (flow_id, attempt, upstream_key_id, status, error, started_at, duration_ms,"
-    " upstream_id, group_id, model)"
+    " upstream_id, group_id, model, url)"
 )
 _INSERT_HEAD = f"INSERT INTO flows ({', '.join(_SCALAR_COLUMNS)}, content, parts)"
 FTS_COLUMNS = ("path", "model", "request_body", "response_body")  # what full-text search covers
@@ -233,6 +233,7 @@ def insert_attempts(conn: sqlite3.Connection, records: list[FlowRecord]) -> None
                 a.upstream_id,
                 a.group_id,
                 a.model,
+                a.url,
             )
             for flow_id, a in attempts
         ],
@@ -247,7 +248,7 @@ def insert_attempts(conn: sqlite3.Connection, records: list[FlowRecord]) -> None
 
 def attempts_of(conn: sqlite3.Connection, flow_id: str) -> list[sqlite3.Row]:
     return conn.execute(
-        "SELECT attempt, upstream_key_id, status, error, started_at, duration_ms, upstream_id, group_id, model"
+        "SELECT attempt, upstream_key_id, status, error, started_at, duration_ms, upstream_id, group_id, model, url"
         " FROM attempts"
         " WHERE flow_id = ? ORDER BY attempt LIMIT 100",
         (flow_id,),

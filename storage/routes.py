@@ -169,6 +169,9 @@ _GROUP_COLUMNS = (
     "g.id, u.name || '/' || g.name AS label, u.name AS upstream, g.name, g.priority, g.weight, g.enabled,"
     " u.enabled AS upstream_enabled, u.dialect, g.models_refreshed_at, g.created_at,"
     " (SELECT count(*) FROM upstream_keys k WHERE k.group_id = g.id) AS keys,"
+    # Keys the proxy may pick now: active, or cooling past the end of their rest.
+    " (SELECT count(*) FROM upstream_keys k WHERE k.group_id = g.id AND (k.state = 'active' OR (k.state = 'cooling'"
+    " AND coalesce(k.cooldown_until, 0) <= CAST(strftime('%s', 'now') AS REAL)))) AS usable_keys,"
     " (SELECT count(*) FROM group_models m WHERE m.group_id = g.id) AS models"
 )
 

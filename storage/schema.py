@@ -438,6 +438,11 @@ def _v13_replays(db: sqlite_utils.Database) -> None:
     db.table("clients").add_column("builtin", int, not_null_default=0)
 
 
+def _v14_attempt_urls(db: sqlite_utils.Database) -> None:
+    # Where each attempt of a retried flow went upstream; the flow keeps the client's own path.
+    db.table("attempts").add_column("url", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
@@ -452,6 +457,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v11_packed_flows,
     _v12_object_clients,
     _v13_replays,
+    _v14_attempt_urls,
 ]
 
 

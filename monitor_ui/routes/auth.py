@@ -10,7 +10,6 @@ from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
-from core.limits import duration
 from core.login_throttle import LoginThrottle
 from monitor_ui.auth import SESSION_COOKIE, SESSION_SECONDS, SessionSigner
 from monitor_ui.deps import (
@@ -59,9 +58,10 @@ def _wait(throttle: LoginThrottle, address: str) -> int | None:
 
 def _wait_sentence(seconds: int) -> str:
     until = datetime.fromtimestamp(time.time() + seconds, UTC)
+    # app.js counts the seconds down in place (static/app.js, data-retry-after): keep the two in step.
     return (
-        f"Too many wrong admin keys from this address: wait {duration(seconds)} (until {until:%H:%M:%S} UTC)"
-        " before trying another. The right admin key is not locked out."
+        f"Too many wrong admin keys from this address: try again in {seconds} s (until {until:%H:%M:%S} UTC)."
+        " The right admin key is not locked out."
     )
 
 

@@ -45,18 +45,35 @@ def models_overview(conn) -> dict:
                 "source": row["source"],
                 "priority": group["priority"],
                 "serving": group["serving"],
+                "usable_keys": group["usable_keys"],
+                "cannot_serve": group["cannot_serve"],
             }
         )
     every_model = [
-        {"id": g["id"], "label": g["label"], "priority": g["priority"], "serving": g["serving"]}
+        {key: g[key] for key in ("id", "label", "priority", "serving", "usable_keys", "cannot_serve")}
         for g in groups.values()
         if g["every_model"]
     ]
-    models = [
-        {"model": model, "groups": served.get(model, []), "fallbacks": fallbacks.get(model, [])}
-        for model in sorted(set(served) | set(fallbacks))
-    ]
+    models = []
+    for model in sorted(set(served) | set(fallbacks)):
+        routed = served.get(model) or every_model  # a model no group lists goes to the catch-all groups
+        usable = sum(g["usable_keys"] for g in routed if g["serving"])
+        models.append(
+            {
+                "model": model,
+                "groups": served.get(model, []),
+                "fallbacks": fallbacks.get(model, []),
+                "usable_keys": usable,
+                "cannot_serve": None if usable else _no_key(model, routed),
+            }
+        )
     return {"models": models, "every_model_groups": every_model}
+
+
+def _no_key(model: str, routed: list[dict]) -> str:
+    if not any(g["serving"] for g in routed):
+        return f"No enabled group serves {model}."
+    return f"No usable key for {model} now: every group that serves it has none."
 
 
 def _set_fallbacks(conn, model: str, fallbacks: list[str]) -> dict:

@@ -31,6 +31,15 @@ function filterLink(name, value, content, title) {
   return link;
 }
 
+// Text that may wrap after each slash, as a word wraps, rather than inside a name (the server's
+// breaks_at_slash filter, monitor_ui/views.py).
+function breaksAtSlash(element, text) {
+  text.split("/").forEach((part, i) => {
+    if (i) element.append("/", document.createElement("wbr"));
+    element.append(part);
+  });
+}
+
 function ms(value) {
   return value === null || value === undefined ? "" : Math.round(value) + " ms";
 }
@@ -53,7 +62,7 @@ function flowRow(tbody, f) {
   method.textContent = f.method;
   const path = document.createElement("span");
   path.className = "path";
-  path.textContent = f.path;
+  breaksAtSlash(path, f.path);
   request.append(method, " ", path);
   const model = cell(row, "", "c-model");
   if (f.model) model.appendChild(filterLink("model", f.model, f.model, "Only this model"));
@@ -77,7 +86,11 @@ function flowRow(tbody, f) {
   const client = cell(row, "", "c-client", "client");
   if (f.client_key_id !== null) client.appendChild(filterLink("client", f.client_key_id, f.client, "Only this client"));
   const group = cell(row, "", "c-group", "group");
-  if (f.group_id !== null) group.appendChild(filterLink("group", f.group_id, f.group, "Only this group"));
+  if (f.group_id !== null) {
+    const label = document.createElement("span");
+    breaksAtSlash(label, f.group);
+    group.appendChild(filterLink("group", f.group_id, label, "Only this group"));
+  }
   const key = cell(row, "", "c-key", "key");
   if (f.upstream_key_id !== null) key.appendChild(filterLink("key", f.upstream_key_id, f.upstream_key, "Only this key"));
   if (f.attempts > 1) {
@@ -209,8 +222,48 @@ function chartTips() {
   });
 }
 
+// A login refused for too many wrong keys says how long to wait, counting down. The form stays
+// usable: the right admin key is always accepted.
+function loginWait() {
+  const notice = document.querySelector("[data-retry-after]");
+  if (!notice) return;
+  let left = Number(notice.dataset.retryAfter);
+  const tick = () => {
+    left -= 1;
+    notice.textContent = left > 0
+      ? "Too many wrong admin keys from this address: try again in " + left + " s. The right admin key is not locked out."
+      : "You may try again now.";
+    if (left > 0) setTimeout(tick, 1000);
+  };
+  setTimeout(tick, 1000);
+}
+
+// A table wider than its box scrolls inside it; the box says so while there is more to see.
+function scrollHints() {
+  const update = (wrap) => {
+    const more = wrap.scrollWidth - wrap.clientWidth > 1;
+    wrap.classList.toggle("scrolls", more);
+    wrap.classList.toggle("at-end", !more || wrap.scrollLeft + wrap.clientWidth >= wrap.scrollWidth - 1);
+  };
+  const observer = new ResizeObserver((entries) => { for (const e of entries) update(e.target); });
+  const watch = () => {
+    for (const wrap of document.querySelectorAll(".table-wrap:not([data-watched])")) {
+      wrap.dataset.watched = "1";
+      observer.observe(wrap);
+      wrap.addEventListener("scroll", () => update(wrap), {passive: true});
+      update(wrap);
+    }
+  };
+  watch();
+  const refreshed = afterRefresh;
+  afterRefresh = () => { refreshed(); watch(); };
+  for (const details of document.querySelectorAll("details")) details.addEventListener("toggle", watch);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   chartTips();
+  scrollHints();
+  loginWait();
   liveFlows();
   copyButtons();
   confirmations();

@@ -121,6 +121,9 @@ def sideways_overflow(page: Page) -> str | None:
 def assert_streamed_flow_shown(page: Page, streamed_text: str, events: BrowserEvents) -> None:
     """The detail page of the stream whose prompt is EVIL_MESSAGE: its text, its events, its markup as text."""
     expect(page.locator("pre.streamed-text")).to_have_text(streamed_text)
+    collapsed = page.locator("details.raw-events")  # closed until asked for: the text above is what one reads
+    expect(collapsed.locator("table.events")).to_be_hidden()
+    collapsed.locator("summary").click()
     raw_events = page.locator("table.events tbody tr")
     expect(raw_events.last.locator("pre")).to_have_text("data: [DONE]")
     offsets = raw_events.locator("td.num").all_inner_texts()
@@ -389,10 +392,14 @@ def test_on_a_phone_flows_are_cards_and_charts_answer_a_tap_in_legible_text(
     ticks = page.locator("figure.chart text.tick")
     sizes = ticks.evaluate_all("ts => ts.map(t => [parseFloat(getComputedStyle(t).fontSize), t.getScreenCTM().a])")
     assert sizes and all(size >= 11 and scale == 1 for size, scale in sizes), sizes  # not shrunk with the chart
-    cost = page.locator("table.breakdown th", has_text="Cost")
-    expect(cost).to_have_count(5)  # by model, upstream, group, upstream key and client
-    for header in cost.all():  # every breakdown keeps its cost column in view
-        assert header.evaluate("e => e.getBoundingClientRect().right") <= PHONE[0]
+    expect(page.locator("table.breakdown")).to_have_count(5)  # by model, upstream, group, upstream key and client
+    costs = page.locator("table.breakdown td.c-cost")
+    assert costs.count() >= 5
+    for cost in costs.all():  # each row a card: its cost in view, labelled, whole
+        expect(cost).to_be_visible()
+        expect(cost).to_have_text(re.compile(r"^\$\d[\d,]*\.\d{4}$"))
+        assert cost.evaluate("e => e.getBoundingClientRect().right") <= PHONE[0]
+        assert cost.evaluate("e => getComputedStyle(e, '::before').content") == '"cost "'
     assert sideways_overflow(page) is None
     screenshot(page, "phone-dashboard.png")
     assert browser_events.csp_violations() == [] and browser_events.page_errors == []

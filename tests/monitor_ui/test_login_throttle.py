@@ -165,12 +165,12 @@ def test_the_login_page_shows_the_wait_never_json(make_client: Make):
     refused = client.post("/login", data={"admin_key": "wrong-again"})
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
     assert refused.headers["content-type"].startswith("text/html")
-    assert "Too many wrong admin keys from this address: wait" in refused.text
+    assert "Too many wrong admin keys from this address: try again in" in refused.text
     assert re.search(r"until \d\d:\d\d:\d\d UTC", refused.text)
     assert '<input type="password" name="admin_key"' in refused.text  # the form is there to try again later
     assert "wrong-again" not in refused.text  # what was typed is not echoed
     page = client.get("/login")
-    assert page.status_code == 200 and "Too many wrong admin keys from this address: wait" in page.text
+    assert page.status_code == 200 and "Too many wrong admin keys from this address: try again in" in page.text
     elsewhere = same_app_from(client, "198.51.100.5")
     try:
         assert "Too many wrong admin keys" not in elsewhere.get("/login").text

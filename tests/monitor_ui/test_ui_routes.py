@@ -517,7 +517,7 @@ def test_flow_list_page_links_every_flow_newest_first(browser):
     links = [int(i) for i in re.findall(r'<a href="/flows/(\d+)"', response.text)]
     assert links == [7, 6, 5, 4, 3, 2, 1]
     for n in range(1, 8):
-        assert f"/v1/chat/completions?n={n}" in response.text
+        assert f"/<wbr>v1/<wbr>chat/<wbr>completions?n={n}" in response.text  # wraps after a slash
     assert "Older" not in response.text  # everything fits on one page
 
 
@@ -558,8 +558,13 @@ def test_flow_page_shows_the_reassembled_streamed_text(browser):
     assert all(e in blocks for e in events)  # each raw event below it, in its own row
     assert "6 reads" in response.text
     # Each event with the arrival time of the read that completed it (reads of 60 bytes, 10 ms apart).
-    offsets = re.findall(r'<td class="num">\+([\d.]+) ms</td><td class="event-type">[^<]*</td><td><pre>', response.text)
+    offsets = re.findall(
+        r'<td class="num">\+([\d.]+) ms</td><td class="event-type">[^<]*</td><td class="event-data"><pre>',
+        response.text,
+    )
     assert len(offsets) == len(events) and offsets == sorted(offsets, key=float) and offsets[0] == "10.0"
+    # Collapsed until asked for: the reassembled text is what a reader wants first.
+    assert re.search(r'<details class="raw-events">\s*<summary>Raw events \(7\)', response.text)
 
 
 def test_flow_page_of_an_unknown_flow_is_404(browser):

@@ -278,7 +278,7 @@ def test_upstreams_page_adds_edits_and_deletes_with_a_confirmation_that_counts(c
     csrf = logged_in(client)
     page = client.get("/upstreams").text
     assert "Delete upstream relay with its 2 group(s) and 2 key(s)? This cannot be undone." in page
-    assert '<a href="/groups/2">relay/cheap</a>' in page and '<a href="/keys?group=2">2</a>' in page
+    assert '<a href="/groups/2">relay/<wbr>cheap</a>' in page and '<a href="/keys?group=2">2</a>' in page
     assert "the proxy's own upstream" in page  # default's base URL is proxy.upstream
 
     added = client.post(
@@ -574,9 +574,18 @@ def test_keys_are_added_to_a_group_by_label_or_id(setup):
 
 def test_models_api_says_which_groups_serve_each_model_and_its_fallbacks(client):
     overview = client.get("/api/models", headers=AUTH).json()
+    no_keys = "Cannot serve: no keys. Add one on the group's page."
     assert overview["every_model_groups"] == [
-        {"id": PREMIUM, "label": "relay/premium", "priority": 5, "serving": True},
-        {"id": DEFAULT_GROUP, "label": "default/default", "priority": 0, "serving": True},
+        {
+            "id": PREMIUM,
+            "label": "relay/premium",
+            "priority": 5,
+            "serving": True,
+            "usable_keys": 0,
+            "cannot_serve": no_keys,
+        },
+        {"id": DEFAULT_GROUP, "label": "default/default", "priority": 0, "serving": True, "usable_keys": 1}
+        | {"cannot_serve": None},
     ]
     by_model = {m["model"]: m for m in overview["models"]}
     assert list(by_model) == ["gpt-4o", "gpt-4o-mini", "o1"]
@@ -588,9 +597,18 @@ def test_models_api_says_which_groups_serve_each_model_and_its_fallbacks(client)
             "source": "manual",
             "priority": 0,
             "serving": True,
+            "usable_keys": 1,
+            "cannot_serve": None,
         }
     ]
-    assert by_model["o1"] == {"model": "o1", "groups": [], "fallbacks": ["gpt-4o-mini"]}
+    # Listed by no group: the catch-all groups serve it, one of which has a usable key.
+    assert by_model["o1"] == {
+        "model": "o1",
+        "groups": [],
+        "fallbacks": ["gpt-4o-mini"],
+        "usable_keys": 1,
+        "cannot_serve": None,
+    }
 
     changed = client.put("/api/models/gpt-4o/fallbacks", json={"fallbacks": ["gpt-4o-mini", "o1"]}, headers=AUTH)
     assert changed.json() == {"model": "gpt-4o", "fallbacks": ["gpt-4o-mini", "o1"]}
@@ -623,7 +641,10 @@ def test_models_page_lists_models_groups_catch_alls_and_edits_fallbacks(client):
     page = client.get("/models").text
     assert '<a href="/groups/4">azure/prod</a> as <code>prod-gpt4o</code>' in page
     assert '<a href="/groups/2">relay/cheap</a>' in page
-    assert '<li><a href="/groups/3">relay/premium</a> <span class="meta">priority 5</span></li>' in page
+    assert (
+        '<li><a href="/groups/3">relay/premium</a> <span class="meta">priority 5</span> <span class="cannot-serve">'
+        in page
+    )
     assert 'value="gpt-4o-mini" maxlength="4000" placeholder="none" aria-label="Fallbacks of o1"' in page
     saved = client.post("/models/fallbacks", data={"csrf": csrf, "model": "gpt-4o", "fallbacks": "gpt-4o-mini, o1"})
     assert saved.headers["location"] == "/models?done=fallbacks"
@@ -673,7 +694,7 @@ def test_flows_show_the_upstream_group_and_fallback_of_each_flow_and_attempt(cli
 
     logged_in(client)
     page = client.get("/flows?stream=no").text
-    assert 'href="/flows?stream=no&amp;group=2" title="Only this group">relay/cheap</a>' in page
+    assert 'href="/flows?stream=no&amp;group=2" title="Only this group">relay/<wbr>cheap</a>' in page
     assert 'title="asked o1, answered by gpt-4o-mini">answered by gpt-4o-mini</span>' in page
     assert '<option value="relay/cheap">relay/cheap</option>' in page and '<option value="azure">azure</option>' in page
     filtered = client.get("/flows?group=2").text
@@ -684,9 +705,10 @@ def test_flows_show_the_upstream_group_and_fallback_of_each_flow_and_attempt(cli
     assert "asked o1, answered by gpt-4o-mini (a fallback)" in detail_page
     assert '<a href="/groups/2">relay/cheap</a>' in detail_page
     attempts = detail_page.split("<h2>Attempts</h2>")[1].split("</table>")[0]
-    assert '<a href="/groups/1">default/default</a>' in attempts and "<td>gpt-4o-mini</td>" in attempts
+    assert '<a href="/groups/1">default/<wbr>default</a>' in attempts
+    assert '<td class="c-model" data-label="model">gpt-4o-mini</td>' in attempts
     retried = client.get("/flows/3").text.split("<h2>Attempts</h2>")[1].split("</table>")[0]
-    assert '<a href="/groups/4">azure/prod</a>' in retried
+    assert '<a href="/groups/4">azure/<wbr>prod</a>' in retried
 
 
 def test_flows_of_a_deleted_group_are_named_by_id_and_still_found(client):
@@ -713,7 +735,7 @@ def test_dashboard_breaks_down_by_upstream_and_group(client):
     page = client.get("/dashboard").text
     assert "<h3>By upstream</h3>" in page and "<h3>By group</h3>" in page
     assert f'<a href="/upstreams#upstream-{RELAY}">relay</a>' in page
-    assert f'<a href="/groups/{CHEAP}">relay/cheap</a>' in page
+    assert f'<a href="/groups/{CHEAP}">relay/<wbr>cheap</a>' in page
     assert f'<a href="/flows?group={CHEAP}" title="These flows">3</a>' in page
     assert f'<a href="/flows?upstream={RELAY}" title="These flows">3</a>' in page
 

@@ -44,6 +44,19 @@ def shown_headers(fields: HeaderFields) -> list[list[str]]:
     return rows
 
 
+def shown_request(kept: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A record's client_request as a page may show it: its credentials checked again on the way out,
+    whatever the row holds (a row from elsewhere, an import)."""
+    if not isinstance(kept, dict):
+        return None
+    shown = dict(kept)
+    for name in ("headers", "sent_credentials"):
+        rows = kept.get(name)
+        if isinstance(rows, list):
+            shown[name] = [[str(n), shown_value(str(n), str(v))] for n, v in (r for r in rows if len(r) == 2)]
+    return shown
+
+
 _MISSING = object()
 
 
@@ -140,8 +153,10 @@ def request_diff(
 ) -> list[Change]:
     """The changes between what the client sent and what went upstream, from a flow's record
     (`kept`: its client_request; None for flows recorded before it existed: no diff)."""
+    kept = shown_request(kept)
     if not kept:
         return []
+    sent_headers = [[n, shown_value(n, v)] for n, v in sent_headers]
     changes = []
     client_line = f"{method} {kept.get('path', sent_path)}"
     url = kept.get("url")

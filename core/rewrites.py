@@ -19,7 +19,9 @@ from typing import Any
 from core.bodies import json_object
 
 HeaderFields = tuple[tuple[bytes, bytes], ...]
-CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "proxy-authorization", "x-api-key", "cookie", "set-cookie"})
+CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "api-key", "proxy-authorization", "x-api-key", "cookie", "set-cookie", "x-keyrotor-pass"}
+)
 # The stand-ins keyrotor itself puts where a credential was (core/credentials.py placeholder, addons/access.py):
 # these, and only these, are shown; anything else in a credential header is "[redacted]".
 PLACEHOLDER = re.compile(

@@ -27,10 +27,9 @@ from core import worddiff
 from core.passes import FLOW_HEADER
 from core.rewrites import rebuilt_body, request_diff
 from monitor_ui import views
-from monitor_ui.through_proxy import Target, open_through_proxy
+from monitor_ui.through_proxy import Target, last_flow_id, open_through_proxy, recorded
 from storage import audit, client_keys, db, flows, routes
 
-RECORD_WAIT_SECONDS = 30.0  # after the answer ended, for the proxy's writer to store the new flow
 MAX_BATCH = 500
 MAX_CONCURRENCY = 16
 KEPT_JOBS = 20
@@ -189,35 +188,6 @@ def plan(conn: sqlite3.Connection, flow_row_id: int, asked: Asked) -> Planned:
     )
 
 
-def last_flow_id(db_path: Path) -> int:
-    conn = db.connect(db_path, readonly=True)
-    try:
-        return conn.execute("SELECT coalesce(max(id), 0) FROM flows").fetchone()[0]
-    finally:
-        conn.close()
-
-
-def find_recorded(db_path: Path, flow_id: str, after: int) -> int | None:
-    conn = db.connect(db_path, readonly=True)
-    try:
-        row = conn.execute("SELECT id FROM flows WHERE id > ? AND flow_id = ?", (after, flow_id)).fetchone()
-        return row[0] if row else None
-    finally:
-        conn.close()
-
-
-async def recorded(db_path: Path, flow_id: str | None, after: int, wait: float = RECORD_WAIT_SECONDS) -> int | None:
-    """The row id of the flow the proxy called `flow_id`, once its writer has stored it (None: not in time)."""
-    if not flow_id:
-        return None
-    deadline = time.monotonic() + wait
-    while True:
-        found = await asyncio.to_thread(find_recorded, db_path, flow_id, after)
-        if found is not None or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.05)
-
-
 async def send(settings: Target, planned: Planned) -> Replayed:
     """Send the replay through the proxy, read its answer to the end (a stream as it streams), and
     find its record."""
@@ -288,7 +258,7 @@ def _json_changes(a: str | None, b: str | None) -> list[dict[str, Any]]:
 def _header_changes(a: list[list[str]], b: list[list[str]]) -> list[dict[str, Any]]:
     left = {n.lower(): v for n, v in a}
     right = {n.lower(): v for n, v in b}
-    names = list(left) + [n for n in right if n not in left]
+    names = [n for n in list(left) + [n for n in right if n not in left] if n != FLOW_HEADER]
     return [{"name": n, "a": left.get(n), "b": right.get(n)} for n in names if left.get(n) != right.get(n)]
 
 

@@ -5,9 +5,11 @@ sends is routed, limited, retried and captured like every flow. It cannot presen
 key (only their sha256 is stored), so it mints a pass (core/passes.py) naming the client and
 where the admin pinned the request; the proxy's Access addon verifies it.
 
+    before = last_flow_id(settings.db_path)
     async with open_through_proxy(settings, client_id, "POST", "/v1/chat/completions", body,
                                   group_id=3) as response:
         async for chunk in response.aiter_bytes(): ...
+    row_id = await recorded(settings.db_path, response.headers.get(FLOW_HEADER), before)
 
 The pass is in a header the proxy strips before anything else sees the request; it is good
 for one request and two minutes, and is never logged.
@@ -15,6 +17,7 @@ for one request and two minutes, and is never logged.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -28,7 +31,7 @@ import httpx
 
 from config import Settings
 from core import passes
-from storage import audit, client_keys, secrets
+from storage import audit, client_keys, db, secrets
 from storage.db import bump_revision
 
 PLAYGROUND = "playground"
@@ -54,6 +57,7 @@ NOT_COPIED = frozenset(
     }
 )
 ANSWER_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=10.0)
+RECORD_WAIT_SECONDS = 30.0  # after the answer ended, for the proxy's writer to store the flow
 
 
 class Target(Protocol):
@@ -145,6 +149,36 @@ async def open_through_proxy(
             yield response
         finally:
             await response.aclose()
+
+
+def last_flow_id(db_path: Path) -> int:
+    """The newest flow's id: take it before sending, then look for the new flow above it (`recorded`)."""
+    conn = db.connect(db_path, readonly=True)
+    try:
+        return conn.execute("SELECT coalesce(max(id), 0) FROM flows").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def find_recorded(db_path: Path, flow_id: str, after: int) -> int | None:
+    conn = db.connect(db_path, readonly=True)
+    try:
+        row = conn.execute("SELECT id FROM flows WHERE id > ? AND flow_id = ?", (after, flow_id)).fetchone()
+        return row[0] if row else None
+    finally:
+        conn.close()
+
+
+async def recorded(db_path: Path, flow_id: str | None, after: int, wait: float = RECORD_WAIT_SECONDS) -> int | None:
+    """The row id of the flow the proxy called `flow_id`, once its writer has stored it (None: not in time)."""
+    if not flow_id:
+        return None
+    deadline = time.monotonic() + wait
+    while True:
+        found = await asyncio.to_thread(find_recorded, db_path, flow_id, after)
+        if found is not None or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.05)
 
 
 def ensure_builtin_client(conn: sqlite3.Connection, name: str = PLAYGROUND) -> int:

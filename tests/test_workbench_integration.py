@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import ADMIN_KEY, Keyrotor, wait_for
 from tests.fake_upstream import FakeAzure, FakeUpstream
+from tests.monitor_ui.conftest import csrf_of
 
 RELAY_KEYS = ("sk-good-relay-aaaaaaaaaaaaaaaaaaaaaa01", "sk-good-relay-bbbbbbbbbbbbbbbbbbbbbb02")
 DEFAULT_KEY = "sk-good-default-cccccccccccccccccccc03"
@@ -195,6 +196,26 @@ def test_a_batch_replays_a_search_and_sums_it_up(bench):
         assert all(r["replay"] is not None and r["status_b"] == 200 and r["text"] for r in done["rows"])
         assert "progress" in admin.get(f"/flows/replays/{job}").text
     assert len(kr.query("SELECT id FROM flows WHERE replay_of IS NOT NULL")) == 3
+
+
+def test_the_flow_page_s_form_sends_again_and_follows_the_new_flow(bench):
+    kr, client, _ = bench
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    original = newest_flow(kr, 1)
+    with httpx.Client(base_url=kr.ui_url, timeout=60, trust_env=False) as browser:
+        assert browser.post("/login", data={"admin_key": ADMIN_KEY}).status_code == 303
+        page = browser.get(f"/flows/{original}").text
+        csrf = csrf_of(page)
+        form = {"csrf": csrf, "group": "default/default", "edit_body": "1"}
+        form["body"] = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "edited"}]})
+        sent = browser.post(f"/flows/{original}/replay", data=form)
+        assert sent.status_code == 303, sent.text
+        new = int(sent.headers["location"].rsplit("/", 1)[1])
+        shown = browser.get(f"/flows/{new}").text
+        assert f'Replay of</dt><dd><a href="/flows/{original}">#{original}</a>' in shown and "edited" in shown
+        assert browser.post(f"/flows/{original}/replay", data={"csrf": "forged"}).status_code == 403
+    audit = kr.query("SELECT changes FROM audit_log WHERE action = 'flows.replay'")
+    assert json.loads(audit[0]["changes"])["body_edited"] is True
 
 
 def test_run_py_flows_replay_and_compare(bench):

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 
+import httpx
+
 from config import Settings
 from monitor_ui.replays import Asked, ReplayRefused, compare, replay
 from monitor_ui.through_proxy import ProxyTarget
@@ -24,6 +26,9 @@ def replay_command(args: argparse.Namespace, settings: Settings) -> int:
         replayed = asyncio.run(replay(ProxyTarget.of(settings), args.flow_id, asked))
     except ReplayRefused as e:
         print(f"keyrotor: {e.message}")
+        return 1
+    except httpx.HTTPError as e:
+        print(f"keyrotor: the proxy did not answer the replay ({type(e).__name__}): is it running on proxy.port?")
         return 1
     if replayed.id is None:
         print(f"answered {replayed.status}; the new flow ({replayed.flow_id}) was not recorded within 30 s")

@@ -126,8 +126,9 @@ def verify(key: bytes, token: str, now: float | None = None) -> Pass | None:
 
 def pass_from(fields: Iterable[tuple[bytes, bytes]]) -> str | None:
     """The pass a request carries in `x-keyrotor-pass`, if any (an empty header counts as one)."""
+    size = len(PASS_HEADER_BYTES)
     for name, value in fields:
-        if name.lower() == PASS_HEADER_BYTES:
+        if len(name) == size and name.lower() == PASS_HEADER_BYTES:  # the length first: every request asks
             return value.decode("latin-1")
     return None
 

@@ -29,6 +29,7 @@ PLACEHOLDER = re.compile(
     r"|refused key( \.\.\.[A-Za-z0-9_-]{0,4})?|refused pass)\]"
 )
 REDACTED = "[redacted]"
+CREDENTIAL_NAMES = frozenset(n.encode() for n in CREDENTIAL_HEADERS)
 
 
 def shown_value(name: str, value: str) -> str:
@@ -89,17 +90,56 @@ def client_request(
     sent_fields: HeaderFields,
     sent_body: bytes | None,
 ) -> dict[str, Any]:
-    """What the record keeps of the client's request beside the sent one (see the module's docstring)."""
-    kept: dict[str, Any] = {"url": sent_url, "headers": shown_headers(client_fields)}
+    """What the record keeps of the client's request beside the sent one (see the module's docstring):
+    the client's headers only where the sent ones differ (`headers`), the names of those the client did
+    not send (`added`), and the credentials sent, as placeholders. Runs in the writer thread, per flow."""
+    sent: dict[bytes, bytes] = {}
+    credentials = []
+    for name, value in sent_fields:
+        lowered = name.lower()
+        sent[lowered] = value
+        if lowered in CREDENTIAL_NAMES:
+            text = name.decode("latin-1")
+            credentials.append([text, shown_value(text, value.decode("latin-1"))])
+    seen = set()
+    changed = []
+    for name, value in client_fields:
+        lowered = name.lower()
+        seen.add(lowered)
+        if sent.get(lowered) != value:
+            text = name.decode("latin-1")
+            changed.append([text, shown_value(text, value.decode("latin-1"))])
+    kept: dict[str, Any] = {
+        "url": sent_url,
+        "headers": changed,
+        "added": [n.decode("latin-1") for n in sent if n not in seen],
+    }
     if client_path != sent_path:
         kept["path"] = client_path
-    credentials = [[n, v] for n, v in shown_headers(sent_fields) if n.lower() in CREDENTIAL_HEADERS]
     if credentials:
         kept["sent_credentials"] = credentials
     changes = body_changes(client_body, sent_body)
     if changes is not None:
         kept["body"] = changes
     return kept
+
+
+def client_headers(sent_headers: list[list[str]], kept: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The client's headers, rebuilt from the recorded (sent) ones and what the record kept of the client's."""
+    if not kept:
+        return [(n, v) for n, v in sent_headers]
+    changed = {str(n).lower(): (str(n), str(v)) for n, v in kept.get("headers") or ()}
+    added = kept.get("added")
+    if added is None:  # recorded with every client header
+        return list(changed.values())
+    dropped = {str(n).lower() for n in added}
+    rebuilt = []
+    for name, value in sent_headers:
+        lowered = name.lower()
+        if lowered in dropped:
+            continue
+        rebuilt.append(changed.pop(lowered, (name, value)))
+    return rebuilt + list(changed.values())  # and those keyrotor removed
 
 
 def rebuilt_body(sent_text: str | None, changes: dict[str, Any] | None) -> str | None:
@@ -171,10 +211,12 @@ def request_diff(
         after = sent.get(lowered)
         if after is None:
             changes.append(Change("header", name, value, None))
-        elif after[1] != value:
+        elif after[1] != value:  # (a header the client sent as it went upstream is not kept)
             changes.append(Change("header", name, value, after[1]))
+    added = kept.get("added")
+    dropped = {str(n).lower() for n in added} if added is not None else None
     for lowered, (name, value) in sent.items():
-        if lowered not in client_headers:
+        if (lowered in dropped) if dropped is not None else (lowered not in client_headers):
             changes.append(Change("header", name, None, value))
     body = kept.get("body") or {}
     parsed = json_object(sent_body.encode()) if sent_body and body else None

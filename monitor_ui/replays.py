@@ -25,7 +25,7 @@ from typing import Any
 
 from core import worddiff
 from core.passes import FLOW_HEADER
-from core.rewrites import rebuilt_body, request_diff
+from core.rewrites import client_headers, rebuilt_body, request_diff
 from monitor_ui import views
 from monitor_ui.through_proxy import Target, last_flow_id, open_through_proxy, recorded
 from storage import audit, client_keys, db, flows, routes
@@ -163,7 +163,10 @@ def plan(conn: sqlite3.Connection, flow_row_id: int, asked: Asked) -> Planned:
         exists = conn.execute("SELECT 1 FROM groups WHERE id = ?", (row.get("group_id"),)).fetchone()
         group_id = row.get("group_id") if exists else None
         key_id = row.get("upstream_key_id")
-    headers = [(n, v) for n, v in ((kept or {}).get("headers") or row.get("request_headers") or [])]
+    recorded_headers = row.get("request_headers") or "[]"
+    headers = client_headers(
+        json.loads(recorded_headers) if isinstance(recorded_headers, str) else recorded_headers, kept
+    )
     changes = {
         k: v
         for k, v in {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
+import httpx
 from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
@@ -69,7 +70,7 @@ async def _replay(settings, flow_row_id: int, asked: Asked) -> dict[str, Any]:
         replayed = await replay(settings, flow_row_id, asked)
     except ReplayRefused as e:
         raise HTTPException(e.status, e.message) from None
-    except OSError as e:  # the proxy is not listening
+    except (OSError, httpx.HTTPError) as e:  # the proxy is not listening, or hung up
         raise HTTPException(502, f"The proxy did not answer the replay ({type(e).__name__}): is it running?") from None
     return replayed.__dict__
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from core.rewrites import body_changes, client_request, rebuilt_body, request_diff, shown_value
+from core.rewrites import body_changes, client_headers, client_request, rebuilt_body, request_diff, shown_value
 
 CLIENT = json.dumps({"model": "gpt-4o", "messages": [], "stream": True}).encode()
 SENT = json.dumps(
@@ -78,3 +78,18 @@ def test_the_diff_shows_the_path_headers_and_body_keyrotor_changed():
     assert shown[("body", "model")].client == "gpt-4o" and shown[("body", "model")].sent == "gpt-4o-2024-11-20"
     assert shown[("body", "stream_options")].kind == "added"
     assert request_diff("POST", "/x", [], None, None) == []
+
+
+def test_the_client_s_headers_are_rebuilt_from_the_sent_ones_and_what_differed():
+    client = ((b"Authorization", b"Bearer [client key #1]"), (b"X-Trace", b"t"), (b"Accept-Encoding", b"gzip"))
+    sent = ((b"X-Trace", b"t"), (b"Accept-Encoding", b"identity"), (b"api-key", b"[upstream key #4 ...wxyz]"))
+    kept = client_request("/p", client, None, "/p", "https://up/p", sent, None)
+    assert kept["headers"] == [["Authorization", "Bearer [client key #1]"], ["Accept-Encoding", "gzip"]]
+    assert kept["added"] == ["api-key"] and "body" not in kept and "path" not in kept
+    recorded = [["X-Trace", "t"], ["Accept-Encoding", "identity"], ["api-key", "[redacted]"]]
+    assert client_headers(recorded, kept) == [
+        ("X-Trace", "t"),
+        ("Accept-Encoding", "gzip"),
+        ("Authorization", "Bearer [client key #1]"),
+    ]
+    assert client_headers(recorded, None) == [tuple(h) for h in recorded]

@@ -113,3 +113,11 @@ def test_a_flow_page_never_shows_a_credential_header_s_value(client: TestClient)
     detail = client.get("/api/flows/2", headers=AUTH).text
     assert "sk-real" not in page and "sk-real" not in detail
     assert "Send again" in page and csrf_of(page)
+
+
+def test_a_replay_while_the_proxy_is_down_is_a_clear_502(open_ui):
+    from tests.conftest import free_port
+
+    client = open_ui(ADMIN, settings={"proxy.port": str(free_port())}, seed=seed)
+    answer = client.post("/api/flows/2/replay", json={}, headers=AUTH)
+    assert answer.status_code == 502 and "is it running" in answer.json()["error"]["message"]

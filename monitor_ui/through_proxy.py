@@ -35,6 +35,7 @@ from storage import audit, client_keys, db, secrets
 from storage.db import bump_revision
 
 PLAYGROUND = "playground"
+FLOW_HEADER = passes.FLOW_HEADER  # the proxy's answer names its flow here (mitmproxy's id): see `recorded`
 # What a replay does not copy from the recorded request: what the proxy or httpx sets, and credentials.
 NOT_COPIED = frozenset(
     {

@@ -171,9 +171,12 @@ class Access:
             headers.fields = scrubbed(fields, "[refused pass]")
             flow.response = as_response(error)
             return
+        # Its usage counts on the client's first active key, as the client's own requests count on theirs.
+        key_id = min((k for c, k in self.state.clients.values() if c.id == client.id), default=None)
         verdict = flow.metadata[ACCESS] = AccessVerdict(
             client_id=client.id,
             client_name=client.name,
+            key_id=key_id,
             pinned_group=found.group_id,
             pinned_key=found.key_id,
             replay_of=found.replay_of,

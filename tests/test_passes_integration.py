@@ -90,6 +90,8 @@ def test_a_pass_runs_as_its_client_pinned_to_a_group_and_never_reaches_upstream(
         assert passes.PASS_HEADER not in received.headers
     rows = flows_written(kr, 2)
     assert [r["client_id"] for r in rows] == [found["alice"]] * 2
+    alice_key = kr.query("SELECT min(id) AS id FROM client_keys WHERE client_id = ?", (found["alice"],))[0]["id"]
+    assert [r["client_key_id"] for r in rows] == [alice_key] * 2  # usage counts on the client's first key
     assert rows[1]["replay_of"] == 1 and rows[1]["group_id"] == found["default/default"]
     assert "pinned to default/default" in rows[1]["pin_note"]
     text = kr.query("SELECT group_concat(request_headers, '') AS h FROM flows")[0]["h"] or ""

@@ -219,6 +219,8 @@ class Capture:
             captured.client_path, captured.client_fields = original.path, original.fields
             captured.client_body = original.body
             captured.sent_url = request.url
+            if captured.request_body is not request.raw_content:  # the record names the model back
+                captured.upstream_body = request.raw_content
         response = flow.response
         tee = self._tees.pop(flow.id, None)
         if response is None:

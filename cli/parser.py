@@ -187,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", parents=[common], help="convert flows stored before compression now (safe beside a running proxy)"
     )
 
+    flows_commands = commands.add_parser(
+        "flows", parents=[common], help="send recorded flows again, compare two (docs/workbench.md)"
+    ).add_subparsers(dest="action", required=True)
+    replay = flows_commands.add_parser(
+        "replay", parents=[common], help="send flow ID again through the running proxy, under its client"
+    )
+    replay.add_argument("flow_id", type=int, metavar="ID")
+    replay.add_argument("--group", metavar="UPSTREAM/GROUP", help="only this group serves it")
+    replay.add_argument("--key", type=int, metavar="KEY_ID", help="only this upstream key serves it")
+    replay.add_argument("--model", metavar="MODEL", help="ask for this model instead")
+    replay.add_argument("--client", metavar="NAME", help="run as this client (default: the flow's)")
+    compare = flows_commands.add_parser("compare", parents=[common], help="two flows side by side, text word by word")
+    compare.add_argument("a", type=int, metavar="A")
+    compare.add_argument("b", type=int, metavar="B")
+    compare.add_argument("--json", action="store_true", help="the comparison as GET /api/flows/compare answers it")
+
     return parser
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 PASS_HEADER = "x-keyrotor-pass"
 PASS_HEADER_BYTES = PASS_HEADER.encode()
 PASS_SECONDS = 120.0
+FLOW_HEADER = "x-keyrotor-flow"  # on the proxy's answer to a pass: the flow's id (mitmproxy's), to find its record
 PREFIX = "krp1"
 MAX_PASS_LENGTH = 1024  # a pass is ~200 characters: anything far longer is not one
 
@@ -125,8 +126,9 @@ def verify(key: bytes, token: str, now: float | None = None) -> Pass | None:
 
 def pass_from(fields: Iterable[tuple[bytes, bytes]]) -> str | None:
     """The pass a request carries in `x-keyrotor-pass`, if any (an empty header counts as one)."""
+    size = len(PASS_HEADER_BYTES)
     for name, value in fields:
-        if name.lower() == PASS_HEADER_BYTES:
+        if len(name) == size and name.lower() == PASS_HEADER_BYTES:  # the length first: every request asks
             return value.decode("latin-1")
     return None
 

@@ -27,7 +27,7 @@ from core.bodies import (
 )
 from core.metering import IMAGES, NO_USAGE, request_usage, summed, usage_of
 from core.prices import PriceTable
-from core.rewrites import client_request
+from core.rewrites import client_request, recorded_differences
 from core.routing import query_model, requested_model
 
 REDACTED_HEADERS = frozenset(
@@ -219,6 +219,7 @@ class CapturedFlow:
     client_fields: HeaderFields = ()
     client_body: bytes | None = None
     sent_url: str | None = None
+    upstream_body: bytes | None = None  # the body as sent, where the record keeps the client's model name instead
     prices: PriceTable = field(default_factory=PriceTable)  # shared by every flow, loaded once in configure
 
     def to_record(self) -> FlowRecord:
@@ -297,11 +298,12 @@ class CapturedFlow:
     def _client_request(self) -> dict[str, Any] | None:
         if self.client_path is None or self.sent_url is None:
             return None  # refused, or answered by keyrotor: nothing went upstream
-        same = self.client_body is self.request_body  # most requests: keyrotor changed nothing in the body
+        upstream = self.upstream_body if self.upstream_body is not None else self.request_body
+        same = self.client_body is upstream  # most requests: keyrotor changed nothing in the body
         encoding = header(self.client_fields, b"content-encoding") or None
         client_body = None if same or self.client_body is None else decoded(self.client_body, encoding)
-        sent_body = None if same or self.request_body is None else decoded(self.request_body, self.request_encoding)
-        return client_request(
+        sent_body = None if same or upstream is None else decoded(upstream, self.request_encoding)
+        kept = client_request(
             self.client_path,
             self.client_fields,
             client_body,
@@ -310,6 +312,12 @@ class CapturedFlow:
             self.request_fields,
             sent_body,
         )
+        if self.upstream_body is not None and sent_body is not None:
+            recorded = decoded(self.request_body, self.request_encoding) if self.request_body is not None else None
+            shown = recorded_differences(recorded, sent_body)
+            if shown:
+                kept["sent_body"] = shown  # what upstream got where the record shows the client's (a model's name)
+        return kept
 
     def _messages(self) -> list[list[float | str | None]]:
         rows: list[list[float | str | None]] = []

@@ -19,7 +19,9 @@ from typing import Any
 from core.bodies import json_object
 
 HeaderFields = tuple[tuple[bytes, bytes], ...]
-CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "proxy-authorization", "x-api-key", "cookie", "set-cookie"})
+CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "api-key", "proxy-authorization", "x-api-key", "cookie", "set-cookie", "x-keyrotor-pass"}
+)
 # The stand-ins keyrotor itself puts where a credential was (core/credentials.py placeholder, addons/access.py):
 # these, and only these, are shown; anything else in a credential header is "[redacted]".
 PLACEHOLDER = re.compile(
@@ -27,6 +29,7 @@ PLACEHOLDER = re.compile(
     r"|refused key( \.\.\.[A-Za-z0-9_-]{0,4})?|refused pass)\]"
 )
 REDACTED = "[redacted]"
+CREDENTIAL_NAMES = frozenset(n.encode() for n in CREDENTIAL_HEADERS)
 
 
 def shown_value(name: str, value: str) -> str:
@@ -42,6 +45,19 @@ def shown_headers(fields: HeaderFields) -> list[list[str]]:
         name = raw_name.decode("latin-1")
         rows.append([name, shown_value(name, raw_value.decode("latin-1"))])
     return rows
+
+
+def shown_request(kept: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A record's client_request as a page may show it: its credentials checked again on the way out,
+    whatever the row holds (a row from elsewhere, an import)."""
+    if not isinstance(kept, dict):
+        return None
+    shown = dict(kept)
+    for name in ("headers", "sent_credentials"):
+        rows = kept.get(name)
+        if isinstance(rows, list):
+            shown[name] = [[str(n), shown_value(str(n), str(v))] for n, v in (r for r in rows if len(r) == 2)]
+    return shown
 
 
 _MISSING = object()
@@ -65,6 +81,16 @@ def body_changes(client: bytes | None, sent: bytes | None) -> dict[str, Any] | N
     return changes or None
 
 
+def recorded_differences(recorded: bytes | None, sent: bytes | None) -> dict[str, Any] | None:
+    """The top-level values of the `sent` JSON object that the `recorded` one shows otherwise (the
+    record keeps the client's model name where upstream was sent its own)."""
+    before = json_object(recorded) if recorded is not None else None
+    after = json_object(sent) if sent is not None else None
+    if before is None or after is None:
+        return None
+    return {k: v for k, v in after.items() if before.get(k, _MISSING) != v} or None
+
+
 def client_request(
     client_path: str,
     client_fields: HeaderFields,
@@ -74,17 +100,56 @@ def client_request(
     sent_fields: HeaderFields,
     sent_body: bytes | None,
 ) -> dict[str, Any]:
-    """What the record keeps of the client's request beside the sent one (see the module's docstring)."""
-    kept: dict[str, Any] = {"url": sent_url, "headers": shown_headers(client_fields)}
+    """What the record keeps of the client's request beside the sent one (see the module's docstring):
+    the client's headers only where the sent ones differ (`headers`), the names of those the client did
+    not send (`added`), and the credentials sent, as placeholders. Runs in the writer thread, per flow."""
+    sent: dict[bytes, bytes] = {}
+    credentials = []
+    for name, value in sent_fields:
+        lowered = name.lower()
+        sent[lowered] = value
+        if lowered in CREDENTIAL_NAMES:
+            text = name.decode("latin-1")
+            credentials.append([text, shown_value(text, value.decode("latin-1"))])
+    seen = set()
+    changed = []
+    for name, value in client_fields:
+        lowered = name.lower()
+        seen.add(lowered)
+        if sent.get(lowered) != value:
+            text = name.decode("latin-1")
+            changed.append([text, shown_value(text, value.decode("latin-1"))])
+    kept: dict[str, Any] = {
+        "url": sent_url,
+        "headers": changed,
+        "added": [n.decode("latin-1") for n in sent if n not in seen],
+    }
     if client_path != sent_path:
         kept["path"] = client_path
-    credentials = [[n, v] for n, v in shown_headers(sent_fields) if n.lower() in CREDENTIAL_HEADERS]
     if credentials:
         kept["sent_credentials"] = credentials
     changes = body_changes(client_body, sent_body)
     if changes is not None:
         kept["body"] = changes
     return kept
+
+
+def client_headers(sent_headers: list[list[str]], kept: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The client's headers, rebuilt from the recorded (sent) ones and what the record kept of the client's."""
+    if not kept:
+        return [(n, v) for n, v in sent_headers]
+    changed = {str(n).lower(): (str(n), str(v)) for n, v in kept.get("headers") or ()}
+    added = kept.get("added")
+    if added is None:  # recorded with every client header
+        return list(changed.values())
+    dropped = {str(n).lower() for n in added}
+    rebuilt = []
+    for name, value in sent_headers:
+        lowered = name.lower()
+        if lowered in dropped:
+            continue
+        rebuilt.append(changed.pop(lowered, (name, value)))
+    return rebuilt + list(changed.values())  # and those keyrotor removed
 
 
 def rebuilt_body(sent_text: str | None, changes: dict[str, Any] | None) -> str | None:
@@ -140,8 +205,10 @@ def request_diff(
 ) -> list[Change]:
     """The changes between what the client sent and what went upstream, from a flow's record
     (`kept`: its client_request; None for flows recorded before it existed: no diff)."""
+    kept = shown_request(kept)
     if not kept:
         return []
+    sent_headers = [[n, shown_value(n, v)] for n, v in sent_headers]
     changes = []
     client_line = f"{method} {kept.get('path', sent_path)}"
     url = kept.get("url")
@@ -154,13 +221,17 @@ def request_diff(
         after = sent.get(lowered)
         if after is None:
             changes.append(Change("header", name, value, None))
-        elif after[1] != value:
+        elif after[1] != value:  # (a header the client sent as it went upstream is not kept)
             changes.append(Change("header", name, value, after[1]))
+    added = kept.get("added")
+    dropped = {str(n).lower() for n in added} if added is not None else None
     for lowered, (name, value) in sent.items():
-        if lowered not in client_headers:
+        if (lowered in dropped) if dropped is not None else (lowered not in client_headers):
             changes.append(Change("header", name, None, value))
     body = kept.get("body") or {}
     parsed = json_object(sent_body.encode()) if sent_body and body else None
+    if parsed is not None and isinstance(kept.get("sent_body"), dict):
+        parsed = {**parsed, **kept["sent_body"]}  # as it went upstream, not as the record names it
     for key, value in (body.get("set") or {}).items():
         now = parsed.get(key, _MISSING) if parsed is not None else _MISSING
         changes.append(Change("body", key, _text(value), None if now is _MISSING else _text(now)))

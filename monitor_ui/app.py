@@ -31,6 +31,7 @@ from monitor_ui.routes import (
     keys,
     metrics,
     models,
+    replays,
     upstreams,
 )
 from storage import audit as audit_log
@@ -46,6 +47,8 @@ ROUTERS = (
     clients.api,
     dashboard.router,
     dashboard.api,
+    replays.router,  # before flows': /flows/compare and /flows/replays/… are not /flows/{flow_row_id}
+    replays.api,
     flows.router,
     flows.api,
     groups.router,

@@ -418,6 +418,20 @@ class FlowObject(Shape):
     client_name: str | None
 
 
+class RequestChange(Shape):
+    where: str  # line, header or body
+    name: str
+    client: str | None  # as the client sent it (None: it did not)
+    sent: str | None  # as keyrotor sent it upstream (None: it did not)
+    kind: str  # added, removed, changed
+
+
+class FlowLink(Shape):
+    id: int
+    status: int | None
+    started_at: str | None
+
+
 class FlowDetail(Shape):
     id: int
     flow_id: str
@@ -473,6 +487,11 @@ class FlowDetail(Shape):
     events: list[SseEvent]
     curl: str
     objects: list[FlowObject]
+    replay_of: int | None  # the flow this one sent again (docs/workbench.md)
+    pin_note: str | None  # where the admin pinned it, and what became of that
+    client_request: dict[str, Any] | None  # how the client's request differed from the one sent upstream
+    request_diff: list[RequestChange]
+    replays: list[FlowLink]  # flows that sent this one again
 
 
 class AuditEntry(Shape):
@@ -486,3 +505,109 @@ class AuditEntry(Shape):
 
 class AuditEntries(Shape):
     entries: list[AuditEntry]
+
+
+# --------------------------------------------------------------------------- workbench: replay and compare
+
+
+class Replayed(Shape):
+    id: int | None  # the new flow (None: not recorded within 30 s; look for flow_id)
+    flow_id: str | None  # mitmproxy's id of the new flow
+    status: int  # what the proxy answered the replay with
+    replay_of: int
+
+
+class CompareSide(Shape):
+    id: int
+    method: str
+    path: str
+    stream: bool
+    replay_of: int | None
+    status: int | None
+    model: str | None
+    fallback_model: str | None
+    duration_ms: Number | None
+    time_to_first_byte_ms: Number | None
+    prompt_tokens: Number | None
+    completion_tokens: Number | None
+    total_tokens: Number | None
+    cost: Number | None
+    group_id: int | None
+    upstream_key_id: int | None
+    client_id: int | None
+    error: str | None
+
+
+class CompareFact(Shape):
+    name: str
+    a: Any
+    b: Any
+    same: bool
+
+
+class WordRun(Shape):
+    op: str  # same, removed (only in a), added (only in b)
+    text: str
+
+
+class CompareText(Shape):
+    a: str | None  # the assistant's text (a stream's reassembled)
+    b: str | None
+    identical: bool
+    similarity: Number  # share of characters in common, 0..1
+    diff: list[WordRun]
+
+
+class HeaderChange(Shape):
+    name: str
+    a: str | None
+    b: str | None
+
+
+class JsonBodyChange(Shape):
+    path: str
+    kind: str  # added, removed, changed
+    a: Any
+    b: Any
+
+
+class Comparison(Shape):
+    a: CompareSide
+    b: CompareSide
+    facts: list[CompareFact]
+    text: CompareText
+    headers: dict[str, list[HeaderChange]]  # request, response
+    bodies: dict[str, list[JsonBodyChange]]  # request (as the clients sent them), response (whole answers)
+
+
+class ReplayJobRow(Shape):
+    original: int
+    replay: int | None
+    status_a: int | None
+    status_b: int | None
+    ms_a: Number | None
+    ms_b: Number | None
+    tokens_a: Number | None
+    tokens_b: Number | None
+    text: str  # identical, different, none
+    error: str | None
+
+
+class ReplayJobSummary(Shape):
+    status_changed: int
+    text_different: int
+    text_identical: int
+    errors: int
+
+
+class ReplayJob(Shape):
+    id: str
+    state: str  # running, finished
+    total: int
+    done: int
+    group: str | None
+    model: str | None
+    concurrency: int
+    created_at: str | None
+    summary: ReplayJobSummary
+    rows: list[ReplayJobRow]

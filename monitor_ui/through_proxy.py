@@ -5,9 +5,11 @@ sends is routed, limited, retried and captured like every flow. It cannot presen
 key (only their sha256 is stored), so it mints a pass (core/passes.py) naming the client and
 where the admin pinned the request; the proxy's Access addon verifies it.
 
+    before = last_flow_id(settings.db_path)
     async with open_through_proxy(settings, client_id, "POST", "/v1/chat/completions", body,
                                   group_id=3) as response:
         async for chunk in response.aiter_bytes(): ...
+    row_id = await recorded(settings.db_path, response.headers.get(FLOW_HEADER), before)
 
 The pass is in a header the proxy strips before anything else sees the request; it is good
 for one request and two minutes, and is never logged.
@@ -15,19 +17,25 @@ for one request and two minutes, and is never logged.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
 from config import Settings
 from core import passes
-from storage import audit, client_keys, secrets
+from storage import audit, client_keys, db, secrets
 from storage.db import bump_revision
 
 PLAYGROUND = "playground"
+FLOW_HEADER = passes.FLOW_HEADER  # the proxy's answer names its flow here (mitmproxy's id): see `recorded`
 # What a replay does not copy from the recorded request: what the proxy or httpx sets, and credentials.
 NOT_COPIED = frozenset(
     {
@@ -50,22 +58,46 @@ NOT_COPIED = frozenset(
     }
 )
 ANSWER_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=10.0)
+RECORD_WAIT_SECONDS = 30.0  # after the answer ended, for the proxy's writer to store the flow
 
 
-def proxy_url(settings: Settings) -> str:
-    """Where the UI reaches the proxy: its port on loopback when it listens on every address."""
-    host = settings.proxy.host.strip() or "127.0.0.1"
-    if host in ("0.0.0.0", "*"):
+class Target(Protocol):
+    """Where the proxy is and where its secret lies: the UI's settings (monitor_ui/deps.py UiSettings) are one."""
+
+    @property
+    def db_path(self) -> Path: ...
+
+    @property
+    def proxy_url(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ProxyTarget:
+    """A Target made from the settings (run.py's commands)."""
+
+    db_path: Path
+    proxy_url: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> ProxyTarget:
+        return cls(settings.storage_path, f"http://{settings.proxy.host}:{settings.proxy.port}")
+
+
+def loopback(proxy_url: str) -> str:
+    """`proxy_url` with a wildcard listening address replaced by loopback, where the UI reaches it."""
+    parts = urlsplit(proxy_url)
+    host = parts.hostname or "127.0.0.1"
+    if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.proxy.port}"
+    return f"{parts.scheme or 'http'}://{host}:{parts.port or 8080}"
 
 
 def build_pass(
-    settings: Settings,
+    settings: Target,
     client_id: int,
     *,
     group_id: int | None = None,
@@ -73,7 +105,7 @@ def build_pass(
     replay_of: int | None = None,
 ) -> str:
     """A signed pass for one request as client `client_id` (core/passes.py)."""
-    key = secrets.pass_key(settings.storage_path)
+    key = secrets.pass_key(settings.db_path)
     return passes.mint(key, client_id, group_id=group_id, key_id=key_id, replay_of=replay_of)
 
 
@@ -87,7 +119,7 @@ def copied_headers(headers: Iterable[tuple[str, str]] | Mapping[str, str] | None
 
 @asynccontextmanager
 async def open_through_proxy(
-    settings: Settings,
+    settings: Target,
     client_id: int,
     method: str,
     path: str,
@@ -111,13 +143,43 @@ async def open_through_proxy(
         (passes.PASS_HEADER, build_pass(settings, client_id, group_id=group_id, key_id=key_id, replay_of=replay_of))
     )
     # trust_env off: the loopback request must not go through an HTTP(S)_PROXY of the environment.
-    async with httpx.AsyncClient(base_url=proxy_url(settings), timeout=timeout, trust_env=False) as client:
+    async with httpx.AsyncClient(base_url=loopback(settings.proxy_url), timeout=timeout, trust_env=False) as client:
         request = client.build_request(method, path, content=body, headers=sent)
         response = await client.send(request, stream=True)
         try:
             yield response
         finally:
             await response.aclose()
+
+
+def last_flow_id(db_path: Path) -> int:
+    """The newest flow's id: take it before sending, then look for the new flow above it (`recorded`)."""
+    conn = db.connect(db_path, readonly=True)
+    try:
+        return conn.execute("SELECT coalesce(max(id), 0) FROM flows").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def find_recorded(db_path: Path, flow_id: str, after: int) -> int | None:
+    conn = db.connect(db_path, readonly=True)
+    try:
+        row = conn.execute("SELECT id FROM flows WHERE id > ? AND flow_id = ?", (after, flow_id)).fetchone()
+        return row[0] if row else None
+    finally:
+        conn.close()
+
+
+async def recorded(db_path: Path, flow_id: str | None, after: int, wait: float = RECORD_WAIT_SECONDS) -> int | None:
+    """The row id of the flow the proxy called `flow_id`, once its writer has stored it (None: not in time)."""
+    if not flow_id:
+        return None
+    deadline = time.monotonic() + wait
+    while True:
+        found = await asyncio.to_thread(find_recorded, db_path, flow_id, after)
+        if found is not None or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.05)
 
 
 def ensure_builtin_client(conn: sqlite3.Connection, name: str = PLAYGROUND) -> int:

@@ -10,6 +10,8 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
+from core.rewrites import shown_request
+
 
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
@@ -110,6 +112,8 @@ def flow_detail(row: sqlite3.Row) -> dict[str, Any]:
         detail[name] = iso(row[name])
     for name in ("request_headers", "response_headers", "chunk_times"):
         detail[name] = json.loads(row[name]) if row[name] else []
+    kept = json.loads(row["client_request"]) if detail.get("client_request") else None
+    detail["client_request"] = shown_request(kept)  # credentials only as keyrotor's placeholders
     detail["stream"] = bool(row["stream"])
     detail["streamed_text"] = streamed_text(row["response_body"]) if row["stream"] else None
     for side in ("request", "response"):

@@ -12,9 +12,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from config import Settings, load_settings
 from core import passes
-from monitor_ui.through_proxy import build_pass, ensure_builtin_client, open_through_proxy
+from monitor_ui.through_proxy import ProxyTarget, build_pass, ensure_builtin_client, open_through_proxy
 from storage import db
 from tests.conftest import Keyrotor, wait_for
 from tests.fake_upstream import FakeUpstream
@@ -40,8 +39,8 @@ def kr(keyrotor: Keyrotor, relay: FakeUpstream) -> Keyrotor:
     return keyrotor
 
 
-def settings_of(kr: Keyrotor) -> Settings:
-    return load_settings(overrides={"storage.path": str(kr.db_path), "proxy.port": str(kr.proxy_port)}, environ={})
+def settings_of(kr: Keyrotor) -> ProxyTarget:
+    return ProxyTarget(kr.db_path, f"http://0.0.0.0:{kr.proxy_port}")
 
 
 def ids(kr: Keyrotor) -> dict[str, int]:
@@ -91,6 +90,8 @@ def test_a_pass_runs_as_its_client_pinned_to_a_group_and_never_reaches_upstream(
         assert passes.PASS_HEADER not in received.headers
     rows = flows_written(kr, 2)
     assert [r["client_id"] for r in rows] == [found["alice"]] * 2
+    alice_key = kr.query("SELECT min(id) AS id FROM client_keys WHERE client_id = ?", (found["alice"],))[0]["id"]
+    assert [r["client_key_id"] for r in rows] == [alice_key] * 2  # usage counts on the client's first key
     assert rows[1]["replay_of"] == 1 and rows[1]["group_id"] == found["default/default"]
     assert "pinned to default/default" in rows[1]["pin_note"]
     text = kr.query("SELECT group_concat(request_headers, '') AS h FROM flows")[0]["h"] or ""

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from monitor_ui import export, shapes, views
+from monitor_ui import export, replays, shapes, views
 from monitor_ui.deps import AdminApi, AdminPage, Conn, PageOf, Settings
 from monitor_ui.filters import Flows
 from monitor_ui.names import names_for, route_names
@@ -70,6 +70,8 @@ def _detail(conn, flow_row_id: int, proxy_url: str) -> dict:
     detail["events"] = views.sse_events(row["response_body"], detail["chunk_times"]) if row["stream"] else []
     detail["curl"] = views.curl_command(detail, proxy_url)
     detail["objects"] = objects.objects_of_flow(conn, row["flow_id"])  # key affinity: created or used
+    detail["request_diff"] = replays.flow_request_diff(row)  # what keyrotor changed on the way
+    detail["replays"] = replays.replays_of(conn, flow_row_id)
     return detail
 
 
@@ -132,7 +134,8 @@ def read_flow(page: PageOf, flow_row_id: int, conn: Conn, settings: Settings):
     detail = _detail(conn, flow_row_id, settings.proxy_url)
     detail["request_body_pretty"] = views.pretty_body(detail["request_body"])
     detail["response_body_pretty"] = views.pretty_body(detail["response_body"]) if not detail["stream"] else None
-    return page.render("flow.html", {"flow": detail, "section": "flows"})
+    replay_body = replays.client_body(detail)  # what "send again" sends unless edited
+    return page.render("flow.html", {"flow": detail, "replay_body": replay_body, "section": "flows"})
 
 
 @api.get("/{flow_row_id}", dependencies=[AdminApi], response_model=shapes.FlowDetail)

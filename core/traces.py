@@ -182,9 +182,10 @@ def verdict(
 
 
 def _same_model(requested: str, named: str) -> bool:
-    """An answer names a dated snapshot of the model asked for (gpt-4o → gpt-4o-2024-08-06): the same."""
+    """An answer names a dated snapshot of the model asked for (gpt-4o → gpt-4o-2024-08-06, gpt-4 →
+    gpt-4-0613): the same. gpt-4o → gpt-4o-mini is not."""
     requested, named = requested.lower(), named.lower()
-    return named == requested or named.startswith(requested + "-")
+    return named == requested or bool(re.fullmatch(re.escape(requested) + r"-(\d{4}-\d{2}-\d{2}|\d{4})", named))
 
 
 @dataclass

@@ -82,16 +82,24 @@ def record_fetch(
     """One fetch of trace `row_id`'s image; False (nothing written) once the trace has its fill."""
     user_agent = next((v for n, v in headers if n.lower() == "user-agent"), "")[: core_traces.MAX_USER_AGENT]
     stored = json.dumps(core_traces.bounded_headers(headers))
+    # One statement: the count and the insert under the same write lock, so a burst of parallel
+    # fetches cannot push a trace past its fill.
     with conn:
-        count = conn.execute("SELECT count(*) FROM trace_fetches WHERE trace_id = ?", (row_id,)).fetchone()[0]
-        if count >= core_traces.MAX_FETCHES_PER_TRACE:
-            return False
-        conn.execute(
+        cursor = conn.execute(
             "INSERT INTO trace_fetches (trace_id, at, address, user_agent, headers, delay_seconds)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (row_id, at, address[:100], user_agent, stored, None if sent_at is None else round(at - sent_at, 3)),
+            " SELECT ?, ?, ?, ?, ?, ? WHERE (SELECT count(*) FROM trace_fetches WHERE trace_id = ?) < ?",
+            (
+                row_id,
+                at,
+                address[:100],
+                user_agent,
+                stored,
+                None if sent_at is None else round(at - sent_at, 3),
+                row_id,
+                core_traces.MAX_FETCHES_PER_TRACE,
+            ),
         )
-    return True
+    return cursor.rowcount == 1
 
 
 def fetches_of(conn: sqlite3.Connection, row_id: int) -> list[dict]:

@@ -243,6 +243,35 @@ def test_each_address_is_limited_and_a_trace_keeps_a_bounded_number_of_fetches(k
     assert addresses == {"127.0.0.1"}  # the fill was reached before 127.0.0.3 came: served, not kept
 
 
+def test_a_parallel_burst_of_fetches_keeps_the_fill(kr: Keyrotor, listening: Listening, trace_port: int):
+    known = known_trace(kr, settings_of(kr, trace_port))
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=listening.url, trust_env=False, timeout=30) as client:
+            answers = await asyncio.gather(*(client.get(f"/api/img?traceid={known}") for _ in range(40)))
+        return [a.status_code for a in answers]
+
+    assert asyncio.run(burst()) == [200] * 40
+    assert count(kr, "trace_fetches") == core_traces.MAX_FETCHES_PER_TRACE
+
+
+def test_a_trace_runs_under_the_traces_client_and_its_budget(
+    kr: Keyrotor, relay: FakeUpstream, listening: Listening, trace_port: int
+):
+    settings = settings_of(kr, trace_port)
+    assert run_trace(settings)["status"] == 200
+    kr.setup("clients", "set", tracer.TRACES_CLIENT, "--daily-tokens", "1")
+
+    def refused() -> tuple[dict, bool] | None:
+        seen = len(relay.received)
+        trace = run_trace(settings)
+        return (trace, len(relay.received) == seen) if trace["status"] == 429 else None
+
+    trace, never_forwarded = wait_for(refused, timeout=20, what="the traces client's budget to apply")
+    assert never_forwarded and trace["verdict"]["state"] == "no fetch"
+    assert "budget" in (trace["error"] or "").lower() or "quota" in (trace["error"] or "").lower()
+
+
 def test_the_schedule_runs_traces_of_each_entry(kr: Keyrotor, listening: Listening, trace_port: int):
     settings = settings_of(kr, trace_port, trace__schedule="relay/cheap gpt-4o-mini, nowhere/none gpt-4o")
 
@@ -338,7 +367,7 @@ def test_the_trace_api_is_the_admin_s_alone_and_runs_a_trace(ui: Keyrotor, relay
     assert "&lt;script&gt;alert(&#39;ua&#39;)&lt;/script&gt;" in browser.get(f"/traces/{trace_id}").text
     # A session cannot delete through the API without the page's CSRF token.
     assert browser.delete(f"/api/traces/{trace_id}").status_code == 403
-    assert admin.delete(f"/api/traces/{trace_id}").status_code == 204
+    assert admin.delete(f"/api/traces/{trace_id}").json() == {"deleted": trace_id}
     assert admin.get(f"/api/traces/{trace_id}").status_code == 404
     assert admin.delete(f"/api/traces/{trace_id}").status_code == 404
     assert ui.query("SELECT count(*) AS n FROM trace_fetches")[0]["n"] == 0

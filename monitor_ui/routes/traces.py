@@ -25,25 +25,25 @@ api = APIRouter(prefix="/api/traces", tags=["traces"])
 Limit = Annotated[int, Query(ge=1, le=trace_store.PAGE_LIMIT)]
 
 
-class Fetcher(BaseModel):
+class TraceFetcher(BaseModel):
     address: str
     user_agents: list[str]
     fetches: int
     first_delay_seconds: float | None
 
 
-class Verdict(BaseModel):
+class TraceVerdict(BaseModel):
     state: str = Field(description='"pending", "no fetch" or "fetched"')
     summary: str
     addresses: int = Field(description="distinct addresses that fetched the image")
-    fetchers: list[Fetcher]
+    fetchers: list[TraceFetcher]
     mentions_image: bool | None = Field(description="whether the answer mentions the image (a word heuristic)")
     model: str | None = Field(description="the model the answer names")
     system_fingerprint: str | None
     model_differs: bool = Field(description="the answer names another model than the one asked for")
 
 
-class Fetch(BaseModel):
+class TraceFetch(BaseModel):
     at: float
     address: str
     user_agent: str | None
@@ -68,12 +68,16 @@ class Trace(BaseModel):
     flow_id: int | None
     scheduled: bool
     image_url: str | None
-    verdict: Verdict
-    fetches: list[Fetch]
+    verdict: TraceVerdict
+    fetches: list[TraceFetch]
 
 
-class Traces(BaseModel):
+class TraceList(BaseModel):
     traces: list[Trace]
+
+
+class TraceDeleted(BaseModel):
+    deleted: int = Field(description="the id of the trace deleted, with its fetches")
 
 
 class NewTrace(BaseModel):
@@ -119,7 +123,7 @@ GroupFilter = Annotated[str | None, Query(max_length=300, description="UPSTREAM/
 ModelFilter = Annotated[str | None, Query(max_length=200)]
 
 
-@api.get("", dependencies=[AdminApi], response_model=Traces)
+@api.get("", dependencies=[AdminApi], response_model=TraceList)
 def list_traces_json(
     conn: Conn, settings: Config, group: GroupFilter = None, model: ModelFilter = None, limit: Limit = 100
 ):
@@ -127,7 +131,7 @@ def list_traces_json(
     return {"traces": _listing(conn, settings, group, model, limit)}
 
 
-@api.get("/model/{model:path}", dependencies=[AdminApi], response_model=Traces)
+@api.get("/model/{model:path}", dependencies=[AdminApi], response_model=TraceList)
 def list_model_traces_json(conn: Conn, settings: Config, model: str, limit: Limit = 100):
     """The traces of one model, newest first."""
     return {"traces": _listing(conn, settings, None, model, limit)}
@@ -147,12 +151,12 @@ async def create_trace_json(conn: WriteConn, settings: Config, new: NewTrace):
     return _one(conn, settings, int(trace["id"]))
 
 
-@api.delete("/{trace_id}", dependencies=[AdminApiChange], status_code=204)
-def delete_trace_json(conn: WriteConn, trace_id: int) -> Response:
+@api.delete("/{trace_id}", dependencies=[AdminApiChange], response_model=TraceDeleted)
+def delete_trace_json(conn: WriteConn, trace_id: int) -> dict:
     """Delete a trace and the fetches recorded for it."""
     if not trace_store.delete(conn, trace_id):
         raise HTTPException(404, f"No trace #{trace_id}.")
-    return Response(status_code=204)
+    return {"deleted": trace_id}
 
 
 @router.get("", response_class=HTMLResponse, dependencies=[AdminPage])

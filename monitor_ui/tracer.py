@@ -26,6 +26,7 @@ from storage import traces as trace_store
 log = logging.getLogger(__name__)
 TRACES_CLIENT = "traces"
 TRACE_TIMEOUT = httpx.Timeout(connect=10.0, read=180.0, write=30.0, pool=10.0)
+NEW_CLIENT_RETRIES = 10  # 401s retried, half a second apart, while the proxy learns of a new traces client
 _running: set[asyncio.Task] = set()  # traces started by the API, kept until they end
 
 
@@ -77,25 +78,35 @@ async def complete(settings: Settings, trace: dict, client_id: int) -> None:
     """Send the trace's request, keep what the answer names, wait trace.grace_seconds, then finish it."""
     row_id = int(trace["id"])
     url = core_traces.image_url(public_url(settings), trace["trace_id"])
-    sent_at = time.time()
-    await asyncio.to_thread(_with_conn, settings, lambda c: trace_store.mark_sent(c, row_id, sent_at))
-    try:
-        async with open_through_proxy(
-            settings,
-            client_id,
-            "POST",
-            "/v1/chat/completions",
-            core_traces.request_body(trace["model"], url),
-            group_id=trace["group_id"],
-            timeout=TRACE_TIMEOUT,
-        ) as response:
-            answer = core_traces.read_answer(response.status_code, await response.aread())
-    except httpx.HTTPError as e:
-        answer = core_traces.Answer(0, error=f"the proxy could not be reached or did not answer: {type(e).__name__}")
+    body = core_traces.request_body(trace["model"], url)
+    for attempt in range(NEW_CLIENT_RETRIES + 1):
+        if attempt:
+            # The traces client made a moment ago reaches the proxy within a second or two (it reloads
+            # clients when their revision changes): until then its pass is refused as an unknown client's.
+            await asyncio.sleep(0.5)
+        sent_at = time.time()
+        await asyncio.to_thread(_with_conn, settings, lambda c, at=sent_at: trace_store.mark_sent(c, row_id, at))
+        answer, unknown_client = await _send(settings, client_id, trace["group_id"], body)
+        if not unknown_client:
+            break
     answered_at = time.time()
     await asyncio.to_thread(_with_conn, settings, lambda c: trace_store.record_answer(c, row_id, answer, answered_at))
     await asyncio.sleep(settings.trace.grace_seconds)
     await asyncio.to_thread(_with_conn, settings, lambda c: trace_store.finish(c, row_id, client_id))
+
+
+async def _send(settings: Settings, client_id: int, group_id: int, body: bytes) -> tuple[core_traces.Answer, bool]:
+    """The proxy's answer, and whether it refused the pass (its client unknown to it, so far)."""
+    try:
+        async with open_through_proxy(
+            settings, client_id, "POST", "/v1/chat/completions", body, group_id=group_id, timeout=TRACE_TIMEOUT
+        ) as response:
+            answer = core_traces.read_answer(response.status_code, await response.aread())
+            refused = response.status_code == 401 and response.headers.get("x-keyrotor-error") == "invalid_api_key"
+            return answer, refused
+    except httpx.HTTPError as e:
+        error = f"the proxy could not be reached or did not answer: {type(e).__name__}"
+        return core_traces.Answer(0, error=error), False
 
 
 def run_in_background(settings: Settings, trace: dict, client_id: int) -> None:

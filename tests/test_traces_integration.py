@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -353,7 +354,7 @@ def test_the_trace_api_is_the_admin_s_alone_and_runs_a_trace(ui: Keyrotor, relay
         timeout=30,
         what="the verdict",
     )
-    assert done["verdict"]["summary"] == "fetched by 1 distinct address"
+    assert done["verdict"]["summary"] == "fetched by 1 distinct address", done
     assert done["verdict"]["fetchers"][0]["user_agents"] == ["<script>alert('ua')</script>"]
     assert [t["id"] for t in admin.get("/api/traces/model/gpt-4o-mini").json()["traces"]] == [trace_id]
     assert [t["id"] for t in admin.get("/api/traces", params={"group": "relay/cheap"}).json()["traces"]] == [trace_id]
@@ -367,11 +368,21 @@ def test_the_trace_api_is_the_admin_s_alone_and_runs_a_trace(ui: Keyrotor, relay
     assert "&lt;script&gt;alert(&#39;ua&#39;)&lt;/script&gt;" in browser.get(f"/traces/{trace_id}").text
     # A session cannot delete through the API without the page's CSRF token.
     assert browser.delete(f"/api/traces/{trace_id}").status_code == 403
+    # The page's form runs a trace, and its page's button deletes it.
+    page = browser.get("/traces").text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    assert browser.post("/traces", data={"group": "relay/cheap", "model": MODEL}).status_code == 403  # no token
+    ran = browser.post("/traces", data={"csrf": csrf, "group": "relay/cheap", "model": MODEL})
+    assert ran.status_code == 303 and ran.headers["location"].startswith("/traces/")
+    from_page = int(ran.headers["location"].rpartition("/")[2])
+    wait_for(lambda: admin.get(f"/api/traces/{from_page}").json()["finished_at"], timeout=30, what="its verdict")
+    deleted = browser.post(f"/traces/{from_page}/delete", data={"csrf": csrf})
+    assert deleted.status_code == 303 and admin.get(f"/api/traces/{from_page}").status_code == 404
     assert admin.delete(f"/api/traces/{trace_id}").json() == {"deleted": trace_id}
     assert admin.get(f"/api/traces/{trace_id}").status_code == 404
     assert admin.delete(f"/api/traces/{trace_id}").status_code == 404
     assert ui.query("SELECT count(*) AS n FROM trace_fetches")[0]["n"] == 0
     actions = [r["action"] for r in ui.query("SELECT action FROM audit_log WHERE action LIKE 'traces.%' ORDER BY id")]
-    assert actions == ["traces.run", "traces.delete"]
+    assert actions == ["traces.run", "traces.run", "traces.delete", "traces.delete"]
     # The UI's listener serves only trace images; the UI's own paths stay on the UI's port.
     assert httpx.get(f"http://127.0.0.1:{trace_port}/api/traces", trust_env=False).status_code == 404

@@ -117,6 +117,28 @@ def _optional_text(value: Any) -> str:
     return "" if value in ("", None) else _text(value)
 
 
+def _port_or_off(value: Any) -> int:
+    return 0 if _integer(value) == 0 else _port(value)
+
+
+def _optional_http_url(value: Any) -> str:
+    return "" if value in ("", None) else _http_url(value)
+
+
+def _trace_schedule(value: Any) -> str:
+    """Scheduled trace probes: "UPSTREAM/GROUP MODEL" entries, from a TOML list or separated by commas."""
+    items = value if isinstance(value, list) else str(value or "").split(",")
+    entries = []
+    for item in items:
+        parts = str(item).split()
+        if not parts:
+            continue
+        if len(parts) != 2 or parts[0].count("/") != 1 or "" in parts[0].split("/"):
+            raise ValueError(f'must list "UPSTREAM/GROUP MODEL" entries; {str(item).strip()!r} is not one')
+        entries.append(" ".join(parts))
+    return ", ".join(entries)
+
+
 def setting[T](default: T, check: Callable[[Any], T], secret: bool = False, help: str = "") -> T:
     """A field of a settings section: its default, and the check that turns a raw value into it.
     A secret's value is never repeated in an error. `help`: the one line its addon option shows
@@ -216,6 +238,18 @@ class AccessSettings:
 
 
 @dataclass(frozen=True)
+class TraceSettings:
+    # Trace probes (docs/traces.md): the listener that serves their images, off while port is 0.
+    host: str = setting("127.0.0.1", _text)
+    port: int = setting(0, _port_or_off)
+    public_url: str = setting("", _optional_http_url)
+    grace_seconds: int = setting(10, _non_negative_integer)
+    ip_rpm: int = setting(30, _positive_integer)
+    schedule: str = setting("", _trace_schedule)
+    schedule_minutes: int = setting(1440, _positive_integer)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting, resolved and checked once by load_settings; `settings.keypool.strategy`,
     or by name: `settings["keypool.strategy"]`."""
@@ -226,6 +260,7 @@ class Settings:
     keypool: KeyPoolSettings = field(default_factory=KeyPoolSettings)
     capture: CaptureSettings = field(default_factory=CaptureSettings)
     access: AccessSettings = field(default_factory=AccessSettings)
+    trace: TraceSettings = field(default_factory=TraceSettings)
     config_path: Path | None = None
 
     def __getitem__(self, name: str) -> Any:
@@ -251,6 +286,7 @@ SECTIONS: dict[str, type] = {
     "keypool": KeyPoolSettings,
     "capture": CaptureSettings,
     "access": AccessSettings,
+    "trace": TraceSettings,
 }
 
 

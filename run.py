@@ -4,6 +4,7 @@
     run.py proxy [--web] | ui     one of them
     run.py keys add|list|rename|enable|disable|delete|reset|validate|weight ...
     run.py clients add|set NAME [limits] | keys NAME add|list|revoke KEY_ID | list | enable|disable NAME
+    run.py traces run UPSTREAM/GROUP MODEL | list [--group G] [--model M]   trace probes
     run.py admin rotate           a new admin key (shown once); every UI session ends
 
 Every command takes --config PATH and --set section.key=value (repeatable).

@@ -202,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("a", type=int, metavar="A")
     compare.add_argument("b", type=int, metavar="B")
     compare.add_argument("--json", action="store_true", help="the comparison as GET /api/flows/compare answers it")
+    traces = commands.add_parser("traces", parents=[common], help="trace probes: who fetches what a relay receives")
+    trace_actions = traces.add_subparsers(dest="action", required=True)
+    trace_run = trace_actions.add_parser("run", parents=[common], help="run a trace through a group; print its verdict")
+    trace_run.add_argument("label", metavar="UPSTREAM/GROUP")
+    trace_run.add_argument("model", metavar="MODEL")
+    trace_list = trace_actions.add_parser("list", parents=[common], help="traces, newest first, with their verdicts")
+    trace_list.add_argument("--group", metavar="UPSTREAM/GROUP", help="only this group's traces")
+    trace_list.add_argument("--model", metavar="MODEL", help="only this model's traces")
 
     return parser
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -16,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from config import Settings
 from core.addresses import Network, client_address, parse_networks
 from core.login_throttle import LoginThrottle
-from monitor_ui import views
+from monitor_ui import tracer, views
 from monitor_ui.auth import SessionSigner
 from monitor_ui.deps import LoginRequired, UiSettings
 from monitor_ui.routes import (
@@ -32,8 +36,10 @@ from monitor_ui.routes import (
     metrics,
     models,
     replays,
+    traces,
     upstreams,
 )
+from monitor_ui.trace_listener import listener_for
 from storage import audit as audit_log
 
 HERE = Path(__file__).parent
@@ -59,6 +65,8 @@ ROUTERS = (
     metrics.router,
     models.router,
     models.api,
+    traces.router,
+    traces.api,
     upstreams.router,
     upstreams.api,
 )
@@ -104,8 +112,40 @@ class TrustedProxies:
         await self.app(scope, receive, send)
 
 
+log = logging.getLogger(__name__)
+
+
+def background(settings: Settings):
+    """The UI process's own servers: the trace listener (trace.port) and scheduled traces (trace.schedule)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        listener = listener_for(settings) if settings.trace.port else None
+        if listener is not None:
+            await listener.start()  # a taken port stops the UI's start, with uvicorn's message
+        schedule = None
+        if settings.trace.port and tracer.schedule_entries(settings):
+            every = settings.trace.schedule_minutes * 60
+            schedule = asyncio.create_task(tracer.run_schedule(settings, every))
+        try:
+            yield
+        finally:
+            if schedule is not None:
+                schedule.cancel()
+            if listener is not None:
+                await listener.close()
+
+    return lifespan
+
+
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="keyrotor monitor", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app = FastAPI(
+        title="keyrotor monitor",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+        lifespan=background(settings),
+    )
     # Read by monitor_ui.deps alone: the handlers receive them as parameters.
     app.state.settings = UiSettings(
         db_path=settings.storage_path,
@@ -114,6 +154,7 @@ def create_app(settings: Settings) -> FastAPI:
         metrics_token=settings["ui.metrics_token"],
         trusted_proxies=parse_networks(settings["ui.trusted_proxies"]),
     )
+    app.state.config = settings  # for what the UI sends through the proxy (monitor_ui/through_proxy.py)
     app.state.signer = SessionSigner(settings.storage_path)
     app.state.templates = templates
     app.state.login_throttle = LoginThrottle()

@@ -17,6 +17,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.templating import Jinja2Templates
 
+import config
 from core.addresses import Network
 from core.login_throttle import LoginThrottle
 from monitor_ui.auth import SESSION_COOKIE, SessionSigner
@@ -44,6 +45,11 @@ def get_settings(request: Request) -> UiSettings:
     return request.app.state.settings
 
 
+def get_config(request: Request) -> config.Settings:
+    """Every setting, for what the UI sends through the proxy (it needs the proxy's port, the pass key)."""
+    return request.app.state.config
+
+
 def get_templates(request: Request) -> Jinja2Templates:
     return request.app.state.templates
 
@@ -57,6 +63,7 @@ def get_signer(request: Request) -> SessionSigner:
 
 
 Settings = Annotated[UiSettings, Depends(get_settings)]
+Config = Annotated[config.Settings, Depends(get_config)]
 Templates = Annotated[Jinja2Templates, Depends(get_templates)]
 Throttle = Annotated[LoginThrottle, Depends(get_login_throttle)]
 Signer = Annotated[SessionSigner, Depends(get_signer)]

@@ -23,7 +23,8 @@ from core.affinity import TenantRefusal
 
 CLI, UI_SESSION, ADMIN_API = "cli", "ui-session", "admin-api"
 PROXY = "proxy"  # what the proxy itself refused (a client naming another client's object)
-ACTORS = (CLI, UI_SESSION, ADMIN_API, PROXY)
+SCHEDULER = "scheduler"  # what the UI runs on a schedule (trace probes)
+ACTORS = (CLI, UI_SESSION, ADMIN_API, PROXY, SCHEDULER)
 PAGE_LIMIT = 500
 
 

@@ -443,6 +443,53 @@ def _v14_attempt_urls(db: sqlite_utils.Database) -> None:
     db.table("attempts").add_column("url", str)
 
 
+def _v15_traces(db: sqlite_utils.Database) -> None:
+    # Trace probes (docs/traces.md): one row per trace (trace_id is the unguessable id in the image
+    # URL, unique, looked up by the trace listener), and every fetch of its image (bounded per trace).
+    db.table("traces").create(
+        {
+            "id": int,
+            "trace_id": str,
+            "group_id": int,
+            "group_label": str,
+            "model": str,
+            "created_at": float,
+            "sent_at": float,
+            "answered_at": float,
+            "finished_at": float,
+            "status": int,
+            "answer_model": str,
+            "system_fingerprint": str,
+            "answer_text": str,
+            "error": str,
+            "flow_id": int,
+            "scheduled": int,
+        },
+        pk="id",
+        not_null={"trace_id", "group_label", "model", "created_at", "scheduled"},
+        defaults={"scheduled": 0},
+    )
+    db.table("traces").create_index(["trace_id"], unique=True)
+    db.table("traces").create_index(["group_id", "created_at"])
+    db.table("traces").create_index(["model", "created_at"])
+    db.table("traces").create_index(["created_at"])
+    db.table("trace_fetches").create(
+        {
+            "id": int,
+            "trace_id": int,
+            "at": float,
+            "address": str,
+            "user_agent": str,
+            "headers": str,
+            "delay_seconds": float,
+        },
+        pk="id",
+        not_null={"trace_id", "at", "address", "headers"},
+        foreign_keys=[("trace_id", "traces", "id")],
+    )
+    db.table("trace_fetches").create_index(["trace_id"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
@@ -458,6 +505,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v12_object_clients,
     _v13_replays,
     _v14_attempt_urls,
+    _v15_traces,
 ]
 
 

@@ -46,6 +46,7 @@ from typing import Any, Self
 from urllib.parse import parse_qsl
 
 import brotli
+import httpx
 import uvicorn
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
@@ -948,6 +949,12 @@ class FakeUpstream:
         # The models this server has, like a relay station's group: others get model_not_found.
         self.models = set(models) if models is not None else None
         self.answer_delay = 0.0  # seconds every request waits before it is answered
+        # A relay station that fetches images: with a user agent set, each chat request's image URLs are
+        # fetched (from `fetch_from`, an address of its own on loopback) before it is answered.
+        self.fetch_images_as: str | None = None
+        self.fetch_from = "127.0.0.2"
+        self.image_fetches: list[tuple[str, int]] = []  # (URL, status) of each fetch, in order
+        self.answer_model: str | None = None  # the model chat answers name (a relay that swaps models)
         self.usage_delay = 0.0  # seconds a chat stream waits between its finish chunk and its usage chunk
         # Each chat stream's events as they were sent, in order: what upstream produced (and was cut off at).
         self.streams: list[list[bytes]] = []
@@ -1122,6 +1129,8 @@ class FakeUpstream:
         self._record(Received(method, path, headers, body, key, at, scope["query_string"].decode("latin-1")))
         if self.answer_delay:
             await asyncio.sleep(self.answer_delay)
+        if self.fetch_images_as and path == "/v1/chat/completions":
+            await self._fetch_images(body)
         if key is None:
             return _error(401, NO_KEY_MESSAGE)
         behaviour, retry_after = self._keys.take(key)
@@ -1155,6 +1164,29 @@ class FakeUpstream:
             return handler(body)
         except BadRequest as exc:
             return _error(400, exc.message, param=exc.param, code=exc.code)
+
+    async def _fetch_images(self, body: bytes) -> None:
+        """GET every image URL of the request, as a relay does before it forwards or answers."""
+        try:
+            messages = json.loads(body).get("messages") or []
+        except (ValueError, AttributeError):
+            return
+        urls = [
+            part["image_url"]["url"]
+            for m in messages
+            if isinstance(m, dict) and isinstance(m.get("content"), list)
+            for part in m["content"]
+            if isinstance(part, dict) and isinstance(part.get("image_url"), dict) and "url" in part["image_url"]
+        ]
+        transport = httpx.AsyncHTTPTransport(local_address=self.fetch_from)
+        headers = {"user-agent": self.fetch_images_as or "", "x-relay-note": "fetched by the fake relay"}
+        async with httpx.AsyncClient(transport=transport, headers=headers, timeout=10, trust_env=False) as client:
+            for url in urls:
+                try:
+                    status = (await client.get(url)).status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.image_fetches.append((url, status))
 
     def _record(self, received: Received) -> None:
         if self.record:
@@ -1285,7 +1317,7 @@ class FakeUpstream:
             "id": "chatcmpl-" + os.urandom(12).hex(),
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": model,
+            "model": self.answer_model or model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if data.get("stream") is True:

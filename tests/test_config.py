@@ -168,6 +168,13 @@ BAD_VALUES = [
     ("capture.max_gb", "lots", "must be a number"),
     ("capture.backlog_mb", "0", ABOVE_ZERO),
     ("access.ip_rpm", "-5", ZERO_OR_MORE),
+    ("trace.host", " ", "must be a non-empty string"),
+    ("trace.port", "65536", "must be a port number from 1 to 65535"),
+    ("trace.public_url", "trace.example.com", "must be an http:// or https:// URL, like https://api.openai.com"),
+    ("trace.grace_seconds", "-1", ZERO_OR_MORE),
+    ("trace.ip_rpm", "0", ABOVE_ZERO),
+    ("trace.schedule", "relay gpt-4o", "must list \"UPSTREAM/GROUP MODEL\" entries; 'relay gpt-4o' is not one"),
+    ("trace.schedule_minutes", "0", ABOVE_ZERO),
 ]
 ADDON_OF = {
     "keypool": KeyPool,

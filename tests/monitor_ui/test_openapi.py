@@ -60,6 +60,11 @@ TWINS = {
     ("put", "/api/upstreams/{name}"): "Upstream",
     ("delete", "/api/upstreams/{name}"): "UpstreamDeleted",
     ("post", "/api/upstreams/{name}/{action}"): "Upstream",
+    ("get", "/api/traces"): "TraceList",
+    ("post", "/api/traces"): "Trace",
+    ("get", "/api/traces/{trace_id}"): "Trace",
+    ("delete", "/api/traces/{trace_id}"): "TraceDeleted",
+    ("get", "/api/traces/model/{model}"): "TraceList",
 }
 # Files, not JSON documents: their operations name no schema.
 EXPORTS = {"/api/flows/export.jsonl", "/api/flows/export.har"}
@@ -163,6 +168,23 @@ def _seed_a_flow(path: Path) -> None:
     conn.close()
 
 
+def _seed_a_trace(path: Path, group_id: int) -> int:
+    """A trace of gpt-4o through relay/cheap, answered, with one fetch of its image."""
+    from core.traces import Answer
+    from storage import traces
+
+    conn = db.connect(path)
+    try:
+        row = traces.create(conn, group_id, "relay/cheap", "gpt-4o")
+        traces.mark_sent(conn, row["id"], time.time())
+        traces.record_fetch(conn, row["id"], time.time(), "203.0.113.9", [("user-agent", "Fetcher/1")], time.time())
+        traces.record_answer(conn, row["id"], Answer(200, "gpt-4o", "fp_1", "A red square."), time.time())
+        traces.finish(conn, row["id"], None)
+        return int(row["id"])
+    finally:
+        conn.close()
+
+
 def test_json_twins_send_only_what_their_shapes_declare(client: TestClient) -> None:
     spec = client.get("/api/openapi.json").json()
     answers = []
@@ -200,6 +222,11 @@ def test_json_twins_send_only_what_their_shapes_declare(client: TestClient) -> N
         ("/api/upstreams/{name}", "/api/upstreams/relay"),
     ]:
         call("GET", url, template)
+    trace = _seed_a_trace(client.app.state.settings.db_path, group)
+    call("GET", "/api/traces", "/api/traces")
+    call("GET", f"/api/traces/{trace}", "/api/traces/{trace_id}")
+    call("GET", "/api/traces/model/gpt-4o", "/api/traces/model/{model}")
+    call("DELETE", f"/api/traces/{trace}", "/api/traces/{trace_id}")
     call("DELETE", f"/api/groups/{group}", "/api/groups/{group_id}")
     call("DELETE", "/api/upstreams/relay", "/api/upstreams/{name}")
 

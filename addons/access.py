@@ -24,7 +24,7 @@ from core.errors import OpenAIError
 from core.limits import Governor, Refusal, Ticket, is_upload, upload_refusal
 from core.metadata import ACCESS, AccessVerdict, ClientSent, RequestedModel
 from core.models import Client
-from core.passes import PASS_HEADER_BYTES, SpentPasses, pass_from, verify
+from core.passes import FLOW_HEADER, PASS_HEADER_BYTES, SpentPasses, pass_from, verify
 from core.ports import AdminKeys
 from core.request_model import model_of
 from core.routing import RouteTable
@@ -201,6 +201,12 @@ class Access:
         group = self.state.table.by_id.get(group_id)
         return (None if group is not None else f"upstream group #{group_id}"), (group.label if group else None)
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        _name_flow(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        _name_flow(flow)  # keyrotor's own answers (a refusal) have no responseheaders hook
+
     def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         if flow.response:
             return None
@@ -270,6 +276,16 @@ class Access:
             refuse(flow, verdict, outcome)
         elif isinstance(outcome, Ticket):
             verdict.counted = True
+
+
+def _name_flow(flow: http.HTTPFlow) -> None:
+    """The UI's requests (a pass) learn which flow they are, to find its record (monitor_ui/through_proxy.py)."""
+    response = flow.response
+    if response is None or FLOW_HEADER in response.headers:
+        return
+    verdict = AccessVerdict.of(flow.metadata)
+    if verdict is not None and verdict.by_pass:
+        response.headers[FLOW_HEADER] = flow.id
 
 
 def _address(flow: http.HTTPFlow) -> str | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 PASS_HEADER = "x-keyrotor-pass"
 PASS_HEADER_BYTES = PASS_HEADER.encode()
 PASS_SECONDS = 120.0
+FLOW_HEADER = "x-keyrotor-flow"  # on the proxy's answer to a pass: the flow's id (mitmproxy's), to find its record
 PREFIX = "krp1"
 MAX_PASS_LENGTH = 1024  # a pass is ~200 characters: anything far longer is not one
 

@@ -19,6 +19,10 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -52,20 +56,43 @@ NOT_COPIED = frozenset(
 ANSWER_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=10.0)
 
 
-def proxy_url(settings: Settings) -> str:
-    """Where the UI reaches the proxy: its port on loopback when it listens on every address."""
-    host = settings.proxy.host.strip() or "127.0.0.1"
-    if host in ("0.0.0.0", "*"):
+class Target(Protocol):
+    """Where the proxy is and where its secret lies: the UI's settings (monitor_ui/deps.py UiSettings) are one."""
+
+    @property
+    def db_path(self) -> Path: ...
+
+    @property
+    def proxy_url(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ProxyTarget:
+    """A Target made from the settings (run.py's commands)."""
+
+    db_path: Path
+    proxy_url: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> ProxyTarget:
+        return cls(settings.storage_path, f"http://{settings.proxy.host}:{settings.proxy.port}")
+
+
+def loopback(proxy_url: str) -> str:
+    """`proxy_url` with a wildcard listening address replaced by loopback, where the UI reaches it."""
+    parts = urlsplit(proxy_url)
+    host = parts.hostname or "127.0.0.1"
+    if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.proxy.port}"
+    return f"{parts.scheme or 'http'}://{host}:{parts.port or 8080}"
 
 
 def build_pass(
-    settings: Settings,
+    settings: Target,
     client_id: int,
     *,
     group_id: int | None = None,
@@ -73,7 +100,7 @@ def build_pass(
     replay_of: int | None = None,
 ) -> str:
     """A signed pass for one request as client `client_id` (core/passes.py)."""
-    key = secrets.pass_key(settings.storage_path)
+    key = secrets.pass_key(settings.db_path)
     return passes.mint(key, client_id, group_id=group_id, key_id=key_id, replay_of=replay_of)
 
 
@@ -87,7 +114,7 @@ def copied_headers(headers: Iterable[tuple[str, str]] | Mapping[str, str] | None
 
 @asynccontextmanager
 async def open_through_proxy(
-    settings: Settings,
+    settings: Target,
     client_id: int,
     method: str,
     path: str,
@@ -111,7 +138,7 @@ async def open_through_proxy(
         (passes.PASS_HEADER, build_pass(settings, client_id, group_id=group_id, key_id=key_id, replay_of=replay_of))
     )
     # trust_env off: the loopback request must not go through an HTTP(S)_PROXY of the environment.
-    async with httpx.AsyncClient(base_url=proxy_url(settings), timeout=timeout, trust_env=False) as client:
+    async with httpx.AsyncClient(base_url=loopback(settings.proxy_url), timeout=timeout, trust_env=False) as client:
         request = client.build_request(method, path, content=body, headers=sent)
         response = await client.send(request, stream=True)
         try:

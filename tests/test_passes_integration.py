@@ -12,9 +12,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from config import Settings, load_settings
 from core import passes
-from monitor_ui.through_proxy import build_pass, ensure_builtin_client, open_through_proxy
+from monitor_ui.through_proxy import ProxyTarget, build_pass, ensure_builtin_client, open_through_proxy
 from storage import db
 from tests.conftest import Keyrotor, wait_for
 from tests.fake_upstream import FakeUpstream
@@ -40,8 +39,8 @@ def kr(keyrotor: Keyrotor, relay: FakeUpstream) -> Keyrotor:
     return keyrotor
 
 
-def settings_of(kr: Keyrotor) -> Settings:
-    return load_settings(overrides={"storage.path": str(kr.db_path), "proxy.port": str(kr.proxy_port)}, environ={})
+def settings_of(kr: Keyrotor) -> ProxyTarget:
+    return ProxyTarget(kr.db_path, f"http://0.0.0.0:{kr.proxy_port}")
 
 
 def ids(kr: Keyrotor) -> dict[str, int]:

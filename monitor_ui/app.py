@@ -30,6 +30,7 @@ from monitor_ui.routes import (
     keys,
     metrics,
     models,
+    playground,
     upstreams,
 )
 from storage import audit as audit_log
@@ -55,6 +56,8 @@ ROUTERS = (
     metrics.router,
     models.router,
     models.api,
+    playground.router,
+    playground.api,
     upstreams.router,
     upstreams.api,
 )

@@ -115,12 +115,12 @@ def test_a_deleted_conversation_leaves_the_history_its_flows_stay_and_the_audit_
     conversation_id = response.headers["x-keyrotor-conversation"]
     flow_row = conversation(kr, conversation_id)["turns"][0]["flow_row_id"]
     with admin(kr) as ui:
-        assert [c["id"] for c in ui.get("/api/playground/conversations").json()] == [conversation_id]
+        assert [c["id"] for c in ui.get("/api/playground/conversations").json()["conversations"]] == [conversation_id]
         deleted = ui.delete(f"/api/playground/conversations/{conversation_id}")
         assert deleted.json() == {"deleted": conversation_id, "turns": 1}
         assert ui.get(f"/api/playground/conversations/{conversation_id}").status_code == 404
         assert ui.delete(f"/api/playground/conversations/{conversation_id}").status_code == 404
-        assert ui.get("/api/playground/conversations").json() == []
+        assert ui.get("/api/playground/conversations").json() == {"conversations": []}
         assert conversation_id not in ui.get("/playground").text
         again = ui.post("/api/playground/chat", json={"model": MODEL, "prompt": "x", "conversation": conversation_id})
         assert again.status_code == 404

@@ -48,7 +48,7 @@ class Option(BaseModel):
     label: str
 
 
-class Options(BaseModel):
+class PlaygroundOptions(BaseModel):
     models: list[str] = Field(description="every model a group lists (a catch-all group serves others too)")
     groups: list[Option]
     clients: list[Option]
@@ -64,6 +64,10 @@ class ConversationSummary(BaseModel):
     turns: int
     created_at: float
     updated_at: float
+
+
+class PlaygroundConversations(BaseModel):
+    conversations: list[ConversationSummary]
 
 
 class TurnOut(BaseModel):
@@ -85,7 +89,7 @@ class TurnOut(BaseModel):
     created_at: float
 
 
-class Conversation(BaseModel):
+class PlaygroundConversation(BaseModel):
     id: str
     title: str | None
     model: str | None
@@ -97,7 +101,17 @@ class Conversation(BaseModel):
     turns: list[TurnOut]
 
 
-class Deleted(BaseModel):
+class ChatCompletion(BaseModel):
+    """With `stream` off: the chat completion the proxy answered (OpenAI's shape); with it on, its event stream."""
+
+    id: str | None = None
+    object: str | None = None
+    model: str | None = None
+    choices: list[dict[str, Any]] = []
+    usage: dict[str, Any] | None = None
+
+
+class PlaygroundDeleted(BaseModel):
     deleted: str
     turns: int
 
@@ -169,25 +183,25 @@ def delete_conversation(conversation_id: ConversationId, conn: WriteConn) -> Res
     return see_other("/playground")
 
 
-@api.get("", dependencies=[AdminApi], response_model=Options)
+@api.get("", dependencies=[AdminApi], response_model=PlaygroundOptions)
 def read_options_json(conn: WriteConn) -> dict[str, Any]:
     """What the playground offers: the models the groups serve, the groups to pin, the clients to run as."""
     return _options(conn)
 
 
-@api.get("/conversations", dependencies=[AdminApi], response_model=list[ConversationSummary])
-def list_conversations_json(conn: WriteConn) -> list[dict[str, Any]]:
+@api.get("/conversations", dependencies=[AdminApi], response_model=PlaygroundConversations)
+def list_conversations_json(conn: WriteConn) -> dict[str, Any]:
     """The conversations kept, newest first, each with its title (the first words of its first prompt)."""
-    return _summaries(conn)
+    return {"conversations": _summaries(conn)}
 
 
-@api.get("/conversations/{conversation_id}", dependencies=[AdminApi], response_model=Conversation)
+@api.get("/conversations/{conversation_id}", dependencies=[AdminApi], response_model=PlaygroundConversation)
 def read_conversation_json(conversation_id: ConversationId, conn: WriteConn) -> dict[str, Any]:
     """A conversation's turns, each with its flow: id, status, tokens, cost, first-byte and total time."""
     return _conversation(conn, conversation_id)
 
 
-@api.delete("/conversations/{conversation_id}", dependencies=[AdminApiChange], response_model=Deleted)
+@api.delete("/conversations/{conversation_id}", dependencies=[AdminApiChange], response_model=PlaygroundDeleted)
 def delete_conversation_json(conversation_id: ConversationId, conn: WriteConn) -> dict[str, Any]:
     """Delete a conversation and its turns; its flows stay, like every captured flow (no longer linked)."""
     try:
@@ -196,7 +210,10 @@ def delete_conversation_json(conversation_id: ConversationId, conn: WriteConn) -
         raise HTTPException(404, str(e)) from None
 
 
-@api.post("/chat", dependencies=[AdminApiChange], response_class=StreamingResponse)
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+@api.post("/chat", dependencies=[AdminApiChange], response_model=ChatCompletion, responses=STREAMED)
 async def send_chat(ask: ChatAsk, settings: Settings) -> Response:
     """Send the next prompt through the proxy; the proxy's answer is passed on as it arrives (an event
     stream, or JSON; an error with its status), with the turn's flow in x-keyrotor-flow and its

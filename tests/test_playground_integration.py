@@ -236,3 +236,25 @@ def test_run_py_playground_asks_lists_shows_and_deletes(kr: Keyrotor):
     assert ("playground.delete", "cli") in [
         (r["action"], r["actor"]) for r in kr.query("SELECT action, actor FROM audit_log")
     ]
+
+
+def test_a_reader_that_hangs_up_mid_answer_leaves_a_cut_turn_that_is_not_sent_again(kr: Keyrotor, relay: FakeUpstream):
+    relay.stream_chunks, relay.stream_delay = 20, 0.2
+    with admin(kr) as ui, ui.stream("POST", "/api/playground/chat", json={"model": MODEL, "prompt": "go slow"}) as r:
+        conversation_id = r.headers["x-keyrotor-conversation"]
+        first = next(r.iter_raw())
+        assert b"data: " in first
+    # The page went away a second into a four-second answer: the turn keeps why, and no answer.
+
+    def cut() -> dict | None:
+        with admin(kr) as ui:
+            [turn] = ui.get(f"/api/playground/conversations/{conversation_id}").json()["turns"]
+        return turn if turn["error"] else None
+
+    turn = wait_for(cut, timeout=20, what="the cut turn kept")
+    assert turn["answer"] is None and "cut short" in turn["error"]
+    relay.stream_chunks, relay.stream_delay = 5, 0.0
+    response, _ = chat(kr, prompt="again", conversation=conversation_id)
+    assert response.status_code == 200
+    sent = json.loads(relay.received[-1].body)["messages"]
+    assert sent == [{"role": "user", "content": "again"}]

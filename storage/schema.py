@@ -438,7 +438,7 @@ def _v13_replays(db: sqlite_utils.Database) -> None:
     db.table("clients").add_column("builtin", int, not_null_default=0)
 
 
-def _v_playground(db: sqlite_utils.Database) -> None:
+def _vNN_playground(db: sqlite_utils.Database) -> None:
     # The chat playground (docs/playground.md): conversations and their turns, each turn naming the
     # flow that carried it (mitmproxy's flow id; its row once the writer has stored it).
     db.table("playground_conversations").create(
@@ -493,7 +493,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v11_packed_flows,
     _v12_object_clients,
     _v13_replays,
-    _v_playground,
+    _vNN_playground,
 ]
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.browser.test_ui_browser import PHONE, assert_nothing_ran, sideways_overflow
+from tests.browser.test_ui_browser import PHONE, assert_nothing_ran, screenshot, sideways_overflow
 from tests.conftest import ADMIN_KEY, Keyrotor, wait_for
 from tests.fake_upstream import FakeUpstream
 
@@ -92,6 +92,7 @@ def test_a_streamed_answer_arrives_in_pieces_links_its_flow_and_stays_text(
     expect(page.locator(".pg-turn")).to_have_count(2)
     expect(page.locator(".pg-turn").last.locator(".pg-flow")).to_be_visible(timeout=30_000)
     assert page.url.endswith(conversation_id)
+    screenshot(page, "playground.png")
     # The flow link opens the flow: the playground client's request, carrying the whole conversation.
     page.locator(".pg-turn").last.locator(".pg-flow").click()
     expect(page).to_have_url(re.compile(r"/flows/\d+$"))
@@ -131,6 +132,7 @@ def test_on_a_phone_a_client_over_its_budget_gets_its_refusal_shown_and_a_conver
     expect(error).to_contain_text("budget")
     expect(page.locator(".pg-turn").last.locator(".pg-meta .status")).to_have_text("429", timeout=20_000)
     assert len(upstream.received) == before  # refused by the proxy, never sent upstream
+    screenshot(page, "phone-playground.png", full_page=True)
     assert sideways_overflow(page) is None
     assert page.locator("#pg-send").is_enabled()
     # The page's history: delete a conversation after a yes; it leaves the list, its flows stay.

@@ -229,7 +229,10 @@ class Access:
             refuse(flow, verdict, Refusal(named.code or "invalid_model", named))
             return None
         client = self.state.clients_by_id.get(verdict.client_id)
-        if client is None or (not client.policy.is_limited and not self.governor.ip_rpm):
+        if client is None:
+            return None
+        if not client.policy.is_limited and not self.governor.ip_rpm:
+            self.governor.count(flow.id, client.id, client.policy, named.model, time.time())  # its spend only
             return None
         body = request.raw_content or b""
         if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t", b"-", b""):

@@ -32,7 +32,7 @@ from mitmproxy.utils import human
 from config import ConfigError, Settings, checked_options, default_of
 from core.errors import OpenAIError
 
-log = logging.getLogger(__name__)
+requests_log = logging.getLogger("keyrotor.requests")  # one request's line: the console shows it with --verbose
 
 # mitmproxy's own, taken as the patch goes in.
 _wait_for_request_headers: Callable[..., Generator]
@@ -247,7 +247,7 @@ class Bounds:
             return
         io = handler.transports.get(handler.client)
         if io is not None and io.handler is not None:
-            log.info(
+            requests_log.info(
                 "%s: closed, no complete request headers within %d s",
                 human.format_address(handler.client.peername),
                 timeout,

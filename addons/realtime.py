@@ -30,7 +30,7 @@ from core.metering import usage_of
 from core.routing import query_model
 from core.state import ProxyState
 
-log = logging.getLogger(__name__)
+requests_log = logging.getLogger("keyrotor.requests")  # one request's line: the console shows it with --verbose
 
 POLICY_VIOLATION = 1008  # the WebSocket close code for "the session may not go on"
 
@@ -102,8 +102,8 @@ class Realtime:
         if not event or event.get("type") != "response.done":
             return
         client = self.state.clients_by_id.get(session.client_id)
-        if client is not None and client.policy.has_budget:
-            self._charge(session, client.policy.daily_usd is not None or client.policy.monthly_usd is not None, event)
+        if client is not None:  # every client's spend is counted, limited or not
+            self._charge(session, event)
         self._check(session, message)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -117,11 +117,11 @@ class Realtime:
                 session.expiry.cancel()
         self.sessions.clear()
 
-    def _charge(self, session: Session, priced: bool, event: dict[str, Any]) -> None:
+    def _charge(self, session: Session, event: dict[str, Any]) -> None:
         usage = event_usage(event)
         if usage is None:
             return
-        cost = self.governor.prices.cost_of(session.model, usage_of(usage)) if priced else None
+        cost = self.governor.prices.cost_of(session.model, usage_of(usage))
         self.governor.charge(session.client_id, usage, cost, time.time())
 
     def _arm(self, session: Session) -> None:
@@ -193,7 +193,7 @@ class Realtime:
         client_io = handler.transports.get(flow.client_conn) if handler is not None else None
         if client_io is None or client_io.writer is None or flow.websocket is None:
             return  # the session already ended
-        log.info("closing a Realtime session of client #%d: %s", session.client_id, refusal.reason)
+        requests_log.info("closing a Realtime session of client #%d: %s", session.client_id, refusal.reason)
         event = error_event(refusal.error)
         flow.websocket.messages.append(WebSocketMessage(Opcode.TEXT, False, event, injected=True))  # for the row
         client_io.writer.write(last + frame(0x1, event) + close_frame(POLICY_VIOLATION, refusal.code))

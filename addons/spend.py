@@ -71,7 +71,7 @@ class Spend:
             return
         ticket = self.governor.tickets.get(flow.id)
         # Every stream is metered (it keeps references to the reads, which capture keeps too): one
-        # its client leaves is counted for the row, and charged when a ticket counts tokens.
+        # its client leaves is counted for the row, and charged to its client.
         meter = self._meters[flow.id] = StreamMeter()
         response.stream = chained(response.stream if callable(response.stream) else None, meter)
         if ticket is not None and ticket.policy.counts_tokens:
@@ -88,12 +88,12 @@ class Spend:
             meter = None  # it metered an attempt whose answer a retry's, arrived whole, replaced
         if ticket is not None:
             usage = None if ok else NOTHING_USED  # upstream refused it: no tokens, and its estimate goes
-            if ticket.policy.counts_tokens and ok:
+            if ok:  # every client's spend is counted, limited or not
                 if meter is not None:
                     usage = meter.usage()
                     if usage is None:  # a stream without upstream's usage: counted, off the loop
                         return self._count_and_settle(flow, ticket, meter, left=not meter.ended)
-                elif not response.stream:
+                elif not response.stream and _may_say_usage(response.headers.get("content-type", "")):
                     # A stream that arrived whole (a retry's) may have lost its usage chunk to the Usage addon.
                     injection = UsageInjection.of(flow.metadata)
                     try:
@@ -146,7 +146,7 @@ class Spend:
 
     def _settle(self, flow: http.HTTPFlow, ticket: Ticket, usage: dict | None) -> None:
         cost = None
-        if usage is not None and (ticket.policy.daily_usd is not None or ticket.policy.monthly_usd is not None):
+        if usage is not None:
             model = self._model(flow, ticket)
             cost = self.prices.cost(model, usage.get("prompt_tokens"), usage.get("completion_tokens"))
         self.governor.settle(flow.id, usage, cost, time.time())
@@ -167,6 +167,12 @@ class Spend:
             # One assignment: setting each header would scan and re-encode the fields six times.
             kept = tuple(f for f in fields if f[0][:12].lower() != b"x-ratelimit-")
             response.headers.fields = kept + tuple((k.encode(), v.encode()) for k, v in own.items())
+
+
+def _may_say_usage(content_type: str) -> bool:
+    """JSON answers and streams (a retry's arrives whole) say what they used; a file or audio download,
+    which may be large and compressed, is not decoded and searched on the loop."""
+    return "json" in content_type or "event-stream" in content_type
 
 
 def _model(flow: http.HTTPFlow) -> str | None:

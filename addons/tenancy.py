@@ -23,7 +23,7 @@ from core.metadata import KEYPOOL, AccessVerdict, KeyUse
 from core.ports import RefusalSink
 from core.state import ProxyState
 
-log = logging.getLogger(__name__)
+requests_log = logging.getLogger("keyrotor.requests")  # one request's line: the console shows it with --verbose
 
 
 class Tenancy:
@@ -73,7 +73,7 @@ class Tenancy:
         if use is None:
             use = flow.metadata[KEYPOOL] = KeyUse()
         use.refusal = f"object_not_found: client #{access.client_id} named objects not its own"
-        log.info("client #%s named objects not its own: %s", access.client_id, ", ".join(foreign[:5]))
+        requests_log.info("client #%s named objects not its own: %s", access.client_id, ", ".join(foreign[:5]))
         if self._writer is not None and access.client_id is not None:
             self._writer.save_refusal(
                 affinity.TenantRefusal(

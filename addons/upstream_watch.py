@@ -40,7 +40,7 @@ from mitmproxy.proxy.layers.http._events import ErrorCode
 
 from core.metadata import FIRST_BYTE_AT
 
-log = logging.getLogger(__name__)
+requests_log = logging.getLogger("keyrotor.requests")  # one request's line: the console shows it with --verbose
 
 SWEEP_SECONDS = 0.25
 STREAM_ERROR_CODE = "upstream_stream_interrupted"
@@ -256,7 +256,7 @@ def _time_out(self: http_layer.HttpStream, message: str) -> Generator:
     streaming = self.server_state == self.state_stream_response_body
     if self.server_state not in waiting and not streaming:
         return  # it ended meanwhile
-    log.info("%s %s: %s", flow.request.method, flow.request.path, message)
+    requests_log.info("%s %s: %s", flow.request.method, flow.request.path, message)
     self.__dict__["_keyrotor_gone"] = True
     yield commands.CloseConnection(self.context.server)
     if _bytes_reached_client(self):

@@ -63,9 +63,10 @@ def outcome(call) -> str:
         return type(e).__name__
 
 
-def run_all(calls, workers: int = 32) -> list[str]:
+def run_all(calls, workers: int = 32, judge=outcome) -> list[str]:
+    """What each call came to (`judge`: "ok" or the error's name), the calls run `workers` at a time."""
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(outcome, calls))
+        return list(pool.map(judge, calls))
 
 
 def errors(seen: list[str]) -> str:
@@ -88,7 +89,9 @@ class Harness:
         self.conftest = conftest
         self.started: list = []  # stopped after each attack, whatever happened
 
-    def proxy(self, tmp: Path, upstream, keys: list[str], *settings: str, clients: int = 1):
+    def proxy(self, tmp: Path, upstream, keys: list[str], *settings: str, clients: int = 1, prepare=None):
+        """A started keyrotor with `keys` in its default group and `clients` clients (their openai
+        clients); `prepare(kr)` puts what else the attack needs in place (routes, fallbacks) first."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYROTOR_")}
         env.update(
             KEYROTOR_STORAGE_PATH=str(tmp / "keyrotor.db"),
@@ -100,6 +103,8 @@ class Harness:
         self.started.append(kr)
         kr.add_keys(*keys)
         client_keys = [kr.add_client(f"app{n}") for n in range(clients)]  # known to the proxy from its start
+        if prepare is not None:
+            prepare(kr)
         kr.start_proxy(*[item for s in settings for item in ("--set", s)])
         made = [openai.OpenAI(base_url=kr.base_url, api_key=key, max_retries=0, timeout=60) for key in client_keys]
         return kr, (made[0] if clients == 1 else made)

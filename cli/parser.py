@@ -22,6 +22,7 @@ LIMIT_FLAGS = (
     ("--ips", "LIST", "addresses and CIDR ranges it may call from, comma-separated (v4 and v6)"),
 )
 FLAG_FIELDS = {"expires": "expires_at"}  # flag dest → policy field, where they differ
+VERBOSE = "print a line per request and connection too (by default: starts, stops, state changes and errors)"
 DESCRIPTION = "keyrotor's command line: start the proxy and the UI, manage upstream and client keys."
 
 
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("serve", "proxy and UI together"), ("proxy", "the proxy only")):
         sub = commands.add_parser(name, parents=[common], help=f"start {text}")
         sub.add_argument("--web", action="store_true", help="run mitmweb (flow inspector, admin key as password)")
-    commands.add_parser("ui", parents=[common], help="start the monitor UI only")
+        sub.add_argument("--verbose", action="store_true", help=VERBOSE)
+    ui = commands.add_parser("ui", parents=[common], help="start the monitor UI only")
+    ui.add_argument("--verbose", action="store_true", help=VERBOSE)
     commands.add_parser(
         "demo",
         parents=[common],
@@ -60,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     add = keys.add_parser(
-        "add", parents=[common], help="add keys, one per line (or NAME<TAB>KEY), from files or standard input"
+        "add",
+        parents=[common],
+        help='add keys, one per line (KEY, NAME<TAB>KEY, or a .env line: VAR=KEY, export VAR="KEY"),'
+        " from files or standard input",
     )
     add.add_argument("files", nargs="*", type=Path)
     add.add_argument("--name", help="name for the added keys whose line gives none")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import signal
 import subprocess
 import sys
 import time
 
+from cli import console, ports
 from config import ADDON_SETTINGS, ROOT, Settings
 from storage import secrets
 
@@ -53,7 +56,17 @@ def proxy_argv(settings: Settings, web: bool) -> list[str]:
 def proxy(args: argparse.Namespace, settings: Settings) -> int:
     from mitmproxy.tools import main
 
-    (main.mitmweb if args.web else main.mitmdump)(proxy_argv(settings, args.web))
+    ports.check(settings, ports.PROXY, *([ports.MITMWEB] if args.web else []))
+    verbose = getattr(args, "verbose", False)
+    console.quiet(verbose)
+    # mitmproxy logs a listener that failed to bind, with its own advice (`--mode …@PORT`): ours instead.
+    logging.getLogger("mitmproxy.addons.proxyserver").addFilter(ports.ListenFailure(ports.PROXY, settings))
+    try:
+        (main.mitmweb if args.web else main.mitmdump)(proxy_argv(settings, args.web) + console.proxy_argv(verbose))
+    except OSError as e:  # mitmweb raises its web server's (`--set web_port=…`)
+        if e.errno == errno.EADDRINUSE and "Web server" in str(e):
+            raise ports.unavailable(ports.MITMWEB, settings, e) from None
+        raise
     return 0
 
 
@@ -62,6 +75,13 @@ def ui(args: argparse.Namespace, settings: Settings) -> int:
 
     from monitor_ui.app import create_app
 
+    ports.check(settings, ports.UI)
+    verbose = getattr(args, "verbose", False)
+    console.quiet(verbose)
+    errors = logging.getLogger("uvicorn.error")
+    errors.addFilter(ports.ListenFailure(ports.UI, settings))
+    if not verbose:
+        errors.addFilter(console.UvicornLines(f"http://{settings['ui.host']}:{settings['ui.port']}/"))
     # proxy_headers off: uvicorn would believe X-Forwarded-For from 127.0.0.1 by default; the app
     # believes it only from ui.trusted_proxies (monitor_ui/app.py).
     uvicorn.run(
@@ -69,6 +89,7 @@ def ui(args: argparse.Namespace, settings: Settings) -> int:
         host=settings["ui.host"],
         port=settings["ui.port"],
         log_level="info",
+        access_log=verbose,  # a line per UI request: --verbose
         proxy_headers=False,
     )
     return 0
@@ -76,6 +97,8 @@ def ui(args: argparse.Namespace, settings: Settings) -> int:
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run proxy and UI as two child processes; stop both when either stops or we are told to."""
+    # Every port first: a taken one stops the start before either server has begun.
+    ports.check(settings, ports.PROXY, ports.UI, *([ports.MITMWEB] if args.web else []))
     stop = StopSignal()
     passthrough = [a for a in args.argv if a not in ("serve", "--web")]
     children = start_children(passthrough, args.web)

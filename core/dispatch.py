@@ -489,7 +489,7 @@ class Journey:
         limited = sum(a.status == 429 for a in here)
         rotation = self.rotation_of(candidate.group.id)
         # While a key the request has not tried is left, new keys' failures are theirs (see _spared).
-        fresh = self._untried_left(rotation, here)
+        fresh = self._untried_left(rotation, here, scope_of(candidate, self.plan))
         troubled = {
             a.key_id
             for a in here
@@ -508,15 +508,21 @@ class Journey:
         exclude = frozenset(a.key_id for a in here if a.status != 429)  # rate limits end; failures stay
         return self._step(Step(Move.TAKE_KEY, self.index, scope_of(candidate, self.plan), exclude, wait=last))
 
-    def _untried_left(self, rotation: Rotation | None, here: list[AttemptLog]) -> bool:
+    def _untried_left(self, rotation: Rotation | None, here: list[AttemptLog], scope: str | None) -> bool:
         """Whether the group has an active key this request has not tried. Until none is left, a
         key not yet proven that failed the request is blamed for it: its failure neither uses up
         `max_attempts` nor makes the request's 5xx follow it (each key is tried once, so the pool
-        bounds those attempts); once every key has had its turn, the usual rules apply."""
+        bounds those attempts); once every key has had its turn, the usual rules apply. A key resting
+        for the request's model is no turn left: the request cannot have it (a provider's outage
+        right after a start would otherwise wait out wait_max_seconds for it)."""
         if rotation is None or self.plan.only_key is not None:
             return False
-        tried = {a.key_id for a in here}
-        return any(k.state == KeyState.ACTIVE and k.id not in tried for k in rotation.pool.keys)
+        tried, now, pool = {a.key_id for a in here}, time.time(), rotation.pool
+        if pool.resting(scope, now) is not None:
+            return False  # the whole pool rests for the model: no key has a turn to give
+        return any(
+            k.state == KeyState.ACTIVE and k.id not in tried and not pool.rests_in(k, scope, now) for k in pool.keys
+        )
 
     def took(self, key: PoolKey | None, alive: bool) -> Step:
         """The key TAKE_KEY got (None: none came back in time)."""

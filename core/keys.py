@@ -1,11 +1,15 @@
 """Reading upstream keys that people paste: one per line, optionally `NAME<TAB>KEY`.
 
-Comments (#) and blank lines are skipped and a `Bearer ` prefix is removed; a line that
-cannot hold a key is reported by its number, never by its content.
+Lines of shell and .env files are read as the key they contain: `OPENAI_API_KEY=sk-…`,
+`export OPENAI_API_KEY="sk-…"`, `'sk-…'` (the variable's name is not the key's name: it is
+usually the same on every line). Comments (#, also after a value) and blank lines are
+skipped and a `Bearer ` prefix is removed; a line that cannot hold a key (an unclosed
+quote, a value with spaces) is reported by its number, never by its content.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -20,7 +24,7 @@ def is_well_formed(value: str) -> bool:
         MIN_KEY_LENGTH <= len(value) <= MAX_KEY_LENGTH
         and value.isascii()
         and value.isprintable()
-        and not any(c.isspace() for c in value)
+        and not any(c.isspace() or c in "'\"" for c in value)  # a quote is a paste's, never a key's
     )
 
 
@@ -63,6 +67,7 @@ def parse_key_lines(lines: Iterable[str], name: str | None = None) -> ParsedLine
             except ValueError:
                 parsed.malformed.append(number)
                 continue
+        value = assigned_value(value)
         if value.lower().startswith("bearer "):
             value = value[7:].strip()
         if is_well_formed(value):
@@ -70,3 +75,30 @@ def parse_key_lines(lines: Iterable[str], name: str | None = None) -> ParsedLine
         else:
             parsed.malformed.append(number)
     return parsed
+
+
+# `export NAME=…`, `NAME=…`: a shell or .env assignment (NAME as shells and .env files spell it).
+_ASSIGNMENT = re.compile(r"(export\s+)?([A-Za-z_][A-Za-z0-9_.-]*)\s*=")
+_TRAILING_COMMENT = re.compile(r"\s+#.*$")
+
+
+def assigned_value(text: str) -> str:
+    """The value `text` holds: an assignment's right side, unquoted, without a trailing comment.
+
+    What cannot be one value (an unclosed quote, text after the closing quote) comes back empty;
+    is_well_formed() refuses that, and spaces or quotes left in a value. A base64 key's
+    padding (`abc==`, `QUJD…=`) is no assignment; `OPENAI_API_KEY=` is one, of nothing.
+    """
+    assignment = _ASSIGNMENT.match(text)
+    if assignment:
+        rest = text[assignment.end() :].lstrip()
+        padding = rest.startswith("=") or (not rest and not assignment[1] and "_" not in assignment[2])
+        if not padding:
+            text = rest
+    if text[:1] in ("'", '"'):
+        end = text.find(text[0], 1)
+        rest = text[end + 1 :].strip() if end > 0 else ""
+        if end < 0 or (rest and not rest.startswith("#")):
+            return ""  # unclosed, or more than one value: no key
+        return text[1:end]
+    return _TRAILING_COMMENT.sub("", text)

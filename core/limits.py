@@ -439,8 +439,8 @@ class Governor:
         now: float,
         serving: tuple[str, ...] | None = None,
         path: str = "",
-    ) -> Refusal | Ticket | None:
-        """Refuse the request, or take its share of every counter and return its ticket (None: nothing to count).
+    ) -> Refusal | Ticket:
+        """Refuse the request, or take its share of every counter and return its ticket.
 
         `serving`: the UPSTREAM/GROUP labels of the groups that serve `model`, when the policy limits groups.
         `path`: the request's, to tell what generates output (and so reserves its budget) from what does not.
@@ -503,9 +503,7 @@ class Governor:
                 "requests",
                 {"retry-after": "1"},
             )
-        if not checks and policy.max_parallel is None and not policy.counts_tokens:
-            return None
-        ticket = Ticket(client_id, policy, model, now)
+        ticket = self.count(flow_id, client_id, policy, model, now)
         reserved = self.reserved
         for name, amount in holds:
             reserved[name] = reserved.get(name, 0.0) + amount
@@ -517,7 +515,12 @@ class Governor:
         if policy.max_parallel is not None:
             counters.gauge_add(parallel_name, 1)
             ticket.parallel = True
-        self.tickets[flow_id] = ticket
+        return ticket
+
+    def count(self, flow_id: str, client_id: int, policy: ClientPolicy, model: str | None, now: float) -> Ticket:
+        """The ticket of an admitted request: its spend counts when it settles, limited client or not
+        (the clients pages show every client's spend today and this month)."""
+        ticket = self.tickets[flow_id] = Ticket(client_id, policy, model, now)
         return ticket
 
     def _holds(

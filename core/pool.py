@@ -261,10 +261,24 @@ class Pool:
             if (health := rt.scopes.get(scope)) is not None:
                 health.probing = False
 
-    def awaiting_proof(self, exclude: frozenset[int] = frozenset()) -> bool:
-        """Some active key is busy with its first request: its answer may free it soon."""
+    def rests_in(self, key: PoolKey, scope: str | None, now: float) -> bool:
+        """The key rests for `scope` (a model's rest, while the key itself stays active)."""
+        if scope is KEY_WIDE:
+            return False
+        scopes = self.runtime[key.id].scopes
+        return bool(scopes) and not self._scope_usable(scopes.get(scope), now)
+
+    def awaiting_proof(
+        self, exclude: frozenset[int] = frozenset(), scope: str | None = KEY_WIDE, now: float = 0.0
+    ) -> bool:
+        """Some active key is busy with its first request: its answer may free it soon. A key resting
+        for `scope` is not awaited: its answer would not free it for this request."""
         return any(
-            k.state == KeyState.ACTIVE and not self.runtime[k.id].proven and k.id not in exclude for k in self.keys
+            k.state == KeyState.ACTIVE
+            and not self.runtime[k.id].proven
+            and k.id not in exclude
+            and not self.rests_in(k, scope, now)
+            for k in self.keys
         )
 
     def soonest_return(

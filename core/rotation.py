@@ -59,6 +59,36 @@ class Rotation:
         # for them are skipped while another route serves the model, until the routes change
         # (core/state.py clears this).
         self.missing: set[str] = set()
+        self.label = ""  # the group's UPSTREAM/GROUP, for the console (core/state.py names it)
+        self._usable: bool | None = None  # whether a key may serve now or after its cooldown, as last said
+
+    def announce_usable(self, serving: bool = True) -> None:
+        """One console line when the group is left with no key that can serve (only invalid, exhausted or
+        disabled ones, or none), and one when it has one again; nothing while that stays the same, nor
+        while the group (or its upstream) is disabled: `serving` False."""
+        if not serving:
+            self._usable = None
+            return
+        keys = self.pool.keys
+        usable = any(k.state in (KeyState.ACTIVE, KeyState.COOLING) for k in keys)
+        if usable == self._usable or (usable and self._usable is None):
+            self._usable = usable
+            return
+        self._usable = usable
+        if usable:
+            log.info("group %s has a usable upstream key again", self.label)
+        elif not keys:
+            log.warning("group %s has no upstream key: its models are served by other groups, or refused", self.label)
+        else:
+            states = ", ".join(
+                f"{sum(k.state == s for k in keys)} {s}" for s in KeyState if any(k.state == s for k in keys)
+            )
+            log.warning(
+                "group %s has no usable upstream key (%s): its models are served by other groups, or refused,"
+                " until re-validation or an admin brings one back",
+                self.label,
+                states,
+            )
 
     def configure(self, settings: RotationSettings) -> None:
         self.settings = settings
@@ -116,7 +146,7 @@ class Rotation:
         """No key is free now: whether to wait for one to come back (how long before looking again),
         to share one that awaits its first answer, or to give up."""
         pool = self.pool
-        if pool.awaiting_proof(exclude):
+        if pool.awaiting_proof(exclude, scope, now):
             if now + PROOF_POLL_SECONDS > deadline:
                 # No time to wait for a new key's first answer: share it rather than fail.
                 strategy = strategy or self.settings.strategy
@@ -289,6 +319,8 @@ class Rotation:
             log.info("upstream key #%d …%s is now %s (%s)", key.id, key.last4, change.state, change.reason or "ok")
             if self.states is not None:
                 self.states.save_state(KeyStateChange(key.id, change.state, change.reason, change.cooldown_until, now))
+        if changes:
+            self.announce_usable()
 
     async def revalidate(
         self, client: httpx.AsyncClient, target: Upstream, default_base_url: str, keys: list[PoolKey] | None = None

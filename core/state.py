@@ -197,6 +197,7 @@ class ProxyState:
 
     def _apply_routes(self, groups: list[Group], fallbacks: dict[str, list[str]], keys: list[PoolKey]) -> None:
         by_group: dict[int, list[PoolKey]] = {g.id: [] for g in groups}
+        by_id = {g.id: g for g in groups}
         for key in keys:
             if key.group_id in by_group:
                 by_group[key.group_id].append(key)
@@ -207,6 +208,9 @@ class ProxyState:
                 rotation.configure(self.settings)
                 rotation.states = self.states
             rotation.pool.replace_keys(group_keys)
+            group = by_id[group_id]
+            rotation.label = group.label
+            rotation.announce_usable(serving=group.enabled and group.upstream.enabled)
         for group_id in set(self.rotations) - set(by_group):
             del self.rotations[group_id]
         self.table = RouteTable(groups, fallbacks)

@@ -5,6 +5,7 @@ Only this module reads `app.state` (which `create_app` fills); handlers name wha
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -13,9 +14,9 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.templating import Jinja2Templates
 
-from core import login_throttle
 from core.addresses import Network
 from core.login_throttle import LoginThrottle
 from monitor_ui.auth import SESSION_COOKIE, SessionSigner
@@ -102,25 +103,52 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def refuse_guess(request: Request, throttle: LoginThrottle, settings: UiSettings, actor_kind: str) -> None:
-    """A wrong admin key (login form, or Bearer): counted for its address, answered late; 429 while the
-    address is locked. Never called for the right key, which is always accepted."""
+class TooManyGuesses(HTTPException):
+    """429 with Retry-After: the address must wait before its next admin key is checked."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(429, message, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
+async def admin_key_checked(
+    request: Request, signer: SessionSigner, throttle: LoginThrottle, settings: UiSettings, candidate: str, actor: str
+) -> bool:
+    """Whether `candidate` is the admin key (login form or Bearer). A wrong one is counted for its address and
+    answered late; TooManyGuesses while the address is locked, or while an earlier wrong key of it is held.
+
+    The throttle is read, the key checked and the failure counted with no await between them, so parallel
+    attempts from one address are checked one held answer at a time (core/login_throttle.py). The wait is
+    awaited, holding no worker thread: the guesses of one address cannot delay anyone else's login.
+    """
     address = client_address(request)
     now = time.time()
-    locked = throttle.retry_after(address, now)
-    delay = throttle.failed(address, now) if locked is None else login_throttle.MAX_DELAY_SECONDS
-    actor = audit.Actor(actor_kind, address)
-    if locked is not None:
-        audit.log_now(settings.db_path, "login.refused", None, {"retry_after": locked}, actor)
-    else:
-        audit.log_now(settings.db_path, "login.failed", None, None, actor)
-    time.sleep(delay)  # a guesser waits; this runs in a worker thread, the app goes on serving
-    if locked is not None:
-        raise HTTPException(
-            429,
-            f"Too many wrong admin keys from this address; try again in {locked} seconds.",
-            headers={"Retry-After": str(locked)},
+    busy = throttle.busy(address, now)
+    if busy is not None:
+        await _audit(settings, "login.refused", {"retry_after": busy}, audit.Actor(actor, address))
+        raise TooManyGuesses(
+            f"A wrong admin key from this address is still being answered; try again in {busy} seconds.", busy
         )
+    if len(candidate) <= MAX_KEY_LENGTH and signer.check_admin_key(candidate):
+        return True
+    locked = throttle.retry_after(address, now)
+    delay = throttle.failed(address, now)
+    if locked is not None:
+        await _audit(settings, "login.refused", {"retry_after": locked}, audit.Actor(actor, address))
+    else:
+        await _audit(settings, "login.failed", None, audit.Actor(actor, address))
+    await asyncio.sleep(delay)  # a guesser waits; nobody else does
+    if locked is not None:
+        locked = throttle.retry_after(address, time.time()) or locked
+        raise TooManyGuesses(f"Too many wrong admin keys from this address; try again in {locked} seconds.", locked)
+    return False
+
+
+MAX_KEY_LENGTH = 1000  # longer is no admin key: not even hashed
+
+
+async def _audit(settings: UiSettings, action: str, changes: dict | None, actor: audit.Actor) -> None:
+    await run_in_threadpool(audit.log_now, settings.db_path, action, None, changes, actor)
 
 
 def _bearer(request: Request) -> str | None:
@@ -128,39 +156,38 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-def _bearer_is_admin(request: Request, signer: SessionSigner, throttle: LoginThrottle, settings: UiSettings) -> bool:
+async def _bearer_is_admin(
+    request: Request, signer: SessionSigner, throttle: LoginThrottle, settings: UiSettings
+) -> bool:
     """Whether the request carries the admin key as Bearer; a wrong one is a guess, throttled like the form's."""
     token = _bearer(request)
     if token is None:
         return False
-    if signer.check_admin_key(token):
+    return await admin_key_checked(request, signer, throttle, settings, token, audit.ADMIN_API)
+
+
+async def _has_admin(request: Request, signer: SessionSigner, throttle: LoginThrottle, settings: UiSettings) -> bool:
+    if await run_in_threadpool(signer.valid_session, request.cookies.get(SESSION_COOKIE)):
         return True
-    refuse_guess(request, throttle, settings, audit.ADMIN_API)
-    return False
+    return await _bearer_is_admin(request, signer, throttle, settings)
 
 
-def _has_admin(request: Request, signer: SessionSigner, throttle: LoginThrottle, settings: UiSettings) -> bool:
-    if signer.valid_session(request.cookies.get(SESSION_COOKIE)):
-        return True
-    return _bearer_is_admin(request, signer, throttle, settings)
-
-
-def require_admin_page(request: Request, signer: Signer, throttle: Throttle, settings: Settings) -> None:
-    if not _has_admin(request, signer, throttle, settings):
+async def require_admin_page(request: Request, signer: Signer, throttle: Throttle, settings: Settings) -> None:
+    if not await _has_admin(request, signer, throttle, settings):
         raise LoginRequired()
 
 
-def require_admin_api(request: Request, signer: Signer, throttle: Throttle, settings: Settings) -> None:
-    if not _has_admin(request, signer, throttle, settings):
+async def require_admin_api(request: Request, signer: Signer, throttle: Throttle, settings: Settings) -> None:
+    if not await _has_admin(request, signer, throttle, settings):
         raise HTTPException(401, "Log in, or send the admin key as 'Authorization: Bearer <admin key>'.")
 
 
-def require_admin_api_change(request: Request, signer: Signer, throttle: Throttle, settings: Settings) -> None:
+async def require_admin_api_change(request: Request, signer: Signer, throttle: Throttle, settings: Settings) -> None:
     """A state-changing API call: the admin key as Bearer, or a session plus its CSRF token in x-csrf-token."""
-    if _bearer_is_admin(request, signer, throttle, settings):
+    if await _bearer_is_admin(request, signer, throttle, settings):
         return
     session = request.cookies.get(SESSION_COOKIE)
-    if not signer.valid_session(session):
+    if not await run_in_threadpool(signer.valid_session, session):
         raise HTTPException(401, "Log in, or send the admin key as 'Authorization: Bearer <admin key>'.")
     if not signer.valid_csrf(session, request.headers.get("x-csrf-token")):
         raise HTTPException(403, "A change made with a session cookie needs the page's CSRF token in x-csrf-token.")

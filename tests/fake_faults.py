@@ -5,9 +5,13 @@
   (429 "Request too large" with Retry-After: 20), `server_error` (500), `context_length` and
   `content_filter` (400), `hang` (never answers), `stream_cut` (a stream that breaks off after
   two chunks), `stream_stall` (a stream that goes silent after two chunks), `slow_first`
-  (a stream whose first byte takes 1.5 s).
+  (a stream whose first byte takes `first_token_seconds`, 1.5 s unless set), `reset` (the
+  connection reset before any answer, as a dropped TCP connection: ECONNRESET).
+  `NAME_once` (`server_error_once`, `reset_once`, …) has the fault on the request's first attempt
+  only, and serves the next: give each request its own mark after it (`#fault:reset_once/17`).
 - `model_faults[model]`: every request for that model, whatever the key: `ratelimit_nohint`
-  (429 with neither Retry-After nor reset headers), `unavailable` (503), `context_length`
+  (429 with neither Retry-After nor reset headers), `ratelimit` (429 with Retry-After: 1 and
+  OpenAI's x-ratelimit-* headers), `unavailable` (503), `context_length`
   (400 `context_length_exceeded`: a model with a short context), `hang` (never answers) or a
   stream fault (`slow_first`, …) on every stream of the model.
 - `down`: every request gets 503, as a provider that is down does.
@@ -21,15 +25,20 @@ import asyncio
 import collections
 import json
 import re
+import socket
+import struct
 import threading
 import time
 from typing import Any
 
 from starlette.responses import Response
 
-FAULT = re.compile(rb"#fault:([a-z_]+)")
+FAULT = re.compile(rb"#fault:([a-z_]+?)(_once(?:/\w+)?)?(?![a-z_])")
 STREAM_FAULTS = frozenset({"stream_cut", "stream_stall", "slow_first"})
 HANG_SECONDS = 3600.0
+
+
+ONCE_SUFFIX = "_once"
 
 
 class StreamBroken(Exception):
@@ -46,8 +55,10 @@ class Faults:
         self.model_faults: dict[str, str] = {}
         self.down = False
         self.key_rpm: dict[str, tuple[int, float]] = {}
+        self.first_token_seconds = 1.5  # how long `slow_first` holds a stream's first event
         self._lock = threading.Lock()
         self._seen: dict[str, collections.deque[float]] = {}
+        self._once: set[bytes] = set()  # the marks of `NAME_once` requests whose first attempt had the fault
 
     def clear(self) -> None:
         with self._lock:
@@ -55,11 +66,26 @@ class Faults:
             self.down = False
             self.key_rpm.clear()
             self._seen.clear()
+            self._once.clear()
+        self.first_token_seconds = 1.5
 
     @staticmethod
     def of_request(body: bytes) -> str | None:
+        """The request's own fault, `NAME_once` ones included (as NAME_once)."""
         match = FAULT.search(body)
-        return match.group(1).decode() if match else None
+        return match.group(1).decode() + (ONCE_SUFFIX if match.group(2) else "") if match else None
+
+    def _of_attempt(self, body: bytes) -> str | None:
+        """The fault of this attempt of the request: a `NAME_once` fault on its first attempt only."""
+        match = FAULT.search(body)
+        if match is None:
+            return None
+        if match.group(2):
+            with self._lock:
+                if match.group(0) in self._once:
+                    return None
+                self._once.add(match.group(0))
+        return match.group(1).decode()
 
     async def answer(self, key: str, body: bytes) -> Response | None:
         """The fault's answer for this request, or None when it is served (perhaps with a stream fault)."""
@@ -73,6 +99,19 @@ class Faults:
         if fault == "ratelimit_nohint":
             message = f"Rate limit reached for {model} in organization org-fake on requests per min (RPM)."
             return _error(429, message, "requests", "rate_limit_exceeded")
+        if fault == "ratelimit":
+            message = (
+                f"Rate limit reached for {model} in organization org-fake on requests per min (RPM): Limit 500,"
+                " Used 500, Requested 1. Please try again in 1s."
+                " Visit https://platform.openai.com/account/rate-limits to learn more."
+            )
+            headers = {
+                "retry-after": "1",
+                "x-ratelimit-limit-requests": "500",
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "1s",
+            }
+            return _error(429, message, "requests", "rate_limit_exceeded", headers)
         if fault == "unavailable":
             return _error(503, "The engine is currently overloaded, please try again later", "server_error", None)
         if fault == "context_length":
@@ -80,7 +119,9 @@ class Faults:
             return _error(400, message, "invalid_request_error", "context_length_exceeded")
         if fault == "hang":
             await asyncio.sleep(HANG_SECONDS)
-        fault = self.of_request(body)
+        fault = self._of_attempt(body)
+        if fault == "reset":
+            return _reset  # type: ignore[return-value]
         if fault == "too_large":
             message = (
                 f"Request too large for {model} in organization org-fake on tokens per min (TPM): Limit 30000,"
@@ -138,12 +179,26 @@ def _model(body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
-async def faulty_stream(events, fault: str | None):
+async def _reset(scope, receive, send) -> None:
+    """An ASGI answer that is none: the connection is reset (RST, no byte of an answer), as a load
+    balancer or a crashed upstream process drops it. uvicorn's `send` is its request cycle's method,
+    and the cycle holds the connection's transport."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None:  # another server: the nearest thing, a connection closed without an answer
+        raise StreamBroken("reset")
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+    transport.abort()
+    await asyncio.sleep(0)  # connection_lost runs: uvicorn sees the client gone, and sends no 500 of its own
+
+
+async def faulty_stream(events, fault: str | None, first_token_seconds: float = 1.5):
     """The stream's events, broken the way `fault` says."""
     sent = 0
     async for event in events:
         if fault == "slow_first" and sent == 0:
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(first_token_seconds)
         if sent == 2 and fault == "stream_cut":
             raise StreamBroken("the stream broke off")
         if sent == 2 and fault == "stream_stall":

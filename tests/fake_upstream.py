@@ -1310,7 +1310,7 @@ class FakeUpstream:
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         base = {**base, "object": "chat.completion.chunk"}
         produced = _stream_events(base, pieces, usage if include_usage else None, self.stream_delay, self.usage_delay)
-        events = faulty_stream(self._logged(produced), fault)
+        events = faulty_stream(self._logged(produced), fault, self.faults.first_token_seconds)
         headers = {
             # Given as a header, not media_type: Starlette would append "; charset=utf-8".
             "content-type": "text/event-stream",

@@ -222,3 +222,32 @@ def test_speech_is_chunked_audio_and_uploads_need_a_file(up: FakeUpstream) -> No
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
     text = client(up).audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF"), response_format="text")
     assert "4 bytes of a.wav" in text
+
+
+def test_a_request_fault_once_fails_the_first_attempt_only(up: FakeUpstream) -> None:
+    c = client(up)
+    for mark in ("1", "2"):  # each request (its own mark) fails once, then is served
+        text = [{"role": "user", "content": f"#fault:server_error_once/{mark}"}]
+        with pytest.raises(openai.InternalServerError):
+            c.chat.completions.create(model="gpt-4o-mini", messages=text)
+        assert c.chat.completions.create(model="gpt-4o-mini", messages=text).choices
+    reset = [{"role": "user", "content": "#fault:reset_once/3"}]
+    with pytest.raises(openai.APIConnectionError) as caught:
+        c.chat.completions.create(model="gpt-4o-mini", messages=reset)
+    assert "Connection reset by peer" in str(caught.value.__cause__)  # ECONNRESET: no byte of an answer
+    assert c.chat.completions.create(model="gpt-4o-mini", messages=reset).choices
+
+
+def test_a_model_rate_limited_with_retry_after_and_a_slow_first_token(up: FakeUpstream) -> None:
+    c = client(up)
+    up.faults.model_faults["gpt-4o"] = "ratelimit"
+    with pytest.raises(openai.RateLimitError) as caught:
+        c.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.code == "rate_limit_exceeded"
+    assert caught.value.response.headers["retry-after"] == "1"
+    assert c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices  # other models are served
+    up.faults.model_faults["gpt-4o"] = "slow_first"
+    up.faults.first_token_seconds = 0.5
+    began = time.monotonic()
+    stream = c.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    assert next(iter(stream)).choices and time.monotonic() - began >= 0.5

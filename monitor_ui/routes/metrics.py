@@ -6,10 +6,11 @@ import hmac
 import time
 
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
 from monitor_ui.auth import SESSION_COOKIE
-from monitor_ui.deps import Conn, Settings, Signer, Throttle, refuse_guess
+from monitor_ui.deps import Conn, Settings, Signer, Throttle, UiSettings, admin_key_checked
 from monitor_ui.names import key_label, route_names
 from storage import audit, capture_status, client_keys, outcomes, rollups, upstream_keys
 
@@ -116,21 +117,24 @@ def render_metrics(conn, status: capture_status.CaptureStatus | None = None, now
 
 
 @router.get("", response_class=PlainTextResponse)
-def read_metrics(
+async def read_metrics(
     request: Request, conn: Conn, signer: Signer, settings: Settings, throttle: Throttle
 ) -> PlainTextResponse:
     """Counters, latency histogram and key states for Prometheus: the admin key, a session, or the metrics token."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
     metrics_token = settings.metrics_token
-    allowed = (
-        (metrics_token and token and hmac.compare_digest(token, metrics_token))
-        or signer.check_admin_key(token)
-        or signer.valid_session(request.cookies.get(SESSION_COOKIE))
+    allowed = (metrics_token and token and hmac.compare_digest(token, metrics_token)) or await run_in_threadpool(
+        signer.valid_session, request.cookies.get(SESSION_COOKIE)
     )
-    if not allowed:
-        if token:  # a wrong token is a guess at the admin key too
-            refuse_guess(request, throttle, settings, audit.ADMIN_API)
+    # A token that is neither the metrics token nor the admin key is a guess at the admin key.
+    if not allowed and not (
+        token and await admin_key_checked(request, signer, throttle, settings, token, audit.ADMIN_API)
+    ):
         raise HTTPException(401, "Send the metrics token (ui.metrics_token) or the admin key as a Bearer token.")
+    return await run_in_threadpool(_metrics, conn, settings)
+
+
+def _metrics(conn, settings: UiSettings) -> PlainTextResponse:
     status = capture_status.read(settings.db_path)
     return PlainTextResponse(render_metrics(conn, status, time.time()), media_type="text/plain; version=0.0.4")

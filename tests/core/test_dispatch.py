@@ -654,6 +654,18 @@ def test_a_key_awaiting_its_first_answer_is_waited_for_then_shared_at_the_deadli
     assert rotation.waiting(frozenset(), NOW + 0.01, MODEL, None, NOW) == KeyWait(key)
 
 
+def test_a_new_key_resting_for_the_model_is_not_waited_for():
+    # A provider's outage right after a start: the new key's answer would not free it for this
+    # model, so the request does not wait out wait_max_seconds for it (it did: 5 s per request).
+    rotation = _rotation(KeyState.ACTIVE, proven=False)
+    key = rotation.pool.keys[0]
+    rotation.pool.started(key, NOW)
+    rotation.pool.runtime[key.id].health(MODEL).resting_until = NOW + 60
+    assert not rotation.pool.awaiting_proof(frozenset(), MODEL, NOW)
+    assert rotation.pool.awaiting_proof(frozenset(), None, NOW)  # key-wide it still awaits its answer
+    assert rotation.waiting(frozenset(), NOW + 1, MODEL, None, NOW) != KeyWait(seconds=PROOF_POLL_SECONDS)
+
+
 def test_a_resting_pool_with_a_probe_out_is_looked_at_again_soon():
     rotation = _rotation(KeyState.ACTIVE, KeyState.ACTIVE)
     for _ in range(SETTINGS.policy.failure_threshold):

@@ -25,6 +25,7 @@ from core.limits import (
     parse_limit,
     policy_with,
     reservation,
+    spend_names,
     upload_refusal,
 )
 from core.prices import Price, PriceTable
@@ -202,8 +203,23 @@ def test_reset_durations_read_like_openais(seconds, text):
     assert duration(seconds) == text
 
 
-def test_no_limits_takes_no_ticket():
-    assert governor().admit("a", 1, ClientPolicy(), "gpt-4o", b"{}", None, NOW) is None
+def test_a_client_without_limits_still_has_its_spend_counted():
+    g = governor()
+    ticket = g.admit("a", 1, ClientPolicy(), "gpt-4o", b"{}", None, NOW)
+    assert isinstance(ticket, Ticket)
+    assert not ticket.parallel and ticket.tokens_entry is None and ticket.reservations == ()  # nothing held
+    g.settle("a", {"total_tokens": 30}, 0.25, NOW + 1)
+    names = spend_names(1, NOW)
+    assert [g.counters.period_total(names[k]) for k in ("day_tokens", "month_tokens", "day_usd", "month_usd")] == [
+        30,
+        30,
+        0.25,
+        0.25,
+    ]
+    assert g.tickets == {}
+
+
+def test_none_clears_a_limit():
     assert policy_with(ClientPolicy(rpm=5), {"rpm": "none", "tpm": "9"}) == ClientPolicy(tpm=9)
 
 

@@ -3,6 +3,7 @@ by the login form and by Bearer alike, and never locking the right key out."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -129,3 +130,63 @@ def test_client_address(peer: str, forwarded: list[str], trusted: str, expected:
 def test_trusted_proxies_refuses_what_is_no_address(value: object):
     with pytest.raises(ValueError):
         parse_networks(value)
+
+
+def same_app_from(client: TestClient, peer: str) -> TestClient:
+    """Another browser, at `peer`, on the same running UI as `client`."""
+    other = TestClient(client.app, follow_redirects=False, client=(peer, 50001))
+    other.__enter__()
+    return other
+
+
+def test_the_right_key_from_another_address_passes_at_once_while_one_address_is_locked(make_client: Make):
+    guesser = make_client(peer="192.0.2.66")
+    assert [guess(guesser) for _ in range(6)] == [401] * 6
+    assert guess(guesser) == 429
+    admin = same_app_from(guesser, "198.51.100.5")
+    try:
+        before = len(audit_addresses(guesser))
+        assert guess(admin, key=ADMIN) == 303
+        assert admin.get("/api/clients", headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200
+        assert guess(admin) == 401  # its own first wrong key: counted for it alone, not refused
+        assert audit_addresses(guesser)[before:] == [
+            ("login.succeeded", "198.51.100.5"),
+            ("login.failed", "198.51.100.5"),
+        ]
+        assert guess(guesser) == 429  # the guesser stays locked
+    finally:
+        admin.__exit__(None, None, None)
+
+
+def test_the_login_page_shows_the_wait_never_json(make_client: Make):
+    client = make_client()
+    for _ in range(6):
+        guess(client)
+    refused = client.post("/login", data={"admin_key": "wrong-again"})
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert refused.headers["content-type"].startswith("text/html")
+    assert "Too many wrong admin keys from this address: wait" in refused.text
+    assert re.search(r"until \d\d:\d\d:\d\d UTC", refused.text)
+    assert '<input type="password" name="admin_key"' in refused.text  # the form is there to try again later
+    assert "wrong-again" not in refused.text  # what was typed is not echoed
+    page = client.get("/login")
+    assert page.status_code == 200 and "Too many wrong admin keys from this address: wait" in page.text
+    elsewhere = same_app_from(client, "198.51.100.5")
+    try:
+        assert "Too many wrong admin keys" not in elsewhere.get("/login").text
+    finally:
+        elsewhere.__exit__(None, None, None)
+    assert guess(client, key=ADMIN) == 303  # the right key, at the locked address: still in
+
+
+def test_a_session_is_never_counted_or_held_at_a_locked_address(make_client: Make):
+    client = make_client()
+    assert guess(client, key=ADMIN) == 303  # a session first, its cookie kept by the test client
+    for _ in range(7):
+        guess(client)
+    assert guess(client) == 429
+    assert client.get("/api/clients").status_code == 200
+    assert client.get("/clients").status_code == 200
+    before = len(audit_addresses(client))
+    client.get("/api/clients")
+    assert len(audit_addresses(client)) == before  # nothing counted

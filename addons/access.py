@@ -287,11 +287,11 @@ class Access:
 def _name_flow(flow: http.HTTPFlow) -> None:
     """The UI's requests (a pass) learn which flow they are, to find its record (monitor_ui/through_proxy.py)."""
     response = flow.response
-    if response is None or FLOW_HEADER in response.headers:
+    if response is None:
         return
     verdict = AccessVerdict.of(flow.metadata)
     if verdict is not None and verdict.by_pass:
-        response.headers[FLOW_HEADER] = flow.id
+        response.headers[FLOW_HEADER] = flow.id  # set, not kept: upstream's own x-keyrotor-flow names nothing
 
 
 def _address(flow: http.HTTPFlow) -> str | None:

@@ -210,6 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
     trace_list = trace_actions.add_parser("list", parents=[common], help="traces, newest first, with their verdicts")
     trace_list.add_argument("--group", metavar="UPSTREAM/GROUP", help="only this group's traces")
     trace_list.add_argument("--model", metavar="MODEL", help="only this model's traces")
+    playground = commands.add_parser(
+        "playground", parents=[common], help="ask a model through the proxy, as the UI's playground does"
+    ).add_subparsers(dest="action", required=True)
+    ask = playground.add_parser(
+        "ask",
+        parents=[common],
+        help="send a prompt (streamed as it arrives); a new conversation unless --conversation names one",
+    )
+    ask.add_argument("model", metavar="MODEL")
+    ask.add_argument("prompt", metavar="PROMPT")
+    ask.add_argument("--group", metavar="UPSTREAM/GROUP", help="only this group serves it (default: routed)")
+    ask.add_argument("--client", metavar="NAME", help="run as this client (default: the built-in playground client)")
+    ask.add_argument("--conversation", metavar="ID", help="continue this conversation (its earlier turns are sent)")
+    ask.add_argument("--system", metavar="TEXT", help="system prompt (default: the conversation's)")
+    ask.add_argument("--temperature", type=float, metavar="X")
+    ask.add_argument("--max-tokens", type=int, metavar="N")
+    ask.add_argument("--no-stream", dest="stream", action="store_false", help="ask for the whole answer at once")
+    playground.add_parser("list", parents=[common], help="the conversations kept, newest first")
+    for action, text in (
+        ("show", "a conversation's turns, with their flows"),
+        ("delete", "delete a conversation (its flows stay)"),
+    ):
+        playground.add_parser(action, parents=[common], help=text).add_argument("conversation_id", metavar="ID")
 
     return parser
 

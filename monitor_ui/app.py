@@ -35,6 +35,7 @@ from monitor_ui.routes import (
     keys,
     metrics,
     models,
+    playground,
     replays,
     traces,
     upstreams,
@@ -67,6 +68,8 @@ ROUTERS = (
     models.api,
     traces.router,
     traces.api,
+    playground.router,
+    playground.api,
     upstreams.router,
     upstreams.api,
 )

@@ -490,6 +490,47 @@ def _v15_traces(db: sqlite_utils.Database) -> None:
     db.table("trace_fetches").create_index(["trace_id"])
 
 
+def _v16_playground(db: sqlite_utils.Database) -> None:
+    # The chat playground (docs/playground.md): conversations and their turns, each turn naming the
+    # flow that carried it (mitmproxy's flow id; its row once the writer has stored it).
+    db.table("playground_conversations").create(
+        {
+            "id": str,  # pg-<hex>: also the flows' x-keyrotor-session
+            "title": str,  # the first words of the first prompt
+            "client_id": int,
+            "model": str,
+            "group_id": int,
+            "system": str,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="id",
+        not_null={"created_at", "updated_at"},
+    )
+    db.table("playground_conversations").create_index(["updated_at"])
+    db.table("playground_turns").create(
+        {
+            "id": int,
+            "conversation_id": str,
+            "prompt": str,
+            "answer": str,  # NULL: not answered (refused, failed, cut): not sent again
+            "error": str,
+            "status": int,
+            "model": str,
+            "stream": int,
+            "flow_id": str,  # mitmproxy's, from the proxy's x-keyrotor-flow
+            "flows_before": int,  # flows.id was at most this when the turn was sent: where to look for its row
+            "flow_row_id": int,
+            "created_at": float,
+            "ended_at": float,
+        },
+        pk="id",
+        not_null={"conversation_id", "prompt", "created_at"},
+        foreign_keys=[("conversation_id", "playground_conversations", "id")],
+    )
+    db.table("playground_turns").create_index(["conversation_id"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
@@ -506,6 +547,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v13_replays,
     _v14_attempt_urls,
     _v15_traces,
+    _v16_playground,
 ]
 
 

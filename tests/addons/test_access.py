@@ -187,3 +187,17 @@ def test_the_allowlist_checks_the_top_level_model_not_a_decoy(body, status):
     with taddons.context(addon):
         addon.request(flow)
     assert (flow.response.status_code if flow.response else None) == status
+
+
+def test_only_a_pass_s_answer_names_its_flow_and_upstream_cannot_name_another(access):
+    from core.passes import FLOW_HEADER
+
+    for by_pass in (True, False):
+        flow = tflow.tflow(resp=tutils.tresp(headers=((FLOW_HEADER.encode(), b"someone-else-s-flow"),)))
+        flow.metadata["keyrotor.access"] = AccessVerdict(client_id=1, client_name="alice", by_pass=by_pass)
+        access.responseheaders(flow)
+        access.response(flow)
+        if by_pass:
+            assert flow.response.headers.get_all(FLOW_HEADER) == [flow.id]
+        else:
+            assert flow.response.headers.get_all(FLOW_HEADER) == ["someone-else-s-flow"]  # not keyrotor's to name

@@ -158,6 +158,8 @@ class Capture:
         self._record(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if flow.error is None and flow.response is not None:
+            return  # the key pool recovered it: its answer goes out next, and the response hook records it
         self._record(flow)
 
     def _record(self, flow: http.HTTPFlow, error: str | None = None) -> None:

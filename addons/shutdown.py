@@ -106,7 +106,8 @@ class Shutdown:
         self._in_flight.pop(flow.id, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._in_flight.pop(flow.id, None)
+        if flow.error is not None or flow.response is None:  # else recovered: it ends at its response hook
+            self._in_flight.pop(flow.id, None)
 
 
 def unsent_bytes() -> int:

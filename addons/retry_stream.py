@@ -97,9 +97,6 @@ class RetryStream:
         if flow.error is not None:  # the client left, or the stream broke: upstream is read no more
             self._let_go(flow.id)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._let_go(flow.id)  # a stream never fed (killed before): its connection closes
-
     def done(self) -> None:
         global _active
         for flow_id in list(self.pending) + list(_pumps):

@@ -118,10 +118,10 @@ def measure(tree: Path, requests: int, chunks: int, delay: float, retried: bool 
                 delays.append((arrived - sent[1]) * 1000)  # event 1 the first text
                 lengths.append((sent[-1] - sent[0]) * 1000)
         attempts = [r.key for r in upstream.received if r.path == "/v1/chat/completions"]
-    except httpx.HTTPError as e:
-        raise SystemExit(f"{e!r}; the proxy's log ends:\n" + (tmp / "proxy.log").read_text()[-3000:]) from None
         if attempts != keys * requests:
             raise SystemExit(f"not every request was retried once: {attempts[:6]} …")
+    except httpx.HTTPError as e:
+        raise SystemExit(f"{e!r}; the proxy's log ends:\n" + (tmp / "proxy.log").read_text()[-3000:]) from None
     finally:
         if proxy is not None:
             proxy.terminate()

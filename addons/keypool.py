@@ -183,7 +183,8 @@ class KeyPool:
         if isinstance(owner, OpenAIError):
             self._refuse(flow, owner)
             return None
-        model = self._model_of(flow) if flow.request.method == "POST" else None
+        request = flow.request
+        model = self._model_of(flow) if request.method == "POST" else None
         plan = self._plan(flow, [owner.candidate(model)], model)
         plan.only_key = owner.key_id
         return self._send_first(flow, plan, owned.owned)

@@ -13,6 +13,7 @@ import json
 import socket
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -184,3 +185,32 @@ def test_a_stream_retried_after_a_silent_first_attempt_streams_too(keyrotor: Key
     assert content[0] < sent[2] and content[0] < sent[-1] - 3 * PACE
     (row,) = rows(keyrotor)
     assert row["status"] == 200 and row["attempts"] == 2 and row["error"] is None
+
+
+def test_mitmweb_never_shows_the_key_of_a_retried_stream(keyrotor: Keyrotor, upstream: FakeUpstream):
+    from tests.conftest import ADMIN_KEY
+    from tests.test_secrets_integration import Updates
+
+    upstream.set_key(BAD, "server_error")
+    upstream.set_key(GOOD, "echo_stream_gzip")  # the retry's stream quotes its key
+    keyrotor.env["KEYROTOR_KEYPOOL_STRATEGY"] = "round_robin"
+    client_key, web_port = keyrotor.start_with_mitmweb(BAD, GOOD)
+    updates = Updates(web_port)
+    try:
+        got = streamed(client_for(keyrotor, client_key))
+        assert upstream.keys_seen() == [BAD, GOOD]
+        assert "[upstream key #2 ...0002]" in "".join(c.choices[0].delta.content or "" for _, c in got if c.choices)
+        wait_for(lambda: len(updates.flows_finished()) == 1, what="the flow finished on /updates")
+        mitmweb = f"http://127.0.0.1:{web_port}"
+        flows = httpx.get(f"{mitmweb}/flows", params={"token": ADMIN_KEY}).json()
+        seen = ["\n".join(updates.messages), json.dumps(flows)]
+        seen.append(httpx.get(f"{mitmweb}/flows/dump", params={"token": ADMIN_KEY}).content.decode("latin-1"))
+        for part in ("request", "response"):
+            url = f"{mitmweb}/flows/{flows[0]['id']}/{part}/content.data"
+            seen.append(httpx.get(url, params={"token": ADMIN_KEY}).content.decode("latin-1"))
+    finally:
+        updates.close()
+    everything = "\n".join(seen)
+    assert "[upstream key #2 ...0002]" in everything  # the placeholder, shown
+    for secret in (BAD, GOOD, client_key):
+        assert secret not in everything

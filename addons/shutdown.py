@@ -106,8 +106,10 @@ class Shutdown:
         self._in_flight.pop(flow.id, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if flow.error is not None or flow.response is None:  # else recovered: it ends at its response hook
-            self._in_flight.pop(flow.id, None)
+        response = flow.response
+        if flow.error is None and response is not None and response.raw_content is None:
+            return  # recovered with a retried stream, fed to the client next: in flight until its end
+        self._in_flight.pop(flow.id, None)
 
 
 def unsent_bytes() -> int:

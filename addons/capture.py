@@ -169,6 +169,8 @@ class Capture:
         self._record(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if flow.error is None and flow.response is not None and flow.response.raw_content is None:
+            return  # recovered with a retried stream, fed to the client next: recorded at its end
         self._record(flow)
 
     def _record(self, flow: http.HTTPFlow, error: str | None = None) -> None:

@@ -30,10 +30,15 @@ _active: CredentialSender | None = None
 
 class CredentialSender:
     """The key pool fills `outgoing` (flow.id → key value; never in flow.metadata); the patch, installed
-    by addons/patches.py, sends them. It has no hooks: nothing in mitmproxy's chain runs for it per flow."""
+    by addons/patches.py, sends them. It has no hooks: nothing in mitmproxy's chain runs for it per flow.
+
+    A retry goes out with httpx (core/failover.py); when its stream is fed to the client through
+    mitmproxy's stream (addons/retry_stream.py), the key pool leaves `answering[flow.id]` = (key value,
+    placeholder), and the patch replaces that key's echo in the stream as it does a first attempt's."""
 
     def __init__(self) -> None:
         self.outgoing: dict[str, str] = {}
+        self.answering: dict[str, tuple[str, str]] = {}
         self.installed = False
 
     def load(self, loader: Loader) -> None:
@@ -59,6 +64,8 @@ def install() -> None:
 
 
 def _handle_event_with_key(self: http_layer.HttpStream, event: events.Event) -> Generator:
+    if _active is not None and _active.answering and type(event) is http_layer.ResponseHeaders:
+        _answered_with(self, _active.answering.pop(self.flow.id, None))
     echo: EchoFilter | None = self.__dict__.get("_keyrotor_echo")
     if echo is not None:
         if isinstance(event, http_layer.ResponseEndOfMessage):
@@ -103,6 +110,14 @@ def _handle_event_with_key(self: http_layer.HttpStream, event: events.Event) -> 
             reply = yield command
         finally:
             headers.fields = shown
+
+
+def _answered_with(self: http_layer.HttpStream, key: tuple[str, str] | None) -> None:
+    """A retried answer's head, sent with another key than the first attempt's: its echo is looked for now."""
+    if key is not None:
+        value, stand_in = key
+        self.__dict__["_keyrotor_echo"] = EchoFilter(value.encode(), stand_in.encode())
+        self.__dict__.pop("_keyrotor_decoder", None)
 
 
 def _without_echo(self: http_layer.HttpStream, echo: EchoFilter, event: events.Event) -> events.Event:

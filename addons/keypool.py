@@ -2,8 +2,8 @@
 key from its pool, and send it again elsewhere when the key fails.
 
 core/dispatch.py decides each step (core/failover.py waits and retries); the hooks apply the
-decisions to the flow. The first attempt goes through mitmproxy, so a good answer streams
-unbuffered; a retried one reaches the client whole.
+decisions to the flow. Every answer streams unbuffered, a first attempt's as mitmproxy forwards
+it, a retried one as addons/retry_stream.py feeds it; other retried answers arrive whole.
 """
 
 from __future__ import annotations
@@ -42,13 +42,11 @@ def reached_client(flow: http.HTTPFlow) -> bool:
     return metadata.reached_client(flow.metadata, flow.response is not None and bool(flow.response.stream))
 
 
-def as_response(error: OpenAIError) -> http.Response:
-    return http.Response.make(error.status, error.body(), error.all_headers())
-
-
 def response_of(answer: upstream.Answer) -> http.Response:
-    headers, times = http.Headers(answer.header_fields()), (answer.first_byte_at, answer.ended_at)
-    return http.Response(b"HTTP/1.1", answer.status, answer.reason, headers, answer.content, None, *times)
+    """A whole answer, or a stream's head as upstream sent it (its body is fed as it comes)."""
+    content, ended = (None, None) if answer.streaming else (answer.content, answer.ended_at)
+    fields = http.Headers(answer.header_fields())
+    return http.Response(b"HTTP/1.1", answer.status, answer.reason, fields, content, None, answer.first_byte_at, ended)
 
 
 def aim(request: http.Request, url: str) -> None:
@@ -76,6 +74,7 @@ class KeyPool:
         sender: KeyHandoff | None = None,
         state: ProxyState | None = None,
         writer: OwnershipSink | None = None,
+        streamer: upstream.StreamHandoff | None = None,
     ) -> None:
         self._defaults = defaults
         # The runtime's (addons/runtime.py): the route table, a Rotation per group and the object
@@ -87,6 +86,8 @@ class KeyPool:
         self._client: httpx.AsyncClient | None = None
         self.sender = sender  # addons/credential_sender.py's, handed over by the -s entry
         self._outgoing: dict[str, str] | None = None  # the sender's, once running() finds its patch in
+        self.streamer = streamer  # addons/retry_stream.py's: a retried stream is left there to be fed
+        self._first_token = 0.0
         # Key affinity, per flow: what it names and what its stream showed.
         self._referenced: dict[str, tuple[str, ...]] = {}
         self._streamed: dict[str, affinity.ObjectWatch] = {}
@@ -116,6 +117,7 @@ class KeyPool:
             ),
         )
         self.state.configure(settings)
+        self._first_token = float(options.keypool_first_token_seconds)  # also a retried stream's limit
 
     def running(self) -> None:
         # The key goes on only as the request's bytes leave, and its echo comes out as the answer
@@ -200,15 +202,9 @@ class KeyPool:
             return
         if not referenced and not affinity.is_object_path(request.path):
             return
-        use = KeyUse.of(flow.metadata)
-        if use is None or use.key_id is None or use.refusal is not None:
-            return
         streamed = watch.objects if watch is not None and response.stream else None
         shown = affinity.shown_objects(streamed, response.headers, lambda: response.content)
-        access = AccessVerdict.of(flow.metadata)
-        client_id = access.client_id if access is not None else None
-        own = affinity.derives_from_own(referenced, client_id, self.state.tenants)
-        learnt = affinity.learnt(flow.id, use.key_id, request.method, referenced, shown, client_id, own)
+        learnt = affinity.taught(flow.id, flow.metadata, request.method, referenced, shown, self.state.tenants)
         if learnt is None:
             return
         self.state.learn(learnt)
@@ -293,11 +289,16 @@ class KeyPool:
             inner = response.stream if callable(response.stream) else None
             response.stream = chained(inner, EventFilter(functools.partial(dispatch.renamed_back, candidate)))
 
-    def response(self, flow: http.HTTPFlow) -> Coroutine | None:
+    def keyrotor_answered(self, flow: http.HTTPFlow) -> Coroutine | None:
+        """An answer that may be retried, before any addon's `response` hook (addons/retry_stream.py)."""
+        return self.response(flow, finish=False)
+
+    def response(self, flow: http.HTTPFlow, finish: bool = True) -> Coroutine | None:
         use = KeyUse.of(flow.metadata)
         response = flow.response
         if use is None or use.settled or response is None:
-            self._finish(flow)
+            if finish:
+                self._finish(flow)
             return None
         status = response.status_code
         plan = self._plans.get(flow.id)
@@ -312,8 +313,9 @@ class KeyPool:
         if verdict == Verdict.REFUSE:
             self._refuse(flow, dispatch.upgrade_refusal(use, self.state.rotations))
         elif verdict != Verdict.ANSWER:
-            return self._retry(flow, use, judged.outcome, judged.missing, verdict == Verdict.NEXT_MODEL)
-        self._finish(flow)
+            return self._retry(flow, use, judged.outcome, judged.missing, verdict == Verdict.NEXT_MODEL, finish=finish)
+        if finish:
+            self._finish(flow)
         return None
 
     def error(self, flow: http.HTTPFlow) -> Coroutine | None:
@@ -350,6 +352,7 @@ class KeyPool:
         missing: bool,
         too_long: bool = False,
         timed_out: bool = False,
+        finish: bool = True,
     ) -> None:
         request = flow.request
         plan = self._plans.get(flow.id)
@@ -369,20 +372,29 @@ class KeyPool:
             lambda: flow.client_conn.connected,
             too_long,
             timed_out,
+            self._first_token,
         )
-        if result.answer is not None:
-            flow.response = response_of(result.answer)
-            flow.metadata[FIRST_BYTE_AT] = result.answer.ended_at  # it goes to the client whole, now
-            renamed = dispatch.rename_back(result.candidate, flow.response.headers) != Rename.NONE
-            if renamed and not result.refuse:  # streamed or not: it is whole
-                self._rename_whole(flow.response, result.candidate)
+        answer, streamer = result.answer, self.streamer
+        if answer is not None and answer.streaming:  # fed as it comes by addons/retry_stream.py's patch
+            if streamer is not None and streamer.installed and not result.refuse and flow.client_conn.connected:
+                streamer.pending[flow.id] = answer
+            else:
+                answer = await answer.whole()  # without the patch, it goes whole
+        if answer is not None:
+            flow.response = response_of(answer)
+            finish = finish and not answer.streaming  # a fed stream: the response hook at its end finishes
+            if not answer.streaming:  # it goes to the client whole, now
+                flow.metadata[FIRST_BYTE_AT] = answer.ended_at
+                if not result.refuse and dispatch.rename_back(result.candidate, flow.response.headers) != Rename.NONE:
+                    self._rename_whole(flow.response, result.candidate)
         if result.retry_after is not None and flow.response is not None:
             flow.response.headers["retry-after"] = result.retry_after  # when a key is back, in keyrotor's words
         if result.refuse:
             referenced = self._referenced.get(flow.id, ())
             self._refuse(flow, dispatch.retry_refusal(plan, use, self.state.rotations, referenced, self.state.owners))
         self._plans[flow.id] = plan  # _finish reads which route answered
-        self._finish(flow)
+        if finish:
+            self._finish(flow)
         if result.answer is not None and not result.refuse and use.attempts[-1].url:
             # mitmweb shows the flow's request: the one that answered, its key as a placeholder.
             flow.metadata.setdefault(CLIENT_REQUEST, ClientRequest(request.path))
@@ -392,7 +404,7 @@ class KeyPool:
     @staticmethod
     def _refuse(flow: http.HTTPFlow, error: OpenAIError) -> None:
         """keyrotor's own answer instead of upstream's; the row's error says why."""
-        flow.response = as_response(error)
+        flow.response = http.Response.make(error.status, error.body(), error.all_headers())
         use = KeyUse.of(flow.metadata)
         if use is None:
             # Settled: the response hook must not take keyrotor's own 503 for upstream's and send the

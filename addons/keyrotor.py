@@ -29,6 +29,7 @@ from addons.models import Models
 from addons.models_merge import ModelsMerge
 from addons.realtime import Realtime
 from addons.recovery import Recovery
+from addons.retry_stream import RetryStream
 from addons.runtime import Runtime
 from addons.shutdown import Shutdown
 from addons.spend import Spend
@@ -86,6 +87,7 @@ except ConfigError as e:
 
 _runtime = Runtime()  # storage's ports, the state snapshot, the writer, the Governor: one each
 _sender = CredentialSender()  # the key pool's: it puts the pool's keys on the wire
+_streamer = RetryStream(_sender)  # the key pool's: it feeds a retried stream to the client as it comes
 _state, _writer, _governor = _runtime.state, _runtime.writer, _runtime.governor
 addons = [
     KeyRotor(_settings),
@@ -94,7 +96,8 @@ addons = [
     Bounds(_settings),
     Tenancy(_state, _writer),  # before the key pool: another client's object is refused before a key is picked
     Models(_state),  # before the key pool: a list answered here takes no key
-    KeyPool(_settings, sender=_sender, state=_state, writer=_writer),
+    KeyPool(_settings, sender=_sender, state=_state, writer=_writer, streamer=_streamer),
+    _streamer,  # after the key pool: its error hook stops reading a fed stream the client left
     ModelsMerge(_state),  # right after the key pool: upstream's list, retried or not, gets ours added
     TenantLists(_state),  # after the key pool too: a list shows the caller only its own objects
     _sender,

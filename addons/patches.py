@@ -21,6 +21,7 @@ from mitmproxy.version import VERSION
 from addons.bounds import install as install_bounds
 from addons.credential_sender import install as install_credential_sender
 from addons.recovery import install as install_recovery
+from addons.retry_stream import install as install_retry_stream
 from addons.upstream_watch import install as install_upstream_watch
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,18 @@ PATCHES = (
         " it is installed after it and sees each event first.",
         _CHECKED,
         install_upstream_watch,
+    ),
+    Patch(
+        "retry_stream",
+        ("HttpStream._handle_event", "HttpLayer._handle_event", "HttpStream.send_response"),
+        "mitmproxy cannot stream an answer an addon fetched itself, so a retried stream reached the client"
+        " whole. These feed a retried event stream (read by httpx) through the flow's own stream as it"
+        " arrives: its head and chunks take the same path as a first attempt's (hooks, echo filter, held"
+        " headers, SSE error on a break), injected like the upstream watch's timeouts; and an answer that may"
+        " be retried goes through the key pool's `keyrotor_answered` hook before any `response` hook. Wraps"
+        " the upstream watch's _handle_event methods, so it is installed after it and sees each event first.",
+        _CHECKED,
+        install_retry_stream,
     ),
 )
 

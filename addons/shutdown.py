@@ -106,6 +106,9 @@ class Shutdown:
         self._in_flight.pop(flow.id, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if flow.error is None and response is not None and response.raw_content is None:
+            return  # recovered with a retried stream, fed to the client next: in flight until its end
         self._in_flight.pop(flow.id, None)
 
 

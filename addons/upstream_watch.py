@@ -143,21 +143,22 @@ def _awaits_first_token(clock: _Clock) -> bool:
 # What the patches wrap, taken as they go in.
 _inner_stream_event: Callable[[http_layer.HttpStream, events.Event], Generator]
 _inner_layer_event: Callable[[http_layer.HttpLayer, events.Event], Generator]
+_installed = False
 
 
 def install() -> None:
     """Idempotent; wraps what is installed now: addons/patches.py installs it after
     addons/credential_sender.py's patch of the same method, so that this one sees each event first."""
-    global _inner_stream_event, _inner_layer_event
+    global _inner_stream_event, _inner_layer_event, _installed
+    if _installed:  # (addons/retry_stream.py's patch may wrap these since: what is installed now is not ours)
+        return
     # Patches replace methods of mitmproxy's classes, which mypy allows no assignment to.
-    current = http_layer.HttpStream._handle_event
-    if not getattr(current, "_keyrotor_watch", False):
-        _inner_stream_event = current
-        http_layer.HttpStream._handle_event = _watched_stream_event  # type: ignore[method-assign]
-    if not getattr(http_layer.HttpLayer._handle_event, "_keyrotor_watch", False):
-        _inner_layer_event = http_layer.HttpLayer._handle_event
-        http_layer.HttpLayer._handle_event = _layer_event  # type: ignore[method-assign]
+    _inner_stream_event = http_layer.HttpStream._handle_event
+    http_layer.HttpStream._handle_event = _watched_stream_event  # type: ignore[method-assign]
+    _inner_layer_event = http_layer.HttpLayer._handle_event
+    http_layer.HttpLayer._handle_event = _layer_event  # type: ignore[method-assign]
     http_layer.HttpStream.start_response_stream = _start_response_stream_held  # type: ignore[method-assign]
+    _installed = True
 
 
 def _layer_event(self: http_layer.HttpLayer, event: events.Event) -> Generator:
@@ -166,9 +167,6 @@ def _layer_event(self: http_layer.HttpLayer, event: events.Event) -> Generator:
     if type(event) is events.MessageInjected and isinstance(event.message, _Timeout):
         return _route_timeout(self, event)
     return _inner_layer_event(self, event)
-
-
-_layer_event.__dict__["_keyrotor_watch"] = True  # the mark install() looks for
 
 
 def _route_timeout(self: http_layer.HttpLayer, event: events.MessageInjected) -> Generator:
@@ -229,9 +227,6 @@ def _watched_stream_event(self: http_layer.HttpStream, event: events.Event) -> G
         if isinstance(message, _Timeout):
             return _time_out(self, message.message)
     return _inner_stream_event(self, event)
-
-
-_watched_stream_event.__dict__["_keyrotor_watch"] = True
 
 
 def _ignored() -> Generator:

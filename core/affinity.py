@@ -18,7 +18,7 @@ from typing import Any
 
 from core.classify import HeaderLookup
 from core.errors import OpenAIError
-from core.metadata import REFERENCED
+from core.metadata import REFERENCED, AccessVerdict, KeyUse
 from core.usage import events_end, split_events
 
 # `object` values of the answers that create (or show) an owned object → the kind stored.
@@ -187,6 +187,25 @@ def learnt(
     if client_id is not None:
         claimed = frozenset(o.id for o in (new if own else created))
     return Ownership(flow_id, key_id, created, referenced, answered, client_id, claimed)
+
+
+def taught(
+    flow_id: str,
+    metadata: dict[str, Any],
+    method: str,
+    referenced: tuple[str, ...],
+    shown: list[OwnedObject],
+    tenants: Mapping[str, int],
+) -> Ownership | None:
+    """What a successful answer teaches (`learnt`), read from the flow's `metadata`: the key that
+    answered, and the client (whose objects are `tenants`); None: nothing to learn."""
+    use = KeyUse.of(metadata)
+    if use is None or use.key_id is None or use.refusal is not None:
+        return None
+    access = AccessVerdict.of(metadata)
+    client_id = access.client_id if access is not None else None
+    own = derives_from_own(referenced, client_id, tenants)
+    return learnt(flow_id, use.key_id, method, referenced, shown, client_id, own)
 
 
 @dataclass

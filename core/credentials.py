@@ -101,9 +101,11 @@ def placeholder(key_id: int, last4: str) -> str:
 
 class KeyHandoff(Protocol):
     """Where the key pool leaves a flow's key to be put on only as the request's bytes leave
-    (addons/credential_sender.py): `outgoing` maps flow id → key, `installed` says the patch is in."""
+    (addons/credential_sender.py): `outgoing` maps flow id → key, `installed` says the patch is in;
+    `answering` maps flow id → (key, placeholder) for a retried stream fed through mitmproxy's stream."""
 
     outgoing: dict[str, str]
+    answering: dict[str, tuple[str, str]]
     installed: bool
 
 

@@ -2,11 +2,13 @@
 
 Nothing is decided here. This waits for a key when a decision says so, sends a retry
 upstream with httpx (mitmproxy cannot send a flow twice), and tells each group's rotation
-what its attempts met, so that its pool learns.
+what its attempts met, so that its pool learns. A retried event stream is judged on its
+headers and first chunk (core/upstream.py) and handed back with the rest still to read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,12 +38,15 @@ from core.models import PoolKey
 from core.rotation import Rotation, RotationSettings
 from core.routing import Candidate
 
-Send = Callable[[httpx.AsyncClient, str, str, list[tuple[bytes, bytes]], bytes | None], Awaitable[upstream.Answer]]
+Send = Callable[
+    [httpx.AsyncClient, str, str, list[tuple[bytes, bytes]], bytes | None, float], Awaitable[upstream.Answer]
+]
 
 
 @dataclass
 class RetryResult:
-    answer: upstream.Answer | None  # the last whole answer, None when no attempt got one
+    # The last answer, None when no attempt got one: whole, or a stream with its rest to read (answer.rest).
+    answer: upstream.Answer | None
     refuse: bool  # every attempt failed because of our keys: answer with a 503 of our own instead
     candidate: Candidate | None = None  # the route of `answer`
     trail: tuple[Step, ...] = ()  # the decisions taken on the way
@@ -183,6 +188,7 @@ class Failover:
         alive: Callable[[], bool] | None = None,
         too_long: bool = False,
         timed_out: bool = False,
+        first_token_seconds: float = 0.0,
     ) -> RetryResult:
         """Send the request again, as core.dispatch.Journey decides, until an answer the client can
         use or nothing is left to try.
@@ -190,7 +196,8 @@ class Failover:
         `answered` is what the answer the client would get now said (None: no answer yet);
         `model_missing` that its upstream has no such model; `alive` whether the client still waits;
         `too_long` that the prompt is too long for the model (its fallback models may take it);
-        `timed_out` that the attempt got nothing in time (a route elsewhere goes next, when there is one).
+        `timed_out` that the attempt got nothing in time (a route elsewhere goes next, when there is one);
+        `first_token_seconds` (0: none) how long a stream's first chunk may take, as for a first attempt.
         """
         settings = self._settings()
         send = self._send or upstream.send
@@ -223,14 +230,21 @@ class Failover:
                 rotation.begin(use, key, candidate, candidate.model if candidate.fallback_from else None, step.scope)
                 outgoing = addressed(plan, candidate, key, default_base_url)
                 use.attempts[-1].url = outgoing.url
+                fields, body = list(outgoing.fields), outgoing.body
                 try:
-                    got = await send(client, outgoing.method, outgoing.url, list(outgoing.fields), outgoing.body)
+                    got = await send(client, outgoing.method, outgoing.url, fields, body, first_token_seconds)
                 except httpx.HTTPError as e:
                     message = upstream.error_text(e)
                     rotation.end(use, connection_failure(message), None, message)
                     step = journey.lost(living(), isinstance(e, httpx.ReadTimeout))
                     continue
-                answer = got.without_echo(key.value, placeholder(key.id, key.last4))  # upstream may quote our key
+                if answer is not None:
+                    await answer.discard()  # (a stream is good, so never followed by another attempt)
+                stand_in = placeholder(key.id, key.last4)
+                if got.streaming:  # its echo is replaced as it passes, like a first attempt's
+                    answer = dataclasses.replace(got, echo=(key.value, stand_in))
+                else:
+                    answer = got.without_echo(key.value, stand_in)  # upstream may quote our key
                 content = answer.content if answer.status >= 400 else None
                 more, fallback = journey.more_routes(), journey.fallback_ahead()
                 judgement = judge(answer.status, answer.headers, content, more, time.time(), fallback)

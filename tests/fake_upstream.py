@@ -958,6 +958,7 @@ class FakeUpstream:
         self.usage_delay = 0.0  # seconds a chat stream waits between its finish chunk and its usage chunk
         # Each chat stream's events as they were sent, in order: what upstream produced (and was cut off at).
         self.streams: list[list[bytes]] = []
+        self.stream_times: list[list[float]] = []  # when each of those events was handed to the server (time.time())
         self.url = ""  # set by start()
         self.port = 0
         self.received: list[Received] = []
@@ -1354,11 +1355,14 @@ class FakeUpstream:
 
     async def _logged(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         sent: list[bytes] = []
+        times: list[float] = []
         if self.record:
             with self._received_lock:
                 self.streams.append(sent)
+                self.stream_times.append(times)
         async for event in events:
             sent.append(event)
+            times.append(time.time())
             yield event
 
     def _embeddings(self, body: bytes) -> Response:

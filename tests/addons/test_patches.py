@@ -19,7 +19,7 @@ from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.test import taddons
 from mitmproxy.version import VERSION
 
-from addons import bounds, credential_sender, patches, recovery, upstream_watch
+from addons import bounds, credential_sender, patches, recovery, retry_stream, upstream_watch
 from config import ROOT
 
 # The parameters each replaced or wrapped method is called with: the patches take the same.
@@ -29,6 +29,7 @@ REPLACED = {
     "HttpStream.state_consume_request_body": ("self", "event"),
     "HttpStream._handle_event": ("self", "event"),
     "HttpStream.start_response_stream": ("self",),
+    "HttpStream.send_response": ("self", "already_streamed"),
     "HttpLayer._handle_event": ("self", "event"),
     "_http1.make_error_response": ("status_code", "message"),
     "_http2.Http2Server._handle_event": ("self", "event"),
@@ -36,7 +37,6 @@ REPLACED = {
 
 # What the patches call or read on the classes they patch (None: any parameters).
 CALLED = {
-    "HttpStream.send_response": ("self", "already_streamed"),
     "HttpStream.check_killed": ("self", "emit_error_hook"),
     "HttpStream.passthrough": ("self", "event"),
     "HttpStream.state_errored": None,
@@ -66,6 +66,7 @@ BUILT = [
     (http_layer.DropStream, ("stream_id",)),
     (http_layer.HttpErrorHook, ("flow",)),
     (http_layer.HttpResponseHeadersHook, ("flow",)),
+    (retry_stream.KeyrotorAnsweredHook, ("flow",)),
     (events.MessageInjected, ("flow", "message")),
     (commands.CloseConnection, ("connection",)),
     (Proxyserver.inject_event, ("self", "event")),
@@ -162,7 +163,10 @@ def installed_state() -> dict[str, object]:
         "HttpStream.state_consume_request_body": http_layer.HttpStream.state_consume_request_body,
         "HttpStream._handle_event": http_layer.HttpStream._handle_event,
         "HttpStream.start_response_stream": http_layer.HttpStream.start_response_stream,
+        "HttpStream.send_response": http_layer.HttpStream.send_response,
         "HttpLayer._handle_event": http_layer.HttpLayer._handle_event,
+        "the retry stream wraps": (retry_stream._inner_stream_event, retry_stream._inner_layer_event),
+        "the retry stream sends with": retry_stream._inner_send_response,
         "the watch wraps": upstream_watch._inner_stream_event,
         "the sender wraps": credential_sender._handle_event,
         "the watch's layer wraps": upstream_watch._inner_layer_event,
@@ -179,18 +183,30 @@ def test_the_entry_installed_every_patch_in_order():
     assert http_layer.HttpStream.state_consume_request_body is bounds._state_consume_request_body
     assert is_mitmproxys(bounds._wait_for_request_headers, "HttpStream.state_wait_for_request_headers")
     assert is_mitmproxys(bounds._consume_request_body, "HttpStream.state_consume_request_body")
-    # The watch sees each event first, then the credential sender, then mitmproxy.
-    assert http_layer.HttpStream._handle_event is upstream_watch._watched_stream_event
+    # The retry stream sees each event first, then the watch, then the credential sender, then mitmproxy.
+    assert http_layer.HttpStream._handle_event is retry_stream._stream_event
+    assert retry_stream._inner_stream_event is upstream_watch._watched_stream_event
     assert upstream_watch._inner_stream_event is credential_sender._handle_event_with_key
     assert is_mitmproxys(credential_sender._handle_event, "HttpStream._handle_event")
-    assert http_layer.HttpLayer._handle_event is upstream_watch._layer_event
+    assert http_layer.HttpLayer._handle_event is retry_stream._layer_event
+    assert retry_stream._inner_layer_event is upstream_watch._layer_event
     assert is_mitmproxys(upstream_watch._inner_layer_event, "HttpLayer._handle_event")
+    assert http_layer.HttpStream.send_response is retry_stream._send_response
+    assert is_mitmproxys(retry_stream._inner_send_response, "HttpStream.send_response")
     assert http_layer.HttpStream.start_response_stream is upstream_watch._start_response_stream_held
 
 
 def test_the_credential_sender_goes_in_before_the_watch_that_wraps_it():
     names = [patch.name for patch in patches.PATCHES]
-    assert names.index("credential_sender") < names.index("upstream_watch")
+    assert names.index("credential_sender") < names.index("upstream_watch") < names.index("retry_stream")
+
+
+def test_the_key_pools_hook_is_named_as_the_retry_stream_yields_it():
+    # mitmproxy calls the addon method named after the hook: a rename would skip the retry silently.
+    from addons.keypool import KeyPool
+
+    assert retry_stream.KeyrotorAnsweredHook.name == "keyrotor_answered"
+    assert callable(getattr(KeyPool, retry_stream.KeyrotorAnsweredHook.name))
 
 
 def test_installing_again_changes_nothing(monkeypatch):

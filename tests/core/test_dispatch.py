@@ -130,7 +130,7 @@ class World:
         answers = self.script.get(name) or ["200"]
         return answers.pop(0) if len(answers) > 1 else answers[0]
 
-    async def send(self, client, method, url, fields, body):
+    async def send(self, client, method, url, fields, body, first_token_seconds=0.0):
         value = dict(fields)[b"authorization"].decode().removeprefix("Bearer ")
         key = next(k for r in self.rotations.values() for k in r.pool.keys if k.value == value)
         token = self.answer_of(key, json.loads(body)["model"])

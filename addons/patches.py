@@ -20,6 +20,7 @@ from mitmproxy.version import VERSION
 
 from addons.bounds import install as install_bounds
 from addons.credential_sender import install as install_credential_sender
+from addons.listener import install as install_listener
 from addons.recovery import install as install_recovery
 from addons.upstream_watch import install as install_upstream_watch
 
@@ -40,7 +41,8 @@ _CHECKED = (
 @dataclass(frozen=True)
 class Patch:
     name: str  # the addons/ module it lives in
-    # Attributes of mitmproxy.proxy.layers.http it sets (replaced or wrapped); `_http1.…` of its submodules.
+    # Attributes of mitmproxy.proxy.layers.http it sets (replaced or wrapped); `_http1.…` of its submodules;
+    # a full dotted name (mitmproxy.proxy.mode_servers.…) elsewhere in mitmproxy.
     replaces: tuple[str, ...]
     why: str
     checked: str  # the mitmproxy releases it was checked against, and how
@@ -91,6 +93,17 @@ PATCHES = (
         " it is installed after it and sees each event first.",
         _CHECKED,
         install_upstream_watch,
+    ),
+    Patch(
+        "listener",
+        ("mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen",),
+        "mitmproxy opens its TCP listener without SO_REUSEPORT, so a second process cannot bind the proxy port."
+        " With proxy.workers above 1 this opens each worker's listener with reuse_port=True (mitmproxy's own"
+        " TCP path otherwise unchanged), and Linux spreads new connections over the workers. One process"
+        " listens exactly as mitmproxy does.",
+        "12.2.0 to 12.3.1: mitmproxy/proxy/mode_servers.py's AsyncioServerInstance.listen opens TCP with"
+        " asyncio.start_server(self.handle_stream, host, port) in each; the workers suite ran on 12.3.1",
+        install_listener,
     ),
 )
 

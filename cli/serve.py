@@ -50,10 +50,30 @@ def proxy_argv(settings: Settings, web: bool) -> list[str]:
     return argv
 
 
+def worker_options(settings: Settings, index: int) -> list[str]:
+    """What makes a mitmdump one of proxy.workers workers (addons/runtime.py reads these options)."""
+    return [
+        "--set",
+        f"proxy_workers={settings['proxy.workers']}",
+        "--set",
+        f"proxy_worker_index={index}",
+        # Not listening until the script is loaded: the Runtime opens the shared listener then.
+        "--set",
+        "server=false",
+    ]
+
+
 def proxy(args: argparse.Namespace, settings: Settings) -> int:
     from mitmproxy.tools import main
 
-    (main.mitmweb if args.web else main.mitmdump)(proxy_argv(settings, args.web))
+    if args.worker_index is None and settings["proxy.workers"] > 1:
+        from cli import workers
+
+        return workers.supervise(args, settings)
+    argv = proxy_argv(settings, args.web)
+    if args.worker_index is not None:
+        argv += worker_options(settings, args.worker_index)
+    (main.mitmweb if args.web else main.mitmdump)(argv)
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -393,7 +394,8 @@ class Governor:
     ip_rpm: int = 0
     tickets: dict[str, Ticket] = field(default_factory=dict)  # by flow id
     prices: PriceTable = field(default_factory=PriceTable)  # for USD budgets' reservations (the Spend addon's)
-    reserved: dict[str, float] = field(default_factory=dict)  # spend counter → what requests in flight hold
+    # spend counter → what requests in flight hold (with workers, every worker's: storage/workers.SharedHolds)
+    reserved: MutableMapping[str, float] = field(default_factory=dict)
     _names: dict[int, tuple[str, dict[str, str]]] = field(default_factory=dict)  # client → (day, spend names)
 
     def spend_names(self, client_id: int, now: float) -> dict[str, str]:
@@ -445,6 +447,21 @@ class Governor:
         `serving`: the UPSTREAM/GROUP labels of the groups that serve `model`, when the policy limits groups.
         `path`: the request's, to tell what generates output (and so reserves its budget) from what does not.
         """
+        with self.counters.atomic():  # with workers, one transaction: exact whichever worker admits
+            return self._admit(flow_id, client_id, policy, model, body, address, now, serving, path)
+
+    def _admit(
+        self,
+        flow_id: str,
+        client_id: int,
+        policy: ClientPolicy,
+        model: str | None,
+        body: bytes,
+        address: str | None,
+        now: float,
+        serving: tuple[str, ...] | None,
+        path: str,
+    ) -> Refusal | Ticket | None:
         if policy.is_limited and mints_upstream_credentials(path):
             return refused(
                 403,
@@ -613,6 +630,11 @@ class Governor:
         ticket = self.tickets.pop(flow_id, None)
         if ticket is None or ticket.settled:
             return ticket
+        with self.counters.atomic():
+            self._settle(ticket, usage, cost)
+        return ticket
+
+    def _settle(self, ticket: Ticket, usage: dict[str, Any] | None, cost: float | None) -> None:
         ticket.settled = True
         counters = self.counters
         if ticket.parallel:
@@ -629,7 +651,6 @@ class Governor:
             names = names or self.spend_names(ticket.client_id, ticket.admitted_at)
             for period in ("day", "month"):
                 counters.period_add(names[f"{period}_{unit}"], amount)
-        return ticket
 
     def _release(self, holds: tuple[tuple[str, float], ...]) -> None:
         reserved = self.reserved
@@ -643,10 +664,11 @@ class Governor:
     def charge(self, client_id: int, usage: dict[str, Any] | None, cost: float | None, now: float) -> None:
         """Spend without a ticket: one response of a Realtime session, as it ends."""
         names = self.spend_names(client_id, now)
-        for unit, amount in (("tokens", _tokens_of(usage)), ("usd", cost)):
-            if amount:
-                for period in ("day", "month"):
-                    self.counters.period_add(names[f"{period}_{unit}"], amount)
+        with self.counters.atomic():
+            for unit, amount in (("tokens", _tokens_of(usage)), ("usd", cost)):
+                if amount:
+                    for period in ("day", "month"):
+                        self.counters.period_add(names[f"{period}_{unit}"], amount)
 
 
 def _amount(unit: str, value: float, places: int | None = None) -> str:

@@ -106,6 +106,7 @@ class FlowRecord:
     response_body_bytes: bytes | None = None
     # A WebSocket session's messages: [[ms since start, "client"|"server", "text"|"binary", bytes, text], ...]
     websocket_messages: list[list[float | str | None]] | None = None
+    worker: int | None = None  # which worker of `run.py proxy --workers N` served it (None: one process)
     # Only retried flows keep their attempts: a single attempt is the flow itself.
     attempt_log: list[AttemptLog] = field(default_factory=list)
 

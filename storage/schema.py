@@ -426,6 +426,11 @@ def _v12_object_clients(db: sqlite_utils.Database) -> None:
     db.table("clients").add_column("legacy_objects", int, not_null_default=0)
 
 
+def _vNN_flow_workers(db: sqlite_utils.Database) -> None:
+    # `run.py proxy --workers N`: which worker served each flow (NULL: one process).
+    db.table("flows").add_column("worker", int)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
@@ -439,6 +444,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v10_object_owners,
     _v11_packed_flows,
     _v12_object_clients,
+    _vNN_flow_workers,
 ]
 
 

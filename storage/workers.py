@@ -194,11 +194,11 @@ class SharedCounters:
         return float(row[0]) if row else 0.0
 
     def _raise_own(self, name: str, delta: float) -> None:
-        self._sql(
-            "INSERT INTO gauges (worker, name, value) VALUES (?, ?, max(0, ?))"
-            " ON CONFLICT (worker, name) DO UPDATE SET value = max(0, value + excluded.value)",
-            (self.worker, name, delta),
-        )
+        changed = self._sql(
+            "UPDATE gauges SET value = max(0, value + ?) WHERE worker = ? AND name = ?", (delta, self.worker, name)
+        ).rowcount
+        if not changed and delta > 0:
+            self._sql("INSERT INTO gauges (worker, name, value) VALUES (?, ?, ?)", (self.worker, name, delta))
 
     def start(self) -> None:
         """Nothing to run: every call writes at once."""

@@ -90,6 +90,7 @@ class Runtime:
         self.governor = Governor(counters=None)  # type: ignore[arg-type]
         self.path: Path | None = None
         self._watcher: asyncio.Task | None = None
+        self._in_flight: asyncio.Task | None = None  # with workers: tells the others this one's requests in flight
 
     def load(self, loader: Loader) -> None:
         # Set by the supervisor of `run.py proxy --workers N` (cli/workers.py) on each worker it starts.
@@ -125,6 +126,7 @@ class Runtime:
             self.state.states, self.state.rests = shared, shared
             self.governor.reserved = workers.SharedHolds(self.backend.counters)
             link.deliver = lambda learnt: self.state.absorb(learnt, time.time())
+            link.deliver_in_flight = self.state.absorb_in_flight
         self.state.attach(self.backend.stores)
 
     def start(self) -> None:
@@ -133,11 +135,23 @@ class Runtime:
         self.backend.start()
         if self.backend.revisions is not None:
             self._watcher = asyncio.create_task(self.state.watch(self.backend.revisions))
+        if isinstance(self.backend, SqliteBackend) and self.backend.link is not None:
+            self._in_flight = asyncio.create_task(self._tell_in_flight(self.backend.link))
+
+    async def _tell_in_flight(self, link: workers.WorkerLink) -> None:
+        """With workers and least_used: this worker's requests in flight per key, for the others to count."""
+        while True:
+            await asyncio.sleep(workers.POLL_SECONDS)
+            if ctx.options.keypool_strategy == "least_used":
+                link.publish_in_flight(self.state.in_flight())
 
     def stop(self) -> None:
         if self._watcher:
             self._watcher.cancel()
             self._watcher = None
+        if self._in_flight:
+            self._in_flight.cancel()
+            self._in_flight = None
         self.backend.stop()
 
 

@@ -83,6 +83,7 @@ class KeyRuntime:
     """What only the running proxy knows about a key; survives reloads of the key list."""
 
     in_flight: int = 0
+    elsewhere: int = 0  # with workers: this key's requests in flight in the other workers (POLL_SECONDS old)
     recent: float = 0.0  # picks, decayed with RECENT_HALF_LIFE
     recent_at: float = 0.0
     probing: bool = False  # a request after the cooldown is out; others wait for its answer
@@ -196,7 +197,7 @@ class Pool:
         if strategy == "random":
             key = random.choice(candidates)
         elif strategy == "least_used":
-            key = min(candidates, key=lambda k: (self.runtime[k.id].in_flight, self._recent(k, now), self._order(k)))
+            key = min(candidates, key=lambda k: (self._busy(k), self._recent(k, now), self._order(k)))
         elif strategy == "weighted":
             key = self._smooth_weighted(candidates)
         else:
@@ -215,6 +216,10 @@ class Pool:
                 self._cursor = position + 1
                 return keys[position]
         return None
+
+    def _busy(self, key: PoolKey) -> int:
+        rt = self.runtime[key.id]
+        return rt.in_flight + rt.elsewhere
 
     def _order(self, key: PoolKey) -> int:
         # Position after the last pick, so ties and round robin move on through the list.

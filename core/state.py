@@ -194,6 +194,21 @@ class ProxyState:
             if rotation is not None:
                 rotation.pool.absorb(rested, now)
 
+    def in_flight(self) -> dict[int, int]:
+        """Key id → requests in flight on it in this process (told to the other workers for least_used)."""
+        return {
+            key_id: rt.in_flight
+            for rotation in self.rotations.values()
+            for key_id, rt in rotation.pool.runtime.items()
+            if rt.in_flight
+        }
+
+    def absorb_in_flight(self, elsewhere: dict[int, int]) -> None:
+        """The other workers' requests in flight, by key: least_used counts them with this process's own."""
+        for rotation in self.rotations.values():
+            for key_id, rt in rotation.pool.runtime.items():
+                rt.elsewhere = elsewhere.get(key_id, 0)
+
     def _key(self, key_id: int) -> PoolKey | None:
         for rotation in self.rotations.values():
             key = rotation.pool.by_id.get(key_id)

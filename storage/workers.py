@@ -54,6 +54,8 @@ SCHEMA = (
     "CREATE TABLE periods (name TEXT PRIMARY KEY, value REAL NOT NULL, dirty INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE gauges (worker INTEGER NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,"
     " PRIMARY KEY (worker, name))",
+    "CREATE TABLE in_flight (worker INTEGER NOT NULL, key_id INTEGER NOT NULL, value INTEGER NOT NULL,"
+    " PRIMARY KEY (worker, key_id))",
     "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, worker INTEGER NOT NULL, kind TEXT NOT NULL,"
     " data TEXT NOT NULL, at REAL NOT NULL)",
 )
@@ -261,8 +263,11 @@ class WorkerLink:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.deliver: Callable[[list[KeyStateChange | tuple[int, Rested]]], None] | None = None
+        self.deliver_in_flight: Callable[[dict[int, int]], None] | None = None
         self.loop: Any = None  # the asyncio loop `deliver` runs on
         self._seen = 0
+        self._in_flight: dict[int, int] | None = None  # what this worker last wrote (None: nothing yet)
+        self._elsewhere: dict[int, int] = {}  # what the others had, as last delivered
 
     # ------------------------------------------------------------------ on the loop
 
@@ -273,12 +278,17 @@ class WorkerLink:
         for rest in rests:
             self._queue.put(("rest", {"group_id": group_id, **asdict(rest)}))
 
+    def publish_in_flight(self, counts: dict[int, int]) -> None:
+        """This worker's requests in flight by key (least_used); written with the next poll if they changed."""
+        self._queue.put(("in_flight", counts))
+
     # ------------------------------------------------------------------ the thread
 
     def start(self) -> None:
         conn = connect(self.path)
         try:
             self._seen = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+            conn.execute("DELETE FROM in_flight WHERE worker = ?", (self.worker,))  # a killed run's requests ended
         finally:
             conn.close()
         self._thread = threading.Thread(target=self._run, name="keyrotor-workers", daemon=True)
@@ -322,7 +332,7 @@ class WorkerLink:
             if main is not None:
                 main.close()
 
-    def _take(self, wait: float) -> list[tuple[str, dict[str, Any]]]:
+    def _take(self, wait: float) -> list[tuple[str, Any]]:
         items = []
         try:
             item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
@@ -334,20 +344,42 @@ class WorkerLink:
             pass
         return items
 
-    def _write(self, conn: sqlite3.Connection, events: list[tuple[str, dict[str, Any]]]) -> None:
+    def _write(self, conn: sqlite3.Connection, events: list[tuple[str, Any]]) -> None:
         now = time.time()
+        counts = [data for kind, data in events if kind == "in_flight"]
+        events = [(kind, data) for kind, data in events if kind != "in_flight"]
+        in_flight: dict[int, int] | None = counts[-1] if counts and counts[-1] != self._in_flight else None
+        if not events and in_flight is None:
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
                 "INSERT INTO events (worker, kind, data, at) VALUES (?, ?, ?, ?)",
                 [(self.worker, kind, json.dumps(data), now) for kind, data in events],
             )
+            if in_flight is not None:
+                conn.execute("DELETE FROM in_flight WHERE worker = ?", (self.worker,))
+                conn.executemany(
+                    "INSERT INTO in_flight (worker, key_id, value) VALUES (?, ?, ?)",
+                    [(self.worker, key_id, value) for key_id, value in in_flight.items()],
+                )
+                self._in_flight = in_flight
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
 
     def _read(self, conn: sqlite3.Connection) -> None:
+        if self.deliver_in_flight is not None:
+            elsewhere = dict(
+                conn.execute(
+                    "SELECT key_id, sum(value) FROM in_flight WHERE worker != ? GROUP BY key_id", (self.worker,)
+                ).fetchall()
+            )
+            if elsewhere != self._elsewhere and self.loop is not None:
+                self._elsewhere = elsewhere
+                with suppress(RuntimeError):
+                    self.loop.call_soon_threadsafe(self.deliver_in_flight, elsewhere)
         rows = conn.execute(
             "SELECT id, worker, kind, data FROM events WHERE id > ? ORDER BY id", (self._seen,)
         ).fetchall()

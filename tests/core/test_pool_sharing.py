@@ -86,3 +86,12 @@ def test_a_rest_of_a_key_this_worker_does_not_have_changes_nothing():
     pool = worker_pool()
     pool.absorb(Rested(MODEL, 99, NOW + 30, "429"), NOW)
     assert 99 not in pool.runtime and pool.pick("round_robin", NOW, scope=MODEL) is not None
+
+
+def test_least_used_counts_the_other_workers_requests_in_flight():
+    pool = worker_pool(3)
+    pool.runtime[1].elsewhere = 4
+    pool.runtime[2].elsewhere = 1
+    assert pool.pick("least_used", NOW).id == 3
+    pool.runtime[3].elsewhere = 2
+    assert pool.pick("least_used", NOW).id == 2

@@ -147,3 +147,25 @@ def test_the_shared_file_is_private(shared: Path):
     assert shared.stat().st_mode & 0o777 == 0o600
     with pytest.raises(sqlite3.OperationalError):
         workers.connect(shared).execute("SELECT * FROM flows")  # nothing of the database is in it
+
+
+def test_requests_in_flight_reach_the_other_worker_for_least_used(database: Path, shared: Path):
+    counted: list[dict[int, int]] = []
+
+    class Loop:
+        def call_soon_threadsafe(self, deliver, value) -> None:
+            deliver(value)
+
+    first = workers.WorkerLink(shared, database, 0)
+    second = workers.WorkerLink(shared, database, 1)
+    second.loop, second.deliver_in_flight = Loop(), counted.append
+    first.start()
+    second.start()
+    try:
+        first.publish_in_flight({4: 3, 5: 1})
+        wait_for(lambda: counted and counted[-1] == {4: 3, 5: 1}, what="the other worker's requests in flight")
+        first.publish_in_flight({5: 1})
+        wait_for(lambda: counted[-1] == {5: 1}, what="the ended ones gone")
+    finally:
+        first.stop()
+        second.stop()

@@ -23,6 +23,7 @@ budget is overrun by at most one request's worth.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import re
 from collections.abc import MutableMapping
@@ -36,6 +37,8 @@ from core.request_model import batch_input_files, batch_models, batch_upload_pur
 
 if TYPE_CHECKING:
     from core.ports import Counters
+
+log = logging.getLogger(__name__)
 
 MINUTE = 60.0
 TOKEN_BYTES = 4  # a prompt's tokens, estimated from its length: about four bytes a token
@@ -79,6 +82,11 @@ LIMIT_FIELDS = tuple(f.name for f in fields(ClientPolicy))
 LIST_FIELDS = ("models", "groups", "ips")
 INTEGER_FIELDS = ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens")
 USD_FIELDS = ("daily_usd", "monthly_usd")
+
+
+class CountersUnavailable(Exception):
+    """Shared counters cannot be read or written right now (storage busy or failing): the Governor refuses
+    rather than admit a request it could not count."""
 
 
 class LimitError(ValueError):
@@ -447,8 +455,20 @@ class Governor:
         `serving`: the UPSTREAM/GROUP labels of the groups that serve `model`, when the policy limits groups.
         `path`: the request's, to tell what generates output (and so reserves its budget) from what does not.
         """
-        with self.counters.atomic():  # with workers, one transaction: exact whichever worker admits
-            return self._admit(flow_id, client_id, policy, model, body, address, now, serving, path)
+        try:
+            with self.counters.atomic():  # with workers, one transaction: exact whichever worker admits
+                return self._admit(flow_id, client_id, policy, model, body, address, now, serving, path)
+        except CountersUnavailable as e:
+            log.warning("refusing a request of client %d: its limits cannot be counted (%s)", client_id, e)
+            self.tickets.pop(flow_id, None)
+            return refused(
+                503,
+                "limits_unavailable",
+                "This client's limits cannot be counted right now (the gateway's shared counters are busy);"
+                " retry after the Retry-After seconds.",
+                "server_error",
+                {"retry-after": "1"},
+            )
 
     def _admit(
         self,
@@ -630,8 +650,11 @@ class Governor:
         ticket = self.tickets.pop(flow_id, None)
         if ticket is None or ticket.settled:
             return ticket
-        with self.counters.atomic():
-            self._settle(ticket, usage, cost)
+        try:
+            with self.counters.atomic():
+                self._settle(ticket, usage, cost)
+        except CountersUnavailable as e:
+            log.warning("a request of client %d ended uncounted: %s", ticket.client_id, e)
         return ticket
 
     def _settle(self, ticket: Ticket, usage: dict[str, Any] | None, cost: float | None) -> None:
@@ -664,11 +687,14 @@ class Governor:
     def charge(self, client_id: int, usage: dict[str, Any] | None, cost: float | None, now: float) -> None:
         """Spend without a ticket: one response of a Realtime session, as it ends."""
         names = self.spend_names(client_id, now)
-        with self.counters.atomic():
-            for unit, amount in (("tokens", _tokens_of(usage)), ("usd", cost)):
-                if amount:
-                    for period in ("day", "month"):
-                        self.counters.period_add(names[f"{period}_{unit}"], amount)
+        try:
+            with self.counters.atomic():
+                for unit, amount in (("tokens", _tokens_of(usage)), ("usd", cost)):
+                    if amount:
+                        for period in ("day", "month"):
+                            self.counters.period_add(names[f"{period}_{unit}"], amount)
+        except CountersUnavailable as e:
+            log.warning("a Realtime response of client %d ended uncounted: %s", client_id, e)
 
 
 def _amount(unit: str, value: float, places: int | None = None) -> str:

@@ -168,6 +168,7 @@ class Counters(Protocol):
     def gauge_add(self, name: str, delta: int) -> None: ...
 
     def atomic(self) -> AbstractContextManager[None]:
-        """One decision's reads and adds, as one step: nothing another process adds comes between them
-        (a no-op in one process, where calls on the loop cannot interleave; a transaction with workers)."""
+        """One decision's reads and adds as one step: nothing another process adds comes between them
+        (a no-op in one process, where calls on the loop cannot interleave; a transaction with workers,
+        whose calls may raise core.limits.CountersUnavailable)."""
         ...

@@ -34,6 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from core.limits import CountersUnavailable
 from core.models import KeyState, KeyStateChange
 from core.pool import Rested
 from core.ports import PoolStateSink
@@ -140,21 +141,30 @@ class SharedCounters:
             yield
         except BaseException:
             if self._depth == 1 and self._begun:
-                self.conn.execute("ROLLBACK")
+                with suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
             raise
         else:
             if self._depth == 1 and self._begun:
-                self.conn.execute("COMMIT")
+                try:
+                    self.conn.execute("COMMIT")
+                except sqlite3.Error as e:
+                    with suppress(sqlite3.Error):
+                        self.conn.execute("ROLLBACK")
+                    raise CountersUnavailable(f"{self.path.name}: {e}") from e
         finally:
             self._depth -= 1
             if self._depth == 0:
                 self._begun = False
 
     def _sql(self, statement: str, params: tuple = ()) -> sqlite3.Cursor:
-        if self._depth and not self._begun:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self._begun = True
-        return self.conn.execute(statement, params)
+        try:
+            if self._depth and not self._begun:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self._begun = True
+            return self.conn.execute(statement, params)
+        except sqlite3.Error as e:  # busy past the timeout, disk full: the Governor refuses rather than guess
+            raise CountersUnavailable(f"{self.path.name}: {e}") from e
 
     def moving_total(self, name: str, window_seconds: float, now: float) -> tuple[float, float | None]:
         total, oldest = self._sql(

@@ -169,3 +169,31 @@ def test_requests_in_flight_reach_the_other_worker_for_least_used(database: Path
     finally:
         first.stop()
         second.stop()
+
+
+def test_the_ui_adds_up_every_workers_capture_status(database: Path):
+    from storage import capture_status
+
+    zero, one = capture_status.StatusFile(database, 0), capture_status.StatusFile(database, 1)
+    zero.update(dropped=2, last_drop_at=NOW, last_drop_reason="old")
+    one.update(dropped=3, last_drop_at=NOW + 5, last_drop_reason="newer", waiting=4, failing_since=NOW, error="locked")
+    status = capture_status.read(database)
+    assert (status.dropped, status.waiting, status.last_drop_reason, status.error) == (5, 4, "newer", "locked")
+    assert status.failing_now(time.time())
+    zero.close()
+    one.close()
+
+
+def test_counters_the_workers_cannot_reach_refuse_the_request_rather_than_let_it_through(shared: Path):
+    g = governor(shared, 0)
+    holder = workers.connect(shared)
+    holder.execute("BEGIN IMMEDIATE")  # another worker stuck inside a transaction
+    g.counters.conn.execute("PRAGMA busy_timeout = 50")
+    try:
+        refused = g.admit("a", 1, ClientPolicy(rpm=5), None, b"", None, NOW)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert isinstance(refused, Refusal) and refused.code == "limits_unavailable" and refused.error.status == 503
+    assert refused.error.headers["retry-after"] == "1"
+    assert isinstance(g.admit("a", 1, ClientPolicy(rpm=5), None, b"", None, NOW), Ticket)  # and then it counts

@@ -101,8 +101,9 @@ PATCHES = (
         " With proxy.workers above 1 this opens each worker's listener with reuse_port=True (mitmproxy's own"
         " TCP path otherwise unchanged), and Linux spreads new connections over the workers. One process"
         " listens exactly as mitmproxy does.",
-        "12.2.0 to 12.3.1: mitmproxy/proxy/mode_servers.py's AsyncioServerInstance.listen opens TCP with"
-        " asyncio.start_server(self.handle_stream, host, port) in each; the workers suite ran on 12.3.1",
+        "12.3.1, read: mitmproxy/proxy/mode_servers.py's AsyncioServerInstance.listen opens TCP with"
+        " asyncio.start_server(self.handle_stream, host, port) (tests/addons/test_patches.py checks that call);"
+        " the workers suite ran on 12.3.1",
         install_listener,
     ),
 )

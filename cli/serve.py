@@ -94,13 +94,27 @@ def ui(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def without_workers(argv: list[str]) -> list[str]:
+    """`argv` without --workers N (or --workers=N): the flag is the proxy's, `run.py ui` has none."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            kept.append(arg)
+    return kept
+
+
 def serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run proxy and UI as two child processes; stop both when either stops or we are told to."""
     passthrough = [a for a in args.argv if a not in ("serve", "--web")]
     run = [sys.executable, str(ROOT / "run.py")]
     children = [
         subprocess.Popen([*run, "proxy", *(["--web"] if args.web else []), *passthrough]),
-        subprocess.Popen([*run, "ui", *passthrough]),
+        subprocess.Popen([*run, "ui", *without_workers(passthrough)]),  # the UI runs once, whatever proxy.workers
     ]
     print(
         f"keyrotor: proxy on http://{settings['proxy.host']}:{settings['proxy.port']}/v1"

@@ -151,6 +151,8 @@ class Rotation:
         `scope` is the model whose limits the attempt counts against."""
         now = time.time()
         use.probe = self.pool.started(key, now, scope)
+        if self.pool.shared:
+            self.share()  # a probe of the resting pool went out: the other workers send none meanwhile
         use.scope, use.scope_known = scope, scope_known
         use.key_id, use.key_last4 = key.id, key.last4
         attempt = AttemptLog(attempt=len(use.attempts) + 1, key_id=key.id, started_at=now, model=model)

@@ -13,14 +13,16 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
-from tests.conftest import Keyrotor, port_open, wait_for
+from tests.conftest import ROOT, Keyrotor, free_port, port_open, wait_for
 from tests.fake_upstream import FakeUpstream
 
 GOOD = ["sk-good-work-aaaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-work-bbbbbbbbbbbbbbbbbbbbbbb0002"]
@@ -69,11 +71,17 @@ def flow_count(kr: Keyrotor) -> int:
     return kr.query("SELECT count(*) AS n FROM flows")[0]["n"]
 
 
+def children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
 def worker_pids(supervisor: subprocess.Popen) -> dict[int, int]:
     """Worker index → pid, read from the supervisor's children's command lines."""
-    children = Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children").read_text().split()
     found = {}
-    for pid in map(int, children):
+    for pid in children(supervisor.pid):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except FileNotFoundError:
@@ -177,6 +185,37 @@ def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(kr: Keyrotor, up
     wait_for(lambda: sum(workers_of(kr, mark).values()) >= 30, what="30 more flows")
     assert workers_of(kr, mark)[1] > 0  # the replacement serves
     assert "proxy worker 1 ended" in kr.logs()
+
+
+@pytest.mark.parametrize("stop", ["sigterm-to-run.py", "ctrl-c-to-the-terminal-group"])
+def test_serve_runs_the_ui_once_beside_the_workers_and_stops_them_all(kr: Keyrotor, upstream: FakeUpstream, stop: str):
+    key = kr.add_client("serving")
+    kr.proxy_port, ui_port = free_port(), free_port()
+    serve = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "serve", "--workers", "2", "--proxy-port", str(kr.proxy_port)]
+        + ["--ui-port", str(ui_port), "--upstream", upstream.url],
+        env=kr.env,
+        cwd=kr.tmp,
+        stdout=kr.log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, like a shell job
+    )
+    kr.processes.append(serve)
+    wait_for(lambda: kr.logs().count("listening at") >= 2 and port_open(ui_port), START_DEADLINE, what="all up")
+    (supervisor,) = [pid for pid in children(serve.pid) if b"\0proxy\0" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    uis = [pid for pid in children(serve.pid) if b"\0ui\0" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(uis) == 1 and len(children(supervisor)) == 2  # one UI, two workers
+    assert httpx.get(f"http://127.0.0.1:{ui_port}/health").json() == {"status": "ok"}
+    assert send(kr, key, 10) == [200] * 10
+
+    if stop == "sigterm-to-run.py":
+        serve.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(serve.pid, signal.SIGINT)  # what Ctrl-C does: every process of the job gets it
+
+    assert serve.wait(60) == 0, kr.logs()
+    assert flow_count(kr) == 10
+    assert not port_open(kr.proxy_port) and not port_open(ui_port)
 
 
 @pytest.mark.parametrize(

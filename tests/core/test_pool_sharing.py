@@ -95,3 +95,30 @@ def test_least_used_counts_the_other_workers_requests_in_flight():
     assert pool.pick("least_used", NOW).id == 3
     pool.runtime[3].elsewhere = 2
     assert pool.pick("least_used", NOW).id == 2
+
+
+def test_a_rotation_tells_the_other_workers_as_its_probe_goes_out_and_as_it_ends():
+    import time
+
+    from core.metadata import KeyUse
+    from core.rotation import Rotation
+
+    told_to: list[tuple[int, list[Rested]]] = []
+
+    class Sink:
+        def save_rests(self, group_id: int, rests: list[Rested]) -> None:
+            told_to.append((group_id, rests))
+
+    rotation = Rotation(worker_pool(policy=Policy(failure_threshold=1)))
+    rotation.group_id, rotation.rests = 3, Sink()
+    rotation.pool.upstream_trouble(MODEL, time.time(), "500 server_error")
+    rotation.share()
+    assert told_to[-1][0] == 3 and told_to[-1][1][0].probes
+
+    use = KeyUse()
+    key = rotation.pool.pick("round_robin", time.time(), scope=MODEL)
+    rotation.begin(use, key, scope=MODEL)
+    assert told_to[-1][1] == [Rested(MODEL, None, told_to[0][1][0].until, told_to[0][1][0].reason, True, True)]
+
+    rotation.end(use, OK, 200, None)
+    assert told_to[-1][1] == [Rested(MODEL, None, 0.0)]  # the probe got through: the pool serves again

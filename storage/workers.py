@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import sqlite3
 import threading
 import time
@@ -57,8 +58,8 @@ SCHEMA = (
     " PRIMARY KEY (worker, name))",
     "CREATE TABLE in_flight (worker INTEGER NOT NULL, key_id INTEGER NOT NULL, value INTEGER NOT NULL,"
     " PRIMARY KEY (worker, key_id))",
-    "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, worker INTEGER NOT NULL, kind TEXT NOT NULL,"
-    " data TEXT NOT NULL, at REAL NOT NULL)",
+    "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, worker INTEGER NOT NULL, run INTEGER NOT NULL,"
+    " kind TEXT NOT NULL, data TEXT NOT NULL, at REAL NOT NULL)",
 )
 
 
@@ -275,7 +276,10 @@ class WorkerLink:
         self.deliver: Callable[[list[KeyStateChange | tuple[int, Rested]]], None] | None = None
         self.deliver_in_flight: Callable[[dict[int, int]], None] | None = None
         self.loop: Any = None  # the asyncio loop `deliver` runs on
+        # Every event kept (the last EVENTS_KEEP_SECONDS) is read at start: a worker that replaces a dead
+        # one learns the rests still running, its predecessor's included. Its own are those of this run.
         self._seen = 0
+        self._run_id = secrets.randbits(62)  # this run of the worker (a replacement has another)
         self._in_flight: dict[int, int] | None = None  # what this worker last wrote (None: nothing yet)
         self._elsewhere: dict[int, int] = {}  # what the others had, as last delivered
 
@@ -297,7 +301,6 @@ class WorkerLink:
     def start(self) -> None:
         conn = connect(self.path)
         try:
-            self._seen = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
             conn.execute("DELETE FROM in_flight WHERE worker = ?", (self.worker,))  # a killed run's requests ended
         finally:
             conn.close()
@@ -364,8 +367,8 @@ class WorkerLink:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
-                "INSERT INTO events (worker, kind, data, at) VALUES (?, ?, ?, ?)",
-                [(self.worker, kind, json.dumps(data), now) for kind, data in events],
+                "INSERT INTO events (worker, run, kind, data, at) VALUES (?, ?, ?, ?, ?)",
+                [(self.worker, self._run_id, kind, json.dumps(data), now) for kind, data in events],
             )
             if in_flight is not None:
                 conn.execute("DELETE FROM in_flight WHERE worker = ?", (self.worker,))
@@ -390,13 +393,11 @@ class WorkerLink:
                 self._elsewhere = elsewhere
                 with suppress(RuntimeError):
                     self.loop.call_soon_threadsafe(self.deliver_in_flight, elsewhere)
-        rows = conn.execute(
-            "SELECT id, worker, kind, data FROM events WHERE id > ? ORDER BY id", (self._seen,)
-        ).fetchall()
+        rows = conn.execute("SELECT id, run, kind, data FROM events WHERE id > ? ORDER BY id", (self._seen,)).fetchall()
         if not rows:
             return
         self._seen = rows[-1][0]
-        theirs = [learnt(kind, json.loads(data)) for _, worker, kind, data in rows if worker != self.worker]
+        theirs = [learnt(kind, json.loads(data)) for _, run, kind, data in rows if run != self._run_id]
         if theirs and self.deliver is not None and self.loop is not None:
             with suppress(RuntimeError):  # the loop closed: the worker is stopping
                 self.loop.call_soon_threadsafe(self.deliver, theirs)

@@ -197,3 +197,25 @@ def test_counters_the_workers_cannot_reach_refuse_the_request_rather_than_let_it
     assert isinstance(refused, Refusal) and refused.code == "limits_unavailable" and refused.error.status == 503
     assert refused.error.headers["retry-after"] == "1"
     assert isinstance(g.admit("a", 1, ClientPolicy(rpm=5), None, b"", None, NOW), Ticket)  # and then it counts
+
+
+def test_a_worker_that_replaces_a_dead_one_learns_the_rests_still_running(database: Path, shared: Path):
+    received: list = []
+
+    class Loop:
+        def call_soon_threadsafe(self, deliver, learnt) -> None:
+            deliver(learnt)
+
+    dead = workers.WorkerLink(shared, database, 1)
+    dead.start()
+    rest = Rested("gpt-4o", 4, time.time() + 30, "429 rate_limit")
+    dead.publish_rests(2, [rest])
+    dead.stop()  # as if killed after telling the others
+
+    replacement = workers.WorkerLink(shared, database, 1)
+    replacement.loop, replacement.deliver = Loop(), received.extend
+    replacement.start()
+    try:
+        wait_for(lambda: received == [(2, rest)], what="the predecessor's rest")
+    finally:
+        replacement.stop()

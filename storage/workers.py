@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.02  # how often a worker reads the others' events: a rest reaches them within ~this
 FLUSH_SECONDS = 1.0  # worker 0 copies counters back into the database this often (spend in the UI)
-BUSY_TIMEOUT_MS = 5000
+BUSY_TIMEOUT_MS = 5000  # the link's thread; the counters, on the event loop, wait COUNTERS_BUSY_TIMEOUT_MS at most
+COUNTERS_BUSY_TIMEOUT_MS = 1000  # then the request is refused (limits_unavailable) rather than the loop held longer
 MOVING_KEEP_SECONDS = 3600  # as storage/counters.py: no moving window keyrotor uses is longer
 EVENTS_KEEP_SECONDS = 60.0
 
@@ -130,6 +131,7 @@ class SharedCounters:
         self.path = path
         self.worker = worker
         self.conn = connect(path)
+        self.conn.execute(f"PRAGMA busy_timeout = {COUNTERS_BUSY_TIMEOUT_MS}")
         self._depth = 0
         self._begun = False
         # What a killed run of this worker held (requests in flight, budget holds) ended with it.

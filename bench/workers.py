@@ -52,6 +52,21 @@ class BenchError(Exception):
     pass
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of `pid` and its descendants: the proxy's, however many workers."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (FileNotFoundError, ProcessLookupError):
+        return total
+    return total + sum(tree_cpu(int(child)) for child in children)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,7 +145,7 @@ class Proxy:
         return {str(worker): count for worker, count in rows}
 
 
-async def throughput(port: int, key: str, requests: int, concurrency: int, warmup: int) -> dict[str, Any]:
+async def throughput(port: int, key: str, requests: int, concurrency: int, warmup: int, pid: int) -> dict[str, Any]:
     """`requests` chat completions over `concurrency` kept-alive connections.
 
     A plain HTTP/1.1 client over asyncio streams, a prebuilt request written and the answer read
@@ -172,15 +187,16 @@ async def throughput(port: int, key: str, requests: int, concurrency: int, warmu
 
     await run(warmup)
     failures.clear()
-    cpu, started = time.process_time(), time.perf_counter()
+    cpu, proxy_cpu, started = time.process_time(), tree_cpu(pid), time.perf_counter()
     await run(requests)
-    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    elapsed, cpu, proxy_cpu = time.perf_counter() - started, time.process_time() - cpu, tree_cpu(pid) - proxy_cpu
     return {
         "requests": requests,
         "seconds": round(elapsed, 3),
         "rps": round(requests / elapsed, 1),
         "failures": dict(failures),
         "load_generator_cpu_seconds": round(cpu, 2),
+        "proxy_cpu_ms_per_request": round(proxy_cpu * 1000 / requests, 3),
     }
 
 
@@ -223,7 +239,8 @@ def measure(workers: int, args: argparse.Namespace, upstream: str, stream_upstre
         proxy = Proxy(Path(tmp), upstream, workers)
         try:
             key = proxy.start()
-            measured = throughput(proxy.port, key, args.requests, args.concurrency, args.warmup)
+            assert proxy.process is not None
+            measured = throughput(proxy.port, key, args.requests, args.concurrency, args.warmup, proxy.process.pid)
             result["throughput"] = asyncio.run(measured)
         finally:
             proxy.stop()
@@ -273,7 +290,8 @@ def main(argv: list[str]) -> int:
         t, s = r["throughput"], r["streams"]
         print(
             f"--workers {r['workers']}: {t['rps']:8.1f} req/s ({t['requests']} at concurrency {args.concurrency},"
-            f" failures {t['failures'] or 0}; load generator {t['load_generator_cpu_seconds']} s CPU),"
+            f" failures {t['failures'] or 0}; load generator {t['load_generator_cpu_seconds']} s CPU;"
+            f" proxy {t['proxy_cpu_ms_per_request']} ms CPU per request),"
             f" served by worker {r['served_by_worker']}; streams whole {s['whole']}/{s['streams']}"
             f" failed {s['failed'] or 0}"
         )

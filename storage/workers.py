@@ -385,7 +385,7 @@ class WorkerLink:
             raise
 
     def _read(self, conn: sqlite3.Connection) -> None:
-        if self.deliver_in_flight is not None:
+        if self.deliver_in_flight is not None and self._in_flight is not None:  # least_used: this one tells too
             elsewhere = dict(
                 conn.execute(
                     "SELECT key_id, sum(value) FROM in_flight WHERE worker != ? GROUP BY key_id", (self.worker,)

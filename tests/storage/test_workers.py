@@ -162,6 +162,7 @@ def test_requests_in_flight_reach_the_other_worker_for_least_used(database: Path
     first.start()
     second.start()
     try:
+        second.publish_in_flight({})  # least_used: every worker tells its own, and reads the others'
         first.publish_in_flight({4: 3, 5: 1})
         wait_for(lambda: counted and counted[-1] == {4: 3, 5: 1}, what="the other worker's requests in flight")
         first.publish_in_flight({5: 1})

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mitmproxy import ctx
+from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from core import ports
@@ -101,7 +101,10 @@ class Runtime:
         if "keyrotor_storage" in updated:
             if ctx.options.proxy_workers > 1 and isinstance(self.backend, SqliteBackend):
                 self.backend.worker = ctx.options.proxy_worker_index  # what workers share: storage/workers.py
-            self.open(Path(ctx.options.keyrotor_storage))
+            try:
+                self.open(Path(ctx.options.keyrotor_storage))
+            except workers.NotPrepared as e:
+                raise exceptions.OptionsError(str(e)) from None
 
     def running(self) -> None:
         self.start()

@@ -64,6 +64,10 @@ SCHEMA = (
 )
 
 
+class NotPrepared(ValueError):
+    """The shared file was not made by a supervisor (cli/workers.py): the message says what to run."""
+
+
 def path_of(db_path: str | Path) -> Path:
     return Path(f"{db_path}.workers")
 
@@ -131,6 +135,12 @@ class SharedCounters:
         self.path = path
         self.worker = worker
         self.conn = connect(path)
+        if not self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'gauges'").fetchone():
+            self.conn.close()
+            raise NotPrepared(
+                f"{path} is not ready: workers share it once their supervisor made it; start them with"
+                " `run.py proxy --workers N` rather than setting proxy_workers on mitmdump by hand."
+            )
         self.conn.execute(f"PRAGMA busy_timeout = {COUNTERS_BUSY_TIMEOUT_MS}")
         self._depth = 0
         self._begun = False

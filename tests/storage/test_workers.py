@@ -220,3 +220,8 @@ def test_a_worker_that_replaces_a_dead_one_learns_the_rests_still_running(databa
         wait_for(lambda: received == [(2, rest)], what="the predecessor's rest")
     finally:
         replacement.stop()
+
+
+def test_a_worker_without_its_supervisor_says_how_to_start_workers(database: Path):
+    with pytest.raises(ValueError, match=r"run.py proxy --workers N"):
+        workers.SharedCounters(workers.path_of(database), 0)

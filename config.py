@@ -73,6 +73,16 @@ def _non_negative_number(value: Any) -> float:
     return number
 
 
+def _workers(value: Any) -> int:
+    """How many proxy processes: a whole number from 1, or "auto" (one per core)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    try:
+        return _positive_integer(value)
+    except ValueError:
+        raise ValueError('must be a whole number above zero, or "auto" (one per core)') from None
+
+
 def _networks(value: Any) -> str:
     """IP addresses or networks, from a TOML list or a comma-separated string; kept as one string."""
     return ", ".join(str(network) for network in parse_networks(value))
@@ -159,6 +169,7 @@ class ProxySettings:
     stop_grace_seconds: int = setting(10, _non_negative_integer)
     max_body_bytes: int = setting(104_857_600, _positive_integer)
     header_timeout_seconds: int = setting(30, _positive_integer)
+    workers: int = setting(1, _workers)  # docs/workers.md
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from mitmproxy.version import VERSION
 
 from addons.bounds import install as install_bounds
 from addons.credential_sender import install as install_credential_sender
+from addons.listener import install as install_listener
 from addons.recovery import install as install_recovery
 from addons.retry_stream import install as install_retry_stream
 from addons.upstream_watch import install as install_upstream_watch
@@ -41,7 +42,8 @@ _CHECKED = (
 @dataclass(frozen=True)
 class Patch:
     name: str  # the addons/ module it lives in
-    # Attributes of mitmproxy.proxy.layers.http it sets (replaced or wrapped); `_http1.…` of its submodules.
+    # Attributes of mitmproxy.proxy.layers.http it sets (replaced or wrapped); `_http1.…` of its submodules;
+    # a full dotted name (mitmproxy.proxy.mode_servers.…) elsewhere in mitmproxy.
     replaces: tuple[str, ...]
     why: str
     checked: str  # the mitmproxy releases it was checked against, and how
@@ -104,6 +106,18 @@ PATCHES = (
         " the upstream watch's _handle_event methods, so it is installed after it and sees each event first.",
         _CHECKED,
         install_retry_stream,
+    ),
+    Patch(
+        "listener",
+        ("mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen",),
+        "mitmproxy opens its TCP listener without SO_REUSEPORT, so a second process cannot bind the proxy port."
+        " With proxy.workers above 1 this opens each worker's listener with reuse_port=True (mitmproxy's own"
+        " TCP path otherwise unchanged), and Linux spreads new connections over the workers. One process"
+        " listens exactly as mitmproxy does.",
+        "12.3.1, read: mitmproxy/proxy/mode_servers.py's AsyncioServerInstance.listen opens TCP with"
+        " asyncio.start_server(self.handle_stream, host, port) (tests/addons/test_patches.py checks that call);"
+        " the workers suite ran on 12.3.1",
+        install_listener,
     ),
 )
 

@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mitmproxy import ctx
+from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
 
 from core import ports
 from core.limits import Governor
 from core.state import ProxyState
-from storage import db, secrets, writer
+from storage import db, secrets, workers, writer
 from storage.client_keys import SqliteClientStore
 from storage.counters import SqliteCounters
 from storage.objects import SqliteObjectOwners
@@ -88,13 +90,28 @@ class Runtime:
         self.governor = Governor(counters=None)  # type: ignore[arg-type]
         self.path: Path | None = None
         self._watcher: asyncio.Task | None = None
+        self._in_flight: asyncio.Task | None = None  # with workers: tells the others this one's requests in flight
+
+    def load(self, loader: Loader) -> None:
+        # Set by the supervisor of `run.py proxy --workers N` (cli/workers.py) on each worker it starts.
+        loader.add_option("proxy_workers", int, 1, "How many proxy workers share the proxy port (docs/workers.md).")
+        loader.add_option("proxy_worker_index", int, 0, "Which of the proxy workers this process is, from 0.")
 
     def configure(self, updated: set[str]) -> None:
         if "keyrotor_storage" in updated:
-            self.open(Path(ctx.options.keyrotor_storage))
+            if ctx.options.proxy_workers > 1 and isinstance(self.backend, SqliteBackend):
+                self.backend.worker = ctx.options.proxy_worker_index  # what workers share: storage/workers.py
+            try:
+                self.open(Path(ctx.options.keyrotor_storage))
+            except workers.NotPrepared as e:
+                raise exceptions.OptionsError(str(e)) from None
 
     def running(self) -> None:
         self.start()
+        if ctx.options.proxy_workers > 1:
+            # A worker starts with server=false (cli/serve.py): mitmproxy would listen before this
+            # script is loaded, without addons/listener.py's SO_REUSEPORT. It listens now, state loaded.
+            ctx.options.update(server=True)
 
     def done(self) -> None:
         self.stop()
@@ -105,17 +122,39 @@ class Runtime:
         self.backend.open(path)
         if self.backend.counters is not None:
             self.governor.counters = self.backend.counters
+        link = self.backend.link if isinstance(self.backend, SqliteBackend) else None
+        if link is not None and isinstance(self.backend.counters, workers.SharedCounters):
+            # Workers: key states and rests also go to the other workers, and they are told theirs.
+            shared = workers.SharedStates(self.writer, link)
+            self.state.states, self.state.rests = shared, shared
+            self.governor.reserved = workers.SharedHolds(self.backend.counters)
+            link.deliver = lambda learnt: self.state.absorb(learnt, time.time())
+            link.deliver_in_flight = self.state.absorb_in_flight
         self.state.attach(self.backend.stores)
 
     def start(self) -> None:
+        if isinstance(self.backend, SqliteBackend) and self.backend.link is not None:
+            self.backend.link.loop = asyncio.get_running_loop()
         self.backend.start()
         if self.backend.revisions is not None:
             self._watcher = asyncio.create_task(self.state.watch(self.backend.revisions))
+        if isinstance(self.backend, SqliteBackend) and self.backend.link is not None:
+            self._in_flight = asyncio.create_task(self._tell_in_flight(self.backend.link))
+
+    async def _tell_in_flight(self, link: workers.WorkerLink) -> None:
+        """With workers and least_used: this worker's requests in flight per key, for the others to count."""
+        while True:
+            await asyncio.sleep(workers.POLL_SECONDS)
+            if ctx.options.keypool_strategy == "least_used":
+                link.publish_in_flight(self.state.in_flight())
 
     def stop(self) -> None:
         if self._watcher:
             self._watcher.cancel()
             self._watcher = None
+        if self._in_flight:
+            self._in_flight.cancel()
+            self._in_flight = None
         self.backend.stop()
 
 
@@ -154,18 +193,25 @@ class SqliteBackend:
     def __init__(self) -> None:
         self.writer = writer.Writer()  # the one write connection; its path is set by open()
         self.admin_keys = SqliteAdminKeys()
-        self.counters: SqliteCounters | None = None
+        self.counters: SqliteCounters | workers.SharedCounters | None = None
         self.revisions: db.RevisionReader | None = None
         self.path: Path | None = None
+        self.worker: int | None = None  # with workers, this one's index: what they share is storage/workers.py's
+        self.link: workers.WorkerLink | None = None
         self._running = False
 
     def open(self, path: Path) -> None:
         self._close()
         self.path = self.admin_keys.path = path
-        self.counters = SqliteCounters(path)
+        if self.worker is None:
+            self.counters = SqliteCounters(path)
+        else:
+            self.counters = workers.SharedCounters(workers.path_of(path), self.worker)
+            self.link = workers.WorkerLink(workers.path_of(path), path, self.worker)
         self.revisions = db.RevisionReader(path)
         if not self.writer.started:
             self.writer.path = path
+            self.writer.worker = self.worker
         elif self.writer.path != path:
             log.warning("flows are still written to %s until the proxy restarts", self.writer.path)
         if self._running:
@@ -193,6 +239,8 @@ class SqliteBackend:
             self.writer.start()
         if self.counters is not None:
             self.counters.start()
+        if self.link is not None:
+            self.link.start()
 
     def stop(self) -> None:
         self._running = False
@@ -204,6 +252,9 @@ class SqliteBackend:
         if self.revisions is not None:
             self.revisions.close()
             self.revisions = None
+        if self.link is not None:
+            self.link.stop()  # sends what it holds; worker 0 copies the counters into the database
+            self.link = None
         if self.counters is not None:
             self.counters.stop()  # writes what changed since the last flush
             self.counters = None

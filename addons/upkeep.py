@@ -33,6 +33,8 @@ class Upkeep:
     def running(self) -> None:
         if ctx.options.keypool_revalidate_seconds <= 0:
             return
+        if getattr(ctx.options, "proxy_workers", 1) > 1 and ctx.options.proxy_worker_index != 0:
+            return  # with workers, worker 0 probes for all: what it learns reaches the others (docs/workers.md)
         self._client = upstream.new_client(ctx.options.keypool_attempt_timeout_seconds)
         self._task = asyncio.create_task(self._revalidate_periodically())
 

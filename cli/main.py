@@ -45,6 +45,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ("proxy_port", "proxy.port"),
         ("ui_port", "ui.port"),
         ("storage_path", "storage.path"),
+        ("workers", "proxy.workers"),
     ):
         if getattr(args, flag):
             overrides[name] = getattr(args, flag)

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=[common], help=f"start {text}")
         sub.add_argument("--web", action="store_true", help="run mitmweb (flow inspector, admin key as password)")
         sub.add_argument("--verbose", action="store_true", help=VERBOSE)
+        sub.add_argument("--workers", metavar="N", help='same as --set proxy.workers=N (a number, or "auto")')
+        # Set by the supervisor (cli/workers.py) on the processes it starts: which worker this one is.
+        sub.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     ui = commands.add_parser("ui", parents=[common], help="start the monitor UI only")
     ui.add_argument("--verbose", action="store_true", help=VERBOSE)
     commands.add_parser(
@@ -246,6 +249,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # subcommands' defaults too and bring the overwriting back.
     for name, default in (
         ("web", False),
+        ("workers", None),
+        ("worker_index", None),
         ("config", None),
         ("overrides", []),
         ("upstream", None),

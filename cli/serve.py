@@ -53,16 +53,38 @@ def proxy_argv(settings: Settings, web: bool) -> list[str]:
     return argv
 
 
+def worker_options(settings: Settings, index: int) -> list[str]:
+    """What makes a mitmdump one of proxy.workers workers (addons/runtime.py reads these options)."""
+    return [
+        "--set",
+        f"proxy_workers={settings['proxy.workers']}",
+        "--set",
+        f"proxy_worker_index={index}",
+        # Not listening until the script is loaded: the Runtime opens the shared listener then.
+        "--set",
+        "server=false",
+    ]
+
+
 def proxy(args: argparse.Namespace, settings: Settings) -> int:
     from mitmproxy.tools import main
 
-    ports.check(settings, ports.PROXY, *([ports.MITMWEB] if args.web else []))
+    if args.worker_index is None and settings["proxy.workers"] > 1:
+        from cli import workers
+
+        ports.check(settings, ports.PROXY)  # before any worker starts: they share it (SO_REUSEPORT)
+        return workers.supervise(args, settings)
+    if args.worker_index is None:  # a worker's siblings hold the port already
+        ports.check(settings, ports.PROXY, *([ports.MITMWEB] if args.web else []))
     verbose = getattr(args, "verbose", False)
     console.quiet(verbose)
     # mitmproxy logs a listener that failed to bind, with its own advice (`--mode …@PORT`): ours instead.
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(ports.ListenFailure(ports.PROXY, settings))
+    argv = proxy_argv(settings, args.web) + console.proxy_argv(verbose)
+    if args.worker_index is not None:
+        argv += worker_options(settings, args.worker_index)
     try:
-        (main.mitmweb if args.web else main.mitmdump)(proxy_argv(settings, args.web) + console.proxy_argv(verbose))
+        (main.mitmweb if args.web else main.mitmdump)(argv)
     except OSError as e:  # mitmweb raises its web server's (`--set web_port=…`)
         if e.errno == errno.EADDRINUSE and "Web server" in str(e):
             raise ports.unavailable(ports.MITMWEB, settings, e) from None
@@ -93,6 +115,20 @@ def ui(args: argparse.Namespace, settings: Settings) -> int:
         proxy_headers=False,
     )
     return 0
+
+
+def without_workers(argv: list[str]) -> list[str]:
+    """`argv` without --workers N (or --workers=N): the flag is the proxy's, `run.py ui` has none."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            kept.append(arg)
+    return kept
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -128,7 +164,7 @@ def start_children(argv: list[str], web: bool = False) -> list[subprocess.Popen[
     run = [sys.executable, str(ROOT / "run.py")]
     return [
         subprocess.Popen([*run, "proxy", *(["--web"] if web else []), *argv]),
-        subprocess.Popen([*run, "ui", *argv]),
+        subprocess.Popen([*run, "ui", *without_workers(argv)]),  # the UI runs once, whatever proxy.workers
     ]
 
 

@@ -23,8 +23,10 @@ budget is overrun by at most one request's worth.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import re
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -35,6 +37,8 @@ from core.request_model import batch_input_files, batch_models, batch_upload_pur
 
 if TYPE_CHECKING:
     from core.ports import Counters
+
+log = logging.getLogger(__name__)
 
 MINUTE = 60.0
 TOKEN_BYTES = 4  # a prompt's tokens, estimated from its length: about four bytes a token
@@ -78,6 +82,11 @@ LIMIT_FIELDS = tuple(f.name for f in fields(ClientPolicy))
 LIST_FIELDS = ("models", "groups", "ips")
 INTEGER_FIELDS = ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens")
 USD_FIELDS = ("daily_usd", "monthly_usd")
+
+
+class CountersUnavailable(Exception):
+    """Shared counters cannot be read or written right now (storage busy or failing): the Governor refuses
+    rather than admit a request it could not count."""
 
 
 class LimitError(ValueError):
@@ -393,7 +402,8 @@ class Governor:
     ip_rpm: int = 0
     tickets: dict[str, Ticket] = field(default_factory=dict)  # by flow id
     prices: PriceTable = field(default_factory=PriceTable)  # for USD budgets' reservations (the Spend addon's)
-    reserved: dict[str, float] = field(default_factory=dict)  # spend counter → what requests in flight hold
+    # spend counter → what requests in flight hold (with workers, every worker's: storage/workers.SharedHolds)
+    reserved: MutableMapping[str, float] = field(default_factory=dict)
     _names: dict[int, tuple[str, dict[str, str]]] = field(default_factory=dict)  # client → (day, spend names)
 
     def spend_names(self, client_id: int, now: float) -> dict[str, str]:
@@ -445,6 +455,33 @@ class Governor:
         `serving`: the UPSTREAM/GROUP labels of the groups that serve `model`, when the policy limits groups.
         `path`: the request's, to tell what generates output (and so reserves its budget) from what does not.
         """
+        try:
+            with self.counters.atomic():  # with workers, one transaction: exact whichever worker admits
+                return self._admit(flow_id, client_id, policy, model, body, address, now, serving, path)
+        except CountersUnavailable as e:
+            log.warning("refusing a request of client %d: its limits cannot be counted (%s)", client_id, e)
+            self.tickets.pop(flow_id, None)
+            return refused(
+                503,
+                "limits_unavailable",
+                "This client's limits cannot be counted right now (the gateway's shared counters are busy);"
+                " retry after the Retry-After seconds.",
+                "server_error",
+                {"retry-after": "1"},
+            )
+
+    def _admit(
+        self,
+        flow_id: str,
+        client_id: int,
+        policy: ClientPolicy,
+        model: str | None,
+        body: bytes,
+        address: str | None,
+        now: float,
+        serving: tuple[str, ...] | None,
+        path: str,
+    ) -> Refusal | Ticket:
         if policy.is_limited and mints_upstream_credentials(path):
             return refused(
                 403,
@@ -616,6 +653,14 @@ class Governor:
         ticket = self.tickets.pop(flow_id, None)
         if ticket is None or ticket.settled:
             return ticket
+        try:
+            with self.counters.atomic():
+                self._settle(ticket, usage, cost)
+        except CountersUnavailable as e:
+            log.warning("a request of client %d ended uncounted: %s", ticket.client_id, e)
+        return ticket
+
+    def _settle(self, ticket: Ticket, usage: dict[str, Any] | None, cost: float | None) -> None:
         ticket.settled = True
         counters = self.counters
         if ticket.parallel:
@@ -632,7 +677,6 @@ class Governor:
             names = names or self.spend_names(ticket.client_id, ticket.admitted_at)
             for period in ("day", "month"):
                 counters.period_add(names[f"{period}_{unit}"], amount)
-        return ticket
 
     def _release(self, holds: tuple[tuple[str, float], ...]) -> None:
         reserved = self.reserved
@@ -646,10 +690,14 @@ class Governor:
     def charge(self, client_id: int, usage: dict[str, Any] | None, cost: float | None, now: float) -> None:
         """Spend without a ticket: one response of a Realtime session, as it ends."""
         names = self.spend_names(client_id, now)
-        for unit, amount in (("tokens", _tokens_of(usage)), ("usd", cost)):
-            if amount:
-                for period in ("day", "month"):
-                    self.counters.period_add(names[f"{period}_{unit}"], amount)
+        try:
+            with self.counters.atomic():
+                for unit, amount in (("tokens", _tokens_of(usage)), ("usd", cost)):
+                    if amount:
+                        for period in ("day", "month"):
+                            self.counters.period_add(names[f"{period}_{unit}"], amount)
+        except CountersUnavailable as e:
+            log.warning("a Realtime response of client %d ended uncounted: %s", client_id, e)
 
 
 def _amount(unit: str, value: float, places: int | None = None) -> str:

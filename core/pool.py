@@ -83,6 +83,7 @@ class KeyRuntime:
     """What only the running proxy knows about a key; survives reloads of the key list."""
 
     in_flight: int = 0
+    elsewhere: int = 0  # with workers: this key's requests in flight in the other workers (POLL_SECONDS old)
     recent: float = 0.0  # picks, decayed with RECENT_HALF_LIFE
     recent_at: float = 0.0
     probing: bool = False  # a request after the cooldown is out; others wait for its answer
@@ -95,6 +96,18 @@ class KeyRuntime:
         if health is None:
             health = self.scopes[scope] = Health()
         return health
+
+
+@dataclass(frozen=True)
+class Rested:
+    """A rest this pool began or ended, told to the other workers on the same storage (docs/workers.md)."""
+
+    scope: str | None
+    key_id: int | None  # None: the whole pool rests (or stops resting) for the scope
+    until: float  # 0: it ended (a probe got through)
+    reason: str = ""
+    probes: bool = False  # a pool rest that lets one request at a time through
+    probing: bool = False  # a pool rest whose probe is out, in the worker that sent it
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,7 @@ class Pool:
     runtime: dict[int, KeyRuntime] = field(default_factory=dict)
     rests: dict[str | None, Rest] = field(default_factory=dict)  # by scope
     scoped_until: float = 0.0  # the latest end of any model scope's rest: before it, picks need the model
+    shared: list[Rested] | None = None  # with workers: the rests to tell the others (None: one process)
     _cursor: int = 0
     _position: dict[int, int] = field(default_factory=dict)
     _rested_by: dict[int, list[tuple[float, int]]] = field(default_factory=dict)  # client → (when, key id)
@@ -183,7 +197,7 @@ class Pool:
         if strategy == "random":
             key = random.choice(candidates)
         elif strategy == "least_used":
-            key = min(candidates, key=lambda k: (self.runtime[k.id].in_flight, self._recent(k, now), self._order(k)))
+            key = min(candidates, key=lambda k: (self._busy(k), self._recent(k, now), self._order(k)))
         elif strategy == "weighted":
             key = self._smooth_weighted(candidates)
         else:
@@ -202,6 +216,10 @@ class Pool:
                 self._cursor = position + 1
                 return keys[position]
         return None
+
+    def _busy(self, key: PoolKey) -> int:
+        rt = self.runtime[key.id]
+        return rt.in_flight + rt.elsewhere
 
     def _order(self, key: PoolKey) -> int:
         # Position after the last pick, so ties and round robin move on through the list.
@@ -234,6 +252,8 @@ class Pool:
         rest = self.resting(scope, now)
         if rest is not None:
             rest.probing = True
+            if self.shared is not None:
+                self.shared.append(Rested(scope, None, rest.until, rest.reason, rest.probes, probing=True))
             return Probe.POOL
         health = rt.scopes.get(scope) if rt.scopes and scope is not KEY_WIDE else None
         if key.state == KeyState.COOLING:
@@ -340,11 +360,15 @@ class Pool:
                 health.failures = health.rate_limits = 0  # a late answer to a request sent before the rest
             else:
                 del rt.scopes[scope]
+                if health.resting_until is not None and self.shared is not None:
+                    self.shared.append(Rested(scope, key.id, 0.0))
                 if health.resting_until is not None and key.state == KeyState.ACTIVE and key.state_reason:
                     return [self._set(key, KeyState.ACTIVE, None, None, now)]  # back for this model too
         rest = self.rests.get(scope) if self.rests else None
         if rest is not None and (probe == Probe.POOL or not rest.active(now)):
             del self.rests[scope]  # upstream is back for this scope
+            if probe == Probe.POOL and self.shared is not None:
+                self.shared.append(Rested(scope, None, 0.0))
         # Only a probe's answer proves a cooled key is back; a late answer to a request sent
         # before the 429 proves nothing.
         if key.state != KeyState.ACTIVE and probe != Probe.NONE:
@@ -374,6 +398,8 @@ class Pool:
         wait = outcome.wait if outcome.wait is not None else self._backoff(POOL_BACKOFF_SECONDS, rest.trips)
         rest.until, rest.reason, rest.probes, rest.probing = now + wait, f"pool-wide {outcome.reason}", False, False
         self._note_scoped(scope, rest.until)
+        if self.shared is not None:
+            self.shared.append(Rested(scope, None, rest.until, rest.reason))
         changes = []
         for k in self.keys:
             health = self.runtime[k.id].scopes.get(scope)
@@ -434,6 +460,8 @@ class Pool:
         rest = self.rests.setdefault(scope, Rest())
         if probe == Probe.POOL:
             rest.probing = False
+            if self.shared is not None and rest.active(now):  # the probe failed: another may go
+                self.shared.append(Rested(scope, None, rest.until, rest.reason, rest.probes))
         if rest.active(now) or (client is not None and client in rest.clients):
             return
         if client is not None:
@@ -447,6 +475,8 @@ class Pool:
         wait = min(self.policy.failure_cooldown_seconds, self._backoff(POOL_BACKOFF_SECONDS, rest.trips))
         rest.until, rest.reason, rest.probes, rest.probing = now + wait, f"upstream trouble: {reason}", True, False
         self._note_scoped(scope, rest.until)
+        if self.shared is not None:
+            self.shared.append(Rested(scope, None, rest.until, rest.reason, True))
 
     def _client_may_rest(self, client: int | None, key: PoolKey, now: float) -> bool:
         """Whether `client`'s request may put `key` to rest: at most CLIENT_SHARE of the pool a window."""
@@ -468,8 +498,31 @@ class Pool:
             return [self._set(key, KeyState.COOLING, reason, until, now)]
         health.resting_until, health.reason, health.probing = until, reason, False
         self._note_scoped(scope, until)
+        if self.shared is not None:
+            self.shared.append(Rested(scope, key.id, until, reason or ""))
         # The key stays active for every other model; its reason tells the keys page why it skips this one.
         return [self._set(key, key.state, f"{reason} ({scope})", key.cooldown_until, now)]
+
+    def absorb(self, rested: Rested, now: float) -> None:
+        """A rest another worker began or ended: this pool rests (or stops resting) the same way."""
+        if rested.key_id is None:
+            if not rested.until:
+                self.rests.pop(rested.scope, None)
+                return
+            rest = self.rests.setdefault(rested.scope, Rest())
+            rest.until, rest.reason, rest.probes = rested.until, rested.reason, rested.probes
+            rest.probing = rested.probing  # its probe is out: this worker sends none meanwhile
+            self._note_scoped(rested.scope, rested.until)
+            return
+        rt = self.runtime.get(rested.key_id)
+        if rt is None or rested.scope is KEY_WIDE:
+            return  # a key deleted meanwhile; key-wide rests are key states, shared as such
+        if not rested.until:
+            rt.scopes.pop(rested.scope, None)
+            return
+        health = rt.health(rested.scope)
+        health.resting_until, health.reason, health.probing = rested.until, rested.reason, False
+        self._note_scoped(rested.scope, rested.until)
 
     def _note_scoped(self, scope: str | None, until: float) -> None:
         if scope is not KEY_WIDE:

@@ -6,11 +6,13 @@ SQLite implements them today (storage/); PostgreSQL and Redis can implement the 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from core.affinity import Ownership, TenantRefusal
 from core.keys import NewKey
 from core.models import Client, FetchedModels, KeyState, KeyStateChange, PoolKey
+from core.pool import Rested
 from core.records import CapturedFlow, Retention
 from core.routing import Group
 
@@ -76,6 +78,12 @@ class PoolStateSink(Protocol):
     """Where key states learnt from upstream go; called on the event loop, never blocks."""
 
     def save_state(self, change: KeyStateChange) -> None: ...
+
+
+class RestSink(Protocol):
+    """With workers: where a pool's rests go, for the other workers (storage/workers.py); never blocks."""
+
+    def save_rests(self, group_id: int, rests: list[Rested]) -> None: ...
 
 
 class OwnershipSink(Protocol):
@@ -162,3 +170,9 @@ class Counters(Protocol):
         ...
 
     def gauge_add(self, name: str, delta: int) -> None: ...
+
+    def atomic(self) -> AbstractContextManager[None]:
+        """One decision's reads and adds as one step: nothing another process adds comes between them
+        (a no-op in one process, where calls on the loop cannot interleave; a transaction with workers,
+        whose calls may raise core.limits.CountersUnavailable)."""
+        ...

@@ -115,6 +115,7 @@ class FlowRecord:
     # What the client sent where keyrotor changed it on the way (core/rewrites.py): the recorded
     # request is the one sent upstream; this says how the client's differed.
     client_request: dict[str, Any] | None = None
+    worker: int | None = None  # which worker of `run.py proxy --workers N` served it (None: one process)
     # Only retried flows keep their attempts: a single attempt is the flow itself.
     attempt_log: list[AttemptLog] = field(default_factory=list)
 

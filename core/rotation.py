@@ -24,7 +24,7 @@ from core.errors import OpenAIError
 from core.metadata import KeyUse
 from core.models import REFUSED, KeyState, KeyStateChange, PoolKey
 from core.pool import KEY_WIDE, Policy, Pool, Probe, StateChange
-from core.ports import PoolStateSink
+from core.ports import PoolStateSink, RestSink
 from core.records import AttemptLog
 from core.routing import Candidate, Upstream
 
@@ -55,6 +55,8 @@ class Rotation:
         self.pool = pool or Pool()
         self.settings = RotationSettings()
         self.states: PoolStateSink | None = None
+        self.group_id: int | None = None  # set by core/state.py; names the pool in what other workers are told
+        self.rests: RestSink | None = None  # with workers: where the pool's rests go (pool.shared is then a list)
         # Azure deployments the group's upstream said do not exist (DeploymentNotFound): its routes
         # for them are skipped while another route serves the model, until the routes change
         # (core/state.py clears this).
@@ -179,6 +181,8 @@ class Rotation:
         `scope` is the model whose limits the attempt counts against."""
         now = time.time()
         use.probe = self.pool.started(key, now, scope)
+        if self.pool.shared:
+            self.share()  # a probe of the resting pool went out: the other workers send none meanwhile
         use.scope, use.scope_known = scope, scope_known
         use.key_id, use.key_last4 = key.id, key.last4
         attempt = AttemptLog(attempt=len(use.attempts) + 1, key_id=key.id, started_at=now, model=model)
@@ -197,6 +201,11 @@ class Rotation:
         return bool(self.pool.rests or (rt is not None and rt.scopes))
 
     def end(self, use: KeyUse, outcome: Outcome | None, status: int | None, error: str | None) -> None:
+        self._end(use, outcome, status, error)
+        if self.pool.shared:
+            self.share()
+
+    def _end(self, use: KeyUse, outcome: Outcome | None, status: int | None, error: str | None) -> None:
         """Close the latest attempt and learn from it.
 
         A 5xx or a lost answer may be the key's fault or the request's (or upstream's): it is
@@ -246,6 +255,18 @@ class Rotation:
         use.suspect = None
         reason = f"{earlier.status} server_error" if earlier.status is not None else earlier.error
         self.pool.upstream_trouble(use.scope, time.time(), reason, client=use.client_id)
+        if self.pool.shared:
+            self.share()
+
+    def share(self) -> None:
+        """Tell the other workers the rests this pool began or ended (only with workers: pool.shared is a list)."""
+        shared = self.pool.shared
+        if not shared:
+            return
+        rests = shared[:]
+        shared.clear()
+        if self.rests is not None and self.group_id is not None:
+            self.rests.save_rests(self.group_id, rests)
 
     def _suspect(self, use: KeyUse) -> AttemptLog | None:
         if use.suspect is None or use.suspect > len(use.attempts):

@@ -15,8 +15,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from core.affinity import Ownership
-from core.models import Client, PoolKey
-from core.ports import PoolStateSink, Revisions, StateStores
+from core.models import Client, KeyStateChange, PoolKey
+from core.pool import Rested
+from core.ports import PoolStateSink, RestSink, Revisions, StateStores
 from core.revisions import watch_revision
 from core.rotation import Rotation, RotationSettings
 from core.routing import Candidate, Group, RouteTable
@@ -58,6 +59,7 @@ class ProxyState:
         self.tenants: dict[str, int] = {}  # object id → the client that made it (missing: nobody's)
         self.settings = RotationSettings()
         self.states = states  # where every rotation's learnt key states go
+        self.rests: RestSink | None = None  # with workers: where every pool's rests go (addons/runtime.py)
         self.client_listeners: list[Callable[[], None]] = []  # called on the loop once clients are reloaded
         self._open: Callable[[], AbstractContextManager[StateStores]] | None = None
         self._loaded: dict[str, int] = {}  # the revisions the snapshot holds (missing: never read)
@@ -176,6 +178,44 @@ class ProxyState:
             self.tenants.setdefault(object_id, client_id)
         self._owners_after = max(self._owners_after, after)
 
+    def absorb(self, learnt: list[KeyStateChange | tuple[int, Rested]], now: float) -> None:
+        """What other workers learnt from upstream (storage/workers.py), swapped in on the loop:
+        key states, newer than this process's own, and rests of a pool or of a key for a model."""
+        for item in learnt:
+            if isinstance(item, KeyStateChange):
+                key = self._key(item.key_id)
+                if key is None or (key.state_changed_at or 0) > item.at or key.state == "disabled":
+                    continue
+                key.state, key.state_reason, key.cooldown_until = item.state, item.reason, item.cooldown_until
+                key.state_changed_at = item.at
+                continue
+            group_id, rested = item
+            rotation = self.rotations.get(group_id)
+            if rotation is not None:
+                rotation.pool.absorb(rested, now)
+
+    def in_flight(self) -> dict[int, int]:
+        """Key id → requests in flight on it in this process (told to the other workers for least_used)."""
+        return {
+            key_id: rt.in_flight
+            for rotation in self.rotations.values()
+            for key_id, rt in rotation.pool.runtime.items()
+            if rt.in_flight
+        }
+
+    def absorb_in_flight(self, elsewhere: dict[int, int]) -> None:
+        """The other workers' requests in flight, by key: least_used counts them with this process's own."""
+        for rotation in self.rotations.values():
+            for key_id, rt in rotation.pool.runtime.items():
+                rt.elsewhere = elsewhere.get(key_id, 0)
+
+    def _key(self, key_id: int) -> PoolKey | None:
+        for rotation in self.rotations.values():
+            key = rotation.pool.by_id.get(key_id)
+            if key is not None:
+                return key
+        return None
+
     def usable(self, candidates: list[Candidate]) -> list[Candidate]:
         """`candidates` without the routes whose upstream said it has no such model (a deployment that
         does not exist), unless that leaves none: then upstream's own answer is what the client gets."""
@@ -207,6 +247,9 @@ class ProxyState:
                 rotation = self.rotations[group_id] = Rotation()
                 rotation.configure(self.settings)
                 rotation.states = self.states
+                rotation.group_id = group_id
+                if self.rests is not None:
+                    rotation.rests, rotation.pool.shared = self.rests, []
             rotation.pool.replace_keys(group_keys)
             group = by_id[group_id]
             rotation.label = group.label

@@ -52,13 +52,33 @@ class CaptureStatus:
         return data.ljust(SIZE - 1) + b"\n"
 
 
-def path_of(db_path: str | Path) -> Path:
-    return Path(f"{db_path}.capture")
+def path_of(db_path: str | Path, worker: int | None = None) -> Path:
+    """One process's file; each worker of `run.py proxy --workers N` has its own beside it."""
+    return Path(f"{db_path}.capture" if worker is None else f"{db_path}.capture.{worker}")
 
 
 def read(db_path: str | Path) -> CaptureStatus:
-    """The last status the writer wrote; the default one when there is none (or it cannot be read)."""
-    path = path_of(db_path)
+    """What every writer of the database last wrote, added up (workers each have a file)."""
+    statuses = [_read_one(path_of(db_path))]
+    statuses += [_read_one(p) for p in sorted(Path(db_path).parent.glob(f"{Path(db_path).name}.capture.*"))]
+    found = [s for s in statuses if s.updated_at]
+    if len(found) <= 1:
+        return found[0] if found else statuses[0]
+    failing = [s for s in found if s.failing_since is not None]
+    drops = [s for s in found if s.last_drop_at is not None]
+    last_drop = max(drops, key=lambda s: s.last_drop_at or 0.0) if drops else None
+    return CaptureStatus(
+        dropped=sum(s.dropped for s in found),
+        last_drop_at=last_drop.last_drop_at if last_drop else None,
+        last_drop_reason=last_drop.last_drop_reason if last_drop else None,
+        waiting=sum(s.waiting for s in found),
+        failing_since=min((s.failing_since for s in failing if s.failing_since), default=None),
+        error=failing[0].error if failing else None,
+        updated_at=max(s.updated_at for s in (failing or found)),
+    )
+
+
+def _read_one(path: Path) -> CaptureStatus:
     for _ in range(3):  # a read that meets a write half done sees broken JSON: read again
         try:
             data = path.read_bytes()
@@ -75,9 +95,9 @@ def read(db_path: str | Path) -> CaptureStatus:
 class StatusFile:
     """The writer's handle on the file: created 0600 at full size, then overwritten in place."""
 
-    def __init__(self, db_path: str | Path) -> None:
-        self.path = path_of(db_path)
-        previous = read(db_path)
+    def __init__(self, db_path: str | Path, worker: int | None = None) -> None:
+        self.path = path_of(db_path, worker)
+        previous = _read_one(self.path)
         self.current = CaptureStatus(
             dropped=previous.dropped, last_drop_at=previous.last_drop_at, last_drop_reason=previous.last_drop_reason
         )

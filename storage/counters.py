@@ -17,6 +17,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from core.limits import spend_names
@@ -25,6 +26,7 @@ from storage import db
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 1.0  # spend shown by the CLI and UI is at most this old; a kill -9 loses at most this
+_ONE_PROCESS: AbstractContextManager[None] = nullcontext()
 MOVING_KEEP_SECONDS = 3600  # entries older than any moving window keyrotor uses are not restored
 PERIOD_KEEP_SECONDS = 40 * 86400  # a month's total is still shown for a while after it ends
 PURGE_SECONDS = 600
@@ -98,6 +100,9 @@ class MemoryCounters:
 
     def gauge(self, name: str) -> int:
         return self._gauges.get(name, 0)
+
+    def atomic(self) -> AbstractContextManager[None]:
+        return _ONE_PROCESS  # the Governor's calls on the loop cannot interleave
 
     def gauge_add(self, name: str, delta: int) -> None:
         with self._lock:

@@ -531,6 +531,11 @@ def _v16_playground(db: sqlite_utils.Database) -> None:
     db.table("playground_turns").create_index(["conversation_id"])
 
 
+def _v17_flow_workers(db: sqlite_utils.Database) -> None:
+    # `run.py proxy --workers N`: which worker served each flow (NULL: one process).
+    db.table("flows").add_column("worker", int)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
@@ -548,6 +553,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v14_attempt_urls,
     _v15_traces,
     _v16_playground,
+    _v17_flow_workers,
 ]
 
 

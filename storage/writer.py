@@ -91,6 +91,7 @@ class Writer:
         # The proxy builds its writer before the keyrotor_storage option says where (addons/runtime.py):
         # `path` is then set before start().
         self.path = Path(path) if path is not None else None
+        self.worker: int | None = None  # with workers: this one's index, stamped on its flows (set before start())
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="keyrotor-writer", daemon=True)
         self._users = 0
@@ -156,7 +157,7 @@ class Writer:
 
     def _run(self) -> None:
         assert self.path is not None, "start() refuses a writer without one"
-        self._status = capture_status.StatusFile(self.path)
+        self._status = capture_status.StatusFile(self.path, self.worker)
         conn = db.connect(self.path)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
@@ -230,6 +231,8 @@ class Writer:
                     log.exception("could not turn a captured flow into a record; it is skipped")
                     self._drop(1, "it could not be turned into a row")
                     continue
+                if self.worker is not None:
+                    record.worker = self.worker
                 size = record_bytes(record)
                 self._pending.append((record, size))
                 self._pending_bytes += size

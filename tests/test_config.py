@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -141,6 +142,8 @@ BAD_VALUES = [
     ("proxy.stop_grace_seconds", "-1", ZERO_OR_MORE),
     ("proxy.max_body_bytes", "0", ABOVE_ZERO),
     ("proxy.header_timeout_seconds", "0", ABOVE_ZERO),
+    ("proxy.workers", "0", 'must be a whole number above zero, or "auto" (one per core)'),
+    ("proxy.workers", "many", 'must be a whole number above zero, or "auto" (one per core)'),
     ("ui.host", "", "must be a non-empty string"),
     ("ui.port", "http", "must be a whole number"),
     ("ui.trusted_proxies", "10.0.0.1, proxy.local", "must list IP addresses or networks; 'proxy.local' is neither"),
@@ -193,6 +196,12 @@ def toml_literal(value: str) -> str:
     except ValueError:
         return json.dumps(value)
     return value
+
+
+@pytest.mark.parametrize("value, workers", [("auto", os.cpu_count() or 1), ("AUTO", os.cpu_count() or 1), ("3", 3)])
+def test_proxy_workers_takes_a_number_or_auto_for_every_core(value, workers):
+    assert load_settings(overrides={"proxy.workers": value}, environ={})["proxy.workers"] == workers
+    assert load_settings(environ={})["proxy.workers"] == 1  # one process unless asked
 
 
 def test_the_table_covers_every_setting():

@@ -7,19 +7,23 @@ docs/mitmproxy-patches.md before widening MITMPROXY_CHECKED.
 from __future__ import annotations
 
 import ast
+import asyncio
+import importlib
 import inspect
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from mitmproxy.addons.proxyserver import Proxyserver
-from mitmproxy.proxy import commands, events
+from mitmproxy.proxy import commands, events, mode_servers
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.test import taddons
 from mitmproxy.version import VERSION
 
-from addons import bounds, credential_sender, patches, recovery, retry_stream, upstream_watch
+from addons import bounds, credential_sender, listener, patches, recovery, retry_stream, upstream_watch
+from addons.runtime import Runtime
 from config import ROOT
 
 # The parameters each replaced or wrapped method is called with: the patches take the same.
@@ -33,6 +37,7 @@ REPLACED = {
     "HttpLayer._handle_event": ("self", "event"),
     "_http1.make_error_response": ("status_code", "message"),
     "_http2.Http2Server._handle_event": ("self", "event"),
+    "mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen": ("self", "host", "port"),
 }
 
 # What the patches call or read on the classes they patch (None: any parameters).
@@ -80,7 +85,16 @@ def mitmproxys_classes() -> dict[str, ast.ClassDef]:
 
 
 def method(name: str) -> ast.FunctionDef | None:
-    """`Class.method` of mitmproxy.proxy.layers.http, or `_module.function` / `_module.Class.method` of its submodules."""
+    """`Class.method` of mitmproxy.proxy.layers.http, or `_module.function` / `_module.Class.method` of its submodules,
+    or `mitmproxy.module.Class.method` elsewhere in mitmproxy."""
+    if name.startswith("mitmproxy."):
+        module_name, owner, attribute = name.rsplit(".", 2)
+        source = Path(inspect.getsourcefile(importlib.import_module(module_name))).read_text()
+        found = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+        for node in found[owner].body if owner in found else []:
+            if isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef) and node.name == attribute:
+                return node  # type: ignore[return-value]
+        return None
     if name.startswith("_"):
         module, _, name = name.partition(".")
         source = Path(inspect.getsourcefile(http_layer)).with_name(f"{module}.py").read_text()
@@ -143,6 +157,47 @@ def test_what_the_patches_build_takes_the_same_parameters(built, leading):
     assert names[: len(leading)] == leading, f"{built.__qualname__}{inspect.signature(built)}"
 
 
+def test_the_tcp_listener_the_workers_patch_repeats_is_mitmproxys():
+    # listener.py opens TCP as mitmproxy's own listen does, adding reuse_port: the same call must be there.
+    function = method("mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen")
+    assert function is not None
+    assert "asyncio.start_server(self.handle_stream, host, port)" in ast.unparse(function)
+    assert "self.mode.transport_protocol" in ast.unparse(function)
+
+
+@pytest.mark.parametrize("workers, shared", [(1, False), (2, True)])
+def test_workers_listen_on_one_port_and_one_process_as_mitmproxy_does(workers: int, shared: bool):
+    class Mode:
+        transport_protocol = "tcp"
+
+    class Instance:  # what the patched listen uses of mitmproxy's server instance
+        mode = Mode()
+
+        async def handle_stream(self, reader, writer) -> None:
+            writer.close()
+
+    async def listen_twice() -> bool:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        first = await listener._listen(Instance(), "127.0.0.1", port)  # type: ignore[arg-type]
+        try:
+            second = await listener._listen(Instance(), "127.0.0.1", port)  # type: ignore[arg-type]
+        except OSError:
+            return False
+        finally:
+            for server in first:
+                server.close()
+        for server in second:
+            server.close()
+        return True
+
+    with taddons.context(Runtime()) as tctx:
+        tctx.options.update(proxy_workers=workers)
+        assert asyncio.run(listen_twice()) is shared
+
+
 def test_the_websocket_handover_the_upstream_watch_relies_on():
     # A stream that became a WebSocket sets _handle_event on itself: the watch skips such streams.
     source = Path(inspect.getsourcefile(http_layer)).read_text()
@@ -172,6 +227,8 @@ def installed_state() -> dict[str, object]:
         "the watch's layer wraps": upstream_watch._inner_layer_event,
         "recovery falls back to": recovery._original,
         "bounds fall back to": (bounds._wait_for_request_headers, bounds._consume_request_body),
+        "listen": mode_servers.AsyncioServerInstance.listen,
+        "the listener falls back to": listener._original,
     }
 
 
@@ -194,6 +251,8 @@ def test_the_entry_installed_every_patch_in_order():
     assert http_layer.HttpStream.send_response is retry_stream._send_response
     assert is_mitmproxys(retry_stream._inner_send_response, "HttpStream.send_response")
     assert http_layer.HttpStream.start_response_stream is upstream_watch._start_response_stream_held
+    assert mode_servers.AsyncioServerInstance.listen is listener._listen
+    assert listener._original is not None and listener._original.__qualname__ == "AsyncioServerInstance.listen"
 
 
 def test_the_credential_sender_goes_in_before_the_watch_that_wraps_it():

@@ -1,4 +1,4 @@
-"""`serve`, `proxy` and `ui`: start the proxy (mitmdump, or mitmweb with --web) and the monitor UI."""
+"""`serve`, `proxy` and `ui`: start the proxy (cli/proxy_master.py, or mitmweb with --web) and the monitor UI."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ STOP_MARGIN_SECONDS = 15
 
 
 def proxy_argv(settings: Settings, web: bool) -> list[str]:
+    # mitmweb loads keyrotor's concerns as a script; run.py's own master (cli/proxy_master.py) imports them.
     argv = [
-        "-s",
-        str(SCRIPT),
+        *(["-s", str(SCRIPT)] if web else []),
         "--mode",
         f"reverse:{settings['proxy.upstream']}",
         "--listen-host",
@@ -54,15 +54,20 @@ def proxy_argv(settings: Settings, web: bool) -> list[str]:
 
 
 def proxy(args: argparse.Namespace, settings: Settings) -> int:
-    from mitmproxy.tools import main
-
     ports.check(settings, ports.PROXY, *([ports.MITMWEB] if args.web else []))
     verbose = getattr(args, "verbose", False)
     console.quiet(verbose)
     # mitmproxy logs a listener that failed to bind, with its own advice (`--mode …@PORT`): ours instead.
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(ports.ListenFailure(ports.PROXY, settings))
     try:
-        (main.mitmweb if args.web else main.mitmdump)(proxy_argv(settings, args.web) + console.proxy_argv(verbose))
+        if args.web:
+            from mitmproxy.tools import main
+
+            main.mitmweb(proxy_argv(settings, web=True) + console.proxy_argv(verbose))
+        else:
+            from cli import proxy_master
+
+            proxy_master.run(proxy_argv(settings, web=False), verbose)
     except OSError as e:  # mitmweb raises its web server's (`--set web_port=…`)
         if e.errno == errno.EADDRINUSE and "Web server" in str(e):
             raise ports.unavailable(ports.MITMWEB, settings, e) from None

@@ -126,45 +126,21 @@ StreamCallable = Callable[[bytes], "bytes | Iterable[bytes]"]
 
 
 def chained(first: StreamCallable | None, then: StreamCallable) -> StreamCallable:
-    """A stream callable that hands what `first` makes of each read to `then` (first may be None).
-
-    Chaining onto a chain adds a stage to one flat Pipeline rather than wrapping it again, so a
-    read passes every concern's handler in one call, not one nested call (and list) per concern.
-    """
+    """A stream callable that hands what `first` makes of each read to `then` (first may be None)."""
     if first is None:
         return then
-    if isinstance(first, Pipeline):
-        return Pipeline(first.first, (*first.then, then))
-    return Pipeline(first, (then,))
 
-
-class Pipeline:
-    """Stream callables in order: the first gets each read; each next one gets every non-empty
-    piece the one before made, and at the end (an empty read) the end too, after those pieces."""
-
-    __slots__ = ("first", "then")
-
-    def __init__(self, first: StreamCallable, then: tuple[StreamCallable, ...]) -> None:
-        self.first = first
-        self.then = then
-
-    def __call__(self, data: bytes) -> list[bytes]:
-        out = self.first(data)
+    def both(data: bytes) -> list[bytes]:
+        out = first(data)
         pieces = [out] if isinstance(out, bytes) else list(out)
-        for stage in self.then:
-            made_all: list[bytes] = []
-            for piece in pieces:
-                if piece:
-                    made = stage(piece)
-                    if isinstance(made, bytes):
-                        made_all.append(made)
-                    else:
-                        made_all += made
-            if not data:
-                made = stage(b"")
-                if isinstance(made, bytes):
-                    made_all.append(made)
-                else:
-                    made_all += made
-            pieces = made_all
-        return [p for p in pieces if p]
+        result = []
+        for piece in pieces:
+            if piece:
+                made = then(piece)
+                result += [made] if isinstance(made, bytes) else list(made)
+        if not data:  # the end reaches `then` too, after whatever `first` still had
+            made = then(b"")
+            result += [made] if isinstance(made, bytes) else list(made)
+        return [r for r in result if r]
+
+    return both

@@ -1,6 +1,6 @@
 """Instructions per request: bare mitmdump vs keyrotor's full chain, counted by valgrind.
 
-    .venv/bin/python bench/proxy_instructions.py [--requests 200] [--routes 5 4 50] [--limits]
+    .venv/bin/python bench/proxy_instructions.py [--requests 200] [--routes 5 4 50] [--limits] [--streams 100]
 
 With --routes U G M it also counts keyrotor with U upstreams of G groups of M models each
 (the default group disabled, the requested model listed by the last group only), in the
@@ -8,6 +8,9 @@ same run: what routing by model costs against the one default group. With --limi
 also counts keyrotor with the bench client given every client limit (models, groups, RPM,
 TPM, parallel, daily and monthly token and cost budgets, expiry, IPs; none of them reached),
 plus [access] ip_rpm: what client governance costs against the same client with none.
+With --streams N it also counts N streamed chat completions (the fake upstream's 5 content
+chunks, its usage chunk asked for by keyrotor) through bare mitmdump with stream_large_bodies=1
+(so it streams them too, the like-for-like baseline) and through keyrotor, per stream.
 
 CPU seconds on a shared 2-core VM move by ±10-20 % from run to run (see README.md);
 instruction counts do not. Each proxy runs under `valgrind --tool=callgrind` with
@@ -35,24 +38,42 @@ import httpx
 from proxy_overhead import BenchError, Environment, settle, start_upstream
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark request"}]}
+STREAM = {**BODY, "stream": True}
 
 
 def count_instructions(
-    env: Environment, kind: str, upstream: str, requests: int, warmup: int, label: str | None = None
+    env: Environment,
+    kind: str,
+    upstream: str,
+    requests: int,
+    warmup: int,
+    label: str | None = None,
+    stream: bool = False,
 ) -> float:
-    """Millions of instructions per request that the proxy `kind` executed (`label` names its files)."""
+    """Millions of instructions per request that the proxy `kind` executed (`label` names its files);
+    with `stream`, per streamed completion read to its end."""
     label = label or kind
     out = env.tmp / f"{label}.callgrind"
     wrapper = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
     target = env.start_proxy(kind, upstream, label, wrapper)
     headers = {"authorization": f"Bearer {target.key}"}
     with httpx.Client(base_url=target.url, headers=headers, timeout=120) as client:
+
+        def one() -> None:
+            if not stream:
+                client.post("/v1/chat/completions", json=BODY).raise_for_status()
+                return
+            with client.stream("POST", "/v1/chat/completions", json=STREAM) as response:
+                response.raise_for_status()
+                if b"[DONE]" not in b"".join(response.iter_bytes()):
+                    raise BenchError(f"{label}: a stream ended without [DONE]")
+
         for _ in range(warmup):
-            client.post("/v1/chat/completions", json=BODY).raise_for_status()
+            one()
         asyncio.run(settle(target.pid))
         subprocess.run(["callgrind_control", "-i", "on", str(target.pid)], check=True, capture_output=True)
         for _ in range(requests):
-            client.post("/v1/chat/completions", json=BODY).raise_for_status()
+            one()
         asyncio.run(settle(target.pid))  # the writer's rows are part of the cost
         subprocess.run(["callgrind_control", "-d", str(target.pid)], check=True, capture_output=True)
     dumps = sorted(env.tmp.glob(f"{label}.callgrind.*"))
@@ -126,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "--routes", type=int, nargs=3, metavar=("UPSTREAMS", "GROUPS", "MODELS"), help="also count with these routes"
     )
     parser.add_argument("--limits", action="store_true", help="also count with every client limit set")
+    parser.add_argument("--streams", type=int, default=0, help="also count this many streamed completions each")
     args = parser.parse_args(argv)
     args.verbose_proxies = False
     env = Environment(args)
@@ -137,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             kind: count_instructions(env, kind, upstream, args.requests, args.warmup)
             for kind in ("mitmdump", "keyrotor")
         }
+        if args.streams:
+            for kind, label in (("mitmdump-stream", "mitmdump-stream"), ("keyrotor", "keyrotor-stream")):
+                counts[label] = count_instructions(
+                    env, kind, upstream, args.streams, min(args.warmup, args.streams), label, stream=True
+                )
         if args.routes:
             add_routes(env.db_path, upstream, *args.routes, model=BODY["model"])
             label = "keyrotor-routes"
@@ -150,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         for kind, count in counts.items():
             print(f"{kind:<15} {count:7.3f} M instructions/request")
         print(
-            f"ratio           {counts['keyrotor'] / counts['mitmdump']:7.3f}x  (target <= 1.15x; "
+            f"ratio           {counts['keyrotor'] / counts['mitmdump']:7.3f}x  (target < 1.0x, issue 22; "
             f"{args.requests} sequential requests each, {time.monotonic() - started:.0f} s)"
         )
+        if args.streams:
+            print(
+                f"stream ratio    {counts['keyrotor-stream'] / counts['mitmdump-stream']:7.3f}x  (per streamed"
+                f" completion, {args.streams} each; bare mitmdump with stream_large_bodies=1)"
+            )
         if args.routes:
             u, g, m = args.routes
             print(

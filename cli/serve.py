@@ -1,4 +1,4 @@
-"""`serve`, `proxy` and `ui`: start the proxy (mitmdump, or mitmweb with --web) and the monitor UI."""
+"""`serve`, `proxy` and `ui`: start the proxy (cli/proxy_master.py, or mitmweb with --web) and the monitor UI."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ STOP_MARGIN_SECONDS = 15
 
 
 def proxy_argv(settings: Settings, web: bool) -> list[str]:
+    # mitmweb loads keyrotor's concerns as a script; run.py's own master (cli/proxy_master.py) imports them.
     argv = [
-        "-s",
-        str(SCRIPT),
+        *(["-s", str(SCRIPT)] if web else []),
         "--mode",
         f"reverse:{settings['proxy.upstream']}",
         "--listen-host",
@@ -67,8 +67,6 @@ def worker_options(settings: Settings, index: int) -> list[str]:
 
 
 def proxy(args: argparse.Namespace, settings: Settings) -> int:
-    from mitmproxy.tools import main
-
     if args.worker_index is None and settings["proxy.workers"] > 1:
         from cli import workers
 
@@ -80,11 +78,18 @@ def proxy(args: argparse.Namespace, settings: Settings) -> int:
     console.quiet(verbose)
     # mitmproxy logs a listener that failed to bind, with its own advice (`--mode …@PORT`): ours instead.
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(ports.ListenFailure(ports.PROXY, settings))
-    argv = proxy_argv(settings, args.web) + console.proxy_argv(verbose)
+    argv = proxy_argv(settings, args.web)
     if args.worker_index is not None:
         argv += worker_options(settings, args.worker_index)
     try:
-        (main.mitmweb if args.web else main.mitmdump)(argv)
+        if args.web:
+            from mitmproxy.tools import main
+
+            main.mitmweb(argv + console.proxy_argv(verbose))
+        else:
+            from cli import proxy_master
+
+            proxy_master.run(argv, verbose)
     except OSError as e:  # mitmweb raises its web server's (`--set web_port=…`)
         if e.errno == errno.EADDRINUSE and "Web server" in str(e):
             raise ports.unavailable(ports.MITMWEB, settings, e) from None

@@ -160,13 +160,14 @@ def test_a_pass_serves_one_request_and_never_with_a_client_key(kr: Keyrotor):
 def test_a_pass_cannot_pin_a_group_or_key_its_client_may_not_use(kr: Keyrotor, upstream: FakeUpstream):
     found = ids(kr)
     kr.setup("clients", "set", "alice", "--groups", "relay/cheap")
-    before = len(upstream.received)
 
     def refused(**pins) -> dict:
         status, body = send(kr, found["alice"], **pins)
         return json.loads(body)["error"] if status == 403 else {}
 
     error = wait_for(lambda: refused(group_id=found["default/default"]), what="the new limits")
+    before = len(upstream.received)  # (until the proxy's poll sees the change, alice may use any group)
+    assert refused(group_id=found["default/default"])["code"] == "group_not_allowed"
     assert error["code"] == "group_not_allowed"
     assert refused(key_id=found[DEFAULT_KEYS[0][-4:]])["code"] == "group_not_allowed"
     assert len(upstream.received) == before

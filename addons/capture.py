@@ -15,7 +15,16 @@ from mitmproxy.websocket import WebSocketData
 
 from config import BODY_MODES, ConfigError, Settings, checked_options, default_of, names_in, option_source, read_prices
 from core.classify import is_client_side
-from core.metadata import FIRST_BYTE_AT, RECORDED, AccessVerdict, CountedUsage, KeyUse, RequestedModel, UsageInjection
+from core.metadata import (
+    FIRST_BYTE_AT,
+    RECORDED,
+    AccessVerdict,
+    CountedUsage,
+    FlowLabels,
+    KeyUse,
+    RequestedModel,
+    UsageInjection,
+)
 from core.ports import RecordSink
 from core.prices import PriceTable
 from core.records import CapturedFlow, Retention, StreamTee, WebSocketMessage
@@ -200,6 +209,9 @@ class Capture:
             requested_model=keys.requested_model or _model(flow),
             prices=self._prices,
         )
+        labels = FlowLabels.of(flow.metadata)
+        if labels is not None:
+            captured.tags, captured.session = ",".join(labels.tags) or None, labels.session
         response = flow.response
         tee = self._tees.pop(flow.id, None)
         if response is None:

@@ -32,6 +32,7 @@ from addons.recovery import Recovery
 from addons.runtime import Runtime
 from addons.shutdown import Shutdown
 from addons.spend import Spend
+from addons.tags import Tags
 from addons.tenancy import Tenancy
 from addons.tenant_lists import TenantLists
 from addons.upkeep import Upkeep
@@ -91,6 +92,7 @@ addons = [
     KeyRotor(_settings),
     Recovery(),
     Access(_settings, _state, _governor),
+    Tags(),  # right after Access: the label headers never go further than keyrotor
     Bounds(_settings),
     Tenancy(_state, _writer),  # before the key pool: another client's object is refused before a key is picked
     Models(_state),  # before the key pool: a list answered here takes no key

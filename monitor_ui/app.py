@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -16,9 +18,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from config import Settings
 from core.addresses import Network, client_address, parse_networks
 from core.login_throttle import LoginThrottle
+from monitor_ui.alerting import Alerting
 from monitor_ui.auth import SessionSigner
 from monitor_ui.deps import LoginRequired, UiSettings
 from monitor_ui.routes import (
+    alerts,
     assets,
     audit,
     auth,
@@ -37,6 +41,8 @@ from storage import audit as audit_log
 HERE = Path(__file__).parent
 # Pages and their JSON twins under /api/ never share a path, so each area's two routers go in side by side.
 ROUTERS = (
+    alerts.router,
+    alerts.api,
     assets.router,
     audit.router,
     audit.api,
@@ -99,8 +105,23 @@ class TrustedProxies:
         await self.app(scope, receive, send)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="keyrotor monitor", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+def create_app(settings: Settings, check_alerts: bool = True) -> FastAPI:
+    """`check_alerts`: run the alert checks and webhook sends (monitor_ui/alerting.py) while the app serves."""
+    alerting = Alerting(settings.storage_path, settings.alerts)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if check_alerts:
+            alerting.start()
+        try:
+            yield
+        finally:
+            alerting.stop()
+
+    app = FastAPI(
+        title="keyrotor monitor", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json", lifespan=lifespan
+    )
+    app.state.alerting = alerting
     # Read by monitor_ui.deps alone: the handlers receive them as parameters.
     app.state.settings = UiSettings(
         db_path=settings.storage_path,

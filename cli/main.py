@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from cli import admin, clients, groups, keys, models, serve, upstreams
+from cli import admin, alerts, clients, groups, keys, models, serve, upstreams
 from cli import storage as storage_command  # not the storage package, imported below
 from cli.parser import parse_args
 from config import BY_NAME, ConfigError, Settings, load_settings
@@ -24,6 +24,7 @@ COMMANDS: dict[str, Command] = {
     "clients": clients.command,
     "admin": admin.command,
     "storage": storage_command.command,
+    "alerts": alerts.command,
 }
 SERVERS = ("serve", "proxy", "ui")  # the other commands change storage, as the CLI in the audit log
 

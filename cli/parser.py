@@ -175,6 +175,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "migrate", parents=[common], help="convert flows stored before compression now (safe beside a running proxy)"
     )
 
+    alerts = commands.add_parser("alerts", parents=[common], help="alerts and their webhook").add_subparsers(
+        dest="action", required=True
+    )
+    alerts.add_parser("test", parents=[common], help="send a test alert to [alerts] webhook_url now")
+    alerts.add_parser("list", parents=[common], help="the alerts that hold now, and the latest ones raised")
+
     args = parser.parse_args(argv)
     args.command = args.command or "serve"
     args.argv = list(argv)

@@ -90,17 +90,20 @@ def key_conditions(keys: list[tuple[int, str, str, str | None]]) -> list[Conditi
 
 
 def group_conditions(groups: list[tuple[int, str, int, int]]) -> list[Condition]:
-    """Serving groups (id, label, keys, usable keys) left with no usable key."""
+    """Serving groups (id, label, keys, usable keys) left with no usable key: keys, none active or cooling.
+
+    A group that never had a key (a fresh install's default group, when every key is elsewhere) is left out.
+    """
     return [
         Condition(
             f"{GROUP_UNUSABLE}:group={group_id}",
             GROUP_UNUSABLE,
-            f"Group {label} has no usable key ({keys} key{'' if keys == 1 else 's'}, none active):"
+            f"Group {label} has no usable key ({keys} key{'' if keys == 1 else 's'}, none active or cooling):"
             " its requests fail over to other groups or are refused.",
             {"group_id": group_id, "group": label, "keys": keys, "usable_keys": usable},
         )
         for group_id, label, keys, usable in groups
-        if usable == 0
+        if keys > 0 and usable == 0
     ]
 
 

@@ -25,6 +25,8 @@ def reconcile(conn: sqlite3.Connection, conditions: Iterable[Condition], now: fl
     """
     holding = {c.key: c for c in conditions}
     opened = []
+    if set(holding) == {row[0] for row in conn.execute("SELECT condition FROM alerts WHERE cleared_at IS NULL")}:
+        return []  # nothing changed: no write lock taken from the proxy's writer
     with conn:
         conn.execute("BEGIN IMMEDIATE")
         open_now = {row[0]: row[1] for row in conn.execute("SELECT condition, id FROM alerts WHERE cleared_at IS NULL")}

@@ -23,7 +23,7 @@ from storage import client_keys, db, rollups, upstream_keys
 from storage.secrets import key_cipher
 from storage.upstream_keys import SqliteKeyStore
 from tests.conftest import wait_for
-from tests.monitor_ui.conftest import OpenUI
+from tests.monitor_ui.conftest import OpenUI, log_in
 from usecases.keys import add_keys
 
 SECRET_PATH = "/services/T000/B000/very-secret-token"
@@ -205,3 +205,22 @@ def test_the_test_alert_button_api_and_command(open_ui: OpenUI, receiver: Receiv
     del keyrotor.env["KEYROTOR_ALERTS_WEBHOOK_URL"]
     unset = keyrotor.setup("alerts", "test", check=False)
     assert unset.returncode == 1 and "set [alerts] webhook_url" in unset.stdout
+
+
+def test_the_dashboard_shows_open_alerts_and_its_button_sends_a_test(open_ui: OpenUI, receiver: Receiver) -> None:
+    def seed(conn: sqlite3.Connection, path: Path) -> None:
+        report = add_keys(SqliteKeyStore(conn, key_cipher(path)), ["sk-good-aaaaaaaaaaaaaaaaaaaaaaaa0001"])
+        set_key_state(conn, report.added[0], "exhausted")
+
+    client = open_ui("admin", {"alerts.webhook_url": receiver.url}, seed)  # the app checks as it starts
+    auth = {"authorization": "Bearer admin"}
+    opened = wait_for(lambda: client.get("/api/alerts", headers=auth).json()["open"], what="the open alerts")
+    assert sorted(a["kind"] for a in opened) == ["group_unusable", "key_state"]
+    csrf = log_in(client, "admin", "/dashboard")
+    page = client.get("/dashboard").text
+    assert "Upstream key #1 (…0001) is exhausted" in page and "Group default/default has no usable key" in page
+    assert client.post("/alerts/test", data={}).status_code == 403  # no CSRF token
+    sent = client.post("/alerts/test", data={"csrf": csrf})
+    assert sent.status_code == 303 and sent.headers["location"] == "/dashboard?test_alert=sent#alerts"
+    assert "The test alert was sent to the webhook." in client.get("/dashboard?test_alert=sent").text
+    assert [b["keyrotor"]["kind"] for b in receiver.bodies].count("test") == 1

@@ -215,6 +215,15 @@ def _range(name: str | None, since: str | None, until: str | None, now: float) -
     return time_range(name, parse_time(since, "since"), parse_time(until, "until"), now)
 
 
+def _flows_range(shown: TimeRange, chosen: bool) -> dict[str, str]:
+    """What the breakdowns' links add so the flows page lists the same range (nothing for the default)."""
+    if not chosen:
+        return {}
+    if shown.name != "custom":
+        return {"range": shown.name}
+    return {"since": views.iso(shown.since) or "", "until": views.iso(shown.until) or ""}
+
+
 def _unit(shown: TimeRange) -> str:
     return {"minute": "minute", "hour": "hour", "day": "day"}[shown.grain]
 
@@ -261,6 +270,7 @@ def read_dashboard(
         "refresh": "/dashboard?" + query_link(chosen),
         "link": lambda **extra: query_link(chosen, **extra),
         "test_alert": test_alert,
+        "flows_range": _flows_range(shown, chosen=bool(range_name or since or until)),
     }
     return page.render("dashboard.html", context)
 

@@ -94,3 +94,10 @@ def test_spend_per_day_for_30_days_in_total_and_per_client_key_model_group(clien
     page = client.get("/dashboard?spend_by=model", headers=AUTH).text
     assert 'id="spend-table"' in page and "gpt-4o-mini" in page
     assert client.get("/dashboard?spend_by=nothing", headers=AUTH).status_code == 422
+
+
+def test_the_breakdowns_link_to_the_flows_of_the_same_range(client):
+    page = client.get("/dashboard?range=7d", headers=AUTH).text
+    assert 'href="/flows?model=gpt-4o&amp;range=7d"' in page
+    assert client.get("/api/flows?model=gpt-4o&range=7d", headers=AUTH).json()["flows"][0]["model"] == "gpt-4o"
+    assert client.get("/api/flows?model=gpt-4o&range=24h", headers=AUTH).json()["flows"] == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-PREVIEW_CHARS = 160
+PREVIEW_CHARS = 120  # each: two previews add at most ~240 bytes (of ASCII) to a flow's row, which is about 2.8 KB
 # Events read of a stream's body before giving up on it (a long stream's first ones hold the start).
 MAX_EVENTS = 2000
 

@@ -145,7 +145,7 @@ def test_previews_show_the_last_user_message_and_the_answer_escaped(running, ups
     rows = wait_for(lambda: (r := stored_flows(kr.db_path)) and len(r) >= 3 and r, what="3 rows")
     answer = "Hello from the fake upstream. Your last message had 3 words."
     assert [(r["prompt_preview"], r["answer_preview"]) for r in rows[:2]] == [(SCRIPT, answer), (SCRIPT, answer)]
-    assert len(rows[2]["prompt_preview"]) == 160 and rows[2]["prompt_preview"].endswith("…")
+    assert len(rows[2]["prompt_preview"]) == 120 and rows[2]["prompt_preview"].endswith("…")
     page = httpx.get(f"{kr.ui_url}/flows", headers=AUTH).text
     assert "<script>alert" not in page
     assert str(markupsafe.escape(SCRIPT)) in page  # shown, as text

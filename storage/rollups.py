@@ -259,23 +259,21 @@ def series_totals(
 
 
 def spend_per_day(
-    conn: sqlite3.Connection, dimension: str, since: float, limit: int = 10
-) -> list[tuple[str | int | None, list[tuple[int, float]]]]:
-    """Cost per UTC day since `since` of the `limit` values of `dimension` that cost most, costliest first.
+    conn: sqlite3.Connection, dimension: str, since: float, until: float | None = None
+) -> dict[str | int | None, dict[int, tuple[float, int]]]:
+    """(cost, requests) per UTC day in [since, until) of every value of `dimension` (ALL: one, None).
 
-    `dimension` is ALL (one entry, value None) or one of BREAKDOWNS. Read from hour rows only.
+    Read from hour rows through their (dimension, bucket, value, requests, cost) index, not the wide rows.
     """
     if dimension != ALL and dimension not in BREAKDOWNS:
         raise ValueError(dimension)
     rows = conn.execute(
-        f"SELECT value, bucket - bucket % 86400 AS day, sum(cost) FROM {table_of('hour')}"
-        " WHERE dimension = ? AND bucket >= ? GROUP BY value, day LIMIT 100000",
-        (dimension, since),
+        f"SELECT value, bucket - bucket % 86400 AS day, sum(cost), sum(requests) FROM {table_of('hour')}"
+        " WHERE dimension = ? AND bucket >= ? AND bucket < ? GROUP BY value, day LIMIT 1000000",
+        (dimension, since, float("inf") if until is None else until),
     ).fetchall()
-    days: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for value, day, cost in rows:
-        days[value].append((int(day), float(cost or 0)))
-    ranked = sorted(days.items(), key=lambda item: -sum(c for _, c in item[1]))[:limit]
-    return [
-        (None if dimension == ALL else _dimension_value(dimension, value), sorted(per_day)) for value, per_day in ranked
-    ]
+    days: dict[str | int | None, dict[int, tuple[float, int]]] = defaultdict(dict)
+    for value, day, cost, requests in rows:
+        key = None if dimension == ALL else _dimension_value(dimension, value)
+        days[key][int(day)] = (float(cost or 0), int(requests or 0))
+    return days

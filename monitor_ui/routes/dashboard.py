@@ -84,19 +84,43 @@ SPEND_DAYS = 30
 SPEND_BY = {"client": "client_key_id", "key": "upstream_key_id", "model": "model", "group": "group_id"}
 
 
+# Days before today do not change: their figures are read once per process and day (and again after
+# PAST_DAYS_TTL, for the odd flow that ended after midnight); only today's hours are read on every refresh.
+PAST_DAYS_TTL = 600.0
+_past_days: dict[tuple[str, str, int], tuple[float, dict]] = {}
+
+
+def _spend_days(conn: sqlite3.Connection, dimension: str, first: int, today: int, now: float) -> dict:
+    """rollups.spend_per_day over [first, now], the days before `today` from the cache."""
+    database = conn.execute("PRAGMA database_list").fetchone()[2] or str(id(conn))
+    key = (database, dimension, first)
+    cached = _past_days.get(key)
+    if cached is None or now - cached[0] > PAST_DAYS_TTL:
+        if len(_past_days) > 100:
+            _past_days.clear()
+        cached = _past_days[key] = (now, rollups.spend_per_day(conn, dimension, first, today))
+    merged: dict = {value: dict(per_day) for value, per_day in cached[1].items()}
+    for value, per_day in rollups.spend_per_day(conn, dimension, today).items():
+        merged.setdefault(value, {}).update(per_day)
+    return merged
+
+
 def spend_per_day(conn: sqlite3.Connection, now: float) -> dict:
     """Estimated cost per UTC day of the last 30 days, in total and per client, key, model and group (hour rollups)."""
-    first = int(now // 86400) * 86400 - (SPEND_DAYS - 1) * 86400
+    today = int(now // 86400) * 86400
+    first = today - (SPEND_DAYS - 1) * 86400
     days = [first + i * 86400 for i in range(SPEND_DAYS)]
-    total = dict(next(iter(rollups.spend_per_day(conn, rollups.ALL, first, 1)), (None, []))[1])
+    total = _spend_days(conn, rollups.ALL, first, today, now).get(None, {})
     by: dict[str, list[dict]] = {}
     route = route_names(conn)
     for name, dimension in SPEND_BY.items():
-        found = rollups.spend_per_day(conn, dimension, first, 10_000 if name == "client" else 10)
-        rows = [{"id": value, "per_day": dict(per_day)} for value, per_day in found]
-        if name == "client":
-            rows = _per_client(conn, rows)
-        elif name == "key":
+        found = _spend_days(conn, dimension, first, today, now)
+        rows = [
+            {"id": value, "per_day": {day: cost for day, (cost, _) in per_day.items()}}
+            for value, per_day in found.items()
+        ]
+        rows = _per_client(conn, rows) if name == "client" else _costliest(rows)
+        if name == "key":
             labels = names_for(conn, [r["id"] for r in rows])
             for row in rows:
                 row["label"] = labels.key(row["id"])
@@ -109,7 +133,16 @@ def spend_per_day(conn: sqlite3.Connection, now: float) -> dict:
             row["days"] = [round(row["per_day"].get(day, 0.0), 6) for day in days]
             del row["per_day"]
         by[name] = rows
-    return {"days": days, "total": [round(total.get(day, 0.0), 6) for day in days], "by": by}
+    return {
+        "days": days,
+        "total": [round(total.get(day, (0.0, 0))[0], 6) for day in days],
+        "requests": [total.get(day, (0.0, 0))[1] for day in days],
+        "by": by,
+    }
+
+
+def _costliest(rows: list[dict], count: int = 10) -> list[dict]:
+    return sorted(rows, key=lambda r: -sum(r["per_day"].values()))[:count]
 
 
 def _per_client(conn: sqlite3.Connection, rows: list[dict]) -> list[dict]:
@@ -132,8 +165,7 @@ def _per_client(conn: sqlite3.Connection, rows: list[dict]) -> list[dict]:
         entry = clients.setdefault(client_id, {"id": client_id, "label": name, "per_day": {}})
         for day, cost in row["per_day"].items():
             entry["per_day"][day] = entry["per_day"].get(day, 0.0) + cost
-    ranked = sorted(clients.values(), key=lambda c: -sum(c["per_day"].values()))
-    return ranked[:10]
+    return _costliest(list(clients.values()))
 
 
 def dashboard_data(
@@ -173,7 +205,11 @@ def dashboard_data(
     ranged = rollups.series_totals(conn, shown.rollup_grain, shown.start, shown.until, step)
     spend = spend_per_day(conn, now)
     spend_first = spend["days"][0]
-    spend_buckets = rollups.series_totals(conn, "hour", spend_first, None, 86400)
+    spend_buckets = [
+        (day, rollups.Totals(requests, 0, 0, 0, 0, cost, 0.0, [], []))
+        for day, cost, requests in zip(spend["days"], spend["total"], spend.pop("requests"), strict=True)
+        if requests or cost
+    ]
     return {
         "generated_at": now,
         "range": {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -260,6 +261,18 @@ def _flows_range(shown: TimeRange, chosen: bool) -> dict[str, str]:
     return {"since": views.iso(shown.since) or "", "until": views.iso(shown.until) or ""}
 
 
+def _spark(costs: list[float], days: list[int]) -> list[tuple[int, float, float, str]]:
+    """A row's bars of spend per day in a 150 x 20 px box: (x, y, height, tip), days without spend left out."""
+    peak = max(costs, default=0) or 1
+    bars = []
+    for index, (day, cost) in enumerate(zip(days, costs, strict=True)):
+        if cost > 0:
+            height = round(18 * cost / peak, 1)
+            label = datetime.fromtimestamp(day, UTC).strftime("%Y-%m-%d")
+            bars.append((index * 5, round(20 - height, 1), height, f"{label}: ${cost:.4f}"))
+    return bars
+
+
 def _unit(shown: TimeRange) -> str:
     return {"minute": "minute", "hour": "hour", "day": "day"}[shown.grain]
 
@@ -306,6 +319,7 @@ def read_dashboard(
         "refresh": "/dashboard?" + query_link(chosen),
         "link": lambda **extra: query_link(chosen, **extra),
         "test_alert": test_alert,
+        "sparks": [_spark(row["days"], data["spend_per_day"]["days"]) for row in data["spend_per_day"]["by"][spend_by]],
         "flows_range": _flows_range(shown, chosen=bool(range_name or since or until)),
     }
     return page.render("dashboard.html", context)

@@ -248,6 +248,29 @@ class AccessSettings:
     ip_rpm: int = setting(0, _non_negative_integer)
 
 
+def _percents(value: Any) -> tuple[int, ...]:
+    """Whole percentages from a TOML list or a comma-separated string, e.g. [80, 100]."""
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    try:
+        percents = tuple(sorted({_positive_integer(str(v).strip()) for v in items if str(v).strip()}))
+    except ValueError:
+        raise ValueError("must be whole percentages above zero, like [80, 100]") from None
+    if not percents or percents[-1] > 1000:
+        raise ValueError("must be whole percentages above zero and at most 1000, like [80, 100]")
+    return percents
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    webhook_url: str = setting("", _optional_http_url, secret=True)
+    check_seconds: int = setting(10, _positive_integer)
+    budget_percents: tuple[int, ...] = setting((80, 100), _percents)
+    error_rate_percent: float = setting(20.0, _non_negative_number)
+    error_min_requests: int = setting(20, _positive_integer)
+    error_window_minutes: int = setting(5, _positive_integer)
+    send_attempts: int = setting(3, _positive_integer)
+
+
 @dataclass(frozen=True)
 class TraceSettings:
     # Trace probes (docs/traces.md): the listener that serves their images, off while port is 0.
@@ -272,6 +295,7 @@ class Settings:
     capture: CaptureSettings = field(default_factory=CaptureSettings)
     access: AccessSettings = field(default_factory=AccessSettings)
     trace: TraceSettings = field(default_factory=TraceSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     config_path: Path | None = None
 
     def __getitem__(self, name: str) -> Any:
@@ -298,6 +322,7 @@ SECTIONS: dict[str, type] = {
     "capture": CaptureSettings,
     "access": AccessSettings,
     "trace": TraceSettings,
+    "alerts": AlertSettings,
 }
 
 

@@ -22,6 +22,7 @@ from core.metadata import (
     ClientRequest,
     ClientSent,
     CountedUsage,
+    FlowLabels,
     KeyUse,
     RequestedModel,
     UsageInjection,
@@ -223,6 +224,9 @@ class Capture:
             captured.sent_url = request.url
             if captured.request_body is not request.raw_content:  # the record names the model back
                 captured.upstream_body = request.raw_content
+        labels = FlowLabels.of(flow.metadata)
+        if labels is not None:
+            captured.tags, captured.session = ",".join(labels.tags) or None, labels.session
         response = flow.response
         tee = self._tees.pop(flow.id, None)
         if response is None:

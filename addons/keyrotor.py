@@ -33,6 +33,7 @@ from addons.retry_stream import RetryStream
 from addons.runtime import Runtime
 from addons.shutdown import Shutdown
 from addons.spend import Spend
+from addons.tags import Tags
 from addons.tenancy import Tenancy
 from addons.tenant_lists import TenantLists
 from addons.upkeep import Upkeep
@@ -93,12 +94,13 @@ addons = [
     KeyRotor(_settings),
     Recovery(),
     Access(_settings, _state, _governor, _runtime.admin_keys),  # the admin keys' store signs the UI's passes
+    Tags(),  # right after Access: the label headers never go further than keyrotor
     Bounds(_settings),
     Tenancy(_state, _writer),  # before the key pool: another client's object is refused before a key is picked
     Models(_state),  # before the key pool: a list answered here takes no key
     KeyPool(_settings, sender=_sender, state=_state, writer=_writer, streamer=_streamer),
-    _streamer,  # after the key pool: its error hook stops reading a fed stream the client left
     ModelsMerge(_state),  # right after the key pool: upstream's list, retried or not, gets ours added
+    _streamer,  # after the key pool: its error hook stops reading a fed stream the client left
     TenantLists(_state),  # after the key pool too: a list shows the caller only its own objects
     _sender,
     UpstreamWatch(),  # after the key pool: its request hook starts the attempt's clock as the request leaves

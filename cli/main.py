@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from cli import admin, clients, demo, flows, groups, keys, models, playground, serve, traces, upstreams
+from cli import admin, alerts, clients, demo, flows, groups, keys, models, playground, serve, traces, upstreams
 from cli import storage as storage_command  # not the storage package, imported below
 from cli.parser import parse_args
 from config import BY_NAME, ConfigError, Settings, load_settings
@@ -28,6 +28,7 @@ COMMANDS: dict[str, Command] = {
     "flows": flows.command,
     "traces": traces.command,
     "playground": playground.command,
+    "alerts": alerts.command,
 }
 SERVERS = ("serve", "proxy", "ui")  # the other commands change storage, as the CLI in the audit log
 OWN_STORAGE = ("demo",)  # commands that prepare a database of their own, never storage.path's

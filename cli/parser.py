@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         playground.add_parser(action, parents=[common], help=text).add_argument("conversation_id", metavar="ID")
 
+    alerts = commands.add_parser("alerts", parents=[common], help="alerts and their webhook").add_subparsers(
+        dest="action", required=True
+    )
+    alerts.add_parser("test", parents=[common], help="send a test alert to [alerts] webhook_url now")
+    alerts.add_parser("list", parents=[common], help="the alerts that hold now, and the latest ones raised")
+
     return parser
 
 

@@ -208,3 +208,13 @@ class CountedUsage(Metadata):
     def usage(self) -> dict[str, int]:
         total = self.prompt_tokens + self.completion_tokens
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
+
+
+@dataclass
+class FlowLabels(Metadata):
+    """The client's labels of its request (core/tags.py), taken off the headers before anything goes upstream."""
+
+    tags: list[str] = field(default_factory=list)
+    session: str | None = None
+
+    KEY = "keyrotor.labels"

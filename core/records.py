@@ -26,6 +26,7 @@ from core.bodies import (
     stored_body,
 )
 from core.metering import IMAGES, NO_USAGE, request_usage, summed, usage_of
+from core.previews import answer_preview, prompt_preview, stream_answer_preview
 from core.prices import PriceTable
 from core.rewrites import client_request, recorded_differences
 from core.routing import query_model, requested_model
@@ -116,6 +117,12 @@ class FlowRecord:
     # request is the one sent upstream; this says how the client's differed.
     client_request: dict[str, Any] | None = None
     worker: int | None = None  # which worker of `run.py proxy --workers N` served it (None: one process)
+    # The client's labels (x-keyrotor-tags, comma-separated; x-keyrotor-session) and short previews of
+    # the prompt's last user message and of the answer (core/previews.py): plain columns the list reads.
+    tags: str | None = None
+    session: str | None = None
+    prompt_preview: str | None = None
+    answer_preview: str | None = None
     # Only retried flows keep their attempts: a single attempt is the flow itself.
     attempt_log: list[AttemptLog] = field(default_factory=list)
 
@@ -221,6 +228,8 @@ class CapturedFlow:
     client_body: bytes | None = None
     sent_url: str | None = None
     upstream_body: bytes | None = None  # the body as sent, where the record keeps the client's model name instead
+    tags: str | None = None  # core/tags.py Labels.tags_text
+    session: str | None = None
     prices: PriceTable = field(default_factory=PriceTable)  # shared by every flow, loaded once in configure
 
     def to_record(self) -> FlowRecord:
@@ -290,6 +299,10 @@ class CapturedFlow:
             response_body_type=response.binary_type,
             response_body_bytes=response.binary,
             websocket_messages=self._messages() if self.websocket_messages is not None else None,
+            tags=self.tags,
+            session=self.session,
+            prompt_preview=prompt_preview(request.fields) if self.body_mode != "none" else None,
+            answer_preview=self._answer_preview(response, response_body) if self.body_mode != "none" else None,
             attempt_log=self.attempts if len(self.attempts) > 1 else [],
             replay_of=self.replay_of,
             pin_note=self.pin_note,
@@ -319,6 +332,11 @@ class CapturedFlow:
             if shown:
                 kept["sent_body"] = shown  # what upstream got where the record shows the client's (a model's name)
         return kept
+
+    def _answer_preview(self, response: _Body, raw: bytes | None) -> str | None:
+        if self.is_sse:
+            return stream_answer_preview(raw or b"")
+        return answer_preview(response.json) if response.json is not None else None
 
     def _messages(self) -> list[list[float | str | None]]:
         rows: list[list[float | str | None]] = []

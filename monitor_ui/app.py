@@ -21,9 +21,11 @@ from config import Settings
 from core.addresses import Network, client_address, parse_networks
 from core.login_throttle import LoginThrottle
 from monitor_ui import tracer, views
+from monitor_ui.alerting import Alerting
 from monitor_ui.auth import SessionSigner
 from monitor_ui.deps import LoginRequired, UiSettings
 from monitor_ui.routes import (
+    alerts,
     assets,
     audit,
     auth,
@@ -46,6 +48,8 @@ from storage import audit as audit_log
 HERE = Path(__file__).parent
 # Pages and their JSON twins under /api/ never share a path, so each area's two routers go in side by side.
 ROUTERS = (
+    alerts.router,
+    alerts.api,
     assets.router,
     audit.router,
     audit.api,
@@ -118,8 +122,9 @@ class TrustedProxies:
 log = logging.getLogger(__name__)
 
 
-def background(settings: Settings):
-    """The UI process's own servers: the trace listener (trace.port) and scheduled traces (trace.schedule)."""
+def background(settings: Settings, alerting: Alerting | None):
+    """The UI process's own work beside the pages: the trace listener (trace.port), scheduled traces
+    (trace.schedule), and the alert checks and webhook sends (monitor_ui/alerting.py)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -130,9 +135,13 @@ def background(settings: Settings):
         if settings.trace.port and tracer.schedule_entries(settings):
             every = settings.trace.schedule_minutes * 60
             schedule = asyncio.create_task(tracer.run_schedule(settings, every))
+        if alerting is not None:
+            alerting.start()
         try:
             yield
         finally:
+            if alerting is not None:
+                alerting.stop()
             if schedule is not None:
                 schedule.cancel()
             if listener is not None:
@@ -141,14 +150,17 @@ def background(settings: Settings):
     return lifespan
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, check_alerts: bool = True) -> FastAPI:
+    """`check_alerts`: run the alert checks and webhook sends (monitor_ui/alerting.py) while the app serves."""
+    alerting = Alerting(settings.storage_path, settings.alerts)
     app = FastAPI(
         title="keyrotor monitor",
         docs_url=None,
         redoc_url=None,
         openapi_url="/api/openapi.json",
-        lifespan=background(settings),
+        lifespan=background(settings, alerting if check_alerts else None),
     )
+    app.state.alerting = alerting
     # Read by monitor_ui.deps alone: the handlers receive them as parameters.
     app.state.settings = UiSettings(
         db_path=settings.storage_path,

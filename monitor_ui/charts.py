@@ -113,12 +113,21 @@ def _y_scale(ticks: list[float]) -> Callable[[float], float]:
 
 def _when(bucket: int, step: int) -> str:
     moment = datetime.fromtimestamp(bucket, UTC)
-    return moment.strftime("%H:%M UTC") if step < 3600 else moment.strftime("%d %b %H:00 UTC")
+    if step < 3600:
+        return moment.strftime("%H:%M UTC")
+    return moment.strftime("%d %b %H:00 UTC") if step < 86400 else moment.strftime("%d %b UTC")
+
+
+# Gridline spacings, in seconds, from which a chart takes the first that gives at most MAX_X_TICKS labels.
+TICK_SPACINGS = (600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 2 * 86400, 5 * 86400, 7 * 86400, 14 * 86400)
+MAX_X_TICKS = 8
 
 
 def _x_ticks(start: int, step: int, count: int) -> list[tuple[float, str, bool]]:
-    """Every 10 minutes on a minute chart, every 3 hours on an hour chart (every 6 on a phone)."""
-    every = 600 if step < 3600 else 3 * 3600
+    """At most about 8 labelled gridlines: every 10 minutes on an hour of minutes, every 3 hours on a day of
+    hours (every 6 on a phone), every day on a week, every 5 days on a month."""
+    span = step * count
+    every = next((e for e in TICK_SPACINGS if e >= step and span / e <= MAX_X_TICKS), TICK_SPACINGS[-1])
     ticks = []
     for index in range(count):
         bucket = start + index * step
@@ -127,9 +136,11 @@ def _x_ticks(start: int, step: int, count: int) -> list[tuple[float, str, bool]]
         moment = datetime.fromtimestamp(bucket, UTC)
         if step < 3600:
             label, minor = moment.strftime("%H:%M"), False
-        else:
+        elif every < 86400:
             label = moment.strftime("%d %b") if moment.hour == 0 else moment.strftime("%H:00")
             minor = moment.hour % 6 != 0
+        else:
+            label, minor = moment.strftime("%d %b"), False
         ticks.append((round((index + 0.5) * 100 / count, 3), label, minor))
     return ticks
 
@@ -153,11 +164,12 @@ def bar_chart(
     count: int,
     layers: Sequence[Layer],
     tip: Callable[[Totals], str],
+    tick_label: Callable[[float], str] = count_label,
 ) -> Chart:
     """`count` slots of `step` seconds from `start`, each a bar of `layers` stacked bottom up."""
     by_bucket = dict(buckets)
     peak = max((sum(layer.value(t) for layer in layers) for t in by_bucket.values()), default=0)
-    ticks = nice_ticks(peak)
+    ticks = nice_ticks(peak, integer=tick_label is count_label)
     y = _y_scale(ticks)
     width = 100 / count
     slots, bars = [], []
@@ -184,7 +196,7 @@ def bar_chart(
         y_title=y_title,
         x_title="time (UTC)",
         legend=[(layer.css, layer.label) for layer in layers],
-        y_ticks=[(y(t), count_label(t)) for t in ticks],
+        y_ticks=[(y(t), tick_label(t)) for t in ticks],
         x_ticks=_x_ticks(start, step, count),
         slots=slots,
         bars=bars,
@@ -202,6 +214,20 @@ def requests_chart(chart_id: str, caption: str, buckets, start: int, step: int, 
         return f"{plural(t.requests, 'request')}, {plural(t.errors, 'error')}"
 
     return bar_chart(chart_id, caption, "requests", buckets, start, step, count, layers, tip)
+
+
+def usd_label(value: float) -> str:
+    return f"${value:,.2f}" if value < 1000 else f"${count_label(value)}"
+
+
+def spend_chart(chart_id: str, caption: str, buckets, start: int, step: int, count: int) -> Chart:
+    """Estimated cost per bucket (a day, on the dashboard's 30 days)."""
+    layers = (Layer(lambda t: t.cost, "ok", "estimated cost"),)
+
+    def tip(t: Totals) -> str:
+        return f"${t.cost:,.4f}, {plural(t.requests, 'request')}"
+
+    return bar_chart(chart_id, caption, "USD", buckets, start, step, count, layers, tip, usd_label)
 
 
 def tokens_chart(chart_id: str, caption: str, buckets, start: int, step: int, count: int) -> Chart:

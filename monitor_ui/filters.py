@@ -11,8 +11,10 @@ from urllib.parse import urlencode
 
 from fastapi import Depends, HTTPException, Query
 
+from core.tags import SESSION_RULE, is_session, is_tag
 from monitor_ui.deps import Conn
 from monitor_ui.names import route_names
+from monitor_ui.ranges import RANGES, range_since
 from storage import routes
 from storage.flows import STATUS_CLASSES, FlowFilter
 
@@ -105,6 +107,12 @@ def flow_query(
     refusal: Annotated[
         str | None, Query(max_length=60, description="a refusal's code (model_not_allowed, …), or any")
     ] = None,
+    tag: Annotated[str | None, Query(max_length=64, description="one of the flows' x-keyrotor-tags")] = None,
+    session: Annotated[str | None, Query(max_length=128, description="the flows' x-keyrotor-session")] = None,
+    time_range: Annotated[
+        str | None,
+        Query(alias="range", max_length=8, description="1h, 24h, 7d or 30d back from now (instead of since/until)"),
+    ] = None,
     since: Annotated[str | None, Query(max_length=40)] = None,
     until: Annotated[str | None, Query(max_length=40)] = None,
     after: Annotated[int | None, Query(ge=0, description="only flows with a larger id (live updates)")] = None,
@@ -113,6 +121,13 @@ def flow_query(
         raise HTTPException(422, "status must be one of 2xx, 3xx, 4xx, 5xx, error, or a code such as 429.")
     if stream and stream not in ("yes", "no"):
         raise HTTPException(422, "stream must be yes or no.")
+    tag, session = (tag or "").strip(), (session or "").strip()
+    if tag and not is_tag(tag):
+        raise HTTPException(422, "tag must be 1-64 letters, digits or . _ : / @ -.")
+    if session and not is_session(session):
+        raise HTTPException(422, f"session must be {SESSION_RULE}.")
+    if time_range and time_range not in RANGES:
+        raise HTTPException(422, f"range must be one of {', '.join(RANGES)}.")
     client_key_id, key_id = parse_id(client, "client"), parse_id(key, "key")
     owner_id = parse_id(client_id, "client_id")
     upstream_id, group_id = upstream_id_of(conn, upstream), group_id_of(conn, group)
@@ -130,8 +145,11 @@ def flow_query(
         "group": route.groups.get(group_id, str(group_id)) if group_id else "",
         "stream": stream or "",
         "refusal": (refusal or "").strip(),
-        "since": since or "",
-        "until": until or "",
+        "tag": tag,
+        "session": session,
+        "range": time_range or "",
+        "since": since or "" if not time_range else "",
+        "until": until or "" if not time_range else "",
     }
     flow_filter = FlowFilter(
         q=q.strip() or None if q else None,
@@ -145,8 +163,10 @@ def flow_query(
         group_id=group_id,
         stream=None if not stream else stream == "yes",
         refusal=(refusal or "").strip() or None,
-        since=parse_time(since, "since"),
-        until=parse_time(until, "until"),
+        tag=tag or None,
+        session=session or None,
+        since=range_since(time_range) if time_range else parse_time(since, "since"),
+        until=None if time_range else parse_time(until, "until"),
         after_id=after,
     )
     return FlowQuery(flow_filter, raw)

@@ -344,8 +344,49 @@ class CaptureHealth(Shape):
     last_drop_reason: str | None
 
 
+class TimeRangeShape(Shape):
+    name: str  # 1h, 24h, 7d, 30d or custom
+    label: str
+    since: Number
+    until: Number
+    grain: str  # minute, hour or day: the buckets of the range's series
+    step_seconds: int
+
+
+class SpendRow(Shape):
+    id: int | str | None  # a client's, key's or group's id, or a model's name; None: flows without one
+    label: str | int | None
+    total: Number
+    days: list[Number]  # USD per day, the same days as SpendPerDay.days
+
+
+class SpendPerDay(Shape):
+    days: list[int]  # the start of each UTC day, oldest first (30 days, today last)
+    total: list[Number]  # USD per day, every flow
+    by: dict[str, list[SpendRow]]  # client, key, model, group: the 10 that cost most
+
+
+class Alert(Shape):
+    id: int
+    condition: str
+    kind: str
+    message: str
+    details: dict[str, Any]
+    raised_at: Number
+    cleared_at: Number | None
+    sent_at: Number | None
+    send_error: str | None
+
+
 class Dashboard(Shape):
     generated_at: Number
+    range: TimeRangeShape
+    series: list[tuple[Number, int, int]]  # the range's buckets: start, requests, errors
+    latency_series: list[Pair]
+    tokens_series: list[tuple[Number, Number, Number]]
+    cost_series: list[tuple[Number, Number]]
+    spend_per_day: SpendPerDay
+    alerts: list[Alert]  # open now
     windows: list[Window]
     per_minute: list[tuple[Number, int, int]]  # bucket start, requests, errors
     per_hour: list[tuple[Number, int, int]]
@@ -380,6 +421,10 @@ class FlowSummary(Shape):
     fallback_model: str | None
     client_id: int | None
     refusal: str | None
+    tags: str | None  # x-keyrotor-tags, comma-separated
+    session: str | None  # x-keyrotor-session
+    prompt_preview: str | None  # the prompt's last user message, cut short (none for flows before previews)
+    answer_preview: str | None
     cost: Number | None
     first_byte_ms: Number | None
     upstream_key: str | None
@@ -472,6 +517,10 @@ class FlowDetail(Shape):
     websocket_messages: list[WebSocketMessage] | None
     client_id: int | None
     refusal: str | None
+    tags: str | None
+    session: str | None
+    prompt_preview: str | None
+    answer_preview: str | None
     streamed_text: str | None
     request_body_kept_bytes: int | None
     request_body_download: str | None  # where a body kept as bytes downloads from
@@ -492,6 +541,7 @@ class FlowDetail(Shape):
     client_request: dict[str, Any] | None  # how the client's request differed from the one sent upstream
     request_diff: list[RequestChange]
     replays: list[FlowLink]  # flows that sent this one again
+    worker: int | None  # which proxy worker served it (docs/workers.md); None: one process
 
 
 class AuditEntry(Shape):

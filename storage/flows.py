@@ -45,7 +45,7 @@ LEGACY_FTS = "flows_fts_legacy"  # the index of rows not converted yet (storage/
 SUMMARY_COLUMNS = (
     "id, flow_id, started_at, duration_ms, method, path, status, model, stream,"
     " client_key_id, upstream_key_id, attempts, total_tokens, error, upstream_id, group_id, fallback_model,"
-    " client_id, refusal"
+    " client_id, refusal, tags, session, prompt_preview, answer_preview"
 )
 
 
@@ -170,6 +170,11 @@ def insert_batch(conn: sqlite3.Connection, records: Iterable[FlowRecord], packer
             (first_id + n, r.path, r.model, t[packing.REQUEST_BODY], t[packing.RESPONSE_BODY])
             for n, (r, t) in enumerate(zip(records, texts, strict=True))
         ],
+    )
+    insert_many(
+        conn,
+        "INSERT OR IGNORE INTO flow_tags (tag, flow)",
+        [(tag, first_id + n) for n, r in enumerate(records) if r.tags for tag in r.tags.split(",")],
     )
     insert_attempts(conn, records)
     for table, column in (("upstream_keys", "upstream_key_id"), ("client_keys", "client_key_id")):
@@ -298,6 +303,8 @@ class FlowFilter:
     group_id: int | None = None
     stream: bool | None = None
     refusal: str | None = None  # the code keyrotor refused with ("any": every refused flow)
+    tag: str | None = None  # one of the flow's x-keyrotor-tags
+    session: str | None = None  # its x-keyrotor-session
     since: float | None = None
     until: float | None = None
     after_id: int | None = None  # only flows newer than this (the page's live updates)
@@ -446,6 +453,12 @@ def _conditions(f: FlowFilter, table: str, old: tuple[int, int] | None = None) -
     elif f.refusal:
         where.append(f"{table}.refusal = ?")
         params.append(f.refusal)
+    if f.session is not None:
+        where.append(f"{table}.session = ?")
+        params.append(f.session)
+    if f.tag is not None:
+        where.append(f"{table}.id IN (SELECT flow FROM flow_tags WHERE tag = ?)")
+        params.append(f.tag)
     if f.since is not None:
         where.append(f"{table}.started_at >= ?")
         params.append(f.since)
@@ -739,6 +752,7 @@ def purge_chunk(conn: sqlite3.Connection, older_than: float | None, keep_rows: i
             return 0
         forget_texts(conn, rows)
         conn.execute("DELETE FROM flows WHERE id >= ? AND id <= ?", (rows[0]["id"], rows[-1]["id"]))
+        conn.execute("DELETE FROM flow_tags WHERE flow <= ?", (rows[-1]["id"],))
         conn.execute(
             "DELETE FROM attempts WHERE started_at < coalesce((SELECT min(started_at) FROM flows), ?)", (float("inf"),)
         )

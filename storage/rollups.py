@@ -187,21 +187,27 @@ def _totals(values: tuple) -> Totals:
     )
 
 
-def _window(dimension: str, since: float | None) -> tuple[str, tuple]:
-    if since is None:
-        return "WHERE dimension = ?", (dimension,)
-    return "WHERE dimension = ? AND bucket >= ?", (dimension, since)
+def _window(dimension: str, since: float | None, until: float | None = None) -> tuple[str, tuple]:
+    where = "WHERE dimension = ?"
+    params: list[str | float] = [dimension]
+    if since is not None:
+        where += " AND bucket >= ?"
+        params.append(since)
+    if until is not None:
+        where += " AND bucket < ?"
+        params.append(until)
+    return where, tuple(params)
 
 
-def totals(conn: sqlite3.Connection, grain: str, since: float | None) -> Totals:
-    """Everything since `since` (a bucket boundary or None for all time)."""
-    where, params = _window(ALL, since)
+def totals(conn: sqlite3.Connection, grain: str, since: float | None, until: float | None = None) -> Totals:
+    """Everything since `since` (a bucket boundary or None for all time), before `until` if given."""
+    where, params = _window(ALL, since, until)
     row = conn.execute(f"SELECT {_SUMS} FROM {table_of(grain)} {where}", params).fetchone()
     return _totals(tuple(row))
 
 
 def breakdown(
-    conn: sqlite3.Connection, since: float | None, dimension: str, limit: int | None = 20
+    conn: sqlite3.Connection, since: float | None, dimension: str, limit: int | None = 20, until: float | None = None
 ) -> list[tuple[str | int | None, Totals]]:
     """Hourly totals since `since` per model, upstream key, client key, upstream or group, busiest first.
 
@@ -209,7 +215,7 @@ def breakdown(
     """
     if dimension not in BREAKDOWNS:
         raise ValueError(dimension)
-    where, params = _window(dimension, since)
+    where, params = _window(dimension, since, until)
     rows = conn.execute(
         f"SELECT value, {_SUMS} FROM {table_of('hour')} {where} GROUP BY value ORDER BY sum(requests) DESC LIMIT ?",
         (*params, -1 if limit is None else limit),
@@ -235,11 +241,39 @@ def series(conn: sqlite3.Connection, grain: str, since: float) -> list[tuple[int
     ]
 
 
-def series_totals(conn: sqlite3.Connection, grain: str, since: float) -> list[tuple[int, Totals]]:
-    """Every figure per bucket since `since`, oldest first; empty buckets omitted (latency and token charts)."""
+def series_totals(
+    conn: sqlite3.Connection, grain: str, since: float, until: float | None = None, step: int | None = None
+) -> list[tuple[int, Totals]]:
+    """Every figure per bucket since `since`, oldest first; empty buckets omitted (latency and token charts).
+
+    `step` sums the grain's rows into coarser buckets (86400: days of hour rows); latency
+    histograms add up, so percentiles of a day are exact to the bucket bounds.
+    """
+    bucket = "bucket" if step is None else f"(bucket - bucket % {int(step)})"
     rows = conn.execute(
-        f"SELECT bucket, {_SUMS} FROM {table_of(grain)} WHERE dimension = ? AND bucket >= ?"
-        " GROUP BY bucket ORDER BY bucket LIMIT 10000",
-        (ALL, since),
+        f"SELECT {bucket} AS b, {_SUMS} FROM {table_of(grain)} WHERE dimension = ? AND bucket >= ? AND bucket < ?"
+        " GROUP BY b ORDER BY b LIMIT 10000",
+        (ALL, since, float("inf") if until is None else until),
     )
     return [(row[0], _totals(tuple(row[1:]))) for row in rows]
+
+
+def spend_per_day(
+    conn: sqlite3.Connection, dimension: str, since: float, until: float | None = None
+) -> dict[str | int | None, dict[int, tuple[float, int]]]:
+    """(cost, requests) per UTC day in [since, until) of every value of `dimension` (ALL: one, None).
+
+    Read from hour rows through their (dimension, bucket, value, requests, cost) index, not the wide rows.
+    """
+    if dimension != ALL and dimension not in BREAKDOWNS:
+        raise ValueError(dimension)
+    rows = conn.execute(
+        f"SELECT value, bucket - bucket % 86400 AS day, sum(cost), sum(requests) FROM {table_of('hour')}"
+        " WHERE dimension = ? AND bucket >= ? AND bucket < ? GROUP BY value, day LIMIT 1000000",
+        (dimension, since, float("inf") if until is None else until),
+    ).fetchall()
+    days: dict[str | int | None, dict[int, tuple[float, int]]] = defaultdict(dict)
+    for value, day, cost, requests in rows:
+        key = None if dimension == ALL else _dimension_value(dimension, value)
+        days[key][int(day)] = (float(cost or 0), int(requests or 0))
+    return days

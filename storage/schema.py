@@ -536,6 +536,36 @@ def _v17_flow_workers(db: sqlite_utils.Database) -> None:
     db.table("flows").add_column("worker", int)
 
 
+def _v18_flow_labels_previews_alerts(db: sqlite_utils.Database) -> None:
+    # Issue 24: the client's tags and session (x-keyrotor-tags, x-keyrotor-session), short previews of
+    # the prompt and the answer (older rows have none), and the alerts the UI process raises.
+    for column in ("tags", "session", "prompt_preview", "answer_preview"):
+        db.table("flows").add_column(column, str)
+    db.conn.execute("CREATE INDEX flows_session ON flows (session) WHERE session IS NOT NULL")
+    # One row per tag of a flow: a tag filter reads its flows newest first, not every flow.
+    db.conn.execute("CREATE TABLE flow_tags (tag TEXT NOT NULL, flow INTEGER NOT NULL, PRIMARY KEY (tag, flow))")
+    db.conn.execute("CREATE INDEX flow_tags_flow ON flow_tags (flow)")
+    db.table("alerts").create(
+        {
+            "id": int,
+            "condition": str,  # what is wrong, as a stable key: one open alert per condition
+            "kind": str,
+            "message": str,
+            "details": str,  # JSON object
+            "raised_at": float,
+            "cleared_at": float,  # NULL while the condition holds
+            "sent_at": float,
+            "send_error": str,
+        },
+        pk="id",
+        not_null={"condition", "kind", "message", "raised_at"},
+    )
+    db.conn.execute("CREATE UNIQUE INDEX alerts_open ON alerts (condition) WHERE cleared_at IS NULL")
+    # Spend per day reads cost and requests of 30 days of hour rows: from this index, not the wide rows.
+    db.conn.execute("CREATE INDEX rollups_hour_spend ON rollups_hour (dimension, bucket, value, requests, cost)")
+    db.table("alerts").create_index(["raised_at"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_attempts_and_cost,
@@ -554,6 +584,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v15_traces,
     _v16_playground,
     _v17_flow_workers,
+    _v18_flow_labels_previews_alerts,
 ]
 
 

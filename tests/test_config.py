@@ -178,6 +178,13 @@ BAD_VALUES = [
     ("trace.ip_rpm", "0", ABOVE_ZERO),
     ("trace.schedule", "relay gpt-4o", "must list \"UPSTREAM/GROUP MODEL\" entries; 'relay gpt-4o' is not one"),
     ("trace.schedule_minutes", "0", ABOVE_ZERO),
+    ("alerts.check_seconds", "0", ABOVE_ZERO),
+    ("alerts.budget_percents", "most", "must be whole percentages above zero, like [80, 100]"),
+    ("alerts.budget_percents", "80, 5000", "must be whole percentages above zero and at most 1000, like [80, 100]"),
+    ("alerts.error_rate_percent", "-1", "must be a number, zero or more"),
+    ("alerts.error_min_requests", "0", ABOVE_ZERO),
+    ("alerts.error_window_minutes", "0", ABOVE_ZERO),
+    ("alerts.send_attempts", "0", ABOVE_ZERO),
 ]
 ADDON_OF = {
     "keypool": KeyPool,
@@ -205,7 +212,8 @@ def test_proxy_workers_takes_a_number_or_auto_for_every_core(value, workers):
 
 
 def test_the_table_covers_every_setting():
-    assert {name for name, _, _ in BAD_VALUES} | {"ui.metrics_token"} == set(BY_NAME)  # a secret: see below
+    secrets = {"ui.metrics_token", "alerts.webhook_url"}  # see below
+    assert {name for name, _, _ in BAD_VALUES} | secrets == set(BY_NAME)
     addon_settings = {name for name in BY_NAME if name.split(".")[0] in ADDON_OF or name in ADDON_OF}
     assert {s.name for s in ADDON_SETTINGS} == addon_settings
 
@@ -266,6 +274,19 @@ def test_a_secret_is_not_repeated_in_its_sentence():
     with pytest.raises(ConfigError) as raised:
         load_settings(environ={"KEYROTOR_UI_METRICS_TOKEN": "   "})
     assert str(raised.value) == "ui.metrics_token must be a non-empty string (from KEYROTOR_UI_METRICS_TOKEN)."
+
+
+def test_a_bad_webhook_url_is_not_repeated_and_budget_percents_read_as_a_list(tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"KEYROTOR_ALERTS_WEBHOOK_URL": "hooks.slack.com/services/T0/B0/secret"})
+    assert "secret" not in str(raised.value)
+    assert str(raised.value).startswith("alerts.webhook_url must be an http:// or https:// URL")
+    path = tmp_path / "keyrotor.toml"
+    path.write_text('[alerts]\nbudget_percents = [100, 50, 80]\nwebhook_url = "https://example.com/hook"\n')
+    loaded = load_settings(path, environ={})
+    assert loaded.alerts.budget_percents == (50, 80, 100)
+    assert loaded.alerts.webhook_url == "https://example.com/hook"
+    assert load_settings(environ={"KEYROTOR_ALERTS_BUDGET_PERCENTS": "90"}).alerts.budget_percents == (90,)
 
 
 def test_trusted_proxies_are_read_from_a_list_a_string_a_variable_or_a_flag(tmp_path):

@@ -64,6 +64,34 @@ function flowRow(tbody, f) {
   path.className = "path";
   breaksAtSlash(path, f.path);
   request.append(method, " ", path);
+  if (f.tags || f.session) {
+    const labels = document.createElement("span");
+    labels.className = "labels";
+    for (const tag of (f.tags || "").split(",").filter(Boolean)) {
+      const link = filterLink("tag", tag, tag, "Only this tag");
+      link.classList.add("tag");
+      labels.append(" ", link);
+    }
+    if (f.session) {
+      const link = filterLink("session", f.session, "session " + f.session, "Only this session");
+      link.classList.add("session");
+      labels.append(" ", link);
+    }
+    request.appendChild(labels);
+  }
+  if (f.prompt_preview || f.answer_preview) {
+    const preview = document.createElement("span");
+    preview.className = "preview";
+    for (const [name, text, title] of [["prompt", f.prompt_preview, "The prompt's last user message"], ["answer", f.answer_preview, "The answer"]]) {
+      if (!text) continue;
+      const part = document.createElement("span");
+      part.className = name;
+      part.title = title;
+      part.textContent = text;
+      preview.appendChild(part);
+    }
+    request.appendChild(preview);
+  }
   const model = cell(row, "", "c-model");
   if (f.model) model.appendChild(filterLink("model", f.model, f.model, "Only this model"));
   if (f.fallback_model) {

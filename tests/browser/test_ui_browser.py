@@ -248,7 +248,7 @@ def test_dashboard_counts_requests_draws_charts_and_refreshes_itself(
         lambda: admin_api(ui, "/api/dashboard")["windows"][-1]["requests"] == 2, what="both requests in the rollups"
     )
     page = new_page()
-    page.goto("/dashboard")
+    page.goto("/dashboard?range=1h")  # minute charts (the default range, 24 hours, draws hours)
 
     def requests_in(window: str):
         card = page.locator("section.card", has=page.get_by_role("heading", name=window, exact=True))
@@ -260,9 +260,9 @@ def test_dashboard_counts_requests_draws_charts_and_refreshes_itself(
     expect(charts).to_have_count(4)
     for chart in charts.all():
         expect(chart.locator("text.axis-title")).to_have_text(
-            [re.compile(r"^(requests|latency|tokens)$"), "time (UTC)"]
+            [re.compile(r"^(requests|latency|tokens|USD)$"), "time (UTC)"]
         )
-        expect(chart.locator("svg.y-axis text.tick").first).to_have_text(re.compile(r"^0( ms)?$"))
+        expect(chart.locator("svg.y-axis text.tick").first).to_have_text(re.compile(r"^(0( ms)?|\$0\.00)$"))
     minute = page.locator("#chart-minute")
     expect(minute.locator("rect.bar.ok").first).to_be_visible()  # a bar only for a minute with requests
     busy = minute.locator("rect.hit:not([data-tip$='no requests'])").last  # the newest minute with requests

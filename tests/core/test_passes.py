@@ -31,6 +31,8 @@ def test_a_pass_names_its_client_and_pins():
         ("krp1.." + "A" * 43, NOW),
         ("x" * 5000, NOW),
     ],
+    # Stable ids (the tokens hold random nonces): pytest-xdist's workers must collect the same tests.
+    ids=["expired", "too long-lived", "other secret", "other version", "no mac", "empty", "no payload", "huge"],
 )
 def test_anything_but_a_fresh_pass_signed_with_the_key_is_no_pass(token, at):
     assert passes.verify(KEY, token, at) is None

@@ -290,3 +290,27 @@ def test_repeated_form_fields_are_a_list_and_the_file_is_the_upload():
     ).to_record()
     assert json.loads(row.request_body)["timestamp_granularities[]"] == ["word", "segment"]
     assert (row.model, row.request_body_bytes) == ("whisper-1", UPLOAD)
+
+
+CHAT = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "What is <b>2+2</b>?"}]}'
+ANSWER = b'{"choices": [{"message": {"content": "4"}}], "usage": {"total_tokens": 7}}'
+
+
+@pytest.mark.parametrize(
+    "mode, overrides, previews",
+    [
+        ("full", {"response_body": ANSWER}, ("What is <b>2+2</b>?", "4")),
+        ("truncated", {"response_body": ANSWER}, ("What is <b>2+2</b>?", "4")),  # read before truncation
+        ("none", {"response_body": ANSWER}, (None, None)),  # no bodies kept: no previews either
+        ("full", {"is_sse": True, "response_body": None, "response_chunks": [SSE[:30], SSE[30:]]}, (None, "Hi")),
+    ],
+)
+def test_previews_are_read_from_the_bodies_as_captured(mode, overrides, previews):
+    body = CHAT if "is_sse" not in overrides else b'{"model": "gpt-4o-mini", "messages": []}'
+    row = captured(body_mode=mode, max_body_bytes=10, request_body=body, **overrides).to_record()
+    assert (row.prompt_preview, row.answer_preview) == (previews[0] if body == CHAT else None, previews[1])
+
+
+def test_labels_go_from_the_capture_to_the_record():
+    row = captured(tags="a,b", session="s-1").to_record()
+    assert (row.tags, row.session) == ("a,b", "s-1")

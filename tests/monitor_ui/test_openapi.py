@@ -20,6 +20,8 @@ AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 # Each JSON twin and the shape (monitor_ui/shapes.py) its success answers with.
 TWINS = {
+    ("get", "/api/alerts"): "AlertList",
+    ("post", "/api/alerts/test"): "TestDelivery",
     ("get", "/api/audit"): "AuditEntries",
     ("get", "/api/clients"): "ClientList",
     ("post", "/api/clients"): "ClientCreated",

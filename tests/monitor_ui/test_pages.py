@@ -271,23 +271,32 @@ def test_dashboard_counts_from_rollups(client):
     assert sum(r for _, r, _ in data["per_minute"]) == 5
 
 
-def test_dashboard_page_draws_its_charts(client):
+@pytest.mark.parametrize(
+    "query, unit, label, buckets, tip",
+    [
+        ("", "hour", "last 24 hours", 24, r"\d\d \w\w\w \d\d:00 UTC: 5 requests, 3 errors"),
+        ("?range=1h", "minute", "last hour", 60, r"\d\d:\d\d UTC: 5 requests, 3 errors"),
+        ("?range=7d", "hour", "last 7 days", 168, r"\d\d \w\w\w \d\d:00 UTC: 5 requests, 3 errors"),
+        ("?range=30d", "day", "last 30 days", 30, r"\d\d \w\w\w UTC: 5 requests, 3 errors"),
+    ],
+)
+def test_dashboard_page_draws_its_charts_over_the_chosen_range(client, query, unit, label, buckets, tip):
     logged_in(client)
-    page = client.get("/dashboard").text
-    assert page.count('<figure class="chart"') == 4 and 'data-refresh="/dashboard"' in page
+    page = client.get(f"/dashboard{query}").text
+    assert page.count('<figure class="chart"') == 4 and 'data-refresh="/dashboard?' in page
     for caption in (
-        "Requests per minute, last hour",
-        "Requests per hour, last 24 hours",
-        "Latency per minute (p50, p95), last hour",
-        "Tokens per minute, last hour",
+        f"Requests per {unit}, {label}",
+        f"Latency per {unit} (p50, p95), {label}",
+        f"Tokens per {unit}, {label}",
+        "Estimated spend per day, last 30 days",
     ):
         assert caption in page
-    # Axes say what they measure; bars exist for the minute with requests; errors are hatched, not only red.
+    # Axes say what they measure; bars exist for the bucket with requests; errors are hatched, not only red.
     assert page.count('class="axis-title"') == 8 and ">time (UTC)<" in page and ">requests<" in page
-    assert 'class="bar ok"' in page and 'class="bar err"' in page and 'fill="url(#hatch-minute)"' in page
+    assert 'class="bar ok"' in page and 'class="bar err"' in page and f'fill="url(#hatch-{unit})"' in page
     tips = re.findall(r'data-tip="([^"]+)"', page)
-    assert len(tips) == 60 + 24 + 60 + 60
-    assert any(re.fullmatch(r"\d\d:\d\d UTC: 5 requests, 3 errors", t) for t in tips), tips[:3]
+    assert len(tips) == 3 * buckets + 30
+    assert any(re.fullmatch(tip, t) for t in tips), tips[:3]
 
 
 def test_dashboard_names_keys_and_clients_and_links_them(client):

@@ -70,3 +70,18 @@ def test_max_rows_keeps_the_newest(database, monkeypatch):
         assert w.rows_purged == 16
     finally:
         writer.release(w)
+
+
+def test_a_purged_flows_tags_go_with_it_and_the_tag_filter_finds_the_rest(conn):
+    now = time.time()
+    records = [
+        FlowRecord(f"t{i}", now - 100 + i, "POST", "/v1/chat/completions", status=200, tags="a,b" if i % 2 else "a")
+        for i in range(6)
+    ]
+    with conn:
+        flows.insert_batch(conn, records)
+    assert conn.execute("SELECT count(*) FROM flow_tags").fetchone()[0] == 9
+    assert flows.purge_chunk(conn, None, keep_rows=2) == 4
+    assert sorted(tuple(r) for r in conn.execute("SELECT tag, flow FROM flow_tags")) == [("a", 5), ("a", 6), ("b", 6)]
+    found = flows.search_flows(conn, flows.FlowFilter(tag="b"), 10)
+    assert [r["id"] for r in found] == [6]

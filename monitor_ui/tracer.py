@@ -19,7 +19,14 @@ import httpx
 
 from config import Settings
 from core import traces as core_traces
-from monitor_ui.through_proxy import ProxyTarget, ensure_builtin_client, open_through_proxy
+from monitor_ui.through_proxy import (
+    FLOW_HEADER,
+    ProxyTarget,
+    ensure_builtin_client,
+    last_flow_id,
+    open_through_proxy,
+    recorded,
+)
 from storage import audit, db, routes
 from storage import traces as trace_store
 
@@ -79,6 +86,7 @@ async def complete(settings: Settings, trace: dict, client_id: int) -> None:
     row_id = int(trace["id"])
     url = core_traces.image_url(public_url(settings), trace["trace_id"])
     body = core_traces.request_body(trace["model"], url)
+    before = await asyncio.to_thread(last_flow_id, settings.storage_path)
     for attempt in range(NEW_CLIENT_RETRIES + 1):
         if attempt:
             # The traces client made a moment ago reaches the proxy within a second or two (it reloads
@@ -86,17 +94,21 @@ async def complete(settings: Settings, trace: dict, client_id: int) -> None:
             await asyncio.sleep(0.5)
         sent_at = time.time()
         await asyncio.to_thread(_with_conn, settings, lambda c, at=sent_at: trace_store.mark_sent(c, row_id, at))
-        answer, unknown_client = await _send(settings, client_id, trace["group_id"], body)
+        answer, unknown_client, flow_uuid = await _send(settings, client_id, trace["group_id"], body)
         if not unknown_client:
             break
     answered_at = time.time()
     await asyncio.to_thread(_with_conn, settings, lambda c: trace_store.record_answer(c, row_id, answer, answered_at))
+    # The proxy names the flow it recorded (x-keyrotor-flow): the trace links that one, not a guess by time.
+    flow_row = await recorded(settings.storage_path, flow_uuid, before)
     await asyncio.sleep(settings.trace.grace_seconds)
-    await asyncio.to_thread(_with_conn, settings, lambda c: trace_store.finish(c, row_id, client_id))
+    await asyncio.to_thread(_with_conn, settings, lambda c: trace_store.finish(c, row_id, flow_row))
 
 
-async def _send(settings: Settings, client_id: int, group_id: int, body: bytes) -> tuple[core_traces.Answer, bool]:
-    """The proxy's answer, and whether it refused the pass (its client unknown to it, so far)."""
+async def _send(
+    settings: Settings, client_id: int, group_id: int, body: bytes
+) -> tuple[core_traces.Answer, bool, str | None]:
+    """The proxy's answer, whether it refused the pass (its client unknown to it, so far), and its flow's id."""
     try:
         async with open_through_proxy(
             ProxyTarget.of(settings),
@@ -109,10 +121,10 @@ async def _send(settings: Settings, client_id: int, group_id: int, body: bytes) 
         ) as response:
             answer = core_traces.read_answer(response.status_code, await response.aread())
             refused = response.status_code == 401 and response.headers.get("x-keyrotor-error") == "invalid_api_key"
-            return answer, refused
+            return answer, refused, response.headers.get(FLOW_HEADER)
     except httpx.HTTPError as e:
         error = f"the proxy could not be reached or did not answer: {type(e).__name__}"
-        return core_traces.Answer(0, error=error), False
+        return core_traces.Answer(0, error=error), False, None
 
 
 def run_in_background(settings: Settings, trace: dict, client_id: int) -> None:

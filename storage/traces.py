@@ -47,20 +47,11 @@ def record_answer(conn: sqlite3.Connection, row_id: int, answer: core_traces.Ans
         )
 
 
-def finish(conn: sqlite3.Connection, row_id: int, client_id: int | None) -> None:
-    """The grace period is over: the verdict stands; the trace's flow is linked when it can be found."""
+def finish(conn: sqlite3.Connection, row_id: int, flow_row: int | None) -> None:
+    """The grace period is over: the verdict stands; `flow_row` is the trace's flow (the one the proxy
+    named in its answer), None when it was not recorded in time or the proxy was not reached."""
     with conn:
-        row = conn.execute("SELECT sent_at FROM traces WHERE id = ?", (row_id,)).fetchone()
-        flow = None
-        if row and row["sent_at"] and client_id is not None:
-            flow = conn.execute(
-                "SELECT id FROM flows WHERE client_id = ? AND started_at >= ? ORDER BY started_at, id LIMIT 1",
-                (client_id, row["sent_at"] - 1),
-            ).fetchone()
-        conn.execute(
-            "UPDATE traces SET finished_at = ?, flow_id = ? WHERE id = ?",
-            (time.time(), flow["id"] if flow else None, row_id),
-        )
+        conn.execute("UPDATE traces SET finished_at = ?, flow_id = ? WHERE id = ?", (time.time(), flow_row, row_id))
 
 
 def known(conn: sqlite3.Connection, trace_id: str) -> tuple[int, float | None] | None:

@@ -139,6 +139,26 @@ def test_a_relay_that_fetches_the_image_is_recorded_with_its_address_and_user_ag
     assert [row["name"] for row in flow] == [tracer.TRACES_CLIENT]
 
 
+def test_traces_run_at_once_each_link_the_flow_the_proxy_named(kr: Keyrotor, listening: Listening, trace_port: int):
+    settings = settings_of(kr, trace_port)
+
+    async def both() -> list[dict]:
+        conn = db.connect(settings.storage_path)
+        try:
+            started = [tracer.start(conn, settings, "relay/cheap", MODEL) for _ in range(2)]
+        finally:
+            conn.close()
+        await asyncio.gather(*(tracer.complete(settings, trace, client) for trace, client in started))
+        return [read_trace(settings, int(trace["id"])) for trace, _ in started]
+
+    traces = asyncio.run(both())
+    linked = [t["flow_id"] for t in traces]
+    assert None not in linked and len(set(linked)) == 2  # one flow each, not the first flow after both were sent
+    for flow_id in linked:
+        [row] = kr.query("SELECT c.name FROM flows f JOIN clients c ON c.id = f.client_id WHERE f.id = ?", (flow_id,))
+        assert row["name"] == tracer.TRACES_CLIENT
+
+
 def test_a_relay_that_does_not_fetch_gives_no_fetch_and_a_swapped_model_shows(
     kr: Keyrotor, relay: FakeUpstream, listening: Listening, trace_port: int
 ):

@@ -27,6 +27,7 @@ from addons.runtime import Runtime
 from config import load_settings
 from storage import db
 from tests.fake_upstream import FakeUpstream
+from tests.services import PostgresServer, RedisServer, start_postgres, start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "kra-test-admin-key-0123456789abcdef"
@@ -359,3 +360,29 @@ def insert_into_old_schema(conn, records) -> None:
             for a in r.attempt_log
         ],
     )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL cluster per test process (tests/services.py); tests take fresh databases."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of a new empty database on the shared cluster, this test's alone."""
+    return postgres_server.database()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server of this test's own (it may stop and restart it): ~50 ms to start."""
+    server = start_redis()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -55,17 +55,18 @@ def check_ui(settings: Settings) -> str | None:
 
 def check_proxy(settings: Settings) -> str | None:
     """None when the proxy answers a malformed request line as keyrotor does; else why not."""
+    answer = b""
     try:
         with socket.create_connection((_local(settings.proxy.host), settings.proxy.port), timeout=TIMEOUT) as sock:
             sock.sendall(PROBE)
-            answer = b""
             while b"\r\n\r\n" not in answer and len(answer) < 65536:
                 chunk = sock.recv(4096)
                 if not chunk:
                     break
                 answer += chunk
     except OSError as e:
-        return f"the proxy on port {settings.proxy.port} does not answer: {e}"
+        if not answer:  # a server that answered, then reset the connection, is judged by its answer
+            return f"the proxy on port {settings.proxy.port} does not answer: {e}"
     head = answer.partition(b"\r\n\r\n")[0].decode("latin-1").lower().split("\r\n")
     if not head[0].startswith("http/1.1 400") or "x-keyrotor-error: malformed_request" not in head[1:]:
         return f"the proxy on port {settings.proxy.port} answered {head[0]!r}, not keyrotor's 400"

@@ -57,7 +57,7 @@ class Node:
     proxy_port: int
     ui_port: int
     proxy: subprocess.Popen
-    ui: subprocess.Popen
+    ui: subprocess.Popen | None  # None: nothing listens on ui_port (a test that leaves the UI alone)
 
     def ports(self) -> dict[int, int]:
         """The node's port for each port of the container (config's defaults, as compose.yaml names them)."""
@@ -148,14 +148,19 @@ def start_nginx(tmp: Path, nodes: dict[str, Node]) -> Nginx:
     args = [executable, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")]
     checked = subprocess.run([*args, "-t"], capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, f"nginx -t refused deploy/nginx.conf:\n{checked.stderr}"
-    process = subprocess.Popen([*args, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with (tmp / "stderr.log").open("wb") as stderr:
+        process = subprocess.Popen([*args, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=stderr)
     nginx = Nginx(tmp, process, proxy_port, ui_port, {str(n.proxy_port): n.name for n in nodes.values()})
-    wait_for(
-        lambda: (port_open(proxy_port) and port_open(ui_port)) or process.poll() is not None,
-        START_DEADLINE,
-        what="nginx",
-    )
-    assert process.poll() is None, (tmp / "error.log").read_text(errors="replace")
+    try:
+        wait_for(
+            lambda: (port_open(proxy_port) and port_open(ui_port)) or process.poll() is not None,
+            START_DEADLINE,
+            what="nginx",
+        )
+        assert process.poll() is None, (tmp / "error.log").read_text(errors="replace")
+    except BaseException:
+        nginx.stop()
+        raise
     return nginx
 
 
@@ -169,13 +174,18 @@ class Cluster:
     client_key: str
     near_key: str  # a client allowed from 127.0.0.2 only
 
-    def served_by(self) -> list[str]:
-        """The node (keyrotor-1, keyrotor-2) that served each proxied request, in order."""
-        return [self.nginx.ports_of.get(addr.rpartition(":")[2], addr) for addr in self.nginx.served_by()]
+    def served_by(self, requests: int) -> list[str]:
+        """The node (keyrotor-1, keyrotor-2) that served each of the first `requests` requests, in order.
+
+        nginx logs a request after its client has the answer: the lines are waited for."""
+        logged = wait_for(lambda: len(a := self.nginx.served_by()) >= requests and a, what=f"{requests} log lines")
+        return [self.nginx.ports_of.get(addr.rpartition(":")[2], addr) for addr in logged]
 
 
 @pytest.fixture
-def cluster(keyrotor: Keyrotor, tmp_path: Path) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, keyrotor: Keyrotor, tmp_path: Path) -> Iterator[Cluster]:
+    """The nodes' proxies, and their UIs for a test parametrised with `indirect=True` and True."""
+    with_ui = getattr(request, "param", False)
     nginx_executable()  # skip (or fail) before starting anything
     keyrotor.add_keys("sk-good-aaaaaaaaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-bbbbbbbbbbbbbbbbbbbbbbbbbbbb0002")
     client_key = keyrotor.add_client("alice")
@@ -183,10 +193,14 @@ def cluster(keyrotor: Keyrotor, tmp_path: Path) -> Iterator[Cluster]:
     nodes = {}
     for name in ("keyrotor-1", "keyrotor-2"):
         keyrotor.start_proxy("--set", f"access.trusted_proxies={TRUSTED}")
-        proxy = keyrotor.processes[-1]
-        keyrotor.start_ui("--set", f"ui.trusted_proxies={TRUSTED}")
-        assert keyrotor.proxy_port and keyrotor.ui_port
-        nodes[name] = Node(name, keyrotor.proxy_port, keyrotor.ui_port, proxy, keyrotor.processes[-1])
+        proxy, proxy_port = keyrotor.processes[-1], keyrotor.proxy_port
+        assert proxy_port
+        if with_ui:
+            keyrotor.start_ui("--set", f"ui.trusted_proxies={TRUSTED}")
+            assert keyrotor.ui_port
+            nodes[name] = Node(name, proxy_port, keyrotor.ui_port, proxy, keyrotor.processes[-1])
+        else:
+            nodes[name] = Node(name, proxy_port, free_port(), proxy, None)
     nginx = start_nginx(tmp_path / "nginx", nodes)
     try:
         yield Cluster(keyrotor, nodes, nginx, client_key, near_key)

@@ -64,7 +64,7 @@ def test_answers_and_streams_pass_through_as_they_are_made_from_both_nodes(clust
     upstream.stream_delay = 0
     for _ in range(6):
         assert chat(cluster)
-    served = cluster.served_by()
+    served = cluster.served_by(8)
     assert len(served) == 8 and set(served) == {"keyrotor-1", "keyrotor-2"}  # spread over both nodes
     assert len(rows(cluster, 8)) == 8  # every request recorded once, by the node that served it
 
@@ -72,12 +72,12 @@ def test_answers_and_streams_pass_through_as_they_are_made_from_both_nodes(clust
 def test_a_stopped_node_leaves_the_other_serving_every_request(cluster: Cluster, upstream: FakeUpstream):
     for _ in range(2):
         assert chat(cluster)
-    assert set(cluster.served_by()) == {"keyrotor-1", "keyrotor-2"}
+    assert set(cluster.served_by(2)) == {"keyrotor-1", "keyrotor-2"}
     cluster.nodes["keyrotor-1"].stop_proxy()  # as `docker stop` does: SIGTERM, requests in flight finish
-    before = len(cluster.served_by())
     answers = [chat(cluster) for _ in range(6)]  # no retries in the client: nginx alone moves them
     assert all(answers)
-    assert set(cluster.served_by()[before:]) == {"keyrotor-2"}
+    served = cluster.served_by(8)
+    assert len(served) == 8 and set(served[2:]) == {"keyrotor-2"}
     assert len(upstream.received) == 8
     cluster.nodes["keyrotor-2"].stop_proxy()
     with pytest.raises(openai.InternalServerError) as raised:
@@ -86,6 +86,7 @@ def test_a_stopped_node_leaves_the_other_serving_every_request(cluster: Cluster,
     assert raised.value.response.headers["x-keyrotor-error"] == "gateway_unavailable"
 
 
+@pytest.mark.parametrize("cluster", [True], indirect=True, ids=["with the UI"])
 def test_the_clients_address_reaches_keyrotor_whatever_it_writes(cluster: Cluster, upstream: FakeUpstream):
     near = cluster.near_key  # allowed from 127.0.0.2 only
     assert chat(cluster, near, source="127.0.0.2")
@@ -110,6 +111,7 @@ def test_the_clients_address_reaches_keyrotor_whatever_it_writes(cluster: Cluste
     assert [r["address"] for r in audited] == ["127.0.0.4"]
 
 
+@pytest.mark.parametrize("cluster", [True], indirect=True, ids=["with the UI"])
 def test_realtime_health_and_refusals_through_nginx(cluster: Cluster, upstream: FakeUpstream):
     url = f"ws://127.0.0.1:{cluster.nginx.proxy_port}/v1/realtime?model=gpt-realtime"
     protocol, heard = asyncio.run(converse(url, additional_headers={"Authorization": f"Bearer {cluster.client_key}"}))

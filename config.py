@@ -246,6 +246,7 @@ class CaptureSettings:
 @dataclass(frozen=True)
 class AccessSettings:
     ip_rpm: int = setting(0, _non_negative_integer)
+    trusted_proxies: str = setting("", _networks)  # whose X-Forwarded-For the proxy believes (docs/containers.md)
 
 
 def _percents(value: Any) -> tuple[int, ...]:

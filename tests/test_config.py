@@ -147,6 +147,7 @@ BAD_VALUES = [
     ("ui.host", "", "must be a non-empty string"),
     ("ui.port", "http", "must be a whole number"),
     ("ui.trusted_proxies", "10.0.0.1, proxy.local", "must list IP addresses or networks; 'proxy.local' is neither"),
+    ("access.trusted_proxies", "10.0.0.1 nginx", "must list IP addresses or networks; 'nginx' is neither"),
     ("storage.path", " ", "must be a non-empty string"),
     ("keypool.strategy", "fastest", 'must be one of "round_robin", "random", "least_used", "weighted"'),
     ("keypool.cooldown_seconds", "0", ABOVE_ZERO),

@@ -1,0 +1,202 @@
+"""OpenTelemetry end to end: the official openai client → a real mitmproxy running keyrotor with
+`otel.endpoint` set → the fake upstream; the spans reach a fake OTLP/HTTP collector
+(tests/fake_collector.py), which decodes them with opentelemetry-proto's classes.
+
+Invariants: one SERVER span per request, a child of the client's span when it sent a traceparent;
+one CLIENT span per attempt upstream, whose id is the parent id upstream got in its traceparent;
+key ids, never key values, anywhere in what is exported; a collector that is down or hangs
+never fails or holds a client request.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Keyrotor, free_port, wait_for
+from tests.fake_collector import FakeCollector, ReceivedSpan
+from tests.fake_upstream import FakeUpstream
+
+GOOD = ["sk-good-otel-aaaaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-otel-bbbbbbbbbbbbbbbbbbbbbbbb0002"]
+MESSAGES = [{"role": "user", "content": "Say hello to the collector"}]
+FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "100"}  # the SDK's batch delay, 5 s by default
+
+
+@pytest.fixture
+def collector() -> Iterator[FakeCollector]:
+    with FakeCollector() as running:
+        yield running
+
+
+def start_traced(kr: Keyrotor, endpoint: str, *keys: str, extra: tuple[str, ...] = ()) -> str:
+    """keys in the pool, the client alice, the proxy exporting to `endpoint` (set by flag); alice's key."""
+    kr.env.update(FAST_EXPORT)
+    return kr.start_serving(*keys, proxy_args=("--set", f"otel.endpoint={endpoint}", *extra))
+
+
+def client_for(kr: Keyrotor, key: str, timeout: float = 30) -> openai.OpenAI:
+    return openai.OpenAI(base_url=kr.base_url, api_key=key, max_retries=0, timeout=timeout)
+
+
+def new_traceparent() -> tuple[str, str, str]:
+    """(header, trace id, span id) of a client's own span."""
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return f"00-{trace_id}-{span_id}-01", trace_id, span_id
+
+
+def spans_of(collector: FakeCollector, trace_id: str, count: int) -> list[ReceivedSpan]:
+    return wait_for(
+        lambda: (found := collector.spans_of(trace_id)) and len(found) >= count and found,
+        timeout=15,
+        what=f"{count} spans of trace {trace_id}",
+    )
+
+
+def test_a_retried_request_is_a_span_with_a_child_per_attempt_continuing_the_clients_trace(
+    keyrotor: Keyrotor, upstream: FakeUpstream, collector: FakeCollector
+):
+    upstream.set_key(GOOD[0], "ratelimit")  # every request that meets it is retried on the other
+    client_key = start_traced(keyrotor, collector.url, *GOOD)
+    client = client_for(keyrotor, client_key)
+
+    retried = None
+    for _ in range(3):  # round robin: within two requests, one meets the rate-limited key first
+        header, trace_id, client_span = new_traceparent()
+        start = len(upstream.received)
+        completion = client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            extra_headers={"traceparent": header, "tracestate": "vendor=client-state"},
+        )
+        sent = [r for r in upstream.received[start:] if r.path == "/v1/chat/completions"]
+        if len(sent) == 2:
+            retried = (trace_id, client_span, completion, sent)
+            break
+    assert retried is not None, "no request met the rate-limited key first"
+    trace_id, client_span, completion, sent = retried
+    assert [r.key for r in sent] == GOOD
+
+    spans = spans_of(collector, trace_id, 3)
+    (request,) = [s for s in spans if s.server]
+    attempts = sorted((s for s in spans if s.client), key=lambda s: s.attributes["keyrotor.attempt"])
+    assert len(spans) == 3 and len(attempts) == 2
+    # The request span continues the client's; each attempt is its child, named upstream.
+    assert request.parent_id == client_span
+    assert request.trace_state == "vendor=client-state"
+    assert request.name == "chat gpt-4o-mini"
+    assert all(a.parent_id == request.span_id for a in attempts)
+    assert [r.headers["traceparent"] for r in sent] == [f"00-{trace_id}-{a.span_id}-01" for a in attempts]
+    assert [r.headers.get("tracestate") for r in sent] == ["vendor=client-state"] * 2
+    assert len({request.span_id, *(a.span_id for a in attempts)}) == 3
+
+    first, second = (a.attributes for a in attempts)
+    assert (first["http.response.status_code"], second["http.response.status_code"]) == (429, 200)
+    assert first["error.type"] == "429" and "error.type" not in second
+    assert attempts[0].status_code == 2 and attempts[1].status_code == 0  # ERROR, then UNSET
+    assert first["keyrotor.key.id"] != second["keyrotor.key.id"]
+    assert {first["keyrotor.key.id"], second["keyrotor.key.id"]} == {1, 2}
+    for attributes in (first, second, request.attributes):
+        assert attributes["gen_ai.request.model"] == "gpt-4o-mini"
+        assert attributes["gen_ai.provider.name"] == attributes["gen_ai.system"] == "openai"
+        assert attributes["gen_ai.operation.name"] == "chat"
+        assert attributes["keyrotor.group.name"] == "default/default"
+    assert completion.usage is not None
+    for attributes in (second, request.attributes):
+        assert attributes["gen_ai.response.model"] == completion.model
+        assert attributes["gen_ai.usage.input_tokens"] == completion.usage.prompt_tokens
+        assert attributes["gen_ai.usage.output_tokens"] == completion.usage.completion_tokens
+    assert "gen_ai.usage.input_tokens" not in first
+    assert request.attributes["keyrotor.client.name"] == "alice"
+    assert request.attributes["keyrotor.attempts"] == 2
+    assert request.attributes["http.response.status_code"] == 200
+    assert request.attributes["keyrotor.flow_id"] == first["keyrotor.flow_id"] == second["keyrotor.flow_id"]
+    assert request.resource["service.name"] == "keyrotor"
+
+    exported = collector.all_bytes()
+    for secret in (*GOOD, client_key):
+        assert secret.encode() not in exported and secret[-16:].encode() not in exported
+
+
+def test_a_stream_span_ends_with_the_stream_and_carries_the_usage_of_its_last_chunk(
+    keyrotor: Keyrotor, upstream: FakeUpstream, collector: FakeCollector
+):
+    upstream.stream_chunks, upstream.stream_delay = 6, 0.1
+    client_key = start_traced(keyrotor, collector.url, GOOD[0])
+    client = client_for(keyrotor, client_key)
+    header, trace_id, _ = new_traceparent()
+
+    chunks = []
+    first_chunk_ns = 0
+    for chunk in client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_headers={"traceparent": header}
+    ):
+        first_chunk_ns = first_chunk_ns or time.time_ns()
+        chunks.append(chunk)
+    assert chunks and all(c.usage is None for c in chunks)  # the client did not ask: usage stayed hidden
+
+    request, attempt = sorted(spans_of(collector, trace_id, 2), key=lambda s: not s.server)
+    rows = wait_for(lambda: keyrotor.query("SELECT prompt_tokens, completion_tokens FROM flows"), what="the row")
+    assert request.attributes["gen_ai.usage.input_tokens"] == rows[0]["prompt_tokens"] > 0
+    assert request.attributes["gen_ai.usage.output_tokens"] == rows[0]["completion_tokens"] > 0
+    assert attempt.attributes["gen_ai.usage.output_tokens"] == rows[0]["completion_tokens"]
+    assert request.attributes["gen_ai.response.model"] == chunks[0].model
+    assert request.attributes["keyrotor.stream"] is True
+    # Both end as the stream ends, not when its headers came.
+    assert request.end_ns > first_chunk_ns and attempt.end_ns > first_chunk_ns
+
+
+def test_a_client_that_hangs_up_mid_stream_ends_its_span_then(
+    keyrotor: Keyrotor, upstream: FakeUpstream, collector: FakeCollector
+):
+    upstream.stream_chunks, upstream.stream_delay = 40, 0.1  # four seconds of stream
+    client_key = start_traced(keyrotor, collector.url, GOOD[0])
+    header, trace_id, _ = new_traceparent()
+    with httpx.stream(
+        "POST",
+        f"{keyrotor.base_url}/chat/completions",
+        headers={"authorization": f"Bearer {client_key}", "traceparent": header},
+        json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        next(response.iter_raw())
+        left_at = time.time_ns()
+
+    (request,) = [s for s in spans_of(collector, trace_id, 2) if s.server]
+    assert request.attributes["keyrotor.error_code"] == "client_disconnected"
+    assert request.attributes["http.response.status_code"] == 200
+    assert request.end_ns < left_at + 2 * 10**9  # ended as it left, not when the four seconds were up
+
+
+@pytest.mark.parametrize("collector_state", ["down", "hanging"])
+def test_a_collector_that_is_down_or_hangs_never_holds_a_request(
+    keyrotor: Keyrotor, upstream: FakeUpstream, collector_state: str
+):
+    with FakeCollector(hang=True) as hanging:
+        endpoint = hanging.url if collector_state == "hanging" else f"http://127.0.0.1:{closed_port()}"
+        client_key = start_traced(keyrotor, endpoint, GOOD[0], extra=("--set", "otel.timeout_seconds=60"))
+        client = client_for(keyrotor, client_key, timeout=5)
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        if collector_state == "hanging":
+            wait_for(lambda: hanging.held, what="an export held by the collector")
+        # Each request's spans are queued while the export thread waits (up to 60 s) on the collector.
+        for _ in range(20):
+            assert client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices
+        streamed = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+        assert [c for c in streamed]
+    keyrotor.stop()
+    assert GOOD[0] not in keyrotor.logs()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    port = free_port()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+    return port

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -93,13 +94,24 @@ class Otel:
         # the client's traceparent says (core/telemetry.py passes its flag on upstream too).
         self._provider = TracerProvider(
             sampler=ParentBased(ALWAYS_ON),
-            resource=Resource.create({"service.name": settings.service_name}),
+            resource=Resource.create(self._resource()),
             id_generator=self._ids,
             shutdown_on_exit=False,  # done() shuts it down, bounded: never at exit behind a hanging collector
         )
         self._provider.add_span_processor(processor)
         self._tracer = self._provider.get_tracer("keyrotor")
         log.info("OpenTelemetry spans go to %s", telemetry.traces_url(settings.endpoint))
+
+    def _resource(self) -> dict[str, str | int]:
+        """What every span of this process shares: the service, this process, and which worker it is."""
+        attributes: dict[str, str | int] = {
+            "service.name": self._settings.service_name,
+            "service.instance.id": str(uuid.uuid4()),  # one per process: each worker exports its own spans
+        }
+        options = getattr(ctx, "options", None)  # the runtime's options (absent outside a proxy)
+        if options is not None and "proxy_workers" in options and options.proxy_workers > 1:
+            attributes["keyrotor.worker"] = options.proxy_worker_index
+        return attributes
 
     def done(self) -> None:
         for flow in list(self._open.values()):

@@ -25,6 +25,7 @@ from tests.fake_upstream import FakeUpstream
 
 GOOD = ["sk-good-otel-aaaaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-otel-bbbbbbbbbbbbbbbbbbbbbbbb0002"]
 MESSAGES = [{"role": "user", "content": "Say hello to the collector"}]
+COLLECTOR_TOKEN = "collector-token-s3cr3t"
 FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "100"}  # the SDK's batch delay, 5 s by default
 
 
@@ -180,18 +181,21 @@ def test_a_collector_that_is_down_or_hangs_never_holds_a_request(
 ):
     with FakeCollector(hang=True) as hanging:
         endpoint = hanging.url if collector_state == "hanging" else f"http://127.0.0.1:{closed_port()}"
-        client_key = start_traced(keyrotor, endpoint, GOOD[0], extra=("--set", "otel.timeout_seconds=60"))
+        extra = ("--set", "otel.timeout_seconds=60", "--set", f"otel.headers=authorization=Bearer%20{COLLECTOR_TOKEN}")
+        client_key = start_traced(keyrotor, endpoint, GOOD[0], extra=extra)
         client = client_for(keyrotor, client_key, timeout=5)
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         if collector_state == "hanging":
             wait_for(lambda: hanging.held, what="an export held by the collector")
+            assert hanging.headers[0]["authorization"] == f"Bearer {COLLECTOR_TOKEN}"
         # Each request's spans are queued while the export thread waits (up to 60 s) on the collector.
         for _ in range(20):
             assert client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices
         streamed = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
         assert [c for c in streamed]
     keyrotor.stop()
-    assert GOOD[0] not in keyrotor.logs()
+    logs = keyrotor.logs()
+    assert GOOD[0] not in logs and COLLECTOR_TOKEN not in logs
 
 
 def closed_port() -> int:
@@ -200,3 +204,34 @@ def closed_port() -> int:
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
     return port
+
+
+def test_each_worker_exports_its_own_spans(keyrotor: Keyrotor, upstream: FakeUpstream, collector: FakeCollector):
+    keyrotor.env.update(FAST_EXPORT)
+    keyrotor.add_keys(GOOD[0])
+    client_key = keyrotor.add_client()
+    keyrotor.start_proxy("--workers", "2", "--set", f"otel.endpoint={collector.url}")
+    wait_for(lambda: keyrotor.logs().count("listening at") >= 2, 60, what="both workers listening")
+
+    traces = {}
+    for _ in range(40):  # a connection each: the kernel spreads them over both workers
+        header, trace_id, _ = new_traceparent()
+        response = httpx.post(
+            f"{keyrotor.base_url}/chat/completions",
+            headers={"authorization": f"Bearer {client_key}", "traceparent": header},
+            json={"model": "gpt-4o-mini", "messages": MESSAGES},
+            timeout=30,
+        )
+        assert response.status_code == 200
+        traces[trace_id] = response
+    rows = wait_for(lambda: len(found := keyrotor.query("SELECT worker FROM flows")) >= 40 and found, what="rows")
+    served = {r["worker"] for r in rows}
+    spans = wait_for(
+        lambda: (found := [s for s in collector.spans if s.server]) and len(found) >= 40 and found,
+        timeout=20,
+        what="a request span per request",
+    )
+    assert {s.trace_id for s in spans} == set(traces)
+    workers = {s.resource["keyrotor.worker"] for s in spans}
+    instances = {s.resource["service.instance.id"] for s in spans}
+    assert served == {0, 1} and workers == {0, 1} and len(instances) == 2

@@ -44,6 +44,8 @@ SHUTDOWN_WAIT_SECONDS = 5.0  # the loop waits this long at most, when stopping, 
 STOPPED = "stopped"
 CLIENT_LEFT = "client_disconnected"
 UPSTREAM_FAILED = "upstream_error"
+KEYROTOR_ERROR = b"x-keyrotor-error"  # keyrotor's own answers name their error code (core/errors.py)
+CONTENT_TYPE = b"content-type"
 
 
 class _ChosenIds(IdGenerator):
@@ -100,7 +102,7 @@ class Otel:
         )
         self._provider.add_span_processor(processor)
         self._tracer = self._provider.get_tracer("keyrotor")
-        log.info("OpenTelemetry spans go to %s", telemetry.traces_url(settings.endpoint))
+        log.info("OpenTelemetry spans go to %s", telemetry.shown_url(telemetry.traces_url(settings.endpoint)))
 
     def _resource(self) -> dict[str, str | int]:
         """What every span of this process shares: the service, this process, and which worker it is."""
@@ -130,9 +132,11 @@ class Otel:
         """After the key pool chose the first attempt's key: the trace, and the traceparent upstream gets."""
         request = flow.request
         headers = request.headers
-        trace = flow.metadata[FlowTrace.KEY] = FlowTrace.begin(headers.get("traceparent"), headers.get("tracestate"))
+        sent = telemetry.header_values(headers.fields, telemetry.TRACEPARENT, telemetry.TRACESTATE)
+        trace = flow.metadata[FlowTrace.KEY] = FlowTrace.begin(*sent)
         if len(self._open) >= OPEN_PRUNE_AT:
             self._open = {k: f for k, f in self._open.items() if f.live}
+            self._meters = {k: m for k, m in self._meters.items() if k in self._open}
         self._open[flow.id] = flow
         use = KeyUse.of(flow.metadata)
         if flow.response is not None or use is None or not use.attempts:
@@ -205,8 +209,9 @@ class Otel:
         if response is not None:
             finished.status = response.status_code
             finished.ended_at = response.timestamp_end or finished.ended_at
-            code = response.headers.get("x-keyrotor-error") or code
-            content_type = response.headers.get("content-type", "")
+            own_code, content_type = telemetry.header_values(response.headers.fields, KEYROTOR_ERROR, CONTENT_TYPE)
+            code = own_code or code
+            content_type = content_type or ""
             finished.stream = "text/event-stream" in content_type
             if 200 <= response.status_code < 300:
                 self._read_answer(flow, response, meter, content_type, finished)

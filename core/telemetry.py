@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from core.bodies import event_usage, json_object
 from core.metadata import Metadata
@@ -126,6 +126,18 @@ class FlowTrace(Metadata):
         return TraceParent(self.trace_id, span_id, self.flags).header()
 
 
+def header_values(fields: Iterable[tuple[bytes, bytes]], *names: bytes) -> list[str | None]:
+    """The first value of each of `names` (lower case) among `fields`, read in one pass."""
+    found: list[str | None] = [None] * len(names)
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered in names:
+            at = names.index(lowered)
+            if found[at] is None:
+                found[at] = value.decode("latin-1")
+    return found
+
+
 def with_traceparent(fields: Iterable[tuple[bytes, bytes]], value: bytes) -> tuple[tuple[bytes, bytes], ...]:
     """`fields` with `value` as their one traceparent (the client's, if any, replaced)."""
     kept = tuple((n, v) for n, v in fields if n.lower() != TRACEPARENT)
@@ -151,6 +163,14 @@ def traces_url(endpoint: str) -> str:
     if "/" not in rest or rest.endswith("/") and rest.count("/") == 1:
         return f"{scheme}://{rest.rstrip('/')}/v1/traces"
     return endpoint
+
+
+def shown_url(url: str) -> str:
+    """`url` as a log line may show it: without a user or password in it."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def collector_headers(text: str) -> dict[str, str]:

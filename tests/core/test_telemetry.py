@@ -21,6 +21,7 @@ from core.telemetry import (
     collector_headers,
     operation_of,
     parse_traceparent,
+    shown_url,
     spans,
     traces_url,
     with_traceparent,
@@ -237,6 +238,11 @@ def test_names_of_other_requests_hold_no_ids():
 )
 def test_a_collectors_base_url_gets_the_traces_path(endpoint, url):
     assert traces_url(endpoint) == url
+
+
+def test_a_logged_collector_url_shows_no_password():
+    assert shown_url("https://user:pw@otel.example.com:4318/v1/traces") == "https://otel.example.com:4318/v1/traces"
+    assert shown_url("http://127.0.0.1:4318/v1/traces") == "http://127.0.0.1:4318/v1/traces"
 
 
 def test_collector_headers_are_decoded():

@@ -25,13 +25,13 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
 from config import OtelSettings
 from core import telemetry
 from core.classify import is_client_side
 from core.metadata import AccessVerdict, KeyUse, RequestedModel, UsageInjection
+from core.span_ids import ChosenIds
 from core.spent import StreamMeter
 from core.state import ProxyState
 from core.telemetry import Finished, FlowTrace, GroupInfo, SpanPlan
@@ -48,20 +48,6 @@ KEYROTOR_ERROR = b"x-keyrotor-error"  # keyrotor's own answers name their error 
 CONTENT_TYPE = b"content-type"
 
 
-class _ChosenIds(IdGenerator):
-    """Gives the SDK the ids core/telemetry.py chose, and named upstream, for the span it makes next."""
-
-    def __init__(self) -> None:
-        self.trace_id = 0
-        self.span_id = 0
-
-    def generate_span_id(self) -> int:
-        return self.span_id
-
-    def generate_trace_id(self) -> int:
-        return self.trace_id
-
-
 class Otel:
     """Traces each request and its attempts upstream; exports them from the SDK's own thread."""
 
@@ -71,7 +57,7 @@ class Otel:
         self._processor = processor  # None: a BatchSpanProcessor over the OTLP/HTTP exporter, made in running()
         self._provider: TracerProvider | None = None
         self._tracer: trace_api.Tracer | None = None
-        self._ids = _ChosenIds()
+        self._ids = ChosenIds()
         self._meters: dict[str, StreamMeter] = {}  # by flow.id: a stream's last reads hold its model and usage
         self._open: dict[str, http.HTTPFlow] = {}  # traced flows not yet ended: ended at done() if still open
 

@@ -25,7 +25,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from config import OtelSettings
 from core import telemetry
@@ -78,10 +78,11 @@ class Otel:
                 max_export_batch_size=min(512, settings.max_queue),
                 export_timeout_millis=settings.timeout_seconds * 1000,
             )
-        # Not the global provider: keyrotor's spans only, whatever else the process runs. Sampled as
-        # the client's traceparent says (core/telemetry.py passes its flag on upstream too).
+        # Not the global provider: keyrotor's spans only, whatever else the process runs. Every request is
+        # recorded: a client's traceparent says which trace its spans join, not whether the operator sees
+        # them (its sampled flag goes on upstream as it came, core/telemetry.py).
         self._provider = TracerProvider(
-            sampler=ParentBased(ALWAYS_ON),
+            sampler=ALWAYS_ON,
             resource=Resource.create(self._resource()),
             id_generator=self._ids,
             shutdown_on_exit=False,  # done() shuts it down, bounded: never at exit behind a hanging collector
@@ -160,7 +161,7 @@ class Otel:
             return  # ended already (a flow may report a response and then an error), or never traced
         meter = self._meters.pop(flow.id, None)
         trace = FlowTrace.of(flow.metadata)
-        if trace is None or not trace.sampled or self._tracer is None:
+        if trace is None or self._tracer is None:
             return
         finished = self._finished(flow, meter, stopped)
         table = self.state.table

@@ -14,6 +14,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -21,7 +22,7 @@ import pytest
 
 from tests.conftest import Keyrotor, free_port, wait_for
 from tests.fake_collector import FakeCollector, ReceivedSpan
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeAzure, FakeUpstream
 
 GOOD = ["sk-good-otel-aaaaaaaaaaaaaaaaaaaaaaaa0001", "sk-good-otel-bbbbbbbbbbbbbbbbbbbbbbbb0002"]
 MESSAGES = [{"role": "user", "content": "Say hello to the collector"}]
@@ -235,3 +236,82 @@ def test_each_worker_exports_its_own_spans(keyrotor: Keyrotor, upstream: FakeUps
     workers = {s.resource["keyrotor.worker"] for s in spans}
     instances = {s.resource["service.instance.id"] for s in spans}
     assert served == {0, 1} and workers == {0, 1} and len(instances) == 2
+
+
+def test_a_burst_of_clients_each_gets_its_own_trace_and_bad_trace_headers_start_new_ones(
+    keyrotor: Keyrotor, upstream: FakeUpstream, collector: FakeCollector
+):
+    client_key = start_traced(keyrotor, collector.url, *GOOD)
+    client = client_for(keyrotor, client_key)
+    headers = [new_traceparent() for _ in range(16)]
+
+    def call(header: str) -> str:
+        completion = client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, extra_headers={"traceparent": header}
+        )
+        return completion.id
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(call, [h for h, _, _ in headers]))
+    by_trace = {r.headers["traceparent"].split("-")[1]: r for r in upstream.received if "traceparent" in r.headers}
+    for _, trace_id, client_span in headers:
+        request, attempt = sorted(spans_of(collector, trace_id, 2), key=lambda s: not s.server)
+        assert request.parent_id == client_span and attempt.parent_id == request.span_id
+        assert by_trace[trace_id].headers["traceparent"] == f"00-{trace_id}-{attempt.span_id}-01"
+        assert len(collector.spans_of(trace_id)) == 2  # nothing of another request's crossed in
+
+    # A malformed traceparent, an all-zero trace id, an oversized tracestate: a new trace each, upstream gets ours.
+    for bad in ("garbage", f"00-{'0' * 32}-{'1' * 16}-01", f"00-{'A' * 32}-{'1' * 16}-01"):
+        start = len(upstream.received)
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, extra_headers={"traceparent": bad, "tracestate": "k=" + "v" * 600}
+        )
+        sent = upstream.received[start].headers["traceparent"]
+        _, trace_id, span_id, flags = sent.split("-")
+        assert sent != bad and len(trace_id) == 32 and trace_id != "0" * 32 and flags == "01"
+        request, attempt = sorted(spans_of(collector, trace_id, 2), key=lambda s: not s.server)
+        assert request.parent_id == "" and request.trace_state == "" and attempt.span_id == span_id
+
+
+def test_a_failover_from_azure_to_a_relay_names_each_attempts_provider_and_group(
+    keyrotor: Keyrotor, upstream: FakeUpstream, collector: FakeCollector
+):
+    azure_key, relay_key = "0123456789abcdef0123456789abcdef", "sk-good-otel-relay-" + "r" * 20 + "0001"
+    with FakeAzure({"prod-gpt4o": "gpt-4o-2024-08-06"}) as azure, FakeUpstream(models={"gpt-4o"}) as relay:
+        azure.set_key(azure_key, "invalid")  # revoked: the request moves on to the relay's group
+        keyrotor.setup("upstreams", "add", "azure", azure.url, "--dialect", "azure", "--api-version", "2024-10-21")
+        keyrotor.setup("upstreams", "add", "relay", relay.url + "/v1")
+        keyrotor.setup("groups", "add", "azure/prod", "--priority", "10")
+        keyrotor.setup("groups", "add", "relay/cheap", "--priority", "5")
+        keyrotor.setup("models", "add", "azure/prod", "gpt-4o", "--as", "prod-gpt4o")
+        keyrotor.setup("models", "add", "relay/cheap", "gpt-4o")
+        keyrotor.setup("keys", "add", "--group", "azure/prod", input=azure_key + "\n")
+        keyrotor.setup("keys", "add", "--group", "relay/cheap", input=relay_key + "\n")
+        client_key = start_traced(keyrotor, collector.url)
+        header, trace_id, _ = new_traceparent()
+        completion = client_for(keyrotor, client_key).chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, extra_headers={"traceparent": header}
+        )
+        (to_azure,), (to_relay,) = azure.received, relay.received
+
+    spans = spans_of(collector, trace_id, 3)
+    (request,) = [s for s in spans if s.server]
+    first, second = sorted((s for s in spans if s.client), key=lambda s: s.attributes["keyrotor.attempt"])
+    assert (first.attributes["gen_ai.provider.name"], first.attributes["keyrotor.group.name"]) == (
+        "azure.ai.openai",
+        "azure/prod",
+    )
+    assert (second.attributes["gen_ai.provider.name"], second.attributes["keyrotor.group.name"]) == (
+        "openai",
+        "relay/cheap",
+    )
+    assert first.attributes["http.response.status_code"] == 401 and first.attributes["error.type"] == "401"
+    assert (
+        first.attributes["keyrotor.upstream.name"] == "azure" and second.attributes["keyrotor.upstream.name"] == "relay"
+    )
+    assert to_azure.headers["traceparent"] == f"00-{trace_id}-{first.span_id}-01"
+    assert to_relay.headers["traceparent"] == f"00-{trace_id}-{second.span_id}-01"
+    assert request.attributes["gen_ai.provider.name"] == "openai"  # the answer came from the relay
+    assert request.attributes["gen_ai.response.model"] == completion.model
+    exported = collector.all_bytes()
+    assert azure_key.encode() not in exported and relay_key.encode() not in exported

@@ -126,7 +126,7 @@ def test_a_request_is_a_span_continuing_the_clients_and_its_attempt_a_child_name
     assert request.end_time is not None and request.start_time is not None and request.end_time >= request.start_time
 
 
-def test_a_client_without_a_traceparent_starts_a_trace_and_one_that_is_not_sampled_exports_nothing(traced):
+def test_a_client_without_a_traceparent_starts_a_trace_and_one_not_sampled_is_traced_all_the_same(traced):
     addon, exporter = traced
     fresh = chat_flow()
     use = send_first(fresh, OPENAI)
@@ -146,7 +146,10 @@ def test_a_client_without_a_traceparent_starts_a_trace_and_one_that_is_not_sampl
     assert unsampled.request.headers["traceparent"] == f"00-{TRACE}-{use.attempts[0].span_id}-00"
     answer(unsampled)
     addon.response(unsampled)
-    assert exporter.get_finished_spans() == ()
+    # A client cannot hide its requests from the operator's traces; its flag goes on upstream as it came.
+    request, (attempt,) = by_kind(exporter.get_finished_spans())
+    assert f"{request.context.trace_id:032x}" == TRACE and request.context.trace_flags.sampled
+    assert f"{attempt.context.span_id:016x}" == use.attempts[0].span_id
 
 
 def test_a_refused_request_is_one_span_with_keyrotors_error_code_and_nothing_sent_upstream(traced):

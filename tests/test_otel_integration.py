@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
 import openai
@@ -60,8 +61,37 @@ def spans_of(collector: FakeCollector, trace_id: str, count: int) -> list[Receiv
     )
 
 
+@dataclass
+class Answered:
+    """What the client read of its answer: the model, and the usage it asked for."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def ask(client: openai.OpenAI, headers: dict[str, str], streamed: bool) -> Answered:
+    if not streamed:
+        completion = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_headers=headers)
+        assert completion.usage is not None
+        return Answered(completion.model, completion.usage.prompt_tokens, completion.usage.completion_tokens)
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=headers,
+        )
+    )
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[0].choices[0].delta is not None
+    return Answered(chunks[0].model, usage.prompt_tokens, usage.completion_tokens)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "stream"])
 def test_a_retried_request_is_a_span_with_a_child_per_attempt_continuing_the_clients_trace(
-    keyrotor: Keyrotor, upstream: FakeUpstream, collector: FakeCollector
+    keyrotor: Keyrotor, upstream: FakeUpstream, collector: FakeCollector, streamed: bool
 ):
     upstream.set_key(GOOD[0], "ratelimit")  # every request that meets it is retried on the other
     client_key = start_traced(keyrotor, collector.url, *GOOD)
@@ -71,11 +101,7 @@ def test_a_retried_request_is_a_span_with_a_child_per_attempt_continuing_the_cli
     for _ in range(3):  # round robin: within two requests, one meets the rate-limited key first
         header, trace_id, client_span = new_traceparent()
         start = len(upstream.received)
-        completion = client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=MESSAGES,
-            extra_headers={"traceparent": header, "tracestate": "vendor=client-state"},
-        )
+        completion = ask(client, {"traceparent": header, "tracestate": "vendor=client-state"}, streamed)
         sent = [r for r in upstream.received[start:] if r.path == "/v1/chat/completions"]
         if len(sent) == 2:
             retried = (trace_id, client_span, completion, sent)
@@ -108,11 +134,11 @@ def test_a_retried_request_is_a_span_with_a_child_per_attempt_continuing_the_cli
         assert attributes["gen_ai.provider.name"] == attributes["gen_ai.system"] == "openai"
         assert attributes["gen_ai.operation.name"] == "chat"
         assert attributes["keyrotor.group.name"] == "default/default"
-    assert completion.usage is not None
     for attributes in (second, request.attributes):
         assert attributes["gen_ai.response.model"] == completion.model
-        assert attributes["gen_ai.usage.input_tokens"] == completion.usage.prompt_tokens
-        assert attributes["gen_ai.usage.output_tokens"] == completion.usage.completion_tokens
+        assert attributes["gen_ai.usage.input_tokens"] == completion.prompt_tokens
+        assert attributes["gen_ai.usage.output_tokens"] == completion.completion_tokens
+    assert request.attributes["keyrotor.stream"] is streamed
     assert "gen_ai.usage.input_tokens" not in first
     assert request.attributes["keyrotor.client.name"] == "alice"
     assert request.attributes["keyrotor.attempts"] == 2

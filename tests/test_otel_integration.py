@@ -208,14 +208,18 @@ def test_a_collector_that_is_down_or_hangs_never_holds_a_request(
 ):
     with FakeCollector(hang=True) as hanging:
         endpoint = hanging.url if collector_state == "hanging" else f"http://127.0.0.1:{closed_port()}"
-        extra = ("--set", "otel.timeout_seconds=60", "--set", f"otel.headers=authorization=Bearer%20{COLLECTOR_TOKEN}")
+        extra = (
+            *("--set", "otel.timeout_seconds=60", "--set", "otel.max_queue=16"),
+            *("--set", f"otel.headers=authorization=Bearer%20{COLLECTOR_TOKEN}"),
+        )
         client_key = start_traced(keyrotor, endpoint, GOOD[0], extra=extra)
         client = client_for(keyrotor, client_key, timeout=5)
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         if collector_state == "hanging":
             wait_for(lambda: hanging.held, what="an export held by the collector")
             assert hanging.headers[0]["authorization"] == f"Bearer {COLLECTOR_TOKEN}"
-        # Each request's spans are queued while the export thread waits (up to 60 s) on the collector.
+        # Each request's spans are queued while the export thread waits (up to 60 s) on the collector,
+        # 16 at most: the queue is bounded, the oldest dropped.
         for _ in range(20):
             assert client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices
         streamed = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
@@ -223,6 +227,8 @@ def test_a_collector_that_is_down_or_hangs_never_holds_a_request(
     keyrotor.stop()
     logs = keyrotor.logs()
     assert GOOD[0] not in logs and COLLECTOR_TOKEN not in logs
+    if collector_state == "hanging":
+        assert "Queue full, dropping Span" in logs
 
 
 def closed_port() -> int:

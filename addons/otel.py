@@ -210,9 +210,12 @@ class Otel:
         if flow.error is not None:
             finished.ended_at = flow.error.timestamp
             code = code or (CLIENT_LEFT if is_client_side(flow.error.msg) else UPSTREAM_FAILED)
+        cut = _cut(flow)
+        if cut:  # upstream's answer went to nobody: the client had left (its tokens were spent all the same)
+            finished.status, code = None, code or CLIENT_LEFT
         if stopped:
             code = STOPPED
-        finished.broken = stopped or flow.error is not None
+        finished.broken = stopped or cut or flow.error is not None
         finished.error_code = code
         return finished
 
@@ -238,11 +241,11 @@ class Otel:
         assert self._tracer is not None
         trace_id = int(trace.trace_id, 16)
         flags = trace_api.TraceFlags(trace.flags & 0xFF)
+        state = trace_api.TraceState.from_header([trace.tracestate]) if trace.tracestate else None
         if plan.server:
             parent_id, remote = (int(plan.parent_id, 16), True) if plan.parent_id else (0, False)
-            state = trace_api.TraceState.from_header([trace.tracestate]) if trace.tracestate else None
         else:
-            parent_id, remote, state = int(trace.span_id, 16), False, None
+            parent_id, remote = int(trace.span_id, 16), False
         context = Context()  # a root span's: never whatever span is current in the loop
         if parent_id:
             parent = trace_api.SpanContext(trace_id, parent_id, remote, flags, state)
@@ -258,3 +261,13 @@ class Otel:
         if plan.error is not None:
             span.set_status(trace_api.Status(trace_api.StatusCode.ERROR, plan.error))
         span.end(end_time=int(max(plan.end, plan.start) * 1e9))
+
+
+def _cut(flow: http.HTTPFlow) -> bool:
+    """Whether the client left before any of its answer reached it (as addons/capture.py judges it)."""
+    if flow.client_conn.connected or flow.websocket is not None:
+        return False
+    response = flow.response
+    if response is None:
+        return flow.error is not None and not is_client_side(flow.error.msg)
+    return flow.error is None and not response.stream

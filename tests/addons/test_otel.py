@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from mitmproxy.connection import ConnectionState
 from mitmproxy.test import tflow, tutils
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -245,3 +246,18 @@ def test_the_addon_is_in_the_chain_only_when_an_endpoint_is_set(endpoint):
     names, hooks = result.stdout.splitlines()[-2:]
     assert ("'Otel'" in names) == bool(endpoint)
     assert ("Otel." in hooks) == bool(endpoint) and "Capture.response" in hooks  # the hooks, as the chain calls them
+
+
+def test_an_answer_that_reached_nobody_is_a_client_that_left(traced):
+    addon, exporter = traced
+    flow = chat_flow()
+    send_first(flow)
+    addon.request(flow)
+    answer(flow)  # upstream answered, after a retry the client did not wait for
+    flow.client_conn.state = ConnectionState.CLOSED
+    addon.response(flow)
+    request, _ = by_kind(exporter.get_finished_spans())
+    assert request.attributes is not None and "http.response.status_code" not in request.attributes
+    assert request.attributes["keyrotor.error_code"] == "client_disconnected"
+    assert request.status.status_code == StatusCode.ERROR
+    assert request.attributes["gen_ai.usage.output_tokens"] == 5  # spent all the same

@@ -186,6 +186,10 @@ BAD_VALUES = [
     ("alerts.error_min_requests", "0", ABOVE_ZERO),
     ("alerts.error_window_minutes", "0", ABOVE_ZERO),
     ("alerts.send_attempts", "0", ABOVE_ZERO),
+    ("otel.endpoint", "collector:4318", "must be an http:// or https:// URL, like https://api.openai.com"),
+    ("otel.service_name", " ", "must be a non-empty string"),
+    ("otel.timeout_seconds", "0", ABOVE_ZERO),
+    ("otel.max_queue", "0", ABOVE_ZERO),
 ]
 ADDON_OF = {
     "keypool": KeyPool,
@@ -213,7 +217,7 @@ def test_proxy_workers_takes_a_number_or_auto_for_every_core(value, workers):
 
 
 def test_the_table_covers_every_setting():
-    secrets = {"ui.metrics_token", "alerts.webhook_url"}  # see below
+    secrets = {"ui.metrics_token", "alerts.webhook_url", "otel.headers"}  # see below
     assert {name for name, _, _ in BAD_VALUES} | secrets == set(BY_NAME)
     addon_settings = {name for name in BY_NAME if name.split(".")[0] in ADDON_OF or name in ADDON_OF}
     assert {s.name for s in ADDON_SETTINGS} == addon_settings
@@ -288,6 +292,20 @@ def test_a_bad_webhook_url_is_not_repeated_and_budget_percents_read_as_a_list(tm
     assert loaded.alerts.budget_percents == (50, 80, 100)
     assert loaded.alerts.webhook_url == "https://example.com/hook"
     assert load_settings(environ={"KEYROTOR_ALERTS_BUDGET_PERCENTS": "90"}).alerts.budget_percents == (90,)
+
+
+def test_bad_collector_headers_are_not_repeated_and_good_ones_read_as_a_list_or_a_string(tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"KEYROTOR_OTEL_HEADERS": "Bearer sekrit-token-123"})
+    assert str(raised.value) == (
+        'otel.headers must list "name=value" headers separated by commas (from KEYROTOR_OTEL_HEADERS).'
+    )
+    path = tmp_path / "keyrotor.toml"
+    path.write_text('[otel]\nheaders = ["authorization=Bearer%20abc", " x-team = blue "]\n')
+    assert load_settings(path, environ={}).otel.headers == "authorization=Bearer%20abc,x-team=blue"
+    flagged = load_settings(overrides={"otel.headers": "a=1, b=2=3"}, environ={})
+    assert flagged.otel.headers == "a=1,b=2=3"
+    assert load_settings(environ={}).otel.endpoint == ""  # off unless asked
 
 
 def test_trusted_proxies_are_read_from_a_list_a_string_a_variable_or_a_flag(tmp_path):

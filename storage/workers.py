@@ -44,6 +44,7 @@ from storage import db
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.02  # how often a worker reads the others' events: a rest reaches them within ~this
+STRATEGY_CHECK_SECONDS = 1.0  # without least_used, how often a worker looks whether it now has it
 FLUSH_SECONDS = 1.0  # worker 0 copies counters back into the database this often (spend in the UI)
 BUSY_TIMEOUT_MS = 5000  # the link's thread; the counters, on the event loop, wait COUNTERS_BUSY_TIMEOUT_MS at most
 COUNTERS_BUSY_TIMEOUT_MS = 1000  # then the request is refused (limits_unavailable) rather than the loop held longer

@@ -82,8 +82,8 @@ def start_upstream(tmp: Path, script: Path, *extra: str) -> Upstream:
 class Proxy:
     """One keyrotor installation in `tmp` with `workers` proxy workers in front of `upstream`."""
 
-    def __init__(self, tmp: Path, upstream: str, workers: int) -> None:
-        self.tmp, self.upstream, self.workers = tmp, upstream, workers
+    def __init__(self, tmp: Path, upstream: str, workers: int, client_rpm: int = 0) -> None:
+        self.tmp, self.upstream, self.workers, self.client_rpm = tmp, upstream, workers, client_rpm
         self.port = free_port()
         self.db_path = tmp / "kr.db"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("KEYROTOR_")}
@@ -104,7 +104,8 @@ class Proxy:
     def start(self) -> str:
         """Starts the proxy; returns the client key."""
         self.run_py("keys", "add", stdin=KEY + "\n")
-        client_key = self.run_py("clients", "add", "bench").strip().splitlines()[-1]
+        limits = ("--rpm", str(self.client_rpm)) if self.client_rpm else ()
+        client_key = self.run_py("clients", "add", "bench", *limits).strip().splitlines()[-1]
         self.process = subprocess.Popen(
             [PYTHON, str(RUN_PY), "proxy", "--workers", str(self.workers), "--proxy-port", str(self.port)]
             + ["--upstream", self.upstream, "--set", "capture.bodies=truncated"],
@@ -329,7 +330,7 @@ def run_async(coroutine: Any) -> Any:
 def measure(workers: int, args: argparse.Namespace, upstream: Upstream, stream_upstream: str) -> dict[str, Any]:
     result: dict[str, Any] = {"workers": workers}
     with tempfile.TemporaryDirectory(prefix=f"kr-bench-workers{workers}-") as tmp:
-        proxy = Proxy(Path(tmp), upstream.url, workers)
+        proxy = Proxy(Path(tmp), upstream.url, workers, args.client_rpm)
         try:
             key = proxy.start()
             assert proxy.process is not None
@@ -353,7 +354,10 @@ def measure(workers: int, args: argparse.Namespace, upstream: Upstream, stream_u
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     by_workers = {r["workers"]: r for r in results}
     print(f"\ncpus: {os.cpu_count()}, load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"upstream: {args.upstream}; {args.requests} requests at concurrency {args.concurrency} after {args.warmup}")
+    print(
+        f"upstream: {args.upstream}; {args.requests} requests at concurrency {args.concurrency} after {args.warmup};"
+        f" client {'RPM ' + str(args.client_rpm) if args.client_rpm else 'without limits'}"
+    )
     for r in results:
         t = r["throughput"]
         cpu = ", ".join(f"{role} {ms:.3f}" for role, ms in t["cpu_ms_per_request"].items())
@@ -392,6 +396,13 @@ def main(argv: list[str]) -> int:
         choices=("lean", "full"),
         default="lean",
         help="lean: bench/lean_upstream.py, canned answers (default); full: tests/fake_upstream.py",
+    )
+    parser.add_argument(
+        "--client-rpm",
+        type=int,
+        default=0,
+        help="give the client this RPM limit (set it above what is sent): every admission is then one"
+        " transaction on the shared counters (0: no limit, the default)",
     )
     parser.add_argument("--streams", type=int, default=100, help="streams at once (100; 0: none)")
     parser.add_argument("--stream-chunks", type=int, default=20, help="chunks per stream (20)")

@@ -55,6 +55,9 @@ SCHEMA = (
     "CREATE TABLE windows (id INTEGER PRIMARY KEY, name TEXT NOT NULL, at REAL NOT NULL, amount REAL NOT NULL,"
     " flushed REAL NOT NULL DEFAULT 0)",
     "CREATE INDEX windows_name_at ON windows (name, at)",
+    # Each window's running total: the entries after `pruned_at` summed (what moving_total reads in
+    # O(1), rather than summing a minute of entries: at 300 requests a second, 18,000 rows a request).
+    "CREATE TABLE window_totals (name TEXT PRIMARY KEY, total REAL NOT NULL, pruned_at REAL NOT NULL)",
     "CREATE TABLE periods (name TEXT PRIMARY KEY, value REAL NOT NULL, dirty INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE gauges (worker INTEGER NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,"
     " PRIMARY KEY (worker, name))",
@@ -113,6 +116,9 @@ def prepare(db_path: str | Path, workers: int) -> Path:
                     (int(time.time()) - MOVING_KEEP_SECONDS,),
                 )
             ],
+        )
+        conn.execute(
+            "INSERT INTO window_totals (name, total, pruned_at) SELECT name, sum(amount), 0 FROM windows GROUP BY name"
         )
         conn.execute("COMMIT")
     finally:
@@ -181,17 +187,54 @@ class SharedCounters:
             raise CountersUnavailable(f"{self.path.name}: {e}") from e
 
     def moving_total(self, name: str, window_seconds: float, now: float) -> tuple[float, float | None]:
-        total, oldest = self._sql(
-            "SELECT coalesce(sum(amount), 0), min(at) FROM windows WHERE name = ? AND at > ?",
-            (name, now - window_seconds),
-        ).fetchone()
+        """The window's running total, moved on to `now`: only the entries that left it since are summed.
+
+        A name is always read with the same window (as storage/counters.py's prune assumes). Within
+        a decision (`atomic()`) the running total is moved on for the next reader; outside one it is
+        only computed. A caller whose `now` is a little behind another worker's (it took its time
+        before its transaction) adds back the entries the other one moved past: exact either way."""
+        cutoff = now - window_seconds
+        oldest = self._sql("SELECT min(at) FROM windows WHERE name = ? AND at > ?", (name, cutoff)).fetchone()[0]
+        row = self._sql("SELECT total, pruned_at FROM window_totals WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return 0.0, oldest
+        total, pruned_at = row
+        if cutoff > pruned_at:
+            total -= self._sum_between(name, pruned_at, cutoff)
+            if oldest is None:
+                total = 0.0  # an empty window: no float dust carried on
+            if self._depth:
+                self._sql("UPDATE window_totals SET total = ?, pruned_at = ? WHERE name = ?", (total, cutoff, name))
+        elif cutoff < pruned_at:
+            total += self._sum_between(name, cutoff, pruned_at)
         return float(total), oldest
 
+    def _sum_between(self, name: str, after: float, until: float) -> float:
+        return float(
+            self._sql(
+                "SELECT coalesce(sum(amount), 0) FROM windows WHERE name = ? AND at > ? AND at <= ?",
+                (name, after, until),
+            ).fetchone()[0]
+        )
+
     def moving_add(self, name: str, amount: float, now: float) -> object:
-        return self._sql("INSERT INTO windows (name, at, amount) VALUES (?, ?, ?)", (name, now, amount)).lastrowid
+        entry = self._sql("INSERT INTO windows (name, at, amount) VALUES (?, ?, ?)", (name, now, amount)).lastrowid
+        self._sql(
+            "INSERT INTO window_totals (name, total, pruned_at) VALUES (?, ?, 0) ON CONFLICT (name) DO UPDATE"
+            " SET total = total + excluded.total WHERE pruned_at < ?",
+            (name, amount, now),
+        )
+        return entry
 
     def moving_adjust(self, name: str, entry: object, amount: float) -> None:
-        self._sql("UPDATE windows SET amount = ? WHERE id = ? AND name = ?", (amount, entry, name))
+        row = self._sql("SELECT at, amount FROM windows WHERE id = ? AND name = ?", (entry, name)).fetchone()
+        if row is None:
+            return
+        at, before = row
+        self._sql("UPDATE windows SET amount = ? WHERE id = ?", (amount, entry))
+        self._sql(
+            "UPDATE window_totals SET total = total + ? WHERE name = ? AND pruned_at < ?", (amount - before, name, at)
+        )
 
     def period_total(self, name: str) -> float:
         row = self._sql("SELECT value FROM periods WHERE name = ?", (name,)).fetchone()
@@ -463,5 +506,21 @@ def flush(conn: sqlite3.Connection, main: sqlite3.Connection, now: float) -> Non
         conn.executemany("UPDATE periods SET dirty = 0 WHERE name = ? AND value = ?", periods)
         conn.executemany("UPDATE windows SET flushed = flushed + ? WHERE id = ?", [(d, i) for i, _, _, d in windows])
         conn.execute("COMMIT")
-    conn.execute("DELETE FROM windows WHERE at < ? AND amount = flushed", (now - MOVING_KEEP_SECONDS,))
+    # Entries older than any window leave it for good: out of the running totals first (a name not
+    # read for an hour still counts them), in one transaction with the delete.
+    cutoff = now - MOVING_KEEP_SECONDS
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "UPDATE window_totals SET total = total - (SELECT coalesce(sum(amount), 0) FROM windows w"
+            " WHERE w.name = window_totals.name AND w.at > window_totals.pruned_at AND w.at <= ?),"
+            " pruned_at = max(pruned_at, ?)"
+            " WHERE EXISTS (SELECT 1 FROM windows w WHERE w.name = window_totals.name AND w.at <= ?)",
+            (cutoff, cutoff, cutoff),
+        )
+        conn.execute("DELETE FROM windows WHERE at < ? AND amount = flushed", (cutoff,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
     conn.execute("DELETE FROM events WHERE at < ?", (now - EVENTS_KEEP_SECONDS,))

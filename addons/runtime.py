@@ -212,6 +212,7 @@ class SqliteBackend:
         else:
             self.counters = workers.SharedCounters(workers.path_of(path), self.worker)
             self.link = workers.WorkerLink(workers.path_of(path), path, self.worker)
+            self.link.counters = self.counters
         self.revisions = db.RevisionReader(path)
         if not self.writer.started:
             self.writer.path = path

@@ -176,6 +176,39 @@ def test_a_key_state_and_rests_reach_the_other_worker(database: Path, shared: Pa
         listener.stop()
 
 
+def test_spend_no_admission_weighs_goes_with_the_link_and_a_budgets_spend_at_once(database: Path, shared: Path):
+    a, b = governor(shared, 0), governor(shared, 1)
+    link = workers.WorkerLink(shared, database, 1)
+    link.counters = b.counters  # type: ignore[assignment]
+    unlimited, budgeted = ClientPolicy(), ClientPolicy(daily_tokens=100)
+    now = time.time()
+    names = {client: a.spend_names(client, now)["day_tokens"] for client in (5, 6)}
+
+    b.count("free", 5, unlimited, None, now)
+    b.settle("free", {"total_tokens": 30}, None, now)
+    assert b.counters.period_total(names[5]) == 30  # the worker that settled counts it at once
+    assert a.counters.period_total(names[5]) == 0  # the other one once the link wrote it
+    link.start()
+    try:
+        wait_for(lambda: a.counters.period_total(names[5]) == 30, what="the link writing the spend")
+    finally:
+        link.stop()
+
+    assert isinstance(b.admit("paid", 6, budgeted, None, b"", None, now), Ticket)
+    b.settle("paid", {"total_tokens": 120}, None, now)
+    assert a.counters.period_total(names[6]) == 120  # a budget's spend: in the settling transaction
+    assert isinstance(a.admit("over", 6, budgeted, None, b"", None, now), Refusal)
+
+
+def test_spend_left_for_the_link_is_written_when_the_worker_stops(database: Path, shared: Path):
+    b = governor(shared, 1)
+    now = time.time()
+    b.count("free", 5, ClientPolicy(), None, now)
+    b.settle("free", {"total_tokens": 12}, None, now)
+    b.counters.stop()  # no link ran: stopping writes it
+    assert governor(shared, 0).counters.period_total(b.spend_names(5, now)["day_tokens"]) == 12
+
+
 def test_the_shared_file_is_private(shared: Path):
     assert shared.stat().st_mode & 0o777 == 0o600
     with pytest.raises(sqlite3.OperationalError):

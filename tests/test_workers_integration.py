@@ -4,7 +4,8 @@ Each request here opens a fresh connection, so that the kernel's SO_REUSEPORT ha
 them over both workers (a keep-alive connection stays with one); every flow records which
 worker served it. What must hold whichever worker a request reaches: a key upstream refused
 through one worker is not used by the other; a client's RPM is exact across both; every
-flow is recorded once; SIGTERM stops both after flushing; a killed worker is replaced.
+flow is recorded once; SIGTERM stops both after flushing, under load too; a killed worker is
+replaced; kill -9 of one worker loses at most the flows it answered in its last 250 ms.
 """
 
 from __future__ import annotations
@@ -401,3 +402,32 @@ def test_kill_9_of_one_worker_loses_at_most_its_last_quarter_second(kr: Keyrotor
         f"{len(lost)} of {len(old_enough)} flows the killed worker answered over {KILL_BUDGET * 1000:.0f} ms"
         f" before kill -9 have no row (of its last {len(last)}, {sum(n not in stored for n in last)} are lost)"
     )
+
+
+def test_sigterm_under_load_records_every_flow_either_worker_answered(kr: Keyrotor, upstream_process: str):
+    """Unlike kill -9, a clean stop loses nothing: each worker finishes what it accepted and flushes its writer."""
+    key = kr.add_client("steady")
+    supervisor = start_workers(kr)
+    load = SteadyLoad(kr.proxy_port or 0, key, connections=16)
+
+    async def load_then_stop() -> None:
+        running = asyncio.ensure_future(load.run())
+        while len(load.answered) < 600 and not running.done():
+            await asyncio.sleep(0.01)
+        supervisor.send_signal(signal.SIGTERM)  # with requests in flight on both workers
+        load.stopping = True  # each connection ends after the answer it waits for
+        await running
+
+    asyncio.run(load_then_stop())
+    assert supervisor.wait(60) == 0
+
+    rows = [
+        (int(m.group(1)), row["worker"])
+        for row in stored_flows(kr.db_path)
+        if (m := MARKER.search(row["request_body"] or ""))
+    ]
+    stored = dict(rows)
+    assert len(rows) == len(stored)  # none recorded twice
+    missing = sorted(set(load.answered) - set(stored))
+    assert not missing, f"{len(missing)} of {len(load.answered)} answered flows have no row after a clean stop"
+    assert set(stored.values()) == {0, 1}

@@ -1,22 +1,27 @@
 """Requests per second of `run.py proxy --workers 1` and `--workers 2`, and streams held by each.
 
-    .venv/bin/python bench/workers.py [--requests N] [--concurrency C] [--streams S] [--json out.json]
+    .venv/bin/python bench/workers.py [--requests N] [--concurrency C] [--client-rpm R]
+                                      [--upstream lean|full] [--streams S] [--json out.json]
 
-Against the same fake OpenAI upstream (tests/fake_upstream.py, its own process), for each
-worker count in turn: a fresh database with one key and one client, `run.py proxy --workers N`
-(full chain: access, key pool, capture to SQLite), then
+Against the same fake OpenAI upstream for both counts (bench/lean_upstream.py, canned answers,
+or with --upstream full tests/fake_upstream.py; its own process), for each worker count in
+turn: a fresh database with one key and one client (without limits, or an RPM limit),
+`run.py proxy --workers N` (full chain: access, key pool, usage, capture to SQLite), then
 
-- throughput: N small non-streamed chat completions at concurrency C (a plain HTTP/1.1
-  client, cheap on CPU), each of the C connections kept alive (the kernel's SO_REUSEPORT
-  hash places each connection on one worker), requests per second over the measured
-  phase and how many each worker served (the flows' `worker` column);
-- streams: S streamed completions at once, each 20 chunks 50 ms apart (a second each):
-  how many ended whole (every chunk, then [DONE]) and how many failed.
+- throughput: N small non-streamed chat completions over C kept-alive connections (the
+  kernel's SO_REUSEPORT hash places each connection on one worker), requests per second
+  over the measured phase and how many each worker served (the flows' `worker` column);
+- CPU per request of each process role over that phase (workers, supervisor, upstream, load
+  generator: user + system of every thread, from /proc), the cores each kept busy, and the
+  ratio two saturated cores would give from CPU alone, 2 x W1 / (W2 + L);
+- streams: S streamed completions at once, each 20 chunks 50 ms apart (a second each, from
+  tests/fake_upstream.py): how many ended whole (every chunk, then [DONE]) and how many failed.
 
-The load generator (this process, asyncio + httpx) runs on the same machine and takes its
-share of the cores: the figures are what one machine serves with its client included. The
-ratio of the two throughputs is printed; the target of issue 22 is 1.6x on two cores. See
-bench/README.md. Exit status 0, or 1 when a process would not start or a stream failed.
+The load generator (this process: one asyncio.Protocol per connection, on uvloop) runs on the
+same machine and takes its share of the cores: the figures are what one machine serves with
+its client included. The ratio of the two throughputs is printed; the target of issue 22 is
+1.6x on two cores. See bench/README.md. Exit status 0, or 1 when a process would not start, a
+request failed or a stream failed.
 """
 
 from __future__ import annotations

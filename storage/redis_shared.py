@@ -739,6 +739,7 @@ class RedisLink:
     def _keep(self) -> None:
         client = connect(self.health.url, THREAD_TIMEOUT_SECONDS)
         next_beat = next_flush = next_status = 0.0
+        next_purge = time.monotonic() + sqlite_counters.PURGE_SECONDS
         try:
             while not self._stop.wait(0.1):
                 now = time.monotonic()
@@ -755,6 +756,9 @@ class RedisLink:
                         next_flush = now + FLUSH_SECONDS
                         if self._hold_lease(client):
                             self._flush(client)
+                            if now >= next_purge:  # what a single proxy's counters thread does (storage/counters.py)
+                                next_purge = now + sqlite_counters.PURGE_SECONDS
+                                self._purge()
                 except redis.RedisError as e:
                     self.health.failed(e)
                     self._stop.wait(RETRY_SECONDS)
@@ -810,6 +814,14 @@ class RedisLink:
             client.pexpire(PREFIX + "flusher", LEASE_MS)
             return True
         return False
+
+    def _purge(self) -> None:
+        assert self.db_path is not None
+        conn = db.connect(self.db_path)
+        try:
+            sqlite_counters.purge(conn, time.time())
+        finally:
+            conn.close()
 
     def _flush(self, client: redis.Redis) -> None:
         """Copy what changed in Redis into the database (limit_counters, limit_windows); given back on failure."""

@@ -12,6 +12,7 @@ client request, limits are still counted on each node meanwhile, and coordinatio
 from __future__ import annotations
 
 import asyncio
+import html
 import threading
 import time
 from collections.abc import Iterator
@@ -229,12 +230,14 @@ def test_redis_down_at_start_the_node_serves_and_warns(kr: Keyrotor, upstream: F
     assert f"127.0.0.1:{redis_server.port}" in kr.logs()
 
     kr.start_ui()
-    metrics = httpx.get(f"{kr.ui_url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    metrics = httpx.get(f"{kr.ui_url}/metrics", headers=admin).text
     assert "keyrotor_redis_up 0" in metrics
     assert "keyrotor_redis_nodes_down 1" in metrics
-    dashboard = httpx.get(kr.ui_url + "/", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-    if dashboard.status_code == 200:
-        assert "Redis is unreachable" in dashboard.text
+    page = httpx.Client(base_url=kr.ui_url, follow_redirects=False, timeout=10)
+    assert page.post("/login", data={"admin_key": ADMIN_KEY}).status_code == 303
+    notice = html.unescape(page.get("/dashboard").text)
+    assert "Redis is unreachable since" in notice and "1 node serves on its local view" in notice
 
     redis_server.start()
     wait_for(lambda: "answers again" in kr.logs(), 15, what="the node joins Redis")

@@ -69,7 +69,8 @@ LEASE_MS = 3000
 NODE_TTL_SECONDS = 30  # a node that stopped heartbeating this long: its requests in flight and holds end
 HEARTBEAT_SECONDS = 5.0
 STREAM_MAXLEN = 10_000
-READ_BLOCK_MS = 20  # the reader also reads the others' requests in flight this often
+READ_BLOCK_MS = 20  # with least_used, the reader also reads the others' requests in flight this often
+IDLE_BLOCK_MS = 1000  # otherwise it waits this long for events (an event ends the wait at once)
 HISTORY_SECONDS = 60.0  # a starting node reads the events of the last minute: the rests still running
 PENDING_MAX = 100_000  # adds counted locally during an outage, replayed when Redis returns
 STATUS_SECONDS = 5.0
@@ -99,15 +100,28 @@ return {'ok', tostring(total), ids[2] or ''}
 """
 )
 
-LEVEL = (
+# Every gauge and hold, summed over the nodes: one read serves all of a decision's.
+LEVELS = (
     LOCKED
     + """
-local total = 0
+local totals, order = {}, {}
 for _, node in ipairs(redis.call('SMEMBERS', p .. 'nodes')) do
-  local v = redis.call('HGET', p .. 'g:' .. node, ARGV[4])
-  if v then total = total + tonumber(v) end
+  local flat = redis.call('HGETALL', p .. 'g:' .. node)
+  for i = 1, #flat, 2 do
+    local name = flat[i]
+    if totals[name] == nil then
+      totals[name] = 0
+      order[#order + 1] = name
+    end
+    totals[name] = totals[name] + tonumber(flat[i + 1])
+  end
 end
-return {'ok', tostring(total)}
+local out = {'ok'}
+for _, name in ipairs(order) do
+  out[#out + 1] = name
+  out[#out + 1] = tostring(totals[name])
+end
+return out
 """
 )
 
@@ -314,7 +328,7 @@ class RedisCounters:
         self.node = node
         self.client = connect(health.url)
         self._total = self.client.register_script(TOTAL)
-        self._level_script = self.client.register_script(LEVEL)
+        self._levels_script = self.client.register_script(LEVELS)
         self._period_script = self.client.register_script(PERIOD)
         self._commit_script = self.client.register_script(COMMIT)
         self._seed_script = self.client.register_script(SEED)
@@ -348,7 +362,7 @@ class RedisCounters:
         (no other node decides until this one has written), and what it read is kept for its later reads."""
         if (kind, name) in self._read:
             return self._read[(kind, name)]
-        script = {"total": self._total, "level": self._level_script, "period": self._period_script}[kind]
+        script = {"total": self._total, "levels": self._levels_script, "period": self._period_script}[kind]
         token = (self._token or secrets.token_hex(8)) if self._depth else ""
         deadline = 0.0
         while True:
@@ -434,7 +448,9 @@ class RedisCounters:
     def level(self, name: str) -> float:
         if self.health.up:
             try:
-                return float(self._fetch("level", name, [], name)[0]) + self._unsent.get(name, 0.0)
+                flat = self._fetch("levels", "", [], "")
+                levels = {flat[i].decode(): float(flat[i + 1]) for i in range(0, len(flat), 2)}
+                return levels.get(name, 0.0) + self._unsent.get(name, 0.0)
             except redis.RedisError as e:
                 self.health.failed(e)
         return self.own.get(name, 0.0)
@@ -683,17 +699,19 @@ class RedisLink:
             return None
 
     def _read(self) -> None:
-        client = connect(self.health.url, THREAD_TIMEOUT_SECONDS + READ_BLOCK_MS / 1000)
+        client = connect(self.health.url, THREAD_TIMEOUT_SECONDS + IDLE_BLOCK_MS / 1000)
         try:
             while not self._stop.is_set():
                 if not self.health.up:
                     self._stop.wait(RETRY_SECONDS / 5)
                     continue
+                least_used = self.deliver_in_flight is not None and self._in_flight is not None
                 try:
-                    found: Any = client.xread({self.STREAM: self._last_id}, count=1000, block=READ_BLOCK_MS)
+                    block = READ_BLOCK_MS if least_used else IDLE_BLOCK_MS
+                    found: Any = client.xread({self.STREAM: self._last_id}, count=1000, block=block)
                     if found:
                         self._received(found[0][1])
-                    if self.deliver_in_flight is not None and self._in_flight is not None:
+                    if least_used:
                         self._read_in_flight(client)
                 except redis.RedisError as e:
                     self.health.failed(e)
@@ -795,7 +813,10 @@ class RedisLink:
         pipe.set(f"{PREFIX}node:{self.node}", "1", ex=NODE_TTL_SECONDS)
         pipe.sadd(PREFIX + "nodes", self.node)
         pipe.smembers(PREFIX + "nodes")
-        members = pipe.execute()[2]
+        pipe.exists(PREFIX + "seeded")
+        _, _, members, seeded = pipe.execute()
+        if not seeded:  # emptied under the nodes (FLUSHALL, a restart between two calls): seed it again
+            self._resume()
         others = [m.decode() for m in members if m.decode() != self.node]
         if not others:
             return

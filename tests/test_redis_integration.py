@@ -234,6 +234,8 @@ def test_redis_down_at_start_the_node_serves_and_warns(kr: Keyrotor, upstream: F
     metrics = httpx.get(f"{kr.ui_url}/metrics", headers=admin).text
     assert "keyrotor_redis_up 0" in metrics
     assert "keyrotor_redis_nodes_down 1" in metrics
+    twin = httpx.get(f"{kr.ui_url}/api/dashboard", headers=admin).json()["redis"]
+    assert twin["up"] is False and twin["nodes_down"] == 1 and "Connection refused" in twin["error"]
     page = httpx.Client(base_url=kr.ui_url, follow_redirects=False, timeout=10)
     assert page.post("/login", data={"admin_key": ADMIN_KEY}).status_code == 303
     notice = html.unescape(page.get("/dashboard").text)
@@ -253,6 +255,8 @@ def test_redis_down_at_start_the_node_serves_and_warns(kr: Keyrotor, upstream: F
 
 def test_an_admin_change_reaches_both_nodes_through_redis(kr: Keyrotor, upstream: FakeUpstream):
     nodes = Nodes(kr).start()
+    kr.add_client("first")  # an open port is not yet a running node: both have reloaded once they run
+    wait_for(lambda: kr.logs().count("client keys loaded: 1 enabled") >= 2, what="both nodes running")
     key = kr.add_client("late")  # made after both nodes started: they hear of it through Redis
     time.sleep(PROPAGATION_BOUND)  # less than their poll's half second
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -335,4 +336,7 @@ def read_dashboard_json(
     now = time.time()
     data = dashboard_data(conn, now, capture_status.read(settings.db_path), _range(range_name, since, until, now))
     data.pop("_charts")
+    redis = redis_shared.view(settings.redis_url, settings.db_path, now)
+    if redis is not None:
+        data["redis"] = asdict(redis)
     return data

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 PREFIX = "keyrotor:"
 TIMEOUT_SECONDS = 0.25  # every call on the event loop: past it, Redis counts as down and the node goes on alone
 THREAD_TIMEOUT_SECONDS = 1.0  # calls of the link's threads, off the request path
+SEED_TIMEOUT_SECONDS = 30.0  # seeding an empty Redis with the database's totals (off the loop)
 RETRY_SECONDS = 0.5  # while Redis is down, how often a node tries it again
 LOCK_MS = 500  # a decision's lock expires by itself if its node dies holding it
 LOCK_WAIT_SECONDS = 0.25  # a decision waits this long for another node's; then limits_unavailable (503)
@@ -74,6 +75,7 @@ IDLE_BLOCK_MS = 1000  # otherwise it waits this long for events (an event ends t
 HISTORY_SECONDS = 60.0  # a starting node reads the events of the last minute: the rests still running
 PENDING_MAX = 100_000  # adds counted locally during an outage, replayed when Redis returns
 STATUS_SECONDS = 5.0
+SEED_WINDOW_SECONDS = 61  # the moving windows the Governor uses are a minute long: older seconds are not seeded
 STATUS_FRESH_SECONDS = 15.0
 
 # KEYS are built inside the scripts from PREFIX: one Redis server (or a primary with replicas), not a cluster.
@@ -88,15 +90,27 @@ if token ~= '' then
 end
 """
 
+# A moving window is a hash of amounts per second (KEYS[1]): a total reads the window's seconds only,
+# however many requests they hold. A second's amount leaves the window at the end of that second, as a
+# window restored from the database does (storage/counters.py): never earlier than its requests.
 TOTAL = (
     LOCKED
     + """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf', 'WITHSCORES')
-local total = 0
-for i = 1, #ids, 2 do
-  total = total + tonumber(redis.call('HGET', KEYS[2], ids[i]) or '0')
+local since, now = tonumber(ARGV[4]), tonumber(ARGV[5])
+local first, last = math.floor(since), math.floor(now)
+local fields = {}
+for second = first, last do fields[#fields + 1] = tostring(second) end
+local amounts = redis.call('HMGET', KEYS[1], unpack(fields))
+local total, oldest = 0, ''
+for i, amount in ipairs(amounts) do
+  local second = first + i - 1
+  if amount and second + 1 > since then
+    local value = tonumber(amount)
+    total = total + value
+    if oldest == '' and value > 0 then oldest = tostring(second + 1) end
+  end
 end
-return {'ok', tostring(total), ids[2] or ''}
+return {'ok', tostring(total), oldest}
 """
 )
 
@@ -142,25 +156,15 @@ local g = p .. 'g:' .. node
 for _, op in ipairs(cjson.decode(ARGV[4])) do
   local kind = op[1]
   if kind == 'w' then
-    local z, a = p .. 'w:' .. op[2], p .. 'wa:' .. op[2]
-    redis.call('ZADD', z, op[4], op[3])
-    redis.call('HSET', a, op[3], op[5])
-    redis.call('HINCRBYFLOAT', p .. 'wd', op[2] .. '\\n' .. math.floor(op[4]), op[5])
-    local old = redis.call('ZRANGEBYSCORE', z, '-inf', op[4] - 3600, 'LIMIT', 0, 50)
-    if #old > 0 then
-      redis.call('ZREM', z, unpack(old))
-      redis.call('HDEL', a, unpack(old))
+    local w = p .. 'w:' .. op[2]
+    redis.call('HINCRBYFLOAT', w, op[3], op[4])
+    redis.call('HINCRBYFLOAT', p .. 'wd', op[2] .. '\\n' .. op[3], op[4])
+    if redis.call('HLEN', w) > 180 then
+      for _, second in ipairs(redis.call('HKEYS', w)) do
+        if tonumber(second) < tonumber(op[3]) - 120 then redis.call('HDEL', w, second) end
+      end
     end
-    redis.call('EXPIRE', z, 3700)
-    redis.call('EXPIRE', a, 3700)
-  elseif kind == 'a' then
-    local a = p .. 'wa:' .. op[2]
-    local before = redis.call('HGET', a, op[3])
-    local at = redis.call('ZSCORE', p .. 'w:' .. op[2], op[3])
-    if before and at then
-      redis.call('HSET', a, op[3], op[4])
-      redis.call('HINCRBYFLOAT', p .. 'wd', op[2] .. '\\n' .. math.floor(tonumber(at)), op[4] - tonumber(before))
-    end
+    redis.call('EXPIRE', w, 120)
   elseif kind == 'p' then
     redis.call('HINCRBYFLOAT', p .. 'p', op[2], op[3])
     redis.call('SADD', p .. 'pd', op[2])
@@ -179,10 +183,8 @@ if redis.call('EXISTS', p .. 'seeded') == 1 then return 0 end
 local data = cjson.decode(ARGV[2])
 for _, row in ipairs(data[1]) do redis.call('HSET', p .. 'p', row[1], row[2]) end
 for _, row in ipairs(data[2]) do
-  redis.call('ZADD', p .. 'w:' .. row[1], row[3], row[2])
-  redis.call('HSET', p .. 'wa:' .. row[1], row[2], row[4])
-  redis.call('EXPIRE', p .. 'w:' .. row[1], 3700)
-  redis.call('EXPIRE', p .. 'wa:' .. row[1], 3700)
+  redis.call('HINCRBYFLOAT', p .. 'w:' .. row[1], row[2], row[3])
+  redis.call('EXPIRE', p .. 'w:' .. row[1], 120)
 end
 redis.call('SET', p .. 'seeded', '1')
 return 1
@@ -204,9 +206,10 @@ return {periods, windows}
 
 
 def connect(url: str, timeout: float = TIMEOUT_SECONDS) -> redis.Redis:
-    """A client whose every call gives up after `timeout` (no retries: a failure is the caller's to handle)."""
+    """A client whose every call gives up after `timeout` (no retries: a failure is the caller's to handle);
+    connecting gives up after a second at most, whatever `timeout` (a host that does not answer is down)."""
     return redis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 1.0), retry=Retry(NoBackoff(), 0)
     )
 
 
@@ -303,9 +306,10 @@ def _reason(error: BaseException) -> str:
 
 @dataclass
 class Entry:
-    """A moving window's entry as RedisCounters hands it out: its Redis member and its local twin."""
+    """A moving window's entry as RedisCounters hands it out: its second, its amount, and its local twin."""
 
-    member: str
+    second: int
+    amount: float
     local: object
 
 
@@ -331,9 +335,7 @@ class RedisCounters:
         self._levels_script = self.client.register_script(LEVELS)
         self._period_script = self.client.register_script(PERIOD)
         self._commit_script = self.client.register_script(COMMIT)
-        self._seed_script = self.client.register_script(SEED)
         self.own: dict[str, float] = {}  # this node's gauges and holds
-        self._seq = 0
         self._depth = 0
         self._ops: list[Op] = []
         self._token = ""
@@ -357,7 +359,7 @@ class RedisCounters:
                 if ops or token:
                     self._commit(ops, token)
 
-    def _fetch(self, kind: str, name: str, keys: list[str], arg: str | float) -> list[Any]:
+    def _fetch(self, kind: str, name: str, keys: list[str], *args: str | float) -> list[Any]:
         """A read script's answer. Inside a decision the first read takes the lock in the same round trip
         (no other node decides until this one has written), and what it read is kept for its later reads."""
         if (kind, name) in self._read:
@@ -366,7 +368,7 @@ class RedisCounters:
         token = (self._token or secrets.token_hex(8)) if self._depth else ""
         deadline = 0.0
         while True:
-            reply = script(keys=keys, args=[PREFIX, token, LOCK_MS, arg])
+            reply = script(keys=keys, args=[PREFIX, token, LOCK_MS, *args])
             if reply[0] != b"busy":
                 break
             deadline = deadline or time.monotonic() + LOCK_WAIT_SECONDS
@@ -403,8 +405,7 @@ class RedisCounters:
     def moving_total(self, name: str, window_seconds: float, now: float) -> tuple[float, float | None]:
         if self.health.up:
             try:
-                keys = [f"{PREFIX}w:{name}", f"{PREFIX}wa:{name}"]
-                total, oldest = self._fetch("total", name, keys, now - window_seconds)
+                total, oldest = self._fetch("total", name, [f"{PREFIX}w:{name}"], now - window_seconds, now)
                 return float(total), (float(oldest) if oldest else None)
             except redis.RedisError as e:
                 self.health.failed(e)
@@ -412,16 +413,16 @@ class RedisCounters:
 
     def moving_add(self, name: str, amount: float, now: float) -> object:
         local = self.local.moving_add(name, amount, now)
-        self._seq += 1
-        member = f"{self.node}:{self._seq}"
-        self._op(["w", name, member, now, amount])
-        return Entry(member, local)
+        self._op(["w", name, int(now), amount])
+        return Entry(int(now), amount, local)
 
     def moving_adjust(self, name: str, entry: object, amount: float) -> None:
         if not isinstance(entry, Entry):
             return
         self.local.moving_adjust(name, entry.local, amount)
-        self._op(["a", name, entry.member, amount])
+        delta, entry.amount = amount - entry.amount, amount
+        if delta:
+            self._op(["w", name, entry.second, delta])  # the second it was counted in, as MemoryCounters
 
     def period_total(self, name: str) -> float:
         if self.health.up:
@@ -471,8 +472,7 @@ class RedisCounters:
     def resync(self) -> None:
         """Redis answers (at start, or again): seed it if it is empty, replay what was counted meanwhile,
         write this node's gauges whole. Raises redis.RedisError if it stops answering again."""
-        if not self.client.exists(PREFIX + "seeded"):
-            self._seed_script(args=[PREFIX, json.dumps(self._seed_data())])
+        self.seed(self.client)
         pending, self._pending = self._pending, []
         try:
             for start in range(0, len(pending), 500):
@@ -488,6 +488,11 @@ class RedisCounters:
         pipe.set(f"{PREFIX}node:{self.node}", "1", ex=NODE_TTL_SECONDS)
         pipe.execute()
 
+    def seed(self, client: redis.Redis) -> None:
+        """Seed an empty Redis from the database (the keeper does it off the loop before the loop resyncs)."""
+        if not client.exists(PREFIX + "seeded"):
+            client.eval(SEED, 0, PREFIX, json.dumps(self._seed_data()))
+
     def _seed_data(self) -> list[list[list[Any]]]:
         """The database's totals and last hour's windows (what the lease holder last copied there)."""
         if self.db_path is None:
@@ -496,10 +501,10 @@ class RedisCounters:
         try:
             periods = [[name, value] for name, value in conn.execute("SELECT name, value FROM limit_counters")]
             windows = [
-                [name, f"seed:{second}", second + 1.0, amount]
+                [name, second, amount]
                 for name, second, amount in conn.execute(
                     "SELECT name, second, amount FROM limit_windows WHERE second > ?",
-                    (int(time.time()) - sqlite_counters.MOVING_KEEP_SECONDS,),
+                    (int(time.time()) - SEED_WINDOW_SECONDS,),
                 )
             ]
         finally:
@@ -793,6 +798,16 @@ class RedisLink:
         if self._resuming.is_set():
             return
         self._resuming.set()
+        try:  # the heavy part, off the loop: an empty Redis (restarted without persistence) is seeded first
+            seeder = connect(self.health.url, SEED_TIMEOUT_SECONDS)
+            try:
+                self.counters.seed(seeder)
+            finally:
+                seeder.close()
+        except redis.RedisError as e:
+            self._resuming.clear()
+            self.health.failed(e)
+            return
         if self.loop is None:
             self._resync()
             return
@@ -927,7 +942,12 @@ def open_redis(url: str, db_path: Path, local: MemoryCounters) -> tuple[RedisHea
     counters = RedisCounters(health, local, db_path, node)
     link = RedisLink(health, counters, db_path, node)
     try:
-        counters.client.ping()
+        seeder = connect(url, SEED_TIMEOUT_SECONDS)
+        try:
+            seeder.ping()
+            counters.seed(seeder)  # an empty Redis: the database's totals, however long that takes
+        finally:
+            seeder.close()
         counters.resync()
         health.recovered()
         log.info("sharing limits, key states and admin changes through Redis at %s", health.shown)

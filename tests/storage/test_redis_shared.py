@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from core.limits import ClientPolicy, Governor, Refusal, Ticket
+from core.limits import ClientPolicy, Governor, Refusal, Ticket, estimate_tokens
 from core.models import KeyState, KeyStateChange
 from core.pool import Rested
 from storage import db, redis_shared
@@ -238,3 +238,46 @@ def test_a_password_in_the_url_is_never_shown():
     assert masked_url("redis://:s3cret@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
     assert masked_url("redis://user:s3cret@host/1") == "redis://user:***@host/1"
     assert masked_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_a_lock_left_by_a_dead_node_refuses_briefly_then_expires(nodes, redis_server: RedisServer):
+    node = nodes()
+    client = redis_shared.connect(redis_server.url)
+    client.set(redis_shared.PREFIX + "lock", "a-node-that-died", px=redis_shared.LOCK_MS)
+    policy = ClientPolicy(rpm=5)
+    started = time.monotonic()
+    refused = node.governor.admit("a", 1, policy, None, b"", None, NOW)
+    assert isinstance(refused, Refusal) and refused.code == "limits_unavailable"  # a 503 with Retry-After
+    assert time.monotonic() - started < 1  # waited LOCK_WAIT_SECONDS, not for ever
+    assert node.health.up  # a busy lock is not an outage
+    wait_for(lambda: not client.exists(redis_shared.PREFIX + "lock"), 2, what="the lock expired")
+    assert isinstance(node.governor.admit("b", 1, policy, None, b"", None, NOW), Ticket)
+    client.close()
+
+
+def test_an_emptied_redis_is_seeded_again_by_the_next_heartbeat(nodes, redis_server: RedisServer, database: Path):
+    conn = db.connect(database)
+    with conn:
+        conn.execute("INSERT INTO limit_counters (name, value, updated_at) VALUES ('spend:3:tokens:day:x', 70, 0)")
+    conn.close()
+    node = nodes()
+    assert node.counters.period_total("spend:3:tokens:day:x") == 70
+    client = redis_shared.connect(redis_server.url)
+    client.flushall()  # an operator, or a restart the node never saw
+    node.link._heartbeat(client)
+    wait_for(lambda: client.exists(redis_shared.PREFIX + "seeded"), what="seeded again")
+    assert node.counters.period_total("spend:3:tokens:day:x") == 70
+    client.close()
+
+
+def test_a_token_window_is_settled_to_what_upstream_reported_and_empties_after_a_minute(nodes):
+    a, b = nodes().governor, nodes().governor
+    policy = ClientPolicy(tpm=1000)
+    body = b'{"max_tokens": 400}'
+    now = time.time()
+    assert isinstance(a.admit("x", 4, policy, None, body, None, now), Ticket)
+    assert b.counters.moving_total("tpm:4", 60, now)[0] == estimate_tokens(body)  # the estimate, held
+    a.settle("x", {"total_tokens": 30}, None, now + 1)
+    assert b.counters.moving_total("tpm:4", 60, now + 1)[0] == 30  # settled, seen by the other node
+    assert b.counters.moving_total("tpm:4", 60, now + 59.99)[0] == 30  # never leaves before its minute
+    assert b.counters.moving_total("tpm:4", 60, now + 62)[0] == 0

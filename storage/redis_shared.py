@@ -764,8 +764,10 @@ class RedisLink:
         next_beat = next_flush = next_status = 0.0
         next_purge = time.monotonic() + sqlite_counters.PURGE_SECONDS
         try:
-            while not self._stop.wait(0.1):
+            wait = 0.1
+            while not self._stop.wait(wait):
                 now = time.monotonic()
+                wait = 0.1  # while Redis is down (it is tried every RETRY_SECONDS); else until the next task
                 try:
                     if not self.health.up:
                         client.ping()
@@ -790,6 +792,8 @@ class RedisLink:
                 if now >= next_status:
                     next_status = now + STATUS_SECONDS
                     self.health.write_status()
+                if self.health.up:
+                    wait = min(RETRY_SECONDS, max(0.05, min(next_beat, next_flush, next_status) - time.monotonic()))
         finally:
             client.close()
 

@@ -188,6 +188,14 @@ class ProxyState:
                 key = self._key(item.key_id)
                 if key is None or (key.state_changed_at or 0) > item.at or key.state == "disabled":
                     continue
+                if key.state != item.state:
+                    log.info(
+                        "upstream key #%d …%s is now %s (%s), as another proxy learnt",
+                        key.id,
+                        key.last4,
+                        item.state,
+                        item.reason or "ok",
+                    )
                 key.state, key.state_reason, key.cooldown_until = item.state, item.reason, item.cooldown_until
                 key.state_changed_at = item.at
                 continue

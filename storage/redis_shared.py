@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -783,7 +784,7 @@ class RedisLink:
                             self._flush(client)
                             if now >= next_purge:  # what a single proxy's counters thread does (storage/counters.py)
                                 next_purge = now + sqlite_counters.PURGE_SECONDS
-                                self._purge()
+                                self._purge(client)
                 except redis.RedisError as e:
                     self.health.failed(e)
                     self._stop.wait(RETRY_SECONDS)
@@ -855,13 +856,17 @@ class RedisLink:
             return True
         return False
 
-    def _purge(self) -> None:
+    def _purge(self, client: redis.Redis) -> None:
+        """Old counters go, from the database (as one proxy's counters thread does) and from Redis."""
         assert self.db_path is not None
         conn = db.connect(self.db_path)
         try:
             sqlite_counters.purge(conn, time.time())
         finally:
             conn.close()
+        old = [name for name in client.hkeys(PREFIX + "p") if period_ended(name.decode(), time.time())]  # type: ignore[union-attr]
+        if old:
+            client.hdel(PREFIX + "p", *old)
 
     def _flush(self, client: redis.Redis) -> None:
         """Copy what changed in Redis into the database (limit_counters, limit_windows); given back on failure."""
@@ -889,6 +894,17 @@ class RedisLink:
                 pipe.hincrbyfloat(PREFIX + "wd", f"{name}\n{second}", amount)
             pipe.execute()
             raise
+
+
+def period_ended(name: str, now: float) -> bool:
+    """Whether a calendar counter (core.limits.spend_name: spend:5:usd:day:2026-12-01) ended long enough
+    ago to be dropped, as the database drops totals not updated for PERIOD_KEEP_SECONDS."""
+    period = name.rsplit(":", 1)[-1]
+    try:
+        start = datetime.strptime(period if len(period) == 10 else period + "-01", "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        return False
+    return now - start.timestamp() > sqlite_counters.PERIOD_KEEP_SECONDS + 31 * 86400
 
 
 class RedisStates:

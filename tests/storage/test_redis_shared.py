@@ -281,3 +281,15 @@ def test_a_token_window_is_settled_to_what_upstream_reported_and_empties_after_a
     assert b.counters.moving_total("tpm:4", 60, now + 1)[0] == 30  # settled, seen by the other node
     assert b.counters.moving_total("tpm:4", 60, now + 59.99)[0] == 30  # never leaves before its minute
     assert b.counters.moving_total("tpm:4", 60, now + 62)[0] == 0
+
+
+def test_the_lease_holder_drops_calendar_totals_long_ended(nodes, redis_server: RedisServer):
+    node = nodes()
+    today = node.governor.spend_names(1, time.time())
+    for name in ("spend:1:tokens:day:2020-01-01", "spend:1:usd:month:2020-01", today["day_tokens"], today["month_usd"]):
+        node.counters.period_add(name, 5)
+    client = redis_shared.connect(redis_server.url)
+    node.link._purge(client)
+    kept = {name.decode() for name in client.hkeys(redis_shared.PREFIX + "p")}
+    assert kept == {today["day_tokens"], today["month_usd"]}
+    client.close()

@@ -164,6 +164,26 @@ def _otlp_headers(value: Any) -> str:
     return ",".join(pairs)
 
 
+def _optional_redis_url(value: Any) -> str:
+    """A Redis server's URL (redis://, rediss:// or unix://), or empty: no Redis (docs/redis.md)."""
+    if value in ("", None):
+        return ""
+    url = _text(value)
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL, like redis://127.0.0.1:6379/0")
+    return url
+
+
+def masked_url(url: str) -> str:
+    """`url` as it may be shown or logged: a password in it replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    return parts._replace(netloc=f"{user}***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")).geturl()
+
+
 def setting[T](default: T, check: Callable[[Any], T], secret: bool = False, help: str = "") -> T:
     """A field of a settings section: its default, and the check that turns a raw value into it.
     A secret's value is never repeated in an error. `help`: the one line its addon option shows
@@ -198,6 +218,11 @@ class UISettings:
 @dataclass(frozen=True)
 class StorageSettings:
     path: str = setting("data/keyrotor.db", _text)
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = setting("", _optional_redis_url, secret=True)  # docs/redis.md
 
 
 @dataclass(frozen=True)
@@ -317,6 +342,7 @@ class Settings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     ui: UISettings = field(default_factory=UISettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
     keypool: KeyPoolSettings = field(default_factory=KeyPoolSettings)
     capture: CaptureSettings = field(default_factory=CaptureSettings)
     access: AccessSettings = field(default_factory=AccessSettings)
@@ -345,6 +371,7 @@ SECTIONS: dict[str, type] = {
     "proxy": ProxySettings,
     "ui": UISettings,
     "storage": StorageSettings,
+    "redis": RedisSettings,
     "keypool": KeyPoolSettings,
     "capture": CaptureSettings,
     "access": AccessSettings,

@@ -28,9 +28,9 @@ from mitmproxy.addonmanager import Loader
 from core import ports
 from core.limits import Governor
 from core.state import ProxyState
-from storage import db, secrets, workers, writer
+from storage import db, redis_shared, secrets, workers, writer
 from storage.client_keys import SqliteClientStore
-from storage.counters import SqliteCounters
+from storage.counters import MemoryCounters, SqliteCounters
 from storage.objects import SqliteObjectOwners
 from storage.routes import SqliteRouteStore
 from storage.upstream_keys import SqliteKeyStore
@@ -91,6 +91,7 @@ class Runtime:
         self.path: Path | None = None
         self._watcher: asyncio.Task | None = None
         self._in_flight: asyncio.Task | None = None  # with workers: tells the others this one's requests in flight
+        self._nudge = asyncio.Event()  # set when Redis announces an admin change: reload now, not at the next poll
 
     def load(self, loader: Loader) -> None:
         # Set by the supervisor of `run.py proxy --workers N` (cli/workers.py) on each worker it starts.
@@ -123,7 +124,15 @@ class Runtime:
         if self.backend.counters is not None:
             self.governor.counters = self.backend.counters
         link = self.backend.link if isinstance(self.backend, SqliteBackend) else None
-        if link is not None and isinstance(self.backend.counters, workers.SharedCounters):
+        if isinstance(link, redis_shared.RedisLink) and isinstance(self.backend.counters, redis_shared.RedisCounters):
+            # Nodes (and workers) share through Redis: key states and rests go to the others, and theirs come in.
+            states = redis_shared.RedisStates(self.writer, link)
+            self.state.states, self.state.rests = states, states
+            self.governor.reserved = redis_shared.RedisHolds(self.backend.counters)
+            link.deliver = lambda learnt: self.state.absorb(learnt, time.time())
+            link.deliver_in_flight = self.state.absorb_in_flight
+            link.deliver_revision = lambda: self._nudge.set()
+        elif isinstance(link, workers.WorkerLink) and isinstance(self.backend.counters, workers.SharedCounters):
             # Workers: key states and rests also go to the other workers, and they are told theirs.
             shared = workers.SharedStates(self.writer, link)
             self.state.states, self.state.rests = shared, shared
@@ -137,11 +146,13 @@ class Runtime:
             self.backend.link.loop = asyncio.get_running_loop()
         self.backend.start()
         if self.backend.revisions is not None:
-            self._watcher = asyncio.create_task(self.state.watch(self.backend.revisions))
+            redis = isinstance(self.backend, SqliteBackend) and isinstance(self.backend.link, redis_shared.RedisLink)
+            nudge = self._nudge if redis else None  # Redis announces admin changes; the poll stays the fallback
+            self._watcher = asyncio.create_task(self.state.watch(self.backend.revisions, nudge))
         if isinstance(self.backend, SqliteBackend) and self.backend.link is not None:
             self._in_flight = asyncio.create_task(self._tell_in_flight(self.backend.link))
 
-    async def _tell_in_flight(self, link: workers.WorkerLink) -> None:
+    async def _tell_in_flight(self, link: workers.WorkerLink | redis_shared.RedisLink) -> None:
         """With workers and least_used: this worker's requests in flight per key, for the others to count.
 
         Other strategies look again every second only: a wake-up every POLL_SECONDS cost an idle
@@ -192,22 +203,34 @@ class SqliteAdminKeys:
 
 
 class SqliteBackend:
-    """storage/'s implementations of core's ports, for one SQLite database."""
+    """storage/'s implementations of core's ports, for one SQLite database; with `redis_url`, what nodes
+    share (client limits, key states, rests, admin changes) goes through Redis (storage/redis_shared.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, redis_url: str = "") -> None:
         self.writer = writer.Writer()  # the one write connection; its path is set by open()
         self.admin_keys = SqliteAdminKeys()
-        self.counters: SqliteCounters | workers.SharedCounters | None = None
+        self.counters: SqliteCounters | workers.SharedCounters | redis_shared.RedisCounters | None = None
         self.revisions: db.RevisionReader | None = None
         self.path: Path | None = None
         self.worker: int | None = None  # with workers, this one's index: what they share is storage/workers.py's
-        self.link: workers.WorkerLink | None = None
+        self.link: workers.WorkerLink | redis_shared.RedisLink | None = None
+        self.redis_url = redis_url
         self._running = False
 
     def open(self, path: Path) -> None:
         self._close()
         self.path = self.admin_keys.path = path
-        if self.worker is None:
+        if self.redis_url:
+            # Workers too are nodes then: Redis is what they share (docs/redis.md), not the .workers file.
+            local = MemoryCounters()  # this node's view while Redis is away, from the database's totals
+            conn = db.connect(path, readonly=True)
+            try:
+                local.restore(conn, time.time())
+            finally:
+                conn.close()
+            _, self.counters, self.link = redis_shared.open_redis(self.redis_url, path, local)
+            redis_shared.announce_revisions(self.redis_url)
+        elif self.worker is None:
             self.counters = SqliteCounters(path)
         else:
             self.counters = workers.SharedCounters(workers.path_of(path), self.worker)

@@ -8,6 +8,10 @@ same run: what routing by model costs against the one default group. With --limi
 also counts keyrotor with the bench client given every client limit (models, groups, RPM,
 TPM, parallel, daily and monthly token and cost budgets, expiry, IPs; none of them reached),
 plus [access] ip_rpm: what client governance costs against the same client with none.
+With --redis it also counts keyrotor sharing through Redis ([redis] url, docs/redis.md; its own
+redis-server on a free port): without limits (every request's spend still goes to Redis when it
+settles) and, with --limits, with every limit (admission and settlement by Lua scripts). Redis's
+own CPU is not in the count: the instructions are the proxy's.
 With --streams N it also counts N streamed chat completions (the fake upstream's 5 content
 chunks, its usage chunk asked for by keyrotor) through bare mitmdump with stream_large_bodies=1
 (so it streams them too, the like-for-like baseline) and through keyrotor, per stream.
@@ -171,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--otel", action="store_true", help="also count with otel.endpoint set, exporting to a local OTLP/HTTP sink"
     )
+    parser.add_argument("--redis", action="store_true", help="also count with [redis] url set (docs/redis.md)")
     args = parser.parse_args(argv)
+    redis_server = None
     args.verbose_proxies = False
     env = Environment(args)
     try:
@@ -193,12 +199,27 @@ def main(argv: list[str] | None = None) -> int:
             add_routes(env.db_path, upstream, *args.routes, model=BODY["model"])
             label = "keyrotor-routes"
             counts[label] = count_instructions(env, "keyrotor", upstream, args.requests, args.warmup, label)
+        if args.redis:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            from tests.services import start_redis
+
+            redis_server = start_redis()
+            env.proxy_env["KEYROTOR_REDIS_URL"] = redis_server.url
+            counts["keyrotor-redis"] = count_instructions(
+                env, "keyrotor", upstream, args.requests, args.warmup, "keyrotor-redis"
+            )
+            del env.proxy_env["KEYROTOR_REDIS_URL"]
         if args.limits:
             set_every_limit(env.db_path, "bench")
             env.proxy_env["KEYROTOR_ACCESS_IP_RPM"] = "100000000"
             counts["keyrotor-limits"] = count_instructions(
                 env, "keyrotor", upstream, args.requests, args.warmup, "keyrotor-limits"
             )
+            if redis_server is not None:
+                env.proxy_env["KEYROTOR_REDIS_URL"] = redis_server.url
+                counts["keyrotor-limits-redis"] = count_instructions(
+                    env, "keyrotor", upstream, args.requests, args.warmup, "keyrotor-limits-redis"
+                )
         for kind, count in counts.items():
             print(f"{kind:<15} {count:7.3f} M instructions/request")
         print(
@@ -228,12 +249,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"limits          {limited / chain:7.3f}x the same client with none"
                 f" (+{limited - chain:.3f} M, {100 * (limited - chain) / chain:.1f} % of the chain; target < 5 %)"
             )
+        if args.redis:
+            chain = counts["keyrotor"]
+            print(f"redis           {counts['keyrotor-redis'] / chain:7.3f}x the same chain without Redis (no limits)")
+            if args.limits:
+                limited = counts["keyrotor-limits"]
+                print(f"limits+redis    {counts['keyrotor-limits-redis'] / limited:7.3f}x every limit without Redis")
         return 0
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
     finally:
         env.close()
+        if redis_server is not None:
+            redis_server.close()
 
 
 if __name__ == "__main__":

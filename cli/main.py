@@ -74,6 +74,10 @@ def main(argv: list[str]) -> int:
         audit.set_actor(audit.Actor(audit.CLI))  # every change this command makes is the CLI's, in the audit log
     try:
         settings = settings_from(args)
+        if settings.redis.url:  # admin changes this command makes reach every proxy node at once (docs/redis.md)
+            from storage import redis_shared
+
+            redis_shared.announce_revisions(settings.redis.url)
         if args.command not in OWN_STORAGE:
             prepare_storage(settings)
         return COMMANDS[args.command](args, settings)

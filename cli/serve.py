@@ -68,6 +68,10 @@ def worker_options(settings: Settings, index: int) -> list[str]:
 
 
 def proxy(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.redis.url:
+        # The proxy's script reads its other settings itself (addons/keyrotor.py): the resolved URL goes to
+        # it (and to workers) in the environment, never on a command line, where any user could read it.
+        os.environ["KEYROTOR_REDIS_URL"] = settings.redis.url
     if args.worker_index is None and settings["proxy.workers"] > 1:
         from cli import workers
 

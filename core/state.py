@@ -9,6 +9,7 @@ Nothing on the hot path touches storage.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -88,9 +89,10 @@ class ProxyState:
         """The watched revisions as the snapshot holds them."""
         return tuple(self._loaded.get(name, -1) for name in WATCHED)
 
-    async def watch(self, revisions: Revisions) -> None:
-        """Reload what admin changes touch, for as long as the proxy runs (the process's one poller)."""
-        await watch_revision(revisions, WATCHED, self.read, self.revisions(), self.apply)
+    async def watch(self, revisions: Revisions, nudge: asyncio.Event | None = None) -> None:
+        """Reload what admin changes touch, for as long as the proxy runs (the process's one poller);
+        `nudge`: set when another process announces a change (core/revisions.py)."""
+        await watch_revision(revisions, WATCHED, self.read, self.revisions(), self.apply, nudge)
 
     # ------------------------------------------------------------------ reading (a worker thread)
 
@@ -186,6 +188,14 @@ class ProxyState:
                 key = self._key(item.key_id)
                 if key is None or (key.state_changed_at or 0) > item.at or key.state == "disabled":
                     continue
+                if key.state != item.state:
+                    log.info(
+                        "upstream key #%d …%s is now %s (%s), as another proxy learnt",
+                        key.id,
+                        key.last4,
+                        item.state,
+                        item.reason or "ok",
+                    )
                 key.state, key.state_reason, key.cooldown_until = item.state, item.reason, item.cooldown_until
                 key.state_changed_at = item.at
                 continue

@@ -44,6 +44,7 @@ from monitor_ui.routes import (
 )
 from monitor_ui.trace_listener import listener_for
 from storage import audit as audit_log
+from storage import redis_shared
 
 HERE = Path(__file__).parent
 # Pages and their JSON twins under /api/ never share a path, so each area's two routers go in side by side.
@@ -168,7 +169,9 @@ def create_app(settings: Settings, check_alerts: bool = True) -> FastAPI:
         proxy_url=f"http://{settings['proxy.host']}:{settings['proxy.port']}",
         metrics_token=settings["ui.metrics_token"],
         trusted_proxies=parse_networks(settings["ui.trusted_proxies"]),
+        redis_url=settings.redis.url,
     )
+    redis_shared.announce_revisions(settings.redis.url)  # admin changes reach the nodes at once
     app.state.config = settings  # for what the UI sends through the proxy (monitor_ui/through_proxy.py)
     app.state.signer = SessionSigner(settings.storage_path)
     app.state.templates = templates

@@ -39,6 +39,7 @@ class UiSettings:
     proxy_url: str  # where clients send requests: what "copy as curl" points at
     metrics_token: str  # ui.metrics_token; "" for none
     trusted_proxies: tuple[Network, ...] = ()  # ui.trusted_proxies: whose X-Forwarded-For is believed
+    redis_url: str = ""  # redis.url: the dashboard and /metrics say whether the nodes reach it (docs/redis.md)
 
 
 def get_settings(request: Request) -> UiSettings:

@@ -344,6 +344,16 @@ class CaptureHealth(Shape):
     last_drop_reason: str | None
 
 
+class RedisHealthShape(Shape):
+    """Redis as the UI and the nodes see it; absent without [redis] url (docs/redis.md)."""
+
+    up: bool
+    error: str | None
+    errors: int
+    nodes_down: int
+    down_since: Number | None
+
+
 class TimeRangeShape(Shape):
     name: str  # 1h, 24h, 7d, 30d or custom
     label: str
@@ -396,6 +406,7 @@ class Dashboard(Shape):
     keys_by_state: dict[str, int]
     refusals: dict[str, int]  # last 24 hours, by reason
     capture: CaptureHealth
+    redis: RedisHealthShape | None = None
 
 
 # --------------------------------------------------------------------------- flows and audit

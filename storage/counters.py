@@ -93,6 +93,10 @@ class MemoryCounters:
     def period_total(self, name: str) -> float:
         return self._periods.get(name, 0.0)
 
+    def set_period(self, name: str, value: float) -> None:
+        """A total as the shared counters hold it (storage/redis_shared.py): not a change of this process's."""
+        self._periods[name] = value
+
     def period_add(self, name: str, amount: float) -> None:
         with self._lock:
             self._periods[name] = self._periods.get(name, 0.0) + amount
@@ -188,22 +192,28 @@ class SqliteCounters(MemoryCounters):
         periods, windows = self.take_changes()
         if not periods and not windows:
             return
-        now = time.time()
         try:
-            with conn:
-                conn.executemany(
-                    "INSERT INTO limit_counters (name, value, updated_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                    [(name, value, now) for name, value in periods],
-                )
-                conn.executemany(
-                    "INSERT INTO limit_windows (name, second, amount) VALUES (?, ?, ?)"
-                    " ON CONFLICT (name, second) DO UPDATE SET amount = amount + excluded.amount",
-                    windows,
-                )
+            save(conn, periods, windows, time.time())
         except sqlite3.Error:
             self.give_back(periods, windows)
             raise
+
+
+def save(
+    conn: sqlite3.Connection, periods: list[tuple[str, float]], windows: list[tuple[str, int, float]], now: float
+) -> None:
+    """Calendar totals (replaced) and amounts added to moving windows per second, in one transaction."""
+    with conn:
+        conn.executemany(
+            "INSERT INTO limit_counters (name, value, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            [(name, value, now) for name, value in periods],
+        )
+        conn.executemany(
+            "INSERT INTO limit_windows (name, second, amount) VALUES (?, ?, ?)"
+            " ON CONFLICT (name, second) DO UPDATE SET amount = amount + excluded.amount",
+            windows,
+        )
 
 
 def purge(conn: sqlite3.Connection, now: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from storage import schema
@@ -84,11 +85,18 @@ def read_revision(conn: sqlite3.Connection, name: str) -> int:
     return row[0] if row else 0
 
 
+# Called with the name of every revision bumped in this process: with [redis] url, a publisher that
+# tells every proxy node at once (storage/redis_shared.py RevisionPublisher); their poll is the fallback.
+revision_announcers: list[Callable[[str], None]] = []
+
+
 def bump_revision(conn: sqlite3.Connection, name: str) -> None:
     conn.execute(
         "INSERT INTO revisions (name, value) VALUES (?, 1) ON CONFLICT(name) DO UPDATE SET value = value + 1",
         (name,),
     )
+    for announce in revision_announcers:
+        announce(name)
 
 
 class ConnectionRevisions:

@@ -217,7 +217,7 @@ def test_proxy_workers_takes_a_number_or_auto_for_every_core(value, workers):
 
 
 def test_the_table_covers_every_setting():
-    secrets = {"ui.metrics_token", "alerts.webhook_url", "otel.headers"}  # see below
+    secrets = {"ui.metrics_token", "alerts.webhook_url", "otel.headers", "redis.url"}  # see below
     assert {name for name, _, _ in BAD_VALUES} | secrets == set(BY_NAME)
     addon_settings = {name for name in BY_NAME if name.split(".")[0] in ADDON_OF or name in ADDON_OF}
     assert {s.name for s in ADDON_SETTINGS} == addon_settings
@@ -279,6 +279,18 @@ def test_a_secret_is_not_repeated_in_its_sentence():
     with pytest.raises(ConfigError) as raised:
         load_settings(environ={"KEYROTOR_UI_METRICS_TOKEN": "   "})
     assert str(raised.value) == "ui.metrics_token must be a non-empty string (from KEYROTOR_UI_METRICS_TOKEN)."
+
+
+def test_a_bad_redis_url_is_not_repeated_and_a_good_one_is_kept():
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"KEYROTOR_REDIS_URL": "http://:s3cret@cache:6379"})
+    assert str(raised.value) == (
+        "redis.url must be a redis://, rediss:// or unix:// URL, like redis://127.0.0.1:6379/0"
+        " (from KEYROTOR_REDIS_URL)."
+    )
+    url = "redis://:s3cret@cache:6379/0"
+    assert load_settings(environ={"KEYROTOR_REDIS_URL": url}).redis.url == url
+    assert load_settings(environ={}).redis.url == ""  # no Redis unless asked
 
 
 def test_a_bad_webhook_url_is_not_repeated_and_budget_percents_read_as_a_list(tmp_path):

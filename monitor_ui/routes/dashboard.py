@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -17,7 +18,7 @@ from monitor_ui.deps import AdminApi, AdminPage, Conn, PageOf, Settings
 from monitor_ui.filters import parse_time, query_link
 from monitor_ui.names import names_for, route_names
 from monitor_ui.ranges import RANGE_NAMES, TimeRange, time_range
-from storage import alerts, capture_status, outcomes, rollups, upstream_keys
+from storage import alerts, capture_status, outcomes, redis_shared, rollups, upstream_keys
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"])
 api = APIRouter(prefix="/api/dashboard", tags=["dashboard"])
@@ -293,6 +294,7 @@ def read_dashboard(
     chosen = {"range": range_name or "", "since": since or "", "until": until or "", "spend_by": spend_by}
     shown = _range(range_name, since, until, now)
     data = dashboard_data(conn, now, capture_status.read(settings.db_path), shown)
+    data["redis"] = redis_shared.view(settings.redis_url, settings.db_path, now)
     _, ranged, spend_first, spend_buckets = data.pop("_charts")
     unit, label = _unit(shown), shown.label
     start, step, count = shown.start, shown.step, shown.count
@@ -334,4 +336,7 @@ def read_dashboard_json(
     now = time.time()
     data = dashboard_data(conn, now, capture_status.read(settings.db_path), _range(range_name, since, until, now))
     data.pop("_charts")
+    redis = redis_shared.view(settings.redis_url, settings.db_path, now)
+    if redis is not None:
+        data["redis"] = asdict(redis)
     return data

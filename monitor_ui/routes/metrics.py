@@ -12,7 +12,7 @@ from fastapi.responses import PlainTextResponse
 from monitor_ui.auth import SESSION_COOKIE
 from monitor_ui.deps import Conn, Settings, Signer, Throttle, UiSettings, admin_key_checked
 from monitor_ui.names import key_label, route_names
-from storage import audit, capture_status, client_keys, outcomes, rollups, upstream_keys
+from storage import audit, capture_status, client_keys, outcomes, redis_shared, rollups, upstream_keys
 
 router = APIRouter(prefix="/metrics", tags=["metrics"])
 
@@ -40,7 +40,12 @@ def _labels(**labels: object) -> str:
     return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
 
 
-def render_metrics(conn, status: capture_status.CaptureStatus | None = None, now: float = 0.0) -> str:
+def render_metrics(
+    conn,
+    status: capture_status.CaptureStatus | None = None,
+    now: float = 0.0,
+    redis: redis_shared.RedisView | None = None,
+) -> str:
     lines = []
 
     def family(name: str, kind: str, text: str) -> None:
@@ -113,6 +118,13 @@ def render_metrics(conn, status: capture_status.CaptureStatus | None = None, now
     lines.append(f"keyrotor_capture_waiting {status.waiting if failing else 0}")
     family("keyrotor_capture_failing", "gauge", "1 while the proxy cannot write to the database.")
     lines.append(f"keyrotor_capture_failing {int(failing)}")
+    if redis is not None:  # [redis] url is set (docs/redis.md)
+        family("keyrotor_redis_up", "gauge", "1 while Redis answers the UI and every node; 0 while nodes count alone.")
+        lines.append(f"keyrotor_redis_up {int(redis.up)}")
+        family("keyrotor_redis_errors_total", "counter", "Failed Redis calls, summed over the running nodes.")
+        lines.append(f"keyrotor_redis_errors_total {redis.errors}")
+        family("keyrotor_redis_nodes_down", "gauge", "Running nodes that cannot reach Redis (on their local view).")
+        lines.append(f"keyrotor_redis_nodes_down {redis.nodes_down}")
     return "\n".join(lines) + "\n"
 
 
@@ -137,4 +149,6 @@ async def read_metrics(
 
 def _metrics(conn, settings: UiSettings) -> PlainTextResponse:
     status = capture_status.read(settings.db_path)
-    return PlainTextResponse(render_metrics(conn, status, time.time()), media_type="text/plain; version=0.0.4")
+    now = time.time()
+    redis = redis_shared.view(settings.redis_url, settings.db_path, now)
+    return PlainTextResponse(render_metrics(conn, status, now, redis), media_type="text/plain; version=0.0.4")

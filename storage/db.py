@@ -6,13 +6,30 @@ import os
 import sqlite3
 from pathlib import Path
 
-from storage import schema
+from storage import pg, schema
 
 BUSY_TIMEOUT_MS = 5000
+
+# Set by the composition roots (addons/runtime.py, monitor_ui/app.py, the CLI) when
+# `storage.url` names a PostgreSQL database: every connection this process opens goes there.
+# The path stays what secrets and the capture status file are kept beside.
+_postgres_url: str | None = None
+
+
+def use_postgres(url: str | None) -> None:
+    """Keep this process's data in PostgreSQL at `url` ("" or None: the SQLite file at the path)."""
+    global _postgres_url
+    _postgres_url = url or None
+
+
+def postgres_url() -> str | None:
+    return _postgres_url
 
 
 def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
     """Open a connection with the pragmas every keyrotor connection needs."""
+    if _postgres_url is not None or pg.is_url(path):
+        return pg.connect(str(path) if pg.is_url(path) else _postgres_url, readonly)  # type: ignore[arg-type, return-value]
     if readonly:
         conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, check_same_thread=False)
     else:
@@ -35,6 +52,9 @@ def ensure_database(path: str | Path) -> None:
     Raises DatabaseUnusable when it cannot be written: read-only, on a read-only or full
     file system, in a directory keyrotor may not write to, or not a database at all.
     """
+    if _postgres_url is not None or pg.is_url(path):
+        ensure_postgres(str(path) if pg.is_url(path) else _postgres_url, None if pg.is_url(path) else Path(path))  # type: ignore[arg-type]
+        return
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +79,24 @@ def ensure_database(path: str | Path) -> None:
             conn.close()
     except sqlite3.DatabaseError as e:
         raise DatabaseUnusable(unusable_reason(path, e)) from None
+
+
+def ensure_postgres(url: str, beside: Path | None = None) -> None:
+    """Bring the PostgreSQL database's schema up to date; `beside`'s directory holds the secrets files."""
+    from storage import pg_schema
+
+    if beside is not None:
+        try:
+            beside.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatabaseUnusable(f"cannot create the directory {beside.parent}: {e.strerror}.") from None
+    conn = pg.connect(url)
+    try:
+        pg_schema.migrate(conn)
+    except sqlite3.Error as e:
+        raise DatabaseUnusable(f"the PostgreSQL database {pg.redact(url)} cannot be used: {e}") from None
+    finally:
+        conn.close()
 
 
 def unusable_reason(path: Path, error: sqlite3.DatabaseError) -> str:

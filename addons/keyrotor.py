@@ -86,7 +86,8 @@ try:
 except ConfigError as e:
     raise SystemExit(f"keyrotor: {e}") from None
 
-_runtime = Runtime()  # storage's ports, the state snapshot, the writer, the Governor: one each
+# storage's ports (SQLite, or PostgreSQL with storage.url), the state snapshot, the writer, the Governor: one each
+_runtime = Runtime(storage_url=_settings.storage.url)
 _sender = CredentialSender()  # the key pool's: it puts the pool's keys on the wire
 _streamer = RetryStream(_sender)  # the key pool's: it feeds a retried stream to the client as it comes
 _state, _writer, _governor = _runtime.state, _runtime.writer, _runtime.governor

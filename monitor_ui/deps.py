@@ -41,6 +41,11 @@ class UiSettings:
     trusted_proxies: tuple[Network, ...] = ()  # ui.trusted_proxies: whose X-Forwarded-For is believed
 
 
+def use_storage(settings: config.Settings) -> None:
+    """The UI's database: SQLite at storage.path, or PostgreSQL at storage.url (every connection it opens)."""
+    db.use_postgres(settings.storage.url or None)
+
+
 def get_settings(request: Request) -> UiSettings:
     return request.app.state.settings
 

@@ -26,6 +26,11 @@ def postgres_url() -> str | None:
     return _postgres_url
 
 
+def where(path: str | Path) -> str:
+    """Where this process's data is, as messages may name it: the path, or the URL without its password."""
+    return pg.redact(_postgres_url) if _postgres_url is not None else str(path)
+
+
 def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
     """Open a connection with the pragmas every keyrotor connection needs."""
     if _postgres_url is not None or pg.is_url(path):
@@ -144,6 +149,46 @@ def inserted_id(cursor: sqlite3.Cursor) -> int:
     if cursor.lastrowid is None:  # only before any INSERT on this cursor
         raise sqlite3.InterfaceError("no row was inserted")
     return cursor.lastrowid
+
+
+class PolledRevisions:
+    """core.ports.Revisions for a database across a network (PostgreSQL): a thread of its own reads
+    them every POLL_SECONDS; the event loop's read_all only takes the last values read."""
+
+    POLL_SECONDS = 0.1
+
+    def __init__(self, path: str | Path) -> None:
+        import threading
+
+        self._path = path
+        self._names: tuple[str, ...] = ()
+        self._values: tuple[int, ...] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="keyrotor-revisions", daemon=True)
+        self._thread.start()
+
+    def read_all(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
+        if names != self._names:
+            self._names, self._values = names, None  # the thread reads these next
+        return self._values
+
+    def _run(self) -> None:
+        conn = connect(self._path)
+        try:
+            while not self._stop.wait(self.POLL_SECONDS):
+                names = self._names
+                if not names:
+                    continue
+                try:
+                    self._values = tuple(read_revision(conn, name) for name in names)
+                except sqlite3.Error:
+                    self._values = None  # unreachable for now: the proxy goes on with what it has
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 class RevisionReader:

@@ -35,6 +35,11 @@ def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
     """Open a connection with the pragmas every keyrotor connection needs."""
     if _postgres_url is not None or pg.is_url(path):
         return pg.connect(str(path) if pg.is_url(path) else _postgres_url, readonly)  # type: ignore[arg-type, return-value]
+    return connect_sqlite(path, readonly)
+
+
+def connect_sqlite(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
+    """The SQLite file at `path`, whatever storage.url says (`run.py storage copy` reads it)."""
     if readonly:
         conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, check_same_thread=False)
     else:

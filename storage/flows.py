@@ -405,6 +405,11 @@ def tsvector_text(words: Iterable[str]) -> str:
     return " ".join(out)
 
 
+def document_of(texts: Iterable[str | None]) -> str:
+    """A flow's full-text entry on PostgreSQL (flows_fts.document): path, model and both bodies."""
+    return _tokenizer.document(texts)
+
+
 def tsquery_text(text: str) -> str | None:
     """User text as a tsquery that every flow FTS5 would match also matches: all their words' tokens."""
     words = [t for term in text.split()[:20] for t in _tokenizer.tokens(term)]

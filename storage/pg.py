@@ -198,7 +198,8 @@ def _split_top(text: str, separator: str = ",") -> list[str]:
 def _qualify_update(sql: str, table: str, columns: frozenset[str]) -> str:
     """In ON CONFLICT … DO UPDATE SET, SQLite reads a bare column as the stored row's: PostgreSQL names the table."""
     match = re.search(r"\bDO\s+UPDATE\s+SET\b", sql, re.IGNORECASE)
-    assert match is not None
+    if match is None or not columns:  # not one of the schema's tables: written for PostgreSQL already
+        return sql
     head, body = sql[: match.end()], sql[match.end() :]
     where = re.search(r"\b(WHERE|RETURNING)\b", body, re.IGNORECASE)
     tail = ""

@@ -369,8 +369,12 @@ class _Tokenizer(threading.local):
 
     def document(self, texts: Iterable[str | None]) -> str:
         """The distinct words FTS5 would index in `texts`, as PostgreSQL's tsvector reads them."""
+        text = "\n".join(t for t in texts if t)
+        if text.isascii():
+            # In ASCII, FTS5's unicode61 tokens are exactly the runs of letters and digits, folded to lower case.
+            return tsvector_text(sorted(set(_ASCII_TOKEN.findall(text.lower()))), plain=True)
         with self.conn:
-            self.conn.execute("INSERT INTO words (rowid, w) VALUES (1, ?)", ("\n".join(t for t in texts if t),))
+            self.conn.execute("INSERT INTO words (rowid, w) VALUES (1, ?)", (text,))
             terms = [r[0] for r in self.conn.execute("SELECT term FROM words_known")]
             self.conn.execute("DELETE FROM words")
         return tsvector_text(terms)
@@ -385,14 +389,21 @@ class _Tokenizer(threading.local):
 
 
 _tokenizer = _Tokenizer()
+_ASCII_TOKEN = re.compile("[a-z0-9]+")
 
 
 def _lexeme(word: str) -> str:
     return "'" + word.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def tsvector_text(words: Iterable[str]) -> str:
-    """Words as a tsvector literal, up to PG_DOCUMENT_BYTES (PostgreSQL refuses longer ones)."""
+def tsvector_text(words: list[str], plain: bool = False) -> str:
+    """Words as a tsvector literal, up to PG_DOCUMENT_BYTES (PostgreSQL refuses longer ones).
+
+    `plain`: the words are ASCII letters and digits, which need no quoting."""
+    if plain:
+        joined = " ".join(words)
+        if len(joined) * 2 < PG_DOCUMENT_BYTES and max(map(len, words), default=0) < 2047:  # words: a list
+            return joined
     out, size = [], 0
     for word in words:
         length = len(word.encode())
@@ -401,7 +412,7 @@ def tsvector_text(words: Iterable[str]) -> str:
         size += length + 8  # a lexeme's share of the tsvector's size, roughly
         if size > PG_DOCUMENT_BYTES:
             break
-        out.append(_lexeme(word))
+        out.append(word if plain else _lexeme(word))
     return " ".join(out)
 
 

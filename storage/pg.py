@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
-from psycopg.adapt import Dumper, Loader
+from psycopg.adapt import Dumper, Loader, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class _NumericLoader(Loader):
 
 @dataclass(frozen=True)
 class Statement:
-    text: str  # for psycopg: %s placeholders, literal % doubled
+    text: tuple[bytes, ...]  # the SQL in pieces, one placeholder between each two
     kind: str  # "dml", "read", "ddl", "begin", "begin_immediate", "commit", "rollback", "pragma"
     returns_id: bool = False  # RETURNING id added: the cursor's lastrowid
     sets_id: str | None = None  # an INSERT that gives ids itself: the table whose id sequence to move on
@@ -137,20 +137,26 @@ _WHOLE_REWRITES = [
 ]
 
 
-def _placeholders(sql: str) -> str:
-    """`?` → `%s` outside string literals and identifiers, and every `%` doubled, for psycopg."""
-    out = []
+def _placeholders(sql: str) -> tuple[bytes, ...]:
+    """The statement split at its `?` placeholders (outside string literals and identifiers):
+    the values' literals go between the pieces (Connection._query)."""
+    pieces: list[str] = [""]
     position = 0
     for match in _LITERAL.finditer(sql):
-        out.append(_code(sql[position : match.start()]))
-        out.append(match.group(0).replace("%", "%%"))
+        _code_into(pieces, sql[position : match.start()])
+        pieces[-1] += match.group(0)
         position = match.end()
-    out.append(_code(sql[position:]))
-    return "".join(out)
+    _code_into(pieces, sql[position:])
+    return tuple(piece.encode() for piece in pieces)
+
+
+def _code_into(pieces: list[str], code: str) -> None:
+    first, *rest = _code(code).split("?")
+    pieces[-1] += first
+    pieces.extend(rest)
 
 
 def _code(part: str) -> str:
-    part = part.replace("%", "%%").replace("?", "%s")
     for pattern, replacement in _CODE_REWRITES:
         part = pattern.sub(replacement, part)
     return _scalar_extremes(part)
@@ -227,13 +233,13 @@ def translate(sql: str) -> Statement:
     """One sqlite3 statement as PostgreSQL runs it; cached, so each distinct text is translated once."""
     head = sql.lstrip()[:24].upper()
     if head.startswith("PRAGMA"):
-        return Statement("", "pragma", pragma=sql.strip()[6:].strip().rstrip(";"))
+        return Statement((b"",), "pragma", pragma=sql.strip()[6:].strip().rstrip(";"))
     if head.startswith("BEGIN"):
-        return Statement("BEGIN", "begin_immediate" if "IMMEDIATE" in head or "EXCLUSIVE" in head else "begin")
+        return Statement((b"BEGIN",), "begin_immediate" if "IMMEDIATE" in head or "EXCLUSIVE" in head else "begin")
     if head.startswith(("COMMIT", "END")):
-        return Statement("COMMIT", "commit")
+        return Statement((b"COMMIT",), "commit")
     if head.startswith("ROLLBACK") and " TO " not in sql.upper():
-        return Statement("ROLLBACK", "rollback")
+        return Statement((b"ROLLBACK",), "rollback")
     for old, new in _WHOLE_REWRITES:
         sql = sql.replace(old, new)
     returns_id = False
@@ -339,6 +345,7 @@ class Connection:
         self.in_transaction = False
         self.total_changes = 0
         self.row_factory = None  # accepted and ignored: rows are always sqlite3.Row-like
+        self._literal: Any = None  # a value as an SQL literal, by the connection's adapters
 
     # The connection itself ----------------------------------------------------
 
@@ -364,6 +371,7 @@ class Connection:
             raise error from None
         pg.adapters.register_dumper(bool, _BoolAsInteger)
         pg.adapters.register_loader("numeric", _NumericLoader)
+        self._literal = Transformer(pg).as_literal
         if self.readonly:
             pg.execute("SET default_transaction_read_only = on")
         self._pg = pg
@@ -387,7 +395,7 @@ class Connection:
 
     # Statements ---------------------------------------------------------------
 
-    def execute(self, sql: str, parameters: Sequence[Any] | dict[str, Any] = ()) -> Cursor:
+    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Cursor:
         statement = translate(sql)
         kind = statement.kind
         if kind == "pragma":
@@ -405,7 +413,7 @@ class Connection:
             self._begin(immediate=False)
         pg = self._connection()
         try:
-            cursor = pg.execute(statement.text, tuple(parameters) if not isinstance(parameters, dict) else parameters)
+            cursor = pg.execute(self._query(statement.text, parameters))
             rows = cursor.fetchall() if cursor.description is not None else []
             rowcount = cursor.rowcount
             if statement.sets_id:
@@ -422,26 +430,39 @@ class Connection:
 
     def executemany(self, sql: str, seq_of_parameters: Iterable[Sequence[Any]]) -> Cursor:
         statement = translate(sql)
-        rows = [tuple(p) for p in seq_of_parameters]
+        rows = list(seq_of_parameters)
         if not rows:
             return Cursor([], 0, None, None)
         if statement.kind == "dml" and not self.in_transaction:
             self._begin(immediate=False)
         pg = self._connection()
-        text = statement.text
-        if statement.returns_id:
-            text = text[: text.rstrip().rfind(" RETURNING id")]
+        rowcount = 0
         try:
-            with pg.cursor() as cursor:
-                cursor.executemany(text, rows)
-                rowcount = cursor.rowcount
+            for parameters in rows:
+                rowcount += max(0, pg.execute(self._query(statement.text, parameters)).rowcount)
             if statement.sets_id:
                 self._move_sequence(pg, statement.sets_id)
         except psycopg.Error as e:
             raise self._failed(e) from None
-        if rowcount > 0:
-            self.total_changes += rowcount
+        self.total_changes += rowcount
         return Cursor([], rowcount, None, None)
+
+    def _query(self, pieces: tuple[bytes, ...], parameters: Sequence[Any]) -> bytes:
+        """The statement with its values written in as literals, the way psycopg's client-side
+        cursor does, without its parsing of the statement on every call (translate() split it once)."""
+        if len(parameters) != len(pieces) - 1:
+            raise sqlite3.ProgrammingError(
+                f"Incorrect number of bindings supplied. The current statement uses {len(pieces) - 1},"
+                f" and there are {len(parameters)} supplied."
+            )
+        if len(pieces) == 1:
+            return pieces[0]
+        literal = self._literal
+        out = [pieces[0]]
+        for value, piece in zip(parameters, pieces[1:], strict=True):
+            out.append(literal(value))
+            out.append(piece)
+        return b"".join(out)
 
     def _move_sequence(self, pg: psycopg.Connection[Any], table: str) -> None:
         """After ids were given explicitly, the next generated one follows the highest (as SQLite's does)."""

@@ -139,3 +139,29 @@ def test_postgresql_stopped_for_ten_seconds_loses_no_capture_and_fails_no_reques
     status = httpx.get  # noqa: F841 (the dashboard's notice: see test below)
     assert "captured flows are lost" not in on_postgres.logs()
     assert os.path.exists(on_postgres.tmp)
+
+
+def test_storage_copy_moves_an_installation_whose_keys_and_clients_then_serve_from_postgresql(
+    keyrotor: Keyrotor, postgres_url: str
+):
+    client_key = keyrotor.start_serving("sk-good-postgres-aaaaaaaaaaaaaaaaaaaa0001")
+    chat(keyrotor.base_url, client_key, "capybara before the move")
+    keyrotor.stop()  # the proxy stops before the copy
+    without_password = postgres_url.replace("keyrotor:keyrotor@", "keyrotor@")
+    keyrotor.env["PGPASSWORD"] = "keyrotor"  # libpq's own: the password stays out of the arguments
+    copied = keyrotor.cli("storage", "copy", "--to", without_password)
+    assert "flows: 1 copied, 1 in SQLite" in copied.stdout and "upstream_keys: 1 copied" in copied.stdout
+    assert copied.stdout.rstrip().splitlines()[-1].startswith("done: ")
+    again = keyrotor.cli("storage", "copy", "--to", without_password)  # nothing left: nothing twice
+    assert "flows:" not in again.stdout and again.stdout.rstrip().splitlines()[-1].startswith("done: 0 rows")
+    with_password = keyrotor.cli("storage", "copy", "--to", postgres_url)
+    assert "keyrotor:keyrotor@" not in with_password.stdout + with_password.stderr
+    assert "process list" in with_password.stderr  # told where the password shows
+
+    secret = (keyrotor.db_path.parent / (keyrotor.db_path.name + ".secret")).read_text().strip()
+    keyrotor.env.update(KEYROTOR_STORAGE_URL=postgres_url, KEYROTOR_SECRET=secret)
+    keyrotor.start_proxy()
+    chat(keyrotor.base_url, client_key, "capybara after the move")  # the copied key decrypts, the client is known
+    keyrotor.start_ui()
+    found = wait_for(lambda: len(listed(keyrotor.ui_url, q="capybara")) == 2, what="both flows in the UI")
+    assert found

@@ -633,8 +633,14 @@ def _search(
         rows, checked_down_to = _text_search(conn, f, f.q, ids, limit, selected, budget)
     if packed:
         known: dict[int, str] = {}
+        _read_parts(conn, rows, known)
         rows = [unpack_row(conn, row, known) for row in rows]
     return Page(rows, checked_down_to)
+
+
+def _read_parts(conn: sqlite3.Connection, rows: list, known: dict[int, str]) -> None:
+    """The repeated parts of all `rows` in one read, rather than one per row as each is unpacked."""
+    blobs.texts_of(conn, (ref[2] for row in rows for ref in packing.decode_refs(row["parts"])), known)
 
 
 def _legacy_range(conn: sqlite3.Connection) -> tuple[int, int] | None:
@@ -769,7 +775,8 @@ def _texts_of(conn: sqlite3.Connection, row_ids: list[int]) -> list[tuple]:
         f"SELECT id, path, model, request_body, response_body, content, parts FROM flows"
         f" WHERE id IN ({', '.join('?' * len(row_ids))})",
         row_ids,
-    )
+    ).fetchall()
+    _read_parts(conn, rows, known)
     texts = []
     for row in rows:
         plain = unpack_row(conn, row, known)

@@ -160,6 +160,21 @@ def _trace_schedule(value: Any) -> str:
     return ", ".join(entries)
 
 
+def _otlp_headers(value: Any) -> str:
+    """Headers for the OTLP collector: "name=value" pairs separated by commas (values may be
+    %-encoded), as OTEL_EXPORTER_OTLP_HEADERS takes them; kept as that one string."""
+    items = value if isinstance(value, list) else str(value or "").split(",")
+    pairs = []
+    for item in items:
+        name, equals, text = str(item).strip().partition("=")
+        if not str(item).strip():
+            continue
+        if not equals or not name.strip() or not all(c.isalnum() or c in "-_" for c in name.strip()):
+            raise ValueError('must list "name=value" headers separated by commas')
+        pairs.append(f"{name.strip()}={text.strip()}")
+    return ",".join(pairs)
+
+
 def setting[T](default: T, check: Callable[[Any], T], secret: bool = False, help: str = "") -> T:
     """A field of a settings section: its default, and the check that turns a raw value into it.
     A secret's value is never repeated in an error. `help`: the one line its addon option shows
@@ -258,6 +273,7 @@ class CaptureSettings:
 @dataclass(frozen=True)
 class AccessSettings:
     ip_rpm: int = setting(0, _non_negative_integer)
+    trusted_proxies: str = setting("", _networks)  # whose X-Forwarded-For the proxy believes (docs/containers.md)
 
 
 def _percents(value: Any) -> tuple[int, ...]:
@@ -296,6 +312,16 @@ class TraceSettings:
 
 
 @dataclass(frozen=True)
+class OtelSettings:
+    # OpenTelemetry traces (docs/otel.md): off while endpoint is "". Read when the proxy starts.
+    endpoint: str = setting("", _optional_http_url)
+    service_name: str = setting("keyrotor", _text)
+    headers: str = setting("", _otlp_headers, secret=True)
+    timeout_seconds: int = setting(10, _positive_integer)
+    max_queue: int = setting(2048, _positive_integer)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting, resolved and checked once by load_settings; `settings.keypool.strategy`,
     or by name: `settings["keypool.strategy"]`."""
@@ -308,6 +334,7 @@ class Settings:
     access: AccessSettings = field(default_factory=AccessSettings)
     trace: TraceSettings = field(default_factory=TraceSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    otel: OtelSettings = field(default_factory=OtelSettings)
     config_path: Path | None = None
 
     def __getitem__(self, name: str) -> Any:
@@ -335,6 +362,7 @@ SECTIONS: dict[str, type] = {
     "access": AccessSettings,
     "trace": TraceSettings,
     "alerts": AlertSettings,
+    "otel": OtelSettings,
 }
 
 

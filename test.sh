@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Installs what the tests need (first run only): Chromium for the browser tests, PostgreSQL
-# and Redis for the multi-node tests. Then checks lint, formatting (ruff) and types (mypy), and
-# runs the whole suite.
+# and Redis for the multi-node tests, nginx for the container tests. Then checks lint,
+# formatting (ruff) and types (mypy), and runs the whole suite.
 # Any arguments go to pytest, e.g. `./test.sh -k capture -x` or `./test.sh -m "not browser"`.
 # The suite runs on every core (pytest-xdist); KEYROTOR_TEST_WORKERS=0 (or `-n 0`) runs it in this one process.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/bootstrap.sh"
 source "$KEYROTOR_ROOT/scripts/install_browser.sh"
 source "$KEYROTOR_ROOT/scripts/install_services.sh"
+source "$KEYROTOR_ROOT/scripts/install_nginx.sh"   # nginx for tests/deploy (deploy/nginx.conf)
 ensure_venv "$KEYROTOR_ROOT/requirements-dev.txt"
 browser_tests_deselected "$@" || ensure_browser
 ensure_services
+deploy_tests_deselected "$@" || ensure_nginx
 cd "$KEYROTOR_ROOT"
 # Lint, formatting and types first: cheap, and CI fails on any. `ruff format .` fixes the formatting.
 "$VENV/bin/ruff" check .

@@ -18,6 +18,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from config import ConfigError, Settings, checked_options, default_of
+from core.addresses import Network, client_address, is_trusted, parse_networks
 from core.credentials import credential_from, hash_client_key, masked, query_credential, refused_placeholder, scrubbed
 from core.dispatch import key_of
 from core.errors import OpenAIError
@@ -95,6 +96,7 @@ class Access:
         # Shared with the Spend addon (the runtime builds it, with its counters). Without one (the
         # options alone), one without counters, like the runtime's until storage opens.
         self.governor = governor or Governor(counters=None)  # type: ignore[arg-type]
+        self._trusted: tuple[Network, ...] = ()  # access.trusted_proxies, parsed
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -103,14 +105,22 @@ class Access:
             default_of(self._defaults, "access.ip_rpm"),
             "Requests per minute from one client address, across all clients (0: no limit).",
         )
+        loader.add_option(
+            "access_trusted_proxies",
+            str,
+            default_of(self._defaults, "access.trusted_proxies"),
+            "Reverse proxies in front of the proxy whose X-Forwarded-For names the client (empty: none).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         try:
-            checked_options(ctx.options, updated, ["access.ip_rpm"])
+            checked = checked_options(ctx.options, updated, ["access.ip_rpm", "access.trusted_proxies"])
         except ConfigError as e:
             raise exceptions.OptionsError(str(e)) from None
         if "access_ip_rpm" in updated:
             self.governor.ip_rpm = ctx.options.access_ip_rpm
+        if "access.trusted_proxies" in checked:
+            self._trusted = parse_networks(checked["access.trusted_proxies"])
 
     @property
     def clients(self) -> dict[str, tuple[Client, int]]:
@@ -132,15 +142,16 @@ class Access:
             if path != request.path:
                 request.path = path  # a key in the URL goes no further: not upstream, not into a record
         headers = request.headers
+        address = self._address(flow)
         key = credential_from(headers.fields) or query_key
         token = pass_from(headers.fields)
         if token is not None:
-            self._by_pass(flow, token, key)
+            self._by_pass(flow, token, key, address)
             return
         found = self.state.clients.get(hash_client_key(key)) if key else None
         if found is None:
             rejected = "invalid_api_key" if key else "missing_api_key"
-            verdict = AccessVerdict(rejected=rejected, masked=masked(key) if key else None)
+            verdict = AccessVerdict(rejected=rejected, masked=masked(key) if key else None, address=address)
             error = refusal(verdict)
             verdict.reason = f"{rejected}: {error.message}"
             flow.metadata[ACCESS] = verdict
@@ -148,16 +159,32 @@ class Access:
             flow.response = as_response(error)
             return
         client, key_id = found
-        verdict = flow.metadata[ACCESS] = AccessVerdict(client_id=client.id, client_name=client.name, key_id=key_id)
+        verdict = flow.metadata[ACCESS] = AccessVerdict(
+            client_id=client.id, client_name=client.name, key_id=key_id, address=address
+        )
         stand_in = f"[client key #{key_id}]"
         headers.fields = scrubbed(headers.fields, stand_in, ensure=True)
         policy = client.policy
         if policy.expires_at is not None or client.networks:
-            refused = Governor.check_key(policy, client.networks, _address(flow), time.time())
+            refused = Governor.check_key(policy, client.networks, address, time.time())
             if refused is not None:
                 refuse(flow, verdict, refused)
 
-    def _by_pass(self, flow: http.HTTPFlow, token: str, key: str | None) -> None:
+    def _address(self, flow: http.HTTPFlow) -> str | None:
+        """The client's address. A trusted proxy's X-Forwarded-For names it; that header was meant for
+        keyrotor alone, so it goes no further: upstream never learns the clients' addresses."""
+        peer = flow.client_conn.peername
+        if peer is None:
+            return None
+        if not self._trusted or not is_trusted(peer[0], self._trusted):
+            return peer[0]
+        headers = flow.request.headers
+        forwarded = headers.get_all("x-forwarded-for")
+        if forwarded:
+            del headers["x-forwarded-for"]
+        return client_address(peer[0], forwarded, self._trusted)
+
+    def _by_pass(self, flow: http.HTTPFlow, token: str, key: str | None, address: str | None) -> None:
         """A request the monitor UI sends under a client (core/passes.py): the pass goes no further."""
         headers = flow.request.headers
         fields = tuple((n, v) for n, v in headers.fields if n.lower() != PASS_HEADER_BYTES)
@@ -167,7 +194,9 @@ class Access:
         client = self.state.clients_by_id.get(found.client_id) if found is not None else None
         if found is None or client is None or not self._spent.spend(found, now):
             error = pass_refusal(ambiguous=key is not None)
-            flow.metadata[ACCESS] = AccessVerdict(rejected=error.code, reason=f"{error.code}: {error.message}")
+            flow.metadata[ACCESS] = AccessVerdict(
+                rejected=error.code, reason=f"{error.code}: {error.message}", address=address
+            )
             headers.fields = scrubbed(fields, "[refused pass]")
             flow.response = as_response(error)
             return
@@ -181,6 +210,7 @@ class Access:
             pinned_key=found.key_id,
             replay_of=found.replay_of,
             by_pass=True,
+            address=address,
         )
         headers.fields = scrubbed(fields, f"[pass for client #{client.id}]", ensure=True)
         # The client's own rules, but for its address list: the request comes from the UI, not the client.
@@ -276,7 +306,7 @@ class Access:
                 serving = self._serving[model] = tuple(g.label for g in table.groups_for(model))
             verdict.groups = list(policy.groups)
         outcome = self.governor.admit(
-            flow.id, client.id, policy, model, body, _address(flow), time.time(), serving, request.path
+            flow.id, client.id, policy, model, body, verdict.address, time.time(), serving, request.path
         )
         if isinstance(outcome, Refusal):
             refuse(flow, verdict, outcome)
@@ -292,11 +322,6 @@ def _name_flow(flow: http.HTTPFlow) -> None:
     verdict = AccessVerdict.of(flow.metadata)
     if verdict is not None and verdict.by_pass:
         response.headers[FLOW_HEADER] = flow.id  # set, not kept: upstream's own x-keyrotor-flow names nothing
-
-
-def _address(flow: http.HTTPFlow) -> str | None:
-    peer = flow.client_conn.peername
-    return peer[0] if peer else None
 
 
 def refuse(flow: http.HTTPFlow, verdict: AccessVerdict, refused: Refusal) -> None:

@@ -197,7 +197,8 @@ class Capture:
             started_at=request.timestamp_start,
             method=request.method,
             path=request.path if sent is None else sent.path,
-            client_addr=flow.client_conn.peername[0] if flow.client_conn.peername else None,
+            # Whom a trusted proxy forwarded (access.trusted_proxies), else the peer.
+            client_addr=access.address or (flow.client_conn.peername[0] if flow.client_conn.peername else None),
             request_fields=request.headers.fields,
             request_body=request.raw_content if sent is None else _as_sent(request, sent),
             request_encoding=request.headers.get("content-encoding"),

@@ -27,6 +27,7 @@ from addons.keypool import KeyPool
 from addons.memory import Memory
 from addons.models import Models
 from addons.models_merge import ModelsMerge
+from addons.otel import Otel
 from addons.realtime import Realtime
 from addons.recovery import Recovery
 from addons.retry_stream import RetryStream
@@ -106,6 +107,9 @@ addons = [
     _sender,
     UpstreamWatch(),  # after the key pool: its request hook starts the attempt's clock as the request leaves
     Spend(_governor),  # before Usage: its stream callable sees the usage chunk Usage then takes out
+    # OpenTelemetry, only when configured (docs/otel.md): after the key pool (the first attempt's traceparent),
+    # before Usage (its stream callable sees the usage chunk Usage takes out).
+    *([Otel(_settings.otel, _state)] if _settings.otel.endpoint else []),
     Realtime(_governor, _state),  # charges sessions as responses end; closes them when the client may not go on
     Usage(),
     Capture(_settings, _writer),

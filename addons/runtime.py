@@ -151,10 +151,14 @@ class Runtime:
             self._in_flight = asyncio.create_task(self._tell_in_flight(self.backend.link))
 
     async def _tell_in_flight(self, link: workers.WorkerLink) -> None:
-        """With workers and least_used: this worker's requests in flight per key, for the others to count."""
+        """With workers and least_used: this worker's requests in flight per key, for the others to count.
+
+        Other strategies look again every second only: a wake-up every POLL_SECONDS cost an idle
+        worker a core's 0.5 % (bench/workers.py, docs/workers.md)."""
         while True:
-            await asyncio.sleep(workers.POLL_SECONDS)
-            if ctx.options.keypool_strategy == "least_used":
+            least_used = self.state.settings.strategy == "least_used"
+            await asyncio.sleep(workers.POLL_SECONDS if least_used else workers.STRATEGY_CHECK_SECONDS)
+            if least_used:
                 link.publish_in_flight(self.state.in_flight())
 
     def stop(self) -> None:
@@ -217,6 +221,7 @@ class SqliteBackend:
         else:
             self.counters = workers.SharedCounters(workers.path_of(path), self.worker)
             self.link = workers.WorkerLink(workers.path_of(path), path, self.worker)
+            self.link.counters = self.counters
         self.revisions = db.RevisionReader(path)
         if not self.writer.started:
             self.writer.path = path

@@ -1,6 +1,6 @@
 """Instructions per request: bare mitmdump vs keyrotor's full chain, counted by valgrind.
 
-    .venv/bin/python bench/proxy_instructions.py [--requests 200] [--routes 5 4 50] [--limits] [--streams 100]
+    .venv/bin/python bench/proxy_instructions.py [--requests 200] [--routes 5 4 50] [--limits] [--streams 100] [--otel]
 
 With --routes U G M it also counts keyrotor with U upstreams of G groups of M models each
 (the default group disabled, the requested model listed by the last group only), in the
@@ -11,6 +11,8 @@ plus [access] ip_rpm: what client governance costs against the same client with 
 With --streams N it also counts N streamed chat completions (the fake upstream's 5 content
 chunks, its usage chunk asked for by keyrotor) through bare mitmdump with stream_large_bodies=1
 (so it streams them too, the like-for-like baseline) and through keyrotor, per stream.
+With --otel it also counts keyrotor with otel.endpoint set (docs/otel.md), exporting to a local
+OTLP/HTTP sink: what tracing costs a request, its export thread included.
 
 CPU seconds on a shared 2-core VM move by ±10-20 % from run to run (see README.md);
 instruction counts do not. Each proxy runs under `valgrind --tool=callgrind` with
@@ -139,6 +141,24 @@ def set_every_limit(db_path: Path, name: str) -> None:
         conn.close()
 
 
+def count_traced(env: Environment, upstream: str, args: argparse.Namespace) -> tuple[float, int]:
+    """keyrotor's count with OpenTelemetry on (docs/otel.md), exporting to a local OTLP/HTTP sink that
+    decodes what it gets; and how many spans it got."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.fake_collector import FakeCollector
+
+    traced = {"KEYROTOR_OTEL_ENDPOINT": "", "OTEL_BSP_SCHEDULE_DELAY": "1000"}
+    with FakeCollector() as collector:
+        traced["KEYROTOR_OTEL_ENDPOINT"] = collector.url
+        env.proxy_env.update(traced)
+        try:
+            count = count_instructions(env, "keyrotor", upstream, args.requests, args.warmup, "keyrotor-otel")
+        finally:
+            for name in traced:
+                env.proxy_env.pop(name, None)
+        return count, len(collector.spans)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="measured requests per proxy (default 200)")
@@ -148,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--limits", action="store_true", help="also count with every client limit set")
     parser.add_argument("--streams", type=int, default=0, help="also count this many streamed completions each")
+    parser.add_argument(
+        "--otel", action="store_true", help="also count with otel.endpoint set, exporting to a local OTLP/HTTP sink"
+    )
     args = parser.parse_args(argv)
     args.verbose_proxies = False
     env = Environment(args)
@@ -159,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             kind: count_instructions(env, kind, upstream, args.requests, args.warmup)
             for kind in ("mitmdump", "keyrotor")
         }
+        if args.otel:
+            counts["keyrotor-otel"], spans = count_traced(env, upstream, args)
         if args.streams:
             for kind, label in (("mitmdump-stream", "mitmdump-stream"), ("keyrotor", "keyrotor-stream")):
                 counts[label] = count_instructions(
@@ -190,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"routes ratio    {counts['keyrotor-routes'] / counts['mitmdump']:7.3f}x  ({u} upstreams x {g} groups"
                 f" x {m} models; {counts['keyrotor-routes'] / counts['keyrotor']:.3f}x the one default group)"
+            )
+        if args.otel:
+            chain, traced = counts["keyrotor"], counts["keyrotor-otel"]
+            print(
+                f"otel            {traced / chain:7.3f}x the chain without it (+{traced - chain:.3f} M a request,"
+                f" export thread included; {spans} spans received)"
             )
         if args.limits:
             chain, limited = counts["keyrotor"], counts["keyrotor-limits"]

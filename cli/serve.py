@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 
 from cli import console, ports
-from config import ADDON_SETTINGS, ROOT, Settings
+from config import ADDON_SETTINGS, ROOT, Settings, settings_in
 from storage import secrets
 
 SCRIPT = ROOT / "addons" / "keyrotor.py"
@@ -79,6 +80,9 @@ def proxy(args: argparse.Namespace, settings: Settings) -> int:
     # mitmproxy logs a listener that failed to bind, with its own advice (`--mode …@PORT`): ours instead.
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(ports.ListenFailure(ports.PROXY, settings))
     argv = proxy_argv(settings, args.web)
+    # addons/keyrotor.py reads [otel] as it is imported, from config.toml and KEYROTOR_* variables (its
+    # addon is in the chain only when otel.endpoint is set): --config and --set reach it this way.
+    os.environ.update({s.env_var: str(settings[s.name]) for s in settings_in("otel")})
     if args.worker_index is not None:
         argv += worker_options(settings, args.worker_index)
     try:

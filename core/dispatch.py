@@ -530,8 +530,6 @@ class Journey:
         if rotation is None or self.plan.only_key is not None:
             return False
         tried, now, pool = {a.key_id for a in here}, time.time(), rotation.pool
-        if pool.resting(scope, now) is not None:
-            return False  # the whole pool rests for the model: no key has a turn to give
         return any(
             k.state == KeyState.ACTIVE and k.id not in tried and not pool.rests_in(k, scope, now) for k in pool.keys
         )

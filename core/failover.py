@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from core import upstream
+from core import telemetry, upstream
 from core.classify import HeaderLookup, Outcome, connection_failure, is_deployment_missing
 from core.credentials import placeholder
 from core.dialects import upstream_url
@@ -231,6 +231,8 @@ class Failover:
                 outgoing = addressed(plan, candidate, key, default_base_url)
                 use.attempts[-1].url = outgoing.url
                 fields, body = list(outgoing.fields), outgoing.body
+                if use.attempts[0].span_id is not None:  # traced (addons/otel.py): a span of its own
+                    fields = telemetry.attempt_fields(fields, use.attempts[-1])
                 try:
                     got = await send(client, outgoing.method, outgoing.url, fields, body, first_token_seconds)
                 except httpx.HTTPError as e:

@@ -654,7 +654,10 @@ class Governor:
         if ticket is None or ticket.settled:
             return ticket
         try:
-            with self.counters.atomic():
+            if ticket.parallel or ticket.reservations or ticket.tokens_entry is not None or ticket.policy.has_budget:
+                with self.counters.atomic():  # what admissions weigh changes: one decision
+                    self._settle(ticket, usage, cost)
+            else:  # spend only no admission weighs (shown on the pages): the backend may batch it
                 self._settle(ticket, usage, cost)
         except CountersUnavailable as e:
             log.warning("a request of client %d ended uncounted: %s", ticket.client_id, e)

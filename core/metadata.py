@@ -95,6 +95,8 @@ class AccessVerdict(Metadata):
     pinned_key: int | None = None
     replay_of: int | None = None  # the flow (row id) it sends again
     pin_note: str | None = None  # what became of the pin (a key gone: the pool served it)
+    # The client's address: the peer's, or the one a trusted proxy forwarded (access.trusted_proxies).
+    address: str | None = None
 
     KEY = ACCESS
 

@@ -62,6 +62,7 @@ class AttemptLog:
     group_id: int | None = None
     model: str | None = None  # the model this attempt asked for, when a fallback of the flow's
     url: str | None = None  # where it went upstream (an Azure deployment path, a relay's prefix)
+    span_id: str | None = None  # its OpenTelemetry span, named in its traceparent (core/telemetry.py); None: off
 
 
 @dataclass

@@ -54,10 +54,14 @@ class StreamMeter:
 
     def usage(self) -> dict[str, Any] | None:
         """Upstream's usage, from the last reads (where its usage event is)."""
+        return sse_usage(self.tail())
+
+    def tail(self) -> bytes:
+        """The last reads, at least TAIL_BYTES of them when the stream had that many."""
         tail, size = [], 0
         for read in reversed(self._reads):
             tail.append(read)
             size += len(read)
             if size >= TAIL_BYTES:
                 break
-        return sse_usage(b"".join(reversed(tail)))
+        return b"".join(reversed(tail))

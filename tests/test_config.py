@@ -147,6 +147,7 @@ BAD_VALUES = [
     ("ui.host", "", "must be a non-empty string"),
     ("ui.port", "http", "must be a whole number"),
     ("ui.trusted_proxies", "10.0.0.1, proxy.local", "must list IP addresses or networks; 'proxy.local' is neither"),
+    ("access.trusted_proxies", "10.0.0.1 nginx", "must list IP addresses or networks; 'nginx' is neither"),
     ("storage.path", " ", "must be a non-empty string"),
     ("keypool.strategy", "fastest", 'must be one of "round_robin", "random", "least_used", "weighted"'),
     ("keypool.cooldown_seconds", "0", ABOVE_ZERO),
@@ -185,6 +186,10 @@ BAD_VALUES = [
     ("alerts.error_min_requests", "0", ABOVE_ZERO),
     ("alerts.error_window_minutes", "0", ABOVE_ZERO),
     ("alerts.send_attempts", "0", ABOVE_ZERO),
+    ("otel.endpoint", "collector:4318", "must be an http:// or https:// URL, like https://api.openai.com"),
+    ("otel.service_name", " ", "must be a non-empty string"),
+    ("otel.timeout_seconds", "0", ABOVE_ZERO),
+    ("otel.max_queue", "0", ABOVE_ZERO),
 ]
 ADDON_OF = {
     "keypool": KeyPool,
@@ -212,7 +217,7 @@ def test_proxy_workers_takes_a_number_or_auto_for_every_core(value, workers):
 
 
 def test_the_table_covers_every_setting():
-    secrets = {"ui.metrics_token", "alerts.webhook_url", "storage.url"}  # see below
+    secrets = {"ui.metrics_token", "alerts.webhook_url", "otel.headers", "storage.url"}  # see below
     assert {name for name, _, _ in BAD_VALUES} | secrets == set(BY_NAME)
     addon_settings = {name for name in BY_NAME if name.split(".")[0] in ADDON_OF or name in ADDON_OF}
     assert {s.name for s in ADDON_SETTINGS} == addon_settings
@@ -297,6 +302,20 @@ def test_a_bad_storage_url_is_not_repeated_and_a_good_one_is_kept():
     url = "postgresql://keyrotor:hunter2@db.internal:5432/keyrotor"
     assert load_settings(environ={"KEYROTOR_STORAGE_URL": url}).storage.url == url
     assert load_settings(environ={}).storage.url == ""  # SQLite at storage.path
+
+
+def test_bad_collector_headers_are_not_repeated_and_good_ones_read_as_a_list_or_a_string(tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"KEYROTOR_OTEL_HEADERS": "Bearer sekrit-token-123"})
+    assert str(raised.value) == (
+        'otel.headers must list "name=value" headers separated by commas (from KEYROTOR_OTEL_HEADERS).'
+    )
+    path = tmp_path / "keyrotor.toml"
+    path.write_text('[otel]\nheaders = ["authorization=Bearer%20abc", " x-team = blue "]\n')
+    assert load_settings(path, environ={}).otel.headers == "authorization=Bearer%20abc,x-team=blue"
+    flagged = load_settings(overrides={"otel.headers": "a=1, b=2=3"}, environ={})
+    assert flagged.otel.headers == "a=1,b=2=3"
+    assert load_settings(environ={}).otel.endpoint == ""  # off unless asked
 
 
 def test_trusted_proxies_are_read_from_a_list_a_string_a_variable_or_a_flag(tmp_path):

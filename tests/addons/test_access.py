@@ -67,7 +67,31 @@ def test_issued_key_is_let_through_and_named(access, issued):
     for flow in (flow_with(authorization=f"Bearer {alice}"), flow_with(api_key=alice)):
         access.request(flow)
         assert flow.response is None
-        assert flow.metadata["keyrotor.access"] == AccessVerdict(client_id=1, client_name="alice", key_id=1)
+        expected = AccessVerdict(client_id=1, client_name="alice", key_id=1, address="127.0.0.1")  # tflow's peer
+        assert flow.metadata["keyrotor.access"] == expected
+
+
+@pytest.mark.parametrize(
+    "peer, forwarded, address, passed_on",
+    [
+        ("10.0.0.5", "203.0.113.7", "203.0.113.7", None),  # the trusted proxy names the client
+        ("10.0.0.5", "203.0.113.7, 198.51.100.9", "198.51.100.9", None),  # the client's own claim is further left
+        ("10.0.0.5", "198.51.100.9, 10.0.0.4", "198.51.100.9", None),  # a chain of trusted proxies
+        ("192.0.2.1", "203.0.113.7", "192.0.2.1", "203.0.113.7"),  # anyone else: ignored and passed on
+    ],
+)
+def test_a_trusted_proxys_forwarded_for_names_the_client(issued, peer, forwarded, address, passed_on):
+    path, alice, _ = issued
+    runtime = Runtime()
+    addon = Access(state=runtime.state, governor=runtime.governor)
+    with addon_context(addon, path, runtime) as tctx:
+        tctx.configure(addon, access_trusted_proxies="10.0.0.0/24")
+        flow = flow_with(authorization=f"Bearer {alice}", x_forwarded_for=forwarded)
+        flow.client_conn.peername = (peer, 40000)
+        addon.request(flow)
+        verdict = AccessVerdict.of(flow.metadata)
+        assert verdict is not None and verdict.admitted and verdict.address == address
+        assert flow.request.headers.get("x-forwarded-for") == passed_on
 
 
 @pytest.mark.parametrize(

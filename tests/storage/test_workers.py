@@ -6,6 +6,7 @@ processes would be; tests/test_workers_integration.py runs real processes.
 
 from __future__ import annotations
 
+import random
 import sqlite3
 import threading
 import time
@@ -97,6 +98,38 @@ def test_budget_holds_and_spend_are_seen_by_every_worker(shared: Path):
     assert a.counters.period_total(a.spend_names(5, NOW)["day_tokens"]) == 50
 
 
+def test_a_moving_window_read_from_its_running_total_equals_its_entries_summed(database: Path, shared: Path):
+    """Two workers add, adjust and read one window at clocks a little apart, out of order, across
+    the flush that drops entries older than any window: every read is what summing gives."""
+    rng = random.Random(22)
+    a, b = workers.SharedCounters(shared, 0), workers.SharedCounters(shared, 1)
+    entries: dict[object, tuple[float, float]] = {}  # handle: (at, amount), as added and adjusted
+    conn, main = workers.connect(shared), db.connect(database)
+    now = NOW
+    for step in range(600):
+        now += rng.choice((0.01, 0.05, 0.3, 2.0))
+        counters = rng.choice((a, b))
+        at = now - rng.random()  # a worker whose clock was read a moment before another's (it waited for the lock)
+        with counters.atomic():
+            total, oldest = counters.moving_total("tpm:1", 60, at)
+            summed = [(t, n) for t, n in entries.values() if t > at - 60]
+            assert total == pytest.approx(sum(n for _, n in summed), abs=1e-6), step
+            assert oldest == (min(t for t, _ in summed) if summed else None)
+            amount = float(rng.randint(1, 500))
+            entries[counters.moving_add("tpm:1", amount, at)] = (at, amount)
+        if rng.random() < 0.3:
+            handle = rng.choice(list(entries))
+            settled = float(rng.randint(1, 500))
+            with counters.atomic():
+                counters.moving_adjust("tpm:1", handle, settled)
+            entries[handle] = (entries[handle][0], settled)
+        if step % 100 == 99:
+            workers.flush(conn, main, now + workers.MOVING_KEEP_SECONDS - 30)  # some entries leave for good
+            entries = {h: e for h, e in entries.items() if e[0] > now - 30}
+    conn.close()
+    main.close()
+
+
 def test_worker_zero_copies_counters_into_the_database_and_a_new_start_restores_them(database: Path, shared: Path):
     g = governor(shared, 0)
     policy = ClientPolicy(rpm=3, daily_tokens=10_000)
@@ -141,6 +174,39 @@ def test_a_key_state_and_rests_reach_the_other_worker(database: Path, shared: Pa
     finally:
         sender.stop()
         listener.stop()
+
+
+def test_spend_no_admission_weighs_goes_with_the_link_and_a_budgets_spend_at_once(database: Path, shared: Path):
+    a, b = governor(shared, 0), governor(shared, 1)
+    link = workers.WorkerLink(shared, database, 1)
+    link.counters = b.counters  # type: ignore[assignment]
+    unlimited, budgeted = ClientPolicy(), ClientPolicy(daily_tokens=100)
+    now = time.time()
+    names = {client: a.spend_names(client, now)["day_tokens"] for client in (5, 6)}
+
+    b.count("free", 5, unlimited, None, now)
+    b.settle("free", {"total_tokens": 30}, None, now)
+    assert b.counters.period_total(names[5]) == 30  # the worker that settled counts it at once
+    assert a.counters.period_total(names[5]) == 0  # the other one once the link wrote it
+    link.start()
+    try:
+        wait_for(lambda: a.counters.period_total(names[5]) == 30, what="the link writing the spend")
+    finally:
+        link.stop()
+
+    assert isinstance(b.admit("paid", 6, budgeted, None, b"", None, now), Ticket)
+    b.settle("paid", {"total_tokens": 120}, None, now)
+    assert a.counters.period_total(names[6]) == 120  # a budget's spend: in the settling transaction
+    assert isinstance(a.admit("over", 6, budgeted, None, b"", None, now), Refusal)
+
+
+def test_spend_left_for_the_link_is_written_when_the_worker_stops(database: Path, shared: Path):
+    b = governor(shared, 1)
+    now = time.time()
+    b.count("free", 5, ClientPolicy(), None, now)
+    b.settle("free", {"total_tokens": 12}, None, now)
+    b.counters.stop()  # no link ran: stopping writes it
+    assert governor(shared, 0).counters.period_total(b.spend_names(5, now)["day_tokens"]) == 12
 
 
 def test_the_shared_file_is_private(shared: Path):

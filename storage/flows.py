@@ -45,6 +45,7 @@ LEGACY_FTS = "flows_fts_legacy"  # the index of rows not converted yet (storage/
 _PG_NEXT_IDS = "SELECT nextval(pg_get_serial_sequence('flows', 'id')) FROM generate_series(1, ?) ORDER BY 1"
 _PG_INSERT_HEAD = f"INSERT INTO flows /* ids from the sequence */ (id, {', '.join(_SCALAR_COLUMNS)}, content, parts)"
 _PG_INSERT_FTS = "INSERT INTO flows_fts (id, document)"
+PG_FEW_MATCHES = 5000  # a search with at most this many matches reads them from the GIN index first
 PG_DOCUMENT_BYTES = 900_000  # PostgreSQL's tsvector holds at most 1 MB: words past this are not indexed
 
 # Columns the list views need; bodies and headers stay out of them.
@@ -709,8 +710,20 @@ def _walk(
     """
     where, params = _conditions(f, "flows", legacy)
     if pg.is_postgres(conn):
+        low, high = ids
+        # A rare word: walking the ids newest first and testing each flow's words would read
+        # them all (PostgreSQL's planner takes that walk for ORDER BY id LIMIT). Its few
+        # matches are found from the GIN index first, unordered; the walk then visits only them.
+        few = conn.execute(
+            "SELECT id FROM flows_fts WHERE document @@ ?::tsquery AND id BETWEEN ? AND ? LIMIT ?",
+            (query, low, high, PG_FEW_MATCHES + 1),
+        ).fetchall()
+        if not few:
+            return [], None
         where.insert(0, "flows_fts.document @@ ?::tsquery")
         params.insert(0, query)
+        if len(few) <= PG_FEW_MATCHES:
+            where.append(f"flows_fts.id IN ({', '.join(str(int(r[0])) for r in few)})")
         where.append("flows_fts.id BETWEEN ? AND ?")
         sql = (
             f"SELECT flows.id AS id_, {selected} FROM flows_fts JOIN flows ON flows.id = flows_fts.id"

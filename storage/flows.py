@@ -45,6 +45,9 @@ LEGACY_FTS = "flows_fts_legacy"  # the index of rows not converted yet (storage/
 _PG_NEXT_IDS = "SELECT nextval(pg_get_serial_sequence('flows', 'id')) FROM generate_series(1, ?) ORDER BY 1"
 _PG_INSERT_HEAD = f"INSERT INTO flows /* ids from the sequence */ (id, {', '.join(_SCALAR_COLUMNS)}, content, parts)"
 _PG_INSERT_FTS = "INSERT INTO flows_fts (id, document)"
+# id + 0: PostgreSQL would otherwise read min(id) and max(id) off the ids' index, walking it
+# from either end past every flow outside the range; this reads the range from started_at's.
+_PG_RANGE_IDS = "SELECT min(id + 0), max(id + 0) FROM flows WHERE started_at >= ? AND started_at < ?"
 PG_FEW_MATCHES = 5000  # a search with at most this many matches reads them from the GIN index first
 PG_DOCUMENT_BYTES = 900_000  # PostgreSQL's tsvector holds at most 1 MB: words past this are not indexed
 
@@ -561,7 +564,10 @@ def _id_range(conn: sqlite3.Connection, f: FlowFilter, before_id: int | None) ->
         until = f.until if f.until is not None else float("inf")
         if _estimated_rows(conn, since, until) <= NARROW_RANGE_ROWS:
             first, last = conn.execute(
-                "SELECT min(id), max(id) FROM flows WHERE started_at >= ? AND started_at < ?", (since, until)
+                _PG_RANGE_IDS
+                if pg.is_postgres(conn)
+                else "SELECT min(id), max(id) FROM flows WHERE started_at >= ? AND started_at < ?",
+                (since, until),
             ).fetchone()  # an index-only walk of the range
             if first is None:
                 return None

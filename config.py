@@ -127,6 +127,17 @@ def _optional_text(value: Any) -> str:
     return "" if value in ("", None) else _text(value)
 
 
+def _postgres_url(value: Any) -> str:
+    """ "" (SQLite at storage.path) or a postgresql:// URL; its password is a secret, never repeated."""
+    if value in ("", None):
+        return ""
+    url = _text(value)
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or not (parts.hostname or "host=" in parts.query):
+        raise ValueError("must be a postgresql:// URL, like postgresql://keyrotor:PASSWORD@db.internal:5432/keyrotor")
+    return url
+
+
 def _port_or_off(value: Any) -> int:
     return 0 if _integer(value) == 0 else _port(value)
 
@@ -218,6 +229,7 @@ class UISettings:
 @dataclass(frozen=True)
 class StorageSettings:
     path: str = setting("data/keyrotor.db", _text)
+    url: str = setting("", _postgres_url, secret=True)  # docs/postgresql.md
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from addons.otel import Otel
 from addons.realtime import Realtime
 from addons.recovery import Recovery
 from addons.retry_stream import RetryStream
-from addons.runtime import Runtime, SqliteBackend
+from addons.runtime import Runtime
 from addons.shutdown import Shutdown
 from addons.spend import Spend
 from addons.tags import Tags
@@ -87,8 +87,9 @@ try:
 except ConfigError as e:
     raise SystemExit(f"keyrotor: {e}") from None
 
-# storage's ports (through Redis too with [redis] url), the state snapshot, the writer, the Governor: one each
-_runtime = Runtime(SqliteBackend(_settings.redis.url))
+# storage's ports (SQLite, or PostgreSQL with storage.url; through Redis too with [redis] url), the state
+# snapshot, the writer, the Governor: one each
+_runtime = Runtime(storage_url=_settings.storage.url, redis_url=_settings.redis.url)
 _sender = CredentialSender()  # the key pool's: it puts the pool's keys on the wire
 _streamer = RetryStream(_sender)  # the key pool's: it feeds a retried stream to the client as it comes
 _state, _writer, _governor = _runtime.state, _runtime.writer, _runtime.governor

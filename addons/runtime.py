@@ -81,8 +81,12 @@ class Backend(Protocol):
 class Runtime:
     """Builds what the addons use, once; opens storage, starts and stops it with the proxy."""
 
-    def __init__(self, backend: Backend | None = None) -> None:
-        self.backend: Backend = backend if backend is not None else SqliteBackend()
+    def __init__(self, backend: Backend | None = None, storage_url: str = "", redis_url: str = "") -> None:
+        if storage_url:
+            db.use_postgres(storage_url)  # storage.url: every connection of this process goes there
+        if backend is None:
+            backend = PostgresBackend(redis_url) if db.postgres_url() else SqliteBackend(redis_url)
+        self.backend: Backend = backend
         self.writer = self.backend.writer
         self.admin_keys = self.backend.admin_keys
         self.state = ProxyState(states=self.writer)  # routes, keys, clients, owners: one snapshot
@@ -100,6 +104,11 @@ class Runtime:
 
     def configure(self, updated: set[str]) -> None:
         if "keyrotor_storage" in updated:
+            if ctx.options.proxy_workers > 1 and isinstance(self.backend, PostgresBackend):
+                raise exceptions.OptionsError(
+                    "proxy.workers above 1 with storage.url (PostgreSQL) is not supported yet: run one worker"
+                    " per node, several nodes on the same database (docs/postgresql.md)."
+                )
             if ctx.options.proxy_workers > 1 and isinstance(self.backend, SqliteBackend):
                 self.backend.worker = ctx.options.proxy_worker_index  # what workers share: storage/workers.py
             try:
@@ -210,7 +219,7 @@ class SqliteBackend:
         self.writer = writer.Writer()  # the one write connection; its path is set by open()
         self.admin_keys = SqliteAdminKeys()
         self.counters: SqliteCounters | workers.SharedCounters | redis_shared.RedisCounters | None = None
-        self.revisions: db.RevisionReader | None = None
+        self.revisions: db.RevisionReader | db.PolledRevisions | None = None
         self.path: Path | None = None
         self.worker: int | None = None  # with workers, this one's index: what they share is storage/workers.py's
         self.link: workers.WorkerLink | redis_shared.RedisLink | None = None
@@ -286,3 +295,16 @@ class SqliteBackend:
         if self.counters is not None:
             self.counters.stop()  # writes what changed since the last flush
             self.counters = None
+
+
+class PostgresBackend(SqliteBackend):
+    """The same stores on PostgreSQL (storage.url; storage/pg.py): every connection this process
+    opens goes there (storage/db.py use_postgres). The revisions are polled by a thread of their
+    own, as a network read must never hold up the event loop; the writer keeps captures in
+    memory while the server is away (capture.backlog_mb)."""
+
+    def open(self, path: Path) -> None:
+        super().open(path)
+        if self.revisions is not None:
+            self.revisions.close()
+        self.revisions = db.PolledRevisions(path)

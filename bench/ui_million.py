@@ -554,6 +554,12 @@ class FlowFactory:
 
 
 def db_bytes(path: Path) -> int:
+    if db.postgres_url():
+        conn = db.connect(path, readonly=True)
+        try:
+            return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        finally:
+            conn.close()
     return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
 
 
@@ -602,6 +608,8 @@ def generate(path: Path, count: int, seed: int, batch: int) -> dict[str, Any]:
         with conn:
             rollups.drop_old_minutes(conn, time.time())
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if db.postgres_url():
+            conn.execute("ANALYZE")  # what autovacuum would do soon: the planner's statistics
         elapsed = time.perf_counter() - began
         return {
             "rows": count,
@@ -619,6 +627,17 @@ def generate(path: Path, count: int, seed: int, batch: int) -> dict[str, Any]:
 
 def table_sizes(path: Path) -> dict[str, int]:
     """Bytes per table and index (the dbstat virtual table, when this SQLite has it)."""
+    if db.postgres_url():
+        pg_conn = db.connect(path, readonly=True)
+        try:
+            found = pg_conn.execute(
+                "SELECT c.relname, pg_relation_size(c.oid) FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'i', 't')"
+            ).fetchall()
+            return {name: size for name, size in found}
+        finally:
+            pg_conn.close()
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         rows = conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC").fetchall()
@@ -1275,6 +1294,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--concurrency", type=int, default=32, help="proxy requests in flight during capture (default 32)")
     add("--json", type=Path, metavar="PATH", help="write every figure to this file")
     add("--cases", metavar="TEXT", help="measure only the UI cases whose name contains TEXT")
+    add(
+        "--postgres",
+        action="store_true",
+        help="generate into and measure on PostgreSQL: the database at $KEYROTOR_BENCH_STORAGE_URL",
+    )
     add("--ui-loop", help=argparse.SUPPRESS)  # internal: the UI query loop of the capture phase
     args = parser.parse_args(argv)
     check_ranges(
@@ -1295,6 +1319,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Same rule as the child processes get (Environment): keyrotor's settings come from
     # config.toml only, and the secret from the file beside the database.
+    postgres_url = os.environ.get("KEYROTOR_BENCH_STORAGE_URL", "") if args.postgres else ""
+    if args.postgres and not postgres_url:
+        print("ui_million: --postgres needs KEYROTOR_BENCH_STORAGE_URL=postgresql://…", file=sys.stderr)
+        return 2
     for name in [n for n in os.environ if n.startswith("KEYROTOR_")]:
         del os.environ[name]
     stop_on_sigterm()
@@ -1308,10 +1336,14 @@ def main(argv: list[str] | None = None) -> int:
     env = Environment(argparse.Namespace(verbose_proxies=False))
     env.db_path = db_path
     env.env["KEYROTOR_STORAGE_PATH"] = env.proxy_env["KEYROTOR_STORAGE_PATH"] = str(db_path)
+    if postgres_url:  # the data in PostgreSQL; the secrets still in files beside db_path
+        db.use_postgres(postgres_url)
+        env.env["KEYROTOR_STORAGE_URL"] = env.proxy_env["KEYROTOR_STORAGE_URL"] = postgres_url
+        db_path.parent.mkdir(parents=True, exist_ok=True)
     generation = None
     try:
         print(f"database {db_path}; logs in {env.tmp} while it runs", file=sys.stderr, flush=True)
-        if db_path.exists() and read_facts_safely(db_path):
+        if (db_path.exists() or postgres_url) and read_facts_safely(db_path):
             print(f"reusing {db_path} as it is", file=sys.stderr, flush=True)
         else:
             generation = generate(db_path, args.rows, args.seed, args.batch)

@@ -11,6 +11,11 @@ from config import Settings
 from storage import db, routes
 
 
+def use_storage(settings: Settings) -> None:
+    """The command's database: SQLite at storage.path, or PostgreSQL at storage.url (every connection it opens)."""
+    db.use_postgres(settings.storage.url or None)
+
+
 def on_routes(settings: Settings, act: Callable[[sqlite3.Connection], int]) -> int:
     """Run one upstreams/groups/models command; a missing or taken name is a sentence and exit 1."""
     conn = db.connect(settings.storage_path)

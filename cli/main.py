@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from cli import admin, alerts, clients, demo, flows, groups, keys, models, playground, serve, traces, upstreams
+from cli import admin, alerts, clients, common, demo, flows, groups, keys, models, playground, serve, traces, upstreams
 from cli import storage as storage_command  # not the storage package, imported below
 from cli.parser import parse_args
 from config import BY_NAME, ConfigError, Settings, load_settings
@@ -58,6 +58,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def prepare_storage(settings: Settings) -> None:
     """Create the database and secrets on first use; show a generated admin key once."""
+    common.use_storage(settings)
     db.ensure_database(settings.storage_path)
     secrets.key_cipher(settings.storage_path)
     admin_key = secrets.ensure_admin_key(settings.storage_path)

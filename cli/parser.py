@@ -189,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     storage_commands.add_parser(
         "migrate", parents=[common], help="convert flows stored before compression now (safe beside a running proxy)"
     )
+    copy = storage_commands.add_parser(
+        "copy",
+        parents=[common],
+        help="copy storage.path's SQLite database into PostgreSQL, keys still encrypted; run again to resume",
+    )
+    copy.add_argument(
+        "--to",
+        metavar="URL",
+        help="postgresql://USER@HOST:PORT/DB (default: storage.url); the password from PGPASSWORD or ~/.pgpass",
+    )
 
     flows_commands = commands.add_parser(
         "flows", parents=[common], help="send recorded flows again, compare two (docs/workbench.md)"

@@ -1,16 +1,69 @@
-"""`storage`: the capture database's size and retention outlook (`stats`), and converting old flows (`migrate`)."""
+"""`storage`: the capture database's size and retention outlook (`stats`), converting old flows (`migrate`),
+and copying an SQLite database into PostgreSQL (`copy`)."""
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
+import sys
 import time
+from urllib.parse import urlsplit
 
 from cli.common import when
 from config import Settings
-from storage import conversion, db, stats
+from storage import conversion, db, pg, stats
+from storage import copy as copy_module
+from storage.copy import Copied, CopyRefused, copy_database
+
+
+def copy(args: argparse.Namespace, settings: Settings) -> int:
+    """storage.path's SQLite database into the PostgreSQL database at --to (or storage.url)."""
+    url = args.to or settings.storage.url
+    if not pg.is_url(url):
+        print("keyrotor: storage copy needs --to postgresql://… (or storage.url set)", file=sys.stderr)
+        return 2
+    if urlsplit(url).password:
+        print(
+            "keyrotor: the URL's password is visible to other users in the process list while this runs;"
+            " PGPASSWORD or ~/.pgpass keep it out of --to",
+            file=sys.stderr,
+        )
+    if not settings.storage_path.exists():
+        print(f"keyrotor: there is no SQLite database at {settings.storage_path}", file=sys.stderr)
+        return 1
+    print(
+        f"copying {settings.storage_path} into {pg.redact(url)}, {copy_module.CHUNK} rows per transaction", flush=True
+    )
+    source = db.connect_sqlite(settings.storage_path, readonly=True)
+    target = pg.connect(url)
+    started = time.monotonic()
+    shown: dict[str, float] = {}
+
+    def report(copied: Copied) -> None:
+        now = time.monotonic()
+        if copied.rows >= copied.total or now - shown.get(copied.table, 0.0) >= 1.0:
+            shown[copied.table] = now
+            print(f"  {copied.table}: {copied.rows:,} copied, {copied.total:,} in SQLite", flush=True)
+
+    try:
+        done = copy_database(source, target, report)
+    except CopyRefused as e:
+        print(f"keyrotor: {e}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as e:
+        print(f"keyrotor: the copy stopped ({e}); run the same command again to go on", file=sys.stderr)
+        return 1
+    finally:
+        source.close()
+        target.close()
+    rows = sum(c.rows for c in done)
+    print(f"done: {rows:,} rows copied in {time.monotonic() - started:.1f} s; set storage.url to use the copy")
+    return 0
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "copy":
+        return copy(args, settings)
     conn = db.connect(settings.storage_path)
     try:
         if args.action == "migrate":

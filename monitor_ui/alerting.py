@@ -55,7 +55,7 @@ def conditions(conn: sqlite3.Connection, settings: AlertSettings, now: float) ->
         "SELECT g.id, u.name || '/' || g.name AS label, count(k.id) AS keys,"
         " sum(CASE WHEN k.state IN ('active', 'cooling') THEN 1 ELSE 0 END) AS usable"
         " FROM groups g JOIN upstreams u ON g.upstream_id = u.id LEFT JOIN upstream_keys k ON k.group_id = g.id"
-        " WHERE g.enabled AND u.enabled GROUP BY g.id ORDER BY g.id LIMIT 1000"
+        " WHERE g.enabled = 1 AND u.enabled = 1 GROUP BY g.id, u.name, g.name ORDER BY g.id LIMIT 1000"
     ).fetchall()
     found += rules.group_conditions([(g["id"], g["label"], g["keys"], g["usable"] or 0) for g in groups])
     window = settings.error_window_minutes
@@ -69,7 +69,7 @@ def conditions(conn: sqlite3.Connection, settings: AlertSettings, now: float) ->
 
 def _budgets(conn: sqlite3.Connection, now: float) -> list[rules.ClientBudget]:
     rows = conn.execute(
-        "SELECT id, name, limits FROM clients WHERE enabled AND limits IS NOT NULL AND limits != '{}' LIMIT 10000"
+        "SELECT id, name, limits FROM clients WHERE enabled = 1 AND limits IS NOT NULL AND limits != '{}' LIMIT 10000"
     ).fetchall()
     limited = []
     for row in rows:

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from config import Settings
 from core.addresses import Network, client_address, parse_networks
 from core.login_throttle import LoginThrottle
-from monitor_ui import tracer, views
+from monitor_ui import deps, tracer, views
 from monitor_ui.alerting import Alerting
 from monitor_ui.auth import SessionSigner
 from monitor_ui.deps import LoginRequired, UiSettings
@@ -153,6 +153,7 @@ def background(settings: Settings, alerting: Alerting | None):
 
 def create_app(settings: Settings, check_alerts: bool = True) -> FastAPI:
     """`check_alerts`: run the alert checks and webhook sends (monitor_ui/alerting.py) while the app serves."""
+    deps.use_storage(settings)
     alerting = Alerting(settings.storage_path, settings.alerts)
     app = FastAPI(
         title="keyrotor monitor",

@@ -42,6 +42,11 @@ class UiSettings:
     redis_url: str = ""  # redis.url: the dashboard and /metrics say whether the nodes reach it (docs/redis.md)
 
 
+def use_storage(settings: config.Settings) -> None:
+    """The UI's database: SQLite at storage.path, or PostgreSQL at storage.url (every connection it opens)."""
+    db.use_postgres(settings.storage.url or None)
+
+
 def get_settings(request: Request) -> UiSettings:
     return request.app.state.settings
 

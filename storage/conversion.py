@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from storage import flows
+from storage import flows, pg
 from storage.sql import insert_many
 
 CHUNK = 500  # rows per transaction: ~0.1-0.2 s on these machines, then capture gets the lock back
@@ -33,6 +33,8 @@ class Progress:
 
 
 def progress(conn: sqlite3.Connection) -> Progress:
+    if pg.is_postgres(conn):
+        return Progress(0, False)  # a PostgreSQL database only ever held packed rows
     try:
         row = conn.execute("SELECT low, high FROM flows_legacy").fetchone()
     except sqlite3.OperationalError:

@@ -30,6 +30,7 @@ _ONE_PROCESS: AbstractContextManager[None] = nullcontext()
 MOVING_KEEP_SECONDS = 3600  # entries older than any moving window keyrotor uses are not restored
 PERIOD_KEEP_SECONDS = 40 * 86400  # a month's total is still shown for a while after it ends
 PURGE_SECONDS = 600
+COMPLAIN_SECONDS = 30.0  # while saving fails, a log line at most this often
 
 
 class _Window:
@@ -173,6 +174,7 @@ class SqliteCounters(MemoryCounters):
     def _run(self) -> None:
         conn = db.connect(self.path)
         next_purge = 0.0
+        complained_at = -COMPLAIN_SECONDS
         try:
             while True:
                 stopping = self._stop.wait(FLUSH_SECONDS)
@@ -181,6 +183,10 @@ class SqliteCounters(MemoryCounters):
                     if time.monotonic() >= next_purge:
                         next_purge = time.monotonic() + PURGE_SECONDS
                         purge(conn, time.time())
+                except sqlite3.OperationalError as e:  # unreachable or locked: no traceback every second
+                    if time.monotonic() >= complained_at + COMPLAIN_SECONDS:
+                        complained_at = time.monotonic()
+                        log.warning("saving client limit counters failed (%s); retrying", e)
                 except sqlite3.Error:
                     log.exception("saving client limit counters failed; retrying")
                 if stopping:

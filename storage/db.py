@@ -7,13 +7,40 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-from storage import schema
+from storage import pg, schema
 
 BUSY_TIMEOUT_MS = 5000
+
+# Set by the composition roots (addons/runtime.py, monitor_ui/app.py, the CLI) when
+# `storage.url` names a PostgreSQL database: every connection this process opens goes there.
+# The path stays what secrets and the capture status file are kept beside.
+_postgres_url: str | None = None
+
+
+def use_postgres(url: str | None) -> None:
+    """Keep this process's data in PostgreSQL at `url` ("" or None: the SQLite file at the path)."""
+    global _postgres_url
+    _postgres_url = url or None
+
+
+def postgres_url() -> str | None:
+    return _postgres_url
+
+
+def where(path: str | Path) -> str:
+    """Where this process's data is, as messages may name it: the path, or the URL without its password."""
+    return pg.redact(_postgres_url) if _postgres_url is not None else str(path)
 
 
 def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
     """Open a connection with the pragmas every keyrotor connection needs."""
+    if _postgres_url is not None or pg.is_url(path):
+        return pg.connect(str(path) if pg.is_url(path) else _postgres_url, readonly)  # type: ignore[arg-type, return-value]
+    return connect_sqlite(path, readonly)
+
+
+def connect_sqlite(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
+    """The SQLite file at `path`, whatever storage.url says (`run.py storage copy` reads it)."""
     if readonly:
         conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, check_same_thread=False)
     else:
@@ -36,6 +63,9 @@ def ensure_database(path: str | Path) -> None:
     Raises DatabaseUnusable when it cannot be written: read-only, on a read-only or full
     file system, in a directory keyrotor may not write to, or not a database at all.
     """
+    if _postgres_url is not None or pg.is_url(path):
+        ensure_postgres(str(path) if pg.is_url(path) else _postgres_url, None if pg.is_url(path) else Path(path))  # type: ignore[arg-type]
+        return
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +90,24 @@ def ensure_database(path: str | Path) -> None:
             conn.close()
     except sqlite3.DatabaseError as e:
         raise DatabaseUnusable(unusable_reason(path, e)) from None
+
+
+def ensure_postgres(url: str, beside: Path | None = None) -> None:
+    """Bring the PostgreSQL database's schema up to date; `beside`'s directory holds the secrets files."""
+    from storage import pg_schema
+
+    if beside is not None:
+        try:
+            beside.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatabaseUnusable(f"cannot create the directory {beside.parent}: {e.strerror}.") from None
+    conn = pg.connect(url)
+    try:
+        pg_schema.migrate(conn)
+    except sqlite3.Error as e:
+        raise DatabaseUnusable(f"the PostgreSQL database {pg.redact(url)} cannot be used: {e}") from None
+    finally:
+        conn.close()
 
 
 def unusable_reason(path: Path, error: sqlite3.DatabaseError) -> str:
@@ -114,6 +162,46 @@ def inserted_id(cursor: sqlite3.Cursor) -> int:
     if cursor.lastrowid is None:  # only before any INSERT on this cursor
         raise sqlite3.InterfaceError("no row was inserted")
     return cursor.lastrowid
+
+
+class PolledRevisions:
+    """core.ports.Revisions for a database across a network (PostgreSQL): a thread of its own reads
+    them every POLL_SECONDS; the event loop's read_all only takes the last values read."""
+
+    POLL_SECONDS = 0.1
+
+    def __init__(self, path: str | Path) -> None:
+        import threading
+
+        self._path = path
+        self._names: tuple[str, ...] = ()
+        self._values: tuple[int, ...] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="keyrotor-revisions", daemon=True)
+        self._thread.start()
+
+    def read_all(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
+        if names != self._names:
+            self._names, self._values = names, None  # the thread reads these next
+        return self._values
+
+    def _run(self) -> None:
+        conn = connect(self._path)
+        try:
+            while not self._stop.wait(self.POLL_SECONDS):
+                names = self._names
+                if not names:
+                    continue
+                try:
+                    self._values = tuple(read_revision(conn, name) for name in names)
+                except sqlite3.Error:
+                    self._values = None  # unreachable for now: the proxy goes on with what it has
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 class RevisionReader:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from core.records import FlowRecord
-from storage import blobs, packing
+from storage import blobs, packing, pg
 from storage.sql import insert_many, placeholders
 
 # The one mapping of a FlowRecord to the flows table: every other module reads or writes
@@ -40,6 +40,16 @@ FTS_COLUMNS = ("path", "model", "request_body", "response_body")  # what full-te
 _INSERT_FTS = f"INSERT INTO flows_fts (rowid, {', '.join(FTS_COLUMNS)})"
 _DELETE_FTS = f"INSERT INTO flows_fts (flows_fts, rowid, {', '.join(FTS_COLUMNS)})"
 LEGACY_FTS = "flows_fts_legacy"  # the index of rows not converted yet (storage/conversion.py)
+# PostgreSQL: the flows' ids are taken from the sequence first (two nodes write at once), and
+# the full-text index is a tsvector per flow of the same words FTS5 would index (_Tokenizer).
+_PG_NEXT_IDS = "SELECT nextval(pg_get_serial_sequence('flows', 'id')) FROM generate_series(1, ?) ORDER BY 1"
+_PG_INSERT_HEAD = f"INSERT INTO flows /* ids from the sequence */ (id, {', '.join(_SCALAR_COLUMNS)}, content, parts)"
+_PG_INSERT_FTS = "INSERT INTO flows_fts (id, document)"
+# id + 0: PostgreSQL would otherwise read min(id) and max(id) off the ids' index, walking it
+# from either end past every flow outside the range; this reads the range from started_at's.
+_PG_RANGE_IDS = "SELECT min(id + 0), max(id + 0) FROM flows WHERE started_at >= ? AND started_at < ?"
+PG_FEW_MATCHES = 5000  # a search with at most this many matches reads them from the GIN index first
+PG_DOCUMENT_BYTES = 900_000  # PostgreSQL's tsvector holds at most 1 MB: words past this are not indexed
 
 # Columns the list views need; bodies and headers stay out of them.
 SUMMARY_COLUMNS = (
@@ -161,20 +171,33 @@ def insert_batch(conn: sqlite3.Connection, records: Iterable[FlowRecord], packer
             if values[i] is not None:
                 values[i] = json.dumps(values[i])
         rows.append([*values, content, parts])
-    first_id = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM flows").fetchone()[0]
-    insert_many(conn, _INSERT_HEAD, rows)  # one writer: the batch takes the ids after the largest
-    insert_many(
-        conn,
-        _INSERT_FTS,
-        [
-            (first_id + n, r.path, r.model, t[packing.REQUEST_BODY], t[packing.RESPONSE_BODY])
-            for n, (r, t) in enumerate(zip(records, texts, strict=True))
-        ],
-    )
+    if pg.is_postgres(conn):
+        ids = [r[0] for r in conn.execute(_PG_NEXT_IDS, (len(rows),))]
+        insert_many(conn, _PG_INSERT_HEAD, [[i, *row] for i, row in zip(ids, rows, strict=True)])
+        insert_many(
+            conn,
+            _PG_INSERT_FTS,
+            [
+                (i, _tokenizer.document((r.path, r.model, t[packing.REQUEST_BODY], t[packing.RESPONSE_BODY])))
+                for i, r, t in zip(ids, records, texts, strict=True)
+            ],
+        )
+    else:
+        first_id = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM flows").fetchone()[0]
+        insert_many(conn, _INSERT_HEAD, rows)  # one writer: the batch takes the ids after the largest
+        ids = list(range(first_id, first_id + len(rows)))
+        insert_many(
+            conn,
+            _INSERT_FTS,
+            [
+                (i, r.path, r.model, t[packing.REQUEST_BODY], t[packing.RESPONSE_BODY])
+                for i, r, t in zip(ids, records, texts, strict=True)
+            ],
+        )
     insert_many(
         conn,
         "INSERT OR IGNORE INTO flow_tags (tag, flow)",
-        [(tag, first_id + n) for n, r in enumerate(records) if r.tags for tag in r.tags.split(",")],
+        [(tag, i) for i, r in zip(ids, records, strict=True) if r.tags for tag in r.tags.split(",")],
     )
     insert_attempts(conn, records)
     for table, column in (("upstream_keys", "upstream_key_id"), ("client_keys", "client_key_id")):
@@ -338,6 +361,7 @@ class _Tokenizer(threading.local):
         self.conn = sqlite3.connect(":memory:")
         self.conn.execute("CREATE VIRTUAL TABLE words USING fts5(w)")
         self.conn.execute("CREATE VIRTUAL TABLE words_seen USING fts5vocab(words, 'instance')")
+        self.conn.execute("CREATE VIRTUAL TABLE words_known USING fts5vocab(words, 'row')")
         self.conn.execute(f"CREATE VIRTUAL TABLE checked USING fts5({', '.join(FTS_COLUMNS)})")
 
     def tokens(self, term: str) -> list[str]:
@@ -346,6 +370,18 @@ class _Tokenizer(threading.local):
             found = [r[0] for r in self.conn.execute("SELECT term FROM words_seen ORDER BY offset")]
             self.conn.execute("DELETE FROM words")
         return found
+
+    def document(self, texts: Iterable[str | None]) -> str:
+        """The distinct words FTS5 would index in `texts`, as PostgreSQL's tsvector reads them."""
+        text = "\n".join(t for t in texts if t)
+        if text.isascii():
+            # In ASCII, FTS5's unicode61 tokens are exactly the runs of letters and digits, folded to lower case.
+            return tsvector_text(sorted(set(_ASCII_TOKEN.findall(text.lower()))), plain=True)
+        with self.conn:
+            self.conn.execute("INSERT INTO words (rowid, w) VALUES (1, ?)", (text,))
+            terms = [r[0] for r in self.conn.execute("SELECT term FROM words_known")]
+            self.conn.execute("DELETE FROM words")
+        return tsvector_text(terms)
 
     def matching(self, rows: list[tuple], query: str) -> set[int]:
         """Ids of `rows` (id, path, model, request body, response body) that a full index would match."""
@@ -357,6 +393,44 @@ class _Tokenizer(threading.local):
 
 
 _tokenizer = _Tokenizer()
+_ASCII_TOKEN = re.compile("[a-z0-9]+")
+
+
+def _lexeme(word: str) -> str:
+    return "'" + word.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def tsvector_text(words: list[str], plain: bool = False) -> str:
+    """Words as a tsvector literal, up to PG_DOCUMENT_BYTES (PostgreSQL refuses longer ones).
+
+    `plain`: the words are ASCII letters and digits, which need no quoting."""
+    if plain:
+        joined = " ".join(words)
+        if len(joined) * 2 < PG_DOCUMENT_BYTES and max(map(len, words), default=0) < 2047:  # words: a list
+            return joined
+    out, size = [], 0
+    for word in words:
+        length = len(word.encode())
+        if length >= 2047:  # PostgreSQL's longest lexeme
+            continue
+        size += length + 8  # a lexeme's share of the tsvector's size, roughly
+        if size > PG_DOCUMENT_BYTES:
+            break
+        out.append(word if plain else _lexeme(word))
+    return " ".join(out)
+
+
+def document_of(texts: Iterable[str | None]) -> str:
+    """A flow's full-text entry on PostgreSQL (flows_fts.document): path, model and both bodies."""
+    return _tokenizer.document(texts)
+
+
+def tsquery_text(text: str) -> str | None:
+    """User text as a tsquery that every flow FTS5 would match also matches: all their words' tokens."""
+    words = [t for term in text.split()[:20] for t in _tokenizer.tokens(term)]
+    if not words:
+        return None
+    return " & ".join(_lexeme(w) for w in dict.fromkeys(words))
 
 
 def _index_query(text: str) -> tuple[str, _Phrases | None] | None:
@@ -490,7 +564,10 @@ def _id_range(conn: sqlite3.Connection, f: FlowFilter, before_id: int | None) ->
         until = f.until if f.until is not None else float("inf")
         if _estimated_rows(conn, since, until) <= NARROW_RANGE_ROWS:
             first, last = conn.execute(
-                "SELECT min(id), max(id) FROM flows WHERE started_at >= ? AND started_at < ?", (since, until)
+                _PG_RANGE_IDS
+                if pg.is_postgres(conn)
+                else "SELECT min(id), max(id) FROM flows WHERE started_at >= ? AND started_at < ?",
+                (since, until),
             ).fetchone()  # an index-only walk of the range
             if first is None:
                 return None
@@ -563,8 +640,14 @@ def _search(
         rows, checked_down_to = _text_search(conn, f, f.q, ids, limit, selected, budget)
     if packed:
         known: dict[int, str] = {}
+        _read_parts(conn, rows, known)
         rows = [unpack_row(conn, row, known) for row in rows]
     return Page(rows, checked_down_to)
+
+
+def _read_parts(conn: sqlite3.Connection, rows: list, known: dict[int, str]) -> None:
+    """The repeated parts of all `rows` in one read, rather than one per row as each is unpacked."""
+    blobs.texts_of(conn, (ref[2] for row in rows for ref in packing.decode_refs(row["parts"])), known)
 
 
 def _legacy_range(conn: sqlite3.Connection) -> tuple[int, int] | None:
@@ -597,6 +680,8 @@ def _text_search(
         span = (max(low, legacy[0] + 1), min(high, legacy[1]))
         rows += _walk(conn, f, LEGACY_FTS, query, None, span, limit, selected, legacy)[0]
     index_query, check = index
+    if pg.is_postgres(conn):
+        index_query = tsquery_text(text) or ""
     found, checked_down_to = _walk(conn, f, "flows_fts", index_query, check, ids, limit, selected, legacy, budget)
     rows += found
     if checked_down_to is not None:  # what lies below is the next page's, from either index
@@ -630,6 +715,27 @@ def _walk(
     `legacy` is the id range of rows not converted yet: the old index answers for them.
     """
     where, params = _conditions(f, "flows", legacy)
+    if pg.is_postgres(conn):
+        low, high = ids
+        # A rare word: walking the ids newest first and testing each flow's words would read
+        # them all (PostgreSQL's planner takes that walk for ORDER BY id LIMIT). Its few
+        # matches are found from the GIN index first, unordered; the walk then visits only them.
+        few = conn.execute(
+            "SELECT id FROM flows_fts WHERE document @@ ?::tsquery AND id BETWEEN ? AND ? LIMIT ?",
+            (query, low, high, PG_FEW_MATCHES + 1),
+        ).fetchall()
+        if not few:
+            return [], None
+        where.insert(0, "flows_fts.document @@ ?::tsquery")
+        params.insert(0, query)
+        if len(few) <= PG_FEW_MATCHES:
+            where.append(f"flows_fts.id IN ({', '.join(str(int(r[0])) for r in few)})")
+        where.append("flows_fts.id BETWEEN ? AND ?")
+        sql = (
+            f"SELECT flows.id AS id_, {selected} FROM flows_fts JOIN flows ON flows.id = flows_fts.id"
+            f" WHERE {' AND '.join(where)} ORDER BY flows_fts.id DESC LIMIT ?"
+        )
+        return _walk_rounds(conn, sql, params, check, ids, limit, budget)
     where.insert(0, f"{index} MATCH ?")
     params.insert(0, query)
     if legacy and index != LEGACY_FTS:  # the rows the old index answers for
@@ -640,6 +746,18 @@ def _walk(
         f"SELECT flows.id AS id_, {selected} FROM {index} JOIN flows ON flows.id = {index}.rowid"
         f" WHERE {' AND '.join(where)} ORDER BY {index}.rowid DESC LIMIT ?"
     )
+    return _walk_rounds(conn, sql, params, check, ids, limit, budget)
+
+
+def _walk_rounds(
+    conn: sqlite3.Connection,
+    sql: str,
+    params: list,
+    check: _Phrases | None,
+    ids: tuple[int, int],
+    limit: int,
+    budget: int | None,
+) -> tuple[list, int | None]:
     low, high = ids
     if check is None:
         return [_without_id(r) for r in conn.execute(sql, (*params, low, high, limit))], None
@@ -676,7 +794,8 @@ def _texts_of(conn: sqlite3.Connection, row_ids: list[int]) -> list[tuple]:
         f"SELECT id, path, model, request_body, response_body, content, parts FROM flows"
         f" WHERE id IN ({', '.join('?' * len(row_ids))})",
         row_ids,
-    )
+    ).fetchall()
+    _read_parts(conn, rows, known)
     texts = []
     for row in rows:
         plain = unpack_row(conn, row, known)
@@ -698,6 +817,14 @@ PURGE_CHUNK = 1000  # rows per transaction: the writer's next batch never waits 
 
 def used_bytes(conn: sqlite3.Connection) -> int:
     """The database's pages in use: its size less the free pages new rows will reuse first."""
+    if pg.is_postgres(conn):
+        # What the rows hold: PostgreSQL keeps a deleted row's space until a vacuum, and reuses
+        # it then; the file sizes would not shrink as retention deletes.
+        return conn.execute(
+            "SELECT (SELECT coalesce(sum(pg_column_size(f.*)), 0) FROM flows f)"
+            " + (SELECT coalesce(sum(pg_column_size(x.*)), 0) FROM flows_fts x)"
+            " + (SELECT coalesce(sum(pg_column_size(b.*)), 0) FROM blobs b)"
+        ).fetchone()[0]
     pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
     return pages * conn.execute("PRAGMA page_size").fetchone()[0]
 
@@ -725,7 +852,7 @@ def purge_chunk(conn: sqlite3.Connection, older_than: float | None, keep_rows: i
     boundaries = []
     if older_than is not None:
         row = conn.execute(
-            "SELECT max(id) FROM (SELECT id FROM flows WHERE started_at < ? ORDER BY started_at LIMIT ?)",
+            "SELECT max(id) FROM (SELECT id FROM flows WHERE started_at < ? ORDER BY started_at LIMIT ?) AS oldest",
             (older_than, PURGE_CHUNK),
         ).fetchone()
         if row[0] is not None:
@@ -767,6 +894,10 @@ def forget_texts(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> None:
     """
     packed = [r for r in rows if r["content"] is not None]
     legacy = [r for r in rows if r["content"] is None]
+    if pg.is_postgres(conn):
+        conn.execute(f"DELETE FROM flows_fts WHERE id IN ({', '.join('?' * len(rows))})", [r["id"] for r in rows])
+        blobs.release(conn, [ref[2] for r in packed for ref in packing.decode_refs(r["parts"])])
+        return
     known: dict[int, str] = {}
     insert_many(
         conn,

@@ -218,7 +218,7 @@ def breakdown(
     where, params = _window(dimension, since, until)
     rows = conn.execute(
         f"SELECT value, {_SUMS} FROM {table_of('hour')} {where} GROUP BY value ORDER BY sum(requests) DESC LIMIT ?",
-        (*params, -1 if limit is None else limit),
+        (*params, 2**63 - 1 if limit is None else limit),
     ).fetchall()
     return [(_dimension_value(dimension, row[0]), _totals(tuple(row[1:]))) for row in rows]
 

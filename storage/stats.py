@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage import conversion, flows
+from storage import conversion, flows, pg
 
 DAY = 86400.0
 GB = 10**9  # capture.max_gb is in decimal gigabytes, as disks are sold
@@ -51,6 +51,15 @@ class RetentionOutlook:
 
 
 def _page_bytes(conn: sqlite3.Connection) -> dict[str, int]:
+    if pg.is_postgres(conn):  # each table (with its TOAST table, where long values go) and index
+        return dict(
+            conn.execute(
+                "SELECT c.relname,"
+                " pg_relation_size(c.oid) + coalesce(pg_total_relation_size(nullif(c.reltoastrelid, 0)), 0)"
+                " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'i')"
+            )
+        )
     try:
         return dict(conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name"))
     except sqlite3.OperationalError:  # an SQLite built without dbstat: totals only
@@ -83,7 +92,10 @@ def collect(conn: sqlite3.Connection, db_path: Path, now: float | None = None) -
         moved = min(packed, by_part["rows"])
         by_part["rows"] -= moved
         by_part["bodies"] += moved
-    file_bytes = sum(p.stat().st_size for p in (db_path, Path(f"{db_path}-wal")) if p.exists())
+    if pg.is_postgres(conn):
+        file_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    else:
+        file_bytes = sum(p.stat().st_size for p in (db_path, Path(f"{db_path}-wal")) if p.exists())
     last_day = conn.execute("SELECT count(*) FROM flows WHERE started_at >= ?", (now - DAY,)).fetchone()[0]
     return StorageStats(
         flows=count,

@@ -353,7 +353,7 @@ class Writer:
             self._complained_at = now
             log.warning(
                 "capture cannot write to %s (%s); %d flows are kept in memory and the write is retried",
-                self.path,
+                db.where(self.path or ""),
                 error,
                 len(self._pending),
             )

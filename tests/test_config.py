@@ -217,7 +217,7 @@ def test_proxy_workers_takes_a_number_or_auto_for_every_core(value, workers):
 
 
 def test_the_table_covers_every_setting():
-    secrets = {"ui.metrics_token", "alerts.webhook_url", "otel.headers", "redis.url"}  # see below
+    secrets = {"ui.metrics_token", "alerts.webhook_url", "otel.headers", "redis.url", "storage.url"}  # see below
     assert {name for name, _, _ in BAD_VALUES} | secrets == set(BY_NAME)
     addon_settings = {name for name in BY_NAME if name.split(".")[0] in ADDON_OF or name in ADDON_OF}
     assert {s.name for s in ADDON_SETTINGS} == addon_settings
@@ -304,6 +304,16 @@ def test_a_bad_webhook_url_is_not_repeated_and_budget_percents_read_as_a_list(tm
     assert loaded.alerts.budget_percents == (50, 80, 100)
     assert loaded.alerts.webhook_url == "https://example.com/hook"
     assert load_settings(environ={"KEYROTOR_ALERTS_BUDGET_PERCENTS": "90"}).alerts.budget_percents == (90,)
+
+
+def test_a_bad_storage_url_is_not_repeated_and_a_good_one_is_kept():
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"KEYROTOR_STORAGE_URL": "mysql://root:hunter2@db/keyrotor"})
+    assert "hunter2" not in str(raised.value)
+    assert str(raised.value).startswith("storage.url must be a postgresql:// URL")
+    url = "postgresql://keyrotor:hunter2@db.internal:5432/keyrotor"
+    assert load_settings(environ={"KEYROTOR_STORAGE_URL": url}).storage.url == url
+    assert load_settings(environ={}).storage.url == ""  # SQLite at storage.path
 
 
 def test_bad_collector_headers_are_not_repeated_and_good_ones_read_as_a_list_or_a_string(tmp_path):

@@ -37,10 +37,6 @@ from tests.deploy.deploy_files import (
 
 # Variables keyrotor reads that are not settings (docs/configuration.md).
 SECRET_VARIABLES = {"KEYROTOR_SECRET", "KEYROTOR_ADMIN_KEY"}
-# Settings issue 23 names exactly, built on other branches at the same time as this one. Accepted here
-# only while config.py does not declare them yet; once merged, they are checked like any other.
-# (Lead: empty this set after merging the PostgreSQL and Redis branches.)
-PENDING_SETTINGS = {"storage.url", "redis.url"}
 NODES = ("keyrotor-1", "keyrotor-2")
 
 
@@ -52,10 +48,6 @@ def services() -> dict:
 def setting_of(variable: str):
     """The setting a KEYROTOR_<SECTION>_<KEY> variable sets, or None."""
     return next((s for s in SETTINGS if s.env_var == variable), None)
-
-
-def pending(variable: str) -> bool:
-    return any(f"KEYROTOR_{name.replace('.', '_')}".upper() == variable for name in PENDING_SETTINGS - set(BY_NAME))
 
 
 def node_settings(services: dict, node: str) -> dict[str, str]:
@@ -85,7 +77,7 @@ def test_every_keyrotor_variable_is_a_real_setting_with_a_good_value(services, n
         if setting is not None:
             setting.check(value, f"{node}'s {variable}")  # ConfigError names it
         else:
-            assert variable in SECRET_VARIABLES or pending(variable), f"{variable} is not a keyrotor setting"
+            assert variable in SECRET_VARIABLES, f"{variable} is not a keyrotor setting"
 
 
 def test_the_nodes_listen_where_nginx_sends_and_the_image_exposes(services):

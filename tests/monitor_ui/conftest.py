@@ -4,6 +4,7 @@ writer stores them, and the checks every page passes."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -30,19 +31,28 @@ def ui_db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def open_ui(ui_db_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenUI]:
+def open_ui(ui_db_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[OpenUI]:
     """Opens the monitor UI on a fresh database (`ui_db_path`) whose admin key is `admin`.
 
     `settings` are overrides beside storage.path; `seed(conn, path)` fills the database before the
-    app starts. The client follows no redirects; it is closed after the test.
+    app starts. The client follows no redirects; it is closed after the test. With
+    KEYROTOR_TEST_STORAGE=postgresql the UI's data is in a fresh PostgreSQL database instead
+    (storage.url; a run of these tests on PostgreSQL, docs/postgresql.md).
     """
+    on_postgres = os.environ.get("KEYROTOR_TEST_STORAGE") == "postgresql"
     with ExitStack() as opened:
+        if on_postgres:
+            opened.callback(db.use_postgres, None)
 
         def open_ui(admin: str, settings: dict[str, str] | None = None, seed: Seed | None = None) -> TestClient:
             # storage.secrets reads these from os.environ, not from the settings.
             monkeypatch.setenv("KEYROTOR_ADMIN_KEY", admin)
             monkeypatch.delenv("KEYROTOR_SECRET", raising=False)
-            loaded = load_settings(overrides={"storage.path": str(ui_db_path), **(settings or {})}, environ={})
+            overrides = {"storage.path": str(ui_db_path), **(settings or {})}
+            if on_postgres:
+                overrides["storage.url"] = request.getfixturevalue("postgres_url")
+                db.use_postgres(overrides["storage.url"])
+            loaded = load_settings(overrides=overrides, environ={})
             path = loaded.storage_path
             db.ensure_database(path)
             if seed is not None:

@@ -50,11 +50,16 @@ def make_rows(seed: int) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def seeded(tmp_path_factory):
-    path = tmp_path_factory.mktemp("search") / "kr.db"
-    db.ensure_database(path)
-    conn = db.connect(path)
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def seeded(request, tmp_path_factory):
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_server").database("search")
+        db.ensure_database(url)
+        conn = db.connect(url)
+    else:
+        path = tmp_path_factory.mktemp("search") / "kr.db"
+        db.ensure_database(path)
+        conn = db.connect(path)
     rows = make_rows(7)
     with conn:
         flows.insert_batch(conn, [FlowRecord(**r) for r in rows])
@@ -89,9 +94,16 @@ def matches(row: dict, f: FlowFilter) -> bool:
     if f.after_id is not None and row["id"] <= f.after_id:
         return False
     if f.q:
-        tokens = set(re.findall(r"\w+", " ".join(str(row[c] or "") for c in ("path", "model", "request_body"))))
-        return all(word in tokens for word in f.q.split())
+        # FTS5's reading: each word's tokens, one after the other within one column (a phrase).
+        columns = [re.findall(r"[a-z0-9]+", str(row[c] or "").lower()) for c in ("path", "model", "request_body")]
+        return all(
+            any(holds(tokens, re.findall(r"[a-z0-9]+", word.lower())) for tokens in columns) for word in f.q.split()
+        )
     return True
+
+
+def holds(tokens: list[str], phrase: list[str]) -> bool:
+    return any(tokens[i : i + len(phrase)] == phrase for i in range(len(tokens) - len(phrase) + 1))
 
 
 def random_filter(rng: random.Random) -> FlowFilter:
@@ -99,7 +111,7 @@ def random_filter(rng: random.Random) -> FlowFilter:
     since = T0 + rng.uniform(0, span) if rng.random() < 0.6 else None
     until = (since or T0) + rng.uniform(0, span / 4) if rng.random() < 0.6 else None
     return FlowFilter(
-        q=rng.choice((None, None, "alpha", "bravo charlie")),
+        q=rng.choice((None, None, "alpha", "bravo charlie", "gpt-4o", "4o-MINI", "chat/completions alpha")),
         status=rng.choice((None, None, "2xx", "4xx", "5xx", "error")),
         model=rng.choice((None, None, *[m for m in MODELS if m])),
         client_key_id=rng.choice((None, None, 1, 2)),

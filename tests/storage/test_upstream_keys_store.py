@@ -28,7 +28,7 @@ def test_add_reports_added_duplicates_and_malformed_lines(store):
     assert (again.added, again.duplicates) == ([], 1)
 
 
-def test_values_exist_only_encrypted(store):
+def test_values_exist_only_encrypted(store, sqlite_only):
     path, conn, cipher = store
     add_keys(SqliteKeyStore(conn, cipher), [GOOD])
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from core.records import FlowRecord
-from storage import capture_status, writer
+from storage import capture_status, db, writer
 from tests.conftest import wait_for
 
 
@@ -25,7 +25,7 @@ class Broken:
 
 
 def count(path) -> int:
-    conn = sqlite3.connect(path)
+    conn = db.connect(path)
     try:
         return conn.execute("SELECT count(*) FROM flows").fetchone()[0]
     finally:
@@ -46,7 +46,7 @@ def test_everything_queued_is_written_by_shutdown(database):
     assert count(path) == 2500
 
 
-def test_rows_wait_while_another_connection_holds_the_write_lock(database):
+def test_rows_wait_while_another_connection_holds_the_write_lock(database, sqlite_only):
     holder = sqlite3.connect(database, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another program's long write transaction
     shared = writer.acquire(database)
@@ -67,7 +67,7 @@ def test_rows_wait_while_another_connection_holds_the_write_lock(database):
     assert (status.waiting, status.failing_since, status.dropped) == (0, None, 0)
 
 
-def test_beyond_the_backlog_the_oldest_rows_are_dropped_and_counted(database):
+def test_beyond_the_backlog_the_oldest_rows_are_dropped_and_counted(database, sqlite_only):
     holder = sqlite3.connect(database, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     shared = writer.acquire(database)
@@ -101,7 +101,7 @@ class BigRow(Row):
         )
 
 
-def test_a_full_disk_counts_what_it_drops_and_capture_resumes_when_space_returns(database, monkeypatch):
+def test_a_full_disk_counts_what_it_drops_and_capture_resumes_when_space_returns(database, sqlite_only, monkeypatch):
     # SQLite's max_page_count makes the database "full" (SQLITE_FULL) with no disk tricks; it is a
     # setting of the writer's own connection, so it is applied there, before each write.
     pages: dict[str, int | None] = {"max": None}
@@ -139,7 +139,7 @@ def test_a_full_disk_counts_what_it_drops_and_capture_resumes_when_space_returns
         shared.stop()
 
 
-def test_the_wal_is_truncated_once_a_long_reader_lets_go(database, monkeypatch):
+def test_the_wal_is_truncated_once_a_long_reader_lets_go(database, sqlite_only, monkeypatch):
     monkeypatch.setattr(writer, "CHECKPOINT_SECONDS", 0.2)
     wal = database.with_name(database.name + "-wal")
     reader = sqlite3.connect(database, isolation_level=None)

@@ -70,6 +70,7 @@ FLUSH_SECONDS = 1.0  # the lease holder copies counters into the database this o
 LEASE_MS = 3000
 NODE_TTL_SECONDS = 30  # a node that stopped heartbeating this long: its requests in flight and holds end
 HEARTBEAT_SECONDS = 5.0
+SEED_REFUSED = "it is empty and the database cannot be read to seed it"
 STREAM_MAXLEN = 10_000
 READ_BLOCK_MS = 20  # with least_used, the reader also reads the others' requests in flight this often
 IDLE_BLOCK_MS = 1000  # otherwise it waits this long for events (an event ends the wait at once)
@@ -260,6 +261,7 @@ class RedisHealth:
         with self._lock:
             self.errors += 1
             if not self.up and self._warned:
+                self.error = _reason(error)  # the dashboard shows the latest reason; the log said it once
                 return
             self.up = False
             self._warned = True
@@ -813,6 +815,10 @@ class RedisLink:
             self._resuming.clear()
             self.health.failed(e)
             return
+        except sqlite3.Error as e:
+            self._resuming.clear()
+            self._cannot_seed(e)
+            return
         if self.loop is None:
             self._resync()
             return
@@ -825,8 +831,16 @@ class RedisLink:
             self.health.recovered()
         except redis.RedisError as e:
             self.health.failed(e)
+        except sqlite3.Error as e:  # emptied again between the keeper's seed and this resync
+            self._cannot_seed(e)
         finally:
             self._resuming.clear()
+
+    def _cannot_seed(self, error: sqlite3.Error) -> None:
+        """Redis answers but is empty, and the database's totals cannot be read (PostgreSQL away): seeding it
+        from nothing would forget what clients spent, so for this node Redis is as good as unreachable. It
+        serves on its local view (said once per outage, with this reason) and tries again every RETRY_SECONDS."""
+        self.health.failed(RuntimeError(f"{SEED_REFUSED}: {error}"))
 
     def _heartbeat(self, client: redis.Redis) -> None:
         pipe = client.pipeline(transaction=False)

@@ -10,6 +10,7 @@ both nodes is recorded once in PostgreSQL; and neither node writes a SQLite file
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +20,14 @@ import pytest
 from storage import db, pg, redis_shared
 from tests.conftest import Keyrotor, wait_for
 from tests.fake_upstream import FakeUpstream
-from tests.services import RedisServer
+from tests.services import PostgresServer, RedisServer
 from tests.test_postgresql_integration import SECRET, second_node
 from tests.test_redis_integration import PROPAGATION_BOUND, Nodes, burst, send
 
 GOOD = ["sk-good-pgredis-aaaaaaaaaaaaaaaaaaaa0001", "sk-good-pgredis-bbbbbbbbbbbbbbbbbbbb0002"]
 REVOKED = "sk-good-pgredis-revokedxxxxxxxxxxxxx0003"
+REJOINED = "answers again: "  # storage/redis_shared.py's log line when a node shares through Redis again
+UNREACHABLE = "REDIS UNREACHABLE"
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +39,23 @@ def _this_test_only() -> Iterator[None]:
     redis_shared._announcing.clear()
 
 
+@pytest.fixture
+def other(keyrotor: Keyrotor, postgres_url: str, redis_server: RedisServer, tmp_path: Path) -> Iterator[Keyrotor]:
+    """`keyrotor` on PostgreSQL and Redis, and another machine's node on the same database, Redis and secret."""
+    keyrotor.env.update(KEYROTOR_STORAGE_URL=postgres_url, KEYROTOR_SECRET=SECRET, KEYROTOR_REDIS_URL=redis_server.url)
+    node = second_node(keyrotor, tmp_path)
+    yield node
+    node.stop()
+
+
+def start_both(keyrotor: Keyrotor, other: Keyrotor) -> Nodes:
+    nodes = Nodes(keyrotor).start(1)
+    other.start_proxy()
+    assert other.proxy_port is not None
+    nodes.ports.append(other.proxy_port)
+    return nodes
+
+
 def rows(postgres_url: str, sql: str) -> list:
     conn = pg.connect(postgres_url)
     try:
@@ -45,72 +65,126 @@ def rows(postgres_url: str, sql: str) -> list:
 
 
 def test_two_nodes_on_one_postgresql_and_one_redis_share_limits_keys_budgets_and_captures(
-    keyrotor: Keyrotor, upstream: FakeUpstream, postgres_url: str, redis_server: RedisServer, tmp_path: Path
+    keyrotor: Keyrotor, other: Keyrotor, upstream: FakeUpstream, postgres_url: str
 ):
-    keyrotor.env.update(KEYROTOR_STORAGE_URL=postgres_url, KEYROTOR_SECRET=SECRET, KEYROTOR_REDIS_URL=redis_server.url)
     keyrotor.add_keys(*GOOD, REVOKED)
     upstream.set_key(REVOKED, "invalid")
     steady = keyrotor.add_client("steady")
     limited = keyrotor.setup("clients", "add", "limited", "--rpm", "6").stdout.strip().splitlines()[-1]
     budget = keyrotor.setup("clients", "add", "budget", "--daily-tokens", "300").stdout.strip().splitlines()[-1]
-    other = second_node(keyrotor, tmp_path)  # another machine's directory, same database, Redis and secret
-    nodes = Nodes(keyrotor).start(1)
-    other.start_proxy()
-    assert other.proxy_port is not None
-    nodes.ports.append(other.proxy_port)
+    nodes = start_both(keyrotor, other)
     sent = 0
+    # A key refused through node A is never sent by node B (first: a burst could meet it on both at once).
+    for _ in range(20):
+        assert send(nodes, 0, steady) == [200]
+        sent += 1
+        if REVOKED in upstream.keys_seen():
+            break
+    assert upstream.keys_seen().count(REVOKED) == 1
+    time.sleep(PROPAGATION_BOUND)
+    assert send(nodes, 1, steady, 30) == [200] * 30
+    sent += 30
+    assert upstream.keys_seen().count(REVOKED) == 1
+
+    # RPM 6 across both nodes, 12 requests at each at once: exactly 6 through.
+    statuses = burst(nodes, limited, 12)
+    sent += 24
+    assert sum(per_node.count(200) for per_node in statuses) == 6, statuses
+    assert sum(per_node.count(429) for per_node in statuses) == 18, statuses
+
+    # One budget across both nodes.
+    served = 0
+    for i in range(60):
+        status = send(nodes, i % 2, budget, max_tokens=5)[0]
+        sent += 1
+        if status != 200:
+            assert status == 429
+            break
+        served += 1
+    else:
+        pytest.fail("the budget never refused")
+    assert send(nodes, 0, budget, max_tokens=5) == [429]
+    assert send(nodes, 1, budget, max_tokens=5) == [429]
+    sent += 2
+    assert served >= 4
+
+    # Every flow of both nodes, once, in PostgreSQL; the spend copied there by the lease holder.
+    wait_for(lambda: rows(postgres_url, "SELECT count(*) FROM flows")[0][0] == sent, what=f"all {sent} flows")
+    assert rows(postgres_url, "SELECT count(DISTINCT id) FROM flows")[0][0] == sent
+    used = rows(
+        postgres_url,
+        "SELECT coalesce(sum(f.total_tokens), 0) FROM flows f JOIN clients c ON c.id = f.client_id"
+        " WHERE c.name = 'budget' AND f.status = 200",
+    )[0][0]
+    assert used >= 300
+    client_id = rows(postgres_url, "SELECT id FROM clients WHERE name = 'budget'")[0][0]
+    spend = f"SELECT value FROM limit_counters WHERE name LIKE 'spend:{client_id}:tokens:day:%'"
+    wait_for(
+        lambda: [r[0] for r in rows(postgres_url, spend)] == [used],
+        what="the budget's spend in PostgreSQL",
+    )
+    assert not (keyrotor.db_path.exists() or other.db_path.exists())  # no SQLite file on either machine
+    for node in (keyrotor, other):
+        assert node.logs().count(UNREACHABLE) == 0
+
+
+def test_redis_restarted_then_postgresql_stopped_for_ten_seconds_under_load_fail_no_request_and_lose_no_flow(
+    keyrotor: Keyrotor,
+    other: Keyrotor,
+    upstream: FakeUpstream,
+    postgres_url: str,
+    postgres_server: PostgresServer,
+    redis_server: RedisServer,
+):
+    keyrotor.add_keys(*GOOD)
+    steady = keyrotor.add_client("steady")
+    shared = keyrotor.setup("clients", "add", "shared", "--rpm", "4").stdout.strip().splitlines()[-1]
+    nodes = start_both(keyrotor, other)
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load(node: int) -> None:
+        while not stop.is_set():
+            statuses.extend(send(nodes, node, steady, 2))
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
     try:
-        # A key refused through node A is never sent by node B (first: a burst could meet it on both at once).
-        for _ in range(20):
-            assert send(nodes, 0, steady) == [200]
-            sent += 1
-            if REVOKED in upstream.keys_seen():
-                break
-        assert upstream.keys_seen().count(REVOKED) == 1
-        time.sleep(PROPAGATION_BOUND)
-        assert send(nodes, 1, steady, 30) == [200] * 30
-        sent += 30
-        assert upstream.keys_seen().count(REVOKED) == 1
-
-        # RPM 6 across both nodes, 12 requests at each at once: exactly 6 through.
-        statuses = burst(nodes, limited, 12)
-        sent += 24
-        assert sum(per_node.count(200) for per_node in statuses) == 6, statuses
-        assert sum(per_node.count(429) for per_node in statuses) == 18, statuses
-
-        # One budget across both nodes.
-        served = 0
-        for i in range(60):
-            status = send(nodes, i % 2, budget, max_tokens=5)[0]
-            sent += 1
-            if status != 200:
-                assert status == 429
-                break
-            served += 1
-        else:
-            pytest.fail("the budget never refused")
-        assert send(nodes, 0, budget, max_tokens=5) == [429]
-        assert send(nodes, 1, budget, max_tokens=5) == [429]
-        sent += 2
-        assert served >= 4
-
-        # Every flow of both nodes, once, in PostgreSQL; the spend copied there by the lease holder.
-        wait_for(lambda: rows(postgres_url, "SELECT count(*) FROM flows")[0][0] == sent, what=f"all {sent} flows")
-        assert rows(postgres_url, "SELECT count(DISTINCT id) FROM flows")[0][0] == sent
-        used = rows(
-            postgres_url,
-            "SELECT coalesce(sum(f.total_tokens), 0) FROM flows f JOIN clients c ON c.id = f.client_id"
-            " WHERE c.name = 'budget' AND f.status = 200",
-        )[0][0]
-        assert used >= 300
-        client_id = rows(postgres_url, "SELECT id FROM clients WHERE name = 'budget'")[0][0]
-        spend = f"SELECT value FROM limit_counters WHERE name LIKE 'spend:{client_id}:tokens:day:%'"
-        wait_for(
-            lambda: [r[0] for r in rows(postgres_url, spend)] == [used],
-            what="the budget's spend in PostgreSQL",
-        )
-        assert not (keyrotor.db_path.exists() or other.db_path.exists())  # no SQLite file on either machine
-        for node in (keyrotor, other):
-            assert node.logs().count("REDIS UNREACHABLE") == 0
+        wait_for(lambda: len(statuses) >= 20, what="traffic before the outages")
+        redis_server.stop()
+        wait_for(lambda: all(UNREACHABLE in n.logs() for n in (keyrotor, other)), what="both nodes warn")
+        time.sleep(0.5)
+        redis_server.start()
+        wait_for(lambda: all(n.logs().count(REJOINED) == 1 for n in (keyrotor, other)), 15, what="both rejoin")
+        postgres_server.stop()
+        try:
+            before, stopped = len(statuses), time.monotonic()
+            time.sleep(2)
+            # Redis restarted empty while PostgreSQL is away: the totals to seed it from cannot be read, and
+            # seeding it from nothing would forget what was spent, so the nodes stay on their local view.
+            redis_server.restart(0.5)
+            wait_for(lambda: all(n.logs().count(UNREACHABLE) == 2 for n in (keyrotor, other)), 15, what="warned")
+            time.sleep(max(0.0, 10 - (time.monotonic() - stopped)))  # PostgreSQL away for ten seconds
+            during = len(statuses) - before
+            assert all(n.logs().count(REJOINED) == 1 for n in (keyrotor, other))  # not back on an empty Redis
+        finally:
+            postgres_server.start()
+        wait_for(lambda: all(n.logs().count(REJOINED) == 2 for n in (keyrotor, other)), 15, what="both rejoin again")
+        wait_for(lambda: len(statuses) >= before + during + 20, what="traffic after the outages")
     finally:
-        other.stop()
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert statuses and set(statuses) == {200}, [s for s in statuses if s != 200]
+    assert during > 20  # both nodes served while PostgreSQL was away
+    sent = len(statuses)
+    wait_for(lambda: rows(postgres_url, "SELECT count(*) FROM flows")[0][0] == sent, 30, what=f"all {sent} flows")
+    assert rows(postgres_url, "SELECT count(DISTINCT id) FROM flows")[0][0] == sent
+    # Coordination is whole again after both outages: one RPM across both nodes.
+    after = burst(nodes, shared, 8)
+    assert sum(per_node.count(200) for per_node in after) == 4, after
+    for node in (keyrotor, other):
+        assert "captured flows are lost" not in node.logs()
+        assert node.logs().count(UNREACHABLE) == 2  # once per node and outage, not per request

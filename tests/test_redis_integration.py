@@ -207,7 +207,7 @@ def test_redis_restarted_mid_load_loses_no_request_and_limits_resume(
         assert 3 <= sum(per_node.count(200) for per_node in during) <= 6, during
         time.sleep(0.5)
         redis_server.start()
-        wait_for(lambda: kr.logs().count("answers again") >= 2, 15, what="both nodes rejoin Redis")
+        wait_for(lambda: kr.logs().count("answers again: ") >= 2, 15, what="both nodes rejoin Redis")
         time.sleep(0.5)
     finally:
         stop.set()
@@ -242,7 +242,7 @@ def test_redis_down_at_start_the_node_serves_and_warns(kr: Keyrotor, upstream: F
     assert "Redis is unreachable since" in notice and "1 node serves on its local view" in notice
 
     redis_server.start()
-    wait_for(lambda: "answers again" in kr.logs(), 15, what="the node joins Redis")
+    wait_for(lambda: "answers again: " in kr.logs(), 15, what="the node joins Redis")
     wait_for(
         lambda: (
             "keyrotor_redis_up 1"

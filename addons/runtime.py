@@ -104,11 +104,9 @@ class Runtime:
 
     def configure(self, updated: set[str]) -> None:
         if "keyrotor_storage" in updated:
-            if ctx.options.proxy_workers > 1 and isinstance(self.backend, PostgresBackend):
-                raise exceptions.OptionsError(
-                    "proxy.workers above 1 with storage.url (PostgreSQL) is not supported yet: run one worker"
-                    " per node, several nodes on the same database (docs/postgresql.md)."
-                )
+            postgres_alone = isinstance(self.backend, PostgresBackend) and not self.backend.redis_url
+            if ctx.options.proxy_workers > 1 and postgres_alone:
+                raise exceptions.OptionsError(workers.NEED_REDIS)  # the supervisor refuses first (cli/workers.py)
             if ctx.options.proxy_workers > 1 and isinstance(self.backend, SqliteBackend):
                 self.backend.worker = ctx.options.proxy_worker_index  # what workers share: storage/workers.py
             try:

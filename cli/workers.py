@@ -47,6 +47,8 @@ def supervise(args: argparse.Namespace, settings: Settings) -> int:
             "--web runs mitmweb, which shows the flows of its own process only: use it with proxy.workers = 1"
             " (every worker's flows are on the UI's flows page)."
         )
+    if count > 1 and settings["storage.url"] and not settings["redis.url"]:
+        raise ConfigError(shared.NEED_REDIS)  # at once: each worker would refuse, and be restarted, until given up
     shared.prepare(settings.storage_path, count)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     children: dict[int, subprocess.Popen] = {}

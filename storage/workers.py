@@ -72,6 +72,13 @@ SCHEMA = (
 )
 
 
+# Workers share through the <database>.workers SQLite file or through Redis; PostgreSQL alone has neither.
+NEED_REDIS = (
+    "proxy.workers above 1 with storage.url (PostgreSQL) needs redis.url, through which the workers share"
+    " limits and key states: set it, or run one worker per node (docs/postgresql.md)."
+)
+
+
 class NotPrepared(ValueError):
     """The shared file was not made by a supervisor (cli/workers.py): the message says what to run."""
 

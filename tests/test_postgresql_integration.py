@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from storage import db, pg
-from tests.conftest import ADMIN_KEY, Keyrotor, wait_for
+from tests.conftest import ADMIN_KEY, Keyrotor, free_port, port_open, wait_for
 from tests.services import PostgresServer
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -136,7 +136,6 @@ def test_postgresql_stopped_for_ten_seconds_loses_no_capture_and_fails_no_reques
         )
     finally:
         conn.close()
-    status = httpx.get  # noqa: F841 (the dashboard's notice: see test below)
     assert "captured flows are lost" not in on_postgres.logs()
     assert os.path.exists(on_postgres.tmp)
 
@@ -165,3 +164,12 @@ def test_storage_copy_moves_an_installation_whose_keys_and_clients_then_serve_fr
     keyrotor.start_ui()
     found = wait_for(lambda: len(listed(keyrotor.ui_url, q="capybara")) == 2, what="both flows in the UI")
     assert found
+
+
+def test_workers_on_postgresql_without_redis_are_refused_with_what_to_set(on_postgres: Keyrotor):
+    on_postgres.add_keys("sk-good-postgres-aaaaaaaaaaaaaaaaaaaa0001")
+    port = str(free_port())
+    result = on_postgres.cli("proxy", "--proxy-port", port, "--workers", "2", check=False)
+    assert result.returncode != 0
+    assert "needs redis.url" in result.stdout + result.stderr
+    assert not port_open(int(port))

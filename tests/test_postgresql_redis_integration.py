@@ -48,8 +48,12 @@ def other(keyrotor: Keyrotor, postgres_url: str, redis_server: RedisServer, tmp_
     node.stop()
 
 
-def start_both(keyrotor: Keyrotor, other: Keyrotor) -> Nodes:
-    nodes = Nodes(keyrotor).start(1)
+def start_both(keyrotor: Keyrotor, other: Keyrotor, *node_a: str) -> Nodes:
+    keyrotor.start_proxy(*node_a)
+    if node_a:
+        wait_for(lambda: keyrotor.logs().count("listening at") >= 2, 60, what="both workers listening")
+    nodes = Nodes(keyrotor)
+    nodes.ports.append(keyrotor.proxy_port or 0)
     other.start_proxy()
     assert other.proxy_port is not None
     nodes.ports.append(other.proxy_port)
@@ -72,7 +76,7 @@ def test_two_nodes_on_one_postgresql_and_one_redis_share_limits_keys_budgets_and
     steady = keyrotor.add_client("steady")
     limited = keyrotor.setup("clients", "add", "limited", "--rpm", "6").stdout.strip().splitlines()[-1]
     budget = keyrotor.setup("clients", "add", "budget", "--daily-tokens", "300").stdout.strip().splitlines()[-1]
-    nodes = start_both(keyrotor, other)
+    nodes = start_both(keyrotor, other, "--workers", "2")  # node A's two workers are nodes of Redis too
     sent = 0
     # A key refused through node A is never sent by node B (first: a burst could meet it on both at once).
     for _ in range(20):
@@ -124,6 +128,8 @@ def test_two_nodes_on_one_postgresql_and_one_redis_share_limits_keys_budgets_and
         what="the budget's spend in PostgreSQL",
     )
     assert not (keyrotor.db_path.exists() or other.db_path.exists())  # no SQLite file on either machine
+    workers = {r[0] for r in rows(postgres_url, "SELECT DISTINCT worker FROM flows WHERE worker IS NOT NULL")}
+    assert workers == {0, 1}  # the bursts' fresh connections reached both of node A's workers
     for node in (keyrotor, other):
         assert node.logs().count(UNREACHABLE) == 0
 

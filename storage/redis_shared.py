@@ -6,7 +6,9 @@ workers) behind one load balancer use one Redis server (docs/redis.md):
 - RedisCounters (core.ports.Counters) and RedisHolds (the Governor's budget holds): the
   numbers behind client limits. A Governor decision (`atomic()`) takes a short Redis lock at
   its first read, reads with small Lua scripts, and writes every add with the lock's release
-  in one script: a limit is exact whichever node a request reaches. Nodes seed Redis with
+  in one script: a limit is exact whichever node a request reaches. Spend no admission weighs
+  (a client without budget or limits) is not a round trip of the loop: the link's publisher
+  sends what gathered within SPEND_SECONDS in one script. Nodes seed Redis with
   the totals the database kept; one node at a time (a lease) copies what changed back into
   the database every FLUSH_SECONDS, where the UI and the CLI read spend.
 - RedisLink: key states and rests a node learns from upstream go into a Redis stream, which
@@ -64,6 +66,7 @@ TIMEOUT_SECONDS = 0.25  # every call on the event loop: past it, Redis counts as
 THREAD_TIMEOUT_SECONDS = 1.0  # calls of the link's threads, off the request path
 SEED_TIMEOUT_SECONDS = 30.0  # seeding an empty Redis with the database's totals (off the loop)
 RETRY_SECONDS = 0.5  # while Redis is down, how often a node tries it again
+SPEND_SECONDS = 0.05  # spend no admission weighs gathers this long before the publisher sends it, in one script
 LOCK_MS = 500  # a decision's lock expires by itself if its node dies holding it
 LOCK_WAIT_SECONDS = 0.25  # a decision waits this long for another node's; then limits_unavailable (503)
 FLUSH_SECONDS = 1.0  # the lease holder copies counters into the database this often
@@ -346,6 +349,11 @@ class RedisCounters:
         self._read: dict[tuple[str, str], Any] = {}  # what the current decision read (it holds the lock)
         self._pending: list[Op] = []  # adds made while Redis was down
         self.lost_pending = 0
+        # Calendar amounts added outside a decision (spend no admission weighs: see period_add), one
+        # entry per counter, sent by the link's publisher; counted in `local` at once.
+        self._later: dict[str, float] = {}
+        self._later_lock = threading.Lock()
+        self.wake: Callable[[], None] | None = None  # the link's publisher, told when spend starts to wait
 
     # ------------------------------------------------------------------ decisions
 
@@ -430,7 +438,10 @@ class RedisCounters:
     def period_total(self, name: str) -> float:
         if self.health.up:
             try:
-                total = float(self._fetch("period", name, [], name)[0])
+                # Only a budget's admission reads a total, and a budget client's spend is settled inside a
+                # decision, never later; but a request admitted before its client was given a budget settles
+                # the later way, and the local view must not lose what waits: this node's unsent amounts count.
+                total = float(self._fetch("period", name, [], name)[0]) + self._later_of(name)
                 self.local.set_period(name, total)  # the local view keeps up with every node's spend
                 return total
             except redis.RedisError as e:
@@ -438,8 +449,36 @@ class RedisCounters:
         return self.local.period_total(name)
 
     def period_add(self, name: str, amount: float) -> None:
+        """Inside a decision, with its commit. Outside one, the Governor settles the spend of a client
+        without budget, holds or limits, which no admission weighs: it waits for the link's publisher,
+        which sends what gathered within SPEND_SECONDS in one script (a script per amount on the event
+        loop cost such a request ~1 ms of the proxy's CPU)."""
         self.local.period_add(name, amount)
-        self._op(["p", name, amount])
+        if self._depth:
+            self._ops.append(["p", name, amount])
+            return
+        with self._later_lock:
+            first = not self._later
+            self._later[name] = self._later.get(name, 0.0) + amount
+        if first and self.wake is not None:
+            self.wake()  # once per batch: the amounts of a burst of requests go together
+
+    def _later_of(self, name: str) -> float:
+        with self._later_lock:
+            return self._later.get(name, 0.0)
+
+    def take_later(self) -> list[Op]:
+        """The calendar amounts added outside decisions since the last call, as COMMIT's ops."""
+        with self._later_lock:
+            taken: list[Op] = [["p", name, amount] for name, amount in self._later.items()]
+            self._later.clear()
+        return taken
+
+    def give_back(self, ops: list[Op]) -> None:
+        """Amounts a failed send did not deliver: sent with the next ones."""
+        with self._later_lock:
+            for _, name, amount in ops:
+                self._later[name] = self._later.get(name, 0.0) + amount
 
     def gauge(self, name: str) -> int:
         return int(self.level(name))
@@ -518,6 +557,11 @@ class RedisCounters:
         """Nothing to run: the link's keeper thread flushes and heartbeats."""
 
     def stop(self) -> None:
+        # The link stopped first and its publisher sent what waited; what is left (Redis down, its last
+        # send failed, or no link ran) goes now: to Redis if it answers, else with the pending adds below.
+        later = self.take_later()
+        if later:
+            self._commit(later, "")
         if not self.health.up and self._pending and self.db_path is not None:
             self._save_pending()
         with suppress(redis.RedisError):
@@ -541,6 +585,7 @@ class RedisCounters:
                     " updated_at = excluded.updated_at",
                     [(name, value, time.time()) for name, value in periods.items()],
                 )
+            self._pending = []  # saved: a second stop must not add them again
         except sqlite3.Error:
             log.exception("the spend counted while Redis was down could not be saved")
         finally:
@@ -580,8 +625,8 @@ Learnt = list[KeyStateChange | tuple[int, Rested]]
 class RedisLink:
     """This node's threads on Redis: what it learns goes out at once, what the others learnt comes in.
 
-    - the publisher writes events to the stream (key states, rests, admin revisions) and this
-      node's requests in flight per key;
+    - the publisher writes events to the stream (key states, rests, admin revisions), this
+      node's requests in flight per key, and the spend its counters left for it (period_add);
     - the reader blocks on the stream (XREAD) and hands the others' events to the loop, and
       reads the others' requests in flight every READ_BLOCK_MS (least_used);
     - the keeper pings while Redis is down (and resyncs the counters when it answers), keeps
@@ -610,6 +655,11 @@ class RedisLink:
         self._unsent: list[tuple[str, Any]] = []  # events that could not be written yet
         self._resuming = threading.Event()
         self.on_received: Callable[[str, float], None] | None = None  # bench: (kind, seconds since published)
+        counters.wake = self._spend_waits
+
+    def _spend_waits(self) -> None:
+        """The counters hold spend for the publisher (a marker on its queue, never published)."""
+        self._queue.put(("spend", None))
 
     # ------------------------------------------------------------------ on the loop
 
@@ -653,23 +703,22 @@ class RedisLink:
 
     def _publish(self) -> None:
         client = connect(self.health.url, THREAD_TIMEOUT_SECONDS)
+        spend_due: float | None = None  # when the spend gathering since the first marker goes
         try:
             while not self._stop.is_set():
-                try:
-                    item = self._queue.get(timeout=0.5) if not self._unsent else self._queue.get_nowait()
-                except queue.Empty:
-                    item = None
-                items = [item] if item is not None else []
-                while True:
-                    more = self._take_nowait()
-                    if more is None:
-                        break
-                    items.append(more)
-                events = self._unsent + [i for i in items if i[0] != "in_flight"]
+                items = self._take(self._publish_wait(spend_due))
+                if spend_due is None and any(kind == "spend" for kind, _ in items):
+                    spend_due = time.monotonic() + SPEND_SECONDS
+                events = self._unsent + [i for i in items if i[0] not in ("in_flight", "spend")]
                 counts = [i[1] for i in items if i[0] == "in_flight"]
                 if counts:
                     self._in_flight = counts[-1]
-                if not events and not (self._in_flight is not None and self._in_flight_due()):
+                # Only into a Redis this node is in step with: while it is down (or being seeded again) the
+                # amounts wait, one per counter, and a seed from the database cannot overwrite them.
+                spend: list[Op] = []
+                if spend_due is not None and self.health.up and time.monotonic() >= spend_due:
+                    spend, spend_due = self.counters.take_later(), None
+                if not events and not spend and not (self._in_flight is not None and self._in_flight_due()):
                     continue
                 try:
                     pipe = client.pipeline(transaction=False)
@@ -677,6 +726,8 @@ class RedisLink:
                     for kind, data in events:
                         fields = {"node": self.node, "kind": kind, "data": json.dumps(data), "at": repr(now)}
                         pipe.xadd(self.STREAM, fields, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+                    if spend:
+                        self._send_spend(pipe, spend)
                     if self._in_flight is not None and self._in_flight_due():
                         key = f"{PREFIX}in_flight:{self.node}"
                         pipe.delete(key)
@@ -692,19 +743,57 @@ class RedisLink:
                 except redis.RedisError as e:
                     self.health.failed(e)
                     self._unsent = events[-STREAM_MAXLEN:]
+                    if spend:
+                        self.counters.give_back(spend)
+                        spend_due = time.monotonic()  # as soon as Redis answers again (and this node resynced)
                     self._stop.wait(RETRY_SECONDS)
+            self._send_last_spend(client)
         finally:
             client.close()
+
+    def _publish_wait(self, spend_due: float | None) -> float:
+        """How long the publisher waits for the next item: not at all with events to resend; until the
+        spend is due; else (and while Redis is down, when spend cannot go) half a second."""
+        if self._unsent:
+            return 0.0
+        if spend_due is None or not self.health.up:
+            return 0.5
+        return max(0.0, spend_due - time.monotonic())
+
+    def _take(self, wait: float) -> list[tuple[str, Any]]:
+        """What the queue holds, waiting up to `wait` for the first item (None, the stop's wake-up, dropped)."""
+        items = []
+        try:
+            item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            while True:
+                if item is not None:
+                    items.append(item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        return items
+
+    def _send_spend(self, target: redis.Redis | redis.client.Pipeline, ops: list[Op]) -> None:
+        # EVAL, not the registered script: a pipeline checks its scripts exist (a round trip) each time.
+        target.eval(COMMIT, 0, PREFIX, "", self.node, json.dumps(ops))
+
+    def _send_last_spend(self, client: redis.Redis) -> None:
+        """Stopping: what waits goes now, before the lease holder's last copy into the database; if Redis
+        does not take it, RedisCounters.stop saves it in the database with the adds made while it was down."""
+        if not self.health.up:
+            return
+        spend = self.counters.take_later()
+        if not spend:
+            return
+        try:
+            self._send_spend(client, spend)
+        except redis.RedisError as e:
+            self.counters.give_back(spend)
+            self.health.failed(e)
 
     def _in_flight_due(self) -> bool:
         """Changed, or not written for a second (its Redis hash expires unless rewritten)."""
         return self._in_flight != self._in_flight_written or time.monotonic() - self._in_flight_sent >= 1.0
-
-    def _take_nowait(self) -> tuple[str, Any] | None:
-        try:
-            return self._queue.get_nowait()
-        except queue.Empty:
-            return None
 
     def _read(self) -> None:
         client = connect(self.health.url, THREAD_TIMEOUT_SECONDS + IDLE_BLOCK_MS / 1000)
@@ -829,6 +918,7 @@ class RedisLink:
         try:
             self.counters.resync()
             self.health.recovered()
+            self._spend_waits()  # what waited during the outage may go now
         except redis.RedisError as e:
             self.health.failed(e)
         except sqlite3.Error as e:  # emptied again between the keeper's seed and this resync

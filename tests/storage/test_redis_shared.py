@@ -286,10 +286,91 @@ def test_a_token_window_is_settled_to_what_upstream_reported_and_empties_after_a
 def test_the_lease_holder_drops_calendar_totals_long_ended(nodes, redis_server: RedisServer):
     node = nodes()
     today = node.governor.spend_names(1, time.time())
-    for name in ("spend:1:tokens:day:2020-01-01", "spend:1:usd:month:2020-01", today["day_tokens"], today["month_usd"]):
-        node.counters.period_add(name, 5)
+    with node.counters.atomic():  # in Redis at once (outside a decision, the link's publisher sends them)
+        for name in (
+            "spend:1:tokens:day:2020-01-01",
+            "spend:1:usd:month:2020-01",
+            today["day_tokens"],
+            today["month_usd"],
+        ):
+            node.counters.period_add(name, 5)
     client = redis_shared.connect(redis_server.url)
     node.link._purge(client)
     kept = {name.decode() for name in client.hkeys(redis_shared.PREFIX + "p")}
     assert kept == {today["day_tokens"], today["month_usd"]}
     client.close()
+
+
+def spent(database: Path, name: str) -> float | None:
+    """A calendar total as the database holds it (what the pages and the CLI show)."""
+    conn = db.connect(database)
+    try:
+        row = conn.execute("SELECT value FROM limit_counters WHERE name = ?", (name,)).fetchone()
+    finally:
+        conn.close()
+    return row[0] if row else None
+
+
+def test_spend_no_limit_weighs_reaches_the_other_nodes_from_the_publisher_not_the_event_loop(
+    nodes, redis_server: RedisServer
+):
+    a, b = nodes(), nodes()
+    now = time.time()
+    assert isinstance(a.governor.admit("x", 6, ClientPolicy(), "m", b"{}", None, now), Ticket)
+    a.governor.settle("x", {"total_tokens": 30}, 0.25, now)
+    names = a.governor.spend_names(6, now)
+    client = redis_shared.connect(redis_server.url)
+    assert not client.hexists(redis_shared.PREFIX + "p", names["day_tokens"])  # no round trip as it settled
+    assert a.counters.period_total(names["day_tokens"]) == 30  # the node that counted it sees it at once
+    a.link.start()
+    wait_for(lambda: b.counters.period_total(names["day_tokens"]) == 30, 2, what="the spend sent")
+    assert [b.counters.period_total(names[n]) for n in ("month_tokens", "day_usd", "month_usd")] == [30, 0.25, 0.25]
+    client.close()
+
+
+def test_spend_settled_while_redis_is_down_waits_and_reaches_redis_and_the_database_once(
+    nodes, redis_server: RedisServer, database: Path
+):
+    a, b = nodes(), nodes()
+    a.link.start()
+    b.link.start()
+    now = time.time()
+    name = a.governor.spend_names(7, now)["day_tokens"]
+    redis_server.stop()
+    for i in range(3):
+        assert isinstance(a.governor.admit(f"x{i}", 7, ClientPolicy(), "m", b"{}", None, now), Ticket)
+        a.governor.settle(f"x{i}", {"total_tokens": 10}, None, now)
+    wait_for(lambda: not a.health.up, what="a finds Redis gone")  # its publisher's send failed
+    assert a.counters.period_total(name) == 30  # its local view
+    redis_server.start()  # empty: seeded from the database, which has none of it
+    wait_for(lambda: a.health.up and b.health.up, 10, what="both rejoin Redis")
+    wait_for(lambda: b.counters.period_total(name) == 30, 5, what="the spend sent once Redis answered")
+    wait_for(lambda: spent(database, name) == 30, 5, what="the lease holder's copy in the database")
+    assert not a.counters.take_later()  # nothing left to send again
+    assert b.counters.period_total(name) == 30
+
+
+def test_a_node_stopped_while_redis_is_down_saves_its_unsent_spend_in_the_database_once(
+    nodes, redis_server: RedisServer, database: Path
+):
+    node = nodes()
+    node.link.start()
+    now = time.time()
+    budget = ClientPolicy(daily_tokens=10_000)
+    assert isinstance(node.governor.admit("b", 2, budget, "m", b"{}", None, now, path="/v1/chat/completions"), Ticket)
+    assert isinstance(node.governor.admit("f", 3, ClientPolicy(), "m", b"{}", None, now), Ticket)
+    redis_server.stop()
+    node.governor.settle("f", {"total_tokens": 11}, 0.5, now)  # waits for the publisher, which cannot send
+    node.governor.settle("b", {"total_tokens": 7}, None, now)  # a decision: counted locally, pending
+    assert not node.health.up
+    node.stop()
+    free, budgeted = node.governor.spend_names(3, now), node.governor.spend_names(2, now)
+    assert [spent(database, free[n]) for n in ("day_tokens", "month_tokens", "day_usd", "month_usd")] == [
+        11,
+        11,
+        0.5,
+        0.5,
+    ]
+    assert spent(database, budgeted["day_tokens"]) == 7
+    node.stop()  # stopped again (as the fixture does): nothing is added twice
+    assert spent(database, free["day_tokens"]) == 11 and spent(database, budgeted["day_tokens"]) == 7

@@ -5,7 +5,8 @@ the fake upstream, through the official openai client.
 What must hold with both together, whichever node a request reaches: a client's RPM is exact across the
 nodes; a key upstream refused through one node is not used by the other; a budget is one, and the
 Redis lease holder copies its spend into PostgreSQL (where the CLI and the UI read it); every flow of
-both nodes is recorded once in PostgreSQL; and neither node writes a SQLite file.
+both nodes is recorded once in PostgreSQL and found in one UI; neither node writes a SQLite file; and
+a Redis restart and a ten-second PostgreSQL outage under load fail no request and lose no flow.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from storage import db, pg, redis_shared
 from tests.conftest import Keyrotor, wait_for
 from tests.fake_upstream import FakeUpstream
 from tests.services import PostgresServer, RedisServer
-from tests.test_postgresql_integration import SECRET, second_node
+from tests.test_postgresql_integration import SECRET, chat, listed, second_node
 from tests.test_redis_integration import PROPAGATION_BOUND, Nodes, burst, send
 
 GOOD = ["sk-good-pgredis-aaaaaaaaaaaaaaaaaaaa0001", "sk-good-pgredis-bbbbbbbbbbbbbbbbbbbb0002"]
@@ -111,6 +112,15 @@ def test_two_nodes_on_one_postgresql_and_one_redis_share_limits_keys_budgets_and
     assert send(nodes, 1, budget, max_tokens=5) == [429]
     sent += 2
     assert served >= 4
+
+    # A word of each node's own, found on node A's UI: it reads every node's flows.
+    chat(nodes.url(0), steady, "aardvark through node a")
+    chat(nodes.url(1), steady, "bumblebee through node b")
+    sent += 2
+    keyrotor.start_ui()
+    for word in ("aardvark", "bumblebee"):
+        found = wait_for(lambda word=word: listed(keyrotor.ui_url, q=word), what=f"the {word} flow in node A's UI")
+        assert [f["path"] for f in found] == ["/v1/chat/completions"]
 
     # Every flow of both nodes, once, in PostgreSQL; the spend copied there by the lease holder.
     wait_for(lambda: rows(postgres_url, "SELECT count(*) FROM flows")[0][0] == sent, what=f"all {sent} flows")

@@ -57,7 +57,7 @@ from core.ports import PoolStateSink
 from storage import counters as sqlite_counters
 from storage import db
 from storage.counters import MemoryCounters
-from storage.workers import learnt
+from storage.workers import learnt, take_all
 
 log = logging.getLogger(__name__)
 
@@ -706,7 +706,7 @@ class RedisLink:
         spend_due: float | None = None  # when the spend gathering since the first marker goes
         try:
             while not self._stop.is_set():
-                items = self._take(self._publish_wait(spend_due))
+                items = take_all(self._queue, self._publish_wait(spend_due))
                 if spend_due is None and any(kind == "spend" for kind, _ in items):
                     spend_due = time.monotonic() + SPEND_SECONDS
                 events = self._unsent + [i for i in items if i[0] not in ("in_flight", "spend")]
@@ -759,19 +759,6 @@ class RedisLink:
         if spend_due is None or not self.health.up:
             return 0.5
         return max(0.0, spend_due - time.monotonic())
-
-    def _take(self, wait: float) -> list[tuple[str, Any]]:
-        """What the queue holds, waiting up to `wait` for the first item (None, the stop's wake-up, dropped)."""
-        items = []
-        try:
-            item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-            while True:
-                if item is not None:
-                    items.append(item)
-                item = self._queue.get_nowait()
-        except queue.Empty:
-            pass
-        return items
 
     def _send_spend(self, target: redis.Redis | redis.client.Pipeline, ops: list[Op]) -> None:
         # EVAL, not the registered script: a pipeline checks its scripts exist (a round trip) each time.

@@ -72,6 +72,20 @@ SCHEMA = (
 )
 
 
+def take_all(items: queue.SimpleQueue, wait: float) -> list[tuple[str, Any]]:
+    """What a link's queue holds, waiting up to `wait` for the first item (None, a stop's wake-up, dropped)."""
+    taken = []
+    try:
+        item = items.get(timeout=wait) if wait > 0 else items.get_nowait()
+        while True:
+            if item is not None:
+                taken.append(item)
+            item = items.get_nowait()
+    except queue.Empty:
+        pass
+    return taken
+
+
 # Workers share through the <database>.workers SQLite file or through Redis; PostgreSQL alone has neither.
 NEED_REDIS = (
     "proxy.workers above 1 with storage.url (PostgreSQL) needs redis.url, through which the workers share"
@@ -416,7 +430,7 @@ class WorkerLink:
         next_poll = next_flush = time.monotonic()
         try:
             while not self._stop.is_set():
-                outgoing = self._take(max(0.0, next_poll - time.monotonic()))
+                outgoing = take_all(self._queue, max(0.0, next_poll - time.monotonic()))
                 try:
                     self._write_later(conn)
                     if outgoing:
@@ -430,7 +444,7 @@ class WorkerLink:
                 except sqlite3.Error:
                     log.exception("sharing state with the other workers failed; retrying")
                     time.sleep(POLL_SECONDS)
-            leftover = self._take(0)
+            leftover = take_all(self._queue, 0)
             if leftover:
                 self._write(conn, leftover)
             self._write_later(conn)
@@ -442,18 +456,6 @@ class WorkerLink:
             conn.close()
             if main is not None:
                 main.close()
-
-    def _take(self, wait: float) -> list[tuple[str, Any]]:
-        items = []
-        try:
-            item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-            while True:
-                if item is not None:
-                    items.append(item)
-                item = self._queue.get_nowait()
-        except queue.Empty:
-            pass
-        return items
 
     def _write_later(self, conn: sqlite3.Connection) -> None:
         """The spend this worker's counters left for this thread (SharedCounters.period_add)."""

@@ -82,6 +82,21 @@ def burst(nodes: Nodes, key: str, each: int) -> list[list[int]]:
     return asyncio.run(both())
 
 
+def spend_until_refused(nodes: Nodes, key: str) -> int:
+    """Requests alternately through each node until the client's budget refuses one (429); then both
+    nodes refuse: the budget is one, not one per node. How many were served (3 more were refused)."""
+    for served in range(60):
+        status = send(nodes, served % 2, key, max_tokens=5)[0]
+        if status != 200:
+            assert status == 429
+            break
+    else:
+        pytest.fail("the budget never refused")
+    assert send(nodes, 0, key, max_tokens=5) == [429]
+    assert send(nodes, 1, key, max_tokens=5) == [429]
+    return served
+
+
 @pytest.fixture(autouse=True)
 def _announce_only_to_this_tests_redis() -> Iterator[None]:
     """kr.setup() runs the CLI in this process, which announces admin changes to the test's Redis."""
@@ -133,18 +148,7 @@ def test_a_budget_spent_on_both_nodes_refuses_at_the_same_total(kr: Keyrotor, up
     key = kr.setup("clients", "add", "budget", "--daily-tokens", "300").stdout.strip().splitlines()[-1]
     nodes = Nodes(kr).start()
 
-    served = 0
-    for i in range(60):  # alternately through each node, until one refuses
-        status = send(nodes, i % 2, key, max_tokens=5)[0]
-        if status != 200:
-            assert status == 429
-            break
-        served += 1
-    else:
-        pytest.fail("the budget never refused")
-    # Both nodes refuse from now on: the budget is one, not one per node.
-    assert send(nodes, 0, key, max_tokens=5) == [429]
-    assert send(nodes, 1, key, max_tokens=5) == [429]
+    served = spend_until_refused(nodes, key)
     used = sum(r["total_tokens"] or 0 for r in kr.query("SELECT total_tokens FROM flows WHERE status = 200"))
     wait_for(lambda: kr.query("SELECT count(*) AS n FROM flows")[0]["n"] >= served + 3, what="every flow recorded")
     used = sum(r["total_tokens"] or 0 for r in kr.query("SELECT total_tokens FROM flows WHERE status = 200"))

@@ -48,6 +48,7 @@ _PG_INSERT_FTS = "INSERT INTO flows_fts (id, document)"
 # id + 0: PostgreSQL would otherwise read min(id) and max(id) off the ids' index, walking it
 # from either end past every flow outside the range; this reads the range from started_at's.
 _PG_RANGE_IDS = "SELECT min(id + 0), max(id + 0) FROM flows WHERE started_at >= ? AND started_at < ?"
+_GIN_INDEX = "flows_fts_document"  # the GIN index of the tsvectors (storage/pg_schema.py), as EXPLAIN names it
 PG_FEW_MATCHES = 5000  # a search with at most this many matches reads them from the GIN index first
 PG_DOCUMENT_BYTES = 900_000  # PostgreSQL's tsvector holds at most 1 MB: words past this are not indexed
 
@@ -757,15 +758,18 @@ def _walk(
         # A rare word: walking the ids newest first and testing each flow's words would read
         # them all (PostgreSQL's planner takes that walk for ORDER BY id LIMIT). Its few
         # matches are found from the GIN index first, unordered; the walk then visits only them.
-        few = conn.execute(
-            "SELECT id FROM flows_fts WHERE document @@ ?::tsquery AND id BETWEEN ? AND ? LIMIT ?",
-            (query, low, high, PG_FEW_MATCHES + 1),
-        ).fetchall()
-        if not few:
+        # When the planner would not ask the GIN index for them, it expects more than enough
+        # matches in the flows it reads first: asking would read them (50-200 ms for common
+        # words) only to learn that the walk is the way, so the walk goes first.
+        probe = "SELECT id FROM flows_fts WHERE document @@ ?::tsquery AND id BETWEEN ? AND ? LIMIT ?"
+        probe_params = (query, low, high, PG_FEW_MATCHES + 1)
+        plan = [r[0] for r in conn.execute("EXPLAIN " + probe, probe_params)]
+        few = conn.execute(probe, probe_params).fetchall() if any(_GIN_INDEX in p for p in plan) else None
+        if few is not None and not few:
             return [], None
         where.insert(0, "flows_fts.document @@ ?::tsquery")
         params.insert(0, query)
-        if len(few) <= PG_FEW_MATCHES:
+        if few is not None and len(few) <= PG_FEW_MATCHES:
             where.append(f"flows_fts.id IN ({', '.join(str(int(r[0])) for r in few)})")
         where.append("flows_fts.id BETWEEN ? AND ?")
         source = (

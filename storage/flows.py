@@ -48,6 +48,7 @@ _PG_INSERT_FTS = "INSERT INTO flows_fts (id, document)"
 # id + 0: PostgreSQL would otherwise read min(id) and max(id) off the ids' index, walking it
 # from either end past every flow outside the range; this reads the range from started_at's.
 _PG_RANGE_IDS = "SELECT min(id + 0), max(id + 0) FROM flows WHERE started_at >= ? AND started_at < ?"
+_GIN_INDEX = "flows_fts_document"  # the GIN index of the tsvectors (storage/pg_schema.py), as EXPLAIN names it
 PG_FEW_MATCHES = 5000  # a search with at most this many matches reads them from the GIN index first
 PG_DOCUMENT_BYTES = 900_000  # PostgreSQL's tsvector holds at most 1 MB: words past this are not indexed
 
@@ -438,15 +439,17 @@ def _index_query(text: str) -> tuple[str, _Phrases | None] | None:
     terms = [t for t in text.split() if t][:20]
     if not terms:
         return None
-    parts, phrases = [], []
+    parts, phrases, token_lists = [], [], []
     for term in terms:
         tokens = _tokenizer.tokens(term)
+        token_lists.append(tokens)
         if len(tokens) > 1:
             phrases.append(term)
             parts += [_quoted(t) for t in tokens]
         else:
             parts.append(_quoted(term))  # FTS5 reads one token (or none) the same in either index
-    return " ".join(parts), (_Phrases(phrases, " ".join(_quoted(t) for t in terms)) if phrases else None)
+    query = " ".join(_quoted(t) for t in terms)
+    return " ".join(parts), (_Phrases(phrases, query, token_lists) if phrases else None)
 
 
 # Next to a literal occurrence, these end a token for FTS5's unicode61 tokenizer: every
@@ -456,18 +459,39 @@ _TOKEN_OR_UNKNOWN = "A-Za-z0-9\x80-\U0010ffff"
 _EDGE_SEPARATORS = re.compile("^[^A-Za-z0-9]+|[^A-Za-z0-9]+$")
 
 
+def _ascii_phrase(tokens: list[str]) -> re.Pattern[str]:
+    """Where FTS5 would read `tokens` (ASCII) side by side, in lower-cased ASCII text.
+
+    The pattern starts with the first token's letters, not a look-behind, so that re's
+    literal search finds the places worth trying; the look-behind after them then asks
+    for a separator (or the text's edge) before.
+    """
+    first, rest = re.escape(tokens[0]), "".join(f"[^a-z0-9]+{re.escape(t)}" for t in tokens[1:])
+    return re.compile(f"{first}(?<![a-z0-9]{first}){rest}(?![a-z0-9])")
+
+
 class _Phrases:
     """The words of a query that FTS5 reads as several tokens, and how a candidate is checked.
 
-    A word found literally (ASCII case aside, and the separators it starts or ends with)
-    with a separator or the text's edge on both sides is, token for token, the phrase: no
-    index needed. A candidate where that fails for some word (the word not written so, or
-    next to non-ASCII text) goes to the exact check in _Tokenizer, which sees what a full
-    index would; so do all candidates when a word is not ASCII.
+    A candidate whose texts are all ASCII is decided here, exactly: its tokens are then the
+    runs of letters and digits, lower-cased (see _Tokenizer.document), so each word of the
+    query is found where its tokens stand separated only by other characters. That is also
+    the check that costs least: a phrase of common words seldom side by side ("gpt-mini")
+    fails it in hundreds of candidates per page.
+
+    Otherwise, a word found literally (ASCII case aside, and the separators it starts or
+    ends with) with a separator or the text's edge on both sides is, token for token, the
+    phrase: no index needed. A candidate where that fails for some word (the word not
+    written so, or next to non-ASCII text) goes to the exact check in _Tokenizer, which sees
+    what a full index would; so do all candidates when a word is not ASCII.
     """
 
-    def __init__(self, words: list[str], query: str) -> None:
+    def __init__(self, words: list[str], query: str, token_lists: list[list[str]]) -> None:
         self.query = query
+        # A word without tokens ("-") is left out of FTS5's AND, so out of this check too.
+        self.ascii: list[re.Pattern[str]] | None = None
+        if all(t.isascii() for tokens in token_lists for t in tokens):
+            self.ascii = [_ascii_phrase(tokens) for tokens in token_lists if tokens]
         cores = [_EDGE_SEPARATORS.sub("", w) for w in words if w.isascii()]
         self.literal = [
             re.compile(f"(?<![{_TOKEN_OR_UNKNOWN}]){re.escape(c)}(?![{_TOKEN_OR_UNKNOWN}])", re.IGNORECASE | re.ASCII)
@@ -477,6 +501,20 @@ class _Phrases:
 
     def matching(self, rows: list[tuple]) -> set[int]:
         """Ids of `rows` (id, path, model, request body, response body) that a full index would match."""
+        found, undecided = set(), []
+        for row in rows:
+            texts = [t for t in row[1:] if t]
+            if self.ascii is None or not all(t.isascii() for t in texts):
+                undecided.append(row)
+                continue
+            lowered = [t.lower() for t in texts]
+            if all(any(p.search(t) for t in lowered) for p in self.ascii):
+                found.add(row[0])
+        if not undecided:
+            return found
+        return found | self._matching_unicode(undecided)
+
+    def _matching_unicode(self, rows: list[tuple]) -> set[int]:
         if not self.all_literal:
             return _tokenizer.matching(rows, self.query)
         found, unsure = set(), []
@@ -720,58 +758,70 @@ def _walk(
         # A rare word: walking the ids newest first and testing each flow's words would read
         # them all (PostgreSQL's planner takes that walk for ORDER BY id LIMIT). Its few
         # matches are found from the GIN index first, unordered; the walk then visits only them.
-        few = conn.execute(
-            "SELECT id FROM flows_fts WHERE document @@ ?::tsquery AND id BETWEEN ? AND ? LIMIT ?",
-            (query, low, high, PG_FEW_MATCHES + 1),
-        ).fetchall()
-        if not few:
+        # When the planner would not ask the GIN index for them, it expects more than enough
+        # matches in the flows it reads first: asking would read them (50-200 ms for common
+        # words) only to learn that the walk is the way, so the walk goes first.
+        probe = "SELECT id FROM flows_fts WHERE document @@ ?::tsquery AND id BETWEEN ? AND ? LIMIT ?"
+        probe_params = (query, low, high, PG_FEW_MATCHES + 1)
+        plan = [r[0] for r in conn.execute("EXPLAIN " + probe, probe_params)]
+        few = conn.execute(probe, probe_params).fetchall() if any(_GIN_INDEX in p for p in plan) else None
+        if few is not None and not few:
             return [], None
         where.insert(0, "flows_fts.document @@ ?::tsquery")
         params.insert(0, query)
-        if len(few) <= PG_FEW_MATCHES:
+        if few is not None and len(few) <= PG_FEW_MATCHES:
             where.append(f"flows_fts.id IN ({', '.join(str(int(r[0])) for r in few)})")
         where.append("flows_fts.id BETWEEN ? AND ?")
-        sql = (
-            f"SELECT flows.id AS id_, {selected} FROM flows_fts JOIN flows ON flows.id = flows_fts.id"
+        source = (
+            "FROM flows_fts JOIN flows ON flows.id = flows_fts.id"
             f" WHERE {' AND '.join(where)} ORDER BY flows_fts.id DESC LIMIT ?"
         )
-        return _walk_rounds(conn, sql, params, check, ids, limit, budget)
+        return _walk_rounds(conn, source, params, selected, check, ids, limit, budget)
     where.insert(0, f"{index} MATCH ?")
     params.insert(0, query)
     if legacy and index != LEGACY_FTS:  # the rows the old index answers for
         where.append(f"{index}.rowid NOT BETWEEN ? AND ?")
         params += [legacy[0] + 1, legacy[1]]
     where.append(f"{index}.rowid BETWEEN ? AND ?")  # bounds on flows.id would not reach the full-text walk
-    sql = (
-        f"SELECT flows.id AS id_, {selected} FROM {index} JOIN flows ON flows.id = {index}.rowid"
+    source = (
+        f"FROM {index} JOIN flows ON flows.id = {index}.rowid"
         f" WHERE {' AND '.join(where)} ORDER BY {index}.rowid DESC LIMIT ?"
     )
-    return _walk_rounds(conn, sql, params, check, ids, limit, budget)
+    return _walk_rounds(conn, source, params, selected, check, ids, limit, budget)
+
+
+_CHECKED_COLUMNS = "flows.path, flows.model, flows.request_body, flows.response_body, flows.content, flows.parts"
 
 
 def _walk_rounds(
     conn: sqlite3.Connection,
-    sql: str,
+    source: str,
     params: list,
+    selected: str,
     check: _Phrases | None,
     ids: tuple[int, int],
     limit: int,
     budget: int | None,
 ) -> tuple[list, int | None]:
+    """`source`: the walk's FROM ... LIMIT ?, its bounds and limit left last."""
     low, high = ids
     if check is None:
-        return [_without_id(r) for r in conn.execute(sql, (*params, low, high, limit))], None
+        rows = conn.execute(f"SELECT flows.id AS id_, {selected} {source}", (*params, low, high, limit))
+        return [_without_id(r) for r in rows], None
+    # A round reads its candidates with the texts to check, in one query; the columns asked
+    # for are then read for its matches only (a phrase of common words seldom side by side
+    # has hundreds of candidates a page and few matches, if any).
+    walk = f"SELECT flows.id AS id_, {_CHECKED_COLUMNS} {source}"
     found: list = []
     checked = 0
     # Common words are mostly written as asked ("gpt-4o"): the first round reads about
     # what the page needs; rounds double while candidates keep failing the check.
     page_size = min(CHECK_PAGE, limit + 10)
     while len(found) < limit and low <= high:
-        page = conn.execute(sql, (*params, low, high, page_size)).fetchall()
+        page = conn.execute(walk, (*params, low, high, page_size)).fetchall()
         if not page:
             break
-        matching = check.matching(_texts_of(conn, [r["id_"] for r in page]))
-        found += [_without_id(r) for r in page if r["id_"] in matching]
+        found += _rows_of(conn, selected, check.matching(_texts_of(conn, page)))
         checked += len(page)
         if len(page) < page_size:
             break
@@ -787,19 +837,25 @@ def _without_id(row: sqlite3.Row) -> dict:
     return {k: row[k] for k in row.keys() if k != "id_"}
 
 
-def _texts_of(conn: sqlite3.Connection, row_ids: list[int]) -> list[tuple]:
-    """(id, path, model, request body, response body) of each flow, unpacked."""
-    known: dict[int, str] = {}
+def _rows_of(conn: sqlite3.Connection, selected: str, row_ids: set[int]) -> list[dict]:
+    """The `selected` columns of these flows, newest first."""
+    if not row_ids:
+        return []
     rows = conn.execute(
-        f"SELECT id, path, model, request_body, response_body, content, parts FROM flows"
-        f" WHERE id IN ({', '.join('?' * len(row_ids))})",
-        row_ids,
-    ).fetchall()
-    _read_parts(conn, rows, known)
+        f"SELECT {selected} FROM flows WHERE flows.id IN ({', '.join('?' * len(row_ids))}) ORDER BY flows.id DESC",
+        sorted(row_ids),
+    )
+    return [{k: r[k] for k in r.keys()} for r in rows]
+
+
+def _texts_of(conn: sqlite3.Connection, page: list) -> list[tuple]:
+    """(id, path, model, request body, response body) of each candidate of a round, unpacked."""
+    known: dict[int, str] = {}
+    _read_parts(conn, page, known)
     texts = []
-    for row in rows:
+    for row in page:
         plain = unpack_row(conn, row, known)
-        texts.append((plain["id"], plain["path"], plain["model"], plain["request_body"], plain["response_body"]))
+        texts.append((plain["id_"], plain["path"], plain["model"], plain["request_body"], plain["response_body"]))
     return texts
 
 

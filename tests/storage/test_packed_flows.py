@@ -198,6 +198,26 @@ def test_a_phrase_found_literally_matches_exactly_what_a_full_index_matches(word
     assert 0 < len(exact) < len(rows)
 
 
+@pytest.mark.parametrize(
+    "text", ["gpt-4o", "gpt-mini", "4o-gpt", "GPT-4o-mini rate", "aa-b", "a-- b-a", "x--y 7", "gpt-4o --", "a.b.c-d"]
+)
+def test_the_check_of_ascii_candidates_matches_exactly_what_a_full_index_matches(text):
+    """Candidates whose texts are all ASCII are decided without an index: random texts of the query's own tokens."""
+    rng = random.Random(text)
+    tokens = [t for term in text.split() for t in flows._tokenizer.tokens(term)] + ["aaa", "gpt4o", "z"]
+    separators = (" ", "-", "--", "_", "/", ". ", '","', "", "\n")
+
+    def ascii_text() -> str:
+        words = [rng.choice((t, t.upper(), t.capitalize())) for t in rng.choices(tokens, k=rng.randint(0, 8))]
+        return "".join(w + rng.choice(separators) for w in words).strip()
+
+    rows = [(n, ascii_text(), ascii_text() or None, ascii_text(), ascii_text()) for n in range(1, 3001)]
+    phrases = flows._index_query(text)[1]
+    exact = flows._tokenizer.matching(rows, phrases.query)
+    assert phrases.matching(rows) == exact
+    assert 0 < len(exact) < len(rows)
+
+
 @pytest.mark.parametrize("text", ["gpt-4o", "gpt-alpha", "4o-gpt", "rate limit gpt-4o"])
 def test_pages_that_stop_at_their_budget_of_phrase_checks_still_find_every_match(stored, text, monkeypatch):
     conn, records = stored
@@ -219,6 +239,43 @@ def test_pages_that_stop_at_their_budget_of_phrase_checks_still_find_every_match
     assert ids == expected_ids(reference_index(records), text)
     if text in ("gpt-alpha", "4o-gpt"):  # common words, seldom side by side: pages stop at the budget
         assert stopped
+
+
+@pytest.mark.parametrize("text", ["gpt-4o", "gpt-alpha", "4o-gpt"])
+def test_phrase_pages_stop_at_the_same_flows_on_postgresql(tmp_path, postgres_url, monkeypatch, text):
+    """Candidates over several rounds and past the budget: the same pages, and the same "checked down to"."""
+    monkeypatch.setattr(flows, "CHECK_PAGE", 7)
+    monkeypatch.setattr(flows, "PHRASE_CHECK_BUDGET", 20)
+    records = make_records(300)
+
+    def pages(url: str | None) -> list[tuple[list[int], int | None]]:
+        db.use_postgres(url)
+        try:
+            path = tmp_path / ("postgresql" if url else "sqlite") / "kr.db"
+            path.parent.mkdir()
+            db.ensure_database(path)
+            conn = db.connect(path)
+            for start in range(0, len(records), 37):
+                with conn:
+                    flows.insert_batch(conn, records[start : start + 37], flows.FlowPacker())
+            seen, before = [], None
+            while True:
+                page = flows.search_page(conn, FlowFilter(q=text), 5, before)
+                seen.append(([r["id"] for r in page.rows], page.checked_down_to))
+                if page.checked_down_to is not None:
+                    before = page.checked_down_to
+                elif len(page.rows) == 5:
+                    before = page.rows[-1]["id"]
+                else:
+                    break
+            conn.close()
+            return seen
+        finally:
+            db.use_postgres(None)
+
+    on_sqlite = pages(None)
+    assert pages(postgres_url) == on_sqlite
+    assert any(stop is not None for _, stop in on_sqlite) == (text != "gpt-4o")
 
 
 def test_search_with_filters_and_a_phrase(stored):

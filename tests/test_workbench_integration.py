@@ -192,7 +192,9 @@ def test_a_batch_replays_a_search_and_sums_it_up(bench):
         done = wait_for(
             lambda: (s := admin.get(f"/api/flows/replays/{job}").json())["state"] == "finished" and s, timeout=60
         )
-        assert done["total"] == done["done"] == 3
+        # Seen once on CI (total 5): the flows then, so that a next time says where the other two came from.
+        flows_then = [dict(r) for r in kr.query("SELECT id, path, model, status, client_id, replay_of FROM flows")]
+        assert done["total"] == done["done"] == 3, (done, flows_then)
         assert all(r["replay"] is not None and r["status_b"] == 200 and r["text"] for r in done["rows"])
         assert "progress" in admin.get(f"/flows/replays/{job}").text
     assert len(kr.query("SELECT id FROM flows WHERE replay_of IS NOT NULL")) == 3

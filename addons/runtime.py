@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,19 +131,18 @@ class Runtime:
         if self.backend.counters is not None:
             self.governor.counters = self.backend.counters
         link = self.backend.link if isinstance(self.backend, SqliteBackend) else None
-        if isinstance(link, redis_shared.RedisLink) and isinstance(self.backend.counters, redis_shared.RedisCounters):
-            # Nodes (and workers) share through Redis: key states and rests go to the others, and theirs come in.
-            states = redis_shared.RedisStates(self.writer, link)
-            self.state.states, self.state.rests = states, states
-            self.governor.reserved = redis_shared.RedisHolds(self.backend.counters)
-            link.deliver = lambda learnt: self.state.absorb(learnt, time.time())
-            link.deliver_in_flight = self.state.absorb_in_flight
+        counters = self.backend.counters
+        shared: tuple[redis_shared.RedisStates | workers.SharedStates, MutableMapping[str, float]] | None = None
+        if isinstance(link, redis_shared.RedisLink) and isinstance(counters, redis_shared.RedisCounters):
+            # Nodes (and workers) share through Redis, which also announces admin changes.
+            shared = redis_shared.RedisStates(self.writer, link), redis_shared.RedisHolds(counters)
             link.deliver_revision = lambda: self._nudge.set()
-        elif isinstance(link, workers.WorkerLink) and isinstance(self.backend.counters, workers.SharedCounters):
-            # Workers: key states and rests also go to the other workers, and they are told theirs.
-            shared = workers.SharedStates(self.writer, link)
-            self.state.states, self.state.rests = shared, shared
-            self.governor.reserved = workers.SharedHolds(self.backend.counters)
+        elif isinstance(link, workers.WorkerLink) and isinstance(counters, workers.SharedCounters):
+            shared = workers.SharedStates(self.writer, link), workers.SharedHolds(counters)
+        if link is not None and shared is not None:
+            # Key states and rests also go to the other nodes or workers, and they are told theirs.
+            states, self.governor.reserved = shared
+            self.state.states, self.state.rests = states, states
             link.deliver = lambda learnt: self.state.absorb(learnt, time.time())
             link.deliver_in_flight = self.state.absorb_in_flight
         self.state.attach(self.backend.stores)

@@ -57,7 +57,7 @@ from core.ports import PoolStateSink
 from storage import counters as sqlite_counters
 from storage import db
 from storage.counters import MemoryCounters
-from storage.workers import learnt, take_all
+from storage.workers import LaterAmounts, learnt, take_all
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +351,7 @@ class RedisCounters:
         self.lost_pending = 0
         # Calendar amounts added outside a decision (spend no admission weighs: see period_add), one
         # entry per counter, sent by the link's publisher; counted in `local` at once.
-        self._later: dict[str, float] = {}
-        self._later_lock = threading.Lock()
+        self._later = LaterAmounts()
         self.wake: Callable[[], None] | None = None  # the link's publisher, told when spend starts to wait
 
     # ------------------------------------------------------------------ decisions
@@ -441,7 +440,7 @@ class RedisCounters:
                 # Only a budget's admission reads a total, and a budget client's spend is settled inside a
                 # decision, never later; but a request admitted before its client was given a budget settles
                 # the later way, and the local view must not lose what waits: this node's unsent amounts count.
-                total = float(self._fetch("period", name, [], name)[0]) + self._later_of(name)
+                total = float(self._fetch("period", name, [], name)[0]) + self._later.of(name)
                 self.local.set_period(name, total)  # the local view keeps up with every node's spend
                 return total
             except redis.RedisError as e:
@@ -457,28 +456,16 @@ class RedisCounters:
         if self._depth:
             self._ops.append(["p", name, amount])
             return
-        with self._later_lock:
-            first = not self._later
-            self._later[name] = self._later.get(name, 0.0) + amount
-        if first and self.wake is not None:
+        if self._later.add(name, amount) and self.wake is not None:
             self.wake()  # once per batch: the amounts of a burst of requests go together
-
-    def _later_of(self, name: str) -> float:
-        with self._later_lock:
-            return self._later.get(name, 0.0)
 
     def take_later(self) -> list[Op]:
         """The calendar amounts added outside decisions since the last call, as COMMIT's ops."""
-        with self._later_lock:
-            taken: list[Op] = [["p", name, amount] for name, amount in self._later.items()]
-            self._later.clear()
-        return taken
+        return [["p", name, amount] for name, amount in self._later.take()]
 
     def give_back(self, ops: list[Op]) -> None:
         """Amounts a failed send did not deliver: sent with the next ones."""
-        with self._later_lock:
-            for _, name, amount in ops:
-                self._later[name] = self._later.get(name, 0.0) + amount
+        self._later.give_back([(name, amount) for _, name, amount in ops])
 
     def gauge(self, name: str) -> int:
         return int(self.level(name))

@@ -39,6 +39,7 @@ from core.limits import CountersUnavailable
 from core.models import KeyState, KeyStateChange
 from core.pool import Rested
 from core.ports import PoolStateSink
+from storage import counters as sqlite_counters
 from storage import db
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,38 @@ SCHEMA = (
     "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, worker INTEGER NOT NULL, run INTEGER NOT NULL,"
     " kind TEXT NOT NULL, data TEXT NOT NULL, at REAL NOT NULL)",
 )
+
+
+class LaterAmounts:
+    """Calendar amounts added outside a decision (spend no admission weighs), by counter name, for a
+    link's thread to send in one write: the event loop adds, the thread takes (and gives back what a
+    failed write did not deliver). Shared by the workers' and Redis's counters."""
+
+    def __init__(self) -> None:
+        self._amounts: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, amount: float) -> bool:
+        """Whether these are the first amounts since the last take (the thread may want waking)."""
+        with self._lock:
+            first = not self._amounts
+            self._amounts[name] = self._amounts.get(name, 0.0) + amount
+        return first
+
+    def of(self, name: str) -> float:
+        with self._lock:
+            return self._amounts.get(name, 0.0)
+
+    def take(self) -> list[tuple[str, float]]:
+        with self._lock:
+            taken = list(self._amounts.items())
+            self._amounts.clear()
+        return taken
+
+    def give_back(self, amounts: list[tuple[str, float]]) -> None:
+        with self._lock:
+            for name, amount in amounts:
+                self._amounts[name] = self._amounts.get(name, 0.0) + amount
 
 
 def take_all(items: queue.SimpleQueue, wait: float) -> list[tuple[str, Any]]:
@@ -178,8 +211,7 @@ class SharedCounters:
         self._begun = False
         # Calendar amounts added outside a decision (spend no admission weighs: see period_add),
         # written by the WorkerLink's thread within POLL_SECONDS; counted here at once.
-        self._later: dict[str, float] = {}
-        self._later_lock = threading.Lock()
+        self._later = LaterAmounts()
         # What a killed run of this worker held (requests in flight, budget holds) ended with it.
         self.conn.execute("DELETE FROM gauges WHERE worker = ?", (worker,))
 
@@ -267,32 +299,24 @@ class SharedCounters:
 
     def period_total(self, name: str) -> float:
         row = self._sql("SELECT value FROM periods WHERE name = ?", (name,)).fetchone()
-        with self._later_lock:
-            later = self._later.get(name, 0.0)
-        return (float(row[0]) if row else 0.0) + later
+        return (float(row[0]) if row else 0.0) + self._later.of(name)
 
     def period_add(self, name: str, amount: float) -> None:
         """Inside a decision (`atomic()`), at once. Outside one, the Governor settles the spend of a
         client without budget, holds or limits, which no admission weighs: it goes with the link's
         next write (a transaction per request cost a worker 5 % of its CPU), within POLL_SECONDS."""
         if not self._depth:
-            with self._later_lock:
-                self._later[name] = self._later.get(name, 0.0) + amount
+            self._later.add(name, amount)
             return
         self._sql(PERIOD_ADD, (name, amount))
 
     def take_later(self) -> list[tuple[str, float]]:
         """The calendar amounts added outside decisions since the last call (the WorkerLink writes them)."""
-        with self._later_lock:
-            taken = list(self._later.items())
-            self._later.clear()
-        return taken
+        return self._later.take()
 
     def give_back(self, amounts: list[tuple[str, float]]) -> None:
         """Amounts a failed write did not save: written with the next ones."""
-        with self._later_lock:
-            for name, amount in amounts:
-                self._later[name] = self._later.get(name, 0.0) + amount
+        self._later.give_back(amounts)
 
     def gauge(self, name: str) -> int:
         return int(self._level(name))
@@ -551,17 +575,8 @@ def flush(conn: sqlite3.Connection, main: sqlite3.Connection, now: float) -> Non
         by_second: dict[tuple[str, int], float] = {}
         for _, name, at, delta in windows:
             by_second[(name, int(at))] = by_second.get((name, int(at)), 0.0) + delta
-        with main:
-            main.executemany(
-                "INSERT INTO limit_counters (name, value, updated_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                [(name, value, now) for name, value in periods],
-            )
-            main.executemany(
-                "INSERT INTO limit_windows (name, second, amount) VALUES (?, ?, ?)"
-                " ON CONFLICT (name, second) DO UPDATE SET amount = amount + excluded.amount",
-                [(name, second, amount) for (name, second), amount in by_second.items()],
-            )
+        per_second = [(name, second, amount) for (name, second), amount in by_second.items()]
+        sqlite_counters.save(main, periods, per_second, now)
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany("UPDATE periods SET dirty = 0 WHERE name = ? AND value = ?", periods)
         conn.executemany("UPDATE windows SET flushed = flushed + ? WHERE id = ?", [(d, i) for i, _, _, d in windows])
